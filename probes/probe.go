@@ -1,0 +1,34 @@
+package probes
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+// Probe is one eBPF program set. Start loads and attaches it and returns an
+// error (wrapping the kernel's) when it cannot, so the agent can say which
+// findings lose evidence; after a successful Start the probe writes signals
+// into the store until ctx ends. Close detaches and frees kernel objects.
+type Probe interface {
+	Name() string
+	Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error
+	Close() error
+	// Lost names what the agent cannot find, or finds less precisely,
+	// when this probe does not run.
+	Lost() []string
+}
+
+// Options are what every probe needs.
+type Options struct {
+	Log *slog.Logger
+	// PollInterval is how often kernel maps are read into signals.
+	PollInterval time.Duration
+	// MaxEntries bounds every BPF hash map of the probe.
+	MaxEntries uint32
+	// RingBufferBytes bounds the probe's event ring buffer (power of two, page multiple).
+	RingBufferBytes uint32
+}
