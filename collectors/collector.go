@@ -21,6 +21,10 @@ type Collector interface {
 	Collect(ctx context.Context, tgt target.Process, store *signals.Store) error
 }
 
+// Closer is implemented by collectors that hold kernel resources (a netlink
+// socket); the agent closes them on shutdown.
+type Closer interface{ Close() error }
+
 // ErrNoData means the source exists but had nothing to report this cycle.
 var ErrNoData = errors.New("collector returned no data")
 
@@ -31,6 +35,8 @@ type Options struct {
 	Log      *slog.Logger
 	// Interval is how often the agent calls Collect for this collector.
 	Interval time.Duration
+	// MaxThreads bounds the threads one Collect examines (collect.max_threads).
+	MaxThreads int
 }
 
 // Factory builds a collector.

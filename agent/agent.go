@@ -1,0 +1,487 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"github.com/culprit-dev/culprit/collectors"
+	"github.com/culprit-dev/culprit/exporters"
+	"github.com/culprit-dev/culprit/probes"
+	"github.com/culprit-dev/culprit/rules"
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+// stringList is a repeatable flag.
+type stringList []string
+
+func (s *stringList) String() string     { return strings.Join(*s, ",") }
+func (s *stringList) Set(v string) error { *s = append(*s, v); return nil }
+
+// agentConfig turns flags, environment and file into one Config: defaults,
+// then the file, then CULPRIT_* variables, then flags.
+func agentConfig(args []string, environ []string, stderr io.Writer) (Config, error) {
+	fs := flag.NewFlagSet("culprit agent", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", "", "agent.conf to read (default: built-in defaults, which agent.conf documents)")
+	pid := fs.Int("pid", 0, "watch this PID (target.pid)")
+	port := fs.Int("port", 0, "watch the process listening on this port (target.port)")
+	cmd := fs.String("cmd", "", "watch the oldest process whose command line matches this regexp (target.cmd)")
+	httpAddr := fs.String("http-addr", "", "metrics/health listener (agent.http_addr)")
+	grpcAddr := fs.String("grpc-addr", "", "gRPC listener (agent.grpc_addr)")
+	logLevel := fs.String("log-level", "", "debug, info, warn, error (agent.log_level)")
+	var sets stringList
+	fs.Var(&sets, "set", "set any agent.conf key: --set rules.accept_overflow.window=20s (repeatable)")
+	if err := fs.Parse(args); err != nil {
+		return Config{}, err
+	}
+	if fs.NArg() > 0 {
+		return Config{}, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	cfg, err := LoadConfig(*path)
+	if err != nil {
+		return cfg, err
+	}
+	if err := cfg.ApplyEnv(environ); err != nil {
+		return cfg, err
+	}
+	flagSets := []struct{ key, value string }{}
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "pid":
+			flagSets = append(flagSets, struct{ key, value string }{"target.pid", fmt.Sprint(*pid)})
+		case "port":
+			flagSets = append(flagSets, struct{ key, value string }{"target.port", fmt.Sprint(*port)})
+		case "cmd":
+			flagSets = append(flagSets, struct{ key, value string }{"target.cmd", *cmd})
+		case "http-addr":
+			flagSets = append(flagSets, struct{ key, value string }{"agent.http_addr", *httpAddr})
+		case "grpc-addr":
+			flagSets = append(flagSets, struct{ key, value string }{"agent.grpc_addr", *grpcAddr})
+		case "log-level":
+			flagSets = append(flagSets, struct{ key, value string }{"agent.log_level", *logLevel})
+		}
+	})
+	for _, s := range sets {
+		k, v, ok := strings.Cut(s, "=")
+		if !ok {
+			return cfg, fmt.Errorf("--set %q: want key=value", s)
+		}
+		flagSets = append(flagSets, struct{ key, value string }{strings.TrimSpace(k), v})
+	}
+	for _, s := range flagSets {
+		if err := cfg.Set(s.key, s.value); err != nil {
+			var ce *ConfigError
+			if errors.As(err, &ce) {
+				ce.File = "flag"
+			}
+			return cfg, err
+		}
+	}
+	if err := cfg.Validate(); err != nil {
+		return cfg, err
+	}
+	return cfg, nil
+}
+
+func newLogger(cfg Config, w io.Writer) *slog.Logger {
+	var lvl slog.Level
+	_ = lvl.UnmarshalText([]byte(cfg.Agent.LogLevel))
+	o := &slog.HandlerOptions{Level: lvl}
+	if cfg.Agent.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(w, o))
+	}
+	return slog.New(slog.NewTextHandler(w, o))
+}
+
+func cmdAgent(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	cfg, err := agentConfig(args, os.Environ(), stderr)
+	if err != nil {
+		return err
+	}
+	log := newLogger(cfg, stderr)
+	if cfg.Target.PID == 0 && cfg.Target.Port == 0 && cfg.Target.Cmd == "" {
+		demo, err := startDemoChild(ctx, log)
+		if err != nil {
+			return fmt.Errorf("no target given and the built-in demo did not start: %w", err)
+		}
+		defer demo.stop()
+		cfg.Target.PID = demo.pid
+		fmt.Fprintf(stdout, "No target given: watching the built-in demo (pid %d) on http://%s.\n"+
+			"Make it stop accepting and load it:  curl -s -XPOST 'http://%s/fault/stop-accepting?seconds=15&load=64'\n"+
+			"Or overflow its small backlog in bursts:  curl -s -XPOST 'http://%s/fault/burst?conns=300&rounds=5'\n",
+			demo.pid, demoAddr, demoControl, demoControl)
+	}
+	a, err := StartAgent(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "culprit %s: metrics on http://%s/metrics, findings on %s (culprit findings --follow --addr %s)\n",
+		version, a.HTTPAddr, a.GRPCAddr, a.GRPCAddr)
+	<-ctx.Done()
+	log.Info("shutting down")
+	return a.Stop(cfg.Agent.ShutdownTimeout.D())
+}
+
+// Agent is one running agent: every goroutine it started stops with Stop.
+type Agent struct {
+	HTTPAddr, GRPCAddr string
+	Store              *signals.Store
+	Journal            *rules.Journal
+	Tracker            *target.Tracker
+
+	log     *slog.Logger
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	grpcSrv *grpc.Server
+	grpcSvc *exporters.GRPCServer
+	httpSrv *http.Server
+	probes  []probes.Probe
+	closers []collectors.Closer
+}
+
+// StartAgent wires collectors, probes, rules and exporters and starts them.
+// It returns once both listeners are bound, so a caller may connect at once.
+func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, error) {
+	if err := checkLocal(cfg); err != nil {
+		return nil, err
+	}
+	sel := target.Selector{PID: cfg.Target.PID, Port: cfg.Target.Port}
+	if cfg.Target.Cmd != "" {
+		sel.Cmd = regexp.MustCompile(cfg.Target.Cmd) // validated in Config.Validate
+	}
+	res, err := target.NewResolver(cfg.Collect.ProcRoot)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(parent)
+	a := &Agent{
+		Store:   signals.New(cfg.Signals.RingSize, cfg.Signals.MaxSeries),
+		Journal: rules.NewJournal(cfg.Findings.History),
+		log:     log,
+		cancel:  cancel,
+	}
+	a.Tracker = target.NewTracker(res, sel, cfg.Target.RefindInterval.D(), log)
+	a.Tracker.Refresh()
+	if _, ok := a.Tracker.Current(); !ok {
+		log.Warn("target not found yet; the agent keeps looking", "selector", sel.String())
+	}
+	a.goRun(func() { a.Tracker.Run(ctx) })
+
+	if err := a.startCollectors(ctx, cfg); err != nil {
+		cancel()
+		return nil, err
+	}
+	a.startProbes(ctx, cfg)
+
+	eng := rules.NewEngine(allRules(cfg), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
+		Interval:          cfg.Rules.Interval.D(),
+		MinGap:            cfg.Rules.MinGap.D(),
+		ResolveAfter:      cfg.Rules.ResolveAfter.D(),
+		MinUpdateInterval: cfg.Rules.MinUpdateInterval.D(),
+		MaxOpen:           cfg.Rules.MaxOpenFindings,
+		Log:               log.With("component", "rules"),
+	})
+	a.goRun(func() { eng.Run(ctx) })
+
+	if err := a.startServers(cfg); err != nil {
+		a.Stop(time.Second)
+		return nil, err
+	}
+	return a, nil
+}
+
+// allRules is the one place rules are registered.
+func allRules(cfg Config) []rules.Rule {
+	ao := cfg.Rules.AcceptOverflow
+	return []rules.Rule{
+		rules.NewAcceptOverflow(rules.AcceptOverflowOptions{
+			Window:     ao.Window.D(),
+			Recent:     ao.Recent.D(),
+			StallAfter: ao.StallAfter.D(),
+			MinDrops:   float64(ao.MinDrops),
+		}),
+	}
+}
+
+func (a *Agent) goRun(f func()) {
+	a.wg.Add(1)
+	go func() { defer a.wg.Done(); f() }()
+}
+
+func checkLocal(cfg Config) error {
+	if cfg.Agent.AllowNonLocal {
+		return nil
+	}
+	for key, addr := range map[string]string{"agent.http_addr": cfg.Agent.HTTPAddr, "agent.grpc_addr": cfg.Agent.GRPCAddr} {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			return &ConfigError{Key: key, Err: fmt.Errorf("not host:port: %w", err)}
+		}
+		ip := net.ParseIP(host)
+		if host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			return &ConfigError{Key: key, Err: fmt.Errorf("%s is not a loopback address; findings describe the app's internals, so set agent.allow_non_local = true to expose them", addr)}
+		}
+	}
+	return nil
+}
+
+var (
+	collectorDuration = &signals.Desc{Name: "collector_duration_seconds", Kind: signals.Gauge, Help: "How long the collector's last run took."}
+	collectorSuccess  = &signals.Desc{Name: "collector_success", Kind: signals.Gauge, Help: "1 if the collector's last run succeeded."}
+)
+
+func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
+	disabled := map[string]bool{}
+	for _, n := range cfg.Collect.Disabled {
+		disabled[n] = true
+	}
+	for _, name := range collectors.Names() {
+		if disabled[name] {
+			a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDisabled, Detail: "disabled in collect.disabled"})
+			continue
+		}
+		interval := cfg.Collect.Interval.D()
+		if collectors.Fast(name) {
+			interval = cfg.Collect.FastInterval.D()
+		}
+		c, err := collectors.New(name, collectors.Options{
+			ProcRoot:   cfg.Collect.ProcRoot,
+			SysRoot:    cfg.Collect.SysRoot,
+			Log:        a.log.With("collector", name),
+			Interval:   interval,
+			MaxThreads: cfg.Collect.MaxThreads,
+		})
+		if err != nil {
+			return err
+		}
+		if cl, ok := c.(collectors.Closer); ok {
+			a.closers = append(a.closers, cl)
+		}
+		a.goRun(func() { a.runCollector(ctx, c, interval) })
+	}
+	return nil
+}
+
+// runCollector polls one collector. A failing collector marks itself
+// degraded and keeps trying: the source may come back (the target restarts).
+func (a *Agent) runCollector(ctx context.Context, c collectors.Collector, interval time.Duration) {
+	name := c.Name()
+	log := a.log.With("collector", name)
+	ls := signals.L("collector", name)
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	var lastErr string
+	for {
+		if tgt, ok := a.Tracker.Current(); ok {
+			start := time.Now()
+			err := c.Collect(ctx, tgt, a.Store)
+			now := time.Now()
+			a.Store.Put(collectorDuration, ls, now.Sub(start).Seconds(), now)
+			switch {
+			case err == nil || errors.Is(err, collectors.ErrNoData):
+				if err != nil {
+					log.Debug("no data", "err", err)
+				}
+				a.Store.Put(collectorSuccess, ls, 1, now)
+				a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateRunning})
+				lastErr = ""
+			default:
+				a.Store.Put(collectorSuccess, ls, 0, now)
+				a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDegraded, Detail: err.Error()})
+				if err.Error() != lastErr && ctx.Err() == nil {
+					log.Warn("collector failed", "err", err)
+					lastErr = err.Error()
+				}
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+func (a *Agent) startProbes(ctx context.Context, cfg Config) {
+	ps := []probes.Probe{
+		probes.NewTCPListen(probes.Options{
+			Log:             a.log.With("probe", "tcplisten"),
+			PollInterval:    cfg.Probes.PollInterval.D(),
+			MaxEntries:      uint32(cfg.Probes.MaxEntries),
+			RingBufferBytes: uint32(cfg.Probes.RingBufferBytes),
+		}),
+	}
+	for _, p := range ps {
+		if !cfg.Probes.Enabled {
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "probes.enabled = false", Lost: p.Lost()})
+			continue
+		}
+		if err := p.Start(ctx, a.Tracker, a.Store); err != nil {
+			// Said once, loudly, with what it costs; the agent goes on
+			// with procfs and netlink.
+			a.log.Warn("eBPF probe unavailable; continuing without it", "probe", p.Name(), "err", err,
+				"lost", strings.Join(p.Lost(), "; "), "hint", "grant CAP_BPF and CAP_PERFMON (or run as root)")
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateFailed, Detail: err.Error(), Lost: p.Lost()})
+			p.Close()
+			continue
+		}
+		a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateRunning})
+		a.probes = append(a.probes, p)
+	}
+}
+
+func (a *Agent) startServers(cfg Config) error {
+	gl, err := net.Listen("tcp", cfg.Agent.GRPCAddr)
+	if err != nil {
+		return fmt.Errorf("gRPC listener (agent.grpc_addr): %w", err)
+	}
+	hl, err := net.Listen("tcp", cfg.Agent.HTTPAddr)
+	if err != nil {
+		gl.Close()
+		return fmt.Errorf("HTTP listener (agent.http_addr): %w", err)
+	}
+	a.GRPCAddr, a.HTTPAddr = gl.Addr().String(), hl.Addr().String()
+
+	a.grpcSrv = grpc.NewServer()
+	svc := exporters.NewGRPC(exporters.GRPCOptions{
+		Journal:  a.Journal,
+		Store:    a.Store,
+		Tracker:  a.Tracker,
+		Version:  version,
+		Log:      a.log.With("component", "grpc"),
+		MaxBatch: cfg.Findings.MaxBatch,
+	})
+	svc.Register(a.grpcSrv)
+	a.grpcSvc = svc
+	a.goRun(func() {
+		if err := a.grpcSrv.Serve(gl); err != nil {
+			a.log.Error("gRPC server stopped", "err", err)
+		}
+	})
+
+	prom := exporters.NewPrometheus(exporters.PromOptions{Store: a.Store, Journal: a.Journal, Log: a.log.With("component", "metrics")})
+	reg := exporters.NewRegistry(prom)
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", prom.Handler(reg))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if _, ok := a.Tracker.Current(); !ok {
+			http.Error(w, "target not found: "+a.Tracker.Selector().String(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	a.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	a.goRun(func() {
+		if err := a.httpSrv.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("HTTP server stopped", "err", err)
+		}
+	})
+	return nil
+}
+
+// Stop ends every goroutine and closes the probes, waiting at most timeout
+// for watchers to drain.
+func (a *Agent) Stop(timeout time.Duration) error {
+	a.cancel()
+	if a.httpSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), timeout)
+		a.httpSrv.Shutdown(sctx)
+		cancel()
+	}
+	if a.grpcSrv != nil {
+		// Watch streams never end on their own: end them (clients see
+		// Unavailable and resume by sequence) so GracefulStop can finish.
+		a.grpcSvc.Shutdown()
+		done := make(chan struct{})
+		go func() { a.grpcSrv.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(timeout):
+			a.grpcSrv.Stop()
+		}
+	}
+	var errs []error
+	for _, p := range a.probes {
+		if err := p.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close probe %s: %w", p.Name(), err))
+		}
+	}
+	a.wg.Wait()
+	// Collectors are closed after their goroutines ended, never under them.
+	for _, c := range a.closers {
+		if err := c.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close collector: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// demoChild is the built-in demo started when no target is given.
+type demoChild struct {
+	pid  int
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+const (
+	demoAddr    = "127.0.0.1:8080"
+	demoControl = "127.0.0.1:8081"
+)
+
+func startDemoChild(ctx context.Context, log *slog.Logger) (*demoChild, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find own executable: %w", err)
+	}
+	cmd := exec.Command(exe, "demo", "--addr", demoAddr, "--control", demoControl)
+	cmd.Stdout = os.Stderr
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start demo: %w", err)
+	}
+	d := &demoChild{pid: cmd.Process.Pid, cmd: cmd, done: make(chan struct{})}
+	go func() { cmd.Wait(); close(d.done) }()
+	// Wait until it listens so the agent finds its sockets at once.
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		select {
+		case <-d.done:
+			return nil, fmt.Errorf("demo exited at start (is %s or %s in use?)", demoAddr, demoControl)
+		default:
+		}
+		if c, err := net.DialTimeout("tcp", demoControl, 200*time.Millisecond); err == nil {
+			c.Close()
+			log.Info("demo started", "pid", d.pid, "addr", demoAddr, "control", demoControl)
+			return d, nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	d.stop()
+	return nil, fmt.Errorf("demo did not listen on %s within 5s", demoControl)
+}
+
+func (d *demoChild) stop() {
+	d.cmd.Process.Signal(os.Interrupt)
+	select {
+	case <-d.done:
+	case <-time.After(3 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.done
+	}
+}

@@ -1,0 +1,223 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+)
+
+func dial(addr string) (*grpc.ClientConn, culpritv1.DiagnosticsClient, error) {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to agent at %s: %w", addr, err)
+	}
+	return conn, culpritv1.NewDiagnosticsClient(conn), nil
+}
+
+func parseSeverity(s string) (culpritv1.Severity, error) {
+	switch strings.ToLower(s) {
+	case "", "info":
+		return culpritv1.Severity_SEVERITY_INFO, nil
+	case "warning", "warn":
+		return culpritv1.Severity_SEVERITY_WARNING, nil
+	case "critical":
+		return culpritv1.Severity_SEVERITY_CRITICAL, nil
+	}
+	return 0, fmt.Errorf("--severity %q: want info, warning or critical", s)
+}
+
+func cmdFindings(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("culprit findings", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", "127.0.0.1:9462", "agent gRPC address")
+	follow := fs.Bool("follow", false, "stream findings as they open, change and resolve")
+	asJSON := fs.Bool("json", false, "one JSON object per line")
+	all := fs.Bool("all", false, "include recently resolved findings (without --follow)")
+	since := fs.Uint64("since", 0, "with --follow: resume after this sequence number")
+	sev := fs.String("severity", "info", "least severity shown: info, warning, critical")
+	var ruleNames stringList
+	fs.Var(&ruleNames, "rule", "only this rule (repeatable)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	minSev, err := parseSeverity(*sev)
+	if err != nil {
+		return err
+	}
+	conn, c, err := dial(*addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	out := &findingPrinter{w: stdout, json: *asJSON}
+	if !*follow {
+		resp, err := c.ListFindings(ctx, &culpritv1.ListRequest{IncludeResolved: *all, MinSeverity: minSev, Rules: ruleNames})
+		if err != nil {
+			return fmt.Errorf("list findings from %s: %w", *addr, err)
+		}
+		if len(resp.Findings) == 0 && !*asJSON {
+			fmt.Fprintf(stdout, "no findings (as of sequence %d)\n", resp.Sequence)
+		}
+		for _, f := range resp.Findings {
+			out.finding(f)
+		}
+		return nil
+	}
+	return followFindings(ctx, c, &culpritv1.WatchRequest{SinceSequence: *since, MinSeverity: minSev, Rules: ruleNames}, out, stderr)
+}
+
+// followFindings streams and, when the agent goes away, reconnects with the
+// last sequence seen so nothing is lost or repeated.
+func followFindings(ctx context.Context, c culpritv1.DiagnosticsClient, req *culpritv1.WatchRequest, out *findingPrinter, stderr io.Writer) error {
+	backoff := 200 * time.Millisecond
+	for {
+		stream, err := c.WatchFindings(ctx, req)
+		if err == nil {
+			for {
+				ev, rerr := stream.Recv()
+				if rerr != nil {
+					err = rerr
+					break
+				}
+				backoff = 200 * time.Millisecond
+				out.event(ev)
+				if ev.Sequence > req.SinceSequence && ev.Type != culpritv1.FindingEvent_TYPE_GAP {
+					req.SinceSequence = ev.Sequence
+				}
+			}
+		}
+		if ctx.Err() != nil || errors.Is(err, context.Canceled) {
+			return nil
+		}
+		if s, ok := status.FromError(err); ok && s.Code() != codes.Unavailable && s.Code() != codes.Canceled && err != io.EOF {
+			return fmt.Errorf("watch findings: %w", err)
+		}
+		fmt.Fprintf(stderr, "culprit: agent unavailable (%v); retrying from sequence %d\n", err, req.SinceSequence)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+type findingPrinter struct {
+	w    io.Writer
+	json bool
+}
+
+var marshal = protojson.MarshalOptions{UseProtoNames: true}
+
+func (p *findingPrinter) event(ev *culpritv1.FindingEvent) {
+	if p.json {
+		b, _ := marshal.Marshal(ev)
+		fmt.Fprintln(p.w, string(b))
+		return
+	}
+	typ := strings.TrimPrefix(ev.Type.String(), "TYPE_")
+	if ev.Type == culpritv1.FindingEvent_TYPE_GAP {
+		fmt.Fprintf(p.w, "%s  GAP      some events were dropped before this client read them; open findings follow\n", ev.Time.AsTime().Local().Format("15:04:05.000"))
+		return
+	}
+	p.text(typ, ev.Time.AsTime(), ev.Finding)
+}
+
+func (p *findingPrinter) finding(f *culpritv1.Finding) {
+	if p.json {
+		b, _ := marshal.Marshal(f)
+		fmt.Fprintln(p.w, string(b))
+		return
+	}
+	p.text(strings.TrimPrefix(f.State.String(), "FINDING_STATE_"), f.LastSeen.AsTime(), f)
+}
+
+// text is the human form, meant to be scanned like `hubble observe`: one
+// headline, then the cause, the evidence and the fix indented under it.
+func (p *findingPrinter) text(what string, t time.Time, f *culpritv1.Finding) {
+	sev := strings.ToLower(strings.TrimPrefix(f.Severity.String(), "SEVERITY_"))
+	fmt.Fprintf(p.w, "%s  %-8s %-8s %-16s %s  [#%d]\n", t.Local().Format("15:04:05.000"), what, sev, f.Rule, f.Title, f.Sequence)
+	if what == "RESOLVED" {
+		fmt.Fprintf(p.w, "    resolved after %s\n", f.Resolved.AsTime().Sub(f.FirstSeen.AsTime()).Round(100*time.Millisecond))
+		return
+	}
+	fmt.Fprintf(p.w, "    symptom: %s\n", f.Symptom)
+	fmt.Fprintf(p.w, "    cause:   %s (%s, confidence %.0f%%)\n", f.RootCause, f.Cause, 100*f.Confidence)
+	for _, e := range f.Evidence {
+		fmt.Fprintf(p.w, "    evidence: %s = %g %s", e.Signal, e.Value, e.Unit)
+		if e.Threshold != 0 {
+			fmt.Fprintf(p.w, " (threshold %g)", e.Threshold)
+		}
+		if e.Note != "" {
+			fmt.Fprintf(p.w, "  — %s", e.Note)
+		}
+		fmt.Fprintln(p.w)
+	}
+	for _, a := range f.Artifacts {
+		fmt.Fprintf(p.w, "    %s: %s  %s\n", a.Kind, a.Value, a.Detail)
+	}
+	fmt.Fprintf(p.w, "    fix:     %s\n", f.Remediation)
+}
+
+func cmdSnapshot(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("culprit snapshot", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", "127.0.0.1:9462", "agent gRPC address")
+	asJSON := fs.Bool("json", false, "print the snapshot as JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	conn, c, err := dial(*addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	s, err := c.GetSnapshot(ctx, &culpritv1.SnapshotRequest{})
+	if err != nil {
+		return fmt.Errorf("snapshot from %s: %w", *addr, err)
+	}
+	if *asJSON {
+		b, err := protojson.MarshalOptions{UseProtoNames: true, Multiline: true}.Marshal(s)
+		if err != nil {
+			return fmt.Errorf("encode snapshot: %w", err)
+		}
+		fmt.Fprintln(stdout, string(b))
+		return nil
+	}
+	t := s.Target
+	if t != nil && t.Found {
+		fmt.Fprintf(stdout, "target: %s[%d] %s (selector: %s)\n", t.Comm, t.Pid, t.Cmdline, t.Selector)
+	} else if t != nil {
+		fmt.Fprintf(stdout, "target: not found (selector: %s)\n", t.Selector)
+	}
+	fmt.Fprintln(stdout, "components:")
+	for _, c := range s.Components {
+		fmt.Fprintf(stdout, "  %-14s %-9s %-9s %s\n", c.Name, c.Kind, c.State, c.Detail)
+		for _, l := range c.Lost {
+			fmt.Fprintf(stdout, "      lost: %s\n", l)
+		}
+	}
+	fmt.Fprintln(stdout, "signals:")
+	sort.SliceStable(s.Signals, func(i, j int) bool { return s.Signals[i].Name < s.Signals[j].Name })
+	for _, sg := range s.Signals {
+		var ls []string
+		for _, l := range sg.Labels {
+			ls = append(ls, fmt.Sprintf("%s=%q", l.Name, l.Value))
+		}
+		fmt.Fprintf(stdout, "  %s{%s} %g\n", sg.Name, strings.Join(ls, ","), sg.Value)
+	}
+	return nil
+}

@@ -1,0 +1,406 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"reflect"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// Duration is a time.Duration written as "250ms" in agent.conf.
+type Duration time.Duration
+
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("want a duration like 500ms or 10s: %w", err)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// D returns the standard type.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// Config mirrors agent.conf; the file at the repository root documents every
+// key with its default, and a test keeps the two in step.
+type Config struct {
+	Agent struct {
+		HTTPAddr        string   `toml:"http_addr"`
+		GRPCAddr        string   `toml:"grpc_addr"`
+		LogLevel        string   `toml:"log_level"`
+		LogFormat       string   `toml:"log_format"`
+		AllowNonLocal   bool     `toml:"allow_non_local"`
+		ShutdownTimeout Duration `toml:"shutdown_timeout"`
+	} `toml:"agent"`
+	Target struct {
+		PID            int      `toml:"pid"`
+		Port           int      `toml:"port"`
+		Cmd            string   `toml:"cmd"`
+		RefindInterval Duration `toml:"refind_interval"`
+	} `toml:"target"`
+	Collect struct {
+		Interval     Duration `toml:"interval"`
+		FastInterval Duration `toml:"fast_interval"`
+		ProcRoot     string   `toml:"proc_root"`
+		SysRoot      string   `toml:"sys_root"`
+		Disabled     []string `toml:"disabled"`
+		MaxThreads   int      `toml:"max_threads"`
+	} `toml:"collect"`
+	Probes struct {
+		Enabled         bool     `toml:"enabled"`
+		PollInterval    Duration `toml:"poll_interval"`
+		MaxEntries      int      `toml:"max_entries"`
+		RingBufferBytes int      `toml:"ring_buffer_bytes"`
+	} `toml:"probes"`
+	Signals struct {
+		RingSize  int `toml:"ring_size"`
+		MaxSeries int `toml:"max_series"`
+	} `toml:"signals"`
+	Rules struct {
+		Interval          Duration `toml:"interval"`
+		MinGap            Duration `toml:"min_gap"`
+		ResolveAfter      Duration `toml:"resolve_after"`
+		MinUpdateInterval Duration `toml:"min_update_interval"`
+		MaxOpenFindings   int      `toml:"max_open_findings"`
+		AcceptOverflow    struct {
+			Window     Duration `toml:"window"`
+			Recent     Duration `toml:"recent"`
+			StallAfter Duration `toml:"stall_after"`
+			MinDrops   int      `toml:"min_drops"`
+		} `toml:"accept_overflow"`
+	} `toml:"rules"`
+	Findings struct {
+		History  int `toml:"history"`
+		MaxBatch int `toml:"max_batch"`
+	} `toml:"findings"`
+}
+
+// DefaultConfig is what the agent runs with when agent.conf says nothing.
+func DefaultConfig() Config {
+	var c Config
+	c.Agent.HTTPAddr = "127.0.0.1:9461"
+	c.Agent.GRPCAddr = "127.0.0.1:9462"
+	c.Agent.LogLevel = "info"
+	c.Agent.LogFormat = "text"
+	c.Agent.ShutdownTimeout = Duration(5 * time.Second)
+	c.Target.RefindInterval = Duration(500 * time.Millisecond)
+	c.Collect.Interval = Duration(time.Second)
+	c.Collect.FastInterval = Duration(100 * time.Millisecond)
+	c.Collect.ProcRoot = "/proc"
+	c.Collect.SysRoot = "/sys"
+	c.Collect.Disabled = []string{}
+	c.Collect.MaxThreads = 4096
+	c.Probes.Enabled = true
+	c.Probes.PollInterval = Duration(100 * time.Millisecond)
+	c.Probes.MaxEntries = 4096
+	c.Probes.RingBufferBytes = 65536
+	c.Signals.RingSize = 600
+	c.Signals.MaxSeries = 20000
+	c.Rules.Interval = Duration(200 * time.Millisecond)
+	c.Rules.MinGap = Duration(50 * time.Millisecond)
+	c.Rules.ResolveAfter = Duration(3 * time.Second)
+	c.Rules.MinUpdateInterval = Duration(time.Second)
+	c.Rules.MaxOpenFindings = 256
+	c.Rules.AcceptOverflow.Window = Duration(10 * time.Second)
+	c.Rules.AcceptOverflow.Recent = Duration(2 * time.Second)
+	c.Rules.AcceptOverflow.StallAfter = Duration(300 * time.Millisecond)
+	c.Rules.AcceptOverflow.MinDrops = 1
+	c.Findings.History = 4096
+	c.Findings.MaxBatch = 256
+	return c
+}
+
+// ConfigError names the key and, when known, the line of agent.conf.
+type ConfigError struct {
+	File string
+	Line int
+	Key  string
+	Err  error
+}
+
+func (e *ConfigError) Error() string {
+	where := e.File
+	if where == "" {
+		where = "config"
+	}
+	if e.Line > 0 {
+		where = fmt.Sprintf("%s:%d", e.File, e.Line)
+	}
+	if e.Key != "" {
+		return fmt.Sprintf("%s: %s: %v", where, e.Key, e.Err)
+	}
+	return fmt.Sprintf("%s: %v", where, e.Err)
+}
+
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+// ParseConfig reads agent.conf content over the defaults. Unknown keys are
+// errors: a misspelt key silently ignored is a setting the user thinks they
+// made.
+func ParseConfig(name string, data []byte) (Config, error) {
+	c := DefaultConfig()
+	dec := toml.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		var strict *toml.StrictMissingError
+		if errors.As(err, &strict) && len(strict.Errors) > 0 {
+			de := strict.Errors[0]
+			row, _ := de.Position()
+			return c, &ConfigError{File: name, Line: row, Key: strings.Join(de.Key(), "."), Err: errors.New("unknown key")}
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, _ := de.Position()
+			return c, &ConfigError{File: name, Line: row, Key: strings.Join(de.Key(), "."), Err: errors.New(decodeMessage(de))}
+		}
+		return c, &ConfigError{File: name, Err: err}
+	}
+	if err := c.Validate(); err != nil {
+		var ce *ConfigError
+		if errors.As(err, &ce) {
+			ce.File = name
+			ce.Line = lineOfKey(data, ce.Key)
+		}
+		return c, err
+	}
+	return c, nil
+}
+
+// decodeMessage keeps go-toml's first line (its String() adds a drawing of
+// the document that does not fit a log line).
+func decodeMessage(de *toml.DecodeError) string {
+	msg := de.Error()
+	if i := strings.IndexByte(msg, '\n'); i > 0 {
+		msg = msg[:i]
+	}
+	return strings.TrimPrefix(msg, "toml: ")
+}
+
+// LoadConfig reads a file; an empty path means the defaults.
+func LoadConfig(path string) (Config, error) {
+	if path == "" {
+		c := DefaultConfig()
+		return c, c.Validate()
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return DefaultConfig(), fmt.Errorf("read config: %w", err)
+	}
+	return ParseConfig(path, data)
+}
+
+// Validate checks values the types cannot.
+func (c *Config) Validate() error {
+	bad := func(key, format string, a ...any) error {
+		return &ConfigError{Key: key, Err: fmt.Errorf(format, a...)}
+	}
+	positive := []struct {
+		key string
+		v   time.Duration
+	}{
+		{"target.refind_interval", c.Target.RefindInterval.D()},
+		{"collect.interval", c.Collect.Interval.D()},
+		{"collect.fast_interval", c.Collect.FastInterval.D()},
+		{"probes.poll_interval", c.Probes.PollInterval.D()},
+		{"rules.interval", c.Rules.Interval.D()},
+		{"rules.resolve_after", c.Rules.ResolveAfter.D()},
+		{"rules.accept_overflow.window", c.Rules.AcceptOverflow.Window.D()},
+		{"rules.accept_overflow.recent", c.Rules.AcceptOverflow.Recent.D()},
+		{"rules.accept_overflow.stall_after", c.Rules.AcceptOverflow.StallAfter.D()},
+	}
+	for _, p := range positive {
+		if p.v <= 0 {
+			return bad(p.key, "must be a positive duration, got %s", p.v)
+		}
+	}
+	counts := []struct {
+		key    string
+		v, min int
+	}{
+		{"probes.max_entries", c.Probes.MaxEntries, 16},
+		{"collect.max_threads", c.Collect.MaxThreads, 1},
+		{"signals.ring_size", c.Signals.RingSize, 16},
+		{"signals.max_series", c.Signals.MaxSeries, 64},
+		{"rules.max_open_findings", c.Rules.MaxOpenFindings, 1},
+		{"rules.accept_overflow.min_drops", c.Rules.AcceptOverflow.MinDrops, 1},
+		{"findings.history", c.Findings.History, 16},
+		{"findings.max_batch", c.Findings.MaxBatch, 1},
+	}
+	for _, n := range counts {
+		if n.v < n.min {
+			return bad(n.key, "must be at least %d, got %d", n.min, n.v)
+		}
+	}
+	if rb := c.Probes.RingBufferBytes; rb < 4096 || rb&(rb-1) != 0 {
+		return bad("probes.ring_buffer_bytes", "must be a power of two of at least 4096, got %d", rb)
+	}
+	if c.Rules.AcceptOverflow.Window.D() < c.Rules.AcceptOverflow.Recent.D() {
+		return bad("rules.accept_overflow.window", "must not be shorter than rules.accept_overflow.recent")
+	}
+	// The ring must hold a whole rule window of fast samples, or the rule
+	// would judge a 10 s window on the last second.
+	if need := int(c.Rules.AcceptOverflow.Window.D()/c.Collect.FastInterval.D()) + 1; c.Signals.RingSize < need {
+		return bad("signals.ring_size", "must hold rules.accept_overflow.window of collect.fast_interval samples: at least %d, got %d", need, c.Signals.RingSize)
+	}
+	switch c.Agent.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return bad("agent.log_level", "must be debug, info, warn or error, got %q", c.Agent.LogLevel)
+	}
+	switch c.Agent.LogFormat {
+	case "text", "json":
+	default:
+		return bad("agent.log_format", "must be text or json, got %q", c.Agent.LogFormat)
+	}
+	set := 0
+	if c.Target.PID != 0 {
+		set++
+	}
+	if c.Target.Port != 0 {
+		set++
+	}
+	if c.Target.Cmd != "" {
+		set++
+		if _, err := regexp.Compile(c.Target.Cmd); err != nil {
+			return bad("target.cmd", "not a regular expression: %w", err)
+		}
+	}
+	if set > 1 {
+		return bad("target", "set only one of pid, port and cmd")
+	}
+	if c.Target.Port < 0 || c.Target.Port > 65535 {
+		return bad("target.port", "must be 1-65535, got %d", c.Target.Port)
+	}
+	return nil
+}
+
+// lineOfKey finds the line where a dotted key is set, following [table]
+// headers; 0 when the key is not in the file (it came from a default, a
+// flag or the environment).
+func lineOfKey(data []byte, key string) int {
+	table := ""
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for n := 1; sc.Scan(); n++ {
+		l := strings.TrimSpace(sc.Text())
+		if strings.HasPrefix(l, "[") && strings.HasSuffix(l, "]") {
+			table = strings.Trim(l, "[] ")
+			continue
+		}
+		k, _, ok := strings.Cut(l, "=")
+		if !ok || strings.HasPrefix(l, "#") {
+			continue
+		}
+		full := strings.TrimSpace(k)
+		if table != "" {
+			full = table + "." + full
+		}
+		if full == key || (table == key && key != "") {
+			return n
+		}
+	}
+	return 0
+}
+
+// Keys lists every dotted key of the config with a pointer to its field, for
+// environment and flag overrides.
+func (c *Config) Keys() map[string]reflect.Value {
+	out := map[string]reflect.Value{}
+	var walk func(prefix string, v reflect.Value)
+	walk = func(prefix string, v reflect.Value) {
+		t := v.Type()
+		for i := 0; i < t.NumField(); i++ {
+			name, _, _ := strings.Cut(t.Field(i).Tag.Get("toml"), ",")
+			key := name
+			if prefix != "" {
+				key = prefix + "." + name
+			}
+			f := v.Field(i)
+			if f.Kind() == reflect.Struct && f.Type() != reflect.TypeOf(Duration(0)) {
+				walk(key, f)
+				continue
+			}
+			out[key] = f
+		}
+	}
+	walk("", reflect.ValueOf(c).Elem())
+	return out
+}
+
+// Set assigns one key from a string, as flags and CULPRIT_* variables do.
+func (c *Config) Set(key, value string) error {
+	f, ok := c.Keys()[key]
+	if !ok {
+		return &ConfigError{Key: key, Err: errors.New("unknown key")}
+	}
+	bad := func(err error) error { return &ConfigError{Key: key, Err: err} }
+	switch p := f.Addr().Interface().(type) {
+	case *string:
+		*p = value
+	case *int:
+		n, err := strconv.Atoi(value)
+		if err != nil {
+			return bad(fmt.Errorf("want an integer, got %q", value))
+		}
+		*p = n
+	case *bool:
+		b, err := strconv.ParseBool(value)
+		if err != nil {
+			return bad(fmt.Errorf("want true or false, got %q", value))
+		}
+		*p = b
+	case *Duration:
+		if err := p.UnmarshalText([]byte(value)); err != nil {
+			return bad(err)
+		}
+	case *[]string:
+		*p = nil
+		for _, s := range strings.Split(value, ",") {
+			if s = strings.TrimSpace(s); s != "" {
+				*p = append(*p, s)
+			}
+		}
+	default:
+		return bad(fmt.Errorf("cannot be set from text"))
+	}
+	return nil
+}
+
+// EnvName is the environment variable that overrides key.
+func EnvName(key string) string {
+	return "CULPRIT_" + strings.ToUpper(strings.ReplaceAll(key, ".", "_"))
+}
+
+// ApplyEnv applies every CULPRIT_* variable that names a key; environ is
+// os.Environ() in the agent.
+func (c *Config) ApplyEnv(environ []string) error {
+	byEnv := map[string]string{}
+	for k := range c.Keys() {
+		byEnv[EnvName(k)] = k
+	}
+	for _, kv := range environ {
+		name, value, _ := strings.Cut(kv, "=")
+		key, ok := byEnv[name]
+		if !ok {
+			continue
+		}
+		if err := c.Set(key, value); err != nil {
+			var ce *ConfigError
+			if errors.As(err, &ce) {
+				ce.File = "environment " + name
+			}
+			return err
+		}
+	}
+	return nil
+}

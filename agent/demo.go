@@ -1,0 +1,183 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/culprit-dev/culprit/internal/faults"
+)
+
+// cmdDemo runs a small HTTP service with fault switches: the target
+// `make run` watches on a fresh machine. The service listens with a small
+// backlog so its accept queue can really overflow; the control endpoints
+// listen apart so they keep working while the service stops accepting.
+func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("culprit demo", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", demoAddr, "service listener")
+	control := fs.String("control", demoControl, "fault-switch listener")
+	backlog := fs.Int("backlog", 8, "listen backlog of the service (small, so bursts overflow it)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	d, err := newDemo(*addr, *backlog)
+	if err != nil {
+		return err
+	}
+	cl, err := net.Listen("tcp", *control)
+	if err != nil {
+		d.l.Close()
+		return fmt.Errorf("control listener: %w", err)
+	}
+	ctrl := &http.Server{Handler: d.controlMux(), ReadHeaderTimeout: 5 * time.Second}
+	go ctrl.Serve(cl)
+	fmt.Fprintf(stdout, "demo: serving http://%s (backlog %d), fault switches on http://%s\n", d.addr, *backlog, cl.Addr())
+	err = d.serve(ctx)
+	sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	ctrl.Shutdown(sctx)
+	return err
+}
+
+type demo struct {
+	l    *net.TCPListener
+	addr string
+	gate *faults.Gate
+	srv  *http.Server
+
+	mu      sync.Mutex
+	reopen  *time.Timer
+	loadCtx context.Context
+}
+
+func newDemo(addr string, backlog int) (*demo, error) {
+	l, err := faults.ListenTCP(addr, backlog)
+	if err != nil {
+		return nil, fmt.Errorf("demo service: %w", err)
+	}
+	d := &demo{l: l, addr: l.Addr().String(), gate: faults.NewGate(), loadCtx: context.Background()}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "hello from the culprit demo")
+	})
+	d.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 30 * time.Second}
+	return d, nil
+}
+
+// gatedListener pauses Accept while the gate is closed: the kernel keeps
+// completing handshakes into the accept queue, exactly as behind a blocked
+// accept loop.
+type gatedListener struct {
+	net.Listener
+	ctx  context.Context
+	gate *faults.Gate
+}
+
+func (g gatedListener) Accept() (net.Conn, error) {
+	if err := g.gate.Wait(g.ctx); err != nil {
+		return nil, net.ErrClosed
+	}
+	return g.Listener.Accept()
+}
+
+func (d *demo) serve(ctx context.Context) error {
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		d.srv.Shutdown(sctx)
+	}()
+	err := d.srv.Serve(gatedListener{Listener: d.l, ctx: ctx, gate: d.gate})
+	if errors.Is(err, http.ErrServerClosed) || ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+func intParam(r *http.Request, name string, def, max int) (int, error) {
+	s := r.URL.Query().Get(name)
+	if s == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 || n > max {
+		return 0, fmt.Errorf("%s must be an integer from 0 to %d", name, max)
+	}
+	return n, nil
+}
+
+func (d *demo) controlMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintf(w, `culprit demo fault switches (service on %s):
+  POST /fault/stop-accepting?seconds=15&load=64   stop accepting for N s, and open M connections to itself
+  POST /fault/burst?conns=300&rounds=5            bursts of short connections against the small backlog
+  POST /fault/accept                              accept again now
+`, d.addr)
+	})
+	mux.HandleFunc("POST /fault/stop-accepting", func(w http.ResponseWriter, r *http.Request) {
+		secs, err := intParam(r, "seconds", 15, 3600)
+		if err == nil {
+			var load int
+			if load, err = intParam(r, "load", 0, 2000); err == nil {
+				d.stopAccepting(time.Duration(secs)*time.Second, load)
+				fmt.Fprintf(w, "not accepting on %s for %ds; opening %d connections\n", d.addr, secs, load)
+				return
+			}
+		}
+		http.Error(w, err.Error(), http.StatusBadRequest)
+	})
+	mux.HandleFunc("POST /fault/accept", func(w http.ResponseWriter, _ *http.Request) {
+		d.gate.Set(true)
+		fmt.Fprintf(w, "accepting on %s\n", d.addr)
+	})
+	mux.HandleFunc("POST /fault/burst", func(w http.ResponseWriter, r *http.Request) {
+		conns, err := intParam(r, "conns", 300, 5000)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		rounds, err := intParam(r, "rounds", 5, 100)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		est := 0
+		for i := 0; i < rounds; i++ {
+			est += faults.Burst(r.Context(), d.addr, conns, 5*time.Second)
+		}
+		fmt.Fprintf(w, "%d bursts of %d connections against %s: %d established\n", rounds, conns, d.addr, est)
+	})
+	return mux
+}
+
+// stopAccepting closes the gate for dur, then opens it again; load opens
+// that many client connections so the queue really overflows.
+func (d *demo) stopAccepting(dur time.Duration, load int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.gate.Set(false)
+	if d.reopen != nil {
+		d.reopen.Stop()
+	}
+	d.reopen = time.AfterFunc(dur, func() { d.gate.Set(true) })
+	if load > 0 {
+		go func() {
+			// Hold them a little past the stall so the queue stays full,
+			// then let them go.
+			conns := faults.Dial(d.loadCtx, d.addr, load, dur+5*time.Second)
+			time.Sleep(time.Second)
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+	}
+}

@@ -1,0 +1,351 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
+	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+)
+
+func TestMain(m *testing.M) { testenv.Main(m) }
+
+// startAgent runs a real agent in this process, watching pid, on ephemeral
+// loopback ports.
+func startAgent(t testing.TB, pid int) *Agent {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.Agent.HTTPAddr = "127.0.0.1:0"
+	cfg.Agent.GRPCAddr = "127.0.0.1:0"
+	cfg.Target.PID = pid
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	var w io.Writer = io.Discard
+	if testing.Verbose() {
+		w = os.Stderr
+	}
+	a, err := StartAgent(context.Background(), cfg, newLogger(cfg, w))
+	if err != nil {
+		t.Fatalf("start agent: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := a.Stop(5 * time.Second); err != nil {
+			t.Errorf("stop agent: %v", err)
+		}
+	})
+	return a
+}
+
+func client(t testing.TB, addr string) culpritv1.DiagnosticsClient {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return culpritv1.NewDiagnosticsClient(conn)
+}
+
+// watch streams events into a channel until the returned cancel is called.
+func watch(t testing.TB, c culpritv1.DiagnosticsClient, since uint64) (<-chan *culpritv1.FindingEvent, context.CancelFunc) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := c.WatchFindings(ctx, &culpritv1.WatchRequest{SinceSequence: since})
+	if err != nil {
+		cancel()
+		t.Fatalf("WatchFindings: %v", err)
+	}
+	ch := make(chan *culpritv1.FindingEvent, 256)
+	go func() {
+		defer close(ch)
+		for {
+			ev, err := stream.Recv()
+			if err != nil {
+				return
+			}
+			ch <- ev
+		}
+	}()
+	t.Cleanup(cancel)
+	return ch, cancel
+}
+
+// next waits for an event that matches, failing the test after timeout.
+// Events that do not match are returned in skipped for the caller to check.
+func next(t testing.TB, ch <-chan *culpritv1.FindingEvent, timeout time.Duration, match func(*culpritv1.FindingEvent) bool) (ev *culpritv1.FindingEvent, skipped []*culpritv1.FindingEvent) {
+	t.Helper()
+	deadline := time.After(timeout)
+	for {
+		select {
+		case ev, ok := <-ch:
+			if !ok {
+				t.Fatal("finding stream ended")
+			}
+			if match(ev) {
+				return ev, skipped
+			}
+			skipped = append(skipped, ev)
+		case <-deadline:
+			t.Fatalf("no matching finding event within %s (saw %d others: %v)", timeout, len(skipped), skipped)
+		}
+	}
+}
+
+// waitWatching blocks until the agent has sampled the server's listener, so
+// a fault is not injected before the agent can see it.
+func waitWatching(t testing.TB, c culpritv1.DiagnosticsClient, port int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		s, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
+		if err == nil && signalValue(s, "listen_backlog", "port", strconv.Itoa(port)) != nil {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("agent never saw the listener on port %d", port)
+}
+
+func signalValue(s *culpritv1.Snapshot, name, label, value string) *float64 {
+	for _, sg := range s.Signals {
+		if sg.Name != name {
+			continue
+		}
+		for _, l := range sg.Labels {
+			if l.Name == label && l.Value == value {
+				v := sg.Value
+				return &v
+			}
+		}
+		if label == "" {
+			v := sg.Value
+			return &v
+		}
+	}
+	return nil
+}
+
+func isAcceptOverflow(cause string, typ culpritv1.FindingEvent_Type) func(*culpritv1.FindingEvent) bool {
+	return func(ev *culpritv1.FindingEvent) bool {
+		return ev.Type == typ && ev.Finding != nil && ev.Finding.Rule == "accept_overflow" && (cause == "" || ev.Finding.Cause == cause)
+	}
+}
+
+// The issue's main scenario: a real listener with a small backlog stops
+// accepting, more clients than the backlog connect, and a real gRPC client
+// of the running agent receives "app not accepting" within 1 s; after the
+// listener accepts again the finding resolves. The resolve happens while
+// the client is disconnected, and resuming with since_sequence delivers it
+// exactly once.
+func TestAppNotAcceptingFindingOverGRPC(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 4, Accept: false})
+	a := startAgent(t, s.PID)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, s.Port)
+	events, stop := watch(t, c, 0)
+
+	start := time.Now()
+	s.MustDo(t, "dialasync 40")
+	opened, skipped := next(t, events, 5*time.Second, isAcceptOverflow("", culpritv1.FindingEvent_TYPE_OPENED))
+	took := time.Since(start)
+	for _, ev := range skipped {
+		t.Errorf("unexpected event before the finding: %v", ev)
+	}
+	f := opened.Finding
+	if f.Cause != "app_not_accepting" {
+		t.Fatalf("cause = %s, want app_not_accepting; root cause: %s", f.Cause, f.RootCause)
+	}
+	t.Logf("finding after %s: %s\n  root cause: %s", took, f.Title, f.RootCause)
+	if took > time.Second {
+		t.Errorf("finding arrived %s after the first connections, want within 1s", took)
+	}
+	wantKey := fmt.Sprintf("127.0.0.1:%d", s.Port)
+	if f.Key != wantKey || !strings.Contains(f.RootCause, wantKey) {
+		t.Errorf("finding names %q / %q, want the listener %s", f.Key, f.RootCause, wantKey)
+	}
+	if !strings.Contains(f.RootCause, "Threads:") {
+		t.Errorf("root cause lacks the thread states: %s", f.RootCause)
+	}
+	if f.Remediation == "" || len(f.Evidence) == 0 {
+		t.Errorf("finding lacks remediation or evidence: %+v", f)
+	}
+
+	// While it is open, /metrics shows it, and the exposition is valid.
+	body := scrape(t, a.HTTPAddr)
+	if !strings.Contains(body, `culprit_findings_active{rule="accept_overflow",severity="critical"} 1`) {
+		t.Errorf("/metrics lacks the open finding:\n%s", grepLines(body, "culprit_finding"))
+	}
+	promtoolCheck(t, body)
+
+	// Disconnect, let the listener recover while nobody watches, resume.
+	lastSeen := opened.Sequence
+	for drained := false; !drained; {
+		select {
+		case ev := <-events:
+			if ev.Type == culpritv1.FindingEvent_TYPE_RESOLVED {
+				t.Fatalf("resolved before the listener accepted again: %v", ev)
+			}
+			lastSeen = ev.Sequence
+		default:
+			drained = true
+		}
+	}
+	stop()
+	s.MustDo(t, "accept on")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		l, err := c.ListFindings(context.Background(), &culpritv1.ListRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(l.Findings) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("finding did not resolve within 20s of accepting again: %v", l.Findings)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	resumed, _ := watch(t, c, lastSeen)
+	seen := map[uint64]bool{}
+	want := lastSeen + 1
+	for {
+		ev, _ := next(t, resumed, 5*time.Second, func(*culpritv1.FindingEvent) bool { return true })
+		if seen[ev.Sequence] || ev.Sequence != want {
+			t.Fatalf("resume after %d: got sequence %d, want %d (lost or repeated)", lastSeen, ev.Sequence, want)
+		}
+		seen[ev.Sequence] = true
+		want++
+		if ev.Type == culpritv1.FindingEvent_TYPE_RESOLVED && ev.Finding.Id == f.Id {
+			break
+		}
+	}
+}
+
+// Bursts of short connections overflow a small backlog while the app keeps
+// accepting: the finding must say "backlog too small", not "not accepting".
+func TestBacklogTooSmallFinding(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 2, Accept: true})
+	a := startAgent(t, s.PID)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, s.Port)
+	events, _ := watch(t, c, 0)
+
+	match := isAcceptOverflow("", culpritv1.FindingEvent_TYPE_OPENED)
+	var ev *culpritv1.FindingEvent
+	for i := 0; ev == nil && i < 15; i++ {
+		s.MustDo(t, "burst 300")
+		wait := time.After(500 * time.Millisecond)
+		for ev == nil {
+			select {
+			case e := <-events:
+				if match(e) {
+					ev = e
+				}
+				continue
+			case <-wait:
+			}
+			break
+		}
+	}
+	if ev == nil {
+		t.Fatal("15 bursts of 300 connections against backlog 2 raised no accept_overflow finding")
+	}
+	f := ev.Finding
+	if f.Cause != "backlog_too_small" {
+		t.Fatalf("cause = %s, want backlog_too_small; root cause: %s", f.Cause, f.RootCause)
+	}
+	if !strings.Contains(f.RootCause, "backlog of 127.0.0.1:"+strconv.Itoa(s.Port)+" is 2") {
+		t.Errorf("root cause does not name the backlog: %s", f.RootCause)
+	}
+	if !strings.Contains(f.Remediation, "somaxconn") {
+		t.Errorf("remediation does not mention somaxconn: %s", f.Remediation)
+	}
+	t.Logf("%s\n  root cause: %s\n  fix: %s", f.Title, f.RootCause, f.Remediation)
+}
+
+// Healthy load against an adequate backlog raises nothing.
+func TestHealthyLoadRaisesNoFinding(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 512, Accept: true})
+	a := startAgent(t, s.PID)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, s.Port)
+	events, _ := watch(t, c, 0)
+	end := time.Now().Add(4 * time.Second)
+	total := 0
+	for time.Now().Before(end) {
+		ans := s.MustDo(t, "burst 100")
+		n, _ := strconv.Atoi(strings.Fields(ans)[1])
+		total += n
+	}
+	if total < 100 {
+		t.Fatalf("the load did not run: %d connections", total)
+	}
+	select {
+	case ev := <-events:
+		t.Fatalf("healthy load (%d connections) raised a finding: %v", total, ev)
+	case <-time.After(time.Second):
+	}
+	snap, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := signalValue(snap, "listen_overflows_total", "port", strconv.Itoa(s.Port)); v == nil || *v != 0 {
+		t.Fatalf("listen_overflows_total for the healthy listener = %v, want 0", v)
+	}
+}
+
+func scrape(t testing.TB, addr string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// promtoolCheck runs the real promtool; CI installs it, a developer
+// machine without it skips loudly.
+func promtoolCheck(t testing.TB, exposition string) {
+	t.Helper()
+	if _, err := exec.LookPath("promtool"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("promtool missing: .ci/run must install Debian's prometheus package")
+		}
+		fmt.Fprintln(os.Stderr, "SKIP promtool check: promtool not on PATH (apt-get install prometheus)")
+		return
+	}
+	cmd := exec.Command("promtool", "check", "metrics")
+	cmd.Stdin = strings.NewReader(exposition)
+	out, err := cmd.CombinedOutput()
+	if err != nil || len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
+	}
+}

@@ -1,0 +1,66 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const usage = `culprit: tells you why your service is slow, drops connections or grows.
+
+Usage:
+  culprit agent    [--config agent.conf] [--pid N | --port N | --cmd REGEX] [flags]
+  culprit findings [--addr 127.0.0.1:9462] [--follow] [--json] [--all]
+  culprit snapshot [--addr 127.0.0.1:9462] [--json]
+  culprit demo     [--addr 127.0.0.1:8080] [--control 127.0.0.1:8081] [--backlog 8]
+  culprit version
+
+Run "culprit <command> -h" for the flags of a command.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
+	switch args[0] {
+	case "agent":
+		err = cmdAgent(ctx, args[1:], stdout, stderr)
+	case "findings":
+		err = cmdFindings(ctx, args[1:], stdout, stderr)
+	case "snapshot":
+		err = cmdSnapshot(ctx, args[1:], stdout, stderr)
+	case "demo":
+		err = cmdDemo(ctx, args[1:], stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "culprit", version)
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+	default:
+		fmt.Fprintf(stderr, "culprit: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "culprit:", err)
+		return 1
+	}
+	return 0
+}

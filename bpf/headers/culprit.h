@@ -1,0 +1,93 @@
+/* Minimal kernel types for culprit's eBPF programs, CO-RE relocated.
+ *
+ * Only the fields the programs read are declared; preserve_access_index
+ * makes libbpf match them by name against the running kernel's BTF, so
+ * offsets (and the nesting of anonymous unions) need not match. This keeps
+ * a 3 MB vmlinux.h out of the repository, as cilium/ebpf's examples do. */
+#pragma once
+
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+typedef signed char __s8;
+typedef short __s16;
+typedef int __s32;
+typedef long long __s64;
+typedef __u16 __be16;
+typedef __u32 __be32;
+typedef __u32 __wsum;
+typedef __u8 u8;
+typedef __u16 u16;
+typedef __u32 u32;
+typedef __u64 u64;
+
+enum bpf_map_type {
+	BPF_MAP_TYPE_ARRAY = 2,
+	BPF_MAP_TYPE_LRU_HASH = 9,
+	BPF_MAP_TYPE_RINGBUF = 27,
+};
+
+enum {
+	BPF_ANY = 0,
+	BPF_NOEXIST = 1,
+};
+
+#define IPPROTO_TCP 6
+
+/* TCP states, from include/net/tcp_states.h: part of the user ABI. */
+enum {
+	TCP_ESTABLISHED = 1,
+	TCP_SYN_RECV = 3,
+	TCP_LISTEN = 10,
+};
+
+struct ns_common {
+	unsigned int inum;
+} __attribute__((preserve_access_index));
+
+struct net {
+	struct ns_common ns;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	struct net *net;
+} possible_net_t;
+
+struct sock_common {
+	__u16 skc_num;
+	unsigned short skc_family;
+	possible_net_t skc_net;
+} __attribute__((preserve_access_index));
+
+struct sock {
+	struct sock_common __sk_common;
+	u16 sk_protocol;
+	u32 sk_ack_backlog;
+	u32 sk_max_ack_backlog;
+} __attribute__((preserve_access_index));
+
+struct request_sock {
+} __attribute__((preserve_access_index));
+
+struct net_device {
+	possible_net_t nd_net;
+} __attribute__((preserve_access_index));
+
+struct sk_buff {
+	struct net_device *dev;
+	__u16 transport_header;
+	unsigned char *head;
+} __attribute__((preserve_access_index));
+
+/* Only the destination port is read, from the packet itself. */
+struct tcphdr {
+	__be16 source;
+	__be16 dest;
+};
+
+/* Values differ between kernels; bpf_core_enum_value resolves the running
+ * kernel's value by name at load time. */
+enum skb_drop_reason {
+	SKB_DROP_REASON_TCP_LISTEN_OVERFLOW = 40,
+};

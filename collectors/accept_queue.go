@@ -1,0 +1,697 @@
+package collectors
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+func init() {
+	register("accept_queue", true, func(o Options) (Collector, error) { return newAcceptQueueCollector(o) })
+}
+
+var (
+	listenQueueLengthDesc = &signals.Desc{Name: "listen_queue_length", Kind: signals.Gauge,
+		Help: "Connections waiting in the listener's accept queue (idiag_rqueue), summed over an SO_REUSEPORT group."}
+	listenBacklogDesc = &signals.Desc{Name: "listen_backlog", Kind: signals.Gauge,
+		Help: "Maximum accept queue length of the listener (idiag_wqueue: min(listen backlog, somaxconn)), summed over an SO_REUSEPORT group."}
+	listenQueueFullDesc = &signals.Desc{Name: "listen_queue_full", Kind: signals.Gauge,
+		Help: "1 when the accept queue was full at this sample (queue length > backlog, the kernel's sk_acceptq_is_full), else 0."}
+	listenSynRecvDesc = &signals.Desc{Name: "listen_syn_recv", Kind: signals.Gauge,
+		Help: "Half-open connections (SYN_RECV) waiting for the handshake to complete on the listener."}
+	listenOverflowsDesc = &signals.Desc{Name: "listen_overflows_total", Kind: signals.Counter,
+		Help: "Share of the namespace's ListenOverflows attributed to this listener by queue-full sampling and per-port probe counters."}
+	listenOverflowsUnattributedDesc = &signals.Desc{Name: "listen_overflows_unattributed_total", Kind: signals.Counter,
+		Help: "ListenOverflows increments no listener could be blamed for (none was seen full or queueing)."}
+	listenOverflowsSampledDesc = &signals.Desc{Name: "tcp_ext_listen_overflows_sampled_total", Kind: signals.Counter,
+		Help: "TcpExt ListenOverflows of the namespace, read at the fast cadence together with the listener queues."}
+	listenDropsSampledDesc = &signals.Desc{Name: "tcp_ext_listen_drops_sampled_total", Kind: signals.Counter,
+		Help: "TcpExt ListenDrops of the namespace, read at the fast cadence together with the listener queues."}
+)
+
+// Per-port counters an eBPF probe writes when it runs; attribution uses
+// their growth as evidence of which listener overflowed.
+const (
+	probeOverflowDropsName     = "tcp_listen_overflow_drops_total"
+	probeSynackRetransmitsName = "tcp_synack_retransmits_total"
+)
+
+// TCP states as inet_diag reports them (include/net/tcp_states.h).
+const (
+	tcpSynRecv = 3
+	tcpListen  = 10
+)
+
+// Sizes of struct inet_diag_req_v2 and struct inet_diag_msg.
+const (
+	inetDiagReqV2Len = 56
+	inetDiagMsgLen   = 72
+)
+
+// inetDiagReq is a SOCK_DIAG_BY_FAMILY request for TCP sockets in the
+// given states. netlink's SocketDiagTCP always asks for every state, which
+// on a busy server means serialising every ESTABLISHED socket ten times a
+// second; the state filter makes the kernel skip them.
+type inetDiagReq struct {
+	family uint8
+	states uint32
+}
+
+func (r *inetDiagReq) Len() int { return inetDiagReqV2Len }
+
+func (r *inetDiagReq) Serialize() []byte {
+	b := make([]byte, inetDiagReqV2Len)
+	b[0] = r.family
+	b[1] = unix.IPPROTO_TCP
+	binary.NativeEndian.PutUint32(b[4:8], r.states)
+	return b // the socket id stays zero: no address filter
+}
+
+// diagSocket is the part of one inet_diag_msg this collector uses.
+type diagSocket struct {
+	Family uint8
+	State  uint8
+	Addr   netip.Addr // local address
+	Port   uint16     // local port
+	RQueue uint32     // LISTEN: accept queue length; else bytes unread
+	WQueue uint32     // LISTEN: max accept queue length
+	Inode  uint32
+}
+
+// parseInetDiagMsg decodes the fixed part of a struct inet_diag_msg.
+func parseInetDiagMsg(b []byte) (diagSocket, error) {
+	if len(b) < inetDiagMsgLen {
+		return diagSocket{}, fmt.Errorf("inet_diag_msg: %d bytes, want %d", len(b), inetDiagMsgLen)
+	}
+	s := diagSocket{
+		Family: b[0],
+		State:  b[1],
+		Port:   binary.BigEndian.Uint16(b[4:6]),
+		RQueue: binary.NativeEndian.Uint32(b[56:60]),
+		WQueue: binary.NativeEndian.Uint32(b[60:64]),
+		Inode:  binary.NativeEndian.Uint32(b[68:72]),
+	}
+	switch s.Family {
+	case unix.AF_INET:
+		s.Addr = netip.AddrFrom4([4]byte(b[8:12]))
+	case unix.AF_INET6:
+		s.Addr = netip.AddrFrom16([16]byte(b[8:24]))
+	default:
+		return diagSocket{}, fmt.Errorf("inet_diag_msg: address family %d", s.Family)
+	}
+	return s, nil
+}
+
+// listenerKey names a listener as its labels do. Sockets sharing a key
+// (an SO_REUSEPORT group) are reported as one listener.
+type listenerKey struct {
+	Addr netip.Addr
+	Port uint16
+}
+
+func (k listenerKey) labels() signals.Labels {
+	return signals.L("addr", k.Addr.String(), "port", strconv.Itoa(int(k.Port)))
+}
+
+func (k listenerKey) less(o listenerKey) bool {
+	if k.Port != o.Port {
+		return k.Port < o.Port
+	}
+	return k.Addr.Less(o.Addr)
+}
+
+// listenerSample is one listener's state in one dump.
+type listenerSample struct {
+	Queue   uint32 // sum of idiag_rqueue
+	Backlog uint32 // sum of idiag_wqueue
+	Full    bool   // some member had rqueue > wqueue
+	SynRecv int
+	Owned   bool // some member is held open by the target
+}
+
+// ratio is how full the queue is; a listener with backlog 0 is full with
+// one connection, so it counts as backlog 1 here.
+func (l listenerSample) ratio() float64 {
+	return float64(l.Queue) / float64(max(l.Backlog, 1))
+}
+
+// summarizeListeners turns one dump into per-listener state: LISTEN
+// sockets give the queues, SYN_RECV ones are counted on the listener they
+// arrived at. owned holds the inodes of the target's sockets.
+func summarizeListeners(socks []diagSocket, owned map[uint32]bool) map[listenerKey]listenerSample {
+	out := make(map[listenerKey]listenerSample)
+	for _, s := range socks {
+		if s.State != tcpListen {
+			continue
+		}
+		k := listenerKey{s.Addr, s.Port}
+		l := out[k]
+		l.Queue += s.RQueue
+		l.Backlog += s.WQueue
+		l.Full = l.Full || s.RQueue > s.WQueue
+		l.Owned = l.Owned || owned[s.Inode]
+		out[k] = l
+	}
+	for _, s := range socks {
+		if s.State != tcpSynRecv {
+			continue
+		}
+		if k, ok := listenerFor(out, s); ok {
+			l := out[k]
+			l.SynRecv++
+			out[k] = l
+		}
+	}
+	return out
+}
+
+// listenerFor finds the listener a half-open connection belongs to: the
+// one bound to its exact local address, else a wildcard listener on its
+// port, preferring the wildcard of its own family (a v4 connection may
+// reach a dual-stack [::] listener).
+func listenerFor(ls map[listenerKey]listenerSample, s diagSocket) (listenerKey, bool) {
+	own, other := netip.IPv4Unspecified(), netip.IPv6Unspecified()
+	if s.Addr.Is6() && !s.Addr.Is4In6() {
+		own, other = other, own
+	}
+	for _, a := range [...]netip.Addr{s.Addr, s.Addr.Unmap(), own, other} {
+		k := listenerKey{a, s.Port}
+		if _, ok := ls[k]; ok {
+			return k, true
+		}
+	}
+	return listenerKey{}, false
+}
+
+// candidate is a listener that may have caused some of the namespace's
+// ListenOverflows since the previous sample.
+type candidate struct {
+	Key   listenerKey
+	Score float64 // evidence: seen full, plus per-port probe counts
+	Ratio float64 // how full its queue was, for when nobody scored
+}
+
+// attribute splits delta overflows among candidates. Those with a positive
+// score share in proportion to it, in whole overflows, the rounding rest
+// going to the top scorer. When none scored, the fullest queue takes all,
+// and when no queue held anything the overflows stay unattributed: blaming
+// the target's listener by default would make a neighbour's overflow look
+// like the target's.
+func attribute(delta uint64, cands []candidate) (shares []uint64, unattributed uint64) {
+	shares = make([]uint64, len(cands))
+	if delta == 0 {
+		return shares, 0
+	}
+	var total float64
+	top := -1
+	for i, c := range cands {
+		if c.Score <= 0 {
+			continue
+		}
+		total += c.Score
+		if top < 0 || c.Score > cands[top].Score {
+			top = i
+		}
+	}
+	if top < 0 {
+		for i, c := range cands {
+			if c.Ratio > 0 && (top < 0 || c.Ratio > cands[top].Ratio) {
+				top = i
+			}
+		}
+		if top < 0 {
+			return shares, delta
+		}
+		shares[top] = delta
+		return shares, 0
+	}
+	var given uint64
+	for i, c := range cands {
+		if c.Score <= 0 {
+			continue
+		}
+		shares[i] = min(uint64(math.Floor(float64(delta)*c.Score/total)), delta-given)
+		given += shares[i]
+	}
+	shares[top] += delta - given
+	return shares, 0
+}
+
+// counterDelta is the growth of a kernel counter between two reads; a
+// decrease means it restarted from zero.
+func counterDelta(prev, cur uint64) uint64 {
+	if cur < prev {
+		return cur
+	}
+	return cur - prev
+}
+
+var (
+	tcpExtPrefix        = []byte("TcpExt:")
+	listenOverflowsName = []byte("ListenOverflows")
+	listenDropsName     = []byte("ListenDrops")
+)
+
+// parseListenCounters finds ListenOverflows and ListenDrops in the TcpExt
+// lines of /proc/net/netstat. It runs ten times a second, so it walks the
+// header and value lines in step without splitting or allocating.
+func parseListenCounters(b []byte) (overflows, drops uint64, err error) {
+	var header, values []byte
+	for len(b) > 0 {
+		line := b
+		if i := bytes.IndexByte(b, '\n'); i >= 0 {
+			line, b = b[:i], b[i+1:]
+		} else {
+			b = nil
+		}
+		if !bytes.HasPrefix(line, tcpExtPrefix) {
+			continue
+		}
+		if header == nil {
+			header = line
+			continue
+		}
+		values = line
+		break
+	}
+	if values == nil {
+		return 0, 0, fmt.Errorf("netstat: no TcpExt header and value lines")
+	}
+	found := 0
+	for {
+		var name, val []byte
+		name, header = nextField(header)
+		val, values = nextField(values)
+		if name == nil || val == nil {
+			break
+		}
+		var dst *uint64
+		switch {
+		case bytes.Equal(name, listenOverflowsName):
+			dst = &overflows
+		case bytes.Equal(name, listenDropsName):
+			dst = &drops
+		default:
+			continue
+		}
+		v, ok := parseUint(val)
+		if !ok {
+			return 0, 0, fmt.Errorf("netstat: TcpExt %s: bad value %q", name, val)
+		}
+		*dst = v
+		if found++; found == 2 {
+			return overflows, drops, nil
+		}
+	}
+	return 0, 0, fmt.Errorf("netstat: TcpExt lacks ListenOverflows or ListenDrops")
+}
+
+func nextField(b []byte) (field, rest []byte) {
+	for len(b) > 0 && b[0] == ' ' {
+		b = b[1:]
+	}
+	if len(b) == 0 {
+		return nil, nil
+	}
+	i := bytes.IndexByte(b, ' ')
+	if i < 0 {
+		return b, nil
+	}
+	return b[:i], b[i:]
+}
+
+func parseUint(b []byte) (uint64, bool) {
+	if len(b) == 0 || len(b) > 20 {
+		return 0, false
+	}
+	var v uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		d := uint64(c - '0')
+		if v > (math.MaxUint64-d)/10 {
+			return 0, false
+		}
+		v = v*10 + d
+	}
+	return v, true
+}
+
+// acceptQueueCollector samples the target's listeners fast enough to see
+// an accept queue full while it is full, and blames the namespace's
+// ListenOverflows on the listeners that were.
+//
+// It keeps a sock_diag socket open in the target's network namespace
+// between calls; Close releases it.
+type acceptQueueCollector struct {
+	mu       sync.Mutex
+	procRoot string
+	selfIno  uint64
+
+	diag    *nl.NetlinkSocket
+	diagIno uint64
+	// handles keeps the request sequence number across dumps, so that a
+	// late answer to an earlier request is told apart and skipped.
+	handles map[int]*nl.SocketHandle
+	socks   []diagSocket // reused across dumps
+	buf     []byte       // reused for net/netstat
+
+	// What was seen of the current target.
+	tgt           target.Process
+	havePrev      bool
+	prevT         time.Time
+	prevOverflows uint64
+	prev          map[listenerKey]listenerSample // every listener of the netns at the last sample
+	owned         map[uint32]bool                // listener inode -> held by the target
+	unownedAt     time.Time                      // when not-owned answers were last refreshed
+
+	totals       map[listenerKey]uint64 // attributed overflows, per target listener
+	unattributed uint64
+	written      map[listenerKey]bool // target listeners with series in the store
+}
+
+// recheckUnowned is how long a "not the target's" answer for a listener
+// inode is trusted. Reading the target's fd table costs one readlink per
+// descriptor, too much at the fast cadence for a server with many
+// connections, so it is read only for new listeners and this often; a
+// listener handed to the target later (fd passing) is picked up this late.
+const recheckUnowned = 5 * time.Second
+
+// diagTimeout bounds one sock_diag answer when Collect's context has no
+// sooner deadline; a dump normally takes a few milliseconds.
+const diagTimeout = 2 * time.Second
+
+func newAcceptQueueCollector(o Options) (*acceptQueueCollector, error) {
+	ino, err := selfNetnsIno()
+	if err != nil {
+		return nil, err
+	}
+	return &acceptQueueCollector{
+		procRoot: procRootOf(o),
+		selfIno:  ino,
+		buf:      make([]byte, 0, 8192),
+		prev:     map[listenerKey]listenerSample{},
+		owned:    map[uint32]bool{},
+		totals:   map[listenerKey]uint64{},
+		written:  map[listenerKey]bool{},
+	}, nil
+}
+
+func (c *acceptQueueCollector) Name() string { return "accept_queue" }
+
+// Close releases the sock_diag socket.
+func (c *acceptQueueCollector) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closeDiag()
+	return nil
+}
+
+func (c *acceptQueueCollector) closeDiag() {
+	if c.diag != nil {
+		c.diag.Close()
+		c.diag, c.diagIno, c.handles = nil, 0, nil
+	}
+}
+
+func sameProcess(a, b target.Process) bool {
+	return a.PID == b.PID && a.StartTime == b.StartTime && a.NetnsIno == b.NetnsIno
+}
+
+func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, store *signals.Store) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !sameProcess(c.tgt, tgt) {
+		// Another process, maybe another namespace: its counters and
+		// listeners are not a continuation of the old ones.
+		c.tgt = tgt
+		c.havePrev = false
+		clear(c.prev)
+		clear(c.owned)
+	}
+	if err := c.openDiag(tgt); err != nil {
+		return fmt.Errorf("pid %d: %w", tgt.PID, err)
+	}
+	// The counters are read just before the dump, not after: an overflow
+	// counted in this read then happened before the dump, so the queue it
+	// hit is seen full in this dump or was in the previous one. Read the
+	// other way round, a burst starting between the two reads is counted
+	// against queues sampled before it began (seen in testing: 6 of 17
+	// overflows unattributed).
+	now := time.Now()
+	path := filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "net", "netstat")
+	b, err := readProcFile(&c.buf, path)
+	if err != nil {
+		return fmt.Errorf("pid %d: %w", tgt.PID, err)
+	}
+	overflows, drops, err := parseListenCounters(b)
+	if err != nil {
+		return fmt.Errorf("pid %d: %s: %w", tgt.PID, path, err)
+	}
+	if err := c.dump(ctx); err != nil {
+		c.closeDiag() // a broken socket is reopened next time
+		return fmt.Errorf("pid %d: sock_diag dump: %w", tgt.PID, err)
+	}
+	if err := c.refreshOwned(tgt.PID, now); err != nil {
+		return err
+	}
+	cur := summarizeListeners(c.socks, c.owned)
+
+	if c.havePrev {
+		if delta := counterDelta(c.prevOverflows, overflows); delta > 0 {
+			cands := c.candidates(cur, store)
+			shares, un := attribute(delta, cands)
+			for i, cd := range cands {
+				if cur[cd.Key].Owned {
+					c.totals[cd.Key] += shares[i]
+				}
+			}
+			c.unattributed += un
+		}
+	}
+
+	gone := c.write(store, now, cur)
+	store.Put(listenOverflowsSampledDesc, nil, float64(overflows), now)
+	store.Put(listenDropsSampledDesc, nil, float64(drops), now)
+	store.Put(listenOverflowsUnattributedDesc, nil, float64(c.unattributed), now)
+	c.forget(store, gone)
+
+	c.prev, c.prevT, c.prevOverflows, c.havePrev = cur, now, overflows, true
+	if len(c.written) == 0 {
+		return fmt.Errorf("pid %d holds no listening TCP socket: %w", tgt.PID, ErrNoData)
+	}
+	return nil
+}
+
+// openDiag makes sure c.diag is a sock_diag socket in the target's netns.
+// A netlink socket stays in the namespace it was created in, so the setns
+// dance happens once per namespace, not per sample.
+func (c *acceptQueueCollector) openDiag(tgt target.Process) error {
+	if c.diag != nil && c.diagIno == tgt.NetnsIno {
+		return nil
+	}
+	c.closeDiag()
+	var (
+		sock *nl.NetlinkSocket
+		err  error
+	)
+	if tgt.NetnsIno == 0 || tgt.NetnsIno == c.selfIno {
+		sock, err = nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_INET_DIAG)
+	} else {
+		var ns netns.NsHandle
+		ns, err = openTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno)
+		if err != nil {
+			return err
+		}
+		defer ns.Close()
+		err = inNetns(ns, func() error {
+			var serr error
+			sock, serr = nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_INET_DIAG)
+			return serr
+		})
+	}
+	if err != nil {
+		return fmt.Errorf("open sock_diag socket in netns %d: %w", tgt.NetnsIno, err)
+	}
+	tv := unix.NsecToTimeval(int64(diagTimeout))
+	sock.SetSendTimeout(&tv)
+	c.diag, c.diagIno = sock, tgt.NetnsIno
+	c.handles = map[int]*nl.SocketHandle{unix.NETLINK_INET_DIAG: {Socket: sock}}
+	return nil
+}
+
+// dump reads every LISTEN and SYN_RECV TCP socket of the namespace into
+// c.socks. A dump the kernel marks interrupted (the tables changed under
+// it) is retried, since a listener missing from it would look closed.
+func (c *acceptQueueCollector) dump(ctx context.Context) error {
+	timeout := diagTimeout
+	if dl, ok := ctx.Deadline(); ok {
+		timeout = max(min(timeout, time.Until(dl)), time.Millisecond)
+	}
+	tv := unix.NsecToTimeval(int64(timeout))
+	c.diag.SetReceiveTimeout(&tv)
+	var err error
+	for attempt := 0; attempt < 3; attempt++ {
+		c.socks = c.socks[:0]
+		if err = c.dumpFamily(unix.AF_INET); err == nil {
+			err = c.dumpFamily(unix.AF_INET6)
+			if errors.Is(err, unix.ENOENT) {
+				err = nil // IPv6 disabled: nothing to dump
+			}
+		}
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return err
+		}
+	}
+	return err
+}
+
+func (c *acceptQueueCollector) dumpFamily(family uint8) error {
+	req := &nl.NetlinkRequest{
+		NlMsghdr: unix.NlMsghdr{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: unix.NLM_F_REQUEST | unix.NLM_F_DUMP},
+		Sockets:  c.handles,
+	}
+	req.AddData(&inetDiagReq{family: family, states: 1<<tcpListen | 1<<tcpSynRecv})
+	var perr error
+	err := req.ExecuteIter(unix.NETLINK_INET_DIAG, unix.SOCK_DIAG_BY_FAMILY, func(msg []byte) bool {
+		s, err := parseInetDiagMsg(msg)
+		if err != nil {
+			perr = err
+			return false
+		}
+		c.socks = append(c.socks, s)
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return perr
+}
+
+// refreshOwned learns which listener inodes the target holds, reading its
+// fd table only when a listener is new or the negative answers are stale.
+func (c *acceptQueueCollector) refreshOwned(pid int, now time.Time) error {
+	need := now.Sub(c.unownedAt) >= recheckUnowned
+	for _, s := range c.socks {
+		if s.State == tcpListen {
+			if _, known := c.owned[s.Inode]; !known {
+				need = true
+				break
+			}
+		}
+	}
+	if !need {
+		return nil
+	}
+	inodes, err := target.SocketInodes(c.procRoot, pid)
+	if err != nil {
+		return fmt.Errorf("pid %d: %w", pid, err)
+	}
+	clear(c.owned) // also drops inodes of closed listeners
+	for _, s := range c.socks {
+		if s.State == tcpListen {
+			c.owned[s.Inode] = inodes[uint64(s.Inode)]
+		}
+	}
+	c.unownedAt = now
+	return nil
+}
+
+// candidates lists every listener of the namespace seen now or at the
+// previous sample (one that closed in between may still have overflowed),
+// with its evidence.
+func (c *acceptQueueCollector) candidates(cur map[listenerKey]listenerSample, store *signals.Store) []candidate {
+	keys := make([]listenerKey, 0, len(cur)+len(c.prev))
+	for k := range cur {
+		keys = append(keys, k)
+	}
+	for k := range c.prev {
+		if _, ok := cur[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	sort.Slice(keys, func(i, j int) bool { return keys[i].less(keys[j]) })
+	out := make([]candidate, 0, len(keys))
+	for _, k := range keys {
+		now, prev := cur[k], c.prev[k]
+		var score float64
+		if now.Full || prev.Full {
+			score = 1
+		}
+		port := signals.L("port", strconv.Itoa(int(k.Port)))
+		score += store.Increase(probeOverflowDropsName, port, c.prevT)
+		score += store.Increase(probeSynackRetransmitsName, port, c.prevT)
+		out = append(out, candidate{Key: k, Score: score, Ratio: max(now.ratio(), prev.ratio())})
+	}
+	return out
+}
+
+// write puts the series of the target's listeners and returns the keys of
+// those that were written before and are gone now.
+func (c *acceptQueueCollector) write(store *signals.Store, now time.Time, cur map[listenerKey]listenerSample) map[listenerKey]bool {
+	for k, l := range cur {
+		if !l.Owned {
+			continue
+		}
+		ls := k.labels()
+		store.Put(listenQueueLengthDesc, ls, float64(l.Queue), now)
+		store.Put(listenBacklogDesc, ls, float64(l.Backlog), now)
+		store.Put(listenQueueFullDesc, ls, b2f(l.Full), now)
+		store.Put(listenSynRecvDesc, ls, float64(l.SynRecv), now)
+		store.Put(listenOverflowsDesc, ls, float64(c.totals[k]), now)
+		c.written[k] = true
+	}
+	var gone map[listenerKey]bool
+	for k := range c.written {
+		if l, ok := cur[k]; !ok || !l.Owned {
+			if gone == nil {
+				gone = map[listenerKey]bool{}
+			}
+			gone[k] = true
+			delete(c.written, k)
+			delete(c.totals, k)
+		}
+	}
+	return gone
+}
+
+// forget drops the series of listeners that closed, so a server opening
+// many short-lived ports does not grow the store.
+func (c *acceptQueueCollector) forget(store *signals.Store, gone map[listenerKey]bool) {
+	if len(gone) == 0 {
+		return
+	}
+	labels := make(map[string]bool, len(gone))
+	for k := range gone {
+		labels[k.labels().String()] = true
+	}
+	keep := func(ls signals.Labels) bool { return !labels[ls.String()] }
+	for _, d := range []*signals.Desc{listenQueueLengthDesc, listenBacklogDesc, listenQueueFullDesc, listenSynRecvDesc, listenOverflowsDesc} {
+		store.Forget(d.Name, keep)
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,471 @@
+package collectors
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+func key(addr string, port uint16) listenerKey {
+	return listenerKey{netip.MustParseAddr(addr), port}
+}
+
+func TestAttribute(t *testing.T) {
+	a, b, c := key("0.0.0.0", 80), key("0.0.0.0", 8080), key("127.0.0.1", 9000)
+	for _, tc := range []struct {
+		name             string
+		delta            uint64
+		cands            []candidate
+		want             []uint64
+		wantUnattributed uint64
+	}{
+		{name: "nothing to share", delta: 0,
+			cands: []candidate{{Key: a, Score: 1}}, want: []uint64{0}},
+		{name: "one full listener gets all", delta: 7,
+			cands: []candidate{{Key: a, Score: 1, Ratio: 1.5}, {Key: b, Ratio: 0.2}},
+			want:  []uint64{7, 0}},
+		{name: "two scored listeners split by score", delta: 10,
+			cands: []candidate{{Key: a, Score: 1}, {Key: b, Score: 4}, {Key: c}},
+			want:  []uint64{2, 8, 0}},
+		{name: "remainder to the top scorer", delta: 10,
+			cands: []candidate{{Key: a, Score: 1}, {Key: b, Score: 1}, {Key: c, Score: 2}},
+			want:  []uint64{2, 2, 6}},
+		{name: "ties go to the first", delta: 3,
+			cands: []candidate{{Key: a, Score: 1}, {Key: b, Score: 1}},
+			want:  []uint64{2, 1}},
+		{name: "nobody scored: fullest queue", delta: 5,
+			cands: []candidate{{Key: a, Ratio: 0.5}, {Key: b, Ratio: 0.9}, {Key: c}},
+			want:  []uint64{0, 5, 0}},
+		{name: "no candidates: unattributed", delta: 4,
+			cands: []candidate{{Key: a}, {Key: b}},
+			want:  []uint64{0, 0}, wantUnattributed: 4},
+		{name: "no listeners at all", delta: 4, want: []uint64{}, wantUnattributed: 4},
+		{name: "large counts stay exact", delta: 1<<40 + 1,
+			cands: []candidate{{Key: a, Score: 3}, {Key: b, Score: 3}, {Key: c, Score: 3}},
+			want:  []uint64{366503875927, 366503875925, 366503875925}}, // floor(delta/3) each, the 2 left over to the first top scorer
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, un := attribute(tc.delta, tc.cands)
+			if diff := cmp.Diff(tc.want, got); diff != "" {
+				t.Errorf("shares (-want +got):\n%s", diff)
+			}
+			if un != tc.wantUnattributed {
+				t.Errorf("unattributed = %d, want %d", un, tc.wantUnattributed)
+			}
+			var sum uint64
+			for _, s := range got {
+				sum += s
+			}
+			if sum+un != tc.delta {
+				t.Errorf("shares+unattributed = %d, want delta %d", sum+un, tc.delta)
+			}
+		})
+	}
+}
+
+func TestCounterDelta(t *testing.T) {
+	for _, tc := range []struct{ prev, cur, want uint64 }{
+		{10, 15, 5},
+		{10, 10, 0},
+		{10, 3, 3}, // reset: counting restarted from zero
+	} {
+		if got := counterDelta(tc.prev, tc.cur); got != tc.want {
+			t.Errorf("counterDelta(%d, %d) = %d, want %d", tc.prev, tc.cur, got, tc.want)
+		}
+	}
+}
+
+func TestParseListenCounters(t *testing.T) {
+	var buf []byte
+	fixture, err := readProcFile(&buf, "testdata/proc/7275/net/netstat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name             string
+		in               string
+		overflows, drops uint64
+		wantErr          bool
+	}{
+		{name: "fixture", in: string(fixture), overflows: 32, drops: 32},
+		{name: "minimal", in: "TcpExt: A ListenDrops ListenOverflows\nTcpExt: 1 20 18446744073709551615\n",
+			overflows: 18446744073709551615, drops: 20},
+		{name: "after IpExt", in: "IpExt: X\nIpExt: 1\nTcpExt: ListenOverflows ListenDrops\nTcpExt: 3 4\n", overflows: 3, drops: 4},
+		{name: "no value line", in: "TcpExt: ListenOverflows ListenDrops\n", wantErr: true},
+		{name: "field missing", in: "TcpExt: ListenOverflows\nTcpExt: 3\n", wantErr: true},
+		{name: "short value line", in: "TcpExt: A ListenOverflows ListenDrops\nTcpExt: 1 2\n", wantErr: true},
+		{name: "bad number", in: "TcpExt: ListenOverflows ListenDrops\nTcpExt: 3 -4\n", wantErr: true},
+		{name: "overflowing number", in: "TcpExt: ListenOverflows ListenDrops\nTcpExt: 18446744073709551616 1\n", wantErr: true},
+		{name: "empty", in: "", wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o, d, err := parseListenCounters([]byte(tc.in))
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
+			}
+			if o != tc.overflows || d != tc.drops {
+				t.Errorf("got (%d, %d), want (%d, %d)", o, d, tc.overflows, tc.drops)
+			}
+		})
+	}
+	if n := testing.AllocsPerRun(100, func() { parseListenCounters(fixture) }); n != 0 {
+		t.Errorf("parseListenCounters allocates %v times per call, want 0", n)
+	}
+}
+
+// diagMsg builds the fixed part of an inet_diag_msg as the kernel sends it.
+func diagMsg(family, state uint8, addr netip.Addr, port uint16, rq, wq, inode uint32) []byte {
+	b := make([]byte, inetDiagMsgLen+8) // trailing attributes are ignored
+	b[0], b[1] = family, state
+	binary.BigEndian.PutUint16(b[4:6], port)
+	binary.BigEndian.PutUint16(b[6:8], 40000)
+	a := addr.AsSlice()
+	copy(b[8:24], a)
+	binary.NativeEndian.PutUint32(b[56:60], rq)
+	binary.NativeEndian.PutUint32(b[60:64], wq)
+	binary.NativeEndian.PutUint32(b[64:68], 0) // uid
+	binary.NativeEndian.PutUint32(b[68:72], inode)
+	return b
+}
+
+func TestParseInetDiagMsg(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		in      []byte
+		want    diagSocket
+		wantErr bool
+	}{
+		{name: "v4 listener",
+			in:   diagMsg(unix.AF_INET, tcpListen, netip.MustParseAddr("127.0.0.1"), 8080, 3, 2, 4242),
+			want: diagSocket{Family: unix.AF_INET, State: tcpListen, Addr: netip.MustParseAddr("127.0.0.1"), Port: 8080, RQueue: 3, WQueue: 2, Inode: 4242}},
+		{name: "v6 syn_recv",
+			in:   diagMsg(unix.AF_INET6, tcpSynRecv, netip.MustParseAddr("2001:db8::1"), 443, 0, 0, 0),
+			want: diagSocket{Family: unix.AF_INET6, State: tcpSynRecv, Addr: netip.MustParseAddr("2001:db8::1"), Port: 443}},
+		{name: "short", in: make([]byte, 40), wantErr: true},
+		{name: "unknown family", in: diagMsg(unix.AF_UNIX, tcpListen, netip.MustParseAddr("127.0.0.1"), 1, 0, 0, 0), wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseInetDiagMsg(tc.in)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
+			}
+			if diff := cmp.Diff(tc.want, got, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
+				t.Errorf("(-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestSummarizeListeners(t *testing.T) {
+	v4 := func(s string) netip.Addr { return netip.MustParseAddr(s) }
+	socks := []diagSocket{
+		// The target's listener on 8080, full: 3 queued over a backlog of 2.
+		{Family: unix.AF_INET, State: tcpListen, Addr: v4("127.0.0.1"), Port: 8080, RQueue: 3, WQueue: 2, Inode: 1},
+		// An SO_REUSEPORT pair on 0.0.0.0:80, one member full.
+		{Family: unix.AF_INET, State: tcpListen, Addr: v4("0.0.0.0"), Port: 80, RQueue: 0, WQueue: 4, Inode: 2},
+		{Family: unix.AF_INET, State: tcpListen, Addr: v4("0.0.0.0"), Port: 80, RQueue: 5, WQueue: 4, Inode: 3},
+		// A dual-stack listener on [::]:443, not the target's.
+		{Family: unix.AF_INET6, State: tcpListen, Addr: v4("::"), Port: 443, RQueue: 1, WQueue: 128, Inode: 4},
+		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("127.0.0.1"), Port: 8080},
+		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("10.0.0.1"), Port: 80},
+		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("10.0.0.1"), Port: 443}, // v4 to a [::] listener
+		{Family: unix.AF_INET6, State: tcpSynRecv, Addr: v4("::ffff:10.0.0.1"), Port: 443},
+		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("10.0.0.1"), Port: 9999}, // no listener (closed)
+	}
+	got := summarizeListeners(socks, map[uint32]bool{1: true, 3: true})
+	want := map[listenerKey]listenerSample{
+		key("127.0.0.1", 8080): {Queue: 3, Backlog: 2, Full: true, SynRecv: 1, Owned: true},
+		key("0.0.0.0", 80):     {Queue: 5, Backlog: 8, Full: true, SynRecv: 1, Owned: true},
+		key("::", 443):         {Queue: 1, Backlog: 128, SynRecv: 2},
+	}
+	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+}
+
+// TestAcceptQueueForget checks that a listener that closed loses its
+// series, and only its series.
+func TestAcceptQueueForget(t *testing.T) {
+	c, err := newAcceptQueueCollector(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := signals.New(4, 100)
+	now := time.Now()
+	a, b := key("127.0.0.1", 1000), key("127.0.0.1", 2000)
+	gone := c.write(store, now, map[listenerKey]listenerSample{a: {Owned: true}, b: {Owned: true}})
+	c.forget(store, gone)
+	gone = c.write(store, now.Add(time.Second), map[listenerKey]listenerSample{a: {Owned: true}, b: {Owned: false}})
+	c.forget(store, gone)
+	for _, name := range []string{"listen_queue_length", "listen_backlog", "listen_queue_full", "listen_syn_recv", "listen_overflows_total"} {
+		if got := store.Select(name); len(got) != 1 || got[0].Get("port") != "1000" {
+			t.Errorf("%s series after port 2000 went away: %v", name, got)
+		}
+	}
+}
+
+// kernelListenOverflows reads ListenOverflows of pid's namespace the plain
+// way, independently of the collector's parser.
+func kernelListenOverflows(t *testing.T, pid int) uint64 {
+	t.Helper()
+	n := readNetSNMP(t, filepath.Join("/proc", strconv.Itoa(pid), "net", "netstat"))
+	v, ok := n["TcpExt.ListenOverflows"]
+	if !ok {
+		t.Fatal("no TcpExt ListenOverflows")
+	}
+	return uint64(v)
+}
+
+type aqHarness struct {
+	t     *testing.T
+	c     *acceptQueueCollector
+	store *signals.Store
+	tgt   target.Process
+	port  signals.Labels
+}
+
+func newAQHarness(t *testing.T, s *testenv.Server) *aqHarness {
+	t.Helper()
+	c, err := newAcceptQueueCollector(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &aqHarness{t: t, c: c, store: signals.New(256, 1000), tgt: resolve(t, s.PID),
+		port: signals.L("addr", "127.0.0.1", "port", strconv.Itoa(s.Port))}
+}
+
+func (h *aqHarness) collect() {
+	h.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	if err := h.c.Collect(ctx, h.tgt, h.store); err != nil {
+		h.t.Fatalf("Collect: %v", err)
+	}
+}
+
+func (h *aqHarness) get(name string, ls signals.Labels) float64 {
+	h.t.Helper()
+	s, ok := h.store.Latest(name, ls)
+	if !ok {
+		h.t.Fatalf("%s%s not written", name, ls)
+	}
+	return s.V
+}
+
+// poll collects every 100 ms, as the agent's fast loop does, until cond
+// holds or 5 s pass.
+func (h *aqHarness) poll(what string, cond func() bool) {
+	h.t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		h.collect()
+		if cond() {
+			return
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("after 5 s: %s never happened; queue %v backlog %v full %v", what,
+				h.get("listen_queue_length", h.port), h.get("listen_backlog", h.port), h.get("listen_queue_full", h.port))
+		}
+	}
+}
+
+// collectQuiet collects at a moment the kernel counter does not move, so
+// that the collector's reading equals the one the test takes around it.
+func (h *aqHarness) collectQuiet(pid int) uint64 {
+	h.t.Helper()
+	for i := 0; i < 50; i++ {
+		before := kernelListenOverflows(h.t, pid)
+		h.collect()
+		if after := kernelListenOverflows(h.t, pid); after == before {
+			return after
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	h.t.Fatal("ListenOverflows never held still across one Collect")
+	return 0
+}
+
+// TestAcceptQueueOverflow fills a real listener's accept queue (backlog 2,
+// accept loop paused) in a private network namespace, where it is the only
+// listener, so every ListenOverflows increment is its own.
+func TestAcceptQueueOverflow(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 2, Accept: false})
+	h := newAQHarness(t, s)
+
+	k0 := kernelListenOverflows(t, s.PID)
+	h.collect() // baseline: nothing dials yet, so it reads k0 too
+	if got := h.get("tcp_ext_listen_overflows_sampled_total", nil); uint64(got) != k0 {
+		t.Fatalf("sampled ListenOverflows %v, kernel %d", got, k0)
+	}
+
+	s.MustDo(t, "dialasync 20")
+	h.poll("queue full at backlog+1 and overflows counted", func() bool {
+		return h.get("listen_queue_full", h.port) == 1 && h.get("listen_queue_length", h.port) == 3 &&
+			kernelListenOverflows(t, s.PID) > k0
+	})
+	if got := h.get("listen_backlog", h.port); got != 2 {
+		t.Errorf("listen_backlog = %v, want 2", got)
+	}
+	t.Logf("listen_syn_recv = %v", h.get("listen_syn_recv", h.port))
+
+	k1 := h.collectQuiet(s.PID)
+	t.Logf("kernel ListenOverflows grew by %d while the queue was full", k1-k0)
+	if got, want := h.get("listen_overflows_total", h.port), float64(k1-k0); got != want {
+		t.Errorf("listen_overflows_total = %v, kernel ListenOverflows grew by %v", got, want)
+	}
+	if got := h.get("listen_overflows_unattributed_total", nil); got != 0 {
+		t.Errorf("listen_overflows_unattributed_total = %v, want 0", got)
+	}
+	if got := h.get("tcp_ext_listen_overflows_sampled_total", nil); uint64(got) != k1 {
+		t.Errorf("tcp_ext_listen_overflows_sampled_total = %v, kernel %d", got, k1)
+	}
+
+	// Reopening the accept loop drains the queue.
+	s.MustDo(t, "accept on")
+	h.poll("queue drained", func() bool {
+		return h.get("listen_queue_length", h.port) == 0 && h.get("listen_queue_full", h.port) == 0
+	})
+	// Every overflow is accounted for, blamed or not.
+	k2 := h.collectQuiet(s.PID)
+	blamed := h.get("listen_overflows_total", h.port) + h.get("listen_overflows_unattributed_total", nil)
+	if blamed != float64(k2-k0) {
+		t.Errorf("attributed+unattributed = %v, kernel ListenOverflows grew by %d", blamed, k2-k0)
+	}
+}
+
+// TestAcceptQueueHealthy: a server that accepts promptly with a roomy
+// backlog overflows nothing, and the collector must not say otherwise.
+func TestAcceptQueueHealthy(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 128, Accept: true})
+	h := newAQHarness(t, s)
+	k0 := kernelListenOverflows(t, s.PID)
+	h.collect()
+	if ans := s.MustDo(t, "burst 50"); ans != "ok 50 established" {
+		t.Fatalf("burst: %s", ans)
+	}
+	for i := 0; i < 5; i++ {
+		h.collect()
+		time.Sleep(100 * time.Millisecond)
+	}
+	if got := h.get("listen_overflows_total", h.port); got != 0 {
+		t.Errorf("listen_overflows_total = %v, want 0", got)
+	}
+	if got := h.get("listen_backlog", h.port); got != 128 {
+		t.Errorf("listen_backlog = %v, want 128", got)
+	}
+	if k := kernelListenOverflows(t, s.PID); k != k0 {
+		t.Errorf("kernel ListenOverflows grew by %d on a healthy server", k-k0)
+	}
+}
+
+// TestAcceptQueueNoListener: a target without listeners is ErrNoData, not a failure.
+func TestAcceptQueueNoListener(t *testing.T) {
+	c, err := newAcceptQueueCollector(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	store := signals.New(4, 100)
+	err = c.Collect(context.Background(), resolve(t, os.Getpid()), store)
+	if !errors.Is(err, ErrNoData) {
+		t.Fatalf("Collect for a process without listeners: %v, want ErrNoData", err)
+	}
+	if _, ok := store.Latest("tcp_ext_listen_overflows_sampled_total", nil); !ok {
+		t.Error("namespace counters not written")
+	}
+}
+
+// listenerFD duplicates pid's listening socket into this process, so the
+// test can change its options: the kernel object is shared.
+func listenerFD(t *testing.T, pid int) int {
+	t.Helper()
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		t.Fatalf("pidfd_open: %v", err)
+	}
+	defer unix.Close(pidfd)
+	dir := filepath.Join("/proc", strconv.Itoa(pid), "fd")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		fd, err := unix.PidfdGetfd(pidfd, n, 0)
+		if err != nil {
+			continue
+		}
+		if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err == nil && v == 1 {
+			t.Cleanup(func() { unix.Close(fd) })
+			return fd
+		}
+		unix.Close(fd)
+	}
+	t.Fatalf("pid %d has no listening socket", pid)
+	return -1
+}
+
+// TestAcceptQueueSynRecv makes real half-open connections: with
+// TCP_DEFER_ACCEPT the server ignores the client's bare final ACK, so each
+// connection stays SYN_RECV on the server while the client considers it
+// established. It checks that the state-filtered dump returns them (the
+// kernel keeps them as TCP_NEW_SYN_RECV request sockets).
+func TestAcceptQueueSynRecv(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 16, Accept: true})
+	if err := unix.SetsockoptInt(listenerFD(t, s.PID), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
+		t.Fatalf("TCP_DEFER_ACCEPT: %v", err)
+	}
+	h := newAQHarness(t, s)
+	if ans := s.MustDo(t, "dial 5"); ans != "ok 5 established" {
+		t.Fatalf("dial: %s", ans)
+	}
+	h.poll("5 half-open connections", func() bool { return h.get("listen_syn_recv", h.port) == 5 })
+	if got := h.get("listen_queue_length", h.port); got != 0 {
+		t.Errorf("listen_queue_length = %v, want 0 (nothing completed on the server side)", got)
+	}
+}
+
+// BenchmarkAcceptQueueCollect measures one fast sample of a listener in
+// another network namespace: two state-filtered dumps, net/netstat, and
+// the store writes.
+func BenchmarkAcceptQueueCollect(b *testing.B) {
+	s := testenv.Start(b, testenv.Options{Backlog: 128, Accept: true})
+	s.MustDo(b, "dial 200") // ESTABLISHED sockets the state filter skips
+	r, err := target.NewResolver("/proc")
+	if err != nil {
+		b.Fatal(err)
+	}
+	tgt, err := r.Resolve(target.Selector{PID: s.PID})
+	if err != nil {
+		b.Fatal(err)
+	}
+	c, err := newAcceptQueueCollector(Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	store := signals.New(64, 1000)
+	ctx := context.Background()
+	b.ReportAllocs()
+	for b.Loop() {
+		if err := c.Collect(ctx, tgt, store); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,142 @@
+package collectors
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+func init() {
+	register("netstat", false, func(o Options) (Collector, error) { return newNetstatCollector(o) })
+}
+
+// netstatCounter maps one /proc/net/netstat or /proc/net/snmp field to a
+// signal. The table is explicit rather than generated from every field so
+// that the names rules depend on are greppable and stay stable when a
+// kernel adds counters.
+type netstatCounter struct {
+	desc         *signals.Desc
+	proto, field string // as in the file: "TcpExt", "ListenOverflows"
+}
+
+func counterDesc(name, help string) *signals.Desc {
+	return &signals.Desc{Name: name, Kind: signals.Counter, Help: help}
+}
+
+var netstatCounters = []netstatCounter{
+	{counterDesc("tcp_ext_listen_overflows_total", "Completed handshakes or SYNs dropped because a listener's accept queue was full (TcpExt ListenOverflows), whole network namespace."), "TcpExt", "ListenOverflows"},
+	{counterDesc("tcp_ext_listen_drops_total", "Segments dropped by listening sockets for any reason, overflows included (TcpExt ListenDrops)."), "TcpExt", "ListenDrops"},
+	{counterDesc("tcp_ext_req_q_full_drop_total", "SYNs dropped because the SYN queue was full and syncookies were off (TcpExt TCPReqQFullDrop)."), "TcpExt", "TCPReqQFullDrop"},
+	{counterDesc("tcp_ext_req_q_full_do_cookies_total", "SYNs answered with a syncookie because the SYN queue was full (TcpExt TCPReqQFullDoCookies)."), "TcpExt", "TCPReqQFullDoCookies"},
+	{counterDesc("tcp_ext_syncookies_sent_total", "Syncookies sent (TcpExt SyncookiesSent)."), "TcpExt", "SyncookiesSent"},
+	{counterDesc("tcp_ext_syncookies_recv_total", "Valid syncookies received (TcpExt SyncookiesRecv)."), "TcpExt", "SyncookiesRecv"},
+	{counterDesc("tcp_ext_syncookies_failed_total", "Invalid syncookies received (TcpExt SyncookiesFailed)."), "TcpExt", "SyncookiesFailed"},
+	{counterDesc("tcp_ext_time_wait_overflow_total", "TIME_WAIT sockets not created because tcp_max_tw_buckets was reached (TcpExt TCPTimeWaitOverflow)."), "TcpExt", "TCPTimeWaitOverflow"},
+	{counterDesc("tcp_ext_abort_on_data_total", "Connections reset because data arrived after the application closed (TcpExt TCPAbortOnData)."), "TcpExt", "TCPAbortOnData"},
+	{counterDesc("tcp_ext_abort_on_close_total", "Connections reset because the application closed with unread data (TcpExt TCPAbortOnClose)."), "TcpExt", "TCPAbortOnClose"},
+	{counterDesc("tcp_ext_abort_on_timeout_total", "Connections aborted after retransmission timeouts (TcpExt TCPAbortOnTimeout)."), "TcpExt", "TCPAbortOnTimeout"},
+	{counterDesc("tcp_ext_abort_on_memory_total", "Connections aborted for lack of memory or too many orphans (TcpExt TCPAbortOnMemory)."), "TcpExt", "TCPAbortOnMemory"},
+	{counterDesc("tcp_ext_time_wait_total", "Sockets that finished TIME_WAIT (TcpExt TW)."), "TcpExt", "TW"},
+	{counterDesc("tcp_ext_syn_retrans_total", "SYN and SYN-ACK retransmissions (TcpExt TCPSynRetrans)."), "TcpExt", "TCPSynRetrans"},
+	{counterDesc("tcp_active_opens_total", "Connections opened by this namespace (Tcp ActiveOpens)."), "Tcp", "ActiveOpens"},
+	{counterDesc("tcp_passive_opens_total", "Connections accepted from peers (Tcp PassiveOpens)."), "Tcp", "PassiveOpens"},
+	{counterDesc("tcp_attempt_fails_total", "Connection attempts that failed (Tcp AttemptFails)."), "Tcp", "AttemptFails"},
+	{counterDesc("tcp_estab_resets_total", "Established connections reset (Tcp EstabResets)."), "Tcp", "EstabResets"},
+	{counterDesc("tcp_in_errs_total", "TCP segments received in error (Tcp InErrs)."), "Tcp", "InErrs"},
+	{counterDesc("tcp_out_rsts_total", "TCP segments sent with RST (Tcp OutRsts)."), "Tcp", "OutRsts"},
+	{counterDesc("tcp_retrans_segs_total", "TCP segments retransmitted (Tcp RetransSegs)."), "Tcp", "RetransSegs"},
+}
+
+var tcpCurrEstabDesc = &signals.Desc{Name: "tcp_curr_estab", Kind: signals.Gauge,
+	Help: "TCP connections now ESTABLISHED or CLOSE_WAIT (Tcp CurrEstab), whole network namespace."}
+
+// parseNetSNMP parses the format /proc/net/netstat and /proc/net/snmp
+// share: pairs of lines "Proto: Name1 Name2 ..." and "Proto: v1 v2 ...".
+// Keys are "Proto.Name". procfs has parsers for both files, but its
+// netstat parser drops TCPAbortOnTimeout and TCPAbortOnMemory (v0.23.0),
+// and the one format is simple enough to parse whole.
+func parseNetSNMP(b []byte) (map[string]float64, error) {
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines)%2 != 0 {
+		return nil, fmt.Errorf("odd number of lines (%d): %w", len(lines), errNetSNMP)
+	}
+	out := make(map[string]float64, 256)
+	for i := 0; i < len(lines); i += 2 {
+		names, values := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+		if len(names) == 0 || len(names) != len(values) || names[0] != values[0] || !strings.HasSuffix(names[0], ":") {
+			return nil, fmt.Errorf("lines %d-%d do not pair up: %w", i+1, i+2, errNetSNMP)
+		}
+		proto := strings.TrimSuffix(names[0], ":")
+		for j := 1; j < len(names); j++ {
+			v, err := strconv.ParseFloat(values[j], 64)
+			if err != nil {
+				return nil, fmt.Errorf("%s %s: %w", proto, names[j], err)
+			}
+			out[proto+"."+names[j]] = v
+		}
+	}
+	return out, nil
+}
+
+var errNetSNMP = errors.New("not in /proc/net/netstat format")
+
+// netstatSamples turns the parsed files into samples. Fields the kernel
+// does not have are skipped rather than reported as zero, so that a rule
+// can tell "never happened" from "not measured".
+func netstatSamples(netstat, snmp map[string]float64) []sample {
+	out := make([]sample, 0, len(netstatCounters)+1)
+	for _, c := range netstatCounters {
+		src := netstat
+		if c.proto == "Tcp" {
+			src = snmp
+		}
+		if v, ok := src[c.proto+"."+c.field]; ok {
+			out = append(out, sample{Desc: c.desc, Value: v})
+		}
+	}
+	if v, ok := snmp["Tcp.CurrEstab"]; ok {
+		out = append(out, sample{Desc: tcpCurrEstabDesc, Value: v})
+	}
+	return out
+}
+
+// netstatCollector reads the TCP counters of the target's network
+// namespace: /proc/PID/net is the namespace of PID, whichever the agent is in.
+type netstatCollector struct {
+	procRoot string
+}
+
+func newNetstatCollector(o Options) (*netstatCollector, error) {
+	return &netstatCollector{procRoot: procRootOf(o)}, nil
+}
+
+func (c *netstatCollector) Name() string { return "netstat" }
+
+func (c *netstatCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+	dir := filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "net")
+	var parsed [2]map[string]float64
+	for i, name := range [2]string{"netstat", "snmp"} {
+		path := filepath.Join(dir, name)
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("pid %d: %w", tgt.PID, err)
+		}
+		if parsed[i], err = parseNetSNMP(b); err != nil {
+			return fmt.Errorf("pid %d: %s: %w", tgt.PID, path, err)
+		}
+	}
+	ss := netstatSamples(parsed[0], parsed[1])
+	if len(ss) == 0 {
+		return fmt.Errorf("pid %d: no TCP counters in %s/netstat or snmp: %w", tgt.PID, dir, ErrNoData)
+	}
+	putSamples(store, time.Now(), ss)
+	return nil
+}

@@ -1,0 +1,146 @@
+package collectors
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+func init() {
+	register("sysctl", false, func(o Options) (Collector, error) { return newSysctlCollector(o) })
+}
+
+var sysctlDesc = &signals.Desc{Name: "sysctl", Kind: signals.Gauge,
+	Help: "Value of a kernel setting in the target's network namespace; name is the sysctl, ip_local_port_range as .min and .max."}
+
+// sysctlNames are the settings that bound accept queues, SYN queues and
+// ephemeral ports. All of them are per network namespace on current
+// kernels, so they must be read in the target's namespace.
+var sysctlNames = []string{
+	"net.core.somaxconn",
+	"net.ipv4.tcp_max_syn_backlog",
+	"net.ipv4.tcp_abort_on_overflow",
+	"net.ipv4.tcp_syncookies",
+	"net.ipv4.ip_local_port_range",
+	"net.ipv4.tcp_tw_reuse",
+	"net.ipv4.tcp_fin_timeout",
+}
+
+// sysctlPath is the file of a sysctl relative to the procfs root.
+func sysctlPath(name string) string {
+	return filepath.Join("sys", strings.ReplaceAll(name, ".", "/"))
+}
+
+// parseSysctl turns the content of one sysctl file into samples: one for a
+// single integer, name.min and name.max for ip_local_port_range.
+func parseSysctl(name string, b []byte) ([]sample, error) {
+	fields := bytes.Fields(b)
+	if len(fields) == 0 {
+		return nil, fmt.Errorf("sysctl %s: empty value", name)
+	}
+	suffixes := []string{""}
+	if name == "net.ipv4.ip_local_port_range" {
+		suffixes = []string{".min", ".max"}
+	}
+	if len(fields) != len(suffixes) {
+		return nil, fmt.Errorf("sysctl %s: want %d fields, got %q", name, len(suffixes), b)
+	}
+	out := make([]sample, 0, len(fields))
+	for i, f := range fields {
+		v, err := strconv.ParseInt(string(f), 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("sysctl %s: %w", name, err)
+		}
+		out = append(out, sample{Desc: sysctlDesc, Labels: signals.L("name", name+suffixes[i]), Value: float64(v)})
+	}
+	return out, nil
+}
+
+// readSysctls reads every known sysctl under procRoot. A sysctl the kernel
+// does not have is skipped: older kernels lack some, and the others are
+// still worth reporting.
+func readSysctls(procRoot string) ([]sample, error) {
+	var out []sample
+	for _, name := range sysctlNames {
+		path := filepath.Join(procRoot, sysctlPath(name))
+		b, err := os.ReadFile(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read %s: %w", path, err)
+		}
+		ss, err := parseSysctl(name, b)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		out = append(out, ss...)
+	}
+	return out, nil
+}
+
+// sysctlCollector reads net sysctls as the target sees them.
+//
+// What /proc/sys/net shows is decided by the network namespace of the
+// thread that opens the file, not by the namespace of whoever mounted /proc
+// and not by the path: measured on Linux 6.18 with a child in its own netns
+// whose somaxconn was set to 4242, /proc/CHILD/root/proc/sys/net/core/somaxconn
+// read from the agent showed the agent's 4096 (the child shares the agent's
+// root, so that path is the same /proc mount), while the same read after
+// setns into the child's netns showed 4242. So for a target in another
+// namespace the collector opens and reads the files on an OS thread that
+// has joined the target's namespace.
+type sysctlCollector struct {
+	procRoot string
+	selfIno  uint64
+}
+
+func newSysctlCollector(o Options) (*sysctlCollector, error) {
+	ino, err := selfNetnsIno()
+	if err != nil {
+		return nil, err
+	}
+	return &sysctlCollector{procRoot: procRootOf(o), selfIno: ino}, nil
+}
+
+func (c *sysctlCollector) Name() string { return "sysctl" }
+
+func (c *sysctlCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+	ss, err := c.read(tgt)
+	if err != nil {
+		return fmt.Errorf("pid %d: %w", tgt.PID, err)
+	}
+	if len(ss) == 0 {
+		return fmt.Errorf("pid %d: none of the net sysctls exist: %w", tgt.PID, ErrNoData)
+	}
+	putSamples(store, time.Now(), ss)
+	return nil
+}
+
+func (c *sysctlCollector) read(tgt target.Process) ([]sample, error) {
+	if tgt.NetnsIno == 0 || tgt.NetnsIno == c.selfIno {
+		return readSysctls(c.procRoot)
+	}
+	ns, err := openTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno)
+	if err != nil {
+		return nil, err
+	}
+	defer ns.Close()
+	var ss []sample
+	err = inNetns(ns, func() error {
+		var rerr error
+		ss, rerr = readSysctls(c.procRoot)
+		return rerr
+	})
+	return ss, err
+}

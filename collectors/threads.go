@@ -1,0 +1,250 @@
+package collectors
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+func init() {
+	register("threads", false, func(o Options) (Collector, error) { return newThreadsCollector(o, o.MaxThreads), nil })
+}
+
+// defaultMaxThreads bounds how many threads one Collect examines, so that
+// a process with a runaway thread count costs a bounded number of reads.
+// Options has no field for it yet; the factory uses this default.
+const defaultMaxThreads = 4096
+
+var (
+	threadsDesc = &signals.Desc{Name: "process_threads", Kind: signals.Gauge,
+		Help: "Threads of the target by scheduler state letter (R running, S sleeping, D uninterruptible, ...), among the examined threads."}
+	threadsInSyscallDesc = &signals.Desc{Name: "process_threads_in_syscall", Kind: signals.Gauge,
+		Help: "Threads of the target that are not running, by the system call they wait in (none: blocked outside a system call)."}
+	threadsNumDesc = &signals.Desc{Name: "process_num_threads", Kind: signals.Gauge,
+		Help: "Threads of the target (every entry of /proc/PID/task, not bounded by the examined maximum)."}
+)
+
+// syscallNamesAMD64 names the system calls a blocked thread of a web
+// service usually sits in. Numbers are x86_64's; other architectures get
+// syscall_<n> until they have a table.
+var syscallNamesAMD64 = map[int]string{
+	0: "read", 1: "write", 7: "poll", 17: "pread64", 18: "pwrite64", 23: "select",
+	26: "msync", 35: "nanosleep", 42: "connect", 43: "accept", 44: "sendto",
+	45: "recvfrom", 46: "sendmsg", 47: "recvmsg", 61: "wait4", 73: "flock", 74: "fsync",
+	75: "fdatasync", 128: "rt_sigtimedwait", 202: "futex", 230: "clock_nanosleep",
+	232: "epoll_wait", 257: "openat", 270: "pselect6", 271: "ppoll",
+	277: "sync_file_range", 281: "epoll_pwait", 288: "accept4", 426: "io_uring_enter",
+	441: "epoll_pwait2",
+}
+
+func syscallName(nr int) string {
+	if nr < 0 {
+		return "none"
+	}
+	if runtime.GOARCH == "amd64" {
+		if n, ok := syscallNamesAMD64[nr]; ok {
+			return n
+		}
+	}
+	return "syscall_" + strconv.Itoa(nr)
+}
+
+// parseTaskState returns the state letter of a /proc/PID/task/TID/stat
+// line. The command name is in parentheses and may itself contain spaces
+// and parentheses, so the state is found after the last ')'.
+func parseTaskState(b []byte) (string, error) {
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 || i+2 >= len(b) || b[i+1] != ' ' {
+		return "", fmt.Errorf("stat: no state after the command name in %q", truncate(b, 64))
+	}
+	return string(b[i+2 : i+3]), nil
+}
+
+// parseTaskSyscall reads /proc/PID/task/TID/syscall: "running", or the
+// system call number (-1 when blocked outside a system call) followed by
+// its arguments and the stack and instruction pointers.
+func parseTaskSyscall(b []byte) (nr int, running bool, err error) {
+	b = bytes.TrimSpace(b)
+	if bytes.Equal(b, []byte("running")) {
+		return 0, true, nil
+	}
+	f := b
+	if i := bytes.IndexByte(b, ' '); i >= 0 {
+		f = b[:i]
+	}
+	nr, err = strconv.Atoi(string(f))
+	if err != nil {
+		return 0, false, fmt.Errorf("syscall: %q: %w", truncate(b, 64), err)
+	}
+	return nr, false, nil
+}
+
+func truncate(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[:n]
+	}
+	return b
+}
+
+// threadCounts is what one pass over the threads found.
+type threadCounts struct {
+	Total      int
+	States     map[string]int
+	Syscalls   map[string]int
+	Examined   int
+	Unreadable int // syscall files we were not allowed to read
+}
+
+// threadSamples turns counts into samples, writing 0 for states and system
+// calls seen last time and gone now, so that a gauge does not keep its
+// last non-zero value forever.
+func threadSamples(c threadCounts, prevStates, prevSyscalls map[string]bool) []sample {
+	out := []sample{{Desc: threadsNumDesc, Value: float64(c.Total)}}
+	for _, k := range sortedKeys(c.States, prevStates) {
+		out = append(out, sample{Desc: threadsDesc, Labels: signals.L("state", k), Value: float64(c.States[k])})
+	}
+	for _, k := range sortedKeys(c.Syscalls, prevSyscalls) {
+		out = append(out, sample{Desc: threadsInSyscallDesc, Labels: signals.L("syscall", k), Value: float64(c.Syscalls[k])})
+	}
+	return out
+}
+
+func sortedKeys(now map[string]int, prev map[string]bool) []string {
+	keys := make([]string, 0, len(now)+len(prev))
+	for k := range now {
+		keys = append(keys, k)
+	}
+	for k := range prev {
+		if _, ok := now[k]; !ok {
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// threadsCollector counts the target's threads by state and by the system
+// call the sleeping ones wait in: a worker pool stuck in futex, fsync or
+// read is what "threads waiting" looks like from outside.
+type threadsCollector struct {
+	procRoot   string
+	maxThreads int
+	buf        []byte
+	prevStates map[string]bool
+	prevCalls  map[string]bool
+}
+
+func newThreadsCollector(o Options, maxThreads int) *threadsCollector {
+	if maxThreads <= 0 {
+		maxThreads = defaultMaxThreads
+	}
+	return &threadsCollector{procRoot: procRootOf(o), maxThreads: maxThreads, buf: make([]byte, 0, 1024)}
+}
+
+func (c *threadsCollector) Name() string { return "threads" }
+
+func (c *threadsCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+	counts, err := c.count(tgt.PID)
+	if err != nil {
+		return err
+	}
+	putSamples(store, time.Now(), threadSamples(counts, c.prevStates, c.prevCalls))
+	c.prevStates = keysOf(counts.States)
+	c.prevCalls = keysOf(counts.Syscalls)
+	if counts.Unreadable > 0 {
+		return fmt.Errorf("pid %d: %d threads' syscall files unreadable (needs CAP_SYS_PTRACE): %w", tgt.PID, counts.Unreadable, fs.ErrPermission)
+	}
+	return nil
+}
+
+func keysOf(m map[string]int) map[string]bool {
+	out := make(map[string]bool, len(m))
+	for k := range m {
+		out[k] = true
+	}
+	return out
+}
+
+func (c *threadsCollector) count(pid int) (threadCounts, error) {
+	dir := filepath.Join(c.procRoot, strconv.Itoa(pid), "task")
+	d, err := os.Open(dir)
+	if err != nil {
+		return threadCounts{}, fmt.Errorf("pid %d: open %s: %w", pid, dir, err)
+	}
+	tids, err := d.Readdirnames(-1)
+	d.Close()
+	if err != nil {
+		return threadCounts{}, fmt.Errorf("pid %d: read %s: %w", pid, dir, err)
+	}
+	if len(tids) == 0 {
+		return threadCounts{}, fmt.Errorf("pid %d: %s is empty: %w", pid, dir, ErrNoData)
+	}
+	counts := threadCounts{Total: len(tids), States: map[string]int{}, Syscalls: map[string]int{}}
+	if len(tids) > c.maxThreads {
+		// Lowest TIDs first: the long-lived pool threads, stable across polls.
+		sort.Slice(tids, func(i, j int) bool { return tidLess(tids[i], tids[j]) })
+		tids = tids[:c.maxThreads]
+	}
+	for _, tid := range tids {
+		taskDir := filepath.Join(dir, tid)
+		b, err := readProcFile(&c.buf, filepath.Join(taskDir, "stat"))
+		if gone(err) {
+			continue
+		}
+		if err != nil {
+			return threadCounts{}, fmt.Errorf("pid %d: %w", pid, err)
+		}
+		state, err := parseTaskState(b)
+		if err != nil {
+			return threadCounts{}, fmt.Errorf("pid %d: %s/stat: %w", pid, taskDir, err)
+		}
+		counts.States[state]++
+		counts.Examined++
+		if state == "R" {
+			continue
+		}
+		b, err = readProcFile(&c.buf, filepath.Join(taskDir, "syscall"))
+		if gone(err) {
+			continue
+		}
+		if errors.Is(err, fs.ErrPermission) {
+			counts.Unreadable++
+			continue
+		}
+		if err != nil {
+			return threadCounts{}, fmt.Errorf("pid %d: %w", pid, err)
+		}
+		nr, running, err := parseTaskSyscall(b)
+		if err != nil {
+			return threadCounts{}, fmt.Errorf("pid %d: %s/syscall: %w", pid, taskDir, err)
+		}
+		if !running { // it woke up between the two reads
+			counts.Syscalls[syscallName(nr)]++
+		}
+	}
+	return counts, nil
+}
+
+// gone reports an error that means the thread exited while we read it.
+func gone(err error) bool {
+	return errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ESRCH)
+}
+
+func tidLess(a, b string) bool {
+	if len(a) != len(b) {
+		return len(a) < len(b)
+	}
+	return a < b
+}

@@ -1,0 +1,146 @@
+package collectors
+
+import (
+	"context"
+	"os/exec"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+func TestParseTaskState(t *testing.T) {
+	for _, tc := range []struct {
+		name, in, want string
+		wantErr        bool
+	}{
+		{name: "plain", in: "7277 (fixproc) S 1 7275 7275 0 -1", want: "S"},
+		{name: "spaces and parens in comm", in: "12 (a) b (c)) D 1 2 3", want: "D"},
+		{name: "no comm", in: "12 S 1", wantErr: true},
+		{name: "truncated", in: "12 (x)", wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := parseTaskState([]byte(tc.in))
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
+			}
+			if got != tc.want {
+				t.Errorf("state = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseTaskSyscall(t *testing.T) {
+	for _, tc := range []struct {
+		name, in    string
+		wantNr      int
+		wantRunning bool
+		wantErr     bool
+	}{
+		{name: "running", in: "running\n", wantRunning: true},
+		{name: "futex", in: "202 0x5a82f8 0x80 0x0 0x0 0x0 0x0 0xb583f13bef0 0x4810e3\n", wantNr: 202},
+		{name: "outside a syscall", in: "-1 0x7ffd 0x4005\n", wantNr: -1},
+		{name: "garbage", in: "sleeping\n", wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			nr, running, err := parseTaskSyscall([]byte(tc.in))
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
+			}
+			if nr != tc.wantNr || running != tc.wantRunning {
+				t.Errorf("got (%d, %v), want (%d, %v)", nr, running, tc.wantNr, tc.wantRunning)
+			}
+		})
+	}
+}
+
+// TestThreadsFixture counts a Go program captured with one thread spinning,
+// one in read on a pipe, one in accept, one in nanosleep and the runtime's
+// own threads (sysmon in nanosleep, idle Ms in futex).
+func TestThreadsFixture(t *testing.T) {
+	c := newThreadsCollector(Options{ProcRoot: "testdata/proc"}, 0)
+	got, err := c.count(fixturePID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := threadCounts{
+		Total:    9,
+		Examined: 9,
+		States:   map[string]int{"R": 1, "S": 8},
+		Syscalls: map[string]int{"futex": 4, "nanosleep": 2, "read": 1, "accept4": 1},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+
+	capped := newThreadsCollector(Options{ProcRoot: "testdata/proc"}, 3)
+	got, err = capped.count(fixturePID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Total != 9 || got.Examined != 3 {
+		t.Errorf("with MaxThreads 3: total %d examined %d, want 9 and 3", got.Total, got.Examined)
+	}
+}
+
+func TestThreadSamplesZeroGone(t *testing.T) {
+	got := samplesByName(threadSamples(
+		threadCounts{Total: 2, States: map[string]int{"S": 2}, Syscalls: map[string]int{"futex": 2}},
+		map[string]bool{"S": true, "D": true},
+		map[string]bool{"fsync": true}))
+	want := map[string]float64{
+		`process_num_threads{}`:                       2,
+		`process_threads{state="S"}`:                  2,
+		`process_threads{state="D"}`:                  0,
+		`process_threads_in_syscall{syscall="futex"}`: 2,
+		`process_threads_in_syscall{syscall="fsync"}`: 0,
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("(-want +got):\n%s", diff)
+	}
+}
+
+func TestSyscallName(t *testing.T) {
+	if got := syscallName(-1); got != "none" {
+		t.Errorf("syscallName(-1) = %q", got)
+	}
+	if got := syscallName(9999); got != "syscall_9999" {
+		t.Errorf("syscallName(9999) = %q", got)
+	}
+}
+
+// TestThreadsRealSleep watches a real sleep(1) settle into its one system call.
+func TestThreadsRealSleep(t *testing.T) {
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+
+	c := newThreadsCollector(Options{}, 0)
+	store := signals.New(4, 100)
+	tgt := target.Process{PID: cmd.Process.Pid}
+	var last []signals.Labels
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if err := c.Collect(context.Background(), tgt, store); err != nil {
+			t.Fatal(err)
+		}
+		last = store.Select("process_threads_in_syscall")
+		for _, name := range []string{"clock_nanosleep", "nanosleep"} {
+			if s, ok := store.Latest("process_threads_in_syscall", signals.L("syscall", name)); ok && s.V == 1 {
+				if n, _ := store.Latest("process_num_threads", nil); n.V != 1 {
+					t.Errorf("process_num_threads = %v, want 1", n.V)
+				}
+				if st, _ := store.Latest("process_threads", signals.L("state", "S")); st.V != 1 {
+					t.Errorf(`process_threads{state="S"} = %v, want 1`, st.V)
+				}
+				return
+			}
+		}
+	}
+	t.Fatalf("sleep never seen in (clock_)nanosleep; series: %v", last)
+}

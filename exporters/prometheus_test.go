@@ -1,0 +1,323 @@
+package exporters
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/rules"
+	"github.com/culprit-dev/culprit/signals"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+)
+
+// scrape fetches /metrics through a real HTTP server, parses it and
+// returns the families and the raw text.
+func scrape(t *testing.T, p *Prometheus) (map[string]*dto.MetricFamily, string) {
+	t.Helper()
+	srv := httptest.NewServer(p.Handler(NewRegistry(p)))
+	defer srv.Close()
+	resp, err := http.Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("scrape: %s\n%s", resp.Status, body)
+	}
+	parser := expfmt.NewTextParser(model.LegacyValidation)
+	fams, err := parser.TextToMetricFamilies(strings.NewReader(string(body)))
+	if err != nil {
+		t.Fatalf("parse exposition: %v\n%s", err, body)
+	}
+	return fams, string(body)
+}
+
+// value finds the sample of name whose labels include want; ok is false
+// when there is none.
+func value(fams map[string]*dto.MetricFamily, name string, want map[string]string) (v float64, typ dto.MetricType, ok bool) {
+	mf := fams[name]
+	if mf == nil {
+		return 0, 0, false
+	}
+outer:
+	for _, m := range mf.GetMetric() {
+		have := map[string]string{}
+		for _, lp := range m.GetLabel() {
+			have[lp.GetName()] = lp.GetValue()
+		}
+		for k, v := range want {
+			if have[k] != v {
+				continue outer
+			}
+		}
+		switch mf.GetType() {
+		case dto.MetricType_COUNTER:
+			return m.GetCounter().GetValue(), mf.GetType(), true
+		case dto.MetricType_GAUGE:
+			return m.GetGauge().GetValue(), mf.GetType(), true
+		default:
+			return m.GetUntyped().GetValue(), mf.GetType(), true
+		}
+	}
+	return 0, 0, false
+}
+
+func wantValue(t *testing.T, fams map[string]*dto.MetricFamily, name string, labels map[string]string, typ dto.MetricType, want float64) {
+	t.Helper()
+	v, gotTyp, ok := value(fams, name, labels)
+	switch {
+	case !ok:
+		t.Errorf("%s%v missing", name, labels)
+	case gotTyp != typ:
+		t.Errorf("%s is a %v, want %v", name, gotTyp, typ)
+	case v != want:
+		t.Errorf("%s%v = %v, want %v", name, labels, v, want)
+	}
+}
+
+// promtoolCheck runs the real promtool on the exposition. CI installs it;
+// a developer machine without it skips loudly rather than passing quietly.
+func promtoolCheck(t *testing.T, exposition string) {
+	t.Helper()
+	if _, err := exec.LookPath("promtool"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("promtool missing: .ci/run must install the prometheus package")
+		}
+		fmt.Fprintln(os.Stderr, "!!! SKIP promtool check metrics: promtool not on PATH (apt-get install prometheus) !!!")
+		t.Skip("promtool not on PATH; the exposition was not linted")
+	}
+	cmd := exec.Command("promtool", "check", "metrics")
+	cmd.Stdin = strings.NewReader(exposition)
+	out, err := cmd.CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "" {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
+	}
+}
+
+var (
+	queueDesc     = &signals.Desc{Name: "listen_queue_length", Kind: signals.Gauge, Help: "Connections waiting in a listener's accept queue."}
+	overflowsDesc = &signals.Desc{Name: "listen_overflows_total", Kind: signals.Counter, Help: "Connections dropped because the accept queue was full."}
+	// A counter declared without _total: exported with it.
+	retransDesc = &signals.Desc{Name: "tcp_synack_retransmits", Kind: signals.Counter, Help: "SYN-ACKs retransmitted."}
+)
+
+func TestPrometheusExposition(t *testing.T) {
+	store := signals.New(4, 4)
+	now := time.Now()
+	store.Put(queueDesc, signals.L("port", "8080"), 5, now)
+	store.Put(queueDesc, signals.L("port", "9090"), 0, now)
+	store.Put(overflowsDesc, signals.L("port", "8080"), 7, now)
+	store.Put(retransDesc, nil, 3, now)
+	store.Put(queueDesc, signals.L("port", "1"), 1, now) // the fifth series is dropped
+	store.SetStatus(signals.Status{Component: "netstat", Kind: "collector", State: signals.StateRunning})
+	store.SetStatus(signals.Status{Component: "runqlat", Kind: "probe", State: signals.StateFailed, Detail: "no CAP_BPF"})
+
+	j := rules.NewJournal(64)
+	r := newRecorder(j)
+	r.open("a", "accept_overflow", rules.SeverityCritical)
+	r.open("b", "accept_overflow", rules.SeverityCritical)
+	r.update("a")
+	r.open("c", "fd_exhaustion", rules.SeverityWarning)
+	r.open("gone", "fd_exhaustion", rules.SeverityInfo)
+	r.resolve("gone")
+	_, unsubscribe := j.Subscribe() // one watcher
+	defer unsubscribe()
+
+	p := NewPrometheus(PromOptions{Store: store, Journal: j, Log: testLog(t)})
+	fams, body := scrape(t, p)
+	G, C := dto.MetricType_GAUGE, dto.MetricType_COUNTER
+
+	wantValue(t, fams, "culprit_listen_queue_length", map[string]string{"port": "8080"}, G, 5)
+	wantValue(t, fams, "culprit_listen_queue_length", map[string]string{"port": "9090"}, G, 0)
+	wantValue(t, fams, "culprit_listen_overflows_total", map[string]string{"port": "8080"}, C, 7)
+	wantValue(t, fams, "culprit_tcp_synack_retransmits_total", nil, C, 3)
+	if h := fams["culprit_listen_queue_length"].GetHelp(); h != queueDesc.Help {
+		t.Errorf("help = %q, want the Desc's", h)
+	}
+
+	wantValue(t, fams, "culprit_findings_active", map[string]string{"rule": "accept_overflow", "severity": "critical"}, G, 2)
+	wantValue(t, fams, "culprit_findings_active", map[string]string{"rule": "fd_exhaustion", "severity": "warning"}, G, 1)
+	wantValue(t, fams, "culprit_finding_active", map[string]string{
+		"id": "a", "rule": "accept_overflow", "severity": "critical", "cause": "app_not_accepting", "key": "127.0.0.1:8080", "port": "8080",
+	}, G, 1)
+	if n := len(fams["culprit_finding_active"].GetMetric()); n != 3 {
+		t.Errorf("culprit_finding_active has %d series, want one per open finding (3)", n)
+	}
+	wantValue(t, fams, "culprit_findings_events_total", map[string]string{"type": "opened"}, C, 4)
+	wantValue(t, fams, "culprit_findings_events_total", map[string]string{"type": "updated"}, C, 1)
+	wantValue(t, fams, "culprit_findings_events_total", map[string]string{"type": "resolved"}, C, 1)
+	wantValue(t, fams, "culprit_findings_events_total", map[string]string{"type": "unknown"}, C, 0)
+
+	wantValue(t, fams, "culprit_signals_series", nil, G, 4)
+	wantValue(t, fams, "culprit_signals_series_max", nil, G, 4)
+	wantValue(t, fams, "culprit_signals_dropped_samples_total", nil, C, 1)
+	wantValue(t, fams, "culprit_component_up", map[string]string{"component": "netstat", "kind": "collector", "state": "running"}, G, 1)
+	wantValue(t, fams, "culprit_component_up", map[string]string{"component": "runqlat", "kind": "probe", "state": "failed"}, G, 0)
+	wantValue(t, fams, "culprit_watchers", nil, G, 1)
+	wantValue(t, fams, "culprit_metrics_skipped_series", map[string]string{"reason": skipKind}, G, 0)
+	// The agent's own CPU and memory come from the standard collectors.
+	for _, name := range []string{"process_cpu_seconds_total", "process_resident_memory_bytes", "go_goroutines"} {
+		if fams[name] == nil {
+			t.Errorf("%s missing from the registry", name)
+		}
+	}
+	promtoolCheck(t, body)
+
+	// Resolving keeps the (rule, severity) series at 0 and drops the
+	// finding's own series; the event counters carry on.
+	r.resolve("a")
+	r.resolve("b")
+	fams, _ = scrape(t, p)
+	wantValue(t, fams, "culprit_findings_active", map[string]string{"rule": "accept_overflow", "severity": "critical"}, G, 0)
+	if _, _, ok := value(fams, "culprit_finding_active", map[string]string{"id": "a"}); ok {
+		t.Error("culprit_finding_active still has the resolved finding a")
+	}
+	wantValue(t, fams, "culprit_findings_events_total", map[string]string{"type": "resolved"}, C, 3)
+}
+
+// Events that leave the ring between scrapes are still counted, as
+// unknown, so the counters add up to the journal's sequence.
+func TestPrometheusEventsBeyondTheRing(t *testing.T) {
+	j := rules.NewJournal(4)
+	r := newRecorder(j)
+	r.open("a", "accept_overflow", rules.SeverityCritical)
+	p := NewPrometheus(PromOptions{Store: signals.New(4, 16), Journal: j})
+	fams, _ := scrape(t, p)
+	wantValue(t, fams, "culprit_findings_events_total", map[string]string{"type": "opened"}, dto.MetricType_COUNTER, 1)
+	for range 9 {
+		r.update("a")
+	}
+	fams, _ = scrape(t, p)
+	var sum float64
+	for _, typ := range []string{"opened", "updated", "resolved", "unknown"} {
+		v, _, _ := value(fams, "culprit_findings_events_total", map[string]string{"type": typ})
+		sum += v
+	}
+	wantValue(t, fams, "culprit_findings_events_total", map[string]string{"type": "updated"}, dto.MetricType_COUNTER, 4)
+	wantValue(t, fams, "culprit_findings_events_total", map[string]string{"type": "unknown"}, dto.MetricType_COUNTER, 5)
+	if sum != float64(j.Sequence()) {
+		t.Errorf("events_total sums to %v, journal sequence is %d", sum, j.Sequence())
+	}
+}
+
+// Collectors may declare one name twice, with different label names or
+// kinds, or use names Prometheus cannot take. The scrape must still succeed
+// and lint clean, leaving out (and counting) only what cannot be exported.
+func TestPrometheusInconsistentSignals(t *testing.T) {
+	store := signals.New(4, 64)
+	now := time.Now()
+	mixedA := &signals.Desc{Name: "mixed_level", Kind: signals.Gauge, Help: "First declaration."}
+	mixedB := &signals.Desc{Name: "mixed_level", Kind: signals.Gauge, Help: "Second declaration, other help."}
+	mixedCounter := &signals.Desc{Name: "mixed_level", Kind: signals.Counter, Help: "Declared as a counter too."}
+	store.Put(mixedA, signals.L("port", "80"), 1, now)
+	store.Put(mixedB, signals.L("thread", "worker-1"), 2, now)
+	store.Put(mixedB, nil, 3, now)
+	store.Put(mixedCounter, signals.L("zone", "z"), 4, now)
+	store.Put(&signals.Desc{Name: "camelCase", Kind: signals.Gauge, Help: "x"}, nil, 1, now)
+	store.Put(&signals.Desc{Name: "threads_total", Kind: signals.Gauge, Help: "A gauge named like a counter."}, nil, 1, now)
+	store.Put(&signals.Desc{Name: "watchers", Kind: signals.Gauge, Help: "Clashes with culprit_watchers."}, nil, 1, now)
+	store.Put(&signals.Desc{Name: "bad_labels", Kind: signals.Gauge, Help: "x"}, signals.L("Bad-Name", "1"), 1, now)
+	store.Put(&signals.Desc{Name: "bad_labels", Kind: signals.Gauge, Help: "x"}, signals.Labels{{Name: "a", Value: "1"}, {Name: "a", Value: "2"}}, 1, now)
+	store.Put(&signals.Desc{Name: "bad_labels", Kind: signals.Gauge, Help: "x"}, signals.L("__reserved", "1"), 1, now)
+	store.Put(&signals.Desc{Name: "bad_value", Kind: signals.Gauge, Help: "x"}, signals.L("path", "caf\xe9"), 1, now)
+	store.Put(&signals.Desc{Name: "no_help", Kind: signals.Gauge}, nil, 1, now)
+	// Two counters that both become culprit_retrans_total.
+	store.Put(&signals.Desc{Name: "retrans", Kind: signals.Counter, Help: "x"}, nil, 1, now)
+	store.Put(&signals.Desc{Name: "retrans_total", Kind: signals.Counter, Help: "x"}, nil, 2, now)
+
+	p := NewPrometheus(PromOptions{Store: store, Journal: rules.NewJournal(4), Log: testLog(t)})
+	fams, body := scrape(t, p)
+	G := dto.MetricType_GAUGE
+	wantValue(t, fams, "culprit_mixed_level", map[string]string{"port": "80"}, G, 1)
+	wantValue(t, fams, "culprit_mixed_level", map[string]string{"thread": "worker-1"}, G, 2)
+	if n := len(fams["culprit_mixed_level"].GetMetric()); n != 3 {
+		t.Errorf("culprit_mixed_level has %d series, want the three gauges", n)
+	}
+	wantValue(t, fams, "culprit_bad_value", map[string]string{"path": "caf\uFFFD"}, G, 1)
+	wantValue(t, fams, "culprit_no_help", nil, G, 1)
+	if fams["culprit_no_help"].GetHelp() == "" {
+		t.Error("culprit_no_help has no help text")
+	}
+	// retrans sorts first and takes the name; retrans_total is the clash.
+	wantValue(t, fams, "culprit_retrans_total", nil, dto.MetricType_COUNTER, 1)
+	wantValue(t, fams, "culprit_watchers", nil, G, 0)
+	for reason, want := range map[string]float64{skipKind: 1, skipInvalidName: 2, skipNameClash: 2, skipLabels: 3, skipDuplicate: 0} {
+		wantValue(t, fams, "culprit_metrics_skipped_series", map[string]string{"reason": reason}, G, want)
+	}
+	for _, name := range []string{"culprit_camelCase", "culprit_threads_total", "culprit_bad_labels"} {
+		if fams[name] != nil {
+			t.Errorf("%s exported, want it skipped", name)
+		}
+	}
+	promtoolCheck(t, body)
+}
+
+// Scrapes race with the engine and collectors writing; -race checks it.
+func TestPrometheusConcurrentScrapes(t *testing.T) {
+	store := signals.New(8, 256)
+	j := rules.NewJournal(16)
+	p := NewPrometheus(PromOptions{Store: store, Journal: j})
+	srv := httptest.NewServer(p.Handler(NewRegistry(p)))
+	defer srv.Close()
+
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		r := newRecorder(j)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			id := fmt.Sprintf("f%d", i%8)
+			f, seen := r.byID[id]
+			switch open := seen && f.State == rules.StateOpen; {
+			case open && i%3 == 0:
+				r.resolve(id)
+			case open:
+				r.update(id)
+			default:
+				r.open(id, "accept_overflow", rules.SeverityCritical)
+			}
+			store.Put(queueDesc, signals.L("port", fmt.Sprint(i%100)), float64(i), time.Now())
+		}
+	}()
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 20 {
+				resp, err := http.Get(srv.URL)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					t.Errorf("scrape: %s", resp.Status)
+					return
+				}
+			}
+		}()
+	}
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+}

@@ -1,0 +1,313 @@
+package rules
+
+import (
+	"fmt"
+	"math"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+)
+
+// Causes the accept_overflow rule tells apart.
+const (
+	CauseAppNotAccepting = "app_not_accepting"
+	CauseBacklogTooSmall = "backlog_too_small"
+)
+
+// AcceptOverflowOptions are the rule's thresholds (agent.conf
+// [rules.accept_overflow]).
+type AcceptOverflowOptions struct {
+	// Window over which drops, rates and queue history are summarised.
+	Window time.Duration
+	// Recent: drops this fresh mean the overflow is happening now.
+	Recent time.Duration
+	// StallAfter: a queue full this long with no accept means the app is
+	// not accepting, rather than a burst the app is still draining.
+	StallAfter time.Duration
+	// MinDrops in Recent before the rule speaks.
+	MinDrops float64
+}
+
+// AcceptOverflow names why a listener's accept queue overflows (seed 000,
+// Problem B): the backlog is too small for bursts the app absorbs, or the
+// app has stopped accepting (its threads are blocked or saturated).
+type AcceptOverflow struct{ o AcceptOverflowOptions }
+
+// NewAcceptOverflow returns the rule.
+func NewAcceptOverflow(o AcceptOverflowOptions) *AcceptOverflow { return &AcceptOverflow{o: o} }
+
+func (*AcceptOverflow) Name() string { return "accept_overflow" }
+
+// freshness: a sample older than this is not "now" (the collector may have
+// stopped, or the target went away).
+const freshness = 2 * time.Second
+
+func (r *AcceptOverflow) Evaluate(w Window) []Observation {
+	var out []Observation
+	for _, ls := range w.Store.Select("listen_backlog") {
+		if o, ok := r.listener(w, ls); ok {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, bool) {
+	st := w.Store
+	now := w.Now
+	port := ls.Get("port")
+	addr := ls.Get("addr")
+	endpoint := joinHostPort(addr, port)
+
+	backlog, ok := st.Latest("listen_backlog", ls)
+	if !ok || now.Sub(backlog.T) > freshness {
+		return Observation{}, false
+	}
+	dropsRecent := st.Increase("listen_overflows_total", ls, now.Add(-r.o.Recent))
+	dropsWindow := st.Increase("listen_overflows_total", ls, now.Add(-r.o.Window))
+	full := st.Range("listen_queue_full", ls, now.Add(-r.o.Window))
+	fullNow := len(full) > 0 && full[len(full)-1].V == 1 && now.Sub(full[len(full)-1].T) <= freshness
+	// A stalled queue keeps dropping only when clients retransmit SYNs
+	// (1 s, 3 s, 7 s... apart), so while it stays full any drop in the
+	// window counts as present.
+	present := dropsRecent >= r.o.MinDrops || (fullNow && dropsWindow >= r.o.MinDrops)
+	if !present {
+		return Observation{}, false
+	}
+
+	fullFor, runStart := fullRun(full, now)
+	fullFrac := fraction(full)
+	qpeak := peak(st.Range("listen_queue_length", ls, now.Add(-r.o.Window)))
+	portLs := signals.L("port", port)
+	opensKnown := len(st.Range("tcp_listen_handshakes_total", portLs, now.Add(-freshness))) > 0
+	opensWindow := st.Increase("tcp_listen_handshakes_total", portLs, now.Add(-r.o.Window))
+	somaxconn, haveSomax := st.Latest("sysctl", signals.L("name", "net.core.somaxconn"))
+	abortOnOverflow, _ := st.Latest("sysctl", signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
+	win := r.o.Window
+
+	ev := []Evidence{
+		{Signal: "listen_overflows_total" + ls.String(), Value: dropsWindow, Threshold: r.o.MinDrops, Unit: "connections", Window: win, Note: "connections dropped on this listener's full accept queue"},
+		{Signal: "listen_backlog" + ls.String(), Value: backlog.V, Unit: "connections", Note: "accept queue capacity (the app's listen backlog, capped by net.core.somaxconn)"},
+		{Signal: "listen_queue_length" + ls.String(), Value: qpeak, Unit: "connections", Window: win, Note: "peak queue length seen"},
+	}
+	if haveSomax {
+		ev = append(ev, Evidence{Signal: `sysctl{name="net.core.somaxconn"}`, Value: somaxconn.V, Unit: "connections", Note: "kernel cap on any listen backlog"})
+	}
+	arts := []Artifact{{Kind: "listener", Value: endpoint, Detail: fmt.Sprintf("backlog %d", int(backlog.V))}}
+	labels := map[string]string{"port": port, "addr": addr}
+	dropRate := dropsWindow / win.Seconds()
+
+	if fullNow && fullFor < r.o.StallAfter {
+		// Too early to tell a stall from a burst the app is draining; the
+		// engine's hold-down keeps an open finding open meanwhile.
+		return Observation{}, false
+	}
+
+	if fullNow {
+		acceptedDuring := 0.0
+		if opensKnown {
+			// While the queue stays full a handshake can only complete
+			// into a slot an accept freed, so completed handshakes during
+			// the run count the app's accepts.
+			acceptedDuring = st.Increase("tcp_listen_handshakes_total", portLs, runStart)
+		}
+		threads := describeThreads(st)
+		ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: fullFor.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue continuously full"})
+		var how string
+		conf := 0.7
+		if opensKnown {
+			conf = 0.9
+			ev = append(ev, Evidence{Signal: "tcp_listen_handshakes_total" + portLs.String(), Value: acceptedDuring, Unit: "connections", Window: fullFor, Note: "connections accepted while the queue was full"})
+			if acceptedDuring == 0 {
+				how = "accepted no connection"
+			} else {
+				how = fmt.Sprintf("accepted only %.0f connections (%.1f/s), fewer than arrive", acceptedDuring, acceptedDuring/math.Max(fullFor.Seconds(), 0.001))
+			}
+		} else {
+			how = "did not drain it (eBPF accept counts unavailable: inferred from the queue never shrinking)"
+		}
+		for _, t := range threads.artifacts {
+			arts = append(arts, t)
+		}
+		sev := SeverityCritical
+		return Observation{
+			Key:        endpoint,
+			Cause:      CauseAppNotAccepting,
+			Title:      fmt.Sprintf("accept queue of %s overflowing: the app is not accepting", endpoint),
+			Symptom:    fmt.Sprintf("%.0f connections dropped on %s in the last %s (%.1f/s); clients see connect timeouts or resets", dropsWindow, endpoint, fmtDur(win), dropRate),
+			RootCause:  fmt.Sprintf("the accept queue of %s (backlog %d) has been full for %s and the app %s: its accept loop is starved. %s", endpoint, int(backlog.V), fmtDur(fullFor), how, threads.summary),
+			Severity:   sev,
+			Confidence: conf,
+			Evidence:   ev,
+			Artifacts:  arts,
+			Remediation: "Find what keeps the accepting/worker threads from running the event loop (the thread states above): " +
+				"move blocking calls (sync DB drivers, fsync, DNS, block_on) off async workers with spawn_blocking / web::block or a dedicated pool, " +
+				"and offload CPU-heavy work. Raising the backlog only delays the drops.",
+			Labels: labels,
+		}, true
+	}
+
+	// The queue drained after the drops: the app accepts, but bursts
+	// arrive faster than the queue can hold between two accepts.
+	capped := haveSomax && backlog.V >= somaxconn.V
+	ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: fullFrac, Unit: "ratio", Window: win, Note: "share of samples with the queue full: it fills only in bursts"})
+	acceptRate := ""
+	if opensKnown {
+		ev = append(ev, Evidence{Signal: "tcp_listen_handshakes_total" + portLs.String(), Value: opensWindow / win.Seconds(), Unit: "/s", Window: win, Note: "accept rate"})
+		acceptRate = fmt.Sprintf(", while it keeps accepting (%.1f connections/s)", opensWindow/win.Seconds())
+	}
+	fix := fmt.Sprintf("Raise the app's listen backlog (actix HttpServer::backlog, nginx listen ... backlog=, Go takes net.core.somaxconn) above the burst size, at least %d",
+		nextPow2(int(math.Max(qpeak, backlog.V)+dropsWindow)))
+	if haveSomax {
+		if capped {
+			fix += fmt.Sprintf("; the backlog is already capped by net.core.somaxconn=%d, so raise that too (sysctl -w net.core.somaxconn=4096, in a pod via securityContext.sysctls)", int(somaxconn.V))
+		} else {
+			fix += fmt.Sprintf(" (net.core.somaxconn=%d caps it: raise it too if needed)", int(somaxconn.V))
+		}
+	}
+	fix += ", and keep net.ipv4.tcp_max_syn_backlog at least as large."
+	if abortOnOverflow.V == 1 {
+		fix += " net.ipv4.tcp_abort_on_overflow=1 turns each drop into a reset the client sees: set it to 0 so clients retry instead."
+	}
+	return Observation{
+		Key:         endpoint,
+		Cause:       CauseBacklogTooSmall,
+		Title:       fmt.Sprintf("accept queue of %s overflowing in bursts: backlog too small", endpoint),
+		Symptom:     fmt.Sprintf("%.0f connections dropped on %s in the last %s (%.1f/s)", dropsWindow, endpoint, fmtDur(win), dropRate),
+		RootCause:   fmt.Sprintf("the listen backlog of %s is %d and bursts overflow it%s: the queue was full in %.0f%% of samples and drains between bursts", endpoint, int(backlog.V), acceptRate, 100*fullFrac),
+		Severity:    SeverityWarning,
+		Confidence:  0.8,
+		Evidence:    ev,
+		Artifacts:   arts,
+		Remediation: fix,
+		Labels:      labels,
+	}, true
+}
+
+// fullRun returns how long the queue has been full up to now, and when that
+// run started.
+func fullRun(full []signals.Sample, now time.Time) (time.Duration, time.Time) {
+	if len(full) == 0 || full[len(full)-1].V != 1 {
+		return 0, now
+	}
+	start := full[len(full)-1].T
+	for i := len(full) - 1; i >= 0 && full[i].V == 1; i-- {
+		start = full[i].T
+	}
+	return now.Sub(start), start
+}
+
+func fraction(s []signals.Sample) float64 {
+	if len(s) == 0 {
+		return 0
+	}
+	n := 0
+	for _, x := range s {
+		if x.V == 1 {
+			n++
+		}
+	}
+	return float64(n) / float64(len(s))
+}
+
+func peak(s []signals.Sample) float64 {
+	m := 0.0
+	for _, x := range s {
+		m = math.Max(m, x.V)
+	}
+	return m
+}
+
+type threadView struct {
+	summary   string
+	artifacts []Artifact
+}
+
+// describeThreads turns the threads collector's counts into words: all
+// threads on CPU means saturated, threads in D means blocked in the kernel,
+// all asleep means the accept loop is waiting on something of the app's.
+func describeThreads(st *signals.Store) threadView {
+	states := map[string]float64{}
+	total := 0.0
+	for _, ls := range st.Select("process_threads") {
+		if s, ok := st.Latest("process_threads", ls); ok && s.V > 0 {
+			states[ls.Get("state")] = s.V
+			total += s.V
+		}
+	}
+	if total == 0 {
+		return threadView{summary: "Thread states are unknown (threads collector has no data)."}
+	}
+	type kv struct {
+		k string
+		v float64
+	}
+	var sys []kv
+	for _, ls := range st.Select("process_threads_in_syscall") {
+		if s, ok := st.Latest("process_threads_in_syscall", ls); ok && s.V > 0 {
+			sys = append(sys, kv{ls.Get("syscall"), s.V})
+		}
+	}
+	sort.Slice(sys, func(i, j int) bool { return sys[i].v > sys[j].v || (sys[i].v == sys[j].v && sys[i].k < sys[j].k) })
+	var parts []string
+	for _, s := range []string{"R", "D", "S"} {
+		if states[s] > 0 {
+			parts = append(parts, fmt.Sprintf("%.0f %s", states[s], stateWord(s)))
+		}
+	}
+	var in []string
+	var arts []Artifact
+	for _, s := range sys {
+		in = append(in, fmt.Sprintf("%s×%.0f", s.k, s.v))
+		arts = append(arts, Artifact{Kind: "thread", Value: s.k, Detail: fmt.Sprintf("%.0f threads waiting in %s", s.v, s.k)})
+	}
+	verdict := "all its threads are asleep: the accept loop waits on something of the app's own (a lock, a channel, a paused loop)"
+	switch {
+	case states["D"] > 0:
+		verdict = fmt.Sprintf("%.0f threads are blocked in uninterruptible kernel waits (disk or NFS I/O)", states["D"])
+	case states["R"] >= total || (states["R"] > 0 && states["R"] >= total-1):
+		verdict = "its threads are all on CPU: saturated"
+	}
+	sum := fmt.Sprintf("Threads: %s", strings.Join(parts, ", "))
+	if len(in) > 0 {
+		sum += fmt.Sprintf(" (waiting in %s)", strings.Join(in, ", "))
+	}
+	return threadView{summary: sum + "; " + verdict + ".", artifacts: arts}
+}
+
+func stateWord(s string) string {
+	switch s {
+	case "R":
+		return "running"
+	case "D":
+		return "in uninterruptible wait"
+	}
+	return "sleeping"
+}
+
+func joinHostPort(addr, port string) string {
+	if addr == "" {
+		return ":" + port
+	}
+	if strings.Contains(addr, ":") {
+		return "[" + addr + "]:" + port
+	}
+	return addr + ":" + port
+}
+
+func fmtDur(d time.Duration) string {
+	if d >= time.Second {
+		return d.Round(100 * time.Millisecond).String()
+	}
+	return d.Round(time.Millisecond).String()
+}
+
+func nextPow2(n int) int {
+	p := 64
+	for p < n {
+		p *= 2
+	}
+	return p
+}

@@ -1,0 +1,171 @@
+package rules
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+)
+
+var (
+	dBacklog  = &signals.Desc{Name: "listen_backlog"}
+	dQlen     = &signals.Desc{Name: "listen_queue_length"}
+	dFull     = &signals.Desc{Name: "listen_queue_full"}
+	dOverflow = &signals.Desc{Name: "listen_overflows_total", Kind: signals.Counter}
+	dOpens    = &signals.Desc{Name: "tcp_listen_handshakes_total", Kind: signals.Counter}
+	dSysctl   = &signals.Desc{Name: "sysctl"}
+	dThreads  = &signals.Desc{Name: "process_threads"}
+	dInSys    = &signals.Desc{Name: "process_threads_in_syscall"}
+)
+
+// listenerHistory writes what the collectors would have written for one
+// listener: every 100 ms for 5 s, the queue length and the cumulative drops
+// given by the functions of the sample's age.
+type listenerHistory struct {
+	backlog   float64
+	qlen      func(age time.Duration) float64 // age = time before now
+	drops     func(age time.Duration) float64
+	opens     func(age time.Duration) float64 // nil: no eBPF
+	somaxconn float64
+}
+
+var ls8080 = signals.L("addr", "127.0.0.1", "port", "8080")
+
+func (h listenerHistory) store(now time.Time) *signals.Store {
+	st := signals.New(600, 1000)
+	for age := 5 * time.Second; age >= 0; age -= 100 * time.Millisecond {
+		t := now.Add(-age)
+		q := h.qlen(age)
+		st.Put(dBacklog, ls8080, h.backlog, t)
+		st.Put(dQlen, ls8080, q, t)
+		full := 0.0
+		if q > h.backlog {
+			full = 1
+		}
+		st.Put(dFull, ls8080, full, t)
+		st.Put(dOverflow, ls8080, h.drops(age), t)
+		if h.opens != nil {
+			st.Put(dOpens, signals.L("port", "8080"), h.opens(age), t)
+		}
+	}
+	st.Put(dSysctl, signals.L("name", "net.core.somaxconn"), h.somaxconn, now)
+	st.Put(dThreads, signals.L("state", "S"), 5, now)
+	st.Put(dThreads, signals.L("state", "R"), 0, now)
+	st.Put(dInSys, signals.L("syscall", "futex"), 4, now)
+	st.Put(dInSys, signals.L("syscall", "epoll_wait"), 1, now)
+	return st
+}
+
+func defaultAO() *AcceptOverflow {
+	return NewAcceptOverflow(AcceptOverflowOptions{Window: 10 * time.Second, Recent: 2 * time.Second, StallAfter: 300 * time.Millisecond, MinDrops: 1})
+}
+
+func TestAcceptOverflowSilentWhenHealthy(t *testing.T) {
+	now := time.Unix(10000, 0)
+	// Busy but healthy: the queue holds a few connections, never full, no drops.
+	h := listenerHistory{backlog: 128, somaxconn: 4096,
+		qlen:  func(age time.Duration) float64 { return float64(int(age/time.Millisecond) % 7) },
+		drops: func(time.Duration) float64 { return 42 }, // old drops, before the window: no increase
+		opens: func(age time.Duration) float64 { return 10000 - age.Seconds()*500 },
+	}
+	if obs := defaultAO().Evaluate(Window{Store: h.store(now), Now: now}); len(obs) != 0 {
+		t.Fatalf("healthy listener raised %d observations: %+v", len(obs), obs[0])
+	}
+}
+
+func TestAcceptOverflowAppNotAccepting(t *testing.T) {
+	now := time.Unix(10000, 0)
+	// Full for the last 2 s, drops rising, no accept.
+	h := listenerHistory{backlog: 8, somaxconn: 4096,
+		qlen: func(age time.Duration) float64 {
+			if age <= 2*time.Second {
+				return 9
+			}
+			return 0
+		},
+		drops: func(age time.Duration) float64 {
+			if age <= 2*time.Second {
+				return float64(20 - int(age.Seconds()*5))
+			}
+			return 0
+		},
+		opens: func(age time.Duration) float64 {
+			if age <= 2*time.Second {
+				return 100
+			}
+			return 100 - float64(int((age-2*time.Second)/time.Second))
+		},
+	}
+	obs := defaultAO().Evaluate(Window{Store: h.store(now), Now: now})
+	if len(obs) != 1 {
+		t.Fatalf("got %d observations, want 1", len(obs))
+	}
+	o := obs[0]
+	if o.Cause != CauseAppNotAccepting {
+		t.Fatalf("cause = %s, want %s; root cause: %s", o.Cause, CauseAppNotAccepting, o.RootCause)
+	}
+	for _, want := range []string{"127.0.0.1:8080", "backlog 8", "accepted no connection", "futex×4"} {
+		if !strings.Contains(o.RootCause, want) {
+			t.Errorf("root cause %q does not mention %q", o.RootCause, want)
+		}
+	}
+	if o.Severity != SeverityCritical || o.Confidence < 0.85 {
+		t.Errorf("severity %v confidence %v", o.Severity, o.Confidence)
+	}
+}
+
+func TestAcceptOverflowWaitsBeforeCallingAStall(t *testing.T) {
+	now := time.Unix(10000, 0)
+	h := listenerHistory{backlog: 8, somaxconn: 4096,
+		qlen: func(age time.Duration) float64 {
+			if age < 200*time.Millisecond {
+				return 9
+			}
+			return 0
+		},
+		drops: func(age time.Duration) float64 {
+			if age < 200*time.Millisecond {
+				return 3
+			}
+			return 0
+		},
+	}
+	if obs := defaultAO().Evaluate(Window{Store: h.store(now), Now: now}); len(obs) != 0 {
+		t.Fatalf("queue full for 200ms (< stall_after) already judged: %+v", obs[0])
+	}
+}
+
+func TestAcceptOverflowBacklogTooSmall(t *testing.T) {
+	now := time.Unix(10000, 0)
+	// A burst 1 s ago overflowed the queue, which the app drained at once.
+	h := listenerHistory{backlog: 128, somaxconn: 128,
+		qlen: func(age time.Duration) float64 {
+			if age == time.Second {
+				return 129
+			}
+			return 0
+		},
+		drops: func(age time.Duration) float64 {
+			if age <= time.Second {
+				return 57
+			}
+			return 0
+		},
+		opens: func(age time.Duration) float64 { return 5000 - age.Seconds()*100 },
+	}
+	obs := defaultAO().Evaluate(Window{Store: h.store(now), Now: now})
+	if len(obs) != 1 {
+		t.Fatalf("got %d observations, want 1", len(obs))
+	}
+	o := obs[0]
+	if o.Cause != CauseBacklogTooSmall {
+		t.Fatalf("cause = %s, want %s; root cause: %s", o.Cause, CauseBacklogTooSmall, o.RootCause)
+	}
+	if !strings.Contains(o.Remediation, "capped by net.core.somaxconn=128") {
+		t.Errorf("remediation does not name the somaxconn cap: %s", o.Remediation)
+	}
+	if !strings.Contains(o.Symptom, "57 connections dropped") {
+		t.Errorf("symptom %q does not count the drops", o.Symptom)
+	}
+}

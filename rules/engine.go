@@ -1,0 +1,214 @@
+package rules
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"reflect"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+// Window is what a rule reads: the store (read-only by convention: rules
+// never Put), the time of this evaluation, and the target if there is one.
+type Window struct {
+	Store     *signals.Store
+	Now       time.Time
+	Target    target.Process
+	HasTarget bool
+}
+
+// Rule names one root cause. Evaluate reports what it sees now; it must be
+// cheap (it runs several times a second) and must not block.
+type Rule interface {
+	Name() string
+	Evaluate(w Window) []Observation
+}
+
+// EngineOptions bound and pace the engine.
+type EngineOptions struct {
+	// Interval between evaluations when nothing wakes the engine earlier.
+	Interval time.Duration
+	// MinGap is the least time between two evaluations, so a storm of probe
+	// events cannot turn the engine into a busy loop.
+	MinGap time.Duration
+	// ResolveAfter is the hold-down: a finding resolves only after its rule
+	// has not reported it for this long, which is what stops flapping.
+	ResolveAfter time.Duration
+	// MinUpdateInterval spaces out updates that change only numbers; a
+	// change of cause or severity is sent at once.
+	MinUpdateInterval time.Duration
+	// MaxOpen bounds the open findings; observations beyond it are dropped
+	// and counted.
+	MaxOpen int
+	Log     *slog.Logger
+}
+
+type active struct {
+	f          Finding
+	lastSeen   time.Time
+	lastUpdate time.Time
+}
+
+// Engine runs rules and keeps each finding's lifecycle.
+type Engine struct {
+	rules   []Rule
+	store   *signals.Store
+	journal *Journal
+	tracker *target.Tracker
+	o       EngineOptions
+	active  map[string]*active // by rule/key
+	dropped atomic.Uint64
+	evals   atomic.Uint64
+	opened  atomic.Uint64
+}
+
+// NewEngine returns an engine writing into journal.
+func NewEngine(rs []Rule, store *signals.Store, journal *Journal, tracker *target.Tracker, o EngineOptions) *Engine {
+	if o.MaxOpen < 1 {
+		o.MaxOpen = 1
+	}
+	return &Engine{rules: rs, store: store, journal: journal, tracker: tracker, o: o, active: make(map[string]*active)}
+}
+
+// Run evaluates on every tick and whenever the store is notified of an
+// event, until ctx ends. On the way out it leaves findings as they are: an
+// agent that stops has not seen the evidence go away.
+func (e *Engine) Run(ctx context.Context) {
+	tick := time.NewTicker(e.o.Interval)
+	defer tick.Stop()
+	var last time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		case <-e.store.Wake():
+			if wait := e.o.MinGap - time.Since(last); wait > 0 {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(wait):
+				}
+			}
+		}
+		last = time.Now()
+		e.Evaluate(last)
+	}
+}
+
+// Evaluate runs every rule once at now and applies the lifecycle.
+func (e *Engine) Evaluate(now time.Time) {
+	e.evals.Add(1)
+	w := Window{Store: e.store, Now: now}
+	if e.tracker != nil {
+		w.Target, w.HasTarget = e.tracker.Current()
+	}
+	seen := make(map[string]bool)
+	for _, r := range e.rules {
+		for _, o := range e.evalRule(r, w) {
+			k := r.Name() + "/" + o.Key
+			if seen[k] {
+				continue // a rule reporting one key twice: first wins
+			}
+			seen[k] = true
+			e.observe(r.Name(), k, o, now)
+		}
+	}
+	keys := make([]string, 0, len(e.active))
+	for k := range e.active {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		a := e.active[k]
+		if seen[k] || now.Sub(a.lastSeen) < e.o.ResolveAfter {
+			continue
+		}
+		a.f.State = StateResolved
+		a.f.Resolved = now
+		e.journal.Record(EventResolved, a.f, now)
+		delete(e.active, k)
+		e.o.Log.Info("finding resolved", "id", a.f.ID, "rule", a.f.Rule, "key", a.f.Key, "lasted", now.Sub(a.f.FirstSeen).Round(time.Millisecond))
+	}
+}
+
+// evalRule contains a faulty rule: its failure is logged and the other
+// rules still run.
+func (e *Engine) evalRule(r Rule, w Window) (obs []Observation) {
+	defer func() {
+		if p := recover(); p != nil {
+			e.o.Log.Error("rule failed", "rule", r.Name(), "panic", fmt.Sprint(p))
+			obs = nil
+		}
+	}()
+	return r.Evaluate(w)
+}
+
+func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
+	a, ok := e.active[k]
+	if !ok {
+		if len(e.active) >= e.o.MaxOpen {
+			e.dropped.Add(1)
+			return
+		}
+		e.opened.Add(1)
+		f := Finding{
+			ID:          fmt.Sprintf("%s:%s:%d", rule, sanitize(o.Key), now.UnixMilli()),
+			Rule:        rule,
+			Observation: o,
+			State:       StateOpen,
+			FirstSeen:   now,
+			LastSeen:    now,
+		}
+		ev := e.journal.Record(EventOpened, f, now)
+		e.active[k] = &active{f: ev.Finding, lastSeen: now, lastUpdate: now}
+		e.o.Log.Info("finding opened", "id", f.ID, "rule", rule, "cause", o.Cause, "severity", o.Severity.String(), "root_cause", o.RootCause)
+		return
+	}
+	a.lastSeen = now
+	a.f.LastSeen = now
+	if sameObservation(a.f.Observation, o) {
+		return
+	}
+	material := a.f.Cause != o.Cause || a.f.Severity != o.Severity
+	if !material && now.Sub(a.lastUpdate) < e.o.MinUpdateInterval {
+		return
+	}
+	a.f.Observation = o
+	ev := e.journal.Record(EventUpdated, a.f, now)
+	a.f = ev.Finding
+	a.lastUpdate = now
+	if material {
+		e.o.Log.Info("finding changed", "id", a.f.ID, "cause", o.Cause, "severity", o.Severity.String())
+	}
+}
+
+func sameObservation(a, b Observation) bool { return reflect.DeepEqual(a, b) }
+
+func sanitize(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r == ' ' || r == '/' {
+			return '_'
+		}
+		return r
+	}, s)
+}
+
+// Stats are the engine's own counters, for /metrics.
+type EngineStats struct {
+	Evaluations, Opened, Dropped uint64
+	Open                         int
+}
+
+// Stats is safe to call from another goroutine only for the atomic fields;
+// Open is read by the journal instead.
+func (e *Engine) Stats() EngineStats {
+	open, _ := e.journal.Open()
+	return EngineStats{Evaluations: e.evals.Load(), Opened: e.opened.Load(), Dropped: e.dropped.Load(), Open: len(open)}
+}

@@ -1,0 +1,129 @@
+package rules
+
+import (
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+)
+
+// scripted reports what the test tells it to, so the lifecycle can be
+// driven step by step.
+type scripted struct {
+	obs   []Observation
+	panic bool
+}
+
+func (*scripted) Name() string { return "scripted" }
+func (s *scripted) Evaluate(Window) []Observation {
+	if s.panic {
+		panic("boom")
+	}
+	return s.obs
+}
+
+func newTestEngine(r Rule, maxOpen int) (*Engine, *Journal) {
+	j := NewJournal(64)
+	e := NewEngine([]Rule{r}, signals.New(16, 64), j, nil, EngineOptions{
+		Interval: time.Second, ResolveAfter: 3 * time.Second, MinUpdateInterval: time.Second, MaxOpen: maxOpen,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	return e, j
+}
+
+func TestEngineLifecycle(t *testing.T) {
+	r := &scripted{}
+	e, j := newTestEngine(r, 10)
+	t0 := time.Unix(1000, 0)
+	obs := Observation{Key: "k", Cause: "c1", Severity: SeverityWarning, RootCause: "n=1"}
+
+	r.obs = []Observation{obs}
+	e.Evaluate(t0)
+	e.Evaluate(t0.Add(100 * time.Millisecond)) // same observation: nothing new
+	// Numbers change within MinUpdateInterval: held back.
+	obs.RootCause = "n=2"
+	r.obs = []Observation{obs}
+	e.Evaluate(t0.Add(500 * time.Millisecond))
+	// Cause changes: sent at once.
+	obs.Cause = "c2"
+	r.obs = []Observation{obs}
+	e.Evaluate(t0.Add(600 * time.Millisecond))
+	// Evidence gone for less than ResolveAfter, then back: no flap.
+	r.obs = nil
+	e.Evaluate(t0.Add(2 * time.Second))
+	r.obs = []Observation{obs}
+	e.Evaluate(t0.Add(3 * time.Second))
+	// Gone for good.
+	r.obs = nil
+	e.Evaluate(t0.Add(5 * time.Second))
+	e.Evaluate(t0.Add(6100 * time.Millisecond))
+
+	evs, gap := j.After(0, 100)
+	if gap {
+		t.Fatal("unexpected gap")
+	}
+	var types []EventType
+	for i, ev := range evs {
+		types = append(types, ev.Type)
+		if ev.Sequence != uint64(i+1) {
+			t.Errorf("event %d has sequence %d: sequences must have no holes", i, ev.Sequence)
+		}
+		if ev.Finding.ID != evs[0].Finding.ID {
+			t.Errorf("finding id changed from %s to %s", evs[0].Finding.ID, ev.Finding.ID)
+		}
+	}
+	want := []EventType{EventOpened, EventUpdated, EventResolved}
+	if len(types) != len(want) {
+		t.Fatalf("events = %v, want %v", types, want)
+	}
+	for i := range want {
+		if types[i] != want[i] {
+			t.Fatalf("events = %v, want %v", types, want)
+		}
+	}
+	if evs[1].Finding.Cause != "c2" {
+		t.Errorf("update carries cause %q, want c2", evs[1].Finding.Cause)
+	}
+	if open, _ := j.Open(); len(open) != 0 {
+		t.Errorf("%d findings still open after resolve", len(open))
+	}
+	if f, ok := j.Get(evs[0].Finding.ID); !ok || f.State != StateResolved {
+		t.Errorf("resolved finding not retrievable: %v %v", ok, f.State)
+	}
+}
+
+func TestEngineBoundsAndContainsPanics(t *testing.T) {
+	r := &scripted{obs: []Observation{{Key: "a"}, {Key: "b"}, {Key: "c"}}}
+	e, j := newTestEngine(r, 2)
+	e.Evaluate(time.Unix(1, 0))
+	if open, _ := j.Open(); len(open) != 2 {
+		t.Fatalf("%d open, want the bound of 2", len(open))
+	}
+	if e.Stats().Dropped != 1 {
+		t.Errorf("dropped = %d, want 1", e.Stats().Dropped)
+	}
+	r.panic = true
+	e.Evaluate(time.Unix(2, 0)) // must not panic
+}
+
+func TestJournalGapAndBound(t *testing.T) {
+	j := NewJournal(4)
+	for i := 0; i < 10; i++ {
+		j.Record(EventOpened, Finding{ID: string(rune('a' + i))}, time.Unix(int64(i), 0))
+	}
+	evs, gap := j.After(2, 100)
+	if !gap {
+		t.Fatal("no gap reported after the ring dropped events 3..6")
+	}
+	if len(evs) != 4 || evs[0].Sequence != 7 || evs[3].Sequence != 10 {
+		t.Fatalf("got %d events from %d, want 7..10", len(evs), evs[0].Sequence)
+	}
+	if evs, gap := j.After(8, 1); gap || len(evs) != 1 || evs[0].Sequence != 9 {
+		t.Fatalf("After(8,1) = %v gap=%v", evs, gap)
+	}
+	if evs, _ := j.After(10, 100); len(evs) != 0 {
+		t.Fatalf("After(newest) returned %d events", len(evs))
+	}
+}
