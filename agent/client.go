@@ -116,8 +116,9 @@ func followFindings(ctx context.Context, c culpritv1.DiagnosticsClient, req *cul
 }
 
 type findingPrinter struct {
-	w    io.Writer
-	json bool
+	w     io.Writer
+	json  bool
+	shown map[string]string // finding id -> cause and severity last printed in full
 }
 
 var marshal = protojson.MarshalOptions{UseProtoNames: true}
@@ -129,6 +130,21 @@ func (p *findingPrinter) event(ev *culpritv1.FindingEvent) {
 		return
 	}
 	typ := strings.TrimPrefix(ev.Type.String(), "TYPE_")
+	if ev.Type == culpritv1.FindingEvent_TYPE_UPDATED && p.shown[ev.Finding.GetId()] == ev.Finding.GetCause()+ev.Finding.GetSeverity().String() {
+		// Only the numbers moved: one line, so a long incident stays readable.
+		fmt.Fprintf(p.w, "%s  %-8s %-8s %-16s %s  [#%d]\n", ev.Time.AsTime().Local().Format("15:04:05.000"), typ,
+			strings.ToLower(strings.TrimPrefix(ev.Finding.Severity.String(), "SEVERITY_")), ev.Finding.Rule, ev.Finding.Symptom, ev.Sequence)
+		return
+	}
+	if ev.Finding != nil {
+		if p.shown == nil {
+			p.shown = map[string]string{}
+		}
+		p.shown[ev.Finding.Id] = ev.Finding.Cause + ev.Finding.Severity.String()
+		if ev.Type == culpritv1.FindingEvent_TYPE_RESOLVED {
+			delete(p.shown, ev.Finding.Id)
+		}
+	}
 	if ev.Type == culpritv1.FindingEvent_TYPE_GAP {
 		fmt.Fprintf(p.w, "%s  GAP      some events were dropped before this client read them; open findings follow\n", ev.Time.AsTime().Local().Format("15:04:05.000"))
 		return

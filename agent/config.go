@@ -295,6 +295,9 @@ func lineOfKey(data []byte, key string) int {
 		l := strings.TrimSpace(sc.Text())
 		if strings.HasPrefix(l, "[") && strings.HasSuffix(l, "]") {
 			table = strings.Trim(l, "[] ")
+			if table == key {
+				return n
+			}
 			continue
 		}
 		k, _, ok := strings.Cut(l, "=")
@@ -305,7 +308,7 @@ func lineOfKey(data []byte, key string) int {
 		if table != "" {
 			full = table + "." + full
 		}
-		if full == key || (table == key && key != "") {
+		if full == key {
 			return n
 		}
 	}

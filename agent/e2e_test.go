@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -228,6 +229,9 @@ func TestAppNotAcceptingFindingOverGRPC(t *testing.T) {
 		}
 		seen[ev.Sequence] = true
 		want++
+		if ev.Finding != nil && ev.Finding.Id == f.Id && ev.Finding.Cause != "app_not_accepting" {
+			t.Errorf("the stall's finding changed cause to %s while recovering: %s", ev.Finding.Cause, ev.Finding.RootCause)
+		}
 		if ev.Type == culpritv1.FindingEvent_TYPE_RESOLVED && ev.Finding.Id == f.Id {
 			break
 		}
@@ -348,4 +352,15 @@ func promtoolCheck(t testing.TB, exposition string) {
 	if err != nil || len(strings.TrimSpace(string(out))) > 0 {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
+}
+
+// freeAddr returns a loopback address nothing listens on right now.
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }

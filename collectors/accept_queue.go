@@ -51,6 +51,7 @@ var (
 const (
 	probeOverflowDropsName     = "tcp_listen_overflow_drops_total"
 	probeSynackRetransmitsName = "tcp_synack_retransmits_total"
+	probeHandshakesName        = "tcp_listen_handshakes_total"
 )
 
 // TCP states as inet_diag reports them (include/net/tcp_states.h).
@@ -206,12 +207,17 @@ type candidate struct {
 	Key   listenerKey
 	Score float64 // evidence: seen full, plus per-port probe counts
 	Ratio float64 // how full its queue was, for when nobody scored
+	// Arrivals are handshakes completed on it (eBPF) and half-open
+	// connections: where connections arrive is where a burst overflows
+	// between two samples, for when no queue was seen holding anything.
+	Arrivals float64
 }
 
 // attribute splits delta overflows among candidates. Those with a positive
 // score share in proportion to it, in whole overflows, the rounding rest
-// going to the top scorer. When none scored, the fullest queue takes all,
-// and when no queue held anything the overflows stay unattributed: blaming
+// going to the top scorer. When none scored, the fullest queue takes all;
+// when no queue held anything, the listener with the most arrivals takes
+// all; and when nothing arrived anywhere the overflows stay unattributed: blaming
 // the target's listener by default would make a neighbour's overflow look
 // like the target's.
 func attribute(delta uint64, cands []candidate) (shares []uint64, unattributed uint64) {
@@ -234,6 +240,13 @@ func attribute(delta uint64, cands []candidate) (shares []uint64, unattributed u
 		for i, c := range cands {
 			if c.Ratio > 0 && (top < 0 || c.Ratio > cands[top].Ratio) {
 				top = i
+			}
+		}
+		if top < 0 {
+			for i, c := range cands {
+				if c.Arrivals > 0 && (top < 0 || c.Arrivals > cands[top].Arrivals) {
+					top = i
+				}
 			}
 		}
 		if top < 0 {
@@ -639,7 +652,8 @@ func (c *acceptQueueCollector) candidates(cur map[listenerKey]listenerSample, st
 		port := signals.L("port", strconv.Itoa(int(k.Port)))
 		score += store.Increase(probeOverflowDropsName, port, c.prevT)
 		score += store.Increase(probeSynackRetransmitsName, port, c.prevT)
-		out = append(out, candidate{Key: k, Score: score, Ratio: max(now.ratio(), prev.ratio())})
+		arrivals := store.Increase(probeHandshakesName, port, c.prevT) + float64(now.SynRecv)
+		out = append(out, candidate{Key: k, Score: score, Ratio: max(now.ratio(), prev.ratio()), Arrivals: arrivals})
 	}
 	return out
 }

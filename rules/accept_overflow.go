@@ -128,9 +128,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		} else {
 			how = "did not drain it (eBPF accept counts unavailable: inferred from the queue never shrinking)"
 		}
-		for _, t := range threads.artifacts {
-			arts = append(arts, t)
-		}
+		arts = append(arts, threads.artifacts...)
 		sev := SeverityCritical
 		return Observation{
 			Key:        endpoint,
@@ -146,6 +144,27 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 				"move blocking calls (sync DB drivers, fsync, DNS, block_on) off async workers with spawn_blocking / web::block or a dedicated pool, " +
 				"and offload CPU-heavy work. Raising the backlog only delays the drops.",
 			Labels: labels,
+		}, true
+	}
+
+	// The queue has drained. If it stalled within the window, these drops
+	// are the stall's tail — clients that waited retransmit their SYNs
+	// together (1 s, 3 s, 7 s after their first) and overflow the queue
+	// again as a herd: the app is recovering, the cause is unchanged.
+	if run, end := longestRecentRun(full, now.Add(-r.o.Window)); run >= r.o.StallAfter {
+		ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + fmtDur(now.Sub(end)) + " ago"})
+		return Observation{
+			Key:         endpoint,
+			Cause:       CauseAppNotAccepting,
+			Title:       fmt.Sprintf("accept queue of %s overflowing: the app is not accepting", endpoint),
+			Symptom:     fmt.Sprintf("%.0f connections dropped on %s in the last %s (%.1f/s)", dropsWindow, endpoint, fmtDur(win), dropRate),
+			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s without an accept; the app accepts again since %s ago, and the drops since are the stall's tail (waiting clients retrying together)", endpoint, int(backlog.V), fmtDur(run), fmtDur(now.Sub(end))),
+			Severity:    SeverityWarning,
+			Confidence:  0.8,
+			Evidence:    ev,
+			Artifacts:   arts,
+			Remediation: "The stall ended by itself; find what blocked the accepting/worker threads (blocking calls, CPU-heavy work on async workers) before it returns.",
+			Labels:      labels,
 		}, true
 	}
 
@@ -197,6 +216,32 @@ func fullRun(full []signals.Sample, now time.Time) (time.Duration, time.Time) {
 		start = full[i].T
 	}
 	return now.Sub(start), start
+}
+
+// longestRecentRun returns the longest run of full samples that ended at or
+// after since, and when it ended.
+func longestRecentRun(full []signals.Sample, since time.Time) (time.Duration, time.Time) {
+	var best time.Duration
+	var bestEnd time.Time
+	for i := 0; i < len(full); {
+		if full[i].V != 1 {
+			i++
+			continue
+		}
+		j := i
+		for j+1 < len(full) && full[j+1].V == 1 {
+			j++
+		}
+		end := full[j].T
+		if j+1 < len(full) {
+			end = full[j+1].T // the run lasted until the first sample that was not full
+		}
+		if d := end.Sub(full[i].T); !end.Before(since) && d > best {
+			best, bestEnd = d, end
+		}
+		i = j + 1
+	}
+	return best, bestEnd
 }
 
 func fraction(s []signals.Sample) float64 {

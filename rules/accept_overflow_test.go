@@ -115,6 +115,33 @@ func TestAcceptOverflowAppNotAccepting(t *testing.T) {
 	}
 }
 
+// After a stall the app accepts again; the drops of the last seconds are
+// the stall's, and must not be blamed on the backlog.
+func TestAcceptOverflowRecoveringStallKeepsCause(t *testing.T) {
+	now := time.Unix(10000, 0)
+	h := listenerHistory{backlog: 8, somaxconn: 4096,
+		qlen: func(age time.Duration) float64 {
+			if age > 500*time.Millisecond && age <= 3*time.Second {
+				return 9
+			}
+			return 0
+		},
+		drops: func(age time.Duration) float64 {
+			if age <= 1*time.Second {
+				return 30
+			}
+			return float64(30 - int(age.Seconds()*3))
+		},
+	}
+	obs := defaultAO().Evaluate(Window{Store: h.store(now), Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseAppNotAccepting {
+		t.Fatalf("got %+v, want app_not_accepting while the stall's drops are recent", obs)
+	}
+	if !strings.Contains(obs[0].RootCause, "accepts again") {
+		t.Errorf("root cause does not say the app recovered: %s", obs[0].RootCause)
+	}
+}
+
 func TestAcceptOverflowWaitsBeforeCallingAStall(t *testing.T) {
 	now := time.Unix(10000, 0)
 	h := listenerHistory{backlog: 8, somaxconn: 4096,

@@ -108,7 +108,9 @@ func (j *Journal) Open() ([]Finding, uint64) {
 	for _, f := range j.open {
 		out = append(out, f)
 	}
-	sort.Slice(out, func(a, b int) bool { return out[a].FirstSeen.Before(out[b].FirstSeen) || (out[a].FirstSeen.Equal(out[b].FirstSeen) && out[a].ID < out[b].ID) })
+	sort.Slice(out, func(a, b int) bool {
+		return out[a].FirstSeen.Before(out[b].FirstSeen) || (out[a].FirstSeen.Equal(out[b].FirstSeen) && out[a].ID < out[b].ID)
+	})
 	return out, j.seq
 }
 

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/prometheus/procfs"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Process is one incarnation of the target. A restart is a new Process
@@ -48,6 +50,8 @@ func (s Selector) String() string {
 	}
 	return "nothing"
 }
+
+const tcpListen = 10 // TCP_LISTEN, include/net/tcp_states.h
 
 // ErrNotFound means no process matches the selector right now.
 var ErrNotFound = errors.New("target not found")
@@ -162,15 +166,17 @@ func (r *Resolver) byCmd(re *regexp.Regexp) (Process, error) {
 }
 
 func (r *Resolver) byPort(port int) (Process, error) {
+	// sock_diag of the agent's own namespace: as a sidecar that is the
+	// pod's, where the app listens.
 	inodes := map[uint64]bool{}
-	for _, read := range []func() (procfs.NetTCP, error){r.fs.NetTCP, r.fs.NetTCP6} {
-		lines, err := read()
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return Process{}, fmt.Errorf("read /proc/net/tcp: %w", err)
+	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
+		socks, err := netlink.SocketDiagTCP(family)
+		if err != nil {
+			return Process{}, fmt.Errorf("sock_diag dump of TCP sockets: %w", err)
 		}
-		for _, l := range lines {
-			if l.St == 0x0A && int(l.LocalPort) == port {
-				inodes[l.Inode] = true
+		for _, s := range socks {
+			if s.State == tcpListen && int(s.ID.SourcePort) == port {
+				inodes[uint64(s.INode)] = true
 			}
 		}
 	}

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
+	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+)
+
+// Without BPF rights the agent keeps running on procfs and netlink, says
+// once what it lost, reports the probe failed in GetSnapshot, and still
+// names an accept-queue stall. The real binary runs with CAP_BPF,
+// CAP_PERFMON and CAP_SYS_ADMIN removed from its bounding set by setpriv.
+func TestAgentWithoutBPFRights(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to drop capabilities from")
+	}
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil {
+		t.Fatal("setpriv (util-linux) missing")
+	}
+	bin := filepath.Join(t.TempDir(), "culprit")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	s := testenv.Start(t, testenv.Options{Backlog: 4, Accept: false, SharedNetns: true})
+	grpcAddr := freeAddr(t)
+	cmd := exec.Command(setpriv, "--bounding-set", "-bpf,-perfmon,-sys_admin", "--inh-caps=-all", "--",
+		bin, "agent", "--pid", strconv.Itoa(s.PID), "--grpc-addr", grpcAddr, "--http-addr", freeAddr(t))
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
+	warned := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "eBPF probe unavailable") {
+				select {
+				case warned <- sc.Text():
+				default:
+				}
+			}
+		}
+	}()
+	c := client(t, grpcAddr)
+	waitWatching(t, c, s.Port)
+	snap, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var probe *culpritv1.ComponentStatus
+	for _, cs := range snap.Components {
+		if cs.Name == "tcplisten" {
+			probe = cs
+		}
+	}
+	if probe == nil || probe.State != "failed" || len(probe.Lost) == 0 {
+		t.Fatalf("snapshot does not report the probe failed with what is lost: %+v", probe)
+	}
+	select {
+	case line := <-warned:
+		if !strings.Contains(line, "lost=") {
+			t.Errorf("warning does not say what is lost: %s", line)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("no warning in the log about the missing probe")
+	}
+
+	events, _ := watch(t, c, 0)
+	s.MustDo(t, "dialasync 30")
+	ev, _ := next(t, events, 5*time.Second, isAcceptOverflow("", culpritv1.FindingEvent_TYPE_OPENED))
+	if ev.Finding.Cause != "app_not_accepting" {
+		t.Fatalf("cause = %s without eBPF, want app_not_accepting: %s", ev.Finding.Cause, ev.Finding.RootCause)
+	}
+	if !strings.Contains(ev.Finding.RootCause, "eBPF accept counts unavailable") {
+		t.Errorf("root cause does not say it inferred without eBPF: %s", ev.Finding.RootCause)
+	}
+}
