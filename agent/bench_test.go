@@ -55,6 +55,10 @@ func BenchmarkFaultToFinding(b *testing.B) {
 	b.ReportMetric(float64(f.Milliseconds()), "ms-to-finding(median)")
 	b.ReportMetric(float64(d.Milliseconds()), "ms-to-first-drop(median)")
 	b.ReportMetric(float64(f-d)/float64(time.Millisecond), "ms-agent-latency(median)")
+	// The floor the design allows: one fast sample plus stall_after.
+	def := DefaultConfig()
+	floor := def.Collect.FastInterval.D() + def.Rules.AcceptOverflow.StallAfter.D()
+	b.ReportMetric(float64(f)/float64(floor), "x-design-floor")
 }
 
 // BenchmarkAgentIdle measures the agent's CPU and RSS while it watches an
@@ -86,6 +90,7 @@ func BenchmarkAgentIdle(b *testing.B) {
 	b.ReportMetric(100*float64(baseCPU)/float64(span), "baseline-cpu-%")
 	b.ReportMetric(float64(rss2)/(1<<20), "agent-rss-MiB")
 	b.ReportMetric(float64(rss1)/(1<<20), "baseline-rss-MiB")
+	b.ReportMetric(float64(rss2)/float64(rss1), "rss-ratio")
 	_ = rss0
 }
 

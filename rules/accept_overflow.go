@@ -168,6 +168,17 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		}, true
 	}
 
+	// "Backlog too small" needs proof that the app accepts: the queue
+	// drained, or eBPF saw handshakes complete into freed slots. A queue
+	// one short of full with no accept is a stall that has not yet lasted
+	// stall_after (samples can land on the instant between an accept and
+	// the next arrival): wait.
+	qnow, _ := st.Latest("listen_queue_length", ls)
+	drained := qnow.V <= backlog.V/2
+	if !drained && !(opensKnown && st.Increase("tcp_listen_handshakes_total", portLs, now.Add(-r.o.Recent)) > 0) {
+		return Observation{}, false
+	}
+
 	// The queue drained after the drops: the app accepts, but bursts
 	// arrive faster than the queue can hold between two accepts.
 	capped := haveSomax && backlog.V >= somaxconn.V

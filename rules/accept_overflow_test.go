@@ -142,6 +142,30 @@ func TestAcceptOverflowRecoveringStallKeepsCause(t *testing.T) {
 	}
 }
 
+// Drops, the queue one short of full, no accept seen by eBPF: a stall that
+// has not lasted stall_after yet, not a small backlog.
+func TestAcceptOverflowNoBacklogVerdictWithoutAccepts(t *testing.T) {
+	now := time.Unix(10000, 0)
+	h := listenerHistory{backlog: 4, somaxconn: 4096,
+		qlen: func(age time.Duration) float64 {
+			if age < time.Second {
+				return 4
+			}
+			return 0
+		},
+		drops: func(age time.Duration) float64 {
+			if age < time.Second {
+				return 25
+			}
+			return 0
+		},
+		opens: func(age time.Duration) float64 { return 7 },
+	}
+	if obs := defaultAO().Evaluate(Window{Store: h.store(now), Now: now}); len(obs) != 0 {
+		t.Fatalf("judged without evidence of accepts: %s: %s", obs[0].Cause, obs[0].RootCause)
+	}
+}
+
 func TestAcceptOverflowWaitsBeforeCallingAStall(t *testing.T) {
 	now := time.Unix(10000, 0)
 	h := listenerHistory{backlog: 8, somaxconn: 4096,
