@@ -20,10 +20,8 @@ import (
 // polled every millisecond: the ratio says how much of the latency is the
 // agent's (sampling, stall_after, rule interval) rather than the kernel's.
 func BenchmarkFaultToFinding(b *testing.B) {
-	s := testenv.Start(b, testenv.Options{Backlog: 4, Accept: true})
-	a := startAgent(b, s.PID)
-	c := client(b, a.GRPCAddr)
-	waitWatching(b, c, s.Port)
+	sc := newScenario(b, testenv.Options{Backlog: 4, Accept: true})
+	s, c := sc.s, sc.c
 	events, _ := watch(b, c, 0)
 	var toFinding, toDrop []time.Duration
 	b.ResetTimer()

@@ -49,6 +49,23 @@ func startAgent(t testing.TB, pid int) *Agent {
 	return a
 }
 
+// scenario is a server child in its own netns and a real agent watching it,
+// with a gRPC client that has seen the agent sample the server's listener.
+type scenario struct {
+	s *testenv.Server
+	a *Agent
+	c culpritv1.DiagnosticsClient
+}
+
+func newScenario(t testing.TB, o testenv.Options) scenario {
+	t.Helper()
+	s := testenv.Start(t, o)
+	a := startAgent(t, s.PID)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, s.Port)
+	return scenario{s, a, c}
+}
+
 func client(t testing.TB, addr string) culpritv1.DiagnosticsClient {
 	t.Helper()
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -151,10 +168,8 @@ func isAcceptOverflow(cause string, typ culpritv1.FindingEvent_Type) func(*culpr
 // the client is disconnected, and resuming with since_sequence delivers it
 // exactly once.
 func TestAppNotAcceptingFindingOverGRPC(t *testing.T) {
-	s := testenv.Start(t, testenv.Options{Backlog: 4, Accept: false})
-	a := startAgent(t, s.PID)
-	c := client(t, a.GRPCAddr)
-	waitWatching(t, c, s.Port)
+	sc := newScenario(t, testenv.Options{Backlog: 4, Accept: false})
+	s, a, c := sc.s, sc.a, sc.c
 	events, stop := watch(t, c, 0)
 
 	start := time.Now()
@@ -241,10 +256,8 @@ func TestAppNotAcceptingFindingOverGRPC(t *testing.T) {
 // Bursts of short connections overflow a small backlog while the app keeps
 // accepting: the finding must say "backlog too small", not "not accepting".
 func TestBacklogTooSmallFinding(t *testing.T) {
-	s := testenv.Start(t, testenv.Options{Backlog: 2, Accept: true})
-	a := startAgent(t, s.PID)
-	c := client(t, a.GRPCAddr)
-	waitWatching(t, c, s.Port)
+	sc := newScenario(t, testenv.Options{Backlog: 2, Accept: true})
+	s, c := sc.s, sc.c
 	events, _ := watch(t, c, 0)
 
 	match := isAcceptOverflow("", culpritv1.FindingEvent_TYPE_OPENED)
@@ -282,10 +295,8 @@ func TestBacklogTooSmallFinding(t *testing.T) {
 
 // Healthy load against an adequate backlog raises nothing.
 func TestHealthyLoadRaisesNoFinding(t *testing.T) {
-	s := testenv.Start(t, testenv.Options{Backlog: 512, Accept: true})
-	a := startAgent(t, s.PID)
-	c := client(t, a.GRPCAddr)
-	waitWatching(t, c, s.Port)
+	sc := newScenario(t, testenv.Options{Backlog: 512, Accept: true})
+	s, c := sc.s, sc.c
 	events, _ := watch(t, c, 0)
 	end := time.Now().Add(4 * time.Second)
 	total := 0
