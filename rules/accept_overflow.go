@@ -81,7 +81,11 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	fullFrac := fraction(full)
 	qpeak := peak(st.Range("listen_queue_length", ls, now.Add(-r.o.Window)))
 	portLs := signals.L("port", port)
-	opensKnown := len(st.Range("tcp_listen_handshakes_total", portLs, now.Add(-freshness))) > 0
+	// The probe writes its own event counter every poll while it runs; a
+	// port with no handshake series then simply had none (a queue full
+	// since before the agent started), which is not "unknown".
+	opensKnown := len(st.Range("tcp_listen_handshakes_total", portLs, now.Add(-freshness))) > 0 ||
+		len(st.Range("probe_events_total", signals.L("probe", "tcplisten"), now.Add(-freshness))) > 0
 	opensWindow := st.Increase("tcp_listen_handshakes_total", portLs, now.Add(-r.o.Window))
 	somaxconn, haveSomax := st.Latest("sysctl", signals.L("name", "net.core.somaxconn"))
 	abortOnOverflow, _ := st.Latest("sysctl", signals.L("name", "net.ipv4.tcp_abort_on_overflow"))

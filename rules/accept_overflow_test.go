@@ -220,3 +220,22 @@ func TestAcceptOverflowBacklogTooSmall(t *testing.T) {
 		t.Errorf("symptom %q does not count the drops", o.Symptom)
 	}
 }
+
+// The probe runs but saw no handshake on the port at all (its queue was
+// full before the agent started): that is zero accepts, not "unknown".
+func TestAcceptOverflowProbeRunningNoHandshakes(t *testing.T) {
+	now := time.Unix(10000, 0)
+	h := listenerHistory{backlog: 16, somaxconn: 4096,
+		qlen:  func(time.Duration) float64 { return 17 },
+		drops: func(age time.Duration) float64 { return 300 - age.Seconds()*30 },
+	}
+	st := h.store(now)
+	st.Put(&signals.Desc{Name: "probe_events_total", Kind: signals.Counter}, signals.L("probe", "tcplisten"), 0, now)
+	obs := defaultAO().Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseAppNotAccepting {
+		t.Fatalf("got %+v", obs)
+	}
+	if !strings.Contains(obs[0].RootCause, "accepted no connection") || obs[0].Confidence < 0.85 {
+		t.Errorf("probe running but treated as unavailable: %s (confidence %v)", obs[0].RootCause, obs[0].Confidence)
+	}
+}
