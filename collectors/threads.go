@@ -46,7 +46,8 @@ var syscallNamesAMD64 = map[int]string{
 	75: "fdatasync", 128: "rt_sigtimedwait", 202: "futex", 230: "clock_nanosleep",
 	232: "epoll_wait", 257: "openat", 270: "pselect6", 271: "ppoll",
 	277: "sync_file_range", 281: "epoll_pwait", 288: "accept4", 426: "io_uring_enter",
-	441: "epoll_pwait2",
+	441: "epoll_pwait2", 34: "pause", 130: "rt_sigsuspend", 16: "ioctl", 72: "fcntl",
+	19: "readv", 20: "writev", 299: "recvmmsg", 307: "sendmmsg",
 }
 
 func syscallName(nr int) string {

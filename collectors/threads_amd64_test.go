@@ -20,7 +20,9 @@ func TestSyscallNamesAMD64(t *testing.T) {
 		unix.SYS_OPENAT: "openat", unix.SYS_PSELECT6: "pselect6", unix.SYS_PPOLL: "ppoll",
 		unix.SYS_SYNC_FILE_RANGE: "sync_file_range", unix.SYS_EPOLL_PWAIT: "epoll_pwait",
 		unix.SYS_ACCEPT4: "accept4", unix.SYS_IO_URING_ENTER: "io_uring_enter",
-		unix.SYS_EPOLL_PWAIT2: "epoll_pwait2",
+		unix.SYS_EPOLL_PWAIT2: "epoll_pwait2", unix.SYS_PAUSE: "pause", unix.SYS_RT_SIGSUSPEND: "rt_sigsuspend",
+		unix.SYS_IOCTL: "ioctl", unix.SYS_FCNTL: "fcntl", unix.SYS_READV: "readv", unix.SYS_WRITEV: "writev",
+		unix.SYS_RECVMMSG: "recvmmsg", unix.SYS_SENDMMSG: "sendmmsg",
 	}
 	for nr, name := range want {
 		if got := syscallName(nr); got != name {

@@ -135,27 +135,43 @@ func (r *Resolver) byCmd(re *regexp.Regexp) (Process, error) {
 	if err != nil {
 		return Process{}, fmt.Errorf("list processes: %w", err)
 	}
-	// The oldest match wins: a supervisor's children or a shell that
-	// mentions the pattern are younger than the service in the common case,
-	// and the choice stays stable across polls.
-	var best Process
-	found := false
+	// A wrapper (timeout, sh -c, tini) repeats its child's command line,
+	// so a match whose child also matches is passed over for the child.
+	// Among the rest the oldest wins: a shell that merely mentions the
+	// pattern is younger than the service in the common case, and the
+	// choice stays stable across polls.
+	matches := map[int]int{} // pid -> parent pid
 	for _, proc := range procs {
 		if proc.PID == r.self {
 			continue
 		}
 		args, err := proc.CmdLine()
-		if err != nil || len(args) == 0 {
+		if err != nil || len(args) == 0 || !re.MatchString(strings.Join(args, " ")) {
 			continue
 		}
-		if !re.MatchString(strings.Join(args, " ")) {
-			continue
-		}
-		p, err := r.describe(proc.PID)
+		st, err := proc.Stat()
 		if err != nil {
 			continue
 		}
-		if !found || p.StartTime < best.StartTime {
+		matches[proc.PID] = st.PPID
+	}
+	wrappers := map[int]bool{}
+	for _, ppid := range matches {
+		if _, ok := matches[ppid]; ok {
+			wrappers[ppid] = true
+		}
+	}
+	var best Process
+	found := false
+	for pid := range matches {
+		if wrappers[pid] {
+			continue
+		}
+		p, err := r.describe(pid)
+		if err != nil {
+			continue
+		}
+		if !found || p.StartTime < best.StartTime || (p.StartTime == best.StartTime && p.PID < best.PID) {
 			best, found = p, true
 		}
 	}

@@ -52,6 +52,24 @@ func TestResolveByPIDCmdAndPort(t *testing.T) {
 	}
 }
 
+// A wrapper repeats its child's command line (timeout, sh -c): the child,
+// which does the work, is chosen.
+func TestResolveByCmdSkipsWrapper(t *testing.T) {
+	r, err := NewResolver("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrapper := exec.Command("timeout", "60", "sleep", "62")
+	if err := wrapper.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { wrapper.Process.Kill(); wrapper.Wait() })
+	waitFor(t, func() bool {
+		p, err := r.Resolve(Selector{Cmd: regexp.MustCompile(`sleep 62$`)})
+		return err == nil && p.PID != wrapper.Process.Pid && p.Comm == "sleep"
+	})
+}
+
 // The target restarts under a new PID: the tracker finds it again.
 func TestTrackerRefindsRestartedTarget(t *testing.T) {
 	r, err := NewResolver("/proc")
