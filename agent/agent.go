@@ -208,12 +208,32 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 // allRules is the one place rules are registered.
 func allRules(cfg Config) []rules.Rule {
 	ao := cfg.Rules.AcceptOverflow
+	heapFresh := 3 * cfg.Pprof.Interval.D()
+	fd, rh, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.OOMAhead
 	return []rules.Rule{
 		rules.NewAcceptOverflow(rules.AcceptOverflowOptions{
 			Window:     ao.Window.D(),
 			Recent:     ao.Recent.D(),
 			StallAfter: ao.StallAfter.D(),
 			MinDrops:   float64(ao.MinDrops),
+		}),
+		rules.NewFDExhaustion(rules.FDExhaustionOptions{
+			Window:      fd.Window.D(),
+			NearRatio:   fd.NearRatio,
+			MinIncrease: float64(fd.MinIncrease),
+			Steady:      fd.Steady,
+			Horizon:     fd.Horizon.D(),
+		}),
+		rules.NewRSSWithoutHeap(rules.RSSWithoutHeapOptions{
+			Window:    rh.Window.D(),
+			MinGap:    float64(rh.MinGapBytes),
+			MinRatio:  rh.MinRatio,
+			HeapFresh: heapFresh,
+		}),
+		rules.NewOOMAhead(rules.OOMAheadOptions{
+			NearRatio: om.NearRatio,
+			Window:    om.Window.D(),
+			HeapFresh: heapFresh,
 		}),
 	}
 }

@@ -79,7 +79,36 @@ type Config struct {
 			StallAfter Duration `toml:"stall_after"`
 			MinDrops   int      `toml:"min_drops"`
 		} `toml:"accept_overflow"`
+		FDExhaustion struct {
+			Window      Duration `toml:"window"`
+			NearRatio   float64  `toml:"near_ratio"`
+			MinIncrease int      `toml:"min_increase"`
+			Steady      float64  `toml:"steady"`
+			Horizon     Duration `toml:"horizon"`
+		} `toml:"fd_exhaustion"`
+		RSSWithoutHeap struct {
+			Window      Duration `toml:"window"`
+			MinGapBytes int64    `toml:"min_gap_bytes"`
+			MinRatio    float64  `toml:"min_ratio"`
+		} `toml:"rss_without_heap"`
+		HeapLeak struct {
+			Window         Duration `toml:"window"`
+			MinGrowthBytes int64    `toml:"min_growth_bytes"`
+			Steady         float64  `toml:"steady"`
+			TopSites       int      `toml:"top_sites"`
+		} `toml:"heap_leak"`
+		OOMAhead struct {
+			NearRatio float64  `toml:"near_ratio"`
+			Window    Duration `toml:"window"`
+		} `toml:"oom_ahead"`
 	} `toml:"rules"`
+	Pprof struct {
+		HeapURL  string   `toml:"heap_url"`
+		Interval Duration `toml:"interval"`
+		Timeout  Duration `toml:"timeout"`
+		MaxBytes int64    `toml:"max_bytes"`
+		Keep     int      `toml:"keep"`
+	} `toml:"pprof"`
 	Findings struct {
 		History  int `toml:"history"`
 		MaxBatch int `toml:"max_batch"`
@@ -116,6 +145,25 @@ func DefaultConfig() Config {
 	c.Rules.AcceptOverflow.Recent = Duration(2 * time.Second)
 	c.Rules.AcceptOverflow.StallAfter = Duration(300 * time.Millisecond)
 	c.Rules.AcceptOverflow.MinDrops = 1
+	c.Rules.FDExhaustion.Window = Duration(time.Minute)
+	c.Rules.FDExhaustion.NearRatio = 0.8
+	c.Rules.FDExhaustion.MinIncrease = 20
+	c.Rules.FDExhaustion.Steady = 0.8
+	c.Rules.FDExhaustion.Horizon = Duration(time.Hour)
+	c.Rules.RSSWithoutHeap.Window = Duration(time.Minute)
+	c.Rules.RSSWithoutHeap.MinGapBytes = 256 << 20
+	c.Rules.RSSWithoutHeap.MinRatio = 0.5
+	c.Rules.HeapLeak.Window = Duration(2 * time.Minute)
+	c.Rules.HeapLeak.MinGrowthBytes = 32 << 20
+	c.Rules.HeapLeak.Steady = 0.7
+	c.Rules.HeapLeak.TopSites = 5
+	c.Rules.OOMAhead.NearRatio = 0.9
+	c.Rules.OOMAhead.Window = Duration(5 * time.Minute)
+	c.Pprof.HeapURL = ""
+	c.Pprof.Interval = Duration(10 * time.Second)
+	c.Pprof.Timeout = Duration(5 * time.Second)
+	c.Pprof.MaxBytes = 32 << 20
+	c.Pprof.Keep = 8
 	c.Findings.History = 4096
 	c.Findings.MaxBatch = 256
 	return c
@@ -218,6 +266,13 @@ func (c *Config) Validate() error {
 		{"rules.accept_overflow.window", c.Rules.AcceptOverflow.Window.D()},
 		{"rules.accept_overflow.recent", c.Rules.AcceptOverflow.Recent.D()},
 		{"rules.accept_overflow.stall_after", c.Rules.AcceptOverflow.StallAfter.D()},
+		{"rules.fd_exhaustion.window", c.Rules.FDExhaustion.Window.D()},
+		{"rules.fd_exhaustion.horizon", c.Rules.FDExhaustion.Horizon.D()},
+		{"rules.rss_without_heap.window", c.Rules.RSSWithoutHeap.Window.D()},
+		{"rules.heap_leak.window", c.Rules.HeapLeak.Window.D()},
+		{"rules.oom_ahead.window", c.Rules.OOMAhead.Window.D()},
+		{"pprof.interval", c.Pprof.Interval.D()},
+		{"pprof.timeout", c.Pprof.Timeout.D()},
 	}
 	for _, p := range positive {
 		if p.v <= 0 {
@@ -236,6 +291,38 @@ func (c *Config) Validate() error {
 		{"rules.accept_overflow.min_drops", c.Rules.AcceptOverflow.MinDrops, 1},
 		{"findings.history", c.Findings.History, 16},
 		{"findings.max_batch", c.Findings.MaxBatch, 1},
+		{"rules.fd_exhaustion.min_increase", c.Rules.FDExhaustion.MinIncrease, 1},
+		{"rules.heap_leak.top_sites", c.Rules.HeapLeak.TopSites, 1},
+		{"pprof.keep", c.Pprof.Keep, 2},
+	}
+	for _, r := range []struct {
+		key string
+		v   float64
+	}{
+		{"rules.fd_exhaustion.near_ratio", c.Rules.FDExhaustion.NearRatio},
+		{"rules.fd_exhaustion.steady", c.Rules.FDExhaustion.Steady},
+		{"rules.rss_without_heap.min_ratio", c.Rules.RSSWithoutHeap.MinRatio},
+		{"rules.heap_leak.steady", c.Rules.HeapLeak.Steady},
+		{"rules.oom_ahead.near_ratio", c.Rules.OOMAhead.NearRatio},
+	} {
+		if r.v <= 0 || r.v > 1 {
+			return bad(r.key, "must be a ratio in (0, 1], got %g", r.v)
+		}
+	}
+	for _, b := range []struct {
+		key string
+		v   int64
+	}{
+		{"rules.rss_without_heap.min_gap_bytes", c.Rules.RSSWithoutHeap.MinGapBytes},
+		{"rules.heap_leak.min_growth_bytes", c.Rules.HeapLeak.MinGrowthBytes},
+		{"pprof.max_bytes", c.Pprof.MaxBytes},
+	} {
+		if b.v < 1 {
+			return bad(b.key, "must be a positive number of bytes, got %d", b.v)
+		}
+	}
+	if u := c.Pprof.HeapURL; u != "" && !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
+		return bad("pprof.heap_url", "must be an http:// or https:// URL, got %q", u)
 	}
 	for _, n := range counts {
 		if n.v < n.min {
@@ -352,6 +439,18 @@ func (c *Config) Set(key, value string) error {
 		*p = value
 	case *int:
 		n, err := strconv.Atoi(value)
+		if err != nil {
+			return bad(fmt.Errorf("want an integer, got %q", value))
+		}
+		*p = n
+	case *float64:
+		f, err := strconv.ParseFloat(value, 64)
+		if err != nil {
+			return bad(fmt.Errorf("want a number, got %q", value))
+		}
+		*p = f
+	case *int64:
+		n, err := strconv.ParseInt(value, 10, 64)
 		if err != nil {
 			return bad(fmt.Errorf("want an integer, got %q", value))
 		}
