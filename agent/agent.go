@@ -121,6 +121,9 @@ func cmdAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 		defer demo.stop()
 		cfg.Target.PID = demo.pid
+		if cfg.Pprof.HeapURL == "" {
+			cfg.Pprof.HeapURL = "http://" + demoControl + "/debug/pprof/heap"
+		}
 		fmt.Fprintf(stdout, "No target given: watching the built-in demo (pid %d) on http://%s.\n"+
 			"Make it stop accepting and load it:  curl -s -XPOST 'http://%s/fault/stop-accepting?seconds=15&load=64'\n"+
 			"Or overflow its small backlog in bursts:  curl -s -XPOST 'http://%s/fault/burst?conns=300&rounds=5'\n",

@@ -8,9 +8,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
+	"os"
 	"strconv"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/internal/faults"
 )
@@ -56,6 +60,12 @@ type demo struct {
 	mu      sync.Mutex
 	reopen  *time.Timer
 	loadCtx context.Context
+
+	// Held on purpose by the memory and FD faults.
+	leakMu   sync.Mutex
+	leaked   [][]byte
+	retained [][]byte
+	fds      []*os.File
 }
 
 func newDemo(addr string, backlog int) (*demo, error) {
@@ -121,7 +131,35 @@ func (d *demo) controlMux() *http.ServeMux {
   POST /fault/stop-accepting?seconds=15&load=64   stop accepting for N s, and open M connections to itself
   POST /fault/burst?conns=300&rounds=5            bursts of short connections against the small backlog
   POST /fault/accept                              accept again now
+  POST /fault/leak-heap?mb=8&every=1s&for=60s     grow the live heap (a leak the heap profile shows)
+  POST /fault/retain?mb=512                       resident memory outside the heap (allocator retention)
+  POST /fault/leak-fds?n=10&every=1s&for=60s      open pipes and never close them
+  POST /fault/release                             free all of it
+  GET  /debug/pprof/heap                          the demo's heap profile (pprof.heap_url)
 `, d.addr)
+	})
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("POST /fault/leak-heap", func(w http.ResponseWriter, r *http.Request) {
+		d.repeat(w, r, "mb", 8, 1024, func(n int) { d.leakHeap(n) }, "MiB of heap leaked")
+	})
+	mux.HandleFunc("POST /fault/leak-fds", func(w http.ResponseWriter, r *http.Request) {
+		d.repeat(w, r, "n", 10, 10000, func(n int) { d.leakFDs(n) }, "pipes leaked")
+	})
+	mux.HandleFunc("POST /fault/retain", func(w http.ResponseWriter, r *http.Request) {
+		mb, err := intParam(r, "mb", 512, 16384)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if err := d.retain(mb); err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		fmt.Fprintf(w, "%d MiB resident outside the Go heap\n", mb)
+	})
+	mux.HandleFunc("POST /fault/release", func(w http.ResponseWriter, _ *http.Request) {
+		d.release()
+		fmt.Fprintln(w, "released heap, retained memory and FDs")
 	})
 	mux.HandleFunc("POST /fault/stop-accepting", func(w http.ResponseWriter, r *http.Request) {
 		secs, err := intParam(r, "seconds", 15, 3600)
@@ -157,6 +195,110 @@ func (d *demo) controlMux() *http.ServeMux {
 		fmt.Fprintf(w, "%d bursts of %d connections against %s: %d established\n", rounds, conns, d.addr, est)
 	})
 	return mux
+}
+
+// repeat runs f(n) every `every` for `for`, in the background, so a leak
+// grows the way a real one does: steadily.
+func (d *demo) repeat(w http.ResponseWriter, r *http.Request, param string, def, max int, f func(int), what string) {
+	n, err := intParam(r, param, def, max)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	every, err := durParam(r, "every", time.Second)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	total, err := durParam(r, "for", 0)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	f(n)
+	if total > 0 {
+		go func() {
+			for end := time.Now().Add(total); time.Now().Before(end); {
+				time.Sleep(every)
+				f(n)
+			}
+		}()
+	}
+	fmt.Fprintf(w, "%d %s, every %s for %s\n", n, what, every, total)
+}
+
+func durParam(r *http.Request, name string, def time.Duration) (time.Duration, error) {
+	s := r.URL.Query().Get(name)
+	if s == "" {
+		return def, nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil || v < 0 || v > 24*time.Hour {
+		return 0, fmt.Errorf("%s must be a duration like 1s", name)
+	}
+	if name == "every" && v < 10*time.Millisecond {
+		return 0, fmt.Errorf("every must be at least 10ms")
+	}
+	return v, nil
+}
+
+// leakHeap keeps n MiB reachable. Its own function, never inlined, so the
+// heap profile names it as the allocation site.
+//
+//go:noinline
+func (d *demo) leakHeap(n int) {
+	d.leakMu.Lock()
+	defer d.leakMu.Unlock()
+	for i := 0; i < n; i++ {
+		b := make([]byte, 1<<20)
+		for j := 0; j < len(b); j += 4096 {
+			b[j] = 1 // resident, not just reserved
+		}
+		d.leaked = append(d.leaked, b)
+	}
+}
+
+// retain maps memory outside the Go heap and touches it: resident, but no
+// heap profile accounts for it — what an allocator keeping freed arenas
+// looks like from outside.
+func (d *demo) retain(mb int) error {
+	b, err := unix.Mmap(-1, 0, mb<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		return fmt.Errorf("mmap %d MiB: %w", mb, err)
+	}
+	for i := 0; i < len(b); i += 4096 {
+		b[i] = 1
+	}
+	d.leakMu.Lock()
+	d.retained = append(d.retained, b)
+	d.leakMu.Unlock()
+	return nil
+}
+
+func (d *demo) leakFDs(n int) {
+	d.leakMu.Lock()
+	defer d.leakMu.Unlock()
+	for i := 0; i < n; i++ {
+		r, w, err := os.Pipe()
+		if err != nil {
+			return // EMFILE: the fault has done its work
+		}
+		d.fds = append(d.fds, r, w)
+	}
+}
+
+func (d *demo) release() {
+	d.leakMu.Lock()
+	defer d.leakMu.Unlock()
+	d.leaked = nil
+	for _, b := range d.retained {
+		unix.Munmap(b)
+	}
+	d.retained = nil
+	for _, f := range d.fds {
+		f.Close()
+	}
+	d.fds = nil
 }
 
 // stopAccepting closes the gate for dur, then opens it again; load opens
