@@ -44,7 +44,9 @@ func TestHeapLeakSilentOnSawtoothHeap(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
 	// GC sawtooth: up 10 MiB, then back down, around 100 MiB.
-	series(st, dHeap, nil, now, func(age time.Duration) float64 { return float64(100<<20) + float64(int(age.Seconds())%5)*float64(2<<20) })
+	series(st, dHeap, nil, now, func(age time.Duration) float64 {
+		return float64(100<<20) + float64(int(age.Seconds())%5)*float64(2<<20)
+	})
 	if obs := heapRule(nil).Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Fatalf("sawtooth heap raised %+v", obs[0])
 	}
