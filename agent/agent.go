@@ -146,6 +146,7 @@ type Agent struct {
 	Store              *signals.Store
 	Journal            *rules.Journal
 	Tracker            *target.Tracker
+	Profiles           *signals.Profiles
 
 	log     *slog.Logger
 	cancel  context.CancelFunc
@@ -174,7 +175,8 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	ctx, cancel := context.WithCancel(parent)
 	a := &Agent{
 		Store:   signals.New(cfg.Signals.RingSize, cfg.Signals.MaxSeries),
-		Journal: rules.NewJournal(cfg.Findings.History),
+		Journal:  rules.NewJournal(cfg.Findings.History),
+		Profiles: signals.NewProfiles(cfg.Pprof.Keep),
 		log:     log,
 		cancel:  cancel,
 	}
@@ -191,7 +193,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	}
 	a.startProbes(ctx, cfg)
 
-	eng := rules.NewEngine(allRules(cfg), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
+	eng := rules.NewEngine(allRules(cfg, a.Profiles), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
 		Interval:          cfg.Rules.Interval.D(),
 		MinGap:            cfg.Rules.MinGap.D(),
 		ResolveAfter:      cfg.Rules.ResolveAfter.D(),
@@ -209,10 +211,10 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 }
 
 // allRules is the one place rules are registered.
-func allRules(cfg Config) []rules.Rule {
+func allRules(cfg Config, profiles *signals.Profiles) []rules.Rule {
 	ao := cfg.Rules.AcceptOverflow
 	heapFresh := 3 * cfg.Pprof.Interval.D()
-	fd, rh, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.OOMAhead
+	fd, rh, hl, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.HeapLeak, cfg.Rules.OOMAhead
 	return []rules.Rule{
 		rules.NewAcceptOverflow(rules.AcceptOverflowOptions{
 			Window:     ao.Window.D(),
@@ -233,6 +235,13 @@ func allRules(cfg Config) []rules.Rule {
 			MinRatio:  rh.MinRatio,
 			HeapFresh: heapFresh,
 		}),
+		rules.NewHeapLeak(rules.HeapLeakOptions{
+			Window:    hl.Window.D(),
+			MinGrowth: float64(hl.MinGrowthBytes),
+			Steady:    hl.Steady,
+			TopSites:  hl.TopSites,
+			HeapFresh: heapFresh,
+		}, heapHistory{profiles}),
 		rules.NewOOMAhead(rules.OOMAheadOptions{
 			NearRatio: om.NearRatio,
 			Window:    om.Window.D(),
@@ -297,6 +306,18 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 		}
 		a.goRun(func() { a.runCollector(ctx, c, interval) })
 	}
+	// The heap puller needs the profile store, so it is wired here rather
+	// than through the registry.
+	if cfg.Pprof.HeapURL == "" {
+		a.Store.SetStatus(signals.Status{Component: "pprof_heap", Kind: "collector", State: signals.StateDisabled,
+			Detail: "pprof.heap_url is empty: no heap source",
+			Lost:   []string{"heap_leak: allocation sites (RSS growth is reported with the heap unknown)", "rss_without_heap", "oom_ahead: heap vs allocator split"}})
+		return nil
+	}
+	ph := collectors.NewPprofHeap(collectors.Options{ProcRoot: cfg.Collect.ProcRoot, Log: a.log.With("collector", "pprof_heap")},
+		collectors.PprofOptions{URL: cfg.Pprof.HeapURL, Timeout: cfg.Pprof.Timeout.D(), MaxBytes: cfg.Pprof.MaxBytes, Interval: cfg.Pprof.Interval.D()}, a.Profiles)
+	a.closers = append(a.closers, ph)
+	a.goRun(func() { a.runCollector(ctx, ph, cfg.Collect.Interval.D()) })
 	return nil
 }
 

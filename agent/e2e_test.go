@@ -26,10 +26,11 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // loopback ports.
 func startAgent(t testing.TB, pid int) *Agent {
 	t.Helper()
-	cfg := DefaultConfig()
-	cfg.Agent.HTTPAddr = "127.0.0.1:0"
-	cfg.Agent.GRPCAddr = "127.0.0.1:0"
-	cfg.Target.PID = pid
+	return startAgentConfig(t, testConfig(t, pid))
+}
+
+func startAgentConfig(t testing.TB, cfg Config) *Agent {
+	t.Helper()
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}

@@ -5,7 +5,6 @@ import (
 	"context"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -27,10 +26,7 @@ func TestAgentWithoutBPFRights(t *testing.T) {
 	if err != nil {
 		t.Fatal("setpriv (util-linux) missing")
 	}
-	bin := filepath.Join(t.TempDir(), "culprit")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
+	bin := culpritBinary(t)
 	s := testenv.Start(t, testenv.Options{Backlog: 4, Accept: false, SharedNetns: true})
 	grpcAddr := freeAddr(t)
 	cmd := exec.Command(setpriv, "--bounding-set", "-bpf,-perfmon,-sys_admin", "--inh-caps=-all", "--",

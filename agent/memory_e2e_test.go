@@ -1,0 +1,139 @@
+package main
+
+import (
+	"bufio"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+)
+
+var (
+	buildOnce sync.Once
+	builtBin  string
+	buildErr  error
+)
+
+// culpritBinary builds bin/culprit once per test run, for tests that need
+// the real program as a separate process (a target, or the agent itself).
+func culpritBinary(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "culprit-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		builtBin = filepath.Join(dir, "culprit")
+		if out, err := exec.Command("go", "build", "-o", builtBin, ".").CombinedOutput(); err != nil {
+			buildErr = err
+			builtBin = string(out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatalf("build culprit: %v\n%s", buildErr, builtBin)
+	}
+	return builtBin
+}
+
+// demoProcess runs `culprit demo` on ephemeral loopback ports and returns
+// its pid and fault-switch base URL.
+func demoProcess(t testing.TB) (pid int, control string) {
+	t.Helper()
+	cmd := exec.Command(culpritBinary(t), "demo", "--addr", "127.0.0.1:0", "--control", "127.0.0.1:0")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatalf("demo did not start: %v", err)
+	}
+	m := regexp.MustCompile(`fault switches on (http://\S+)`).FindStringSubmatch(line)
+	if m == nil {
+		t.Fatalf("unexpected demo greeting %q", line)
+	}
+	go io.Copy(io.Discard, out)
+	return cmd.Process.Pid, m[1]
+}
+
+func post(t testing.TB, url string) {
+	t.Helper()
+	resp, err := http.Post(url, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("POST %s: %s %s", url, resp.Status, body)
+	}
+}
+
+// A Go service leaks heap steadily; the agent pulls its real heap profile
+// over HTTP, sees the live heap grow, and names the leaking function from
+// the diff of two profiles.
+func TestHeapLeakFindingNamesTheFunction(t *testing.T) {
+	pid, control := demoProcess(t)
+	cfg := testConfig(t, pid)
+	cfg.Pprof.HeapURL = control + "/debug/pprof/heap"
+	cfg.Pprof.Interval = Duration(time.Second)
+	cfg.Rules.HeapLeak.Window = Duration(8 * time.Second)
+	cfg.Rules.HeapLeak.MinGrowthBytes = 16 << 20
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	events, _ := watch(t, c, 0)
+
+	// Healthy first: a few profiles of a steady heap raise nothing.
+	select {
+	case ev := <-events:
+		t.Fatalf("steady demo raised %v", ev)
+	case <-time.After(4 * time.Second):
+	}
+	post(t, control+"/fault/leak-heap?mb=4&every=500ms&for=30s")
+	ev, skipped := next(t, events, 30*time.Second, func(ev *culpritv1.FindingEvent) bool {
+		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "heap_leak"
+	})
+	for _, s := range skipped {
+		if s.Finding != nil && s.Finding.Rule != "heap_leak" {
+			t.Errorf("unrelated finding during a heap leak: %s %s", s.Finding.Rule, s.Finding.Cause)
+		}
+	}
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.RootCause)
+	if f.Cause != "heap_leak" {
+		t.Fatalf("cause %s: %s", f.Cause, f.RootCause)
+	}
+	named := false
+	for _, a := range f.Artifacts {
+		if a.Kind == "frame" && strings.Contains(a.Value, "leakHeap") {
+			named = true
+		}
+	}
+	if !named {
+		t.Fatalf("the heap diff does not name demo.leakHeap: %+v / %s", f.Artifacts, f.RootCause)
+	}
+}
+
+// testConfig is the agent's defaults on ephemeral loopback ports, watching pid.
+func testConfig(t testing.TB, pid int) Config {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.Agent.HTTPAddr = "127.0.0.1:0"
+	cfg.Agent.GRPCAddr = "127.0.0.1:0"
+	cfg.Target.PID = pid
+	return cfg
+}
