@@ -174,11 +174,11 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	}
 	ctx, cancel := context.WithCancel(parent)
 	a := &Agent{
-		Store:   signals.New(cfg.Signals.RingSize, cfg.Signals.MaxSeries),
+		Store:    signals.New(cfg.Signals.RingSize, cfg.Signals.MaxSeries),
 		Journal:  rules.NewJournal(cfg.Findings.History),
 		Profiles: signals.NewProfiles(cfg.Pprof.Keep),
-		log:     log,
-		cancel:  cancel,
+		log:      log,
+		cancel:   cancel,
 	}
 	a.Tracker = target.NewTracker(res, sel, cfg.Target.RefindInterval.D(), log)
 	a.Tracker.Refresh()
