@@ -4,14 +4,11 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -22,23 +19,31 @@ import (
 
 const roleEnv = "CULPRIT_TESTENV_ROLE"
 
-// Main must be called from TestMain of every package that uses Start: in
-// the re-executed child it runs the server role and exits.
+// Main must be called from TestMain of every package that uses Start or
+// StartLeaker: in the re-executed child it runs the child's role (server
+// or leaker) and exits.
 func Main(m interface{ Run() int }) {
-	if os.Getenv(roleEnv) == "server" {
+	switch os.Getenv(roleEnv) {
+	case "server":
 		os.Exit(serverMain())
+	case "leaker":
+		os.Exit(leakerMain())
 	}
 	os.Exit(m.Run())
 }
 
-// Server is a child process listening in its own network namespace.
+// Server is a child process listening in its own network namespace. Its
+// commands (Do):
+//
+//	accept on|off   open or close the accept gate
+//	dial N          open N connections and keep them (answers "ok N established")
+//	dialasync N     start opening N connections in the background, answer at once
+//	burst N         open N connections and close each once established
+//	close           close every kept client connection
 type Server struct {
 	PID  int
 	Port int
-	cmd  *exec.Cmd
-	in   io.WriteCloser
-	out  *bufio.Reader
-	mu   sync.Mutex
+	*child
 }
 
 // Options for Start.
@@ -54,99 +59,14 @@ type Options struct {
 // network namespace needs root, which CI has).
 func Start(t testing.TB, o Options) *Server {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), roleEnv+"=server",
+	c, greeting := startChild(t, "server", o.SharedNetns,
 		"CULPRIT_TESTENV_BACKLOG="+strconv.Itoa(o.Backlog),
 		"CULPRIT_TESTENV_ACCEPT="+strconv.FormatBool(o.Accept))
-	if !o.SharedNetns {
-		cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
-	}
-	cmd.Stderr = os.Stderr
-	in, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatalf("testenv: stdin: %v", err)
-	}
-	outp, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatalf("testenv: stdout: %v", err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("testenv: start server child (needs root for a network namespace): %v", err)
-	}
-	s := &Server{PID: cmd.Process.Pid, cmd: cmd, in: in, out: bufio.NewReader(outp)}
-	t.Cleanup(s.Close)
-	line, err := s.read()
-	if err != nil {
-		t.Fatalf("testenv: server child did not start: %v", err)
-	}
-	if _, err := fmt.Sscanf(line, "port %d", &s.Port); err != nil {
-		t.Fatalf("testenv: unexpected greeting %q", line)
+	s := &Server{PID: c.pid, child: c}
+	if _, err := fmt.Sscanf(greeting, "port %d", &s.Port); err != nil {
+		t.Fatalf("testenv: unexpected greeting %q", greeting)
 	}
 	return s
-}
-
-func (s *Server) read() (string, error) {
-	type res struct {
-		l   string
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() {
-		l, err := s.out.ReadString('\n')
-		ch <- res{strings.TrimSpace(l), err}
-	}()
-	select {
-	case r := <-ch:
-		return r.l, r.err
-	case <-time.After(30 * time.Second):
-		return "", fmt.Errorf("no answer from server child in 30s")
-	}
-}
-
-// Do sends one command and returns the child's answer:
-//
-//	accept on|off   open or close the accept gate
-//	dial N          open N connections and keep them (answers "ok N established")
-//	dialasync N     start opening N connections in the background, answer at once
-//	burst N         open N connections and close each once established
-//	close           close every kept client connection
-func (s *Server) Do(cmd string) (string, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, err := fmt.Fprintln(s.in, cmd); err != nil {
-		return "", fmt.Errorf("send %q: %w", cmd, err)
-	}
-	ans, err := s.read()
-	if err != nil {
-		return "", fmt.Errorf("%q: %w", cmd, err)
-	}
-	if !strings.HasPrefix(ans, "ok") {
-		return ans, fmt.Errorf("%q: %s", cmd, ans)
-	}
-	return ans, nil
-}
-
-// MustDo is Do that fails the test on error.
-func (s *Server) MustDo(t testing.TB, cmd string) string {
-	t.Helper()
-	ans, err := s.Do(cmd)
-	if err != nil {
-		t.Fatalf("testenv: %v", err)
-	}
-	return ans
-}
-
-// Close stops the child.
-func (s *Server) Close() {
-	s.in.Close()
-	done := make(chan struct{})
-	go func() { s.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		s.cmd.Process.Kill()
-		<-done
-	}
 }
 
 func serverMain() int {
