@@ -1,0 +1,54 @@
+package collectors
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+func sleep() { time.Sleep(20 * time.Millisecond) }
+
+func TestParseStatusMemory(t *testing.T) {
+	b, err := os.ReadFile("testdata/proc_memory/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := parseStatusMemory(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.VmRSS <= 0 || m.RssAnon <= 0 || m.VmRSS != m.RssAnon+m.RssFile+m.RssShmem {
+		t.Fatalf("status memory %+v: VmRSS must be RssAnon+RssFile+RssShmem", m)
+	}
+	if _, err := parseStatusMemory([]byte("Name:\tkthreadd\nState:\tS\n")); err == nil {
+		t.Fatal("a kernel thread's status gave memory")
+	}
+	if _, err := parseStatusMemory([]byte("VmRSS:\t12 MB\n")); err == nil {
+		t.Fatal("bad unit accepted")
+	}
+}
+
+// Memory retained outside the heap shows as anonymous RSS.
+func TestMemoryCollectorSeesRetainedRSS(t *testing.T) {
+	l := testenv.StartLeaker(t, testenv.LeakerOptions{})
+	c := newMemoryCollector(Options{})
+	st := signals.New(16, 100)
+	tgt := target.Process{PID: l.PID}
+	if err := c.Collect(context.Background(), tgt, st); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := st.Latest("process_memory_rss_bytes", signals.L("kind", "anon"))
+	l.MustDo(t, "retain 64")
+	if err := c.Collect(context.Background(), tgt, st); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := st.Latest("process_memory_rss_bytes", signals.L("kind", "anon"))
+	if grew := after.V - before.V; grew < 60<<20 {
+		t.Fatalf("anonymous RSS grew by %.1f MiB after retaining 64 MiB", grew/(1<<20))
+	}
+}
