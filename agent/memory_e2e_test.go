@@ -137,3 +137,64 @@ func testConfig(t testing.TB, pid int) Config {
 	cfg.Target.PID = pid
 	return cfg
 }
+
+// The demo maps memory outside its Go heap and keeps it resident: RSS far
+// above a flat live heap is named allocator retention, not a leak.
+func TestAllocatorRetentionFinding(t *testing.T) {
+	pid, control := demoProcess(t)
+	cfg := testConfig(t, pid)
+	cfg.Pprof.HeapURL = control + "/debug/pprof/heap"
+	cfg.Pprof.Interval = Duration(time.Second)
+	cfg.Rules.RSSWithoutHeap.Window = Duration(5 * time.Second)
+	cfg.Rules.RSSWithoutHeap.MinGapBytes = 128 << 20
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	events, _ := watch(t, c, 0)
+	select {
+	case ev := <-events:
+		t.Fatalf("steady demo raised %v", ev)
+	case <-time.After(3 * time.Second):
+	}
+	post(t, control+"/fault/retain?mb=256")
+	ev, _ := next(t, events, 20*time.Second, func(ev *culpritv1.FindingEvent) bool {
+		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "rss_without_heap"
+	})
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.RootCause)
+	if f.Cause != "allocator_retention" || !strings.Contains(f.Remediation, "GOMEMLIMIT") {
+		t.Fatalf("finding %s: %s / %s", f.Cause, f.RootCause, f.Remediation)
+	}
+	// Released, the finding resolves.
+	post(t, control+"/fault/release")
+	next(t, events, 20*time.Second, func(ev *culpritv1.FindingEvent) bool {
+		return ev.Type == culpritv1.FindingEvent_TYPE_RESOLVED && ev.Finding.Id == f.Id
+	})
+}
+
+// The demo leaks pipes steadily: the finding names the kind that grows and
+// forecasts when RLIMIT_NOFILE is hit.
+func TestFDLeakFinding(t *testing.T) {
+	pid, control := demoProcess(t)
+	cfg := testConfig(t, pid)
+	cfg.Rules.FDExhaustion.Window = Duration(6 * time.Second)
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	events, _ := watch(t, c, 0)
+	select {
+	case ev := <-events:
+		t.Fatalf("steady demo raised %v", ev)
+	case <-time.After(3 * time.Second):
+	}
+	post(t, control+"/fault/leak-fds?n=5&every=250ms&for=30s")
+	ev, _ := next(t, events, 20*time.Second, func(ev *culpritv1.FindingEvent) bool {
+		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "fd_exhaustion"
+	})
+	f := ev.Finding
+	t.Logf("%s\n  %s\n  fix: %s", f.Title, f.RootCause, f.Remediation)
+	if f.Cause != "fd_leak" || !strings.Contains(f.RootCause, "pipe descriptors") || !strings.Contains(f.RootCause, "limit is hit in") {
+		t.Fatalf("finding %s: %s", f.Cause, f.RootCause)
+	}
+	if !strings.Contains(f.Remediation, "Pipes leak") {
+		t.Errorf("remediation does not address pipes: %s", f.Remediation)
+	}
+}
