@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -20,7 +21,18 @@ import (
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 )
 
-func TestMain(m *testing.M) { testenv.Main(m) }
+func TestMain(m *testing.M) { testenv.Main(cleanupRun{m}) }
+
+// cleanupRun removes the binary culpritBinary built, after the tests.
+type cleanupRun struct{ m *testing.M }
+
+func (r cleanupRun) Run() int {
+	code := r.m.Run()
+	if buildErr == nil && builtBin != "" {
+		os.RemoveAll(filepath.Dir(builtBin))
+	}
+	return code
+}
 
 // startAgent runs a real agent in this process, watching pid, on ephemeral
 // loopback ports.
