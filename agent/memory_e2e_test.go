@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/culprit-dev/culprit/internal/testenv"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 )
 
@@ -196,5 +197,33 @@ func TestFDLeakFinding(t *testing.T) {
 	}
 	if !strings.Contains(f.Remediation, "Pipes leak") {
 		t.Errorf("remediation does not address pipes: %s", f.Remediation)
+	}
+}
+
+// A process in a 128 MiB memory cgroup fills it with memory outside its
+// heap: OOM ahead, and what fills it is named from the cgroup's anon/file
+// split and the app's heap profile.
+func TestOOMAheadFinding(t *testing.T) {
+	l := testenv.StartLeaker(t, testenv.LeakerOptions{})
+	testenv.MemoryCgroup(t, 128<<20, l.PID)
+	cfg := testConfig(t, l.PID)
+	cfg.Pprof.HeapURL = l.PprofURL
+	cfg.Pprof.Interval = Duration(time.Second)
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	events, _ := watch(t, c, 0)
+	select {
+	case ev := <-events:
+		t.Fatalf("an idle process with headroom raised %v", ev)
+	case <-time.After(3 * time.Second):
+	}
+	l.MustDo(t, "retain 118")
+	ev, _ := next(t, events, 15*time.Second, func(ev *culpritv1.FindingEvent) bool {
+		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "oom_ahead"
+	})
+	f := ev.Finding
+	t.Logf("%s\n  %s\n  %s", f.Title, f.Symptom, f.RootCause)
+	if f.Cause != "allocator_retention" || !strings.Contains(f.RootCause, "held by the allocator") {
+		t.Fatalf("cause %s: %s", f.Cause, f.RootCause)
 	}
 }

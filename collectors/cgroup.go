@@ -1,0 +1,251 @@
+package collectors
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+func init() {
+	register("cgroup", false, func(o Options) (Collector, error) { return newCgroupCollector(o), nil })
+}
+
+var (
+	cgroupInfoDesc = &signals.Desc{Name: "cgroup_info", Kind: signals.Gauge,
+		Help: "1 for the target's memory cgroup: its version (1 or 2) and path."}
+	cgroupUsageDesc = &signals.Desc{Name: "cgroup_memory_usage_bytes", Kind: signals.Gauge,
+		Help: "Memory charged to the target's cgroup (v2 memory.current, v1 memory.usage_in_bytes)."}
+	cgroupLimitDesc = &signals.Desc{Name: "cgroup_memory_limit_bytes", Kind: signals.Gauge,
+		Help: "Memory limit of the target's cgroup (absent when unlimited)."}
+	cgroupStatDesc = &signals.Desc{Name: "cgroup_memory_stat_bytes", Kind: signals.Gauge,
+		Help: "Memory of the target's cgroup by kind: anon, file (page cache), shmem, kernel, sock."}
+	cgroupEventsDesc = &signals.Desc{Name: "cgroup_memory_events_total", Kind: signals.Counter,
+		Help: "Memory events of the target's cgroup: oom, oom_kill, max (limit hit), high."}
+	cgroupPressureDesc = &signals.Desc{Name: "cgroup_memory_pressure_avg10_ratio", Kind: signals.Gauge,
+		Help: "Share of the last 10 s tasks of the cgroup stalled on memory (PSI; type some or full)."}
+)
+
+// v1 reports "unlimited" as a huge page-aligned number.
+const v1Unlimited = 1 << 62
+
+// cgroupMemory is what one read of a memory cgroup gives.
+type cgroupMemory struct {
+	Version  int
+	Usage    float64
+	Limit    float64 // 0: unlimited
+	Stat     map[string]float64
+	Events   map[string]float64
+	Pressure map[string]float64 // some, full: avg10 as a ratio
+}
+
+// memoryCgroupPaths returns the v1 memory path and the v2 path of a
+// /proc/PID/cgroup file ("" when absent).
+func memoryCgroupPaths(b []byte) (v1, v2 string) {
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		parts := bytes.SplitN(line, []byte(":"), 3)
+		if len(parts) != 3 {
+			continue
+		}
+		if string(parts[0]) == "0" && len(parts[1]) == 0 {
+			v2 = string(parts[2])
+			continue
+		}
+		for _, c := range bytes.Split(parts[1], []byte(",")) {
+			if string(c) == "memory" {
+				v1 = string(parts[2])
+			}
+		}
+	}
+	return v1, v2
+}
+
+// parseKV parses "key value" lines (memory.stat, memory.events,
+// memory.oom_control).
+func parseKV(b []byte) map[string]float64 {
+	out := map[string]float64{}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		f := bytes.Fields(line)
+		if len(f) != 2 {
+			continue
+		}
+		if v, err := strconv.ParseFloat(string(f[1]), 64); err == nil {
+			out[string(f[0])] = v
+		}
+	}
+	return out
+}
+
+// parsePressure reads "some avg10=1.50 ..." lines into avg10 ratios.
+func parsePressure(b []byte) map[string]float64 {
+	out := map[string]float64{}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		f := bytes.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		for _, kv := range f[1:] {
+			if v, ok := bytes.CutPrefix(kv, []byte("avg10=")); ok {
+				if x, err := strconv.ParseFloat(string(v), 64); err == nil {
+					out[string(f[0])] = x / 100
+				}
+			}
+		}
+	}
+	return out
+}
+
+func readNumber(path string) (float64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	s := string(bytes.TrimSpace(b))
+	if s == "max" {
+		return 0, nil
+	}
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %q: %w", path, s, errParse)
+	}
+	return v, nil
+}
+
+// readV1 reads a cgroup v1 memory directory.
+func readV1(dir string) (cgroupMemory, error) {
+	m := cgroupMemory{Version: 1, Events: map[string]float64{}, Stat: map[string]float64{}}
+	var err error
+	if m.Usage, err = readNumber(filepath.Join(dir, "memory.usage_in_bytes")); err != nil {
+		return m, err
+	}
+	if m.Limit, err = readNumber(filepath.Join(dir, "memory.limit_in_bytes")); err != nil {
+		return m, err
+	}
+	if m.Limit >= v1Unlimited {
+		m.Limit = 0
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "memory.stat")); err == nil {
+		st := parseKV(b)
+		// total_* include descendants, as usage_in_bytes does.
+		m.Stat["anon"], m.Stat["file"], m.Stat["shmem"] = st["total_rss"], st["total_cache"], st["total_shmem"]
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "memory.oom_control")); err == nil {
+		if v, ok := parseKV(b)["oom_kill"]; ok {
+			m.Events["oom_kill"] = v
+		}
+	}
+	if v, err := readNumber(filepath.Join(dir, "memory.failcnt")); err == nil {
+		m.Events["max"] = v
+	}
+	return m, nil
+}
+
+// readV2 reads a cgroup v2 directory.
+func readV2(dir string) (cgroupMemory, error) {
+	m := cgroupMemory{Version: 2, Stat: map[string]float64{}, Events: map[string]float64{}}
+	var err error
+	if m.Usage, err = readNumber(filepath.Join(dir, "memory.current")); err != nil {
+		return m, err
+	}
+	if m.Limit, err = readNumber(filepath.Join(dir, "memory.max")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return m, err
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "memory.stat")); err == nil {
+		st := parseKV(b)
+		for _, k := range []string{"anon", "file", "shmem", "kernel", "sock"} {
+			if v, ok := st[k]; ok {
+				m.Stat[k] = v
+			}
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "memory.events")); err == nil {
+		ev := parseKV(b)
+		for _, k := range []string{"oom", "oom_kill", "max", "high"} {
+			if v, ok := ev[k]; ok {
+				m.Events[k] = v
+			}
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "memory.pressure")); err == nil {
+		m.Pressure = parsePressure(b)
+	}
+	return m, nil
+}
+
+type cgroupCollector struct{ procRoot, sysRoot string }
+
+func newCgroupCollector(o Options) *cgroupCollector {
+	c := &cgroupCollector{procRoot: o.ProcRoot, sysRoot: o.SysRoot}
+	if c.procRoot == "" {
+		c.procRoot = "/proc"
+	}
+	if c.sysRoot == "" {
+		c.sysRoot = "/sys"
+	}
+	return c
+}
+
+func (*cgroupCollector) Name() string { return "cgroup" }
+
+// Collect prefers the v1 memory controller when the target is in one
+// (hybrid hosts mount memory only there); otherwise v2, at the root of
+// /sys/fs/cgroup (pure v2, as most pods today) or under unified/ (hybrid).
+func (c *cgroupCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+	b, err := os.ReadFile(filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "cgroup"))
+	if err != nil {
+		return fmt.Errorf("pid %d: %w", tgt.PID, err)
+	}
+	v1, v2 := memoryCgroupPaths(b)
+	var (
+		m    cgroupMemory
+		path string
+	)
+	base := filepath.Join(c.sysRoot, "fs", "cgroup")
+	switch {
+	case v1 != "" && exists(filepath.Join(base, "memory", v1, "memory.usage_in_bytes")):
+		path = v1
+		m, err = readV1(filepath.Join(base, "memory", v1))
+	case v2 != "" && exists(filepath.Join(base, v2, "memory.current")):
+		path = v2
+		m, err = readV2(filepath.Join(base, v2))
+	case v2 != "" && exists(filepath.Join(base, "unified", v2, "memory.current")):
+		path = v2
+		m, err = readV2(filepath.Join(base, "unified", v2))
+	default:
+		return fmt.Errorf("pid %d: no memory cgroup mounted for it: %w", tgt.PID, ErrNoData)
+	}
+	if err != nil {
+		return fmt.Errorf("pid %d: cgroup v%d %s: %w", tgt.PID, m.Version, path, err)
+	}
+	now := time.Now()
+	store.Forget("cgroup_info", func(ls signals.Labels) bool { return ls.Get("path") == path })
+	store.Put(cgroupInfoDesc, signals.L("version", strconv.Itoa(m.Version), "path", path), 1, now)
+	store.Put(cgroupUsageDesc, nil, m.Usage, now)
+	if m.Limit > 0 {
+		store.Put(cgroupLimitDesc, nil, m.Limit, now)
+	} else {
+		store.Forget("cgroup_memory_limit_bytes", func(signals.Labels) bool { return false })
+	}
+	for k, v := range m.Stat {
+		store.Put(cgroupStatDesc, signals.L("kind", k), v, now)
+	}
+	for k, v := range m.Events {
+		store.Put(cgroupEventsDesc, signals.L("event", k), v, now)
+	}
+	for k, v := range m.Pressure {
+		store.Put(cgroupPressureDesc, signals.L("type", k), v, now)
+	}
+	return nil
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
