@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strconv"
 	"time"
@@ -23,7 +24,40 @@ var (
 		Help: "Resident memory of the target by kind: anon (heap, stacks, allocator arenas), file (mapped files), shmem."}
 	virtualDesc = &signals.Desc{Name: "process_virtual_memory_bytes", Kind: signals.Gauge,
 		Help: "Virtual memory size of the target (VmSize)."}
+	pssDesc = &signals.Desc{Name: "process_memory_pss_bytes", Kind: signals.Gauge,
+		Help: "Proportional set size of the target (smaps_rollup Pss): shared pages split among their users."}
+	swapDesc = &signals.Desc{Name: "process_memory_swap_bytes", Kind: signals.Gauge,
+		Help: "Memory of the target swapped out (smaps_rollup Swap)."}
+	ctxSwitchesDesc = &signals.Desc{Name: "process_context_switches_total", Kind: signals.Counter,
+		Help: "Context switches of the target's threads: voluntary (blocked, waiting) or nonvoluntary (preempted)."}
 )
+
+// parseKBLines reads "Key:   123 kB" lines for the wanted keys, in bytes.
+func parseKBLines(b []byte, want ...string) map[string]float64 {
+	out := map[string]float64{}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		k, v, ok := bytes.Cut(line, []byte(":"))
+		if !ok {
+			continue
+		}
+		for _, w := range want {
+			if string(k) == w {
+				f := bytes.Fields(v)
+				if len(f) >= 1 {
+					n, err := strconv.ParseFloat(string(f[0]), 64)
+					switch {
+					case err != nil || len(f) > 2:
+					case len(f) == 2 && string(f[1]) == "kB":
+						out[w] = n * 1024
+					case len(f) == 1:
+						out[w] = n // a count, not a size
+					}
+				}
+			}
+		}
+	}
+	return out
+}
 
 // statusMemory is what /proc/PID/status says of memory, in bytes.
 type statusMemory struct {
@@ -32,49 +66,18 @@ type statusMemory struct {
 
 // parseStatusMemory reads the kB lines of /proc/PID/status it needs.
 func parseStatusMemory(b []byte) (statusMemory, error) {
-	var m statusMemory
-	found := 0
-	for _, line := range bytes.Split(b, []byte("\n")) {
-		k, v, ok := bytes.Cut(line, []byte(":"))
-		if !ok {
-			continue
-		}
-		var dst *float64
-		switch string(k) {
-		case "VmRSS":
-			dst = &m.VmRSS
-		case "VmSize":
-			dst = &m.VmSize
-		case "RssAnon":
-			dst = &m.RssAnon
-		case "RssFile":
-			dst = &m.RssFile
-		case "RssShmem":
-			dst = &m.RssShmem
-		default:
-			continue
-		}
-		f := bytes.Fields(v)
-		if len(f) != 2 || string(f[1]) != "kB" {
-			return m, fmt.Errorf("%s line %q: %w", k, line, errParse)
-		}
-		n, err := strconv.ParseFloat(string(f[0]), 64)
-		if err != nil {
-			return m, fmt.Errorf("%s value %q: %w", k, f[0], errParse)
-		}
-		*dst = n * 1024
-		found++
-	}
-	if found < 5 {
+	kb := parseKBLines(b, "VmRSS", "VmSize", "RssAnon", "RssFile", "RssShmem")
+	if len(kb) < 5 {
 		// Kernel threads and zombies have no memory lines.
-		return m, fmt.Errorf("memory lines missing from status: %w", ErrNoData)
+		return statusMemory{}, fmt.Errorf("memory lines missing from status: %w", ErrNoData)
 	}
-	return m, nil
+	return statusMemory{VmRSS: kb["VmRSS"], VmSize: kb["VmSize"], RssAnon: kb["RssAnon"], RssFile: kb["RssFile"], RssShmem: kb["RssShmem"]}, nil
 }
 
 type memoryCollector struct {
-	procRoot string
-	buf      []byte
+	procRoot   string
+	maxThreads int
+	buf        []byte
 }
 
 func newMemoryCollector(o Options) *memoryCollector {
@@ -82,7 +85,11 @@ func newMemoryCollector(o Options) *memoryCollector {
 	if root == "" {
 		root = "/proc"
 	}
-	return &memoryCollector{procRoot: root}
+	max := o.MaxThreads
+	if max <= 0 {
+		max = defaultMaxThreads
+	}
+	return &memoryCollector{procRoot: root, maxThreads: max}
 }
 
 func (*memoryCollector) Name() string { return "memory" }
@@ -103,5 +110,30 @@ func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *
 	store.Put(rssKindDesc, signals.L("kind", "anon"), m.RssAnon, now)
 	store.Put(rssKindDesc, signals.L("kind", "file"), m.RssFile, now)
 	store.Put(rssKindDesc, signals.L("kind", "shmem"), m.RssShmem, now)
+
+	pidDir := filepath.Join(c.procRoot, strconv.Itoa(tgt.PID))
+	if b, err := readProcFile(&c.buf, filepath.Join(pidDir, "smaps_rollup")); err == nil {
+		kb := parseKBLines(b, "Pss", "Swap")
+		store.Put(pssDesc, nil, kb["Pss"], now)
+		store.Put(swapDesc, nil, kb["Swap"], now)
+	}
+	// Context switches are per thread: sum them, over at most maxThreads.
+	var vol, nonvol float64
+	if tasks, err := os.ReadDir(filepath.Join(pidDir, "task")); err == nil {
+		for i, task := range tasks {
+			if i >= c.maxThreads {
+				break
+			}
+			b, err := readProcFile(&c.buf, filepath.Join(pidDir, "task", task.Name(), "status"))
+			if err != nil {
+				continue // the thread ended
+			}
+			cs := parseKBLines(b, "voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")
+			vol += cs["voluntary_ctxt_switches"]
+			nonvol += cs["nonvoluntary_ctxt_switches"]
+		}
+		store.Put(ctxSwitchesDesc, signals.L("kind", "voluntary"), vol, now)
+		store.Put(ctxSwitchesDesc, signals.L("kind", "nonvoluntary"), nonvol, now)
+	}
 	return nil
 }

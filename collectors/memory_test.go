@@ -28,7 +28,7 @@ func TestParseStatusMemory(t *testing.T) {
 	if _, err := parseStatusMemory([]byte("Name:\tkthreadd\nState:\tS\n")); err == nil {
 		t.Fatal("a kernel thread's status gave memory")
 	}
-	if _, err := parseStatusMemory([]byte("VmRSS:\t12 MB\n")); err == nil {
+	if _, err := parseStatusMemory([]byte("VmRSS:\t12 MB\nVmSize:\t1 kB\nRssAnon:\t1 kB\nRssFile:\t1 kB\nRssShmem:\t0 kB\n")); err == nil {
 		t.Fatal("bad unit accepted")
 	}
 }
@@ -50,5 +50,23 @@ func TestMemoryCollectorSeesRetainedRSS(t *testing.T) {
 	after, _ := st.Latest("process_memory_rss_bytes", signals.L("kind", "anon"))
 	if grew := after.V - before.V; grew < 60<<20 {
 		t.Fatalf("anonymous RSS grew by %.1f MiB after retaining 64 MiB", grew/(1<<20))
+	}
+}
+
+func TestMemoryCollectorRollupAndSwitches(t *testing.T) {
+	c := newMemoryCollector(Options{})
+	st := signals.New(16, 100)
+	if err := c.Collect(context.Background(), target.Process{PID: os.Getpid()}, st); err != nil {
+		t.Fatal(err)
+	}
+	if p, _ := st.Latest("process_memory_pss_bytes", nil); p.V <= 0 {
+		t.Errorf("pss = %v", p.V)
+	}
+	if v, _ := st.Latest("process_context_switches_total", signals.L("kind", "voluntary")); v.V <= 0 {
+		t.Errorf("voluntary context switches = %v", v.V)
+	}
+	got := parseKBLines([]byte("Pss:  10 kB\nSwap:   0 kB\nvoluntary_ctxt_switches:\t42\n"), "Pss", "Swap", "voluntary_ctxt_switches")
+	if got["Pss"] != 10240 || got["Swap"] != 0 || got["voluntary_ctxt_switches"] != 42 {
+		t.Errorf("parseKBLines = %v", got)
 	}
 }
