@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"runtime"
 	"strconv"
 	"sync"
 	"time"
@@ -133,6 +134,8 @@ func (d *demo) controlMux() *http.ServeMux {
   POST /fault/accept                              accept again now
   POST /fault/leak-heap?mb=8&every=1s&for=60s     grow the live heap (a leak the heap profile shows)
   POST /fault/retain?mb=512                       resident memory outside the heap (allocator retention)
+  POST /fault/spike?mb=512                        allocate a large heap, then free it: RSS stays behind
+                                                  while the heap shrinks (run the demo with GODEBUG=madvdontneed=0)
   POST /fault/leak-fds?n=10&every=1s&for=60s      open pipes and never close them
   POST /fault/release                             free all of it
   GET  /debug/pprof/heap                          the demo's heap profile (pprof.heap_url)
@@ -156,6 +159,15 @@ func (d *demo) controlMux() *http.ServeMux {
 			return
 		}
 		fmt.Fprintf(w, "%d MiB resident outside the Go heap\n", mb)
+	})
+	mux.HandleFunc("POST /fault/spike", func(w http.ResponseWriter, r *http.Request) {
+		mb, err := intParam(r, "mb", 512, 16384)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		spike(mb)
+		fmt.Fprintf(w, "allocated and freed %d MiB of heap\n", mb)
 	})
 	mux.HandleFunc("POST /fault/release", func(w http.ResponseWriter, _ *http.Request) {
 		d.release()
@@ -256,6 +268,25 @@ func (d *demo) leakHeap(n int) {
 		}
 		d.leaked = append(d.leaked, b)
 	}
+}
+
+// spike allocates mb MiB of heap, touches it, drops it and collects: the
+// live heap is small again, but the runtime keeps the pages (with
+// MADV_FREE, GODEBUG=madvdontneed=0, they stay resident until the kernel
+// needs them): the "memory does not return after spikes" of seed 000.
+//
+//go:noinline
+func spike(mb int) {
+	chunks := make([][]byte, 0, mb)
+	for i := 0; i < mb; i++ {
+		b := make([]byte, 1<<20)
+		for j := 0; j < len(b); j += 4096 {
+			b[j] = 1
+		}
+		chunks = append(chunks, b)
+	}
+	chunks = nil
+	runtime.GC()
 }
 
 // retain maps memory outside the Go heap and touches it: resident, but no
