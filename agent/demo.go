@@ -277,17 +277,21 @@ func (d *demo) leakHeap(n int) {
 //
 //go:noinline
 func spike(mb int) {
-	chunks := make([][]byte, 0, mb)
+	spikeHeld = make([][]byte, 0, mb)
 	for i := 0; i < mb; i++ {
 		b := make([]byte, 1<<20)
 		for j := 0; j < len(b); j += 4096 {
 			b[j] = 1
 		}
-		chunks = append(chunks, b)
+		spikeHeld = append(spikeHeld, b)
 	}
-	chunks = nil
+	spikeHeld = nil
 	runtime.GC()
 }
+
+// spikeHeld keeps a spike's chunks reachable until all are allocated, so
+// the heap really reaches the spike's size before it is freed.
+var spikeHeld [][]byte
 
 // retain maps memory outside the Go heap and touches it: resident, but no
 // heap profile accounts for it — what an allocator keeping freed arenas

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -228,7 +229,8 @@ func TestFDLeakFinding(t *testing.T) {
 // split and the app's heap profile.
 func TestOOMAheadFinding(t *testing.T) {
 	l := testenv.StartLeaker(t, testenv.LeakerOptions{})
-	testenv.MemoryCgroup(t, 128<<20, l.PID)
+	const limit = 256 << 20
+	dir, version := testenv.MemoryCgroup(t, limit, l.PID)
 	cfg := testConfig(t, l.PID)
 	cfg.Pprof.HeapURL = l.PprofURL
 	cfg.Pprof.Interval = Duration(time.Second)
@@ -240,7 +242,19 @@ func TestOOMAheadFinding(t *testing.T) {
 		t.Fatalf("an idle process with headroom raised %v", ev)
 	case <-time.After(3 * time.Second):
 	}
-	l.MustDo(t, "retain 118")
+	// Fill to 93% of the limit from what the child already uses (a -race
+	// build uses several times more than a plain one).
+	usageFile := map[int]string{1: "memory.usage_in_bytes", 2: "memory.current"}[version]
+	b, err := os.ReadFile(filepath.Join(dir, usageFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	used, _ := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	mb := (limit*93/100 - used) >> 20
+	if mb < 16 {
+		t.Fatalf("the child already uses %d MiB of the %d MiB cgroup", used>>20, limit>>20)
+	}
+	l.MustDo(t, "retain "+strconv.FormatInt(mb, 10))
 	ev, _ := next(t, events, 15*time.Second, func(ev *culpritv1.FindingEvent) bool {
 		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "oom_ahead"
 	})
