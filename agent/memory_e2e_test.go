@@ -86,30 +86,43 @@ func post(t testing.TB, url string) {
 	}
 }
 
+// demoScenario runs the real demo (env added to its environment) and an
+// agent watching it with its heap profile pulled every second; tune
+// adjusts the agent's config. It asserts that the steady demo raises
+// nothing for quiet, then returns the fault-switch URL and the stream.
+func demoScenario(t *testing.T, env []string, quiet time.Duration, tune func(*Config)) (string, <-chan *culpritv1.FindingEvent) {
+	t.Helper()
+	pid, control := demoProcess(t, env...)
+	cfg := testConfig(t, pid)
+	cfg.Pprof.HeapURL = control + "/debug/pprof/heap"
+	cfg.Pprof.Interval = Duration(time.Second)
+	tune(&cfg)
+	a := startAgentConfig(t, cfg)
+	events, _ := watch(t, client(t, a.GRPCAddr), 0)
+	select {
+	case ev := <-events:
+		t.Fatalf("the steady demo raised %v", ev)
+	case <-time.After(quiet):
+	}
+	return control, events
+}
+
+func openedBy(rule string) func(*culpritv1.FindingEvent) bool {
+	return func(ev *culpritv1.FindingEvent) bool {
+		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == rule
+	}
+}
+
 // A Go service leaks heap steadily; the agent pulls its real heap profile
 // over HTTP, sees the live heap grow, and names the leaking function from
 // the diff of two profiles.
 func TestHeapLeakFindingNamesTheFunction(t *testing.T) {
-	pid, control := demoProcess(t)
-	cfg := testConfig(t, pid)
-	cfg.Pprof.HeapURL = control + "/debug/pprof/heap"
-	cfg.Pprof.Interval = Duration(time.Second)
-	cfg.Rules.HeapLeak.Window = Duration(8 * time.Second)
-	cfg.Rules.HeapLeak.MinGrowthBytes = 16 << 20
-	a := startAgentConfig(t, cfg)
-	c := client(t, a.GRPCAddr)
-	events, _ := watch(t, c, 0)
-
-	// Healthy first: a few profiles of a steady heap raise nothing.
-	select {
-	case ev := <-events:
-		t.Fatalf("steady demo raised %v", ev)
-	case <-time.After(4 * time.Second):
-	}
-	post(t, control+"/fault/leak-heap?mb=4&every=500ms&for=30s")
-	ev, skipped := next(t, events, 30*time.Second, func(ev *culpritv1.FindingEvent) bool {
-		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "heap_leak"
+	control, events := demoScenario(t, nil, 4*time.Second, func(cfg *Config) {
+		cfg.Rules.HeapLeak.Window = Duration(8 * time.Second)
+		cfg.Rules.HeapLeak.MinGrowthBytes = 16 << 20
 	})
+	post(t, control+"/fault/leak-heap?mb=4&every=500ms&for=30s")
+	ev, skipped := next(t, events, 30*time.Second, openedBy("heap_leak"))
 	for _, s := range skipped {
 		if s.Finding != nil && s.Finding.Rule != "heap_leak" {
 			t.Errorf("unrelated finding during a heap leak: %s %s", s.Finding.Rule, s.Finding.Cause)
@@ -131,6 +144,11 @@ func TestHeapLeakFindingNamesTheFunction(t *testing.T) {
 	}
 }
 
+func tuneRetention(cfg *Config) {
+	cfg.Rules.RSSWithoutHeap.Window = Duration(5 * time.Second)
+	cfg.Rules.RSSWithoutHeap.MinGapBytes = 128 << 20
+}
+
 // testConfig is the agent's defaults on ephemeral loopback ports, watching pid.
 func testConfig(t testing.TB, pid int) Config {
 	t.Helper()
@@ -146,24 +164,9 @@ func testConfig(t testing.TB, pid int) Config {
 // small, flat live heap: named allocator retention, not a leak (seed 000
 // Problem C, "memory does not return after spikes").
 func TestAllocatorRetentionFinding(t *testing.T) {
-	pid, control := demoProcess(t, "GODEBUG=madvdontneed=0")
-	cfg := testConfig(t, pid)
-	cfg.Pprof.HeapURL = control + "/debug/pprof/heap"
-	cfg.Pprof.Interval = Duration(time.Second)
-	cfg.Rules.RSSWithoutHeap.Window = Duration(5 * time.Second)
-	cfg.Rules.RSSWithoutHeap.MinGapBytes = 128 << 20
-	a := startAgentConfig(t, cfg)
-	c := client(t, a.GRPCAddr)
-	events, _ := watch(t, c, 0)
-	select {
-	case ev := <-events:
-		t.Fatalf("steady demo raised %v", ev)
-	case <-time.After(3 * time.Second):
-	}
+	control, events := demoScenario(t, []string{"GODEBUG=madvdontneed=0"}, 3*time.Second, tuneRetention)
 	post(t, control+"/fault/spike?mb=300")
-	ev, _ := next(t, events, 20*time.Second, func(ev *culpritv1.FindingEvent) bool {
-		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "rss_without_heap"
-	})
+	ev, _ := next(t, events, 20*time.Second, openedBy("rss_without_heap"))
 	f := ev.Finding
 	t.Logf("%s\n  %s", f.Title, f.RootCause)
 	if f.Cause != "allocator_retention" || !strings.Contains(f.Remediation, "GOMEMLIMIT") {
@@ -177,19 +180,9 @@ func TestAllocatorRetentionFinding(t *testing.T) {
 // Memory mapped outside the heap and later unmapped: the finding opens on
 // the gap and resolves when RSS comes back.
 func TestAllocatorRetentionResolves(t *testing.T) {
-	pid, control := demoProcess(t)
-	cfg := testConfig(t, pid)
-	cfg.Pprof.HeapURL = control + "/debug/pprof/heap"
-	cfg.Pprof.Interval = Duration(time.Second)
-	cfg.Rules.RSSWithoutHeap.Window = Duration(5 * time.Second)
-	cfg.Rules.RSSWithoutHeap.MinGapBytes = 128 << 20
-	a := startAgentConfig(t, cfg)
-	c := client(t, a.GRPCAddr)
-	events, _ := watch(t, c, 0)
+	control, events := demoScenario(t, nil, time.Second, tuneRetention)
 	post(t, control+"/fault/retain?mb=256")
-	ev, _ := next(t, events, 20*time.Second, func(ev *culpritv1.FindingEvent) bool {
-		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "rss_without_heap"
-	})
+	ev, _ := next(t, events, 20*time.Second, openedBy("rss_without_heap"))
 	post(t, control+"/fault/release")
 	next(t, events, 20*time.Second, func(e *culpritv1.FindingEvent) bool {
 		return e.Type == culpritv1.FindingEvent_TYPE_RESOLVED && e.Finding.Id == ev.Finding.Id
@@ -199,21 +192,11 @@ func TestAllocatorRetentionResolves(t *testing.T) {
 // The demo leaks pipes steadily: the finding names the kind that grows and
 // forecasts when RLIMIT_NOFILE is hit.
 func TestFDLeakFinding(t *testing.T) {
-	pid, control := demoProcess(t)
-	cfg := testConfig(t, pid)
-	cfg.Rules.FDExhaustion.Window = Duration(6 * time.Second)
-	a := startAgentConfig(t, cfg)
-	c := client(t, a.GRPCAddr)
-	events, _ := watch(t, c, 0)
-	select {
-	case ev := <-events:
-		t.Fatalf("steady demo raised %v", ev)
-	case <-time.After(3 * time.Second):
-	}
-	post(t, control+"/fault/leak-fds?n=5&every=250ms&for=30s")
-	ev, _ := next(t, events, 20*time.Second, func(ev *culpritv1.FindingEvent) bool {
-		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "fd_exhaustion"
+	control, events := demoScenario(t, nil, 3*time.Second, func(cfg *Config) {
+		cfg.Rules.FDExhaustion.Window = Duration(6 * time.Second)
 	})
+	post(t, control+"/fault/leak-fds?n=5&every=250ms&for=30s")
+	ev, _ := next(t, events, 20*time.Second, openedBy("fd_exhaustion"))
 	f := ev.Finding
 	t.Logf("%s\n  %s\n  fix: %s", f.Title, f.RootCause, f.Remediation)
 	if f.Cause != "fd_leak" || !strings.Contains(f.RootCause, "pipe descriptors") || !strings.Contains(f.RootCause, "limit is hit in") {
@@ -255,9 +238,7 @@ func TestOOMAheadFinding(t *testing.T) {
 		t.Fatalf("the child already uses %d MiB of the %d MiB cgroup", used>>20, limit>>20)
 	}
 	l.MustDo(t, "retain "+strconv.FormatInt(mb, 10))
-	ev, _ := next(t, events, 15*time.Second, func(ev *culpritv1.FindingEvent) bool {
-		return ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "oom_ahead"
-	})
+	ev, _ := next(t, events, 15*time.Second, openedBy("oom_ahead"))
 	f := ev.Finding
 	t.Logf("%s\n  %s\n  %s", f.Title, f.Symptom, f.RootCause)
 	if f.Cause != "allocator_retention" || !strings.Contains(f.RootCause, "held by the allocator") {
