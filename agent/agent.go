@@ -23,6 +23,7 @@ import (
 	"github.com/culprit-dev/culprit/probes"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/symbolize"
 	"github.com/culprit-dev/culprit/target"
 )
 
@@ -147,6 +148,9 @@ type Agent struct {
 	Journal            *rules.Journal
 	Tracker            *target.Tracker
 	Profiles           *signals.Profiles
+	Episodes           *signals.Episodes   // block and busy episodes of the target's threads
+	Samples            *signals.CPUSamples // recent CPU samples of the target
+	Symbols            *symbolize.Symbolizer
 
 	log     *slog.Logger
 	cancel  context.CancelFunc
@@ -177,6 +181,9 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		Store:    signals.New(cfg.Signals.RingSize, cfg.Signals.MaxSeries),
 		Journal:  rules.NewJournal(cfg.Findings.History),
 		Profiles: signals.NewProfiles(cfg.Pprof.Keep),
+		Episodes: signals.NewEpisodes(cfg.Sched.MaxEpisodes),
+		Samples:  signals.NewCPUSamples(cfg.Profiling.MaxSamples),
+		Symbols:  symbolize.New(symbolize.Options{ProcRoot: cfg.Collect.ProcRoot, Log: log.With("component", "symbolize")}),
 		log:      log,
 		cancel:   cancel,
 	}
@@ -193,7 +200,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	}
 	a.startProbes(ctx, cfg)
 
-	eng := rules.NewEngine(allRules(cfg, a.Profiles), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
+	eng := rules.NewEngine(allRules(cfg, ruleInputs{a.Profiles, a.Episodes, cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval.D()}}), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
 		Interval:          cfg.Rules.Interval.D(),
 		MinGap:            cfg.Rules.MinGap.D(),
 		ResolveAfter:      cfg.Rules.ResolveAfter.D(),
@@ -211,8 +218,13 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 }
 
 // allRules is the one place rules are registered.
-func allRules(cfg Config, profiles *signals.Profiles) []rules.Rule {
+func allRules(cfg Config, in ruleInputs) []rules.Rule {
 	ao := cfg.Rules.AcceptOverflow
+	pools := rules.WorkerPools{
+		Match:        regexp.MustCompile(cfg.Rules.Workers.Threads), // validated in Config.Validate
+		IdleSyscalls: cfg.Rules.Workers.IdleSyscalls,
+	}
+	bw, hw, wi, ct := cfg.Rules.BlockingWorker, cfg.Rules.BusyWorker, cfg.Rules.WorkerImbalance, cfg.Rules.CPUThrottling
 	heapFresh := 3 * cfg.Pprof.Interval.D()
 	fd, rh, hl, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.HeapLeak, cfg.Rules.OOMAhead
 	return []rules.Rule{
@@ -221,6 +233,8 @@ func allRules(cfg Config, profiles *signals.Profiles) []rules.Rule {
 			Recent:     ao.Recent.D(),
 			StallAfter: ao.StallAfter.D(),
 			MinDrops:   float64(ao.MinDrops),
+			Episodes:   in.episodes,
+			Pools:      pools,
 		}),
 		rules.NewFDExhaustion(rules.FDExhaustionOptions{
 			Window:      fd.Window.D(),
@@ -241,13 +255,42 @@ func allRules(cfg Config, profiles *signals.Profiles) []rules.Rule {
 			Steady:    hl.Steady,
 			TopSites:  hl.TopSites,
 			HeapFresh: heapFresh,
-		}, heapHistory{profiles}),
+		}, heapHistory{in.profiles}),
 		rules.NewOOMAhead(rules.OOMAheadOptions{
 			NearRatio: om.NearRatio,
 			Window:    om.Window.D(),
 			HeapFresh: heapFresh,
 		}),
+		rules.NewBlockingWorker(rules.BlockingWorkerOptions{
+			Window:   bw.Window.D(),
+			MinBlock: bw.MinBlock.D(),
+			Pools:    pools,
+		}, in.episodes),
+		rules.NewBusyWorker(rules.BusyWorkerOptions{
+			Window:  hw.Window.D(),
+			MinBusy: hw.MinBusy.D(),
+			Pools:   pools,
+			TopN:    hw.TopFrames,
+		}, in.episodes, in.hot),
+		rules.NewWorkerImbalance(rules.WorkerImbalanceOptions{
+			Window:   wi.Window.D(),
+			MinBusy:  wi.MinBusyCores,
+			MinRatio: wi.MinRatio,
+			Pools:    pools,
+		}),
+		rules.NewCPUThrottling(rules.CPUThrottlingOptions{
+			Window:              ct.Window.D(),
+			MinThrottledRatio:   ct.MinThrottledRatio,
+			MinThrottledPeriods: float64(ct.MinThrottledPeriods),
+		}),
 	}
+}
+
+// ruleInputs are what rules read besides the signal store.
+type ruleInputs struct {
+	profiles *signals.Profiles
+	episodes *signals.Episodes
+	hot      rules.HotFrames
 }
 
 func (a *Agent) goRun(f func()) {
@@ -362,15 +405,38 @@ func (a *Agent) runCollector(ctx context.Context, c collectors.Collector, interv
 }
 
 func (a *Agent) startProbes(ctx context.Context, cfg Config) {
-	ps := []probes.Probe{
-		probes.NewTCPListen(probes.Options{
-			Log:             a.log.With("probe", "tcplisten"),
+	opts := func(name string) probes.Options {
+		return probes.Options{
+			Log:             a.log.With("probe", name),
 			PollInterval:    cfg.Probes.PollInterval.D(),
 			MaxEntries:      uint32(cfg.Probes.MaxEntries),
 			RingBufferBytes: uint32(cfg.Probes.RingBufferBytes),
+		}
+	}
+	ps := []probes.Probe{
+		probes.NewTCPListen(opts("tcplisten")),
+		probes.NewSched(probes.SchedOptions{
+			Options:    opts("sched"),
+			MinBlock:   cfg.Sched.MinBlock.D(),
+			BusyAfter:  cfg.Sched.BusyAfter.D(),
+			MaxThreads: uint32(cfg.Sched.MaxThreads),
+			MaxStacks:  uint32(cfg.Sched.MaxStacks),
+			Episodes:   a.Episodes,
+			Symbolizer: a.Symbols,
+		}),
+		probes.NewCPUProfile(probes.CPUProfileOptions{
+			Options:   opts("cpu_profile"),
+			Frequency: cfg.Profiling.Frequency,
+			MaxStacks: uint32(cfg.Profiling.MaxStacks),
+			Drain:     cfg.Profiling.DrainInterval.D(),
+			Samples:   a.Samples,
 		}),
 	}
 	for _, p := range ps {
+		if p.Name() == "cpu_profile" && !cfg.Profiling.Enabled {
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "profiling.enabled = false", Lost: p.Lost()})
+			continue
+		}
 		if !cfg.Probes.Enabled {
 			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "probes.enabled = false", Lost: p.Lost()})
 			continue
@@ -387,6 +453,16 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 		a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateRunning})
 		a.probes = append(a.probes, p)
 	}
+}
+
+// profileSource serves CaptureProfile when the profiler runs.
+func (a *Agent) profileSource(cfg Config) exporters.ProfileSource {
+	for _, p := range a.probes {
+		if p.Name() == "cpu_profile" {
+			return cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval.D()}
+		}
+	}
+	return nil
 }
 
 func (a *Agent) startServers(cfg Config) error {
@@ -409,6 +485,8 @@ func (a *Agent) startServers(cfg Config) error {
 		Version:  version,
 		Log:      a.log.With("component", "grpc"),
 		MaxBatch: cfg.Findings.MaxBatch,
+		Profiles:   a.profileSource(cfg),
+		MaxCapture: cfg.Profiling.MaxCapture.D(),
 	})
 	svc.Register(a.grpcSrv)
 	a.grpcSvc = svc

@@ -6,7 +6,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -15,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 )
@@ -235,5 +238,53 @@ func cmdSnapshot(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		fmt.Fprintf(stdout, "  %s{%s} %g\n", sg.Name, strings.Join(ls, ","), sg.Value)
 	}
+	return nil
+}
+
+// cmdProfile asks the agent for a CPU profile of the target and writes it
+// where `go tool pprof` can open it.
+func cmdProfile(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("culprit profile", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	addr := fs.String("addr", "127.0.0.1:9462", "agent gRPC address")
+	dur := fs.Duration("duration", 10*time.Second, "profile from now on for this long")
+	look := fs.Duration("lookback", 0, "instead, return the samples of this past window at once")
+	tids := fs.String("tid", "", "only these threads (comma-separated tids)")
+	out := fs.String("o", "cpu.pb.gz", "output file (pprof format)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	req := &culpritv1.CaptureProfileRequest{}
+	if *look > 0 {
+		req.Lookback = durationpb.New(*look)
+	} else {
+		req.Duration = durationpb.New(*dur)
+	}
+	for _, s := range strings.Split(*tids, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		n, err := strconv.Atoi(s)
+		if err != nil {
+			return fmt.Errorf("--tid: %q is not a thread id", s)
+		}
+		req.Tids = append(req.Tids, int32(n))
+	}
+	conn, c, err := dial(*addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if *look == 0 {
+		fmt.Fprintf(stderr, "profiling for %s...\n", *dur)
+	}
+	resp, err := c.CaptureProfile(ctx, req)
+	if err != nil {
+		return fmt.Errorf("profile from %s: %w", *addr, err)
+	}
+	if err := os.WriteFile(*out, resp.Pprof, 0o644); err != nil {
+		return fmt.Errorf("write profile: %w", err)
+	}
+	fmt.Fprintf(stdout, "wrote %s: %d samples over %s; open it with: go tool pprof -top %s\n", *out, resp.Samples, resp.Duration.AsDuration().Round(time.Millisecond), *out)
 	return nil
 }

@@ -8,11 +8,14 @@ import (
 	"os"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/culprit-dev/culprit/rules"
 )
 
 // Duration is a time.Duration written as "250ms" in agent.conf.
@@ -63,6 +66,21 @@ type Config struct {
 		MaxEntries      int      `toml:"max_entries"`
 		RingBufferBytes int      `toml:"ring_buffer_bytes"`
 	} `toml:"probes"`
+	Sched struct {
+		MinBlock    Duration `toml:"min_block"`
+		BusyAfter   Duration `toml:"busy_after"`
+		MaxThreads  int      `toml:"max_threads"`
+		MaxStacks   int      `toml:"max_stacks"`
+		MaxEpisodes int      `toml:"max_episodes"`
+	} `toml:"sched"`
+	Profiling struct {
+		Enabled       bool     `toml:"enabled"`
+		Frequency     int      `toml:"frequency"`
+		MaxStacks     int      `toml:"max_stacks"`
+		DrainInterval Duration `toml:"drain_interval"`
+		MaxSamples    int      `toml:"max_samples"`
+		MaxCapture    Duration `toml:"max_capture"`
+	} `toml:"profiling"`
 	Signals struct {
 		RingSize  int `toml:"ring_size"`
 		MaxSeries int `toml:"max_series"`
@@ -101,6 +119,29 @@ type Config struct {
 			NearRatio float64  `toml:"near_ratio"`
 			Window    Duration `toml:"window"`
 		} `toml:"oom_ahead"`
+		Workers struct {
+			Threads      string   `toml:"threads"`
+			IdleSyscalls []string `toml:"idle_syscalls"`
+		} `toml:"workers"`
+		BlockingWorker struct {
+			Window   Duration `toml:"window"`
+			MinBlock Duration `toml:"min_block"`
+		} `toml:"blocking_worker"`
+		BusyWorker struct {
+			Window    Duration `toml:"window"`
+			MinBusy   Duration `toml:"min_busy"`
+			TopFrames int      `toml:"top_frames"`
+		} `toml:"busy_worker"`
+		WorkerImbalance struct {
+			Window       Duration `toml:"window"`
+			MinBusyCores float64  `toml:"min_busy_cores"`
+			MinRatio     float64  `toml:"min_ratio"`
+		} `toml:"worker_imbalance"`
+		CPUThrottling struct {
+			Window              Duration `toml:"window"`
+			MinThrottledRatio   float64  `toml:"min_throttled_ratio"`
+			MinThrottledPeriods int      `toml:"min_throttled_periods"`
+		} `toml:"cpu_throttling"`
 	} `toml:"rules"`
 	Pprof struct {
 		HeapURL  string   `toml:"heap_url"`
@@ -134,6 +175,30 @@ func DefaultConfig() Config {
 	c.Probes.PollInterval = Duration(100 * time.Millisecond)
 	c.Probes.MaxEntries = 4096
 	c.Probes.RingBufferBytes = 65536
+	c.Sched.MinBlock = Duration(100 * time.Millisecond)
+	c.Sched.BusyAfter = Duration(200 * time.Millisecond)
+	c.Sched.MaxThreads = 4096
+	c.Sched.MaxStacks = 8192
+	c.Sched.MaxEpisodes = 1024
+	c.Profiling.Enabled = true
+	c.Profiling.Frequency = 49
+	c.Profiling.MaxStacks = 8192
+	c.Profiling.DrainInterval = Duration(time.Second)
+	c.Profiling.MaxSamples = 65536
+	c.Profiling.MaxCapture = Duration(time.Minute)
+	c.Rules.Workers.Threads = rules.DefaultWorkerThreads
+	c.Rules.Workers.IdleSyscalls = slices.Clone(rules.DefaultIdleSyscalls)
+	c.Rules.BlockingWorker.Window = Duration(10 * time.Second)
+	c.Rules.BlockingWorker.MinBlock = Duration(250 * time.Millisecond)
+	c.Rules.BusyWorker.Window = Duration(10 * time.Second)
+	c.Rules.BusyWorker.MinBusy = Duration(500 * time.Millisecond)
+	c.Rules.BusyWorker.TopFrames = 5
+	c.Rules.WorkerImbalance.Window = Duration(10 * time.Second)
+	c.Rules.WorkerImbalance.MinBusyCores = 0.5
+	c.Rules.WorkerImbalance.MinRatio = 4
+	c.Rules.CPUThrottling.Window = Duration(rules.DefaultCPUThrottlingWindow)
+	c.Rules.CPUThrottling.MinThrottledRatio = rules.DefaultCPUMinThrottledRatio
+	c.Rules.CPUThrottling.MinThrottledPeriods = rules.DefaultCPUMinThrottledPeriods
 	c.Signals.RingSize = 600
 	c.Signals.MaxSeries = 20000
 	c.Rules.Interval = Duration(200 * time.Millisecond)
@@ -261,6 +326,16 @@ func (c *Config) Validate() error {
 		{"collect.interval", c.Collect.Interval.D()},
 		{"collect.fast_interval", c.Collect.FastInterval.D()},
 		{"probes.poll_interval", c.Probes.PollInterval.D()},
+		{"sched.min_block", c.Sched.MinBlock.D()},
+		{"sched.busy_after", c.Sched.BusyAfter.D()},
+		{"profiling.drain_interval", c.Profiling.DrainInterval.D()},
+		{"profiling.max_capture", c.Profiling.MaxCapture.D()},
+		{"rules.blocking_worker.window", c.Rules.BlockingWorker.Window.D()},
+		{"rules.blocking_worker.min_block", c.Rules.BlockingWorker.MinBlock.D()},
+		{"rules.busy_worker.window", c.Rules.BusyWorker.Window.D()},
+		{"rules.busy_worker.min_busy", c.Rules.BusyWorker.MinBusy.D()},
+		{"rules.worker_imbalance.window", c.Rules.WorkerImbalance.Window.D()},
+		{"rules.cpu_throttling.window", c.Rules.CPUThrottling.Window.D()},
 		{"rules.interval", c.Rules.Interval.D()},
 		{"rules.resolve_after", c.Rules.ResolveAfter.D()},
 		{"rules.accept_overflow.window", c.Rules.AcceptOverflow.Window.D()},
@@ -294,6 +369,14 @@ func (c *Config) Validate() error {
 		{"rules.fd_exhaustion.min_increase", c.Rules.FDExhaustion.MinIncrease, 1},
 		{"rules.heap_leak.top_sites", c.Rules.HeapLeak.TopSites, 1},
 		{"pprof.keep", c.Pprof.Keep, 2},
+		{"sched.max_threads", c.Sched.MaxThreads, 16},
+		{"sched.max_stacks", c.Sched.MaxStacks, 64},
+		{"sched.max_episodes", c.Sched.MaxEpisodes, 16},
+		{"profiling.frequency", c.Profiling.Frequency, 1},
+		{"profiling.max_stacks", c.Profiling.MaxStacks, 64},
+		{"profiling.max_samples", c.Profiling.MaxSamples, 64},
+		{"rules.busy_worker.top_frames", c.Rules.BusyWorker.TopFrames, 1},
+		{"rules.cpu_throttling.min_throttled_periods", c.Rules.CPUThrottling.MinThrottledPeriods, 1},
 	}
 	for _, r := range []struct {
 		key string
@@ -304,6 +387,7 @@ func (c *Config) Validate() error {
 		{"rules.rss_without_heap.min_ratio", c.Rules.RSSWithoutHeap.MinRatio},
 		{"rules.heap_leak.steady", c.Rules.HeapLeak.Steady},
 		{"rules.oom_ahead.near_ratio", c.Rules.OOMAhead.NearRatio},
+		{"rules.cpu_throttling.min_throttled_ratio", c.Rules.CPUThrottling.MinThrottledRatio},
 	} {
 		if r.v <= 0 || r.v > 1 {
 			return bad(r.key, "must be a ratio in (0, 1], got %g", r.v)
@@ -320,6 +404,18 @@ func (c *Config) Validate() error {
 		if b.v < 1 {
 			return bad(b.key, "must be a positive number of bytes, got %d", b.v)
 		}
+	}
+	if c.Profiling.Frequency > 1000 {
+		return bad("profiling.frequency", "must be at most 1000 samples per second per CPU, got %d", c.Profiling.Frequency)
+	}
+	if _, err := regexp.Compile(c.Rules.Workers.Threads); err != nil {
+		return bad("rules.workers.threads", "not a regular expression: %w", err)
+	}
+	if c.Rules.WorkerImbalance.MinBusyCores <= 0 {
+		return bad("rules.worker_imbalance.min_busy_cores", "must be positive, got %g", c.Rules.WorkerImbalance.MinBusyCores)
+	}
+	if c.Rules.WorkerImbalance.MinRatio < 1 {
+		return bad("rules.worker_imbalance.min_ratio", "must be at least 1, got %g", c.Rules.WorkerImbalance.MinRatio)
 	}
 	if u := c.Pprof.HeapURL; u != "" && !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
 		return bad("pprof.heap_url", "must be an http:// or https:// URL, got %q", u)

@@ -20,6 +20,7 @@ Usage:
   culprit agent    [--config agent.conf] [--pid N | --port N | --cmd REGEX] [flags]
   culprit findings [--addr 127.0.0.1:9462] [--follow] [--json] [--all]
   culprit snapshot [--addr 127.0.0.1:9462] [--json]
+  culprit profile  [--addr 127.0.0.1:9462] [--duration 10s | --lookback 30s] [--tid N,...] [-o cpu.pb.gz]
   culprit demo     [--addr 127.0.0.1:8080] [--control 127.0.0.1:8081] [--backlog 8]
   culprit version
 
@@ -45,6 +46,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdFindings(ctx, args[1:], stdout, stderr)
 	case "snapshot":
 		err = cmdSnapshot(ctx, args[1:], stdout, stderr)
+	case "profile":
+		err = cmdProfile(ctx, args[1:], stdout, stderr)
 	case "demo":
 		err = cmdDemo(ctx, args[1:], stdout, stderr)
 	case "version":

@@ -34,6 +34,10 @@ type GRPCOptions struct {
 	// MaxBatch bounds the events a watcher copies out of the journal at
 	// once, so a watcher far behind holds the journal lock briefly.
 	MaxBatch int
+	// Profiles serves CaptureProfile; nil when the profiler does not run.
+	Profiles ProfileSource
+	// MaxCapture bounds what CaptureProfile may be asked for.
+	MaxCapture time.Duration
 }
 
 // GRPCServer serves culprit.v1.Diagnostics from the journal and the signal
@@ -42,13 +46,15 @@ type GRPCOptions struct {
 type GRPCServer struct {
 	culpritv1.UnimplementedDiagnosticsServer
 
-	journal  *rules.Journal
-	store    *signals.Store
-	tracker  *target.Tracker
-	version  string
-	log      *slog.Logger
-	maxBatch int
-	health   *health.Server
+	journal    *rules.Journal
+	store      *signals.Store
+	tracker    *target.Tracker
+	version    string
+	log        *slog.Logger
+	maxBatch   int
+	health     *health.Server
+	profiles   ProfileSource
+	maxCapture time.Duration
 
 	stopOnce sync.Once
 	stopping chan struct{}
@@ -75,15 +81,20 @@ func NewGRPC(o GRPCOptions) *GRPCServer {
 	if o.MaxBatch <= 0 {
 		o.MaxBatch = DefaultMaxBatch
 	}
+	if o.MaxCapture <= 0 {
+		o.MaxCapture = time.Minute
+	}
 	return &GRPCServer{
-		journal:  o.Journal,
-		store:    o.Store,
-		tracker:  o.Tracker,
-		version:  o.Version,
-		log:      log,
-		maxBatch: o.MaxBatch,
-		health:   health.NewServer(),
-		stopping: make(chan struct{}),
+		journal:    o.Journal,
+		store:      o.Store,
+		tracker:    o.Tracker,
+		version:    o.Version,
+		log:        log,
+		maxBatch:   o.MaxBatch,
+		health:     health.NewServer(),
+		profiles:   o.Profiles,
+		maxCapture: o.MaxCapture,
+		stopping:   make(chan struct{}),
 	}
 }
 

@@ -10,10 +10,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
-	"github.com/cilium/ebpf/rlimit"
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/target"
@@ -68,11 +66,6 @@ func (p *TCPListen) Start(ctx context.Context, tracker *target.Tracker, store *s
 	if p.started {
 		return errors.New("tcplisten: already started")
 	}
-	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones
-	// to the cgroup, where this is a no-op.
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return fmt.Errorf("tcplisten: remove memlock limit: %w", err)
-	}
 	spec, err := loadTcpListen()
 	if err != nil {
 		return fmt.Errorf("tcplisten: load spec: %w", err)
@@ -84,28 +77,18 @@ func (p *TCPListen) Start(ctx context.Context, tracker *target.Tracker, store *s
 		spec.Maps["events"].MaxEntries = p.o.RingBufferBytes
 	}
 	objs := &tcpListenObjects{}
-	if err := spec.LoadAndAssign(objs, nil); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return fmt.Errorf("tcplisten: verifier rejected the programs: %+v", ve)
-		}
-		return fmt.Errorf("tcplisten: load programs (needs CAP_BPF and CAP_PERFMON): %w", err)
+	if err := load("tcplisten", spec, objs); err != nil {
+		return err
 	}
 	p.objs = objs
-	for _, prog := range []struct {
-		name string
-		p    *ebpf.Program
-	}{
-		{"tp_btf/kfree_skb", objs.CulpritKfreeSkb},
-		{"tp_btf/tcp_retransmit_synack", objs.CulpritRetransmitSynack},
-		{"tp_btf/inet_sock_set_state", objs.CulpritInetSockSetState},
-	} {
-		l, err := link.AttachTracing(link.TracingOptions{Program: prog.p})
-		if err != nil {
-			p.closeLocked()
-			return fmt.Errorf("tcplisten: attach %s: %w", prog.name, err)
-		}
-		p.links = append(p.links, l)
+	p.links, err = attachTracing("tcplisten",
+		tracingProg{"tp_btf/kfree_skb", objs.CulpritKfreeSkb},
+		tracingProg{"tp_btf/tcp_retransmit_synack", objs.CulpritRetransmitSynack},
+		tracingProg{"tp_btf/inet_sock_set_state", objs.CulpritInetSockSetState},
+	)
+	if err != nil {
+		p.closeLocked()
+		return err
 	}
 	rd, err := ringbuf.NewReader(objs.Events)
 	if err != nil {
@@ -224,9 +207,7 @@ func (p *TCPListen) closeLocked() error {
 		errs = append(errs, p.rd.Close())
 		p.rd = nil
 	}
-	for _, l := range p.links {
-		errs = append(errs, l.Close())
-	}
+	errs = append(errs, closeLinks(p.links))
 	p.links = nil
 	if p.objs != nil {
 		errs = append(errs, p.objs.Close())

@@ -23,34 +23,41 @@ func TestMain(m *testing.M) { testenv.Main(m) }
 // hide a regression.
 func startProbe(t *testing.T, pid int) (*TCPListen, *signals.Store) {
 	t.Helper()
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	p := NewTCPListen(Options{Log: testLog, PollInterval: 50 * time.Millisecond, MaxEntries: 256, RingBufferBytes: 4096})
+	st := signals.New(600, 1000)
+	runProbe(t, pid, p, st)
+	return p, st
+}
+
+var testLog = slog.New(slog.NewTextHandler(io.Discard, nil))
+
+// runProbe starts p on the process pid and closes it when the test ends.
+func runProbe(t *testing.T, pid int, p Probe, st *signals.Store) {
+	t.Helper()
 	res, err := target.NewResolver("/proc")
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr := target.NewTracker(res, target.Selector{PID: pid}, time.Second, log)
+	tr := target.NewTracker(res, target.Selector{PID: pid}, time.Second, testLog)
 	tr.Refresh()
 	if _, ok := tr.Current(); !ok {
 		t.Fatalf("target %d not found", pid)
 	}
-	st := signals.New(600, 1000)
-	p := NewTCPListen(Options{Log: log, PollInterval: 50 * time.Millisecond, MaxEntries: 256, RingBufferBytes: 4096})
 	ctx, cancel := context.WithCancel(context.Background())
 	if err := p.Start(ctx, tr, st); err != nil {
 		cancel()
 		if os.Geteuid() != 0 && errors.Is(err, os.ErrPermission) {
-			fmt.Fprintln(os.Stderr, "SKIP: tcplisten probe needs CAP_BPF+CAP_PERFMON (not root):", err)
+			fmt.Fprintf(os.Stderr, "SKIP: %s probe needs CAP_BPF+CAP_PERFMON (not root): %v\n", p.Name(), err)
 			t.Skip("no BPF privileges")
 		}
-		t.Fatalf("load tcplisten probe: %v", err)
+		t.Fatalf("load %s probe: %v", p.Name(), err)
 	}
 	t.Cleanup(func() {
 		cancel()
 		if err := p.Close(); err != nil {
-			t.Errorf("close: %v", err)
+			t.Errorf("close %s: %v", p.Name(), err)
 		}
 	})
-	return p, st
 }
 
 func waitValue(t *testing.T, st *signals.Store, name string, ls signals.Labels, cond func(float64) bool, what string) float64 {

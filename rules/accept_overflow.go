@@ -28,6 +28,10 @@ type AcceptOverflowOptions struct {
 	StallAfter time.Duration
 	// MinDrops in Recent before the rule speaks.
 	MinDrops float64
+	// Episodes, when the sched probe runs, name the thread that stalled
+	// the accept loop and its stack; Pools tells idle waits apart.
+	Episodes EpisodeSource
+	Pools    WorkerPools
 }
 
 // AcceptOverflow names why a listener's accept queue overflows (seed 000,
@@ -39,6 +43,37 @@ type AcceptOverflow struct{ o AcceptOverflowOptions }
 func NewAcceptOverflow(o AcceptOverflowOptions) *AcceptOverflow { return &AcceptOverflow{o: o} }
 
 func (*AcceptOverflow) Name() string { return "accept_overflow" }
+
+// stalledThread names the target's thread that was off-CPU outside an idle
+// wait, or busy without sleeping, for longest during [from, now]: what
+// kept the accept loop from running.
+func (r *AcceptOverflow) stalledThread(from, now time.Time) (signals.Episode, string) {
+	if r.o.Episodes == nil {
+		return signals.Episode{}, ""
+	}
+	var best signals.Episode
+	for _, kind := range []string{signals.EpisodeBlock, signals.EpisodeBusy} {
+		for _, e := range r.o.Episodes.Since(kind, from) {
+			if kind == signals.EpisodeBlock && r.o.Pools.Idle(e.Syscall()) {
+				continue
+			}
+			if e.Duration > best.Duration && e.Start.Before(now) {
+				best = e
+			}
+		}
+	}
+	if best.Duration < r.o.StallAfter {
+		return signals.Episode{}, ""
+	}
+	fn := culpritFrame(best.UserStack())
+	if fn == "" {
+		fn = "unknown code"
+	}
+	if best.Kind == signals.EpisodeBusy {
+		return best, fmt.Sprintf("Thread %s (tid %d) ran %s without yielding in %s.", best.Thread, best.Tid, seconds(best.Duration), fn)
+	}
+	return best, fmt.Sprintf("Thread %s (tid %d) was blocked %s in %s, called from %s.", best.Thread, best.Tid, seconds(best.Duration), best.Syscall(), fn)
+}
 
 // freshness: a sample older than this is not "now" (the collector may have
 // stopped, or the target went away).
@@ -133,6 +168,15 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			how = "did not drain it (eBPF accept counts unavailable: inferred from the queue never shrinking)"
 		}
 		arts = append(arts, threads.artifacts...)
+		culprit, stalled := r.stalledThread(runStart, now)
+		if stalled != "" {
+			threads.summary = stalled + " " + threads.summary
+			arts = append(arts, threadArtifact(culprit), stackArtifact(culprit, 24))
+			if fn := culpritFrame(culprit.UserStack()); fn != "" {
+				arts = append(arts, Artifact{Kind: "frame", Value: fn, Detail: "where the stalled thread is"})
+			}
+			conf = math.Max(conf, 0.9)
+		}
 		sev := SeverityCritical
 		return Observation{
 			Key:        endpoint,

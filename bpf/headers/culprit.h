@@ -21,6 +21,7 @@ typedef __u8 u8;
 typedef __u16 u16;
 typedef __u32 u32;
 typedef __u64 u64;
+typedef _Bool bool;
 
 enum bpf_map_type {
 	BPF_MAP_TYPE_ARRAY = 2,
@@ -91,3 +92,20 @@ struct tcphdr {
 enum skb_drop_reason {
 	SKB_DROP_REASON_TCP_LISTEN_OVERFLOW = 40,
 };
+
+/* Scheduler probes. */
+enum {
+	BPF_MAP_TYPE_HASH = 1,
+	BPF_MAP_TYPE_STACK_TRACE = 7,
+};
+
+#define BPF_F_USER_STACK (1ULL << 8)
+#define TASK_COMM_LEN 16
+
+struct task_struct {
+	int pid;
+	int tgid;
+	char comm[TASK_COMM_LEN];
+} __attribute__((preserve_access_index));
+
+struct bpf_perf_event_data;

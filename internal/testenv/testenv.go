@@ -26,6 +26,8 @@ func Main(m interface{ Run() int }) {
 	switch os.Getenv(roleEnv) {
 	case "server":
 		os.Exit(serverMain())
+	case "workers":
+		os.Exit(workersMain())
 	case "leaker":
 		os.Exit(leakerMain())
 	}

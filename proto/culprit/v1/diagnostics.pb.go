@@ -1220,6 +1220,147 @@ func (x *Snapshot) GetVersion() string {
 	return ""
 }
 
+type CaptureProfileRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Profile from now on for this long (at most profiling.max_capture).
+	Duration *durationpb.Duration `protobuf:"bytes,1,opt,name=duration,proto3" json:"duration,omitempty"`
+	// Or, with duration unset, the samples of this past window.
+	Lookback *durationpb.Duration `protobuf:"bytes,2,opt,name=lookback,proto3" json:"lookback,omitempty"`
+	// Only these threads (by tid); empty means all.
+	Tids          []int32 `protobuf:"varint,3,rep,packed,name=tids,proto3" json:"tids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CaptureProfileRequest) Reset() {
+	*x = CaptureProfileRequest{}
+	mi := &file_diagnostics_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CaptureProfileRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CaptureProfileRequest) ProtoMessage() {}
+
+func (x *CaptureProfileRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_diagnostics_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CaptureProfileRequest.ProtoReflect.Descriptor instead.
+func (*CaptureProfileRequest) Descriptor() ([]byte, []int) {
+	return file_diagnostics_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *CaptureProfileRequest) GetDuration() *durationpb.Duration {
+	if x != nil {
+		return x.Duration
+	}
+	return nil
+}
+
+func (x *CaptureProfileRequest) GetLookback() *durationpb.Duration {
+	if x != nil {
+		return x.Lookback
+	}
+	return nil
+}
+
+func (x *CaptureProfileRequest) GetTids() []int32 {
+	if x != nil {
+		return x.Tids
+	}
+	return nil
+}
+
+type CaptureProfileResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// gzipped pprof protobuf.
+	Pprof    []byte                 `protobuf:"bytes,1,opt,name=pprof,proto3" json:"pprof,omitempty"`
+	Start    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=start,proto3" json:"start,omitempty"`
+	Duration *durationpb.Duration   `protobuf:"bytes,3,opt,name=duration,proto3" json:"duration,omitempty"`
+	Samples  int64                  `protobuf:"varint,4,opt,name=samples,proto3" json:"samples,omitempty"`
+	// Sampling period.
+	Period        *durationpb.Duration `protobuf:"bytes,5,opt,name=period,proto3" json:"period,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CaptureProfileResponse) Reset() {
+	*x = CaptureProfileResponse{}
+	mi := &file_diagnostics_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CaptureProfileResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CaptureProfileResponse) ProtoMessage() {}
+
+func (x *CaptureProfileResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_diagnostics_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CaptureProfileResponse.ProtoReflect.Descriptor instead.
+func (*CaptureProfileResponse) Descriptor() ([]byte, []int) {
+	return file_diagnostics_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *CaptureProfileResponse) GetPprof() []byte {
+	if x != nil {
+		return x.Pprof
+	}
+	return nil
+}
+
+func (x *CaptureProfileResponse) GetStart() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Start
+	}
+	return nil
+}
+
+func (x *CaptureProfileResponse) GetDuration() *durationpb.Duration {
+	if x != nil {
+		return x.Duration
+	}
+	return nil
+}
+
+func (x *CaptureProfileResponse) GetSamples() int64 {
+	if x != nil {
+		return x.Samples
+	}
+	return 0
+}
+
+func (x *CaptureProfileResponse) GetPeriod() *durationpb.Duration {
+	if x != nil {
+		return x.Period
+	}
+	return nil
+}
+
 var File_diagnostics_proto protoreflect.FileDescriptor
 
 const file_diagnostics_proto_rawDesc = "" +
@@ -1323,7 +1464,17 @@ const file_diagnostics_proto_rawDesc = "" +
 	"components\x18\x04 \x03(\v2\x1b.culprit.v1.ComponentStatusR\n" +
 	"components\x12\x1a\n" +
 	"\bsequence\x18\x05 \x01(\x04R\bsequence\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\tR\aversion*d\n" +
+	"\aversion\x18\x06 \x01(\tR\aversion\"\x99\x01\n" +
+	"\x15CaptureProfileRequest\x125\n" +
+	"\bduration\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\bduration\x125\n" +
+	"\blookback\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\blookback\x12\x12\n" +
+	"\x04tids\x18\x03 \x03(\x05R\x04tids\"\xe4\x01\n" +
+	"\x16CaptureProfileResponse\x12\x14\n" +
+	"\x05pprof\x18\x01 \x01(\fR\x05pprof\x120\n" +
+	"\x05start\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x05start\x125\n" +
+	"\bduration\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12\x18\n" +
+	"\asamples\x18\x04 \x01(\x03R\asamples\x121\n" +
+	"\x06period\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x06period*d\n" +
 	"\bSeverity\x12\x18\n" +
 	"\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rSEVERITY_INFO\x10\x01\x12\x14\n" +
@@ -1332,13 +1483,14 @@ const file_diagnostics_proto_rawDesc = "" +
 	"\fFindingState\x12\x1d\n" +
 	"\x19FINDING_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12FINDING_STATE_OPEN\x10\x01\x12\x1a\n" +
-	"\x16FINDING_STATE_RESOLVED\x10\x022\x9b\x02\n" +
+	"\x16FINDING_STATE_RESOLVED\x10\x022\xf4\x02\n" +
 	"\vDiagnostics\x12E\n" +
 	"\rWatchFindings\x12\x18.culprit.v1.WatchRequest\x1a\x18.culprit.v1.FindingEvent0\x01\x12A\n" +
 	"\fListFindings\x12\x17.culprit.v1.ListRequest\x1a\x18.culprit.v1.ListResponse\x12@\n" +
 	"\n" +
 	"GetFinding\x12\x1d.culprit.v1.GetFindingRequest\x1a\x13.culprit.v1.Finding\x12@\n" +
-	"\vGetSnapshot\x12\x1b.culprit.v1.SnapshotRequest\x1a\x14.culprit.v1.SnapshotB;Z9github.com/culprit-dev/culprit/proto/culprit/v1;culpritv1b\x06proto3"
+	"\vGetSnapshot\x12\x1b.culprit.v1.SnapshotRequest\x1a\x14.culprit.v1.Snapshot\x12W\n" +
+	"\x0eCaptureProfile\x12!.culprit.v1.CaptureProfileRequest\x1a\".culprit.v1.CaptureProfileResponseB;Z9github.com/culprit-dev/culprit/proto/culprit/v1;culpritv1b\x06proto3"
 
 var (
 	file_diagnostics_proto_rawDescOnce sync.Once
@@ -1353,65 +1505,74 @@ func file_diagnostics_proto_rawDescGZIP() []byte {
 }
 
 var file_diagnostics_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_diagnostics_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_diagnostics_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_diagnostics_proto_goTypes = []any{
-	(Severity)(0),                 // 0: culprit.v1.Severity
-	(FindingState)(0),             // 1: culprit.v1.FindingState
-	(FindingEvent_Type)(0),        // 2: culprit.v1.FindingEvent.Type
-	(*Evidence)(nil),              // 3: culprit.v1.Evidence
-	(*Artifact)(nil),              // 4: culprit.v1.Artifact
-	(*Finding)(nil),               // 5: culprit.v1.Finding
-	(*FindingEvent)(nil),          // 6: culprit.v1.FindingEvent
-	(*WatchRequest)(nil),          // 7: culprit.v1.WatchRequest
-	(*ListRequest)(nil),           // 8: culprit.v1.ListRequest
-	(*ListResponse)(nil),          // 9: culprit.v1.ListResponse
-	(*GetFindingRequest)(nil),     // 10: culprit.v1.GetFindingRequest
-	(*SnapshotRequest)(nil),       // 11: culprit.v1.SnapshotRequest
-	(*Label)(nil),                 // 12: culprit.v1.Label
-	(*Signal)(nil),                // 13: culprit.v1.Signal
-	(*ComponentStatus)(nil),       // 14: culprit.v1.ComponentStatus
-	(*Target)(nil),                // 15: culprit.v1.Target
-	(*Snapshot)(nil),              // 16: culprit.v1.Snapshot
-	nil,                           // 17: culprit.v1.Finding.LabelsEntry
-	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 19: google.protobuf.Timestamp
+	(Severity)(0),                  // 0: culprit.v1.Severity
+	(FindingState)(0),              // 1: culprit.v1.FindingState
+	(FindingEvent_Type)(0),         // 2: culprit.v1.FindingEvent.Type
+	(*Evidence)(nil),               // 3: culprit.v1.Evidence
+	(*Artifact)(nil),               // 4: culprit.v1.Artifact
+	(*Finding)(nil),                // 5: culprit.v1.Finding
+	(*FindingEvent)(nil),           // 6: culprit.v1.FindingEvent
+	(*WatchRequest)(nil),           // 7: culprit.v1.WatchRequest
+	(*ListRequest)(nil),            // 8: culprit.v1.ListRequest
+	(*ListResponse)(nil),           // 9: culprit.v1.ListResponse
+	(*GetFindingRequest)(nil),      // 10: culprit.v1.GetFindingRequest
+	(*SnapshotRequest)(nil),        // 11: culprit.v1.SnapshotRequest
+	(*Label)(nil),                  // 12: culprit.v1.Label
+	(*Signal)(nil),                 // 13: culprit.v1.Signal
+	(*ComponentStatus)(nil),        // 14: culprit.v1.ComponentStatus
+	(*Target)(nil),                 // 15: culprit.v1.Target
+	(*Snapshot)(nil),               // 16: culprit.v1.Snapshot
+	(*CaptureProfileRequest)(nil),  // 17: culprit.v1.CaptureProfileRequest
+	(*CaptureProfileResponse)(nil), // 18: culprit.v1.CaptureProfileResponse
+	nil,                            // 19: culprit.v1.Finding.LabelsEntry
+	(*durationpb.Duration)(nil),    // 20: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 21: google.protobuf.Timestamp
 }
 var file_diagnostics_proto_depIdxs = []int32{
-	18, // 0: culprit.v1.Evidence.window:type_name -> google.protobuf.Duration
+	20, // 0: culprit.v1.Evidence.window:type_name -> google.protobuf.Duration
 	0,  // 1: culprit.v1.Finding.severity:type_name -> culprit.v1.Severity
 	1,  // 2: culprit.v1.Finding.state:type_name -> culprit.v1.FindingState
-	19, // 3: culprit.v1.Finding.first_seen:type_name -> google.protobuf.Timestamp
-	19, // 4: culprit.v1.Finding.last_seen:type_name -> google.protobuf.Timestamp
-	19, // 5: culprit.v1.Finding.resolved:type_name -> google.protobuf.Timestamp
+	21, // 3: culprit.v1.Finding.first_seen:type_name -> google.protobuf.Timestamp
+	21, // 4: culprit.v1.Finding.last_seen:type_name -> google.protobuf.Timestamp
+	21, // 5: culprit.v1.Finding.resolved:type_name -> google.protobuf.Timestamp
 	3,  // 6: culprit.v1.Finding.evidence:type_name -> culprit.v1.Evidence
 	4,  // 7: culprit.v1.Finding.artifacts:type_name -> culprit.v1.Artifact
-	17, // 8: culprit.v1.Finding.labels:type_name -> culprit.v1.Finding.LabelsEntry
+	19, // 8: culprit.v1.Finding.labels:type_name -> culprit.v1.Finding.LabelsEntry
 	2,  // 9: culprit.v1.FindingEvent.type:type_name -> culprit.v1.FindingEvent.Type
-	19, // 10: culprit.v1.FindingEvent.time:type_name -> google.protobuf.Timestamp
+	21, // 10: culprit.v1.FindingEvent.time:type_name -> google.protobuf.Timestamp
 	5,  // 11: culprit.v1.FindingEvent.finding:type_name -> culprit.v1.Finding
 	0,  // 12: culprit.v1.WatchRequest.min_severity:type_name -> culprit.v1.Severity
 	0,  // 13: culprit.v1.ListRequest.min_severity:type_name -> culprit.v1.Severity
 	5,  // 14: culprit.v1.ListResponse.findings:type_name -> culprit.v1.Finding
 	12, // 15: culprit.v1.Signal.labels:type_name -> culprit.v1.Label
-	19, // 16: culprit.v1.Signal.time:type_name -> google.protobuf.Timestamp
-	19, // 17: culprit.v1.ComponentStatus.since:type_name -> google.protobuf.Timestamp
-	19, // 18: culprit.v1.Snapshot.time:type_name -> google.protobuf.Timestamp
+	21, // 16: culprit.v1.Signal.time:type_name -> google.protobuf.Timestamp
+	21, // 17: culprit.v1.ComponentStatus.since:type_name -> google.protobuf.Timestamp
+	21, // 18: culprit.v1.Snapshot.time:type_name -> google.protobuf.Timestamp
 	15, // 19: culprit.v1.Snapshot.target:type_name -> culprit.v1.Target
 	13, // 20: culprit.v1.Snapshot.signals:type_name -> culprit.v1.Signal
 	14, // 21: culprit.v1.Snapshot.components:type_name -> culprit.v1.ComponentStatus
-	7,  // 22: culprit.v1.Diagnostics.WatchFindings:input_type -> culprit.v1.WatchRequest
-	8,  // 23: culprit.v1.Diagnostics.ListFindings:input_type -> culprit.v1.ListRequest
-	10, // 24: culprit.v1.Diagnostics.GetFinding:input_type -> culprit.v1.GetFindingRequest
-	11, // 25: culprit.v1.Diagnostics.GetSnapshot:input_type -> culprit.v1.SnapshotRequest
-	6,  // 26: culprit.v1.Diagnostics.WatchFindings:output_type -> culprit.v1.FindingEvent
-	9,  // 27: culprit.v1.Diagnostics.ListFindings:output_type -> culprit.v1.ListResponse
-	5,  // 28: culprit.v1.Diagnostics.GetFinding:output_type -> culprit.v1.Finding
-	16, // 29: culprit.v1.Diagnostics.GetSnapshot:output_type -> culprit.v1.Snapshot
-	26, // [26:30] is the sub-list for method output_type
-	22, // [22:26] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	20, // 22: culprit.v1.CaptureProfileRequest.duration:type_name -> google.protobuf.Duration
+	20, // 23: culprit.v1.CaptureProfileRequest.lookback:type_name -> google.protobuf.Duration
+	21, // 24: culprit.v1.CaptureProfileResponse.start:type_name -> google.protobuf.Timestamp
+	20, // 25: culprit.v1.CaptureProfileResponse.duration:type_name -> google.protobuf.Duration
+	20, // 26: culprit.v1.CaptureProfileResponse.period:type_name -> google.protobuf.Duration
+	7,  // 27: culprit.v1.Diagnostics.WatchFindings:input_type -> culprit.v1.WatchRequest
+	8,  // 28: culprit.v1.Diagnostics.ListFindings:input_type -> culprit.v1.ListRequest
+	10, // 29: culprit.v1.Diagnostics.GetFinding:input_type -> culprit.v1.GetFindingRequest
+	11, // 30: culprit.v1.Diagnostics.GetSnapshot:input_type -> culprit.v1.SnapshotRequest
+	17, // 31: culprit.v1.Diagnostics.CaptureProfile:input_type -> culprit.v1.CaptureProfileRequest
+	6,  // 32: culprit.v1.Diagnostics.WatchFindings:output_type -> culprit.v1.FindingEvent
+	9,  // 33: culprit.v1.Diagnostics.ListFindings:output_type -> culprit.v1.ListResponse
+	5,  // 34: culprit.v1.Diagnostics.GetFinding:output_type -> culprit.v1.Finding
+	16, // 35: culprit.v1.Diagnostics.GetSnapshot:output_type -> culprit.v1.Snapshot
+	18, // 36: culprit.v1.Diagnostics.CaptureProfile:output_type -> culprit.v1.CaptureProfileResponse
+	32, // [32:37] is the sub-list for method output_type
+	27, // [27:32] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_diagnostics_proto_init() }
@@ -1425,7 +1586,7 @@ func file_diagnostics_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_diagnostics_proto_rawDesc), len(file_diagnostics_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   15,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

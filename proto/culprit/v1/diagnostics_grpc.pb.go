@@ -22,10 +22,11 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Diagnostics_WatchFindings_FullMethodName = "/culprit.v1.Diagnostics/WatchFindings"
-	Diagnostics_ListFindings_FullMethodName  = "/culprit.v1.Diagnostics/ListFindings"
-	Diagnostics_GetFinding_FullMethodName    = "/culprit.v1.Diagnostics/GetFinding"
-	Diagnostics_GetSnapshot_FullMethodName   = "/culprit.v1.Diagnostics/GetSnapshot"
+	Diagnostics_WatchFindings_FullMethodName  = "/culprit.v1.Diagnostics/WatchFindings"
+	Diagnostics_ListFindings_FullMethodName   = "/culprit.v1.Diagnostics/ListFindings"
+	Diagnostics_GetFinding_FullMethodName     = "/culprit.v1.Diagnostics/GetFinding"
+	Diagnostics_GetSnapshot_FullMethodName    = "/culprit.v1.Diagnostics/GetSnapshot"
+	Diagnostics_CaptureProfile_FullMethodName = "/culprit.v1.Diagnostics/CaptureProfile"
 )
 
 // DiagnosticsClient is the client API for Diagnostics service.
@@ -45,6 +46,12 @@ type DiagnosticsClient interface {
 	// Every current signal value, the target, and which collectors and
 	// probes run or are degraded (and what that costs).
 	GetSnapshot(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (*Snapshot, error)
+	// A CPU profile of the target (pprof format, gzipped protobuf: what
+	// `go tool pprof` opens). With duration set, the call waits that long and
+	// returns the samples taken meanwhile; with only lookback set, it
+	// returns at once with the samples already taken over that past window.
+	// FAILED_PRECONDITION when the profiler does not run.
+	CaptureProfile(ctx context.Context, in *CaptureProfileRequest, opts ...grpc.CallOption) (*CaptureProfileResponse, error)
 }
 
 type diagnosticsClient struct {
@@ -104,6 +111,16 @@ func (c *diagnosticsClient) GetSnapshot(ctx context.Context, in *SnapshotRequest
 	return out, nil
 }
 
+func (c *diagnosticsClient) CaptureProfile(ctx context.Context, in *CaptureProfileRequest, opts ...grpc.CallOption) (*CaptureProfileResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CaptureProfileResponse)
+	err := c.cc.Invoke(ctx, Diagnostics_CaptureProfile_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DiagnosticsServer is the server API for Diagnostics service.
 // All implementations must embed UnimplementedDiagnosticsServer
 // for forward compatibility.
@@ -121,6 +138,12 @@ type DiagnosticsServer interface {
 	// Every current signal value, the target, and which collectors and
 	// probes run or are degraded (and what that costs).
 	GetSnapshot(context.Context, *SnapshotRequest) (*Snapshot, error)
+	// A CPU profile of the target (pprof format, gzipped protobuf: what
+	// `go tool pprof` opens). With duration set, the call waits that long and
+	// returns the samples taken meanwhile; with only lookback set, it
+	// returns at once with the samples already taken over that past window.
+	// FAILED_PRECONDITION when the profiler does not run.
+	CaptureProfile(context.Context, *CaptureProfileRequest) (*CaptureProfileResponse, error)
 	mustEmbedUnimplementedDiagnosticsServer()
 }
 
@@ -142,6 +165,9 @@ func (UnimplementedDiagnosticsServer) GetFinding(context.Context, *GetFindingReq
 }
 func (UnimplementedDiagnosticsServer) GetSnapshot(context.Context, *SnapshotRequest) (*Snapshot, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetSnapshot not implemented")
+}
+func (UnimplementedDiagnosticsServer) CaptureProfile(context.Context, *CaptureProfileRequest) (*CaptureProfileResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CaptureProfile not implemented")
 }
 func (UnimplementedDiagnosticsServer) mustEmbedUnimplementedDiagnosticsServer() {}
 func (UnimplementedDiagnosticsServer) testEmbeddedByValue()                     {}
@@ -229,6 +255,24 @@ func _Diagnostics_GetSnapshot_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Diagnostics_CaptureProfile_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CaptureProfileRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DiagnosticsServer).CaptureProfile(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Diagnostics_CaptureProfile_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DiagnosticsServer).CaptureProfile(ctx, req.(*CaptureProfileRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Diagnostics_ServiceDesc is the grpc.ServiceDesc for Diagnostics service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -247,6 +291,10 @@ var Diagnostics_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetSnapshot",
 			Handler:    _Diagnostics_GetSnapshot_Handler,
+		},
+		{
+			MethodName: "CaptureProfile",
+			Handler:    _Diagnostics_CaptureProfile_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

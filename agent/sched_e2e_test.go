@@ -1,0 +1,208 @@
+package main
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
+	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+)
+
+// workersScenario runs a workers child (an async runtime's shape: threads
+// worker-0..3) and a real agent watching it with short rule windows, and
+// returns the live finding stream once the sched probe has seen the
+// workers.
+func workersScenario(t *testing.T, tune func(*Config)) (*testenv.Workers, *Agent, culpritv1.DiagnosticsClient, <-chan *culpritv1.FindingEvent) {
+	t.Helper()
+	w := testenv.StartWorkers(t, 4)
+	cfg := testConfig(t, w.PID)
+	cfg.Rules.BlockingWorker.Window = Duration(4 * time.Second)
+	cfg.Rules.BusyWorker.Window = Duration(4 * time.Second)
+	cfg.Rules.WorkerImbalance.Window = Duration(3 * time.Second)
+	cfg.Rules.CPUThrottling.Window = Duration(3 * time.Second)
+	cfg.Rules.ResolveAfter = Duration(2 * time.Second)
+	if tune != nil {
+		tune(&cfg)
+	}
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		s, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
+		if err == nil && signalValue(s, "thread_cpu_seconds_total", "thread", "worker-3") != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the agent never saw the worker threads (sched probe): %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	events, _ := watch(t, c, 0)
+	return w, a, c, events
+}
+
+func artifact(f *culpritv1.Finding, kind, contains string) bool {
+	for _, a := range f.Artifacts {
+		if a.Kind == kind && strings.Contains(a.Value, contains) {
+			return true
+		}
+	}
+	return false
+}
+
+// A worker of the pool that blocks in nanosleep on a timer (a sync call on
+// an async worker): the finding names the thread, the call and the Go
+// function that made it, over the real gRPC stream.
+func TestBlockingWorkerFinding(t *testing.T) {
+	w, _, _, events := workersScenario(t, nil)
+	w.MustDo(t, "blockloop 1 700")
+	ev, _ := next(t, events, 10*time.Second, openedBy("blocking_worker"))
+	f := ev.Finding
+	t.Logf("%s\n  %s\n  %s", f.Title, f.RootCause, f.Remediation)
+	if f.Cause != "blocking_call_on_worker" || !strings.Contains(f.Title, "worker-1") || !strings.Contains(f.Title, "nanosleep") {
+		t.Errorf("finding %s: %s", f.Cause, f.Title)
+	}
+	if !artifact(f, "frame", "testenv.blockingCall") || !artifact(f, "stack", "do_nanosleep") || !artifact(f, "thread", "worker-1") {
+		t.Errorf("artifacts do not name the blocking function, stack and thread: %+v", f.Artifacts)
+	}
+	if !strings.Contains(f.Remediation, "spawn_blocking") {
+		t.Errorf("remediation %q", f.Remediation)
+	}
+	w.MustDo(t, "stop")
+	next(t, events, 15*time.Second, resolvedBy("blocking_worker"))
+}
+
+// A worker that runs CPU work without yielding: the finding names the
+// thread and, from the CPU profile, the hot function.
+func TestBusyWorkerFinding(t *testing.T) {
+	w, _, _, events := workersScenario(t, nil)
+	w.MustDo(t, "spinloop 2")
+	ev, _ := next(t, events, 10*time.Second, openedBy("busy_worker"))
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.RootCause)
+	if f.Cause != "cpu_heavy_on_worker" || !strings.Contains(f.Symptom, "worker-2") {
+		t.Errorf("finding %s: %s / %s", f.Cause, f.Title, f.Symptom)
+	}
+	// The profile needs a drain or two before it names the function; an
+	// update then carries it.
+	deadline := time.After(10 * time.Second)
+	for !artifact(f, "frame", "testenv.hotLoop") {
+		select {
+		case ev := <-events:
+			if ev.Finding != nil && ev.Finding.Rule == "busy_worker" {
+				f = ev.Finding
+			}
+		case <-deadline:
+			t.Fatalf("the finding never named testenv.hotLoop: %+v", f.Artifacts)
+		}
+	}
+	w.MustDo(t, "stop")
+}
+
+// One worker does nearly all the work in short runs (so no single run is
+// long) while its peers idle: worker imbalance, naming the busy worker.
+func TestWorkerImbalanceFinding(t *testing.T) {
+	w, _, _, events := workersScenario(t, nil)
+	w.MustDo(t, "duty 0 80")
+	for _, i := range []string{"1", "2", "3"} {
+		w.MustDo(t, "duty "+i+" 3")
+	}
+	ev, skipped := next(t, events, 12*time.Second, openedBy("worker_imbalance"))
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.Symptom)
+	if f.Cause != "unbalanced_workers" || !artifact(f, "thread", "worker-0") {
+		t.Errorf("finding %s: %s %+v", f.Cause, f.Title, f.Artifacts)
+	}
+	for _, s := range skipped {
+		if s.Finding != nil && (s.Finding.Rule == "busy_worker" || s.Finding.Rule == "blocking_worker") {
+			t.Errorf("short runs and idle waits raised %s: %s", s.Finding.Rule, s.Finding.Title)
+		}
+	}
+	w.MustDo(t, "stop")
+}
+
+// The workers placed in a cgroup with a 0.2-core quota while two of them
+// want a core: CFS throttles the cgroup and the finding names the quota.
+func TestCPUThrottlingFinding(t *testing.T) {
+	w, _, _, events := workersScenario(t, nil)
+	testenv.CPUCgroup(t, 0.2, w.PID)
+	w.MustDo(t, "duty 0 50")
+	w.MustDo(t, "duty 1 50")
+	ev, _ := next(t, events, 15*time.Second, openedBy("cpu_throttling"))
+	f := ev.Finding
+	t.Logf("%s\n  %s\n  %s", f.Title, f.RootCause, f.Remediation)
+	if f.Cause != "cpu_quota_throttled" || !strings.Contains(f.RootCause, "0.2") {
+		t.Errorf("finding %s: %s", f.Cause, f.RootCause)
+	}
+	w.MustDo(t, "stop")
+}
+
+// Silence: a pool doing balanced short tasks, with brief blocking calls
+// under the threshold, raises none of the scheduler findings.
+func TestHealthyWorkersRaiseNoFinding(t *testing.T) {
+	w, _, _, events := workersScenario(t, nil)
+	for _, i := range []string{"0", "1", "2", "3"} {
+		w.MustDo(t, "duty "+i+" 20")
+	}
+	for range 5 {
+		w.MustDo(t, "block 1 50")
+	}
+	deadline := time.After(6 * time.Second)
+	for {
+		select {
+		case ev := <-events:
+			if ev.Finding != nil {
+				t.Errorf("healthy workers raised %s/%s: %s", ev.Finding.Rule, ev.Finding.Cause, ev.Finding.Title)
+			}
+		case <-deadline:
+			w.MustDo(t, "stop")
+			return
+		}
+	}
+}
+
+// A profile captured over gRPC opens in `go tool pprof -top` and names the
+// function the spinning worker runs.
+func TestCaptureProfileOverGRPC(t *testing.T) {
+	w, _, c, _ := workersScenario(t, nil)
+	w.MustDo(t, "spinloop 3")
+	resp, err := c.CaptureProfile(context.Background(), &culpritv1.CaptureProfileRequest{Duration: durationpb.New(2 * time.Second)})
+	if err != nil {
+		t.Fatalf("CaptureProfile: %v", err)
+	}
+	w.MustDo(t, "stop")
+	if resp.Samples < 40 {
+		t.Errorf("%d samples in 2 s of one spinning thread at 49 Hz, want about 98", resp.Samples)
+	}
+	path := filepath.Join(t.TempDir(), "cpu.pb.gz")
+	if err := os.WriteFile(path, resp.Pprof, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("go", "tool", "pprof", "-top", path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("go tool pprof -top: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "testenv.hotLoop") {
+		t.Errorf("pprof -top does not name testenv.hotLoop:\n%s", out)
+	}
+	// Bad requests are refused with a reason.
+	_, err = c.CaptureProfile(context.Background(), &culpritv1.CaptureProfileRequest{Duration: durationpb.New(time.Hour)})
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "profiling.max_capture") {
+		t.Errorf("an hour-long capture: %v", err)
+	}
+}
+
+func resolvedBy(rule string) func(*culpritv1.FindingEvent) bool {
+	return func(ev *culpritv1.FindingEvent) bool {
+		return ev.Type == culpritv1.FindingEvent_TYPE_RESOLVED && ev.Finding.Rule == rule
+	}
+}

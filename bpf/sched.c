@@ -1,0 +1,255 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR MIT)
+/* sched: per-thread scheduling of the target process.
+ *
+ * The worker thread of an async runtime that stops serving its event loop
+ * is the most common cause of a slow service (seed 000 Problems A, F, G).
+ * From the scheduler's side it looks like one of two things:
+ *   - the thread goes off-CPU voluntarily (it sleeps in a syscall) for long:
+ *     a blocking call. The stacks it went off-CPU with name the call.
+ *   - the thread runs for long without sleeping (it is only preempted): CPU
+ *     work that never yields. Its peers then wait longer on the run queue.
+ * So, for the target's threads only (tgid in `targets`), this keeps:
+ *   - run-queue latency (wake-up or preemption to switch-in), log2 buckets,
+ *   - on-CPU time and voluntary/involuntary switch counts,
+ *   - the current "busy run": time since the thread last slept voluntarily,
+ *     and a log2 histogram of finished busy runs,
+ *   - the current off-CPU interval with the user and kernel stacks it
+ *     started with, and a ring buffer event when one longer than
+ *     min_block_ns ends.
+ * All programs are tp_btf: no tracefs; CAP_BPF + CAP_PERFMON suffice. */
+#include "culprit.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+
+char __license[] SEC("license") = "Dual MIT/GPL";
+
+#define RUNQ_SLOTS 24 /* log2 microseconds: up to ~8 s */
+#define BUSY_SLOTS 16 /* log2 milliseconds: up to ~32 s */
+#define MAX_STACK_DEPTH 127
+
+/* Set from Go before loading. */
+volatile const __u64 min_block_ns = 100ULL * 1000 * 1000;
+
+struct thread_stats {
+	__u32 tgid;
+	__u32 pad;
+	char comm[TASK_COMM_LEN];
+	__u64 runq_slots[RUNQ_SLOTS];
+	__u64 runq_ns;        /* total run-queue wait */
+	__u64 oncpu_ns;       /* total on-CPU time (finished slices) */
+	__u64 voluntary;      /* switches out while sleeping */
+	__u64 involuntary;    /* switches out while runnable (preempted) */
+	__u64 busy_slots[BUSY_SLOTS];
+	__u64 offcpu_ns;      /* total voluntary off-CPU time (finished) */
+	__u64 long_blocks;    /* finished off-CPU intervals >= min_block_ns */
+	__u64 runnable_since; /* woken or preempted, waiting for a CPU; 0 if not */
+	__u64 oncpu_since;    /* switched in at; 0 when off-CPU */
+	__u64 busy_since;     /* first switch-in after the last voluntary sleep */
+	__u64 offcpu_since;   /* voluntary switch-out at; 0 when not sleeping */
+	__s32 off_ustack;     /* stacks the current/last sleep started with */
+	__s32 off_kstack;
+};
+
+struct block_event {
+	__u32 tid;
+	__u32 tgid;
+	__u64 start_ns;
+	__u64 dur_ns;
+	__s32 ustack;
+	__s32 kstack;
+	__u32 waker_tid;
+	__u32 pad;
+	char comm[TASK_COMM_LEN];
+};
+
+/* Keeps block_event in the BTF, so bpf2go emits its Go type. */
+const struct block_event *unused_block_event __attribute__((unused));
+
+/* Processes to watch; Go keeps it to the current target. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u8);
+	__uint(max_entries, 16);
+} targets SEC(".maps");
+
+/* max_entries set from Go (sched.max_threads). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __u32);
+	__type(value, struct thread_stats);
+	__uint(max_entries, 4096);
+} threads SEC(".maps");
+
+/* max_entries set from Go (sched.max_stacks). */
+struct {
+	__uint(type, BPF_MAP_TYPE_STACK_TRACE);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, MAX_STACK_DEPTH * sizeof(__u64));
+	__uint(max_entries, 4096);
+} stacks SEC(".maps");
+
+/* Size set from Go (probes.ring_buffer_bytes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 65536);
+} blocks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} lost SEC(".maps");
+
+static __always_inline __u32 log2_u64(__u64 v)
+{
+	__u32 r = 0;
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8) { v >>= 8; r += 8; }
+	if (v >> 4) { v >>= 4; r += 4; }
+	if (v >> 2) { v >>= 2; r += 2; }
+	if (v >> 1) { r += 1; }
+	return r;
+}
+
+static __always_inline int watched(const struct task_struct *t)
+{
+	__u32 tgid = BPF_CORE_READ(t, tgid);
+	return bpf_map_lookup_elem(&targets, &tgid) != NULL;
+}
+
+static __always_inline struct thread_stats *stats_of(const struct task_struct *t)
+{
+	__u32 tid = BPF_CORE_READ(t, pid);
+	struct thread_stats *st = bpf_map_lookup_elem(&threads, &tid);
+	if (st)
+		return st;
+	struct thread_stats zero = {};
+	zero.tgid = BPF_CORE_READ(t, tgid);
+	zero.off_ustack = -1;
+	zero.off_kstack = -1;
+	bpf_map_update_elem(&threads, &tid, &zero, BPF_NOEXIST);
+	st = bpf_map_lookup_elem(&threads, &tid);
+	if (st)
+		BPF_CORE_READ_STR_INTO(&st->comm, t, comm);
+	return st;
+}
+
+/* end_block closes the thread's off-CPU interval; woken by waker (0 if
+ * unknown). */
+static __always_inline void end_block(struct thread_stats *st, __u32 tid, __u64 now, __u32 waker)
+{
+	__u64 since = st->offcpu_since;
+	if (!since || now < since)
+		return;
+	st->offcpu_since = 0;
+	__u64 dur = now - since;
+	__sync_fetch_and_add(&st->offcpu_ns, dur);
+	if (dur < min_block_ns)
+		return;
+	__sync_fetch_and_add(&st->long_blocks, 1);
+	struct block_event ev = {
+		.tid = tid,
+		.tgid = st->tgid,
+		.start_ns = since,
+		.dur_ns = dur,
+		.ustack = st->off_ustack,
+		.kstack = st->off_kstack,
+		.waker_tid = waker,
+	};
+	__builtin_memcpy(ev.comm, st->comm, TASK_COMM_LEN);
+	if (bpf_ringbuf_output(&blocks, &ev, sizeof(ev), 0)) {
+		__u32 zero = 0;
+		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+		if (n)
+			__sync_fetch_and_add(n, 1);
+	}
+}
+
+static __always_inline int on_wakeup(const struct task_struct *p)
+{
+	if (!watched(p))
+		return 0;
+	struct thread_stats *st = stats_of(p);
+	if (!st)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 waker = (__u32)bpf_get_current_pid_tgid();
+	end_block(st, BPF_CORE_READ(p, pid), now, waker);
+	if (!st->runnable_since)
+		st->runnable_since = now;
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(culprit_sched_wakeup, struct task_struct *p)
+{
+	return on_wakeup(p);
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(culprit_sched_wakeup_new, struct task_struct *p)
+{
+	return on_wakeup(p);
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
+{
+	__u64 now = bpf_ktime_get_ns();
+
+	if (watched(prev)) {
+		struct thread_stats *st = stats_of(prev);
+		if (st) {
+			if (st->oncpu_since && now > st->oncpu_since)
+				__sync_fetch_and_add(&st->oncpu_ns, now - st->oncpu_since);
+			st->oncpu_since = 0;
+			/* TASK_RUNNING is 0: preempted (or yielded), still runnable. */
+			if (preempt || prev_state == 0) {
+				__sync_fetch_and_add(&st->involuntary, 1);
+				st->runnable_since = now;
+			} else {
+				__sync_fetch_and_add(&st->voluntary, 1);
+				if (st->busy_since && now > st->busy_since) {
+					__u64 ms = (now - st->busy_since) / 1000000;
+					__u32 slot = log2_u64(ms + 1);
+					if (slot >= BUSY_SLOTS)
+						slot = BUSY_SLOTS - 1;
+					__sync_fetch_and_add(&st->busy_slots[slot], 1);
+				}
+				st->busy_since = 0;
+				st->runnable_since = 0;
+				st->offcpu_since = now;
+				/* prev is current here, so these are its stacks as it
+				 * goes to sleep: the blocking call. */
+				st->off_ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
+				st->off_kstack = bpf_get_stackid(ctx, &stacks, 0);
+			}
+		}
+	}
+
+	if (watched(next)) {
+		struct thread_stats *st = stats_of(next);
+		if (st) {
+			/* A wake-up we did not see (or that predates the target). */
+			end_block(st, BPF_CORE_READ(next, pid), now, 0);
+			if (st->runnable_since && now > st->runnable_since) {
+				__u64 wait = now - st->runnable_since;
+				__u32 slot = log2_u64(wait / 1000 + 1);
+				if (slot >= RUNQ_SLOTS)
+					slot = RUNQ_SLOTS - 1;
+				__sync_fetch_and_add(&st->runq_slots[slot], 1);
+				__sync_fetch_and_add(&st->runq_ns, wait);
+			}
+			st->runnable_since = 0;
+			st->oncpu_since = now;
+			if (!st->busy_since)
+				st->busy_since = now;
+			BPF_CORE_READ_STR_INTO(&st->comm, next, comm);
+		}
+	}
+	return 0;
+}

@@ -1,0 +1,241 @@
+package collectors
+
+import (
+	"context"
+	"errors"
+	"math"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
+	"github.com/culprit-dev/culprit/rules"
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+func TestCgroupOf(t *testing.T) {
+	for _, c := range []struct {
+		file, controller          string
+		wantMount, wantV1, wantV2 string
+	}{
+		// This host: every controller a hierarchy of its own.
+		{"4:memory:/process_api/abc\n2:cpuacct:/a\n1:cpu:/b\n0::/\n", "cpu", "cpu", "/b", "/"},
+		{"4:memory:/process_api/abc\n2:cpuacct:/a\n1:cpu:/b\n0::/\n", "cpuacct", "cpuacct", "/a", "/"},
+		// Docker on v1: cpu and cpuacct mounted together.
+		{"11:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n", "cpu", "cpu,cpuacct", "/docker/abc", "/"},
+		{"11:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n0::/\n", "cpuacct", "cpu,cpuacct", "/docker/abc", "/"},
+		// cpuset is not cpu.
+		{"3:cpuset:/x\n0::/kubepods/pod1/app", "cpu", "", "", "/kubepods/pod1/app"},
+		{"", "cpu", "", "", ""},
+	} {
+		m, v1, v2 := cgroupOf([]byte(c.file), c.controller)
+		if m != c.wantMount || v1 != c.wantV1 || v2 != c.wantV2 {
+			t.Errorf("%q %s: %q %q %q, want %q %q %q", c.file, c.controller, m, v1, v2, c.wantMount, c.wantV1, c.wantV2)
+		}
+	}
+}
+
+func TestParseCPUMax(t *testing.T) {
+	for in, want := range map[string]float64{"max 100000\n": 0, "50000 100000\n": 0.5, "250000 100000": 2.5} {
+		if got, err := parseCPUMax([]byte(in)); err != nil || got != want {
+			t.Errorf("%q: %v %v, want %v", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "max", "x 100000", "50000 0", "1 2 3"} {
+		if _, err := parseCPUMax([]byte(in)); !errors.Is(err, errParse) {
+			t.Errorf("%q: %v, want errParse", in, err)
+		}
+	}
+}
+
+// The fixture trees hold /proc/PID/cgroup files under proc/ and cgroup
+// files under sys/fs/cgroup/. cpu-v1 pid 4242 was captured on this host
+// (cpu and cpuacct mounted apart) from a shell loop under a 0.2-core
+// quota for 1.5 s; the rest is written by hand in the kernel's documented
+// formats (Documentation/scheduler/sched-bwc.rst and
+// Documentation/admin-guide/cgroup-v2.rst).
+func TestReadCPUCgroupFixtures(t *testing.T) {
+	for _, c := range []struct {
+		tree     string
+		pid      int
+		wantPath string
+		want     cgroupCPU
+	}{
+		{"cpu-v1", 4242, "/culprit-fixture", cgroupCPU{Version: 1, Quota: 0.2, Counters: map[string]float64{
+			"cgroup_cpu_periods_total": 17, "cgroup_cpu_throttled_periods_total": 15,
+			"cgroup_cpu_throttled_seconds_total": 1.130247877, "cgroup_cpu_usage_seconds_total": 0.342243367}}},
+		{"cpu-v1", 4343, "/docker/abc", cgroupCPU{Version: 1, Counters: map[string]float64{
+			"cgroup_cpu_periods_total": 0, "cgroup_cpu_throttled_periods_total": 0,
+			"cgroup_cpu_throttled_seconds_total": 0, "cgroup_cpu_usage_seconds_total": 2318.427060429}}},
+		{"cpu-v2", 100, "/kubepods/pod1/app", cgroupCPU{Version: 2, Quota: 0.5, Counters: map[string]float64{
+			"cgroup_cpu_periods_total": 1200, "cgroup_cpu_throttled_periods_total": 480,
+			"cgroup_cpu_throttled_seconds_total": 36.5, "cgroup_cpu_usage_seconds_total": 8.123456},
+			Pressure: map[string]float64{"some": 0.425, "full": 0.38}}},
+		// Hybrid host, target outside any v1 cpu cgroup: v2 under
+		// unified/ without the cpu controller has usage and PSI only.
+		{"cpu-v2", 101, "/system.slice/web.service", cgroupCPU{Version: 2, Counters: map[string]float64{
+			"cgroup_cpu_usage_seconds_total": 2299.408},
+			Pressure: map[string]float64{"some": 0.0127, "full": 0}}},
+	} {
+		root := filepath.Join("testdata/cgroup", c.tree)
+		col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
+		st := signals.New(16, 100)
+		if err := col.Collect(context.Background(), target.Process{PID: c.pid}, st); err != nil {
+			t.Fatalf("%s pid %d: %v", c.tree, c.pid, err)
+		}
+		// What the store got is what the files say.
+		got := cgroupCPU{Counters: map[string]float64{}}
+		info := st.Select("cgroup_cpu_info")
+		if len(info) != 1 || info[0].Get("path") != c.wantPath {
+			t.Fatalf("%s pid %d: cgroup_cpu_info %v, want path %s", c.tree, c.pid, info, c.wantPath)
+		}
+		got.Version = map[string]int{"1": 1, "2": 2}[info[0].Get("version")]
+		if q, ok := st.Latest("cgroup_cpu_quota_cores", nil); ok {
+			got.Quota = q.V
+		}
+		for name := range cpuCounters {
+			if s, ok := st.Latest(name, nil); ok {
+				got.Counters[name] = s.V
+			}
+		}
+		for _, typ := range []string{"some", "full"} {
+			if s, ok := st.Latest("cgroup_cpu_pressure_avg10_ratio", signals.L("type", typ)); ok {
+				if got.Pressure == nil {
+					got.Pressure = map[string]float64{}
+				}
+				got.Pressure[typ] = s.V
+			}
+		}
+		if diff := cmp.Diff(c.want, got, cmp.Comparer(func(a, b float64) bool { return math.Abs(a-b) < 1e-9 })); diff != "" {
+			t.Errorf("%s pid %d (-want +got):\n%s", c.tree, c.pid, diff)
+		}
+	}
+}
+
+func TestCPUCgroupMissing(t *testing.T) {
+	root := "testdata/cgroup/cpu-v1"
+	col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
+	// pid 4444 names a v1 cpu cgroup that is not there, and v2's root
+	// has no cpu.stat.
+	if err := col.Collect(context.Background(), target.Process{PID: 4444}, signals.New(16, 100)); !errors.Is(err, ErrNoData) {
+		t.Fatalf("missing cgroup: %v, want ErrNoData", err)
+	}
+	if err := col.Collect(context.Background(), target.Process{PID: 1}, signals.New(16, 100)); err == nil || errors.Is(err, ErrNoData) {
+		t.Fatalf("missing process: %v, want an error other than ErrNoData", err)
+	}
+}
+
+// The quota going away forgets the quota gauge, and a new cgroup path
+// replaces the old info series (pid 100 is limited, 101 is not).
+func TestCPUCgroupForgetsQuotaAndOldPath(t *testing.T) {
+	root := "testdata/cgroup/cpu-v2"
+	col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
+	st := signals.New(16, 100)
+	for _, pid := range []int{100, 101} {
+		if err := col.Collect(context.Background(), target.Process{PID: pid}, st); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, ok := st.Latest("cgroup_cpu_quota_cores", nil); ok {
+		t.Error("quota kept after the cgroup became unlimited")
+	}
+	if info := st.Select("cgroup_cpu_info"); len(info) != 1 || info[0].Get("path") != "/system.slice/web.service" {
+		t.Errorf("cgroup_cpu_info %v", info)
+	}
+}
+
+// startCPUChild runs a shell script for at most a minute; it is killed
+// when the test ends.
+func startCPUChild(t *testing.T, script string) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	cmd := exec.CommandContext(ctx, "sh", "-c", script)
+	if err := cmd.Start(); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		cmd.Wait()
+	})
+	return cmd.Process.Pid
+}
+
+// collectFor runs the collector every 250 ms for d.
+func collectFor(t *testing.T, pid int, st *signals.Store, d time.Duration) {
+	t.Helper()
+	c := newCPUCgroupCollector(Options{})
+	for end := time.Now().Add(d); ; time.Sleep(250 * time.Millisecond) {
+		if err := c.Collect(context.Background(), target.Process{PID: pid}, st); err != nil {
+			t.Fatal(err)
+		}
+		if time.Now().After(end) {
+			return
+		}
+	}
+}
+
+func counterGrowth(st *signals.Store, name string) float64 {
+	return st.Increase(name, nil, time.Time{})
+}
+
+// A real busy loop under a real 0.2-core quota is throttled, and the rule
+// names it.
+func TestCPUCgroupRealThrottling(t *testing.T) {
+	pid := startCPUChild(t, "while :; do :; done")
+	dir := testenv.CPUCgroup(t, 0.2, pid)
+	st := signals.New(64, 100)
+	start := time.Now()
+	collectFor(t, pid, st, 1500*time.Millisecond)
+	elapsed := time.Since(start)
+
+	info := st.Select("cgroup_cpu_info")
+	if len(info) != 1 || !strings.HasSuffix(dir, info[0].Get("path")) {
+		t.Fatalf("cgroup_cpu_info %v, want the path of %s", info, dir)
+	}
+	if q, _ := st.Latest("cgroup_cpu_quota_cores", nil); math.Abs(q.V-0.2) > 0.005 {
+		t.Fatalf("quota %v cores, want 0.2", q.V)
+	}
+	periods, throttled := counterGrowth(st, "cgroup_cpu_periods_total"), counterGrowth(st, "cgroup_cpu_throttled_periods_total")
+	usage, waited := counterGrowth(st, "cgroup_cpu_usage_seconds_total"), counterGrowth(st, "cgroup_cpu_throttled_seconds_total")
+	t.Logf("in %s: %v of %v periods throttled, %.3f s used, %.3f s throttled", elapsed.Round(time.Millisecond), throttled, periods, usage, waited)
+	if throttled <= 0 || waited <= 0 {
+		t.Fatalf("a busy loop under 0.2 cores was not throttled: %v of %v periods, %.3f s", throttled, periods, waited)
+	}
+	if cores := usage / elapsed.Seconds(); cores <= 0 || cores > 0.3 {
+		t.Fatalf("usage %.3f cores under a 0.2-core quota", cores)
+	}
+
+	r := rules.NewCPUThrottling(rules.CPUThrottlingOptions{Window: 2 * time.Second})
+	obs := r.Evaluate(rules.Window{Store: st, Now: time.Now()})
+	if len(obs) != 1 || obs[0].Cause != rules.CauseCPUQuotaThrottled {
+		t.Fatalf("rule: %+v", obs)
+	}
+	t.Logf("%s: %s", obs[0].Title, obs[0].RootCause)
+	if obs[0].Labels["cgroup"] != info[0].Get("path") || !strings.Contains(obs[0].RootCause, "0.2 cores") {
+		t.Errorf("finding does not name the cgroup and its quota: %+v", obs[0])
+	}
+}
+
+// A sleeping process under a 1.5-core quota: never throttled, rule silent.
+func TestCPUCgroupRealHealthy(t *testing.T) {
+	pid := startCPUChild(t, "exec sleep 60")
+	testenv.CPUCgroup(t, 1.5, pid)
+	st := signals.New(64, 100)
+	collectFor(t, pid, st, time.Second)
+	if q, _ := st.Latest("cgroup_cpu_quota_cores", nil); math.Abs(q.V-1.5) > 0.005 {
+		t.Fatalf("quota %v cores, want 1.5", q.V)
+	}
+	if th := counterGrowth(st, "cgroup_cpu_throttled_periods_total"); th != 0 {
+		t.Fatalf("a sleeping process was throttled in %v periods", th)
+	}
+	r := rules.NewCPUThrottling(rules.CPUThrottlingOptions{Window: 2 * time.Second})
+	if obs := r.Evaluate(rules.Window{Store: st, Now: time.Now()}); len(obs) != 0 {
+		t.Fatalf("healthy cgroup raised %+v", obs[0])
+	}
+}

@@ -1,0 +1,215 @@
+package testenv
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Workers is a child process shaped like an async runtime: N worker
+// threads named "worker-0" ... "worker-N-1", each a locked OS thread that
+// runs the tasks sent to it and sleeps in futex between them (the idle
+// wait of an event loop). Its commands (Do):
+//
+//	block I MS        worker I makes one blocking call: nanosleep for MS ms
+//	blockloop I MS    worker I blocks MS ms, then idles 50 ms, until stop
+//	spin I MS         worker I runs hotLoop for MS ms without yielding
+//	spinloop I        worker I runs hotLoop until stop, never yielding
+//	duty I PCT        worker I is busy PCT% of every 10 ms (short runs, yielding), until stop
+//	stop              end every loop
+//
+// All answer "ok" at once; the work goes on in the worker. TIDs lists the
+// worker threads' ids, in order.
+type Workers struct {
+	PID  int
+	TIDs []int
+	*child
+}
+
+const workersEnv = "CULPRIT_TESTENV_WORKERS"
+
+// StartWorkers runs a workers child with n workers in the test's network
+// namespace.
+func StartWorkers(t testing.TB, n int) *Workers {
+	t.Helper()
+	c, greeting := startChild(t, "workers", true, workersEnv+"="+strconv.Itoa(n), "GODEBUG=asyncpreemptoff=1",
+		// A worker in hotLoop holds its P until done: enough Ps that the
+		// clock and the command loop always have one.
+		"GOMAXPROCS=64")
+	f := strings.Fields(greeting)
+	if len(f) != n+1 || f[0] != "workers" {
+		t.Fatalf("testenv: unexpected greeting %q", greeting)
+	}
+	w := &Workers{PID: c.pid, child: c}
+	for _, s := range f[1:] {
+		tid, err := strconv.Atoi(s)
+		if err != nil {
+			t.Fatalf("testenv: unexpected greeting %q", greeting)
+		}
+		w.TIDs = append(w.TIDs, tid)
+	}
+	return w
+}
+
+// generation ends loops: a loop runs while it equals the value it started with.
+var generation atomic.Int64
+
+// hotLoop burns CPU for about d without a system call and without giving
+// its thread back: like a CPU-heavy task on an async runtime's worker,
+// which runs until it is done. It is its own function, never inlined, so a
+// CPU profile names it.
+//
+// The loop makes no function call: Go's scheduler preempts a goroutine at
+// calls (or by signal, which the child turns off with asyncpreemptoff=1),
+// and a preempted goroutine on a locked thread puts the thread to sleep
+// until it is scheduled again, which is not what a Tokio worker does.
+//
+//go:noinline
+func hotLoop(d time.Duration) uint64 {
+	end := clockMillis.Load() + d.Milliseconds()
+	g := generation.Load()
+	x := uint64(88172645463325252)
+	for clockMillis.Load() < end && generation.Load() == g {
+		for i := 0; i < 10000; i++ {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+		}
+	}
+	return x
+}
+
+// clockMillis is the time in milliseconds, kept by runClock on another
+// thread: hotLoop reads it with an atomic load, which is not a call.
+var clockMillis atomic.Int64
+
+func runClock() {
+	for {
+		clockMillis.Store(time.Now().UnixMilli())
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// blockingCall is a synchronous sleep in the kernel, as a blocking driver
+// call (a DNS lookup, fsync, a sync database client) would be. Its own
+// function, never inlined, so the off-CPU stack names it.
+//
+//go:noinline
+func blockingCall(d time.Duration) {
+	ts := unix.NsecToTimespec(d.Nanoseconds())
+	for {
+		var rem unix.Timespec
+		if err := unix.Nanosleep(&ts, &rem); err != unix.EINTR {
+			return
+		}
+		ts = rem // the Go runtime's preemption signals interrupt it
+	}
+}
+
+var sink atomic.Uint64
+
+func workerLoop(i int, tasks <-chan func(), tids chan<- [2]int) {
+	runtime.LockOSThread() // never unlocked: the thread stays the worker's
+	_ = unix.Prctl(unix.PR_SET_NAME, uintptr(unsafePointer("worker-"+strconv.Itoa(i))), 0, 0, 0)
+	tids <- [2]int{i, unix.Gettid()}
+	for f := range tasks {
+		f()
+	}
+}
+
+func workersMain() int {
+	n, err := strconv.Atoi(os.Getenv(workersEnv))
+	if err != nil || n < 1 {
+		fmt.Fprintln(os.Stderr, "testenv: bad", workersEnv)
+		return 1
+	}
+	clockMillis.Store(time.Now().UnixMilli())
+	go runClock()
+	queues := make([]chan func(), n)
+	tidc := make(chan [2]int, n)
+	for i := range queues {
+		queues[i] = make(chan func(), 16)
+		go workerLoop(i, queues[i], tidc)
+	}
+	tids := make([]string, n)
+	for range n {
+		t := <-tidc
+		tids[t[0]] = strconv.Itoa(t[1])
+	}
+	fmt.Println("workers " + strings.Join(tids, " "))
+
+	loop := func(i int, body func()) {
+		g := generation.Load()
+		var again func()
+		again = func() {
+			if generation.Load() != g {
+				return
+			}
+			body()
+			select {
+			case queues[i] <- again:
+			default: // queue full: the loop ends rather than block the command loop
+			}
+		}
+		queues[i] <- again
+	}
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 0 {
+			continue
+		}
+		args := make([]int, len(f)-1)
+		bad := false
+		for j, s := range f[1:] {
+			if args[j], err = strconv.Atoi(s); err != nil || args[j] < 0 {
+				bad = true
+			}
+		}
+		if bad || (len(args) > 0 && args[0] >= n) {
+			fmt.Printf("error bad arguments %q\n", sc.Text())
+			continue
+		}
+		ms := func(j int) time.Duration { return time.Duration(args[j]) * time.Millisecond }
+		switch {
+		case f[0] == "block" && len(args) == 2:
+			queues[args[0]] <- func() { blockingCall(ms(1)) }
+		case f[0] == "blockloop" && len(args) == 2:
+			d := ms(1)
+			loop(args[0], func() { blockingCall(d); time.Sleep(50 * time.Millisecond) })
+		case f[0] == "spin" && len(args) == 2:
+			d := ms(1)
+			queues[args[0]] <- func() { sink.Add(hotLoop(d)) }
+		case f[0] == "spinloop" && len(args) == 1:
+			queues[args[0]] <- func() { sink.Add(hotLoop(time.Hour)) } // until stop
+		case f[0] == "duty" && len(args) == 2 && args[1] <= 100:
+			busy := time.Duration(args[1]) * 100 * time.Microsecond
+			loop(args[0], func() {
+				sink.Add(hotLoop(busy))
+				time.Sleep(10*time.Millisecond - busy)
+			})
+		case f[0] == "stop" && len(args) == 0:
+			generation.Add(1)
+		default:
+			fmt.Printf("error unknown command %q\n", sc.Text())
+			continue
+		}
+		fmt.Println("ok")
+	}
+	return 0
+}
+
+func unsafePointer(s string) unsafe.Pointer {
+	b := append([]byte(s), 0)
+	return unsafe.Pointer(&b[0])
+}

@@ -1,0 +1,84 @@
+package probes
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/symbolize"
+)
+
+// A worker spinning in testenv.hotLoop is what the profiler samples of the
+// target, at about the configured rate, and the profile built from those
+// samples names hotLoop in `go tool pprof -top`.
+func TestCPUProfileNamesTheHotFunction(t *testing.T) {
+	w := testenv.StartWorkers(t, 2)
+	samples := signals.NewCPUSamples(4096)
+	st := signals.New(600, 1000)
+	p := NewCPUProfile(CPUProfileOptions{
+		Options:   Options{Log: testLog},
+		Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond, Samples: samples,
+	})
+	runProbe(t, w.PID, p, st)
+	time.Sleep(300 * time.Millisecond) // the target is set at the first drain
+	from := time.Now()
+	w.MustDo(t, "spin 0 2000")
+	time.Sleep(2300 * time.Millisecond)
+	got := samples.Range(from, time.Now())
+	var total, worker0 int64
+	var in []symbolize.Sample
+	for _, s := range got {
+		total += s.Count
+		if s.Tid == w.TIDs[0] {
+			worker0 += s.Count
+		}
+		if s.Pid != w.PID {
+			t.Fatalf("sample of another process: %+v", s)
+		}
+		in = append(in, symbolize.Sample{Pid: s.Pid, Tid: s.Tid, Thread: s.Thread, User: s.User, Kernel: s.Kernel, Count: s.Count})
+	}
+	// 2 s at 99 Hz on one CPU: about 198 samples; allow for a loaded machine.
+	if worker0 < 80 || worker0 > 260 {
+		t.Errorf("worker-0 samples %d (of %d), want about 198", worker0, total)
+	}
+	prof, err := symbolize.New(symbolize.Options{}).CPUProfile(in, symbolize.ProfileOptions{
+		Period: samples.Period(), Start: from, Duration: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := prof.Write(&buf); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "cpu.pb.gz")
+	if err := os.WriteFile(path, buf.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("go", "tool", "pprof", "-top", path).CombinedOutput()
+	if err != nil {
+		t.Fatalf("go tool pprof -top: %v\n%s", err, out)
+	}
+	lines := strings.Split(string(out), "\n")
+	found := false
+	for _, l := range lines {
+		if strings.Contains(l, "testenv.hotLoop") {
+			found = true
+			// hotLoop is the leaf: most of the profile is its own time.
+			if f := strings.Fields(l); len(f) < 2 || !strings.HasSuffix(f[1], "%") {
+				t.Errorf("unexpected pprof line %q", l)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("pprof -top does not name testenv.hotLoop:\n%s", out)
+	}
+	if n, ok := st.Latest("profile_cpu_samples_total", nil); !ok || n.V < float64(worker0) {
+		t.Errorf("profile_cpu_samples_total %v (seen %v), want >= %d", n.V, ok, worker0)
+	}
+}

@@ -1,0 +1,586 @@
+package probes
+
+//go:generate go tool bpf2go -tags linux -target bpfel -type thread_stats -type block_event sched ../bpf/sched.c -- -I../bpf/headers -I/usr/include -Wall -Werror -O2
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/symbolize"
+	"github.com/culprit-dev/culprit/target"
+)
+
+// Signals written by the sched probe. Per-thread series carry the labels
+// tid and thread (the thread's name); there are at most SchedOptions.MaxThreads
+// of each.
+var (
+	sigThreadOnCPU = &signals.Desc{Name: "thread_cpu_seconds_total", Kind: signals.Counter,
+		Help: "Time the thread ran on a CPU (eBPF sched_switch)."}
+	sigThreadRunqWait = &signals.Desc{Name: "thread_runq_wait_seconds_total", Kind: signals.Counter,
+		Help: "Time the thread was runnable but waited for a CPU (run-queue latency, summed)."}
+	sigThreadRunqWaits = &signals.Desc{Name: "thread_runq_waits_total", Kind: signals.Counter,
+		Help: "Times the thread waited on the run queue; with thread_runq_wait_seconds_total gives the mean wait."}
+	sigThreadVoluntary = &signals.Desc{Name: "thread_voluntary_switches_total", Kind: signals.Counter,
+		Help: "Times the thread went off-CPU to sleep (a blocking call or an idle wait)."}
+	sigThreadInvoluntary = &signals.Desc{Name: "thread_involuntary_switches_total", Kind: signals.Counter,
+		Help: "Times the thread was preempted while it still had work."}
+	sigThreadOffCPU = &signals.Desc{Name: "thread_offcpu_seconds_total", Kind: signals.Counter,
+		Help: "Time the thread slept off-CPU (finished sleeps)."}
+	sigThreadBlocked = &signals.Desc{Name: "thread_blocked_seconds", Kind: signals.Gauge,
+		Help: "How long the thread has been asleep off-CPU now (0 when it is running or runnable)."}
+	sigThreadBusy = &signals.Desc{Name: "thread_busy_seconds", Kind: signals.Gauge,
+		Help: "How long the thread has run (or waited for a CPU) without sleeping, now (0 when asleep)."}
+	sigThreadLongBlocks = &signals.Desc{Name: "thread_long_blocks_total", Kind: signals.Counter,
+		Help: "Sleeps of the thread longer than sched.min_block."}
+	sigRunqBucket = &signals.Desc{Name: "process_runq_latency_seconds_bucket", Kind: signals.Counter,
+		Help: "Run-queue waits of the target's threads at or below le seconds (cumulative, log2 buckets)."}
+	sigRunqSum = &signals.Desc{Name: "process_runq_latency_seconds_sum", Kind: signals.Counter,
+		Help: "Total run-queue wait of the target's threads."}
+	sigRunqCount = &signals.Desc{Name: "process_runq_latency_seconds_count", Kind: signals.Counter,
+		Help: "Run-queue waits of the target's threads."}
+)
+
+// RunqBucketBound is the upper bound, in seconds, of run-queue latency
+// bucket i: the BPF program puts a wait of w µs in slot log2(w+1), which
+// holds waits below 2^(i+1)-1 µs.
+func RunqBucketBound(i int) float64 { return (math.Exp2(float64(i+1)) - 1) / 1e6 }
+
+// RunqBuckets is how many run-queue latency buckets there are.
+const RunqBuckets = len(schedThreadStats{}.RunqSlots)
+
+// SchedOptions configure the sched probe ([sched] in agent.conf).
+type SchedOptions struct {
+	Options
+	// MinBlock: sleeps at least this long become block episodes.
+	MinBlock time.Duration
+	// BusyAfter: runs without sleeping at least this long become busy episodes.
+	BusyAfter time.Duration
+	// MaxThreads bounds the per-thread BPF map (and the series per thread).
+	MaxThreads uint32
+	// MaxStacks bounds the stack map.
+	MaxStacks uint32
+	// Episodes receives block and busy episodes; Symbolizer names their stacks.
+	Episodes   *signals.Episodes
+	Symbolizer *symbolize.Symbolizer
+}
+
+// Sched watches the scheduler for the target's threads: see bpf/sched.c.
+type Sched struct {
+	o SchedOptions
+
+	mu      sync.Mutex
+	objs    *schedObjects
+	links   []link.Link
+	rd      *ringbuf.Reader
+	wg      sync.WaitGroup
+	cancel  context.CancelFunc
+	started bool
+	target  uint32 // tgid currently in the targets map
+	events  uint64
+
+	// monoToWall converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall time.
+	// It is fixed at start so an episode's start, and so its identity, does
+	// not jitter between polls.
+	monoToWall time.Duration
+	// stacks remembers the symbolized stack of each ongoing episode: the
+	// stack map may reuse an id while a thread sleeps for long.
+	stacks map[episodeID]stackText
+	busy   map[int]signals.Episode // ongoing busy episode per tid
+	names  map[int]string          // names of threads not yet seen by the kernel side
+}
+
+type episodeID struct {
+	tid   int
+	start int64
+}
+
+type stackText struct {
+	frames []string
+	kernel int
+}
+
+// NewSched returns the probe, not yet loaded.
+func NewSched(o SchedOptions) *Sched {
+	if o.MinBlock <= 0 {
+		o.MinBlock = 100 * time.Millisecond
+	}
+	if o.BusyAfter <= 0 {
+		o.BusyAfter = 200 * time.Millisecond
+	}
+	if o.Episodes == nil {
+		o.Episodes = signals.NewEpisodes(256)
+	}
+	return &Sched{o: o, stacks: map[episodeID]stackText{}, busy: map[int]signals.Episode{}, names: map[int]string{}}
+}
+
+func (*Sched) Name() string { return "sched" }
+
+func (*Sched) Lost() []string {
+	return []string{
+		"blocking_worker: which thread blocked, for how long, and the blocking call's stack",
+		"cpu_bound_worker: long runs without yielding and run-queue latency of peers",
+		"worker_imbalance: per-thread CPU time (falls back to /proc task stat)",
+		"accept_overflow: the stalled thread and stack behind app_not_accepting",
+	}
+}
+
+// Start loads and attaches the programs.
+func (p *Sched) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.started {
+		return errors.New("sched: already started")
+	}
+	spec, err := loadSched()
+	if err != nil {
+		return fmt.Errorf("sched: load spec: %w", err)
+	}
+	if p.o.MaxThreads > 0 {
+		spec.Maps["threads"].MaxEntries = p.o.MaxThreads
+	}
+	if p.o.MaxStacks > 0 {
+		spec.Maps["stacks"].MaxEntries = p.o.MaxStacks
+	}
+	if p.o.RingBufferBytes > 0 {
+		spec.Maps["blocks"].MaxEntries = p.o.RingBufferBytes
+	}
+	if err := spec.Variables["min_block_ns"].Set(uint64(p.o.MinBlock)); err != nil {
+		return fmt.Errorf("sched: set min_block_ns: %w", err)
+	}
+	objs := &schedObjects{}
+	if err := load("sched", spec, objs); err != nil {
+		return err
+	}
+	p.objs = objs
+	p.links, err = attachTracing("sched",
+		tracingProg{"tp_btf/sched_switch", objs.CulpritSchedSwitch},
+		tracingProg{"tp_btf/sched_wakeup", objs.CulpritSchedWakeup},
+		tracingProg{"tp_btf/sched_wakeup_new", objs.CulpritSchedWakeupNew},
+	)
+	if err != nil {
+		p.closeLocked()
+		return err
+	}
+	if p.rd, err = ringbuf.NewReader(objs.Blocks); err != nil {
+		p.closeLocked()
+		return fmt.Errorf("sched: ring buffer reader: %w", err)
+	}
+	p.monoToWall = time.Duration(time.Now().UnixNano() - monotonicNow())
+	if p.o.Symbolizer != nil {
+		// Reading kallsyms takes a few hundred ms: do it now rather than
+		// on the first long block, which would then be reported late.
+		go p.o.Symbolizer.Kernel([]uint64{0})
+	}
+	p.started = true
+	ctx, p.cancel = context.WithCancel(ctx)
+	p.wg.Add(2)
+	go func() { defer p.wg.Done(); p.readBlocks(p.rd, store) }()
+	go func() { defer p.wg.Done(); p.poll(ctx, objs, tracker, store) }()
+	return nil
+}
+
+func monotonicNow() int64 {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts) // cannot fail for CLOCK_MONOTONIC
+	return ts.Nano()
+}
+
+func (p *Sched) wall(ktime uint64) time.Time { return time.Unix(0, int64(ktime)+int64(p.monoToWall)) }
+
+// readBlocks turns each finished long sleep into a block episode.
+func (p *Sched) readBlocks(rd *ringbuf.Reader, store *signals.Store) {
+	var rec ringbuf.Record
+	var ev schedBlockEvent
+	for {
+		if err := rd.ReadInto(&rec); err != nil {
+			if errors.Is(err, ringbuf.ErrClosed) {
+				return
+			}
+			p.o.Log.Warn("sched: read ring buffer", "err", err)
+			continue
+		}
+		if err := binary.Read(bytes.NewReader(rec.RawSample), binary.LittleEndian, &ev); err != nil {
+			p.o.Log.Warn("sched: malformed block event", "len", len(rec.RawSample), "err", err)
+			continue
+		}
+		p.mu.Lock()
+		p.events++
+		id := episodeID{int(ev.Tid), int64(ev.StartNs)}
+		st, ok := p.stacks[id]
+		delete(p.stacks, id)
+		objs := p.objs
+		p.mu.Unlock()
+		if !ok && objs != nil {
+			st = p.stackText(objs, int(ev.Tgid), ev.Ustack, ev.Kstack)
+		}
+		p.o.Episodes.Put(signals.Episode{
+			Kind: signals.EpisodeBlock, Pid: int(ev.Tgid), Tid: int(ev.Tid), Thread: comm(ev.Comm[:]),
+			Start: p.wall(ev.StartNs), Duration: time.Duration(ev.DurNs),
+			Stack: st.frames, KernelFrames: st.kernel, Waker: int(ev.WakerTid),
+		})
+		store.Notify()
+	}
+}
+
+func comm(c []int8) string {
+	b := make([]byte, 0, len(c))
+	for _, x := range c {
+		if x == 0 {
+			break
+		}
+		b = append(b, byte(x))
+	}
+	return string(b)
+}
+
+// stackText reads and symbolizes one (user, kernel) stack pair.
+func (p *Sched) stackText(objs *schedObjects, pid int, ustack, kstack int32) stackText {
+	var out stackText
+	if kstack >= 0 {
+		addrs := readStack(objs.Stacks, kstack)
+		names := frameNames(p.o.Symbolizer, 0, addrs, true)
+		// The stack was taken inside the tracepoint: drop the probe's own
+		// frames so it starts where the thread went to sleep.
+		for len(names) > 1 && (strings.HasPrefix(names[0], "bpf_") || strings.HasPrefix(names[0], "__bpf_trace")) {
+			names = names[1:]
+		}
+		out.frames = append(out.frames, names...)
+		out.kernel = len(out.frames)
+	}
+	if ustack >= 0 {
+		addrs := readStack(objs.Stacks, ustack)
+		out.frames = append(out.frames, frameNames(p.o.Symbolizer, pid, addrs, false)...)
+	}
+	return out
+}
+
+// readStack returns the addresses of a stack id, leaf first, or nil.
+func readStack(m *ebpf.Map, id int32) []uint64 {
+	var raw [127]uint64
+	if err := m.Lookup(uint32(id), &raw); err != nil {
+		return nil
+	}
+	n := 0
+	for n < len(raw) && raw[n] != 0 {
+		n++
+	}
+	return append([]uint64(nil), raw[:n]...)
+}
+
+func frameNames(s *symbolize.Symbolizer, pid int, addrs []uint64, kernel bool) []string {
+	if len(addrs) == 0 {
+		return nil
+	}
+	out := make([]string, len(addrs))
+	if s == nil {
+		for i, a := range addrs {
+			out[i] = "0x" + strconv.FormatUint(a, 16)
+		}
+		return out
+	}
+	var fs []symbolize.Frame
+	if kernel {
+		fs = s.Kernel(addrs)
+	} else {
+		fs = s.User(pid, addrs)
+	}
+	for i, f := range fs {
+		out[i] = f.String()
+	}
+	return out
+}
+
+func (p *Sched) poll(ctx context.Context, objs *schedObjects, tracker *target.Tracker, store *signals.Store) {
+	interval := p.o.PollInterval
+	if interval <= 0 {
+		interval = 100 * time.Millisecond
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	self := signals.L("probe", p.Name())
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		now := time.Now()
+		p.mu.Lock()
+		events := p.events
+		p.mu.Unlock()
+		store.Put(sigProbeEvents, self, float64(events), now)
+		var zero uint32
+		var lost uint64
+		if err := objs.Lost.Lookup(&zero, &lost); err == nil {
+			store.Put(sigProbeLost, self, float64(lost), now)
+		}
+		tgt, ok := tracker.Current()
+		if !ok {
+			continue
+		}
+		if err := p.setTarget(objs, uint32(tgt.PID)); err != nil {
+			p.o.Log.Warn("sched: set target", "err", err)
+			continue
+		}
+		if err := p.readThreads(objs, tgt.PID, store, now); err != nil {
+			p.o.Log.Warn("sched: read threads", "err", err)
+		}
+	}
+}
+
+// setTarget keeps the targets map to the one process watched, and drops
+// the per-thread state of the previous one.
+func (p *Sched) setTarget(objs *schedObjects, pid uint32) error {
+	if p.target == pid {
+		return nil
+	}
+	if p.target != 0 {
+		if err := objs.Targets.Delete(p.target); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete old target %d: %w", p.target, err)
+		}
+	}
+	if err := objs.Targets.Put(pid, uint8(1)); err != nil {
+		return fmt.Errorf("add target %d: %w", pid, err)
+	}
+	p.target = pid
+	p.mu.Lock()
+	clear(p.stacks)
+	clear(p.busy)
+	clear(p.names)
+	p.mu.Unlock()
+	return nil
+}
+
+func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, now time.Time) error {
+	nowMono := uint64(monotonicNow())
+	var (
+		tid       uint32
+		st        schedThreadStats
+		runq      [RunqBuckets]float64
+		runqSum   float64
+		seen      = map[string]bool{}
+		busyNow   = map[int]bool{}
+		gone      []uint32
+		maxSeries = int(p.o.MaxThreads)
+	)
+	tasks, err := taskIDs(pid)
+	if err != nil {
+		return err
+	}
+	it := objs.Threads.Iterate()
+	for it.Next(&tid, &st) {
+		if int(st.Tgid) != pid || !tasks[int(tid)] {
+			gone = append(gone, tid)
+			continue
+		}
+		for i, c := range st.RunqSlots {
+			runq[i] += float64(c)
+		}
+		runqSum += float64(st.RunqNs) / 1e9
+		if maxSeries > 0 && len(seen) >= maxSeries {
+			continue
+		}
+		name := comm(st.Comm[:])
+		ls := signals.L("tid", strconv.Itoa(int(tid)), "thread", name)
+		seen[strconv.Itoa(int(tid))] = true
+		oncpu := float64(st.OncpuNs)
+		if st.OncpuSince != 0 && nowMono > st.OncpuSince {
+			oncpu += float64(nowMono - st.OncpuSince)
+		}
+		var waits uint64
+		for _, c := range st.RunqSlots {
+			waits += c
+		}
+		store.Put(sigThreadOnCPU, ls, oncpu/1e9, now)
+		store.Put(sigThreadRunqWait, ls, float64(st.RunqNs)/1e9, now)
+		store.Put(sigThreadRunqWaits, ls, float64(waits), now)
+		store.Put(sigThreadVoluntary, ls, float64(st.Voluntary), now)
+		store.Put(sigThreadInvoluntary, ls, float64(st.Involuntary), now)
+		store.Put(sigThreadOffCPU, ls, float64(st.OffcpuNs)/1e9, now)
+		store.Put(sigThreadLongBlocks, ls, float64(st.LongBlocks), now)
+		blocked, busy := 0.0, 0.0
+		if st.OffcpuSince != 0 && nowMono > st.OffcpuSince {
+			blocked = float64(nowMono-st.OffcpuSince) / 1e9
+		}
+		if st.BusySince != 0 && nowMono > st.BusySince {
+			busy = float64(nowMono-st.BusySince) / 1e9
+		}
+		store.Put(sigThreadBlocked, ls, blocked, now)
+		store.Put(sigThreadBusy, ls, busy, now)
+
+		if d := time.Duration(blocked * 1e9); d >= p.o.MinBlock {
+			p.ongoingBlock(objs, pid, int(tid), name, st, d)
+		}
+		if d := time.Duration(busy * 1e9); d >= p.o.BusyAfter {
+			busyNow[int(tid)] = true
+			p.ongoingBusy(pid, int(tid), name, st.BusySince, d)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("iterate threads: %w", err)
+	}
+	// Threads that have not run since the probe started are not in the
+	// map; an idle worker is still a member of its pool, with no CPU time.
+	for t := range tasks {
+		id := strconv.Itoa(t)
+		if seen[id] || (maxSeries > 0 && len(seen) >= maxSeries) {
+			continue
+		}
+		seen[id] = true
+		ls := signals.L("tid", id, "thread", p.taskName(pid, t))
+		for _, d := range []*signals.Desc{sigThreadOnCPU, sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary, sigThreadOffCPU, sigThreadLongBlocks, sigThreadBusy} {
+			store.Put(d, ls, 0, now)
+		}
+	}
+	p.endBusy(busyNow)
+	for _, t := range gone {
+		_ = objs.Threads.Delete(t) // already gone is fine
+	}
+	store.Forget(sigThreadOnCPU.Name, func(ls signals.Labels) bool { return seen[ls.Get("tid")] })
+	for _, d := range []*signals.Desc{sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary,
+		sigThreadOffCPU, sigThreadLongBlocks, sigThreadBlocked, sigThreadBusy} {
+		store.Forget(d.Name, func(ls signals.Labels) bool { return seen[ls.Get("tid")] })
+	}
+	cum, count := 0.0, 0.0
+	for i := range runq {
+		count += runq[i]
+	}
+	for i := range runq {
+		cum += runq[i]
+		store.Put(sigRunqBucket, signals.L("le", strconv.FormatFloat(RunqBucketBound(i), 'g', -1, 64)), cum, now)
+	}
+	store.Put(sigRunqBucket, signals.L("le", "+Inf"), count, now)
+	store.Put(sigRunqSum, nil, runqSum, now)
+	store.Put(sigRunqCount, nil, count, now)
+	return nil
+}
+
+// taskIDs lists the threads of pid.
+func taskIDs(pid int) (map[int]bool, error) {
+	d, err := os.Open("/proc/" + strconv.Itoa(pid) + "/task")
+	if err != nil {
+		return nil, fmt.Errorf("list threads of %d: %w", pid, err)
+	}
+	defer d.Close()
+	names, err := d.Readdirnames(-1)
+	if err != nil {
+		return nil, fmt.Errorf("list threads of %d: %w", pid, err)
+	}
+	out := make(map[int]bool, len(names))
+	for _, n := range names {
+		if t, err := strconv.Atoi(n); err == nil {
+			out[t] = true
+		}
+	}
+	return out, nil
+}
+
+// taskName is a thread's comm, cached for the current target.
+func (p *Sched) taskName(pid, tid int) string {
+	if n, ok := p.names[tid]; ok {
+		return n
+	}
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(tid) + "/comm")
+	n := strings.TrimSpace(string(b))
+	if len(p.names) < 4096 {
+		p.names[tid] = n
+	}
+	return n
+}
+
+func (p *Sched) ongoingBlock(objs *schedObjects, pid, tid int, name string, st schedThreadStats, d time.Duration) {
+	id := episodeID{tid, int64(st.OffcpuSince)}
+	p.mu.Lock()
+	txt, ok := p.stacks[id]
+	p.mu.Unlock()
+	if !ok {
+		txt = p.stackText(objs, pid, st.OffUstack, st.OffKstack)
+		p.mu.Lock()
+		if len(p.stacks) < int(max(p.o.MaxThreads, 64)) {
+			p.stacks[id] = txt
+		}
+		p.mu.Unlock()
+	}
+	p.o.Episodes.Put(signals.Episode{
+		Kind: signals.EpisodeBlock, Pid: pid, Tid: tid, Thread: name,
+		Start: p.wall(st.OffcpuSince), Duration: d, Ongoing: true,
+		Stack: txt.frames, KernelFrames: txt.kernel,
+	})
+}
+
+func (p *Sched) ongoingBusy(pid, tid int, name string, since uint64, d time.Duration) {
+	e := signals.Episode{Kind: signals.EpisodeBusy, Pid: pid, Tid: tid, Thread: name,
+		Start: p.wall(since), Duration: d, Ongoing: true}
+	p.mu.Lock()
+	if prev, ok := p.busy[tid]; ok && !prev.Start.Equal(e.Start) {
+		// The previous run ended between two polls; close it.
+		prev.Ongoing = false
+		p.o.Episodes.Put(prev)
+	}
+	p.busy[tid] = e
+	p.mu.Unlock()
+	p.o.Episodes.Put(e)
+}
+
+// endBusy closes the busy episodes of threads that have slept since.
+func (p *Sched) endBusy(still map[int]bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for tid, e := range p.busy {
+		if still[tid] {
+			continue
+		}
+		e.Ongoing = false
+		p.o.Episodes.Put(e)
+		delete(p.busy, tid)
+	}
+}
+
+// Close detaches the programs and frees their maps. It is safe to call
+// before Start and more than once.
+func (p *Sched) Close() error {
+	p.mu.Lock()
+	if p.cancel != nil {
+		p.cancel()
+	}
+	var errs []error
+	if p.rd != nil {
+		errs = append(errs, p.rd.Close())
+		p.rd = nil
+	}
+	p.mu.Unlock()
+	p.wg.Wait()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return errors.Join(append(errs, p.closeLocked())...)
+}
+
+func (p *Sched) closeLocked() error {
+	var errs []error
+	if p.rd != nil {
+		errs = append(errs, p.rd.Close())
+		p.rd = nil
+	}
+	errs = append(errs, closeLinks(p.links))
+	p.links = nil
+	if p.objs != nil {
+		errs = append(errs, p.objs.Close())
+		p.objs = nil
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,114 @@
+package rules
+
+import (
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+)
+
+// EpisodeSource is what the worker rules read: block and busy episodes of
+// the target's threads (signals.Episodes).
+type EpisodeSource interface {
+	Since(kind string, from time.Time) []signals.Episode
+}
+
+// FrameShare is one function's share of a thread's CPU samples.
+type FrameShare struct {
+	Func  string
+	Share float64 // 0..1 of the thread's samples in the window
+}
+
+// HotFrames names where a thread spent its CPU between from and to, from
+// the CPU profiler: the hottest functions by self time, at most n.
+type HotFrames interface {
+	HotFrames(tid int, from, to time.Time, n int) []FrameShare
+}
+
+// WorkerPools decides which threads are an async runtime's workers and
+// groups them into pools by name. Runtimes name their workers
+// (tokio-runtime-w, actix-rt|system:0|arbiter:1, worker-3); a blocking call
+// on one of them stalls every task queued behind it, while the same call
+// on a thread of a blocking pool is what that pool is for.
+type WorkerPools struct {
+	Match *regexp.Regexp // thread names that are workers
+	// IdleSyscalls are where a worker waits for work: a sleep in one of
+	// these is the event loop being idle, not a blocking call.
+	IdleSyscalls []string
+}
+
+// DefaultWorkerThreads matches the worker threads of common async runtimes.
+const DefaultWorkerThreads = `^(tokio-runtime-w|tokio-rt-worker|actix-rt|actix-server|async-std|smol|worker|event-?loop|reactor|nio|uv_worker|libuv)`
+
+// DefaultIdleSyscalls are the waits of an idle event loop or of a parked
+// worker.
+var DefaultIdleSyscalls = []string{"epoll_wait", "epoll_pwait", "epoll_pwait2", "io_uring_enter", "futex", "poll", "ppoll", "select", "pselect6", "rt_sigtimedwait", "rt_sigsuspend", "pause"}
+
+// Pool returns the pool a thread belongs to ("worker" for worker-3), and
+// whether it is a worker at all.
+func (wp WorkerPools) Pool(thread string) (string, bool) {
+	if wp.Match == nil || !wp.Match.MatchString(thread) {
+		return "", false
+	}
+	p := strings.TrimRight(thread, "0123456789")
+	p = strings.TrimRight(p, "-_#:.| ")
+	if p == "" {
+		p = thread
+	}
+	return p, true
+}
+
+// Idle reports whether a block in syscall is an idle wait.
+func (wp WorkerPools) Idle(syscall string) bool { return slices.Contains(wp.IdleSyscalls, syscall) }
+
+// wrapperPrefixes are frames between the code that made a call and the
+// kernel: runtimes' and libc's syscall wrappers. The first user frame that
+// is none of these is the function to name.
+var wrapperPrefixes = []string{
+	"runtime.", "runtime/internal/", "syscall.", "internal/runtime/", "internal/poll.", "golang.org/x/sys/unix.",
+	"__GI_", "__libc_", "__lll_", "__pthread", "pthread_", "__futex", "__nanosleep", "__clock_nanosleep",
+	"clock_nanosleep", "nanosleep", "__select", "__poll", "__read", "__write", "__fsync", "fsync",
+	"fdatasync", "__connect", "__recv", "__send", "syscall", "__syscall", "std::sys::", "std::thread::sleep",
+	"0x",
+}
+
+// culpritFrame is the first user frame that is not a wrapper, or the leaf
+// user frame when all are.
+func culpritFrame(user []string) string {
+	for _, f := range user {
+		wrapper := false
+		for _, p := range wrapperPrefixes {
+			if strings.HasPrefix(f, p) {
+				wrapper = true
+				break
+			}
+		}
+		if !wrapper && !strings.Contains(f, "+0x") {
+			return f
+		}
+	}
+	if len(user) > 0 {
+		return user[0]
+	}
+	return ""
+}
+
+// stackArtifact is a stack as one readable line per frame, leaf first,
+// at most depth frames.
+func stackArtifact(e signals.Episode, depth int) Artifact {
+	frames := e.Stack
+	if len(frames) > depth {
+		frames = frames[:depth]
+	}
+	return Artifact{Kind: "stack", Value: strings.Join(frames, "\n"),
+		Detail: fmt.Sprintf("%s (tid %d), %d kernel frames first", e.Thread, e.Tid, min(e.KernelFrames, len(frames)))}
+}
+
+func threadArtifact(e signals.Episode) Artifact {
+	return Artifact{Kind: "thread", Value: fmt.Sprintf("%s (tid %d)", e.Thread, e.Tid)}
+}
+
+func seconds(d time.Duration) string { return fmt.Sprintf("%.1f s", d.Seconds()) }

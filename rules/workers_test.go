@@ -1,0 +1,155 @@
+package rules
+
+import (
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+)
+
+var testPools = WorkerPools{Match: regexp.MustCompile(DefaultWorkerThreads), IdleSyscalls: DefaultIdleSyscalls}
+
+var nanosleepStack = []string{"__schedule", "schedule", "do_nanosleep", "hrtimer_nanosleep", "__x64_sys_nanosleep", "do_syscall_64",
+	"runtime/internal/syscall.Syscall6", "syscall.Syscall", "golang.org/x/sys/unix.Nanosleep", "app.resolveDNS", "app.handle", "runtime.goexit"}
+var futexStack = []string{"__schedule", "schedule", "futex_wait", "do_futex", "__x64_sys_futex", "do_syscall_64", "runtime.futex", "runtime.notesleep", "runtime.stoplockedm"}
+
+func episodes(es ...signals.Episode) *signals.Episodes {
+	s := signals.NewEpisodes(64)
+	for _, e := range es {
+		s.Put(e)
+	}
+	return s
+}
+
+func TestBlockingWorkerNamesTheCall(t *testing.T) {
+	now := time.Now()
+	eps := episodes(
+		signals.Episode{Kind: signals.EpisodeBlock, Tid: 12, Thread: "tokio-runtime-w", Start: now.Add(-3 * time.Second), Duration: 2100 * time.Millisecond, Stack: nanosleepStack, KernelFrames: 6},
+		signals.Episode{Kind: signals.EpisodeBlock, Tid: 13, Thread: "tokio-runtime-w", Start: now.Add(-2 * time.Second), Duration: 300 * time.Millisecond, Stack: nanosleepStack, KernelFrames: 6},
+	)
+	r := NewBlockingWorker(BlockingWorkerOptions{Window: 10 * time.Second, MinBlock: 250 * time.Millisecond, Pools: testPools}, eps)
+	obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now})
+	if len(obs) != 1 {
+		t.Fatalf("got %d observations, want 1: %+v", len(obs), obs)
+	}
+	o := obs[0]
+	if o.Cause != CauseBlockingCallOnWorker || o.Key != "tokio-runtime-w" || o.Severity != SeverityCritical {
+		t.Errorf("cause %q key %q severity %v", o.Cause, o.Key, o.Severity)
+	}
+	if !strings.Contains(o.RootCause, "app.resolveDNS") || !strings.Contains(o.Title, "nanosleep") || !strings.Contains(o.Symptom, "2.1 s") {
+		t.Errorf("does not name the call: %q / %q / %q", o.Title, o.RootCause, o.Symptom)
+	}
+	if !strings.Contains(o.RootCause, "2 such blocks on 2 worker(s)") {
+		t.Errorf("root cause %q", o.RootCause)
+	}
+	var frame bool
+	for _, a := range o.Artifacts {
+		frame = frame || (a.Kind == "frame" && a.Value == "app.resolveDNS")
+	}
+	if !frame {
+		t.Errorf("no frame artifact: %+v", o.Artifacts)
+	}
+}
+
+// Silence: idle waits of workers, long blocks of non-worker threads (a
+// blocking pool is for that), short blocks, and old blocks.
+func TestBlockingWorkerSilentOnHealthyThreads(t *testing.T) {
+	now := time.Now()
+	eps := episodes(
+		signals.Episode{Kind: signals.EpisodeBlock, Tid: 1, Thread: "tokio-runtime-w", Start: now.Add(-5 * time.Second), Duration: 5 * time.Second, Ongoing: true, Stack: futexStack, KernelFrames: 6},
+		signals.Episode{Kind: signals.EpisodeBlock, Tid: 2, Thread: "tokio-blocking", Start: now.Add(-5 * time.Second), Duration: 3 * time.Second, Stack: nanosleepStack, KernelFrames: 6},
+		signals.Episode{Kind: signals.EpisodeBlock, Tid: 3, Thread: "worker-1", Start: now.Add(-time.Second), Duration: 120 * time.Millisecond, Stack: nanosleepStack, KernelFrames: 6},
+		signals.Episode{Kind: signals.EpisodeBlock, Tid: 4, Thread: "worker-2", Start: now.Add(-time.Minute), Duration: 5 * time.Second, Stack: nanosleepStack, KernelFrames: 6},
+	)
+	r := NewBlockingWorker(BlockingWorkerOptions{Window: 10 * time.Second, MinBlock: 250 * time.Millisecond, Pools: testPools}, eps)
+	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now}); len(obs) != 0 {
+		t.Fatalf("healthy threads raised %+v", obs)
+	}
+}
+
+func TestWorkerPools(t *testing.T) {
+	for name, want := range map[string]string{"worker-3": "worker", "tokio-runtime-w": "tokio-runtime-w", "actix-rt|system:0|arbiter:11": "actix-rt|system:0|arbiter", "nginx": ""} {
+		got, ok := testPools.Pool(name)
+		if ok != (want != "") || got != want {
+			t.Errorf("Pool(%q) = %q, %v; want %q", name, got, ok, want)
+		}
+	}
+	if f := culpritFrame([]string{"__nanosleep", "runtime.cgocall", "libfoo.so+0x1234", "app::db::query", "app::handler"}); f != "app::db::query" {
+		t.Errorf("culpritFrame = %q", f)
+	}
+}
+
+type fakeHot []FrameShare
+
+func (f fakeHot) HotFrames(int, time.Time, time.Time, int) []FrameShare { return f }
+
+func TestBusyWorkerNamesTheHotFunction(t *testing.T) {
+	now := time.Now()
+	st := signals.New(100, 100)
+	for i := 0; i <= 10; i++ {
+		ts := now.Add(time.Duration(i-10) * time.Second)
+		ls := signals.L("tid", "7", "thread", "worker-1")
+		st.Put(&signals.Desc{Name: "thread_runq_wait_seconds_total", Kind: signals.Counter}, ls, 0.05*float64(i), ts)
+		st.Put(&signals.Desc{Name: "thread_runq_waits_total", Kind: signals.Counter}, ls, 10*float64(i), ts)
+	}
+	eps := episodes(signals.Episode{Kind: signals.EpisodeBusy, Tid: 6, Thread: "worker-0", Start: now.Add(-2 * time.Second), Duration: 1500 * time.Millisecond})
+	r := NewBusyWorker(BusyWorkerOptions{Window: 10 * time.Second, MinBusy: 500 * time.Millisecond, Pools: testPools}, eps,
+		fakeHot{{"app.compress", 0.8}, {"runtime.memmove", 0.1}})
+	obs := r.Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 {
+		t.Fatalf("got %+v", obs)
+	}
+	o := obs[0]
+	if o.Cause != CauseCPUHeavyOnWorker || !strings.Contains(o.Title, "app.compress") || !strings.Contains(o.Remediation, "app.compress") {
+		t.Errorf("%q / %q", o.Title, o.Remediation)
+	}
+	if len(o.Evidence) != 2 || o.Evidence[1].Value < 0.004 || o.Evidence[1].Value > 0.006 {
+		t.Errorf("peer run-queue wait evidence: %+v", o.Evidence)
+	}
+}
+
+func TestBusyWorkerSilentOnShortRuns(t *testing.T) {
+	now := time.Now()
+	eps := episodes(
+		signals.Episode{Kind: signals.EpisodeBusy, Tid: 6, Thread: "worker-0", Start: now.Add(-2 * time.Second), Duration: 300 * time.Millisecond},
+		signals.Episode{Kind: signals.EpisodeBusy, Tid: 8, Thread: "gc-helper", Start: now.Add(-2 * time.Second), Duration: 2 * time.Second},
+	)
+	r := NewBusyWorker(BusyWorkerOptions{Window: 10 * time.Second, MinBusy: 500 * time.Millisecond, Pools: testPools}, eps, nil)
+	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now}); len(obs) != 0 {
+		t.Fatalf("healthy runs raised %+v", obs)
+	}
+}
+
+func putThreadCPU(st *signals.Store, now time.Time, cores []float64) {
+	d := &signals.Desc{Name: "thread_cpu_seconds_total", Kind: signals.Counter}
+	for i := 0; i <= 10; i++ {
+		ts := now.Add(time.Duration(i-10) * time.Second)
+		for w, c := range cores {
+			st.Put(d, signals.L("tid", strconv.Itoa(100+w), "thread", "worker-"+strconv.Itoa(w)), c*float64(i), ts)
+		}
+	}
+}
+
+func TestWorkerImbalance(t *testing.T) {
+	now := time.Now()
+	r := NewWorkerImbalance(WorkerImbalanceOptions{Window: 10 * time.Second, MinBusy: 0.5, MinRatio: 4, Pools: testPools})
+
+	st := signals.New(100, 100)
+	putThreadCPU(st, now, []float64{0.9, 0.05, 0.04, 0.06})
+	obs := r.Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseUnbalancedWorkers || !strings.Contains(obs[0].Title, "worker-0") {
+		t.Fatalf("unbalanced pool: %+v", obs)
+	}
+
+	// Silence: the same total load spread evenly, and a lightly loaded pool.
+	for _, cores := range [][]float64{{0.3, 0.25, 0.28, 0.3}, {0.2, 0.01, 0.01, 0.01}} {
+		st := signals.New(100, 100)
+		putThreadCPU(st, now, cores)
+		if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+			t.Errorf("%v raised %+v", cores, obs)
+		}
+	}
+}

@@ -1,0 +1,91 @@
+package signals
+
+import (
+	"sync"
+	"time"
+)
+
+// StackSample is a count of CPU samples of one thread in one (user, kernel)
+// stack over one drain interval of the profiler. Addresses are raw: they
+// are symbolized when a profile is built, because most samples are never
+// looked at.
+type StackSample struct {
+	T      time.Time // end of the interval the samples were taken in
+	Pid    int
+	Tid    int
+	Thread string
+	User   []uint64 // leaf first
+	Kernel []uint64 // leaf first
+	Count  int64
+}
+
+// CPUSamples keeps the last max stack samples, so that a profile of any
+// recent window (a finding's, or one asked for over gRPC) can be built
+// without profiling again. It is safe for concurrent use.
+type CPUSamples struct {
+	mu      sync.RWMutex
+	ring    []StackSample
+	head, n int
+	evicted uint64
+	period  time.Duration
+}
+
+// NewCPUSamples keeps at most max samples (at least one).
+func NewCPUSamples(max int) *CPUSamples {
+	if max < 1 {
+		max = 1
+	}
+	return &CPUSamples{ring: make([]StackSample, max)}
+}
+
+// SetPeriod records the sampling period the samples were taken at.
+func (c *CPUSamples) SetPeriod(d time.Duration) {
+	c.mu.Lock()
+	c.period = d
+	c.mu.Unlock()
+}
+
+// Period is the sampling period, 0 when no profiler runs.
+func (c *CPUSamples) Period() time.Duration {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.period
+}
+
+// Add appends samples, evicting the oldest when full.
+func (c *CPUSamples) Add(ss []StackSample) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range ss {
+		if c.n == len(c.ring) {
+			c.evicted++
+		} else {
+			c.n++
+		}
+		c.ring[c.head] = s
+		c.head = (c.head + 1) % len(c.ring)
+	}
+}
+
+// Range returns the samples with from < T <= to, oldest first. The slices
+// inside are shared and must not be modified.
+func (c *CPUSamples) Range(from, to time.Time) []StackSample {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	var out []StackSample
+	start := (c.head - c.n + len(c.ring)) % len(c.ring)
+	for i := 0; i < c.n; i++ {
+		s := c.ring[(start+i)%len(c.ring)]
+		if s.T.After(from) && !s.T.After(to) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Evicted is how many samples were pushed out by newer ones.
+func (c *CPUSamples) Evicted() uint64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.evicted
+}

@@ -1,0 +1,134 @@
+package signals
+
+import (
+	"sync"
+	"time"
+)
+
+// Episode is one interval in the life of one thread that a rule may name as
+// a root cause: a long sleep off-CPU (a blocking call) or a long run
+// without sleeping (CPU work that never yields), with the stack it began
+// with. A number series cannot carry a stack, so episodes are kept apart.
+type Episode struct {
+	Kind     string // EpisodeBlock or EpisodeBusy
+	Pid, Tid int
+	Thread   string // the thread's name (comm)
+	Start    time.Time
+	Duration time.Duration // so far, when Ongoing
+	Ongoing  bool
+	// Stack is symbolized, leaf first: the first KernelFrames entries are
+	// kernel frames, the rest user frames.
+	Stack        []string
+	KernelFrames int
+	Waker        int // tid that ended a block, 0 if unknown
+}
+
+// Episode kinds.
+const (
+	EpisodeBlock = "block"
+	EpisodeBusy  = "busy"
+)
+
+// End is when the episode ended, or the time it was last seen going on.
+func (e Episode) End() time.Time { return e.Start.Add(e.Duration) }
+
+// Syscall is the system call the stack entered, from its kernel frames
+// ("nanosleep" for __x64_sys_nanosleep), or "".
+func (e Episode) Syscall() string {
+	for i := 0; i < e.KernelFrames && i < len(e.Stack); i++ {
+		f := e.Stack[i]
+		for _, p := range []string{"__x64_sys_", "__arm64_sys_", "__se_sys_", "__do_sys_", "ksys_"} {
+			if len(f) > len(p) && f[:len(p)] == p {
+				return f[len(p):]
+			}
+		}
+	}
+	return ""
+}
+
+// UserStack is the user part of Stack, leaf first.
+func (e Episode) UserStack() []string {
+	if e.KernelFrames >= len(e.Stack) {
+		return nil
+	}
+	return e.Stack[e.KernelFrames:]
+}
+
+// KernelStack is the kernel part of Stack, leaf first.
+func (e Episode) KernelStack() []string {
+	return e.Stack[:min(e.KernelFrames, len(e.Stack))]
+}
+
+type episodeKey struct {
+	kind  string
+	tid   int
+	start time.Time
+}
+
+// Episodes is a ring of the last max episodes. An ongoing episode is
+// replaced in place as it grows and when it ends, so a thread blocked for a
+// minute is one entry, not sixty. It is safe for concurrent use.
+type Episodes struct {
+	mu      sync.RWMutex
+	ring    []Episode
+	index   map[episodeKey]int // position in ring
+	head, n int
+	dropped uint64 // evicted before their time: the bound is too small
+}
+
+// NewEpisodes keeps at most max episodes (at least one).
+func NewEpisodes(max int) *Episodes {
+	if max < 1 {
+		max = 1
+	}
+	return &Episodes{ring: make([]Episode, max), index: make(map[episodeKey]int, max)}
+}
+
+// Put adds e, or replaces the episode of the same kind, thread and start
+// (unless that one has ended and e says it is ongoing).
+func (es *Episodes) Put(e Episode) {
+	k := episodeKey{e.Kind, e.Tid, e.Start}
+	es.mu.Lock()
+	defer es.mu.Unlock()
+	if i, ok := es.index[k]; ok {
+		// A late report that it is still going on must not undo its end.
+		if !es.ring[i].Ongoing && e.Ongoing {
+			return
+		}
+		es.ring[i] = e
+		return
+	}
+	if es.n == len(es.ring) {
+		old := es.ring[es.head]
+		delete(es.index, episodeKey{old.Kind, old.Tid, old.Start})
+		es.dropped++
+	} else {
+		es.n++
+	}
+	es.ring[es.head] = e
+	es.index[k] = es.head
+	es.head = (es.head + 1) % len(es.ring)
+}
+
+// Since returns the episodes of kind that were going on at or after from,
+// oldest first.
+func (es *Episodes) Since(kind string, from time.Time) []Episode {
+	es.mu.RLock()
+	defer es.mu.RUnlock()
+	var out []Episode
+	start := (es.head - es.n + len(es.ring)) % len(es.ring)
+	for i := 0; i < es.n; i++ {
+		e := es.ring[(start+i)%len(es.ring)]
+		if e.Kind == kind && !e.End().Before(from) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// Evicted is how many episodes were pushed out by newer ones.
+func (es *Episodes) Evicted() uint64 {
+	es.mu.RLock()
+	defer es.mu.RUnlock()
+	return es.dropped
+}

@@ -1,0 +1,315 @@
+package symbolize
+
+import (
+	"bytes"
+	"debug/elf"
+	"debug/gosym"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+)
+
+// elfFile is what symbolization needs from one ELF file. The file itself is
+// not kept open: everything is read at load time so that the cache bounds
+// file descriptors as well as memory.
+type elfFile struct {
+	typ     elf.Type
+	buildID string
+	loads   []loadSeg
+	sized   []symbol // STT_FUNC with size > 0, sorted by addr
+	unsized []symbol // STT_FUNC with size 0, sorted by addr
+	gotab   *gosym.Table
+
+	// memo caches lookups: profiles hit the same few thousand addresses
+	// again and again, and decoding Go's pc tables costs about a microsecond
+	// each. Guarded by the owning Symbolizer's mu.
+	memo map[uint64]lookupResult
+}
+
+type lookupResult struct {
+	fn, file string
+	line     int
+}
+
+// maxMemo bounds elfFile.memo; when full it is simply dropped, which keeps
+// the hot addresses after a moment without per-entry bookkeeping.
+const maxMemo = 1 << 14
+
+type loadSeg struct {
+	off, filesz, vaddr uint64
+}
+
+type symbol struct {
+	addr, size uint64
+	name       string
+}
+
+// parseELF reads r as an ELF file. Only a file that is not ELF at all is an
+// error; missing symbols or a bad .gopclntab leave a usable, if less
+// informative, result.
+func parseELF(r io.ReaderAt) (ef *elfFile, err error) {
+	// debug/elf and debug/gosym are not hardened against every malformed
+	// input, and the files come from processes we do not control.
+	defer func() {
+		if p := recover(); p != nil {
+			ef, err = nil, fmt.Errorf("malformed ELF: %v", p)
+		}
+	}()
+	f, err := elf.NewFile(r)
+	if err != nil {
+		return nil, fmt.Errorf("parse ELF: %w", err)
+	}
+	defer f.Close()
+
+	ef = &elfFile{typ: f.Type}
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_LOAD {
+			ef.loads = append(ef.loads, loadSeg{off: p.Off, filesz: p.Filesz, vaddr: p.Vaddr})
+		}
+	}
+	ef.buildID = readBuildID(f)
+
+	syms, err := f.Symbols()
+	if err != nil || len(syms) == 0 {
+		syms, _ = f.DynamicSymbols()
+	}
+	ef.addSymbols(syms)
+	ef.gotab = goTable(f, syms)
+	return ef, nil
+}
+
+func (ef *elfFile) addSymbols(syms []elf.Symbol) {
+	for _, s := range syms {
+		if elf.ST_TYPE(s.Info) != elf.STT_FUNC || s.Value == 0 || s.Name == "" ||
+			s.Section == elf.SHN_UNDEF {
+			continue
+		}
+		sym := symbol{addr: s.Value, size: s.Size, name: s.Name}
+		if s.Size > 0 {
+			ef.sized = append(ef.sized, sym)
+		} else {
+			ef.unsized = append(ef.unsized, sym)
+		}
+	}
+	ef.sized = sortSymbols(ef.sized)
+	ef.unsized = sortSymbols(ef.unsized)
+}
+
+// sortSymbols sorts by address and keeps one name per address. Aliases
+// (getpid/__getpid) are common; the shortest name without a leading
+// underscore is usually the one people search for.
+func sortSymbols(s []symbol) []symbol {
+	slices.SortStableFunc(s, func(a, b symbol) int {
+		if a.addr != b.addr {
+			if a.addr < b.addr {
+				return -1
+			}
+			return 1
+		}
+		return aliasRank(a) - aliasRank(b)
+	})
+	return slices.CompactFunc(s, func(a, b symbol) bool { return a.addr == b.addr })
+}
+
+func aliasRank(s symbol) int {
+	return 64*(len(s.name)-len(strings.TrimLeft(s.name, "_"))) + min(len(s.name), 63)
+}
+
+// goTable builds the Go line table. It returns nil when the file is not a Go
+// binary or its pclntab cannot be read, so that lookups fall back to the
+// ELF symbols.
+func goTable(f *elf.File, syms []elf.Symbol) *gosym.Table {
+	var data []byte
+	for _, name := range []string{".gopclntab", ".data.rel.ro.gopclntab"} {
+		if s := f.Section(name); s != nil && s.Type != elf.SHT_NOBITS {
+			data, _ = s.Data()
+			break
+		}
+	}
+	textStart := uint64(0)
+	if s := f.Section(".text"); s != nil {
+		textStart = s.Addr
+	}
+	var pcln, epcln uint64
+	for _, s := range syms {
+		switch s.Name {
+		case "runtime.text":
+			textStart = s.Value
+		case "runtime.pclntab":
+			pcln = s.Value
+		case "runtime.epclntab":
+			epcln = s.Value
+		}
+	}
+	if data == nil && pcln != 0 && epcln > pcln {
+		data = sectionBytes(f, pcln, epcln)
+	}
+	if len(data) == 0 {
+		return nil
+	}
+	var symtab []byte
+	if s := f.Section(".gosymtab"); s != nil && s.Type != elf.SHT_NOBITS {
+		symtab, _ = s.Data()
+	}
+	tab, err := gosym.NewTable(symtab, gosym.NewLineTable(data, textStart))
+	if err != nil || len(tab.Funcs) == 0 {
+		return nil
+	}
+	return tab
+}
+
+// sectionBytes returns the bytes at virtual addresses [lo, hi).
+func sectionBytes(f *elf.File, lo, hi uint64) []byte {
+	for _, s := range f.Sections {
+		if s.Type == elf.SHT_NOBITS || lo < s.Addr || hi > s.Addr+s.Size {
+			continue
+		}
+		b := make([]byte, hi-lo)
+		if _, err := s.ReadAt(b, int64(lo-s.Addr)); err != nil {
+			return nil
+		}
+		return b
+	}
+	return nil
+}
+
+// readBuildID returns the GNU build ID in hex, or else the Go build ID; pprof
+// only uses it to match binaries, so either identifies the file.
+func readBuildID(f *elf.File) string {
+	var goID string
+	for _, s := range f.Sections {
+		if s.Type != elf.SHT_NOTE {
+			continue
+		}
+		data, err := s.Data()
+		if err != nil {
+			continue
+		}
+		for _, n := range parseNotes(data, f.ByteOrder) {
+			switch {
+			case n.name == "GNU" && n.typ == 3: // NT_GNU_BUILD_ID
+				return hex.EncodeToString(n.desc)
+			case n.name == "Go" && n.typ == 4: // Go's ELF_NOTE_GOBUILDID_TAG
+				goID = string(n.desc)
+			}
+		}
+	}
+	return goID
+}
+
+type note struct {
+	name string
+	typ  uint32
+	desc []byte
+}
+
+func parseNotes(b []byte, bo binary.ByteOrder) []note {
+	var out []note
+	for len(b) >= 12 {
+		namesz, descsz, typ := uint64(bo.Uint32(b)), uint64(bo.Uint32(b[4:])), bo.Uint32(b[8:])
+		b = b[12:]
+		nameEnd := align4(namesz)
+		if nameEnd > uint64(len(b)) {
+			break
+		}
+		name := string(bytes.TrimRight(b[:namesz], "\x00"))
+		b = b[nameEnd:]
+		descEnd := align4(descsz)
+		if descEnd > uint64(len(b)) {
+			break
+		}
+		out = append(out, note{name: name, typ: typ, desc: b[:descsz]})
+		b = b[descEnd:]
+	}
+	return out
+}
+
+func align4(n uint64) uint64 { return (n + 3) &^ 3 }
+
+var errNoSegment = errors.New("file offset is in no PT_LOAD segment")
+
+// vaddr converts a file offset into the virtual address the symbol tables
+// use. Going through the program headers rather than assuming a base makes
+// non-PIE executables, PIE executables and shared libraries one case.
+func (ef *elfFile) vaddr(off uint64) (uint64, error) {
+	for _, l := range ef.loads {
+		if off >= l.off && off < l.off+l.filesz {
+			return off - l.off + l.vaddr, nil
+		}
+	}
+	return 0, errNoSegment
+}
+
+// lookup returns the function containing the virtual address pc.
+func (ef *elfFile) lookup(pc uint64) (fn, file string, line int) {
+	if r, ok := ef.memo[pc]; ok {
+		return r.fn, r.file, r.line
+	}
+	fn, file, line = ef.lookupUncached(pc)
+	if ef.memo == nil || len(ef.memo) >= maxMemo {
+		ef.memo = make(map[uint64]lookupResult)
+	}
+	ef.memo[pc] = lookupResult{fn: fn, file: file, line: line}
+	return fn, file, line
+}
+
+func (ef *elfFile) lookupUncached(pc uint64) (fn, file string, line int) {
+	if ef.gotab != nil {
+		if fn, file, line, ok := goLookup(ef.gotab, pc); ok {
+			return fn, file, line
+		}
+	}
+	return ef.symLookup(pc), "", 0
+}
+
+func goLookup(tab *gosym.Table, pc uint64) (fn, file string, line int, ok bool) {
+	defer func() {
+		if recover() != nil {
+			ok = false
+		}
+	}()
+	file, line, f := tab.PCToLine(pc)
+	if f == nil {
+		return "", "", 0, false
+	}
+	return f.Name, file, line, true
+}
+
+// symLookup prefers a sized symbol that contains pc. A zero-sized symbol
+// (hand-written assembly often has no size) is only a fallback, and not
+// across a sized function: an address past the end of a sized function is
+// padding or unknown code, not part of a label before it.
+func (ef *elfFile) symLookup(pc uint64) string {
+	si := lastAtOrBelow(ef.sized, pc)
+	if si >= 0 && pc < ef.sized[si].addr+ef.sized[si].size {
+		return ef.sized[si].name
+	}
+	ui := lastAtOrBelow(ef.unsized, pc)
+	if ui < 0 {
+		return ""
+	}
+	if si >= 0 && ef.sized[si].addr > ef.unsized[ui].addr {
+		return ""
+	}
+	return ef.unsized[ui].name
+}
+
+func lastAtOrBelow(s []symbol, pc uint64) int {
+	i, found := slices.BinarySearchFunc(s, pc, func(e symbol, t uint64) int {
+		switch {
+		case e.addr < t:
+			return -1
+		case e.addr > t:
+			return 1
+		}
+		return 0
+	})
+	if found {
+		return i
+	}
+	return i - 1
+}

@@ -1,0 +1,136 @@
+package symbolize
+
+import (
+	"bufio"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+func TestParseKallsymsFixture(t *testing.T) {
+	f, err := os.Open("testdata/kallsyms.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ks, ok, err := parseKallsyms(f)
+	if err != nil || !ok {
+		t.Fatalf("parseKallsyms: ok=%v err=%v", ok, err)
+	}
+	for _, c := range []struct {
+		addr uint64
+		want string
+	}{
+		{0xffffffff80ffffff, ""},
+		{0xffffffff81000000, "_stext"}, // global preferred over the local alias
+		{0xffffffff81000fff, "_stext"},
+		{0xffffffff81001000, "do_one_initcall"},
+		{0xffffffff81002500, "do_one_initcall"}, // data symbols are dropped
+		{0xffffffff81003001, "weak_func"},
+		{0xffffffff81004000, "local_func"},
+		{0xffffffff81005000, "local_func"}, // bss dropped
+		{0xffffffffc0a00010, "nft_do_chain"},
+		{0xffffffffc0a01000, "nft_register_chain_type"},
+	} {
+		got, _ := ks.lookup(c.addr)
+		if got != c.want {
+			t.Errorf("lookup(%#x) = %q, want %q", c.addr, got, c.want)
+		}
+	}
+	if n := len(ks.addrs); n != 6 {
+		t.Errorf("kept %d symbols, want 6", n)
+	}
+}
+
+func TestParseKallsymsLongLine(t *testing.T) {
+	in := strings.Repeat("x", 1<<20) + "\nffffffff81000000 T after_long\nffffffff81001000 t no_newline"
+	ks, ok, err := parseKallsyms(strings.NewReader(in))
+	if err != nil || !ok {
+		t.Fatalf("ok=%v err=%v", ok, err)
+	}
+	if got, _ := ks.lookup(0xffffffff81000010); got != "after_long" {
+		t.Errorf("lookup = %q, want after_long", got)
+	}
+	if got, _ := ks.lookup(0xffffffff81001010); got != "no_newline" {
+		t.Errorf("lookup = %q, want no_newline", got)
+	}
+}
+
+func TestKallsymsZeroAddressesAndReload(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "kallsyms")
+	zero := "0000000000000000 T _stext\n0000000000000000 T schedule\n"
+	if err := os.WriteFile(path, []byte(zero), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s := New(Options{ProcRoot: dir})
+	s.kallsymsRetry = 0
+	fr := s.Kernel([]uint64{0xffffffff81001000})
+	if fr[0].Func != "" || fr[0].Module != kernelModule || fr[0].Addr != 0xffffffff81001000 {
+		t.Fatalf("unprivileged kallsyms resolved %+v", fr[0])
+	}
+	if got := fr[0].String(); got != "0xffffffff81001000" {
+		t.Errorf("String() = %q", got)
+	}
+	// Once kallsyms becomes readable, the next call loads it.
+	data, err := os.ReadFile("testdata/kallsyms.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	fr = s.Kernel([]uint64{0xffffffff81001000, 0xffffffff81003000})
+	if fr[0].Func != "do_one_initcall" {
+		t.Errorf("leaf = %+v, want do_one_initcall", fr[0])
+	}
+	// A non-leaf frame is a return address: the byte before it belongs to
+	// the caller, which here is the previous symbol.
+	if fr[1].Func != "do_one_initcall" {
+		t.Errorf("return address = %+v, want do_one_initcall", fr[1])
+	}
+	// Loaded symbols are kept even if the file goes away.
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if fr = s.Kernel([]uint64{0xffffffff81004001}); fr[0].Func != "local_func" {
+		t.Errorf("after removal: %+v", fr[0])
+	}
+}
+
+func TestKernelRealKallsyms(t *testing.T) {
+	addr := kallsymsAddr(t, "schedule")
+	s := New(Options{})
+	fr := s.Kernel([]uint64{addr, addr + 1, addr + 5})
+	for i, f := range fr {
+		if f.Func != "schedule" {
+			t.Errorf("frame %d (%#x) = %+v, want schedule", i, f.Addr, f)
+		}
+	}
+}
+
+// kallsymsAddr returns the address of a text symbol from the real
+// /proc/kallsyms, skipping when addresses are hidden.
+func kallsymsAddr(t testing.TB, name string) uint64 {
+	t.Helper()
+	f, err := os.Open("/proc/kallsyms")
+	if err != nil {
+		t.Skipf("SKIP: no /proc/kallsyms: %v", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fs := strings.Fields(sc.Text())
+		if len(fs) >= 3 && fs[2] == name && (fs[1] == "T" || fs[1] == "t") {
+			a, err := strconv.ParseUint(fs[0], 16, 64)
+			if err != nil || a == 0 {
+				t.Skipf("SKIP: kallsyms addresses hidden (not root or kptr_restrict): %q", sc.Text())
+			}
+			return a
+		}
+	}
+	t.Skipf("SKIP: %s not in /proc/kallsyms", name)
+	return 0
+}

@@ -1,0 +1,500 @@
+package symbolize
+
+import (
+	"bytes"
+	"container/list"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Options configures a Symbolizer.
+type Options struct {
+	ProcRoot string       // "/proc" by default; tests may point elsewhere
+	MaxFiles int          // bound on cached parsed ELF files (default 64); evict LRU
+	Log      *slog.Logger // may be nil
+}
+
+// Frame is one symbolized stack address.
+type Frame struct {
+	Addr   uint64
+	Func   string // "" when unknown; then callers print Module+offset
+	File   string // best effort (Go binaries via .gopclntab), else ""
+	Line   int
+	Module string // path of the mapped file, "[kernel]" for kernel frames
+	Offset uint64 // file offset of Addr in Module (for the pprof Mapping)
+}
+
+const kernelModule = "[kernel]"
+
+// String returns the function name, else module+offset, else the address.
+func (f Frame) String() string {
+	switch {
+	case f.Func != "":
+		return f.Func
+	case f.Module != "" && f.Module != kernelModule:
+		return fmt.Sprintf("%s+0x%x", filepath.Base(f.Module), f.Offset)
+	}
+	return fmt.Sprintf("0x%x", f.Addr)
+}
+
+const (
+	defaultMaxFiles = 64
+	defaultMaxPids  = 256
+	// Long enough that one profile build reads each process's maps once,
+	// short enough that unmapped and remapped libraries are noticed soon.
+	defaultMapsTTL = 5 * time.Second
+	// Reading kallsyms costs about 100 ms; retrying a failed read on
+	// every stack would cost more than the symbols are worth.
+	defaultKallsymsRetry = 10 * time.Second
+)
+
+// Symbolizer resolves user and kernel addresses. It is safe for concurrent
+// use.
+type Symbolizer struct {
+	procRoot string
+	maxFiles int
+	maxPids  int
+	mapsTTL  time.Duration
+	log      *slog.Logger
+	now      func() time.Time
+
+	mu    sync.Mutex
+	pids  map[int]*procMaps
+	files map[fileKey]*fileEntry
+	lru   *list.List // of *fileEntry, front = most recently used
+
+	vdsoOnce sync.Once
+	vdso     *elfFile
+
+	kmu           sync.Mutex
+	ksyms         *kallsyms
+	kTried        time.Time
+	kallsymsRetry time.Duration
+}
+
+type procMaps struct {
+	maps   []mapping
+	objs   []object // parallel to maps, resolved lazily
+	loaded time.Time
+	used   time.Time
+}
+
+// object is the file behind one mapping. It points into the file cache
+// rather than at the parsed file, so that eviction really frees the memory
+// even while the process's maps stay cached.
+type object struct {
+	tried bool
+	vdso  bool
+	entry *fileEntry // nil when no file could be opened
+}
+
+type fileKey struct {
+	dev, ino uint64
+	size     int64
+	mtime    int64
+}
+
+type fileEntry struct {
+	key     fileKey
+	file    *elfFile // nil caches a failure, so a bad file is parsed once
+	elem    *list.Element
+	evicted bool
+}
+
+// New returns a Symbolizer with defaults filled in.
+func New(o Options) *Symbolizer {
+	s := &Symbolizer{
+		procRoot:      o.ProcRoot,
+		maxFiles:      o.MaxFiles,
+		maxPids:       defaultMaxPids,
+		mapsTTL:       defaultMapsTTL,
+		log:           o.Log,
+		now:           time.Now,
+		pids:          make(map[int]*procMaps),
+		files:         make(map[fileKey]*fileEntry),
+		lru:           list.New(),
+		kallsymsRetry: defaultKallsymsRetry,
+	}
+	if s.procRoot == "" {
+		s.procRoot = "/proc"
+	}
+	if s.maxFiles <= 0 {
+		s.maxFiles = defaultMaxFiles
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	return s
+}
+
+// resolved is a Frame plus what a pprof Mapping needs.
+type resolved struct {
+	Frame
+	mapped                      bool
+	mapStart, mapEnd, mapOffset uint64
+	buildID                     string
+}
+
+// callState is shared by the lookups of one call: maps are re-read at most
+// once per pid per call, and the clock is read once (it is slow on some
+// VMs and would otherwise dominate cached lookups).
+type callState struct {
+	now    time.Time
+	reread map[int]bool
+}
+
+// User symbolizes addrs of process pid, leaf first as bpf_get_stackid
+// returns them. The result has the same length as addrs; unknown addresses
+// keep only Addr (and Module/Offset when they fall in a mapped file).
+func (s *Symbolizer) User(pid int, addrs []uint64) []Frame {
+	st := &callState{now: s.now()}
+	out := make([]Frame, len(addrs))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, a := range addrs {
+		out[i] = s.resolveUserLocked(pid, a, i == 0, st).Frame
+	}
+	return out
+}
+
+// Forget drops the cached maps of pid, for callers that know it exited or
+// exec'd.
+func (s *Symbolizer) Forget(pid int) {
+	s.mu.Lock()
+	delete(s.pids, pid)
+	s.mu.Unlock()
+}
+
+// lookupAddr is the address to resolve the function from. Every frame but
+// the leaf holds a return address, which may already be the first
+// instruction of the next function or line.
+func lookupAddr(addr uint64, leaf bool) uint64 {
+	if leaf || addr == 0 {
+		return addr
+	}
+	return addr - 1
+}
+
+func (s *Symbolizer) resolveUser(pid int, addr uint64, leaf bool, st *callState) resolved {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.resolveUserLocked(pid, addr, leaf, st)
+}
+
+func (s *Symbolizer) resolveUserLocked(pid int, addr uint64, leaf bool, st *callState) resolved {
+	r := resolved{Frame: Frame{Addr: addr}}
+	if addr == 0 {
+		return r
+	}
+	pc := lookupAddr(addr, leaf)
+	pm := s.procMapsLocked(pid, false, st.now)
+	idx := findMapping(pm.maps, pc)
+	if idx < 0 && !st.reread[pid] {
+		// A miss may be a library dlopen'ed or a JIT region created since
+		// the maps were read.
+		if st.reread == nil {
+			st.reread = make(map[int]bool)
+		}
+		st.reread[pid] = true
+		pm = s.procMapsLocked(pid, true, st.now)
+		idx = findMapping(pm.maps, pc)
+	}
+	if idx < 0 {
+		return r
+	}
+	m := pm.maps[idx]
+	r.mapped = true
+	r.mapStart, r.mapEnd, r.mapOffset = m.Start, m.End, m.Offset
+	r.Module = m.Path
+	if m.Path == "" {
+		// Anonymous executable memory (JIT): no file, so no offset either.
+		return r
+	}
+	r.Offset = max(addr, m.Start) - m.Start + m.Offset
+
+	ef := s.objectLocked(pid, pm, idx)
+	if ef == nil {
+		return r
+	}
+	r.buildID = ef.buildID
+	vaddr, err := ef.vaddr(pc - m.Start + m.Offset)
+	if err != nil {
+		return r
+	}
+	r.Func, r.File, r.Line = ef.lookup(vaddr)
+	return r
+}
+
+// procMapsLocked returns the cached maps of pid, re-reading them when stale
+// or when force is set. Unreadable maps (the process exited) are empty.
+func (s *Symbolizer) procMapsLocked(pid int, force bool, now time.Time) *procMaps {
+	pm := s.pids[pid]
+	if pm != nil && !force && now.Sub(pm.loaded) < s.mapsTTL {
+		pm.used = now
+		return pm
+	}
+	data, err := os.ReadFile(filepath.Join(s.procRoot, strconv.Itoa(pid), "maps"))
+	if err != nil {
+		// Cached as empty, so that a stack of an exited process costs one
+		// failed read rather than one per frame.
+		s.log.Debug("symbolize: read maps", "pid", pid, "err", err)
+	}
+	maps := parseMaps(data)
+	npm := &procMaps{maps: maps, objs: make([]object, len(maps)), loaded: now, used: now}
+	if pm != nil {
+		// Keep files already resolved for unchanged mappings, so a re-read
+		// costs no re-open.
+		for i, m := range maps {
+			if j := findMapping(pm.maps, m.Start); j >= 0 && pm.maps[j] == m {
+				npm.objs[i] = pm.objs[j]
+			}
+		}
+	}
+	s.pids[pid] = npm
+	s.evictPidsLocked()
+	return npm
+}
+
+func (s *Symbolizer) evictPidsLocked() {
+	for len(s.pids) > s.maxPids {
+		oldest, first := 0, true
+		var t time.Time
+		for pid, pm := range s.pids {
+			if first || pm.used.Before(t) {
+				oldest, t, first = pid, pm.used, false
+			}
+		}
+		delete(s.pids, oldest)
+	}
+}
+
+func (s *Symbolizer) objectLocked(pid int, pm *procMaps, idx int) *elfFile {
+	o := &pm.objs[idx]
+	if o.tried {
+		switch {
+		case o.vdso:
+			return s.vdsoFile()
+		case o.entry == nil:
+			return nil
+		case !o.entry.evicted:
+			s.lru.MoveToFront(o.entry.elem)
+			return o.entry.file
+		}
+		// Evicted meanwhile: open it again.
+	}
+	o.tried = true
+	m := pm.maps[idx]
+	if m.Path == "[vdso]" {
+		o.vdso = true
+		return s.vdsoFile()
+	}
+	if isPseudoPath(m.Path) {
+		return nil
+	}
+	e, err := s.openLocked(pid, m)
+	if err != nil {
+		s.log.Debug("symbolize: open mapped file", "pid", pid, "path", m.Path, "err", err)
+	}
+	o.entry = e
+	if e == nil {
+		return nil
+	}
+	return e.file
+}
+
+// openLocked finds the file behind mapping m and parses it through the
+// cache. The target may live in another mount namespace, so its root comes
+// first; a file replaced or deleted since it was mapped no longer matches
+// the inode in maps, and map_files still reaches the mapped one.
+func (s *Symbolizer) openLocked(pid int, m mapping) (*fileEntry, error) {
+	pidDir := filepath.Join(s.procRoot, strconv.Itoa(pid))
+	candidates := []string{
+		filepath.Join(pidDir, "root", m.Path),
+		m.Path,
+		filepath.Join(pidDir, "map_files", fmt.Sprintf("%x-%x", m.Start, m.End)),
+	}
+	if m.Deleted {
+		candidates[0], candidates[2] = candidates[2], candidates[0]
+	}
+	var (
+		fallback    *os.File
+		fallbackKey fileKey
+		errs        []error
+	)
+	defer func() {
+		if fallback != nil {
+			fallback.Close()
+		}
+	}()
+	for _, p := range candidates {
+		f, key, err := openStat(p)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if m.Inode == 0 || key.ino == m.Inode {
+			defer f.Close()
+			return s.parseCachedLocked(f, key)
+		}
+		if fallback == nil {
+			fallback, fallbackKey = f, key
+		} else {
+			f.Close()
+		}
+	}
+	if fallback != nil {
+		// Some filesystems (overlayfs) report different inodes in maps and
+		// stat; a file at the right path beats no symbols.
+		return s.parseCachedLocked(fallback, fallbackKey)
+	}
+	return nil, errors.Join(errs...)
+}
+
+func openStat(path string) (*os.File, fileKey, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fileKey{}, fmt.Errorf("open: %w", err)
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fileKey{}, fmt.Errorf("stat %s: %w", path, err)
+	}
+	if !fi.Mode().IsRegular() {
+		f.Close()
+		return nil, fileKey{}, fmt.Errorf("%s is not a regular file", path)
+	}
+	key := fileKey{size: fi.Size(), mtime: fi.ModTime().UnixNano()}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		key.dev, key.ino = st.Dev, st.Ino
+	}
+	return f, key, nil
+}
+
+func (s *Symbolizer) parseCachedLocked(f *os.File, key fileKey) (*fileEntry, error) {
+	if e, ok := s.files[key]; ok {
+		s.lru.MoveToFront(e.elem)
+		return e, nil
+	}
+	ef, err := parseELF(f)
+	if err != nil {
+		err = fmt.Errorf("%s: %w", f.Name(), err)
+	}
+	e := &fileEntry{key: key, file: ef}
+	e.elem = s.lru.PushFront(e)
+	s.files[key] = e
+	for s.lru.Len() > s.maxFiles {
+		old := s.lru.Remove(s.lru.Back()).(*fileEntry)
+		delete(s.files, old.key)
+		old.evicted, old.file = true, nil
+	}
+	return e, err
+}
+
+// vdsoFile parses this process's vDSO. Every process on the host maps the
+// same kernel-provided image, and the target's copy can only be read with
+// ptrace rights, while ours is always readable.
+func (s *Symbolizer) vdsoFile() *elfFile {
+	s.vdsoOnce.Do(func() {
+		ef, err := readVDSO(s.procRoot)
+		if err != nil {
+			s.log.Debug("symbolize: read vdso", "err", err)
+		}
+		s.vdso = ef
+	})
+	return s.vdso
+}
+
+func readVDSO(procRoot string) (*elfFile, error) {
+	data, err := os.ReadFile(filepath.Join(procRoot, "self", "maps"))
+	if err != nil {
+		return nil, fmt.Errorf("read own maps: %w", err)
+	}
+	for _, m := range parseMaps(data) {
+		if m.Path != "[vdso]" {
+			continue
+		}
+		mem, err := os.Open(filepath.Join(procRoot, "self", "mem"))
+		if err != nil {
+			return nil, fmt.Errorf("open own mem: %w", err)
+		}
+		defer mem.Close()
+		buf := make([]byte, m.End-m.Start)
+		if _, err := mem.ReadAt(buf, int64(m.Start)); err != nil {
+			return nil, fmt.Errorf("read vdso: %w", err)
+		}
+		return parseELF(bytes.NewReader(buf))
+	}
+	return nil, errors.New("no [vdso] mapping")
+}
+
+// Kernel symbolizes kernel addresses, leaf first, with kallsyms. Without
+// readable kallsyms the frames carry only their addresses.
+func (s *Symbolizer) Kernel(addrs []uint64) []Frame {
+	ks := s.kernelSyms()
+	out := make([]Frame, len(addrs))
+	for i, a := range addrs {
+		out[i] = kernelFrame(ks, a, i == 0)
+	}
+	return out
+}
+
+func kernelFrame(ks *kallsyms, addr uint64, leaf bool) Frame {
+	f := Frame{Addr: addr, Module: kernelModule}
+	if addr == 0 {
+		return f
+	}
+	f.Func, _ = ks.lookup(lookupAddr(addr, leaf))
+	return f
+}
+
+func (s *Symbolizer) kernelSyms() *kallsyms {
+	s.kmu.Lock()
+	defer s.kmu.Unlock()
+	if s.ksyms != nil {
+		return s.ksyms
+	}
+	now := s.now()
+	if !s.kTried.IsZero() && now.Sub(s.kTried) < s.kallsymsRetry {
+		return nil
+	}
+	first := s.kTried.IsZero()
+	s.kTried = now
+	ks, err := s.loadKallsyms()
+	if err != nil {
+		// Warn once; the retries would otherwise repeat it forever.
+		level := slog.LevelDebug
+		if first {
+			level = slog.LevelWarn
+		}
+		s.log.Log(context.Background(), level, "symbolize: kernel symbols unavailable", "err", err)
+		return nil
+	}
+	s.ksyms = ks
+	return ks
+}
+
+func (s *Symbolizer) loadKallsyms() (*kallsyms, error) {
+	path := filepath.Join(s.procRoot, "kallsyms")
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open kallsyms: %w", err)
+	}
+	defer f.Close()
+	ks, ok, err := parseKallsyms(f)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	if !ok {
+		return nil, fmt.Errorf("%s: no text symbols with addresses (kptr_restrict or no privilege)", path)
+	}
+	return ks, nil
+}
