@@ -34,7 +34,58 @@ var (
 		Help: "Threads of the target that are not running, by the system call they wait in (none: blocked outside a system call)."}
 	threadsNumDesc = &signals.Desc{Name: "process_num_threads", Kind: signals.Gauge,
 		Help: "Threads of the target (every entry of /proc/PID/task, not bounded by the examined maximum)."}
+	threadStatCPUDesc = &signals.Desc{Name: "thread_stat_cpu_seconds_total", Kind: signals.Counter,
+		Help: "CPU time of each thread of the target, from /proc task stat (user+system, 10 ms ticks); the fallback when the sched probe does not run."}
+	threadRunqDesc = &signals.Desc{Name: "thread_schedstat_runq_wait_seconds_total", Kind: signals.Counter,
+		Help: "Time each thread of the target waited on a run queue, from /proc task schedstat."}
 )
+
+// userHZ is the unit of utime/stime in /proc stat files: fixed at 100 by
+// the kernel's ABI whatever CONFIG_HZ is.
+const userHZ = 100
+
+// taskStat is what a /proc/PID/task/TID/stat line tells about a thread.
+type taskStat struct {
+	State string
+	Comm  string
+	CPU   float64 // utime+stime, seconds
+}
+
+// parseTaskStat parses a /proc/PID/task/TID/stat line. The command name is
+// in parentheses and may itself contain spaces and parentheses, so fields
+// are counted after the last ')'.
+func parseTaskStat(b []byte) (taskStat, error) {
+	open := bytes.IndexByte(b, '(')
+	i := bytes.LastIndexByte(b, ')')
+	if open < 0 || i < open || i+2 >= len(b) || b[i+1] != ' ' {
+		return taskStat{}, fmt.Errorf("stat: no state after the command name in %q", truncate(b, 64))
+	}
+	f := bytes.Fields(b[i+2:])
+	// state is field 3 of stat(5); utime and stime are 14 and 15.
+	if len(f) < 13 {
+		return taskStat{}, fmt.Errorf("stat: %d fields after the command name, want at least 13", len(f))
+	}
+	ut, err1 := strconv.ParseUint(string(f[11]), 10, 64)
+	st, err2 := strconv.ParseUint(string(f[12]), 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return taskStat{}, fmt.Errorf("stat: utime/stime: %w", err)
+	}
+	return taskStat{State: string(f[0][:1]), Comm: string(b[open+1 : i]), CPU: float64(ut+st) / userHZ}, nil
+}
+
+// parseSchedstat returns the run-queue wait of /proc/.../schedstat
+// ("run_ns wait_ns slices"), in seconds.
+func parseSchedstat(b []byte) (float64, error) {
+	f := bytes.Fields(b)
+	if len(f) < 2 {
+		return 0, fmt.Errorf("schedstat: %q", truncate(b, 64))
+	}
+	ns, err := strconv.ParseUint(string(f[1]), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("schedstat: %w", err)
+	}
+	return float64(ns) / 1e9, nil
+}
 
 // syscallNamesAMD64 names the system calls a blocked thread of a web
 // service usually sits in. Numbers are x86_64's; other architectures get
@@ -60,17 +111,6 @@ func syscallName(nr int) string {
 		}
 	}
 	return "syscall_" + strconv.Itoa(nr)
-}
-
-// parseTaskState returns the state letter of a /proc/PID/task/TID/stat
-// line. The command name is in parentheses and may itself contain spaces
-// and parentheses, so the state is found after the last ')'.
-func parseTaskState(b []byte) (string, error) {
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 || i+2 >= len(b) || b[i+1] != ' ' {
-		return "", fmt.Errorf("stat: no state after the command name in %q", truncate(b, 64))
-	}
-	return string(b[i+2 : i+3]), nil
 }
 
 // parseTaskSyscall reads /proc/PID/task/TID/syscall: "running", or the
@@ -102,6 +142,7 @@ func truncate(b []byte, n int) []byte {
 // threadCounts is what one pass over the threads found.
 type threadCounts struct {
 	Total      int
+	PerThread  []sample // CPU and run-queue wait of each examined thread
 	States     map[string]int
 	Syscalls   map[string]int
 	Examined   int
@@ -162,6 +203,14 @@ func (c *threadsCollector) Collect(_ context.Context, tgt target.Process, store 
 		return err
 	}
 	putSamples(store, time.Now(), threadSamples(counts, c.prevStates, c.prevCalls))
+	putSamples(store, time.Now(), counts.PerThread)
+	live := make(map[string]bool, len(counts.PerThread))
+	for _, s := range counts.PerThread {
+		live[s.Labels.Get("tid")] = true
+	}
+	for _, d := range []*signals.Desc{threadStatCPUDesc, threadRunqDesc} {
+		store.Forget(d.Name, func(ls signals.Labels) bool { return live[ls.Get("tid")] })
+	}
 	c.prevStates = keysOf(counts.States)
 	c.prevCalls = keysOf(counts.Syscalls)
 	if counts.Unreadable > 0 {
@@ -207,9 +256,17 @@ func (c *threadsCollector) count(pid int) (threadCounts, error) {
 		if err != nil {
 			return threadCounts{}, fmt.Errorf("pid %d: %w", pid, err)
 		}
-		state, err := parseTaskState(b)
+		ts, err := parseTaskStat(b)
 		if err != nil {
 			return threadCounts{}, fmt.Errorf("pid %d: %s/stat: %w", pid, taskDir, err)
+		}
+		state := ts.State
+		ls := signals.L("tid", tid, "thread", ts.Comm)
+		counts.PerThread = append(counts.PerThread, sample{Desc: threadStatCPUDesc, Labels: ls, Value: ts.CPU})
+		if b, err := readProcFile(&c.buf, filepath.Join(taskDir, "schedstat")); err == nil {
+			if wait, err := parseSchedstat(b); err == nil {
+				counts.PerThread = append(counts.PerThread, sample{Desc: threadRunqDesc, Labels: ls, Value: wait})
+			}
 		}
 		counts.States[state]++
 		counts.Examined++

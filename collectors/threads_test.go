@@ -12,25 +12,35 @@ import (
 	"github.com/culprit-dev/culprit/target"
 )
 
-func TestParseTaskState(t *testing.T) {
+func TestParseTaskStat(t *testing.T) {
+	const tail = " 1 7275 7275 0 -1 4194368 100 0 0 0 250 50 0 0 20 0 1"
 	for _, tc := range []struct {
-		name, in, want string
-		wantErr        bool
+		name, in string
+		want     taskStat
+		wantErr  bool
 	}{
-		{name: "plain", in: "7277 (fixproc) S 1 7275 7275 0 -1", want: "S"},
-		{name: "spaces and parens in comm", in: "12 (a) b (c)) D 1 2 3", want: "D"},
+		{name: "plain", in: "7277 (worker-3) S" + tail, want: taskStat{State: "S", Comm: "worker-3", CPU: 3}},
+		{name: "spaces and parens in comm", in: "12 (a) b (c)) D" + tail, want: taskStat{State: "D", Comm: "a) b (c)", CPU: 3}},
 		{name: "no comm", in: "12 S 1", wantErr: true},
 		{name: "truncated", in: "12 (x)", wantErr: true},
+		{name: "too few fields", in: "7277 (fixproc) S 1 7275 7275 0 -1", wantErr: true},
+		{name: "bad utime", in: "7277 (x) S 1 7275 7275 0 -1 4194368 100 0 0 0 x 50", wantErr: true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := parseTaskState([]byte(tc.in))
+			got, err := parseTaskStat([]byte(tc.in))
 			if (err != nil) != tc.wantErr {
 				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
 			}
 			if got != tc.want {
-				t.Errorf("state = %q, want %q", got, tc.want)
+				t.Errorf("got %+v, want %+v", got, tc.want)
 			}
 		})
+	}
+	if w, err := parseSchedstat([]byte("123 2500000000 7\n")); err != nil || w != 2.5 {
+		t.Errorf("parseSchedstat = %v, %v; want 2.5", w, err)
+	}
+	if _, err := parseSchedstat([]byte("123")); err == nil {
+		t.Error("parseSchedstat accepted one field")
 	}
 }
 
@@ -72,6 +82,15 @@ func TestThreadsFixture(t *testing.T) {
 		Examined: 9,
 		States:   map[string]int{"R": 1, "S": 8},
 		Syscalls: map[string]int{"futex": 4, "nanosleep": 2, "read": 1, "accept4": 1},
+	}
+	perThread := samplesByName(got.PerThread)
+	got.PerThread = nil
+	// utime+stime of the captured main thread: 890+3 ticks.
+	if v := perThread[`thread_stat_cpu_seconds_total{thread="fixproc",tid="7275"}`]; v != 8.93 {
+		t.Errorf("main thread CPU %v, want 8.93 s; all: %v", v, perThread)
+	}
+	if len(perThread) != 9 {
+		t.Errorf("%d per-thread samples, want 9 (no schedstat in the fixture): %v", len(perThread), perThread)
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)
