@@ -29,6 +29,8 @@ check-generate: generate
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 5x -count 1 ./agent/ ./signals/ ./collectors/
+	$(GO) test -run '^$$' -bench . -benchtime 50000x -count 1 ./probes/
+	$(GO) test -run '^$$' -bench . -benchtime 200x -count 1 ./symbolize/
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }

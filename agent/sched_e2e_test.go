@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,19 +36,26 @@ func workersScenario(t *testing.T, tune func(*Config)) (*testenv.Workers, *Agent
 	}
 	a := startAgentConfig(t, cfg)
 	c := client(t, a.GRPCAddr)
+	waitSched(t, c)
+	events, _ := watch(t, c, 0)
+	return w, a, c, events
+}
+
+// waitSched blocks until the sched probe watches the target's threads: a
+// sleep that began before cannot be seen.
+func waitSched(t *testing.T, c culpritv1.DiagnosticsClient) {
+	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		s, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
-		if err == nil && signalValue(s, "thread_cpu_seconds_total", "thread", "worker-3") != nil {
-			break
+		if err == nil && signalValue(s, "thread_cpu_seconds_total", "thread", "worker-1") != nil {
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("the agent never saw the worker threads (sched probe): %v", err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	events, _ := watch(t, c, 0)
-	return w, a, c, events
 }
 
 func artifact(f *culpritv1.Finding, kind, contains string) bool {
@@ -204,5 +212,34 @@ func TestCaptureProfileOverGRPC(t *testing.T) {
 func resolvedBy(rule string) func(*culpritv1.FindingEvent) bool {
 	return func(ev *culpritv1.FindingEvent) bool {
 		return ev.Type == culpritv1.FindingEvent_TYPE_RESOLVED && ev.Finding.Rule == rule
+	}
+}
+
+// The accept loop runs on worker-0 (one accept per task, as an event loop
+// does); worker-0 then makes a 4 s blocking call while clients connect.
+// The accept queue overflows, and "app not accepting" names the stalled
+// thread, the system call and the function that made it.
+func TestAppNotAcceptingNamesTheStalledThread(t *testing.T) {
+	w := testenv.StartWorkersNetns(t, 2)
+	var port int
+	if _, err := fmt.Sscanf(w.MustDo(t, "listen 4"), "ok port %d", &port); err != nil {
+		t.Fatal(err)
+	}
+	a := startAgent(t, w.PID)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, port)
+	waitSched(t, c)
+	events, _ := watch(t, c, 0)
+	w.MustDo(t, "block 0 4000")
+	time.Sleep(200 * time.Millisecond)
+	w.MustDo(t, "dial 12")
+	ev, _ := next(t, events, 5*time.Second, isAcceptOverflow("app_not_accepting", culpritv1.FindingEvent_TYPE_OPENED))
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.RootCause)
+	if !strings.Contains(f.RootCause, "worker-0") || !strings.Contains(f.RootCause, "nanosleep") || !strings.Contains(f.RootCause, "testenv.blockingCall") {
+		t.Errorf("root cause does not name the stalled thread and call: %s", f.RootCause)
+	}
+	if !artifact(f, "frame", "testenv.blockingCall") || !artifact(f, "stack", "do_nanosleep") {
+		t.Errorf("artifacts: %+v", f.Artifacts)
 	}
 }

@@ -51,16 +51,29 @@ func (r *AcceptOverflow) stalledThread(from, now time.Time) (signals.Episode, st
 	if r.o.Episodes == nil {
 		return signals.Episode{}, ""
 	}
-	var best signals.Episode
+	// A worker thread that stopped serving its event loop is the likely
+	// culprit; other threads (a main thread reading stdin, a logger) sleep
+	// for long as a matter of course, so they count only when no worker
+	// does.
+	var best, bestWorker signals.Episode
 	for _, kind := range []string{signals.EpisodeBlock, signals.EpisodeBusy} {
 		for _, e := range r.o.Episodes.Since(kind, from) {
 			if kind == signals.EpisodeBlock && r.o.Pools.Idle(e.Syscall()) {
 				continue
 			}
-			if e.Duration > best.Duration && e.Start.Before(now) {
+			if !e.Start.Before(now) {
+				continue
+			}
+			if _, worker := r.o.Pools.Pool(e.Thread); worker && e.Duration > bestWorker.Duration {
+				bestWorker = e
+			}
+			if e.Duration > best.Duration {
 				best = e
 			}
 		}
+	}
+	if bestWorker.Duration >= r.o.StallAfter {
+		best = bestWorker
 	}
 	if best.Duration < r.o.StallAfter {
 		return signals.Episode{}, ""
@@ -170,7 +183,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		arts = append(arts, threads.artifacts...)
 		culprit, stalled := r.stalledThread(runStart, now)
 		if stalled != "" {
-			threads.summary = stalled + " " + threads.summary
+			threads.summary = stalled
 			arts = append(arts, threadArtifact(culprit), stackArtifact(culprit, 24))
 			if fn := culpritFrame(culprit.UserStack()); fn != "" {
 				arts = append(arts, Artifact{Kind: "frame", Value: fn, Detail: "where the stalled thread is"})

@@ -3,17 +3,22 @@ package testenv
 import (
 	"bufio"
 	"fmt"
+	"net"
 	"os"
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"unsafe"
 
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/culprit-dev/culprit/internal/faults"
 )
 
 // Workers is a child process shaped like an async runtime: N worker
@@ -27,6 +32,9 @@ import (
 //	spinloop I        worker I runs hotLoop until stop, never yielding
 //	duty I PCT        worker I is busy PCT% of every 10 ms (short runs, yielding), until stop
 //	stop              end every loop
+//	listen B          listen on 127.0.0.1 with backlog B; worker 0 accepts, one
+//	                  connection per task (its event loop): answers "ok port N"
+//	dial N            open N connections to that listener in the background and keep them
 //
 // All answer "ok" at once; the work goes on in the worker. TIDs lists the
 // worker threads' ids, in order.
@@ -42,7 +50,20 @@ const workersEnv = "CULPRIT_TESTENV_WORKERS"
 // namespace.
 func StartWorkers(t testing.TB, n int) *Workers {
 	t.Helper()
-	c, greeting := startChild(t, "workers", true, workersEnv+"="+strconv.Itoa(n), "GODEBUG=asyncpreemptoff=1",
+	return startWorkers(t, n, true)
+}
+
+// StartWorkersNetns runs a workers child with n workers in a network
+// namespace of its own (lo up), so that its listener's namespace-wide
+// counters (ListenOverflows) are its own.
+func StartWorkersNetns(t testing.TB, n int) *Workers {
+	t.Helper()
+	return startWorkers(t, n, false)
+}
+
+func startWorkers(t testing.TB, n int, sharedNetns bool) *Workers {
+	t.Helper()
+	c, greeting := startChild(t, "workers", sharedNetns, workersEnv+"="+strconv.Itoa(n), "GODEBUG=asyncpreemptoff=1",
 		// A worker in hotLoop holds its P until done: enough Ps that the
 		// clock and the command loop always have one.
 		"GOMAXPROCS=64")
@@ -133,8 +154,24 @@ func workersMain() int {
 		fmt.Fprintln(os.Stderr, "testenv: bad", workersEnv)
 		return 1
 	}
+	if lo, err := netlink.LinkByName("lo"); err == nil && lo.Attrs().Flags&net.FlagUp == 0 {
+		if err := netlink.LinkSetUp(lo); err != nil {
+			fmt.Fprintln(os.Stderr, "testenv: lo up:", err)
+			return 1
+		}
+	}
 	clockMillis.Store(time.Now().UnixMilli())
 	go runClock()
+	var (
+		ln   *net.TCPListener
+		mu   sync.Mutex
+		kept []net.Conn
+	)
+	keep := func(c net.Conn) {
+		mu.Lock()
+		kept = append(kept, c)
+		mu.Unlock()
+	}
 	queues := make([]chan func(), n)
 	tidc := make(chan [2]int, n)
 	for i := range queues {
@@ -176,7 +213,7 @@ func workersMain() int {
 				bad = true
 			}
 		}
-		if bad || (len(args) > 0 && args[0] >= n) {
+		if bad || (len(args) > 0 && args[0] >= n && f[0] != "listen" && f[0] != "dial") {
 			fmt.Printf("error bad arguments %q\n", sc.Text())
 			continue
 		}
@@ -200,6 +237,32 @@ func workersMain() int {
 			})
 		case f[0] == "stop" && len(args) == 0:
 			generation.Add(1)
+		case f[0] == "listen" && len(args) == 1 && ln == nil:
+			if ln, err = faults.ListenTCP("127.0.0.1:0", args[0]); err != nil {
+				fmt.Printf("error listen: %v\n", err)
+				continue
+			}
+			l := ln
+			var acceptOne func()
+			acceptOne = func() {
+				_ = l.SetDeadline(time.Now().Add(20 * time.Millisecond))
+				if c, err := l.Accept(); err == nil {
+					keep(c)
+				}
+				queues[0] <- acceptOne
+			}
+			queues[0] <- acceptOne
+			fmt.Printf("ok port %d\n", l.Addr().(*net.TCPAddr).Port)
+			continue
+		case f[0] == "dial" && len(args) == 1 && ln != nil:
+			addr := ln.Addr().String()
+			for range args[0] {
+				go func() {
+					if c, err := net.DialTimeout("tcp", addr, 30*time.Second); err == nil {
+						keep(c)
+					}
+				}()
+			}
 		default:
 			fmt.Printf("error unknown command %q\n", sc.Text())
 			continue
