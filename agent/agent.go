@@ -225,6 +225,7 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 		IdleSyscalls: cfg.Rules.Workers.IdleSyscalls,
 	}
 	bw, hw, wi, ct := cfg.Rules.BlockingWorker, cfg.Rules.BusyWorker, cfg.Rules.WorkerImbalance, cfg.Rules.CPUThrottling
+	tp := cfg.Rules.ThroughputPlateau
 	heapFresh := 3 * cfg.Pprof.Interval.D()
 	fd, rh, hl, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.HeapLeak, cfg.Rules.OOMAhead
 	return []rules.Rule{
@@ -277,6 +278,12 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 			MinBusy:  wi.MinBusyCores,
 			MinRatio: wi.MinRatio,
 			Pools:    pools,
+		}),
+		rules.NewThroughputPlateau(rules.ThroughputPlateauOptions{
+			Window:       tp.Window.D(),
+			MinQueued:    tp.MinQueued,
+			MaxBusyCores: tp.MaxBusyCores,
+			Pools:        pools,
 		}),
 		rules.NewCPUThrottling(rules.CPUThrottlingOptions{
 			Window:              ct.Window.D(),

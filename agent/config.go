@@ -137,6 +137,11 @@ type Config struct {
 			MinBusyCores float64  `toml:"min_busy_cores"`
 			MinRatio     float64  `toml:"min_ratio"`
 		} `toml:"worker_imbalance"`
+		ThroughputPlateau struct {
+			Window       Duration `toml:"window"`
+			MinQueued    float64  `toml:"min_queued"`
+			MaxBusyCores float64  `toml:"max_busy_cores"`
+		} `toml:"throughput_plateau"`
 		CPUThrottling struct {
 			Window              Duration `toml:"window"`
 			MinThrottledRatio   float64  `toml:"min_throttled_ratio"`
@@ -196,6 +201,9 @@ func DefaultConfig() Config {
 	c.Rules.WorkerImbalance.Window = Duration(10 * time.Second)
 	c.Rules.WorkerImbalance.MinBusyCores = 0.5
 	c.Rules.WorkerImbalance.MinRatio = 4
+	c.Rules.ThroughputPlateau.Window = Duration(10 * time.Second)
+	c.Rules.ThroughputPlateau.MinQueued = 0.8
+	c.Rules.ThroughputPlateau.MaxBusyCores = 0.5
 	c.Rules.CPUThrottling.Window = Duration(rules.DefaultCPUThrottlingWindow)
 	c.Rules.CPUThrottling.MinThrottledRatio = rules.DefaultCPUMinThrottledRatio
 	c.Rules.CPUThrottling.MinThrottledPeriods = rules.DefaultCPUMinThrottledPeriods
@@ -336,6 +344,7 @@ func (c *Config) Validate() error {
 		{"rules.busy_worker.min_busy", c.Rules.BusyWorker.MinBusy.D()},
 		{"rules.worker_imbalance.window", c.Rules.WorkerImbalance.Window.D()},
 		{"rules.cpu_throttling.window", c.Rules.CPUThrottling.Window.D()},
+		{"rules.throughput_plateau.window", c.Rules.ThroughputPlateau.Window.D()},
 		{"rules.interval", c.Rules.Interval.D()},
 		{"rules.resolve_after", c.Rules.ResolveAfter.D()},
 		{"rules.accept_overflow.window", c.Rules.AcceptOverflow.Window.D()},
@@ -388,6 +397,7 @@ func (c *Config) Validate() error {
 		{"rules.heap_leak.steady", c.Rules.HeapLeak.Steady},
 		{"rules.oom_ahead.near_ratio", c.Rules.OOMAhead.NearRatio},
 		{"rules.cpu_throttling.min_throttled_ratio", c.Rules.CPUThrottling.MinThrottledRatio},
+		{"rules.throughput_plateau.min_queued", c.Rules.ThroughputPlateau.MinQueued},
 	} {
 		if r.v <= 0 || r.v > 1 {
 			return bad(r.key, "must be a ratio in (0, 1], got %g", r.v)
@@ -410,6 +420,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := regexp.Compile(c.Rules.Workers.Threads); err != nil {
 		return bad("rules.workers.threads", "not a regular expression: %w", err)
+	}
+	if c.Rules.ThroughputPlateau.MaxBusyCores <= 0 {
+		return bad("rules.throughput_plateau.max_busy_cores", "must be positive, got %g", c.Rules.ThroughputPlateau.MaxBusyCores)
 	}
 	if c.Rules.WorkerImbalance.MinBusyCores <= 0 {
 		return bad("rules.worker_imbalance.min_busy_cores", "must be positive, got %g", c.Rules.WorkerImbalance.MinBusyCores)

@@ -243,3 +243,34 @@ func TestAppNotAcceptingNamesTheStalledThread(t *testing.T) {
 		t.Errorf("artifacts: %+v", f.Artifacts)
 	}
 }
+
+// Each accepted connection waits 300 ms for a slot of a bounded pool (a
+// channel: the thread sleeps in futex) before the next accept: clients
+// queue in the accept queue while the process uses almost no CPU. The
+// finding says the service waits rather than works, and names futex.
+func TestThroughputPlateauFinding(t *testing.T) {
+	w := testenv.StartWorkersNetns(t, 2)
+	var port int
+	if _, err := fmt.Sscanf(w.MustDo(t, "listen 64"), "ok port %d", &port); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(t, w.PID)
+	cfg.Rules.ThroughputPlateau.Window = Duration(3 * time.Second)
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, port)
+	events, _ := watch(t, c, 0)
+	w.MustDo(t, "pool 300")
+	w.MustDo(t, "dial 30")
+	ev, skipped := next(t, events, 10*time.Second, openedBy("throughput_plateau"))
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.RootCause)
+	if f.Cause != "waiting_not_working" || !strings.Contains(f.Title, "futex") {
+		t.Errorf("finding %s: %s", f.Cause, f.Title)
+	}
+	for _, s := range skipped {
+		if s.Finding != nil && s.Finding.Rule == "accept_overflow" {
+			t.Errorf("a queue under its backlog raised accept_overflow: %s", s.Finding.Title)
+		}
+	}
+}

@@ -153,3 +153,40 @@ func TestWorkerImbalance(t *testing.T) {
 		}
 	}
 }
+
+func plateauStore(now time.Time, queue float64, cores float64) *signals.Store {
+	st := signals.New(200, 100)
+	q := &signals.Desc{Name: "listen_queue_length"}
+	cpu := &signals.Desc{Name: "thread_cpu_seconds_total", Kind: signals.Counter}
+	sc := &signals.Desc{Name: "process_threads_in_syscall"}
+	ls := signals.L("addr", "127.0.0.1", "port", "8080")
+	for i := 0; i <= 50; i++ {
+		ts := now.Add(time.Duration(i-50) * 100 * time.Millisecond)
+		st.Put(q, ls, queue, ts)
+		st.Put(cpu, signals.L("tid", "1", "thread", "app"), cores*float64(i)/10, ts)
+	}
+	st.Put(sc, signals.L("syscall", "futex"), 7, now)
+	st.Put(sc, signals.L("syscall", "epoll_wait"), 1, now)
+	st.Put(sc, signals.L("syscall", "read"), 1, now)
+	return st
+}
+
+func TestThroughputPlateauNamesTheWait(t *testing.T) {
+	now := time.Now()
+	r := NewThroughputPlateau(ThroughputPlateauOptions{Window: 5 * time.Second, MinQueued: 0.8, MaxBusyCores: 0.5})
+	obs := r.Evaluate(Window{Store: plateauStore(now, 12, 0.05), Now: now})
+	if len(obs) != 1 {
+		t.Fatalf("got %+v", obs)
+	}
+	o := obs[0]
+	if o.Cause != CauseWaitingNotWorking || !strings.Contains(o.Title, "futex") || !strings.Contains(o.RootCause, "7 of 8 waiting threads") {
+		t.Errorf("%q / %q", o.Title, o.RootCause)
+	}
+	// Silence: an empty queue at low CPU (an idle service), and a queue
+	// with busy CPU (CPU-bound: other rules' business).
+	for _, tc := range []struct{ q, cores float64 }{{0, 0.05}, {12, 1.5}} {
+		if obs := r.Evaluate(Window{Store: plateauStore(now, tc.q, tc.cores), Now: now}); len(obs) != 0 {
+			t.Errorf("queue %v at %v cores raised %+v", tc.q, tc.cores, obs)
+		}
+	}
+}

@@ -35,6 +35,8 @@ import (
 //	listen B          listen on 127.0.0.1 with backlog B; worker 0 accepts, one
 //	                  connection per task (its event loop): answers "ok port N"
 //	dial N            open N connections to that listener in the background and keep them
+//	pool MS           from now on, each accepted connection waits MS ms for a slot of
+//	                  a bounded pool before the next accept (a Go channel: futex)
 //
 // All answer "ok" at once; the work goes on in the worker. TIDs lists the
 // worker threads' ids, in order.
@@ -139,6 +141,17 @@ func blockingCall(d time.Duration) {
 
 var sink atomic.Uint64
 
+// poolDelay is how long each accepted connection waits for a pool slot.
+var poolDelay atomic.Int64
+
+// waitForPoolSlot waits on a channel, as code waiting for a database
+// connection or a semaphore does: the thread sleeps in futex, using no CPU.
+//
+//go:noinline
+func waitForPoolSlot(d time.Duration) {
+	<-time.After(d)
+}
+
 func workerLoop(i int, tasks <-chan func(), tids chan<- [2]int) {
 	runtime.LockOSThread() // never unlocked: the thread stays the worker's
 	_ = unix.Prctl(unix.PR_SET_NAME, uintptr(unsafePointer("worker-"+strconv.Itoa(i))), 0, 0, 0)
@@ -213,7 +226,7 @@ func workersMain() int {
 				bad = true
 			}
 		}
-		if bad || (len(args) > 0 && args[0] >= n && f[0] != "listen" && f[0] != "dial") {
+		if bad || (len(args) > 0 && args[0] >= n && f[0] != "listen" && f[0] != "dial" && f[0] != "pool") {
 			fmt.Printf("error bad arguments %q\n", sc.Text())
 			continue
 		}
@@ -248,12 +261,17 @@ func workersMain() int {
 				_ = l.SetDeadline(time.Now().Add(20 * time.Millisecond))
 				if c, err := l.Accept(); err == nil {
 					keep(c)
+					if d := poolDelay.Load(); d > 0 {
+						waitForPoolSlot(time.Duration(d))
+					}
 				}
 				queues[0] <- acceptOne
 			}
 			queues[0] <- acceptOne
 			fmt.Printf("ok port %d\n", l.Addr().(*net.TCPAddr).Port)
 			continue
+		case f[0] == "pool" && len(args) == 1:
+			poolDelay.Store(int64(ms(0)))
 		case f[0] == "dial" && len(args) == 1 && ln != nil:
 			addr := ln.Addr().String()
 			for range args[0] {

@@ -1,0 +1,121 @@
+package rules
+
+import (
+	"fmt"
+	"strings"
+	"time"
+)
+
+// CauseWaitingNotWorking is throughput_plateau's root cause.
+const CauseWaitingNotWorking = "waiting_not_working"
+
+// ThroughputPlateauOptions ([rules.throughput_plateau] in agent.conf).
+type ThroughputPlateauOptions struct {
+	Window       time.Duration
+	MinQueued    float64 // share of samples with connections waiting in an accept queue
+	MaxBusyCores float64 // the process uses less CPU than this
+	Pools        WorkerPools
+}
+
+// ThroughputPlateau names a service that queues work while its CPU idles
+// (seed 002: "8,000 RPS at 30% CPU"): requests wait for something that
+// is not CPU: a lock, a bounded pool (database connections, a semaphore),
+// a slow dependency called synchronously. Adding CPU or replicas of the
+// same bottleneck does not help; the wait is what to name.
+type ThroughputPlateau struct{ o ThroughputPlateauOptions }
+
+func NewThroughputPlateau(o ThroughputPlateauOptions) *ThroughputPlateau {
+	return &ThroughputPlateau{o: o}
+}
+
+func (*ThroughputPlateau) Name() string { return "throughput_plateau" }
+
+func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
+	st, from := w.Store, w.Now.Add(-r.o.Window)
+	cpu, ok := processCores(w, from, r.o.Window)
+	if !ok || cpu >= r.o.MaxBusyCores {
+		return nil
+	}
+	var out []Observation
+	for _, ls := range st.Select("listen_queue_length") {
+		ss := st.Range("listen_queue_length", ls, from)
+		if len(ss) < 4 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || w.Now.Sub(ss[len(ss)-1].T) > freshness {
+			continue
+		}
+		queued, sum := 0, 0.0
+		for _, s := range ss {
+			if s.V > 0 {
+				queued++
+			}
+			sum += s.V
+		}
+		share := float64(queued) / float64(len(ss))
+		if share < r.o.MinQueued || ss[len(ss)-1].V == 0 {
+			continue
+		}
+		endpoint := joinHostPort(ls.Get("addr"), ls.Get("port"))
+		wait, detail := r.dominantWait(w)
+		out = append(out, Observation{
+			Key:   endpoint,
+			Cause: CauseWaitingNotWorking,
+			Title: fmt.Sprintf("Throughput plateau on %s: work queues while the CPU idles (threads wait in %s)", endpoint, wait),
+			Symptom: fmt.Sprintf("connections waited in the accept queue of %s in %.0f%% of samples over %s (%.1f on average) while the process used %.2f cores",
+				endpoint, 100*share, r.o.Window, sum/float64(len(ss)), cpu),
+			RootCause: fmt.Sprintf("the service is waiting, not working: its threads sleep in %s. %sRequests are limited by what they wait on (a lock, a bounded pool such as database connections or a semaphore, a dependency called synchronously), not by CPU", wait, detail),
+			Remediation: "find what the threads wait on (culprit snapshot, or a goroutine/thread dump): size the pool to the concurrency you need, shorten what is done under the lock, or call the dependency asynchronously; " +
+				"more CPU or more replicas sharing the same bottleneck will not raise throughput",
+			Severity:   SeverityWarning,
+			Confidence: 0.6,
+			Evidence: []Evidence{
+				{Signal: "listen_queue_length" + ls.String(), Value: share, Threshold: r.o.MinQueued, Unit: "ratio", Window: r.o.Window, Note: "share of samples with connections waiting"},
+				{Signal: "process CPU (thread_cpu_seconds_total)", Value: cpu, Threshold: r.o.MaxBusyCores, Unit: "cores", Window: r.o.Window, Note: "below the threshold: not CPU-bound"},
+			},
+			Artifacts: []Artifact{{Kind: "listener", Value: endpoint}},
+			Labels:    map[string]string{"port": ls.Get("port"), "addr": ls.Get("addr")},
+		})
+	}
+	return out
+}
+
+// processCores is the target's CPU use over the window, summed over its
+// threads (sched probe, or /proc task stat).
+func processCores(w Window, from time.Time, window time.Duration) (float64, bool) {
+	for _, name := range []string{"thread_cpu_seconds_total", "thread_stat_cpu_seconds_total"} {
+		lss := w.Store.Select(name)
+		if len(lss) == 0 {
+			continue
+		}
+		var total float64
+		for _, ls := range lss {
+			total += w.Store.Increase(name, ls, from)
+		}
+		return total / window.Seconds(), true
+	}
+	return 0, false
+}
+
+// dominantWait names where the target's sleeping threads are: the system
+// call most of them wait in (leaving out the idle wait of a network
+// poller), and the functions of the longest recent sleeps.
+func (r *ThroughputPlateau) dominantWait(w Window) (string, string) {
+	best, n, total := "", 0.0, 0.0
+	for _, ls := range w.Store.Select("process_threads_in_syscall") {
+		sc := ls.Get("syscall")
+		s, ok := w.Store.Latest("process_threads_in_syscall", ls)
+		if !ok || strings.HasPrefix(sc, "epoll") {
+			continue
+		}
+		total += s.V
+		if s.V > n || (s.V == n && sc < best) {
+			best, n = sc, s.V
+		}
+	}
+	if best == "" {
+		return "the kernel", ""
+	}
+	detail := fmt.Sprintf("%.0f of %.0f waiting threads are in %s. ", n, total, best)
+	if best == "futex" {
+		detail += "futex is a lock, a condition variable or a parked pool slot. "
+	}
+	return best, detail
+}
