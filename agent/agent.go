@@ -426,6 +426,7 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			Options:    opts("sched"),
 			MinBlock:   cfg.Sched.MinBlock.D(),
 			BusyAfter:  cfg.Sched.BusyAfter.D(),
+			BusyGap:    cfg.Sched.BusyGap.D(),
 			MaxThreads: uint32(cfg.Sched.MaxThreads),
 			MaxStacks:  uint32(cfg.Sched.MaxStacks),
 			Episodes:   a.Episodes,
@@ -486,12 +487,12 @@ func (a *Agent) startServers(cfg Config) error {
 
 	a.grpcSrv = grpc.NewServer()
 	svc := exporters.NewGRPC(exporters.GRPCOptions{
-		Journal:  a.Journal,
-		Store:    a.Store,
-		Tracker:  a.Tracker,
-		Version:  version,
-		Log:      a.log.With("component", "grpc"),
-		MaxBatch: cfg.Findings.MaxBatch,
+		Journal:    a.Journal,
+		Store:      a.Store,
+		Tracker:    a.Tracker,
+		Version:    version,
+		Log:        a.log.With("component", "grpc"),
+		MaxBatch:   cfg.Findings.MaxBatch,
 		Profiles:   a.profileSource(cfg),
 		MaxCapture: cfg.Profiling.MaxCapture.D(),
 	})
@@ -579,6 +580,10 @@ func startDemoChild(ctx context.Context, log *slog.Logger) (*demoChild, error) {
 		return nil, fmt.Errorf("find own executable: %w", err)
 	}
 	cmd := exec.Command(exe, "demo", "--addr", demoAddr, "--control", demoControl)
+	// asyncpreemptoff: a spinning demo worker keeps its thread, as a Tokio
+	// worker would; madvdontneed=0: freed heap stays resident, as with
+	// glibc malloc (the spike fault). Enough Ps for the spinning workers.
+	cmd.Env = append(os.Environ(), "GODEBUG=asyncpreemptoff=1,madvdontneed=0", "GOMAXPROCS=16")
 	cmd.Stdout = os.Stderr
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {

@@ -186,6 +186,14 @@ func (p *findingPrinter) text(what string, t time.Time, f *culpritv1.Finding) {
 		fmt.Fprintln(p.w)
 	}
 	for _, a := range f.Artifacts {
+		if strings.Contains(a.Value, "\n") {
+			// A stack: one frame per line, under its heading.
+			fmt.Fprintf(p.w, "    %s:  %s\n", a.Kind, a.Detail)
+			for _, l := range strings.Split(a.Value, "\n") {
+				fmt.Fprintf(p.w, "             %s\n", l)
+			}
+			continue
+		}
 		fmt.Fprintf(p.w, "    %s: %s  %s\n", a.Kind, a.Value, a.Detail)
 	}
 	fmt.Fprintf(p.w, "    fix:     %s\n", f.Remediation)

@@ -69,6 +69,7 @@ type Config struct {
 	Sched struct {
 		MinBlock    Duration `toml:"min_block"`
 		BusyAfter   Duration `toml:"busy_after"`
+		BusyGap     Duration `toml:"busy_gap"`
 		MaxThreads  int      `toml:"max_threads"`
 		MaxStacks   int      `toml:"max_stacks"`
 		MaxEpisodes int      `toml:"max_episodes"`
@@ -182,6 +183,7 @@ func DefaultConfig() Config {
 	c.Probes.RingBufferBytes = 65536
 	c.Sched.MinBlock = Duration(100 * time.Millisecond)
 	c.Sched.BusyAfter = Duration(200 * time.Millisecond)
+	c.Sched.BusyGap = Duration(time.Millisecond)
 	c.Sched.MaxThreads = 4096
 	c.Sched.MaxStacks = 8192
 	c.Sched.MaxEpisodes = 1024
@@ -336,6 +338,7 @@ func (c *Config) Validate() error {
 		{"probes.poll_interval", c.Probes.PollInterval.D()},
 		{"sched.min_block", c.Sched.MinBlock.D()},
 		{"sched.busy_after", c.Sched.BusyAfter.D()},
+		{"sched.busy_gap", c.Sched.BusyGap.D()},
 		{"profiling.drain_interval", c.Profiling.DrainInterval.D()},
 		{"profiling.max_capture", c.Profiling.MaxCapture.D()},
 		{"rules.blocking_worker.window", c.Rules.BlockingWorker.Window.D()},

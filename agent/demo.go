@@ -62,6 +62,9 @@ type demo struct {
 	reopen  *time.Timer
 	loadCtx context.Context
 
+	// An async runtime's worker pool (worker-0..3) for the scheduler faults.
+	workers *faults.Workers
+
 	// Held on purpose by the memory and FD faults.
 	leakMu   sync.Mutex
 	leaked   [][]byte
@@ -74,7 +77,8 @@ func newDemo(addr string, backlog int) (*demo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("demo service: %w", err)
 	}
-	d := &demo{l: l, addr: l.Addr().String(), gate: faults.NewGate(), loadCtx: context.Background()}
+	d := &demo{l: l, addr: l.Addr().String(), gate: faults.NewGate(), loadCtx: context.Background(),
+		workers: faults.StartWorkers(4, "worker")}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "hello from the culprit demo")
@@ -137,7 +141,11 @@ func (d *demo) controlMux() *http.ServeMux {
   POST /fault/spike?mb=512                        allocate a large heap, then free it: RSS stays behind
                                                   while the heap shrinks (run the demo with GODEBUG=madvdontneed=0)
   POST /fault/leak-fds?n=10&every=1s&for=60s      open pipes and never close them
-  POST /fault/release                             free all of it
+  POST /fault/release                             free all of it, and stop the worker faults
+  (the worker faults want GODEBUG=asyncpreemptoff=1 and GOMAXPROCS above 4, as "culprit agent" sets)
+  POST /fault/block-worker?ms=800&for=20s         worker-1 makes a blocking call (nanosleep) every 50 ms
+  POST /fault/spin-worker?for=10s                 worker-2 runs CPU work without yielding
+  POST /fault/imbalance?for=20s                   worker-0 does all the work of the pool in short runs
   GET  /debug/pprof/heap                          the demo's heap profile (pprof.heap_url)
 `, d.addr)
 	})
@@ -169,7 +177,25 @@ func (d *demo) controlMux() *http.ServeMux {
 		spike(mb)
 		fmt.Fprintf(w, "allocated and freed %d MiB of heap\n", mb)
 	})
+	mux.HandleFunc("POST /fault/block-worker", func(w http.ResponseWriter, r *http.Request) {
+		d.workerFault(w, r, 20*time.Second, func() {
+			ms, _ := intParam(r, "ms", 800, 60000)
+			d.workers.Loop(1, func() { faults.BlockingCall(time.Duration(ms) * time.Millisecond); time.Sleep(50 * time.Millisecond) })
+		}, "worker-1 blocks in nanosleep")
+	})
+	mux.HandleFunc("POST /fault/spin-worker", func(w http.ResponseWriter, r *http.Request) {
+		d.workerFault(w, r, 10*time.Second, func() { d.workers.HotLoopUntilStop(2) }, "worker-2 spins in faults.HotLoop")
+	})
+	mux.HandleFunc("POST /fault/imbalance", func(w http.ResponseWriter, r *http.Request) {
+		d.workerFault(w, r, 20*time.Second, func() {
+			d.workers.Duty(0, 80)
+			for i := 1; i < d.workers.Len(); i++ {
+				d.workers.Duty(i, 3)
+			}
+		}, "worker-0 busy 80%, its peers 3%")
+	})
 	mux.HandleFunc("POST /fault/release", func(w http.ResponseWriter, _ *http.Request) {
+		d.workers.Stop()
 		d.release()
 		fmt.Fprintln(w, "released heap, retained memory and FDs")
 	})
@@ -320,6 +346,23 @@ func (d *demo) leakFDs(n int) {
 		}
 		d.fds = append(d.fds, r, w)
 	}
+}
+
+// workerFault starts a fault on the demo's worker pool and stops it after
+// the "for" parameter (default def).
+func (d *demo) workerFault(w http.ResponseWriter, r *http.Request, def time.Duration, start func(), what string) {
+	total, err := durParam(r, "for", def)
+	if err == nil {
+		_, err = intParam(r, "ms", 800, 60000)
+	}
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	d.workers.Stop()
+	start()
+	time.AfterFunc(total, d.workers.Stop)
+	fmt.Fprintf(w, "%s for %s\n", what, total)
 }
 
 func (d *demo) release() {

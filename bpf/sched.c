@@ -11,8 +11,9 @@
  * So, for the target's threads only (tgid in `targets`), this keeps:
  *   - run-queue latency (wake-up or preemption to switch-in), log2 buckets,
  *   - on-CPU time and voluntary/involuntary switch counts,
- *   - the current "busy run": time since the thread last slept voluntarily,
- *     and a log2 histogram of finished busy runs,
+ *   - the current "busy run": time since the thread last slept voluntarily
+ *     for longer than busy_gap_ns, and a log2 histogram of finished busy
+ *     runs,
  *   - the current off-CPU interval with the user and kernel stacks it
  *     started with, and a ring buffer event when one longer than
  *     min_block_ns ends.
@@ -30,6 +31,10 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 
 /* Set from Go before loading. */
 volatile const __u64 min_block_ns = 100ULL * 1000 * 1000;
+/* A sleep shorter than this does not end a busy run: a page fault or a
+ * brief lock wait in the middle of CPU work is not the thread going back to
+ * its event loop. */
+volatile const __u64 busy_gap_ns = 1000ULL * 1000;
 
 struct thread_stats {
 	__u32 tgid;
@@ -148,6 +153,16 @@ static __always_inline void end_block(struct thread_stats *st, __u32 tid, __u64 
 	st->offcpu_since = 0;
 	__u64 dur = now - since;
 	__sync_fetch_and_add(&st->offcpu_ns, dur);
+	if (dur >= busy_gap_ns && st->busy_since) {
+		if (since > st->busy_since) {
+			__u64 ms = (since - st->busy_since) / 1000000;
+			__u32 slot = log2_u64(ms + 1);
+			if (slot >= BUSY_SLOTS)
+				slot = BUSY_SLOTS - 1;
+			__sync_fetch_and_add(&st->busy_slots[slot], 1);
+		}
+		st->busy_since = 0;
+	}
 	if (dur < min_block_ns)
 		return;
 	__sync_fetch_and_add(&st->long_blocks, 1);
@@ -213,14 +228,8 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 				st->runnable_since = now;
 			} else {
 				__sync_fetch_and_add(&st->voluntary, 1);
-				if (st->busy_since && now > st->busy_since) {
-					__u64 ms = (now - st->busy_since) / 1000000;
-					__u32 slot = log2_u64(ms + 1);
-					if (slot >= BUSY_SLOTS)
-						slot = BUSY_SLOTS - 1;
-					__sync_fetch_and_add(&st->busy_slots[slot], 1);
-				}
-				st->busy_since = 0;
+				/* busy_since is reset when the sleep ends, if it was
+				 * longer than busy_gap_ns (end_block). */
 				st->runnable_since = 0;
 				st->offcpu_since = now;
 				/* prev is current here, so these are its stacks as it

@@ -44,15 +44,17 @@ var (
 	sigThreadBlocked = &signals.Desc{Name: "thread_blocked_seconds", Kind: signals.Gauge,
 		Help: "How long the thread has been asleep off-CPU now (0 when it is running or runnable)."}
 	sigThreadBusy = &signals.Desc{Name: "thread_busy_seconds", Kind: signals.Gauge,
-		Help: "How long the thread has run (or waited for a CPU) without sleeping, now (0 when asleep)."}
+		Help: "How long the thread has run (or waited for a CPU) without sleeping longer than sched.busy_gap, now (0 when asleep)."}
 	sigThreadLongBlocks = &signals.Desc{Name: "thread_long_blocks_total", Kind: signals.Counter,
 		Help: "Sleeps of the thread longer than sched.min_block."}
-	sigRunqBucket = &signals.Desc{Name: "process_runq_latency_seconds_bucket", Kind: signals.Counter,
-		Help: "Run-queue waits of the target's threads at or below le seconds (cumulative, log2 buckets)."}
-	sigRunqSum = &signals.Desc{Name: "process_runq_latency_seconds_sum", Kind: signals.Counter,
-		Help: "Total run-queue wait of the target's threads."}
-	sigRunqCount = &signals.Desc{Name: "process_runq_latency_seconds_count", Kind: signals.Counter,
+	sigRunqSum = &signals.Desc{Name: "process_runq_wait_seconds_total", Kind: signals.Counter,
+		Help: "Total run-queue wait of the target's threads (time runnable but not running)."}
+	sigRunqCount = &signals.Desc{Name: "process_runq_waits_total", Kind: signals.Counter,
 		Help: "Run-queue waits of the target's threads."}
+	sigRunqP50 = &signals.Desc{Name: "process_runq_latency_p50_seconds", Kind: signals.Gauge,
+		Help: "Median run-queue latency of the target's threads since the last poll (upper bound of its log2 bucket)."}
+	sigRunqP99 = &signals.Desc{Name: "process_runq_latency_p99_seconds", Kind: signals.Gauge,
+		Help: "99th percentile run-queue latency of the target's threads since the last poll (upper bound of its log2 bucket)."}
 )
 
 // RunqBucketBound is the upper bound, in seconds, of run-queue latency
@@ -70,6 +72,8 @@ type SchedOptions struct {
 	MinBlock time.Duration
 	// BusyAfter: runs without sleeping at least this long become busy episodes.
 	BusyAfter time.Duration
+	// BusyGap: a sleep shorter than this does not end a busy run.
+	BusyGap time.Duration
 	// MaxThreads bounds the per-thread BPF map (and the series per thread).
 	MaxThreads uint32
 	// MaxStacks bounds the stack map.
@@ -102,6 +106,8 @@ type Sched struct {
 	stacks map[episodeID]stackText
 	busy   map[int]signals.Episode // ongoing busy episode per tid
 	names  map[int]string          // names of threads not yet seen by the kernel side
+	// lastRunq is the run-queue histogram at the previous poll.
+	lastRunq [RunqBuckets]float64
 }
 
 type episodeID struct {
@@ -121,6 +127,9 @@ func NewSched(o SchedOptions) *Sched {
 	}
 	if o.BusyAfter <= 0 {
 		o.BusyAfter = 200 * time.Millisecond
+	}
+	if o.BusyGap <= 0 {
+		o.BusyGap = time.Millisecond
 	}
 	if o.Episodes == nil {
 		o.Episodes = signals.NewEpisodes(256)
@@ -161,6 +170,9 @@ func (p *Sched) Start(ctx context.Context, tracker *target.Tracker, store *signa
 	}
 	if err := spec.Variables["min_block_ns"].Set(uint64(p.o.MinBlock)); err != nil {
 		return fmt.Errorf("sched: set min_block_ns: %w", err)
+	}
+	if err := spec.Variables["busy_gap_ns"].Set(uint64(p.o.BusyGap)); err != nil {
+		return fmt.Errorf("sched: set busy_gap_ns: %w", err)
 	}
 	objs := &schedObjects{}
 	if err := load("sched", spec, objs); err != nil {
@@ -362,7 +374,14 @@ func (p *Sched) setTarget(objs *schedObjects, pid uint32) error {
 	clear(p.stacks)
 	clear(p.busy)
 	clear(p.names)
+	p.lastRunq = [RunqBuckets]float64{}
 	p.mu.Unlock()
+	if p.o.Symbolizer != nil {
+		// Parse the target's executable now, not on its first long block.
+		if pc, ok := textStart(int(pid)); ok {
+			go p.o.Symbolizer.User(int(pid), []uint64{pc})
+		}
+	}
 	return nil
 }
 
@@ -417,7 +436,10 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		if st.OffcpuSince != 0 && nowMono > st.OffcpuSince {
 			blocked = float64(nowMono-st.OffcpuSince) / 1e9
 		}
-		if st.BusySince != 0 && nowMono > st.BusySince {
+		// Asleep for longer than the gap: the run has ended, though the
+		// kernel side only closes it when the sleep ends.
+		asleep := st.OffcpuSince != 0 && nowMono > st.OffcpuSince && time.Duration(nowMono-st.OffcpuSince) >= p.o.BusyGap
+		if st.BusySince != 0 && nowMono > st.BusySince && !asleep {
 			busy = float64(nowMono-st.BusySince) / 1e9
 		}
 		store.Put(sigThreadBlocked, ls, blocked, now)
@@ -456,15 +478,23 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		sigThreadOffCPU, sigThreadLongBlocks, sigThreadBlocked, sigThreadBusy} {
 		store.Forget(d.Name, func(ls signals.Labels) bool { return seen[ls.Get("tid")] })
 	}
-	cum, count := 0.0, 0.0
+	count := 0.0
 	for i := range runq {
 		count += runq[i]
 	}
+	// Quantiles of the waits since the last poll, from the difference of
+	// the cumulative buckets.
+	var delta [RunqBuckets]float64
+	n := 0.0
 	for i := range runq {
-		cum += runq[i]
-		store.Put(sigRunqBucket, signals.L("le", strconv.FormatFloat(RunqBucketBound(i), 'g', -1, 64)), cum, now)
+		delta[i] = max(0, runq[i]-p.lastRunq[i])
+		n += delta[i]
 	}
-	store.Put(sigRunqBucket, signals.L("le", "+Inf"), count, now)
+	p.lastRunq = runq
+	if n > 0 {
+		store.Put(sigRunqP50, nil, quantileBound(delta[:], n, 0.5), now)
+		store.Put(sigRunqP99, nil, quantileBound(delta[:], n, 0.99), now)
+	}
 	store.Put(sigRunqSum, nil, runqSum, now)
 	store.Put(sigRunqCount, nil, count, now)
 	return nil
@@ -501,6 +531,39 @@ func (p *Sched) taskName(pid, tid int) string {
 		p.names[tid] = n
 	}
 	return n
+}
+
+// textStart is the start of the process's executable code (startcode in
+// /proc/PID/stat), an address inside its main executable.
+func textStart(pid int) (uint64, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, false
+	}
+	f := bytes.Fields(b[i+1:])
+	// startcode is field 26 of stat(5); f[0] is field 3 (state).
+	if len(f) < 24 {
+		return 0, false
+	}
+	pc, err := strconv.ParseUint(string(f[23]), 10, 64)
+	return pc, err == nil && pc != 0
+}
+
+// quantileBound is the upper bound of the bucket holding quantile q of n
+// waits distributed over buckets.
+func quantileBound(buckets []float64, n, q float64) float64 {
+	cum := 0.0
+	for i, c := range buckets {
+		cum += c
+		if cum >= q*n {
+			return RunqBucketBound(i)
+		}
+	}
+	return RunqBucketBound(len(buckets) - 1)
 }
 
 func (p *Sched) ongoingBlock(objs *schedObjects, pid, tid int, name string, st schedThreadStats, d time.Duration) {

@@ -59,6 +59,7 @@ const (
 	schedProgCulpritSchedSwitch    = "culprit_sched_switch"
 	schedProgCulpritSchedWakeup    = "culprit_sched_wakeup"
 	schedProgCulpritSchedWakeupNew = "culprit_sched_wakeup_new"
+	schedVarBusyGapNs              = "busy_gap_ns"
 	schedVarMinBlockNs             = "min_block_ns"
 	schedVarUnusedBlockEvent       = "unused_block_event"
 )
@@ -125,6 +126,7 @@ type schedMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type schedVariableSpecs struct {
+	BusyGapNs        *ebpf.VariableSpec `ebpf:"busy_gap_ns"`
 	MinBlockNs       *ebpf.VariableSpec `ebpf:"min_block_ns"`
 	UnusedBlockEvent *ebpf.VariableSpec `ebpf:"unused_block_event"`
 }
@@ -170,6 +172,7 @@ func (m *schedMaps) Close() error {
 //
 // It can be passed to loadSchedObjects or ebpf.CollectionSpec.LoadAndAssign.
 type schedVariables struct {
+	BusyGapNs        *ebpf.Variable `ebpf:"busy_gap_ns"`
 	MinBlockNs       *ebpf.Variable `ebpf:"min_block_ns"`
 	UnusedBlockEvent *ebpf.Variable `ebpf:"unused_block_event"`
 }

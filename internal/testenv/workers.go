@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -13,10 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"unsafe"
-
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/internal/faults"
 )
@@ -84,82 +80,8 @@ func startWorkers(t testing.TB, n int, sharedNetns bool) *Workers {
 	return w
 }
 
-// generation ends loops: a loop runs while it equals the value it started with.
-var generation atomic.Int64
-
-// hotLoop burns CPU for about d without a system call and without giving
-// its thread back: like a CPU-heavy task on an async runtime's worker,
-// which runs until it is done. It is its own function, never inlined, so a
-// CPU profile names it.
-//
-// The loop makes no function call: Go's scheduler preempts a goroutine at
-// calls (or by signal, which the child turns off with asyncpreemptoff=1),
-// and a preempted goroutine on a locked thread puts the thread to sleep
-// until it is scheduled again, which is not what a Tokio worker does.
-//
-//go:noinline
-func hotLoop(d time.Duration) uint64 {
-	end := clockMillis.Load() + d.Milliseconds()
-	g := generation.Load()
-	x := uint64(88172645463325252)
-	for clockMillis.Load() < end && generation.Load() == g {
-		for i := 0; i < 10000; i++ {
-			x ^= x << 13
-			x ^= x >> 7
-			x ^= x << 17
-		}
-	}
-	return x
-}
-
-// clockMillis is the time in milliseconds, kept by runClock on another
-// thread: hotLoop reads it with an atomic load, which is not a call.
-var clockMillis atomic.Int64
-
-func runClock() {
-	for {
-		clockMillis.Store(time.Now().UnixMilli())
-		time.Sleep(time.Millisecond)
-	}
-}
-
-// blockingCall is a synchronous sleep in the kernel, as a blocking driver
-// call (a DNS lookup, fsync, a sync database client) would be. Its own
-// function, never inlined, so the off-CPU stack names it.
-//
-//go:noinline
-func blockingCall(d time.Duration) {
-	ts := unix.NsecToTimespec(d.Nanoseconds())
-	for {
-		var rem unix.Timespec
-		if err := unix.Nanosleep(&ts, &rem); err != unix.EINTR {
-			return
-		}
-		ts = rem // the Go runtime's preemption signals interrupt it
-	}
-}
-
-var sink atomic.Uint64
-
 // poolDelay is how long each accepted connection waits for a pool slot.
 var poolDelay atomic.Int64
-
-// waitForPoolSlot waits on a channel, as code waiting for a database
-// connection or a semaphore does: the thread sleeps in futex, using no CPU.
-//
-//go:noinline
-func waitForPoolSlot(d time.Duration) {
-	<-time.After(d)
-}
-
-func workerLoop(i int, tasks <-chan func(), tids chan<- [2]int) {
-	runtime.LockOSThread() // never unlocked: the thread stays the worker's
-	_ = unix.Prctl(unix.PR_SET_NAME, uintptr(unsafePointer("worker-"+strconv.Itoa(i))), 0, 0, 0)
-	tids <- [2]int{i, unix.Gettid()}
-	for f := range tasks {
-		f()
-	}
-}
 
 func workersMain() int {
 	n, err := strconv.Atoi(os.Getenv(workersEnv))
@@ -173,8 +95,6 @@ func workersMain() int {
 			return 1
 		}
 	}
-	clockMillis.Store(time.Now().UnixMilli())
-	go runClock()
 	var (
 		ln   *net.TCPListener
 		mu   sync.Mutex
@@ -185,34 +105,13 @@ func workersMain() int {
 		kept = append(kept, c)
 		mu.Unlock()
 	}
-	queues := make([]chan func(), n)
-	tidc := make(chan [2]int, n)
-	for i := range queues {
-		queues[i] = make(chan func(), 16)
-		go workerLoop(i, queues[i], tidc)
-	}
+	pool := faults.StartWorkers(n, "worker")
 	tids := make([]string, n)
-	for range n {
-		t := <-tidc
-		tids[t[0]] = strconv.Itoa(t[1])
+	for i, t := range pool.TIDs {
+		tids[i] = strconv.Itoa(t)
 	}
 	fmt.Println("workers " + strings.Join(tids, " "))
 
-	loop := func(i int, body func()) {
-		g := generation.Load()
-		var again func()
-		again = func() {
-			if generation.Load() != g {
-				return
-			}
-			body()
-			select {
-			case queues[i] <- again:
-			default: // queue full: the loop ends rather than block the command loop
-			}
-		}
-		queues[i] <- again
-	}
 	sc := bufio.NewScanner(os.Stdin)
 	for sc.Scan() {
 		f := strings.Fields(sc.Text())
@@ -233,23 +132,19 @@ func workersMain() int {
 		ms := func(j int) time.Duration { return time.Duration(args[j]) * time.Millisecond }
 		switch {
 		case f[0] == "block" && len(args) == 2:
-			queues[args[0]] <- func() { blockingCall(ms(1)) }
+			pool.Submit(args[0], func() { faults.BlockingCall(ms(1)) })
 		case f[0] == "blockloop" && len(args) == 2:
 			d := ms(1)
-			loop(args[0], func() { blockingCall(d); time.Sleep(50 * time.Millisecond) })
+			pool.Loop(args[0], func() { faults.BlockingCall(d); time.Sleep(50 * time.Millisecond) })
 		case f[0] == "spin" && len(args) == 2:
 			d := ms(1)
-			queues[args[0]] <- func() { sink.Add(hotLoop(d)) }
+			pool.Submit(args[0], func() { faults.Sink.Add(faults.HotLoop(d)) })
 		case f[0] == "spinloop" && len(args) == 1:
-			queues[args[0]] <- func() { sink.Add(hotLoop(time.Hour)) } // until stop
+			pool.HotLoopUntilStop(args[0])
 		case f[0] == "duty" && len(args) == 2 && args[1] <= 100:
-			busy := time.Duration(args[1]) * 100 * time.Microsecond
-			loop(args[0], func() {
-				sink.Add(hotLoop(busy))
-				time.Sleep(10*time.Millisecond - busy)
-			})
+			pool.Duty(args[0], args[1])
 		case f[0] == "stop" && len(args) == 0:
-			generation.Add(1)
+			pool.Stop()
 		case f[0] == "listen" && len(args) == 1 && ln == nil:
 			if ln, err = faults.ListenTCP("127.0.0.1:0", args[0]); err != nil {
 				fmt.Printf("error listen: %v\n", err)
@@ -262,12 +157,12 @@ func workersMain() int {
 				if c, err := l.Accept(); err == nil {
 					keep(c)
 					if d := poolDelay.Load(); d > 0 {
-						waitForPoolSlot(time.Duration(d))
+						faults.WaitForPoolSlot(time.Duration(d))
 					}
 				}
-				queues[0] <- acceptOne
+				pool.Submit(0, acceptOne)
 			}
-			queues[0] <- acceptOne
+			pool.Submit(0, acceptOne)
 			fmt.Printf("ok port %d\n", l.Addr().(*net.TCPAddr).Port)
 			continue
 		case f[0] == "pool" && len(args) == 1:
@@ -288,9 +183,4 @@ func workersMain() int {
 		fmt.Println("ok")
 	}
 	return 0
-}
-
-func unsafePointer(s string) unsafe.Pointer {
-	b := append([]byte(s), 0)
-	return unsafe.Pointer(&b[0])
 }
