@@ -184,7 +184,7 @@ func (d *demo) controlMux() *http.ServeMux {
 		}, "worker-1 blocks in nanosleep")
 	})
 	mux.HandleFunc("POST /fault/spin-worker", func(w http.ResponseWriter, r *http.Request) {
-		d.workerFault(w, r, 10*time.Second, func() { d.workers.HotLoopUntilStop(2) }, "worker-2 spins in faults.HotLoop")
+		d.workerFault(w, r, 10*time.Second, func() { d.workers.HotLoopUntilStop(2) }, "worker-2 spins in faults.hotLoop")
 	})
 	mux.HandleFunc("POST /fault/imbalance", func(w http.ResponseWriter, r *http.Request) {
 		d.workerFault(w, r, 20*time.Second, func() {

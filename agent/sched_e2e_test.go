@@ -103,14 +103,14 @@ func TestBusyWorkerFinding(t *testing.T) {
 	// The profile needs a drain or two before it names the function; an
 	// update then carries it.
 	deadline := time.After(10 * time.Second)
-	for !artifact(f, "frame", "faults.HotLoop") {
+	for !artifact(f, "frame", "faults.hotLoop") {
 		select {
 		case ev := <-events:
 			if ev.Finding != nil && ev.Finding.Rule == "busy_worker" {
 				f = ev.Finding
 			}
 		case <-deadline:
-			t.Fatalf("the finding never named faults.HotLoop: %+v", f.Artifacts)
+			t.Fatalf("the finding never named faults.hotLoop: %+v", f.Artifacts)
 		}
 	}
 	w.MustDo(t, "stop")
@@ -199,8 +199,8 @@ func TestCaptureProfileOverGRPC(t *testing.T) {
 	if err != nil {
 		t.Fatalf("go tool pprof -top: %v\n%s", err, out)
 	}
-	if !strings.Contains(string(out), "faults.HotLoop") {
-		t.Errorf("pprof -top does not name faults.HotLoop:\n%s", out)
+	if !strings.Contains(string(out), "faults.hotLoop") {
+		t.Errorf("pprof -top does not name faults.hotLoop:\n%s", out)
 	}
 	// Bad requests are refused with a reason.
 	_, err = c.CaptureProfile(context.Background(), &culpritv1.CaptureProfileRequest{Duration: durationpb.New(time.Hour)})

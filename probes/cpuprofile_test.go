@@ -14,7 +14,7 @@ import (
 	"github.com/culprit-dev/culprit/symbolize"
 )
 
-// A worker spinning in faults.HotLoop is what the profiler samples of the
+// A worker spinning in faults.hotLoop is what the profiler samples of the
 // target, at about the configured rate, and the profile built from those
 // samples names hotLoop in `go tool pprof -top`.
 func TestCPUProfileNamesTheHotFunction(t *testing.T) {
@@ -67,7 +67,7 @@ func TestCPUProfileNamesTheHotFunction(t *testing.T) {
 	lines := strings.Split(string(out), "\n")
 	found := false
 	for _, l := range lines {
-		if strings.Contains(l, "faults.HotLoop") {
+		if strings.Contains(l, "faults.hotLoop") {
 			found = true
 			// hotLoop is the leaf: most of the profile is its own time.
 			if f := strings.Fields(l); len(f) < 2 || !strings.HasSuffix(f[1], "%") {
@@ -76,7 +76,7 @@ func TestCPUProfileNamesTheHotFunction(t *testing.T) {
 		}
 	}
 	if !found {
-		t.Errorf("pprof -top does not name faults.HotLoop:\n%s", out)
+		t.Errorf("pprof -top does not name faults.hotLoop:\n%s", out)
 	}
 	if n, ok := st.Latest("profile_cpu_samples_total", nil); !ok || n.V < float64(worker0) {
 		t.Errorf("profile_cpu_samples_total %v (seen %v), want >= %d", n.V, ok, worker0)

@@ -112,8 +112,8 @@ func TestSchedSeesABusyWorker(t *testing.T) {
 	}
 	busy := st.Increase("thread_cpu_seconds_total", signals.L("tid", strconv.Itoa(w.TIDs[0]), "thread", "worker-0"), from)
 	idle := st.Increase("thread_cpu_seconds_total", signals.L("tid", strconv.Itoa(w.TIDs[1]), "thread", "worker-1"), from)
-	if busy < 0.7 || idle > 0.1 {
-		t.Errorf("cpu seconds: spinning worker %.2f (want >= 0.7 of 1.5 s), idle worker %.2f (want < 0.1)", busy, idle)
+	if busy < 0.4 || idle > 0.1 {
+		t.Errorf("cpu seconds: spinning worker %.2f (want >= 0.4 of 1.5 s: a loaded machine shares the CPU), idle worker %.2f (want < 0.1)", busy, idle)
 	}
 	if n, ok := st.Latest("process_runq_waits_total", nil); !ok || n.V == 0 {
 		t.Errorf("no run-queue latency counted: %v %v", n, ok)
