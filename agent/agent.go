@@ -226,6 +226,7 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 	}
 	bw, hw, wi, ct := cfg.Rules.BlockingWorker, cfg.Rules.BusyWorker, cfg.Rules.WorkerImbalance, cfg.Rules.CPUThrottling
 	tp := cfg.Rules.ThroughputPlateau
+	cw, pe, rs, px := cfg.Rules.CloseWait, cfg.Rules.PortExhaustion, cfg.Rules.RSTStorm, cfg.Rules.PoolExhaustion
 	heapFresh := 3 * cfg.Pprof.Interval.D()
 	fd, rh, hl, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.HeapLeak, cfg.Rules.OOMAhead
 	return []rules.Rule{
@@ -284,6 +285,25 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 			MinQueued:    tp.MinQueued,
 			MaxBusyCores: tp.MaxBusyCores,
 			Pools:        pools,
+		}),
+		rules.NewCloseWait(rules.CloseWaitOptions{
+			Window:      cw.Window.D(),
+			MinIncrease: float64(cw.MinIncrease),
+			Steady:      cw.Steady,
+			MinCount:    float64(cw.MinCount),
+			MinAge:      cw.MinAge.D(),
+		}),
+		rules.NewPortExhaustion(rules.PortExhaustionOptions{
+			Window:    pe.Window.D(),
+			NearRatio: pe.NearRatio,
+			Horizon:   pe.Horizon.D(),
+			MinCount:  float64(pe.MinCount),
+		}),
+		rules.NewRSTStorm(rules.RSTStormOptions{Recent: rs.Recent.D(), MinRate: rs.MinRate}),
+		rules.NewPoolExhaustion(rules.PoolExhaustionOptions{
+			Window:   px.Window.D(),
+			MinConns: float64(px.MinConns),
+			MinQueue: px.MinQueue,
 		}),
 		rules.NewCPUThrottling(rules.CPUThrottlingOptions{
 			Window:              ct.Window.D(),

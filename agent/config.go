@@ -143,6 +143,28 @@ type Config struct {
 			MinQueued    float64  `toml:"min_queued"`
 			MaxBusyCores float64  `toml:"max_busy_cores"`
 		} `toml:"throughput_plateau"`
+		CloseWait struct {
+			Window      Duration `toml:"window"`
+			MinIncrease int      `toml:"min_increase"`
+			Steady      float64  `toml:"steady"`
+			MinCount    int      `toml:"min_count"`
+			MinAge      Duration `toml:"min_age"`
+		} `toml:"close_wait"`
+		PortExhaustion struct {
+			Window    Duration `toml:"window"`
+			NearRatio float64  `toml:"near_ratio"`
+			Horizon   Duration `toml:"horizon"`
+			MinCount  int      `toml:"min_count"`
+		} `toml:"port_exhaustion"`
+		RSTStorm struct {
+			Recent  Duration `toml:"recent"`
+			MinRate float64  `toml:"min_rate"`
+		} `toml:"rst_storm"`
+		PoolExhaustion struct {
+			Window   Duration `toml:"window"`
+			MinConns int      `toml:"min_conns"`
+			MinQueue float64  `toml:"min_queue"`
+		} `toml:"pool_exhaustion"`
 		CPUThrottling struct {
 			Window              Duration `toml:"window"`
 			MinThrottledRatio   float64  `toml:"min_throttled_ratio"`
@@ -206,6 +228,20 @@ func DefaultConfig() Config {
 	c.Rules.ThroughputPlateau.Window = Duration(10 * time.Second)
 	c.Rules.ThroughputPlateau.MinQueued = 0.8
 	c.Rules.ThroughputPlateau.MaxBusyCores = 0.5
+	c.Rules.CloseWait.Window = Duration(time.Minute)
+	c.Rules.CloseWait.MinIncrease = 20
+	c.Rules.CloseWait.Steady = 0.8
+	c.Rules.CloseWait.MinCount = 50
+	c.Rules.CloseWait.MinAge = Duration(5 * time.Minute)
+	c.Rules.PortExhaustion.Window = Duration(30 * time.Second)
+	c.Rules.PortExhaustion.NearRatio = 0.5
+	c.Rules.PortExhaustion.Horizon = Duration(5 * time.Minute)
+	c.Rules.PortExhaustion.MinCount = 100
+	c.Rules.RSTStorm.Recent = Duration(5 * time.Second)
+	c.Rules.RSTStorm.MinRate = 50
+	c.Rules.PoolExhaustion.Window = Duration(10 * time.Second)
+	c.Rules.PoolExhaustion.MinConns = 2
+	c.Rules.PoolExhaustion.MinQueue = 0.5
 	c.Rules.CPUThrottling.Window = Duration(rules.DefaultCPUThrottlingWindow)
 	c.Rules.CPUThrottling.MinThrottledRatio = rules.DefaultCPUMinThrottledRatio
 	c.Rules.CPUThrottling.MinThrottledPeriods = rules.DefaultCPUMinThrottledPeriods
@@ -348,6 +384,12 @@ func (c *Config) Validate() error {
 		{"rules.worker_imbalance.window", c.Rules.WorkerImbalance.Window.D()},
 		{"rules.cpu_throttling.window", c.Rules.CPUThrottling.Window.D()},
 		{"rules.throughput_plateau.window", c.Rules.ThroughputPlateau.Window.D()},
+		{"rules.close_wait.window", c.Rules.CloseWait.Window.D()},
+		{"rules.close_wait.min_age", c.Rules.CloseWait.MinAge.D()},
+		{"rules.port_exhaustion.window", c.Rules.PortExhaustion.Window.D()},
+		{"rules.port_exhaustion.horizon", c.Rules.PortExhaustion.Horizon.D()},
+		{"rules.rst_storm.recent", c.Rules.RSTStorm.Recent.D()},
+		{"rules.pool_exhaustion.window", c.Rules.PoolExhaustion.Window.D()},
 		{"rules.interval", c.Rules.Interval.D()},
 		{"rules.resolve_after", c.Rules.ResolveAfter.D()},
 		{"rules.accept_overflow.window", c.Rules.AcceptOverflow.Window.D()},
@@ -389,6 +431,10 @@ func (c *Config) Validate() error {
 		{"profiling.max_samples", c.Profiling.MaxSamples, 64},
 		{"rules.busy_worker.top_frames", c.Rules.BusyWorker.TopFrames, 1},
 		{"rules.cpu_throttling.min_throttled_periods", c.Rules.CPUThrottling.MinThrottledPeriods, 1},
+		{"rules.close_wait.min_increase", c.Rules.CloseWait.MinIncrease, 1},
+		{"rules.close_wait.min_count", c.Rules.CloseWait.MinCount, 1},
+		{"rules.port_exhaustion.min_count", c.Rules.PortExhaustion.MinCount, 1},
+		{"rules.pool_exhaustion.min_conns", c.Rules.PoolExhaustion.MinConns, 1},
 	}
 	for _, r := range []struct {
 		key string
@@ -401,6 +447,9 @@ func (c *Config) Validate() error {
 		{"rules.oom_ahead.near_ratio", c.Rules.OOMAhead.NearRatio},
 		{"rules.cpu_throttling.min_throttled_ratio", c.Rules.CPUThrottling.MinThrottledRatio},
 		{"rules.throughput_plateau.min_queued", c.Rules.ThroughputPlateau.MinQueued},
+		{"rules.close_wait.steady", c.Rules.CloseWait.Steady},
+		{"rules.port_exhaustion.near_ratio", c.Rules.PortExhaustion.NearRatio},
+		{"rules.pool_exhaustion.min_queue", c.Rules.PoolExhaustion.MinQueue},
 	} {
 		if r.v <= 0 || r.v > 1 {
 			return bad(r.key, "must be a ratio in (0, 1], got %g", r.v)
@@ -423,6 +472,9 @@ func (c *Config) Validate() error {
 	}
 	if _, err := regexp.Compile(c.Rules.Workers.Threads); err != nil {
 		return bad("rules.workers.threads", "not a regular expression: %w", err)
+	}
+	if c.Rules.RSTStorm.MinRate <= 0 {
+		return bad("rules.rst_storm.min_rate", "must be positive, got %g", c.Rules.RSTStorm.MinRate)
 	}
 	if c.Rules.ThroughputPlateau.MaxBusyCores <= 0 {
 		return bad("rules.throughput_plateau.max_busy_cores", "must be positive, got %g", c.Rules.ThroughputPlateau.MaxBusyCores)

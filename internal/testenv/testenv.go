@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -42,6 +43,11 @@ func Main(m interface{ Run() int }) {
 //	dialasync N     start opening N connections in the background, answer at once
 //	burst N         open N connections and close each once established
 //	close           close every kept client connection
+//	leakclose on|off  the handler stops closing connections the peer closed
+//	                  (they stay in CLOSE_WAIT, as in an app that leaks them)
+//	dialclosed N    connect N times to a port nothing listens on (RSTs)
+//	sysctl K V      write sysctl K (net.ipv4.ip_local_port_range...) in the
+//	                child's netns; V may contain spaces as "40000_40199"
 type Server struct {
 	PID  int
 	Port int
@@ -90,7 +96,26 @@ func serverMain() int {
 	gate.Set(accept)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go faults.Serve(ctx, l, gate, faults.DrainAndClose)
+	var leakClose atomic.Bool
+	var leakedMu sync.Mutex
+	var leaked []net.Conn
+	handle := func(c net.Conn) {
+		if !leakClose.Load() {
+			faults.DrainAndClose(c)
+			return
+		}
+		// Read to EOF (the peer closed) and keep the socket: CLOSE_WAIT.
+		buf := make([]byte, 512)
+		for {
+			if _, err := c.Read(buf); err != nil {
+				break
+			}
+		}
+		leakedMu.Lock()
+		leaked = append(leaked, c)
+		leakedMu.Unlock()
+	}
+	go faults.Serve(ctx, l, gate, handle)
 	fmt.Printf("port %d\n", l.Addr().(*net.TCPAddr).Port)
 
 	var (
@@ -125,6 +150,31 @@ func serverMain() int {
 			fmt.Println("ok")
 		case "burst":
 			fmt.Printf("ok %d established\n", faults.Burst(ctx, addr, n, 10*time.Second))
+		case "leakclose":
+			leakClose.Store(len(f) > 1 && f[1] == "on")
+			fmt.Println("ok")
+		case "dialclosed":
+			refused := 0
+			for range n {
+				c, err := net.DialTimeout("tcp", "127.0.0.1:1", time.Second)
+				if err != nil {
+					refused++
+					continue
+				}
+				c.Close()
+			}
+			fmt.Printf("ok %d refused\n", refused)
+		case "sysctl":
+			if len(f) != 3 {
+				fmt.Println("error usage: sysctl NAME VALUE")
+				continue
+			}
+			path := "/proc/sys/" + strings.ReplaceAll(f[1], ".", "/")
+			if err := os.WriteFile(path, []byte(strings.ReplaceAll(f[2], "_", " ")), 0o644); err != nil {
+				fmt.Printf("error %v\n", err)
+				continue
+			}
+			fmt.Println("ok")
 		case "close":
 			keptMu.Lock()
 			for _, c := range kept {

@@ -31,6 +31,8 @@ import (
 //	listen B          listen on 127.0.0.1 with backlog B; worker 0 accepts, one
 //	                  connection per task (its event loop): answers "ok port N"
 //	dial N            open N connections to that listener in the background and keep them
+//	upstream N        start an upstream listener and hold N connections to it
+//	                  (a connection pool of N, all busy: the upstream never answers)
 //	pool MS           from now on, each accepted connection waits MS ms for a slot of
 //	                  a bounded pool before the next accept (a Go channel: futex)
 //
@@ -125,7 +127,7 @@ func workersMain() int {
 				bad = true
 			}
 		}
-		if bad || (len(args) > 0 && args[0] >= n && f[0] != "listen" && f[0] != "dial" && f[0] != "pool") {
+		if bad || (len(args) > 0 && args[0] >= n && f[0] != "listen" && f[0] != "dial" && f[0] != "pool" && f[0] != "upstream") {
 			fmt.Printf("error bad arguments %q\n", sc.Text())
 			continue
 		}
@@ -164,6 +166,31 @@ func workersMain() int {
 			}
 			pool.Submit(0, acceptOne)
 			fmt.Printf("ok port %d\n", l.Addr().(*net.TCPAddr).Port)
+			continue
+		case f[0] == "upstream" && len(args) == 1:
+			up, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				fmt.Printf("error upstream: %v\n", err)
+				continue
+			}
+			go func() {
+				for {
+					c, err := up.Accept()
+					if err != nil {
+						return
+					}
+					keep(c)
+				}
+			}()
+			for range args[0] {
+				c, err := net.Dial("tcp", up.Addr().String())
+				if err != nil {
+					fmt.Printf("error dial upstream: %v\n", err)
+					break
+				}
+				keep(c)
+			}
+			fmt.Printf("ok upstream %s\n", up.Addr())
 			continue
 		case f[0] == "pool" && len(args) == 1:
 			poolDelay.Store(int64(ms(0)))

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
+	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+)
+
+// networkConfig makes the network rules judge short windows, so that each
+// fault shows within seconds.
+func networkConfig(cfg *Config) {
+	cfg.Rules.CloseWait.Window = Duration(4 * time.Second)
+	cfg.Rules.CloseWait.MinIncrease = 10
+	cfg.Rules.CloseWait.Steady = 0.6
+	cfg.Rules.PortExhaustion.Window = Duration(4 * time.Second)
+	cfg.Rules.PortExhaustion.MinCount = 20
+	cfg.Rules.RSTStorm.Recent = Duration(2 * time.Second)
+	cfg.Rules.PoolExhaustion.Window = Duration(3 * time.Second)
+	cfg.Rules.ResolveAfter = Duration(2 * time.Second)
+}
+
+// networkScenario is a server child in its own netns, with a real agent
+// tuned by networkConfig watching it.
+func networkScenario(t *testing.T, o testenv.Options) (*testenv.Server, <-chan *culpritv1.FindingEvent) {
+	t.Helper()
+	s := testenv.Start(t, o)
+	cfg := testConfig(t, s.PID)
+	networkConfig(&cfg)
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, s.Port)
+	events, _ := watch(t, c, 0)
+	return s, events
+}
+
+// repeatFor sends cmd every period, in the background, until d has passed
+// or the test ends (which waits for it).
+func repeatFor(t *testing.T, s *testenv.Server, d, period time.Duration, cmd string) {
+	t.Helper()
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		for end := time.Now().Add(d); time.Now().Before(end); {
+			if _, err := s.Do(cmd); err != nil {
+				t.Errorf("%s: %v", cmd, err)
+				return
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(period):
+			}
+		}
+	}()
+	t.Cleanup(func() { close(stop); <-done })
+}
+
+// A server that never closes the connections its clients closed: their
+// sockets pile up in CLOSE_WAIT on its port.
+func TestCloseWaitLeakFinding(t *testing.T) {
+	s, events := networkScenario(t, testenv.Options{Backlog: 128, Accept: true})
+	s.MustDo(t, "leakclose on")
+	repeatFor(t, s, 6*time.Second, 300*time.Millisecond, "burst 5")
+	ev, _ := next(t, events, 12*time.Second, openedBy("close_wait"))
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.Symptom)
+	if f.Cause != "close_wait_leak" || !strings.Contains(f.Title, strconv.Itoa(s.Port)) {
+		t.Errorf("finding %s: %s", f.Cause, f.Title)
+	}
+}
+
+// A client that opens a new connection per request and closes it first,
+// against a narrow ip_local_port_range with tcp_tw_reuse off: its TIME_WAIT
+// sockets toward the server approach the usable ports.
+func TestPortExhaustionFinding(t *testing.T) {
+	s, events := networkScenario(t, testenv.Options{Backlog: 512, Accept: true})
+	s.MustDo(t, "sysctl net.ipv4.ip_local_port_range 40000_40199")
+	s.MustDo(t, "sysctl net.ipv4.tcp_tw_reuse 0")
+	repeatFor(t, s, 8*time.Second, 250*time.Millisecond, "burst 10")
+	ev, _ := next(t, events, 15*time.Second, openedBy("port_exhaustion"))
+	f := ev.Finding
+	t.Logf("%s\n  %s\n  %s", f.Title, f.Symptom, f.RootCause)
+	remote := fmt.Sprintf("127.0.0.1:%d", s.Port)
+	if f.Cause != "no_connection_reuse" || !strings.Contains(f.Title, remote) || !strings.Contains(f.Symptom, "40000-40199") {
+		t.Errorf("finding %s: %s / %s", f.Cause, f.Title, f.Symptom)
+	}
+	if !strings.Contains(f.Remediation, "keep-alive") {
+		t.Errorf("remediation %q", f.Remediation)
+	}
+}
+
+// Clients connecting to a port nothing listens on: the namespace answers
+// each SYN with a reset.
+func TestRSTStormFinding(t *testing.T) {
+	s, events := networkScenario(t, testenv.Options{Backlog: 128, Accept: true})
+	repeatFor(t, s, 4*time.Second, 100*time.Millisecond, "dialclosed 30")
+	ev, _ := next(t, events, 10*time.Second, openedBy("rst_storm"))
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.RootCause)
+	if f.Cause != "rst_closed_port" {
+		t.Errorf("finding %s: %s", f.Cause, f.RootCause)
+	}
+}
+
+// The app holds a pool of 4 connections to an upstream that never answers,
+// and each request waits for a slot: established connections to the
+// upstream stay at 4 while clients queue in the accept queue.
+func TestPoolExhaustionFinding(t *testing.T) {
+	w := testenv.StartWorkersNetns(t, 2)
+	var port int
+	if _, err := fmt.Sscanf(w.MustDo(t, "listen 64"), "ok port %d", &port); err != nil {
+		t.Fatal(err)
+	}
+	up := strings.TrimPrefix(w.MustDo(t, "upstream 4"), "ok upstream ")
+	cfg := testConfig(t, w.PID)
+	networkConfig(&cfg)
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, port)
+	events, _ := watch(t, c, 0)
+	w.MustDo(t, "pool 500")
+	w.MustDo(t, "dial 30")
+	ev, _ := next(t, events, 12*time.Second, openedBy("pool_exhaustion"))
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.Symptom)
+	if f.Cause != "pool_at_ceiling" || !strings.Contains(f.Title, up) || !strings.Contains(f.Title, "4 connections") {
+		t.Errorf("finding %s: %s (upstream %s)", f.Cause, f.Title, up)
+	}
+	// The 30 queued clients' own connections (flat too, once all are in)
+	// are not a pool.
+	deadline := time.After(4 * time.Second)
+	for {
+		select {
+		case ev := <-events:
+			if ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "pool_exhaustion" {
+				t.Errorf("second pool finding: %s", ev.Finding.Title)
+			}
+		case <-deadline:
+			return
+		}
+	}
+}
+
+// Silence: clients on kept-alive connections (opened once, then reused),
+// with the same short windows, raise none of the network findings.
+func TestHealthyKeepAliveRaisesNoNetworkFinding(t *testing.T) {
+	s, events := networkScenario(t, testenv.Options{Backlog: 128, Accept: true})
+	s.MustDo(t, "sysctl net.ipv4.ip_local_port_range 40000_40199")
+	s.MustDo(t, "dial 50")
+	deadline := time.After(7 * time.Second)
+	for {
+		select {
+		case ev := <-events:
+			if ev.Finding != nil {
+				switch ev.Finding.Rule {
+				case "close_wait", "port_exhaustion", "rst_storm", "pool_exhaustion", "accept_overflow":
+					t.Errorf("keep-alive clients raised %s: %s", ev.Finding.Rule, ev.Finding.Title)
+				}
+			}
+		case <-deadline:
+			s.MustDo(t, "close")
+			return
+		}
+	}
+}

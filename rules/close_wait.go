@@ -1,0 +1,86 @@
+package rules
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+)
+
+// CauseCloseWaitLeak is close_wait's root cause.
+const CauseCloseWaitLeak = "close_wait_leak"
+
+// CloseWaitOptions ([rules.close_wait] in agent.conf).
+type CloseWaitOptions struct {
+	Window      time.Duration // growth is judged over this window
+	MinIncrease float64       // CLOSE_WAIT sockets gained over the window
+	Steady      float64       // share of samples that did not go down
+	MinCount    float64       // or: at least this many...
+	MinAge      time.Duration // ...the oldest idle this long
+}
+
+// CloseWait names sockets the peer closed that the app never closes
+// (seed 000 Problem E): each one holds a file descriptor and memory until
+// the process dies, and the count only grows. The kernel cannot close them:
+// CLOSE_WAIT ends only when the application calls close().
+type CloseWait struct{ o CloseWaitOptions }
+
+func NewCloseWait(o CloseWaitOptions) *CloseWait { return &CloseWait{o: o} }
+
+func (*CloseWait) Name() string { return "close_wait" }
+
+func (r *CloseWait) Evaluate(w Window) []Observation {
+	var out []Observation
+	from := w.Now.Add(-r.o.Window)
+	for _, ls := range w.Store.Select("tcp_sockets") {
+		if ls.Get("state") != "CLOSE_WAIT" {
+			continue
+		}
+		ss := w.Store.Range("tcp_sockets", ls, from)
+		if len(ss) == 0 || w.Now.Sub(ss[len(ss)-1].T) > 3*freshnessSlow {
+			continue
+		}
+		cur := ss[len(ss)-1].V
+		tr, ok := trendOf(ss)
+		growing := ok && tr.increase >= r.o.MinIncrease && tr.steady >= r.o.Steady && tr.span() >= r.o.Window/2
+		port := ls.Get("port")
+		age, _ := w.Store.Latest("tcp_close_wait_oldest_seconds", signals.L("port", port))
+		old := cur >= r.o.MinCount && time.Duration(age.V*float64(time.Second)) >= r.o.MinAge
+		if !growing && !old {
+			continue
+		}
+		where := "local port " + port
+		if port == "ephemeral" {
+			where = "outbound connections (ephemeral ports)"
+		}
+		how := fmt.Sprintf("%.0f sockets in CLOSE_WAIT", cur)
+		if growing {
+			how += fmt.Sprintf(", %.0f more than %s ago (%.2f/s)", tr.increase, r.o.Window, tr.slope)
+		}
+		sev := SeverityWarning
+		if cur >= 10*r.o.MinCount {
+			sev = SeverityCritical
+		}
+		out = append(out, Observation{
+			Key:       port,
+			Cause:     CauseCloseWaitLeak,
+			Title:     fmt.Sprintf("CLOSE_WAIT leak on %s: the app does not close connections its peers closed", where),
+			Symptom:   fmt.Sprintf("%s on %s; the oldest has been idle %s", how, where, fmtDur(time.Duration(age.V*float64(time.Second)))),
+			RootCause: fmt.Sprintf("peers closed these connections (their FIN arrived) but the application never called close() on its end; only the app can end CLOSE_WAIT, so each holds a file descriptor and buffers until the process exits"),
+			Remediation: "close the socket when a read returns EOF (0 bytes / io.EOF) and on every error path; in HTTP clients, always close or drain response bodies (Go: defer resp.Body.Close()), " +
+				"return pooled connections the server closed; set read timeouts so a half-closed connection is noticed",
+			Severity:   sev,
+			Confidence: 0.85,
+			Evidence: []Evidence{
+				{Signal: "tcp_sockets" + ls.String(), Value: cur, Threshold: r.o.MinCount, Unit: "sockets"},
+				{Signal: fmt.Sprintf("tcp_close_wait_oldest_seconds{port=%q}", port), Value: age.V, Threshold: r.o.MinAge.Seconds(), Unit: "seconds", Note: "idle since the peer's last segment"},
+			},
+			Artifacts: []Artifact{{Kind: "endpoint", Value: where}},
+			Labels:    map[string]string{"port": port},
+		})
+	}
+	return out
+}
+
+// freshnessSlow is how stale a sample of a once-a-second collector may be.
+const freshnessSlow = time.Second

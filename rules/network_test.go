@@ -1,0 +1,118 @@
+package rules
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+)
+
+// putSeries writes vals one second apart, the last at now.
+func putSeries(st *signals.Store, d *signals.Desc, ls signals.Labels, now time.Time, vals ...float64) {
+	for i, v := range vals {
+		st.Put(d, ls, v, now.Add(time.Duration(i-len(vals)+1)*time.Second))
+	}
+}
+
+var (
+	dSockets   = &signals.Desc{Name: "tcp_sockets"}
+	dByRemote  = &signals.Desc{Name: "tcp_sockets_by_remote"}
+	dCWAge     = &signals.Desc{Name: "tcp_close_wait_oldest_seconds"}
+	dOutRsts   = &signals.Desc{Name: "tcp_out_rsts_total", Kind: signals.Counter}
+	dAbortData = &signals.Desc{Name: "tcp_ext_abort_on_data_total", Kind: signals.Counter}
+	dQueue     = &signals.Desc{Name: "listen_queue_length"}
+)
+
+func TestCloseWaitLeak(t *testing.T) {
+	now := time.Now()
+	r := NewCloseWait(CloseWaitOptions{Window: 10 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
+	st := signals.New(100, 100)
+	putSeries(st, dSockets, signals.L("port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
+	st.Put(dCWAge, signals.L("port", "8080"), 9, now)
+	obs := r.Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseCloseWaitLeak || !strings.Contains(obs[0].Title, "8080") {
+		t.Fatalf("growing CLOSE_WAIT: %+v", obs)
+	}
+	// Silence: CLOSE_WAIT that comes and goes (the app closes, a little
+	// late), and a steady few.
+	for _, vals := range [][]float64{{0, 3, 0, 2, 4, 0, 1, 3, 0, 2, 1}, {3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3}} {
+		st := signals.New(100, 100)
+		putSeries(st, dSockets, signals.L("port", "8080", "state", "CLOSE_WAIT"), now, vals...)
+		st.Put(dCWAge, signals.L("port", "8080"), 2, now)
+		if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+			t.Errorf("%v raised %+v", vals, obs)
+		}
+	}
+}
+
+func portStore(now time.Time, tw ...float64) *signals.Store {
+	st := signals.New(100, 100)
+	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
+	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
+	st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), 0, now)
+	putSeries(st, dByRemote, signals.L("remote", "10.0.0.5:5432", "state", "TIME_WAIT"), now, tw...)
+	return st
+}
+
+func TestPortExhaustion(t *testing.T) {
+	now := time.Now()
+	r := NewPortExhaustion(PortExhaustionOptions{Window: 10 * time.Second, NearRatio: 0.5, Horizon: 5 * time.Minute, MinCount: 20})
+	obs := r.Evaluate(Window{Store: portStore(now, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140), Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseNoConnectionReuse || !strings.Contains(obs[0].Title, "10.0.0.5:5432") ||
+		!strings.Contains(obs[0].Symptom, "run out in") || !strings.Contains(obs[0].RootCause, "tcp_tw_reuse=0") {
+		t.Fatalf("TIME_WAIT toward one remote: %+v", obs)
+	}
+	// Silence: a steady low TIME_WAIT count (keep-alive with occasional
+	// reconnects).
+	if obs := r.Evaluate(Window{Store: portStore(now, 12, 11, 12, 12, 13, 12, 11, 12, 12, 12, 12), Now: now}); len(obs) != 0 {
+		t.Errorf("steady TIME_WAIT raised %+v", obs)
+	}
+}
+
+func TestRSTStormPaths(t *testing.T) {
+	now := time.Now()
+	r := NewRSTStorm(RSTStormOptions{Recent: 5 * time.Second, MinRate: 50})
+	st := signals.New(100, 100)
+	putSeries(st, dOutRsts, nil, now, 0, 100, 200, 300, 400, 500)
+	putSeries(st, dAbortData, nil, now, 0, 0, 0, 0, 0, 0)
+	obs := r.Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseRSTClosedPort {
+		t.Fatalf("resets without aborts: %+v", obs)
+	}
+	st = signals.New(100, 100)
+	putSeries(st, dOutRsts, nil, now, 0, 100, 200, 300, 400, 500)
+	putSeries(st, dAbortData, nil, now, 0, 90, 180, 270, 360, 450)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 1 || obs[0].Cause != CauseRSTAppAbort {
+		t.Fatalf("resets from aborts: %+v", obs)
+	}
+	// Silence: a few resets a second.
+	st = signals.New(100, 100)
+	putSeries(st, dOutRsts, nil, now, 0, 3, 5, 9, 12, 14)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("a trickle of resets raised %+v", obs)
+	}
+}
+
+func TestPoolExhaustion(t *testing.T) {
+	now := time.Now()
+	r := NewPoolExhaustion(PoolExhaustionOptions{Window: 5 * time.Second, MinConns: 2, MinQueue: 0.5})
+	mk := func(conns []float64, queue float64) *signals.Store {
+		st := signals.New(100, 100)
+		putSeries(st, dByRemote, signals.L("remote", "10.0.0.9:5432", "state", "ESTABLISHED"), now, conns...)
+		putSeries(st, dQueue, signals.L("addr", "0.0.0.0", "port", "8080"), now, queue, queue, queue, queue, queue, queue, queue)
+		return st
+	}
+	obs := r.Evaluate(Window{Store: mk([]float64{4, 4, 4, 4, 4, 4, 4}, 12), Now: now})
+	if len(obs) != 1 || obs[0].Cause != CausePoolAtCeiling || !strings.Contains(obs[0].Title, "10.0.0.9:5432") || !strings.Contains(obs[0].Title, "4 connections") {
+		t.Fatalf("flat pool with a queue: %+v", obs)
+	}
+	// Silence: a flat pool with nothing queued (idle pooled connections),
+	// and a pool that grows and shrinks with load.
+	if obs := r.Evaluate(Window{Store: mk([]float64{4, 4, 4, 4, 4, 4, 4}, 0), Now: now}); len(obs) != 0 {
+		t.Errorf("idle pool raised %+v", obs)
+	}
+	if obs := r.Evaluate(Window{Store: mk([]float64{3, 5, 4, 6, 5, 4, 6}, 3), Now: now}); len(obs) != 0 {
+		t.Errorf("elastic pool raised %+v", obs)
+	}
+}

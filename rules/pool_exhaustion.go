@@ -1,0 +1,96 @@
+package rules
+
+import (
+	"fmt"
+	"strings"
+	"time"
+)
+
+// CausePoolAtCeiling is pool_exhaustion's root cause.
+const CausePoolAtCeiling = "pool_at_ceiling"
+
+// PoolExhaustionOptions ([rules.pool_exhaustion] in agent.conf).
+type PoolExhaustionOptions struct {
+	Window   time.Duration // the ceiling must hold this long
+	MinConns float64       // pools smaller than this are not judged
+	MinQueue float64       // share of samples with connections waiting to be accepted
+}
+
+// PoolExhaustion names a connection pool to an upstream that is full
+// (seed 000 Problem H's other face): the app's established connections to
+// one remote stay flat at a ceiling (the pool's max) while new requests
+// queue in front of the app. More traffic then only lengthens the queue.
+type PoolExhaustion struct{ o PoolExhaustionOptions }
+
+func NewPoolExhaustion(o PoolExhaustionOptions) *PoolExhaustion { return &PoolExhaustion{o: o} }
+
+func (*PoolExhaustion) Name() string { return "pool_exhaustion" }
+
+func (r *PoolExhaustion) Evaluate(w Window) []Observation {
+	from := w.Now.Add(-r.o.Window)
+	queued, port := r.queueing(w, from)
+	if queued < r.o.MinQueue {
+		return nil
+	}
+	var out []Observation
+	for _, ls := range w.Store.Select("tcp_sockets_by_remote") {
+		remote := ls.Get("remote")
+		// Connections to the queueing listener itself (clients in the same
+		// namespace) are the waiters, not the pool.
+		if ls.Get("state") != "ESTABLISHED" || remote == "other" || strings.HasSuffix(remote, ":"+port) {
+			continue
+		}
+		ss := w.Store.Range("tcp_sockets_by_remote", ls, from)
+		if len(ss) < 3 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || w.Now.Sub(ss[len(ss)-1].T) > 3*freshnessSlow {
+			continue
+		}
+		lo, hi := ss[0].V, ss[0].V
+		for _, s := range ss {
+			lo, hi = min(lo, s.V), max(hi, s.V)
+		}
+		if hi < r.o.MinConns || hi-lo > 0 {
+			continue
+		}
+		out = append(out, Observation{
+			Key:   remote,
+			Cause: CausePoolAtCeiling,
+			Title: fmt.Sprintf("Connection pool to %s exhausted: %.0f connections, flat, while requests queue", remote, hi),
+			Symptom: fmt.Sprintf("exactly %.0f connections to %s stayed established for %s while connections waited in the accept queue of port %s in %.0f%% of samples",
+				hi, remote, r.o.Window, port, 100*queued),
+			RootCause: fmt.Sprintf("requests wait for a connection to %s: the pool holds its maximum (%.0f) and every connection is busy, so throughput is capped by the pool size and the upstream's latency", remote, hi),
+			Remediation: fmt.Sprintf("raise the pool's maximum above %.0f if %s can take more (database max_connections permitting), shorten how long each request holds a connection (no slow work inside a transaction), "+
+				"and set a pool acquire timeout so requests fail fast instead of queueing", hi, remote),
+			Severity:   SeverityWarning,
+			Confidence: 0.7,
+			Evidence: []Evidence{
+				{Signal: "tcp_sockets_by_remote" + ls.String(), Value: hi, Threshold: r.o.MinConns, Unit: "connections", Window: r.o.Window, Note: "flat: the same count in every sample"},
+				{Signal: fmt.Sprintf("listen_queue_length{port=%q}", port), Value: queued, Threshold: r.o.MinQueue, Unit: "ratio", Window: r.o.Window, Note: "share of samples with connections waiting"},
+			},
+			Artifacts: []Artifact{{Kind: "endpoint", Value: remote, Detail: fmt.Sprintf("the upstream; pool ceiling %.0f", hi)}},
+			Labels:    map[string]string{"remote": remote},
+		})
+	}
+	return out
+}
+
+// queueing is the largest share of samples, over the target's listeners,
+// with connections waiting in an accept queue, and that listener's port.
+func (r *PoolExhaustion) queueing(w Window, from time.Time) (float64, string) {
+	best, port := 0.0, ""
+	for _, ls := range w.Store.Select("listen_queue_length") {
+		ss := w.Store.Range("listen_queue_length", ls, from)
+		if len(ss) == 0 || w.Now.Sub(ss[len(ss)-1].T) > freshness {
+			continue
+		}
+		n := 0
+		for _, s := range ss {
+			if s.V > 0 {
+				n++
+			}
+		}
+		if share := float64(n) / float64(len(ss)); share > best {
+			best, port = share, ls.Get("port")
+		}
+	}
+	return best, port
+}
