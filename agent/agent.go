@@ -150,6 +150,7 @@ type Agent struct {
 	Profiles           *signals.Profiles
 	Episodes           *signals.Episodes   // block and busy episodes of the target's threads
 	Samples            *signals.CPUSamples // recent CPU samples of the target
+	Conns              *signals.ConnEvents // how the target's connections ended
 	Symbols            *symbolize.Symbolizer
 
 	log     *slog.Logger
@@ -182,6 +183,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		Journal:  rules.NewJournal(cfg.Findings.History),
 		Profiles: signals.NewProfiles(cfg.Pprof.Keep),
 		Episodes: signals.NewEpisodes(cfg.Sched.MaxEpisodes),
+		Conns:    signals.NewConnEvents(cfg.Probes.MaxConnEvents),
 		Samples:  signals.NewCPUSamples(cfg.Profiling.MaxSamples),
 		Symbols:  symbolize.New(symbolize.Options{ProcRoot: cfg.Collect.ProcRoot, Log: log.With("component", "symbolize")}),
 		log:      log,
@@ -200,7 +202,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	}
 	a.startProbes(ctx, cfg)
 
-	eng := rules.NewEngine(allRules(cfg, ruleInputs{a.Profiles, a.Episodes, cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval.D()}}), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
+	eng := rules.NewEngine(allRules(cfg, ruleInputs{a.Profiles, a.Episodes, cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval.D()}, a.Conns}), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
 		Interval:          cfg.Rules.Interval.D(),
 		MinGap:            cfg.Rules.MinGap.D(),
 		ResolveAfter:      cfg.Rules.ResolveAfter.D(),
@@ -227,6 +229,7 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 	bw, hw, wi, ct := cfg.Rules.BlockingWorker, cfg.Rules.BusyWorker, cfg.Rules.WorkerImbalance, cfg.Rules.CPUThrottling
 	tp := cfg.Rules.ThroughputPlateau
 	cw, pe, rs, px := cfg.Rules.CloseWait, cfg.Rules.PortExhaustion, cfg.Rules.RSTStorm, cfg.Rules.PoolExhaustion
+	it := cfg.Rules.IdleTimeout
 	heapFresh := 3 * cfg.Pprof.Interval.D()
 	fd, rh, hl, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.HeapLeak, cfg.Rules.OOMAhead
 	return []rules.Rule{
@@ -305,6 +308,13 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 			MinConns: float64(px.MinConns),
 			MinQueue: px.MinQueue,
 		}),
+		rules.NewIdleTimeout(rules.IdleTimeoutOptions{
+			Window:    it.Window.D(),
+			MinCloses: it.MinCloses,
+			Tolerance: it.Tolerance,
+			MinShare:  it.MinShare,
+			MinIdle:   it.MinIdle.D(),
+		}, in.conns),
 		rules.NewCPUThrottling(rules.CPUThrottlingOptions{
 			Window:              ct.Window.D(),
 			MinThrottledRatio:   ct.MinThrottledRatio,
@@ -318,6 +328,7 @@ type ruleInputs struct {
 	profiles *signals.Profiles
 	episodes *signals.Episodes
 	hot      rules.HotFrames
+	conns    *signals.ConnEvents
 }
 
 func (a *Agent) goRun(f func()) {
@@ -442,6 +453,7 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 	}
 	ps := []probes.Probe{
 		probes.NewTCPListen(opts("tcplisten")),
+		probes.NewTCPLife(opts("tcplife"), a.Conns),
 		probes.NewSched(probes.SchedOptions{
 			Options:    opts("sched"),
 			MinBlock:   cfg.Sched.MinBlock.D(),

@@ -65,6 +65,7 @@ type Config struct {
 		PollInterval    Duration `toml:"poll_interval"`
 		MaxEntries      int      `toml:"max_entries"`
 		RingBufferBytes int      `toml:"ring_buffer_bytes"`
+		MaxConnEvents   int      `toml:"max_conn_events"`
 	} `toml:"probes"`
 	Sched struct {
 		MinBlock    Duration `toml:"min_block"`
@@ -165,6 +166,13 @@ type Config struct {
 			MinConns int      `toml:"min_conns"`
 			MinQueue float64  `toml:"min_queue"`
 		} `toml:"pool_exhaustion"`
+		IdleTimeout struct {
+			Window    Duration `toml:"window"`
+			MinCloses int      `toml:"min_closes"`
+			Tolerance float64  `toml:"tolerance"`
+			MinShare  float64  `toml:"min_share"`
+			MinIdle   Duration `toml:"min_idle"`
+		} `toml:"idle_timeout"`
 		CPUThrottling struct {
 			Window              Duration `toml:"window"`
 			MinThrottledRatio   float64  `toml:"min_throttled_ratio"`
@@ -203,6 +211,7 @@ func DefaultConfig() Config {
 	c.Probes.PollInterval = Duration(100 * time.Millisecond)
 	c.Probes.MaxEntries = 4096
 	c.Probes.RingBufferBytes = 65536
+	c.Probes.MaxConnEvents = 8192
 	c.Sched.MinBlock = Duration(100 * time.Millisecond)
 	c.Sched.BusyAfter = Duration(200 * time.Millisecond)
 	c.Sched.BusyGap = Duration(time.Millisecond)
@@ -242,6 +251,11 @@ func DefaultConfig() Config {
 	c.Rules.PoolExhaustion.Window = Duration(10 * time.Second)
 	c.Rules.PoolExhaustion.MinConns = 2
 	c.Rules.PoolExhaustion.MinQueue = 0.5
+	c.Rules.IdleTimeout.Window = Duration(5 * time.Minute)
+	c.Rules.IdleTimeout.MinCloses = 10
+	c.Rules.IdleTimeout.Tolerance = 0.1
+	c.Rules.IdleTimeout.MinShare = 0.8
+	c.Rules.IdleTimeout.MinIdle = Duration(time.Second)
 	c.Rules.CPUThrottling.Window = Duration(rules.DefaultCPUThrottlingWindow)
 	c.Rules.CPUThrottling.MinThrottledRatio = rules.DefaultCPUMinThrottledRatio
 	c.Rules.CPUThrottling.MinThrottledPeriods = rules.DefaultCPUMinThrottledPeriods
@@ -390,6 +404,8 @@ func (c *Config) Validate() error {
 		{"rules.port_exhaustion.horizon", c.Rules.PortExhaustion.Horizon.D()},
 		{"rules.rst_storm.recent", c.Rules.RSTStorm.Recent.D()},
 		{"rules.pool_exhaustion.window", c.Rules.PoolExhaustion.Window.D()},
+		{"rules.idle_timeout.window", c.Rules.IdleTimeout.Window.D()},
+		{"rules.idle_timeout.min_idle", c.Rules.IdleTimeout.MinIdle.D()},
 		{"rules.interval", c.Rules.Interval.D()},
 		{"rules.resolve_after", c.Rules.ResolveAfter.D()},
 		{"rules.accept_overflow.window", c.Rules.AcceptOverflow.Window.D()},
@@ -435,6 +451,8 @@ func (c *Config) Validate() error {
 		{"rules.close_wait.min_count", c.Rules.CloseWait.MinCount, 1},
 		{"rules.port_exhaustion.min_count", c.Rules.PortExhaustion.MinCount, 1},
 		{"rules.pool_exhaustion.min_conns", c.Rules.PoolExhaustion.MinConns, 1},
+		{"rules.idle_timeout.min_closes", c.Rules.IdleTimeout.MinCloses, 2},
+		{"probes.max_conn_events", c.Probes.MaxConnEvents, 16},
 	}
 	for _, r := range []struct {
 		key string
@@ -450,6 +468,8 @@ func (c *Config) Validate() error {
 		{"rules.close_wait.steady", c.Rules.CloseWait.Steady},
 		{"rules.port_exhaustion.near_ratio", c.Rules.PortExhaustion.NearRatio},
 		{"rules.pool_exhaustion.min_queue", c.Rules.PoolExhaustion.MinQueue},
+		{"rules.idle_timeout.tolerance", c.Rules.IdleTimeout.Tolerance},
+		{"rules.idle_timeout.min_share", c.Rules.IdleTimeout.MinShare},
 	} {
 		if r.v <= 0 || r.v > 1 {
 			return bad(r.key, "must be a ratio in (0, 1], got %g", r.v)

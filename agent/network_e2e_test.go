@@ -21,6 +21,7 @@ func networkConfig(cfg *Config) {
 	cfg.Rules.PortExhaustion.MinCount = 20
 	cfg.Rules.RSTStorm.Recent = Duration(2 * time.Second)
 	cfg.Rules.PoolExhaustion.Window = Duration(3 * time.Second)
+	cfg.Rules.IdleTimeout.Window = Duration(10 * time.Second)
 	cfg.Rules.ResolveAfter = Duration(2 * time.Second)
 }
 
@@ -102,7 +103,7 @@ func TestRSTStormFinding(t *testing.T) {
 	ev, _ := next(t, events, 10*time.Second, openedBy("rst_storm"))
 	f := ev.Finding
 	t.Logf("%s\n  %s", f.Title, f.RootCause)
-	if f.Cause != "rst_closed_port" {
+	if f.Cause != "rst_closed_port" || !strings.Contains(f.RootCause, "no_socket") {
 		t.Errorf("finding %s: %s", f.Cause, f.RootCause)
 	}
 }
@@ -158,7 +159,7 @@ func TestHealthyKeepAliveRaisesNoNetworkFinding(t *testing.T) {
 		case ev := <-events:
 			if ev.Finding != nil {
 				switch ev.Finding.Rule {
-				case "close_wait", "port_exhaustion", "rst_storm", "pool_exhaustion", "accept_overflow":
+				case "close_wait", "port_exhaustion", "rst_storm", "pool_exhaustion", "accept_overflow", "idle_timeout":
 					t.Errorf("keep-alive clients raised %s: %s", ev.Finding.Rule, ev.Finding.Title)
 				}
 			}
@@ -166,5 +167,21 @@ func TestHealthyKeepAliveRaisesNoNetworkFinding(t *testing.T) {
 			s.MustDo(t, "close")
 			return
 		}
+	}
+}
+
+// An intermediary's idle timeout: the server closes connections idle for
+// 1.2 s. Clients that keep connections open see them cut at that idle age,
+// again and again, and the finding names the peer and the age.
+func TestIdleTimeoutFinding(t *testing.T) {
+	s, events := networkScenario(t, testenv.Options{Backlog: 128, Accept: true})
+	s.MustDo(t, "idletimeout 1200")
+	repeatFor(t, s, 4*time.Second, time.Second, "dial 5")
+	ev, _ := next(t, events, 10*time.Second, openedBy("idle_timeout"))
+	f := ev.Finding
+	t.Logf("%s\n  %s\n  %s", f.Title, f.Symptom, f.Remediation)
+	remote := fmt.Sprintf("127.0.0.1:%d", s.Port)
+	if f.Cause != "intermediary_idle_timeout" || !strings.Contains(f.Title, remote) || !strings.Contains(f.Title, "1.2") {
+		t.Errorf("finding %s: %s", f.Cause, f.Title)
 	}
 }

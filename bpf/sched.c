@@ -20,6 +20,7 @@
  * All programs are tp_btf: no tracefs; CAP_BPF + CAP_PERFMON suffice. */
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
+#include "ringbuf.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 
@@ -95,18 +96,7 @@ struct {
 	__uint(max_entries, 4096);
 } stacks SEC(".maps");
 
-/* Size set from Go (probes.ring_buffer_bytes). */
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 65536);
-} blocks SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(max_entries, 1);
-} lost SEC(".maps");
+CULPRIT_RINGBUF(blocks);
 
 static __always_inline __u32 log2_u64(__u64 v)
 {
@@ -176,12 +166,7 @@ static __always_inline void end_block(struct thread_stats *st, __u32 tid, __u64 
 		.waker_tid = waker,
 	};
 	__builtin_memcpy(ev.comm, st->comm, TASK_COMM_LEN);
-	if (bpf_ringbuf_output(&blocks, &ev, sizeof(ev), 0)) {
-		__u32 zero = 0;
-		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
-		if (n)
-			__sync_fetch_and_add(n, 1);
-	}
+	CULPRIT_OUTPUT(blocks, ev);
 }
 
 static __always_inline int on_wakeup(const struct task_struct *p)

@@ -14,6 +14,7 @@
  * All programs are tp_btf: no tracefs, CAP_BPF + CAP_PERFMON suffice. */
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
+#include "ringbuf.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
@@ -56,19 +57,7 @@ struct {
 	__uint(max_entries, 4096);
 } port_stats_map SEC(".maps");
 
-/* Wake-ups for the rule engine; size set from Go (probes.ring_buffer_bytes). */
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 65536);
-} events SEC(".maps");
-
-/* Ring buffer records that did not fit. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(max_entries, 1);
-} lost SEC(".maps");
+CULPRIT_RINGBUF(events);
 
 /* One wake-up per listener per 50 ms is enough for the engine; a SYN flood
  * must not turn into a flood of ring buffer records. */
@@ -99,12 +88,7 @@ static __always_inline void wake(struct port_stats *st, struct port_key *key, __
 		return;
 	st->last_event_ns = now;
 	struct event ev = {.netns = key->netns, .port = key->port, .kind = kind, .ts = now};
-	if (bpf_ringbuf_output(&events, &ev, sizeof(ev), 0)) {
-		__u32 zero = 0;
-		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
-		if (n)
-			__sync_fetch_and_add(n, 1);
-	}
+	CULPRIT_OUTPUT(events, ev);
 }
 
 SEC("tp_btf/kfree_skb")

@@ -93,11 +93,7 @@ func (p *CPUProfile) Start(ctx context.Context, tracker *target.Tracker, store *
 	if err != nil {
 		return fmt.Errorf("cpu_profile: load spec: %w", err)
 	}
-	if p.o.MaxStacks > 0 {
-		for _, m := range []string{"counts0", "counts1", "stacks0", "stacks1"} {
-			spec.Maps[m].MaxEntries = p.o.MaxStacks
-		}
-	}
+	resize(spec, map[string]uint32{"counts0": p.o.MaxStacks, "counts1": p.o.MaxStacks, "stacks0": p.o.MaxStacks, "stacks1": p.o.MaxStacks})
 	objs := &cpuProfileObjects{}
 	if err := load("cpu_profile", spec, objs); err != nil {
 		return err

@@ -1,12 +1,19 @@
 package probes
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
+	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
+
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // load loads spec into objs (a bpf2go Objects struct). A kernel or
@@ -53,4 +60,138 @@ func closeLinks(links []link.Link) error {
 		errs = append(errs, l.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// running is what a started tracing probe owns: its kernel objects, links,
+// ring buffer reader and goroutines. stop releases them in order: the
+// goroutines end before the maps they read are freed.
+type running struct {
+	mu      sync.Mutex // also guards the embedding probe's own fields
+	objs    io.Closer
+	links   []link.Link
+	rd      *ringbuf.Reader
+	wg      sync.WaitGroup
+	cancel  context.CancelFunc
+	started bool
+}
+
+// start loads spec into objs, attaches the tp_btf programs progs returns
+// (called after loading), and opens a reader on the ring buffer events
+// returns, if it returns one. On error nothing stays loaded. The caller
+// holds mu; the returned context ends at stop.
+func (r *running) start(ctx context.Context, probe string, spec *ebpf.CollectionSpec, objs io.Closer, progs func() []tracingProg, events func() *ebpf.Map) (context.Context, error) {
+	if r.started {
+		return nil, fmt.Errorf("%s: already started", probe)
+	}
+	if err := load(probe, spec, objs); err != nil {
+		return nil, err
+	}
+	r.objs = objs
+	var err error
+	if r.links, err = attachTracing(probe, progs()...); err != nil {
+		r.release()
+		return nil, err
+	}
+	if events != nil {
+		if r.rd, err = ringbuf.NewReader(events()); err != nil {
+			r.release()
+			return nil, fmt.Errorf("%s: ring buffer reader: %w", probe, err)
+		}
+	}
+	r.started = true
+	ctx, r.cancel = context.WithCancel(ctx)
+	return ctx, nil
+}
+
+// spawn runs f in a goroutine that stop waits for.
+func (r *running) spawn(f func()) {
+	r.wg.Add(1)
+	go func() { defer r.wg.Done(); f() }()
+}
+
+// stop ends the goroutines, then frees the kernel objects. It is safe to
+// call before start and more than once.
+func (r *running) stop() error {
+	r.mu.Lock()
+	if r.cancel != nil {
+		r.cancel()
+	}
+	var errs []error
+	if r.rd != nil {
+		errs = append(errs, r.rd.Close()) // unblocks the reader
+		r.rd = nil
+	}
+	r.mu.Unlock()
+	r.wg.Wait()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return errors.Join(append(errs, r.release())...)
+}
+
+func (r *running) release() error {
+	var errs []error
+	if r.rd != nil {
+		errs = append(errs, r.rd.Close())
+		r.rd = nil
+	}
+	errs = append(errs, closeLinks(r.links))
+	r.links = nil
+	if r.objs != nil {
+		errs = append(errs, r.objs.Close())
+		r.objs = nil
+	}
+	return errors.Join(errs...)
+}
+
+// readRing calls handle with each record of rd until rd is closed.
+func readRing(probe string, rd *ringbuf.Reader, log interface{ Warn(string, ...any) }, handle func([]byte)) {
+	var rec ringbuf.Record
+	for {
+		if err := rd.ReadInto(&rec); err != nil {
+			if errors.Is(err, ringbuf.ErrClosed) {
+				return
+			}
+			log.Warn(probe+": read ring buffer", "err", err)
+			continue
+		}
+		handle(rec.RawSample)
+	}
+}
+
+// resize sets the max_entries of the named maps of spec; a zero size keeps
+// the one compiled in.
+func resize(spec *ebpf.CollectionSpec, sizes map[string]uint32) {
+	for name, n := range sizes {
+		if m, ok := spec.Maps[name]; ok && n > 0 {
+			m.MaxEntries = n
+		}
+	}
+}
+
+// every calls f every interval (100 ms if unset) until ctx ends.
+func every(ctx context.Context, interval time.Duration, f func(now time.Time)) {
+	if interval <= 0 {
+		interval = 100 * time.Millisecond
+	}
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			f(now)
+		}
+	}
+}
+
+// putProbeCounters writes the probe's event count and its ring buffer's
+// losses (the lost array of ringbuf.h).
+func putProbeCounters(store *signals.Store, probe string, events float64, lost *ebpf.Map, now time.Time) {
+	self := signals.L("probe", probe)
+	store.Put(sigProbeEvents, self, events, now)
+	var n uint64
+	if err := lost.Lookup(uint32(0), &n); err == nil {
+		store.Put(sigProbeLost, self, float64(n), now)
+	}
 }

@@ -12,11 +12,9 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
@@ -86,16 +84,10 @@ type SchedOptions struct {
 // Sched watches the scheduler for the target's threads: see bpf/sched.c.
 type Sched struct {
 	o SchedOptions
-
-	mu      sync.Mutex
-	objs    *schedObjects
-	links   []link.Link
-	rd      *ringbuf.Reader
-	wg      sync.WaitGroup
-	cancel  context.CancelFunc
-	started bool
-	target  uint32 // tgid currently in the targets map
-	events  uint64
+	running
+	objs   *schedObjects
+	target uint32 // tgid currently in the targets map
+	events uint64
 
 	// monoToWall converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall time.
 	// It is fixed at start so an episode's start, and so its identity, does
@@ -152,22 +144,12 @@ func (*Sched) Lost() []string {
 func (p *Sched) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.started {
-		return errors.New("sched: already started")
-	}
+
 	spec, err := loadSched()
 	if err != nil {
 		return fmt.Errorf("sched: load spec: %w", err)
 	}
-	if p.o.MaxThreads > 0 {
-		spec.Maps["threads"].MaxEntries = p.o.MaxThreads
-	}
-	if p.o.MaxStacks > 0 {
-		spec.Maps["stacks"].MaxEntries = p.o.MaxStacks
-	}
-	if p.o.RingBufferBytes > 0 {
-		spec.Maps["blocks"].MaxEntries = p.o.RingBufferBytes
-	}
+	resize(spec, map[string]uint32{"threads": p.o.MaxThreads, "stacks": p.o.MaxStacks, "blocks": p.o.RingBufferBytes})
 	if err := spec.Variables["min_block_ns"].Set(uint64(p.o.MinBlock)); err != nil {
 		return fmt.Errorf("sched: set min_block_ns: %w", err)
 	}
@@ -175,34 +157,26 @@ func (p *Sched) Start(ctx context.Context, tracker *target.Tracker, store *signa
 		return fmt.Errorf("sched: set busy_gap_ns: %w", err)
 	}
 	objs := &schedObjects{}
-	if err := load("sched", spec, objs); err != nil {
+	ctx, err = p.start(ctx, "sched", spec, objs, func() []tracingProg {
+		return []tracingProg{
+			{"tp_btf/sched_switch", objs.CulpritSchedSwitch},
+			{"tp_btf/sched_wakeup", objs.CulpritSchedWakeup},
+			{"tp_btf/sched_wakeup_new", objs.CulpritSchedWakeupNew},
+		}
+	}, func() *ebpf.Map { return objs.Blocks })
+	if err != nil {
 		return err
 	}
 	p.objs = objs
-	p.links, err = attachTracing("sched",
-		tracingProg{"tp_btf/sched_switch", objs.CulpritSchedSwitch},
-		tracingProg{"tp_btf/sched_wakeup", objs.CulpritSchedWakeup},
-		tracingProg{"tp_btf/sched_wakeup_new", objs.CulpritSchedWakeupNew},
-	)
-	if err != nil {
-		p.closeLocked()
-		return err
-	}
-	if p.rd, err = ringbuf.NewReader(objs.Blocks); err != nil {
-		p.closeLocked()
-		return fmt.Errorf("sched: ring buffer reader: %w", err)
-	}
 	p.monoToWall = time.Duration(time.Now().UnixNano() - monotonicNow())
 	if p.o.Symbolizer != nil {
 		// Reading kallsyms takes a few hundred ms: do it now rather than
 		// on the first long block, which would then be reported late.
 		go p.o.Symbolizer.Kernel([]uint64{0})
 	}
-	p.started = true
-	ctx, p.cancel = context.WithCancel(ctx)
-	p.wg.Add(2)
-	go func() { defer p.wg.Done(); p.readBlocks(p.rd, store) }()
-	go func() { defer p.wg.Done(); p.poll(ctx, objs, tracker, store) }()
+	rd := p.rd
+	p.spawn(func() { p.readBlocks(rd, store) })
+	p.spawn(func() { p.poll(ctx, objs, tracker, store) })
 	return nil
 }
 
@@ -216,19 +190,11 @@ func (p *Sched) wall(ktime uint64) time.Time { return time.Unix(0, int64(ktime)+
 
 // readBlocks turns each finished long sleep into a block episode.
 func (p *Sched) readBlocks(rd *ringbuf.Reader, store *signals.Store) {
-	var rec ringbuf.Record
 	var ev schedBlockEvent
-	for {
-		if err := rd.ReadInto(&rec); err != nil {
-			if errors.Is(err, ringbuf.ErrClosed) {
-				return
-			}
-			p.o.Log.Warn("sched: read ring buffer", "err", err)
-			continue
-		}
-		if err := binary.Read(bytes.NewReader(rec.RawSample), binary.LittleEndian, &ev); err != nil {
-			p.o.Log.Warn("sched: malformed block event", "len", len(rec.RawSample), "err", err)
-			continue
+	readRing("sched", rd, p.o.Log, func(raw []byte) {
+		if err := binary.Read(bytes.NewReader(raw), binary.LittleEndian, &ev); err != nil {
+			p.o.Log.Warn("sched: malformed block event", "len", len(raw), "err", err)
+			return
 		}
 		p.mu.Lock()
 		p.events++
@@ -246,7 +212,7 @@ func (p *Sched) readBlocks(rd *ringbuf.Reader, store *signals.Store) {
 			Stack: st.frames, KernelFrames: st.kernel, Waker: int(ev.WakerTid),
 		})
 		store.Notify()
-	}
+	})
 }
 
 func comm(c []int8) string {
@@ -318,41 +284,23 @@ func frameNames(s *symbolize.Symbolizer, pid int, addrs []uint64, kernel bool) [
 }
 
 func (p *Sched) poll(ctx context.Context, objs *schedObjects, tracker *target.Tracker, store *signals.Store) {
-	interval := p.o.PollInterval
-	if interval <= 0 {
-		interval = 100 * time.Millisecond
-	}
-	tick := time.NewTicker(interval)
-	defer tick.Stop()
-	self := signals.L("probe", p.Name())
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		now := time.Now()
+	every(ctx, p.o.PollInterval, func(now time.Time) {
 		p.mu.Lock()
 		events := p.events
 		p.mu.Unlock()
-		store.Put(sigProbeEvents, self, float64(events), now)
-		var zero uint32
-		var lost uint64
-		if err := objs.Lost.Lookup(&zero, &lost); err == nil {
-			store.Put(sigProbeLost, self, float64(lost), now)
-		}
+		putProbeCounters(store, p.Name(), float64(events), objs.Lost, now)
 		tgt, ok := tracker.Current()
 		if !ok {
-			continue
+			return
 		}
 		if err := p.setTarget(objs, uint32(tgt.PID)); err != nil {
 			p.o.Log.Warn("sched: set target", "err", err)
-			continue
+			return
 		}
 		if err := p.readThreads(objs, tgt.PID, store, now); err != nil {
 			p.o.Log.Warn("sched: read threads", "err", err)
 		}
-	}
+	})
 }
 
 // setTarget keeps the targets map to the one process watched, and drops
@@ -617,33 +565,9 @@ func (p *Sched) endBusy(still map[int]bool) {
 // Close detaches the programs and frees their maps. It is safe to call
 // before Start and more than once.
 func (p *Sched) Close() error {
+	err := p.stop()
 	p.mu.Lock()
-	if p.cancel != nil {
-		p.cancel()
-	}
-	var errs []error
-	if p.rd != nil {
-		errs = append(errs, p.rd.Close())
-		p.rd = nil
-	}
+	p.objs = nil
 	p.mu.Unlock()
-	p.wg.Wait()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return errors.Join(append(errs, p.closeLocked())...)
-}
-
-func (p *Sched) closeLocked() error {
-	var errs []error
-	if p.rd != nil {
-		errs = append(errs, p.rd.Close())
-		p.rd = nil
-	}
-	errs = append(errs, closeLinks(p.links))
-	p.links = nil
-	if p.objs != nil {
-		errs = append(errs, p.objs.Close())
-		p.objs = nil
-	}
-	return errors.Join(errs...)
+	return err
 }

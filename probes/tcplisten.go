@@ -4,13 +4,11 @@ package probes
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strconv"
-	"sync"
 	"time"
 
-	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -35,15 +33,8 @@ var (
 // queue is full. See bpf/tcp_listen.c for why these three tracepoints.
 type TCPListen struct {
 	o Options
-
-	mu      sync.Mutex
-	objs    *tcpListenObjects
-	links   []link.Link
-	rd      *ringbuf.Reader
-	wg      sync.WaitGroup
-	cancel  context.CancelFunc
-	events  uint64
-	started bool
+	running
+	events uint64
 }
 
 // NewTCPListen returns the probe, not yet loaded.
@@ -63,98 +54,53 @@ func (*TCPListen) Lost() []string {
 func (p *TCPListen) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.started {
-		return errors.New("tcplisten: already started")
-	}
 	spec, err := loadTcpListen()
 	if err != nil {
 		return fmt.Errorf("tcplisten: load spec: %w", err)
 	}
-	if p.o.MaxEntries > 0 {
-		spec.Maps["port_stats_map"].MaxEntries = p.o.MaxEntries
-	}
-	if p.o.RingBufferBytes > 0 {
-		spec.Maps["events"].MaxEntries = p.o.RingBufferBytes
-	}
+	resize(spec, map[string]uint32{"port_stats_map": p.o.MaxEntries, "events": p.o.RingBufferBytes})
 	objs := &tcpListenObjects{}
-	if err := load("tcplisten", spec, objs); err != nil {
+	ctx, err = p.start(ctx, "tcplisten", spec, objs, func() []tracingProg {
+		return []tracingProg{
+			{"tp_btf/kfree_skb", objs.CulpritKfreeSkb},
+			{"tp_btf/tcp_retransmit_synack", objs.CulpritRetransmitSynack},
+			{"tp_btf/inet_sock_set_state", objs.CulpritInetSockSetState},
+		}
+	}, func() *ebpf.Map { return objs.Events })
+	if err != nil {
 		return err
 	}
-	p.objs = objs
-	p.links, err = attachTracing("tcplisten",
-		tracingProg{"tp_btf/kfree_skb", objs.CulpritKfreeSkb},
-		tracingProg{"tp_btf/tcp_retransmit_synack", objs.CulpritRetransmitSynack},
-		tracingProg{"tp_btf/inet_sock_set_state", objs.CulpritInetSockSetState},
-	)
-	if err != nil {
-		p.closeLocked()
-		return err
-	}
-	rd, err := ringbuf.NewReader(objs.Events)
-	if err != nil {
-		p.closeLocked()
-		return fmt.Errorf("tcplisten: ring buffer reader: %w", err)
-	}
-	p.rd = rd
-	p.started = true
-	ctx, p.cancel = context.WithCancel(ctx)
-	p.wg.Add(2)
-	go func() { defer p.wg.Done(); p.readEvents(rd, store) }()
-	go func() { defer p.wg.Done(); p.poll(ctx, objs, tracker, store) }()
+	rd := p.rd
+	p.spawn(func() { p.readEvents(rd, store) })
+	p.spawn(func() { p.poll(ctx, objs, tracker, store) })
 	return nil
 }
 
 // readEvents turns each ring buffer record into a wake-up of the rule
 // engine; the counts themselves are read from the map by poll.
 func (p *TCPListen) readEvents(rd *ringbuf.Reader, store *signals.Store) {
-	var rec ringbuf.Record
-	for {
-		if err := rd.ReadInto(&rec); err != nil {
-			if errors.Is(err, ringbuf.ErrClosed) {
-				return
-			}
-			p.o.Log.Warn("tcplisten: read ring buffer", "err", err)
-			continue
-		}
+	readRing("tcplisten", rd, p.o.Log, func([]byte) {
 		p.mu.Lock()
 		p.events++
 		p.mu.Unlock()
 		store.Notify()
-	}
+	})
 }
 
 func (p *TCPListen) poll(ctx context.Context, objs *tcpListenObjects, tracker *target.Tracker, store *signals.Store) {
-	interval := p.o.PollInterval
-	if interval <= 0 {
-		interval = 100 * time.Millisecond
-	}
-	tick := time.NewTicker(interval)
-	defer tick.Stop()
-	self := signals.L("probe", p.Name())
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		now := time.Now()
+	every(ctx, p.o.PollInterval, func(now time.Time) {
 		p.mu.Lock()
 		events := p.events
 		p.mu.Unlock()
-		store.Put(sigProbeEvents, self, float64(events), now)
-		var zero uint32
-		var lost uint64
-		if err := objs.Lost.Lookup(&zero, &lost); err == nil {
-			store.Put(sigProbeLost, self, float64(lost), now)
-		}
+		putProbeCounters(store, p.Name(), float64(events), objs.Lost, now)
 		tgt, ok := tracker.Current()
 		if !ok {
-			continue
+			return
 		}
 		if err := p.readPorts(objs, uint32(tgt.NetnsIno), store, now); err != nil {
 			p.o.Log.Warn("tcplisten: read port stats", "err", err)
 		}
-	}
+	})
 }
 
 // readPorts copies the target namespace's entries into the store. Entries
@@ -182,36 +128,4 @@ func (p *TCPListen) readPorts(objs *tcpListenObjects, netns uint32, store *signa
 
 // Close detaches the programs and frees their maps. It is safe to call
 // before Start and more than once.
-func (p *TCPListen) Close() error {
-	// Stop the goroutines before the maps they read go away: cancel the
-	// poller, unblock the reader, wait, then free the kernel objects.
-	p.mu.Lock()
-	if p.cancel != nil {
-		p.cancel()
-	}
-	var errs []error
-	if p.rd != nil {
-		errs = append(errs, p.rd.Close())
-		p.rd = nil
-	}
-	p.mu.Unlock()
-	p.wg.Wait()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return errors.Join(append(errs, p.closeLocked())...)
-}
-
-func (p *TCPListen) closeLocked() error {
-	var errs []error
-	if p.rd != nil {
-		errs = append(errs, p.rd.Close())
-		p.rd = nil
-	}
-	errs = append(errs, closeLinks(p.links))
-	p.links = nil
-	if p.objs != nil {
-		errs = append(errs, p.objs.Close())
-		p.objs = nil
-	}
-	return errors.Join(errs...)
-}
+func (p *TCPListen) Close() error { return p.stop() }

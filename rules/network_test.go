@@ -116,3 +116,39 @@ func TestPoolExhaustion(t *testing.T) {
 		t.Errorf("elastic pool raised %+v", obs)
 	}
 }
+
+type connEvents []signals.ConnEvent
+
+func (c connEvents) Since(time.Time) []signals.ConnEvent { return c }
+
+func TestIdleTimeout(t *testing.T) {
+	now := time.Now()
+	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 10, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second}, nil)
+	mk := func(idles ...time.Duration) connEvents {
+		var out connEvents
+		for _, d := range idles {
+			out = append(out, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40001, Idle: d})
+		}
+		return out
+	}
+	cut := []time.Duration{}
+	for i := range 12 {
+		cut = append(cut, 350*time.Second+time.Duration(i)*100*time.Millisecond)
+	}
+	r.src = mk(cut...)
+	obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseIntermediaryIdleTimeout || !strings.Contains(obs[0].Title, "10.0.0.7:443") || !strings.Contains(obs[0].Title, "5m50") {
+		t.Fatalf("closes at 350 s idle: %+v", obs)
+	}
+	// Silence: peers closing at varied idle ages (clients going away), and
+	// closes of busy connections (idle under a second).
+	for _, idles := range [][]time.Duration{
+		{1 * time.Second, 3 * time.Second, 9 * time.Second, 20 * time.Second, 2 * time.Second, 40 * time.Second, 5 * time.Second, 12 * time.Second, 7 * time.Second, 30 * time.Second, 60 * time.Second},
+		{10 * time.Millisecond, 12 * time.Millisecond, 11 * time.Millisecond, 10 * time.Millisecond, 10 * time.Millisecond, 13 * time.Millisecond, 10 * time.Millisecond, 11 * time.Millisecond, 12 * time.Millisecond, 10 * time.Millisecond},
+	} {
+		r.src = mk(idles...)
+		if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now}); len(obs) != 0 {
+			t.Errorf("%v raised %+v", idles, obs)
+		}
+	}
+}

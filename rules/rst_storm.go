@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -54,6 +55,22 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	abortOnOverflow, _ := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
 
 	ev := []Evidence{{Signal: "tcp_out_rsts_total", Value: rate, Threshold: r.o.MinRate, Unit: "/s", Window: r.o.Recent, Note: "resets sent by the namespace"}}
+	// The kernel's own reason for each reset (eBPF tcp_send_reset), when
+	// the tcplife probe runs, settles the path.
+	top, topRate, reasons := "", 0.0, ""
+	for _, ls := range w.Store.Select("tcp_resets_sent_total") {
+		v := w.Store.Increase("tcp_resets_sent_total", ls, from) / secs
+		if v > topRate {
+			top, topRate = ls.Get("reason"), v
+		}
+	}
+	if top != "" {
+		reasons = fmt.Sprintf(" The kernel's reason for most of them (%.0f/s): %s.", topRate, top)
+		ev = append(ev, Evidence{Signal: fmt.Sprintf("tcp_resets_sent_total{reason=%q}", top), Value: topRate, Unit: "/s", Window: r.o.Recent, Note: "the most frequent reset reason (eBPF)"})
+		if strings.HasPrefix(top, "tcp_abort_on_") && aborts < rate/4 {
+			aborts = topRate
+		}
+	}
 	o := Observation{Severity: SeverityWarning, Confidence: 0.7}
 	switch {
 	case abortOnOverflow.V == 1 && overflows >= rate/4:
@@ -73,6 +90,10 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 		o.RootCause = fmt.Sprintf("the resets answer segments that reach no socket (no overflow with abort, %.1f/s application aborts): clients connect to a port nothing listens on, or send on connections this side already forgot", aborts)
 		o.Remediation = "find the clients: connections to a port during a restart (use a readiness probe and drain before stopping), a wrong port in a health check or client config, or a peer that keeps sending on a connection that timed out here (align idle timeouts)"
 	}
+	if top == "no_socket" && o.Cause == CauseRSTClosedPort {
+		o.Confidence = 0.9
+	}
+	o.RootCause += "." + reasons
 	o.Title = fmt.Sprintf("RST storm: %.0f resets/s sent", rate)
 	o.Symptom = fmt.Sprintf("the target's network namespace sent %.1f resets per second over the last %s; clients see \"connection reset by peer\" or \"connection refused\"", rate, r.o.Recent)
 	o.Evidence = ev

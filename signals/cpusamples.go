@@ -23,20 +23,13 @@ type StackSample struct {
 // recent window (a finding's, or one asked for over gRPC) can be built
 // without profiling again. It is safe for concurrent use.
 type CPUSamples struct {
-	mu      sync.RWMutex
-	ring    []StackSample
-	head, n int
-	evicted uint64
-	period  time.Duration
+	mu     sync.RWMutex
+	r      ring[StackSample]
+	period time.Duration
 }
 
 // NewCPUSamples keeps at most max samples (at least one).
-func NewCPUSamples(max int) *CPUSamples {
-	if max < 1 {
-		max = 1
-	}
-	return &CPUSamples{ring: make([]StackSample, max)}
-}
+func NewCPUSamples(max int) *CPUSamples { return &CPUSamples{r: newRing[StackSample](max)} }
 
 // SetPeriod records the sampling period the samples were taken at.
 func (c *CPUSamples) SetPeriod(d time.Duration) {
@@ -57,13 +50,7 @@ func (c *CPUSamples) Add(ss []StackSample) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, s := range ss {
-		if c.n == len(c.ring) {
-			c.evicted++
-		} else {
-			c.n++
-		}
-		c.ring[c.head] = s
-		c.head = (c.head + 1) % len(c.ring)
+		c.r.add(s)
 	}
 }
 
@@ -73,13 +60,11 @@ func (c *CPUSamples) Range(from, to time.Time) []StackSample {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	var out []StackSample
-	start := (c.head - c.n + len(c.ring)) % len(c.ring)
-	for i := 0; i < c.n; i++ {
-		s := c.ring[(start+i)%len(c.ring)]
+	c.r.each(func(s StackSample) {
 		if s.T.After(from) && !s.T.After(to) {
 			out = append(out, s)
 		}
-	}
+	})
 	return out
 }
 
@@ -87,5 +72,5 @@ func (c *CPUSamples) Range(from, to time.Time) []StackSample {
 func (c *CPUSamples) Evicted() uint64 {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	return c.evicted
+	return c.r.evicted
 }

@@ -69,45 +69,36 @@ type episodeKey struct {
 // replaced in place as it grows and when it ends, so a thread blocked for a
 // minute is one entry, not sixty. It is safe for concurrent use.
 type Episodes struct {
-	mu      sync.RWMutex
-	ring    []Episode
-	index   map[episodeKey]int // position in ring
-	head, n int
-	dropped uint64 // evicted before their time: the bound is too small
+	mu    sync.RWMutex
+	r     ring[Episode]
+	index map[episodeKey]int // position in r.buf
 }
 
 // NewEpisodes keeps at most max episodes (at least one).
 func NewEpisodes(max int) *Episodes {
-	if max < 1 {
-		max = 1
-	}
-	return &Episodes{ring: make([]Episode, max), index: make(map[episodeKey]int, max)}
+	return &Episodes{r: newRing[Episode](max), index: make(map[episodeKey]int)}
 }
+
+func keyOf(e Episode) episodeKey { return episodeKey{e.Kind, e.Tid, e.Start} }
 
 // Put adds e, or replaces the episode of the same kind, thread and start
 // (unless that one has ended and e says it is ongoing).
 func (es *Episodes) Put(e Episode) {
-	k := episodeKey{e.Kind, e.Tid, e.Start}
+	k := keyOf(e)
 	es.mu.Lock()
 	defer es.mu.Unlock()
 	if i, ok := es.index[k]; ok {
 		// A late report that it is still going on must not undo its end.
-		if !es.ring[i].Ongoing && e.Ongoing {
+		if !es.r.buf[i].Ongoing && e.Ongoing {
 			return
 		}
-		es.ring[i] = e
+		es.r.buf[i] = e
 		return
 	}
-	if es.n == len(es.ring) {
-		old := es.ring[es.head]
-		delete(es.index, episodeKey{old.Kind, old.Tid, old.Start})
-		es.dropped++
-	} else {
-		es.n++
+	if old, full := es.r.oldest(); full {
+		delete(es.index, keyOf(old))
 	}
-	es.ring[es.head] = e
-	es.index[k] = es.head
-	es.head = (es.head + 1) % len(es.ring)
+	es.index[k] = es.r.add(e)
 }
 
 // Since returns the episodes of kind that were going on at or after from,
@@ -116,13 +107,11 @@ func (es *Episodes) Since(kind string, from time.Time) []Episode {
 	es.mu.RLock()
 	defer es.mu.RUnlock()
 	var out []Episode
-	start := (es.head - es.n + len(es.ring)) % len(es.ring)
-	for i := 0; i < es.n; i++ {
-		e := es.ring[(start+i)%len(es.ring)]
+	es.r.each(func(e Episode) {
 		if e.Kind == kind && !e.End().Before(from) {
 			out = append(out, e)
 		}
-	}
+	})
 	return out
 }
 
@@ -130,5 +119,5 @@ func (es *Episodes) Since(kind string, from time.Time) []Episode {
 func (es *Episodes) Evicted() uint64 {
 	es.mu.RLock()
 	defer es.mu.RUnlock()
-	return es.dropped
+	return es.r.evicted
 }

@@ -39,6 +39,10 @@ enum {
 /* TCP states, from include/net/tcp_states.h: part of the user ABI. */
 enum {
 	TCP_ESTABLISHED = 1,
+	TCP_SYN_SENT = 2,
+	TCP_FIN_WAIT1 = 4,
+	TCP_CLOSE = 7,
+	TCP_CLOSE_WAIT = 8,
 	TCP_SYN_RECV = 3,
 	TCP_LISTEN = 10,
 };
@@ -55,10 +59,19 @@ typedef struct {
 	struct net *net;
 } possible_net_t;
 
+struct in6_addr {
+	union {
+		__u8 u6_addr8[16];
+	} in6_u;
+} __attribute__((preserve_access_index));
+
 struct sock_common {
+	__be32 skc_daddr;
+	__be16 skc_dport;
 	__u16 skc_num;
 	unsigned short skc_family;
 	possible_net_t skc_net;
+	struct in6_addr skc_v6_daddr;
 } __attribute__((preserve_access_index));
 
 struct sock {
@@ -109,3 +122,22 @@ struct task_struct {
 } __attribute__((preserve_access_index));
 
 struct bpf_perf_event_data;
+
+/* TCP connection lifetimes. */
+struct inet_connection_sock {
+	struct {
+		__u32 lrcvtime;
+	} __attribute__((preserve_access_index)) icsk_ack;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock {
+	struct inet_connection_sock inet_conn;
+	__u32 lsndtime;
+} __attribute__((preserve_access_index));
+
+enum sk_rst_reason {
+	SK_RST_REASON_NOT_SPECIFIED = 0,
+};
+
+#define AF_INET 2
+#define AF_INET6 10

@@ -45,6 +45,8 @@ func Main(m interface{ Run() int }) {
 //	close           close every kept client connection
 //	leakclose on|off  the handler stops closing connections the peer closed
 //	                  (they stay in CLOSE_WAIT, as in an app that leaks them)
+//	idletimeout MS  the handler closes connections idle for MS ms (as a load
+//	                balancer's idle timeout does); 0 turns it off
 //	dialclosed N    connect N times to a port nothing listens on (RSTs)
 //	sysctl K V      write sysctl K (net.ipv4.ip_local_port_range...) in the
 //	                child's netns; V may contain spaces as "40000_40199"
@@ -99,7 +101,18 @@ func serverMain() int {
 	var leakClose atomic.Bool
 	var leakedMu sync.Mutex
 	var leaked []net.Conn
+	var idleTimeout atomic.Int64
 	handle := func(c net.Conn) {
+		if d := time.Duration(idleTimeout.Load()); d > 0 {
+			buf := make([]byte, 512)
+			for {
+				_ = c.SetReadDeadline(time.Now().Add(d))
+				if _, err := c.Read(buf); err != nil {
+					c.Close()
+					return
+				}
+			}
+		}
 		if !leakClose.Load() {
 			faults.DrainAndClose(c)
 			return
@@ -152,6 +165,9 @@ func serverMain() int {
 			fmt.Printf("ok %d established\n", faults.Burst(ctx, addr, n, 10*time.Second))
 		case "leakclose":
 			leakClose.Store(len(f) > 1 && f[1] == "on")
+			fmt.Println("ok")
+		case "idletimeout":
+			idleTimeout.Store(int64(time.Duration(n) * time.Millisecond))
 			fmt.Println("ok")
 		case "dialclosed":
 			refused := 0

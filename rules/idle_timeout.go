@@ -1,0 +1,137 @@
+package rules
+
+import (
+	"fmt"
+	"slices"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+)
+
+// CauseIntermediaryIdleTimeout is idle_timeout's root cause.
+const CauseIntermediaryIdleTimeout = "intermediary_idle_timeout"
+
+// ConnEventSource is what idle_timeout reads: how connections ended
+// (signals.ConnEvents, from the tcplife probe).
+type ConnEventSource interface {
+	Since(from time.Time) []signals.ConnEvent
+}
+
+// IdleTimeoutOptions ([rules.idle_timeout] in agent.conf).
+type IdleTimeoutOptions struct {
+	Window    time.Duration // closes are looked at over this window
+	MinCloses int           // peer closes of one peer group before judging
+	Tolerance float64       // idle ages within this fraction of the median are "the same"
+	MinShare  float64       // share of closes at the same idle age
+	MinIdle   time.Duration // shorter idle ages are ordinary request/response closes
+}
+
+// IdleTimeout names an intermediary (a load balancer, NAT gateway,
+// firewall, service-mesh proxy) that cuts idle connections (seed 000
+// "Platform"): many connections closed or reset by the peer at the same
+// idle age. The app's next request on such a connection fails, or its pool
+// hands out dead connections.
+type IdleTimeout struct {
+	o   IdleTimeoutOptions
+	src ConnEventSource
+}
+
+func NewIdleTimeout(o IdleTimeoutOptions, src ConnEventSource) *IdleTimeout {
+	return &IdleTimeout{o: o, src: src}
+}
+
+func (*IdleTimeout) Name() string { return "idle_timeout" }
+
+func (r *IdleTimeout) Evaluate(w Window) []Observation {
+	if r.src == nil {
+		return nil
+	}
+	// Peers of a listening port connect from ever-changing ports: group
+	// them by the local port; outbound connections by the remote.
+	listening := map[string]bool{}
+	for _, ls := range w.Store.Select("tcp_sockets") {
+		if ls.Get("state") == "LISTEN" {
+			listening[ls.Get("port")] = true
+		}
+	}
+	groups := map[string][]signals.ConnEvent{}
+	for _, e := range r.src.Since(w.Now.Add(-r.o.Window)) {
+		if e.Kind != signals.ConnPeerClose && e.Kind != signals.ConnResetReceived {
+			continue
+		}
+		key := e.Remote
+		if lp := strconv.Itoa(e.LocalPort); listening[lp] {
+			key = "clients of port " + lp
+		}
+		groups[key] = append(groups[key], e)
+	}
+	keys := make([]string, 0, len(groups))
+	for k := range groups {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	var out []Observation
+	for _, k := range keys {
+		if o, ok := r.group(k, groups[k]); ok {
+			out = append(out, o)
+		}
+	}
+	return out
+}
+
+func (r *IdleTimeout) group(key string, es []signals.ConnEvent) (Observation, bool) {
+	if len(es) < r.o.MinCloses {
+		return Observation{}, false
+	}
+	idles := make([]time.Duration, len(es))
+	resets := 0
+	for i, e := range es {
+		idles[i] = e.Idle
+		if e.Kind == signals.ConnResetReceived {
+			resets++
+		}
+	}
+	slices.Sort(idles)
+	median := idles[len(idles)/2]
+	if median < r.o.MinIdle {
+		return Observation{}, false
+	}
+	tol := time.Duration(r.o.Tolerance * float64(median))
+	same := 0
+	for _, d := range idles {
+		if d >= median-tol && d <= median+tol {
+			same++
+		}
+	}
+	share := float64(same) / float64(len(idles))
+	if share < r.o.MinShare {
+		return Observation{}, false
+	}
+	how := "closed (FIN)"
+	if resets > len(es)/2 {
+		how = "reset (RST)"
+	}
+	beat := time.Duration(0.8 * float64(median)).Round(100 * time.Millisecond)
+	return Observation{
+		Key:   key,
+		Cause: CauseIntermediaryIdleTimeout,
+		Title: fmt.Sprintf("Connections with %s cut after %s idle: an intermediary's idle timeout", key, fmtDur(median.Round(10*time.Millisecond))),
+		Symptom: fmt.Sprintf("%d of %d connections with %s were %s by the peer after %s ±%.0f%% without traffic, in the last %s",
+			same, len(es), key, how, fmtDur(median.Round(10*time.Millisecond)), 100*r.o.Tolerance, r.o.Window),
+		RootCause: fmt.Sprintf("something between the app and %s closes connections idle for %s: a load balancer, NAT gateway, firewall or proxy idle timeout (the ends themselves close at varied ages). Requests sent on a connection just cut fail with a reset or EOF",
+			key, fmtDur(median.Round(10*time.Millisecond))),
+		Remediation: fmt.Sprintf("keep connections busier than the timeout or retire them first: send heartbeats or TCP keepalives every %s or less, set the connection pool's idle timeout / max idle time below %s, or raise the intermediary's idle timeout",
+			fmtDur(beat), fmtDur(median.Round(10*time.Millisecond))),
+		Severity:   SeverityWarning,
+		Confidence: 0.5 + 0.4*share,
+		Evidence: []Evidence{
+			{Signal: fmt.Sprintf("tcp_connection_ends_total{how=%q}", "peer_close"), Value: float64(len(es)), Threshold: float64(r.o.MinCloses), Unit: "connections", Window: r.o.Window},
+			{Signal: "idle age at the peer's close (median)", Value: median.Seconds(), Threshold: r.o.MinIdle.Seconds(), Unit: "seconds"},
+			{Signal: "share of closes at that idle age", Value: share, Threshold: r.o.MinShare, Unit: "ratio"},
+		},
+		Artifacts: []Artifact{{Kind: "endpoint", Value: key}},
+		Labels:    map[string]string{"peer": key},
+	}, true
+}

@@ -1,0 +1,66 @@
+package signals
+
+import (
+	"sync"
+	"time"
+)
+
+// ConnEvent is one moment in the life of one TCP connection of the target's
+// network namespace: how it ended (who closed first, and how long it had
+// been idle), or how long its handshake took.
+type ConnEvent struct {
+	T         time.Time
+	Kind      string // ConnPeerClose, ConnLocalClose, ConnResetReceived, ConnOpened
+	Remote    string // ip:port
+	LocalPort int
+	// Idle is the time since the later of the last data received and sent
+	// (closes only); Lifetime is how long the connection was established,
+	// or for ConnOpened the handshake time. 0 when unknown.
+	Idle, Lifetime time.Duration
+}
+
+// ConnEvent kinds.
+const (
+	ConnPeerClose     = "peer_close"
+	ConnLocalClose    = "local_close"
+	ConnResetReceived = "reset_received"
+	ConnOpened        = "opened"
+)
+
+// ConnEvents keeps the last max connection events, for rules that need
+// more than a count: the idle ages at which peers close connections. It
+// is safe for concurrent use.
+type ConnEvents struct {
+	mu sync.RWMutex
+	r  ring[ConnEvent]
+}
+
+// NewConnEvents keeps at most max events (at least one).
+func NewConnEvents(max int) *ConnEvents { return &ConnEvents{r: newRing[ConnEvent](max)} }
+
+// Add appends e, evicting the oldest when full.
+func (c *ConnEvents) Add(e ConnEvent) {
+	c.mu.Lock()
+	c.r.add(e)
+	c.mu.Unlock()
+}
+
+// Since returns the events at or after from, oldest first.
+func (c *ConnEvents) Since(from time.Time) []ConnEvent {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	var out []ConnEvent
+	c.r.each(func(e ConnEvent) {
+		if !e.T.Before(from) {
+			out = append(out, e)
+		}
+	})
+	return out
+}
+
+// Evicted is how many events were pushed out by newer ones.
+func (c *ConnEvents) Evicted() uint64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.r.evicted
+}
