@@ -229,7 +229,7 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 	bw, hw, wi, ct := cfg.Rules.BlockingWorker, cfg.Rules.BusyWorker, cfg.Rules.WorkerImbalance, cfg.Rules.CPUThrottling
 	tp := cfg.Rules.ThroughputPlateau
 	cw, pe, rs, px := cfg.Rules.CloseWait, cfg.Rules.PortExhaustion, cfg.Rules.RSTStorm, cfg.Rules.PoolExhaustion
-	it := cfg.Rules.IdleTimeout
+	it, sb := cfg.Rules.IdleTimeout, cfg.Rules.SYNBacklog
 	heapFresh := 3 * cfg.Pprof.Interval.D()
 	fd, rh, hl, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.HeapLeak, cfg.Rules.OOMAhead
 	return []rules.Rule{
@@ -307,6 +307,11 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 			Window:   px.Window.D(),
 			MinConns: float64(px.MinConns),
 			MinQueue: px.MinQueue,
+		}),
+		rules.NewSYNBacklog(rules.SYNBacklogOptions{
+			Recent:     sb.Recent.D(),
+			MinDrops:   float64(sb.MinDrops),
+			MinSources: float64(sb.MinSources),
 		}),
 		rules.NewIdleTimeout(rules.IdleTimeoutOptions{
 			Window:    it.Window.D(),

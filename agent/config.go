@@ -166,6 +166,11 @@ type Config struct {
 			MinConns int      `toml:"min_conns"`
 			MinQueue float64  `toml:"min_queue"`
 		} `toml:"pool_exhaustion"`
+		SYNBacklog struct {
+			Recent     Duration `toml:"recent"`
+			MinDrops   int      `toml:"min_drops"`
+			MinSources int      `toml:"min_sources"`
+		} `toml:"syn_backlog"`
 		IdleTimeout struct {
 			Window    Duration `toml:"window"`
 			MinCloses int      `toml:"min_closes"`
@@ -251,6 +256,9 @@ func DefaultConfig() Config {
 	c.Rules.PoolExhaustion.Window = Duration(10 * time.Second)
 	c.Rules.PoolExhaustion.MinConns = 2
 	c.Rules.PoolExhaustion.MinQueue = 0.5
+	c.Rules.SYNBacklog.Recent = Duration(5 * time.Second)
+	c.Rules.SYNBacklog.MinDrops = 10
+	c.Rules.SYNBacklog.MinSources = 20
 	c.Rules.IdleTimeout.Window = Duration(5 * time.Minute)
 	c.Rules.IdleTimeout.MinCloses = 10
 	c.Rules.IdleTimeout.Tolerance = 0.1
@@ -405,6 +413,7 @@ func (c *Config) Validate() error {
 		{"rules.rst_storm.recent", c.Rules.RSTStorm.Recent.D()},
 		{"rules.pool_exhaustion.window", c.Rules.PoolExhaustion.Window.D()},
 		{"rules.idle_timeout.window", c.Rules.IdleTimeout.Window.D()},
+		{"rules.syn_backlog.recent", c.Rules.SYNBacklog.Recent.D()},
 		{"rules.idle_timeout.min_idle", c.Rules.IdleTimeout.MinIdle.D()},
 		{"rules.interval", c.Rules.Interval.D()},
 		{"rules.resolve_after", c.Rules.ResolveAfter.D()},
@@ -452,6 +461,8 @@ func (c *Config) Validate() error {
 		{"rules.port_exhaustion.min_count", c.Rules.PortExhaustion.MinCount, 1},
 		{"rules.pool_exhaustion.min_conns", c.Rules.PoolExhaustion.MinConns, 1},
 		{"rules.idle_timeout.min_closes", c.Rules.IdleTimeout.MinCloses, 2},
+		{"rules.syn_backlog.min_drops", c.Rules.SYNBacklog.MinDrops, 1},
+		{"rules.syn_backlog.min_sources", c.Rules.SYNBacklog.MinSources, 2},
 		{"probes.max_conn_events", c.Probes.MaxConnEvents, 16},
 	}
 	for _, r := range []struct {

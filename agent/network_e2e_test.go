@@ -185,3 +185,28 @@ func TestIdleTimeoutFinding(t *testing.T) {
 		t.Errorf("finding %s: %s", f.Cause, f.Title)
 	}
 }
+
+// A SYN flood: 600 SYNs from 200 spoofed addresses, arriving over a veth
+// from another namespace, whose handshakes never complete. The SYN queue
+// fills, the kernel answers with syncookies, and the finding calls it a
+// flood rather than a burst of clients.
+func TestSYNFloodFinding(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 16, Accept: true, AllInterfaces: true})
+	s.MustDo(t, "sysctl net.ipv4.conf.all.rp_filter 0")
+	s.MustDo(t, "sysctl net.ipv4.conf.default.rp_filter 0")
+	cfg := testConfig(t, s.PID)
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, s.Port)
+	events, _ := watch(t, c, 0)
+	testenv.SYNFlood(t, s.PID, s.Port, 600, 200)
+	ev, _ := next(t, events, 10*time.Second, openedBy("syn_backlog"))
+	f := ev.Finding
+	t.Logf("%s\n  %s\n  %s", f.Title, f.RootCause, f.Remediation)
+	for _, e := range f.Evidence {
+		t.Logf("  evidence %s = %v", e.Signal, e.Value)
+	}
+	if f.Cause != "syn_flood" || !strings.Contains(f.Remediation, "syncookies") {
+		t.Errorf("finding %s: %s", f.Cause, f.Title)
+	}
+}

@@ -36,6 +36,8 @@ var (
 		Help: "1 when the accept queue was full at this sample (queue length > backlog, the kernel's sk_acceptq_is_full), else 0."}
 	listenSynRecvDesc = &signals.Desc{Name: "listen_syn_recv", Kind: signals.Gauge,
 		Help: "Half-open connections (SYN_RECV) waiting for the handshake to complete on the listener."}
+	listenSynRecvSourcesDesc = &signals.Desc{Name: "listen_syn_recv_sources", Kind: signals.Gauge,
+		Help: "Distinct remote addresses of the listener's half-open connections: a SYN flood comes from many, a burst of real clients from few."}
 	listenOverflowsDesc = &signals.Desc{Name: "listen_overflows_total", Kind: signals.Counter,
 		Help: "Share of the namespace's ListenOverflows attributed to this listener by queue-full sampling and per-port probe counters."}
 	listenOverflowsUnattributedDesc = &signals.Desc{Name: "listen_overflows_unattributed_total", Kind: signals.Counter,
@@ -91,6 +93,7 @@ type diagSocket struct {
 	State  uint8
 	Addr   netip.Addr // local address
 	Port   uint16     // local port
+	Remote netip.Addr // remote address
 	RQueue uint32     // LISTEN: accept queue length; else bytes unread
 	WQueue uint32     // LISTEN: max accept queue length
 	Inode  uint32
@@ -112,8 +115,10 @@ func parseInetDiagMsg(b []byte) (diagSocket, error) {
 	switch s.Family {
 	case unix.AF_INET:
 		s.Addr = netip.AddrFrom4([4]byte(b[8:12]))
+		s.Remote = netip.AddrFrom4([4]byte(b[24:28]))
 	case unix.AF_INET6:
 		s.Addr = netip.AddrFrom16([16]byte(b[8:24]))
+		s.Remote = netip.AddrFrom16([16]byte(b[24:40]))
 	default:
 		return diagSocket{}, fmt.Errorf("inet_diag_msg: address family %d", s.Family)
 	}
@@ -144,7 +149,10 @@ type listenerSample struct {
 	Backlog uint32 // sum of idiag_wqueue
 	Full    bool   // some member had rqueue > wqueue
 	SynRecv int
-	Owned   bool // some member is held open by the target
+	// SynRecvSources is how many distinct remote addresses the half-open
+	// connections come from: a flood's are many, a burst's few.
+	SynRecvSources int
+	Owned          bool // some member is held open by the target
 }
 
 // ratio is how full the queue is; a listener with backlog 0 is full with
@@ -170,6 +178,7 @@ func summarizeListeners(socks []diagSocket, owned map[uint32]bool) map[listenerK
 		l.Owned = l.Owned || owned[s.Inode]
 		out[k] = l
 	}
+	sources := map[listenerKey]map[netip.Addr]bool{}
 	for _, s := range socks {
 		if s.State != tcpSynRecv {
 			continue
@@ -177,6 +186,13 @@ func summarizeListeners(socks []diagSocket, owned map[uint32]bool) map[listenerK
 		if k, ok := listenerFor(out, s); ok {
 			l := out[k]
 			l.SynRecv++
+			if sources[k] == nil {
+				sources[k] = map[netip.Addr]bool{}
+			}
+			if !sources[k][s.Remote] {
+				sources[k][s.Remote] = true
+				l.SynRecvSources++
+			}
 			out[k] = l
 		}
 	}
@@ -406,7 +422,7 @@ type acceptQueueCollector struct {
 	// half-open connections are counted every synRecvEvery, and the counts
 	// carried over in between.
 	synRecvAt time.Time
-	synRecv   map[listenerKey]int
+	synRecv   map[listenerKey][2]int // SYN_RECV count and distinct sources
 }
 
 const synRecvEvery = time.Second
@@ -435,7 +451,7 @@ func newAcceptQueueCollector(o Options) (*acceptQueueCollector, error) {
 		owned:    map[uint32]bool{},
 		totals:   map[listenerKey]uint64{},
 		written:  map[listenerKey]bool{},
-		synRecv:  map[listenerKey]int{},
+		synRecv:  map[listenerKey][2]int{},
 	}, nil
 }
 
@@ -503,11 +519,11 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, 
 		c.synRecvAt = now
 		clear(c.synRecv)
 		for k, l := range cur {
-			c.synRecv[k] = l.SynRecv
+			c.synRecv[k] = [2]int{l.SynRecv, l.SynRecvSources}
 		}
 	} else {
 		for k, l := range cur {
-			l.SynRecv = c.synRecv[k]
+			l.SynRecv, l.SynRecvSources = c.synRecv[k][0], c.synRecv[k][1]
 			cur[k] = l
 		}
 	}
@@ -698,6 +714,7 @@ func (c *acceptQueueCollector) write(store *signals.Store, now time.Time, cur ma
 		store.Put(listenBacklogDesc, ls, float64(l.Backlog), now)
 		store.Put(listenQueueFullDesc, ls, b2f(l.Full), now)
 		store.Put(listenSynRecvDesc, ls, float64(l.SynRecv), now)
+		store.Put(listenSynRecvSourcesDesc, ls, float64(l.SynRecvSources), now)
 		store.Put(listenOverflowsDesc, ls, float64(c.totals[k]), now)
 		c.written[k] = true
 	}
@@ -726,7 +743,7 @@ func (c *acceptQueueCollector) forget(store *signals.Store, gone map[listenerKey
 		labels[k.labels().String()] = true
 	}
 	keep := func(ls signals.Labels) bool { return !labels[ls.String()] }
-	for _, d := range []*signals.Desc{listenQueueLengthDesc, listenBacklogDesc, listenQueueFullDesc, listenSynRecvDesc, listenOverflowsDesc} {
+	for _, d := range []*signals.Desc{listenQueueLengthDesc, listenBacklogDesc, listenQueueFullDesc, listenSynRecvDesc, listenSynRecvSourcesDesc, listenOverflowsDesc} {
 		store.Forget(d.Name, keep)
 	}
 }

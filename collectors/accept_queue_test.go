@@ -156,10 +156,10 @@ func TestParseInetDiagMsg(t *testing.T) {
 	}{
 		{name: "v4 listener",
 			in:   diagMsg(unix.AF_INET, tcpListen, netip.MustParseAddr("127.0.0.1"), 8080, 3, 2, 4242),
-			want: diagSocket{Family: unix.AF_INET, State: tcpListen, Addr: netip.MustParseAddr("127.0.0.1"), Port: 8080, RQueue: 3, WQueue: 2, Inode: 4242}},
+			want: diagSocket{Family: unix.AF_INET, State: tcpListen, Addr: netip.MustParseAddr("127.0.0.1"), Port: 8080, RQueue: 3, WQueue: 2, Inode: 4242, Remote: netip.IPv4Unspecified()}},
 		{name: "v6 syn_recv",
 			in:   diagMsg(unix.AF_INET6, tcpSynRecv, netip.MustParseAddr("2001:db8::1"), 443, 0, 0, 0),
-			want: diagSocket{Family: unix.AF_INET6, State: tcpSynRecv, Addr: netip.MustParseAddr("2001:db8::1"), Port: 443}},
+			want: diagSocket{Family: unix.AF_INET6, State: tcpSynRecv, Addr: netip.MustParseAddr("2001:db8::1"), Port: 443, Remote: netip.IPv6Unspecified()}},
 		{name: "short", in: make([]byte, 40), wantErr: true},
 		{name: "unknown family", in: diagMsg(unix.AF_UNIX, tcpListen, netip.MustParseAddr("127.0.0.1"), 1, 0, 0, 0), wantErr: true},
 	} {
@@ -185,17 +185,17 @@ func TestSummarizeListeners(t *testing.T) {
 		{Family: unix.AF_INET, State: tcpListen, Addr: v4("0.0.0.0"), Port: 80, RQueue: 5, WQueue: 4, Inode: 3},
 		// A dual-stack listener on [::]:443, not the target's.
 		{Family: unix.AF_INET6, State: tcpListen, Addr: v4("::"), Port: 443, RQueue: 1, WQueue: 128, Inode: 4},
-		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("127.0.0.1"), Port: 8080},
-		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("10.0.0.1"), Port: 80},
-		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("10.0.0.1"), Port: 443}, // v4 to a [::] listener
-		{Family: unix.AF_INET6, State: tcpSynRecv, Addr: v4("::ffff:10.0.0.1"), Port: 443},
+		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("127.0.0.1"), Port: 8080, Remote: v4("127.0.0.1")},
+		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("10.0.0.1"), Port: 80, Remote: v4("192.0.2.7")},
+		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("10.0.0.1"), Port: 443, Remote: v4("192.0.2.7")}, // v4 to a [::] listener
+		{Family: unix.AF_INET6, State: tcpSynRecv, Addr: v4("::ffff:10.0.0.1"), Port: 443, Remote: v4("::ffff:192.0.2.8")},
 		{Family: unix.AF_INET, State: tcpSynRecv, Addr: v4("10.0.0.1"), Port: 9999}, // no listener (closed)
 	}
 	got := summarizeListeners(socks, map[uint32]bool{1: true, 3: true})
 	want := map[listenerKey]listenerSample{
-		key("127.0.0.1", 8080): {Queue: 3, Backlog: 2, Full: true, SynRecv: 1, Owned: true},
-		key("0.0.0.0", 80):     {Queue: 5, Backlog: 8, Full: true, SynRecv: 1, Owned: true},
-		key("::", 443):         {Queue: 1, Backlog: 128, SynRecv: 2},
+		key("127.0.0.1", 8080): {Queue: 3, Backlog: 2, Full: true, SynRecv: 1, SynRecvSources: 1, Owned: true},
+		key("0.0.0.0", 80):     {Queue: 5, Backlog: 8, Full: true, SynRecv: 1, SynRecvSources: 1, Owned: true},
+		key("::", 443):         {Queue: 1, Backlog: 128, SynRecv: 2, SynRecvSources: 2},
 	}
 	if diff := cmp.Diff(want, got, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
 		t.Errorf("(-want +got):\n%s", diff)

@@ -152,3 +152,34 @@ func TestIdleTimeout(t *testing.T) {
 		}
 	}
 }
+
+func synStore(now time.Time, cookies []float64, synRecv, sources, opens float64) *signals.Store {
+	st := signals.New(100, 100)
+	putSeries(st, &signals.Desc{Name: "tcp_ext_req_q_full_do_cookies_total", Kind: signals.Counter}, nil, now, cookies...)
+	putSeries(st, &signals.Desc{Name: "tcp_ext_req_q_full_drop_total", Kind: signals.Counter}, nil, now, 0, 0, 0, 0, 0, 0)
+	putSeries(st, &signals.Desc{Name: "tcp_passive_opens_total", Kind: signals.Counter}, nil, now, 0, opens/5, 2*opens/5, 3*opens/5, 4*opens/5, opens)
+	ls := signals.L("addr", "0.0.0.0", "port", "443")
+	st.Put(&signals.Desc{Name: "listen_syn_recv"}, ls, synRecv, now)
+	st.Put(&signals.Desc{Name: "listen_syn_recv_sources"}, ls, sources, now)
+	st.Put(&signals.Desc{Name: "listen_backlog"}, ls, 128, now)
+	st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_syncookies"), 1, now)
+	st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_max_syn_backlog"), 256, now)
+	return st
+}
+
+func TestSYNBacklogFloodOrBurst(t *testing.T) {
+	now := time.Now()
+	r := NewSYNBacklog(SYNBacklogOptions{Recent: 5 * time.Second, MinDrops: 10, MinSources: 20})
+	obs := r.Evaluate(Window{Store: synStore(now, []float64{0, 100, 200, 300, 400, 500}, 128, 120, 3), Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseSYNFlood || !strings.Contains(obs[0].Remediation, "syncookies") {
+		t.Fatalf("flood: %+v", obs)
+	}
+	obs = r.Evaluate(Window{Store: synStore(now, []float64{0, 10, 20, 30, 40, 50}, 128, 3, 5000), Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseSYNBurst || !strings.Contains(obs[0].Remediation, "tcp_max_syn_backlog") {
+		t.Fatalf("burst: %+v", obs)
+	}
+	// Silence: a busy listener whose SYN queue never overflows.
+	if obs := r.Evaluate(Window{Store: synStore(now, []float64{0, 0, 0, 0, 1, 1}, 40, 35, 5000), Now: now}); len(obs) != 0 {
+		t.Errorf("no overflow raised %+v", obs)
+	}
+}

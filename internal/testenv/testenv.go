@@ -63,6 +63,9 @@ type Options struct {
 	Accept bool
 	// SharedNetns keeps the child in the test's network namespace.
 	SharedNetns bool
+	// AllInterfaces listens on 0.0.0.0 rather than 127.0.0.1 (for
+	// traffic from another namespace: SYNFlood).
+	AllInterfaces bool
 }
 
 // Start runs a server child. It fails the test when it cannot (creating a
@@ -71,7 +74,8 @@ func Start(t testing.TB, o Options) *Server {
 	t.Helper()
 	c, greeting := startChild(t, "server", o.SharedNetns,
 		"CULPRIT_TESTENV_BACKLOG="+strconv.Itoa(o.Backlog),
-		"CULPRIT_TESTENV_ACCEPT="+strconv.FormatBool(o.Accept))
+		"CULPRIT_TESTENV_ACCEPT="+strconv.FormatBool(o.Accept),
+		"CULPRIT_TESTENV_ALL_INTERFACES="+strconv.FormatBool(o.AllInterfaces))
 	s := &Server{PID: c.pid, child: c}
 	if _, err := fmt.Sscanf(greeting, "port %d", &s.Port); err != nil {
 		t.Fatalf("testenv: unexpected greeting %q", greeting)
@@ -88,12 +92,16 @@ func serverMain() int {
 	}
 	backlog, _ := strconv.Atoi(os.Getenv("CULPRIT_TESTENV_BACKLOG"))
 	accept, _ := strconv.ParseBool(os.Getenv("CULPRIT_TESTENV_ACCEPT"))
-	l, err := faults.ListenTCP("127.0.0.1:0", backlog)
+	listen := "127.0.0.1:0"
+	if all, _ := strconv.ParseBool(os.Getenv("CULPRIT_TESTENV_ALL_INTERFACES")); all {
+		listen = "0.0.0.0:0"
+	}
+	l, err := faults.ListenTCP(listen, backlog)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "testenv:", err)
 		return 1
 	}
-	addr := l.Addr().String()
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(l.Addr().(*net.TCPAddr).Port))
 	gate := faults.NewGate()
 	gate.Set(accept)
 	ctx, cancel := context.WithCancel(context.Background())

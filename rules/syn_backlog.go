@@ -1,0 +1,116 @@
+package rules
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+)
+
+// Causes of syn_backlog.
+const (
+	CauseSYNFlood = "syn_flood"
+	CauseSYNBurst = "syn_burst"
+)
+
+// SYNBacklogOptions ([rules.syn_backlog] in agent.conf).
+type SYNBacklogOptions struct {
+	Recent     time.Duration // overflows are counted over this
+	MinDrops   float64       // SYNs dropped or answered with a cookie before the rule speaks
+	MinSources float64       // this many distinct half-open sources (or half of them, if fewer) is a flood
+}
+
+// SYNBacklog names a full SYN queue (seed 000 Problem B's first half):
+// the kernel drops SYNs (TCPReqQFullDrop) or, with tcp_syncookies, answers
+// them statelessly (TCPReqQFullDoCookies). A legitimate burst of clients
+// needs a longer queue; a flood (many sources, handshakes that never
+// complete) needs syncookies kept on and filtering upstream, and a longer
+// queue would only give the attacker more memory.
+type SYNBacklog struct{ o SYNBacklogOptions }
+
+func NewSYNBacklog(o SYNBacklogOptions) *SYNBacklog { return &SYNBacklog{o: o} }
+
+func (*SYNBacklog) Name() string { return "syn_backlog" }
+
+func (r *SYNBacklog) Evaluate(w Window) []Observation {
+	from := w.Now.Add(-r.o.Recent)
+	drops := w.Store.Increase("tcp_ext_req_q_full_drop_total", nil, from)
+	cookies := w.Store.Increase("tcp_ext_req_q_full_do_cookies_total", nil, from)
+	if drops+cookies < r.o.MinDrops {
+		return nil
+	}
+	// The namespace counts overflows; the listener with the most
+	// half-open connections is the one whose queue is full.
+	// Half-open connections are dumped once a second: judge on a dump
+	// taken after the overflow began, not on one from before it.
+	began := firstIncrease(w.Store, from, "tcp_ext_req_q_full_drop_total", "tcp_ext_req_q_full_do_cookies_total")
+	var (
+		best    signals.Labels
+		synRecv float64
+	)
+	for _, ls := range w.Store.Select("listen_syn_recv") {
+		s, ok := w.Store.Latest("listen_syn_recv", ls)
+		if ok && s.T.After(began) && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > synRecv {
+			best, synRecv = ls, s.V
+		}
+	}
+	if best == nil {
+		return nil
+	}
+	endpoint := joinHostPort(best.Get("addr"), best.Get("port"))
+	sources, _ := w.Store.Latest("listen_syn_recv_sources", best)
+	completed := w.Store.Increase("tcp_passive_opens_total", nil, from)
+	maxSyn, _ := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_max_syn_backlog"))
+	cookiesOn, _ := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_syncookies"))
+	backlog, _ := w.Store.Latest("listen_backlog", best)
+	rate := (drops + cookies) / r.o.Recent.Seconds()
+	ev := []Evidence{
+		{Signal: "tcp_ext_req_q_full_drop_total", Value: drops, Unit: "SYNs", Window: r.o.Recent, Note: "dropped: SYN queue full, no syncookies"},
+		{Signal: "tcp_ext_req_q_full_do_cookies_total", Value: cookies, Unit: "SYNs", Window: r.o.Recent, Note: "answered with a syncookie: SYN queue full"},
+		{Signal: "listen_syn_recv" + best.String(), Value: synRecv, Unit: "connections", Note: "half-open now"},
+		{Signal: "listen_syn_recv_sources" + best.String(), Value: sources.V, Threshold: r.o.MinSources, Unit: "addresses"},
+		{Signal: "tcp_passive_opens_total", Value: completed, Unit: "connections", Window: r.o.Recent, Note: "handshakes completed"},
+	}
+	o := Observation{
+		Key:      endpoint,
+		Symptom:  fmt.Sprintf("the SYN queue of %s is full: %.0f SYNs/s dropped or answered with cookies over %s, %.0f half-open connections from %.0f addresses", endpoint, rate, r.o.Recent, synRecv, sources.V),
+		Evidence: ev,
+		Labels:   map[string]string{"port": best.Get("port"), "addr": best.Get("addr")},
+	}
+	// A small queue holds fewer half-open connections than MinSources: then
+	// most of them coming from distinct addresses is enough.
+	if sources.V >= min(r.o.MinSources, synRecv/2) && sources.V > 1 && completed < synRecv {
+		o.Cause, o.Severity, o.Confidence = CauseSYNFlood, SeverityCritical, 0.8
+		o.Title = fmt.Sprintf("SYN flood on %s: %.0f half-open connections from %.0f addresses", endpoint, synRecv, sources.V)
+		o.RootCause = fmt.Sprintf("many distinct sources send SYNs whose handshakes never complete (%.0f completed in %s against %.0f half-open): a SYN flood, not clients", completed, r.o.Recent, synRecv)
+		cookiesAdvice := "keep net.ipv4.tcp_syncookies=1 so real clients still connect"
+		if cookiesOn.V == 0 {
+			cookiesAdvice = "turn syncookies on (net.ipv4.tcp_syncookies=1): they are off here, so real clients' SYNs are dropped with the flood's"
+		}
+		o.Remediation = cookiesAdvice + "; filter or rate-limit SYNs upstream (cloud DDoS protection, the load balancer); do not raise the backlog, which only gives the flood more memory"
+		return []Observation{o}
+	}
+	o.Cause, o.Severity, o.Confidence = CauseSYNBurst, SeverityWarning, 0.7
+	o.Title = fmt.Sprintf("SYN queue of %s overflowing under a burst of clients", endpoint)
+	o.RootCause = fmt.Sprintf("clients complete their handshakes (%.0f in %s) but arrive faster than the SYN queue holds: the queue is bounded by the listen backlog (%.0f) and net.ipv4.tcp_max_syn_backlog (%.0f)", completed, r.o.Recent, backlog.V, maxSyn.V)
+	o.Remediation = fmt.Sprintf("raise the listen backlog and net.core.somaxconn, and net.ipv4.tcp_max_syn_backlog (now %.0f), above the burst; keep tcp_syncookies=1 as the safety net", maxSyn.V)
+	return []Observation{o}
+}
+
+// firstIncrease is the time of the first sample, since from, at which any
+// of the counters had grown since the sample before.
+func firstIncrease(st *signals.Store, from time.Time, names ...string) time.Time {
+	first := time.Time{}
+	for _, name := range names {
+		ss := st.Range(name, nil, from)
+		for i := 1; i < len(ss); i++ {
+			if ss[i].V > ss[i-1].V {
+				if first.IsZero() || ss[i].T.Before(first) {
+					first = ss[i].T
+				}
+				break
+			}
+		}
+	}
+	return first
+}
