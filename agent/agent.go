@@ -25,6 +25,7 @@ import (
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/symbolize"
 	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/traces"
 )
 
 // stringList is a repeatable flag.
@@ -151,6 +152,9 @@ type Agent struct {
 	Episodes           *signals.Episodes   // block and busy episodes of the target's threads
 	Samples            *signals.CPUSamples // recent CPU samples of the target
 	Conns              *signals.ConnEvents // how the target's connections ended
+	Spans              *signals.Spans      // spans the app exported to the OTLP receiver
+	OTLPGRPCAddr       string              // bound OTLP addresses, "" when off
+	OTLPHTTPAddr       string
 	Symbols            *symbolize.Symbolizer
 
 	log     *slog.Logger
@@ -161,6 +165,8 @@ type Agent struct {
 	httpSrv *http.Server
 	probes  []probes.Probe
 	closers []collectors.Closer
+	otlp    *traces.Receiver
+	forward *traces.Forwarder
 }
 
 // StartAgent wires collectors, probes, rules and exporters and starts them.
@@ -184,6 +190,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		Profiles: signals.NewProfiles(cfg.Pprof.Keep),
 		Episodes: signals.NewEpisodes(cfg.Sched.MaxEpisodes),
 		Conns:    signals.NewConnEvents(cfg.Probes.MaxConnEvents),
+		Spans:    signals.NewSpans(cfg.Traces.MaxSpans),
 		Samples:  signals.NewCPUSamples(cfg.Profiling.MaxSamples),
 		Symbols:  symbolize.New(symbolize.Options{ProcRoot: cfg.Collect.ProcRoot, Log: log.With("component", "symbolize")}),
 		log:      log,
@@ -201,8 +208,9 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		return nil, err
 	}
 	a.startProbes(ctx, cfg)
+	a.startTraces(cfg)
 
-	eng := rules.NewEngine(allRules(cfg, ruleInputs{a.Profiles, a.Episodes, cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval.D()}, a.Conns}), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
+	eng := rules.NewEngine(allRules(cfg, ruleInputs{a.Profiles, a.Episodes, cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval.D()}, a.Conns, a.Spans}), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
 		Interval:          cfg.Rules.Interval.D(),
 		MinGap:            cfg.Rules.MinGap.D(),
 		ResolveAfter:      cfg.Rules.ResolveAfter.D(),
@@ -229,7 +237,7 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 	bw, hw, wi, ct := cfg.Rules.BlockingWorker, cfg.Rules.BusyWorker, cfg.Rules.WorkerImbalance, cfg.Rules.CPUThrottling
 	tp := cfg.Rules.ThroughputPlateau
 	cw, pe, rs, px := cfg.Rules.CloseWait, cfg.Rules.PortExhaustion, cfg.Rules.RSTStorm, cfg.Rules.PoolExhaustion
-	it, sb := cfg.Rules.IdleTimeout, cfg.Rules.SYNBacklog
+	it, sb, ls := cfg.Rules.IdleTimeout, cfg.Rules.SYNBacklog, cfg.Rules.LatencySpike
 	heapFresh := 3 * cfg.Pprof.Interval.D()
 	fd, rh, hl, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.HeapLeak, cfg.Rules.OOMAhead
 	return []rules.Rule{
@@ -270,12 +278,14 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 			Window:   bw.Window.D(),
 			MinBlock: bw.MinBlock.D(),
 			Pools:    pools,
+			Spans:    in.spans,
 		}, in.episodes),
 		rules.NewBusyWorker(rules.BusyWorkerOptions{
 			Window:  hw.Window.D(),
 			MinBusy: hw.MinBusy.D(),
 			Pools:   pools,
 			TopN:    hw.TopFrames,
+			Spans:   in.spans,
 		}, in.episodes, in.hot),
 		rules.NewWorkerImbalance(rules.WorkerImbalanceOptions{
 			Window:   wi.Window.D(),
@@ -307,6 +317,15 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 			Window:   px.Window.D(),
 			MinConns: float64(px.MinConns),
 			MinQueue: px.MinQueue,
+			Spans:    in.spans,
+		}),
+		rules.NewLatencySpike(rules.LatencySpikeOptions{
+			Recent:     ls.Recent.D(),
+			Window:     ls.Window.D(),
+			Ratio:      ls.Ratio,
+			MinLatency: ls.MinLatency.D(),
+			MinSpans:   ls.MinSpans,
+			Spans:      in.spans,
 		}),
 		rules.NewSYNBacklog(rules.SYNBacklogOptions{
 			Recent:     sb.Recent.D(),
@@ -334,6 +353,7 @@ type ruleInputs struct {
 	episodes *signals.Episodes
 	hot      rules.HotFrames
 	conns    *signals.ConnEvents
+	spans    *signals.Spans
 }
 
 func (a *Agent) goRun(f func()) {
@@ -345,7 +365,14 @@ func checkLocal(cfg Config) error {
 	if cfg.Agent.AllowNonLocal {
 		return nil
 	}
-	for key, addr := range map[string]string{"agent.http_addr": cfg.Agent.HTTPAddr, "agent.grpc_addr": cfg.Agent.GRPCAddr} {
+	addrs := map[string]string{"agent.http_addr": cfg.Agent.HTTPAddr, "agent.grpc_addr": cfg.Agent.GRPCAddr}
+	if cfg.Traces.Enabled {
+		addrs["traces.grpc_addr"], addrs["traces.http_addr"] = cfg.Traces.GRPCAddr, cfg.Traces.HTTPAddr
+	}
+	for key, addr := range addrs {
+		if addr == "" {
+			continue
+		}
 		host, _, err := net.SplitHostPort(addr)
 		if err != nil {
 			return &ConfigError{Key: key, Err: fmt.Errorf("not host:port: %w", err)}
@@ -500,6 +527,38 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 	}
 }
 
+// startTraces runs the OTLP receiver. A port already taken (a collector
+// sidecar on 4317) costs the trace findings, not the agent: said loudly,
+// and in the snapshot.
+func (a *Agent) startTraces(cfg Config) {
+	lost := []string{"latency_spike: classifying spikes from spans", "trace ids on scheduler and pool findings"}
+	if !cfg.Traces.Enabled {
+		a.Store.SetStatus(signals.Status{Component: "otlp", Kind: "receiver", State: signals.StateDisabled, Detail: "traces.enabled = false", Lost: lost})
+		return
+	}
+	log := a.log.With("component", "otlp")
+	if cfg.Traces.ForwardEndpoint != "" {
+		fw, err := traces.NewForwarder(cfg.Traces.ForwardEndpoint, cfg.Traces.ForwardQueue, a.Store, log)
+		if err != nil {
+			log.Warn("cannot forward spans; receiving them only", "endpoint", cfg.Traces.ForwardEndpoint, "err", err)
+		} else {
+			a.forward = fw
+		}
+	}
+	r := traces.NewReceiver(traces.Options{
+		GRPCAddr: cfg.Traces.GRPCAddr, HTTPAddr: cfg.Traces.HTTPAddr, MaxRequestBytes: cfg.Traces.MaxRequestBytes,
+		Spans: a.Spans, Store: a.Store, Forward: a.forward, Log: log,
+	})
+	if err := r.Start(); err != nil {
+		log.Warn("OTLP receiver unavailable; continuing without traces", "err", err, "lost", strings.Join(lost, "; "))
+		a.Store.SetStatus(signals.Status{Component: "otlp", Kind: "receiver", State: signals.StateFailed, Detail: err.Error(), Lost: lost})
+		return
+	}
+	a.otlp = r
+	a.OTLPGRPCAddr, a.OTLPHTTPAddr = r.GRPCAddr, r.HTTPAddr
+	a.Store.SetStatus(signals.Status{Component: "otlp", Kind: "receiver", State: signals.StateRunning, Detail: "grpc " + r.GRPCAddr + ", http " + r.HTTPAddr})
+}
+
 // profileSource serves CaptureProfile when the profiler runs.
 func (a *Agent) profileSource(cfg Config) exporters.ProfileSource {
 	for _, p := range a.probes {
@@ -583,7 +642,17 @@ func (a *Agent) Stop(timeout time.Duration) error {
 			a.grpcSrv.Stop()
 		}
 	}
+	if a.otlp != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), timeout)
+		a.otlp.Stop(sctx)
+		cancel()
+	}
 	var errs []error
+	if a.forward != nil {
+		if err := a.forward.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close span forwarder: %w", err))
+		}
+	}
 	for _, p := range a.probes {
 		if err := p.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close probe %s: %w", p.Name(), err))

@@ -83,6 +83,15 @@ type Config struct {
 		MaxSamples    int      `toml:"max_samples"`
 		MaxCapture    Duration `toml:"max_capture"`
 	} `toml:"profiling"`
+	Traces struct {
+		Enabled         bool   `toml:"enabled"`
+		GRPCAddr        string `toml:"grpc_addr"`
+		HTTPAddr        string `toml:"http_addr"`
+		MaxRequestBytes int    `toml:"max_request_bytes"`
+		MaxSpans        int    `toml:"max_spans"`
+		ForwardEndpoint string `toml:"forward_endpoint"`
+		ForwardQueue    int    `toml:"forward_queue"`
+	} `toml:"traces"`
 	Signals struct {
 		RingSize  int `toml:"ring_size"`
 		MaxSeries int `toml:"max_series"`
@@ -166,6 +175,13 @@ type Config struct {
 			MinConns int      `toml:"min_conns"`
 			MinQueue float64  `toml:"min_queue"`
 		} `toml:"pool_exhaustion"`
+		LatencySpike struct {
+			Recent     Duration `toml:"recent"`
+			Window     Duration `toml:"window"`
+			Ratio      float64  `toml:"ratio"`
+			MinLatency Duration `toml:"min_latency"`
+			MinSpans   int      `toml:"min_spans"`
+		} `toml:"latency_spike"`
 		SYNBacklog struct {
 			Recent     Duration `toml:"recent"`
 			MinDrops   int      `toml:"min_drops"`
@@ -256,6 +272,11 @@ func DefaultConfig() Config {
 	c.Rules.PoolExhaustion.Window = Duration(10 * time.Second)
 	c.Rules.PoolExhaustion.MinConns = 2
 	c.Rules.PoolExhaustion.MinQueue = 0.5
+	c.Rules.LatencySpike.Recent = Duration(10 * time.Second)
+	c.Rules.LatencySpike.Window = Duration(5 * time.Minute)
+	c.Rules.LatencySpike.Ratio = 3
+	c.Rules.LatencySpike.MinLatency = Duration(200 * time.Millisecond)
+	c.Rules.LatencySpike.MinSpans = 10
 	c.Rules.SYNBacklog.Recent = Duration(5 * time.Second)
 	c.Rules.SYNBacklog.MinDrops = 10
 	c.Rules.SYNBacklog.MinSources = 20
@@ -267,6 +288,12 @@ func DefaultConfig() Config {
 	c.Rules.CPUThrottling.Window = Duration(rules.DefaultCPUThrottlingWindow)
 	c.Rules.CPUThrottling.MinThrottledRatio = rules.DefaultCPUMinThrottledRatio
 	c.Rules.CPUThrottling.MinThrottledPeriods = rules.DefaultCPUMinThrottledPeriods
+	c.Traces.Enabled = true
+	c.Traces.GRPCAddr = "127.0.0.1:4317"
+	c.Traces.HTTPAddr = "127.0.0.1:4318"
+	c.Traces.MaxRequestBytes = 4 << 20
+	c.Traces.MaxSpans = 65536
+	c.Traces.ForwardQueue = 64
 	c.Signals.RingSize = 600
 	c.Signals.MaxSeries = 20000
 	c.Rules.Interval = Duration(200 * time.Millisecond)
@@ -414,6 +441,9 @@ func (c *Config) Validate() error {
 		{"rules.pool_exhaustion.window", c.Rules.PoolExhaustion.Window.D()},
 		{"rules.idle_timeout.window", c.Rules.IdleTimeout.Window.D()},
 		{"rules.syn_backlog.recent", c.Rules.SYNBacklog.Recent.D()},
+		{"rules.latency_spike.recent", c.Rules.LatencySpike.Recent.D()},
+		{"rules.latency_spike.window", c.Rules.LatencySpike.Window.D()},
+		{"rules.latency_spike.min_latency", c.Rules.LatencySpike.MinLatency.D()},
 		{"rules.idle_timeout.min_idle", c.Rules.IdleTimeout.MinIdle.D()},
 		{"rules.interval", c.Rules.Interval.D()},
 		{"rules.resolve_after", c.Rules.ResolveAfter.D()},
@@ -462,6 +492,10 @@ func (c *Config) Validate() error {
 		{"rules.pool_exhaustion.min_conns", c.Rules.PoolExhaustion.MinConns, 1},
 		{"rules.idle_timeout.min_closes", c.Rules.IdleTimeout.MinCloses, 2},
 		{"rules.syn_backlog.min_drops", c.Rules.SYNBacklog.MinDrops, 1},
+		{"rules.latency_spike.min_spans", c.Rules.LatencySpike.MinSpans, 1},
+		{"traces.max_request_bytes", c.Traces.MaxRequestBytes, 1024},
+		{"traces.max_spans", c.Traces.MaxSpans, 64},
+		{"traces.forward_queue", c.Traces.ForwardQueue, 1},
 		{"rules.syn_backlog.min_sources", c.Rules.SYNBacklog.MinSources, 2},
 		{"probes.max_conn_events", c.Probes.MaxConnEvents, 16},
 	}
@@ -503,6 +537,12 @@ func (c *Config) Validate() error {
 	}
 	if _, err := regexp.Compile(c.Rules.Workers.Threads); err != nil {
 		return bad("rules.workers.threads", "not a regular expression: %w", err)
+	}
+	if c.Rules.LatencySpike.Ratio < 1 {
+		return bad("rules.latency_spike.ratio", "must be at least 1, got %g", c.Rules.LatencySpike.Ratio)
+	}
+	if c.Rules.LatencySpike.Window.D() <= c.Rules.LatencySpike.Recent.D() {
+		return bad("rules.latency_spike.window", "must be longer than rules.latency_spike.recent")
 	}
 	if c.Rules.RSTStorm.MinRate <= 0 {
 		return bad("rules.rst_storm.min_rate", "must be positive, got %g", c.Rules.RSTStorm.MinRate)

@@ -155,6 +155,8 @@ func testConfig(t testing.TB, pid int) Config {
 	cfg := DefaultConfig()
 	cfg.Agent.HTTPAddr = "127.0.0.1:0"
 	cfg.Agent.GRPCAddr = "127.0.0.1:0"
+	cfg.Traces.GRPCAddr = "127.0.0.1:0"
+	cfg.Traces.HTTPAddr = "127.0.0.1:0"
 	cfg.Target.PID = pid
 	return cfg
 }

@@ -16,6 +16,7 @@ type BlockingWorkerOptions struct {
 	Window   time.Duration // blocks are looked for over this window
 	MinBlock time.Duration // a sleep this long on a worker is a blocking call
 	Pools    WorkerPools
+	Spans    SpanSource // may be nil: then no trace ids
 }
 
 // BlockingWorker names a blocking call made on an async runtime's worker
@@ -117,5 +118,6 @@ func (r *BlockingWorker) observation(e signals.Episode, pool string, count, thre
 	if fn != "" {
 		o.Artifacts = append(o.Artifacts, Artifact{Kind: "frame", Value: fn, Detail: "the function that made the blocking call"})
 	}
+	o.Artifacts = append(o.Artifacts, tracesDuring(r.o.Spans, e.Start, e.End(), e.Tid, 3)...)
 	return o
 }

@@ -18,7 +18,8 @@ type BusyWorkerOptions struct {
 	Window  time.Duration // runs are looked for over this window
 	MinBusy time.Duration // a run this long without sleeping is CPU work that does not yield
 	Pools   WorkerPools
-	TopN    int // hottest functions named
+	TopN    int        // hottest functions named
+	Spans   SpanSource // may be nil: then no trace ids
 }
 
 // BusyWorker names CPU-heavy work (serialization, compression, crypto, a
@@ -117,6 +118,7 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, count
 		o.Artifacts = append(o.Artifacts, Artifact{Kind: "frame", Value: fn, Detail: "hottest function of the run (CPU profile): " + strings.Join(names, ", ")})
 		o.Confidence = 0.9
 	}
+	o.Artifacts = append(o.Artifacts, tracesDuring(r.o.Spans, e.Start, e.End(), e.Tid, 3)...)
 	return o
 }
 

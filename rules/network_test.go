@@ -107,6 +107,17 @@ func TestPoolExhaustion(t *testing.T) {
 	if len(obs) != 1 || obs[0].Cause != CausePoolAtCeiling || !strings.Contains(obs[0].Title, "10.0.0.9:5432") || !strings.Contains(obs[0].Title, "4 connections") {
 		t.Fatalf("flat pool with a queue: %+v", obs)
 	}
+	// With the app's traces, the finding says how long requests waited
+	// before their DB span started.
+	var l spanList
+	for i := range 5 {
+		l = append(l, request(i, now.Add(-time.Duration(i)*time.Second), 500*time.Millisecond, 400*time.Millisecond, 50*time.Millisecond, true)...)
+	}
+	rs := NewPoolExhaustion(PoolExhaustionOptions{Window: 5 * time.Second, MinConns: 2, MinQueue: 0.5, Spans: l})
+	obs = rs.Evaluate(Window{Store: mk([]float64{4, 4, 4, 4, 4, 4, 4}, 12), Now: now})
+	if len(obs) != 1 || obs[0].Evidence[len(obs[0].Evidence)-1].Value != 0.4 {
+		t.Errorf("span evidence: %+v", obs)
+	}
 	// Silence: a flat pool with nothing queued (idle pooled connections),
 	// and a pool that grows and shrinks with load.
 	if obs := r.Evaluate(Window{Store: mk([]float64{4, 4, 4, 4, 4, 4, 4}, 0), Now: now}); len(obs) != 0 {

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // CausePoolAtCeiling is pool_exhaustion's root cause.
@@ -14,6 +16,7 @@ type PoolExhaustionOptions struct {
 	Window   time.Duration // the ceiling must hold this long
 	MinConns float64       // pools smaller than this are not judged
 	MinQueue float64       // share of samples with connections waiting to be accepted
+	Spans    SpanSource    // may be nil: then no span evidence
 }
 
 // PoolExhaustion names a connection pool to an upstream that is full
@@ -51,7 +54,7 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 		if hi < r.o.MinConns || hi-lo > 0 {
 			continue
 		}
-		out = append(out, Observation{
+		o := Observation{
 			Key:   remote,
 			Cause: CausePoolAtCeiling,
 			Title: fmt.Sprintf("Connection pool to %s exhausted: %.0f connections, flat, while requests queue", remote, hi),
@@ -68,9 +71,42 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 			},
 			Artifacts: []Artifact{{Kind: "endpoint", Value: remote, Detail: fmt.Sprintf("the upstream; pool ceiling %.0f", hi)}},
 			Labels:    map[string]string{"remote": remote},
-		})
+		}
+		r.spanEvidence(&o, from, w.Now)
+		out = append(out, o)
 	}
 	return out
+}
+
+// spanEvidence adds, from the app's traces, how long requests waited
+// before their first database call started: the pool wait, seen from
+// inside the app.
+func (r *PoolExhaustion) spanEvidence(o *Observation, from, to time.Time) {
+	if r.o.Spans == nil {
+		return
+	}
+	all := r.o.Spans.Overlapping(from, to)
+	byTrace := map[string][]signals.Span{}
+	for _, s := range all {
+		byTrace[s.TraceID] = append(byTrace[s.TraceID], s)
+	}
+	var wait time.Duration
+	n := 0
+	for _, s := range all {
+		if !isRequest(s) {
+			continue
+		}
+		if b := breakdownOf(s, byTrace[s.TraceID]); b.haveDB {
+			wait += b.dbWait
+			n++
+		}
+	}
+	if n == 0 {
+		return
+	}
+	mean := wait / time.Duration(n)
+	o.Evidence = append(o.Evidence, Evidence{Signal: "time before the first DB span (traces)", Value: mean.Seconds(), Unit: "seconds", Window: r.o.Window, Note: fmt.Sprintf("mean over %d requests: time spent waiting for a connection", n)})
+	o.Artifacts = append(o.Artifacts, tracesDuring(r.o.Spans, from, to, 0, 3)...)
 }
 
 // queueing is the largest share of samples, over the target's listeners,

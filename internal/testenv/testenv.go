@@ -27,6 +27,8 @@ func Main(m interface{ Run() int }) {
 	switch os.Getenv(roleEnv) {
 	case "server":
 		os.Exit(serverMain())
+	case "tracedapp":
+		os.Exit(tracedAppMain())
 	case "workers":
 		os.Exit(workersMain())
 	case "leaker":
