@@ -121,7 +121,7 @@ func (r *LatencySpike) route(name string, recent, base, all []signals.Span) (Obs
 	o := Observation{
 		Key:      name,
 		Severity: SeverityWarning,
-		Symptom: fmt.Sprintf("p99 latency of %s is %s over the last %s (%d requests)", name, fmtDur(now99.Round(time.Millisecond)), r.o.Recent, len(recent)),
+		Symptom:  fmt.Sprintf("p99 latency of %s is %s over the last %s (%d requests)", name, fmtDur(now99.Round(time.Millisecond)), r.o.Recent, len(recent)),
 		Evidence: []Evidence{
 			{Signal: "p99 latency (spans)", Value: now99.Seconds(), Threshold: r.o.MinLatency.Seconds(), Unit: "seconds", Window: r.o.Recent},
 			{Signal: "share of slow requests' time in database calls", Value: dbS, Unit: "ratio"},
