@@ -237,7 +237,7 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 	bw, hw, wi, ct := cfg.Rules.BlockingWorker, cfg.Rules.BusyWorker, cfg.Rules.WorkerImbalance, cfg.Rules.CPUThrottling
 	tp := cfg.Rules.ThroughputPlateau
 	cw, pe, rs, px := cfg.Rules.CloseWait, cfg.Rules.PortExhaustion, cfg.Rules.RSTStorm, cfg.Rules.PoolExhaustion
-	it, sb, ls := cfg.Rules.IdleTimeout, cfg.Rules.SYNBacklog, cfg.Rules.LatencySpike
+	it, sb, ls, ss := cfg.Rules.IdleTimeout, cfg.Rules.SYNBacklog, cfg.Rules.LatencySpike, cfg.Rules.StalledShutdown
 	heapFresh := 3 * cfg.Pprof.Interval.D()
 	fd, rh, hl, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.HeapLeak, cfg.Rules.OOMAhead
 	return []rules.Rule{
@@ -319,6 +319,7 @@ func allRules(cfg Config, in ruleInputs) []rules.Rule {
 			MinQueue: px.MinQueue,
 			Spans:    in.spans,
 		}),
+		rules.NewStalledShutdown(rules.StalledShutdownOptions{Grace: ss.Grace.D(), Fraction: ss.Fraction}),
 		rules.NewLatencySpike(rules.LatencySpikeOptions{
 			Recent:     ls.Recent.D(),
 			Window:     ls.Window.D(),
@@ -486,6 +487,7 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 	ps := []probes.Probe{
 		probes.NewTCPListen(opts("tcplisten")),
 		probes.NewTCPLife(opts("tcplife"), a.Conns),
+		probes.NewSignals(opts("signals")),
 		probes.NewSched(probes.SchedOptions{
 			Options:    opts("sched"),
 			MinBlock:   cfg.Sched.MinBlock.D(),

@@ -175,6 +175,10 @@ type Config struct {
 			MinConns int      `toml:"min_conns"`
 			MinQueue float64  `toml:"min_queue"`
 		} `toml:"pool_exhaustion"`
+		StalledShutdown struct {
+			Grace    Duration `toml:"grace"`
+			Fraction float64  `toml:"fraction"`
+		} `toml:"stalled_shutdown"`
 		LatencySpike struct {
 			Recent     Duration `toml:"recent"`
 			Window     Duration `toml:"window"`
@@ -272,6 +276,8 @@ func DefaultConfig() Config {
 	c.Rules.PoolExhaustion.Window = Duration(10 * time.Second)
 	c.Rules.PoolExhaustion.MinConns = 2
 	c.Rules.PoolExhaustion.MinQueue = 0.5
+	c.Rules.StalledShutdown.Grace = Duration(30 * time.Second)
+	c.Rules.StalledShutdown.Fraction = 0.5
 	c.Rules.LatencySpike.Recent = Duration(10 * time.Second)
 	c.Rules.LatencySpike.Window = Duration(5 * time.Minute)
 	c.Rules.LatencySpike.Ratio = 3
@@ -442,6 +448,7 @@ func (c *Config) Validate() error {
 		{"rules.idle_timeout.window", c.Rules.IdleTimeout.Window.D()},
 		{"rules.syn_backlog.recent", c.Rules.SYNBacklog.Recent.D()},
 		{"rules.latency_spike.recent", c.Rules.LatencySpike.Recent.D()},
+		{"rules.stalled_shutdown.grace", c.Rules.StalledShutdown.Grace.D()},
 		{"rules.latency_spike.window", c.Rules.LatencySpike.Window.D()},
 		{"rules.latency_spike.min_latency", c.Rules.LatencySpike.MinLatency.D()},
 		{"rules.idle_timeout.min_idle", c.Rules.IdleTimeout.MinIdle.D()},
@@ -514,6 +521,7 @@ func (c *Config) Validate() error {
 		{"rules.port_exhaustion.near_ratio", c.Rules.PortExhaustion.NearRatio},
 		{"rules.pool_exhaustion.min_queue", c.Rules.PoolExhaustion.MinQueue},
 		{"rules.idle_timeout.tolerance", c.Rules.IdleTimeout.Tolerance},
+		{"rules.stalled_shutdown.fraction", c.Rules.StalledShutdown.Fraction},
 		{"rules.idle_timeout.min_share", c.Rules.IdleTimeout.MinShare},
 	} {
 		if r.v <= 0 || r.v > 1 {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -208,5 +209,29 @@ func TestSYNFloodFinding(t *testing.T) {
 	}
 	if f.Cause != "syn_flood" || !strings.Contains(f.Remediation, "syncookies") {
 		t.Errorf("finding %s: %s", f.Cause, f.Title)
+	}
+}
+
+// A server holding open streams gets SIGTERM, stops accepting, and waits
+// for the streams, which never end: after half the grace period the
+// finding names the connections still open.
+func TestStalledShutdownFinding(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
+	cfg := testConfig(t, s.PID)
+	cfg.Rules.StalledShutdown.Grace = Duration(4 * time.Second)
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, s.Port)
+	events, _ := watch(t, c, 0)
+	s.MustDo(t, "dial 5")
+	time.Sleep(300 * time.Millisecond) // the signals probe has the target
+	if err := syscall.Kill(s.PID, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	ev, _ := next(t, events, 10*time.Second, openedBy("stalled_shutdown"))
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.Symptom)
+	if f.Cause != "connections_outlive_sigterm" || !strings.Contains(f.Symptom, fmt.Sprintf("5 to 127.0.0.1:%d", s.Port)) {
+		t.Errorf("finding %s: %s", f.Cause, f.Symptom)
 	}
 }

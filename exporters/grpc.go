@@ -186,7 +186,7 @@ func (g *GRPCServer) WatchFindings(req *culpritv1.WatchRequest, stream grpc.Serv
 		// A watcher that never idles must still notice shutdown.
 		select {
 		case <-g.stopping:
-			return errShuttingDown
+			return g.flush(stream, flt, cursor)
 		default:
 		}
 		evs, gap := g.journal.After(cursor, g.maxBatch)
@@ -202,7 +202,7 @@ func (g *GRPCServer) WatchFindings(req *culpritv1.WatchRequest, stream grpc.Serv
 			case <-ctx.Done():
 				return nil
 			case <-g.stopping:
-				return errShuttingDown
+				return g.flush(stream, flt, cursor)
 			case <-tokens:
 			}
 			continue
@@ -217,6 +217,29 @@ func (g *GRPCServer) WatchFindings(req *culpritv1.WatchRequest, stream grpc.Serv
 			}
 		}
 	}
+}
+
+// flush sends the watcher what the journal holds after its cursor (the
+// engine has stopped, so this is the final state), then ends the stream
+// with Unavailable so the client resumes from the last sequence at the
+// next agent.
+func (g *GRPCServer) flush(stream grpc.ServerStreamingServer[culpritv1.FindingEvent], flt filter, cursor uint64) error {
+	for range 1024 { // bounded: the journal is, but never loop on a bug
+		evs, gap := g.journal.After(cursor, g.maxBatch)
+		if gap || len(evs) == 0 {
+			break
+		}
+		for _, ev := range evs {
+			cursor = ev.Sequence
+			if !flt.match(ev.Finding) {
+				continue
+			}
+			if err := stream.Send(EventToProto(ev)); err != nil {
+				return errShuttingDown
+			}
+		}
+	}
+	return errShuttingDown
 }
 
 // sendCurrent sends one CURRENT event per open finding and returns the

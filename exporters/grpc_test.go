@@ -535,3 +535,27 @@ func TestShutdownEndsWatchersAsUnavailable(t *testing.T) {
 		t.Errorf("health after Shutdown: %v %v, want NOT_SERVING", resp.GetStatus(), err)
 	}
 }
+
+// On shutdown a watcher gets everything the journal holds after its cursor
+// (the final state), then Unavailable, so it resumes at the next agent
+// from its last sequence.
+func TestWatchShutdownFlushesFinalState(t *testing.T) {
+	j := rules.NewJournal(64)
+	ts := serve(t, GRPCOptions{Journal: j, Store: signals.New(4, 16), MaxBatch: 2})
+	r := newRecorder(j)
+	r.open("a", "accept_overflow", rules.SeverityCritical) // 1
+	r.update("a")                                         // 2
+	r.resolve("a")                                        // 3
+	r.open("b", "fd_exhaustion", rules.SeverityWarning)   // 4
+	ts.svc.Shutdown()
+	w := startWatch(t, ts.client, &culpritv1.WatchRequest{SinceSequence: 1})
+	got := w.next(t, 3)
+	for i, ev := range got {
+		if ev.GetSequence() != uint64(i+2) {
+			t.Fatalf("flush: %s, want sequences 2..4", describe(got))
+		}
+	}
+	if err := <-w.errc; status.Code(err) != codes.Unavailable {
+		t.Errorf("stream ended with %v, want Unavailable", err)
+	}
+}

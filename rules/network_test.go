@@ -194,3 +194,29 @@ func TestSYNBacklogFloodOrBurst(t *testing.T) {
 		t.Errorf("no overflow raised %+v", obs)
 	}
 }
+
+func TestStalledShutdown(t *testing.T) {
+	now := time.Now()
+	r := NewStalledShutdown(StalledShutdownOptions{Grace: 30 * time.Second, Fraction: 0.5})
+	mk := func(sigAgo time.Duration, established float64) *signals.Store {
+		st := signals.New(10, 100)
+		if sigAgo > 0 {
+			st.Put(&signals.Desc{Name: "process_last_signal_timestamp_seconds"}, signals.L("signal", "SIGTERM", "sender", "1"), float64(now.Add(-sigAgo).UnixNano())/1e9, now)
+		}
+		st.Put(dSockets, signals.L("port", "8080", "state", "ESTABLISHED"), established, now)
+		return st
+	}
+	obs := r.Evaluate(Window{Store: mk(20*time.Second, 12), Now: now, HasTarget: true})
+	if len(obs) != 1 || obs[0].Cause != CauseStalledShutdown || !strings.Contains(obs[0].Symptom, "12 on port 8080") || !strings.Contains(obs[0].Symptom, "SIGKILL comes in about 10s") {
+		t.Fatalf("stalled: %+v", obs)
+	}
+	// Silence: no SIGTERM; SIGTERM and every connection gone; too early to tell.
+	for _, tc := range []struct {
+		ago   time.Duration
+		conns float64
+	}{{0, 12}, {20 * time.Second, 0}, {5 * time.Second, 12}} {
+		if obs := r.Evaluate(Window{Store: mk(tc.ago, tc.conns), Now: now, HasTarget: true}); len(obs) != 0 {
+			t.Errorf("%v after SIGTERM with %v connections raised %+v", tc.ago, tc.conns, obs)
+		}
+	}
+}

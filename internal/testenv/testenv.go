@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/signal"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -139,6 +141,15 @@ func serverMain() int {
 		leakedMu.Unlock()
 	}
 	go faults.Serve(ctx, l, gate, handle)
+	// On SIGTERM, stop accepting but keep serving the open connections, as
+	// a graceful shutdown that waits for long-lived streams does.
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, syscall.SIGTERM)
+	go func() {
+		<-term
+		gate.Set(false)
+		l.Close()
+	}()
 	fmt.Printf("port %d\n", l.Addr().(*net.TCPAddr).Port)
 
 	var (

@@ -1,0 +1,109 @@
+package rules
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+)
+
+// CauseStalledShutdown is stalled_shutdown's root cause.
+const CauseStalledShutdown = "connections_outlive_sigterm"
+
+// StalledShutdownOptions ([rules.stalled_shutdown] in agent.conf).
+type StalledShutdownOptions struct {
+	Grace    time.Duration // the pod's terminationGracePeriodSeconds
+	Fraction float64       // still up with connections after this share of it: stalled
+}
+
+// StalledShutdown names a graceful shutdown that will not finish (seed
+// 000 Problem D): the target got SIGTERM, and after a good part of the
+// grace period it still holds connections open (long-lived streams,
+// WebSockets, keep-alive clients never told to go), so the kubelet's
+// SIGKILL will cut them mid-request.
+type StalledShutdown struct{ o StalledShutdownOptions }
+
+func NewStalledShutdown(o StalledShutdownOptions) *StalledShutdown {
+	return &StalledShutdown{o: o}
+}
+
+func (*StalledShutdown) Name() string { return "stalled_shutdown" }
+
+func (r *StalledShutdown) Evaluate(w Window) []Observation {
+	if !w.HasTarget {
+		return nil
+	}
+	var sigAt time.Time
+	sender := ""
+	for _, ls := range w.Store.Select("process_last_signal_timestamp_seconds") {
+		if ls.Get("signal") != "SIGTERM" {
+			continue
+		}
+		s, ok := w.Store.Latest("process_last_signal_timestamp_seconds", ls)
+		// A fresh sample: the probe still sees the target alive.
+		if !ok || w.Now.Sub(s.T) > 3*time.Second {
+			continue
+		}
+		if at := time.Unix(0, int64(s.V*1e9)); at.After(sigAt) {
+			sigAt, sender = at, ls.Get("sender")
+		}
+	}
+	if sigAt.IsZero() {
+		return nil
+	}
+	elapsed := w.Now.Sub(sigAt)
+	if elapsed < time.Duration(r.o.Fraction*float64(r.o.Grace)) || elapsed > 10*r.o.Grace {
+		return nil
+	}
+	// Who is still connected.
+	total := 0.0
+	var who []string
+	for _, ls := range w.Store.Select("tcp_sockets") {
+		if ls.Get("state") != "ESTABLISHED" {
+			continue
+		}
+		if s, ok := w.Store.Latest("tcp_sockets", ls); ok && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > 0 {
+			total += s.V
+			if p := ls.Get("port"); p != "ephemeral" {
+				who = append(who, fmt.Sprintf("%.0f on port %s", s.V, p))
+			}
+		}
+	}
+	for _, ls := range w.Store.Select("tcp_sockets_by_remote") {
+		if ls.Get("state") != "ESTABLISHED" {
+			continue
+		}
+		if s, ok := w.Store.Latest("tcp_sockets_by_remote", ls); ok && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > 0 {
+			who = append(who, fmt.Sprintf("%.0f to %s", s.V, ls.Get("remote")))
+		}
+	}
+	if total == 0 {
+		return nil
+	}
+	sort.Strings(who)
+	left := r.o.Grace - elapsed
+	sev, when := SeverityWarning, fmt.Sprintf("SIGKILL comes in about %s", fmtDur(left.Round(time.Second)))
+	if left <= r.o.Grace/5 {
+		sev = SeverityCritical
+	}
+	if left <= 0 {
+		when = "the grace period is over: SIGKILL is due now"
+	}
+	return []Observation{{
+		Key:   "shutdown",
+		Cause: CauseStalledShutdown,
+		Title: fmt.Sprintf("Graceful shutdown stalled: %.0f connections still open %s after SIGTERM", total, fmtDur(elapsed.Round(100*time.Millisecond))),
+		Symptom: fmt.Sprintf("the target received SIGTERM (from pid %s) %s ago and still holds %.0f established connections (%s); %s",
+			sender, fmtDur(elapsed.Round(100*time.Millisecond)), total, strings.Join(who, ", "), when),
+		RootCause: "the shutdown waits for connections that do not end by themselves: long-lived streams (gRPC, SSE, WebSockets) or keep-alive clients that were never told to go, so the kubelet will SIGKILL the process and cut them mid-request",
+		Remediation: "on SIGTERM, stop accepting, tell long-lived clients to leave (HTTP/2 GOAWAY: Go's http.Server.Shutdown and grpc.Server.GracefulStop do; close WebSockets with 1001 Going Away; Connection: close on keep-alive responses), " +
+			"bound the wait below terminationGracePeriodSeconds, then close what remains; add a preStop sleep so the endpoint leaves the load balancer first",
+		Severity:   sev,
+		Confidence: 0.85,
+		Evidence: []Evidence{
+			{Signal: `process_signals_total{signal="SIGTERM"}`, Value: elapsed.Seconds(), Threshold: r.o.Fraction * r.o.Grace.Seconds(), Unit: "seconds since", Note: "eBPF signal_generate"},
+			{Signal: `tcp_sockets{state="ESTABLISHED"}`, Value: total, Unit: "connections"},
+		},
+		Artifacts: []Artifact{{Kind: "endpoint", Value: strings.Join(who, "; "), Detail: "connections still open"}},
+	}}
+}
