@@ -544,9 +544,9 @@ func TestWatchShutdownFlushesFinalState(t *testing.T) {
 	ts := serve(t, GRPCOptions{Journal: j, Store: signals.New(4, 16), MaxBatch: 2})
 	r := newRecorder(j)
 	r.open("a", "accept_overflow", rules.SeverityCritical) // 1
-	r.update("a")                                         // 2
-	r.resolve("a")                                        // 3
-	r.open("b", "fd_exhaustion", rules.SeverityWarning)   // 4
+	r.update("a")                                          // 2
+	r.resolve("a")                                         // 3
+	r.open("b", "fd_exhaustion", rules.SeverityWarning)    // 4
 	ts.svc.Shutdown()
 	w := startWatch(t, ts.client, &culpritv1.WatchRequest{SinceSequence: 1})
 	got := w.next(t, 3)
