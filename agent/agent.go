@@ -366,7 +366,10 @@ func checkLocal(cfg Config) error {
 	if cfg.Agent.AllowNonLocal {
 		return nil
 	}
-	addrs := map[string]string{"agent.http_addr": cfg.Agent.HTTPAddr, "agent.grpc_addr": cfg.Agent.GRPCAddr}
+	addrs := map[string]string{"agent.http_addr": cfg.Agent.HTTPAddr}
+	if !security(cfg).Protected() {
+		addrs["agent.grpc_addr"] = cfg.Agent.GRPCAddr
+	}
 	if cfg.Traces.Enabled {
 		addrs["traces.grpc_addr"], addrs["traces.http_addr"] = cfg.Traces.GRPCAddr, cfg.Traces.HTTPAddr
 	}
@@ -380,7 +383,7 @@ func checkLocal(cfg Config) error {
 		}
 		ip := net.ParseIP(host)
 		if host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-			return &ConfigError{Key: key, Err: fmt.Errorf("%s is not a loopback address; findings describe the app's internals, so set agent.allow_non_local = true to expose them", addr)}
+			return &ConfigError{Key: key, Err: fmt.Errorf("%s is not a loopback address; findings describe the app's internals, so protect the gRPC API (agent.tls_cert_file, agent.token_file) or set agent.allow_non_local = true to expose them", addr)}
 		}
 	}
 	return nil
@@ -561,6 +564,15 @@ func (a *Agent) startTraces(cfg Config) {
 	a.Store.SetStatus(signals.Status{Component: "otlp", Kind: "receiver", State: signals.StateRunning, Detail: "grpc " + r.GRPCAddr + ", http " + r.HTTPAddr})
 }
 
+// security is the gRPC API's protection from the [agent] keys.
+func security(cfg Config) exporters.ServerSecurity {
+	return exporters.ServerSecurity{
+		CertFile: cfg.Agent.TLSCertFile, KeyFile: cfg.Agent.TLSKeyFile, ClientCAFile: cfg.Agent.TLSClientCAFile,
+		TokenFile: cfg.Agent.TokenFile, MaxMessageBytes: cfg.Agent.GRPCMaxMessage,
+		KeepaliveTime: cfg.Agent.GRPCKeepalive.D(), KeepaliveTimeout: 10 * time.Second,
+	}
+}
+
 // profileSource serves CaptureProfile when the profiler runs.
 func (a *Agent) profileSource(cfg Config) exporters.ProfileSource {
 	for _, p := range a.probes {
@@ -583,7 +595,13 @@ func (a *Agent) startServers(cfg Config) error {
 	}
 	a.GRPCAddr, a.HTTPAddr = gl.Addr().String(), hl.Addr().String()
 
-	a.grpcSrv = grpc.NewServer()
+	opts, err := security(cfg).ServerOptions()
+	if err != nil {
+		gl.Close()
+		hl.Close()
+		return &ConfigError{Key: "agent.tls", Err: err}
+	}
+	a.grpcSrv = grpc.NewServer(opts...)
 	svc := exporters.NewGRPC(exporters.GRPCOptions{
 		Journal:    a.Journal,
 		Store:      a.Store,

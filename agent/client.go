@@ -14,20 +14,51 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/culprit-dev/culprit/exporters"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 )
 
-func dial(addr string) (*grpc.ClientConn, culpritv1.DiagnosticsClient, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, nil, fmt.Errorf("connect to agent at %s: %w", addr, err)
+// conn is how a CLI command reaches the agent: its address and, for a
+// protected agent, TLS files and a token.
+type conn struct {
+	addr               *string
+	ca, cert, key, sni *string
+	tokenFile          *string
+}
+
+func connFlags(fs *flag.FlagSet) conn {
+	return conn{
+		addr:      fs.String("addr", "127.0.0.1:9462", "agent gRPC address"),
+		ca:        fs.String("tls-ca", "", "verify the agent's TLS certificate with this PEM CA (turns TLS on)"),
+		cert:      fs.String("tls-cert", "", "client certificate for mTLS (PEM)"),
+		key:       fs.String("tls-key", "", "client key for mTLS (PEM)"),
+		sni:       fs.String("tls-server-name", "", "name expected in the agent's certificate (default: the host of --addr)"),
+		tokenFile: fs.String("token-file", "", "file holding the agent's bearer token (or set CULPRIT_TOKEN)"),
 	}
-	return conn, culpritv1.NewDiagnosticsClient(conn), nil
+}
+
+func (c conn) dial() (*grpc.ClientConn, culpritv1.DiagnosticsClient, error) {
+	token := os.Getenv("CULPRIT_TOKEN")
+	if *c.tokenFile != "" {
+		b, err := os.ReadFile(*c.tokenFile)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--token-file: %w", err)
+		}
+		token = strings.TrimSpace(string(b))
+	}
+	opts, err := exporters.ClientSecurity{CAFile: *c.ca, CertFile: *c.cert, KeyFile: *c.key, ServerName: *c.sni, Token: token}.DialOptions()
+	if err != nil {
+		return nil, nil, err
+	}
+	cc, err := grpc.NewClient(*c.addr, opts...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to agent at %s: %w", *c.addr, err)
+	}
+	return cc, culpritv1.NewDiagnosticsClient(cc), nil
 }
 
 func parseSeverity(s string) (culpritv1.Severity, error) {
@@ -45,7 +76,8 @@ func parseSeverity(s string) (culpritv1.Severity, error) {
 func cmdFindings(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("culprit findings", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	addr := fs.String("addr", "127.0.0.1:9462", "agent gRPC address")
+	cn := connFlags(fs)
+	addr := cn.addr
 	follow := fs.Bool("follow", false, "stream findings as they open, change and resolve")
 	asJSON := fs.Bool("json", false, "one JSON object per line")
 	all := fs.Bool("all", false, "include recently resolved findings (without --follow)")
@@ -60,7 +92,7 @@ func cmdFindings(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return err
 	}
-	conn, c, err := dial(*addr)
+	conn, c, err := cn.dial()
 	if err != nil {
 		return err
 	}
@@ -202,12 +234,13 @@ func (p *findingPrinter) text(what string, t time.Time, f *culpritv1.Finding) {
 func cmdSnapshot(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("culprit snapshot", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	addr := fs.String("addr", "127.0.0.1:9462", "agent gRPC address")
+	cn := connFlags(fs)
+	addr := cn.addr
 	asJSON := fs.Bool("json", false, "print the snapshot as JSON")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	conn, c, err := dial(*addr)
+	conn, c, err := cn.dial()
 	if err != nil {
 		return err
 	}
@@ -254,13 +287,18 @@ func cmdSnapshot(ctx context.Context, args []string, stdout, stderr io.Writer) e
 func cmdProfile(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("culprit profile", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	addr := fs.String("addr", "127.0.0.1:9462", "agent gRPC address")
+	cn := connFlags(fs)
+	addr := cn.addr
 	dur := fs.Duration("duration", 10*time.Second, "profile from now on for this long")
+	secs := fs.Int("seconds", 0, "the same as --duration, in seconds (as go tool pprof's -seconds)")
 	look := fs.Duration("lookback", 0, "instead, return the samples of this past window at once")
 	tids := fs.String("tid", "", "only these threads (comma-separated tids)")
 	out := fs.String("o", "cpu.pb.gz", "output file (pprof format)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *secs > 0 {
+		*dur = time.Duration(*secs) * time.Second
 	}
 	req := &culpritv1.CaptureProfileRequest{}
 	if *look > 0 {
@@ -278,7 +316,7 @@ func cmdProfile(ctx context.Context, args []string, stdout, stderr io.Writer) er
 		}
 		req.Tids = append(req.Tids, int32(n))
 	}
-	conn, c, err := dial(*addr)
+	conn, c, err := cn.dial()
 	if err != nil {
 		return err
 	}

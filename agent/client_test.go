@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -9,6 +11,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	"github.com/culprit-dev/culprit/internal/testenv"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 )
 
@@ -41,5 +44,32 @@ func TestFindingPrinterText(t *testing.T) {
 	}
 	if len(p.shown) != 0 {
 		t.Errorf("printer still remembers %d resolved findings", len(p.shown))
+	}
+}
+
+// The CLI reaches an agent whose API needs a token, with --token-file or
+// CULPRIT_TOKEN, and says why when it has none.
+func TestCLIWithToken(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 8, Accept: true})
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte("a-token-of-sixteen-chars\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(t, s.PID)
+	cfg.Agent.TokenFile = tokenFile
+	a := startAgentConfig(t, cfg)
+	var out, errb bytes.Buffer
+	if code := run([]string{"snapshot", "--addr", a.GRPCAddr, "--token-file", tokenFile}, &out, &errb); code != 0 || !strings.Contains(out.String(), "target:") {
+		t.Fatalf("with --token-file: exit %d\n%s%s", code, out.String(), errb.String())
+	}
+	out.Reset()
+	errb.Reset()
+	if code := run([]string{"snapshot", "--addr", a.GRPCAddr}, &out, &errb); code == 0 || !strings.Contains(errb.String(), "Unauthenticated") {
+		t.Errorf("without a token: exit %d, %q", code, errb.String())
+	}
+	t.Setenv("CULPRIT_TOKEN", "a-token-of-sixteen-chars")
+	errb.Reset()
+	if code := run([]string{"snapshot", "--addr", a.GRPCAddr}, &out, &errb); code != 0 {
+		t.Errorf("with CULPRIT_TOKEN: exit %d, %q", code, errb.String())
 	}
 }

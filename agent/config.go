@@ -44,6 +44,12 @@ type Config struct {
 		LogLevel        string   `toml:"log_level"`
 		LogFormat       string   `toml:"log_format"`
 		AllowNonLocal   bool     `toml:"allow_non_local"`
+		TLSCertFile     string   `toml:"tls_cert_file"`
+		TLSKeyFile      string   `toml:"tls_key_file"`
+		TLSClientCAFile string   `toml:"tls_client_ca_file"`
+		TokenFile       string   `toml:"token_file"`
+		GRPCMaxMessage  int      `toml:"grpc_max_message_bytes"`
+		GRPCKeepalive   Duration `toml:"grpc_keepalive"`
 		ShutdownTimeout Duration `toml:"shutdown_timeout"`
 	} `toml:"agent"`
 	Target struct {
@@ -225,6 +231,8 @@ func DefaultConfig() Config {
 	c.Agent.LogLevel = "info"
 	c.Agent.LogFormat = "text"
 	c.Agent.ShutdownTimeout = Duration(5 * time.Second)
+	c.Agent.GRPCMaxMessage = 4 << 20
+	c.Agent.GRPCKeepalive = Duration(30 * time.Second)
 	c.Target.RefindInterval = Duration(500 * time.Millisecond)
 	c.Collect.Interval = Duration(time.Second)
 	c.Collect.FastInterval = Duration(100 * time.Millisecond)
@@ -424,6 +432,7 @@ func (c *Config) Validate() error {
 		v   time.Duration
 	}{
 		{"target.refind_interval", c.Target.RefindInterval.D()},
+		{"agent.grpc_keepalive", c.Agent.GRPCKeepalive.D()},
 		{"collect.interval", c.Collect.Interval.D()},
 		{"collect.fast_interval", c.Collect.FastInterval.D()},
 		{"probes.poll_interval", c.Probes.PollInterval.D()},
@@ -501,6 +510,7 @@ func (c *Config) Validate() error {
 		{"rules.syn_backlog.min_drops", c.Rules.SYNBacklog.MinDrops, 1},
 		{"rules.latency_spike.min_spans", c.Rules.LatencySpike.MinSpans, 1},
 		{"traces.max_request_bytes", c.Traces.MaxRequestBytes, 1024},
+		{"agent.grpc_max_message_bytes", c.Agent.GRPCMaxMessage, 64 << 10},
 		{"traces.max_spans", c.Traces.MaxSpans, 64},
 		{"traces.forward_queue", c.Traces.ForwardQueue, 1},
 		{"rules.syn_backlog.min_sources", c.Rules.SYNBacklog.MinSources, 2},

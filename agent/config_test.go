@@ -122,3 +122,23 @@ func TestRefusesNonLoopbackWithoutOptIn(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A protected gRPC API (TLS or a token) may listen beyond loopback; the
+// metrics endpoint still needs the explicit opt-in.
+func TestNonLoopbackGRPCWithTokenOrTLS(t *testing.T) {
+	for _, protect := range []func(*Config){
+		func(c *Config) { c.Agent.TokenFile = "/run/secrets/culprit-token" },
+		func(c *Config) { c.Agent.TLSCertFile, c.Agent.TLSKeyFile = "/tls/tls.crt", "/tls/tls.key" },
+	} {
+		cfg := DefaultConfig()
+		cfg.Agent.GRPCAddr = "0.0.0.0:9462"
+		protect(&cfg)
+		if err := checkLocal(cfg); err != nil {
+			t.Errorf("protected gRPC refused: %v", err)
+		}
+		cfg.Agent.HTTPAddr = "0.0.0.0:9461"
+		if err := checkLocal(cfg); err == nil || !strings.Contains(err.Error(), "agent.http_addr") {
+			t.Errorf("non-loopback metrics without opt-in: %v", err)
+		}
+	}
+}

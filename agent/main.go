@@ -20,7 +20,10 @@ Usage:
   culprit agent    [--config agent.conf] [--pid N | --port N | --cmd REGEX] [flags]
   culprit findings [--addr 127.0.0.1:9462] [--follow] [--json] [--all]
   culprit snapshot [--addr 127.0.0.1:9462] [--json]
-  culprit profile  [--addr 127.0.0.1:9462] [--duration 10s | --lookback 30s] [--tid N,...] [-o cpu.pb.gz]
+  culprit profile  [--addr 127.0.0.1:9462] [--seconds N | --lookback 30s] [--tid N,...] [-o cpu.pb.gz]
+
+The client commands take --tls-ca, --tls-cert, --tls-key and --token-file
+(or CULPRIT_TOKEN) for an agent whose gRPC API is protected.
   culprit demo     [--addr 127.0.0.1:8080] [--control 127.0.0.1:8081] [--backlog 8]
   culprit version
 
