@@ -5,8 +5,16 @@ BIN      := bin/culprit
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 PKGS     := ./...
+# bash with pipefail: a recipe that filters a test's output through grep
+# still fails when the test does.
+SHELL       := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 
-.PHONY: build run test test-short generate check-generate bench lint clean
+.PHONY: build run test test-short generate check-generate bench reliability lint clean
+
+# make reliability: how long each fuzz target runs, and the soak.
+FUZZTIME ?= 30s
+SOAK     ?= 10m
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./agent
@@ -31,6 +39,19 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 5x -count 1 ./agent/ ./signals/ ./collectors/
 	$(GO) test -run '^$$' -bench . -benchtime 50000x -count 1 ./probes/
 	$(GO) test -run '^$$' -bench . -benchtime 200x -count 1 ./symbolize/
+
+# The reliability suite: the agent without BPF rights, a restarted target
+# re-found within 1 s, a clean SIGTERM, 100 stalled watchers, the fuzz
+# targets for a bounded time each, and a soak under load (SOAK) that fails
+# on goroutine or heap growth.
+reliability:
+	$(GO) test -count=1 -run 'TestAgentWithoutBPFRights|TestTargetRefoundWithinOneSecond|TestAgentShutsDownCleanlyOnSIGTERM' ./agent/
+	$(GO) test -count=1 -run 'TestHundredSlowWatchers' ./exporters/
+	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime $(FUZZTIME) ./agent/
+	$(GO) test -run '^$$' -fuzz FuzzParseHeap -fuzztime $(FUZZTIME) ./collectors/
+	$(GO) test -run '^$$' -fuzz FuzzOTLPHTTP -fuzztime $(FUZZTIME) ./traces/
+	$(GO) test -run '^$$' -fuzz FuzzParseMaps -fuzztime $(FUZZTIME) ./symbolize/
+	CULPRIT_SOAK=$(SOAK) $(GO) test -count=1 -timeout 30m -run 'TestSoak' -v ./agent/ 2>&1 | grep -E '^(=== RUN|--- |\s+reliability_test|PASS|FAIL|ok )'
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
