@@ -5,9 +5,9 @@ import (
 	"testing"
 	"time"
 
+	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
-	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 )
 
 // 100 watchers that never read do not slow the journal down: recording
