@@ -82,10 +82,12 @@ func (r *AcceptOverflow) stalledThread(from, now time.Time) (signals.Episode, st
 	if fn == "" {
 		fn = "unknown code"
 	}
+	// The kernel does not say which thread runs the accept loop: name the
+	// stall's likeliest cause, as that.
 	if best.Kind == signals.EpisodeBusy {
-		return best, fmt.Sprintf("Thread %s (tid %d) ran %s without yielding in %s.", best.Thread, best.Tid, seconds(best.Duration), fn)
+		return best, fmt.Sprintf("During the stall thread %s (tid %d) ran %s without yielding in %s: if the accept loop runs on it, that is why.", best.Thread, best.Tid, seconds(best.Duration), fn)
 	}
-	return best, fmt.Sprintf("Thread %s (tid %d) was blocked %s in %s, called from %s.", best.Thread, best.Tid, seconds(best.Duration), best.Syscall(), fn)
+	return best, fmt.Sprintf("During the stall thread %s (tid %d) was blocked %s in %s, called from %s: if the accept loop runs on it, that is why.", best.Thread, best.Tid, seconds(best.Duration), best.Syscall(), fn)
 }
 
 // freshness: a sample older than this is not "now" (the collector may have
@@ -188,7 +190,6 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			if fn := culpritFrame(culprit.UserStack()); fn != "" {
 				arts = append(arts, Artifact{Kind: "frame", Value: fn, Detail: "where the stalled thread is"})
 			}
-			conf = math.Max(conf, 0.9)
 		}
 		sev := SeverityCritical
 		return Observation{
