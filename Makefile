@@ -39,6 +39,8 @@ bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 5x -count 1 ./agent/ ./signals/ ./collectors/
 	$(GO) test -run '^$$' -bench . -benchtime 50000x -count 1 ./probes/
 	$(GO) test -run '^$$' -bench . -benchtime 200x -count 1 ./symbolize/
+	@if command -v nginx >/dev/null && command -v wrk >/dev/null; then scripts/bench-nginx.sh $(BIN); \
+	else echo "bench: nginx or wrk missing (apt-get install -y nginx wrk): skipping the nginx under wrk comparison"; fi
 
 # The reliability suite: the agent without BPF rights, a restarted target
 # re-found within 1 s, a clean SIGTERM, 100 stalled watchers, the fuzz

@@ -137,3 +137,66 @@ func median(ds []time.Duration) time.Duration {
 	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
 	return s[len(s)/2]
 }
+
+// BenchmarkFaultToFindingByRule measures, for scenarios of other findings,
+// the time from injecting the fault to the OPENED event on the gRPC
+// stream, and its ratio to the floor the rule's settings allow (its
+// threshold plus one sampling interval).
+func BenchmarkFaultToFindingByRule(b *testing.B) {
+	def := DefaultConfig()
+	b.Run("blocking_worker", func(b *testing.B) {
+		w := testenv.StartWorkers(b, 2)
+		a := startAgent(b, w.PID)
+		c := client(b, a.GRPCAddr)
+		waitSched(b, c)
+		events, _ := watch(b, c, 0)
+		var took []time.Duration
+		for range b.N {
+			start := time.Now()
+			w.MustDo(b, "block 1 1500")
+			next(b, events, 10*time.Second, openedBy("blocking_worker"))
+			took = append(took, time.Since(start))
+			next(b, events, 30*time.Second, resolvedBy("blocking_worker"))
+		}
+		report(b, took, def.Rules.BlockingWorker.MinBlock.D()+def.Probes.PollInterval.D())
+	})
+	b.Run("rst_storm", func(b *testing.B) {
+		s := testenv.Start(b, testenv.Options{Backlog: 64, Accept: true})
+		a := startAgent(b, s.PID)
+		c := client(b, a.GRPCAddr)
+		waitWatching(b, c, s.Port)
+		events, _ := watch(b, c, 0)
+		var took []time.Duration
+		for range b.N {
+			start := time.Now()
+			for !opened(events, "rst_storm") && time.Since(start) < 15*time.Second {
+				s.MustDo(b, "dialclosed 60")
+			}
+			took = append(took, time.Since(start))
+			next(b, events, 30*time.Second, resolvedBy("rst_storm"))
+		}
+		// Floor: the resets of one recent window at min_rate, and one
+		// netstat sample.
+		report(b, took, def.Collect.Interval.D())
+	})
+}
+
+func opened(events <-chan *culpritv1.FindingEvent, rule string) bool {
+	for {
+		select {
+		case ev := <-events:
+			if ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == rule {
+				return true
+			}
+		default:
+			return false
+		}
+	}
+}
+
+func report(b *testing.B, took []time.Duration, floor time.Duration) {
+	m := median(took)
+	b.ReportMetric(float64(m.Milliseconds()), "ms-to-finding(median)")
+	b.ReportMetric(float64(m)/float64(floor), "x-design-floor")
+}
+

@@ -43,7 +43,7 @@ func workersScenario(t *testing.T, tune func(*Config)) (*testenv.Workers, *Agent
 
 // waitSched blocks until the sched probe watches the target's threads: a
 // sleep that began before cannot be seen.
-func waitSched(t *testing.T, c culpritv1.DiagnosticsClient) {
+func waitSched(t testing.TB, c culpritv1.DiagnosticsClient) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
