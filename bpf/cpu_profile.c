@@ -11,6 +11,7 @@
  * count refer to a stack id reused for another stack. */
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
+#include "targets.h"
 #include <bpf/bpf_tracing.h>
 
 char __license[] SEC("license") = "Dual MIT/GPL";
@@ -23,13 +24,6 @@ struct sample_key {
 	__s32 ustack;
 	__s32 kstack;
 };
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u32);
-	__type(value, __u8);
-	__uint(max_entries, 16);
-} targets SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -102,7 +96,7 @@ int culprit_cpu_sample(struct bpf_perf_event_data *ctx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	__u32 tgid = id >> 32;
-	if (!bpf_map_lookup_elem(&targets, &tgid))
+	if (!is_target(tgid))
 		return 0;
 	__u32 zero = 0;
 	__u32 *g = bpf_map_lookup_elem(&gen, &zero);

@@ -20,6 +20,7 @@
  * All programs are tp_btf: no tracefs; CAP_BPF + CAP_PERFMON suffice. */
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
+#include "targets.h"
 #include "ringbuf.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
@@ -72,14 +73,6 @@ struct block_event {
 /* Keeps block_event in the BTF, so bpf2go emits its Go type. */
 const struct block_event *unused_block_event __attribute__((unused));
 
-/* Processes to watch; Go keeps it to the current target. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u32);
-	__type(value, __u8);
-	__uint(max_entries, 16);
-} targets SEC(".maps");
-
 /* max_entries set from Go (sched.max_threads). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -113,7 +106,7 @@ static __always_inline __u32 log2_u64(__u64 v)
 static __always_inline int watched(const struct task_struct *t)
 {
 	__u32 tgid = BPF_CORE_READ(t, tgid);
-	return bpf_map_lookup_elem(&targets, &tgid) != NULL;
+	return is_target(tgid);
 }
 
 static __always_inline struct thread_stats *stats_of(const struct task_struct *t)

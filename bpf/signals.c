@@ -9,6 +9,7 @@
  * sender. */
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
+#include "targets.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 
@@ -27,13 +28,6 @@ struct sig_stats {
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u32);
-	__type(value, __u8);
-	__uint(max_entries, 16);
-} targets SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct sig_key);
 	__type(value, struct sig_stats);
@@ -46,7 +40,7 @@ int BPF_PROG(culprit_signal_generate, int sig, void *info, struct task_struct *t
 	if (sig != 2 && sig != 3 && sig != 15) /* SIGINT, SIGQUIT, SIGTERM */
 		return 0;
 	__u32 tgid = BPF_CORE_READ(task, tgid);
-	if (!bpf_map_lookup_elem(&targets, &tgid))
+	if (!is_target(tgid))
 		return 0;
 	struct sig_key key = {.tgid = tgid, .sig = sig};
 	struct sig_stats *st = bpf_map_lookup_elem(&sigs, &key);

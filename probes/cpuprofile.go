@@ -6,10 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"runtime"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -56,7 +53,7 @@ type CPUProfile struct {
 	target  uint32
 	gen     uint32
 	total   uint64
-	names   map[int]string // thread names by tid, for the current target
+	names   threadNames // for the current target
 }
 
 // NewCPUProfile returns the profiler, not yet loaded.
@@ -70,7 +67,7 @@ func NewCPUProfile(o CPUProfileOptions) *CPUProfile {
 	if o.Samples == nil {
 		o.Samples = signals.NewCPUSamples(4096)
 	}
-	return &CPUProfile{o: o, names: map[int]string{}}
+	return &CPUProfile{o: o, names: threadNames{}}
 }
 
 func (*CPUProfile) Name() string { return "cpu_profile" }
@@ -161,20 +158,11 @@ func (p *CPUProfile) run(ctx context.Context, objs *cpuProfileObjects, tracker *
 }
 
 func (p *CPUProfile) setTarget(objs *cpuProfileObjects, pid uint32) error {
-	if p.target == pid {
-		return nil
+	changed, err := retarget(objs.Targets, &p.target, pid)
+	if changed {
+		clear(p.names)
 	}
-	if p.target != 0 {
-		if err := objs.Targets.Delete(p.target); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete old target %d: %w", p.target, err)
-		}
-	}
-	if err := objs.Targets.Put(pid, uint8(1)); err != nil {
-		return fmt.Errorf("add target %d: %w", pid, err)
-	}
-	p.target = pid
-	clear(p.names)
-	return nil
+	return err
 }
 
 // drain flips the generation the program writes to, then moves the other
@@ -218,7 +206,7 @@ func (p *CPUProfile) drain(objs *cpuProfileObjects, pid int, store *signals.Stor
 		}
 		p.total += n
 		out = append(out, signals.StackSample{
-			T: now, Pid: pid, Tid: int(key.Tid), Thread: p.threadName(pid, int(key.Tid)),
+			T: now, Pid: pid, Tid: int(key.Tid), Thread: p.names.get(pid, int(key.Tid)),
 			User: stackOf(key.Ustack), Kernel: stackOf(key.Kstack), Count: int64(n),
 		})
 	}
@@ -242,23 +230,6 @@ func (p *CPUProfile) drain(objs *cpuProfileObjects, pid int, store *signals.Stor
 		}
 	}
 	return nil
-}
-
-// threadName reads a thread's comm once; names of exited threads are
-// forgotten with the target.
-func (p *CPUProfile) threadName(pid, tid int) string {
-	if n, ok := p.names[tid]; ok {
-		return n
-	}
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(tid) + "/comm")
-	name := strings.TrimSpace(string(b))
-	if err != nil {
-		name = ""
-	}
-	if len(p.names) < 4096 {
-		p.names[tid] = name
-	}
-	return name
 }
 
 // Close detaches the program and closes the perf events.

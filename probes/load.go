@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -194,4 +197,38 @@ func putProbeCounters(store *signals.Store, probe string, events float64, lost *
 	if err := lost.Lookup(uint32(0), &n); err == nil {
 		store.Put(sigProbeLost, self, float64(n), now)
 	}
+}
+
+// retarget keeps a `targets` map (tgid -> 1) to the one process watched:
+// it reports whether *cur changed to pid.
+func retarget(m *ebpf.Map, cur *uint32, pid uint32) (bool, error) {
+	if *cur == pid {
+		return false, nil
+	}
+	if *cur != 0 {
+		if err := m.Delete(*cur); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return false, fmt.Errorf("delete old target %d: %w", *cur, err)
+		}
+	}
+	if err := m.Put(pid, uint8(1)); err != nil {
+		return false, fmt.Errorf("add target %d: %w", pid, err)
+	}
+	*cur = pid
+	return true, nil
+}
+
+// threadNames caches thread names (comm) of the current target.
+type threadNames map[int]string
+
+// get reads a thread's comm once; at most 4096 are kept.
+func (n threadNames) get(pid, tid int) string {
+	if name, ok := n[tid]; ok {
+		return name
+	}
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(tid) + "/comm")
+	name := strings.TrimSpace(string(b))
+	if len(n) < 4096 {
+		n[tid] = name
+	}
+	return name
 }

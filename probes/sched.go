@@ -6,7 +6,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -97,7 +96,7 @@ type Sched struct {
 	// stack map may reuse an id while a thread sleeps for long.
 	stacks map[episodeID]stackText
 	busy   map[int]signals.Episode // ongoing busy episode per tid
-	names  map[int]string          // names of threads not yet seen by the kernel side
+	names  threadNames             // names of threads not yet seen by the kernel side
 	// lastRunq is the run-queue histogram at the previous poll.
 	lastRunq [RunqBuckets]float64
 }
@@ -126,7 +125,7 @@ func NewSched(o SchedOptions) *Sched {
 	if o.Episodes == nil {
 		o.Episodes = signals.NewEpisodes(256)
 	}
-	return &Sched{o: o, stacks: map[episodeID]stackText{}, busy: map[int]signals.Episode{}, names: map[int]string{}}
+	return &Sched{o: o, stacks: map[episodeID]stackText{}, busy: map[int]signals.Episode{}, names: threadNames{}}
 }
 
 func (*Sched) Name() string { return "sched" }
@@ -306,18 +305,10 @@ func (p *Sched) poll(ctx context.Context, objs *schedObjects, tracker *target.Tr
 // setTarget keeps the targets map to the one process watched, and drops
 // the per-thread state of the previous one.
 func (p *Sched) setTarget(objs *schedObjects, pid uint32) error {
-	if p.target == pid {
-		return nil
+	changed, err := retarget(objs.Targets, &p.target, pid)
+	if !changed {
+		return err
 	}
-	if p.target != 0 {
-		if err := objs.Targets.Delete(p.target); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete old target %d: %w", p.target, err)
-		}
-	}
-	if err := objs.Targets.Put(pid, uint8(1)); err != nil {
-		return fmt.Errorf("add target %d: %w", pid, err)
-	}
-	p.target = pid
 	p.mu.Lock()
 	clear(p.stacks)
 	clear(p.busy)
@@ -412,7 +403,7 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 			continue
 		}
 		seen[id] = true
-		ls := signals.L("tid", id, "thread", p.taskName(pid, t))
+		ls := signals.L("tid", id, "thread", p.names.get(pid, t))
 		for _, d := range []*signals.Desc{sigThreadOnCPU, sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary, sigThreadOffCPU, sigThreadLongBlocks, sigThreadBusy} {
 			store.Put(d, ls, 0, now)
 		}
@@ -468,18 +459,6 @@ func taskIDs(pid int) (map[int]bool, error) {
 	return out, nil
 }
 
-// taskName is a thread's comm, cached for the current target.
-func (p *Sched) taskName(pid, tid int) string {
-	if n, ok := p.names[tid]; ok {
-		return n
-	}
-	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(tid) + "/comm")
-	n := strings.TrimSpace(string(b))
-	if len(p.names) < 4096 {
-		p.names[tid] = n
-	}
-	return n
-}
 
 // textStart is the start of the process's executable code (startcode in
 // /proc/PID/stat), an address inside its main executable.

@@ -4,12 +4,10 @@ package probes
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strconv"
 	"time"
 
-	"github.com/cilium/ebpf"
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/target"
@@ -68,17 +66,9 @@ func (p *Signals) poll(objs *procSignalsObjects, tracker *target.Tracker, store 
 	if !ok {
 		return
 	}
-	if pid := uint32(tgt.PID); pid != p.target {
-		if p.target != 0 {
-			if err := objs.Targets.Delete(p.target); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				p.o.Log.Warn("signals: delete old target", "err", err)
-			}
-		}
-		if err := objs.Targets.Put(pid, uint8(1)); err != nil {
-			p.o.Log.Warn("signals: set target", "err", err)
-			return
-		}
-		p.target = pid
+	if _, err := retarget(objs.Targets, &p.target, uint32(tgt.PID)); err != nil {
+		p.o.Log.Warn("signals: set target", "err", err)
+		return
 	}
 	var key procSignalsSigKey
 	var st procSignalsSigStats
