@@ -199,4 +199,3 @@ func report(b *testing.B, took []time.Duration, floor time.Duration) {
 	b.ReportMetric(float64(m.Milliseconds()), "ms-to-finding(median)")
 	b.ReportMetric(float64(m)/float64(floor), "x-design-floor")
 }
-

@@ -459,7 +459,6 @@ func taskIDs(pid int) (map[int]bool, error) {
 	return out, nil
 }
 
-
 // textStart is the start of the process's executable code (startcode in
 // /proc/PID/stat), an address inside its main executable.
 func textStart(pid int) (uint64, bool) {

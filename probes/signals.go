@@ -8,7 +8,6 @@ import (
 	"strconv"
 	"time"
 
-
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/target"
 )
