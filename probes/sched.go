@@ -75,6 +75,8 @@ type SchedOptions struct {
 	MaxThreads uint32
 	// MaxStacks bounds the stack map.
 	MaxStacks uint32
+	// StackMapLife is how often the stack map is emptied (10 min if unset).
+	StackMapLife time.Duration
 	// Episodes receives block and busy episodes; Symbolizer names their stacks.
 	Episodes   *signals.Episodes
 	Symbolizer *symbolize.Symbolizer
@@ -99,6 +101,8 @@ type Sched struct {
 	names  threadNames             // names of threads not yet seen by the kernel side
 	// lastRunq is the run-queue histogram at the previous poll.
 	lastRunq [RunqBuckets]float64
+	// stacksReset is when the stack map was last emptied.
+	stacksReset time.Time
 }
 
 type episodeID struct {
@@ -299,6 +303,7 @@ func (p *Sched) poll(ctx context.Context, objs *schedObjects, tracker *target.Tr
 		if err := p.readThreads(objs, tgt.PID, store, now); err != nil {
 			p.o.Log.Warn("sched: read threads", "err", err)
 		}
+		p.resetStacks(objs, now)
 	})
 }
 
@@ -477,6 +482,70 @@ func textStart(pid int) (uint64, bool) {
 	}
 	pc, err := strconv.ParseUint(string(f[23]), 10, 64)
 	return pc, err == nil && pc != 0
+}
+
+// stackMapLife is how long stack ids live. bpf_get_stackid never evicts:
+// a long-running target's distinct sleep stacks would fill the map and new
+// ones would fail (episodes without stacks). Ongoing episodes' stacks are
+// already symbolized and cached (p.stacks), so emptying the map now and
+// then costs at most the stack of a sleep that spans the reset.
+const stackMapLife = 10 * time.Minute
+
+func (p *Sched) resetStacks(objs *schedObjects, now time.Time) {
+	if p.stacksReset.IsZero() {
+		p.stacksReset = now
+	}
+	life := p.o.StackMapLife
+	if life <= 0 {
+		life = stackMapLife
+	}
+	if now.Sub(p.stacksReset) < life {
+		return
+	}
+	p.stacksReset = now
+	// Keep the stacks of the sleeps going on now: their ids are about to
+	// go, and a sleep may yet become long.
+	var tid uint32
+	var st schedThreadStats
+	current := map[episodeID]bool{}
+	threads := objs.Threads.Iterate()
+	for threads.Next(&tid, &st) {
+		if st.Tgid != p.target || st.OffcpuSince == 0 {
+			continue
+		}
+		key := episodeID{int(tid), int64(st.OffcpuSince)}
+		current[key] = true
+		p.mu.Lock()
+		_, have := p.stacks[key]
+		p.mu.Unlock()
+		if !have {
+			txt := p.stackText(objs, int(st.Tgid), st.OffUstack, st.OffKstack)
+			p.mu.Lock()
+			if len(p.stacks) < int(max(p.o.MaxThreads, 64)) {
+				p.stacks[key] = txt
+			}
+			p.mu.Unlock()
+		}
+	}
+	// Sleeps that ended without a long-block event leave their cached
+	// stacks behind: drop them.
+	p.mu.Lock()
+	for k := range p.stacks {
+		if !current[k] {
+			delete(p.stacks, k)
+		}
+	}
+	p.mu.Unlock()
+	var id uint32
+	var ids []uint32
+	it := objs.Stacks.Iterate()
+	var raw [127]uint64
+	for it.Next(&id, &raw) {
+		ids = append(ids, id)
+	}
+	for _, id := range ids {
+		_ = objs.Stacks.Delete(id) // gone already is fine
+	}
 }
 
 // quantileBound is the upper bound of the bucket holding quantile q of n

@@ -119,3 +119,28 @@ func TestSchedSeesABusyWorker(t *testing.T) {
 		t.Errorf("no run-queue latency counted: %v %v", n, ok)
 	}
 }
+
+// Emptying the stack map (here every 100 ms) does not cost the stacks of
+// the blocks that come after: each one is still named.
+func TestSchedStackMapReset(t *testing.T) {
+	w := testenv.StartWorkers(t, 2)
+	st := signals.New(600, 2000)
+	eps := signals.NewEpisodes(256)
+	runProbe(t, w.PID, NewSched(SchedOptions{
+		Options:  Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096},
+		MinBlock: 100 * time.Millisecond, MaxThreads: 1024, MaxStacks: 1024, StackMapLife: 100 * time.Millisecond,
+		Episodes: eps, Symbolizer: symbolize.New(symbolize.Options{}),
+	}), st)
+	time.Sleep(300 * time.Millisecond)
+	for i := range 3 {
+		from := time.Now()
+		w.MustDo(t, "block 1 400")
+		e := waitEpisode(t, eps, signals.EpisodeBlock, from, func(e signals.Episode) bool {
+			return e.Tid == w.TIDs[1] && !e.Ongoing && e.Syscall() == "nanosleep"
+		})
+		if !hasFrame(e.UserStack(), "faults.BlockingCall") {
+			t.Errorf("block %d after resets: user stack %v", i, e.UserStack())
+		}
+		time.Sleep(250 * time.Millisecond) // at least one reset between blocks
+	}
+}
