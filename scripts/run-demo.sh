@@ -15,8 +15,11 @@ for _ in $(seq 50); do
   sleep 0.1
 done
 echo
-echo "Following findings. In another terminal trigger a fault:"
+echo "Following findings. In another terminal trigger a fault (curl -s http://127.0.0.1:8081/ lists them all):"
 echo "   curl -s -XPOST 'http://127.0.0.1:8081/fault/stop-accepting?seconds=15&load=64'"
+echo "   curl -s -XPOST 'http://127.0.0.1:8081/fault/block-worker?ms=800&for=20s'"
+echo "   curl -s -XPOST 'http://127.0.0.1:8081/fault/spin-worker?for=10s'"
+echo "   curl -s -XPOST 'http://127.0.0.1:8081/fault/leak-heap?mb=4&every=500ms&for=60s'"
 echo "Metrics: curl -s http://127.0.0.1:9461/metrics | grep culprit_listen"
 echo
 "$bin" findings --follow
