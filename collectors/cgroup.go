@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -194,6 +195,27 @@ func newCgroupCollector(o Options) *cgroupCollector {
 
 func (*cgroupCollector) Name() string { return "cgroup" }
 
+// v2Dir is the directory of the target's v2 cgroup that holds file, or "".
+// It is looked for under /sys/fs/cgroup (pure v2) and unified/ (hybrid);
+// and, when the path climbs out of the agent's own cgroup namespace
+// ("/../app": in a pod every container has its own, and the agent's
+// /sys/fs/cgroup shows only its own cgroup), through the target's own
+// mount of it, /proc/PID/root/sys/fs/cgroup, which is rooted at the
+// target's cgroup.
+func (c *cgroupCollector) v2Dir(pid int, v2, file string) string {
+	base := filepath.Join(c.sysRoot, "fs", "cgroup")
+	dirs := []string{filepath.Join(base, v2), filepath.Join(base, "unified", v2)}
+	if strings.HasPrefix(v2, "/..") {
+		dirs = []string{filepath.Join(c.procRoot, strconv.Itoa(pid), "root", "sys", "fs", "cgroup")}
+	}
+	for _, d := range dirs {
+		if exists(filepath.Join(d, file)) {
+			return d
+		}
+	}
+	return ""
+}
+
 // Collect prefers the v1 memory controller when the target is in one
 // (hybrid hosts mount memory only there); otherwise v2, at the root of
 // /sys/fs/cgroup (pure v2, as most pods today) or under unified/ (hybrid).
@@ -212,12 +234,9 @@ func (c *cgroupCollector) Collect(_ context.Context, tgt target.Process, store *
 	case v1 != "" && exists(filepath.Join(base, "memory", v1, "memory.usage_in_bytes")):
 		path = v1
 		m, err = readV1(filepath.Join(base, "memory", v1))
-	case v2 != "" && exists(filepath.Join(base, v2, "memory.current")):
+	case v2 != "" && c.v2Dir(tgt.PID, v2, "memory.current") != "":
 		path = v2
-		m, err = readV2(filepath.Join(base, v2))
-	case v2 != "" && exists(filepath.Join(base, "unified", v2, "memory.current")):
-		path = v2
-		m, err = readV2(filepath.Join(base, "unified", v2))
+		m, err = readV2(c.v2Dir(tgt.PID, v2, "memory.current"))
 	default:
 		return fmt.Errorf("pid %d: no memory cgroup mounted for it: %w", tgt.PID, ErrNoData)
 	}

@@ -196,7 +196,7 @@ func (c *cpuCgroupCollector) Collect(_ context.Context, tgt target.Process, stor
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
-	m, path, err := c.read(b)
+	m, path, err := c.read(tgt.PID, b)
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
@@ -218,7 +218,7 @@ func (c *cpuCgroupCollector) Collect(_ context.Context, tgt target.Process, stor
 }
 
 // read finds and reads the target's CPU cgroup from its /proc/PID/cgroup.
-func (c *cpuCgroupCollector) read(procCgroup []byte) (cgroupCPU, string, error) {
+func (c *cpuCgroupCollector) read(pid int, procCgroup []byte) (cgroupCPU, string, error) {
 	base := filepath.Join(c.sysRoot, "fs", "cgroup")
 	mount, v1, v2 := cgroupOf(procCgroup, "cpu")
 	if dir := v1Dir(base, mount, "cpu", v1, "cpu.cfs_quota_us"); dir != "" {
@@ -236,14 +236,12 @@ func (c *cpuCgroupCollector) read(procCgroup []byte) (cgroupCPU, string, error) 
 	if v2 == "" {
 		return cgroupCPU{}, "", fmt.Errorf("no CPU cgroup in /proc/PID/cgroup: %w", ErrNoData)
 	}
-	for _, dir := range []string{filepath.Join(base, v2), filepath.Join(base, "unified", v2)} {
-		if exists(filepath.Join(dir, "cpu.stat")) {
-			m, err := readCPUV2(dir)
-			if err != nil {
-				return m, v2, fmt.Errorf("cgroup v2 %s: %w", v2, err)
-			}
-			return m, v2, nil
+	if dir := (*cgroupCollector)(c).v2Dir(pid, v2, "cpu.stat"); dir != "" {
+		m, err := readCPUV2(dir)
+		if err != nil {
+			return m, v2, fmt.Errorf("cgroup v2 %s: %w", v2, err)
 		}
+		return m, v2, nil
 	}
 	return cgroupCPU{}, "", fmt.Errorf("no CPU cgroup mounted for it: %w", ErrNoData)
 }

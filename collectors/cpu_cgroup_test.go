@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"math"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -73,6 +75,13 @@ func TestReadCPUCgroupFixtures(t *testing.T) {
 			"cgroup_cpu_periods_total": 0, "cgroup_cpu_throttled_periods_total": 0,
 			"cgroup_cpu_throttled_seconds_total": 0, "cgroup_cpu_usage_seconds_total": 2318.427060429}}},
 		{"cpu-v2", 100, "/kubepods/pod1/app", cgroupCPU{Version: 2, Quota: 0.5, Counters: map[string]float64{
+			"cgroup_cpu_periods_total": 1200, "cgroup_cpu_throttled_periods_total": 480,
+			"cgroup_cpu_throttled_seconds_total": 36.5, "cgroup_cpu_usage_seconds_total": 8.123456},
+			Pressure: map[string]float64{"some": 0.425, "full": 0.38}}},
+		// In a pod each container has its own cgroup namespace: the app's
+		// cgroup, seen from the agent's, is outside it, and is read
+		// through the app's own /sys/fs/cgroup.
+		{"cpu-v2", 102, "/../app-container", cgroupCPU{Version: 2, Quota: 0.5, Counters: map[string]float64{
 			"cgroup_cpu_periods_total": 1200, "cgroup_cpu_throttled_periods_total": 480,
 			"cgroup_cpu_throttled_seconds_total": 36.5, "cgroup_cpu_usage_seconds_total": 8.123456},
 			Pressure: map[string]float64{"some": 0.425, "full": 0.38}}},
@@ -237,5 +246,23 @@ func TestCPUCgroupRealHealthy(t *testing.T) {
 	r := rules.NewCPUThrottling(rules.CPUThrottlingOptions{Window: 2 * time.Second})
 	if obs := r.Evaluate(rules.Window{Store: st, Now: time.Now()}); len(obs) != 0 {
 		t.Fatalf("healthy cgroup raised %+v", obs[0])
+	}
+}
+
+// The memory collector reads the app's cgroup through its own mount too,
+// when the app's cgroup is outside the agent's cgroup namespace.
+func TestMemoryCgroupOutsideOurNamespace(t *testing.T) {
+	root := "testdata/cgroup/cpu-v2"
+	col := newCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
+	st := signals.New(16, 100)
+	if err := col.Collect(context.Background(), target.Process{PID: 102}, st); err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile(filepath.Join(root, "proc/102/root/sys/fs/cgroup/memory.current"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, ok := st.Latest("cgroup_memory_usage_bytes", nil); !ok || strconv.FormatFloat(v.V, 'f', -1, 64) != strings.TrimSpace(string(want)) {
+		t.Errorf("usage %v (%v), want %s", v.V, ok, want)
 	}
 }
