@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"text/tabwriter"
 	"time"
 
 	"google.golang.org/grpc"
@@ -80,6 +81,7 @@ func cmdFindings(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	addr := cn.addr
 	follow := fs.Bool("follow", false, "stream findings as they open, change and resolve")
 	asJSON := fs.Bool("json", false, "one JSON object per line")
+	table := fs.Bool("table", false, "one line per finding, in columns (without --follow)")
 	all := fs.Bool("all", false, "include recently resolved findings (without --follow)")
 	since := fs.Uint64("since", 0, "with --follow: resume after this sequence number")
 	sev := fs.String("severity", "info", "least severity shown: info, warning, critical")
@@ -105,6 +107,11 @@ func cmdFindings(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		if len(resp.Findings) == 0 && !*asJSON {
 			fmt.Fprintf(stdout, "no findings (as of sequence %d)\n", resp.Sequence)
+			return nil
+		}
+		if *table && !*asJSON {
+			printTable(stdout, resp.Findings, time.Now())
+			return nil
 		}
 		for _, f := range resp.Findings {
 			out.finding(f)
@@ -333,4 +340,28 @@ func cmdProfile(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 	fmt.Fprintf(stdout, "wrote %s: %d samples over %s; open it with: go tool pprof -top %s\n", *out, resp.Samples, resp.Duration.AsDuration().Round(time.Millisecond), *out)
 	return nil
+}
+
+// printTable lists findings one per line, most severe first, as a person
+// scans them: severity, state, age, rule, cause, what.
+func printTable(w io.Writer, fs []*culpritv1.Finding, now time.Time) {
+	sort.SliceStable(fs, func(i, j int) bool {
+		if fs[i].Severity != fs[j].Severity {
+			return fs[i].Severity > fs[j].Severity
+		}
+		return fs[i].FirstSeen.AsTime().Before(fs[j].FirstSeen.AsTime())
+	})
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SEVERITY\tSTATE\tAGE\tRULE\tCAUSE\tFINDING")
+	for _, f := range fs {
+		sev := strings.ToLower(strings.TrimPrefix(f.Severity.String(), "SEVERITY_"))
+		state := strings.ToLower(strings.TrimPrefix(f.State.String(), "FINDING_STATE_"))
+		age := now.Sub(f.FirstSeen.AsTime()).Round(time.Second)
+		title := f.Title
+		if len(title) > 100 {
+			title = title[:97] + "..."
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", sev, state, age, f.Rule, f.Cause, title)
+	}
+	tw.Flush()
 }

@@ -73,3 +73,32 @@ func TestCLIWithToken(t *testing.T) {
 		t.Errorf("with CULPRIT_TOKEN: exit %d, %q", code, errb.String())
 	}
 }
+
+func TestFindingsTable(t *testing.T) {
+	now := time.Unix(2000, 0)
+	fs := []*culpritv1.Finding{
+		{Rule: "close_wait", Cause: "close_wait_leak", Title: "CLOSE_WAIT leak on local port 8080", Severity: culpritv1.Severity_SEVERITY_WARNING,
+			State: culpritv1.FindingState_FINDING_STATE_OPEN, FirstSeen: timestamppb.New(now.Add(-90 * time.Second))},
+		{Rule: "accept_overflow", Cause: "app_not_accepting", Title: strings.Repeat("x", 150), Severity: culpritv1.Severity_SEVERITY_CRITICAL,
+			State: culpritv1.FindingState_FINDING_STATE_OPEN, FirstSeen: timestamppb.New(now.Add(-5 * time.Second))},
+	}
+	var b bytes.Buffer
+	printTable(&b, fs, now)
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "SEVERITY") {
+		t.Fatalf("table:\n%s", b.String())
+	}
+	if !strings.HasPrefix(lines[1], "critical") || !strings.Contains(lines[1], "5s") || !strings.HasSuffix(lines[1], "...") || len(lines[1]) > 200 {
+		t.Errorf("most severe first, titles cut: %q", lines[1])
+	}
+	if !strings.HasPrefix(lines[2], "warning") || !strings.Contains(lines[2], "1m30s") || !strings.Contains(lines[2], "close_wait_leak") {
+		t.Errorf("second row %q", lines[2])
+	}
+	// Columns line up: FINDING starts at the same offset on every row.
+	col := strings.Index(lines[0], "FINDING")
+	for _, l := range lines[1:] {
+		if len(l) <= col || l[col-1] != ' ' || l[col] == ' ' {
+			t.Errorf("row not aligned at %d: %q", col, l)
+		}
+	}
+}

@@ -18,7 +18,7 @@ const usage = `culprit: tells you why your service is slow, drops connections or
 
 Usage:
   culprit agent    [--config agent.conf] [--pid N | --port N | --cmd REGEX] [flags]
-  culprit findings [--addr 127.0.0.1:9462] [--follow] [--json] [--all]
+  culprit findings [--addr 127.0.0.1:9462] [--follow] [--json | --table] [--all] [--severity S] [--rule R]
   culprit snapshot [--addr 127.0.0.1:9462] [--json]
   culprit profile  [--addr 127.0.0.1:9462] [--seconds N | --lookback 30s] [--tid N,...] [-o cpu.pb.gz]
 
