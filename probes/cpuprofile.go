@@ -50,7 +50,7 @@ type CPUProfile struct {
 	wg      sync.WaitGroup
 	cancel  context.CancelFunc
 	started bool
-	target  uint32
+	group   group // the target and its children
 	gen     uint32
 	total   uint64
 	names   threadNames // for the current target
@@ -147,7 +147,7 @@ func (p *CPUProfile) run(ctx context.Context, objs *cpuProfileObjects, tracker *
 		if !ok {
 			continue
 		}
-		if err := p.setTarget(objs, uint32(tgt.PID)); err != nil {
+		if err := p.setTarget(objs, tgt.PID, time.Now()); err != nil {
 			p.o.Log.Warn("cpu_profile: set target", "err", err)
 			continue
 		}
@@ -157,8 +157,8 @@ func (p *CPUProfile) run(ctx context.Context, objs *cpuProfileObjects, tracker *
 	}
 }
 
-func (p *CPUProfile) setTarget(objs *cpuProfileObjects, pid uint32) error {
-	changed, err := retarget(objs.Targets, &p.target, pid)
+func (p *CPUProfile) setTarget(objs *cpuProfileObjects, pid int, now time.Time) error {
+	changed, err := p.group.update(objs.Targets, pid, now)
 	if changed {
 		clear(p.names)
 	}
@@ -201,12 +201,12 @@ func (p *CPUProfile) drain(objs *cpuProfileObjects, pid int, store *signals.Stor
 	it := counts.Iterate()
 	for it.Next(&key, &n) {
 		keys = append(keys, key)
-		if int(key.Tgid) != pid {
+		if !p.group.has(key.Tgid) {
 			continue
 		}
 		p.total += n
 		out = append(out, signals.StackSample{
-			T: now, Pid: pid, Tid: int(key.Tid), Thread: p.names.get(pid, int(key.Tid)),
+			T: now, Pid: int(key.Tgid), Tid: int(key.Tid), Thread: p.names.get(int(key.Tgid), int(key.Tid)),
 			User: stackOf(key.Ustack), Kernel: stackOf(key.Kstack), Count: int64(n),
 		})
 	}

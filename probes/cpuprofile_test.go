@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -80,5 +81,38 @@ func TestCPUProfileNamesTheHotFunction(t *testing.T) {
 	}
 	if n, ok := st.Latest("profile_cpu_samples_total", nil); !ok || n.V < float64(worker0) {
 		t.Errorf("profile_cpu_samples_total %v (seen %v), want >= %d", n.V, ok, worker0)
+	}
+}
+
+// A prefork server: the master (the process --port finds) idles while its
+// children work. The profiler samples the children, each under its own
+// pid, so their stacks are symbolized against their own binaries.
+func TestCPUProfileSamplesAPreforkServersWorkers(t *testing.T) {
+	master := exec.Command("bash", "-c", "sh -c 'while :; do :; done' & sh -c 'while :; do :; done' & wait")
+	if err := master.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		// The workers are the master's children: end them with it.
+		exec.Command("pkill", "-P", strconv.Itoa(master.Process.Pid)).Run()
+		master.Process.Kill()
+		master.Wait()
+	})
+	samples := signals.NewCPUSamples(4096)
+	p := NewCPUProfile(CPUProfileOptions{Options: Options{Log: testLog}, Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond, Samples: samples})
+	runProbe(t, master.Process.Pid, p, signals.New(600, 1000))
+	time.Sleep(2 * time.Second)
+	byPid := map[int]int64{}
+	for _, s := range samples.Range(time.Now().Add(-time.Minute), time.Now()) {
+		byPid[s.Pid] += s.Count
+	}
+	workers := 0
+	for pid, n := range byPid {
+		if pid != master.Process.Pid && n > 20 {
+			workers++
+		}
+	}
+	if workers != 2 {
+		t.Errorf("samples by pid %v: want two busy workers besides the master %d", byPid, master.Process.Pid)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 
 	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
 )
 
 // load loads spec into objs (a bpf2go Objects struct). A kernel or
@@ -232,3 +233,49 @@ func (n threadNames) get(pid, tid int) string {
 	}
 	return name
 }
+
+// group is the target and its child processes: a prefork server (nginx,
+// gunicorn, php-fpm) serves from workers its master forked, and the master
+// (which --port finds: it holds the listener) does not run the requests.
+// Kept in the BPF targets map, refreshed every groupRefresh.
+type group struct {
+	pid     int
+	members map[uint32]bool
+	at      time.Time
+}
+
+const (
+	groupRefresh = 2 * time.Second
+	maxChildren  = 15 // the targets map holds 16
+)
+
+// update mirrors pid and its children into m; it reports whether the
+// target itself changed.
+func (g *group) update(m *ebpf.Map, pid int, now time.Time) (bool, error) {
+	changed := pid != g.pid
+	if !changed && now.Sub(g.at) < groupRefresh {
+		return false, nil
+	}
+	want := map[uint32]bool{uint32(pid): true}
+	for _, c := range target.Children("/proc", pid, maxChildren) {
+		want[uint32(c)] = true
+	}
+	for p := range g.members {
+		if !want[p] {
+			if err := m.Delete(p); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return changed, fmt.Errorf("delete old target %d: %w", p, err)
+			}
+		}
+	}
+	for p := range want {
+		if !g.members[p] {
+			if err := m.Put(p, uint8(1)); err != nil {
+				return changed, fmt.Errorf("add target %d: %w", p, err)
+			}
+		}
+	}
+	g.pid, g.members, g.at = pid, want, now
+	return changed, nil
+}
+
+func (g *group) has(tgid uint32) bool { return g.members[tgid] }

@@ -87,7 +87,7 @@ type Sched struct {
 	o SchedOptions
 	running
 	objs   *schedObjects
-	target uint32 // tgid currently in the targets map
+	group  group // the target and its children, in the targets map
 	events uint64
 
 	// monoToWall converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall time.
@@ -296,7 +296,7 @@ func (p *Sched) poll(ctx context.Context, objs *schedObjects, tracker *target.Tr
 		if !ok {
 			return
 		}
-		if err := p.setTarget(objs, uint32(tgt.PID)); err != nil {
+		if err := p.setTarget(objs, tgt.PID, now); err != nil {
 			p.o.Log.Warn("sched: set target", "err", err)
 			return
 		}
@@ -309,8 +309,8 @@ func (p *Sched) poll(ctx context.Context, objs *schedObjects, tracker *target.Tr
 
 // setTarget keeps the targets map to the one process watched, and drops
 // the per-thread state of the previous one.
-func (p *Sched) setTarget(objs *schedObjects, pid uint32) error {
-	changed, err := retarget(objs.Targets, &p.target, pid)
+func (p *Sched) setTarget(objs *schedObjects, pid int, now time.Time) error {
+	changed, err := p.group.update(objs.Targets, pid, now)
 	if !changed {
 		return err
 	}
@@ -341,13 +341,13 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		gone      []uint32
 		maxSeries = int(p.o.MaxThreads)
 	)
-	tasks, err := taskIDs(pid)
+	tasks, err := groupTasks(&p.group)
 	if err != nil {
 		return err
 	}
 	it := objs.Threads.Iterate()
 	for it.Next(&tid, &st) {
-		if int(st.Tgid) != pid || !tasks[int(tid)] {
+		if !p.group.has(st.Tgid) || tasks[int(tid)] == 0 {
 			gone = append(gone, tid)
 			continue
 		}
@@ -390,11 +390,11 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		store.Put(sigThreadBusy, ls, busy, now)
 
 		if d := time.Duration(blocked * 1e9); d >= p.o.MinBlock {
-			p.ongoingBlock(objs, pid, int(tid), name, st, d)
+			p.ongoingBlock(objs, int(st.Tgid), int(tid), name, st, d)
 		}
 		if d := time.Duration(busy * 1e9); d >= p.o.BusyAfter {
 			busyNow[int(tid)] = true
-			p.ongoingBusy(pid, int(tid), name, st.BusySince, d)
+			p.ongoingBusy(int(st.Tgid), int(tid), name, st.BusySince, d)
 		}
 	}
 	if err := it.Err(); err != nil {
@@ -402,13 +402,13 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 	}
 	// Threads that have not run since the probe started are not in the
 	// map; an idle worker is still a member of its pool, with no CPU time.
-	for t := range tasks {
+	for t, tgid := range tasks {
 		id := strconv.Itoa(t)
 		if seen[id] || (maxSeries > 0 && len(seen) >= maxSeries) {
 			continue
 		}
 		seen[id] = true
-		ls := signals.L("tid", id, "thread", p.names.get(pid, t))
+		ls := signals.L("tid", id, "thread", p.names.get(tgid, t))
 		for _, d := range []*signals.Desc{sigThreadOnCPU, sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary, sigThreadOffCPU, sigThreadLongBlocks, sigThreadBusy} {
 			store.Put(d, ls, 0, now)
 		}
@@ -442,6 +442,25 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 	store.Put(sigRunqSum, nil, runqSum, now)
 	store.Put(sigRunqCount, nil, count, now)
 	return nil
+}
+
+// groupTasks maps every thread of the group's processes to its process.
+// The target's own must be listable; a child may have just exited.
+func groupTasks(g *group) (map[int]int, error) {
+	out := map[int]int{}
+	for m := range g.members {
+		ts, err := taskIDs(int(m))
+		if err != nil {
+			if int(m) == g.pid {
+				return nil, err
+			}
+			continue
+		}
+		for t := range ts {
+			out[t] = int(m)
+		}
+	}
+	return out, nil
 }
 
 // taskIDs lists the threads of pid.
@@ -510,7 +529,7 @@ func (p *Sched) resetStacks(objs *schedObjects, now time.Time) {
 	current := map[episodeID]bool{}
 	threads := objs.Threads.Iterate()
 	for threads.Next(&tid, &st) {
-		if st.Tgid != p.target || st.OffcpuSince == 0 {
+		if !p.group.has(st.Tgid) || st.OffcpuSince == 0 {
 			continue
 		}
 		key := episodeID{int(tid), int64(st.OffcpuSince)}
