@@ -212,8 +212,13 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 				st->offcpu_since = now;
 				/* prev is current here, so these are its stacks as it
 				 * goes to sleep: the blocking call. */
-				st->off_ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK);
-				st->off_kstack = bpf_get_stackid(ctx, &stacks, 0);
+				/* REUSE: a hash collision with another stack replaces
+				 * it rather than failing. A missing stack loses the
+				 * finding (no syscall, no function); a replaced one
+				 * only misnames a stack read after the collision, and
+				 * Go reads and caches each within a poll. */
+				st->off_ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK | BPF_F_REUSE_STACKID);
+				st->off_kstack = bpf_get_stackid(ctx, &stacks, BPF_F_REUSE_STACKID);
 			}
 		}
 	}

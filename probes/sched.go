@@ -101,8 +101,10 @@ type Sched struct {
 	names  threadNames             // names of threads not yet seen by the kernel side
 	// lastRunq is the run-queue histogram at the previous poll.
 	lastRunq [RunqBuckets]float64
-	// stacksReset is when the stack map was last emptied.
+	// stacksReset is when the stack map was last emptied; resetReq asks
+	// the poller to empty it now (tests).
 	stacksReset time.Time
+	resetReq    chan chan struct{}
 }
 
 type episodeID struct {
@@ -129,7 +131,7 @@ func NewSched(o SchedOptions) *Sched {
 	if o.Episodes == nil {
 		o.Episodes = signals.NewEpisodes(256)
 	}
-	return &Sched{o: o, stacks: map[episodeID]stackText{}, busy: map[int]signals.Episode{}, names: threadNames{}}
+	return &Sched{o: o, stacks: map[episodeID]stackText{}, busy: map[int]signals.Episode{}, names: threadNames{}, resetReq: make(chan chan struct{}, 1)}
 }
 
 func (*Sched) Name() string { return "sched" }
@@ -237,7 +239,7 @@ func (p *Sched) stackText(objs *schedObjects, pid int, ustack, kstack int32) sta
 		names := frameNames(p.o.Symbolizer, 0, addrs, true)
 		// The stack was taken inside the tracepoint: drop the probe's own
 		// frames so it starts where the thread went to sleep.
-		for len(names) > 1 && (strings.HasPrefix(names[0], "bpf_") || strings.HasPrefix(names[0], "__bpf_trace")) {
+		for len(names) > 1 && (strings.HasPrefix(names[0], "bpf_") || strings.HasPrefix(names[0], "__bpf_trace") || strings.HasPrefix(names[0], "__traceiter_")) {
 			names = names[1:]
 		}
 		out.frames = append(out.frames, names...)
@@ -303,7 +305,17 @@ func (p *Sched) poll(ctx context.Context, objs *schedObjects, tracker *target.Tr
 		if err := p.readThreads(objs, tgt.PID, store, now); err != nil {
 			p.o.Log.Warn("sched: read threads", "err", err)
 		}
-		p.resetStacks(objs, now)
+		force := false
+		var done chan struct{}
+		select {
+		case done = <-p.resetReq:
+			force = true
+		default:
+		}
+		p.resetStacks(objs, now, force)
+		if done != nil {
+			close(done)
+		}
 	})
 }
 
@@ -510,7 +522,17 @@ func textStart(pid int) (uint64, bool) {
 // then costs at most the stack of a sleep that spans the reset.
 const stackMapLife = 10 * time.Minute
 
-func (p *Sched) resetStacks(objs *schedObjects, now time.Time) {
+// resetStacksNow has the poller empty the stack map at its next poll and
+// waits for it.
+func (p *Sched) resetStacksNow() {
+	done := make(chan struct{})
+	p.resetReq <- done
+	<-done
+}
+
+// A sleep that starts while the map is being emptied may lose its stack:
+// a window of milliseconds every StackMapLife.
+func (p *Sched) resetStacks(objs *schedObjects, now time.Time, force bool) {
 	if p.stacksReset.IsZero() {
 		p.stacksReset = now
 	}
@@ -518,7 +540,7 @@ func (p *Sched) resetStacks(objs *schedObjects, now time.Time) {
 	if life <= 0 {
 		life = stackMapLife
 	}
-	if now.Sub(p.stacksReset) < life {
+	if !force && now.Sub(p.stacksReset) < life {
 		return
 	}
 	p.stacksReset = now

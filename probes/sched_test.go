@@ -120,27 +120,35 @@ func TestSchedSeesABusyWorker(t *testing.T) {
 	}
 }
 
-// Emptying the stack map (here every 100 ms) does not cost the stacks of
-// the blocks that come after: each one is still named.
+// Emptying the stack map does not cost the stacks of the sleeps that come
+// after, nor of a sleep going on during it: each is still named.
 func TestSchedStackMapReset(t *testing.T) {
 	w := testenv.StartWorkers(t, 2)
 	st := signals.New(600, 2000)
 	eps := signals.NewEpisodes(256)
-	runProbe(t, w.PID, NewSched(SchedOptions{
+	p := NewSched(SchedOptions{
 		Options:  Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096},
-		MinBlock: 100 * time.Millisecond, MaxThreads: 1024, MaxStacks: 1024, StackMapLife: 100 * time.Millisecond,
+		MinBlock: 100 * time.Millisecond, MaxThreads: 1024, MaxStacks: 1024, StackMapLife: time.Hour,
 		Episodes: eps, Symbolizer: symbolize.New(symbolize.Options{}),
-	}), st)
+	})
+	runProbe(t, w.PID, p, st)
+	reset := p.resetStacksNow
 	time.Sleep(300 * time.Millisecond)
-	for i := range 3 {
+	for i, during := range []bool{false, false, true} {
 		from := time.Now()
-		w.MustDo(t, "block 1 400")
+		w.MustDo(t, "block 1 600")
+		if during {
+			time.Sleep(200 * time.Millisecond) // the sleep is going on
+			reset()
+		}
 		e := waitEpisode(t, eps, signals.EpisodeBlock, from, func(e signals.Episode) bool {
 			return e.Tid == w.TIDs[1] && !e.Ongoing && e.Syscall() == "nanosleep"
 		})
 		if !hasFrame(e.UserStack(), "faults.BlockingCall") {
-			t.Errorf("block %d after resets: user stack %v", i, e.UserStack())
+			t.Errorf("block %d (reset during it: %v): user stack %v", i, during, e.UserStack())
 		}
-		time.Sleep(250 * time.Millisecond) // at least one reset between blocks
+		if !during {
+			reset()
+		}
 	}
 }

@@ -113,6 +113,7 @@ enum {
 };
 
 #define BPF_F_USER_STACK (1ULL << 8)
+#define BPF_F_REUSE_STACKID (1ULL << 10)
 #define TASK_COMM_LEN 16
 
 struct task_struct {
