@@ -50,21 +50,7 @@ type cgroupMemory struct {
 // memoryCgroupPaths returns the v1 memory path and the v2 path of a
 // /proc/PID/cgroup file ("" when absent).
 func memoryCgroupPaths(b []byte) (v1, v2 string) {
-	for _, line := range bytes.Split(b, []byte("\n")) {
-		parts := bytes.SplitN(line, []byte(":"), 3)
-		if len(parts) != 3 {
-			continue
-		}
-		if string(parts[0]) == "0" && len(parts[1]) == 0 {
-			v2 = string(parts[2])
-			continue
-		}
-		for _, c := range bytes.Split(parts[1], []byte(",")) {
-			if string(c) == "memory" {
-				v1 = string(parts[2])
-			}
-		}
-	}
+	_, v1, v2 = cgroupOf(b, "memory")
 	return v1, v2
 }
 

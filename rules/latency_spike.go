@@ -31,7 +31,16 @@ type LatencySpikeOptions struct {
 // compute-bound, DB-bound, or network-bound"): the slow requests' time is
 // split among their database calls, other outbound calls, and the app's
 // own time, and the largest share is the cause.
-type LatencySpike struct{ o LatencySpikeOptions }
+type LatencySpike struct {
+	o LatencySpikeOptions
+	// The window holds up to traces.max_spans spans: judge it once a
+	// second, not on every engine tick and wake-up.
+	at   time.Time
+	last []Observation
+}
+
+// latencyEvery is how often the spans are judged again.
+const latencyEvery = time.Second
 
 func NewLatencySpike(o LatencySpikeOptions) *LatencySpike { return &LatencySpike{o: o} }
 
@@ -41,6 +50,14 @@ func (r *LatencySpike) Evaluate(w Window) []Observation {
 	if r.o.Spans == nil {
 		return nil
 	}
+	if !r.at.IsZero() && w.Now.Sub(r.at) < latencyEvery && !w.Now.Before(r.at) {
+		return r.last
+	}
+	r.at, r.last = w.Now, r.evaluate(w)
+	return r.last
+}
+
+func (r *LatencySpike) evaluate(w Window) []Observation {
 	spans := r.o.Spans.Overlapping(w.Now.Add(-r.o.Window), w.Now)
 	recentFrom := w.Now.Add(-r.o.Recent)
 	type route struct{ recent, base []signals.Span }
@@ -103,9 +120,15 @@ func (r *LatencySpike) route(name string, recent, base, all []signals.Span) (Obs
 	sorted := slices.Clone(recent)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Duration() > sorted[j].Duration() })
 	slow := sorted[:max(1, len(sorted)/10)]
-	byTrace := map[string][]signals.Span{}
+	// Only the slow requests' traces are broken down.
+	byTrace := make(map[string][]signals.Span, len(slow))
+	for _, s := range slow {
+		byTrace[s.TraceID] = nil
+	}
 	for _, s := range all {
-		byTrace[s.TraceID] = append(byTrace[s.TraceID], s)
+		if t, ok := byTrace[s.TraceID]; ok {
+			byTrace[s.TraceID] = append(t, s)
+		}
 	}
 	var sum breakdown
 	for _, s := range slow {

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // CauseWaitingNotWorking is throughput_plateau's root cause.
@@ -80,18 +82,26 @@ func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
 // processCores is the target's CPU use over the window, summed over its
 // threads (sched probe, or /proc task stat).
 func processCores(w Window, from time.Time, window time.Duration) (float64, bool) {
-	for _, name := range []string{"thread_cpu_seconds_total", "thread_stat_cpu_seconds_total"} {
-		lss := w.Store.Select(name)
-		if len(lss) == 0 {
-			continue
-		}
-		var total float64
-		for _, ls := range lss {
-			total += w.Store.Increase(name, ls, from)
-		}
-		return total / window.Seconds(), true
+	name, lss := threadCPU(w.Store)
+	if len(lss) == 0 {
+		return 0, false
 	}
-	return 0, false
+	var total float64
+	for _, ls := range lss {
+		total += w.Store.Increase(name, ls, from)
+	}
+	return total / window.Seconds(), true
+}
+
+// threadCPU is the per-thread CPU series the rules read: the sched
+// probe's, or /proc task stat's when the probe does not run.
+func threadCPU(st *signals.Store) (string, []signals.Labels) {
+	for _, name := range []string{"thread_cpu_seconds_total", "thread_stat_cpu_seconds_total"} {
+		if lss := st.Select(name); len(lss) > 0 {
+			return name, lss
+		}
+	}
+	return "", nil
 }
 
 // dominantWait names where the target's sleeping threads are: the system

@@ -36,12 +36,9 @@ type threadLoad struct {
 
 func (r *WorkerImbalance) Evaluate(w Window) []Observation {
 	from := w.Now.Add(-r.o.Window)
-	series := "thread_cpu_seconds_total"
-	if len(w.Store.Select(series)) == 0 {
-		series = "thread_stat_cpu_seconds_total"
-	}
+	series, lss := threadCPU(w.Store)
 	pools := map[string][]threadLoad{}
-	for _, ls := range w.Store.Select(series) {
+	for _, ls := range lss {
 		name := ls.Get("thread")
 		pool, ok := r.o.Pools.Pool(name)
 		if !ok {
