@@ -5,14 +5,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/symbolize"
+	"github.com/culprit-dev/culprit/target"
 )
 
 // A worker spinning in faults.hotLoop is what the profiler samples of the
@@ -94,7 +95,9 @@ func TestCPUProfileSamplesAPreforkServersWorkers(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		// The workers are the master's children: end them with it.
-		exec.Command("pkill", "-P", strconv.Itoa(master.Process.Pid)).Run()
+		for _, c := range target.Children("/proc", master.Process.Pid, 16) {
+			syscall.Kill(c, syscall.SIGKILL)
+		}
 		master.Process.Kill()
 		master.Wait()
 	})
