@@ -207,6 +207,12 @@ func TestAppNotAcceptingFindingOverGRPC(t *testing.T) {
 	if !strings.Contains(f.RootCause, "Threads:") {
 		t.Errorf("root cause lacks the thread states: %s", f.RootCause)
 	}
+	// The child never calls accept; none of its threads is stuck. Its main
+	// thread waits for commands on its stdin pipe, which is idle (it was
+	// once named here as the cause).
+	if strings.Contains(f.RootCause, "During the stall") {
+		t.Errorf("root cause blames a thread of an app that simply never accepts: %s", f.RootCause)
+	}
 	if f.Remediation == "" || len(f.Evidence) == 0 {
 		t.Errorf("finding lacks remediation or evidence: %+v", f)
 	}

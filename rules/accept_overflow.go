@@ -54,7 +54,8 @@ func (r *AcceptOverflow) stalledThread(from, now time.Time) (signals.Episode, st
 	// A worker thread that stopped serving its event loop is the likely
 	// culprit; other threads (a main thread reading stdin, a logger) sleep
 	// for long as a matter of course, so they count only when no worker
-	// does.
+	// does, and never while they wait for input on a pipe or a terminal:
+	// such a thread is idle, and naming it sends the reader the wrong way.
 	var best, bestWorker signals.Episode
 	for _, kind := range []string{signals.EpisodeBlock, signals.EpisodeBusy} {
 		for _, e := range r.o.Episodes.Since(kind, from) {
@@ -64,8 +65,12 @@ func (r *AcceptOverflow) stalledThread(from, now time.Time) (signals.Episode, st
 			if !e.Start.Before(now) {
 				continue
 			}
-			if _, worker := r.o.Pools.Pool(e.Thread); worker && e.Duration > bestWorker.Duration {
+			_, worker := r.o.Pools.Pool(e.Thread)
+			if worker && e.Duration > bestWorker.Duration {
 				bestWorker = e
+			}
+			if !worker && kind == signals.EpisodeBlock && waitsForInput(e) {
+				continue
 			}
 			if e.Duration > best.Duration {
 				best = e
@@ -88,6 +93,23 @@ func (r *AcceptOverflow) stalledThread(from, now time.Time) (signals.Episode, st
 		return best, fmt.Sprintf("During the stall thread %s (tid %d) ran %s without yielding in %s: if the accept loop runs on it, that is why.", best.Thread, best.Tid, seconds(best.Duration), fn)
 	}
 	return best, fmt.Sprintf("During the stall thread %s (tid %d) was blocked %s in %s, called from %s: if the accept loop runs on it, that is why.", best.Thread, best.Tid, seconds(best.Duration), best.Syscall(), fn)
+}
+
+// inputWaits end the names of kernel functions a thread sleeps in while it
+// waits for bytes on a pipe or a terminal (pipe_read, or anon_pipe_read on
+// newer kernels; n_tty_read): a main thread reading its stdin.
+var inputWaits = []string{"pipe_read", "tty_read"}
+
+// waitsForInput reports whether a block sleeps on a pipe or a terminal.
+func waitsForInput(e signals.Episode) bool {
+	for _, f := range e.KernelStack() {
+		for _, w := range inputWaits {
+			if strings.HasSuffix(f, w) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // freshness: a sample older than this is not "now" (the collector may have
@@ -185,7 +207,9 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		arts = append(arts, threads.artifacts...)
 		culprit, stalled := r.stalledThread(runStart, now)
 		if stalled != "" {
-			threads.summary = stalled
+			// The thread states stay: they tell whether the named thread
+			// is the only one stuck.
+			threads.summary += " " + stalled
 			arts = append(arts, threadArtifact(culprit), stackArtifact(culprit, 24))
 			if fn := culpritFrame(culprit.UserStack()); fn != "" {
 				arts = append(arts, Artifact{Kind: "frame", Value: fn, Detail: "where the stalled thread is"})

@@ -239,3 +239,58 @@ func TestAcceptOverflowProbeRunningNoHandshakes(t *testing.T) {
 		t.Errorf("probe running but treated as unavailable: %s (confidence %v)", obs[0].RootCause, obs[0].Confidence)
 	}
 }
+
+// With the sched probe on, the stall names the thread that blocked during
+// it — but a main thread waiting for its stdin on a pipe is idle, not the
+// cause (a test child blocked in anon_pipe_read was named once), and the
+// thread states stay in the root cause either way.
+func TestAcceptOverflowStalledThread(t *testing.T) {
+	now := time.Unix(10000, 0)
+	h := listenerHistory{backlog: 4, somaxconn: 4096,
+		qlen: func(age time.Duration) float64 {
+			if age <= time.Second {
+				return 5
+			}
+			return 0
+		},
+		drops: func(age time.Duration) float64 { return float64(50 - int(age.Seconds()*10)) },
+		opens: func(time.Duration) float64 { return 100 },
+	}
+	stdinRead := []string{"__schedule", "schedule", "anon_pipe_read", "vfs_read", "ksys_read", "do_syscall_64",
+		"syscall.Syscall", "os.(*File).Read", "bufio.(*Scanner).Scan", "main.commands", "runtime.goexit"}
+	fsyncStack := []string{"__schedule", "io_schedule", "jbd2_log_wait_commit", "ext4_sync_file", "__x64_sys_fsync", "do_syscall_64",
+		"syscall.Syscall", "os.(*File).Sync", "app.saveSession", "app.serve", "runtime.goexit"}
+	reader := signals.Episode{Kind: signals.EpisodeBlock, Tid: 7, Thread: "app", Start: now.Add(-900 * time.Millisecond), Duration: 900 * time.Millisecond, Ongoing: true, Stack: stdinRead, KernelFrames: 6}
+	fsyncer := signals.Episode{Kind: signals.EpisodeBlock, Tid: 9, Thread: "app", Start: now.Add(-800 * time.Millisecond), Duration: 800 * time.Millisecond, Ongoing: true, Stack: fsyncStack, KernelFrames: 6}
+
+	for _, tc := range []struct {
+		name  string
+		eps   []signals.Episode
+		named string // "" when no thread may be named
+	}{
+		{"stdin reader only", []signals.Episode{reader}, ""},
+		{"stdin reader and a blocked fsync", []signals.Episode{reader, fsyncer}, "tid 9"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := NewAcceptOverflow(AcceptOverflowOptions{Window: 10 * time.Second, Recent: 2 * time.Second, StallAfter: 300 * time.Millisecond, MinDrops: 1,
+				Episodes: episodes(tc.eps...), Pools: testPools})
+			obs := r.Evaluate(Window{Store: h.store(now), Now: now})
+			if len(obs) != 1 || obs[0].Cause != CauseAppNotAccepting {
+				t.Fatalf("got %+v, want app_not_accepting", obs)
+			}
+			rc := obs[0].RootCause
+			if !strings.Contains(rc, "Threads:") {
+				t.Errorf("root cause lacks the thread states: %s", rc)
+			}
+			if strings.Contains(rc, "tid 7") {
+				t.Errorf("root cause names the thread reading its stdin: %s", rc)
+			}
+			if tc.named == "" && strings.Contains(rc, "During the stall") {
+				t.Errorf("root cause names a thread: %s", rc)
+			}
+			if tc.named != "" && !(strings.Contains(rc, tc.named) && strings.Contains(rc, "fsync") && strings.Contains(rc, "app.saveSession")) {
+				t.Errorf("root cause does not name %s blocked in fsync from app.saveSession: %s", tc.named, rc)
+			}
+		})
+	}
+}

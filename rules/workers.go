@@ -65,10 +65,14 @@ func (wp WorkerPools) Pool(thread string) (string, bool) {
 func (wp WorkerPools) Idle(syscall string) bool { return slices.Contains(wp.IdleSyscalls, syscall) }
 
 // wrapperPrefixes are frames between the code that made a call and the
-// kernel: runtimes' and libc's syscall wrappers. The first user frame that
-// is none of these is the function to name.
+// kernel: runtimes' and libc's syscall wrappers, and the standard
+// libraries' thin I/O types (os.(*File).Sync, std::fs::File::sync_all),
+// which name the call but not who made it. The first user frame that is
+// none of these is the function to name.
 var wrapperPrefixes = []string{
 	"runtime.", "runtime/internal/", "syscall.", "internal/runtime/", "internal/poll.", "golang.org/x/sys/unix.",
+	"os.", "io.", "io/ioutil.", "bufio.", "net.(*conn).", "net.(*netFD).", "net.(*TCPConn).", "net.(*UnixConn).",
+	"std::fs::", "std::io::", "std::net::",
 	"__GI_", "__libc_", "__lll_", "__pthread", "pthread_", "__futex", "__nanosleep", "__clock_nanosleep",
 	"clock_nanosleep", "nanosleep", "__select", "__poll", "__read", "__write", "__fsync", "fsync",
 	"fdatasync", "__connect", "__recv", "__send", "syscall", "__syscall", "std::sys::", "std::thread::sleep",
