@@ -75,7 +75,7 @@ var wrapperPrefixes = []string{
 	"std::fs::", "std::io::", "std::net::",
 	"__GI_", "__libc_", "__lll_", "__pthread", "pthread_", "__futex", "__nanosleep", "__clock_nanosleep",
 	"clock_nanosleep", "nanosleep", "__select", "__poll", "__read", "__write", "__fsync", "fsync",
-	"fdatasync", "__connect", "__recv", "__send", "syscall", "__syscall", "std::sys::", "std::thread::sleep",
+	"fdatasync", "__connect", "__recv", "__send", "syscall", "__syscall", "std::sys::", "<std::sys::", "std::thread::",
 	"0x",
 }
 

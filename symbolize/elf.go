@@ -11,6 +11,8 @@ import (
 	"io"
 	"slices"
 	"strings"
+
+	"github.com/ianlancetaylor/demangle"
 )
 
 // elfFile is what symbolization needs from one ELF file. The file itself is
@@ -263,7 +265,24 @@ func (ef *elfFile) lookupUncached(pc uint64) (fn, file string, line int) {
 			return fn, file, line
 		}
 	}
-	return ef.symLookup(pc), "", 0
+	return demangled(ef.symLookup(pc)), "", 0
+}
+
+// demangled turns C++ and Rust (legacy _ZN…17h<hash>E and v0 _R) symbol
+// names into what their authors wrote, w::save_session rather than
+// _ZN1w12save_session17h645688450877549aE, without parameters or template
+// arguments, as pprof shows them. A name the demangler rejects is kept.
+func demangled(name string) (out string) {
+	if !strings.HasPrefix(name, "_Z") && !strings.HasPrefix(name, "_R") {
+		return name
+	}
+	// The names come from binaries we do not control.
+	defer func() {
+		if recover() != nil {
+			out = name
+		}
+	}()
+	return demangle.Filter(name, demangle.NoParams, demangle.NoTemplateParams, demangle.NoClones)
 }
 
 func goLookup(tab *gosym.Table, pc uint64) (fn, file string, line int, ok bool) {
