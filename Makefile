@@ -53,6 +53,7 @@ reliability:
 	$(GO) test -run '^$$' -fuzz FuzzParseHeap -fuzztime $(FUZZTIME) ./collectors/
 	$(GO) test -run '^$$' -fuzz FuzzOTLPHTTP -fuzztime $(FUZZTIME) ./traces/
 	$(GO) test -run '^$$' -fuzz FuzzParseMaps -fuzztime $(FUZZTIME) ./symbolize/
+	$(GO) test -run '^$$' -fuzz FuzzParseEHFrame -fuzztime $(FUZZTIME) ./symbolize/
 	CULPRIT_SOAK=$(SOAK) $(GO) test -count=1 -timeout 30m -run 'TestSoak' -v ./agent/ 2>&1 | grep -E '^(=== RUN|--- |\s+reliability_test|PASS|FAIL|ok )'
 
 lint:

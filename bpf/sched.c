@@ -30,6 +30,11 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define RUNQ_SLOTS 24 /* log2 microseconds: up to ~8 s */
 #define BUSY_SLOTS 16 /* log2 milliseconds: up to ~32 s */
 #define MAX_STACK_DEPTH 127
+/* Words of the user stack copied from sp when a thread goes to sleep: Go
+ * unwinds from them, by .eh_frame, the leaf frames that the frame-pointer
+ * walk skips (a libc wrapper built without frame pointers hides the
+ * function that called it). 256 bytes covers syscall wrappers' frames. */
+#define SCAN_WORDS 32
 
 /* Set from Go before loading. */
 volatile const __u64 min_block_ns = 100ULL * 1000 * 1000;
@@ -56,6 +61,9 @@ struct thread_stats {
 	__u64 offcpu_since;   /* voluntary switch-out at; 0 when not sleeping */
 	__s32 off_ustack;     /* stacks the current/last sleep started with */
 	__s32 off_kstack;
+	__u64 off_sp;         /* user sp and bp then; sp 0 if the copy failed */
+	__u64 off_bp;
+	__u64 off_scan[SCAN_WORDS];
 };
 
 struct block_event {
@@ -68,7 +76,13 @@ struct block_event {
 	__u32 waker_tid;
 	__u32 pad;
 	char comm[TASK_COMM_LEN];
+	__u64 sp;
+	__u64 bp;
+	__u64 scan[SCAN_WORDS];
 };
+
+/* All zeros (.bss): the template of a new thread's entry. */
+struct thread_stats zero_stats = {};
 
 /* Keeps block_event in the BTF, so bpf2go emits its Go type. */
 const struct block_event *unused_block_event __attribute__((unused));
@@ -115,14 +129,17 @@ static __always_inline struct thread_stats *stats_of(const struct task_struct *t
 	struct thread_stats *st = bpf_map_lookup_elem(&threads, &tid);
 	if (st)
 		return st;
-	struct thread_stats zero = {};
-	zero.tgid = BPF_CORE_READ(t, tgid);
-	zero.off_ustack = -1;
-	zero.off_kstack = -1;
-	bpf_map_update_elem(&threads, &tid, &zero, BPF_NOEXIST);
+	/* Inserted from a zeroed template: the struct is too big for the BPF
+	 * stack. Only this thread's own switches and its wakers race on a new
+	 * entry, and a zero they might see for a moment is harmless. */
+	bpf_map_update_elem(&threads, &tid, &zero_stats, BPF_NOEXIST);
 	st = bpf_map_lookup_elem(&threads, &tid);
-	if (st)
+	if (st && st->tgid == 0) {
+		st->tgid = BPF_CORE_READ(t, tgid);
+		st->off_ustack = -1;
+		st->off_kstack = -1;
 		BPF_CORE_READ_STR_INTO(&st->comm, t, comm);
+	}
 	return st;
 }
 
@@ -149,17 +166,29 @@ static __always_inline void end_block(struct thread_stats *st, __u32 tid, __u64 
 	if (dur < min_block_ns)
 		return;
 	__sync_fetch_and_add(&st->long_blocks, 1);
-	struct block_event ev = {
-		.tid = tid,
-		.tgid = st->tgid,
-		.start_ns = since,
-		.dur_ns = dur,
-		.ustack = st->off_ustack,
-		.kstack = st->off_kstack,
-		.waker_tid = waker,
-	};
-	__builtin_memcpy(ev.comm, st->comm, TASK_COMM_LEN);
-	CULPRIT_OUTPUT(blocks, ev);
+	/* Reserved in place: with the stack copy the event is too big for the
+	 * BPF stack. */
+	struct block_event *ev = bpf_ringbuf_reserve(&blocks, sizeof(*ev), 0);
+	if (!ev) {
+		__u32 zero = 0;
+		__u64 *n = bpf_map_lookup_elem(&lost, &zero);
+		if (n)
+			__sync_fetch_and_add(n, 1);
+		return;
+	}
+	ev->tid = tid;
+	ev->tgid = st->tgid;
+	ev->start_ns = since;
+	ev->dur_ns = dur;
+	ev->ustack = st->off_ustack;
+	ev->kstack = st->off_kstack;
+	ev->waker_tid = waker;
+	ev->pad = 0;
+	__builtin_memcpy(ev->comm, st->comm, TASK_COMM_LEN);
+	ev->sp = st->off_sp;
+	ev->bp = st->off_bp;
+	__builtin_memcpy(ev->scan, st->off_scan, sizeof(ev->scan));
+	bpf_ringbuf_submit(ev, 0);
 }
 
 static __always_inline int on_wakeup(const struct task_struct *p)
@@ -219,6 +248,13 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 				 * Go reads and caches each within a poll. */
 				st->off_ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK | BPF_F_REUSE_STACKID);
 				st->off_kstack = bpf_get_stackid(ctx, &stacks, BPF_F_REUSE_STACKID);
+				struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+				__u64 sp = BPF_CORE_READ(regs, sp);
+				st->off_bp = BPF_CORE_READ(regs, bp);
+				if (sp && !bpf_probe_read_user(st->off_scan, sizeof(st->off_scan), (const void *)sp))
+					st->off_sp = sp;
+				else
+					st->off_sp = 0;
 			}
 		}
 	}

@@ -115,6 +115,7 @@ type episodeID struct {
 type stackText struct {
 	frames []string
 	kernel int
+	libc   int // user frames at the leaf in the C library
 }
 
 // NewSched returns the probe, not yet loaded.
@@ -209,12 +210,12 @@ func (p *Sched) readBlocks(rd *ringbuf.Reader, store *signals.Store) {
 		objs := p.objs
 		p.mu.Unlock()
 		if !ok && objs != nil {
-			st = p.stackText(objs, int(ev.Tgid), ev.Ustack, ev.Kstack)
+			st = p.stackText(objs, int(ev.Tgid), ev.Ustack, ev.Kstack, userRegs{ev.Sp, ev.Bp, ev.Scan[:]})
 		}
 		p.o.Episodes.Put(signals.Episode{
 			Kind: signals.EpisodeBlock, Pid: int(ev.Tgid), Tid: int(ev.Tid), Thread: comm(ev.Comm[:]),
 			Start: p.wall(ev.StartNs), Duration: time.Duration(ev.DurNs),
-			Stack: st.frames, KernelFrames: st.kernel, Waker: int(ev.WakerTid),
+			Stack: st.frames, KernelFrames: st.kernel, LibcFrames: st.libc, Waker: int(ev.WakerTid),
 		})
 		store.Notify()
 	})
@@ -231,8 +232,17 @@ func comm(c []int8) string {
 	return string(b)
 }
 
-// stackText reads and symbolizes one (user, kernel) stack pair.
-func (p *Sched) stackText(objs *schedObjects, pid int, ustack, kstack int32) stackText {
+// userRegs is what the probe copied of the user side when the thread went
+// to sleep: sp, bp and the stack words from sp up (sp 0: no copy).
+type userRegs struct {
+	sp, bp uint64
+	words  []uint64
+}
+
+// stackText reads and symbolizes one (user, kernel) stack pair. The user
+// stack gets back, from regs, the leaf frames the frame-pointer walk
+// skipped.
+func (p *Sched) stackText(objs *schedObjects, pid int, ustack, kstack int32, regs userRegs) stackText {
 	var out stackText
 	if kstack >= 0 {
 		addrs := readStack(objs.Stacks, kstack)
@@ -247,7 +257,12 @@ func (p *Sched) stackText(objs *schedObjects, pid int, ustack, kstack int32) sta
 	}
 	if ustack >= 0 {
 		addrs := readStack(objs.Stacks, ustack)
-		out.frames = append(out.frames, frameNames(p.o.Symbolizer, pid, addrs, false)...)
+		if p.o.Symbolizer != nil && regs.sp != 0 {
+			addrs = p.o.Symbolizer.RecoverLeaf(pid, addrs, regs.sp, regs.bp, regs.words)
+		}
+		names, libc := userFrames(p.o.Symbolizer, pid, addrs)
+		out.frames = append(out.frames, names...)
+		out.libc = libc
 	}
 	return out
 }
@@ -263,6 +278,23 @@ func readStack(m *ebpf.Map, id int32) []uint64 {
 		n++
 	}
 	return append([]uint64(nil), raw[:n]...)
+}
+
+// userFrames names a user stack and counts its leaf frames that are the C
+// library's.
+func userFrames(s *symbolize.Symbolizer, pid int, addrs []uint64) (names []string, libc int) {
+	if s == nil || len(addrs) == 0 {
+		return frameNames(s, pid, addrs, false), 0
+	}
+	fs := s.User(pid, addrs)
+	names = make([]string, len(fs))
+	for i, f := range fs {
+		names[i] = f.String()
+	}
+	for libc < len(fs) && symbolize.IsCLibrary(fs[libc].Module) {
+		libc++
+	}
+	return names, libc
 }
 
 func frameNames(s *symbolize.Symbolizer, pid int, addrs []uint64, kernel bool) []string {
@@ -560,7 +592,7 @@ func (p *Sched) resetStacks(objs *schedObjects, now time.Time, force bool) {
 		_, have := p.stacks[key]
 		p.mu.Unlock()
 		if !have {
-			txt := p.stackText(objs, int(st.Tgid), st.OffUstack, st.OffKstack)
+			txt := p.stackText(objs, int(st.Tgid), st.OffUstack, st.OffKstack, userRegs{st.OffSp, st.OffBp, st.OffScan[:]})
 			p.mu.Lock()
 			if len(p.stacks) < int(max(p.o.MaxThreads, 64)) {
 				p.stacks[key] = txt
@@ -608,7 +640,7 @@ func (p *Sched) ongoingBlock(objs *schedObjects, pid, tid int, name string, st s
 	txt, ok := p.stacks[id]
 	p.mu.Unlock()
 	if !ok {
-		txt = p.stackText(objs, pid, st.OffUstack, st.OffKstack)
+		txt = p.stackText(objs, pid, st.OffUstack, st.OffKstack, userRegs{st.OffSp, st.OffBp, st.OffScan[:]})
 		p.mu.Lock()
 		if len(p.stacks) < int(max(p.o.MaxThreads, 64)) {
 			p.stacks[id] = txt
@@ -618,7 +650,7 @@ func (p *Sched) ongoingBlock(objs *schedObjects, pid, tid int, name string, st s
 	p.o.Episodes.Put(signals.Episode{
 		Kind: signals.EpisodeBlock, Pid: pid, Tid: tid, Thread: name,
 		Start: p.wall(st.OffcpuSince), Duration: d, Ongoing: true,
-		Stack: txt.frames, KernelFrames: txt.kernel,
+		Stack: txt.frames, KernelFrames: txt.kernel, LibcFrames: txt.libc,
 	})
 }
 

@@ -24,6 +24,9 @@ type schedBlockEvent struct {
 	WakerTid uint32
 	Pad      uint32
 	Comm     [16]int8
+	Sp       uint64
+	Bp       uint64
+	Scan     [32]uint64
 }
 
 type schedThreadStats struct {
@@ -45,6 +48,9 @@ type schedThreadStats struct {
 	OffcpuSince   uint64
 	OffUstack     int32
 	OffKstack     int32
+	OffSp         uint64
+	OffBp         uint64
+	OffScan       [32]uint64
 }
 
 // Names of all BPF objects in the ELF.
@@ -62,6 +68,7 @@ const (
 	schedVarBusyGapNs              = "busy_gap_ns"
 	schedVarMinBlockNs             = "min_block_ns"
 	schedVarUnusedBlockEvent       = "unused_block_event"
+	schedVarZeroStats              = "zero_stats"
 )
 
 // loadSched returns the embedded CollectionSpec for sched.
@@ -129,6 +136,7 @@ type schedVariableSpecs struct {
 	BusyGapNs        *ebpf.VariableSpec `ebpf:"busy_gap_ns"`
 	MinBlockNs       *ebpf.VariableSpec `ebpf:"min_block_ns"`
 	UnusedBlockEvent *ebpf.VariableSpec `ebpf:"unused_block_event"`
+	ZeroStats        *ebpf.VariableSpec `ebpf:"zero_stats"`
 }
 
 // schedObjects contains all objects after they have been loaded into the kernel.
@@ -175,6 +183,7 @@ type schedVariables struct {
 	BusyGapNs        *ebpf.Variable `ebpf:"busy_gap_ns"`
 	MinBlockNs       *ebpf.Variable `ebpf:"min_block_ns"`
 	UnusedBlockEvent *ebpf.Variable `ebpf:"unused_block_event"`
+	ZeroStats        *ebpf.Variable `ebpf:"zero_stats"`
 }
 
 // schedPrograms contains all programs after they have been loaded into the kernel.

@@ -83,7 +83,7 @@ func (r *AcceptOverflow) stalledThread(from, now time.Time) (signals.Episode, st
 	if best.Duration < r.o.StallAfter {
 		return signals.Episode{}, ""
 	}
-	fn := culpritFrame(best.UserStack())
+	fn := culpritFrame(best.CallerStack())
 	if fn == "" {
 		fn = "unknown code"
 	}
@@ -211,7 +211,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			// is the only one stuck.
 			threads.summary += " " + stalled
 			arts = append(arts, threadArtifact(culprit), stackArtifact(culprit, 24))
-			if fn := culpritFrame(culprit.UserStack()); fn != "" {
+			if fn := culpritFrame(culprit.CallerStack()); fn != "" {
 				arts = append(arts, Artifact{Kind: "frame", Value: fn, Detail: "where the stalled thread is"})
 			}
 		}

@@ -81,7 +81,7 @@ func (r *BlockingWorker) Evaluate(w Window) []Observation {
 }
 
 func (r *BlockingWorker) observation(e signals.Episode, pool string, count, threads int, total time.Duration) Observation {
-	fn := culpritFrame(e.UserStack())
+	fn := culpritFrame(e.CallerStack())
 	call := e.Syscall()
 	if call == "" {
 		call = "the kernel"

@@ -20,7 +20,11 @@ type Episode struct {
 	// kernel frames, the rest user frames.
 	Stack        []string
 	KernelFrames int
-	Waker        int // tid that ended a block, 0 if unknown
+	// LibcFrames: how many user frames at the leaf are the C library's
+	// (its syscall wrappers, or getaddrinfo's insides): what the app
+	// called, not who called it.
+	LibcFrames int
+	Waker      int // tid that ended a block, 0 if unknown
 }
 
 // Episode kinds.
@@ -52,6 +56,17 @@ func (e Episode) UserStack() []string {
 		return nil
 	}
 	return e.Stack[e.KernelFrames:]
+}
+
+// CallerStack is the user stack past the C library's leaf frames: it
+// starts at the code that called into libc. When every user frame is the
+// C library's, it is the whole user stack.
+func (e Episode) CallerStack() []string {
+	u := e.UserStack()
+	if e.LibcFrames > 0 && e.LibcFrames < len(u) {
+		return u[e.LibcFrames:]
+	}
+	return u
 }
 
 // KernelStack is the kernel part of Stack, leaf first.

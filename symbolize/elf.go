@@ -25,6 +25,7 @@ type elfFile struct {
 	sized   []symbol // STT_FUNC with size > 0, sorted by addr
 	unsized []symbol // STT_FUNC with size 0, sorted by addr
 	gotab   *gosym.Table
+	cfi     *cfiTable // .eh_frame of non-Go files, or nil
 
 	// memo caches lookups: profiles hit the same few thousand addresses
 	// again and again, and decoding Go's pc tables costs about a microsecond
@@ -81,6 +82,15 @@ func parseELF(r io.ReaderAt) (ef *elfFile, err error) {
 	}
 	ef.addSymbols(syms)
 	ef.gotab = goTable(f, syms)
+	if ef.gotab == nil {
+		// Go keeps frame pointers everywhere; other code needs its CFI
+		// to recover leaf frames (RecoverLeaf).
+		if sec := f.Section(".eh_frame"); sec != nil && sec.Type != elf.SHT_NOBITS && sec.Size <= maxEHFrame {
+			if data, err := sec.Data(); err == nil {
+				ef.cfi, _ = parseEHFrame(data, sec.Addr)
+			}
+		}
+	}
 	return ef, nil
 }
 

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -497,4 +498,20 @@ func (s *Symbolizer) loadKallsyms() (*kallsyms, error) {
 		return nil, fmt.Errorf("%s: no text symbols with addresses (kptr_restrict or no privilege)", path)
 	}
 	return ks, nil
+}
+
+// cLibraries are the file names of the C library's parts, glibc's and
+// musl's.
+var cLibraries = []string{"libc.so", "libc-", "libpthread.so", "libpthread-", "libresolv.so", "libnss_", "ld-linux", "ld-musl", "libc.musl"}
+
+// IsCLibrary reports whether module (a mapped file's path) is part of the
+// C library: frames there are what the app called, not who called it.
+func IsCLibrary(module string) bool {
+	base := filepath.Base(module)
+	for _, p := range cLibraries {
+		if strings.HasPrefix(base, p) {
+			return true
+		}
+	}
+	return false
 }

@@ -124,6 +124,12 @@ struct task_struct {
 
 struct bpf_perf_event_data;
 
+/* The user registers a task entered the kernel with (x86-64 names). */
+struct pt_regs {
+	unsigned long bp;
+	unsigned long sp;
+} __attribute__((preserve_access_index));
+
 /* TCP connection lifetimes. */
 struct inet_connection_sock {
 	struct {

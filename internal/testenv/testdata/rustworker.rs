@@ -2,7 +2,7 @@
 // threads named as Tokio names them ("tokio-runtime-w"), and a main thread
 // that waits on its stdin. Worker 0 misbehaves as the first argument says:
 //
-//   block MS  calls save_session, which blocks in a sleep of MS ms, in a loop
+//   block MS  calls save_session, which blocks in libc's usleep for MS ms, in a loop
 //   spin      runs checksum without ever yielding
 //   idle      nothing (both workers park, as idle Tokio workers do)
 //
@@ -11,13 +11,26 @@
 // (v0 mangling), and exits when stdin is closed.
 use std::hint::black_box;
 use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::Duration;
+
+extern "C" {
+    fn usleep(usec: u32) -> i32;
+}
+
+static SAVED: AtomicU64 = AtomicU64::new(0);
 
 #[inline(never)]
 pub fn save_session(ms: u64) {
-    // Stands for a synchronous database call or an fsync on the worker.
-    thread::sleep(Duration::from_millis(ms));
+    // Stands for a synchronous C library call on the worker (a database
+    // driver, fsync): it calls libc directly, and libc has no frame
+    // pointers, so only unwinding by .eh_frame finds this function.
+    unsafe {
+        usleep((ms * 1000) as u32);
+    }
+    // Work after the call, so that the call is not a tail call (which
+    // would leave no frame of this function to find).
+    SAVED.fetch_add(1, Ordering::Relaxed);
 }
 
 #[inline(never)]
