@@ -127,3 +127,44 @@ func TestLatencySpikeClassifiedFromSpans(t *testing.T) {
 		}
 	}
 }
+
+// Requests queue behind a worker that blocks: their route's p99 jumps, and
+// the slow traces are the ones the blocking_worker finding carries. The
+// spike is that finding's symptom: blocking_worker names the route, and no
+// latency_spike finding of its own opens (DESIGN: "p99 outlier
+// explained").
+func TestLatencySpikeExplainedByBlockingWorker(t *testing.T) {
+	app, _, events := tracedScenario(t, func(c *Config) {
+		c.Rules.LatencySpike.Recent = Duration(5 * time.Second)
+	})
+	for range 10 {
+		app.Get(t, "/block?ms=1")
+	}
+	time.Sleep(5500 * time.Millisecond) // the fast requests become the baseline
+	var wg sync.WaitGroup
+	slow := make([]string, 8)
+	for i := range slow {
+		wg.Go(func() { slow[i] = app.Get(t, "/block?ms=400") })
+	}
+	wg.Wait()
+	ev, skipped := next(t, events, 10*time.Second, func(ev *culpritv1.FindingEvent) bool {
+		return ev.Finding != nil && ev.Finding.Rule == "blocking_worker" && artifact(ev.Finding, "route", "/block")
+	})
+	t.Logf("%s; traces %v", ev.Finding.Title, traceArtifacts(ev.Finding))
+	// The spike's evaluation runs once a second; give it a few.
+	deadline := time.After(4 * time.Second)
+	for {
+		for _, s := range skipped {
+			if s.Finding != nil && s.Finding.Rule == "latency_spike" {
+				t.Fatalf("the explained spike opened a finding of its own: %s", s.Finding.Title)
+			}
+		}
+		select {
+		case ev := <-events:
+			skipped = []*culpritv1.FindingEvent{ev}
+			continue
+		case <-deadline:
+		}
+		break
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -110,15 +111,25 @@ func (e *Engine) Evaluate(now time.Time) {
 		w.Target, w.HasTarget = e.tracker.Current()
 	}
 	seen := make(map[string]bool)
+	var obs []pending
 	for _, r := range e.rules {
+		_, symptom := r.(Symptom)
 		for _, o := range e.evalRule(r, w) {
 			k := r.Name() + "/" + o.Key
 			if seen[k] {
 				continue // a rule reporting one key twice: first wins
 			}
 			seen[k] = true
-			e.observe(r.Name(), k, o, now)
+			obs = append(obs, pending{rule: r.Name(), key: k, o: o, symptom: symptom})
 		}
+	}
+	e.explain(obs)
+	for _, p := range obs {
+		if p.explainedBy != "" {
+			delete(seen, p.key) // an open one resolves after the hold-down
+			continue
+		}
+		e.observe(p.rule, p.key, p.o, now)
 	}
 	keys := make([]string, 0, len(e.active))
 	for k := range e.active {
@@ -136,6 +147,90 @@ func (e *Engine) Evaluate(now time.Time) {
 		delete(e.active, k)
 		e.o.Log.Info("finding resolved", "id", a.f.ID, "rule", a.f.Rule, "key", a.f.Key, "lasted", now.Sub(a.f.FirstSeen).Round(time.Millisecond))
 	}
+}
+
+// Symptom is implemented by rules that report a symptom other rules may
+// explain: latency_spike's slow requests are often the very requests a
+// blocking worker held up. Such an observation carries the trace ids of
+// its slowest requests; when one of them is on another rule's observation
+// or open finding, that finding is the root cause, the symptom is not
+// reported on its own, and the explaining finding names the route instead
+// (DESIGN: "p99 outlier explained").
+type Symptom interface {
+	Rule
+	Symptom()
+}
+
+type pending struct {
+	rule, key   string
+	o           Observation
+	symptom     bool
+	explainedBy string // the rule/key of the finding that explains it
+}
+
+// explain marks the symptom observations that share a trace id with a
+// root-cause observation of this evaluation or an open finding, and adds
+// the symptom's route to the explaining observation.
+func (e *Engine) explain(obs []pending) {
+	owner := map[string]int{} // trace id -> index in obs of a root cause
+	for i, p := range obs {
+		if p.symptom {
+			continue
+		}
+		for _, a := range p.o.Artifacts {
+			if _, ok := owner[a.Value]; a.Kind == "trace" && !ok {
+				owner[a.Value] = i
+			}
+		}
+	}
+	var openOwner map[string]string // trace id -> rule/key, of open findings
+	for i := range obs {
+		p := &obs[i]
+		if !p.symptom {
+			continue
+		}
+		for _, a := range p.o.Artifacts {
+			if a.Kind != "trace" {
+				continue
+			}
+			if j, ok := owner[a.Value]; ok {
+				p.explainedBy = obs[j].key
+				ex := &obs[j].o
+				ex.Artifacts = append(slices.Clone(ex.Artifacts), Artifact{Kind: "route", Value: p.o.Key, Detail: p.o.Title})
+				break
+			}
+			if openOwner == nil {
+				openOwner = e.openTraceOwners()
+			}
+			if k, ok := openOwner[a.Value]; ok {
+				p.explainedBy = k
+				break
+			}
+		}
+	}
+}
+
+// openTraceOwners maps the trace ids on open findings of root-cause rules
+// to those findings (they may be in their hold-down, not observed now).
+func (e *Engine) openTraceOwners() map[string]string {
+	symptoms := map[string]bool{}
+	for _, r := range e.rules {
+		if _, ok := r.(Symptom); ok {
+			symptoms[r.Name()] = true
+		}
+	}
+	out := map[string]string{}
+	for k, a := range e.active {
+		if symptoms[a.f.Rule] {
+			continue
+		}
+		for _, art := range a.f.Artifacts {
+			if art.Kind == "trace" {
+				out[art.Value] = k
+			}
+		}
+	}
+	return out
 }
 
 // evalRule contains a faulty rule: its failure is logged and the other

@@ -127,3 +127,70 @@ func TestJournalGapAndBound(t *testing.T) {
 		t.Fatalf("After(newest) returned %d events", len(evs))
 	}
 }
+
+// named is a scripted rule under another name; symptomRule a scripted
+// symptom (as latency_spike is).
+type named struct {
+	scripted
+	name string
+}
+
+func (n *named) Name() string { return n.name }
+
+type symptomRule struct{ named }
+
+func (*symptomRule) Symptom() {}
+
+// A latency spike whose slow traces the blocking-worker finding carries is
+// that finding's symptom: it is not reported on its own, and the blocking
+// finding names the route. A spike on other traces is reported.
+func TestEngineExplainsSymptoms(t *testing.T) {
+	cause := &named{name: "blocking_worker"}
+	spike := &symptomRule{named{name: "latency_spike"}}
+	j := NewJournal(64)
+	e := NewEngine([]Rule{cause, spike}, signals.New(16, 64), j, nil, EngineOptions{
+		Interval: time.Second, ResolveAfter: 2 * time.Second, MinUpdateInterval: time.Second, MaxOpen: 10,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	trace := func(id string) Artifact { return Artifact{Kind: "trace", Value: id} }
+	cause.obs = []Observation{{Key: "worker", Title: "blocked", Artifacts: []Artifact{trace("a"), trace("b")}}}
+	spike.obs = []Observation{{Key: "/checkout", Title: "Latency spike on /checkout", Artifacts: []Artifact{trace("x"), trace("b")}}}
+	t0 := time.Unix(1000, 0)
+	e.Evaluate(t0)
+	open, _ := j.Open()
+	if len(open) != 1 || open[0].Rule != "blocking_worker" {
+		t.Fatalf("open findings %+v, want only blocking_worker", open)
+	}
+	var route bool
+	for _, a := range open[0].Artifacts {
+		route = route || (a.Kind == "route" && a.Value == "/checkout")
+	}
+	if !route {
+		t.Errorf("the explaining finding does not name the route: %+v", open[0].Artifacts)
+	}
+	if n := len(cause.obs[0].Artifacts); n != 2 {
+		t.Errorf("the rule's own observation was changed: %d artifacts", n)
+	}
+
+	// The cause is no longer observed but still open (hold-down): it
+	// still explains the spike.
+	cause.obs = nil
+	e.Evaluate(t0.Add(time.Second))
+	if open, _ := j.Open(); len(open) != 1 || open[0].Rule != "blocking_worker" {
+		t.Fatalf("during the hold-down: open %+v", open)
+	}
+
+	// Unrelated slow traces: the spike is its own finding.
+	spike.obs = []Observation{{Key: "/search", Title: "Latency spike on /search", Artifacts: []Artifact{trace("y")}}}
+	e.Evaluate(t0.Add(1500 * time.Millisecond))
+	open, _ = j.Open()
+	var spikes []string
+	for _, f := range open {
+		if f.Rule == "latency_spike" {
+			spikes = append(spikes, f.Key)
+		}
+	}
+	if len(spikes) != 1 || spikes[0] != "/search" {
+		t.Errorf("latency_spike findings %v, want [/search]", spikes)
+	}
+}

@@ -54,7 +54,7 @@ type Evidence struct {
 // Artifact points at something concrete: a thread, a stack, a trace id, a
 // remote endpoint.
 type Artifact struct {
-	Kind   string // "thread", "stack", "frame", "trace", "endpoint", "listener"
+	Kind   string // "thread", "stack", "frame", "trace", "route", "endpoint", "listener"
 	Value  string
 	Detail string
 }

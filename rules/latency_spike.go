@@ -46,6 +46,10 @@ func NewLatencySpike(o LatencySpikeOptions) *LatencySpike { return &LatencySpike
 
 func (*LatencySpike) Name() string { return "latency_spike" }
 
+// Symptom: a spike whose slow traces another finding carries is that
+// finding's (Engine.explain).
+func (*LatencySpike) Symptom() {}
+
 func (r *LatencySpike) Evaluate(w Window) []Observation {
 	if r.o.Spans == nil {
 		return nil
