@@ -99,7 +99,7 @@ func parseCIE(data []byte, off int) (*cie, error) {
 		return nil, errCFI
 	}
 	length := int(binary.LittleEndian.Uint32(data[off:]))
-	if length == 0 || length == 0xffffffff || off+4+length > len(data) {
+	if length < 4 || length == 0xffffffff || off+4+length > len(data) {
 		return nil, errCFI
 	}
 	r := reader{b: data[off+8 : off+4+length]}

@@ -9,7 +9,6 @@
 // It prints "PID SAVE_SESSION_ADDR PROCESS_ID_ADDR" so that a test can check
 // symbolization of its own function (legacy mangling) and of one from std
 // (v0 mangling), and exits when stdin is closed.
-use std::hint::black_box;
 use std::io::{BufRead, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
@@ -60,9 +59,14 @@ fn main() {
                     }
                 }
                 if i == 0 && mode == "spin" {
-                    let data = vec![7u8; 4096];
+                    // The input changes and the result is kept, so the
+                    // call can be neither hoisted nor dropped (without
+                    // std::hint::black_box, which Debian's rustc 1.63
+                    // lacks).
+                    let mut data = vec![7u8; 4096];
                     loop {
-                        black_box(checksum(black_box(&data), 1000));
+                        data[0] = data[0].wrapping_add(1);
+                        SAVED.store(checksum(&data, 1000), Ordering::Relaxed);
                     }
                 }
                 loop {
