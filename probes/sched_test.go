@@ -94,12 +94,13 @@ func TestSchedSeesABusyWorker(t *testing.T) {
 	st, eps := startSched(t, w.PID)
 	time.Sleep(200 * time.Millisecond)
 	from := time.Now()
-	w.MustDo(t, "spin 0 1500")
+	w.MustDo(t, "spin 0 2000")
 	e := waitEpisode(t, eps, signals.EpisodeBusy, from, func(e signals.Episode) bool {
-		// Under the race detector the child's spin is broken by a few sleeps
-		// over busy_gap (page faults on shadow memory): 500 ms, the rule's
-		// default, rather than the whole 1.5 s.
-		return e.Tid == w.TIDs[0] && e.Duration >= 500*time.Millisecond
+		// Under the race detector on a loaded machine the child's spin is
+		// broken by a few sleeps over busy_gap (CI once saw runs of 450
+		// and 499 ms out of 1.5 s): any run of 300 ms shows the probe
+		// follows it; the rule's thresholds are tested in rules/.
+		return e.Tid == w.TIDs[0] && e.Duration >= 300*time.Millisecond
 	})
 	if e.Thread != "worker-0" {
 		t.Errorf("thread %q", e.Thread)
