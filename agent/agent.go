@@ -139,7 +139,7 @@ func cmdAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		version, a.HTTPAddr, a.GRPCAddr, a.GRPCAddr)
 	<-ctx.Done()
 	log.Info("shutting down")
-	return a.Stop(cfg.Agent.ShutdownTimeout.D())
+	return a.Stop(cfg.Agent.ShutdownTimeout)
 }
 
 // Agent is one running agent: every goroutine it started stops with Stop.
@@ -196,7 +196,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		log:      log,
 		cancel:   cancel,
 	}
-	a.Tracker = target.NewTracker(res, sel, cfg.Target.RefindInterval.D(), log)
+	a.Tracker = target.NewTracker(res, sel, cfg.Target.RefindInterval, log)
 	a.Tracker.Refresh()
 	if _, ok := a.Tracker.Current(); !ok {
 		log.Warn("target not found yet; the agent keeps looking", "selector", sel.String())
@@ -210,14 +210,22 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	a.startProbes(ctx, cfg)
 	a.startTraces(cfg)
 
-	eng := rules.NewEngine(allRules(cfg, ruleInputs{a.Profiles, a.Episodes, cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval.D()}, a.Conns, a.Spans}), a.Store, a.Journal, a.Tracker, rules.EngineOptions{
-		Interval:          cfg.Rules.Interval.D(),
-		MinGap:            cfg.Rules.MinGap.D(),
-		ResolveAfter:      cfg.Rules.ResolveAfter.D(),
-		MinUpdateInterval: cfg.Rules.MinUpdateInterval.D(),
-		MaxOpen:           cfg.Rules.MaxOpenFindings,
-		Log:               log.With("component", "rules"),
-	})
+	pools, err := cfg.Rules.Pools()
+	if err != nil { // validated in Config.Validate
+		cancel()
+		return nil, &ConfigError{Key: "rules.workers.threads", Err: err}
+	}
+	eo := cfg.Rules.Engine()
+	eo.Log = log.With("component", "rules")
+	eo.Inputs = rules.Inputs{
+		Episodes: a.Episodes,
+		Spans:    a.Spans,
+		Conns:    a.Conns,
+		Hot:      cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval},
+		Heap:     heapHistory{a.Profiles},
+		Pools:    pools,
+	}
+	eng := rules.NewEngine(rules.New(cfg.Rules, cfg.Pprof.Interval), a.Store, a.Journal, a.Tracker, eo)
 	a.goRun(func() { eng.Run(ctx) })
 
 	if err := a.startServers(cfg); err != nil {
@@ -225,136 +233,6 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		return nil, err
 	}
 	return a, nil
-}
-
-// allRules is the one place rules are registered.
-func allRules(cfg Config, in ruleInputs) []rules.Rule {
-	ao := cfg.Rules.AcceptOverflow
-	pools := rules.WorkerPools{
-		Match:        regexp.MustCompile(cfg.Rules.Workers.Threads), // validated in Config.Validate
-		IdleSyscalls: cfg.Rules.Workers.IdleSyscalls,
-	}
-	bw, hw, wi, ct := cfg.Rules.BlockingWorker, cfg.Rules.BusyWorker, cfg.Rules.WorkerImbalance, cfg.Rules.CPUThrottling
-	tp := cfg.Rules.ThroughputPlateau
-	cw, pe, rs, px := cfg.Rules.CloseWait, cfg.Rules.PortExhaustion, cfg.Rules.RSTStorm, cfg.Rules.PoolExhaustion
-	it, sb, ls, ss := cfg.Rules.IdleTimeout, cfg.Rules.SYNBacklog, cfg.Rules.LatencySpike, cfg.Rules.StalledShutdown
-	heapFresh := 3 * cfg.Pprof.Interval.D()
-	fd, rh, hl, om := cfg.Rules.FDExhaustion, cfg.Rules.RSSWithoutHeap, cfg.Rules.HeapLeak, cfg.Rules.OOMAhead
-	return []rules.Rule{
-		rules.NewAcceptOverflow(rules.AcceptOverflowOptions{
-			Window:     ao.Window.D(),
-			Recent:     ao.Recent.D(),
-			StallAfter: ao.StallAfter.D(),
-			MinDrops:   float64(ao.MinDrops),
-			Episodes:   in.episodes,
-			Pools:      pools,
-		}),
-		rules.NewFDExhaustion(rules.FDExhaustionOptions{
-			Window:      fd.Window.D(),
-			NearRatio:   fd.NearRatio,
-			MinIncrease: float64(fd.MinIncrease),
-			Steady:      fd.Steady,
-			Horizon:     fd.Horizon.D(),
-		}),
-		rules.NewRSSWithoutHeap(rules.RSSWithoutHeapOptions{
-			Window:    rh.Window.D(),
-			MinGap:    float64(rh.MinGapBytes),
-			MinRatio:  rh.MinRatio,
-			HeapFresh: heapFresh,
-		}),
-		rules.NewHeapLeak(rules.HeapLeakOptions{
-			Window:    hl.Window.D(),
-			MinGrowth: float64(hl.MinGrowthBytes),
-			Steady:    hl.Steady,
-			TopSites:  hl.TopSites,
-			HeapFresh: heapFresh,
-		}, heapHistory{in.profiles}),
-		rules.NewOOMAhead(rules.OOMAheadOptions{
-			NearRatio: om.NearRatio,
-			Window:    om.Window.D(),
-			HeapFresh: heapFresh,
-		}),
-		rules.NewBlockingWorker(rules.BlockingWorkerOptions{
-			Window:   bw.Window.D(),
-			MinBlock: bw.MinBlock.D(),
-			Pools:    pools,
-			Spans:    in.spans,
-		}, in.episodes),
-		rules.NewBusyWorker(rules.BusyWorkerOptions{
-			Window:  hw.Window.D(),
-			MinBusy: hw.MinBusy.D(),
-			Pools:   pools,
-			TopN:    hw.TopFrames,
-			Spans:   in.spans,
-		}, in.episodes, in.hot),
-		rules.NewWorkerImbalance(rules.WorkerImbalanceOptions{
-			Window:   wi.Window.D(),
-			MinBusy:  wi.MinBusyCores,
-			MinRatio: wi.MinRatio,
-			Pools:    pools,
-		}),
-		rules.NewThroughputPlateau(rules.ThroughputPlateauOptions{
-			Window:       tp.Window.D(),
-			MinQueued:    tp.MinQueued,
-			MaxBusyCores: tp.MaxBusyCores,
-			Pools:        pools,
-		}),
-		rules.NewCloseWait(rules.CloseWaitOptions{
-			Window:      cw.Window.D(),
-			MinIncrease: float64(cw.MinIncrease),
-			Steady:      cw.Steady,
-			MinCount:    float64(cw.MinCount),
-			MinAge:      cw.MinAge.D(),
-		}),
-		rules.NewPortExhaustion(rules.PortExhaustionOptions{
-			Window:    pe.Window.D(),
-			NearRatio: pe.NearRatio,
-			Horizon:   pe.Horizon.D(),
-			MinCount:  float64(pe.MinCount),
-		}),
-		rules.NewRSTStorm(rules.RSTStormOptions{Recent: rs.Recent.D(), MinRate: rs.MinRate}),
-		rules.NewPoolExhaustion(rules.PoolExhaustionOptions{
-			Window:   px.Window.D(),
-			MinConns: float64(px.MinConns),
-			MinQueue: px.MinQueue,
-			Spans:    in.spans,
-		}),
-		rules.NewStalledShutdown(rules.StalledShutdownOptions{Grace: ss.Grace.D(), Fraction: ss.Fraction}),
-		rules.NewLatencySpike(rules.LatencySpikeOptions{
-			Recent:     ls.Recent.D(),
-			Window:     ls.Window.D(),
-			Ratio:      ls.Ratio,
-			MinLatency: ls.MinLatency.D(),
-			MinSpans:   ls.MinSpans,
-			Spans:      in.spans,
-		}),
-		rules.NewSYNBacklog(rules.SYNBacklogOptions{
-			Recent:     sb.Recent.D(),
-			MinDrops:   float64(sb.MinDrops),
-			MinSources: float64(sb.MinSources),
-		}),
-		rules.NewIdleTimeout(rules.IdleTimeoutOptions{
-			Window:    it.Window.D(),
-			MinCloses: it.MinCloses,
-			Tolerance: it.Tolerance,
-			MinShare:  it.MinShare,
-			MinIdle:   it.MinIdle.D(),
-		}, in.conns),
-		rules.NewCPUThrottling(rules.CPUThrottlingOptions{
-			Window:              ct.Window.D(),
-			MinThrottledRatio:   ct.MinThrottledRatio,
-			MinThrottledPeriods: float64(ct.MinThrottledPeriods),
-		}),
-	}
-}
-
-// ruleInputs are what rules read besides the signal store.
-type ruleInputs struct {
-	profiles *signals.Profiles
-	episodes *signals.Episodes
-	hot      rules.HotFrames
-	conns    *signals.ConnEvents
-	spans    *signals.Spans
 }
 
 func (a *Agent) goRun(f func()) {
@@ -404,9 +282,9 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 			a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDisabled, Detail: "disabled in collect.disabled"})
 			continue
 		}
-		interval := cfg.Collect.Interval.D()
+		interval := cfg.Collect.Interval
 		if collectors.Fast(name) {
-			interval = cfg.Collect.FastInterval.D()
+			interval = cfg.Collect.FastInterval
 		}
 		c, err := collectors.New(name, collectors.Options{
 			ProcRoot:   cfg.Collect.ProcRoot,
@@ -432,9 +310,9 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 		return nil
 	}
 	ph := collectors.NewPprofHeap(collectors.Options{ProcRoot: cfg.Collect.ProcRoot, Log: a.log.With("collector", "pprof_heap")},
-		collectors.PprofOptions{URL: cfg.Pprof.HeapURL, Timeout: cfg.Pprof.Timeout.D(), MaxBytes: cfg.Pprof.MaxBytes, Interval: cfg.Pprof.Interval.D()}, a.Profiles)
+		collectors.PprofOptions{URL: cfg.Pprof.HeapURL, Timeout: cfg.Pprof.Timeout, MaxBytes: cfg.Pprof.MaxBytes, Interval: cfg.Pprof.Interval}, a.Profiles)
 	a.closers = append(a.closers, ph)
-	a.goRun(func() { a.runCollector(ctx, ph, cfg.Collect.Interval.D()) })
+	a.goRun(func() { a.runCollector(ctx, ph, cfg.Collect.Interval) })
 	return nil
 }
 
@@ -482,7 +360,7 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 	opts := func(name string) probes.Options {
 		return probes.Options{
 			Log:             a.log.With("probe", name),
-			PollInterval:    cfg.Probes.PollInterval.D(),
+			PollInterval:    cfg.Probes.PollInterval,
 			MaxEntries:      uint32(cfg.Probes.MaxEntries),
 			RingBufferBytes: uint32(cfg.Probes.RingBufferBytes),
 		}
@@ -493,9 +371,9 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 		probes.NewSignals(opts("signals")),
 		probes.NewSched(probes.SchedOptions{
 			Options:    opts("sched"),
-			MinBlock:   cfg.Sched.MinBlock.D(),
-			BusyAfter:  cfg.Sched.BusyAfter.D(),
-			BusyGap:    cfg.Sched.BusyGap.D(),
+			MinBlock:   cfg.Sched.MinBlock,
+			BusyAfter:  cfg.Sched.BusyAfter,
+			BusyGap:    cfg.Sched.BusyGap,
 			MaxThreads: uint32(cfg.Sched.MaxThreads),
 			MaxStacks:  uint32(cfg.Sched.MaxStacks),
 			Episodes:   a.Episodes,
@@ -505,7 +383,7 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			Options:   opts("cpu_profile"),
 			Frequency: cfg.Profiling.Frequency,
 			MaxStacks: uint32(cfg.Profiling.MaxStacks),
-			Drain:     cfg.Profiling.DrainInterval.D(),
+			Drain:     cfg.Profiling.DrainInterval,
 			Samples:   a.Samples,
 		}),
 	}
@@ -569,7 +447,7 @@ func security(cfg Config) exporters.ServerSecurity {
 	return exporters.ServerSecurity{
 		CertFile: cfg.Agent.TLSCertFile, KeyFile: cfg.Agent.TLSKeyFile, ClientCAFile: cfg.Agent.TLSClientCAFile,
 		TokenFile: cfg.Agent.TokenFile, MaxMessageBytes: cfg.Agent.GRPCMaxMessage,
-		KeepaliveTime: cfg.Agent.GRPCKeepalive.D(), KeepaliveTimeout: 10 * time.Second,
+		KeepaliveTime: cfg.Agent.GRPCKeepalive, KeepaliveTimeout: 10 * time.Second,
 	}
 }
 
@@ -577,7 +455,7 @@ func security(cfg Config) exporters.ServerSecurity {
 func (a *Agent) profileSource(cfg Config) exporters.ProfileSource {
 	for _, p := range a.probes {
 		if p.Name() == "cpu_profile" {
-			return cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval.D()}
+			return cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval}
 		}
 	}
 	return nil
@@ -610,7 +488,7 @@ func (a *Agent) startServers(cfg Config) error {
 		Log:        a.log.With("component", "grpc"),
 		MaxBatch:   cfg.Findings.MaxBatch,
 		Profiles:   a.profileSource(cfg),
-		MaxCapture: cfg.Profiling.MaxCapture.D(),
+		MaxCapture: cfg.Profiling.MaxCapture,
 	})
 	svc.Register(a.grpcSrv)
 	a.grpcSvc = svc

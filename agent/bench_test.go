@@ -55,7 +55,7 @@ func BenchmarkFaultToFinding(b *testing.B) {
 	b.ReportMetric(float64(f-d)/float64(time.Millisecond), "ms-agent-latency(median)")
 	// The floor the design allows: one fast sample plus stall_after.
 	def := DefaultConfig()
-	floor := def.Collect.FastInterval.D() + def.Rules.AcceptOverflow.StallAfter.D()
+	floor := def.Collect.FastInterval + def.Rules.AcceptOverflow.StallAfter
 	b.ReportMetric(float64(f)/float64(floor), "x-design-floor")
 }
 
@@ -158,7 +158,7 @@ func BenchmarkFaultToFindingByRule(b *testing.B) {
 			took = append(took, time.Since(start))
 			next(b, events, 30*time.Second, resolvedBy("blocking_worker"))
 		}
-		report(b, took, def.Rules.BlockingWorker.MinBlock.D()+def.Probes.PollInterval.D())
+		report(b, took, def.Rules.BlockingWorker.MinBlock+def.Probes.PollInterval)
 	})
 	b.Run("rst_storm", func(b *testing.B) {
 		s := testenv.Start(b, testenv.Options{Backlog: 64, Accept: true})
@@ -177,7 +177,7 @@ func BenchmarkFaultToFindingByRule(b *testing.B) {
 		}
 		// Floor: the resets of one recent window at min_rate, and one
 		// netstat sample.
-		report(b, took, def.Collect.Interval.D())
+		report(b, took, def.Collect.Interval)
 	})
 }
 

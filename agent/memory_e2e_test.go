@@ -95,7 +95,7 @@ func demoScenario(t *testing.T, env []string, quiet time.Duration, tune func(*Co
 	pid, control := demoProcess(t, env...)
 	cfg := testConfig(t, pid)
 	cfg.Pprof.HeapURL = control + "/debug/pprof/heap"
-	cfg.Pprof.Interval = Duration(time.Second)
+	cfg.Pprof.Interval = time.Duration(time.Second)
 	tune(&cfg)
 	a := startAgentConfig(t, cfg)
 	events, _ := watch(t, client(t, a.GRPCAddr), 0)
@@ -118,8 +118,8 @@ func openedBy(rule string) func(*culpritv1.FindingEvent) bool {
 // the diff of two profiles.
 func TestHeapLeakFindingNamesTheFunction(t *testing.T) {
 	control, events := demoScenario(t, nil, 4*time.Second, func(cfg *Config) {
-		cfg.Rules.HeapLeak.Window = Duration(8 * time.Second)
-		cfg.Rules.HeapLeak.MinGrowthBytes = 16 << 20
+		cfg.Rules.HeapLeak.Window = time.Duration(8 * time.Second)
+		cfg.Rules.HeapLeak.MinGrowth = 16 << 20
 	})
 	post(t, control+"/fault/leak-heap?mb=4&every=500ms&for=30s")
 	ev, skipped := next(t, events, 30*time.Second, openedBy("heap_leak"))
@@ -145,8 +145,8 @@ func TestHeapLeakFindingNamesTheFunction(t *testing.T) {
 }
 
 func tuneRetention(cfg *Config) {
-	cfg.Rules.RSSWithoutHeap.Window = Duration(5 * time.Second)
-	cfg.Rules.RSSWithoutHeap.MinGapBytes = 128 << 20
+	cfg.Rules.RSSWithoutHeap.Window = time.Duration(5 * time.Second)
+	cfg.Rules.RSSWithoutHeap.MinGap = 128 << 20
 }
 
 // testConfig is the agent's defaults on ephemeral loopback ports, watching pid.
@@ -195,7 +195,7 @@ func TestAllocatorRetentionResolves(t *testing.T) {
 // forecasts when RLIMIT_NOFILE is hit.
 func TestFDLeakFinding(t *testing.T) {
 	control, events := demoScenario(t, nil, 3*time.Second, func(cfg *Config) {
-		cfg.Rules.FDExhaustion.Window = Duration(6 * time.Second)
+		cfg.Rules.FDExhaustion.Window = time.Duration(6 * time.Second)
 	})
 	post(t, control+"/fault/leak-fds?n=5&every=250ms&for=30s")
 	ev, _ := next(t, events, 20*time.Second, openedBy("fd_exhaustion"))
@@ -218,7 +218,7 @@ func TestOOMAheadFinding(t *testing.T) {
 	dir, version := testenv.MemoryCgroup(t, limit, l.PID)
 	cfg := testConfig(t, l.PID)
 	cfg.Pprof.HeapURL = l.PprofURL
-	cfg.Pprof.Interval = Duration(time.Second)
+	cfg.Pprof.Interval = time.Duration(time.Second)
 	a := startAgentConfig(t, cfg)
 	c := client(t, a.GRPCAddr)
 	events, _ := watch(t, c, 0)

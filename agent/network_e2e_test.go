@@ -15,15 +15,15 @@ import (
 // networkConfig makes the network rules judge short windows, so that each
 // fault shows within seconds.
 func networkConfig(cfg *Config) {
-	cfg.Rules.CloseWait.Window = Duration(4 * time.Second)
+	cfg.Rules.CloseWait.Window = time.Duration(4 * time.Second)
 	cfg.Rules.CloseWait.MinIncrease = 10
 	cfg.Rules.CloseWait.Steady = 0.6
-	cfg.Rules.PortExhaustion.Window = Duration(4 * time.Second)
+	cfg.Rules.PortExhaustion.Window = time.Duration(4 * time.Second)
 	cfg.Rules.PortExhaustion.MinCount = 20
-	cfg.Rules.RSTStorm.Recent = Duration(2 * time.Second)
-	cfg.Rules.PoolExhaustion.Window = Duration(3 * time.Second)
-	cfg.Rules.IdleTimeout.Window = Duration(10 * time.Second)
-	cfg.Rules.ResolveAfter = Duration(2 * time.Second)
+	cfg.Rules.RSTStorm.Recent = time.Duration(2 * time.Second)
+	cfg.Rules.PoolExhaustion.Window = time.Duration(3 * time.Second)
+	cfg.Rules.IdleTimeout.Window = time.Duration(10 * time.Second)
+	cfg.Rules.ResolveAfter = time.Duration(2 * time.Second)
 }
 
 // networkScenario is a server child in its own netns, with a real agent
@@ -218,7 +218,7 @@ func TestSYNFloodFinding(t *testing.T) {
 func TestStalledShutdownFinding(t *testing.T) {
 	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
 	cfg := testConfig(t, s.PID)
-	cfg.Rules.StalledShutdown.Grace = Duration(4 * time.Second)
+	cfg.Rules.StalledShutdown.Grace = time.Duration(4 * time.Second)
 	a := startAgentConfig(t, cfg)
 	c := client(t, a.GRPCAddr)
 	waitWatching(t, c, s.Port)

@@ -15,8 +15,8 @@ func rustScenario(t *testing.T, args ...string) <-chan *culpritv1.FindingEvent {
 	t.Helper()
 	w := testenv.StartRustWorker(t, testenv.BuildRustWorker(t), args...)
 	cfg := testConfig(t, w.PID)
-	cfg.Rules.BlockingWorker.Window = Duration(4 * time.Second)
-	cfg.Rules.BusyWorker.Window = Duration(4 * time.Second)
+	cfg.Rules.BlockingWorker.Window = time.Duration(4 * time.Second)
+	cfg.Rules.BusyWorker.Window = time.Duration(4 * time.Second)
 	a := startAgentConfig(t, cfg)
 	events, _ := watch(t, client(t, a.GRPCAddr), 0)
 	return events

@@ -26,11 +26,11 @@ func workersScenario(t *testing.T, tune func(*Config)) (*testenv.Workers, *Agent
 	t.Helper()
 	w := testenv.StartWorkers(t, 4)
 	cfg := testConfig(t, w.PID)
-	cfg.Rules.BlockingWorker.Window = Duration(4 * time.Second)
-	cfg.Rules.BusyWorker.Window = Duration(4 * time.Second)
-	cfg.Rules.WorkerImbalance.Window = Duration(3 * time.Second)
-	cfg.Rules.CPUThrottling.Window = Duration(3 * time.Second)
-	cfg.Rules.ResolveAfter = Duration(2 * time.Second)
+	cfg.Rules.BlockingWorker.Window = time.Duration(4 * time.Second)
+	cfg.Rules.BusyWorker.Window = time.Duration(4 * time.Second)
+	cfg.Rules.WorkerImbalance.Window = time.Duration(3 * time.Second)
+	cfg.Rules.CPUThrottling.Window = time.Duration(3 * time.Second)
+	cfg.Rules.ResolveAfter = time.Duration(2 * time.Second)
 	if tune != nil {
 		tune(&cfg)
 	}
@@ -263,7 +263,7 @@ func TestThroughputPlateauFinding(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := testConfig(t, w.PID)
-	cfg.Rules.ThroughputPlateau.Window = Duration(3 * time.Second)
+	cfg.Rules.ThroughputPlateau.Window = time.Duration(3 * time.Second)
 	a := startAgentConfig(t, cfg)
 	c := client(t, a.GRPCAddr)
 	waitWatching(t, c, port)

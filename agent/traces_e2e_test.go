@@ -19,9 +19,9 @@ func tracedScenario(t *testing.T, tune func(*Config)) (*testenv.TracedApp, culpr
 	app := testenv.StartTracedApp(t, otlp)
 	cfg := testConfig(t, app.PID)
 	cfg.Traces.GRPCAddr = otlp
-	cfg.Rules.BlockingWorker.Window = Duration(4 * time.Second)
-	cfg.Rules.LatencySpike.Recent = Duration(3 * time.Second)
-	cfg.Rules.LatencySpike.Window = Duration(30 * time.Second)
+	cfg.Rules.BlockingWorker.Window = time.Duration(4 * time.Second)
+	cfg.Rules.LatencySpike.Recent = time.Duration(3 * time.Second)
+	cfg.Rules.LatencySpike.Window = time.Duration(30 * time.Second)
 	cfg.Rules.LatencySpike.MinSpans = 8
 	if tune != nil {
 		tune(&cfg)
@@ -135,7 +135,7 @@ func TestLatencySpikeClassifiedFromSpans(t *testing.T) {
 // explained").
 func TestLatencySpikeExplainedByBlockingWorker(t *testing.T) {
 	app, _, events := tracedScenario(t, func(c *Config) {
-		c.Rules.LatencySpike.Recent = Duration(5 * time.Second)
+		c.Rules.LatencySpike.Recent = time.Duration(5 * time.Second)
 	})
 	for range 10 {
 		app.Get(t, "/block?ms=1")

@@ -20,18 +20,19 @@ const (
 // [rules.accept_overflow]).
 type AcceptOverflowOptions struct {
 	// Window over which drops, rates and queue history are summarised.
-	Window time.Duration
+	Window time.Duration `toml:"window" range:"[1s,1h]"`
 	// Recent: drops this fresh mean the overflow is happening now.
-	Recent time.Duration
+	Recent time.Duration `toml:"recent" range:"[100ms,1h]"`
 	// StallAfter: a queue full this long with no accept means the app is
 	// not accepting, rather than a burst the app is still draining.
-	StallAfter time.Duration
+	StallAfter time.Duration `toml:"stall_after" range:"[10ms,1m]"`
 	// MinDrops in Recent before the rule speaks.
-	MinDrops float64
-	// Episodes, when the sched probe runs, name the thread that stalled
-	// the accept loop and its stack; Pools tells idle waits apart.
-	Episodes EpisodeSource
-	Pools    WorkerPools
+	MinDrops float64 `toml:"min_drops" range:"[1,1000000]"`
+}
+
+// DefaultAcceptOverflowOptions are the defaults agent.conf documents.
+func DefaultAcceptOverflowOptions() AcceptOverflowOptions {
+	return AcceptOverflowOptions{Window: 10 * time.Second, Recent: 2 * time.Second, StallAfter: 300 * time.Millisecond, MinDrops: 1}
 }
 
 // AcceptOverflow names why a listener's accept queue overflows (seed 000,
@@ -47,8 +48,8 @@ func (*AcceptOverflow) Name() string { return "accept_overflow" }
 // stalledThread names the target's thread that was off-CPU outside an idle
 // wait, or busy without sleeping, for longest during [from, now]: what
 // kept the accept loop from running.
-func (r *AcceptOverflow) stalledThread(from, now time.Time) (signals.Episode, string) {
-	if r.o.Episodes == nil {
+func (r *AcceptOverflow) stalledThread(w Window, from, now time.Time) (signals.Episode, string) {
+	if w.Episodes == nil {
 		return signals.Episode{}, ""
 	}
 	// A worker thread that stopped serving its event loop is the likely
@@ -58,14 +59,14 @@ func (r *AcceptOverflow) stalledThread(from, now time.Time) (signals.Episode, st
 	// such a thread is idle, and naming it sends the reader the wrong way.
 	var best, bestWorker signals.Episode
 	for _, kind := range []string{signals.EpisodeBlock, signals.EpisodeBusy} {
-		for _, e := range r.o.Episodes.Since(kind, from) {
-			if kind == signals.EpisodeBlock && r.o.Pools.Idle(e.Syscall()) {
+		for _, e := range w.Episodes.Since(kind, from) {
+			if kind == signals.EpisodeBlock && w.Pools.Idle(e.Syscall()) {
 				continue
 			}
 			if !e.Start.Before(now) {
 				continue
 			}
-			_, worker := r.o.Pools.Pool(e.Thread)
+			_, worker := w.Pools.Pool(e.Thread)
 			if worker && e.Duration > bestWorker.Duration {
 				bestWorker = e
 			}
@@ -205,7 +206,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			how = "did not drain it (eBPF accept counts unavailable: inferred from the queue never shrinking)"
 		}
 		arts = append(arts, threads.artifacts...)
-		culprit, stalled := r.stalledThread(runStart, now)
+		culprit, stalled := r.stalledThread(w, runStart, now)
 		if stalled != "" {
 			// The thread states stay: they tell whether the named thread
 			// is the only one stuck.

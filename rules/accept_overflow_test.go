@@ -272,9 +272,8 @@ func TestAcceptOverflowStalledThread(t *testing.T) {
 		{"stdin reader and a blocked fsync", []signals.Episode{reader, fsyncer}, "tid 9"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := NewAcceptOverflow(AcceptOverflowOptions{Window: 10 * time.Second, Recent: 2 * time.Second, StallAfter: 300 * time.Millisecond, MinDrops: 1,
-				Episodes: episodes(tc.eps...), Pools: testPools})
-			obs := r.Evaluate(Window{Store: h.store(now), Now: now})
+			r := NewAcceptOverflow(AcceptOverflowOptions{Window: 10 * time.Second, Recent: 2 * time.Second, StallAfter: 300 * time.Millisecond, MinDrops: 1})
+			obs := r.Evaluate(Window{Store: h.store(now), Now: now, Inputs: Inputs{Episodes: episodes(tc.eps...), Pools: testPools}})
 			if len(obs) != 1 || obs[0].Cause != CauseAppNotAccepting {
 				t.Fatalf("got %+v, want app_not_accepting", obs)
 			}

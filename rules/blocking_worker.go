@@ -13,10 +13,13 @@ const CauseBlockingCallOnWorker = "blocking_call_on_worker"
 
 // BlockingWorkerOptions ([rules.blocking_worker] in agent.conf).
 type BlockingWorkerOptions struct {
-	Window   time.Duration // blocks are looked for over this window
-	MinBlock time.Duration // a sleep this long on a worker is a blocking call
-	Pools    WorkerPools
-	Spans    SpanSource // may be nil: then no trace ids
+	Window   time.Duration `toml:"window" range:"[1s,1h]"`       // blocks are looked for over this window
+	MinBlock time.Duration `toml:"min_block" range:"[10ms,1m]"` // a sleep this long on a worker is a blocking call
+}
+
+// DefaultBlockingWorkerOptions are the defaults agent.conf documents.
+func DefaultBlockingWorkerOptions() BlockingWorkerOptions {
+	return BlockingWorkerOptions{Window: 10 * time.Second, MinBlock: 250 * time.Millisecond}
 }
 
 // BlockingWorker names a blocking call made on an async runtime's worker
@@ -25,18 +28,17 @@ type BlockingWorkerOptions struct {
 // fsync or DNS lookup stalls unrelated requests. The evidence is the
 // thread, how long it slept, and the stack it went to sleep with.
 type BlockingWorker struct {
-	o   BlockingWorkerOptions
-	eps EpisodeSource
+	o BlockingWorkerOptions
 }
 
-func NewBlockingWorker(o BlockingWorkerOptions, eps EpisodeSource) *BlockingWorker {
-	return &BlockingWorker{o: o, eps: eps}
+func NewBlockingWorker(o BlockingWorkerOptions) *BlockingWorker {
+	return &BlockingWorker{o: o}
 }
 
 func (*BlockingWorker) Name() string { return "blocking_worker" }
 
 func (r *BlockingWorker) Evaluate(w Window) []Observation {
-	if r.eps == nil {
+	if w.Episodes == nil {
 		return nil
 	}
 	from := w.Now.Add(-r.o.Window)
@@ -48,12 +50,12 @@ func (r *BlockingWorker) Evaluate(w Window) []Observation {
 		threads map[int]bool
 	}
 	byPool := map[string]*poolBlocks{}
-	for _, e := range r.eps.Since(signals.EpisodeBlock, from) {
+	for _, e := range w.Episodes.Since(signals.EpisodeBlock, from) {
 		if e.Duration < r.o.MinBlock {
 			continue
 		}
-		pool, ok := r.o.Pools.Pool(e.Thread)
-		if !ok || r.o.Pools.Idle(e.Syscall()) {
+		pool, ok := w.Pools.Pool(e.Thread)
+		if !ok || w.Pools.Idle(e.Syscall()) {
 			continue
 		}
 		pb := byPool[pool]
@@ -75,12 +77,12 @@ func (r *BlockingWorker) Evaluate(w Window) []Observation {
 	sort.Strings(pools)
 	var out []Observation
 	for _, p := range pools {
-		out = append(out, r.observation(byPool[p].worst, p, byPool[p].count, len(byPool[p].threads), byPool[p].total))
+		out = append(out, r.observation(w, byPool[p].worst, p, byPool[p].count, len(byPool[p].threads), byPool[p].total))
 	}
 	return out
 }
 
-func (r *BlockingWorker) observation(e signals.Episode, pool string, count, threads int, total time.Duration) Observation {
+func (r *BlockingWorker) observation(w Window, e signals.Episode, pool string, count, threads int, total time.Duration) Observation {
 	fn := culpritFrame(e.CallerStack())
 	call := e.Syscall()
 	if call == "" {
@@ -118,6 +120,6 @@ func (r *BlockingWorker) observation(e signals.Episode, pool string, count, thre
 	if fn != "" {
 		o.Artifacts = append(o.Artifacts, Artifact{Kind: "frame", Value: fn, Detail: "the function that made the blocking call"})
 	}
-	o.Artifacts = append(o.Artifacts, tracesDuring(r.o.Spans, e.Start, e.End(), e.Tid, 3)...)
+	o.Artifacts = append(o.Artifacts, tracesDuring(w.Spans, e.Start, e.End(), e.Tid, 3)...)
 	return o
 }

@@ -15,11 +15,14 @@ const CauseCPUHeavyOnWorker = "cpu_heavy_on_worker"
 
 // BusyWorkerOptions ([rules.busy_worker] in agent.conf).
 type BusyWorkerOptions struct {
-	Window  time.Duration // runs are looked for over this window
-	MinBusy time.Duration // a run this long without sleeping is CPU work that does not yield
-	Pools   WorkerPools
-	TopN    int        // hottest functions named
-	Spans   SpanSource // may be nil: then no trace ids
+	Window  time.Duration `toml:"window" range:"[1s,1h]"`       // runs are looked for over this window
+	MinBusy time.Duration `toml:"min_busy" range:"[10ms,1m]"`  // a run this long without sleeping is CPU work that does not yield
+	TopN    int           `toml:"top_frames" range:"[1,100]"` // hottest functions named
+}
+
+// DefaultBusyWorkerOptions are the defaults agent.conf documents.
+func DefaultBusyWorkerOptions() BusyWorkerOptions {
+	return BusyWorkerOptions{Window: 10 * time.Second, MinBusy: 500 * time.Millisecond, TopN: 5}
 }
 
 // BusyWorker names CPU-heavy work (serialization, compression, crypto, a
@@ -28,32 +31,30 @@ type BusyWorkerOptions struct {
 // so their latency rises by the length of the run while the process's CPU
 // use looks moderate.
 type BusyWorker struct {
-	o   BusyWorkerOptions
-	eps EpisodeSource
-	hot HotFrames
+	o BusyWorkerOptions
 }
 
-func NewBusyWorker(o BusyWorkerOptions, eps EpisodeSource, hot HotFrames) *BusyWorker {
+func NewBusyWorker(o BusyWorkerOptions) *BusyWorker {
 	if o.TopN <= 0 {
 		o.TopN = 5
 	}
-	return &BusyWorker{o: o, eps: eps, hot: hot}
+	return &BusyWorker{o: o}
 }
 
 func (*BusyWorker) Name() string { return "busy_worker" }
 
 func (r *BusyWorker) Evaluate(w Window) []Observation {
-	if r.eps == nil {
+	if w.Episodes == nil {
 		return nil
 	}
 	from := w.Now.Add(-r.o.Window)
 	worst := map[string]signals.Episode{}
 	count := map[string]int{}
-	for _, e := range r.eps.Since(signals.EpisodeBusy, from) {
+	for _, e := range w.Episodes.Since(signals.EpisodeBusy, from) {
 		if e.Duration < r.o.MinBusy {
 			continue
 		}
-		pool, ok := r.o.Pools.Pool(e.Thread)
+		pool, ok := w.Pools.Pool(e.Thread)
 		if !ok {
 			continue
 		}
@@ -76,8 +77,8 @@ func (r *BusyWorker) Evaluate(w Window) []Observation {
 
 func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, count int) Observation {
 	var hot []FrameShare
-	if r.hot != nil {
-		hot = r.hot.HotFrames(e.Tid, e.Start, e.End(), r.o.TopN)
+	if w.Hot != nil {
+		hot = w.Hot.HotFrames(e.Tid, e.Start, e.End(), r.o.TopN)
 	}
 	fn := "its current task"
 	var names []string
@@ -118,7 +119,7 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, count
 		o.Artifacts = append(o.Artifacts, Artifact{Kind: "frame", Value: fn, Detail: "hottest function of the run (CPU profile): " + strings.Join(names, ", ")})
 		o.Confidence = 0.9
 	}
-	o.Artifacts = append(o.Artifacts, tracesDuring(r.o.Spans, e.Start, e.End(), e.Tid, 3)...)
+	o.Artifacts = append(o.Artifacts, tracesDuring(w.Spans, e.Start, e.End(), e.Tid, 3)...)
 	return o
 }
 

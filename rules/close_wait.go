@@ -12,11 +12,16 @@ const CauseCloseWaitLeak = "close_wait_leak"
 
 // CloseWaitOptions ([rules.close_wait] in agent.conf).
 type CloseWaitOptions struct {
-	Window      time.Duration // growth is judged over this window
-	MinIncrease float64       // CLOSE_WAIT sockets gained over the window
-	Steady      float64       // share of samples that did not go down
-	MinCount    float64       // or: at least this many...
-	MinAge      time.Duration // ...the oldest idle this long
+	Window      time.Duration `toml:"window" range:"[1s,24h]"`          // growth is judged over this window
+	MinIncrease float64       `toml:"min_increase" range:"[1,1000000]"` // CLOSE_WAIT sockets gained over the window
+	Steady      float64       `toml:"steady" range:"(0,1]"`             // share of samples that did not go down
+	MinCount    float64       `toml:"min_count" range:"[1,1000000]"`    // or: at least this many...
+	MinAge      time.Duration `toml:"min_age" range:"[1s,720h]"`        // ...the oldest idle this long
+}
+
+// DefaultCloseWaitOptions are the defaults agent.conf documents.
+func DefaultCloseWaitOptions() CloseWaitOptions {
+	return CloseWaitOptions{Window: time.Minute, MinIncrease: 20, Steady: 0.8, MinCount: 50, MinAge: 5 * time.Minute}
 }
 
 // CloseWait names sockets the peer closed that the app never closes

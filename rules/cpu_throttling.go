@@ -20,6 +20,11 @@ const (
 	DefaultCPUMinThrottledPeriods = 5
 )
 
+// DefaultCPUThrottlingOptions are the defaults agent.conf documents.
+func DefaultCPUThrottlingOptions() CPUThrottlingOptions {
+	return CPUThrottlingOptions{Window: DefaultCPUThrottlingWindow, MinThrottledRatio: DefaultCPUMinThrottledRatio, MinThrottledPeriods: DefaultCPUMinThrottledPeriods}
+}
+
 const (
 	cpuStale         = 3 * time.Second // samples older than this are not the present
 	cpuBurstyUsage   = 0.8             // throttled with usage below this share of the quota: bursts
@@ -31,13 +36,13 @@ const (
 // take the defaults.
 type CPUThrottlingOptions struct {
 	// Window over which periods and throttled periods are counted (10s).
-	Window time.Duration
+	Window time.Duration `toml:"window" range:"[1s,1h]"`
 	// MinThrottledRatio: throttled periods / periods at or above this fires
 	// (0.2).
-	MinThrottledRatio float64
+	MinThrottledRatio float64 `toml:"min_throttled_ratio" range:"(0,1]"`
 	// MinThrottledPeriods: and at least this many throttled periods in the
 	// window (5), so a cgroup that barely ran cannot fire on 1 of 2.
-	MinThrottledPeriods float64
+	MinThrottledPeriods float64 `toml:"min_throttled_periods" range:"[1,1000000]"`
 }
 
 // CPUThrottling names a CPU limit that throttles the service (seed 000:

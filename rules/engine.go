@@ -16,12 +16,28 @@ import (
 )
 
 // Window is what a rule reads: the store (read-only by convention: rules
-// never Put), the time of this evaluation, and the target if there is one.
+// never Put), the time of this evaluation, the target if there is one, and
+// the sources that are not number series (Inputs). Every rule reaches its
+// evidence through it, and only through it.
 type Window struct {
 	Store     *signals.Store
 	Now       time.Time
 	Target    target.Process
 	HasTarget bool
+	Inputs
+}
+
+// Inputs are the evidence besides the signal store: thread episodes,
+// spans, connection events, CPU profiles, heap profiles, and which threads
+// are workers. Any of the interfaces may be nil (the probe or receiver
+// behind it does not run); rules then say less, never something else.
+type Inputs struct {
+	Episodes EpisodeSource   // block and busy episodes of the target's threads (sched probe)
+	Spans    SpanSource      // the app's spans (OTLP receiver)
+	Conns    ConnEventSource // how connections ended (tcplife probe)
+	Hot      HotFrames       // where a thread spent its CPU (cpu_profile probe)
+	Heap     HeapHistory     // the app's heap profiles over time (pprof puller)
+	Pools    WorkerPools     // which threads are workers ([rules.workers])
 }
 
 // Rule names one root cause. Evaluate reports what it sees now; it must be
@@ -48,6 +64,8 @@ type EngineOptions struct {
 	// and counted.
 	MaxOpen int
 	Log     *slog.Logger
+	// Inputs are handed to every rule in its Window.
+	Inputs Inputs
 }
 
 type active struct {
@@ -106,7 +124,7 @@ func (e *Engine) Run(ctx context.Context) {
 // Evaluate runs every rule once at now and applies the lifecycle.
 func (e *Engine) Evaluate(now time.Time) {
 	e.evals.Add(1)
-	w := Window{Store: e.store, Now: now}
+	w := Window{Store: e.store, Now: now, Inputs: e.o.Inputs}
 	if e.tracker != nil {
 		w.Target, w.HasTarget = e.tracker.Current()
 	}

@@ -17,11 +17,16 @@ const (
 
 // FDExhaustionOptions ([rules.fd_exhaustion] in agent.conf).
 type FDExhaustionOptions struct {
-	Window      time.Duration // growth is judged over this window
-	NearRatio   float64       // open/soft limit at or above this is "near"
-	MinIncrease float64       // FDs gained over Window before growth counts
-	Steady      float64       // share of samples that did not go down
-	Horizon     time.Duration // forecasts further out than this stay silent
+	Window      time.Duration `toml:"window" range:"[10s,24h]"`        // growth is judged over this window
+	NearRatio   float64       `toml:"near_ratio" range:"(0,1]"`         // open/soft limit at or above this is "near"
+	MinIncrease float64       `toml:"min_increase" range:"[1,1000000]"` // FDs gained over Window before growth counts
+	Steady      float64       `toml:"steady" range:"(0,1]"`             // share of samples that did not go down
+	Horizon     time.Duration `toml:"horizon" range:"[1m,720h]"`       // forecasts further out than this stay silent
+}
+
+// DefaultFDExhaustionOptions are the defaults agent.conf documents.
+func DefaultFDExhaustionOptions() FDExhaustionOptions {
+	return FDExhaustionOptions{Window: time.Minute, NearRatio: 0.8, MinIncrease: 20, Steady: 0.8, Horizon: time.Hour}
 }
 
 // FDExhaustion warns before the process hits RLIMIT_NOFILE (seed 000,

@@ -34,11 +34,18 @@ type HeapHistory interface {
 
 // HeapLeakOptions ([rules.heap_leak]).
 type HeapLeakOptions struct {
-	Window    time.Duration
-	MinGrowth float64 // bytes over Window
-	Steady    float64
-	TopSites  int
-	HeapFresh time.Duration
+	Window    time.Duration `toml:"window" range:"[10s,24h]"`
+	MinGrowth float64       `toml:"min_growth_bytes" range:"[1,1e15]"` // bytes over Window
+	Steady    float64       `toml:"steady" range:"(0,1]"`
+	TopSites  int           `toml:"top_sites" range:"[1,100]"`
+	// HeapFresh: a heap sample older than this is not "now" (three
+	// pprof.interval, set by New).
+	HeapFresh time.Duration `toml:"-"`
+}
+
+// DefaultHeapLeakOptions are the defaults agent.conf documents.
+func DefaultHeapLeakOptions() HeapLeakOptions {
+	return HeapLeakOptions{Window: 2 * time.Minute, MinGrowth: 32 << 20, Steady: 0.7, TopSites: 5}
 }
 
 // HeapLeak names a live heap that grows across windows (seed 000 Problem
@@ -46,13 +53,13 @@ type HeapLeakOptions struct {
 // a heap source it still reports steady anonymous RSS growth, and says the
 // heap side is unknown instead of calling it a leak.
 type HeapLeak struct {
-	o       HeapLeakOptions
-	history HeapHistory
+	o HeapLeakOptions
 }
 
-// NewHeapLeak returns the rule; history may be nil (no heap source).
-func NewHeapLeak(o HeapLeakOptions, history HeapHistory) *HeapLeak {
-	return &HeapLeak{o: o, history: history}
+// NewHeapLeak returns the rule; it reads heap profiles from Window.Heap,
+// which may be nil (no heap source).
+func NewHeapLeak(o HeapLeakOptions) *HeapLeak {
+	return &HeapLeak{o: o}
 }
 
 func (*HeapLeak) Name() string { return "heap_leak" }
@@ -73,8 +80,8 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 	}
 	var arts []Artifact
 	where := "the heap profiles could not be diffed"
-	if r.history != nil {
-		sites, older, newer, err := r.history.GrowthSince(now.Add(-r.o.Window), r.o.TopSites)
+	if w.Heap != nil {
+		sites, older, newer, err := w.Heap.GrowthSince(now.Add(-r.o.Window), r.o.TopSites)
 		switch {
 		case err != nil:
 			where = "the heap profiles could not be diffed: " + err.Error()

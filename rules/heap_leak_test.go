@@ -19,8 +19,14 @@ func (f fixedHistory) GrowthSince(time.Time, int) ([]AllocSite, time.Time, time.
 	return f.sites, f.older, f.newer, nil
 }
 
-func heapRule(h HeapHistory) *HeapLeak {
-	return NewHeapLeak(HeapLeakOptions{Window: 30 * time.Second, MinGrowth: 32 << 20, Steady: 0.7, TopSites: 3, HeapFresh: 30 * time.Second}, h)
+// heapRule is the rule and the Inputs it reads its heap history from.
+func heapRule(h HeapHistory) (*HeapLeak, Inputs) {
+	return NewHeapLeak(HeapLeakOptions{Window: 30 * time.Second, MinGrowth: 32 << 20, Steady: 0.7, TopSites: 3, HeapFresh: 30 * time.Second}), Inputs{Heap: h}
+}
+
+func evalHeap(h HeapHistory, st *signals.Store, now time.Time) []Observation {
+	r, in := heapRule(h)
+	return r.Evaluate(Window{Store: st, Now: now, Inputs: in})
 }
 
 func TestHeapLeakNamesTheGrowingSite(t *testing.T) {
@@ -28,7 +34,7 @@ func TestHeapLeakNamesTheGrowingSite(t *testing.T) {
 	st := signals.New(600, 1000)
 	series(st, dHeap, nil, now, func(age time.Duration) float64 { return float64(200<<20) - age.Seconds()*float64(2<<20) })
 	h := fixedHistory{sites: []AllocSite{{Function: "main.leakHeapSlowly", File: "/src/main.go", Line: 42, Bytes: 60 << 20, Objects: 60}}, older: now.Add(-30 * time.Second), newer: now}
-	obs := heapRule(h).Evaluate(Window{Store: st, Now: now})
+	obs := evalHeap(h, st, now)
 	if len(obs) != 1 || obs[0].Cause != CauseHeapLeak {
 		t.Fatalf("got %+v", obs)
 	}
@@ -47,7 +53,7 @@ func TestHeapLeakSilentOnSawtoothHeap(t *testing.T) {
 	series(st, dHeap, nil, now, func(age time.Duration) float64 {
 		return float64(100<<20) + float64(int(age.Seconds())%5)*float64(2<<20)
 	})
-	if obs := heapRule(nil).Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+	if obs := evalHeap(nil, st, now); len(obs) != 0 {
 		t.Fatalf("sawtooth heap raised %+v", obs[0])
 	}
 }
@@ -56,7 +62,7 @@ func TestHeapLeakWithoutHeapSourceSaysUnknown(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
 	series(st, dRSSKind, signals.L("kind", "anon"), now, func(age time.Duration) float64 { return float64(500<<20) - age.Seconds()*float64(2<<20) })
-	obs := heapRule(nil).Evaluate(Window{Store: st, Now: now})
+	obs := evalHeap(nil, st, now)
 	if len(obs) != 1 || obs[0].Cause != CauseRSSGrowthNoHeap || !strings.Contains(obs[0].RootCause, "cannot tell") {
 		t.Fatalf("got %+v", obs)
 	}

@@ -21,11 +21,16 @@ type ConnEventSource interface {
 
 // IdleTimeoutOptions ([rules.idle_timeout] in agent.conf).
 type IdleTimeoutOptions struct {
-	Window    time.Duration // closes are looked at over this window
-	MinCloses int           // peer closes of one peer group before judging
-	Tolerance float64       // idle ages within this fraction of the median are "the same"
-	MinShare  float64       // share of closes at the same idle age
-	MinIdle   time.Duration // shorter idle ages are ordinary request/response closes
+	Window    time.Duration `toml:"window" range:"[1s,24h]"`         // closes are looked at over this window
+	MinCloses int           `toml:"min_closes" range:"[2,1000000]"` // peer closes of one peer group before judging
+	Tolerance float64       `toml:"tolerance" range:"(0,1]"`        // idle ages within this fraction of the median are "the same"
+	MinShare  float64       `toml:"min_share" range:"(0,1]"`        // share of closes at the same idle age
+	MinIdle   time.Duration `toml:"min_idle" range:"[1ms,24h]"`     // shorter idle ages are ordinary request/response closes
+}
+
+// DefaultIdleTimeoutOptions are the defaults agent.conf documents.
+func DefaultIdleTimeoutOptions() IdleTimeoutOptions {
+	return IdleTimeoutOptions{Window: 5 * time.Minute, MinCloses: 10, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second}
 }
 
 // IdleTimeout names an intermediary (a load balancer, NAT gateway,
@@ -34,18 +39,17 @@ type IdleTimeoutOptions struct {
 // idle age. The app's next request on such a connection fails, or its pool
 // hands out dead connections.
 type IdleTimeout struct {
-	o   IdleTimeoutOptions
-	src ConnEventSource
+	o IdleTimeoutOptions
 }
 
-func NewIdleTimeout(o IdleTimeoutOptions, src ConnEventSource) *IdleTimeout {
-	return &IdleTimeout{o: o, src: src}
+func NewIdleTimeout(o IdleTimeoutOptions) *IdleTimeout {
+	return &IdleTimeout{o: o}
 }
 
 func (*IdleTimeout) Name() string { return "idle_timeout" }
 
 func (r *IdleTimeout) Evaluate(w Window) []Observation {
-	if r.src == nil {
+	if w.Conns == nil {
 		return nil
 	}
 	// Peers of a listening port connect from ever-changing ports: group
@@ -57,7 +61,7 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 		}
 	}
 	groups := map[string][]signals.ConnEvent{}
-	for _, e := range r.src.Since(w.Now.Add(-r.o.Window)) {
+	for _, e := range w.Conns.Since(w.Now.Add(-r.o.Window)) {
 		if e.Kind != signals.ConnPeerClose && e.Kind != signals.ConnResetReceived {
 			continue
 		}

@@ -18,12 +18,16 @@ const (
 
 // LatencySpikeOptions ([rules.latency_spike] in agent.conf).
 type LatencySpikeOptions struct {
-	Recent     time.Duration // the spike is judged over this
-	Window     time.Duration // the baseline is the window before Recent
-	Ratio      float64       // recent p99 / baseline p99 at or above this is a spike
-	MinLatency time.Duration // recent p99 below this never fires
-	MinSpans   int           // requests needed on each side
-	Spans      SpanSource
+	Recent     time.Duration `toml:"recent" range:"[1s,1h]"`        // the spike is judged over this
+	Window     time.Duration `toml:"window" range:"[2s,24h]"`       // the baseline is the window before Recent
+	Ratio      float64       `toml:"ratio" range:"[1,1000]"`        // recent p99 / baseline p99 at or above this is a spike
+	MinLatency time.Duration `toml:"min_latency" range:"[1ms,1h]"` // recent p99 below this never fires
+	MinSpans   int           `toml:"min_spans" range:"[1,1000000]"` // requests needed on each side
+}
+
+// DefaultLatencySpikeOptions are the defaults agent.conf documents.
+func DefaultLatencySpikeOptions() LatencySpikeOptions {
+	return LatencySpikeOptions{Recent: 10 * time.Second, Window: 5 * time.Minute, Ratio: 3, MinLatency: 200 * time.Millisecond, MinSpans: 10}
 }
 
 // LatencySpike classifies a route's latency spike from its traces (seed
@@ -51,7 +55,7 @@ func (*LatencySpike) Name() string { return "latency_spike" }
 func (*LatencySpike) Symptom() {}
 
 func (r *LatencySpike) Evaluate(w Window) []Observation {
-	if r.o.Spans == nil {
+	if w.Spans == nil {
 		return nil
 	}
 	if !r.at.IsZero() && w.Now.Sub(r.at) < latencyEvery && !w.Now.Before(r.at) {
@@ -62,7 +66,7 @@ func (r *LatencySpike) Evaluate(w Window) []Observation {
 }
 
 func (r *LatencySpike) evaluate(w Window) []Observation {
-	spans := r.o.Spans.Overlapping(w.Now.Add(-r.o.Window), w.Now)
+	spans := w.Spans.Overlapping(w.Now.Add(-r.o.Window), w.Now)
 	recentFrom := w.Now.Add(-r.o.Recent)
 	type route struct{ recent, base []signals.Span }
 	routes := map[string]*route{}

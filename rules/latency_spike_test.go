@@ -62,8 +62,8 @@ func TestLatencySpikeClassifies(t *testing.T) {
 		},
 	}
 	for cause, slow := range cases {
-		r := NewLatencySpike(LatencySpikeOptions{Recent: 10 * time.Second, Window: 5 * time.Minute, Ratio: 3, MinLatency: 200 * time.Millisecond, MinSpans: 10, Spans: mk(slow)})
-		obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now})
+		r := NewLatencySpike(LatencySpikeOptions{Recent: 10 * time.Second, Window: 5 * time.Minute, Ratio: 3, MinLatency: 200 * time.Millisecond, MinSpans: 10})
+		obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Spans: mk(slow)}})
 		if len(obs) != 1 || obs[0].Cause != cause {
 			t.Errorf("%s: %+v", cause, obs)
 			continue
@@ -76,11 +76,11 @@ func TestLatencySpikeClassifies(t *testing.T) {
 		}
 	}
 	// Silence: the same fast requests now as before.
-	r := NewLatencySpike(LatencySpikeOptions{Recent: 10 * time.Second, Window: 5 * time.Minute, Ratio: 3, MinLatency: 200 * time.Millisecond, MinSpans: 10,
-		Spans: mk(func(i int, end time.Time) []signals.Span {
-			return request(i, end, 22*time.Millisecond, 2*time.Millisecond, 5*time.Millisecond, true)
-		})})
-	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now}); len(obs) != 0 {
+	r := NewLatencySpike(LatencySpikeOptions{Recent: 10 * time.Second, Window: 5 * time.Minute, Ratio: 3, MinLatency: 200 * time.Millisecond, MinSpans: 10})
+	steady := mk(func(i int, end time.Time) []signals.Span {
+		return request(i, end, 22*time.Millisecond, 2*time.Millisecond, 5*time.Millisecond, true)
+	})
+	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Spans: steady}}); len(obs) != 0 {
 		t.Errorf("steady latency raised %+v", obs)
 	}
 }

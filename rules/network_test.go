@@ -113,8 +113,7 @@ func TestPoolExhaustion(t *testing.T) {
 	for i := range 5 {
 		l = append(l, request(i, now.Add(-time.Duration(i)*time.Second), 500*time.Millisecond, 400*time.Millisecond, 50*time.Millisecond, true)...)
 	}
-	rs := NewPoolExhaustion(PoolExhaustionOptions{Window: 5 * time.Second, MinConns: 2, MinQueue: 0.5, Spans: l})
-	obs = rs.Evaluate(Window{Store: mk([]float64{4, 4, 4, 4, 4, 4, 4}, 12), Now: now})
+	obs = r.Evaluate(Window{Store: mk([]float64{4, 4, 4, 4, 4, 4, 4}, 12), Now: now, Inputs: Inputs{Spans: l}})
 	if len(obs) != 1 || obs[0].Evidence[len(obs[0].Evidence)-1].Value != 0.4 {
 		t.Errorf("span evidence: %+v", obs)
 	}
@@ -134,7 +133,8 @@ func (c connEvents) Since(time.Time) []signals.ConnEvent { return c }
 
 func TestIdleTimeout(t *testing.T) {
 	now := time.Now()
-	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 10, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second}, nil)
+	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 10, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
+	var src connEvents
 	mk := func(idles ...time.Duration) connEvents {
 		var out connEvents
 		for _, d := range idles {
@@ -146,8 +146,8 @@ func TestIdleTimeout(t *testing.T) {
 	for i := range 12 {
 		cut = append(cut, 350*time.Second+time.Duration(i)*100*time.Millisecond)
 	}
-	r.src = mk(cut...)
-	obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now})
+	src = mk(cut...)
+	obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: src}})
 	if len(obs) != 1 || obs[0].Cause != CauseIntermediaryIdleTimeout || !strings.Contains(obs[0].Title, "10.0.0.7:443") || !strings.Contains(obs[0].Title, "5m50") {
 		t.Fatalf("closes at 350 s idle: %+v", obs)
 	}
@@ -157,8 +157,8 @@ func TestIdleTimeout(t *testing.T) {
 		{1 * time.Second, 3 * time.Second, 9 * time.Second, 20 * time.Second, 2 * time.Second, 40 * time.Second, 5 * time.Second, 12 * time.Second, 7 * time.Second, 30 * time.Second, 60 * time.Second},
 		{10 * time.Millisecond, 12 * time.Millisecond, 11 * time.Millisecond, 10 * time.Millisecond, 10 * time.Millisecond, 13 * time.Millisecond, 10 * time.Millisecond, 11 * time.Millisecond, 12 * time.Millisecond, 10 * time.Millisecond},
 	} {
-		r.src = mk(idles...)
-		if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now}); len(obs) != 0 {
+		src = mk(idles...)
+		if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: src}}); len(obs) != 0 {
 			t.Errorf("%v raised %+v", idles, obs)
 		}
 	}

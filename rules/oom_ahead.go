@@ -19,9 +19,14 @@ const (
 
 // OOMAheadOptions ([rules.oom_ahead]).
 type OOMAheadOptions struct {
-	NearRatio float64       // usage/limit at or above this is near
-	Window    time.Duration // oom_kill events this recent count
-	HeapFresh time.Duration
+	NearRatio float64       `toml:"near_ratio" range:"(0,1]"`  // usage/limit at or above this is near
+	Window    time.Duration `toml:"window" range:"[10s,24h]"` // oom_kill events this recent count
+	HeapFresh time.Duration `toml:"-"`                         // set by New
+}
+
+// DefaultOOMAheadOptions are the defaults agent.conf documents.
+func DefaultOOMAheadOptions() OOMAheadOptions {
+	return OOMAheadOptions{NearRatio: 0.9, Window: 5 * time.Minute}
 }
 
 // OOMAhead warns before the cgroup's memory limit kills the pod (seed 000

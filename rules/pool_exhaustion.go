@@ -13,10 +13,14 @@ const CausePoolAtCeiling = "pool_at_ceiling"
 
 // PoolExhaustionOptions ([rules.pool_exhaustion] in agent.conf).
 type PoolExhaustionOptions struct {
-	Window   time.Duration // the ceiling must hold this long
-	MinConns float64       // pools smaller than this are not judged
-	MinQueue float64       // share of samples with connections waiting to be accepted
-	Spans    SpanSource    // may be nil: then no span evidence
+	Window   time.Duration `toml:"window" range:"[1s,1h]"`          // the ceiling must hold this long
+	MinConns float64       `toml:"min_conns" range:"[1,1000000]"` // pools smaller than this are not judged
+	MinQueue float64       `toml:"min_queue" range:"(0,1]"`       // share of samples with connections waiting to be accepted
+}
+
+// DefaultPoolExhaustionOptions are the defaults agent.conf documents.
+func DefaultPoolExhaustionOptions() PoolExhaustionOptions {
+	return PoolExhaustionOptions{Window: 10 * time.Second, MinConns: 2, MinQueue: 0.5}
 }
 
 // PoolExhaustion names a connection pool to an upstream that is full
@@ -72,7 +76,7 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 			Artifacts: []Artifact{{Kind: "endpoint", Value: remote, Detail: fmt.Sprintf("the upstream; pool ceiling %.0f", hi)}},
 			Labels:    map[string]string{"remote": remote},
 		}
-		r.spanEvidence(&o, from, w.Now)
+		r.spanEvidence(w, &o, from)
 		out = append(out, o)
 	}
 	return out
@@ -81,11 +85,12 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 // spanEvidence adds, from the app's traces, how long requests waited
 // before their first database call started: the pool wait, seen from
 // inside the app.
-func (r *PoolExhaustion) spanEvidence(o *Observation, from, to time.Time) {
-	if r.o.Spans == nil {
+func (r *PoolExhaustion) spanEvidence(w Window, o *Observation, from time.Time) {
+	to := w.Now
+	if w.Spans == nil {
 		return
 	}
-	all := r.o.Spans.Overlapping(from, to)
+	all := w.Spans.Overlapping(from, to)
 	byTrace := map[string][]signals.Span{}
 	for _, s := range all {
 		byTrace[s.TraceID] = append(byTrace[s.TraceID], s)
@@ -106,7 +111,7 @@ func (r *PoolExhaustion) spanEvidence(o *Observation, from, to time.Time) {
 	}
 	mean := wait / time.Duration(n)
 	o.Evidence = append(o.Evidence, Evidence{Signal: "time before the first DB span (traces)", Value: mean.Seconds(), Unit: "seconds", Window: r.o.Window, Note: fmt.Sprintf("mean over %d requests: time spent waiting for a connection", n)})
-	o.Artifacts = append(o.Artifacts, tracesDuring(r.o.Spans, from, to, 0, 3)...)
+	o.Artifacts = append(o.Artifacts, tracesDuring(w.Spans, from, to, 0, 3)...)
 }
 
 // queueing is the largest share of samples, over the target's listeners,

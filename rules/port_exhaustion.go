@@ -12,10 +12,15 @@ const CauseNoConnectionReuse = "no_connection_reuse"
 
 // PortExhaustionOptions ([rules.port_exhaustion] in agent.conf).
 type PortExhaustionOptions struct {
-	Window    time.Duration // growth is judged over this window
-	NearRatio float64       // TIME_WAIT toward one remote / usable ports at or above this is near
-	Horizon   time.Duration // forecasts further out than this stay silent
-	MinCount  float64       // below this many TIME_WAIT sockets, silence
+	Window    time.Duration `toml:"window" range:"[1s,1h]"`         // growth is judged over this window
+	NearRatio float64       `toml:"near_ratio" range:"(0,1]"`        // TIME_WAIT toward one remote / usable ports at or above this is near
+	Horizon   time.Duration `toml:"horizon" range:"[1s,24h]"`       // forecasts further out than this stay silent
+	MinCount  float64       `toml:"min_count" range:"[1,1000000]"` // below this many TIME_WAIT sockets, silence
+}
+
+// DefaultPortExhaustionOptions are the defaults agent.conf documents.
+func DefaultPortExhaustionOptions() PortExhaustionOptions {
+	return PortExhaustionOptions{Window: 30 * time.Second, NearRatio: 0.5, Horizon: 5 * time.Minute, MinCount: 100}
 }
 
 // PortExhaustion names a client that opens a new connection per request to

@@ -12,11 +12,16 @@ const CauseAllocatorRetention = "allocator_retention"
 
 // RSSWithoutHeapOptions ([rules.rss_without_heap]).
 type RSSWithoutHeapOptions struct {
-	Window   time.Duration // heap flatness is judged over this window
-	MinGap   float64       // bytes of anonymous RSS not explained by the heap
-	MinRatio float64       // and at least this share of anonymous RSS
-	// HeapFresh: a heap sample older than this is not "now".
-	HeapFresh time.Duration
+	Window   time.Duration `toml:"window" range:"[10s,24h]"`     // heap flatness is judged over this window
+	MinGap   float64       `toml:"min_gap_bytes" range:"[1,1e15]"` // bytes of anonymous RSS not explained by the heap
+	MinRatio float64       `toml:"min_ratio" range:"(0,1]"`        // and at least this share of anonymous RSS
+	// HeapFresh: a heap sample older than this is not "now" (set by New).
+	HeapFresh time.Duration `toml:"-"`
+}
+
+// DefaultRSSWithoutHeapOptions are the defaults agent.conf documents.
+func DefaultRSSWithoutHeapOptions() RSSWithoutHeapOptions {
+	return RSSWithoutHeapOptions{Window: time.Minute, MinGap: 256 << 20, MinRatio: 0.5}
 }
 
 // RSSWithoutHeap tells allocator retention from a leak (seed 000 Problem

@@ -17,8 +17,13 @@ const (
 
 // RSTStormOptions ([rules.rst_storm] in agent.conf).
 type RSTStormOptions struct {
-	Recent  time.Duration // the rate is measured over this
-	MinRate float64       // resets sent per second at or above this is a storm
+	Recent  time.Duration `toml:"recent" range:"[1s,1h]"`         // the rate is measured over this
+	MinRate float64       `toml:"min_rate" range:"(0,1000000]"` // resets sent per second at or above this is a storm
+}
+
+// DefaultRSTStormOptions are the defaults agent.conf documents.
+func DefaultRSTStormOptions() RSTStormOptions {
+	return RSTStormOptions{Recent: 5 * time.Second, MinRate: 50}
 }
 
 // RSTStorm names why the namespace sends resets in bulk (seed 000

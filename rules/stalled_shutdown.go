@@ -12,8 +12,13 @@ const CauseStalledShutdown = "connections_outlive_sigterm"
 
 // StalledShutdownOptions ([rules.stalled_shutdown] in agent.conf).
 type StalledShutdownOptions struct {
-	Grace    time.Duration // the pod's terminationGracePeriodSeconds
-	Fraction float64       // still up with connections after this share of it: stalled
+	Grace    time.Duration `toml:"grace" range:"[1s,24h]"`  // the pod's terminationGracePeriodSeconds
+	Fraction float64       `toml:"fraction" range:"(0,1]"` // still up with connections after this share of it: stalled
+}
+
+// DefaultStalledShutdownOptions are the defaults agent.conf documents.
+func DefaultStalledShutdownOptions() StalledShutdownOptions {
+	return StalledShutdownOptions{Grace: 30 * time.Second, Fraction: 0.5}
 }
 
 // StalledShutdown names a graceful shutdown that will not finish (seed

@@ -15,9 +15,14 @@ const (
 
 // SYNBacklogOptions ([rules.syn_backlog] in agent.conf).
 type SYNBacklogOptions struct {
-	Recent     time.Duration // overflows are counted over this
-	MinDrops   float64       // SYNs dropped or answered with a cookie before the rule speaks
-	MinSources float64       // this many distinct half-open sources (or half of them, if fewer) is a flood
+	Recent     time.Duration `toml:"recent" range:"[1s,1h]"`            // overflows are counted over this
+	MinDrops   float64       `toml:"min_drops" range:"[1,1000000]"`   // SYNs dropped or answered with a cookie before the rule speaks
+	MinSources float64       `toml:"min_sources" range:"[2,1000000]"` // this many distinct half-open sources (or half of them, if fewer) is a flood
+}
+
+// DefaultSYNBacklogOptions are the defaults agent.conf documents.
+func DefaultSYNBacklogOptions() SYNBacklogOptions {
+	return SYNBacklogOptions{Recent: 5 * time.Second, MinDrops: 10, MinSources: 20}
 }
 
 // SYNBacklog names a full SYN queue (seed 000 Problem B's first half):

@@ -13,10 +13,14 @@ const CauseWaitingNotWorking = "waiting_not_working"
 
 // ThroughputPlateauOptions ([rules.throughput_plateau] in agent.conf).
 type ThroughputPlateauOptions struct {
-	Window       time.Duration
-	MinQueued    float64 // share of samples with connections waiting in an accept queue
-	MaxBusyCores float64 // the process uses less CPU than this
-	Pools        WorkerPools
+	Window       time.Duration `toml:"window" range:"[1s,1h]"`
+	MinQueued    float64       `toml:"min_queued" range:"(0,1]"`         // share of samples with connections waiting in an accept queue
+	MaxBusyCores float64       `toml:"max_busy_cores" range:"(0,1024]"` // the process uses less CPU than this
+}
+
+// DefaultThroughputPlateauOptions are the defaults agent.conf documents.
+func DefaultThroughputPlateauOptions() ThroughputPlateauOptions {
+	return ThroughputPlateauOptions{Window: 10 * time.Second, MinQueued: 0.8, MaxBusyCores: 0.5}
 }
 
 // ThroughputPlateau names a service that queues work while its CPU idles

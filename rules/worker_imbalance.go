@@ -12,10 +12,14 @@ const CauseUnbalancedWorkers = "unbalanced_workers"
 
 // WorkerImbalanceOptions ([rules.worker_imbalance] in agent.conf).
 type WorkerImbalanceOptions struct {
-	Window   time.Duration
-	MinBusy  float64 // cores the busiest worker must use
-	MinRatio float64 // busiest / median of its peers
-	Pools    WorkerPools
+	Window   time.Duration `toml:"window" range:"[1s,1h]"`
+	MinBusy  float64       `toml:"min_busy_cores" range:"(0,1024]"` // cores the busiest worker must use
+	MinRatio float64       `toml:"min_ratio" range:"[1,1000]"`      // busiest / median of its peers
+}
+
+// DefaultWorkerImbalanceOptions are the defaults agent.conf documents.
+func DefaultWorkerImbalanceOptions() WorkerImbalanceOptions {
+	return WorkerImbalanceOptions{Window: 10 * time.Second, MinBusy: 0.5, MinRatio: 4}
 }
 
 // WorkerImbalance names a pool whose load sits on one worker while its
@@ -40,7 +44,7 @@ func (r *WorkerImbalance) Evaluate(w Window) []Observation {
 	pools := map[string][]threadLoad{}
 	for _, ls := range lss {
 		name := ls.Get("thread")
-		pool, ok := r.o.Pools.Pool(name)
+		pool, ok := w.Pools.Pool(name)
 		if !ok {
 			continue
 		}

@@ -30,8 +30,8 @@ func TestBlockingWorkerNamesTheCall(t *testing.T) {
 		signals.Episode{Kind: signals.EpisodeBlock, Tid: 12, Thread: "tokio-runtime-w", Start: now.Add(-3 * time.Second), Duration: 2100 * time.Millisecond, Stack: nanosleepStack, KernelFrames: 6},
 		signals.Episode{Kind: signals.EpisodeBlock, Tid: 13, Thread: "tokio-runtime-w", Start: now.Add(-2 * time.Second), Duration: 300 * time.Millisecond, Stack: nanosleepStack, KernelFrames: 6},
 	)
-	r := NewBlockingWorker(BlockingWorkerOptions{Window: 10 * time.Second, MinBlock: 250 * time.Millisecond, Pools: testPools}, eps)
-	obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now})
+	r := NewBlockingWorker(BlockingWorkerOptions{Window: 10 * time.Second, MinBlock: 250 * time.Millisecond})
+	obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools}})
 	if len(obs) != 1 {
 		t.Fatalf("got %d observations, want 1: %+v", len(obs), obs)
 	}
@@ -64,8 +64,8 @@ func TestBlockingWorkerSilentOnHealthyThreads(t *testing.T) {
 		signals.Episode{Kind: signals.EpisodeBlock, Tid: 3, Thread: "worker-1", Start: now.Add(-time.Second), Duration: 120 * time.Millisecond, Stack: nanosleepStack, KernelFrames: 6},
 		signals.Episode{Kind: signals.EpisodeBlock, Tid: 4, Thread: "worker-2", Start: now.Add(-time.Minute), Duration: 5 * time.Second, Stack: nanosleepStack, KernelFrames: 6},
 	)
-	r := NewBlockingWorker(BlockingWorkerOptions{Window: 10 * time.Second, MinBlock: 250 * time.Millisecond, Pools: testPools}, eps)
-	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now}); len(obs) != 0 {
+	r := NewBlockingWorker(BlockingWorkerOptions{Window: 10 * time.Second, MinBlock: 250 * time.Millisecond})
+	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools}}); len(obs) != 0 {
 		t.Fatalf("healthy threads raised %+v", obs)
 	}
 }
@@ -96,9 +96,8 @@ func TestBusyWorkerNamesTheHotFunction(t *testing.T) {
 		st.Put(&signals.Desc{Name: "thread_runq_waits_total", Kind: signals.Counter}, ls, 10*float64(i), ts)
 	}
 	eps := episodes(signals.Episode{Kind: signals.EpisodeBusy, Tid: 6, Thread: "worker-0", Start: now.Add(-2 * time.Second), Duration: 1500 * time.Millisecond})
-	r := NewBusyWorker(BusyWorkerOptions{Window: 10 * time.Second, MinBusy: 500 * time.Millisecond, Pools: testPools}, eps,
-		fakeHot{{"app.compress", 0.8}, {"runtime.memmove", 0.1}})
-	obs := r.Evaluate(Window{Store: st, Now: now})
+	r := NewBusyWorker(BusyWorkerOptions{Window: 10 * time.Second, MinBusy: 500 * time.Millisecond})
+	obs := r.Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools, Hot: fakeHot{{"app.compress", 0.8}, {"runtime.memmove", 0.1}}}})
 	if len(obs) != 1 {
 		t.Fatalf("got %+v", obs)
 	}
@@ -117,8 +116,8 @@ func TestBusyWorkerSilentOnShortRuns(t *testing.T) {
 		signals.Episode{Kind: signals.EpisodeBusy, Tid: 6, Thread: "worker-0", Start: now.Add(-2 * time.Second), Duration: 300 * time.Millisecond},
 		signals.Episode{Kind: signals.EpisodeBusy, Tid: 8, Thread: "gc-helper", Start: now.Add(-2 * time.Second), Duration: 2 * time.Second},
 	)
-	r := NewBusyWorker(BusyWorkerOptions{Window: 10 * time.Second, MinBusy: 500 * time.Millisecond, Pools: testPools}, eps, nil)
-	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now}); len(obs) != 0 {
+	r := NewBusyWorker(BusyWorkerOptions{Window: 10 * time.Second, MinBusy: 500 * time.Millisecond})
+	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools}}); len(obs) != 0 {
 		t.Fatalf("healthy runs raised %+v", obs)
 	}
 }
@@ -135,11 +134,12 @@ func putThreadCPU(st *signals.Store, now time.Time, cores []float64) {
 
 func TestWorkerImbalance(t *testing.T) {
 	now := time.Now()
-	r := NewWorkerImbalance(WorkerImbalanceOptions{Window: 10 * time.Second, MinBusy: 0.5, MinRatio: 4, Pools: testPools})
+	r := NewWorkerImbalance(WorkerImbalanceOptions{Window: 10 * time.Second, MinBusy: 0.5, MinRatio: 4})
+	pools := Inputs{Pools: testPools}
 
 	st := signals.New(100, 100)
 	putThreadCPU(st, now, []float64{0.9, 0.05, 0.04, 0.06})
-	obs := r.Evaluate(Window{Store: st, Now: now})
+	obs := r.Evaluate(Window{Store: st, Now: now, Inputs: pools})
 	if len(obs) != 1 || obs[0].Cause != CauseUnbalancedWorkers || !strings.Contains(obs[0].Title, "worker-0") {
 		t.Fatalf("unbalanced pool: %+v", obs)
 	}
@@ -148,7 +148,7 @@ func TestWorkerImbalance(t *testing.T) {
 	for _, cores := range [][]float64{{0.3, 0.25, 0.28, 0.3}, {0.2, 0.01, 0.01, 0.01}} {
 		st := signals.New(100, 100)
 		putThreadCPU(st, now, cores)
-		if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		if obs := r.Evaluate(Window{Store: st, Now: now, Inputs: pools}); len(obs) != 0 {
 			t.Errorf("%v raised %+v", cores, obs)
 		}
 	}
