@@ -14,12 +14,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/sockdiag"
 	"github.com/culprit-dev/culprit/target"
 )
 
@@ -62,30 +60,8 @@ const (
 	tcpListen  = 10
 )
 
-// Sizes of struct inet_diag_req_v2 and struct inet_diag_msg.
-const (
-	inetDiagReqV2Len = 56
-	inetDiagMsgLen   = 72
-)
-
-// inetDiagReq is a SOCK_DIAG_BY_FAMILY request for TCP sockets in the
-// given states. netlink's SocketDiagTCP always asks for every state, which
-// on a busy server means serialising every ESTABLISHED socket ten times a
-// second; the state filter makes the kernel skip them.
-type inetDiagReq struct {
-	family uint8
-	states uint32
-}
-
-func (r *inetDiagReq) Len() int { return inetDiagReqV2Len }
-
-func (r *inetDiagReq) Serialize() []byte {
-	b := make([]byte, inetDiagReqV2Len)
-	b[0] = r.family
-	b[1] = unix.IPPROTO_TCP
-	binary.NativeEndian.PutUint32(b[4:8], r.states)
-	return b // the socket id stays zero: no address filter
-}
+// inetDiagMsgLen is the size of struct inet_diag_msg (tests build them).
+const inetDiagMsgLen = 72
 
 // diagSocket is the part of one inet_diag_msg this collector uses.
 type diagSocket struct {
@@ -393,15 +369,11 @@ func parseUint(b []byte) (uint64, bool) {
 type acceptQueueCollector struct {
 	mu       sync.Mutex
 	procRoot string
-	selfIno  uint64
+	owners   *target.SocketOwners
 
-	diag    *nl.NetlinkSocket
-	diagIno uint64
-	// handles keeps the request sequence number across dumps, so that a
-	// late answer to an earlier request is told apart and skipped.
-	handles map[int]*nl.SocketHandle
-	socks   []diagSocket // reused across dumps
-	buf     []byte       // reused for net/netstat
+	conn  *sockdiag.Conn
+	socks []diagSocket // reused across dumps
+	buf   []byte       // reused for net/netstat
 
 	// What was seen of the current target.
 	tgt           target.Process
@@ -409,8 +381,8 @@ type acceptQueueCollector struct {
 	prevT         time.Time
 	prevOverflows uint64
 	prev          map[listenerKey]listenerSample // every listener of the netns at the last sample
-	owned         map[uint32]bool                // listener inode -> held by the target
-	unownedAt     time.Time                      // when not-owned answers were last refreshed
+	owned         map[uint32]bool                // listener inode -> held by the target (this sample)
+	missing       []uint32                       // listener inodes of unknown owner (this sample)
 
 	totals       map[listenerKey]uint64 // attributed overflows, per target listener
 	unattributed uint64
@@ -427,25 +399,18 @@ type acceptQueueCollector struct {
 
 const synRecvEvery = time.Second
 
-// recheckUnowned is how long a "not the target's" answer for a listener
-// inode is trusted. Reading the target's fd table costs one readlink per
-// descriptor, too much at the fast cadence for a server with many
-// connections, so it is read only for new listeners and this often; a
-// listener handed to the target later (fd passing) is picked up this late.
-const recheckUnowned = 5 * time.Second
-
 // diagTimeout bounds one sock_diag answer when Collect's context has no
 // sooner deadline; a dump normally takes a few milliseconds.
 const diagTimeout = 2 * time.Second
 
 func newAcceptQueueCollector(o Options) (*acceptQueueCollector, error) {
-	ino, err := selfNetnsIno()
-	if err != nil {
-		return nil, err
+	owners := o.Owners
+	if owners == nil {
+		owners = target.NewSocketOwners(procRootOf(o), target.SocketOwnersOptions{})
 	}
 	return &acceptQueueCollector{
 		procRoot: procRootOf(o),
-		selfIno:  ino,
+		owners:   owners,
 		buf:      make([]byte, 0, 8192),
 		prev:     map[listenerKey]listenerSample{},
 		owned:    map[uint32]bool{},
@@ -466,9 +431,9 @@ func (c *acceptQueueCollector) Close() error {
 }
 
 func (c *acceptQueueCollector) closeDiag() {
-	if c.diag != nil {
-		c.diag.Close()
-		c.diag, c.diagIno, c.handles = nil, 0, nil
+	if c.conn != nil {
+		c.conn.Close()
+		c.conn = nil
 	}
 }
 
@@ -486,6 +451,7 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, 
 		c.havePrev = false
 		clear(c.prev)
 		clear(c.owned)
+		c.owners.SetTarget(tgt)
 	}
 	if err := c.openDiag(tgt); err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
@@ -509,10 +475,12 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, 
 	withSynRecv := now.Sub(c.synRecvAt) >= synRecvEvery
 	if err := c.dump(ctx, withSynRecv); err != nil {
 		c.closeDiag() // a broken socket is reopened next time
-		return fmt.Errorf("pid %d: sock_diag dump: %w", tgt.PID, err)
+		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
-	if err := c.refreshOwned(tgt.PID, now); err != nil {
-		return err
+	if c.refreshOwned(now) {
+		// A listener of unknown owner was looked up: judge this sample
+		// with the answer rather than miss a new listener for a cycle.
+		c.refreshOwned(now)
 	}
 	cur := summarizeListeners(c.socks, c.owned)
 	if withSynRecv {
@@ -554,122 +522,66 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, 
 	return nil
 }
 
-// openDiag makes sure c.diag is a sock_diag socket in the target's netns.
+// openDiag makes sure c.conn is a sock_diag socket in the target's netns.
 // A netlink socket stays in the namespace it was created in, so the setns
 // dance happens once per namespace, not per sample.
 func (c *acceptQueueCollector) openDiag(tgt target.Process) error {
-	if c.diag != nil && c.diagIno == tgt.NetnsIno {
+	if c.conn != nil && c.conn.Netns() == tgt.NetnsIno {
 		return nil
 	}
 	c.closeDiag()
-	var (
-		sock *nl.NetlinkSocket
-		err  error
-	)
-	if tgt.NetnsIno == 0 || tgt.NetnsIno == c.selfIno {
-		sock, err = nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_INET_DIAG)
-	} else {
-		var ns netns.NsHandle
-		ns, err = openTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno)
-		if err != nil {
-			return err
-		}
-		defer ns.Close()
-		err = inNetns(ns, func() error {
-			var serr error
-			sock, serr = nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_INET_DIAG)
-			return serr
-		})
-	}
+	conn, err := sockdiag.Open(c.procRoot, tgt.PID, tgt.NetnsIno)
 	if err != nil {
-		return fmt.Errorf("open sock_diag socket in netns %d: %w", tgt.NetnsIno, err)
+		return err
 	}
-	tv := unix.NsecToTimeval(int64(diagTimeout))
-	sock.SetSendTimeout(&tv)
-	c.diag, c.diagIno = sock, tgt.NetnsIno
-	c.handles = map[int]*nl.SocketHandle{unix.NETLINK_INET_DIAG: {Socket: sock}}
+	c.conn = conn
 	return nil
 }
 
-// dump reads every LISTEN and SYN_RECV TCP socket of the namespace into
-// c.socks. A dump the kernel marks interrupted (the tables changed under
-// it) is retried, since a listener missing from it would look closed.
+// dump reads every LISTEN (and, withSynRecv, SYN_RECV) TCP socket of the
+// namespace into c.socks. A dump the kernel marks interrupted (the tables
+// changed under it) is retried, since a listener missing from it would
+// look closed.
 func (c *acceptQueueCollector) dump(ctx context.Context, withSynRecv bool) error {
-	timeout := diagTimeout
-	if dl, ok := ctx.Deadline(); ok {
-		timeout = max(min(timeout, time.Until(dl)), time.Millisecond)
+	states := sockdiag.Of(sockdiag.Listen)
+	if withSynRecv {
+		states |= sockdiag.Of(sockdiag.SynRecv)
 	}
-	tv := unix.NsecToTimeval(int64(timeout))
-	c.diag.SetReceiveTimeout(&tv)
 	var err error
 	for attempt := 0; attempt < 3; attempt++ {
 		c.socks = c.socks[:0]
-		if err = c.dumpFamily(unix.AF_INET, withSynRecv); err == nil {
-			err = c.dumpFamily(unix.AF_INET6, withSynRecv)
-			if errors.Is(err, unix.ENOENT) {
-				err = nil // IPv6 disabled: nothing to dump
-			}
-		}
-		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+		err = c.conn.Dump(ctx, states, false, func(s *sockdiag.Socket) bool {
+			c.socks = append(c.socks, diagSocket{Family: s.Family, State: s.State, Addr: s.LocalAddr(), Port: s.LocalPort,
+				Remote: s.RemoteAddr(), RQueue: s.RQueue, WQueue: s.WQueue, Inode: s.Inode})
+			return true
+		})
+		if !errors.Is(err, sockdiag.ErrInterrupted) {
 			return err
 		}
 	}
 	return err
 }
 
-func (c *acceptQueueCollector) dumpFamily(family uint8, withSynRecv bool) error {
-	states := uint32(1 << tcpListen)
-	if withSynRecv {
-		states |= 1 << tcpSynRecv
-	}
-	req := &nl.NetlinkRequest{
-		NlMsghdr: unix.NlMsghdr{Type: unix.SOCK_DIAG_BY_FAMILY, Flags: unix.NLM_F_REQUEST | unix.NLM_F_DUMP},
-		Sockets:  c.handles,
-	}
-	req.AddData(&inetDiagReq{family: family, states: states})
-	var perr error
-	err := req.ExecuteIter(unix.NETLINK_INET_DIAG, unix.SOCK_DIAG_BY_FAMILY, func(msg []byte) bool {
-		s, err := parseInetDiagMsg(msg)
-		if err != nil {
-			perr = err
-			return false
-		}
-		c.socks = append(c.socks, s)
-		return true
-	})
-	if err != nil {
-		return err
-	}
-	return perr
-}
-
-// refreshOwned learns which listener inodes the target holds, reading its
-// fd table only when a listener is new or the negative answers are stale.
-func (c *acceptQueueCollector) refreshOwned(pid int, now time.Time) error {
-	need := now.Sub(c.unownedAt) >= recheckUnowned
-	for _, s := range c.socks {
-		if s.State == tcpListen {
-			if _, known := c.owned[s.Inode]; !known {
-				need = true
-				break
-			}
-		}
-	}
-	if !need {
-		return nil
-	}
-	inodes, err := target.SocketInodes(c.procRoot, pid)
-	if err != nil {
-		return fmt.Errorf("pid %d: %w", pid, err)
-	}
+// refreshOwned learns which listeners the target (or its children) holds.
+// It reports whether it asked the owner index to look up listeners it did
+// not know (rate-limited there): then the caller asks again.
+func (c *acceptQueueCollector) refreshOwned(now time.Time) bool {
 	clear(c.owned) // also drops inodes of closed listeners
+	c.missing = c.missing[:0]
 	for _, s := range c.socks {
-		if s.State == tcpListen {
-			c.owned[s.Inode] = inodes[uint64(s.Inode)]
+		if s.State != tcpListen {
+			continue
 		}
+		o, ok := c.owners.Owner(s.Inode)
+		if !ok {
+			c.missing = append(c.missing, s.Inode)
+		}
+		c.owned[s.Inode] = o.Role == target.RoleTarget
 	}
-	c.unownedAt = now
-	return nil
+	if len(c.missing) == 0 {
+		return false
+	}
+	return c.owners.Refresh(now, c.missing) > 0
 }
 
 // candidates lists every listener of the namespace seen now or at the

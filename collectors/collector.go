@@ -37,6 +37,9 @@ type Options struct {
 	Interval time.Duration
 	// MaxThreads bounds the threads one Collect examines (collect.max_threads).
 	MaxThreads int
+	// Owners tells whose a socket is; the agent shares one among the
+	// collectors (and probes) that need it. Nil: a collector makes its own.
+	Owners *target.SocketOwners
 }
 
 // Factory builds a collector.

@@ -11,8 +11,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/target"
@@ -29,13 +27,7 @@ var (
 		Help: "Open file descriptors of the target."}
 	fdLimitDesc = &signals.Desc{Name: "process_fd_limit", Kind: signals.Gauge,
 		Help: "RLIMIT_NOFILE of the target (type soft or hard)."}
-	tcpSocketsDesc = &signals.Desc{Name: "process_tcp_sockets", Kind: signals.Gauge,
-		Help: "TCP sockets the target holds open, by state: CLOSE_WAIT growing means the app never closes sockets its peers closed."}
 )
-
-// tcpStateNames index the kernel's TCP states (include/net/tcp_states.h).
-var tcpStateNames = [...]string{1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-	6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
 
 // fdKinds are written every time, 0 when absent, so that growth of one
 // kind can be read from its own series.
@@ -92,53 +84,8 @@ func parseNofile(limits []byte) (soft, hard float64, softOK, hardOK bool, err er
 
 type fdsCollector struct {
 	procRoot string
-	selfIno  uint64
 	buf      []byte
 	link     []byte
-}
-
-// socketStates counts the target's TCP sockets by state: one sock_diag
-// dump of its namespace (every state, so it walks the established hash:
-// about 2 ms, hence at the normal interval, never the fast one), matched
-// to the socket inodes of its fd table.
-func (c *fdsCollector) socketStates(tgt target.Process, held map[uint32]bool, store *signals.Store, now time.Time) error {
-	var socks []*netlink.Socket
-	dump := func() error {
-		for _, fam := range []uint8{unix.AF_INET, unix.AF_INET6} {
-			s, err := netlink.SocketDiagTCP(fam)
-			if err != nil && !(fam == unix.AF_INET6 && errors.Is(err, unix.ENOENT)) {
-				return fmt.Errorf("sock_diag dump: %w", err)
-			}
-			socks = append(socks, s...)
-		}
-		return nil
-	}
-	var err error
-	if tgt.NetnsIno == 0 || tgt.NetnsIno == c.selfIno {
-		err = dump()
-	} else {
-		ns, oerr := openTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno)
-		if oerr != nil {
-			return fmt.Errorf("pid %d: %w", tgt.PID, oerr)
-		}
-		err = inNetns(ns, dump)
-		ns.Close()
-	}
-	if err != nil {
-		return fmt.Errorf("pid %d: %w", tgt.PID, err)
-	}
-	var byState [len(tcpStateNames)]float64
-	for _, s := range socks {
-		if held[s.INode] && int(s.State) < len(byState) {
-			byState[s.State]++
-		}
-	}
-	for st, name := range tcpStateNames {
-		if name != "" {
-			store.Put(tcpSocketsDesc, signals.L("state", name), byState[st], now)
-		}
-	}
-	return nil
 }
 
 func newFDsCollector(o Options) *fdsCollector {
@@ -146,8 +93,7 @@ func newFDsCollector(o Options) *fdsCollector {
 	if root == "" {
 		root = "/proc"
 	}
-	self, _ := selfNetnsIno()
-	return &fdsCollector{procRoot: root, selfIno: self, link: make([]byte, 256)}
+	return &fdsCollector{procRoot: root, link: make([]byte, 256)}
 }
 
 func (*fdsCollector) Name() string { return "fds" }
@@ -166,7 +112,6 @@ func (c *fdsCollector) Collect(_ context.Context, tgt target.Process, store *sig
 		return fmt.Errorf("pid %d: read fd table: %w", tgt.PID, err)
 	}
 	counts := make(map[string]float64, len(fdKindNames))
-	sockets := map[uint32]bool{}
 	for i, n := range names {
 		if i >= maxFDsExamined {
 			break
@@ -175,16 +120,7 @@ func (c *fdsCollector) Collect(_ context.Context, tgt target.Process, store *sig
 		if err != nil {
 			continue // closed between readdir and readlink
 		}
-		k := fdKind(l)
-		counts[k]++
-		if k == "socket" {
-			if ino, err := strconv.ParseUint(string(l[len("socket:["):len(l)-1]), 10, 32); err == nil {
-				sockets[uint32(ino)] = true
-			}
-		}
-	}
-	if err := c.socketStates(tgt, sockets, store, now); err != nil {
-		return err
+		counts[fdKind(l)]++
 	}
 	for _, k := range fdKindNames {
 		store.Put(openFDsDesc, signals.L("kind", k), counts[k], now)

@@ -8,15 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"runtime"
 	"slices"
 	"strconv"
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/sockdiag"
 	"github.com/culprit-dev/culprit/target"
 )
 
@@ -26,26 +24,31 @@ func init() {
 
 var (
 	tcpSocketsByPortDesc = &signals.Desc{Name: "tcp_sockets", Kind: signals.Gauge,
-		Help: `TCP sockets of the target's network namespace by state and local port. port is a port some socket of the namespace listens on, "ephemeral" for every other local port (the client side of outbound connections), or "other" for listening ports past the MaxPorts busiest.`}
+		Help: `TCP sockets of the target's network namespace by owner, local port and state. owner is "target" (the target and its children), "agent" (culprit), another process's command name, or "unknown" (no visible process holds it: time-wait sockets of connections not known to be the target's, a process in another PID namespace). port is a port some socket of the namespace listens on (its connections belong to the listener's owner), "ephemeral" for every other local port (the client side of outbound connections), or "other" for listening ports past the MaxPorts busiest.`}
 	tcpSocketsByRemoteDesc = &signals.Desc{Name: "tcp_sockets_by_remote", Kind: signals.Gauge,
-		Help: `Outbound TCP sockets (local port not a listening one) by state (ESTABLISHED, SYN_SENT, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE_WAIT) and remote ip:port, for the MaxRemotes remotes with the most sockets; the rest are summed under remote="other". TIME_WAIT piling up toward one remote, or ESTABLISHED flat at a ceiling toward one upstream (an exhausted connection pool), show here.`}
+		Help: `Outbound TCP sockets (local port not a listening one) by owner, state (ESTABLISHED, SYN_SENT, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE_WAIT) and remote ip:port, for the MaxRemotes remotes with the most sockets (the target's first); the rest are summed under remote="other". TIME_WAIT piling up toward one remote, or ESTABLISHED flat at a ceiling toward one upstream (an exhausted connection pool), show here.`}
 	tcpCloseWaitOldestDesc = &signals.Desc{Name: "tcp_close_wait_oldest_seconds", Kind: signals.Gauge,
-		Help: "Per local port, the longest time since the peer last sent anything (tcp_info last_ack_recv, last_data_recv) among CLOSE_WAIT sockets: how long the app has been holding a socket its peer closed. 0 when there is none."}
+		Help: "Per owner and local port, the longest time since the peer last sent anything (tcp_info last_ack_recv, last_data_recv) among CLOSE_WAIT sockets: how long the app has been holding a socket its peer closed. 0 when there is none."}
 	tcpEstablishedIdleDesc = &signals.Desc{Name: "tcp_established_idle_seconds", Kind: signals.Gauge,
-		Help: "Per remote of tcp_sockets_by_remote, the longest time an ESTABLISHED outbound socket has neither sent nor received data (tcp_info last_data_sent, last_data_recv). 0 when there is none."}
+		Help: "Per owner and remote of tcp_sockets_by_remote, the longest time an ESTABLISHED outbound socket has neither sent nor received data (tcp_info last_data_sent, last_data_recv). 0 when there is none."}
 	tcpRetransmitsCurrentDesc = &signals.Desc{Name: "tcp_retransmits_current", Kind: signals.Gauge,
-		Help: "Per local port, the sum of tcp_info retransmits: timeout retransmissions not yet acknowledged, right now. Non-zero means peers are not answering."}
+		Help: "Per owner and local port, the sum of tcp_info retransmits: timeout retransmissions not yet acknowledged, right now. Non-zero means peers are not answering."}
+	processTCPSocketsDesc = &signals.Desc{Name: "process_tcp_sockets", Kind: signals.Gauge,
+		Help: "TCP sockets the target (and its children) hold, by state: the server side of connections to its listeners and its own outbound connections. CLOSE_WAIT growing means the app never closes sockets its peers closed."}
 	tcpSocketsDumpedDesc = &signals.Desc{Name: "tcp_sockets_dumped", Kind: signals.Gauge,
 		Help: "TCP sockets (all states, IPv4 and IPv6) in the target's network namespace, as far as the dump went (see sockets_dump_truncated_total). Not named _total: it is a gauge."}
 	socketsDumpSecondsDesc = &signals.Desc{Name: "sockets_dump_seconds", Kind: signals.Gauge,
 		Help: "How long the sockets collector's last sock_diag dump and its aggregation took."}
 	socketsDumpTruncatedDesc = &signals.Desc{Name: "sockets_dump_truncated_total", Kind: signals.Counter,
 		Help: "Dumps the sockets collector stopped at MaxSockets sockets; the counts of those cycles cover part of the namespace only."}
+	socketOwnerFDsReadDesc = &signals.Desc{Name: "socket_owner_fds_read_total", Kind: signals.Counter,
+		Help: "File descriptor table entries read to learn which process holds which socket (the cost of ownership; it grows only when new sockets appear)."}
 )
 
 // socketsDescs are every signal the sockets collector writes.
 var socketsDescs = []*signals.Desc{tcpSocketsByPortDesc, tcpSocketsByRemoteDesc, tcpCloseWaitOldestDesc,
-	tcpEstablishedIdleDesc, tcpRetransmitsCurrentDesc, tcpSocketsDumpedDesc, socketsDumpSecondsDesc, socketsDumpTruncatedDesc}
+	tcpEstablishedIdleDesc, tcpRetransmitsCurrentDesc, processTCPSocketsDesc, tcpSocketsDumpedDesc,
+	socketsDumpSecondsDesc, socketsDumpTruncatedDesc, socketOwnerFDsReadDesc}
 
 // SocketsOptions bound what the sockets collector keeps and writes. Zero
 // fields take the defaults.
@@ -64,6 +67,13 @@ type SocketsOptions struct {
 	// remotes first seen past it go to "other". At least 2*MaxRemotes;
 	// default 16384.
 	MaxTrackedRemotes int
+	// MaxOwners bounds the other processes that get an owner label of
+	// their own; the rest are labelled "other". Default 8.
+	MaxOwners int
+	// MaxTrackedConns bounds the target's outbound connections remembered
+	// by their addresses, so that their time-wait sockets (which no
+	// process holds) are still known to be the target's. Default 65536.
+	MaxTrackedConns int
 }
 
 const (
@@ -71,6 +81,8 @@ const (
 	defaultSocketsMaxPorts          = 32
 	defaultSocketsMaxSockets        = 1_000_000
 	defaultSocketsMaxTrackedRemotes = 16384
+	defaultSocketsMaxOwners         = 8
+	defaultSocketsMaxTrackedConns   = 65536
 )
 
 func (o SocketsOptions) withDefaults() SocketsOptions {
@@ -83,20 +95,23 @@ func (o SocketsOptions) withDefaults() SocketsOptions {
 	def(&o.MaxPorts, defaultSocketsMaxPorts)
 	def(&o.MaxSockets, defaultSocketsMaxSockets)
 	def(&o.MaxTrackedRemotes, defaultSocketsMaxTrackedRemotes)
+	def(&o.MaxOwners, defaultSocketsMaxOwners)
+	def(&o.MaxTrackedConns, defaultSocketsMaxTrackedConns)
 	// Room beyond last cycle's top, which is tracked first (socketAgg.reset).
 	o.MaxTrackedRemotes = max(o.MaxTrackedRemotes, 2*o.MaxRemotes)
+	o.MaxOwners = min(o.MaxOwners, int(maxOwnerSlots-firstOtherSlot-1))
 	return o
 }
 
-// TCP states (include/net/tcp_states.h) besides tcpListen and tcpSynRecv.
+// TCP states (include/net/tcp_states.h) by their short names here.
 const (
-	tcpStEstablished = 1
-	tcpStSynSent     = 2
-	tcpStFinWait1    = 4
-	tcpStFinWait2    = 5
-	tcpStTimeWait    = 6
-	tcpStCloseWait   = 8
-	tcpStCount       = len(tcpStateNames) // states are 1..tcpStCount-1
+	tcpStEstablished = sockdiag.Established
+	tcpStSynSent     = sockdiag.SynSent
+	tcpStFinWait1    = sockdiag.FinWait1
+	tcpStFinWait2    = sockdiag.FinWait2
+	tcpStTimeWait    = sockdiag.TimeWait
+	tcpStCloseWait   = sockdiag.CloseWait
+	tcpStCount       = sockdiag.NumStates // states are 1..tcpStCount-1
 )
 
 // remoteStates are the states counted per remote, in series order.
@@ -113,40 +128,33 @@ var remoteStateIdx = func() (idx [tcpStCount]int8) {
 	return idx
 }()
 
-// Netlink and inet_diag constants x/sys/unix does not name.
-const (
-	inetDiagInfo     = 2      // INET_DIAG_INFO: struct tcp_info attribute
-	tcpDiagGetSock   = 18     // TCPDIAG_GETSOCK: inet_diag v1 request, both families
-	inetDiagReqV1Len = 60     // struct inet_diag_req
-	nlaTypeMask      = 0x3fff // NLA_TYPE_MASK: attribute type without its flags
-	// tcpStatesAll asks for every state, TCP_NEW_SYN_RECV (12) included;
-	// the kernel reports request sockets as SYN_RECV and time-wait ones
-	// as TIME_WAIT or FIN_WAIT2.
-	tcpStatesAll = 0x1fff
-	// Offsets in struct tcp_info (include/uapi/linux/tcp.h).
-	tcpiRetransmits  = 2
-	tcpiLastDataSent = 44
-	tcpiLastDataRecv = 52
-	tcpiLastAckRecv  = 56
-	tcpiMinLen       = 60 // every field read here lies below
-	// The kernel fills dump messages up to 32 KiB per read.
-	socketsRecvBuf = 64 << 10
-)
-
 const (
 	portEphemeral = "ephemeral"
 	labelOther    = "other"
 )
 
-// remoteKey is a remote endpoint without pointers (a map of them is not
-// scanned by the GC). IPv4 addresses are stored v4-mapped, so a v4
-// connection and a v4-mapped one on a dual-stack socket are the same remote.
+// ownerSlot numbers the owners of one collector: fixed slots for the
+// unknown, the target and the agent, then other processes by command
+// name as they are met (bounded by MaxOwners), then "other".
+type ownerSlot uint8
+
+const (
+	slotUnknown ownerSlot = iota
+	slotTarget
+	slotAgent
+	firstOtherSlot
+	maxOwnerSlots = 32
+)
+
+// remoteKey is one owner's remote endpoint, without pointers (a map of
+// them is not scanned by the GC). IPv4 addresses are stored v4-mapped.
 type remoteKey struct {
-	addr [16]byte
-	port uint16
+	addr  [16]byte
+	port  uint16
+	owner ownerSlot
 }
 
-func (k remoteKey) String() string {
+func (k remoteKey) endpoint() string {
 	return netip.AddrPortFrom(netip.AddrFrom16(k.addr).Unmap(), k.port).String()
 }
 
@@ -154,12 +162,25 @@ func (k remoteKey) compare(o remoteKey) int {
 	if c := bytes.Compare(k.addr[:], o.addr[:]); c != 0 {
 		return c
 	}
-	return cmp.Compare(k.port, o.port)
+	if c := cmp.Compare(k.port, o.port); c != 0 {
+		return c
+	}
+	return cmp.Compare(k.owner, o.owner)
+}
+
+// connKey names one connection by its local port and remote endpoint: how
+// a time-wait socket of the target's (which no process holds) is
+// recognised from the connection it was.
+type connKey struct {
+	lport uint16
+	rport uint16
+	raddr [16]byte
 }
 
 // portAgg is what one cycle saw on one local port (or class of ports).
 type portAgg struct {
 	port           uint16
+	owner          ownerSlot
 	states         [tcpStCount]uint32
 	total          uint32
 	closeWaitMaxMs uint32
@@ -176,7 +197,7 @@ func (p *portAgg) merge(o *portAgg) {
 	p.retrans += o.retrans
 }
 
-// remoteAgg is what one cycle saw toward one remote.
+// remoteAgg is what one cycle saw toward one remote, of one owner.
 type remoteAgg struct {
 	key       remoteKey
 	states    [len(remoteStates)]uint32
@@ -193,23 +214,28 @@ func (r *remoteAgg) merge(o *remoteAgg) {
 	r.idleMaxMs = max(r.idleMaxMs, o.idleMaxMs)
 }
 
-// socketAgg aggregates one dump as its messages arrive, in memory bounded
-// by the number of listening ports and MaxTrackedRemotes, reused from
-// cycle to cycle: after the first cycles it does not allocate.
+// socketAgg aggregates one dump as its sockets arrive, in memory bounded
+// by the number of listening ports, owners and MaxTrackedRemotes, reused
+// from cycle to cycle: after the first cycles it does not allocate.
 type socketAgg struct {
 	maxSockets, maxTracked int
 
 	portSlot  []int32 // by local port: 1 + index in ports for a listening port, else 0
 	ports     []portAgg
-	ephemeral portAgg
+	ephemeral [maxOwnerSlots]portAgg
 
 	remoteIdx map[remoteKey]int32 // index in remotes
 	remotes   []remoteAgg
-	untracked remoteAgg // sockets to remotes past maxTracked
+	untracked [maxOwnerSlots]remoteAgg // sockets to remotes past maxTracked, by owner
+
+	// missing are socket inodes whose owner was not known (bounded).
+	missing []uint32
 
 	total     int
 	truncated bool
 }
+
+const maxMissing = 4096
 
 func newSocketAgg(maxSockets, maxTracked int) *socketAgg {
 	return &socketAgg{
@@ -228,10 +254,11 @@ func (a *socketAgg) reset(sticky []remoteKey) {
 		a.portSlot[p.port] = 0
 	}
 	a.ports = a.ports[:0]
-	a.ephemeral = portAgg{}
+	clear(a.ephemeral[:])
 	clear(a.remoteIdx)
 	a.remotes = a.remotes[:0]
-	a.untracked = remoteAgg{}
+	clear(a.untracked[:])
+	a.missing = a.missing[:0]
 	a.total, a.truncated = 0, false
 	for _, k := range sticky {
 		a.remote(k)
@@ -243,157 +270,25 @@ func (a *socketAgg) remote(k remoteKey) *remoteAgg {
 		return &a.remotes[i]
 	}
 	if len(a.remotes) >= a.maxTracked {
-		return &a.untracked
+		return &a.untracked[k.owner]
 	}
 	a.remoteIdx[k] = int32(len(a.remotes))
 	a.remotes = append(a.remotes, remoteAgg{key: k})
 	return &a.remotes[len(a.remotes)-1]
 }
 
-// add accounts one inet_diag_msg and its attributes, in place. It returns
-// false, and marks the cycle truncated, when MaxSockets were already seen.
-//
-// A socket's local port is "listening" when a LISTEN socket on that port
-// came earlier in the dump. The kernel dumps a family's listening hash
-// before its established hash, and an accepted socket has the family of its
-// listener (a v4 client of a dual-stack [::] listener is a v4-mapped
-// AF_INET6 socket), so the listener always comes first.
-func (a *socketAgg) add(m []byte) bool {
-	if len(m) < inetDiagMsgLen {
-		return true // not a socket; the kernel does not send these
-	}
-	if a.total >= a.maxSockets {
-		a.truncated = true
-		return false
-	}
-	a.total++
-	st := m[1]
-	if int(st) >= tcpStCount || st == 0 {
-		return true // unknown state: in the total only
-	}
-	sport := binary.BigEndian.Uint16(m[4:6])
-	var p *portAgg
-	outbound := false
-	switch i := a.portSlot[sport]; {
-	case i != 0:
-		p = &a.ports[i-1]
-	case st == tcpListen:
-		a.ports = append(a.ports, portAgg{port: sport})
-		a.portSlot[sport] = int32(len(a.ports))
-		p = &a.ports[len(a.ports)-1]
-	default:
-		p, outbound = &a.ephemeral, true
-	}
-	p.states[st]++
-	p.total++
-
-	var info []byte
-	if len(m) > inetDiagMsgLen && st != tcpListen {
-		info = tcpInfoAttr(m[inetDiagMsgLen:])
-	}
-	if info != nil {
-		p.retrans += uint32(info[tcpiRetransmits])
-		if st == tcpStCloseWait {
-			age := min(binary.NativeEndian.Uint32(info[tcpiLastDataRecv:]), binary.NativeEndian.Uint32(info[tcpiLastAckRecv:]))
-			p.closeWaitMaxMs = max(p.closeWaitMaxMs, age)
-		}
-	}
-
-	ri := remoteStateIdx[st]
-	if !outbound || ri < 0 {
-		return true
-	}
-	var k remoteKey
-	switch m[0] {
-	case unix.AF_INET:
-		k.addr[10], k.addr[11] = 0xff, 0xff
-		copy(k.addr[12:], m[24:28])
-	case unix.AF_INET6:
-		copy(k.addr[:], m[24:40])
-	default:
-		return true
-	}
-	k.port = binary.BigEndian.Uint16(m[6:8])
-	r := a.remote(k)
-	r.states[ri]++
-	r.sum++
-	if st == tcpStEstablished && info != nil {
-		idle := min(binary.NativeEndian.Uint32(info[tcpiLastDataSent:]), binary.NativeEndian.Uint32(info[tcpiLastDataRecv:]))
-		r.idleMaxMs = max(r.idleMaxMs, idle)
-	}
-	return true
-}
-
-// tcpInfoAttr finds the struct tcp_info among a message's attributes, or
-// returns nil (time-wait and request sockets carry none).
-func tcpInfoAttr(b []byte) []byte {
-	for len(b) >= unix.SizeofRtAttr {
-		l := int(binary.NativeEndian.Uint16(b[0:2]))
-		typ := binary.NativeEndian.Uint16(b[2:4]) & nlaTypeMask
-		if l < unix.SizeofRtAttr || l > len(b) {
-			return nil
-		}
-		if typ == inetDiagInfo {
-			if v := b[unix.SizeofRtAttr:l]; len(v) >= tcpiMinLen {
-				return v
-			}
-			return nil
-		}
-		b = b[min(nlAlign(l), len(b)):]
-	}
-	return nil
-}
-
-func nlAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
-
-// parseDiagBatch walks the netlink messages of one read. done reports the
-// end of the dump (NLMSG_DONE, an error, or the socket cap). Messages of
-// another sequence number (a stale answer) are skipped.
-func parseDiagBatch(b []byte, seq uint32, a *socketAgg) (done bool, err error) {
-	for len(b) >= unix.NLMSG_HDRLEN {
-		l := int(binary.NativeEndian.Uint32(b[0:4]))
-		if l < unix.NLMSG_HDRLEN || l > len(b) {
-			return true, fmt.Errorf("netlink message of %d bytes in a read of %d", l, len(b))
-		}
-		typ := binary.NativeEndian.Uint16(b[4:6])
-		mseq := binary.NativeEndian.Uint32(b[8:12])
-		m := b[unix.NLMSG_HDRLEN:l]
-		b = b[min(nlAlign(l), len(b)):]
-		if mseq != seq {
-			continue
-		}
-		switch typ {
-		case unix.NLMSG_DONE:
-			if len(m) >= 4 {
-				if e := int32(binary.NativeEndian.Uint32(m)); e < 0 {
-					return true, unix.Errno(-e)
-				}
-			}
-			return true, nil
-		case unix.NLMSG_ERROR:
-			if len(m) < 4 {
-				return true, fmt.Errorf("short netlink error message")
-			}
-			if e := int32(binary.NativeEndian.Uint32(m)); e < 0 {
-				return true, unix.Errno(-e)
-			}
-		case unix.SOCK_DIAG_BY_FAMILY, tcpDiagGetSock: // v2 and v1 answers
-			if !a.add(m) {
-				return true, nil
-			}
-		}
-	}
-	return false, nil
-}
-
 // socketsCollector counts every TCP socket of the target's network
-// namespace, by state and local port and by remote, from one sock_diag
-// dump per cycle read straight off a netlink socket into a reused buffer
-// and parsed in place. Over 100k TIME_WAIT sockets, vishvananda/netlink's
-// SocketDiagTCPInfo took 89-102 ms and 48.7 MB in 504k allocations per
-// dump, `ss -tan` 0.2 s; a cycle of this collector takes about 30 ms, ~90%
-// of it in the kernel, and allocates only for the ~20 series it writes
-// (BenchmarkSockets100kTimeWait).
+// namespace, by owner, state and local port and by remote, from one
+// sock_diag dump per cycle (sockdiag: parsed in place, no allocation per
+// socket). Over 100k TIME_WAIT sockets a cycle takes about 30 ms, ~90% of
+// it in the kernel (BenchmarkSockets100kTimeWait).
+//
+// Whose a socket is: a connection to a listening port belongs to the
+// listener's owner (no fd table is read for it); any other socket a
+// process holds is looked up by inode in target.SocketOwners, which reads
+// fd tables only when an inode is new to it; a time-wait socket (no
+// process holds one) is the target's when the connection it ended was
+// seen held by the target (MaxTrackedConns remembered), else unknown.
 //
 // It keeps the netlink socket open in the target's namespace between
 // cycles; Close releases it.
@@ -401,44 +296,58 @@ type socketsCollector struct {
 	mu       sync.Mutex
 	o        SocketsOptions
 	procRoot string
+	owners   *target.SocketOwners
 
-	fd    int // -1 when closed
-	fdIno uint64
-	seq   uint32
-	req   [unix.NLMSG_HDRLEN + max(inetDiagReqV1Len, inetDiagReqV2Len)]byte
-	buf   []byte
-	noV1  bool // the kernel refused an inet_diag v1 request: v2 per family
+	conn *sockdiag.Conn
 
 	agg        *socketAgg
 	sticky     []remoteKey // last cycle's top remotes
 	topPorts   []int32     // indices in agg.ports, reused
 	topRemotes []int32     // indices in agg.remotes, reused
-	otherPort  portAgg
-	otherRem   remoteAgg
+	otherPort  [maxOwnerSlots]portAgg
+	otherRem   [maxOwnerSlots]remoteAgg
 
-	// Series written, by label value (port or remote), with the states
-	// written for it: a state seen once for a port is written, 0 if need
-	// be, as long as the port has series; a port or remote that goes away
-	// has its series forgotten.
-	portSeries   map[string]uint16
-	remoteSeries map[string]uint16
-	present      map[string]bool
-	remoteLabels map[remoteKey]string // formatted labels of the current top
+	// Owners: labels by slot, and slots of other processes by name.
+	slotLabels []string
+	slotOf     map[string]ownerSlot
+	// conns remembers the target's outbound connections (the cycle they
+	// were last seen held), for their time-wait sockets.
+	conns map[connKey]uint32
+	cycle uint32
+	tgt   target.Process
+
+	// Series written, by label key (owner and port, or owner and remote),
+	// with the states written for it: a state seen once is written, 0 if
+	// need be, as long as the key has series; a key that goes away has
+	// its series forgotten.
+	portSeries   map[seriesKey]uint16
+	remoteSeries map[seriesKey]uint16
+	present      map[seriesKey]bool
+	remoteLabels map[remoteKey]string // formatted endpoints of the current top
 
 	truncated uint64
 }
 
+// seriesKey is the labels of a series family member besides state.
+type seriesKey struct{ owner, key string }
+
 func newSocketsCollector(o Options, so SocketsOptions) *socketsCollector {
 	so = so.withDefaults()
+	owners := o.Owners
+	if owners == nil {
+		owners = target.NewSocketOwners(procRootOf(o), target.SocketOwnersOptions{})
+	}
 	return &socketsCollector{
 		o:            so,
 		procRoot:     procRootOf(o),
-		fd:           -1,
-		buf:          make([]byte, socketsRecvBuf),
+		owners:       owners,
 		agg:          newSocketAgg(so.MaxSockets, so.MaxTrackedRemotes),
-		portSeries:   map[string]uint16{},
-		remoteSeries: map[string]uint16{},
-		present:      map[string]bool{},
+		slotLabels:   []string{slotUnknown: "unknown", slotTarget: "target", slotAgent: "agent"},
+		slotOf:       map[string]ownerSlot{},
+		conns:        map[connKey]uint32{},
+		portSeries:   map[seriesKey]uint16{},
+		remoteSeries: map[seriesKey]uint16{},
+		present:      map[seriesKey]bool{},
 		remoteLabels: map[remoteKey]string{},
 	}
 }
@@ -449,14 +358,14 @@ func (c *socketsCollector) Name() string { return "sockets" }
 func (c *socketsCollector) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.closeFD()
+	c.closeConn()
 	return nil
 }
 
-func (c *socketsCollector) closeFD() {
-	if c.fd >= 0 {
-		unix.Close(c.fd)
-		c.fd, c.fdIno = -1, 0
+func (c *socketsCollector) closeConn() {
+	if c.conn != nil {
+		c.conn.Close()
+		c.conn = nil
 	}
 }
 
@@ -464,7 +373,7 @@ func (c *socketsCollector) Collect(ctx context.Context, tgt target.Process, stor
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	start := time.Now()
-	if err := c.cycle(ctx, tgt); err != nil {
+	if err := c.collectCycle(ctx, tgt); err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
 	took := time.Since(start)
@@ -472,176 +381,208 @@ func (c *socketsCollector) Collect(ctx context.Context, tgt target.Process, stor
 	return nil
 }
 
-// cycle dumps and aggregates; the result is in c.agg, c.top*, c.other*.
-func (c *socketsCollector) cycle(ctx context.Context, tgt target.Process) error {
-	if c.fd >= 0 && c.fdIno != tgt.NetnsIno {
-		c.closeFD()
-		c.sticky = c.sticky[:0]
+// collectCycle is one dump with its ownership: a cycle, then, when it met
+// sockets of unknown owners, a refresh of the owner index (rate-limited
+// there) whose answers the next cycle uses.
+func (c *socketsCollector) collectCycle(ctx context.Context, tgt target.Process) error {
+	if c.tgt.PID != tgt.PID || c.tgt.StartTime != tgt.StartTime {
+		c.tgt = tgt
+		clear(c.conns)
+		c.owners.SetTarget(tgt)
 	}
-	if err := c.open(tgt); err != nil {
+	if err := c.cycleOnce(ctx, tgt); err != nil {
 		return err
 	}
-	if err := c.dump(ctx); err != nil {
-		c.closeFD() // a broken or half-read socket is reopened next time
-		return fmt.Errorf("sock_diag dump: %w", err)
+	if len(c.agg.missing) > 0 || c.cycle == 1 {
+		if c.owners.Refresh(time.Now(), c.agg.missing) > 0 && c.cycle == 1 {
+			// The first cycle ran with an empty index: run it again now
+			// that it knows the namespace, rather than report every
+			// socket as unknown for a cycle.
+			return c.cycleOnce(ctx, tgt)
+		}
 	}
-	if c.agg.truncated {
-		// The rest of the dump is still queued on the socket: dropping
-		// the socket is cheaper than reading it.
-		c.closeFD()
+	return nil
+}
+
+// cycleOnce dumps and aggregates; the result is in c.agg, c.top*, c.other*.
+func (c *socketsCollector) cycleOnce(ctx context.Context, tgt target.Process) error {
+	if c.conn != nil && c.conn.Netns() != tgt.NetnsIno {
+		c.closeConn()
+		c.sticky = c.sticky[:0]
+	}
+	if c.conn == nil {
+		conn, err := sockdiag.Open(c.procRoot, tgt.PID, tgt.NetnsIno)
+		if err != nil {
+			return err
+		}
+		c.conn = conn
+	}
+	c.cycle++
+	c.agg.reset(c.sticky)
+	err := c.conn.Dump(ctx, sockdiag.AllStates, true, c.add)
+	switch {
+	case errors.Is(err, sockdiag.ErrStopped):
+		// MaxSockets: the Conn closed itself (the rest of the answer was
+		// queued on it); it is reopened next cycle.
+		c.conn = nil
 		c.truncated++
+	case errors.Is(err, sockdiag.ErrInterrupted):
+		// Counts of a table that changed under the walk are still the
+		// best this cycle has.
+	case err != nil:
+		c.conn = nil // closed by Dump
+		return err
 	}
+	c.pruneConns()
 	c.rank()
 	return nil
 }
 
-// open makes sure c.fd is a sock_diag socket in the target's netns. A
-// netlink socket stays in the namespace it was created in, so this happens
-// once per namespace (and after a truncated dump), not per cycle.
+// add accounts one socket. It returns false, and marks the cycle
+// truncated, when MaxSockets were already seen.
 //
-// When the thread it runs on is already in the target's namespace, the
-// socket is made there: no setns, which needs CAP_SYS_ADMIN. That is asked
-// of the thread, not of /proc/self/ns/net (selfNetnsIno): the latter is
-// the main thread's namespace, and a goroutine that joined another one
-// may be running there (see inNetns).
-func (c *socketsCollector) open(tgt target.Process) error {
-	if c.fd >= 0 {
-		return nil
+// A socket's local port is "listening" when a LISTEN socket on that port
+// came earlier in the dump. The kernel dumps a family's listening hash
+// before its established hash, and an accepted socket has the family of its
+// listener (a v4 client of a dual-stack [::] listener is a v4-mapped
+// AF_INET6 socket), so the listener always comes first.
+func (c *socketsCollector) add(s *sockdiag.Socket) bool {
+	a := c.agg
+	if a.total >= a.maxSockets {
+		a.truncated = true
+		return false
 	}
-	fd := -1
-	sock := func() error {
-		var err error
-		fd, err = unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
-		return err
+	a.total++
+	st := s.State
+	if int(st) >= tcpStCount || st == 0 {
+		return true // unknown state: in the total only
 	}
-	here := func() (bool, error) {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		var st unix.Stat_t
-		if tgt.NetnsIno != 0 && (unix.Stat("/proc/thread-self/ns/net", &st) != nil || st.Ino != tgt.NetnsIno) {
-			return false, nil
+	var p *portAgg
+	outbound := false
+	o := slotUnknown // the owner of an outbound socket
+	switch i := a.portSlot[s.LocalPort]; {
+	case i != 0:
+		p = &a.ports[i-1]
+		if st == sockdiag.Listen && p.owner != slotTarget {
+			// Another LISTEN socket of the same port (SO_REUSEPORT, or
+			// v4 and v6): the target's claim wins.
+			if lo := c.ownerOf(s.Inode); lo != slotUnknown {
+				p.owner = lo
+			}
 		}
-		return true, sock() // the target's namespace, or unknown: the agent's
-	}
-	done, err := here()
-	if !done {
-		ns, oerr := openTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno)
-		if oerr != nil {
-			return oerr
+	case st == sockdiag.Listen:
+		a.ports = append(a.ports, portAgg{port: s.LocalPort, owner: c.ownerOf(s.Inode)})
+		a.portSlot[s.LocalPort] = int32(len(a.ports))
+		p = &a.ports[len(a.ports)-1]
+	default:
+		outbound = true
+		k := connKey{lport: s.LocalPort, rport: s.RemotePort, raddr: s.Remote}
+		if s.Inode != 0 {
+			o = c.ownerOf(s.Inode)
+			if o == slotTarget && (len(c.conns) < c.o.MaxTrackedConns || c.conns[k] != 0) {
+				c.conns[k] = c.cycle
+			}
+		} else if _, ok := c.conns[k]; ok {
+			o = slotTarget // a connection the target held, closed since
 		}
-		err = inNetns(ns, sock)
-		ns.Close()
+		p = &a.ephemeral[o]
 	}
-	if err != nil {
-		return fmt.Errorf("open sock_diag socket in netns %d: %w", tgt.NetnsIno, err)
+	p.states[st]++
+	p.total++
+	if info := s.Info; info != nil {
+		p.retrans += uint32(info[sockdiag.TCPInfoRetransmits])
+		if st == tcpStCloseWait {
+			age := min(binary.NativeEndian.Uint32(info[sockdiag.TCPInfoLastDataRecv:]), binary.NativeEndian.Uint32(info[sockdiag.TCPInfoLastAckRecv:]))
+			p.closeWaitMaxMs = max(p.closeWaitMaxMs, age)
+		}
 	}
-	c.fd, c.fdIno = fd, tgt.NetnsIno
-	return nil
+	ri := remoteStateIdx[st]
+	if !outbound || ri < 0 {
+		return true
+	}
+	r := a.remote(remoteKey{addr: s.Remote, port: s.RemotePort, owner: o})
+	r.states[ri]++
+	r.sum++
+	if st == tcpStEstablished && s.Info != nil {
+		idle := min(binary.NativeEndian.Uint32(s.Info[sockdiag.TCPInfoLastDataSent:]), binary.NativeEndian.Uint32(s.Info[sockdiag.TCPInfoLastDataRecv:]))
+		r.idleMaxMs = max(r.idleMaxMs, idle)
+	}
+	return true
 }
 
-// dump reads every TCP socket of the namespace into c.agg.
-//
-// It asks with one inet_diag v1 request (TCPDIAG_GETSOCK), which the kernel
-// answers for both families in a single walk of its socket hashes. With
-// v2 requests (SOCK_DIAG_BY_FAMILY), one per family, the kernel walks the
-// established hash, which both families and every namespace share, once
-// for each, touching every socket twice: at 100k TIME_WAIT sockets a cycle
-// took 37-39 ms that way against 28-37 ms with v1 (2 loaded cores), nearly
-// all of it in the kernel's walk (BenchmarkSockets100kTimeWait). A kernel
-// that refuses v1 gets the two v2 requests.
-func (c *socketsCollector) dump(ctx context.Context) error {
-	timeout := diagTimeout // per read: a big dump is many reads
-	if dl, ok := ctx.Deadline(); ok {
-		timeout = max(min(timeout, time.Until(dl)), time.Millisecond)
+// ownerOf is the owner slot of a socket inode; an inode not in the index
+// is unknown this cycle and noted for a refresh.
+func (c *socketsCollector) ownerOf(ino uint32) ownerSlot {
+	if ino == 0 {
+		return slotUnknown
 	}
-	tv := unix.NsecToTimeval(int64(timeout))
-	if err := unix.SetsockoptTimeval(c.fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		return fmt.Errorf("SO_RCVTIMEO: %w", err)
-	}
-	c.agg.reset(c.sticky)
-	if !c.noV1 {
-		err := c.request(ctx, tcpDiagGetSock, unix.AF_UNSPEC)
-		if err == nil || c.agg.total > 0 || !(errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EOPNOTSUPP)) {
-			return err
+	o, ok := c.owners.Owner(ino)
+	if !ok {
+		if len(c.agg.missing) < maxMissing {
+			c.agg.missing = append(c.agg.missing, ino)
 		}
-		c.noV1 = true
-		c.agg.reset(c.sticky)
+		return slotUnknown
 	}
-	// IPv6 first: nothing depends on it (a connection has the family of
-	// the listener that accepted it), but it keeps the order of v1.
-	for _, fam := range [...]uint8{unix.AF_INET6, unix.AF_INET} {
-		err := c.request(ctx, unix.SOCK_DIAG_BY_FAMILY, fam)
-		if fam == unix.AF_INET6 && errors.Is(err, unix.ENOENT) {
-			continue // IPv6 disabled: nothing to dump
+	switch o.Role {
+	case target.RoleTarget:
+		return slotTarget
+	case target.RoleAgent:
+		return slotAgent
+	case target.RoleOther:
+		if s, ok := c.slotOf[o.Comm]; ok {
+			return s
 		}
-		if err != nil || c.agg.truncated {
-			return err
+		if len(c.slotOf) >= c.o.MaxOwners {
+			return c.otherSlot()
 		}
+		s := ownerSlot(len(c.slotLabels))
+		c.slotLabels = append(c.slotLabels, o.Label())
+		c.slotOf[o.Comm] = s
+		return s
 	}
-	return nil
+	return slotUnknown
 }
 
-// request sends one dump request, v1 (typ TCPDIAG_GETSOCK, both families)
-// or v2 (typ SOCK_DIAG_BY_FAMILY, one family), for every TCP state with
-// tcp_info, and reads the answer into c.agg.
-func (c *socketsCollector) request(ctx context.Context, typ uint16, family uint8) error {
-	c.seq++
-	r := c.req[:]
-	clear(r)
-	q := r[unix.NLMSG_HDRLEN:]
-	if typ == tcpDiagGetSock { // struct inet_diag_req
-		r = r[:unix.NLMSG_HDRLEN+inetDiagReqV1Len]
-		q[0] = family
-		q[3] = 1 << (inetDiagInfo - 1)
-		binary.NativeEndian.PutUint32(q[52:56], tcpStatesAll)
-	} else { // struct inet_diag_req_v2
-		r = r[:unix.NLMSG_HDRLEN+inetDiagReqV2Len]
-		q[0] = family
-		q[1] = unix.IPPROTO_TCP
-		q[2] = 1 << (inetDiagInfo - 1)
-		binary.NativeEndian.PutUint32(q[4:8], tcpStatesAll)
+// otherSlot is the slot of processes past MaxOwners, labelled "other".
+func (c *socketsCollector) otherSlot() ownerSlot {
+	if s, ok := c.slotOf["\x00other"]; ok {
+		return s
 	}
-	binary.NativeEndian.PutUint32(r[0:4], uint32(len(r)))
-	binary.NativeEndian.PutUint16(r[4:6], typ)
-	binary.NativeEndian.PutUint16(r[6:8], unix.NLM_F_REQUEST|unix.NLM_F_DUMP)
-	binary.NativeEndian.PutUint32(r[8:12], c.seq)
-	for {
-		_, err := unix.Write(c.fd, r)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("send request: %w", err)
-		}
-		break
+	s := ownerSlot(len(c.slotLabels))
+	c.slotLabels = append(c.slotLabels, labelOther)
+	c.slotOf["\x00other"] = s
+	return s
+}
+
+// pruneConns forgets connections of the target not seen for two minutes:
+// a time-wait socket lasts one (TCP_TIMEWAIT_LEN).
+func (c *socketsCollector) pruneConns() {
+	const keepCycles = 120
+	if c.cycle%16 != 0 {
+		return // pruning walks the map: not every cycle
 	}
-	for {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		n, err := unix.Read(c.fd, c.buf)
-		switch {
-		case err == unix.EINTR:
-			continue
-		case err == unix.EAGAIN:
-			return fmt.Errorf("no answer in time: %w", err)
-		case err != nil:
-			return err
-		case n == 0:
-			return fmt.Errorf("sock_diag socket closed")
-		}
-		done, err := parseDiagBatch(c.buf[:n], c.seq, c.agg)
-		if done || err != nil {
-			return err
+	for k, seen := range c.conns {
+		if c.cycle-seen > keepCycles {
+			delete(c.conns, k)
 		}
 	}
 }
 
 // rank picks the listening ports and remotes that get series of their
-// own, the busiest first, and sums the others into otherPort, otherRem.
+// own, the target's first, then the busiest, and sums the others into
+// otherPort, otherRem by owner.
 func (c *socketsCollector) rank() {
 	a := c.agg
+	first := func(o ownerSlot) int {
+		if o == slotTarget {
+			return 0
+		}
+		return 1
+	}
 	c.topPorts = topIndices(c.topPorts[:0], len(a.ports), c.o.MaxPorts, func(i, j int32) int {
+		if d := cmp.Compare(first(a.ports[i].owner), first(a.ports[j].owner)); d != 0 {
+			return d
+		}
 		if d := cmp.Compare(a.ports[j].total, a.ports[i].total); d != 0 {
 			return d
 		}
@@ -650,14 +591,17 @@ func (c *socketsCollector) rank() {
 	for _, i := range c.topPorts {
 		a.ports[i].top = true
 	}
-	c.otherPort = portAgg{}
+	clear(c.otherPort[:])
 	for i := range a.ports {
 		if !a.ports[i].top {
-			c.otherPort.merge(&a.ports[i])
+			c.otherPort[a.ports[i].owner].merge(&a.ports[i])
 		}
 	}
 
 	c.topRemotes = topIndices(c.topRemotes[:0], len(a.remotes), c.o.MaxRemotes, func(i, j int32) int {
+		if d := cmp.Compare(first(a.remotes[i].key.owner), first(a.remotes[j].key.owner)); d != 0 {
+			return d
+		}
 		if d := cmp.Compare(a.remotes[j].sum, a.remotes[i].sum); d != 0 {
 			return d
 		}
@@ -671,7 +615,7 @@ func (c *socketsCollector) rank() {
 	c.otherRem = a.untracked
 	for i := range a.remotes {
 		if !a.remotes[i].top {
-			c.otherRem.merge(&a.remotes[i])
+			c.otherRem[a.remotes[i].key.owner].merge(&a.remotes[i])
 		}
 	}
 }
@@ -702,14 +646,35 @@ func topIndices(dst []int32, n, k int, cmpf func(i, j int32) int, ok func(int32)
 func (c *socketsCollector) write(store *signals.Store, now time.Time, took time.Duration) {
 	a := c.agg
 	clear(c.present)
+	var target [tcpStCount]uint32
 	for _, i := range c.topPorts {
-		c.writePort(store, now, strconv.Itoa(int(a.ports[i].port)), &a.ports[i])
+		p := &a.ports[i]
+		c.writePort(store, now, c.slotLabels[p.owner], strconv.Itoa(int(p.port)), p)
 	}
-	c.writePort(store, now, portEphemeral, &a.ephemeral)
-	if c.otherPort.total > 0 {
-		c.writePort(store, now, labelOther, &c.otherPort)
+	for i := range a.ports {
+		if a.ports[i].owner == slotTarget {
+			for st, n := range a.ports[i].states {
+				target[st] += n
+			}
+		}
+	}
+	for o := range c.slotLabels {
+		if e := &a.ephemeral[o]; e.total > 0 || c.portSeries[seriesKey{c.slotLabels[o], portEphemeral}] != 0 {
+			c.writePort(store, now, c.slotLabels[o], portEphemeral, e)
+		}
+		if c.otherPort[o].total > 0 {
+			c.writePort(store, now, c.slotLabels[o], labelOther, &c.otherPort[o])
+		}
+	}
+	for st, n := range a.ephemeral[slotTarget].states {
+		target[st] += n
 	}
 	c.forget(store, c.portSeries, "port", tcpSocketsByPortDesc, tcpCloseWaitOldestDesc, tcpRetransmitsCurrentDesc)
+	for st := 1; st < tcpStCount; st++ {
+		if name := sockdiag.StateNames[st]; name != "" && st != sockdiag.Close {
+			store.Put(processTCPSocketsDesc, signals.L("state", name), float64(target[st]), now)
+		}
+	}
 
 	clear(c.present)
 	labels := c.remoteLabels
@@ -722,71 +687,76 @@ func (c *socketsCollector) write(store *signals.Store, now time.Time, took time.
 		r := &a.remotes[i]
 		l, ok := labels[r.key]
 		if !ok {
-			l = r.key.String()
+			l = r.key.endpoint()
 			labels[r.key] = l
 		}
-		c.writeRemote(store, now, l, r)
+		c.writeRemote(store, now, c.slotLabels[r.key.owner], l, r)
 	}
-	if c.otherRem.sum > 0 {
-		c.writeRemote(store, now, labelOther, &c.otherRem)
+	for o := range c.slotLabels {
+		if c.otherRem[o].sum > 0 {
+			c.writeRemote(store, now, c.slotLabels[o], labelOther, &c.otherRem[o])
+		}
 	}
 	c.forget(store, c.remoteSeries, "remote", tcpSocketsByRemoteDesc, tcpEstablishedIdleDesc)
 
 	store.Put(tcpSocketsDumpedDesc, nil, float64(a.total), now)
 	store.Put(socketsDumpSecondsDesc, nil, took.Seconds(), now)
 	store.Put(socketsDumpTruncatedDesc, nil, float64(c.truncated), now)
+	store.Put(socketOwnerFDsReadDesc, nil, float64(c.owners.Stats().FDsRead), now)
 }
 
-func (c *socketsCollector) writePort(store *signals.Store, now time.Time, port string, p *portAgg) {
-	mask := c.portSeries[port]
+func (c *socketsCollector) writePort(store *signals.Store, now time.Time, owner, port string, p *portAgg) {
+	k := seriesKey{owner, port}
+	mask := c.portSeries[k]
 	for st := 1; st < tcpStCount; st++ {
 		if p.states[st] > 0 {
 			mask |= 1 << st
 		}
 		if mask&(1<<st) != 0 {
-			store.Put(tcpSocketsByPortDesc, signals.L("port", port, "state", tcpStateNames[st]), float64(p.states[st]), now)
+			store.Put(tcpSocketsByPortDesc, signals.L("owner", owner, "port", port, "state", sockdiag.StateNames[st]), float64(p.states[st]), now)
 		}
 	}
-	c.portSeries[port] = mask
-	c.present[port] = true
-	ls := signals.L("port", port)
+	c.portSeries[k] = mask
+	c.present[k] = true
+	ls := signals.L("owner", owner, "port", port)
 	store.Put(tcpCloseWaitOldestDesc, ls, float64(p.closeWaitMaxMs)/1000, now)
 	store.Put(tcpRetransmitsCurrentDesc, ls, float64(p.retrans), now)
 }
 
-func (c *socketsCollector) writeRemote(store *signals.Store, now time.Time, remote string, r *remoteAgg) {
-	mask := c.remoteSeries[remote]
+func (c *socketsCollector) writeRemote(store *signals.Store, now time.Time, owner, remote string, r *remoteAgg) {
+	k := seriesKey{owner, remote}
+	mask := c.remoteSeries[k]
 	for i, st := range remoteStates {
 		if r.states[i] > 0 {
 			mask |= 1 << i
 		}
 		if mask&(1<<i) != 0 {
-			store.Put(tcpSocketsByRemoteDesc, signals.L("remote", remote, "state", tcpStateNames[st]), float64(r.states[i]), now)
+			store.Put(tcpSocketsByRemoteDesc, signals.L("owner", owner, "remote", remote, "state", sockdiag.StateNames[st]), float64(r.states[i]), now)
 		}
 	}
-	c.remoteSeries[remote] = mask
-	c.present[remote] = true
-	store.Put(tcpEstablishedIdleDesc, signals.L("remote", remote), float64(r.idleMaxMs)/1000, now)
+	c.remoteSeries[k] = mask
+	c.present[k] = true
+	store.Put(tcpEstablishedIdleDesc, signals.L("owner", owner, "remote", remote), float64(r.idleMaxMs)/1000, now)
 }
 
-// forget drops the series of the label values (of label) in written that were not
-// written this cycle (c.present), so that churning ports and remotes do
-// not grow the store.
-func (c *socketsCollector) forget(store *signals.Store, written map[string]uint16, label string, descs ...*signals.Desc) {
-	var gone map[string]bool
-	for v := range written {
-		if !c.present[v] {
+// forget drops the series of the keys in written that were not written
+// this cycle (c.present), so that churning ports and remotes do not grow
+// the store.
+func (c *socketsCollector) forget(store *signals.Store, written map[seriesKey]uint16, label string, descs ...*signals.Desc) {
+	var gone map[seriesKey]bool
+	for k := range written {
+		if !c.present[k] {
 			if gone == nil {
-				gone = map[string]bool{}
+				gone = map[seriesKey]bool{}
 			}
-			gone[v] = true
-			delete(written, v)
+			gone[k] = true
+			delete(written, k)
 		}
 	}
 	if gone == nil {
 		return
 	}
 	for _, d := range descs {
-		store.Forget(d.Name, func(ls signals.Labels) bool { return !gone[ls.Get(label)] })
+		store.Forget(d.Name, func(ls signals.Labels) bool { return !gone[seriesKey{ls.Get("owner"), ls.Get(label)}] })
 	}
 }

@@ -52,7 +52,7 @@ func BenchmarkSockets100kTimeWait(b *testing.B) {
 	if err := c.Collect(context.Background(), tgt, store); err != nil {
 		b.Fatal(err)
 	}
-	tw, _ := store.Latest(tcpSocketsByPortDesc.Name, signals.L("port", portEphemeral, "state", "TIME_WAIT"))
+	tw, _ := store.Latest(tcpSocketsByPortDesc.Name, signals.L("owner", "unknown", "port", portEphemeral, "state", "TIME_WAIT"))
 	if tw.V < benchTimeWait {
 		b.Fatalf("%v TIME_WAIT sockets in the namespace, want %d", tw.V, benchTimeWait)
 	}
@@ -64,7 +64,7 @@ func BenchmarkSockets100kTimeWait(b *testing.B) {
 		}
 	}
 
-	if c.noV1 {
+	if !c.conn.UsesV1() {
 		b.Error("the kernel refused the inet_diag v1 request")
 	}
 	b.Run("culprit", func(b *testing.B) {
@@ -84,7 +84,10 @@ func BenchmarkSockets100kTimeWait(b *testing.B) {
 	// kernel that refuses v1.
 	c2 := newSocketsCollector(Options{}, SocketsOptions{})
 	defer c2.Close()
-	c2.noV1 = true
+	if err := c2.Collect(context.Background(), tgt, store); err != nil {
+		b.Fatal(err)
+	}
+	c2.conn.UseV2()
 	b.Run("culprit_v2", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
@@ -254,7 +257,7 @@ func TestSocketsBenchSetup(t *testing.T) {
 	}
 	h := newSocketsHarness(t, target.Process{PID: ns.tid, NetnsIno: ns.ino}, SocketsOptions{})
 	// The listeners are closed by now: only the client sides are left.
-	h.until("tcp_sockets", "port", "state", map[string]float64{"ephemeral/TIME_WAIT": float64(made)})
+	h.until("tcp_sockets", map[string]float64{"unknown/ephemeral/TIME_WAIT": float64(made)}, "owner", "port", "state")
 	ssPath, err := exec.LookPath("ss")
 	if err != nil {
 		t.Skipf("SKIP: ss (iproute2) is not installed: %v", err)

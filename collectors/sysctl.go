@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/sockdiag"
 	"github.com/culprit-dev/culprit/target"
 )
 
@@ -102,15 +103,10 @@ func readSysctls(procRoot string) ([]sample, error) {
 // has joined the target's namespace.
 type sysctlCollector struct {
 	procRoot string
-	selfIno  uint64
 }
 
 func newSysctlCollector(o Options) (*sysctlCollector, error) {
-	ino, err := selfNetnsIno()
-	if err != nil {
-		return nil, err
-	}
-	return &sysctlCollector{procRoot: procRootOf(o), selfIno: ino}, nil
+	return &sysctlCollector{procRoot: procRootOf(o)}, nil
 }
 
 func (c *sysctlCollector) Name() string { return "sysctl" }
@@ -127,17 +123,12 @@ func (c *sysctlCollector) Collect(_ context.Context, tgt target.Process, store *
 	return nil
 }
 
+// read reads the sysctls on a thread in the target's namespace: the
+// calling one when it is already there (asked of the thread, not of
+// /proc/self: that is the main thread's namespace), else one that joins it.
 func (c *sysctlCollector) read(tgt target.Process) ([]sample, error) {
-	if tgt.NetnsIno == 0 || tgt.NetnsIno == c.selfIno {
-		return readSysctls(c.procRoot)
-	}
-	ns, err := openTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno)
-	if err != nil {
-		return nil, err
-	}
-	defer ns.Close()
 	var ss []sample
-	err = inNetns(ns, func() error {
+	err := sockdiag.InTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno, func() error {
 		var rerr error
 		ss, rerr = readSysctls(c.procRoot)
 		return rerr

@@ -13,6 +13,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/sockdiag"
 	"github.com/culprit-dev/culprit/target"
 )
 
@@ -79,7 +80,7 @@ func TestSysctlCollectorSameNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := signals.New(4, 100)
-	if err := c.Collect(context.Background(), target.Process{PID: fixturePID, NetnsIno: c.selfIno}, store); err != nil {
+	if err := c.Collect(context.Background(), target.Process{PID: fixturePID}, store); err != nil {
 		t.Fatal(err)
 	}
 	if got, ok := store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_max_syn_backlog")); !ok || got.V != 2048 {
@@ -123,12 +124,12 @@ func TestSysctlOtherNetns(t *testing.T) {
 	own := readIntFile(t, "/proc/sys/net/core/somaxconn")
 	want := own + 1234
 
-	ns, err := openTargetNetns("/proc", s.PID, tgt.NetnsIno)
+	ns, err := sockdiag.OpenNetns("/proc", s.PID, tgt.NetnsIno)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ns.Close()
-	err = inNetns(ns, func() error {
+	err = sockdiag.InNetns(ns, func() error {
 		return os.WriteFile("/proc/sys/net/core/somaxconn", []byte(strconv.Itoa(want)), 0o644)
 	})
 	if err != nil {

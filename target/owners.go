@@ -1,0 +1,347 @@
+package target
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Role says whose a socket is, as far as findings are concerned.
+type Role uint8
+
+const (
+	// RoleUnknown: no visible process holds it (a time-wait or request
+	// socket, one closed since, or a process in another PID namespace).
+	RoleUnknown Role = iota
+	// RoleTarget: the target or one of its children holds it.
+	RoleTarget
+	// RoleAgent: culprit itself holds it (its API, its scrapes). Never in
+	// a finding.
+	RoleAgent
+	// RoleOther: another process of the namespace (a sidecar, a mesh
+	// proxy, a log shipper).
+	RoleOther
+)
+
+// Owner is the process holding a socket.
+type Owner struct {
+	Role Role
+	PID  int
+	Comm string
+}
+
+// Label is the owner as a metric label value: "target", "agent", the
+// command name of another process, or "unknown".
+func (o Owner) Label() string {
+	switch o.Role {
+	case RoleTarget:
+		return "target"
+	case RoleAgent:
+		return "agent"
+	case RoleOther:
+		if o.Comm != "" {
+			return o.Comm
+		}
+		return "pid " + strconv.Itoa(o.PID)
+	}
+	return "unknown"
+}
+
+// SocketOwnersOptions bound what finding owners may cost. Zero fields take
+// the defaults.
+type SocketOwnersOptions struct {
+	// TargetRescan is the least time between two readings of the target's
+	// (and the agent's) fd tables, which happen only when a dump met a
+	// socket inode nobody was known to hold. Default 1s.
+	TargetRescan time.Duration
+	// OthersRescan is the same for every other process of the namespace,
+	// which only label metrics. Default 10s.
+	OthersRescan time.Duration
+	// MaxInodes bounds the inodes remembered (the memory bound); a scan
+	// stops adding past it. Default 1<<20.
+	MaxInodes int
+	// MaxChildren bounds the target's children counted as the target (a
+	// prefork server's workers). Default 15, as the probes watch.
+	MaxChildren int
+}
+
+func (o SocketOwnersOptions) withDefaults() SocketOwnersOptions {
+	if o.TargetRescan <= 0 {
+		o.TargetRescan = time.Second
+	}
+	if o.OthersRescan <= 0 {
+		o.OthersRescan = 10 * time.Second
+	}
+	if o.MaxInodes <= 0 {
+		o.MaxInodes = 1 << 20
+	}
+	if o.MaxChildren <= 0 {
+		o.MaxChildren = 15
+	}
+	return o
+}
+
+// SocketOwners maps socket inodes to the processes that hold them, by
+// reading the fd tables of the processes the agent can see (in a pod with
+// shareProcessNamespace, every container's). In a pod the network
+// namespace is shared by every container, so sockets alone say nothing of
+// whose they are: a finding about a mesh proxy's connections, or the
+// agent's own, is a finding about the wrong program.
+//
+// Reading fd tables costs one readlink per descriptor, so it happens only
+// when a dump met an inode it does not know (Refresh), at most every
+// TargetRescan for the target's and the agent's own tables and every
+// OthersRescan for everyone else's. Inodes nobody was found holding are
+// remembered as unknown until the next full scan, so a socket of a process
+// the agent cannot see does not cause a scan per cycle. Safe for
+// concurrent use.
+type SocketOwners struct {
+	procRoot string
+	self     int
+	o        SocketOwnersOptions
+
+	mu        sync.RWMutex
+	tgt       Process
+	group     []int
+	groupAt   time.Time
+	byGroup   map[uint32]int // inode -> pid of the target group or the agent
+	byOther   map[uint32]int // inode -> pid of another process
+	unknown   map[uint32]bool
+	comms     map[int]string
+	targetAt  time.Time
+	othersAt  time.Time
+	link      []byte
+	scanned   uint64
+	truncated bool
+}
+
+// NewSocketOwners reads fd tables under procRoot (normally /proc).
+func NewSocketOwners(procRoot string, o SocketOwnersOptions) *SocketOwners {
+	return &SocketOwners{
+		procRoot: procRoot,
+		self:     os.Getpid(),
+		o:        o.withDefaults(),
+		byGroup:  map[uint32]int{},
+		byOther:  map[uint32]int{},
+		unknown:  map[uint32]bool{},
+		comms:    map[int]string{},
+		link:     make([]byte, 64),
+	}
+}
+
+// SetTarget says whose sockets are the target's: p and its children. A new
+// process forgets what was known.
+func (s *SocketOwners) SetTarget(p Process) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.tgt.PID == p.PID && s.tgt.StartTime == p.StartTime {
+		return
+	}
+	s.tgt = p
+	s.group = nil
+	s.groupAt = time.Time{}
+	clear(s.byGroup)
+	clear(s.byOther)
+	clear(s.unknown)
+	clear(s.comms)
+	s.targetAt, s.othersAt = time.Time{}, time.Time{}
+}
+
+// Owner returns who holds the socket with that inode, from what is known;
+// ok is false for an inode not yet looked for (Refresh then helps).
+func (s *SocketOwners) Owner(ino uint32) (Owner, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.ownerLocked(ino)
+}
+
+func (s *SocketOwners) ownerLocked(ino uint32) (Owner, bool) {
+	if ino == 0 {
+		return Owner{}, true
+	}
+	if pid, ok := s.byGroup[ino]; ok {
+		if pid == s.self && !s.inGroup(pid) {
+			return Owner{Role: RoleAgent, PID: pid, Comm: "culprit"}, true
+		}
+		return Owner{Role: RoleTarget, PID: pid, Comm: s.comms[pid]}, true
+	}
+	if pid, ok := s.byOther[ino]; ok {
+		return Owner{Role: RoleOther, PID: pid, Comm: s.comms[pid]}, true
+	}
+	return Owner{}, s.unknown[ino]
+}
+
+// Group is the target and its children, as last read.
+func (s *SocketOwners) Group() []int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return append([]int(nil), s.group...)
+}
+
+// IsTarget reports whether pid is the target or one of its children.
+func (s *SocketOwners) IsTarget(pid int) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	for _, p := range s.group {
+		if p == pid {
+			return true
+		}
+	}
+	return false
+}
+
+// Refresh reads fd tables again when missing inodes were met and the rate
+// limits allow: the target's and the agent's first, everyone else's less
+// often. It returns how many fd table entries it read (the cost).
+func (s *SocketOwners) Refresh(now time.Time, missing []uint32) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.tgt.PID == 0 {
+		return 0
+	}
+	read := 0
+	if now.Sub(s.groupAt) >= s.o.TargetRescan || s.group == nil {
+		s.group = append(append(s.group[:0], s.tgt.PID), Children(s.procRoot, s.tgt.PID, s.o.MaxChildren)...)
+		s.groupAt = now
+	}
+	var need []uint32
+	for _, ino := range missing {
+		if _, ok := s.ownerLocked(ino); !ok {
+			need = append(need, ino)
+		}
+	}
+	first := s.targetAt.IsZero()
+	if (len(need) > 0 || first) && now.Sub(s.targetAt) >= s.o.TargetRescan {
+		clear(s.byGroup)
+		// The agent first: a socket both hold (inherited) is the target's.
+		if !s.inGroup(s.self) {
+			read += s.scanPID(s.self, s.byGroup)
+		}
+		for _, pid := range s.group {
+			read += s.scanPID(pid, s.byGroup)
+		}
+		s.targetAt = now
+		need = need[:0]
+		for _, ino := range missing {
+			if _, ok := s.ownerLocked(ino); !ok {
+				need = append(need, ino)
+			}
+		}
+	}
+	if (len(need) > 0 || s.othersAt.IsZero()) && now.Sub(s.othersAt) >= s.o.OthersRescan {
+		read += s.scanOthers()
+		s.othersAt = now
+		for _, ino := range need {
+			if _, ok := s.ownerLocked(ino); !ok && len(s.unknown) < s.o.MaxInodes {
+				s.unknown[ino] = true // nobody visible holds it: do not look again until the next full scan
+			}
+		}
+	}
+	s.scanned += uint64(read)
+	return read
+}
+
+// scanOthers reads the fd table of every visible process in the target's
+// network namespace but the target group and the agent.
+func (s *SocketOwners) scanOthers() int {
+	clear(s.byOther)
+	clear(s.unknown)
+	for pid := range s.comms {
+		if !s.inGroup(pid) {
+			delete(s.comms, pid)
+		}
+	}
+	d, err := os.Open(s.procRoot)
+	if err != nil {
+		return 0
+	}
+	names, _ := d.Readdirnames(-1)
+	d.Close()
+	read := 0
+	for _, n := range names {
+		pid, err := strconv.Atoi(n)
+		if err != nil || pid == s.self || s.inGroup(pid) {
+			continue
+		}
+		if s.tgt.NetnsIno != 0 {
+			var st syscall.Stat_t
+			if syscall.Stat(filepath.Join(s.procRoot, n, "ns", "net"), &st) != nil || st.Ino != s.tgt.NetnsIno {
+				continue
+			}
+		}
+		read += s.scanPID(pid, s.byOther)
+	}
+	return read
+}
+
+func (s *SocketOwners) inGroup(pid int) bool {
+	for _, p := range s.group {
+		if p == pid {
+			return true
+		}
+	}
+	return false
+}
+
+// scanPID adds the socket inodes pid holds to m and learns its command
+// name. Threads share the fd table, so /proc/PID/fd covers them all.
+func (s *SocketOwners) scanPID(pid int, m map[uint32]int) int {
+	dir := filepath.Join(s.procRoot, strconv.Itoa(pid), "fd")
+	d, err := os.Open(dir)
+	if err != nil {
+		return 0
+	}
+	names, _ := d.Readdirnames(-1)
+	d.Close()
+	if _, ok := s.comms[pid]; !ok {
+		if b, err := os.ReadFile(filepath.Join(s.procRoot, strconv.Itoa(pid), "comm")); err == nil {
+			s.comms[pid] = string(bytes.TrimSpace(b))
+		}
+	}
+	prefix := []byte("socket:[")
+	for _, n := range names {
+		if len(m) >= s.o.MaxInodes {
+			s.truncated = true
+			break
+		}
+		k, err := syscall.Readlink(dir+"/"+n, s.link)
+		if err != nil || k < len(prefix)+2 || k >= len(s.link) || !bytes.HasPrefix(s.link[:k], prefix) {
+			continue
+		}
+		if ino, ok := parseInode(s.link[len(prefix) : k-1]); ok {
+			m[ino] = pid
+		}
+	}
+	return len(names)
+}
+
+func parseInode(b []byte) (uint32, bool) {
+	if len(b) == 0 || len(b) > 10 {
+		return 0, false
+	}
+	var v uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		v = v*10 + uint64(c-'0')
+	}
+	return uint32(v), v <= 1<<32-1
+}
+
+// Stats are the index's size and cost, for the agent's own metrics.
+type SocketOwnersStats struct {
+	Inodes    int
+	FDsRead   uint64
+	Truncated bool
+}
+
+func (s *SocketOwners) Stats() SocketOwnersStats {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return SocketOwnersStats{Inodes: len(s.byGroup) + len(s.byOther), FDsRead: s.scanned, Truncated: s.truncated}
+}

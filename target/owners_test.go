@@ -1,0 +1,140 @@
+package target
+
+import (
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// socketInode is the inode of a connection or listener's socket.
+func socketInode(t *testing.T, f *os.File) uint32 {
+	t.Helper()
+	link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 32)
+	if err != nil {
+		t.Fatalf("%s: %v", link, err)
+	}
+	return uint32(n)
+}
+
+// holder starts a process that holds files (a sleep given them as extra
+// descriptors) and returns it.
+func holder(t *testing.T, files ...*os.File) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command("sleep", "300")
+	cmd.ExtraFiles = files
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd
+}
+
+// Sockets held by the target, by a neighbour and by the agent itself are
+// told apart by reading fd tables; an inode nobody holds is remembered as
+// unknown, and looked for again only after OthersRescan.
+func TestSocketOwners(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	files := func() *os.File {
+		f, err := l.(*net.TCPListener).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	tf, nf := files(), files()
+	sharedIno := socketInode(t, tf)
+	// Three more listeners, one each: the target's, the neighbour's, ours.
+	mk := func() (*os.File, uint32) {
+		ll, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := ll.(*net.TCPListener).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		ll.Close()
+		return f, socketInode(t, f)
+	}
+	tgtF, tgtIno := mk()
+	nbF, nbIno := mk()
+	ownF, ownIno := mk()
+	defer ownF.Close()
+	tgtCmd := holder(t, tgtF, tf)
+	nbCmd := holder(t, nbF, nf)
+	tgtF.Close()
+	nbF.Close()
+	tf.Close()
+	nf.Close()
+
+	res, err := NewResolver("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tgt Process
+	for i := 0; i < 50; i++ {
+		if tgt, err = res.Resolve(Selector{PID: tgtCmd.Process.Pid}); err == nil && tgt.Comm == "sleep" {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	o := NewSocketOwners("/proc", SocketOwnersOptions{OthersRescan: time.Hour})
+	o.SetTarget(tgt)
+	if _, ok := o.Owner(tgtIno); ok {
+		t.Fatal("known before any scan")
+	}
+	now := time.Now()
+	if n := o.Refresh(now, []uint32{tgtIno, nbIno, ownIno, 1}); n == 0 {
+		t.Fatal("Refresh read no fd table")
+	}
+	for _, tc := range []struct {
+		ino  uint32
+		role Role
+		pid  int
+	}{
+		{tgtIno, RoleTarget, tgtCmd.Process.Pid},
+		{nbIno, RoleOther, nbCmd.Process.Pid},
+		{ownIno, RoleAgent, os.Getpid()},
+		{1, RoleUnknown, 0}, // nobody holds inode 1 as a socket
+	} {
+		got, ok := o.Owner(tc.ino)
+		if !ok || got.Role != tc.role || got.PID != tc.pid {
+			t.Errorf("inode %d: %+v %v, want role %d pid %d", tc.ino, got, ok, tc.role, tc.pid)
+		}
+	}
+	if got, _ := o.Owner(nbIno); got.Label() != "sleep" {
+		t.Errorf("neighbour label %q, want its command name", got.Label())
+	}
+	// A listener the target, the neighbour and the agent all hold (l) is
+	// the target's: its claim wins.
+	o.Refresh(now, []uint32{sharedIno})
+	if got, _ := o.Owner(sharedIno); got.Role != RoleTarget {
+		t.Errorf("shared listener: %+v, want the target's", got)
+	}
+	// Unknown inodes do not cause a scan per cycle.
+	if n := o.Refresh(now.Add(2*time.Second), []uint32{1}); n == 0 {
+		// The target's table may be read again (its rescan is 1 s); the
+		// others' must not be, which the count below shows.
+		t.Log("no rescan")
+	}
+	before := o.Stats().FDsRead
+	o.Refresh(now.Add(2500*time.Millisecond), []uint32{1})
+	if after := o.Stats().FDsRead; after != before {
+		t.Errorf("an inode known to be nobody's caused a rescan (%d -> %d fds read)", before, after)
+	}
+	if !o.IsTarget(tgtCmd.Process.Pid) || o.IsTarget(nbCmd.Process.Pid) {
+		t.Errorf("IsTarget: group %v", o.Group())
+	}
+}
