@@ -13,7 +13,7 @@ const CauseBlockingCallOnWorker = "blocking_call_on_worker"
 
 // BlockingWorkerOptions ([rules.blocking_worker] in agent.conf).
 type BlockingWorkerOptions struct {
-	Window   time.Duration `toml:"window" range:"[1s,1h]"`       // blocks are looked for over this window
+	Window   time.Duration `toml:"window" range:"[1s,1h]"`      // blocks are looked for over this window
 	MinBlock time.Duration `toml:"min_block" range:"[10ms,1m]"` // a sleep this long on a worker is a blocking call
 }
 

@@ -15,8 +15,8 @@ const CauseCPUHeavyOnWorker = "cpu_heavy_on_worker"
 
 // BusyWorkerOptions ([rules.busy_worker] in agent.conf).
 type BusyWorkerOptions struct {
-	Window  time.Duration `toml:"window" range:"[1s,1h]"`       // runs are looked for over this window
-	MinBusy time.Duration `toml:"min_busy" range:"[10ms,1m]"`  // a run this long without sleeping is CPU work that does not yield
+	Window  time.Duration `toml:"window" range:"[1s,1h]"`     // runs are looked for over this window
+	MinBusy time.Duration `toml:"min_busy" range:"[10ms,1m]"` // a run this long without sleeping is CPU work that does not yield
 	TopN    int           `toml:"top_frames" range:"[1,100]"` // hottest functions named
 }
 

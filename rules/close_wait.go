@@ -38,7 +38,8 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 	var out []Observation
 	from := w.Now.Add(-r.o.Window)
 	for _, ls := range w.Store.Select("tcp_sockets") {
-		if ls.Get("state") != "CLOSE_WAIT" {
+		owner := ls.Get("owner")
+		if ls.Get("state") != "CLOSE_WAIT" || !w.owned(owner) {
 			continue
 		}
 		ss := w.Store.Range("tcp_sockets", ls, from)
@@ -49,7 +50,7 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 		tr, ok := trendOf(ss)
 		growing := ok && tr.increase >= r.o.MinIncrease && tr.steady >= r.o.Steady && tr.span() >= r.o.Window/2
 		port := ls.Get("port")
-		age, _ := w.Store.Latest("tcp_close_wait_oldest_seconds", signals.L("port", port))
+		age, _ := w.Store.Latest("tcp_close_wait_oldest_seconds", signals.L("owner", owner, "port", port))
 		old := cur >= r.o.MinCount && time.Duration(age.V*float64(time.Second)) >= r.o.MinAge
 		if !growing && !old {
 			continue
@@ -58,19 +59,19 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 		if port == "ephemeral" {
 			where = "outbound connections (ephemeral ports)"
 		}
-		how := fmt.Sprintf("%.0f sockets in CLOSE_WAIT", cur)
+		how := count(cur, "socket", "") + " in CLOSE_WAIT"
 		if growing {
-			how += fmt.Sprintf(", %.0f more than %s ago (%.2f/s)", tr.increase, r.o.Window, tr.slope)
+			how += fmt.Sprintf(", %s more than %s ago (%s)", num(tr.increase), duration(r.o.Window), rate(tr.slope))
 		}
 		sev := SeverityWarning
 		if cur >= 10*r.o.MinCount {
 			sev = SeverityCritical
 		}
 		out = append(out, Observation{
-			Key:       port,
+			Key:       ownerKey(owner, port),
 			Cause:     CauseCloseWaitLeak,
-			Title:     fmt.Sprintf("CLOSE_WAIT leak on %s: the app does not close connections its peers closed", where),
-			Symptom:   fmt.Sprintf("%s on %s; the oldest has been idle %s", how, where, fmtDur(time.Duration(age.V*float64(time.Second)))),
+			Title:     fmt.Sprintf("CLOSE_WAIT leak on %s%s: the app does not close connections its peers closed", where, ownerTitle(owner)),
+			Symptom:   fmt.Sprintf("%s on %s; the oldest has been idle %s", how, where, duration(time.Duration(age.V*float64(time.Second)))),
 			RootCause: "peers closed these connections (their FIN arrived) but the application never called close() on its end; only the app can end CLOSE_WAIT, so each holds a file descriptor and buffers until the process exits",
 			Remediation: "close the socket when a read returns EOF (0 bytes / io.EOF) and on every error path; in HTTP clients, always close or drain response bodies (Go: defer resp.Body.Close()), " +
 				"return pooled connections the server closed; set read timeouts so a half-closed connection is noticed",
@@ -78,10 +79,10 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 			Confidence: 0.85,
 			Evidence: []Evidence{
 				{Signal: "tcp_sockets" + ls.String(), Value: cur, Threshold: r.o.MinCount, Unit: "sockets"},
-				{Signal: fmt.Sprintf("tcp_close_wait_oldest_seconds{port=%q}", port), Value: age.V, Threshold: r.o.MinAge.Seconds(), Unit: "seconds", Note: "idle since the peer's last segment"},
+				{Signal: "tcp_close_wait_oldest_seconds" + signals.L("owner", owner, "port", port).String(), Value: age.V, Threshold: r.o.MinAge.Seconds(), Unit: "seconds", Note: "idle since the peer's last segment"},
 			},
 			Artifacts: []Artifact{{Kind: "endpoint", Value: where}},
-			Labels:    map[string]string{"port": port},
+			Labels:    map[string]string{"port": port, "owner": owner},
 		})
 	}
 	return out

@@ -24,6 +24,9 @@ type Window struct {
 	Now       time.Time
 	Target    target.Process
 	HasTarget bool
+	// Scope is ScopeTarget or ScopeNamespace: whose sockets findings are
+	// about ([rules] scope).
+	Scope string
 	Inputs
 }
 
@@ -66,6 +69,8 @@ type EngineOptions struct {
 	Log     *slog.Logger
 	// Inputs are handed to every rule in its Window.
 	Inputs Inputs
+	// Scope is handed to every rule in its Window (ScopeTarget if empty).
+	Scope string
 }
 
 type active struct {
@@ -124,7 +129,10 @@ func (e *Engine) Run(ctx context.Context) {
 // Evaluate runs every rule once at now and applies the lifecycle.
 func (e *Engine) Evaluate(now time.Time) {
 	e.evals.Add(1)
-	w := Window{Store: e.store, Now: now, Inputs: e.o.Inputs}
+	w := Window{Store: e.store, Now: now, Scope: e.o.Scope, Inputs: e.o.Inputs}
+	if w.Scope == "" {
+		w.Scope = ScopeTarget
+	}
 	if e.tracker != nil {
 		w.Target, w.HasTarget = e.tracker.Current()
 	}

@@ -21,7 +21,7 @@ type ConnEventSource interface {
 
 // IdleTimeoutOptions ([rules.idle_timeout] in agent.conf).
 type IdleTimeoutOptions struct {
-	Window    time.Duration `toml:"window" range:"[1s,24h]"`         // closes are looked at over this window
+	Window    time.Duration `toml:"window" range:"[1s,24h]"`        // closes are looked at over this window
 	MinCloses int           `toml:"min_closes" range:"[2,1000000]"` // peer closes of one peer group before judging
 	Tolerance float64       `toml:"tolerance" range:"(0,1]"`        // idle ages within this fraction of the median are "the same"
 	MinShare  float64       `toml:"min_share" range:"(0,1]"`        // share of closes at the same idle age

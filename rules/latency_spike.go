@@ -21,7 +21,7 @@ type LatencySpikeOptions struct {
 	Recent     time.Duration `toml:"recent" range:"[1s,1h]"`        // the spike is judged over this
 	Window     time.Duration `toml:"window" range:"[2s,24h]"`       // the baseline is the window before Recent
 	Ratio      float64       `toml:"ratio" range:"[1,1000]"`        // recent p99 / baseline p99 at or above this is a spike
-	MinLatency time.Duration `toml:"min_latency" range:"[1ms,1h]"` // recent p99 below this never fires
+	MinLatency time.Duration `toml:"min_latency" range:"[1ms,1h]"`  // recent p99 below this never fires
 	MinSpans   int           `toml:"min_spans" range:"[1,1000000]"` // requests needed on each side
 }
 

@@ -28,8 +28,8 @@ func TestCloseWaitLeak(t *testing.T) {
 	now := time.Now()
 	r := NewCloseWait(CloseWaitOptions{Window: 10 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
 	st := signals.New(100, 100)
-	putSeries(st, dSockets, signals.L("port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
-	st.Put(dCWAge, signals.L("port", "8080"), 9, now)
+	putSeries(st, dSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
+	st.Put(dCWAge, signals.L("owner", "target", "port", "8080"), 9, now)
 	obs := r.Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseCloseWaitLeak || !strings.Contains(obs[0].Title, "8080") {
 		t.Fatalf("growing CLOSE_WAIT: %+v", obs)
@@ -38,8 +38,8 @@ func TestCloseWaitLeak(t *testing.T) {
 	// late), and a steady few.
 	for _, vals := range [][]float64{{0, 3, 0, 2, 4, 0, 1, 3, 0, 2, 1}, {3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3}} {
 		st := signals.New(100, 100)
-		putSeries(st, dSockets, signals.L("port", "8080", "state", "CLOSE_WAIT"), now, vals...)
-		st.Put(dCWAge, signals.L("port", "8080"), 2, now)
+		putSeries(st, dSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, vals...)
+		st.Put(dCWAge, signals.L("owner", "target", "port", "8080"), 2, now)
 		if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 			t.Errorf("%v raised %+v", vals, obs)
 		}
@@ -51,7 +51,7 @@ func portStore(now time.Time, tw ...float64) *signals.Store {
 	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
 	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
 	st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), 0, now)
-	putSeries(st, dByRemote, signals.L("remote", "10.0.0.5:5432", "state", "TIME_WAIT"), now, tw...)
+	putSeries(st, dByRemote, signals.L("owner", "target", "remote", "10.0.0.5:5432", "state", "TIME_WAIT"), now, tw...)
 	return st
 }
 
@@ -60,7 +60,7 @@ func TestPortExhaustion(t *testing.T) {
 	r := NewPortExhaustion(PortExhaustionOptions{Window: 10 * time.Second, NearRatio: 0.5, Horizon: 5 * time.Minute, MinCount: 20})
 	obs := r.Evaluate(Window{Store: portStore(now, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140), Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseNoConnectionReuse || !strings.Contains(obs[0].Title, "10.0.0.5:5432") ||
-		!strings.Contains(obs[0].Symptom, "run out in") || !strings.Contains(obs[0].RootCause, "tcp_tw_reuse=0") {
+		!strings.Contains(obs[0].Symptom, "starts failing in about") || !strings.Contains(obs[0].RootCause, "tcp_tw_reuse=0") {
 		t.Fatalf("TIME_WAIT toward one remote: %+v", obs)
 	}
 	// Silence: a steady low TIME_WAIT count (keep-alive with occasional
@@ -99,7 +99,7 @@ func TestPoolExhaustion(t *testing.T) {
 	r := NewPoolExhaustion(PoolExhaustionOptions{Window: 5 * time.Second, MinConns: 2, MinQueue: 0.5})
 	mk := func(conns []float64, queue float64) *signals.Store {
 		st := signals.New(100, 100)
-		putSeries(st, dByRemote, signals.L("remote", "10.0.0.9:5432", "state", "ESTABLISHED"), now, conns...)
+		putSeries(st, dByRemote, signals.L("owner", "target", "remote", "10.0.0.9:5432", "state", "ESTABLISHED"), now, conns...)
 		putSeries(st, dQueue, signals.L("addr", "0.0.0.0", "port", "8080"), now, queue, queue, queue, queue, queue, queue, queue)
 		return st
 	}
@@ -203,7 +203,7 @@ func TestStalledShutdown(t *testing.T) {
 		if sigAgo > 0 {
 			st.Put(&signals.Desc{Name: "process_last_signal_timestamp_seconds"}, signals.L("signal", "SIGTERM", "sender", "1"), float64(now.Add(-sigAgo).UnixNano())/1e9, now)
 		}
-		st.Put(dSockets, signals.L("port", "8080", "state", "ESTABLISHED"), established, now)
+		st.Put(dSockets, signals.L("owner", "target", "port", "8080", "state", "ESTABLISHED"), established, now)
 		return st
 	}
 	obs := r.Evaluate(Window{Store: mk(20*time.Second, 12), Now: now, HasTarget: true})
@@ -218,5 +218,96 @@ func TestStalledShutdown(t *testing.T) {
 		if obs := r.Evaluate(Window{Store: mk(tc.ago, tc.conns), Now: now, HasTarget: true}); len(obs) != 0 {
 			t.Errorf("%v after SIGTERM with %v connections raised %+v", tc.ago, tc.conns, obs)
 		}
+	}
+}
+
+// A noisy neighbour in the same network namespace: the same conditions on
+// sockets another process holds, or culprit itself, never make a finding
+// about the target; in namespace scope another process's do, titled with
+// its name, and culprit's own never.
+func TestNetworkRulesBlameOnlyTheOwner(t *testing.T) {
+	now := time.Now()
+	cw := NewCloseWait(CloseWaitOptions{Window: 10 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
+	pool := NewPoolExhaustion(PoolExhaustionOptions{Window: 5 * time.Second, MinConns: 2, MinQueue: 0.5})
+	stall := NewStalledShutdown(StalledShutdownOptions{Grace: 30 * time.Second, Fraction: 0.5})
+	for _, owner := range []string{"envoy", "agent", "unknown"} {
+		st := signals.New(100, 100)
+		putSeries(st, dSockets, signals.L("owner", owner, "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
+		st.Put(dCWAge, signals.L("owner", owner, "port", "8080"), 9, now)
+		putSeries(st, dByRemote, signals.L("owner", owner, "remote", "127.0.0.1:9462", "state", "ESTABLISHED"), now, 4, 4, 4, 4, 4, 4, 4)
+		putSeries(st, dQueue, signals.L("addr", "0.0.0.0", "port", "8080"), now, 12, 12, 12, 12, 12, 12, 12)
+		st.Put(&signals.Desc{Name: "process_last_signal_timestamp_seconds"}, signals.L("signal", "SIGTERM", "sender", "1"), float64(now.Add(-20*time.Second).UnixNano())/1e9, now)
+		st.Put(dSockets, signals.L("owner", owner, "port", "ephemeral", "state", "ESTABLISHED"), 20, now)
+		for _, r := range []Rule{cw, pool, stall} {
+			if obs := r.Evaluate(Window{Store: st, Now: now, HasTarget: true, Scope: ScopeTarget}); len(obs) != 0 {
+				t.Errorf("%s's sockets made %s blame the target: %+v", owner, r.Name(), obs)
+			}
+		}
+		obs := cw.Evaluate(Window{Store: st, Now: now, Scope: ScopeNamespace})
+		switch owner {
+		case "envoy":
+			if len(obs) != 1 || obs[0].Key != "envoy/8080" || !strings.Contains(obs[0].Title, "(process envoy, not the target)") {
+				t.Errorf("namespace scope, envoy's CLOSE_WAIT leak: %+v", obs)
+			}
+		default:
+			if len(obs) != 0 {
+				t.Errorf("namespace scope made a finding of %s's sockets: %+v", owner, obs)
+			}
+		}
+	}
+}
+
+// Port exhaustion says what the kernel will do: tcp_tw_reuse in effect for
+// the remote makes TIME_WAIT harmless; connects that already failed are
+// said as such; TIME_WAIT toward a remote the target does not connect to
+// is not the target's.
+func TestPortExhaustionTruths(t *testing.T) {
+	now := time.Now()
+	r := NewPortExhaustion(PortExhaustionOptions{Window: 10 * time.Second, NearRatio: 0.5, Horizon: 5 * time.Minute, MinCount: 20})
+	dConnects := &signals.Desc{Name: "process_connects_total", Kind: signals.Counter}
+	dConnErr := &signals.Desc{Name: "process_connect_errors_total", Kind: signals.Counter}
+	mk := func(owner, remote string, reuse float64, failed float64, tw ...float64) *signals.Store {
+		st := signals.New(100, 100)
+		st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
+		st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
+		st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), reuse, now)
+		putSeries(st, dByRemote, signals.L("owner", owner, "remote", remote, "state", "TIME_WAIT"), now, tw...)
+		if owner == "unknown" {
+			// The target's connects, as the sockcalls probe counts them.
+			putSeries(st, dConnects, signals.L("remote", remote), now, 0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+		}
+		if failed > 0 {
+			putSeries(st, dConnErr, signals.L("errno", "EADDRNOTAVAIL", "remote", remote), now, 0, 0, 0, 0, 0, 0, 0, 0, 0, failed/2, failed)
+		}
+		return st
+	}
+	rising := []float64{40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140}
+	// The target's connects, their TIME_WAIT nobody's: still the target's.
+	obs := r.Evaluate(Window{Store: mk("unknown", "10.0.0.5:5432", 0, 0, rising...), Now: now})
+	if len(obs) != 1 || !strings.Contains(obs[0].Symptom, "at 10/s (the target's connect() calls)") {
+		t.Errorf("target connecting at 10/s: %+v", obs)
+	}
+	// tcp_tw_reuse=1, or 2 toward loopback: the kernel reuses the ports.
+	for _, tc := range []struct {
+		remote string
+		reuse  float64
+	}{{"10.0.0.5:5432", 1}, {"127.0.0.1:5432", 2}} {
+		if obs := r.Evaluate(Window{Store: mk("target", tc.remote, tc.reuse, 0, rising...), Now: now}); len(obs) != 0 {
+			t.Errorf("tcp_tw_reuse=%v toward %s: %+v", tc.reuse, tc.remote, obs)
+		}
+	}
+	// Already failing, even with reuse on: said as such, not forecast.
+	obs = r.Evaluate(Window{Store: mk("target", "127.0.0.1:5432", 2, 10309, rising...), Now: now})
+	if len(obs) != 1 || !strings.Contains(obs[0].Symptom, "already exhausted: 10309 connects failed") || strings.Contains(obs[0].Symptom, "starts failing in") || obs[0].Severity != SeverityCritical {
+		t.Errorf("10309 failed connects: %+v", obs)
+	}
+	// A neighbour's TIME_WAIT, and the target not connecting there.
+	st := signals.New(100, 100)
+	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
+	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
+	st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), 0, now)
+	putSeries(st, dByRemote, signals.L("owner", "unknown", "remote", "10.0.0.5:5432", "state", "TIME_WAIT"), now, rising...)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("TIME_WAIT the target has no part in: %+v", obs)
 	}
 }

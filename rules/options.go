@@ -26,6 +26,10 @@ type Options struct {
 	MinUpdateInterval time.Duration `toml:"min_update_interval" range:"[0s,1h]"`
 	// MaxOpenFindings bounds the open findings.
 	MaxOpenFindings int `toml:"max_open_findings" range:"[1,100000]"`
+	// Scope: "target" (findings about the sockets the target and its
+	// children hold) or "namespace" (other processes' too, titled with
+	// their owner; never the agent's own).
+	Scope string `toml:"scope"`
 
 	Workers           WorkersOptions           `toml:"workers"`
 	AcceptOverflow    AcceptOverflowOptions    `toml:"accept_overflow"`
@@ -65,6 +69,7 @@ func DefaultOptions() Options {
 		ResolveAfter:      3 * time.Second,
 		MinUpdateInterval: time.Second,
 		MaxOpenFindings:   256,
+		Scope:             ScopeTarget,
 		Workers:           WorkersOptions{Threads: DefaultWorkerThreads, IdleSyscalls: slices.Clone(DefaultIdleSyscalls)},
 		AcceptOverflow:    DefaultAcceptOverflowOptions(),
 		FDExhaustion:      DefaultFDExhaustionOptions(),
@@ -91,6 +96,9 @@ func DefaultOptions() Options {
 // with each other, and the worker regular expression. Errors name the key
 // relative to [rules] (accept_overflow.window).
 func (o Options) Validate() error {
+	if o.Scope != ScopeTarget && o.Scope != ScopeNamespace {
+		return &KeyError{Key: "scope", Err: fmt.Errorf("must be %q or %q, got %q", ScopeTarget, ScopeNamespace, o.Scope)}
+	}
 	if _, err := o.Pools(); err != nil {
 		return &KeyError{Key: "workers.threads", Err: err}
 	}
@@ -129,6 +137,7 @@ func (o Options) Engine() EngineOptions {
 		ResolveAfter:      o.ResolveAfter,
 		MinUpdateInterval: o.MinUpdateInterval,
 		MaxOpen:           o.MaxOpenFindings,
+		Scope:             o.Scope,
 	}
 }
 

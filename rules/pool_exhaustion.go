@@ -13,7 +13,7 @@ const CausePoolAtCeiling = "pool_at_ceiling"
 
 // PoolExhaustionOptions ([rules.pool_exhaustion] in agent.conf).
 type PoolExhaustionOptions struct {
-	Window   time.Duration `toml:"window" range:"[1s,1h]"`          // the ceiling must hold this long
+	Window   time.Duration `toml:"window" range:"[1s,1h]"`        // the ceiling must hold this long
 	MinConns float64       `toml:"min_conns" range:"[1,1000000]"` // pools smaller than this are not judged
 	MinQueue float64       `toml:"min_queue" range:"(0,1]"`       // share of samples with connections waiting to be accepted
 }
@@ -41,10 +41,12 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 	}
 	var out []Observation
 	for _, ls := range w.Store.Select("tcp_sockets_by_remote") {
-		remote := ls.Get("remote")
-		// Connections to the queueing listener itself (clients in the same
-		// namespace) are the waiters, not the pool.
-		if ls.Get("state") != "ESTABLISHED" || remote == "other" || strings.HasSuffix(remote, ":"+port) {
+		remote, owner := ls.Get("remote"), ls.Get("owner")
+		// Only the target's own pools: the queue is the target's, and a
+		// neighbour's connections (a sidecar's, culprit's own API clients)
+		// are not held up by it. Connections to the queueing listener
+		// itself are the waiters, not the pool.
+		if ls.Get("state") != "ESTABLISHED" || owner != ownerTarget || remote == "other" || strings.HasSuffix(remote, ":"+port) {
 			continue
 		}
 		ss := w.Store.Range("tcp_sockets_by_remote", ls, from)
@@ -61,9 +63,9 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 		o := Observation{
 			Key:   remote,
 			Cause: CausePoolAtCeiling,
-			Title: fmt.Sprintf("Connection pool to %s exhausted: %.0f connections, flat, while requests queue", remote, hi),
-			Symptom: fmt.Sprintf("exactly %.0f connections to %s stayed established for %s while connections waited in the accept queue of port %s in %.0f%% of samples",
-				hi, remote, r.o.Window, port, 100*queued),
+			Title: fmt.Sprintf("Connection pool to %s exhausted: %s, flat, while requests queue", remote, count(hi, "connection", "")),
+			Symptom: fmt.Sprintf("exactly %s to %s stayed established for %s while connections waited in the accept queue of port %s in %s of samples",
+				count(hi, "connection", ""), remote, duration(r.o.Window), port, percent(queued)),
 			RootCause: fmt.Sprintf("requests wait for a connection to %s: the pool holds its maximum (%.0f) and every connection is busy, so throughput is capped by the pool size and the upstream's latency", remote, hi),
 			Remediation: fmt.Sprintf("raise the pool's maximum above %.0f if %s can take more (database max_connections permitting), shorten how long each request holds a connection (no slow work inside a transaction), "+
 				"and set a pool acquire timeout so requests fail fast instead of queueing", hi, remote),

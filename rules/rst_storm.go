@@ -17,7 +17,7 @@ const (
 
 // RSTStormOptions ([rules.rst_storm] in agent.conf).
 type RSTStormOptions struct {
-	Recent  time.Duration `toml:"recent" range:"[1s,1h]"`         // the rate is measured over this
+	Recent  time.Duration `toml:"recent" range:"[1s,1h]"`       // the rate is measured over this
 	MinRate float64       `toml:"min_rate" range:"(0,1000000]"` // resets sent per second at or above this is a storm
 }
 

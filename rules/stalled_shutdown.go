@@ -12,7 +12,7 @@ const CauseStalledShutdown = "connections_outlive_sigterm"
 
 // StalledShutdownOptions ([rules.stalled_shutdown] in agent.conf).
 type StalledShutdownOptions struct {
-	Grace    time.Duration `toml:"grace" range:"[1s,24h]"`  // the pod's terminationGracePeriodSeconds
+	Grace    time.Duration `toml:"grace" range:"[1s,24h]"` // the pod's terminationGracePeriodSeconds
 	Fraction float64       `toml:"fraction" range:"(0,1]"` // still up with connections after this share of it: stalled
 }
 
@@ -60,26 +60,28 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 	if elapsed < time.Duration(r.o.Fraction*float64(r.o.Grace)) || elapsed > 10*r.o.Grace {
 		return nil
 	}
-	// Who is still connected.
+	// Who is still connected: the target's own ends of its connections
+	// only. Its clients' ends, when they live in the same namespace (a
+	// sidecar, a test client), are other processes' sockets.
 	total := 0.0
 	var who []string
 	for _, ls := range w.Store.Select("tcp_sockets") {
-		if ls.Get("state") != "ESTABLISHED" {
+		if ls.Get("state") != "ESTABLISHED" || ls.Get("owner") != ownerTarget {
 			continue
 		}
 		if s, ok := w.Store.Latest("tcp_sockets", ls); ok && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > 0 {
 			total += s.V
 			if p := ls.Get("port"); p != "ephemeral" {
-				who = append(who, fmt.Sprintf("%.0f on port %s", s.V, p))
+				who = append(who, fmt.Sprintf("%s on port %s", num(s.V), p))
 			}
 		}
 	}
 	for _, ls := range w.Store.Select("tcp_sockets_by_remote") {
-		if ls.Get("state") != "ESTABLISHED" {
+		if ls.Get("state") != "ESTABLISHED" || ls.Get("owner") != ownerTarget {
 			continue
 		}
 		if s, ok := w.Store.Latest("tcp_sockets_by_remote", ls); ok && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > 0 {
-			who = append(who, fmt.Sprintf("%.0f to %s", s.V, ls.Get("remote")))
+			who = append(who, fmt.Sprintf("%s to %s", num(s.V), ls.Get("remote")))
 		}
 	}
 	if total == 0 {
@@ -97,9 +99,9 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 	return []Observation{{
 		Key:   "shutdown",
 		Cause: CauseStalledShutdown,
-		Title: fmt.Sprintf("Graceful shutdown stalled: %.0f connections still open %s after SIGTERM", total, fmtDur(elapsed.Round(100*time.Millisecond))),
-		Symptom: fmt.Sprintf("the target received SIGTERM (from pid %s) %s ago and still holds %.0f established connections (%s); %s",
-			sender, fmtDur(elapsed.Round(100*time.Millisecond)), total, strings.Join(who, ", "), when),
+		Title: fmt.Sprintf("Graceful shutdown stalled: %s still open %s after SIGTERM", count(total, "connection", ""), duration(elapsed)),
+		Symptom: fmt.Sprintf("the target received SIGTERM (from pid %s) %s ago and still holds %s (%s); %s",
+			sender, duration(elapsed), count(total, "established connection", ""), strings.Join(who, ", "), when),
 		RootCause: "the shutdown waits for connections that do not end by themselves: long-lived streams (gRPC, SSE, WebSockets) or keep-alive clients that were never told to go, so the kubelet will SIGKILL the process and cut them mid-request",
 		Remediation: "on SIGTERM, stop accepting, tell long-lived clients to leave (HTTP/2 GOAWAY: Go's http.Server.Shutdown and grpc.Server.GracefulStop do; close WebSockets with 1001 Going Away; Connection: close on keep-alive responses), " +
 			"bound the wait below terminationGracePeriodSeconds, then close what remains; add a preStop sleep so the endpoint leaves the load balancer first",
@@ -107,7 +109,7 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 		Confidence: 0.85,
 		Evidence: []Evidence{
 			{Signal: `process_signals_total{signal="SIGTERM"}`, Value: elapsed.Seconds(), Threshold: r.o.Fraction * r.o.Grace.Seconds(), Unit: "seconds since", Note: "eBPF signal_generate"},
-			{Signal: `tcp_sockets{state="ESTABLISHED"}`, Value: total, Unit: "connections"},
+			{Signal: `tcp_sockets{owner="target",state="ESTABLISHED"}`, Value: total, Unit: "connections", Note: "the target's own ends"},
 		},
 		Artifacts: []Artifact{{Kind: "endpoint", Value: strings.Join(who, "; "), Detail: "connections still open"}},
 	}}

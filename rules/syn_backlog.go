@@ -15,7 +15,7 @@ const (
 
 // SYNBacklogOptions ([rules.syn_backlog] in agent.conf).
 type SYNBacklogOptions struct {
-	Recent     time.Duration `toml:"recent" range:"[1s,1h]"`            // overflows are counted over this
+	Recent     time.Duration `toml:"recent" range:"[1s,1h]"`          // overflows are counted over this
 	MinDrops   float64       `toml:"min_drops" range:"[1,1000000]"`   // SYNs dropped or answered with a cookie before the rule speaks
 	MinSources float64       `toml:"min_sources" range:"[2,1000000]"` // this many distinct half-open sources (or half of them, if fewer) is a flood
 }

@@ -14,7 +14,7 @@ const CauseWaitingNotWorking = "waiting_not_working"
 // ThroughputPlateauOptions ([rules.throughput_plateau] in agent.conf).
 type ThroughputPlateauOptions struct {
 	Window       time.Duration `toml:"window" range:"[1s,1h]"`
-	MinQueued    float64       `toml:"min_queued" range:"(0,1]"`         // share of samples with connections waiting in an accept queue
+	MinQueued    float64       `toml:"min_queued" range:"(0,1]"`        // share of samples with connections waiting in an accept queue
 	MaxBusyCores float64       `toml:"max_busy_cores" range:"(0,1024]"` // the process uses less CPU than this
 }
 
