@@ -11,7 +11,6 @@ import (
 	"syscall"
 	"time"
 
-
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/target"
 )

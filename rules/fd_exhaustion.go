@@ -17,11 +17,11 @@ const (
 
 // FDExhaustionOptions ([rules.fd_exhaustion] in agent.conf).
 type FDExhaustionOptions struct {
-	Window      time.Duration `toml:"window" range:"[10s,24h]"`         // growth is judged over this window
+	Window      time.Duration `toml:"window" range:"[10s,24h]"`        // growth is judged over this window
 	NearRatio   float64       `toml:"near_ratio" range:"(0,1]"`         // open/soft limit at or above this is "near"
 	MinIncrease float64       `toml:"min_increase" range:"[1,1000000]"` // FDs gained over Window before growth counts
 	Steady      float64       `toml:"steady" range:"(0,1]"`             // share of samples that did not go down
-	Horizon     time.Duration `toml:"horizon" range:"[1m,720h]"`        // forecasts further out than this stay silent
+	Horizon     time.Duration `toml:"horizon" range:"[1m,720h]"`       // forecasts further out than this stay silent
 }
 
 // DefaultFDExhaustionOptions are the defaults agent.conf documents.

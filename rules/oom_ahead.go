@@ -19,9 +19,9 @@ const (
 
 // OOMAheadOptions ([rules.oom_ahead]).
 type OOMAheadOptions struct {
-	NearRatio float64       `toml:"near_ratio" range:"(0,1]"` // usage/limit at or above this is near
+	NearRatio float64       `toml:"near_ratio" range:"(0,1]"`  // usage/limit at or above this is near
 	Window    time.Duration `toml:"window" range:"[10s,24h]"` // oom_kill events this recent count
-	HeapFresh time.Duration `toml:"-"`                        // set by New
+	HeapFresh time.Duration `toml:"-"`                         // set by New
 }
 
 // DefaultOOMAheadOptions are the defaults agent.conf documents.

@@ -12,7 +12,7 @@ const CauseAllocatorRetention = "allocator_retention"
 
 // RSSWithoutHeapOptions ([rules.rss_without_heap]).
 type RSSWithoutHeapOptions struct {
-	Window   time.Duration `toml:"window" range:"[10s,24h]"`       // heap flatness is judged over this window
+	Window   time.Duration `toml:"window" range:"[10s,24h]"`     // heap flatness is judged over this window
 	MinGap   float64       `toml:"min_gap_bytes" range:"[1,1e15]"` // bytes of anonymous RSS not explained by the heap
 	MinRatio float64       `toml:"min_ratio" range:"(0,1]"`        // and at least this share of anonymous RSS
 	// HeapFresh: a heap sample older than this is not "now" (set by New).
