@@ -231,6 +231,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 				"move blocking calls (sync DB drivers, fsync, DNS, block_on) off async workers with spawn_blocking / web::block or a dedicated pool, " +
 				"and offload CPU-heavy work. Raising the backlog only delays the drops.",
 			Labels: labels,
+			Linger: r.o.Window,
 		}, true
 	}
 
@@ -252,6 +253,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			Artifacts:   arts,
 			Remediation: "The stall ended by itself; find what blocked the accepting/worker threads (blocking calls, CPU-heavy work on async workers) before it returns.",
 			Labels:      labels,
+			Linger:      r.o.Window,
 		}, true
 	}
 
@@ -300,6 +302,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		Artifacts:   arts,
 		Remediation: fix,
 		Labels:      labels,
+		Linger:      r.o.Window,
 	}, true
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
 	"reflect"
 	"slices"
 	"sort"
@@ -66,6 +67,10 @@ type EngineOptions struct {
 	// MaxOpen bounds the open findings; observations beyond it are dropped
 	// and counted.
 	MaxOpen int
+	// UpdateThreshold is the relative change of an evidence value that is
+	// worth an UPDATED event (0.2: 20%); smaller moves update the finding
+	// in place, silently. 0 means every change.
+	UpdateThreshold float64
 	Log     *slog.Logger
 	// Inputs are handed to every rule in its Window.
 	Inputs Inputs
@@ -164,7 +169,7 @@ func (e *Engine) Evaluate(now time.Time) {
 	sort.Strings(keys)
 	for _, k := range keys {
 		a := e.active[k]
-		if seen[k] || now.Sub(a.lastSeen) < e.o.ResolveAfter {
+		if seen[k] || now.Sub(a.lastSeen) < max(e.o.ResolveAfter, a.f.Linger) {
 			continue
 		}
 		a.f.State = StateResolved
@@ -297,20 +302,90 @@ func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
 	if sameObservation(a.f.Observation, o) {
 		return
 	}
-	material := a.f.Cause != o.Cause || a.f.Severity != o.Severity
-	if !material && now.Sub(a.lastUpdate) < e.o.MinUpdateInterval {
+	causeChanged := a.f.Cause != o.Cause || a.f.Severity != o.Severity
+	if !causeChanged {
+		// What the finding learned stays in it: the thread, stack and
+		// function of a stall are the point even after the stall ends.
+		o = retainLearned(a.f.Observation, o)
+	}
+	material := causeChanged || materialChange(a.f.Observation, o, e.o.UpdateThreshold)
+	if !material || (!causeChanged && now.Sub(a.lastUpdate) < e.o.MinUpdateInterval) {
+		// Current in ListFindings and GetFinding; not worth an event.
+		a.f.Observation = o
+		e.journal.Touch(a.f)
 		return
 	}
 	a.f.Observation = o
 	ev := e.journal.Record(EventUpdated, a.f, now)
 	a.f = ev.Finding
 	a.lastUpdate = now
-	if material {
+	if causeChanged {
 		e.o.Log.Info("finding changed", "id", a.f.ID, "cause", o.Cause, "severity", o.Severity.String())
 	}
 }
 
 func sameObservation(a, b Observation) bool { return reflect.DeepEqual(a, b) }
+
+// learnedKinds are artifacts a finding keeps once it has them: what it
+// found out about the cause, which later observations may no longer see
+// (the stall ended, the blocked thread woke up).
+var learnedKinds = []string{"thread", "stack", "frame"}
+
+// retainLearned gives next the learned artifacts of prev whose kind next
+// lacks.
+func retainLearned(prev, next Observation) Observation {
+	var keep []Artifact
+	for _, kind := range learnedKinds {
+		if slices.ContainsFunc(next.Artifacts, func(a Artifact) bool { return a.Kind == kind }) {
+			continue
+		}
+		for _, a := range prev.Artifacts {
+			if a.Kind == kind {
+				keep = append(keep, a)
+			}
+		}
+	}
+	if len(keep) > 0 {
+		next.Artifacts = append(slices.Clone(next.Artifacts), keep...)
+	}
+	return next
+}
+
+// materialChange reports whether next says something prev did not: an
+// evidence value that moved by more than threshold (relative), evidence
+// that is new, or a learned artifact (thread, stack, frame) that is new or
+// different. Numbers drifting inside the threshold, and texts that differ
+// only by those numbers, are not news.
+func materialChange(prev, next Observation, threshold float64) bool {
+	if threshold <= 0 {
+		return true
+	}
+	old := make(map[string]float64, len(prev.Evidence))
+	for _, ev := range prev.Evidence {
+		old[ev.Signal] = ev.Value
+	}
+	for _, ev := range next.Evidence {
+		v, ok := old[ev.Signal]
+		if !ok {
+			return true
+		}
+		if d := math.Abs(ev.Value - v); d > threshold*math.Max(math.Abs(v), 1e-9) && d >= 1e-9 {
+			return true
+		}
+	}
+	seen := map[string]bool{}
+	for _, a := range prev.Artifacts {
+		if slices.Contains(learnedKinds, a.Kind) {
+			seen[a.Kind+"\x00"+a.Value] = true
+		}
+	}
+	for _, a := range next.Artifacts {
+		if slices.Contains(learnedKinds, a.Kind) && !seen[a.Kind+"\x00"+a.Value] {
+			return true
+		}
+	}
+	return false
+}
 
 func sanitize(s string) string {
 	return strings.Map(func(r rune) rune {

@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"testing"
@@ -192,5 +193,66 @@ func TestEngineExplainsSymptoms(t *testing.T) {
 	}
 	if len(spikes) != 1 || spikes[0] != "/search" {
 		t.Errorf("latency_spike findings %v, want [/search]", spikes)
+	}
+}
+
+// One fault, one finding: an episode that goes quiet for less than its
+// Linger (a burst every few seconds) stays one finding; numbers that drift
+// under update_threshold are not events (but are current in the journal's
+// open findings); what a finding learned (its thread, stack, function)
+// stays when later observations no longer carry it.
+func TestEngineOneFaultOneFinding(t *testing.T) {
+	r := &scripted{}
+	j := NewJournal(64)
+	e := NewEngine([]Rule{r}, signals.New(16, 64), j, nil, EngineOptions{
+		Interval: time.Second, ResolveAfter: 3 * time.Second, MinUpdateInterval: time.Second, MaxOpen: 10,
+		UpdateThreshold: 0.2, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	t0 := time.Unix(1000, 0)
+	ev := func(v float64) []Evidence { return []Evidence{{Signal: "drops", Value: v}} }
+	thread := []Artifact{{Kind: "thread", Value: "worker-1 (tid 7)"}, {Kind: "frame", Value: "app.fsync"}}
+	burst := Observation{Key: ":8080", Cause: "c", Severity: SeverityWarning, Evidence: ev(100), Artifacts: thread, Linger: 10 * time.Second}
+	at := func(d time.Duration) time.Time { return t0.Add(d) }
+	// Bursts 6 s apart: quiet longer than resolve_after, shorter than Linger.
+	for i := 0; i < 4; i++ {
+		r.obs = []Observation{burst}
+		e.Evaluate(at(time.Duration(6*i) * time.Second))
+		r.obs = nil
+		e.Evaluate(at(time.Duration(6*i)*time.Second + 4*time.Second))
+	}
+	// Numbers drift by 10%: no event, but the open finding is current.
+	drift := burst
+	drift.Evidence, drift.Artifacts = ev(110), nil // and the thread is no longer seen
+	r.obs = []Observation{drift}
+	e.Evaluate(at(25 * time.Second))
+	open, _ := j.Open()
+	if len(open) != 1 || open[0].Evidence[0].Value != 110 {
+		t.Fatalf("open findings %+v, want the one finding with the current value", open)
+	}
+	var keptThread bool
+	for _, a := range open[0].Artifacts {
+		keptThread = keptThread || (a.Kind == "frame" && a.Value == "app.fsync")
+	}
+	if !keptThread {
+		t.Errorf("the finding forgot the function it had named: %+v", open[0].Artifacts)
+	}
+	// A material move (x2) is an event.
+	drift.Evidence = ev(220)
+	r.obs = []Observation{drift}
+	e.Evaluate(at(27 * time.Second))
+	// Quiet past Linger: resolved, once.
+	r.obs = nil
+	e.Evaluate(at(38 * time.Second))
+	evs, _ := j.After(0, 100)
+	var types []EventType
+	for _, ev := range evs {
+		types = append(types, ev.Type)
+	}
+	want := []EventType{EventOpened, EventUpdated, EventResolved}
+	if fmt.Sprint(types) != fmt.Sprint(want) {
+		t.Fatalf("events %v, want %v", types, want)
+	}
+	if evs[1].Finding.Evidence[0].Value != 220 {
+		t.Errorf("the update carries %v", evs[1].Finding.Evidence)
 	}
 }

@@ -74,6 +74,12 @@ type Observation struct {
 	Evidence    []Evidence
 	Artifacts   []Artifact
 	Labels      map[string]string // e.g. port, for the Prometheus series
+	// Linger is how long the episode this observation belongs to can go
+	// without evidence and still be the same episode (0: the engine's
+	// resolve_after). An accept queue overflowing in bursts is silent
+	// between bursts, and clients retry dropped SYNs 1, 3 and 7 s later:
+	// one fault, one finding, not one per burst.
+	Linger time.Duration
 }
 
 // Finding is an Observation with its lifecycle.

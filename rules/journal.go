@@ -70,6 +70,18 @@ func (j *Journal) append(typ EventType, f Finding, t time.Time) Event {
 	return ev
 }
 
+// Touch replaces an open finding's current state without an event: the
+// numbers moved, but not enough to tell watchers (ListFindings and
+// GetFinding show it; the stream carries only material changes).
+func (j *Journal) Touch(f Finding) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if old, ok := j.open[f.ID]; ok {
+		f.Sequence = old.Sequence
+		j.open[f.ID] = f
+	}
+}
+
 // Sequence is the sequence of the newest event (0 before any).
 func (j *Journal) Sequence() uint64 {
 	j.mu.Lock()

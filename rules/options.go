@@ -24,6 +24,9 @@ type Options struct {
 	ResolveAfter time.Duration `toml:"resolve_after" range:"[100ms,1h]"`
 	// MinUpdateInterval spaces out updates that change only numbers.
 	MinUpdateInterval time.Duration `toml:"min_update_interval" range:"[0s,1h]"`
+	// UpdateThreshold: an evidence value must move by this share to be
+	// worth an UPDATED event; smaller moves update the finding in place.
+	UpdateThreshold float64 `toml:"update_threshold" range:"[0,10]"`
 	// MaxOpenFindings bounds the open findings.
 	MaxOpenFindings int `toml:"max_open_findings" range:"[1,100000]"`
 	// Scope: "target" (findings about the sockets the target and its
@@ -68,6 +71,7 @@ func DefaultOptions() Options {
 		MinGap:            50 * time.Millisecond,
 		ResolveAfter:      3 * time.Second,
 		MinUpdateInterval: time.Second,
+		UpdateThreshold:   0.2,
 		MaxOpenFindings:   256,
 		Scope:             ScopeTarget,
 		Workers:           WorkersOptions{Threads: DefaultWorkerThreads, IdleSyscalls: slices.Clone(DefaultIdleSyscalls)},
@@ -136,6 +140,7 @@ func (o Options) Engine() EngineOptions {
 		MinGap:            o.MinGap,
 		ResolveAfter:      o.ResolveAfter,
 		MinUpdateInterval: o.MinUpdateInterval,
+		UpdateThreshold:   o.UpdateThreshold,
 		MaxOpen:           o.MaxOpenFindings,
 		Scope:             o.Scope,
 	}
