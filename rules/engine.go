@@ -71,7 +71,7 @@ type EngineOptions struct {
 	// worth an UPDATED event (0.2: 20%); smaller moves update the finding
 	// in place, silently. 0 means every change.
 	UpdateThreshold float64
-	Log     *slog.Logger
+	Log             *slog.Logger
 	// Inputs are handed to every rule in its Window.
 	Inputs Inputs
 	// Scope is handed to every rule in its Window (ScopeTarget if empty).
