@@ -227,9 +227,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			Confidence: conf,
 			Evidence:   ev,
 			Artifacts:  arts,
-			Remediation: "Find what keeps the accepting/worker threads from running the event loop (the thread states above): " +
-				"move blocking calls (sync DB drivers, fsync, DNS, block_on) off async workers with spawn_blocking / web::block or a dedicated pool, " +
-				"and offload CPU-heavy work. Raising the backlog only delays the drops.",
+			Remediation: w.advice().LoopStalled() + " Raising the backlog only delays the drops.",
 			Labels: labels,
 			Linger: r.o.Window,
 		}, true
@@ -251,7 +249,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			Confidence:  0.8,
 			Evidence:    ev,
 			Artifacts:   arts,
-			Remediation: "The stall ended by itself; find what blocked the accepting/worker threads (blocking calls, CPU-heavy work on async workers) before it returns.",
+			Remediation: "The stall ended by itself. " + w.advice().LoopStalled(),
 			Labels:      labels,
 			Linger:      r.o.Window,
 		}, true
@@ -277,16 +275,14 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		ev = append(ev, Evidence{Signal: "tcp_listen_handshakes_total" + portLs.String(), Value: opensWindow / win.Seconds(), Unit: "/s", Window: win, Note: "accept rate"})
 		acceptRate = fmt.Sprintf(", while it keeps accepting (%.1f connections/s)", opensWindow/win.Seconds())
 	}
-	fix := fmt.Sprintf("Raise the app's listen backlog (actix HttpServer::backlog, nginx listen ... backlog=, Go takes net.core.somaxconn) above the burst size, at least %d",
-		nextPow2(int(math.Max(qpeak, backlog.V)+dropsWindow)))
+	somax := 0
 	if haveSomax {
-		if capped {
-			fix += fmt.Sprintf("; the backlog is already capped by net.core.somaxconn=%d, so raise that too (sysctl -w net.core.somaxconn=4096, in a pod via securityContext.sysctls)", int(somaxconn.V))
-		} else {
-			fix += fmt.Sprintf(" (net.core.somaxconn=%d caps it: raise it too if needed)", int(somaxconn.V))
-		}
+		somax = int(somaxconn.V)
 	}
-	fix += ", and keep net.ipv4.tcp_max_syn_backlog at least as large."
+	fix := w.advice().Backlog(nextPow2(int(math.Max(qpeak, backlog.V)+dropsWindow)), somax)
+	if capped {
+		fix += fmt.Sprintf(" The backlog is already capped by net.core.somaxconn=%d, so raise that first (in a pod via securityContext.sysctls).", somax)
+	}
 	if abortOnOverflow.V == 1 {
 		fix += " net.ipv4.tcp_abort_on_overflow=1 turns each drop into a reset the client sees: set it to 0 so clients retry instead."
 	}

@@ -73,8 +73,7 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 			Title:     fmt.Sprintf("CLOSE_WAIT leak on %s%s: the app does not close connections its peers closed", where, ownerTitle(owner)),
 			Symptom:   fmt.Sprintf("%s on %s; the oldest has been idle %s", how, where, duration(time.Duration(age.V*float64(time.Second)))),
 			RootCause: "peers closed these connections (their FIN arrived) but the application never called close() on its end; only the app can end CLOSE_WAIT, so each holds a file descriptor and buffers until the process exits",
-			Remediation: "close the socket when a read returns EOF (0 bytes / io.EOF) and on every error path; in HTTP clients, always close or drain response bodies (Go: defer resp.Body.Close()), " +
-				"return pooled connections the server closed; set read timeouts so a half-closed connection is noticed",
+			Remediation: w.advice().CloseWait(),
 			Severity:   sev,
 			Confidence: 0.85,
 			Evidence: []Evidence{

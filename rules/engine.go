@@ -28,8 +28,14 @@ type Window struct {
 	// Scope is ScopeTarget or ScopeNamespace: whose sockets findings are
 	// about ([rules] scope).
 	Scope string
+	// Runtime is the target's language and runtime, as far as detected:
+	// remediation is written in its terms (Advisor).
+	Runtime target.Runtime
 	Inputs
 }
+
+// advice is the Advisor for the target at hand.
+func (w Window) advice() Advisor { return NewAdvisor(w.Runtime) }
 
 // Inputs are the evidence besides the signal store: thread episodes,
 // spans, connection events, CPU profiles, heap profiles, and which threads
@@ -76,6 +82,10 @@ type EngineOptions struct {
 	Inputs Inputs
 	// Scope is handed to every rule in its Window (ScopeTarget if empty).
 	Scope string
+	// DetectRuntime tells the target's runtime; it is called once per
+	// target process (a restart is a new one). Nil: unknown, and advice
+	// is runtime-neutral.
+	DetectRuntime func(target.Process) target.Runtime
 }
 
 type active struct {
@@ -92,6 +102,9 @@ type Engine struct {
 	tracker *target.Tracker
 	o       EngineOptions
 	active  map[string]*active // by rule/key
+	// The runtime of the current target process, detected once per process.
+	rtOf    target.Process
+	runtime target.Runtime
 	dropped atomic.Uint64
 	evals   atomic.Uint64
 	opened  atomic.Uint64
@@ -140,6 +153,12 @@ func (e *Engine) Evaluate(now time.Time) {
 	}
 	if e.tracker != nil {
 		w.Target, w.HasTarget = e.tracker.Current()
+	}
+	if w.HasTarget && e.o.DetectRuntime != nil {
+		if w.Target.PID != e.rtOf.PID || w.Target.StartTime != e.rtOf.StartTime {
+			e.rtOf, e.runtime = w.Target, e.o.DetectRuntime(w.Target)
+		}
+		w.Runtime = e.runtime
 	}
 	seen := make(map[string]bool)
 	var obs []pending

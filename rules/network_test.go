@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
 )
 
 // putSeries writes vals one second apart, the last at now.
@@ -309,5 +310,33 @@ func TestPortExhaustionTruths(t *testing.T) {
 	putSeries(st, dByRemote, signals.L("owner", "unknown", "remote", "10.0.0.5:5432", "state", "TIME_WAIT"), now, rising...)
 	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Errorf("TIME_WAIT the target has no part in: %+v", obs)
+	}
+}
+
+// Advice fits the program at hand: the same CLOSE_WAIT leak in a Go
+// service and in a Tokio service gets each its own remedy, never the
+// other's.
+func TestNetworkAdviceFitsTheRuntime(t *testing.T) {
+	now := time.Now()
+	cw := NewCloseWait(CloseWaitOptions{Window: 10 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
+	st := signals.New(100, 100)
+	putSeries(st, dSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
+	st.Put(dCWAge, signals.L("owner", "target", "port", "8080"), 9, now)
+	for _, tc := range []struct {
+		rt        target.Runtime
+		forbidden []string
+	}{
+		{target.Runtime{Lang: target.LangGo, Version: "1.26"}, []string{"tokio", "Tokio", "actix", "drop("}},
+		{target.Runtime{Lang: target.LangRust, Frameworks: []target.Framework{{Name: target.FwTokio}}}, []string{"resp.Body", "goroutine", "defer "}},
+	} {
+		obs := cw.Evaluate(Window{Store: st, Now: now, Runtime: tc.rt})
+		if len(obs) != 1 {
+			t.Fatalf("%s: %+v", tc.rt, obs)
+		}
+		for _, f := range tc.forbidden {
+			if strings.Contains(obs[0].Remediation, f) {
+				t.Errorf("%s: remediation mentions %q: %s", tc.rt, f, obs[0].Remediation)
+			}
+		}
 	}
 }

@@ -67,8 +67,7 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 			Symptom: fmt.Sprintf("exactly %s to %s stayed established for %s while connections waited in the accept queue of port %s in %s of samples",
 				count(hi, "connection", ""), remote, duration(r.o.Window), port, percent(queued)),
 			RootCause: fmt.Sprintf("requests wait for a connection to %s: the pool holds its maximum (%.0f) and every connection is busy, so throughput is capped by the pool size and the upstream's latency", remote, hi),
-			Remediation: fmt.Sprintf("raise the pool's maximum above %.0f if %s can take more (database max_connections permitting), shorten how long each request holds a connection (no slow work inside a transaction), "+
-				"and set a pool acquire timeout so requests fail fast instead of queueing", hi, remote),
+			Remediation: w.advice().PoolCeiling(int(hi), remote),
 			Severity:   SeverityWarning,
 			Confidence: 0.7,
 			Evidence: []Evidence{

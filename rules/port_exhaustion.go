@@ -216,7 +216,7 @@ func (r *PortExhaustion) remote(w Window, remote string, rp *remotePorts, usable
 		Symptom: fmt.Sprintf("%s toward %s in TIME_WAIT (%s of the %s usable local ports, ip_local_port_range %s-%s) with %s established; %s",
 			count(tw, "socket is", "sockets are"), remote, percent(ratio), num(usable), num(lo), num(hi), num(rp.established), forecast),
 		RootCause:   fmt.Sprintf("the app opens a new connection to %s for each request and closes it first, so each leaves its local port in TIME_WAIT for 60 s: it does not reuse connections to this remote.%s", remote, reuseNote),
-		Remediation: fmt.Sprintf("Reuse connections to %s: HTTP keep-alive and a connection pool, or a persistent client for the database or cache. As stopgaps, widen net.ipv4.ip_local_port_range and set net.ipv4.tcp_tw_reuse=1.", remote),
+		Remediation: w.advice().ConnectionReuse(remote),
 		Severity:    sev,
 		Confidence:  0.85,
 		Evidence:    ev,

@@ -103,8 +103,7 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 		Symptom: fmt.Sprintf("the target received SIGTERM (from pid %s) %s ago and still holds %s (%s); %s",
 			sender, duration(elapsed), count(total, "established connection", ""), strings.Join(who, ", "), when),
 		RootCause: "the shutdown waits for connections that do not end by themselves: long-lived streams (gRPC, SSE, WebSockets) or keep-alive clients that were never told to go, so the kubelet will SIGKILL the process and cut them mid-request",
-		Remediation: "on SIGTERM, stop accepting, tell long-lived clients to leave (HTTP/2 GOAWAY: Go's http.Server.Shutdown and grpc.Server.GracefulStop do; close WebSockets with 1001 Going Away; Connection: close on keep-alive responses), " +
-			"bound the wait below terminationGracePeriodSeconds, then close what remains; add a preStop sleep so the endpoint leaves the load balancer first",
+		Remediation: w.advice().GracefulShutdown(),
 		Severity:   sev,
 		Confidence: 0.85,
 		Evidence: []Evidence{
