@@ -218,18 +218,18 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		}
 		sev := SeverityCritical
 		return Observation{
-			Key:        endpoint,
-			Cause:      CauseAppNotAccepting,
-			Title:      fmt.Sprintf("accept queue of %s overflowing: the app is not accepting", endpoint),
-			Symptom:    fmt.Sprintf("%.0f connections dropped on %s in the last %s (%.1f/s); clients see connect timeouts or resets", dropsWindow, endpoint, fmtDur(win), dropRate),
-			RootCause:  fmt.Sprintf("the accept queue of %s (backlog %d) has been full for %s and the app %s: its accept loop is starved. %s", endpoint, int(backlog.V), fmtDur(fullFor), how, threads.summary),
-			Severity:   sev,
-			Confidence: conf,
-			Evidence:   ev,
-			Artifacts:  arts,
+			Key:         endpoint,
+			Cause:       CauseAppNotAccepting,
+			Title:       fmt.Sprintf("accept queue of %s overflowing: the app is not accepting", endpoint),
+			Symptom:     fmt.Sprintf("%.0f connections dropped on %s in the last %s (%.1f/s); clients see connect timeouts or resets", dropsWindow, endpoint, fmtDur(win), dropRate),
+			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) has been full for %s and the app %s: its accept loop is starved. %s", endpoint, int(backlog.V), fmtDur(fullFor), how, threads.summary),
+			Severity:    sev,
+			Confidence:  conf,
+			Evidence:    ev,
+			Artifacts:   arts,
 			Remediation: w.advice().LoopStalled() + " Raising the backlog only delays the drops.",
-			Labels: labels,
-			Linger: r.o.Window,
+			Labels:      labels,
+			Linger:      r.o.Window,
 		}, true
 	}
 

@@ -68,14 +68,14 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 			sev = SeverityCritical
 		}
 		out = append(out, Observation{
-			Key:       ownerKey(owner, port),
-			Cause:     CauseCloseWaitLeak,
-			Title:     fmt.Sprintf("CLOSE_WAIT leak on %s%s: the app does not close connections its peers closed", where, ownerTitle(owner)),
-			Symptom:   fmt.Sprintf("%s on %s; the oldest has been idle %s", how, where, duration(time.Duration(age.V*float64(time.Second)))),
-			RootCause: "peers closed these connections (their FIN arrived) but the application never called close() on its end; only the app can end CLOSE_WAIT, so each holds a file descriptor and buffers until the process exits",
+			Key:         ownerKey(owner, port),
+			Cause:       CauseCloseWaitLeak,
+			Title:       fmt.Sprintf("CLOSE_WAIT leak on %s%s: the app does not close connections its peers closed", where, ownerTitle(owner)),
+			Symptom:     fmt.Sprintf("%s on %s; the oldest has been idle %s", how, where, duration(time.Duration(age.V*float64(time.Second)))),
+			RootCause:   "peers closed these connections (their FIN arrived) but the application never called close() on its end; only the app can end CLOSE_WAIT, so each holds a file descriptor and buffers until the process exits",
 			Remediation: w.advice().CloseWait(),
-			Severity:   sev,
-			Confidence: 0.85,
+			Severity:    sev,
+			Confidence:  0.85,
 			Evidence: []Evidence{
 				{Signal: "tcp_sockets" + ls.String(), Value: cur, Threshold: r.o.MinCount, Unit: "sockets"},
 				{Signal: "tcp_close_wait_oldest_seconds" + signals.L("owner", owner, "port", port).String(), Value: age.V, Threshold: r.o.MinAge.Seconds(), Unit: "seconds", Note: "idle since the peer's last segment"},

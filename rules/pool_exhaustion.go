@@ -66,10 +66,10 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 			Title: fmt.Sprintf("Connection pool to %s exhausted: %s, flat, while requests queue", remote, count(hi, "connection", "")),
 			Symptom: fmt.Sprintf("exactly %s to %s stayed established for %s while connections waited in the accept queue of port %s in %s of samples",
 				count(hi, "connection", ""), remote, duration(r.o.Window), port, percent(queued)),
-			RootCause: fmt.Sprintf("requests wait for a connection to %s: the pool holds its maximum (%.0f) and every connection is busy, so throughput is capped by the pool size and the upstream's latency", remote, hi),
+			RootCause:   fmt.Sprintf("requests wait for a connection to %s: the pool holds its maximum (%.0f) and every connection is busy, so throughput is capped by the pool size and the upstream's latency", remote, hi),
 			Remediation: w.advice().PoolCeiling(int(hi), remote),
-			Severity:   SeverityWarning,
-			Confidence: 0.7,
+			Severity:    SeverityWarning,
+			Confidence:  0.7,
 			Evidence: []Evidence{
 				{Signal: "tcp_sockets_by_remote" + ls.String(), Value: hi, Threshold: r.o.MinConns, Unit: "connections", Window: r.o.Window, Note: "flat: the same count in every sample"},
 				{Signal: fmt.Sprintf("listen_queue_length{port=%q}", port), Value: queued, Threshold: r.o.MinQueue, Unit: "ratio", Window: r.o.Window, Note: "share of samples with connections waiting"},

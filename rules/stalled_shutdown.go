@@ -102,10 +102,10 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 		Title: fmt.Sprintf("Graceful shutdown stalled: %s still open %s after SIGTERM", count(total, "connection", ""), duration(elapsed)),
 		Symptom: fmt.Sprintf("the target received SIGTERM (from pid %s) %s ago and still holds %s (%s); %s",
 			sender, duration(elapsed), count(total, "established connection", ""), strings.Join(who, ", "), when),
-		RootCause: "the shutdown waits for connections that do not end by themselves: long-lived streams (gRPC, SSE, WebSockets) or keep-alive clients that were never told to go, so the kubelet will SIGKILL the process and cut them mid-request",
+		RootCause:   "the shutdown waits for connections that do not end by themselves: long-lived streams (gRPC, SSE, WebSockets) or keep-alive clients that were never told to go, so the kubelet will SIGKILL the process and cut them mid-request",
 		Remediation: w.advice().GracefulShutdown(),
-		Severity:   sev,
-		Confidence: 0.85,
+		Severity:    sev,
+		Confidence:  0.85,
 		Evidence: []Evidence{
 			{Signal: `process_signals_total{signal="SIGTERM"}`, Value: elapsed.Seconds(), Threshold: r.o.Fraction * r.o.Grace.Seconds(), Unit: "seconds since", Note: "eBPF signal_generate"},
 			{Signal: `tcp_sockets{owner="target",state="ESTABLISHED"}`, Value: total, Unit: "connections", Note: "the target's own ends"},
