@@ -28,11 +28,14 @@ type AcceptOverflowOptions struct {
 	StallAfter time.Duration `toml:"stall_after" range:"[10ms,1m]"`
 	// MinDrops in Recent before the rule speaks.
 	MinDrops float64 `toml:"min_drops" range:"[1,1000000]"`
+	// SaturateAfter: a queue full this long while the app does accept
+	// (slower than connections arrive) is a saturated app, not a burst.
+	SaturateAfter time.Duration `toml:"saturate_after" range:"[100ms,10m]"`
 }
 
 // DefaultAcceptOverflowOptions are the defaults agent.conf documents.
 func DefaultAcceptOverflowOptions() AcceptOverflowOptions {
-	return AcceptOverflowOptions{Window: 10 * time.Second, Recent: 2 * time.Second, StallAfter: 300 * time.Millisecond, MinDrops: 1}
+	return AcceptOverflowOptions{Window: 10 * time.Second, Recent: 2 * time.Second, StallAfter: 300 * time.Millisecond, MinDrops: 1, SaturateAfter: 5 * time.Second}
 }
 
 // AcceptOverflow names why a listener's accept queue overflows (seed 000,
@@ -154,18 +157,21 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	fullFrac := fraction(full)
 	qpeak := peak(st.Range("listen_queue_length", ls, now.Add(-r.o.Window)))
 	portLs := signals.L("port", port)
-	// The probe writes its own event counter every poll while it runs; a
-	// port with no handshake series then simply had none (a queue full
-	// since before the agent started), which is not "unknown".
-	opensKnown := len(st.Range("tcp_listen_handshakes_total", portLs, now.Add(-freshness))) > 0 ||
-		len(st.Range("probe_events_total", signals.L("probe", "tcplisten"), now.Add(-freshness))) > 0
-	opensWindow := st.Increase("tcp_listen_handshakes_total", portLs, now.Add(-r.o.Window))
+	// The app's own accepts, counted at accept()'s return by the sockcalls
+	// probe. Completed handshakes are not accepts: with the queue full,
+	// syncookie handshakes complete and are then dropped, which once made
+	// a listener that accepted nothing read "accepted 65 connections".
+	// The probe writes its event counter every poll while it runs; a port
+	// with no accept series then simply had none.
+	acceptsKnown := len(st.Range("process_accepts_total", portLs, now.Add(-freshness))) > 0 ||
+		len(st.Range("probe_events_total", signals.L("probe", "sockcalls"), now.Add(-freshness))) > 0
+	acceptsWindow := st.Increase("process_accepts_total", portLs, now.Add(-r.o.Window))
 	somaxconn, haveSomax := st.Latest("sysctl", signals.L("name", "net.core.somaxconn"))
 	abortOnOverflow, _ := st.Latest("sysctl", signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
 	win := r.o.Window
 
 	ev := []Evidence{
-		{Signal: "listen_overflows_total" + ls.String(), Value: dropsWindow, Threshold: r.o.MinDrops, Unit: "connections", Window: win, Note: "connections dropped on this listener's full accept queue"},
+		{Signal: "listen_overflows_total" + ls.String(), Value: dropsWindow, Threshold: r.o.MinDrops, Unit: "SYNs", Window: win, Note: "connection attempts dropped on this listener's full accept queue (client retries included)"},
 		{Signal: "listen_backlog" + ls.String(), Value: backlog.V, Unit: "connections", Note: "accept queue capacity (the app's listen backlog, capped by net.core.somaxconn)"},
 		{Signal: "listen_queue_length" + ls.String(), Value: qpeak, Unit: "connections", Window: win, Note: "peak queue length seen"},
 	}
@@ -174,36 +180,39 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	}
 	arts := []Artifact{{Kind: "listener", Value: endpoint, Detail: fmt.Sprintf("backlog %d", int(backlog.V))}}
 	labels := map[string]string{"port": port, "addr": addr}
-	dropRate := dropsWindow / win.Seconds()
+	dropped := fmt.Sprintf("%s dropped on %s in the last %s (%s; SYNs, each client's retries included)",
+		count(dropsWindow, "connection attempt", ""), endpoint, duration(win), rate(dropsWindow/win.Seconds()))
 
 	if fullNow && fullFor < r.o.StallAfter {
 		// Too early to tell a stall from a burst the app is draining; the
 		// engine's hold-down keeps an open finding open meanwhile.
 		return Observation{}, false
 	}
+	// What the app did while its queue was full tells a stall from a
+	// burst, not how long the queue stayed full: no accept at all is a
+	// stalled accept loop; accepts that keep coming are a burst the app
+	// drains (the backlog is too small for it) until the queue has been
+	// full for saturate_after, when the app is simply slower than its
+	// arrivals.
+	// From the first sample seen full: its value is the baseline.
+	acceptedRun := st.Increase("process_accepts_total", portLs, runStart.Add(time.Nanosecond))
+	stalled := fullNow && (!acceptsKnown || acceptedRun == 0 || fullFor >= r.o.SaturateAfter)
 
-	if fullNow {
-		acceptedDuring := 0.0
-		if opensKnown {
-			// While the queue stays full a handshake can only complete
-			// into a slot an accept freed, so completed handshakes during
-			// the run count the app's accepts.
-			acceptedDuring = st.Increase("tcp_listen_handshakes_total", portLs, runStart)
-		}
+	if stalled {
 		threads := describeThreads(st)
 		ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: fullFor.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue continuously full"})
 		var how string
 		conf := 0.7
-		if opensKnown {
+		if acceptsKnown {
 			conf = 0.9
-			ev = append(ev, Evidence{Signal: "tcp_listen_handshakes_total" + portLs.String(), Value: acceptedDuring, Unit: "connections", Window: fullFor, Note: "connections accepted while the queue was full"})
-			if acceptedDuring == 0 {
+			ev = append(ev, Evidence{Signal: "process_accepts_total" + portLs.String(), Value: acceptedRun, Unit: "connections", Window: fullFor, Note: "connections the app accepted while the queue was full (eBPF accept)"})
+			if acceptedRun == 0 {
 				how = "accepted no connection"
 			} else {
-				how = fmt.Sprintf("accepted only %.0f connections (%.1f/s), fewer than arrive", acceptedDuring, acceptedDuring/math.Max(fullFor.Seconds(), 0.001))
+				how = fmt.Sprintf("accepted only %s (%s) while more arrived", count(acceptedRun, "connection", ""), rate(acceptedRun/math.Max(fullFor.Seconds(), 0.001)))
 			}
 		} else {
-			how = "did not drain it (eBPF accept counts unavailable: inferred from the queue never shrinking)"
+			how = "did not drain it (accept counts unavailable without the sockcalls eBPF probe: inferred from the queue never shrinking)"
 		}
 		arts = append(arts, threads.artifacts...)
 		culprit, stalled := r.stalledThread(w, runStart, now)
@@ -221,13 +230,13 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			Key:         endpoint,
 			Cause:       CauseAppNotAccepting,
 			Title:       fmt.Sprintf("accept queue of %s overflowing: the app is not accepting", endpoint),
-			Symptom:     fmt.Sprintf("%.0f connections dropped on %s in the last %s (%.1f/s); clients see connect timeouts or resets", dropsWindow, endpoint, fmtDur(win), dropRate),
-			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) has been full for %s and the app %s: its accept loop is starved. %s", endpoint, int(backlog.V), fmtDur(fullFor), how, threads.summary),
+			Symptom:     dropped + "; clients see connect timeouts or resets",
+			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) has been full for %s and the app %s: its accept loop is starved. %s", endpoint, int(backlog.V), duration(fullFor), how, threads.summary),
 			Severity:    sev,
 			Confidence:  conf,
 			Evidence:    ev,
 			Artifacts:   arts,
-			Remediation: w.advice().LoopStalled() + " Raising the backlog only delays the drops.",
+			Remediation: w.advice().LoopStalled(),
 			Labels:      labels,
 			Linger:      r.o.Window,
 		}, true
@@ -237,14 +246,19 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// are the stall's tail — clients that waited retransmit their SYNs
 	// together (1 s, 3 s, 7 s after their first) and overflow the queue
 	// again as a herd: the app is recovering, the cause is unchanged.
-	if run, end := longestRecentRun(full, now.Add(-r.o.Window)); run >= r.o.StallAfter {
-		ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + fmtDur(now.Sub(end)) + " ago"})
+	// The tail of a stall only: a run the app accepted through (shorter
+	// than saturate_after) was a burst.
+	run, end := longestRecentRun(full, now.Add(-r.o.Window))
+	stallRun := run >= r.o.StallAfter && (!acceptsKnown || run >= r.o.SaturateAfter ||
+		increaseBetween(st, "process_accepts_total", portLs, end.Add(-run), end) == 0)
+	if stallRun {
+		ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(now.Sub(end)) + " ago"})
 		return Observation{
 			Key:         endpoint,
 			Cause:       CauseAppNotAccepting,
 			Title:       fmt.Sprintf("accept queue of %s overflowing: the app is not accepting", endpoint),
-			Symptom:     fmt.Sprintf("%.0f connections dropped on %s in the last %s (%.1f/s)", dropsWindow, endpoint, fmtDur(win), dropRate),
-			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s without an accept; the app accepts again since %s ago, and the drops since are the stall's tail (waiting clients retrying together)", endpoint, int(backlog.V), fmtDur(run), fmtDur(now.Sub(end))),
+			Symptom:     dropped,
+			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s; the app accepts again since %s ago, and the drops since are the stall's tail (waiting clients retrying together)", endpoint, int(backlog.V), duration(run), duration(now.Sub(end))),
 			Severity:    SeverityWarning,
 			Confidence:  0.8,
 			Evidence:    ev,
@@ -262,7 +276,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// the next arrival): wait.
 	qnow, _ := st.Latest("listen_queue_length", ls)
 	drained := qnow.V <= backlog.V/2
-	if !drained && !(opensKnown && st.Increase("tcp_listen_handshakes_total", portLs, now.Add(-r.o.Recent)) > 0) {
+	if !drained && !(acceptsKnown && st.Increase("process_accepts_total", portLs, now.Add(-r.o.Recent)) > 0) {
 		return Observation{}, false
 	}
 
@@ -271,9 +285,9 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	capped := haveSomax && backlog.V >= somaxconn.V
 	ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: fullFrac, Unit: "ratio", Window: win, Note: "share of samples with the queue full: it fills only in bursts"})
 	acceptRate := ""
-	if opensKnown {
-		ev = append(ev, Evidence{Signal: "tcp_listen_handshakes_total" + portLs.String(), Value: opensWindow / win.Seconds(), Unit: "/s", Window: win, Note: "accept rate"})
-		acceptRate = fmt.Sprintf(", while it keeps accepting (%.1f connections/s)", opensWindow/win.Seconds())
+	if acceptsKnown {
+		ev = append(ev, Evidence{Signal: "process_accepts_total" + portLs.String(), Value: acceptsWindow / win.Seconds(), Unit: "/s", Window: win, Note: "the app's accept rate (eBPF accept)"})
+		acceptRate = fmt.Sprintf(", while it keeps accepting (%s connections)", rate(acceptsWindow/win.Seconds()))
 	}
 	somax := 0
 	if haveSomax {
@@ -290,8 +304,8 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		Key:         endpoint,
 		Cause:       CauseBacklogTooSmall,
 		Title:       fmt.Sprintf("accept queue of %s overflowing in bursts: backlog too small", endpoint),
-		Symptom:     fmt.Sprintf("%.0f connections dropped on %s in the last %s (%.1f/s)", dropsWindow, endpoint, fmtDur(win), dropRate),
-		RootCause:   fmt.Sprintf("the listen backlog of %s is %d and bursts overflow it%s: the queue was full in %.0f%% of samples and drains between bursts", endpoint, int(backlog.V), acceptRate, 100*fullFrac),
+		Symptom:     dropped,
+		RootCause:   fmt.Sprintf("the listen backlog of %s is %d and bursts overflow it%s: the queue was full in %s of samples and the app drains it", endpoint, int(backlog.V), acceptRate, percent(fullFrac)),
 		Severity:    SeverityWarning,
 		Confidence:  0.8,
 		Evidence:    ev,
@@ -300,6 +314,30 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		Labels:      labels,
 		Linger:      r.o.Window,
 	}, true
+}
+
+// increaseBetween is how much a counter grew from its sample at (or the
+// last before) from to its last sample at or before to.
+func increaseBetween(st *signals.Store, name string, ls signals.Labels, from, to time.Time) float64 {
+	var base, last float64
+	have := false
+	for _, s := range st.Range(name, ls, time.Time{}) {
+		if !s.T.After(from) {
+			base, last, have = s.V, s.V, true
+			continue
+		}
+		if s.T.After(to) {
+			break
+		}
+		if !have {
+			base, have = s.V, true
+		}
+		last = s.V
+	}
+	if last < base {
+		return last // a reset
+	}
+	return last - base
 }
 
 // fullRun returns how long the queue has been full up to now, and when that
