@@ -132,3 +132,10 @@ func findMapping(maps []mapping, addr uint64) int {
 	}
 	return -1
 }
+
+// isFileBacked reports whether m maps a file that may have symbols: not
+// anonymous memory and not a pseudo path, except the vDSO, which the
+// symbolizer reads from its own process.
+func isFileBacked(m mapping) bool {
+	return m.Path == "[vdso]" || (m.Path != "" && !isPseudoPath(m.Path))
+}

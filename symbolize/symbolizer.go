@@ -18,9 +18,13 @@ import (
 
 // Options configures a Symbolizer.
 type Options struct {
-	ProcRoot string       // "/proc" by default; tests may point elsewhere
-	MaxFiles int          // bound on cached parsed ELF files (default 64); evict LRU
-	Log      *slog.Logger // may be nil
+	ProcRoot string // "/proc" by default; tests may point elsewhere
+	MaxFiles int    // bound on cached parsed ELF files (default 64); evict LRU
+	// MaxPerfMapBytes bounds the memory of the JIT symbols read from all
+	// processes' perf maps together (0: DefaultMaxPerfMapBytes; negative:
+	// perf maps are not read).
+	MaxPerfMapBytes int64
+	Log             *slog.Logger // may be nil
 }
 
 // Frame is one symbolized stack address.
@@ -29,15 +33,33 @@ type Frame struct {
 	Func   string // "" when unknown; then callers print Module+offset
 	File   string // best effort (Go binaries via .gopclntab), else ""
 	Line   int
-	Module string // path of the mapped file, "[kernel]" for kernel frames
-	Offset uint64 // file offset of Addr in Module (for the pprof Mapping)
+	Module string // path of the mapped file, "[kernel]" for kernel frames, "[anon]" for anonymous memory
+	Offset uint64 // file offset of Addr in Module (for the pprof Mapping); offset in the region for "[anon]"
+	// JIT is set when Func comes from the process's perf map: code a
+	// runtime compiled (JavaScript under V8, Java, .NET), not an ELF
+	// symbol. For JavaScript, Func is the function's name ("(anonymous)"
+	// when it has none) and File:Line where its definition starts; the
+	// engine's own code keeps V8's kind prefix ("Builtin:ArrayPrototypePush",
+	// "BytecodeHandler:LdaZero", "Stub:...", "RegExp:...").
+	JIT bool
 }
 
-const kernelModule = "[kernel]"
+const (
+	kernelModule = "[kernel]"
+	// anonModule is anonymous executable memory: code a runtime generated.
+	anonModule = "[anon]"
+)
 
 // String returns the function name, else module+offset, else the address.
+// A JIT frame with a source file reads "name (file:line)", the way Node.js
+// prints its stack traces: JavaScript names alone are often ambiguous
+// (handler, (anonymous)).
 func (f Frame) String() string {
 	switch {
+	case f.JIT && f.File != "" && f.Line > 0:
+		return fmt.Sprintf("%s (%s:%d)", f.Func, f.File, f.Line)
+	case f.JIT && f.File != "":
+		return fmt.Sprintf("%s (%s)", f.Func, f.File)
 	case f.Func != "":
 		return f.Func
 	case f.Module != "" && f.Module != kernelModule:
@@ -71,6 +93,12 @@ type Symbolizer struct {
 	pids  map[int]*procMaps
 	files map[fileKey]*fileEntry
 	lru   *list.List // of *fileEntry, front = most recently used
+
+	// perf holds the perf maps of processes with JIT code, at most one per
+	// pid of pids; perfBytes is their memory, bounded by maxPerfBytes.
+	perf         map[int]*perfState
+	perfBytes    int64
+	maxPerfBytes int64
 
 	vdsoOnce sync.Once
 	vdso     *elfFile
@@ -122,7 +150,12 @@ func New(o Options) *Symbolizer {
 		pids:          make(map[int]*procMaps),
 		files:         make(map[fileKey]*fileEntry),
 		lru:           list.New(),
+		perf:          make(map[int]*perfState),
+		maxPerfBytes:  o.MaxPerfMapBytes,
 		kallsymsRetry: defaultKallsymsRetry,
+	}
+	if s.maxPerfBytes == 0 {
+		s.maxPerfBytes = DefaultMaxPerfMapBytes
 	}
 	if s.procRoot == "" {
 		s.procRoot = "/proc"
@@ -139,6 +172,10 @@ func New(o Options) *Symbolizer {
 // resolved is a Frame plus what a pprof Mapping needs.
 type resolved struct {
 	Frame
+	// code is false for an address in no executable mapping and in no
+	// perf map entry: no code lives there, so a stack walk that reached
+	// it had left the stack (frame pointers through code without them).
+	code                        bool
 	mapped                      bool
 	mapStart, mapEnd, mapOffset uint64
 	buildID                     string
@@ -154,7 +191,9 @@ type callState struct {
 
 // User symbolizes addrs of process pid, leaf first as bpf_get_stackid
 // returns them. The result has the same length as addrs; unknown addresses
-// keep only Addr (and Module/Offset when they fall in a mapped file).
+// keep only Addr (and Module/Offset when they fall in a mapped file). For
+// a walked stack, whose frames must never include addresses where no code
+// is, use UserStack.
 func (s *Symbolizer) User(pid int, addrs []uint64) []Frame {
 	st := &callState{now: s.now()}
 	out := make([]Frame, len(addrs))
@@ -166,11 +205,37 @@ func (s *Symbolizer) User(pid int, addrs []uint64) []Frame {
 	return out
 }
 
-// Forget drops the cached maps of pid, for callers that know it exited or
-// exec'd.
+// UserStack symbolizes a user stack of process pid, leaf first as
+// bpf_get_stackid returns it, and ends it at the first address where no
+// code is: one in no executable mapping of the process and in no entry of
+// its perf map (and at a zero, an unused slot). A frame-pointer walk that
+// meets code built without frame pointers reads a saved register or data
+// as the next return address (0x2e71800000000000): that frame and every
+// one after it are garbage, so they are dropped rather than shown. Frames
+// in executable memory without a symbol stay (module+0xoffset, or
+// [anon]+0xoffset for generated code): that much is known to be code.
+// The result is at most as long as addrs and may be empty.
+func (s *Symbolizer) UserStack(pid int, addrs []uint64) []Frame {
+	st := &callState{now: s.now()}
+	out := make([]Frame, 0, len(addrs))
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, a := range addrs {
+		r := s.resolveUserLocked(pid, a, i == 0, st)
+		if !r.code {
+			break
+		}
+		out = append(out, r.Frame)
+	}
+	return out
+}
+
+// Forget drops the cached maps and perf map of pid, for callers that know
+// it exited or exec'd.
 func (s *Symbolizer) Forget(pid int) {
 	s.mu.Lock()
 	delete(s.pids, pid)
+	s.dropPerfLocked(pid)
 	s.mu.Unlock()
 }
 
@@ -209,29 +274,50 @@ func (s *Symbolizer) resolveUserLocked(pid int, addr uint64, leaf bool, st *call
 		idx = findMapping(pm.maps, pc)
 	}
 	if idx < 0 {
+		// No code is mapped there now, but a runtime may have freed code
+		// its perf map still names. A process without maps is gone, and
+		// its perf map with it.
+		if len(pm.maps) > 0 {
+			s.jitFrameLocked(pid, pc, &r, st)
+		}
 		return r
 	}
+	r.code = true
 	m := pm.maps[idx]
 	r.mapped = true
 	r.mapStart, r.mapEnd, r.mapOffset = m.Start, m.End, m.Offset
 	r.Module = m.Path
-	if m.Path == "" {
-		// Anonymous executable memory (JIT): no file, so no offset either.
-		return r
-	}
 	r.Offset = max(addr, m.Start) - m.Start + m.Offset
-
-	ef := s.objectLocked(pid, pm, idx)
-	if ef == nil {
-		return r
+	if m.Path == "" {
+		// No file: the offset in the region is all there is to tell two
+		// unnamed frames apart.
+		r.Module, r.Offset = anonModule, max(addr, m.Start)-m.Start
 	}
-	r.buildID = ef.buildID
-	vaddr, err := ef.vaddr(pc - m.Start + m.Offset)
-	if err != nil {
-		return r
+	if isFileBacked(m) {
+		if ef := s.objectLocked(pid, pm, idx); ef != nil {
+			r.buildID = ef.buildID
+			if vaddr, err := ef.vaddr(pc - m.Start + m.Offset); err == nil {
+				r.Func, r.File, r.Line = ef.lookup(vaddr)
+			}
+		}
 	}
-	r.Func, r.File, r.Line = ef.lookup(vaddr)
+	if r.Func == "" {
+		// Generated code lives in anonymous memory, but V8 also names the
+		// builtins embedded in its binary, and .NET maps its JIT code
+		// from a memfd: any code without an ELF name may be in the map.
+		s.jitFrameLocked(pid, pc, &r, st)
+	}
 	return r
+}
+
+// jitFrameLocked names r from pid's perf map, if it has pc.
+func (s *Symbolizer) jitFrameLocked(pid int, pc uint64, r *resolved, st *callState) {
+	name, ok := s.jitLocked(pid, pc, st.now)
+	if !ok {
+		return
+	}
+	r.code, r.JIT = true, true
+	r.Func, r.File, r.Line = jitFunc(name)
 }
 
 // procMapsLocked returns the cached maps of pid, re-reading them when stale
@@ -247,6 +333,8 @@ func (s *Symbolizer) procMapsLocked(pid int, force bool, now time.Time) *procMap
 		// Cached as empty, so that a stack of an exited process costs one
 		// failed read rather than one per frame.
 		s.log.Debug("symbolize: read maps", "pid", pid, "err", err)
+		// Its JIT code went with it.
+		s.dropPerfLocked(pid)
 	}
 	maps := parseMaps(data)
 	npm := &procMaps{maps: maps, objs: make([]object, len(maps)), loaded: now, used: now}
@@ -274,6 +362,7 @@ func (s *Symbolizer) evictPidsLocked() {
 			}
 		}
 		delete(s.pids, oldest)
+		s.dropPerfLocked(oldest)
 	}
 }
 
