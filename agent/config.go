@@ -18,6 +18,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/culprit-dev/culprit/rules"
+	"github.com/culprit-dev/culprit/symbolize"
 )
 
 // Config mirrors agent.conf; the file at the repository root documents every
@@ -78,6 +79,9 @@ type Config struct {
 		DrainInterval time.Duration `toml:"drain_interval" range:"[100ms,1m]"`
 		MaxSamples    int           `toml:"max_samples" range:"[64,16777216]"`
 		MaxCapture    time.Duration `toml:"max_capture" range:"[1s,1h]"`
+		// MaxPerfMapBytes bounds the JIT symbols read from perf maps, for
+		// every process together; 0 turns them off.
+		MaxPerfMapBytes int `toml:"max_perf_map_bytes" range:"[0,1073741824]"`
 	} `toml:"profiling"`
 	Traces struct {
 		Enabled         bool   `toml:"enabled"`
@@ -140,6 +144,7 @@ func DefaultConfig() Config {
 	c.Profiling.DrainInterval = time.Second
 	c.Profiling.MaxSamples = 65536
 	c.Profiling.MaxCapture = time.Minute
+	c.Profiling.MaxPerfMapBytes = int(symbolize.DefaultMaxPerfMapBytes)
 	c.Rules = rules.DefaultOptions()
 	c.Traces.Enabled = true
 	c.Traces.GRPCAddr = "127.0.0.1:4317"

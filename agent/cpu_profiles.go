@@ -42,9 +42,15 @@ func (c cpuProfiles) HotFrames(tid int, from, to time.Time, n int) []rules.Frame
 			continue
 		}
 		var name string
+		var user []symbolize.Frame
+		if len(s.User) > 0 {
+			// Empty when no code is at the leaf any more (the process
+			// exited): then the kernel leaf, if any, names the sample.
+			user = c.symbols.UserStack(s.Pid, s.User[:1])
+		}
 		switch {
-		case len(s.User) > 0:
-			name = c.symbols.User(s.Pid, s.User[:1])[0].String()
+		case len(user) > 0:
+			name = user[0].String()
 		case len(s.Kernel) > 0:
 			name = c.symbols.Kernel(s.Kernel[:1])[0].String()
 		default:

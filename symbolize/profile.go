@@ -78,7 +78,11 @@ func (s *Symbolizer) CPUProfile(samples []Sample, o ProfileOptions) (*profile.Pr
 			}
 			// Under a kernel stack the user "leaf" is the return address of
 			// the syscall instruction, so it is a return address too.
-			ps.Location = append(ps.Location, b.userLocation(s, smp.Pid, a, leaf, st))
+			l := b.userLocation(s, smp.Pid, a, leaf, st)
+			if l == nil {
+				break // no code there: the walk left the stack (see UserStack)
+			}
+			ps.Location = append(ps.Location, l)
 			leaf = false
 		}
 		p.Sample = append(p.Sample, ps)
@@ -134,6 +138,10 @@ func (b *profileBuilder) userLocation(s *Symbolizer, pid int, addr uint64, leaf 
 		return l
 	}
 	r := s.resolveUser(pid, addr, leaf, st)
+	if !r.code {
+		b.locs[k] = nil // remembered, so the next sample skips the lookup
+		return nil
+	}
 	var m *profile.Mapping
 	if r.mapped {
 		mk := mapKey{pid: pid, start: r.mapStart, end: r.mapEnd, offset: r.mapOffset, file: r.Module}
