@@ -10,6 +10,11 @@
  * each with the connection's lifetime and its idle age: jiffies since the
  * later of the last data received and the last data sent. Many peer closes
  * at one idle age are an intermediary's idle timeout.
+ * Events are for the whole namespace; each names its owner as far as the
+ * kernel knows it: the socket's inode (what /proc/PID/fd shows as
+ * socket:[N]; 0 once close() orphaned it) and, for connections opened
+ * here, the process that called connect (current at the SYN_SENT
+ * transition, kept with the start time).
  * Resets sent are counted per reason (enum sk_rst_reason, 6.10+): the
  * reason names the path (no socket: a closed port; abort on close/data/
  * linger: the application).
@@ -20,6 +25,7 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
+#include "sock.h"
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -40,6 +46,15 @@ struct conn_event {
 	__u16 rport;
 	__u16 pad;
 	__u8 raddr[16];
+	__u64 inode; /* 0: orphaned */
+	__u32 pid;   /* tgid that called connect; 0: passive or unknown */
+	__u32 pad2;
+};
+
+struct conn_start {
+	__u64 ns;
+	__u32 tgid;
+	__u32 pad;
 };
 
 struct rst_key {
@@ -62,7 +77,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, __u64);
-	__type(value, __u64);
+	__type(value, struct conn_start);
 	__uint(max_entries, 4096);
 } conn_start SEC(".maps");
 
@@ -85,11 +100,15 @@ static __always_inline __u32 target(void)
 static __always_inline void emit(const struct sock *sk, __u32 netns, __u8 kind, __u64 now)
 {
 	__u64 key = (__u64)sk;
-	__u64 *start = bpf_map_lookup_elem(&conn_start, &key);
+	struct conn_start *start = bpf_map_lookup_elem(&conn_start, &key);
 	struct conn_event ev = {};
 	ev.netns = netns;
 	ev.kind = kind;
-	ev.lifetime_ns = start && now > *start ? now - *start : 0;
+	if (start) {
+		ev.lifetime_ns = now > start->ns ? now - start->ns : 0;
+		ev.pid = start->tgid;
+	}
+	ev.inode = sock_inode(sk);
 	if (kind != OPEN_ACTIVE) {
 		const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 		__u32 rcv = BPF_CORE_READ(tp, inet_conn.icsk_ack.lrcvtime);
@@ -120,7 +139,9 @@ int BPF_PROG(culprit_life_set_state, const struct sock *sk, const int oldstate, 
 	__u64 now = bpf_ktime_get_ns();
 	__u64 key = (__u64)sk;
 	if (newstate == TCP_SYN_SENT) {
-		bpf_map_update_elem(&conn_start, &key, &now, BPF_ANY);
+		/* connect() makes this transition in the caller's context. */
+		struct conn_start st = {.ns = now, .tgid = bpf_get_current_pid_tgid() >> 32};
+		bpf_map_update_elem(&conn_start, &key, &st, BPF_ANY);
 		return 0;
 	}
 	if (oldstate == TCP_SYN_SENT && newstate == TCP_ESTABLISHED) {
@@ -128,7 +149,9 @@ int BPF_PROG(culprit_life_set_state, const struct sock *sk, const int oldstate, 
 		return 0;
 	}
 	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
-		bpf_map_update_elem(&conn_start, &key, &now, BPF_ANY);
+		/* softirq: current is whoever the packet interrupted. */
+		struct conn_start st = {.ns = now};
+		bpf_map_update_elem(&conn_start, &key, &st, BPF_ANY);
 		return 0;
 	}
 	if (oldstate == TCP_ESTABLISHED && newstate == TCP_CLOSE_WAIT)

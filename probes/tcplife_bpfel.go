@@ -24,6 +24,16 @@ type tcpLifeConnEvent struct {
 	Rport       uint16
 	Pad         uint16
 	Raddr       [16]uint8
+	Inode       uint64
+	Pid         uint32
+	Pad2        uint32
+}
+
+type tcpLifeConnStart struct {
+	_    structs.HostLayout
+	Ns   uint64
+	Tgid uint32
+	Pad  uint32
 }
 
 type tcpLifeRstKey struct {

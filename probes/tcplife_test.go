@@ -1,7 +1,9 @@
 package probes
 
 import (
+	"os"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,4 +48,98 @@ func TestTCPLifeIdleAgeAtPeerClose(t *testing.T) {
 	}
 	s.MustDo(t, "dialclosed 20")
 	waitValue(t, st, "tcp_resets_sent_total", signals.L("reason", "no_socket"), func(v float64) bool { return v >= 20 }, ">= 20")
+}
+
+// Events name their owner: the socket inode that /proc/PID/fd shows, and
+// for connections opened here the process that called connect. The child
+// dials its own listener, so the namespace holds both ends: the client
+// sockets' open and local close carry the child's pid and the client
+// inodes; the accepted sockets' peer close carries pid 0 (passive) and the
+// other inodes.
+func TestTCPLifeEventsNameTheirSocket(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
+	evs := signals.NewConnEvents(1024)
+	runProbe(t, s.PID, NewTCPLife(Options{Log: testLog, PollInterval: 50 * time.Millisecond, MaxEntries: 1024, RingBufferBytes: 1 << 16}, evs), signals.New(600, 1000))
+	time.Sleep(300 * time.Millisecond) // the netns filter is set at the first poll
+	from := time.Now()
+	s.MustDo(t, "dial 5")
+	// The listener, 5 client sockets and, once the accept loop caught
+	// up, 5 accepted ones.
+	fds := socketInodes(t, s.PID)
+	for wait := time.Now().Add(5 * time.Second); len(fds) < 11; fds = socketInodes(t, s.PID) {
+		if time.Now().After(wait) {
+			t.Fatalf("the child holds %d sockets, want 11", len(fds))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.MustDo(t, "close")
+	remote := "127.0.0.1:" + strconv.Itoa(s.Port)
+	inodes := map[string]map[uint64]bool{}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		clear(inodes)
+		for _, e := range evs.Since(from) {
+			kind := e.Kind
+			switch {
+			case kind == signals.ConnOpened && e.Remote == remote, kind == signals.ConnLocalClose && e.Remote == remote:
+				if e.Pid != s.PID {
+					t.Fatalf("%s event of an active open: pid %d, want the child's %d", kind, e.Pid, s.PID)
+				}
+			case kind == signals.ConnPeerClose && e.LocalPort == s.Port:
+				if e.Pid != 0 {
+					t.Fatalf("peer close of an accepted connection: pid %d, want 0", e.Pid)
+				}
+			default:
+				continue
+			}
+			if !fds[e.Inode] {
+				t.Fatalf("%s event with inode %d, not among the child's sockets %v", kind, e.Inode, fds)
+			}
+			if inodes[kind] == nil {
+				inodes[kind] = map[uint64]bool{}
+			}
+			inodes[kind][e.Inode] = true
+		}
+		if len(inodes[signals.ConnOpened]) == 5 && len(inodes[signals.ConnLocalClose]) == 5 && len(inodes[signals.ConnPeerClose]) == 5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("distinct inodes by event kind %v, want 5 opened, 5 local_close, 5 peer_close", inodes)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for ino := range inodes[signals.ConnOpened] {
+		if !inodes[signals.ConnLocalClose][ino] {
+			t.Errorf("client socket %d opened but its local close carries another inode", ino)
+		}
+		if inodes[signals.ConnPeerClose][ino] {
+			t.Errorf("inode %d is both a client and an accepted socket", ino)
+		}
+	}
+}
+
+// socketInodes reads the inodes of pid's sockets from /proc/PID/fd.
+func socketInodes(t *testing.T, pid int) map[uint64]bool {
+	t.Helper()
+	dir := "/proc/" + strconv.Itoa(pid) + "/fd"
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[uint64]bool{}
+	for _, e := range ents {
+		l, err := os.Readlink(dir + "/" + e.Name())
+		if err != nil {
+			continue // closed meanwhile
+		}
+		if v, ok := strings.CutPrefix(l, "socket:["); ok {
+			if n, err := strconv.ParseUint(strings.TrimSuffix(v, "]"), 10, 64); err == nil {
+				out[n] = true
+			}
+		}
+	}
+	if len(out) == 0 {
+		t.Fatalf("no sockets in %s", dir)
+	}
+	return out
 }

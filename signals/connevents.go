@@ -7,7 +7,8 @@ import (
 
 // ConnEvent is one moment in the life of one TCP connection of the target's
 // network namespace: how it ended (who closed first, and how long it had
-// been idle), or how long its handshake took.
+// been idle), or how long its handshake took. The namespace holds the
+// neighbours' connections too: Inode and Pid say whose it is.
 type ConnEvent struct {
 	T         time.Time
 	Kind      string // ConnPeerClose, ConnLocalClose, ConnResetReceived, ConnOpened
@@ -17,6 +18,13 @@ type ConnEvent struct {
 	// (closes only); Lifetime is how long the connection was established,
 	// or for ConnOpened the handshake time. 0 when unknown.
 	Idle, Lifetime time.Duration
+	// Inode is the socket's inode, as /proc/PID/fd shows it
+	// (socket:[Inode]): match it against the target's fds. 0 when the
+	// socket no longer had a file (orphaned by close) or never had one.
+	Inode uint64
+	// Pid is the process (tgid) that called connect, for connections
+	// opened from this namespace; 0 for accepted ones and when unknown.
+	Pid int
 }
 
 // ConnEvent kinds.

@@ -1,0 +1,387 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR MIT)
+/* sock_calls: what the target process itself does with its sockets.
+ *
+ * Namespace-wide counters cannot tell the target's sockets from its
+ * neighbours', and completed handshakes are not accepts (a listener that
+ * accepts nothing still completes backlog+1 of them). So, by the target's
+ * own system calls and only for its TCP sockets:
+ *   - accepts: accept/accept4 that returned a socket, per listener port;
+ *   - connects: attempts (0, EINPROGRESS) and failures by errno, per
+ *     remote. A failure the kernel finds after connect returned (RST,
+ *     SYN timeout) is counted when the socket leaves SYN_SENT with sk_err;
+ *   - unread work: for every socket the target accepted, connected or
+ *     read from, when data became ready that nobody has read yet. Go turns
+ *     that into the age of the oldest unread data: an event loop asleep
+ *     while requests wait for it, whatever call it sleeps in.
+ * The sockets are keyed by their struct sock address; an entry goes when
+ * the socket closes, or when its memory starts a new connection (any
+ * entry then is stale).
+ *
+ * What each hook costs:
+ *   - tp_btf/sys_exit runs at the exit of every system call of the host,
+ *     and attaching any sys_exit program also moves every task's system
+ *     calls to the kernel's slower traced entry/exit path. That path is
+ *     most of the cost: getppid went from ~90 to ~130 ns here, and an
+ *     empty sys_exit program already cost most of that. The first test
+ *     is the system call number, one load from pt_regs (six instructions
+ *     to the exit for all but accept, accept4 and connect). Those then pay one
+ *     hash lookup (is the caller a target?); only the target's own calls
+ *     read the fd table and the socket (about ten kernel reads) and update
+ *     two maps. probes/sockcalls_bench_test.go measures it.
+ *   - tp_btf/sock_recv_length runs after every recvmsg/read of a socket on
+ *     the host: one hash lookup by socket, plus a tgid lookup when the
+ *     socket is unknown. Known sockets pay an atomic exchange and a read
+ *     of their receive queue's length.
+ *   - tp_btf/sk_data_ready runs for every data arrival on any socket of
+ *     the host (softirq): one hash lookup by socket; known sockets pay one
+ *     compare-and-swap.
+ *   - tp_btf/inet_sock_set_state runs at every TCP state change: a hash
+ *     lookup for the four states that begin or end a socket's life.
+ * All programs are tp_btf, x86-64 system call numbers (Go refuses to start
+ * the probe elsewhere). */
+#include "culprit.h"
+#include <bpf/bpf_helpers.h>
+#include "targets.h"
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+#include "sock.h"
+
+char __license[] SEC("license") = "Dual MIT/GPL";
+
+/* x86-64 system call numbers. */
+#define NR_CONNECT 42
+#define NR_ACCEPT 43
+#define NR_ACCEPT4 288
+
+#define EINTR 4
+#define EISCONN 106
+#define EALREADY 114
+#define EINPROGRESS 115
+#define MSG_PEEK 2
+
+struct accept_key {
+	__u32 tgid;
+	__u16 port;
+	__u16 pad;
+};
+
+/* errno 0 counts attempts; any other value failures with that errno. */
+struct connect_key {
+	__u32 tgid;
+	__u16 err;
+	__u16 port;
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+/* A socket of the target. */
+struct owned_sock {
+	__u32 tgid;
+	__u16 lport;
+	__u16 rport;
+	__u8 family;
+	__u8 pad[7];
+	/* bpf_ktime_get_ns when data became ready and nobody had read it
+	 * since; 0 when nothing waits. Set by sk_data_ready, reset by reads. */
+	__u64 ready_since;
+	/* Set once this socket's connect failure was counted: the state
+	 * change and the system call exit may both see it. */
+	__u64 failed;
+	__u8 raddr[16];
+};
+
+/* Keep the types in the BTF, so bpf2go emits their Go types. */
+const struct owned_sock *unused_owned_sock __attribute__((unused));
+const struct connect_key *unused_connect_key __attribute__((unused));
+const struct accept_key *unused_accept_key __attribute__((unused));
+
+/* max_entries of all three set from Go (probes.max_entries for the
+ * counters, sockcalls.max_sockets for the sockets). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct accept_key);
+	__type(value, __u64);
+	__uint(max_entries, 4096);
+} accepts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct connect_key);
+	__type(value, __u64);
+	__uint(max_entries, 4096);
+} connects SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __u64);
+	__type(value, struct owned_sock);
+	__uint(max_entries, 16384);
+} owned SEC(".maps");
+
+static __always_inline void count(void *map, const void *key)
+{
+	__u64 *n = bpf_map_lookup_elem(map, key);
+	if (n) {
+		__sync_fetch_and_add(n, 1);
+		return;
+	}
+	__u64 one = 1;
+	/* Two CPUs may insert the same key at once; one of the two counts
+	 * is then lost, which is rare enough for a rate. */
+	if (bpf_map_update_elem(map, key, &one, BPF_NOEXIST))
+		if ((n = bpf_map_lookup_elem(map, key)))
+			__sync_fetch_and_add(n, 1);
+}
+
+/* sock_of_fd is the TCP socket behind the caller's fd, or NULL: the fd
+ * table is read at the exit of the call that made or used the fd. */
+static __always_inline struct sock___sock *sock_of_fd(long fd)
+{
+	if (fd < 0)
+		return NULL;
+	struct task_struct___sock *task = (void *)bpf_get_current_task();
+	struct fdtable___sock *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt)
+		return NULL;
+	if ((unsigned long)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	struct file___sock **fds = BPF_CORE_READ(fdt, fd);
+	struct file___sock *f = NULL;
+	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
+		return NULL;
+	/* Another thread may have closed and reused the fd meanwhile: make
+	 * sure it is a socket before reading private_data as one. */
+	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return NULL;
+	struct socket___sock *so = BPF_CORE_READ(f, private_data);
+	struct sock___sock *sk = BPF_CORE_READ(so, sk);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return NULL;
+	return sk;
+}
+
+static __always_inline __u8 sk_state(const struct sock___sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_state);
+}
+
+static __always_inline __u32 unread_skbs(const struct sock___sock *sk)
+{
+	return BPF_CORE_READ(sk, sk_receive_queue.qlen);
+}
+
+/* own returns the socket's entry, creating it for tgid. */
+static __always_inline struct owned_sock *own(const struct sock___sock *sk, __u32 tgid)
+{
+	__u64 key = (__u64)sk;
+	struct owned_sock *o = bpf_map_lookup_elem(&owned, &key);
+	if (o)
+		return o;
+	struct owned_sock v = {.tgid = tgid};
+	v.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	v.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	v.rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (v.family == AF_INET) {
+		__be32 a = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(v.raddr, &a, 4);
+	} else {
+		BPF_CORE_READ_INTO(&v.raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+	/* Data that arrived before the socket was known (with the
+	 * handshake, before accept) waits from now on at the latest. */
+	if (unread_skbs(sk))
+		v.ready_since = bpf_ktime_get_ns();
+	bpf_map_update_elem(&owned, &key, &v, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&owned, &key);
+}
+
+static __always_inline void on_accept(long ret, __u32 tgid)
+{
+	struct sock___sock *sk = sock_of_fd(ret);
+	if (!sk)
+		return;
+	struct accept_key key = {.tgid = tgid, .port = BPF_CORE_READ(sk, __sk_common.skc_num)};
+	count(&accepts, &key);
+	/* Reset by the peer while queued: its close has passed, an entry
+	 * would never be removed. */
+	if (sk_state(sk) != TCP_CLOSE)
+		own(sk, tgid);
+}
+
+struct sockaddr_in46 {
+	__u16 family;
+	__be16 port;
+	union {
+		__be32 v4;
+		struct {
+			__u32 flowinfo;
+			__u8 v6[16];
+		};
+	};
+};
+
+/* remote fills key's address from the user's sockaddr (uaddr, len); it
+ * is still mapped at the exit of the call that read it. */
+static __always_inline int remote(struct connect_key *key, unsigned long uaddr, unsigned long len)
+{
+	struct sockaddr_in46 sa = {};
+	if (len >= sizeof(sa)) {
+		if (bpf_probe_read_user(&sa, sizeof(sa), (void *)uaddr))
+			return -1;
+	} else if (len >= 8) {
+		if (bpf_probe_read_user(&sa, 8, (void *)uaddr))
+			return -1;
+	} else {
+		return -1;
+	}
+	key->family = sa.family;
+	key->port = bpf_ntohs(sa.port);
+	if (sa.family == AF_INET)
+		__builtin_memcpy(key->addr, &sa.v4, 4);
+	else if (sa.family == AF_INET6 && len >= sizeof(sa))
+		__builtin_memcpy(key->addr, sa.v6, 16);
+	else
+		return -1;
+	return 0;
+}
+
+static __always_inline void on_connect(const struct pt_regs___sock *regs, long ret, __u32 tgid)
+{
+	/* Asking again about a connect in progress, or done: nothing new. */
+	if (ret == -EALREADY || ret == -EISCONN)
+		return;
+	struct sock___sock *sk = sock_of_fd(regs->di);
+	if (!sk)
+		return;
+	struct connect_key key = {.tgid = tgid};
+	if (remote(&key, regs->si, regs->dx))
+		return;
+	__u64 skey = (__u64)sk;
+	struct owned_sock *o;
+	/* An interrupted blocking connect goes on in the background. */
+	if (ret == 0 || ret == -EINPROGRESS || ret == -EINTR) {
+		count(&connects, &key);
+		o = own(sk, tgid);
+		if (!o || sk_state(sk) != TCP_CLOSE)
+			return;
+		/* It failed already, within the call (loopback answers a SYN
+		 * to a closed port before connect returns). */
+		int err = BPF_CORE_READ(sk, sk_err);
+		if (!err || __sync_lock_test_and_set(&o->failed, 1))
+			return;
+		key.err = err;
+		count(&connects, &key);
+		return;
+	}
+	if (ret > 0)
+		return;
+	o = bpf_map_lookup_elem(&owned, &skey);
+	/* The error of an attempt already counted as failed, collected
+	 * again by the app. */
+	if (o && __sync_lock_test_and_set(&o->failed, 1))
+		return;
+	key.err = -ret;
+	count(&connects, &key);
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(culprit_sock_sys_exit, struct pt_regs *regs, long ret)
+{
+	const struct pt_regs___sock *r = (const void *)regs;
+	unsigned long nr = r->orig_ax;
+	if (nr != NR_ACCEPT4 && nr != NR_CONNECT && nr != NR_ACCEPT)
+		return 0;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!is_target(tgid))
+		return 0;
+	if (nr == NR_CONNECT)
+		on_connect(r, ret, tgid);
+	else if (ret >= 0)
+		on_accept(ret, tgid);
+	return 0;
+}
+
+/* settle records that someone just read from the socket: nothing waits
+ * unless data is still queued. The exchange is a full barrier, so either
+ * this re-check sees data queued meanwhile, or its sk_data_ready runs
+ * after the exchange and finds ready_since 0. */
+static __always_inline void settle(struct owned_sock *o, const struct sock___sock *sk)
+{
+	__sync_lock_test_and_set(&o->ready_since, 0);
+	if (unread_skbs(sk))
+		__sync_val_compare_and_swap(&o->ready_since, 0, bpf_ktime_get_ns());
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(culprit_sock_recv_length, struct sock *sk, int ret, int flags)
+{
+	if (flags & MSG_PEEK)
+		return 0;
+	__u64 key = (__u64)sk;
+	struct owned_sock *o = bpf_map_lookup_elem(&owned, &key);
+	const struct sock___sock *s = (const void *)sk;
+	if (!o) {
+		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+		if (!is_target(tgid))
+			return 0;
+		if (BPF_CORE_READ(s, sk_protocol) != IPPROTO_TCP)
+			return 0;
+		__u8 st = sk_state(s);
+		if (st == TCP_LISTEN || st == TCP_CLOSE)
+			return 0;
+		o = own(s, tgid);
+		if (!o)
+			return 0;
+	}
+	if (ret >= 0)
+		settle(o, s);
+	return 0;
+}
+
+SEC("tp_btf/sk_data_ready")
+int BPF_PROG(culprit_sock_data_ready, const struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct owned_sock *o = bpf_map_lookup_elem(&owned, &key);
+	if (!o)
+		return 0;
+	/* Always the atomic: a plain read first could see a stale value
+	 * and miss a reader's reset (see settle). */
+	__sync_val_compare_and_swap(&o->ready_since, 0, bpf_ktime_get_ns());
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(culprit_sock_set_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	if (newstate != TCP_CLOSE && newstate != TCP_SYN_SENT && newstate != TCP_SYN_RECV && newstate != TCP_LISTEN)
+		return 0;
+	__u64 key = (__u64)sk;
+	struct owned_sock *o = bpf_map_lookup_elem(&owned, &key);
+	if (!o)
+		return 0;
+	const struct sock___sock *s = (const void *)sk;
+	if (newstate == TCP_CLOSE && oldstate == TCP_SYN_SENT) {
+		/* The handshake failed after connect returned: RST
+		 * (ECONNREFUSED) or SYN retries exhausted (ETIMEDOUT). */
+		int err = BPF_CORE_READ(s, sk_err);
+		if (err && !__sync_lock_test_and_set(&o->failed, 1)) {
+			struct connect_key ck = {.tgid = o->tgid, .err = err};
+			ck.family = BPF_CORE_READ(s, __sk_common.skc_family);
+			ck.port = bpf_ntohs(BPF_CORE_READ(s, __sk_common.skc_dport));
+			if (ck.family == AF_INET) {
+				__be32 a = BPF_CORE_READ(s, __sk_common.skc_daddr);
+				__builtin_memcpy(ck.addr, &a, 4);
+			} else {
+				BPF_CORE_READ_INTO(&ck.addr, s, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+			}
+			count(&connects, &ck);
+		}
+	}
+	/* Closed, or the memory of a closed socket begins a new connection. */
+	bpf_map_delete_elem(&owned, &key);
+	return 0;
+}
+

@@ -1,0 +1,396 @@
+package probes
+
+//go:generate go tool bpf2go -tags linux -target bpfel -type owned_sock -type connect_key -type accept_key sockCalls ../bpf/sock_calls.c -- -I../bpf/headers -I/usr/include -Wall -Werror -O2 -mcpu=v3
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"runtime"
+	"slices"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+// Signals written by the sockcalls probe: what the target process (and its
+// children) did with its own TCP sockets, by its own system calls.
+var (
+	ProcessAcceptsDesc = &signals.Desc{Name: "process_accepts_total", Kind: signals.Counter,
+		Help: "Connections the target accepted (accept/accept4 that returned a socket), by listener port (eBPF sys_exit). Unlike completed handshakes, these are the app's own accepts."}
+	ProcessConnectsDesc = &signals.Desc{Name: "process_connects_total", Kind: signals.Counter,
+		Help: "TCP connects the target started (connect returned 0 or EINPROGRESS), by remote ip:port; remotes beyond sockcalls.max_remotes are remote=\"other\"."}
+	ProcessConnectErrorsDesc = &signals.Desc{Name: "process_connect_errors_total", Kind: signals.Counter,
+		Help: "TCP connects of the target that failed, by errno (EADDRNOTAVAIL: no local port left toward the remote; ECONNREFUSED; ETIMEDOUT) and remote, including failures found after connect returned (a reset, SYN retries exhausted)."}
+	ProcessUnreadOldestDesc = &signals.Desc{Name: "process_unread_oldest_seconds", Kind: signals.Gauge,
+		Help: "Age of the oldest data waiting unread on the target's TCP sockets (0 when none): requests wait for an event loop that is busy or asleep, whatever call it sleeps in."}
+	ProcessUnreadSocketsDesc = &signals.Desc{Name: "process_unread_sockets", Kind: signals.Gauge,
+		Help: "The target's TCP sockets whose data has waited unread for longer than one poll interval."}
+)
+
+// SockCallsOptions configure the sockcalls probe. Options.MaxEntries
+// bounds the per-port accept and per-remote connect maps.
+type SockCallsOptions struct {
+	Options
+	// MaxSockets bounds the map of the target's sockets (LRU: the least
+	// recently active are forgotten first).
+	MaxSockets uint32
+	// MaxRemotes bounds the remote label: the first MaxRemotes remotes get
+	// their own series, later ones count as remote="other".
+	MaxRemotes int
+}
+
+// UnreadSocket is a socket of the target with data waiting unread.
+type UnreadSocket struct {
+	Pid       int // the process that accepted, connected or first read it
+	LocalPort int
+	Remote    string // ip:port
+	Age       time.Duration
+}
+
+// maxUnreadListed bounds what Unread returns.
+const maxUnreadListed = 16
+
+// SockCalls watches the target's own accepts, connects and unread data:
+// see bpf/sock_calls.c.
+type SockCalls struct {
+	o SockCallsOptions
+	running
+	group group
+
+	// The kernel counts per (tgid, key) in LRU maps that may evict and
+	// restart a count; these turn them into totals that only grow.
+	accepts  deltas[sockCallsAcceptKey]
+	connects deltas[sockCallsConnectKey]
+	acceptN  map[int]float64
+	connN    map[string]float64
+	errN     map[[2]string]float64
+	remotes  map[netip.AddrPort]string // remotes with a series of their own
+
+	unread []UnreadSocket // at the last poll, oldest first; under mu
+
+	// Batch buffers, reused every poll.
+	ownedKeys []uint64
+	ownedVals []sockCallsOwnedSock
+	accKeys   []sockCallsAcceptKey
+	accVals   []uint64
+	connKeys  []sockCallsConnectKey
+	connVals  []uint64
+}
+
+// NewSockCalls returns the probe, not yet loaded.
+func NewSockCalls(o SockCallsOptions) *SockCalls {
+	if o.MaxRemotes <= 0 {
+		o.MaxRemotes = 64
+	}
+	const batch = 256
+	return &SockCalls{
+		o:         o,
+		accepts:   newDeltas[sockCallsAcceptKey](),
+		connects:  newDeltas[sockCallsConnectKey](),
+		acceptN:   map[int]float64{},
+		connN:     map[string]float64{},
+		errN:      map[[2]string]float64{},
+		remotes:   map[netip.AddrPort]string{},
+		ownedKeys: make([]uint64, batch), ownedVals: make([]sockCallsOwnedSock, batch),
+		accKeys: make([]sockCallsAcceptKey, batch), accVals: make([]uint64, batch),
+		connKeys: make([]sockCallsConnectKey, batch), connVals: make([]uint64, batch),
+	}
+}
+
+func (*SockCalls) Name() string { return "sockcalls" }
+
+func (*SockCalls) Lost() []string {
+	return []string{
+		"accept_overflow: the accepts the app itself made per listener (falls back to completed handshakes, which a listener that accepts nothing still makes)",
+		"port_exhaustion: connects already failing with EADDRNOTAVAIL, and connect errors per remote",
+		"event loop stalls: data waiting unread on the target's sockets while its loop sleeps or spins",
+	}
+}
+
+// Start loads and attaches the programs.
+func (p *SockCalls) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if runtime.GOARCH != "amd64" {
+		// bpf/sock_calls.c tests x86-64 system call numbers and registers.
+		return fmt.Errorf("sockcalls: supported on amd64 only, not %s", runtime.GOARCH)
+	}
+	spec, err := loadSockCalls()
+	if err != nil {
+		return fmt.Errorf("sockcalls: load spec: %w", err)
+	}
+	resize(spec, map[string]uint32{"accepts": p.o.MaxEntries, "connects": p.o.MaxEntries, "owned": p.o.MaxSockets})
+	objs := &sockCallsObjects{}
+	ctx, err = p.start(ctx, "sockcalls", spec, objs, func() []tracingProg {
+		return []tracingProg{
+			// The socket hooks first: a socket accepted while sys_exit is
+			// attached but sk_data_ready not yet would miss its first data.
+			{"tp_btf/inet_sock_set_state", objs.CulpritSockSetState},
+			{"tp_btf/sk_data_ready", objs.CulpritSockDataReady},
+			{"tp_btf/sock_recv_length", objs.CulpritSockRecvLength},
+			{"tp_btf/sys_exit", objs.CulpritSockSysExit},
+		}
+	}, nil)
+	if err != nil {
+		return err
+	}
+	p.spawn(func() {
+		every(ctx, p.o.PollInterval, func(now time.Time) { p.poll(objs, tracker, store, now) })
+	})
+	return nil
+}
+
+// Unread returns the target's sockets whose data had waited unread for
+// longer than a poll interval at the last poll, oldest first (at most 16).
+// Rules use it to name the connections an event loop left waiting.
+func (p *SockCalls) Unread() []UnreadSocket {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.unread)
+}
+
+func (p *SockCalls) poll(objs *sockCallsObjects, tracker *target.Tracker, store *signals.Store, now time.Time) {
+	tgt, ok := tracker.Current()
+	if !ok {
+		return
+	}
+	changed, err := p.group.update(objs.Targets, tgt.PID, now)
+	if err != nil {
+		p.o.Log.Warn("sockcalls: set target", "err", err)
+		return
+	}
+	if changed {
+		p.reset(store)
+	}
+	if err := p.readAccepts(objs, store, now); err != nil {
+		p.o.Log.Warn("sockcalls: read accepts", "err", err)
+	}
+	if err := p.readConnects(objs, store, now); err != nil {
+		p.o.Log.Warn("sockcalls: read connects", "err", err)
+	}
+	if err := p.readUnread(objs, store, now); err != nil {
+		p.o.Log.Warn("sockcalls: read sockets", "err", err)
+	}
+}
+
+// reset starts the counts over for a new target, whose series must not
+// continue the old one's.
+func (p *SockCalls) reset(store *signals.Store) {
+	p.accepts.reset()
+	p.connects.reset()
+	clear(p.acceptN)
+	clear(p.connN)
+	clear(p.errN)
+	clear(p.remotes)
+	for _, d := range []*signals.Desc{ProcessAcceptsDesc, ProcessConnectsDesc, ProcessConnectErrorsDesc} {
+		store.Forget(d.Name, func(signals.Labels) bool { return false })
+	}
+	p.mu.Lock()
+	p.unread = nil
+	p.mu.Unlock()
+}
+
+func (p *SockCalls) readAccepts(objs *sockCallsObjects, store *signals.Store, now time.Time) error {
+	p.accepts.begin()
+	err := batchEach(objs.Accepts, p.accKeys, p.accVals, func(k *sockCallsAcceptKey, n *uint64) {
+		if p.group.has(k.Tgid) {
+			p.acceptN[int(k.Port)] += float64(p.accepts.add(*k, *n))
+		}
+	})
+	p.accepts.end()
+	if err != nil {
+		return err
+	}
+	for port, n := range p.acceptN {
+		store.Put(ProcessAcceptsDesc, signals.L("port", strconv.Itoa(port)), n, now)
+	}
+	return nil
+}
+
+func (p *SockCalls) readConnects(objs *sockCallsObjects, store *signals.Store, now time.Time) error {
+	p.connects.begin()
+	err := batchEach(objs.Connects, p.connKeys, p.connVals, func(k *sockCallsConnectKey, n *uint64) {
+		if !p.group.has(k.Tgid) {
+			return
+		}
+		ap, ok := addrPort(k.Family, k.Addr, k.Port)
+		if !ok {
+			return
+		}
+		d := float64(p.connects.add(*k, *n))
+		remote := p.remoteLabel(ap)
+		if k.Err == 0 {
+			p.connN[remote] += d
+		} else {
+			p.errN[[2]string{errnoName(k.Err), remote}] += d
+		}
+	})
+	p.connects.end()
+	if err != nil {
+		return err
+	}
+	for remote, n := range p.connN {
+		store.Put(ProcessConnectsDesc, signals.L("remote", remote), n, now)
+	}
+	for k, n := range p.errN {
+		store.Put(ProcessConnectErrorsDesc, signals.L("errno", k[0], "remote", k[1]), n, now)
+	}
+	return nil
+}
+
+// remoteLabel names a remote, or "other" once MaxRemotes are named: the
+// first remotes seen keep their series for as long as the target does.
+func (p *SockCalls) remoteLabel(ap netip.AddrPort) string {
+	if s, ok := p.remotes[ap]; ok {
+		return s
+	}
+	if len(p.remotes) >= p.o.MaxRemotes {
+		return "other"
+	}
+	s := ap.String()
+	p.remotes[ap] = s
+	return s
+}
+
+// readUnread reads the whole socket map: a batch read costs about as much
+// as a kernel-side walk (iter/bpf_map_elem, tried: the kernel's time per
+// entry dominates both) and needs no iterator support.
+func (p *SockCalls) readUnread(objs *sockCallsObjects, store *signals.Store, now time.Time) error {
+	nowMono := uint64(monotonicNow())
+	var (
+		oldest  time.Duration
+		waiting int
+		list    []UnreadSocket
+	)
+	err := batchEach(objs.Owned, p.ownedKeys, p.ownedVals, func(_ *uint64, v *sockCallsOwnedSock) {
+		if v.ReadySince == 0 || !p.group.has(v.Tgid) || nowMono <= v.ReadySince {
+			return
+		}
+		age := time.Duration(nowMono - v.ReadySince)
+		oldest = max(oldest, age)
+		if age <= p.o.PollInterval {
+			return
+		}
+		waiting++
+		ap, _ := addrPort(v.Family, v.Raddr, v.Rport)
+		list = append(list, UnreadSocket{Pid: int(v.Tgid), LocalPort: int(v.Lport), Remote: ap.String(), Age: age})
+	})
+	if err != nil {
+		return err
+	}
+	slices.SortFunc(list, func(a, b UnreadSocket) int { return int(b.Age - a.Age) })
+	if len(list) > maxUnreadListed {
+		list = list[:maxUnreadListed]
+	}
+	p.mu.Lock()
+	p.unread = list
+	p.mu.Unlock()
+	store.Put(ProcessUnreadOldestDesc, nil, oldest.Seconds(), now)
+	store.Put(ProcessUnreadSocketsDesc, nil, float64(waiting), now)
+	return nil
+}
+
+// addrPort reads a kernel address (AF_INET: the first 4 bytes).
+func addrPort(family uint8, addr [16]uint8, port uint16) (netip.AddrPort, bool) {
+	switch family {
+	case unix.AF_INET:
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(addr[:4])), port), true
+	case unix.AF_INET6:
+		return netip.AddrPortFrom(netip.AddrFrom16(addr).Unmap(), port), true
+	}
+	return netip.AddrPort{}, false
+}
+
+func errnoName(e uint16) string {
+	if n := unix.ErrnoName(syscall.Errno(e)); n != "" {
+		return n
+	}
+	return "errno_" + strconv.Itoa(int(e))
+}
+
+// deltas remembers the last count read for each key of a BPF map, so a
+// poll adds only the increase. A key the LRU evicted and the kernel
+// started again counts from zero.
+type deltas[K comparable] struct {
+	last map[K]seenCount
+	gen  uint32
+}
+
+type seenCount struct {
+	n   uint64
+	gen uint32
+}
+
+func newDeltas[K comparable]() deltas[K] { return deltas[K]{last: map[K]seenCount{}} }
+
+func (d *deltas[K]) begin() { d.gen++ }
+
+// add records count n for k and returns its increase since the last poll.
+func (d *deltas[K]) add(k K, n uint64) uint64 {
+	prev, ok := d.last[k]
+	d.last[k] = seenCount{n, d.gen}
+	if !ok || n < prev.n {
+		return n
+	}
+	return n - prev.n
+}
+
+// end forgets keys the map no longer holds, which bounds last by the
+// map's size.
+func (d *deltas[K]) end() {
+	for k, s := range d.last {
+		if s.gen != d.gen {
+			delete(d.last, k)
+		}
+	}
+}
+
+func (d *deltas[K]) reset() { clear(d.last) }
+
+// batchEach calls f with every entry of hash map m, read len(keys) at a
+// time into the caller's buffers (one system call per batch, where
+// iterating costs two per entry). Kernels without batch operations are
+// iterated.
+func batchEach[K, V any](m *ebpf.Map, keys []K, vals []V, f func(*K, *V)) error {
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			f(&keys[i], &vals[i])
+		}
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return nil
+		case errors.Is(err, ebpf.ErrNotSupported):
+			return iterateEach(m, f)
+		case err != nil:
+			return fmt.Errorf("batch lookup %s: %w", m, err)
+		}
+	}
+}
+
+func iterateEach[K, V any](m *ebpf.Map, f func(*K, *V)) error {
+	var (
+		k K
+		v V
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		f(&k, &v)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("iterate %s: %w", m, err)
+	}
+	return nil
+}
+
+// Close detaches the programs and frees their maps.
+func (p *SockCalls) Close() error { return p.stop() }
