@@ -57,9 +57,14 @@ struct conn_start {
 	__u32 pad;
 };
 
+/* Resets sent, by reason and by the local port of the connection (or of
+ * the segment that reached no socket): Go tells the target's ports from
+ * the others', so a neighbour's resets are not the target's. Cleared by
+ * Go when the target's namespace changes. */
 struct rst_key {
-	__u32 netns;
 	__u32 reason;
+	__u16 lport;
+	__u16 pad;
 };
 
 /* Keeps conn_event in the BTF, so bpf2go emits its Go type. */
@@ -177,15 +182,23 @@ SEC("tp_btf/tcp_send_reset")
 int BPF_PROG(culprit_life_send_reset, const struct sock *sk, const struct sk_buff *skb, const enum sk_rst_reason reason)
 {
 	__u32 netns;
-	if (sk)
+	struct rst_key key = {.reason = reason};
+	if (sk) {
 		netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	else if (skb)
+		key.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	} else if (skb) {
+		/* No socket: the segment's destination is the local port it
+		 * was sent to (a closed port). */
+		struct tcphdr th;
+		unsigned char *head = BPF_CORE_READ(skb, head);
+		__u16 off = BPF_CORE_READ(skb, transport_header);
 		netns = BPF_CORE_READ(skb, dev, nd_net.net, ns.inum);
-	else
+		if (!bpf_probe_read_kernel(&th, sizeof(th), head + off))
+			key.lport = bpf_ntohs(th.dest);
+	} else
 		return 0;
 	if (netns != target())
 		return 0;
-	struct rst_key key = {.netns = netns, .reason = reason};
 	__u64 *n = bpf_map_lookup_elem(&rst_sent, &key);
 	if (n) {
 		__sync_fetch_and_add(n, 1);

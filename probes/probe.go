@@ -31,4 +31,7 @@ type Options struct {
 	MaxEntries uint32
 	// RingBufferBytes bounds the probe's event ring buffer (power of two, page multiple).
 	RingBufferBytes uint32
+	// Owners tells whose a socket is (shared with the collectors); nil:
+	// the probe makes its own.
+	Owners *target.SocketOwners
 }

@@ -11,6 +11,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -31,7 +33,7 @@ var (
 	sigConnHandshake = &signals.Desc{Name: "tcp_connect_seconds_total", Kind: signals.Counter,
 		Help: "Time outbound handshakes took, summed (with tcp_active_opens_seen_total: the mean connect latency)."}
 	sigResetsSent = &signals.Desc{Name: "tcp_resets_sent_total", Kind: signals.Counter,
-		Help: "Resets sent by the target's namespace, by the kernel's reason (eBPF tcp_send_reset, enum sk_rst_reason): no_socket is a closed port, tcp_abort_on_* the application."}
+		Help: "Resets sent by the target's namespace, by the kernel's reason (eBPF tcp_send_reset, enum sk_rst_reason: no_socket is a closed port, tcp_abort_on_* the application) and by local port (the connection's, or the one a segment that reached no socket was sent to), for the maxResetPorts busiest ports; the others are port=\"other\"."}
 )
 
 // TCPLife watches how the target namespace's connections end and why it
@@ -44,7 +46,22 @@ type TCPLife struct {
 	hz      float64
 	counts  map[string]float64 // ends by kind, opens, handshake seconds
 	reasons map[uint32]string
+	owners  *target.SocketOwners
+	selfPID int
+	// Resets by reason and port, as read from the kernel (absolute), and
+	// the ports that have series (ports are many when a neighbour is
+	// port-scanned; only the busiest get their own).
+	resets      map[resetKey]float64
+	resetSeries map[resetKey]bool
 }
+
+type resetKey struct {
+	reason string
+	port   string
+}
+
+// maxResetPorts bounds the ports of tcp_resets_sent_total.
+const maxResetPorts = 32
 
 // NewTCPLife returns the probe, not yet loaded; events receives the
 // connection events (bounded by its own size).
@@ -52,7 +69,12 @@ func NewTCPLife(o Options, events *signals.ConnEvents) *TCPLife {
 	if events == nil {
 		events = signals.NewConnEvents(1024)
 	}
-	return &TCPLife{o: o, events: events, counts: map[string]float64{}}
+	owners := o.Owners
+	if owners == nil {
+		owners = target.NewSocketOwners("/proc", target.SocketOwnersOptions{})
+	}
+	return &TCPLife{o: o, events: events, counts: map[string]float64{}, owners: owners, selfPID: os.Getpid(),
+		resets: map[resetKey]float64{}, resetSeries: map[resetKey]bool{}}
 }
 
 func (*TCPLife) Name() string { return "tcplife" }
@@ -72,7 +94,7 @@ func (p *TCPLife) Start(ctx context.Context, tracker *target.Tracker, store *sig
 	if err != nil {
 		return fmt.Errorf("tcplife: load spec: %w", err)
 	}
-	resize(spec, map[string]uint32{"conn_start": p.o.MaxEntries, "conn_events": p.o.RingBufferBytes})
+	resize(spec, map[string]uint32{"conn_start": p.o.MaxEntries, "rst_sent": p.o.MaxEntries, "conn_events": p.o.RingBufferBytes})
 	objs := &tcpLifeObjects{}
 	ctx, err = p.start(ctx, "tcplife", spec, objs, func() []tracingProg {
 		return []tracingProg{
@@ -101,6 +123,11 @@ func (p *TCPLife) readEvents(rd *ringbuf.Reader) {
 		}
 		p.mu.Lock()
 		ce, ok := p.convert(ev)
+		p.mu.Unlock()
+		if ok {
+			ce.Owner = p.ownerOf(ce)
+		}
+		p.mu.Lock()
 		if ok {
 			if ce.Kind == signals.ConnOpened {
 				p.counts["opened"]++
@@ -138,21 +165,66 @@ func (p *TCPLife) convert(ev tcpLifeConnEvent) (signals.ConnEvent, bool) {
 	}, true
 }
 
+// ownerOf says whose connection an event is about: the process that
+// held its socket (by inode, reading fd tables again when the inode is new:
+// a peer's close or reset reaches a socket the app still holds), else the
+// process that connected it.
+func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
+	if e.Inode != 0 && e.Inode < 1<<32 {
+		ino := uint32(e.Inode)
+		o, ok := p.owners.Owner(ino)
+		if !ok {
+			p.owners.Refresh(time.Now(), []uint32{ino})
+			o, ok = p.owners.Owner(ino)
+		}
+		if ok && o.Role != target.RoleUnknown {
+			return o.Label()
+		}
+	}
+	if e.Pid != 0 {
+		switch {
+		case p.owners.IsTarget(e.Pid):
+			return "target"
+		case e.Pid == p.selfPID:
+			return "agent"
+		}
+		if b, err := os.ReadFile("/proc/" + strconv.Itoa(e.Pid) + "/comm"); err == nil {
+			return strings.TrimSpace(string(b))
+		}
+	}
+	return "unknown"
+}
+
 func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *target.Tracker, store *signals.Store) {
 	every(ctx, p.o.PollInterval, func(now time.Time) {
 		tgt, ok := tracker.Current()
 		if !ok {
 			return
 		}
+		p.owners.SetTarget(tgt)
 		if ns := uint32(tgt.NetnsIno); ns != p.netns {
 			if err := objs.TargetNetns.Put(uint32(0), ns); err != nil {
 				p.o.Log.Warn("tcplife: set target netns", "err", err)
 				return
 			}
+			// Another namespace's resets are not a continuation.
+			var k tcpLifeRstKey
+			var keys []tcpLifeRstKey
+			it := objs.RstSent.Iterate()
+			var n uint64
+			for it.Next(&k, &n) {
+				keys = append(keys, k)
+			}
+			for _, k := range keys {
+				objs.RstSent.Delete(k)
+			}
 			p.mu.Lock()
 			p.netns = ns
 			clear(p.counts)
+			clear(p.resets)
 			p.mu.Unlock()
+			store.Forget(sigResetsSent.Name, func(signals.Labels) bool { return false })
+			clear(p.resetSeries)
 		}
 		p.mu.Lock()
 		for _, k := range []string{signals.ConnPeerClose, signals.ConnLocalClose, signals.ConnResetReceived} {
@@ -163,18 +235,78 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *targe
 		events := p.counts["opened"] + p.counts[signals.ConnPeerClose] + p.counts[signals.ConnLocalClose] + p.counts[signals.ConnResetReceived]
 		p.mu.Unlock()
 		putProbeCounters(store, p.Name(), events, objs.Lost, now)
-		var key tcpLifeRstKey
-		var n uint64
-		it := objs.RstSent.Iterate()
-		for it.Next(&key, &n) {
-			if key.Netns == p.netns {
-				store.Put(sigResetsSent, signals.L("reason", p.reasonName(key.Reason)), float64(n), now)
-			}
-		}
-		if err := it.Err(); err != nil {
-			p.o.Log.Warn("tcplife: read resets", "err", err)
-		}
+		p.readResets(objs, store, now)
 	})
+}
+
+// readResets writes tcp_resets_sent_total by reason and port: the busiest
+// maxResetPorts ports by name, the rest summed as "other". Counts are
+// absolute in the kernel; a key the LRU map evicted and that comes back
+// starts again from 1, which readers take as a counter reset.
+func (p *TCPLife) readResets(objs *tcpLifeObjects, store *signals.Store, now time.Time) {
+	var key tcpLifeRstKey
+	var n uint64
+	byPort := map[uint16]uint64{}
+	type entry struct {
+		reason string
+		port   uint16
+		n      uint64
+	}
+	var all []entry
+	it := objs.RstSent.Iterate()
+	for it.Next(&key, &n) {
+		all = append(all, entry{p.reasonName(key.Reason), key.Lport, n})
+		byPort[key.Lport] += n
+	}
+	if err := it.Err(); err != nil {
+		p.o.Log.Warn("tcplife: read resets", "err", err)
+		return
+	}
+	ports := make([]uint16, 0, len(byPort))
+	for port := range byPort {
+		ports = append(ports, port)
+	}
+	sort.Slice(ports, func(i, j int) bool {
+		if byPort[ports[i]] != byPort[ports[j]] {
+			return byPort[ports[i]] > byPort[ports[j]]
+		}
+		return ports[i] < ports[j]
+	})
+	top := map[uint16]bool{}
+	for i, port := range ports {
+		if i < maxResetPorts {
+			top[port] = true
+		}
+	}
+	cur := map[resetKey]float64{}
+	for _, e := range all {
+		port := "other"
+		if top[e.port] {
+			port = strconv.Itoa(int(e.port))
+		}
+		cur[resetKey{e.reason, port}] += float64(e.n)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for k, v := range cur {
+		store.Put(sigResetsSent, signals.L("reason", k.reason, "port", k.port), v, now)
+		p.resetSeries[k] = true
+	}
+	// A port that left the top (or a key the map evicted) keeps its last
+	// value for a window's worth of polls would mislead: forget it.
+	var gone []resetKey
+	for k := range p.resetSeries {
+		if _, ok := cur[k]; !ok {
+			gone = append(gone, k)
+			delete(p.resetSeries, k)
+		}
+	}
+	if len(gone) > 0 {
+		store.Forget(sigResetsSent.Name, func(ls signals.Labels) bool {
+			return !slices.Contains(gone, resetKey{ls.Get("reason"), ls.Get("port")})
+		})
+	}
+	p.resets = cur
 }
 
 func (p *TCPLife) reasonName(r uint32) string {

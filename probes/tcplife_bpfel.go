@@ -38,8 +38,9 @@ type tcpLifeConnStart struct {
 
 type tcpLifeRstKey struct {
 	_      structs.HostLayout
-	Netns  uint32
 	Reason uint32
+	Lport  uint16
+	Pad    uint16
 }
 
 // Names of all BPF objects in the ELF.

@@ -31,6 +31,9 @@ func TestTCPLifeIdleAgeAtPeerClose(t *testing.T) {
 		switch {
 		case e.Kind == signals.ConnPeerClose && e.Remote == remote:
 			peer++
+			if e.Owner != "target" {
+				t.Errorf("peer close of the target's own client socket: owner %q, want target", e.Owner)
+			}
 			if e.Idle < 450*time.Millisecond || e.Idle > 800*time.Millisecond {
 				t.Errorf("peer close at idle %v, want about 600ms", e.Idle)
 			}
@@ -47,7 +50,8 @@ func TestTCPLifeIdleAgeAtPeerClose(t *testing.T) {
 		t.Errorf("peer closes %d, server-side closes %d, opens %d; want 10 each", peer, local, opened)
 	}
 	s.MustDo(t, "dialclosed 20")
-	waitValue(t, st, "tcp_resets_sent_total", signals.L("reason", "no_socket"), func(v float64) bool { return v >= 20 }, ">= 20")
+	// The resets answer SYNs to port 1, where nothing listens.
+	waitValue(t, st, "tcp_resets_sent_total", signals.L("port", "1", "reason", "no_socket"), func(v float64) bool { return v >= 20 }, ">= 20")
 }
 
 // Events name their owner: the socket inode that /proc/PID/fd shows, and

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -53,7 +54,9 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 		return nil
 	}
 	// Peers of a listening port connect from ever-changing ports: group
-	// them by the local port; outbound connections by the remote.
+	// them by the local port; outbound connections by the remote. Only the
+	// connections of owners findings may be about (the target's, or in
+	// namespace scope every process's but culprit's), each owner apart.
 	listening := map[string]bool{}
 	for _, ls := range w.Store.Select("tcp_sockets") {
 		if ls.Get("state") == "LISTEN" {
@@ -61,14 +64,20 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 		}
 	}
 	groups := map[string][]signals.ConnEvent{}
+	owners := map[string]string{}
 	for _, e := range w.Conns.Since(w.Now.Add(-r.o.Window)) {
 		if e.Kind != signals.ConnPeerClose && e.Kind != signals.ConnResetReceived {
+			continue
+		}
+		if !w.owned(e.Owner) {
 			continue
 		}
 		key := e.Remote
 		if lp := strconv.Itoa(e.LocalPort); listening[lp] {
 			key = "clients of port " + lp
 		}
+		key = ownerKey(e.Owner, key)
+		owners[key] = e.Owner
 		groups[key] = append(groups[key], e)
 	}
 	keys := make([]string, 0, len(groups))
@@ -78,14 +87,18 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 	sort.Strings(keys)
 	var out []Observation
 	for _, k := range keys {
-		if o, ok := r.group(k, groups[k]); ok {
+		if o, ok := r.group(k, owners[k], groups[k]); ok {
 			out = append(out, o)
 		}
 	}
 	return out
 }
 
-func (r *IdleTimeout) group(key string, es []signals.ConnEvent) (Observation, bool) {
+func (r *IdleTimeout) group(key, owner string, es []signals.ConnEvent) (Observation, bool) {
+	who := key
+	if owner != ownerTarget {
+		who = strings.TrimPrefix(key, owner+"/")
+	}
 	if len(es) < r.o.MinCloses {
 		return Observation{}, false
 	}
@@ -118,16 +131,17 @@ func (r *IdleTimeout) group(key string, es []signals.ConnEvent) (Observation, bo
 		how = "reset (RST)"
 	}
 	beat := time.Duration(0.8 * float64(median)).Round(100 * time.Millisecond)
+	age := duration(median.Round(10 * time.Millisecond))
 	return Observation{
 		Key:   key,
 		Cause: CauseIntermediaryIdleTimeout,
-		Title: fmt.Sprintf("Connections with %s cut after %s idle: an intermediary's idle timeout", key, fmtDur(median.Round(10*time.Millisecond))),
-		Symptom: fmt.Sprintf("%d of %d connections with %s were %s by the peer after %s ±%.0f%% without traffic, in the last %s",
-			same, len(es), key, how, fmtDur(median.Round(10*time.Millisecond)), 100*r.o.Tolerance, r.o.Window),
+		Title: fmt.Sprintf("Connections with %s cut after %s idle%s: an intermediary's idle timeout", who, age, ownerTitle(owner)),
+		Symptom: fmt.Sprintf("%d of %s with %s were %s by the peer after %s ±%s without traffic, in the last %s",
+			same, count(float64(len(es)), "connection", ""), who, how, age, percent(r.o.Tolerance), duration(r.o.Window)),
 		RootCause: fmt.Sprintf("something between the app and %s closes connections idle for %s: a load balancer, NAT gateway, firewall or proxy idle timeout (the ends themselves close at varied ages). Requests sent on a connection just cut fail with a reset or EOF",
-			key, fmtDur(median.Round(10*time.Millisecond))),
-		Remediation: fmt.Sprintf("keep connections busier than the timeout or retire them first: send heartbeats or TCP keepalives every %s or less, set the connection pool's idle timeout / max idle time below %s, or raise the intermediary's idle timeout",
-			fmtDur(beat), fmtDur(median.Round(10*time.Millisecond))),
+			who, age),
+		Remediation: fmt.Sprintf("Keep connections busier than the timeout or retire them first: send heartbeats or TCP keepalives every %s or less, set the connection pool's idle timeout (max idle time) below %s, or raise the intermediary's idle timeout.",
+			duration(beat), age),
 		Severity:   SeverityWarning,
 		Confidence: 0.5 + 0.4*share,
 		Evidence: []Evidence{
@@ -135,7 +149,7 @@ func (r *IdleTimeout) group(key string, es []signals.ConnEvent) (Observation, bo
 			{Signal: "idle age at the peer's close (median)", Value: median.Seconds(), Threshold: r.o.MinIdle.Seconds(), Unit: "seconds"},
 			{Signal: "share of closes at that idle age", Value: share, Threshold: r.o.MinShare, Unit: "ratio"},
 		},
-		Artifacts: []Artifact{{Kind: "endpoint", Value: key}},
-		Labels:    map[string]string{"peer": key},
+		Artifacts: []Artifact{{Kind: "endpoint", Value: who}},
+		Labels:    map[string]string{"peer": who, "owner": owner},
 	}, true
 }

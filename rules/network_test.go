@@ -73,25 +73,50 @@ func TestPortExhaustion(t *testing.T) {
 
 func TestRSTStormPaths(t *testing.T) {
 	now := time.Now()
-	r := NewRSTStorm(RSTStormOptions{Recent: 5 * time.Second, MinRate: 50})
-	st := signals.New(100, 100)
-	putSeries(st, dOutRsts, nil, now, 0, 100, 200, 300, 400, 500)
-	putSeries(st, dAbortData, nil, now, 0, 0, 0, 0, 0, 0)
-	obs := r.Evaluate(Window{Store: st, Now: now})
-	if len(obs) != 1 || obs[0].Cause != CauseRSTClosedPort {
-		t.Fatalf("resets without aborts: %+v", obs)
+	dResets := &signals.Desc{Name: "tcp_resets_sent_total", Kind: signals.Counter}
+	dAccepts := &signals.Desc{Name: "process_accepts_total", Kind: signals.Counter}
+	dEvents := &signals.Desc{Name: "probe_events_total", Kind: signals.Counter}
+	// mk: the target listens on 8080; resets on port (per second: the
+	// series steps), accepts on 8080, and the namespace's aborts.
+	mk := func(port, reason string, resets, accepts, aborts float64) *signals.Store {
+		st := signals.New(100, 100)
+		st.Put(dSockets, signals.L("owner", "target", "port", "8080", "state", "LISTEN"), 1, now)
+		st.Put(dEvents, signals.L("probe", "tcplife"), 1, now)
+		var rs, as, ab []float64
+		for i := 0; i < 6; i++ {
+			rs, as, ab = append(rs, resets*float64(i)), append(as, accepts*float64(i)), append(ab, aborts*float64(i))
+		}
+		putSeries(st, dResets, signals.L("port", port, "reason", reason), now, rs...)
+		putSeries(st, dAccepts, signals.L("port", "8080"), now, as...)
+		putSeries(st, dAbortData, nil, now, ab...)
+		return st
 	}
-	st = signals.New(100, 100)
-	putSeries(st, dOutRsts, nil, now, 0, 100, 200, 300, 400, 500)
-	putSeries(st, dAbortData, nil, now, 0, 90, 180, 270, 360, 450)
-	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 1 || obs[0].Cause != CauseRSTAppAbort {
+	r := NewRSTStorm(DefaultRSTStormOptions())
+	if obs := r.Evaluate(Window{Store: mk("8080", "no_socket", 100, 10, 0), Now: now}); len(obs) != 1 || obs[0].Cause != CauseRSTClosedPort || obs[0].Confidence != 0.9 {
+		t.Fatalf("resets to the target's port, no socket: %+v", obs)
+	}
+	if obs := r.Evaluate(Window{Store: mk("8080", "tcp_abort_on_data", 100, 50, 90), Now: now}); len(obs) != 1 || obs[0].Cause != CauseRSTAppAbort {
 		t.Fatalf("resets from aborts: %+v", obs)
 	}
-	// Silence: a few resets a second.
-	st = signals.New(100, 100)
-	putSeries(st, dOutRsts, nil, now, 0, 3, 5, 9, 12, 14)
-	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
-		t.Errorf("a trickle of resets raised %+v", obs)
+	// Silence: a few resets a second; a busy healthy service resetting 1%
+	// of its thousands of connections; another process's port; and, with
+	// only the namespace's counters, nothing can be said of whose.
+	for name, st := range map[string]*signals.Store{
+		"trickle":        mk("8080", "no_socket", 3, 10, 0),
+		"healthy churn":  mk("8080", "tcp_flags", 59, 5500, 0),
+		"neighbour port": mk("9090", "no_socket", 500, 10, 0),
+	} {
+		if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+			t.Errorf("%s raised %+v", name, obs)
+		}
+	}
+	st := signals.New(100, 100)
+	putSeries(st, dOutRsts, nil, now, 0, 100, 200, 300, 400, 500)
+	if obs := NewRSTStorm(DefaultRSTStormOptions()).Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("namespace counters alone blamed the target: %+v", obs)
+	}
+	if obs := NewRSTStorm(DefaultRSTStormOptions()).Evaluate(Window{Store: st, Now: now, Scope: ScopeNamespace}); len(obs) != 1 || !strings.Contains(obs[0].Title, "by the namespace") {
+		t.Errorf("namespace scope, namespace counters: %+v", obs)
 	}
 }
 
@@ -139,7 +164,7 @@ func TestIdleTimeout(t *testing.T) {
 	mk := func(idles ...time.Duration) connEvents {
 		var out connEvents
 		for _, d := range idles {
-			out = append(out, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40001, Idle: d})
+			out = append(out, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40001, Idle: d, Owner: "target"})
 		}
 		return out
 	}
@@ -149,8 +174,19 @@ func TestIdleTimeout(t *testing.T) {
 	}
 	src = mk(cut...)
 	obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: src}})
-	if len(obs) != 1 || obs[0].Cause != CauseIntermediaryIdleTimeout || !strings.Contains(obs[0].Title, "10.0.0.7:443") || !strings.Contains(obs[0].Title, "5m50") {
+	if len(obs) != 1 || obs[0].Cause != CauseIntermediaryIdleTimeout || !strings.Contains(obs[0].Title, "10.0.0.7:443") || !strings.Contains(obs[0].Title, "5m51s") {
 		t.Fatalf("closes at 350 s idle: %+v", obs)
+	}
+	// The same closes on a neighbour's connections, or culprit's own (its
+	// API's clients going idle), are not the target's.
+	for _, owner := range []string{"envoy", "agent", "unknown"} {
+		theirs := mk(cut...)
+		for i := range theirs {
+			theirs[i].Owner = owner
+		}
+		if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: theirs}}); len(obs) != 0 {
+			t.Errorf("%s's connections cut when idle blamed the target: %+v", owner, obs)
+		}
 	}
 	// Silence: peers closing at varied idle ages (clients going away), and
 	// closes of busy connections (idle under a second).

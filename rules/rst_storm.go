@@ -19,38 +19,102 @@ const (
 type RSTStormOptions struct {
 	Recent  time.Duration `toml:"recent" range:"[1s,1h]"`       // the rate is measured over this
 	MinRate float64       `toml:"min_rate" range:"(0,1000000]"` // resets sent per second at or above this is a storm
+	// MinShare: and at least this share of the connections on the
+	// target's ports end in a reset (resets / (resets + accepts)), so a
+	// busy healthy service's ordinary resets are not a storm.
+	MinShare float64 `toml:"min_share" range:"(0,1]"`
 }
 
 // DefaultRSTStormOptions are the defaults agent.conf documents.
 func DefaultRSTStormOptions() RSTStormOptions {
-	return RSTStormOptions{Recent: 5 * time.Second, MinRate: 50}
+	return RSTStormOptions{Recent: 5 * time.Second, MinRate: 50, MinShare: 0.1}
 }
 
-// RSTStorm names why the namespace sends resets in bulk (seed 000
+// RSTStorm names why the target sends resets in bulk (seed 000
 // "Platform": clients see "connection reset by peer"). The path decides
-// the fix, and the kernel's counters tell the paths apart:
+// the fix, and the kernel tells the paths apart (eBPF tcp_send_reset's
+// reason, and counters):
 //   - the accept queue overflows with tcp_abort_on_overflow=1: each
 //     overflow is answered with a RST instead of a dropped SYN;
 //   - the application aborts connections: it closed with unread data
 //     (TCPAbortOnClose), or data arrived after it closed (TCPAbortOnData),
 //     or it set SO_LINGER 0;
 //   - otherwise segments arrive for no socket: clients connecting to a
-//     port nothing listens on (a restart, a wrong port, a health check).
-type RSTStorm struct{ o RSTStormOptions }
+//     port the target does not listen on right now (a restart), or sending
+//     on connections it already forgot.
+//
+// The namespace is shared with other containers, so only resets on the
+// target's ports count (its listening ports now, or in the last
+// listenMemory: a restart closes them): the tcplife probe counts resets by
+// local port. Without it the namespace's counters cannot say whose resets
+// they are, and the rule stays silent unless told to watch the whole
+// namespace.
+type RSTStorm struct {
+	o        RSTStormOptions
+	listened map[string]time.Time // the target's listening ports, when last seen
+}
 
-func NewRSTStorm(o RSTStormOptions) *RSTStorm { return &RSTStorm{o: o} }
+// listenMemory is how long a port the target listened on stays its own.
+const listenMemory = 10 * time.Minute
+
+func NewRSTStorm(o RSTStormOptions) *RSTStorm {
+	return &RSTStorm{o: o, listened: map[string]time.Time{}}
+}
 
 func (*RSTStorm) Name() string { return "rst_storm" }
 
 func (r *RSTStorm) Evaluate(w Window) []Observation {
 	from := w.Now.Add(-r.o.Recent)
-	last, ok := w.Store.Latest("tcp_out_rsts_total", nil)
-	if !ok || w.Now.Sub(last.T) > 3*freshnessSlow {
+	secs := r.o.Recent.Seconds()
+	for _, ls := range w.Store.Select("tcp_sockets") {
+		if ls.Get("owner") == ownerTarget && ls.Get("state") == "LISTEN" {
+			if s, ok := w.Store.Latest("tcp_sockets", ls); ok && s.V > 0 && w.Now.Sub(s.T) <= 3*freshnessSlow {
+				r.listened[ls.Get("port")] = w.Now
+			}
+		}
+	}
+	for p, t := range r.listened {
+		if w.Now.Sub(t) > listenMemory {
+			delete(r.listened, p)
+		}
+	}
+	namespace := w.Scope == ScopeNamespace
+	probe := len(w.Store.Range("probe_events_total", signals.L("probe", "tcplife"), w.Now.Add(-3*freshnessSlow))) > 0
+	byReason := map[string]float64{}
+	total := 0.0
+	if probe {
+		for _, ls := range w.Store.Select("tcp_resets_sent_total") {
+			if _, mine := r.listened[ls.Get("port")]; !mine && !namespace {
+				continue
+			}
+			v := w.Store.Increase("tcp_resets_sent_total", ls, from) / secs
+			byReason[ls.Get("reason")] += v
+			total += v
+		}
+	} else {
+		if !namespace {
+			return nil // the namespace's counters alone cannot say whose resets they are
+		}
+		last, ok := w.Store.Latest("tcp_out_rsts_total", nil)
+		if !ok || w.Now.Sub(last.T) > 3*freshnessSlow {
+			return nil
+		}
+		total = w.Store.Increase("tcp_out_rsts_total", nil, from) / secs
+	}
+	if total < r.o.MinRate {
 		return nil
 	}
-	secs := r.o.Recent.Seconds()
-	rate := w.Store.Increase("tcp_out_rsts_total", nil, from) / secs
-	if rate < r.o.MinRate {
+	// Resets against the connections the target accepted on the same
+	// ports: a busy healthy service resets a few percent of them.
+	accepts, acceptsKnown := 0.0, false
+	for _, ls := range w.Store.Select("process_accepts_total") {
+		acceptsKnown = true
+		if _, mine := r.listened[ls.Get("port")]; mine || namespace {
+			accepts += w.Store.Increase("process_accepts_total", ls, from) / secs
+		}
+	}
+	share := total / (total + accepts)
+	if acceptsKnown && share < r.o.MinShare {
 		return nil
 	}
 	overflows := w.Store.Increase("tcp_ext_listen_overflows_total", nil, from) / secs
@@ -59,48 +123,57 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	aborts := onClose + onData
 	abortOnOverflow, _ := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
 
-	ev := []Evidence{{Signal: "tcp_out_rsts_total", Value: rate, Threshold: r.o.MinRate, Unit: "/s", Window: r.o.Recent, Note: "resets sent by the namespace"}}
-	// The kernel's own reason for each reset (eBPF tcp_send_reset), when
-	// the tcplife probe runs, settles the path.
+	whose := "on the target's ports"
+	if namespace {
+		whose = "by the namespace"
+	}
+	ev := []Evidence{}
 	top, topRate, reasons := "", 0.0, ""
-	for _, ls := range w.Store.Select("tcp_resets_sent_total") {
-		v := w.Store.Increase("tcp_resets_sent_total", ls, from) / secs
-		if v > topRate {
-			top, topRate = ls.Get("reason"), v
+	for reason, v := range byReason {
+		if v > topRate || (v == topRate && reason < top) {
+			top, topRate = reason, v
 		}
 	}
+	if probe {
+		ev = append(ev, Evidence{Signal: "tcp_resets_sent_total", Value: total, Threshold: r.o.MinRate, Unit: "/s", Window: r.o.Recent, Note: "resets sent " + whose + " (eBPF tcp_send_reset)"})
+	} else {
+		ev = append(ev, Evidence{Signal: "tcp_out_rsts_total", Value: total, Threshold: r.o.MinRate, Unit: "/s", Window: r.o.Recent, Note: "resets sent by the namespace"})
+	}
+	if acceptsKnown {
+		ev = append(ev, Evidence{Signal: "resets / (resets + accepts)", Value: share, Threshold: r.o.MinShare, Unit: "ratio", Window: r.o.Recent, Note: "share of the connections on the target's ports that end in a reset"})
+	}
 	if top != "" {
-		reasons = fmt.Sprintf(" The kernel's reason for most of them (%.0f/s): %s.", topRate, top)
+		reasons = fmt.Sprintf(" The kernel's reason for most of them (%s): %s.", rate(topRate), top)
 		ev = append(ev, Evidence{Signal: fmt.Sprintf("tcp_resets_sent_total{reason=%q}", top), Value: topRate, Unit: "/s", Window: r.o.Recent, Note: "the most frequent reset reason (eBPF)"})
-		if strings.HasPrefix(top, "tcp_abort_on_") && aborts < rate/4 {
+		if strings.HasPrefix(top, "tcp_abort_on_") && aborts < total/4 {
 			aborts = topRate
 		}
 	}
 	o := Observation{Severity: SeverityWarning, Confidence: 0.7}
 	switch {
-	case abortOnOverflow.V == 1 && overflows >= rate/4:
+	case abortOnOverflow.V == 1 && overflows >= total/4:
 		o.Key, o.Cause = "accept_overflow", CauseRSTAcceptOverflow
-		o.RootCause = fmt.Sprintf("accept queues overflow (%.1f/s) and net.ipv4.tcp_abort_on_overflow=1 answers each overflow with a reset instead of letting the client retry", overflows)
-		o.Remediation = "fix the overflow itself (see the accept_overflow finding); set net.ipv4.tcp_abort_on_overflow=0 so clients retry their SYN instead of failing at once"
+		o.RootCause = fmt.Sprintf("accept queues overflow (%s) and net.ipv4.tcp_abort_on_overflow=1 answers each overflow with a reset instead of letting the client retry", rate(overflows))
+		o.Remediation = "Fix the overflow itself (see the accept_overflow finding), and set net.ipv4.tcp_abort_on_overflow=0 so clients retry their SYN instead of failing at once."
 		ev = append(ev, Evidence{Signal: "tcp_ext_listen_overflows_total", Value: overflows, Unit: "/s", Window: r.o.Recent})
 		o.Confidence = 0.85
-	case aborts >= rate/4:
+	case aborts >= total/4:
 		o.Key, o.Cause = "app_abort", CauseRSTAppAbort
-		o.RootCause = fmt.Sprintf("the application aborts connections: %.1f/s closed with unread data (TCPAbortOnClose), %.1f/s received data after closing (TCPAbortOnData)", onClose, onData)
-		o.Remediation = "read requests fully before closing (or shut down writes and drain); do not set SO_LINGER to 0; in proxies, keep-alive timeouts on both sides consistent so one side does not close while the other sends"
+		o.RootCause = fmt.Sprintf("the application aborts connections: %s closed with unread data (TCPAbortOnClose), %s received data after closing (TCPAbortOnData)", rate(onClose), rate(onData))
+		o.Remediation = "Read requests fully before closing (or shut down writes and drain), and do not set SO_LINGER to 0. In proxies, keep the keep-alive timeouts of both sides consistent so one side does not close while the other sends."
 		ev = append(ev, Evidence{Signal: "tcp_ext_abort_on_close_total + tcp_ext_abort_on_data_total", Value: aborts, Unit: "/s", Window: r.o.Recent})
 		o.Confidence = 0.8
 	default:
 		o.Key, o.Cause = "closed_port", CauseRSTClosedPort
-		o.RootCause = fmt.Sprintf("the resets answer segments that reach no socket (no overflow with abort, %.1f/s application aborts): clients connect to a port nothing listens on, or send on connections this side already forgot", aborts)
-		o.Remediation = "find the clients: connections to a port during a restart (use a readiness probe and drain before stopping), a wrong port in a health check or client config, or a peer that keeps sending on a connection that timed out here (align idle timeouts)"
+		o.RootCause = fmt.Sprintf("the resets answer segments that reach no socket (no overflow with abort, %s application aborts): clients connect to a port nothing listens on right now, or send on connections this side already forgot", rate(aborts))
+		o.Remediation = "Find the clients: connections during a restart (use a readiness probe and drain before stopping), a wrong port in a health check or client config, or a peer that keeps sending on a connection that timed out here (align idle timeouts)."
 	}
 	if top == "no_socket" && o.Cause == CauseRSTClosedPort {
 		o.Confidence = 0.9
 	}
 	o.RootCause += "." + reasons
-	o.Title = fmt.Sprintf("RST storm: %.0f resets/s sent", rate)
-	o.Symptom = fmt.Sprintf("the target's network namespace sent %.1f resets per second over the last %s; clients see \"connection reset by peer\" or \"connection refused\"", rate, r.o.Recent)
+	o.Title = fmt.Sprintf("RST storm: resets sent %s at %s", whose, rate(total))
+	o.Symptom = fmt.Sprintf("resets were sent %s at %s over the last %s; clients see \"connection reset by peer\" or \"connection refused\"", whose, rate(total), duration(r.o.Recent))
 	o.Evidence = ev
 	o.Labels = map[string]string{"path": o.Key}
 	return []Observation{o}

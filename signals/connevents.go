@@ -25,6 +25,9 @@ type ConnEvent struct {
 	// Pid is the process (tgid) that called connect, for connections
 	// opened from this namespace; 0 for accepted ones and when unknown.
 	Pid int
+	// Owner is whose connection it was, as a socket series' owner label:
+	// "target", "agent", another process's command name, or "unknown".
+	Owner string
 }
 
 // ConnEvent kinds.
