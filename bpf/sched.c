@@ -46,7 +46,7 @@ volatile const __u64 busy_gap_ns = 1000ULL * 1000;
 struct thread_stats {
 	__u32 tgid;
 	__u32 pad;
-	char comm[TASK_COMM_LEN];
+	char comm[TASK_COMM_LEN]; /* at the last switch in or out */
 	__u64 runq_slots[RUNQ_SLOTS];
 	__u64 runq_ns;        /* total run-queue wait */
 	__u64 oncpu_ns;       /* total on-CPU time (finished slices) */
@@ -63,6 +63,7 @@ struct thread_stats {
 	__s32 off_kstack;
 	__u64 off_sp;         /* user sp and bp then; sp 0 if the copy failed */
 	__u64 off_bp;
+	__u64 off_ip;         /* user ip then: the user stack's first frame */
 	__u64 off_scan[SCAN_WORDS];
 };
 
@@ -75,11 +76,18 @@ struct block_event {
 	__s32 kstack;
 	__u32 waker_tid;
 	__u32 pad;
-	char comm[TASK_COMM_LEN];
+	char comm[TASK_COMM_LEN]; /* when the sleep began */
 	__u64 sp;
 	__u64 bp;
+	__u64 ip;
 	__u64 scan[SCAN_WORDS];
 };
+
+/* The user ip of pt_regs (culprit.h declares bp and sp only); the ___ip
+ * flavour relocates against the kernel's struct pt_regs. */
+struct pt_regs___ip {
+	unsigned long ip;
+} __attribute__((preserve_access_index));
 
 /* All zeros (.bss): the template of a new thread's entry. */
 struct thread_stats zero_stats = {};
@@ -187,6 +195,7 @@ static __always_inline void end_block(struct thread_stats *st, __u32 tid, __u64 
 	__builtin_memcpy(ev->comm, st->comm, TASK_COMM_LEN);
 	ev->sp = st->off_sp;
 	ev->bp = st->off_bp;
+	ev->ip = st->off_ip;
 	__builtin_memcpy(ev->scan, st->off_scan, sizeof(ev->scan));
 	bpf_ringbuf_submit(ev, 0);
 }
@@ -229,6 +238,12 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 			if (st->oncpu_since && now > st->oncpu_since)
 				__sync_fetch_and_add(&st->oncpu_ns, now - st->oncpu_since);
 			st->oncpu_since = 0;
+			/* The name as it goes off-CPU: a new thread runs under its
+			 * parent's name until it renames itself (prctl, or
+			 * pthread_setname_np), which it does while running. Copied at
+			 * switch-in only, a sleep that follows the rename would carry
+			 * the old name. prev is current here. */
+			bpf_get_current_comm(st->comm, sizeof(st->comm));
 			/* TASK_RUNNING is 0: preempted (or yielded), still runnable. */
 			if (preempt || prev_state == 0) {
 				__sync_fetch_and_add(&st->involuntary, 1);
@@ -251,6 +266,10 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 				struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 				__u64 sp = BPF_CORE_READ(regs, sp);
 				st->off_bp = BPF_CORE_READ(regs, bp);
+				/* With BPF_F_REUSE_STACKID a later stack that hashes to
+				 * the same bucket replaces this one: Go checks the user
+				 * stack it reads still starts here. */
+				st->off_ip = BPF_CORE_READ((struct pt_regs___ip *)regs, ip);
 				if (sp && !bpf_probe_read_user(st->off_scan, sizeof(st->off_scan), (const void *)sp))
 					st->off_sp = sp;
 				else

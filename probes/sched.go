@@ -98,7 +98,13 @@ type Sched struct {
 	// stack map may reuse an id while a thread sleeps for long.
 	stacks map[episodeID]stackText
 	busy   map[int]signals.Episode // ongoing busy episode per tid
-	names  threadNames             // names of threads not yet seen by the kernel side
+	names  freshNames              // names of threads not yet seen by the kernel side
+	// sighted is the last sleep of each thread whose stack was read to
+	// learn what the thread is (sight).
+	sighted map[int]sightMark
+	// deepLeft is how many stacks this poll may still read in full from
+	// the target's memory (deepStack).
+	deepLeft int
 	// lastRunq is the run-queue histogram at the previous poll.
 	lastRunq [RunqBuckets]float64
 	// stacksReset is when the stack map was last emptied; resetReq asks
@@ -132,7 +138,11 @@ func NewSched(o SchedOptions) *Sched {
 	if o.Episodes == nil {
 		o.Episodes = signals.NewEpisodes(256)
 	}
-	return &Sched{o: o, stacks: map[episodeID]stackText{}, busy: map[int]signals.Episode{}, names: threadNames{}, resetReq: make(chan chan struct{}, 1)}
+	if o.MaxThreads > 0 {
+		o.Episodes.LimitThreads(int(o.MaxThreads))
+	}
+	return &Sched{o: o, stacks: map[episodeID]stackText{}, busy: map[int]signals.Episode{}, names: freshNames{}, sighted: map[int]sightMark{},
+		resetReq: make(chan chan struct{}, 1)}
 }
 
 func (*Sched) Name() string { return "sched" }
@@ -140,6 +150,7 @@ func (*Sched) Name() string { return "sched" }
 func (*Sched) Lost() []string {
 	return []string{
 		"blocking_worker: which thread blocked, for how long, and the blocking call's stack",
+		"which threads are event loops, workers, blocking pools or a runtime's helpers (told by their stacks)",
 		"cpu_bound_worker: long runs without yielding and run-queue latency of peers",
 		"worker_imbalance: per-thread CPU time (falls back to /proc task stat)",
 		"accept_overflow: the stalled thread and stack behind app_not_accepting",
@@ -210,13 +221,21 @@ func (p *Sched) readBlocks(rd *ringbuf.Reader, store *signals.Store) {
 		objs := p.objs
 		p.mu.Unlock()
 		if !ok && objs != nil {
-			st = p.stackText(objs, int(ev.Tgid), ev.Ustack, ev.Kstack, userRegs{ev.Sp, ev.Bp, ev.Scan[:]})
+			// The thread is awake again: only what the probe copied when
+			// it went to sleep is left of its stack.
+			st = p.stackText(objs, int(ev.Tgid), ev.Ustack, ev.Kstack, userRegs{ev.Sp, ev.Bp, ev.Ip, ev.Scan[:]})
 		}
+		start := p.wall(ev.StartNs)
+		name := comm(ev.Comm[:])
 		p.o.Episodes.Put(signals.Episode{
-			Kind: signals.EpisodeBlock, Pid: int(ev.Tgid), Tid: int(ev.Tid), Thread: comm(ev.Comm[:]),
-			Start: p.wall(ev.StartNs), Duration: time.Duration(ev.DurNs),
+			Kind: signals.EpisodeBlock, Pid: int(ev.Tgid), Tid: int(ev.Tid), Thread: name,
+			Start: start, Duration: time.Duration(ev.DurNs),
 			Stack: st.frames, KernelFrames: st.kernel, LibcFrames: st.libc, Waker: int(ev.WakerTid),
 		})
+		if !ok {
+			p.o.Episodes.Observe(signals.ThreadSight{Pid: int(ev.Tgid), Tid: int(ev.Tid), Name: name, Start: start,
+				Stack: st.frames, KernelFrames: st.kernel, LibcFrames: st.libc, At: time.Now()})
+		}
 		store.Notify()
 	})
 }
@@ -235,8 +254,64 @@ func comm(c []int8) string {
 // userRegs is what the probe copied of the user side when the thread went
 // to sleep: sp, bp and the stack words from sp up (sp 0: no copy).
 type userRegs struct {
-	sp, bp uint64
-	words  []uint64
+	sp, bp, ip uint64
+	words      []uint64
+}
+
+// deepStackBytes is how much of a sleeping thread's stack is read from its
+// memory to unwind it. The probe's own copy (256 bytes) recovers the C
+// library's wrapper; code built without frame pointers (Node.js, redis,
+// most distributions' C) needs more: libuv's uv__io_poll alone keeps 12 KiB
+// of epoll events on its stack, and the frames that tell a nested loop
+// (execSync) from the main one, or the command that blocked redis, are
+// above it.
+const deepStackBytes = 32 << 10
+
+// maxDeepPerPoll bounds the stacks read from the target's memory per poll.
+const maxDeepPerPoll = 16
+
+// deepStack reads the top of a sleeping thread's stack from /proc/PID/mem,
+// as words from sp up; nil if it cannot (no ptrace access: the probe's own
+// copy is then all there is). The caller checks the thread still sleeps the
+// same sleep after the read: the words are then that sleep's.
+func (p *Sched) deepStack(pid int, sp uint64) []uint64 {
+	if sp == 0 || p.deepLeft <= 0 {
+		return nil
+	}
+	p.deepLeft--
+	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/mem")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	buf := make([]byte, deepStackBytes)
+	// A short read is the end of the stack's mapping: what came is good.
+	n, _ := f.ReadAt(buf, int64(sp))
+	words := make([]uint64, n/8)
+	for i := range words {
+		words[i] = binary.LittleEndian.Uint64(buf[8*i:])
+	}
+	return words
+}
+
+// stillAsleep reports whether thread tid still sleeps the sleep that began
+// at since (bpf_ktime_get_ns).
+func stillAsleep(objs *schedObjects, tid int, since uint64) bool {
+	var st schedThreadStats
+	return objs.Threads.Lookup(uint32(tid), &st) == nil && st.OffcpuSince == since
+}
+
+// sleepingText symbolizes the stack of a sleep going on now: the thread's
+// memory still holds its whole stack, so it is read deeper than the
+// probe's copy when it can be.
+func (p *Sched) sleepingText(objs *schedObjects, pid, tid int, st schedThreadStats) stackText {
+	regs := userRegs{st.OffSp, st.OffBp, st.OffIp, st.OffScan[:]}
+	if p.o.Symbolizer != nil && st.OffUstack >= 0 {
+		if w := p.deepStack(pid, st.OffSp); len(w) > len(regs.words) && stillAsleep(objs, tid, st.OffcpuSince) {
+			regs.words = w
+		}
+	}
+	return p.stackText(objs, pid, st.OffUstack, st.OffKstack, regs)
 }
 
 // stackText reads and symbolizes one (user, kernel) stack pair. The user
@@ -246,6 +321,11 @@ func (p *Sched) stackText(objs *schedObjects, pid int, ustack, kstack int32, reg
 	var out stackText
 	if kstack >= 0 {
 		addrs := readStack(objs.Stacks, kstack)
+		if !allKernel(addrs) {
+			// The id was reused (BPF_F_REUSE_STACKID) by a user stack:
+			// no kernel stack is better than another thread's.
+			addrs = nil
+		}
 		names := frameNames(p.o.Symbolizer, 0, addrs, true)
 		// The stack was taken inside the tracepoint: drop the probe's own
 		// frames so it starts where the thread went to sleep.
@@ -257,7 +337,12 @@ func (p *Sched) stackText(objs *schedObjects, pid int, ustack, kstack int32, reg
 	}
 	if ustack >= 0 {
 		addrs := readStack(objs.Stacks, ustack)
-		if p.o.Symbolizer != nil && regs.sp != 0 {
+		if len(addrs) > 0 && ((regs.ip != 0 && addrs[0] != regs.ip) || addrs[0] >= kernelHalf) {
+			// The id now holds another stack: what the thread is, and
+			// the function a finding names, must not come from it.
+			addrs = nil
+		}
+		if p.o.Symbolizer != nil && regs.sp != 0 && len(addrs) > 0 {
 			addrs = p.o.Symbolizer.RecoverLeaf(pid, addrs, regs.sp, regs.bp, regs.words)
 		}
 		names, libc := userFrames(p.o.Symbolizer, pid, addrs)
@@ -265,6 +350,19 @@ func (p *Sched) stackText(objs *schedObjects, pid int, ustack, kstack int32, reg
 		out.libc = libc
 	}
 	return out
+}
+
+// kernelHalf: kernel addresses have the top bit set (x86-64, arm64), user
+// addresses never.
+const kernelHalf = 1 << 63
+
+func allKernel(addrs []uint64) bool {
+	for _, a := range addrs {
+		if a < kernelHalf {
+			return false
+		}
+	}
+	return true
 }
 
 // readStack returns the addresses of a stack id, leaf first, or nil.
@@ -330,6 +428,7 @@ func (p *Sched) poll(ctx context.Context, objs *schedObjects, tracker *target.Tr
 		if !ok {
 			return
 		}
+		p.deepLeft = maxDeepPerPoll
 		if err := p.setTarget(objs, tgt.PID, now); err != nil {
 			p.o.Log.Warn("sched: set target", "err", err)
 			return
@@ -362,8 +461,10 @@ func (p *Sched) setTarget(objs *schedObjects, pid int, now time.Time) error {
 	clear(p.stacks)
 	clear(p.busy)
 	clear(p.names)
+	clear(p.sighted)
 	p.lastRunq = [RunqBuckets]float64{}
 	p.mu.Unlock()
+	p.o.Episodes.KeepThreads(func(int, int) bool { return false })
 	if p.o.Symbolizer != nil {
 		// Parse the target's executable now, not on its first long block.
 		if pc, ok := textStart(int(pid)); ok {
@@ -380,8 +481,10 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		st        schedThreadStats
 		runq      [RunqBuckets]float64
 		runqSum   float64
-		seen      = map[string]bool{}
+		seen      = map[string]bool{} // tids with series this poll
+		series    = map[string]bool{} // their (tid, name) label pairs
 		busyNow   = map[int]bool{}
+		sights    []sighting
 		gone      []uint32
 		maxSeries = int(p.o.MaxThreads)
 	)
@@ -405,6 +508,7 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		name := comm(st.Comm[:])
 		ls := signals.L("tid", strconv.Itoa(int(tid)), "thread", name)
 		seen[strconv.Itoa(int(tid))] = true
+		series[seriesKey(strconv.Itoa(int(tid)), name)] = true
 		oncpu := float64(st.OncpuNs)
 		if st.OncpuSince != 0 && nowMono > st.OncpuSince {
 			oncpu += float64(nowMono - st.OncpuSince)
@@ -435,6 +539,8 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 
 		if d := time.Duration(blocked * 1e9); d >= p.o.MinBlock {
 			p.ongoingBlock(objs, int(st.Tgid), int(tid), name, st, d)
+		} else if st.OffcpuSince != 0 && len(sights) < maxSightsPerPoll && p.sightDue(int(tid), st.OffcpuSince, now) {
+			sights = append(sights, sighting{int(st.Tgid), int(tid), name, st})
 		}
 		if d := time.Duration(busy * 1e9); d >= p.o.BusyAfter {
 			busyNow[int(tid)] = true
@@ -452,19 +558,32 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 			continue
 		}
 		seen[id] = true
-		ls := signals.L("tid", id, "thread", p.names.get(tgid, t))
+		name := p.names.get(tgid, t, now)
+		series[seriesKey(id, name)] = true
+		ls := signals.L("tid", id, "thread", name)
 		for _, d := range []*signals.Desc{sigThreadOnCPU, sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary, sigThreadOffCPU, sigThreadLongBlocks, sigThreadBusy} {
 			store.Put(d, ls, 0, now)
 		}
 	}
 	p.endBusy(busyNow)
+	// After the long sleeps: reading these stacks takes time, and the
+	// long sleeps' stack ids must be read before they can be reused.
+	for _, s := range sights {
+		p.sight(objs, s, now)
+	}
 	for _, t := range gone {
 		_ = objs.Threads.Delete(t) // already gone is fine
+		delete(p.sighted, int(t))
 	}
-	store.Forget(sigThreadOnCPU.Name, func(ls signals.Labels) bool { return seen[ls.Get("tid")] })
+	p.names.keep(tasks)
+	p.o.Episodes.KeepThreads(func(_, tid int) bool { return tasks[tid] != 0 })
+	// A thread that renamed itself has a series under its new name: the
+	// old name's series go with exited threads'.
+	keep := func(ls signals.Labels) bool { return series[seriesKey(ls.Get("tid"), ls.Get("thread"))] }
+	store.Forget(sigThreadOnCPU.Name, keep)
 	for _, d := range []*signals.Desc{sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary,
 		sigThreadOffCPU, sigThreadLongBlocks, sigThreadBlocked, sigThreadBusy} {
-		store.Forget(d.Name, func(ls signals.Labels) bool { return seen[ls.Get("tid")] })
+		store.Forget(d.Name, keep)
 	}
 	count := 0.0
 	for i := range runq {
@@ -592,7 +711,7 @@ func (p *Sched) resetStacks(objs *schedObjects, now time.Time, force bool) {
 		_, have := p.stacks[key]
 		p.mu.Unlock()
 		if !have {
-			txt := p.stackText(objs, int(st.Tgid), st.OffUstack, st.OffKstack, userRegs{st.OffSp, st.OffBp, st.OffScan[:]})
+			txt := p.sleepingText(objs, int(st.Tgid), int(tid), st)
 			p.mu.Lock()
 			if len(p.stacks) < int(max(p.o.MaxThreads, 64)) {
 				p.stacks[key] = txt
@@ -639,19 +758,95 @@ func (p *Sched) ongoingBlock(objs *schedObjects, pid, tid int, name string, st s
 	p.mu.Lock()
 	txt, ok := p.stacks[id]
 	p.mu.Unlock()
+	start := p.wall(st.OffcpuSince)
 	if !ok {
-		txt = p.stackText(objs, pid, st.OffUstack, st.OffKstack, userRegs{st.OffSp, st.OffBp, st.OffScan[:]})
+		txt = p.sleepingText(objs, pid, tid, st)
 		p.mu.Lock()
 		if len(p.stacks) < int(max(p.o.MaxThreads, 64)) {
 			p.stacks[id] = txt
 		}
 		p.mu.Unlock()
+		p.sighted[tid] = sightMark{st.OffcpuSince, time.Now()}
+		p.o.Episodes.Observe(signals.ThreadSight{Pid: pid, Tid: tid, Name: name, Start: start,
+			Stack: txt.frames, KernelFrames: txt.kernel, LibcFrames: txt.libc, At: time.Now()})
 	}
 	p.o.Episodes.Put(signals.Episode{
 		Kind: signals.EpisodeBlock, Pid: pid, Tid: tid, Thread: name,
-		Start: p.wall(st.OffcpuSince), Duration: d, Ongoing: true,
+		Start: start, Duration: d, Ongoing: true,
 		Stack: txt.frames, KernelFrames: txt.kernel, LibcFrames: txt.libc,
 	})
+}
+
+// maxSightsPerPoll bounds the short sleeps whose stacks are read per poll
+// to learn what their threads are; sightEvery is how often one thread's
+// are.
+const (
+	maxSightsPerPoll = 4
+	sightEvery       = time.Second
+)
+
+// sightMark is the last sleep of a thread whose stack was read.
+type sightMark struct {
+	since uint64 // its start (bpf_ktime_get_ns)
+	at    time.Time
+}
+
+type sighting struct {
+	pid, tid int
+	name     string
+	st       schedThreadStats
+}
+
+// sightDue reports whether the stack of thread tid's sleep since since
+// should be read now.
+func (p *Sched) sightDue(tid int, since uint64, now time.Time) bool {
+	m, ok := p.sighted[tid]
+	return !ok || (m.since != since && now.Sub(m.at) >= sightEvery)
+}
+
+// sight reads the stack of a sleep too short (so far) to be an episode,
+// to learn what the thread is: a busy event loop sleeps only briefly
+// between bursts, and a thread that is busy later (busy episodes carry no
+// stack) or whose blocking call's stack is cut short is told by these.
+func (p *Sched) sight(objs *schedObjects, s sighting, now time.Time) {
+	p.sighted[s.tid] = sightMark{s.st.OffcpuSince, now}
+	txt := p.sleepingText(objs, s.pid, s.tid, s.st)
+	p.o.Episodes.Observe(signals.ThreadSight{Pid: s.pid, Tid: s.tid, Name: s.name, Start: p.wall(s.st.OffcpuSince),
+		Stack: txt.frames, KernelFrames: txt.kernel, LibcFrames: txt.libc, At: now})
+}
+
+func seriesKey(tid, name string) string { return tid + "\x00" + name }
+
+// freshNames reads the names of threads the kernel side has not seen
+// run (they sleep since before the probe attached). A name is read again
+// after nameLife: a thread can be renamed from outside
+// (/proc/PID/task/TID/comm), and a new one renames itself once it runs.
+type freshNames map[int]freshName
+
+type freshName struct {
+	name string
+	at   time.Time
+}
+
+const nameLife = time.Second
+
+func (n freshNames) get(pid, tid int, now time.Time) string {
+	if c, ok := n[tid]; ok && now.Sub(c.at) < nameLife {
+		return c.name
+	}
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + strconv.Itoa(tid) + "/comm")
+	name := strings.TrimSpace(string(b))
+	n[tid] = freshName{name, now}
+	return name
+}
+
+// keep forgets threads that are not in tasks.
+func (n freshNames) keep(tasks map[int]int) {
+	for tid := range n {
+		if tasks[tid] == 0 {
+			delete(n, tid)
+		}
+	}
 }
 
 func (p *Sched) ongoingBusy(pid, tid int, name string, since uint64, d time.Duration) {

@@ -26,6 +26,7 @@ type schedBlockEvent struct {
 	Comm     [16]int8
 	Sp       uint64
 	Bp       uint64
+	Ip       uint64
 	Scan     [32]uint64
 }
 
@@ -50,6 +51,7 @@ type schedThreadStats struct {
 	OffKstack     int32
 	OffSp         uint64
 	OffBp         uint64
+	OffIp         uint64
 	OffScan       [32]uint64
 }
 

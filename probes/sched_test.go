@@ -1,11 +1,19 @@
 package probes
 
 import (
+	"bufio"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
@@ -150,6 +158,237 @@ func TestSchedStackMapReset(t *testing.T) {
 		}
 		if !during {
 			reset()
+		}
+	}
+}
+
+// renameChildEnv makes this test binary a child whose new thread renames
+// itself (TestSchedNamesTheRenamedThread).
+const renameChildEnv = "CULPRIT_SCHED_RENAME_CHILD"
+
+func init() {
+	// Before TestMain: in the child, run it instead of the tests.
+	if os.Getenv(renameChildEnv) == "1" {
+		// The main goroutine keeps the main thread, so the thread that
+		// renames itself is a new one, born with the process's name.
+		runtime.LockOSThread()
+		os.Exit(renameChildMain())
+	}
+}
+
+// renameChildMain starts a thread that prints its tid, waits in read(2)
+// for a line on stdin, renames itself "renamed-loop" (prctl
+// PR_SET_NAME, as pthread_setname_np does), sleeps 800 ms in nanosleep,
+// then waits for stdin to close.
+func renameChildMain() int {
+	done := make(chan int)
+	go func() {
+		runtime.LockOSThread()
+		fmt.Println(unix.Gettid())
+		var b [64]byte // the whole line
+		if _, err := unix.Read(0, b[:]); err != nil {
+			fmt.Fprintln(os.Stderr, "rename child: read:", err)
+			done <- 1
+			return
+		}
+		name := []byte("renamed-loop\x00")
+		if err := unix.Prctl(unix.PR_SET_NAME, uintptr(unsafe.Pointer(&name[0])), 0, 0, 0); err != nil {
+			fmt.Fprintln(os.Stderr, "rename child: prctl:", err)
+			done <- 1
+			return
+		}
+		ts := unix.NsecToTimespec(int64(800 * time.Millisecond))
+		_ = unix.Nanosleep(&ts, nil) // an early wake-up only shortens the episode
+		// Live on, asleep under the new name, until stdin closes.
+		for {
+			if n, err := unix.Read(0, b[:]); n <= 0 || err != nil {
+				break
+			}
+		}
+		done <- 0
+	}()
+	return <-done
+}
+
+// A new thread runs under its parent's name until it renames itself.
+// The sleep that follows its rename is reported under the new name, and
+// its series carry the new name only.
+func TestSchedNamesTheRenamedThread(t *testing.T) {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), renameChildEnv+"=1")
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	rd := bufio.NewReader(out)
+	line, err := rd.ReadString('\n')
+	if err != nil {
+		t.Fatalf("child's tid: %v", err)
+	}
+	tid, err := strconv.Atoi(strings.TrimSpace(line))
+	if err != nil {
+		t.Fatalf("child's tid %q: %v", line, err)
+	}
+	before, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/comm", cmd.Process.Pid, tid))
+	if err != nil || strings.TrimSpace(string(before)) == "renamed-loop" {
+		t.Fatalf("the thread's name before: %q, %v", before, err)
+	}
+	st, eps := startSched(t, cmd.Process.Pid)
+	time.Sleep(200 * time.Millisecond) // the probe has the target
+	from := time.Now()
+	if _, err := in.Write([]byte("go\n")); err != nil {
+		t.Fatal(err)
+	}
+	e := waitEpisode(t, eps, signals.EpisodeBlock, from, func(e signals.Episode) bool {
+		return e.Tid == tid && e.Syscall() == "nanosleep" && !e.Ongoing
+	})
+	if e.Thread != "renamed-loop" {
+		t.Errorf("the sleep after the rename is reported under %q, want renamed-loop", e.Thread)
+	}
+	for _, o := range eps.Since(signals.EpisodeBlock, from) {
+		if o.Tid == tid && o.Syscall() == "nanosleep" && o.Thread != "renamed-loop" {
+			t.Errorf("an ongoing report of the sleep has the old name: %+v", o)
+		}
+	}
+	// Series: the new name, and nothing left under the old one.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var names []string
+		for _, ls := range st.Select("thread_cpu_seconds_total") {
+			if ls.Get("tid") == strconv.Itoa(tid) {
+				names = append(names, ls.Get("thread"))
+			}
+		}
+		if slices.Equal(names, []string{"renamed-loop"}) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("series of tid %d are named %q, want only renamed-loop", tid, names)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitThread waits until what the probe learned of tid satisfies ok.
+func waitThread(t *testing.T, eps *signals.Episodes, tid int, ok func(signals.ThreadInfo) bool) signals.ThreadInfo {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ti, have := eps.Thread(tid)
+		if have && ok(ti) {
+			return ti
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("thread %d not classified in 10s: %+v (known: %v)", tid, ti, have)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// redis's main thread, a real thread that waits for work in epoll_wait
+// (aeMain), is classified as redis's event loop from the sleeps the probe
+// reads, whatever its name. DEBUG SLEEP then blocks it in nanosleep from
+// debugCommand: the stack, read from the sleeping thread's memory, goes on
+// past the command to redis's own frames, so the sleep alone says it is
+// not the loop's idle wait.
+func TestSchedClassifiesAnEventLoop(t *testing.T) {
+	r := testenv.StartRedis(t, testenv.RedisOptions{})
+	_, eps := startSched(t, r.PID)
+	ti := waitThread(t, eps, r.PID, func(ti signals.ThreadInfo) bool {
+		return ti.Role == signals.RoleEventLoop && ti.IdleSyscall == "epoll_wait"
+	})
+	if ti.Runtime != signals.RuntimeRedis || !slices.Contains(ti.IdleStack, "aeMain") {
+		t.Errorf("redis's main thread: %+v", ti)
+	}
+	c := r.MustDial(t)
+	from := time.Now()
+	if v, err := c.Do("DEBUG", "SLEEP", "0.6"); err != nil || v != "OK" {
+		t.Fatalf("DEBUG SLEEP: %v %v", v, err)
+	}
+	e := waitEpisode(t, eps, signals.EpisodeBlock, from, func(e signals.Episode) bool {
+		return e.Tid == r.PID && strings.Contains(e.Syscall(), "nanosleep") && !e.Ongoing
+	})
+	if e.Thread != "redis-server" || e.Duration < 550*time.Millisecond {
+		t.Errorf("episode %q lasted %v", e.Thread, e.Duration)
+	}
+	if !slices.Contains(e.CallerStack(), "debugCommand") {
+		t.Errorf("the stack does not name debugCommand: %v", e.Stack)
+	}
+	cls := signals.ClassifyStack(e.CallerStack(), e.Syscall())
+	if cls.Runtime != signals.RuntimeRedis || cls.Role != signals.RoleEventLoop || !cls.IdleKnown || cls.Idle {
+		t.Errorf("DEBUG SLEEP's stack classified %+v: %v", cls, e.CallerStack())
+	}
+	if ti, _ := eps.Thread(r.PID); ti.Runtime != signals.RuntimeRedis || ti.Role != signals.RoleEventLoop {
+		t.Errorf("after DEBUG SLEEP redis's main thread is %+v", ti)
+	}
+}
+
+// nestedLoopJS idles in Node.js's event loop (a timer wakes it every
+// 300 ms, so the probe sees its sleeps) and, on a line on stdin, runs
+// execSync: a child process waited for in a second uv_run, in the very
+// epoll_pwait the loop idles in.
+const nestedLoopJS = `setInterval(() => {}, 300);
+process.stdin.on('data', () => { require('child_process').execSync('sleep 0.6'); });
+`
+
+// The two waits of Node.js's main thread in epoll_pwait are told apart by
+// their stacks: the loop's own (uv_run from node's SpinEventLoop) is its
+// idle wait, execSync's runs inside a nested loop. Only the stack read
+// from the sleeping thread's memory reaches that far (node is built
+// without frame pointers).
+func TestSchedTellsANestedLoop(t *testing.T) {
+	node, err := exec.LookPath("node")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("node not found (CI must provide Node.js): %v", err)
+		}
+		fmt.Fprintln(os.Stderr, "SKIP: node not on PATH: nested event loops NOT TESTED")
+		t.Skip("node not on PATH")
+	}
+	cmd := exec.Command(node, "-e", nestedLoopJS)
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	pid := cmd.Process.Pid
+	_, eps := startSched(t, pid)
+	ti := waitThread(t, eps, pid, func(ti signals.ThreadInfo) bool { return len(ti.IdleStack) > 0 })
+	if ti.Runtime != signals.RuntimeNode || ti.Role != signals.RoleEventLoop || ti.IdleSyscall != "epoll_pwait" {
+		t.Errorf("node's main thread: %+v", ti)
+	}
+	from := time.Now()
+	if _, err := in.Write([]byte("go\n")); err != nil {
+		t.Fatal(err)
+	}
+	e := waitEpisode(t, eps, signals.EpisodeBlock, from, func(e signals.Episode) bool {
+		return e.Tid == pid && e.Syscall() == "epoll_pwait" && e.Duration >= 500*time.Millisecond && !e.Ongoing &&
+			signals.ClassifyStack(e.CallerStack(), e.Syscall()).Nested
+	})
+	cls := signals.ClassifyStack(e.CallerStack(), e.Syscall())
+	if !strings.Contains(cls.Runner, "SyncProcessRunner") || cls.Idle {
+		t.Errorf("execSync's wait classified %+v: %v", cls, e.CallerStack())
+	}
+	// A sleep that ended between two polls was never read from memory:
+	// its stack stops at uv__io_poll and tells nothing. Those that were
+	// read are the idle wait or the nested loop.
+	for _, o := range eps.Since(signals.EpisodeBlock, from) {
+		c := signals.ClassifyStack(o.CallerStack(), o.Syscall())
+		if o.Tid == pid && o.Syscall() == "epoll_pwait" && slices.Contains(o.CallerStack(), "uv_run") && !c.Nested && !(c.IdleKnown && c.Idle) {
+			t.Errorf("an epoll_pwait of the main loop is neither its idle wait nor nested: %+v %v", c, o.CallerStack())
 		}
 	}
 }

@@ -3,18 +3,30 @@ package rules
 import (
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
 )
 
-// CauseBlockingCallOnWorker is blocking_worker's root cause.
-const CauseBlockingCallOnWorker = "blocking_call_on_worker"
+// Causes of blocking_worker: a blocking call on a worker of a pool
+// (Tokio's multi-thread workers, actix's, a named pool), or on an event
+// loop that runs its callbacks alone (Node.js's main thread, redis, an
+// nginx worker, asyncio).
+const (
+	CauseBlockingCallOnWorker    = "blocking_call_on_worker"
+	CauseBlockingCallOnEventLoop = "blocking_call_on_event_loop"
+)
 
 // BlockingWorkerOptions ([rules.blocking_worker] in agent.conf).
 type BlockingWorkerOptions struct {
-	Window   time.Duration `toml:"window" range:"[1s,1h]"`      // blocks are looked for over this window
-	MinBlock time.Duration `toml:"min_block" range:"[10ms,1m]"` // a sleep this long on a worker is a blocking call
+	Window time.Duration `toml:"window" range:"[1s,1h]"` // blocks are looked for over this window
+	// MinBlock: a sleep this long on a worker or event loop outside its
+	// idle wait is a blocking call. A sleep in an idle call (epoll, poll)
+	// whose stack does not tell counts when work waited this long during
+	// it.
+	MinBlock time.Duration `toml:"min_block" range:"[10ms,1m]"`
 }
 
 // DefaultBlockingWorkerOptions are the defaults agent.conf documents.
@@ -23,10 +35,12 @@ func DefaultBlockingWorkerOptions() BlockingWorkerOptions {
 }
 
 // BlockingWorker names a blocking call made on an async runtime's worker
-// thread (seed 000 Problems A and F; "The Async Runtime Trap"): while the
-// worker sleeps in the kernel, every task queued on it waits, so one slow
-// fsync or DNS lookup stalls unrelated requests. The evidence is the
-// thread, how long it slept, and the stack it went to sleep with.
+// thread or on an event loop (seed 000 Problems A and F; "The Async
+// Runtime Trap"): while the thread sleeps in the kernel, every task or
+// callback queued on it waits, so one slow fsync or DNS lookup stalls
+// unrelated requests. The evidence is the thread, how long it slept, and
+// the stack it went to sleep with. Which threads count, and which sleeps
+// are their idle waits, comes from their stacks (threads.go).
 type BlockingWorker struct {
 	o BlockingWorkerOptions
 }
@@ -37,37 +51,40 @@ func NewBlockingWorker(o BlockingWorkerOptions) *BlockingWorker {
 
 func (*BlockingWorker) Name() string { return "blocking_worker" }
 
+// poolBlocks are the blocks of one pool (or loop) in the window.
+type poolBlocks struct {
+	worst     signals.Episode
+	judgement blockJudgement
+	count     int
+	total     time.Duration
+	threads   map[int]bool
+}
+
 func (r *BlockingWorker) Evaluate(w Window) []Observation {
 	if w.Episodes == nil {
 		return nil
 	}
 	from := w.Now.Add(-r.o.Window)
-	type poolBlocks struct {
-		pool    string
-		worst   signals.Episode
-		count   int
-		total   time.Duration
-		threads map[int]bool
-	}
 	byPool := map[string]*poolBlocks{}
 	for _, e := range w.Episodes.Since(signals.EpisodeBlock, from) {
 		if e.Duration < r.o.MinBlock {
 			continue
 		}
-		pool, ok := w.Pools.Pool(e.Thread)
-		if !ok || w.Pools.Idle(e.Syscall()) {
+		j, blocked := judgeBlock(w, e, r.o.MinBlock)
+		if !blocked {
 			continue
 		}
+		pool := j.thread.pool
 		pb := byPool[pool]
 		if pb == nil {
-			pb = &poolBlocks{pool: pool, threads: map[int]bool{}}
+			pb = &poolBlocks{threads: map[int]bool{}}
 			byPool[pool] = pb
 		}
 		pb.count++
 		pb.total += e.Duration
 		pb.threads[e.Tid] = true
 		if e.Duration > pb.worst.Duration {
-			pb.worst = e
+			pb.worst, pb.judgement = e, j
 		}
 	}
 	pools := make([]string, 0, len(byPool))
@@ -77,49 +94,125 @@ func (r *BlockingWorker) Evaluate(w Window) []Observation {
 	sort.Strings(pools)
 	var out []Observation
 	for _, p := range pools {
-		out = append(out, r.observation(w, byPool[p].worst, p, byPool[p].count, len(byPool[p].threads), byPool[p].total))
+		out = append(out, r.observation(w, p, byPool[p]))
 	}
 	return out
 }
 
-func (r *BlockingWorker) observation(w Window, e signals.Episode, pool string, count, threads int, total time.Duration) Observation {
-	fn := culpritFrame(e.CallerStack())
+func (r *BlockingWorker) observation(w Window, pool string, pb *poolBlocks) Observation {
+	e, j := pb.worst, pb.judgement
+	j.withWork(w, e)
+	v := j.thread
+	fn := culpritOf(e, v.runtime)
 	call := e.Syscall()
 	if call == "" {
 		call = "the kernel"
 	}
-	where := fn
-	if where == "" {
+	where, named := fn, fn
+	if fn == "" {
 		where = "an unknown function (no user stack: built without frame pointers?)"
+		named = "an unknown function"
 	}
 	sev := SeverityWarning
 	if e.Duration >= time.Second {
 		sev = SeverityCritical
 	}
-	now := "for"
+	sofar := ""
 	if e.Ongoing {
-		now = "so far, still blocked, for"
+		sofar = " so far, still blocked"
 	}
+	rt := runtimeName(v.runtime)
+	loop := v.role == signals.RoleEventLoop
 	o := Observation{
-		Key:     pool,
-		Cause:   CauseBlockingCallOnWorker,
-		Title:   fmt.Sprintf("Blocking call on async worker %s: %s in %s", e.Thread, fn, call),
-		Symptom: fmt.Sprintf("worker thread %s (tid %d) slept in %s %s %s; every task queued on it waited as long", e.Thread, e.Tid, call, now, seconds(e.Duration)),
-		RootCause: fmt.Sprintf("%s makes a blocking %s call on a worker thread of the %q pool (%d such blocks on %d worker(s) in the last %s, %s in all)",
-			where, call, pool, count, threads, r.o.Window, seconds(total)),
-		Remediation: fmt.Sprintf("move %s off the async worker: tokio::task::spawn_blocking, actix-web's web::block, or a dedicated thread pool; or use the async version of the call", where),
-		Severity:    sev,
-		Confidence:  0.9,
+		Key:        pool,
+		Cause:      CauseBlockingCallOnWorker,
+		Severity:   sev,
+		Confidence: 0.9,
 		Evidence: []Evidence{
 			{Signal: fmt.Sprintf("thread_blocked_seconds{thread=%q,tid=\"%d\"}", e.Thread, e.Tid), Value: e.Duration.Seconds(), Threshold: r.o.MinBlock.Seconds(), Unit: "seconds", Note: "off-CPU in " + call},
-			{Signal: fmt.Sprintf("blocks_on_workers{pool=%q}", pool), Value: float64(count), Unit: "blocks", Window: r.o.Window, Note: "sleeps over the threshold outside idle waits"},
 		},
 		Artifacts: []Artifact{threadArtifact(e), stackArtifact(e, 24)},
-		Labels:    map[string]string{"pool": pool},
+		Labels:    map[string]string{"pool": pool, "role": v.role.String()},
 	}
+	if v.runtime != signals.RuntimeUnknown {
+		o.Labels["runtime"] = string(v.runtime)
+	}
+	others := ""
+	if pb.count > 1 {
+		noun := "worker"
+		if loop {
+			noun = "thread"
+		}
+		others = fmt.Sprintf(" (%s on %s in the last %s, %s in all)", count(float64(pb.count), "such block", ""),
+			count(float64(len(pb.threads)), noun, ""), duration(r.o.Window), duration(pb.total))
+	}
+	waited := ""
+	if j.waited > 0 {
+		waited = fmt.Sprintf(" (%s for up to %s)", j.what, duration(j.waited))
+		ev := j.evidence
+		if j.how == looksIdle || (v.runtime == signals.RuntimeUnknown && !v.byName) {
+			// Work seen waiting is what made this sleep a finding.
+			ev.Threshold = r.o.MinBlock.Seconds()
+		}
+		o.Evidence = append(o.Evidence, ev)
+	}
+	switch {
+	case !loop:
+		o.Title = fmt.Sprintf("Blocking call on async worker %s: %s in %s", e.Thread, named, call)
+		o.Symptom = fmt.Sprintf("worker thread %s (tid %d) slept in %s for %s%s; every task queued on it waited as long%s", e.Thread, e.Tid, call, duration(e.Duration), sofar, waited)
+		o.RootCause = fmt.Sprintf("%s makes a blocking %s call on a worker thread of the %q pool%s", where, call, pool, others)
+		if rt != "" && !v.byName {
+			o.RootCause = fmt.Sprintf("%s makes a blocking %s call on a worker thread of %s's %q pool%s", where, call, rt, pool, others)
+		}
+	case j.how == nestedLoop:
+		o.Cause = CauseBlockingCallOnEventLoop
+		runner := ""
+		if j.cls.Runner != "" && j.cls.Runner != fn {
+			runner = " (" + j.cls.Runner + ")"
+		}
+		what := "a synchronous call"
+		if strings.Contains(j.cls.Runner, "SyncProcessRunner") {
+			what = "a synchronous child process (execSync, execFileSync or spawnSync)"
+		}
+		o.Title = fmt.Sprintf("Blocking call on the event loop of %s: %s waits in a nested event loop", e.Thread, named)
+		o.Symptom = fmt.Sprintf("event-loop thread %s (tid %d) waited in %s for %s%s inside a nested event loop; its own loop ran no callback meanwhile%s", e.Thread, e.Tid, call, duration(e.Duration), sofar, waited)
+		o.RootCause = fmt.Sprintf("%s waits for %s: it runs a second event loop%s on the event-loop thread of %s, so the wait looks like the loop's idle %s, yet the loop itself stands still until it returns%s",
+			where, what, runner, rtOr(rt, "the process"), call, others)
+	case j.how == looksIdle:
+		o.Cause = CauseBlockingCallOnEventLoop
+		o.Title = fmt.Sprintf("Blocking call on the event loop of %s: %s in %s while work waited", e.Thread, named, call)
+		o.Symptom = fmt.Sprintf("event-loop thread %s (tid %d) slept in %s for %s%s, outside the wait it idles in, while work waited for it%s", e.Thread, e.Tid, call, duration(e.Duration), sofar, waited)
+		o.RootCause = fmt.Sprintf("%s sleeps in %s on the event-loop thread of %s: the call looks like an idle wait, but it is not where this loop waits for work, and the work that arrived meanwhile was not served until it returned%s",
+			where, call, rtOr(rt, "the process"), others)
+		o.Confidence = 0.7
+	default:
+		o.Cause = CauseBlockingCallOnEventLoop
+		o.Title = fmt.Sprintf("Blocking call on the event loop of %s: %s in %s", e.Thread, named, call)
+		o.Symptom = fmt.Sprintf("event-loop thread %s (tid %d) slept in %s for %s%s; its loop ran no other callback meanwhile%s", e.Thread, e.Tid, call, duration(e.Duration), sofar, waited)
+		o.RootCause = fmt.Sprintf("%s makes a blocking %s call on the event-loop thread of %s%s", where, call, rtOr(rt, "the process"), others)
+	}
+	signal := "blocks_on_workers"
+	if loop {
+		signal = "blocks_on_event_loop"
+	}
+	o.Evidence = append(o.Evidence, Evidence{Signal: fmt.Sprintf("%s{pool=%q}", signal, pool), Value: float64(pb.count), Unit: "blocks", Window: r.o.Window, Note: "sleeps over the threshold outside idle waits"})
 	if fn != "" {
 		o.Artifacts = append(o.Artifacts, Artifact{Kind: "frame", Value: fn, Detail: "the function that made the blocking call"})
 	}
+	adv := advisorFor(w, v)
+	o.Remediation = adv.BlockingCall(where, e.Syscall())
+	if j.how == nestedLoop && strings.Contains(j.cls.Runner, "SyncProcessRunner") && adv.Runtime().Lang == target.LangNode {
+		// The advice names fs and crypto; this one is a child process.
+		o.Remediation += " For a child process, child_process.exec, execFile or spawn run it without blocking the loop."
+	}
 	o.Artifacts = append(o.Artifacts, tracesDuring(w.Spans, e.Start, e.End(), e.Tid, 3)...)
 	return o
+}
+
+// rtOr is the runtime's name, or alt when it is unknown.
+func rtOr(rt, alt string) string {
+	if rt == "" {
+		return alt
+	}
+	return rt
 }

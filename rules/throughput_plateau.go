@@ -64,14 +64,13 @@ func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
 		out = append(out, Observation{
 			Key:   endpoint,
 			Cause: CauseWaitingNotWorking,
-			Title: fmt.Sprintf("Throughput plateau on %s: work queues while the CPU idles (threads wait in %s)", endpoint, wait),
-			Symptom: fmt.Sprintf("connections waited in the accept queue of %s in %.0f%% of samples over %s (%.1f on average) while the process used %.2f cores",
-				endpoint, 100*share, r.o.Window, sum/float64(len(ss)), cpu),
-			RootCause: fmt.Sprintf("the service is waiting, not working: its threads sleep in %s. %sRequests are limited by what they wait on (a lock, a bounded pool such as database connections or a semaphore, a dependency called synchronously), not by CPU", wait, detail),
-			Remediation: "find what the threads wait on (culprit snapshot, or a goroutine/thread dump): size the pool to the concurrency you need, shorten what is done under the lock, or call the dependency asynchronously; " +
-				"more CPU or more replicas sharing the same bottleneck will not raise throughput",
-			Severity:   SeverityWarning,
-			Confidence: 0.6,
+			Title: fmt.Sprintf("Throughput plateau on %s: work queues while the CPU idles (%s)", endpoint, wait),
+			Symptom: fmt.Sprintf("connections waited in the accept queue of %s in %s of samples over %s (%s on average) while the process used %s",
+				endpoint, percent(share), duration(r.o.Window), num(sum/float64(len(ss))), cores(cpu)),
+			RootCause:   fmt.Sprintf("the service is waiting, not working: %s. %sRequests are limited by what they wait on (a lock, a bounded pool such as database connections or a semaphore, a dependency called synchronously), not by CPU", wait, detail),
+			Remediation: w.advice().WaitingThreads(),
+			Severity:    SeverityWarning,
+			Confidence:  0.6,
 			Evidence: []Evidence{
 				{Signal: "listen_queue_length" + ls.String(), Value: share, Threshold: r.o.MinQueued, Unit: "ratio", Window: r.o.Window, Note: "share of samples with connections waiting"},
 				{Signal: "process CPU (thread_cpu_seconds_total)", Value: cpu, Threshold: r.o.MaxBusyCores, Unit: "cores", Window: r.o.Window, Note: "below the threshold: not CPU-bound"},
@@ -108,10 +107,25 @@ func threadCPU(st *signals.Store) (string, []signals.Labels) {
 	return "", nil
 }
 
-// dominantWait names where the target's sleeping threads are: the system
-// call most of them wait in (leaving out the idle wait of a network
-// poller), and the functions of the longest recent sleeps.
+// loopStall is how long an event loop or worker must have been blocked
+// (blocking_worker's default threshold) for the plateau to name it as
+// what the service waits on.
+const loopStall = 250 * time.Millisecond
+
+// dominantWait names where the target's sleeping threads are, as a phrase
+// ("threads wait in futex") and a sentence of detail: an event
+// loop or worker blocked now (a loop that sleeps outside its idle wait
+// queues everything, whatever the other threads do), else the system call
+// most threads wait in, leaving out the idle wait of a network poller.
 func (r *ThroughputPlateau) dominantWait(w Window) (string, string) {
+	if e, j, ok := blockedNow(w); ok {
+		fn := culpritOf(e, j.thread.runtime)
+		if fn == "" {
+			fn = "an unknown function"
+		}
+		return fmt.Sprintf("the %s %s is blocked in %s", roleWords(j.thread), e.Thread, e.Syscall()), fmt.Sprintf("The %s thread %s (tid %d) has been blocked in %s, called from %s, for %s. ",
+			roleWords(j.thread), e.Thread, e.Tid, e.Syscall(), fn, duration(e.Duration))
+	}
 	best, n, total := "", 0.0, 0.0
 	for _, ls := range w.Store.Select("process_threads_in_syscall") {
 		sc := ls.Get("syscall")
@@ -125,11 +139,30 @@ func (r *ThroughputPlateau) dominantWait(w Window) (string, string) {
 		}
 	}
 	if best == "" {
-		return "the kernel", ""
+		return "threads wait in the kernel", ""
 	}
-	detail := fmt.Sprintf("%.0f of %.0f waiting threads are in %s. ", n, total, best)
+	detail := fmt.Sprintf("%s of %s waiting threads are in %s. ", num(n), num(total), best)
 	if best == "futex" {
 		detail += "futex is a lock, a condition variable or a parked pool slot. "
 	}
-	return best, detail
+	return "threads wait in " + best, detail
+}
+
+// blockedNow is the longest block going on now (seen in the last
+// freshness) of an event loop or worker, outside its idle wait.
+func blockedNow(w Window) (signals.Episode, blockJudgement, bool) {
+	if w.Episodes == nil {
+		return signals.Episode{}, blockJudgement{}, false
+	}
+	var best signals.Episode
+	var bestJ blockJudgement
+	for _, e := range w.Episodes.Since(signals.EpisodeBlock, w.Now.Add(-freshness)) {
+		if !e.Ongoing || e.Duration < loopStall || e.Duration <= best.Duration {
+			continue
+		}
+		if j, blocked := judgeBlock(w, e, loopStall); blocked {
+			best, bestJ = e, j
+		}
+	}
+	return best, bestJ, best.Duration > 0
 }

@@ -3,8 +3,11 @@ package rules
 import (
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
+
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // CauseUnbalancedWorkers is worker_imbalance's root cause.
@@ -26,7 +29,11 @@ func DefaultWorkerImbalanceOptions() WorkerImbalanceOptions {
 // peers idle (seed 002: "worker 3 swamped while worker 7 sits idle"): the
 // service saturates at one core's worth of work whatever the pool's size.
 // Thread CPU time comes from the sched probe, or from /proc task stat when
-// the probe does not run.
+// the probe does not run. Only workers of one pool are compared: an event
+// loop that runs alone by design (Node.js, redis) is not a busy member of
+// a pool whose other members idle, and its runtime's helper threads
+// (V8's, libuv's threadpool, Tokio's blocking pool) are not its peers,
+// whatever their names.
 type WorkerImbalance struct{ o WorkerImbalanceOptions }
 
 func NewWorkerImbalance(o WorkerImbalanceOptions) *WorkerImbalance { return &WorkerImbalance{o: o} }
@@ -41,11 +48,16 @@ type threadLoad struct {
 func (r *WorkerImbalance) Evaluate(w Window) []Observation {
 	from := w.Now.Add(-r.o.Window)
 	series, lss := threadCPU(w.Store)
-	pools := map[string][]threadLoad{}
+	type member struct {
+		load threadLoad
+		v    threadClass
+	}
+	pools := map[string][]member{}
 	for _, ls := range lss {
 		name := ls.Get("thread")
-		pool, ok := w.Pools.Pool(name)
-		if !ok {
+		tid, _ := strconv.Atoi(ls.Get("tid"))
+		v := threadOf(w, signals.Episode{Tid: tid, Thread: name}, signals.StackClass{})
+		if !v.serves() {
 			continue
 		}
 		s := w.Store.Range(series, ls, from)
@@ -53,7 +65,7 @@ func (r *WorkerImbalance) Evaluate(w Window) []Observation {
 			continue
 		}
 		span := s[len(s)-1].T.Sub(s[0].T).Seconds()
-		pools[pool] = append(pools[pool], threadLoad{ls.Get("tid"), name, (s[len(s)-1].V - s[0].V) / span})
+		pools[v.pool] = append(pools[v.pool], member{threadLoad{ls.Get("tid"), name, (s[len(s)-1].V - s[0].V) / span}, v})
 	}
 	names := make([]string, 0, len(pools))
 	for p := range pools {
@@ -62,14 +74,46 @@ func (r *WorkerImbalance) Evaluate(w Window) []Observation {
 	sort.Strings(names)
 	var out []Observation
 	for _, p := range names {
-		if o, ok := r.pool(p, pools[p], series); ok {
+		ms := pools[p]
+		loop, classified := false, false
+		for _, m := range ms {
+			loop = loop || m.v.role == signals.RoleEventLoop
+			classified = classified || (m.v.role == signals.RoleWorker && !m.v.byName)
+		}
+		if loop {
+			// The name is shared with an event loop that runs alone: the
+			// threads so named are one runtime's loop and its helpers,
+			// not a pool.
+			continue
+		}
+		var ts []threadLoad
+		adv := w.advice()
+		for _, m := range ms {
+			if !m.v.byName {
+				adv = advisorFor(w, m.v)
+			}
+			// Once a runtime's frames showed its workers, a thread of
+			// the same name they did not show (one of Tokio's blocking
+			// threads, asleep since before the probe) is not counted.
+			if classified && m.v.byName {
+				continue
+			}
+			ts = append(ts, m.load)
+		}
+		fix, pooled := adv.WorkerImbalance()
+		if !pooled {
+			// The runtime runs the app's code on one thread (Node.js,
+			// CPython, redis): its threads are no pool to balance.
+			continue
+		}
+		if o, ok := r.pool(p, ts, series, fix); ok {
 			out = append(out, o)
 		}
 	}
 	return out
 }
 
-func (r *WorkerImbalance) pool(pool string, ts []threadLoad, series string) (Observation, bool) {
+func (r *WorkerImbalance) pool(pool string, ts []threadLoad, series, fix string) (Observation, bool) {
 	if len(ts) < 2 {
 		return Observation{}, false
 	}
@@ -86,7 +130,7 @@ func (r *WorkerImbalance) pool(pool string, ts []threadLoad, series string) (Obs
 		total += t.cores
 	}
 	for _, t := range peers {
-		idle = append(idle, fmt.Sprintf("%s %.0f%%", t.name, 100*t.cores))
+		idle = append(idle, t.name+" "+percent(t.cores))
 		if len(idle) == 6 {
 			idle = append(idle, "...")
 			break
@@ -96,11 +140,11 @@ func (r *WorkerImbalance) pool(pool string, ts []threadLoad, series string) (Obs
 	return Observation{
 		Key:   pool,
 		Cause: CauseUnbalancedWorkers,
-		Title: fmt.Sprintf("Worker imbalance in pool %q: %s does %.0f%% of the work", pool, busiest.name, 100*busiest.cores/total),
-		Symptom: fmt.Sprintf("%s (tid %s) used %.2f cores over %s while its %d peers used a median of %.2f (%s)",
-			busiest.name, busiest.tid, busiest.cores, r.o.Window, len(peers), median, strings.Join(idle, ", ")),
+		Title: fmt.Sprintf("Worker imbalance in pool %q: %s does %s of the work", pool, busiest.name, percent(busiest.cores/total)),
+		Symptom: fmt.Sprintf("%s (tid %s) used %s over %s while its %s used a median of %s (%s)",
+			busiest.name, busiest.tid, cores(busiest.cores), duration(r.o.Window), count(float64(len(peers)), "peer", ""), cores(median), strings.Join(idle, ", ")),
 		RootCause:   fmt.Sprintf("the %q pool's load is pinned to one worker: the service saturates at one core whatever the pool's size", pool),
-		Remediation: "find what ties the work to one thread: connections accepted by one worker (SO_REUSEPORT hashing a few clients, a single long-lived connection or HTTP/2 stream), tasks spawned with spawn_local / on a current-thread runtime, or a shared lock held by one worker; spread connections across workers or use the work-stealing scheduler",
+		Remediation: fix,
 		Severity:    SeverityWarning,
 		Confidence:  0.7,
 		Evidence: []Evidence{

@@ -11,9 +11,15 @@ import (
 )
 
 // EpisodeSource is what the worker rules read: block and busy episodes of
-// the target's threads (signals.Episodes).
+// the target's threads, and what each thread was seen doing
+// (signals.Episodes).
 type EpisodeSource interface {
 	Since(kind string, from time.Time) []signals.Episode
+	// Thread is what thread tid's stacks showed: its runtime, its role
+	// (worker, event loop, blocking pool, helper) and its idle waits.
+	Thread(tid int) (signals.ThreadInfo, bool)
+	// Threads is every thread known so.
+	Threads() []signals.ThreadInfo
 }
 
 // FrameShare is one function's share of a thread's CPU samples.
@@ -28,11 +34,15 @@ type HotFrames interface {
 	HotFrames(tid int, from, to time.Time, n int) []FrameShare
 }
 
-// WorkerPools decides which threads are an async runtime's workers and
-// groups them into pools by name. Runtimes name their workers
-// (tokio-runtime-w, actix-rt|system:0|arbiter:1, worker-3); a blocking call
-// on one of them stalls every task queued behind it, while the same call
-// on a thread of a blocking pool is what that pool is for.
+// WorkerPools is [rules.workers]: thread names that are workers, and the
+// system calls of idle waits. Threads are first told apart by their
+// stacks (threads.go: Tokio's blocking pool is named like its workers,
+// redis's and Node.js's event loops are named after the program); the
+// name pattern adds the threads no runtime's frames describe (a Go
+// program's pool such as worker-3, an unknown runtime's workers) and
+// groups threads into pools. A blocking call on a worker stalls every task
+// queued behind it, while the same call on a thread of a blocking pool is
+// what that pool is for.
 type WorkerPools struct {
 	Match *regexp.Regexp // thread names that are workers
 	// IdleSyscalls are where a worker waits for work: a sleep in one of
@@ -41,7 +51,9 @@ type WorkerPools struct {
 }
 
 // DefaultWorkerThreads matches the worker threads of common async runtimes.
-const DefaultWorkerThreads = `^(tokio-runtime-w|tokio-rt-worker|actix-rt|actix-server|async-std|smol|worker|event-?loop|reactor|nio|uv_worker|libuv)`
+// libuv's threadpool (uv_worker, libuv-worker) is not among them: it is
+// Node.js's blocking pool, where a blocking call belongs.
+const DefaultWorkerThreads = `^(tokio-runtime-w|tokio-rt-worker|actix-rt|actix-server|async-std|smol|worker|event-?loop|reactor|nio)`
 
 // DefaultIdleSyscalls are the waits of an idle event loop or of a parked
 // worker.
@@ -53,12 +65,18 @@ func (wp WorkerPools) Pool(thread string) (string, bool) {
 	if wp.Match == nil || !wp.Match.MatchString(thread) {
 		return "", false
 	}
+	return poolName(thread), true
+}
+
+// poolName is the name of the pool a thread's name puts it in: the name
+// without its trailing number.
+func poolName(thread string) string {
 	p := strings.TrimRight(thread, "0123456789")
 	p = strings.TrimRight(p, "-_#:.| ")
 	if p == "" {
 		p = thread
 	}
-	return p, true
+	return p
 }
 
 // Idle reports whether a block in syscall is an idle wait.
@@ -72,7 +90,8 @@ func (wp WorkerPools) Idle(syscall string) bool { return slices.Contains(wp.Idle
 var wrapperPrefixes = []string{
 	"runtime.", "runtime/internal/", "syscall.", "internal/runtime/", "internal/poll.", "golang.org/x/sys/unix.",
 	"os.", "io.", "io/ioutil.", "bufio.", "net.(*conn).", "net.(*netFD).", "net.(*TCPConn).", "net.(*UnixConn).",
-	"std::fs::", "std::io::", "std::net::",
+	"std::fs::", "std::io::", "std::net::", "std::sync::", "<std::sync::", "parking_lot::", "<parking_lot::", "lock_api::", "<lock_api::",
+	"tokio::runtime::", "tokio::loom::", "mio::", "<mio::",
 	"__GI_", "__libc_", "__lll_", "__pthread", "pthread_", "__futex", "__nanosleep", "__clock_nanosleep",
 	"clock_nanosleep", "nanosleep", "__select", "__poll", "__read", "__write", "__fsync", "fsync",
 	"fdatasync", "__connect", "__recv", "__send", "syscall", "__syscall", "std::sys::", "<std::sys::", "std::thread::",
@@ -115,4 +134,6 @@ func threadArtifact(e signals.Episode) Artifact {
 	return Artifact{Kind: "thread", Value: fmt.Sprintf("%s (tid %d)", e.Thread, e.Tid)}
 }
 
+// seconds is a duration as "0.4 s", the wording accept_overflow's stalled
+// thread keeps; the worker rules use duration.
 func seconds(d time.Duration) string { return fmt.Sprintf("%.1f s", d.Seconds()) }

@@ -42,7 +42,7 @@ func TestBlockingWorkerNamesTheCall(t *testing.T) {
 	if !strings.Contains(o.RootCause, "app.resolveDNS") || !strings.Contains(o.Title, "nanosleep") || !strings.Contains(o.Symptom, "2.1 s") {
 		t.Errorf("does not name the call: %q / %q / %q", o.Title, o.RootCause, o.Symptom)
 	}
-	if !strings.Contains(o.RootCause, "2 such blocks on 2 worker(s)") {
+	if !strings.Contains(o.RootCause, "2 such blocks on 2 workers in the last 10 s, 2.4 s in all") {
 		t.Errorf("root cause %q", o.RootCause)
 	}
 	var frame bool
@@ -105,7 +105,7 @@ func TestBusyWorkerNamesTheHotFunction(t *testing.T) {
 	if o.Cause != CauseCPUHeavyOnWorker || !strings.Contains(o.Title, "app.compress") || !strings.Contains(o.Remediation, "app.compress") {
 		t.Errorf("%q / %q", o.Title, o.Remediation)
 	}
-	if len(o.Evidence) != 2 || o.Evidence[1].Value < 0.004 || o.Evidence[1].Value > 0.006 {
+	if len(o.Evidence) != 3 || o.Evidence[2].Value < 0.004 || o.Evidence[2].Value > 0.006 {
 		t.Errorf("peer run-queue wait evidence: %+v", o.Evidence)
 	}
 }

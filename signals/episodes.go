@@ -12,7 +12,7 @@ import (
 type Episode struct {
 	Kind     string // EpisodeBlock or EpisodeBusy
 	Pid, Tid int
-	Thread   string // the thread's name (comm)
+	Thread   string // the thread's name (comm) when the episode began
 	Start    time.Time
 	Duration time.Duration // so far, when Ongoing
 	Ongoing  bool
@@ -80,13 +80,18 @@ type episodeKey struct {
 	start time.Time
 }
 
-// Episodes is a ring of the last max episodes. An ongoing episode is
+// Episodes is a ring of the last max episodes, and what each thread of
+// the target was seen doing (Observe, Thread). An ongoing episode is
 // replaced in place as it grows and when it ends, so a thread blocked for a
 // minute is one entry, not sixty. It is safe for concurrent use.
 type Episodes struct {
 	mu    sync.RWMutex
 	r     ring[Episode]
 	index map[episodeKey]int // position in r.buf
+	// th is what each thread was seen doing (threads.go): the stack of a
+	// blocking call is often too short to tell which runtime's thread
+	// made it, its earlier idle waits are not.
+	th threads
 }
 
 // NewEpisodes keeps at most max episodes (at least one).

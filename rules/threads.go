@@ -1,0 +1,443 @@
+package rules
+
+import (
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/target"
+)
+
+// A thread is judged by what it does, not by its name alone (see
+// signals/threads.go): the stack of the episode first, then what the thread
+// was seen doing (its idle waits), then the name pattern of
+// [rules.workers], which adds the threads stacks say nothing about (a Go
+// program's worker pool, an unknown runtime) but never overrides what a
+// runtime's frames said (Tokio names its blocking pool like its workers).
+
+// threadClass is what the rules know of the thread an episode ran on.
+type threadClass struct {
+	role    signals.Role
+	runtime signals.Runtime
+	pool    string // the pool's name, from the thread's: the finding's key
+	byName  bool   // only the name pattern says it serves tasks
+}
+
+// serves reports whether a blocking call or a long run on the thread
+// holds up work: a worker's tasks or an event loop's callbacks.
+func (v threadClass) serves() bool {
+	return v.role == signals.RoleWorker || v.role == signals.RoleEventLoop
+}
+
+// threadOf tells what e's thread is, from cls (what e's own stack says;
+// zero for a busy episode, which has no stack).
+func threadOf(w Window, e signals.Episode, cls signals.StackClass) threadClass {
+	v := threadClass{role: cls.Role, runtime: cls.Runtime, pool: poolName(e.Thread)}
+	var k signals.ThreadInfo
+	known := false
+	if w.Episodes != nil {
+		k, known = w.Episodes.Thread(e.Tid)
+		known = known && (e.Pid == 0 || k.Pid == e.Pid)
+	}
+	sameRuntime := cls.Runtime == signals.RuntimeUnknown || cls.Runtime == k.Runtime || (k.Runtime == signals.RuntimeNode && cls.Runtime == signals.RuntimeLibuv)
+	switch {
+	case cls.Runtime != signals.RuntimeUnknown && cls.Role != signals.RoleUnknown && !cls.ByWait:
+	case known && k.Runtime != signals.RuntimeUnknown && sameRuntime:
+		// The episode's stack was cut short of the runtime's frames (C
+		// built without frame pointers); the thread's idle waits were not.
+		v.role, v.runtime = k.Role, k.Runtime
+	case cls.Role != signals.RoleUnknown:
+	case known && cls.Runtime == signals.RuntimeUnknown:
+		v.role = k.Role
+	}
+	if v.role == signals.RoleUnknown {
+		if _, named := w.Pools.Pool(e.Thread); named {
+			v.role, v.byName = signals.RoleWorker, true
+		}
+	}
+	return v
+}
+
+// blockHow is how a block holds up its thread's work.
+type blockHow uint8
+
+const (
+	// blockingCall: a sleep outside the thread's idle wait (nanosleep,
+	// fsync, a lock taken inside a task).
+	blockingCall blockHow = iota
+	// nestedLoop: an event loop run from inside a callback (Node.js's
+	// execSync): the same call as the idle wait, one loop deeper.
+	nestedLoop
+	// looksIdle: a sleep in an idle call (epoll, poll, select) that is
+	// not the thread's own idle wait, while work waited for the loop.
+	looksIdle
+)
+
+// blockJudgement is why a block episode is, or is not, a finding.
+type blockJudgement struct {
+	thread threadClass
+	cls    signals.StackClass
+	how    blockHow
+	// idle: the block is the thread's idle wait.
+	idle bool
+	// waited is how long work waited for the process during the block,
+	// what in words ("data unread on 3 sockets"; "-" once read and
+	// none), evidence its signal.
+	waited   time.Duration
+	what     string
+	evidence Evidence
+}
+
+// judgeBlock decides whether block e held up the work its thread serves:
+// the thread must serve tasks or callbacks, and the sleep must not be its
+// idle wait. A sleep in an idle call counts only when the runtime's frames
+// say it is not the idle wait (a task's lock, a nested loop), or, when
+// they cannot tell, when it is not the wait the loop usually sleeps in and
+// work waited for at least threshold meanwhile. On an epoll loop of a
+// runtime culprit does not know, even a plain blocking call counts only
+// with work seen waiting: such a thread may be one of a pool of
+// synchronous handlers (gRPC's), where blocking is the design.
+func judgeBlock(w Window, e signals.Episode, threshold time.Duration) (blockJudgement, bool) {
+	cls := signals.ClassifyStack(e.CallerStack(), e.Syscall())
+	j := blockJudgement{thread: threadOf(w, e, cls), cls: cls}
+	if j.thread.role == signals.RoleBlockingPool || j.thread.role == signals.RoleHelper {
+		j.idle = true
+		return j, false
+	}
+	if !j.thread.serves() {
+		j.idle = w.Pools.Idle(e.Syscall())
+		return j, false
+	}
+	// What waited is read only where it decides (reading it is the
+	// costly part); the finding's own episode reads it for its evidence.
+	waited := func() time.Duration {
+		if j.what == "" {
+			j.waited, j.what, j.evidence = workWaited(w, e.Start, e.End())
+			if j.what == "" {
+				j.what = "-"
+			}
+		}
+		return j.waited
+	}
+	sc := e.Syscall()
+	switch {
+	case cls.IdleKnown && cls.Idle:
+		j.idle = true
+		return j, false
+	case cls.IdleKnown:
+		j.how = blockingCall
+		if cls.Nested {
+			j.how = nestedLoop
+		}
+	case sc != "" && !w.Pools.Idle(sc):
+		j.how = blockingCall
+	default:
+		// An idle call, and the stack cannot say whose wait it is.
+		j.idle = true
+		if j.thread.role != signals.RoleEventLoop || j.thread.byName || homeWait(w, e) || waited() < threshold || !onlyLoop(w, e) {
+			return j, false
+		}
+		j.idle = false
+		j.how = looksIdle
+	}
+	if j.thread.runtime == signals.RuntimeUnknown && !j.thread.byName && waited() < threshold {
+		return j, false
+	}
+	return j, true
+}
+
+// withWork fills in what waited during the block, if judgeBlock did not
+// need to read it.
+func (j *blockJudgement) withWork(w Window, e signals.Episode) {
+	if j.what == "" {
+		j.waited, j.what, j.evidence = workWaited(w, e.Start, e.End())
+	}
+	if j.what == "-" {
+		j.what = ""
+	}
+}
+
+// homeWait reports whether block e sleeps where its thread usually waits
+// for work: its last idle stack, or the stack it sleeps in most.
+func homeWait(w Window, e signals.Episode) bool {
+	if w.Episodes == nil {
+		return false
+	}
+	t, ok := w.Episodes.Thread(e.Tid)
+	if !ok {
+		return false
+	}
+	user := e.CallerStack()
+	if t.IdleSyscall == e.Syscall() && len(t.IdleStack) > 0 && len(user) > 0 &&
+		slices.Equal(user[:min(len(user), len(t.IdleStack))], t.IdleStack[:min(len(user), len(t.IdleStack))]) {
+		return true
+	}
+	return t.HomeWait(e.Syscall(), user, e.Start)
+}
+
+// onlyLoop reports whether e's thread is the only event loop seen in its
+// process: work waiting on the process's sockets is then that loop's.
+func onlyLoop(w Window, e signals.Episode) bool {
+	if w.Episodes == nil {
+		return false
+	}
+	for _, t := range w.Episodes.Threads() {
+		if t.Tid != e.Tid && (e.Pid == 0 || t.Pid == e.Pid) && t.Role == signals.RoleEventLoop {
+			return false
+		}
+	}
+	return true
+}
+
+// The sockcalls probe and the accept_queue collector say when work waits
+// for the process: data nobody reads, connections nobody accepts.
+const (
+	sigUnreadOldest  = "process_unread_oldest_seconds" // age of the oldest unread data on the target's sockets
+	sigUnreadSockets = "process_unread_sockets"        // sockets with data unread longer than a poll
+	sigListenQueue   = "listen_queue_length"
+)
+
+// workWaited is the longest time work waited for the process within
+// [start, end]: data unread on its sockets (counted only from start: data
+// left unread before is not what this sleep kept waiting), or connections
+// in a listener's accept queue (from the first sample that saw it
+// non-empty to the last that still did).
+func workWaited(w Window, start, end time.Time) (time.Duration, string, Evidence) {
+	var best time.Duration
+	var what string
+	var ev Evidence
+	if w.Store == nil {
+		return 0, "", Evidence{}
+	}
+	for _, ls := range w.Store.Select(sigUnreadOldest) {
+		for _, s := range w.Store.Range(sigUnreadOldest, ls, start) {
+			if s.T.After(end) || s.V <= 0 {
+				continue
+			}
+			d := min(time.Duration(s.V*float64(time.Second)), s.T.Sub(start))
+			if d > best {
+				best = d
+				what = "data waited unread on the process's sockets"
+				if n := valueAt(w, sigUnreadSockets, s.T); n > 0 {
+					what = "data waited unread on " + count(n, "socket", "") + " of the process"
+				}
+				ev = Evidence{Signal: sigUnreadOldest + ls.String(), Value: d.Seconds(), Unit: "seconds", Note: "unread data waited this long while the thread slept"}
+			}
+		}
+	}
+	for _, ls := range w.Store.Select(sigListenQueue) {
+		var first time.Time
+		peak := 0.0
+		for _, s := range w.Store.Range(sigListenQueue, ls, start) {
+			if s.T.After(end) {
+				break
+			}
+			if s.V <= 0 {
+				first, peak = time.Time{}, 0
+				continue
+			}
+			if first.IsZero() {
+				first = s.T
+			}
+			peak = max(peak, s.V)
+			if d := s.T.Sub(first); d > best {
+				best = d
+				what = count(peak, "connection", "") + " waited in the accept queue of " + joinHostPort(ls.Get("addr"), ls.Get("port"))
+				ev = Evidence{Signal: sigListenQueue + ls.String(), Value: d.Seconds(), Unit: "seconds", Note: "the accept queue stayed non-empty this long while the thread slept"}
+			}
+		}
+	}
+	return best, what, ev
+}
+
+// valueAt is the sample of name (summed over its series) taken at t.
+func valueAt(w Window, name string, t time.Time) float64 {
+	var v float64
+	for _, ls := range w.Store.Select(name) {
+		for _, s := range w.Store.Range(name, ls, t.Add(-time.Millisecond)) {
+			if s.T.Equal(t) {
+				v += s.V
+			}
+		}
+	}
+	return v
+}
+
+// culpritOf names the function that made e's call, in the terms of its
+// runtime: for Node.js the JavaScript function (from the JIT's perf map)
+// rather than the engine's frames, for others the first frame that is
+// neither the C library's nor a runtime's wrapper.
+func culpritOf(e signals.Episode, rt signals.Runtime) string {
+	user := e.CallerStack()
+	if rt == signals.RuntimeNode || rt == signals.RuntimeLibuv {
+		var lib, native string
+		for _, f := range user {
+			if file, ok := jsFile(f); ok {
+				if !strings.HasPrefix(file, "node:") && !strings.HasPrefix(file, "internal/") {
+					return f // the app's own JavaScript
+				}
+				if lib == "" {
+					lib = f // node's library (execSync) when the app's is not on the stack
+				}
+				continue
+			}
+			if native == "" && !nodeInternal(f) {
+				native = f
+			}
+		}
+		if lib != "" {
+			return lib
+		}
+		if native != "" {
+			return native
+		}
+	}
+	return culpritFrame(user)
+}
+
+// jsFile returns the script of a JavaScript frame as the symbolizer names
+// it from a perf map, "handler (/app/server.js:12)".
+func jsFile(f string) (string, bool) {
+	i := strings.LastIndex(f, " (")
+	if i <= 0 || !strings.HasSuffix(f, ")") {
+		return "", false
+	}
+	file := f[i+2 : len(f)-1]
+	if strings.ContainsAny(file, "()") {
+		return "", false
+	}
+	if j := strings.LastIndexByte(file, ':'); j > 0 {
+		if _, err := strconv.Atoi(file[j+1:]); err == nil {
+			file = file[:j]
+		}
+	}
+	return file, strings.HasPrefix(file, "/") || strings.HasPrefix(file, "node:") || strings.HasPrefix(file, "file:") ||
+		strings.HasSuffix(file, ".js") || strings.HasSuffix(file, ".mjs") || strings.HasSuffix(file, ".cjs") || strings.HasSuffix(file, ".ts")
+}
+
+// nodeInternal: libuv's loop and V8's engine frames between a sleep and
+// what called it.
+func nodeInternal(f string) bool {
+	for _, p := range []string{"uv_", "uv__", "Builtins_", "Builtin:", "BytecodeHandler:", "Stub:", "v8::internal::", "v8::", "0x"} {
+		if strings.HasPrefix(f, p) {
+			return true
+		}
+	}
+	return strings.Contains(f, "+0x")
+}
+
+// roleWords is how a finding names a thread's role: "async worker" for a
+// pool's worker, "event loop" for a loop that runs alone.
+func roleWords(v threadClass) string {
+	if v.role == signals.RoleEventLoop {
+		return "event loop"
+	}
+	return "async worker"
+}
+
+// runtimeName is the runtime in prose, "" when unknown.
+func runtimeName(rt signals.Runtime) string {
+	switch rt {
+	case signals.RuntimeTokio:
+		return "Tokio"
+	case signals.RuntimeActix:
+		return "actix"
+	case signals.RuntimeNode:
+		return "Node.js"
+	case signals.RuntimeLibuv:
+		return "libuv"
+	case signals.RuntimeRedis:
+		return "redis"
+	case signals.RuntimeNginx:
+		return "nginx"
+	case signals.RuntimeAsyncio:
+		return "asyncio"
+	case signals.RuntimeGo:
+		return "Go"
+	}
+	return ""
+}
+
+// advisorFor words remediation for thread v: in the target's runtime as
+// detected (Window.Runtime), or, when detection did not tell, in the
+// runtime the thread's own frames showed; neutral when neither did.
+func advisorFor(w Window, v threadClass) Advisor {
+	if w.Runtime.Known() {
+		return w.advice()
+	}
+	if rt, ok := targetRuntime(v.runtime); ok {
+		return NewAdvisor(rt)
+	}
+	return w.advice()
+}
+
+// targetRuntime is what a thread's frames say of the program, in
+// target.Runtime's terms.
+func targetRuntime(rt signals.Runtime) (target.Runtime, bool) {
+	fw := func(lang target.Lang, names ...string) (target.Runtime, bool) {
+		r := target.Runtime{Lang: lang, Sources: []string{"thread stacks"}}
+		for _, n := range names {
+			r.Frameworks = append(r.Frameworks, target.Framework{Name: n})
+		}
+		return r, true
+	}
+	switch rt {
+	case signals.RuntimeTokio:
+		return fw(target.LangRust, target.FwTokio)
+	case signals.RuntimeActix:
+		return fw(target.LangRust, target.FwActix, target.FwTokio)
+	case signals.RuntimeNode:
+		return fw(target.LangNode, target.FwLibuv)
+	case signals.RuntimeLibuv:
+		return fw(target.LangC, target.FwLibuv)
+	case signals.RuntimeRedis:
+		return fw(target.LangC, target.FwRedis)
+	case signals.RuntimeNginx:
+		return fw(target.LangC, target.FwNginx)
+	case signals.RuntimeAsyncio:
+		return fw(target.LangPython, target.FwAsyncio)
+	case signals.RuntimeGo:
+		return fw(target.LangGo)
+	}
+	return target.Runtime{}, false
+}
+
+// Frames of a thread in its own I/O, or waiting for it: the C library's
+// wrappers of the socket and poll calls, and the kernel's when a sample has
+// no user frame. A busy loop whose samples are mostly these is serving its
+// connections, not computing.
+var ioCalls = []string{"read", "write", "readv", "writev", "pread64", "pwrite64", "recv", "recvfrom", "recvmsg", "recvmmsg",
+	"send", "sendto", "sendmsg", "sendmmsg", "sendfile", "sendfile64", "splice", "accept", "accept4", "connect", "close",
+	"shutdown", "epoll_wait", "epoll_pwait", "epoll_pwait2", "epoll_ctl", "poll", "ppoll", "select", "pselect", "pselect6", "io_uring_enter"}
+
+// ioFrame reports whether a hot frame is I/O or an idle wait: libc's
+// names come as epoll_wait, __GI_epoll_wait, __libc_read, __write...
+func ioFrame(f string) bool {
+	for _, p := range []string{"tcp_", "udp_", "sock_", "__sys_", "__x64_sys_", "do_epoll", "ep_poll", "do_sys_poll", "io_uring", "entry_SYSCALL"} {
+		if strings.HasPrefix(f, p) {
+			return true
+		}
+	}
+	n := strings.TrimPrefix(f, "__GI_")
+	n = strings.TrimPrefix(n, "__libc_")
+	n = strings.TrimLeft(n, "_")
+	n = strings.TrimPrefix(n, "libc_")
+	n = strings.TrimSuffix(n, "_nocancel")
+	return slices.Contains(ioCalls, n)
+}
+
+// stallKind tells accept_overflow's search for the thread that stalled an
+// accept loop what episode e is: serving, a worker or event loop held up
+// outside its idle wait (a blocking call, a run without yielding); idle,
+// a wait for work or a pool meant to block, never the stall's cause.
+// Episodes neither serving nor idle are other threads' long sleeps.
+func stallKind(w Window, e signals.Episode, threshold time.Duration) (serving, idle bool) {
+	if e.Kind == signals.EpisodeBusy {
+		v := threadOf(w, e, signals.StackClass{})
+		return v.serves(), v.role == signals.RoleBlockingPool || v.role == signals.RoleHelper
+	}
+	j, blocked := judgeBlock(w, e, threshold)
+	return blocked, !blocked && j.idle
+}
