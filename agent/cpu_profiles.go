@@ -32,9 +32,10 @@ var errNoSamples = errors.New("no CPU samples of the target in that window (is p
 // leaf user frame first (the kernel leaf when the thread was sampled in
 // the kernel without a user stack).
 func (c cpuProfiles) HotFrames(tid int, from, to time.Time, n int) []rules.FrameShare {
-	// A drain covers the interval before its timestamp: widen by one so
-	// the samples of the window's edges count.
-	ss := c.samples.Range(from.Add(-c.drain), to.Add(c.drain))
+	// A sample stamped T was taken in (T-drain, T]: the run's samples are
+	// those stamped in [from, to+drain]. Reaching back a drain before from
+	// pulled in the thread's idle wait before its run ("epoll_pwait 100%").
+	ss := c.samples.Range(from, to.Add(c.drain))
 	counts := map[string]int64{}
 	var total int64
 	for _, s := range ss {

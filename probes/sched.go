@@ -384,7 +384,9 @@ func userFrames(s *symbolize.Symbolizer, pid int, addrs []uint64) (names []strin
 	if s == nil || len(addrs) == 0 {
 		return frameNames(s, pid, addrs, false), 0
 	}
-	fs := s.User(pid, addrs)
+	// Cut at the first address no code is mapped at: a frame-pointer walk
+	// through code that uses rbp otherwise (assembly, libc) reads garbage.
+	fs := s.UserStack(pid, addrs)
 	names = make([]string, len(fs))
 	for i, f := range fs {
 		names[i] = f.String()

@@ -63,13 +63,13 @@ func (r *AcceptOverflow) stalledThread(w Window, from, now time.Time) (signals.E
 	var best, bestWorker signals.Episode
 	for _, kind := range []string{signals.EpisodeBlock, signals.EpisodeBusy} {
 		for _, e := range w.Episodes.Since(kind, from) {
-			if kind == signals.EpisodeBlock && w.Pools.Idle(e.Syscall()) {
+			worker, idle := stallKind(w, e, r.o.StallAfter)
+			if idle {
 				continue
 			}
 			if !e.Start.Before(now) {
 				continue
 			}
-			_, worker := w.Pools.Pool(e.Thread)
 			if worker && e.Duration > bestWorker.Duration {
 				bestWorker = e
 			}

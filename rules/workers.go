@@ -95,6 +95,8 @@ var wrapperPrefixes = []string{
 	"__GI_", "__libc_", "__lll_", "__pthread", "pthread_", "__futex", "__nanosleep", "__clock_nanosleep",
 	"clock_nanosleep", "nanosleep", "__select", "__poll", "__read", "__write", "__fsync", "fsync",
 	"fdatasync", "__connect", "__recv", "__send", "syscall", "__syscall", "std::sys::", "<std::sys::", "std::thread::",
+	// V8's own code between a JavaScript caller and the call it made.
+	"Builtin:", "BytecodeHandler:", "Stub:", "Builtins_", "v8::",
 	"0x",
 }
 
