@@ -340,4 +340,3 @@ func TestPrecisionNodeEventLoop(t *testing.T) {
 	}
 	precisionLine(t, "node + express: healthy load", "nothing (no worker_imbalance)", nil, unexpected)
 }
-
