@@ -92,6 +92,11 @@ type active struct {
 	f          Finding
 	lastSeen   time.Time
 	lastUpdate time.Time
+	// sent is the observation of the last event: changes are judged
+	// against what watchers were told, not against the current state
+	// (which moves silently), or a change held back by
+	// min_update_interval would never be sent.
+	sent Observation
 }
 
 // Engine runs rules and keeps each finding's lifecycle.
@@ -312,22 +317,28 @@ func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
 			LastSeen:    now,
 		}
 		ev := e.journal.Record(EventOpened, f, now)
-		e.active[k] = &active{f: ev.Finding, lastSeen: now, lastUpdate: now}
+		e.active[k] = &active{f: ev.Finding, lastSeen: now, lastUpdate: now, sent: ev.Finding.Observation}
 		e.o.Log.Info("finding opened", "id", f.ID, "rule", rule, "cause", o.Cause, "severity", o.Severity.String(), "root_cause", o.RootCause)
 		return
 	}
 	a.lastSeen = now
 	a.f.LastSeen = now
-	if sameObservation(a.f.Observation, o) {
+	if sameObservation(a.sent, o) {
+		// Nothing new since the last event (the current state may have
+		// drifted and come back).
+		if !sameObservation(a.f.Observation, o) {
+			a.f.Observation = o
+			e.journal.Touch(a.f)
+		}
 		return
 	}
-	causeChanged := a.f.Cause != o.Cause || a.f.Severity != o.Severity
+	causeChanged := a.sent.Cause != o.Cause || a.sent.Severity != o.Severity
 	if !causeChanged {
 		// What the finding learned stays in it: the thread, stack and
 		// function of a stall are the point even after the stall ends.
 		o = retainLearned(a.f.Observation, o)
 	}
-	material := causeChanged || materialChange(a.f.Observation, o, e.o.UpdateThreshold)
+	material := causeChanged || materialChange(a.sent, o, e.o.UpdateThreshold)
 	if !material || (!causeChanged && now.Sub(a.lastUpdate) < e.o.MinUpdateInterval) {
 		// Current in ListFindings and GetFinding; not worth an event.
 		a.f.Observation = o
@@ -337,6 +348,7 @@ func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
 	a.f.Observation = o
 	ev := e.journal.Record(EventUpdated, a.f, now)
 	a.f = ev.Finding
+	a.sent = o
 	a.lastUpdate = now
 	if causeChanged {
 		e.o.Log.Info("finding changed", "id", a.f.ID, "cause", o.Cause, "severity", o.Severity.String())

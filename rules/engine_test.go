@@ -256,3 +256,28 @@ func TestEngineOneFaultOneFinding(t *testing.T) {
 		t.Errorf("the update carries %v", evs[1].Finding.Evidence)
 	}
 }
+
+// A material change that arrives within min_update_interval of the last
+// event is held back, then sent once the interval is over, even though
+// the finding's current state already holds it.
+func TestEngineSendsAHeldBackChange(t *testing.T) {
+	r := &scripted{}
+	j := NewJournal(64)
+	e := NewEngine([]Rule{r}, signals.New(16, 64), j, nil, EngineOptions{
+		Interval: time.Second, ResolveAfter: 3 * time.Second, MinUpdateInterval: time.Second, MaxOpen: 10,
+		UpdateThreshold: 0.2, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	t0 := time.Unix(1000, 0)
+	o := Observation{Key: "k", Cause: "c", Severity: SeverityWarning, Evidence: []Evidence{{Signal: "x", Value: 1}}}
+	r.obs = []Observation{o}
+	e.Evaluate(t0)
+	// A new frame is learned 100 ms later: material, but too soon.
+	o.Artifacts = []Artifact{{Kind: "frame", Value: "app.hot"}}
+	r.obs = []Observation{o}
+	e.Evaluate(t0.Add(100 * time.Millisecond))
+	e.Evaluate(t0.Add(1500 * time.Millisecond))
+	evs, _ := j.After(0, 10)
+	if len(evs) != 2 || evs[1].Type != EventUpdated || len(evs[1].Finding.Artifacts) != 1 {
+		t.Fatalf("events %+v: the held-back frame was never sent", evs)
+	}
+}
