@@ -120,8 +120,13 @@ func readV1(dir string) (cgroupMemory, error) {
 	}
 	if b, err := os.ReadFile(filepath.Join(dir, "memory.stat")); err == nil {
 		st := parseKV(b)
-		// total_* include descendants, as usage_in_bytes does.
-		m.Stat["anon"], m.Stat["file"], m.Stat["shmem"] = st["total_rss"], st["total_cache"], st["total_shmem"]
+		// total_* include descendants, as usage_in_bytes does. A key the
+		// file lacks stays absent: unknown, not zero.
+		for kind, key := range map[string]string{"anon": "total_rss", "file": "total_cache", "shmem": "total_shmem"} {
+			if v, ok := st[key]; ok {
+				m.Stat[kind] = v
+			}
+		}
 	}
 	if b, err := os.ReadFile(filepath.Join(dir, "memory.oom_control")); err == nil {
 		if v, ok := parseKV(b)["oom_kill"]; ok {
@@ -202,32 +207,22 @@ func (c *cgroupCollector) v2Dir(pid int, v2, file string) string {
 	return ""
 }
 
+// memorySignals are every series this collector writes.
+var memorySignals = []string{"cgroup_info", "cgroup_memory_usage_bytes", "cgroup_memory_limit_bytes", "cgroup_memory_stat_bytes", "cgroup_memory_events_total", "cgroup_memory_pressure_avg10_ratio"}
+
 // Collect prefers the v1 memory controller when the target is in one
 // (hybrid hosts mount memory only there); otherwise v2, at the root of
 // /sys/fs/cgroup (pure v2, as most pods today) or under unified/ (hybrid).
+// A target at the root of the hierarchy gets nothing: the root has no
+// limit, and its usage and OOM kills are the whole host's.
 func (c *cgroupCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
-	b, err := os.ReadFile(filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "cgroup"))
+	m, path, err := c.read(tgt.PID)
 	if err != nil {
+		// What was read of another cgroup is not this target's now.
+		for _, name := range memorySignals {
+			store.Forget(name, func(signals.Labels) bool { return false })
+		}
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
-	}
-	v1, v2 := memoryCgroupPaths(b)
-	var (
-		m    cgroupMemory
-		path string
-	)
-	base := filepath.Join(c.sysRoot, "fs", "cgroup")
-	switch {
-	case v1 != "" && exists(filepath.Join(base, "memory", v1, "memory.usage_in_bytes")):
-		path = v1
-		m, err = readV1(filepath.Join(base, "memory", v1))
-	case v2 != "" && c.v2Dir(tgt.PID, v2, "memory.current") != "":
-		path = v2
-		m, err = readV2(c.v2Dir(tgt.PID, v2, "memory.current"))
-	default:
-		return fmt.Errorf("pid %d: no memory cgroup mounted for it: %w", tgt.PID, ErrNoData)
-	}
-	if err != nil {
-		return fmt.Errorf("pid %d: cgroup v%d %s: %w", tgt.PID, m.Version, path, err)
 	}
 	now := time.Now()
 	store.Forget("cgroup_info", func(ls signals.Labels) bool { return ls.Get("path") == path })
@@ -238,6 +233,7 @@ func (c *cgroupCollector) Collect(_ context.Context, tgt target.Process, store *
 	} else {
 		store.Forget("cgroup_memory_limit_bytes", func(signals.Labels) bool { return false })
 	}
+	store.Forget("cgroup_memory_stat_bytes", func(ls signals.Labels) bool { _, ok := m.Stat[ls.Get("kind")]; return ok })
 	for k, v := range m.Stat {
 		store.Put(cgroupStatDesc, signals.L("kind", k), v, now)
 	}
@@ -248,6 +244,43 @@ func (c *cgroupCollector) Collect(_ context.Context, tgt target.Process, store *
 		store.Put(cgroupPressureDesc, signals.L("type", k), v, now)
 	}
 	return nil
+}
+
+// read finds and reads the target's memory cgroup.
+func (c *cgroupCollector) read(pid int) (cgroupMemory, string, error) {
+	b, err := os.ReadFile(filepath.Join(c.procRoot, strconv.Itoa(pid), "cgroup"))
+	if err != nil {
+		return cgroupMemory{}, "", err
+	}
+	v1, v2 := memoryCgroupPaths(b)
+	base := filepath.Join(c.sysRoot, "fs", "cgroup")
+	if dir := filepath.Join(base, "memory", v1); v1 != "" && exists(filepath.Join(dir, "memory.usage_in_bytes")) {
+		if isV1Root(dir, v1) {
+			return cgroupMemory{}, "", fmt.Errorf("at the root of the v1 memory hierarchy, whose usage is the host's: %w", ErrNoData)
+		}
+		m, err := readV1(dir)
+		if err != nil {
+			return m, v1, fmt.Errorf("cgroup v1 %s: %w", v1, err)
+		}
+		return m, v1, nil
+	}
+	if v2 == "" {
+		return cgroupMemory{}, "", fmt.Errorf("no memory cgroup mounted for it: %w", ErrNoData)
+	}
+	// The v2 root has no memory.current; a container's namespace root,
+	// which looks like it, does.
+	dir := c.v2Dir(pid, v2, "memory.current")
+	switch {
+	case dir == "":
+		return cgroupMemory{}, "", fmt.Errorf("no memory cgroup mounted for it: %w", ErrNoData)
+	case isV2Root(dir, v2):
+		return cgroupMemory{}, "", fmt.Errorf("in the root cgroup, whose usage is the host's: %w", ErrNoData)
+	}
+	m, err := readV2(dir)
+	if err != nil {
+		return m, v2, fmt.Errorf("cgroup v2 %s: %w", v2, err)
+	}
+	return m, v2, nil
 }
 
 func exists(path string) bool {

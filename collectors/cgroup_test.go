@@ -2,6 +2,9 @@ package collectors
 
 import (
 	"context"
+	"errors"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -74,5 +77,47 @@ func TestCgroupCollectorRealLimit(t *testing.T) {
 	}
 	if a, _ := st.Latest("cgroup_memory_stat_bytes", signals.L("kind", "anon")); a.V < 32<<20 {
 		t.Fatalf("anon %v, want at least 32 MiB", a.V)
+	}
+}
+
+// A target at the root of the v1 memory hierarchy: the root's usage and
+// OOM kills are the host's, so nothing is reported (this host's root
+// said 3.4 GiB used and 3 OOM kills, none of them the target's), and
+// what was reported of an earlier cgroup is forgotten. A container's
+// namespace root ("/" from inside it) is an ordinary cgroup and is read.
+func TestMemoryCgroupAtTheRoot(t *testing.T) {
+	st := signals.New(16, 100)
+	ns := newCgroupCollector(Options{ProcRoot: "testdata/cgroup/cpu-v2-ns/proc", SysRoot: "testdata/cgroup/cpu-v2-ns/sys"})
+	if err := ns.Collect(context.Background(), target.Process{PID: 7}, st); err != nil {
+		t.Fatalf("namespace root: %v", err)
+	}
+	if u, _ := st.Latest("cgroup_memory_usage_bytes", nil); u.V != 67108864 {
+		t.Fatalf("namespace root usage %v", u.V)
+	}
+	root := newCgroupCollector(Options{ProcRoot: "testdata/cgroup/cpu-v1/proc", SysRoot: "testdata/cgroup/cpu-v1/sys"})
+	if err := root.Collect(context.Background(), target.Process{PID: 4545}, st); !errors.Is(err, ErrNoData) {
+		t.Fatalf("v1 root: %v, want ErrNoData", err)
+	}
+	for _, name := range memorySignals {
+		if ls := st.Select(name); len(ls) != 0 {
+			t.Errorf("%s kept %v", name, ls)
+		}
+	}
+}
+
+// memory.stat without a key leaves that kind unknown, not zero.
+func TestReadV1StatKeysAbsent(t *testing.T) {
+	dir := t.TempDir()
+	for f, v := range map[string]string{"memory.usage_in_bytes": "1000", "memory.limit_in_bytes": "2000", "memory.stat": "total_rss 600\n"} {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte(v), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := readV1(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(map[string]float64{"anon": 600}, m.Stat); diff != "" {
+		t.Errorf("stat (-want +got):\n%s", diff)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -22,7 +23,7 @@ func init() {
 
 var (
 	cpuInfoDesc = &signals.Desc{Name: "cgroup_cpu_info", Kind: signals.Gauge,
-		Help: "1 for the target's CPU cgroup: its version (1 or 2) and path."}
+		Help: "1 for the target's CPU cgroup: its version (1 or 2), path, and where its usage comes from (usage: cpuacct, cpu.stat, or unknown_root, unknown_other_cgroup, unknown_missing)."}
 	cpuPeriodsDesc = &signals.Desc{Name: "cgroup_cpu_periods_total", Kind: signals.Counter,
 		Help: "CFS bandwidth periods in which the target's cgroup had runnable tasks (v1 and v2 cpu.stat nr_periods; counted only under a quota)."}
 	cpuThrottledPeriodsDesc = &signals.Desc{Name: "cgroup_cpu_throttled_periods_total", Kind: signals.Counter,
@@ -33,6 +34,8 @@ var (
 		Help: "CPU time used by the target's cgroup (v1 cpuacct.usage, v2 cpu.stat usage_usec)."}
 	cpuQuotaDesc = &signals.Desc{Name: "cgroup_cpu_quota_cores", Kind: signals.Gauge,
 		Help: "CPU limit of the target's cgroup in cores: CFS quota / period (absent when unlimited)."}
+	cpuPeriodDesc = &signals.Desc{Name: "cgroup_cpu_period_seconds", Kind: signals.Gauge,
+		Help: "CFS bandwidth period of the target's cgroup: a throttled task waits for the next one (absent when unlimited)."}
 	cpuPressureDesc = &signals.Desc{Name: "cgroup_cpu_pressure_avg10_ratio", Kind: signals.Gauge,
 		Help: "Share of the last 10 s tasks of the cgroup waited for a CPU (PSI, v2 only; type some or full)."}
 )
@@ -45,6 +48,21 @@ var cpuCounters = map[string]*signals.Desc{
 	"cgroup_cpu_usage_seconds_total":     cpuUsageDesc,
 }
 
+// Where cgroup_cpu_usage_seconds_total comes from, or why it is unknown
+// (the usage label of cgroup_cpu_info). An unknown usage is absent: never
+// replaced by a counter that counts something else.
+const (
+	usageCPUAcct = "cpuacct"  // v1 cpuacct.usage of the same cgroup
+	usageCPUStat = "cpu.stat" // v2 usage_usec
+	// The target is at the root of the cpuacct hierarchy: the root's
+	// counter is the whole host's.
+	usageAtRoot = "unknown_root"
+	// cpuacct holds the target in another group than cpu does: its usage
+	// is not that of the tasks the quota limits.
+	usageOtherGroup = "unknown_other_cgroup"
+	usageMissing    = "unknown_missing" // no cpuacct hierarchy or usage file
+)
+
 // cgroupCPU is what one read of a CPU cgroup gives.
 type cgroupCPU struct {
 	Version int
@@ -52,7 +70,9 @@ type cgroupCPU struct {
 	// not report is absent (v2 without the cpu controller has no periods).
 	Counters map[string]float64
 	Quota    float64            // cores; 0: unlimited
+	Period   float64            // seconds, with a quota
 	Pressure map[string]float64 // some, full: avg10 as a ratio (v2)
+	Usage    string             // where the usage counter comes from (usage* above)
 }
 
 // cgroupOf finds controller in a /proc/PID/cgroup file: the v1 hierarchy
@@ -89,12 +109,31 @@ func v1Dir(base, mount, controller, path, file string) string {
 	return ""
 }
 
-// readCPUV1 reads a cgroup v1 cpu directory and, when the cpuacct
-// hierarchy has the target (acct != ""), its usage. Hybrid hosts like this
+// isV1Root says whether dir, found at path of a v1 hierarchy, is that
+// hierarchy's root: only the root has release_agent. A container with its
+// own cgroup namespace sees its cgroup as "/", without that file.
+func isV1Root(dir, path string) bool {
+	return path == "/" && (exists(filepath.Join(dir, "release_agent")) || exists(filepath.Join(dir, "cgroup.sane_behavior")))
+}
+
+// isV2Root says whether dir, found for path, is the root of the v2
+// hierarchy: only non-root cgroups have cgroup.type and cgroup.events. A
+// path of "/" (or out of the agent's namespace, "/..") may be a container's
+// namespace root, which is an ordinary cgroup.
+func isV2Root(dir, path string) bool {
+	if path != "/" && !strings.HasPrefix(path, "/..") {
+		return false
+	}
+	return !exists(filepath.Join(dir, "cgroup.type")) && !exists(filepath.Join(dir, "cgroup.events"))
+}
+
+// readCPUV1 reads a cgroup v1 cpu directory and, when acct is not "", the
+// usage in acct (a cpuacct directory holding the same tasks; usage says
+// where it comes from or why it is unknown). Hybrid hosts like this
 // project's mount cpu and cpuacct apart; most mount them together, and
 // then acct is the same directory.
-func readCPUV1(dir, acct string) (cgroupCPU, error) {
-	m := cgroupCPU{Version: 1, Counters: map[string]float64{}}
+func readCPUV1(dir, acct, usage string) (cgroupCPU, error) {
+	m := cgroupCPU{Version: 1, Counters: map[string]float64{}, Usage: usage}
 	b, err := os.ReadFile(filepath.Join(dir, "cpu.stat"))
 	if err != nil {
 		return m, err
@@ -112,10 +151,15 @@ func readCPUV1(dir, acct string) (cgroupCPU, error) {
 		return m, err
 	}
 	if quota > 0 && period > 0 { // -1: unlimited
-		m.Quota = quota / period
+		m.Quota, m.Period = quota/period, period/1e6
 	}
 	if acct != "" {
-		if u, err := readNumber(filepath.Join(acct, "cpuacct.usage")); err == nil {
+		switch u, err := readNumber(filepath.Join(acct, "cpuacct.usage")); {
+		case errors.Is(err, os.ErrNotExist):
+			m.Usage = usageMissing
+		case err != nil:
+			return m, err
+		default:
 			m.Counters["cgroup_cpu_usage_seconds_total"] = u / 1e9
 		}
 	}
@@ -125,7 +169,7 @@ func readCPUV1(dir, acct string) (cgroupCPU, error) {
 // readCPUV2 reads a cgroup v2 directory. cpu.stat always has usage_usec;
 // the throttling fields and cpu.max need the cpu controller enabled.
 func readCPUV2(dir string) (cgroupCPU, error) {
-	m := cgroupCPU{Version: 2, Counters: map[string]float64{}}
+	m := cgroupCPU{Version: 2, Counters: map[string]float64{}, Usage: usageMissing}
 	b, err := os.ReadFile(filepath.Join(dir, "cpu.stat"))
 	if err != nil {
 		return m, err
@@ -144,12 +188,15 @@ func readCPUV2(dir string) (cgroupCPU, error) {
 			m.Counters[name] = v
 		}
 	}
+	if _, ok := m.Counters["cgroup_cpu_usage_seconds_total"]; ok {
+		m.Usage = usageCPUStat
+	}
 	switch b, err := os.ReadFile(filepath.Join(dir, "cpu.max")); {
 	case errors.Is(err, os.ErrNotExist): // no cpu controller, or the root
 	case err != nil:
 		return m, err
 	default:
-		if m.Quota, err = parseCPUMax(b); err != nil {
+		if m.Quota, m.Period, err = parseCPUMax(b); err != nil {
 			return m, fmt.Errorf("%s: %w", filepath.Join(dir, "cpu.max"), err)
 		}
 	}
@@ -159,24 +206,25 @@ func readCPUV2(dir string) (cgroupCPU, error) {
 	return m, nil
 }
 
-// parseCPUMax reads cpu.max, "$MAX $PERIOD", into cores (0: "max").
-func parseCPUMax(b []byte) (float64, error) {
+// parseCPUMax reads cpu.max, "$MAX $PERIOD", into cores and the period
+// in seconds (0, 0: "max").
+func parseCPUMax(b []byte) (cores, period float64, err error) {
 	f := bytes.Fields(b)
 	if len(f) != 2 {
-		return 0, fmt.Errorf("%q: %w", b, errParse)
+		return 0, 0, fmt.Errorf("%q: %w", b, errParse)
 	}
 	if string(f[0]) == "max" {
-		return 0, nil
+		return 0, 0, nil
 	}
 	quota, err := strconv.ParseFloat(string(f[0]), 64)
 	if err != nil {
-		return 0, fmt.Errorf("%q: %w", b, errParse)
+		return 0, 0, fmt.Errorf("%q: %w", b, errParse)
 	}
-	period, err := strconv.ParseFloat(string(f[1]), 64)
-	if err != nil || period <= 0 {
-		return 0, fmt.Errorf("%q: %w", b, errParse)
+	us, err := strconv.ParseFloat(string(f[1]), 64)
+	if err != nil || us <= 0 {
+		return 0, 0, fmt.Errorf("%q: %w", b, errParse)
 	}
-	return quota / period, nil
+	return quota / us, us / 1e6, nil
 }
 
 // cpuCgroupCollector has the roots of the memory one.
@@ -188,9 +236,11 @@ func newCPUCgroupCollector(o Options) *cpuCgroupCollector {
 
 func (*cpuCgroupCollector) Name() string { return "cpu_cgroup" }
 
-// Collect prefers the v1 cpu controller when the target is in one (hybrid
-// hosts mount it only there); otherwise v2, at the root of /sys/fs/cgroup
-// (pure v2, as most pods) or under unified/ (hybrid, usage and PSI only).
+// Collect prefers the v1 cpu controller when the target is in one
+// (hybrid hosts mount it only there); otherwise v2, at the root of
+// /sys/fs/cgroup (pure v2, as most pods) or under unified/ (hybrid, usage
+// and PSI only). A target at the root of a hierarchy gets nothing from
+// it: the root has no quota and its counters are the whole host's.
 func (c *cpuCgroupCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
 	b, err := os.ReadFile(filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "cgroup"))
 	if err != nil {
@@ -198,18 +248,33 @@ func (c *cpuCgroupCollector) Collect(_ context.Context, tgt target.Process, stor
 	}
 	m, path, err := c.read(tgt.PID, b)
 	if err != nil {
+		// What was known of another cgroup (or of this one before it
+		// became unreadable) is not this target's now.
+		for _, name := range append(slices.Collect(maps.Keys(cpuCounters)), "cgroup_cpu_info", "cgroup_cpu_quota_cores", "cgroup_cpu_period_seconds", "cgroup_cpu_pressure_avg10_ratio") {
+			store.Forget(name, func(signals.Labels) bool { return false })
+		}
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
 	now := time.Now()
-	store.Forget("cgroup_cpu_info", func(ls signals.Labels) bool { return ls.Get("path") == path })
-	store.Put(cpuInfoDesc, signals.L("version", strconv.Itoa(m.Version), "path", path), 1, now)
-	for name, v := range m.Counters {
-		store.Put(cpuCounters[name], nil, v, now)
+	info := signals.L("version", strconv.Itoa(m.Version), "path", path, "usage", m.Usage)
+	store.Forget("cgroup_cpu_info", func(ls signals.Labels) bool { return ls.String() == info.String() })
+	store.Put(cpuInfoDesc, info, 1, now)
+	for name, d := range cpuCounters {
+		if v, ok := m.Counters[name]; ok {
+			store.Put(d, nil, v, now)
+		} else {
+			store.Forget(name, func(signals.Labels) bool { return false })
+		}
 	}
 	if m.Quota > 0 {
 		store.Put(cpuQuotaDesc, nil, m.Quota, now)
+		store.Put(cpuPeriodDesc, nil, m.Period, now)
 	} else {
 		store.Forget("cgroup_cpu_quota_cores", func(signals.Labels) bool { return false })
+		store.Forget("cgroup_cpu_period_seconds", func(signals.Labels) bool { return false })
+	}
+	if len(m.Pressure) == 0 {
+		store.Forget("cgroup_cpu_pressure_avg10_ratio", func(signals.Labels) bool { return false })
 	}
 	for k, v := range m.Pressure {
 		store.Put(cpuPressureDesc, signals.L("type", k), v, now)
@@ -221,13 +286,12 @@ func (c *cpuCgroupCollector) Collect(_ context.Context, tgt target.Process, stor
 func (c *cpuCgroupCollector) read(pid int, procCgroup []byte) (cgroupCPU, string, error) {
 	base := filepath.Join(c.sysRoot, "fs", "cgroup")
 	mount, v1, v2 := cgroupOf(procCgroup, "cpu")
-	if dir := v1Dir(base, mount, "cpu", v1, "cpu.cfs_quota_us"); dir != "" {
-		acct := dir
+	if dir := v1Dir(base, mount, "cpu", v1, "cpu.cfs_quota_us"); dir != "" && !isV1Root(dir, v1) {
+		acct, usage := dir, usageCPUAcct
 		if !exists(filepath.Join(dir, "cpuacct.usage")) {
-			am, ap, _ := cgroupOf(procCgroup, "cpuacct")
-			acct = v1Dir(base, am, "cpuacct", ap, "cpuacct.usage")
+			acct, usage = v1Acct(base, procCgroup, v1)
 		}
-		m, err := readCPUV1(dir, acct)
+		m, err := readCPUV1(dir, acct, usage)
 		if err != nil {
 			return m, v1, fmt.Errorf("cgroup v1 cpu %s: %w", v1, err)
 		}
@@ -236,12 +300,35 @@ func (c *cpuCgroupCollector) read(pid int, procCgroup []byte) (cgroupCPU, string
 	if v2 == "" {
 		return cgroupCPU{}, "", fmt.Errorf("no CPU cgroup in /proc/PID/cgroup: %w", ErrNoData)
 	}
-	if dir := (*cgroupCollector)(c).v2Dir(pid, v2, "cpu.stat"); dir != "" {
-		m, err := readCPUV2(dir)
-		if err != nil {
-			return m, v2, fmt.Errorf("cgroup v2 %s: %w", v2, err)
-		}
-		return m, v2, nil
+	dir := (*cgroupCollector)(c).v2Dir(pid, v2, "cpu.stat")
+	switch {
+	case dir == "":
+		return cgroupCPU{}, "", fmt.Errorf("no CPU cgroup mounted for it: %w", ErrNoData)
+	case isV2Root(dir, v2):
+		return cgroupCPU{}, "", fmt.Errorf("in the root cgroup, whose CPU counters are the host's: %w", ErrNoData)
 	}
-	return cgroupCPU{}, "", fmt.Errorf("no CPU cgroup mounted for it: %w", ErrNoData)
+	m, err := readCPUV2(dir)
+	if err != nil {
+		return m, v2, fmt.Errorf("cgroup v2 %s: %w", v2, err)
+	}
+	return m, v2, nil
+}
+
+// v1Acct finds the cpuacct directory that counts the tasks of the v1 cpu
+// cgroup at cpuPath, on a host that mounts cpuacct apart. Its usage is
+// the quota's tasks' only when cpuacct holds the target in a cgroup of
+// the same path (as runtimes and systemd make them); at its root the
+// counter is the host's. Otherwise the usage is unknown: "" and why.
+func v1Acct(base string, procCgroup []byte, cpuPath string) (string, string) {
+	am, ap, _ := cgroupOf(procCgroup, "cpuacct")
+	dir := v1Dir(base, am, "cpuacct", ap, "cpuacct.usage")
+	switch {
+	case dir == "":
+		return "", usageMissing
+	case isV1Root(dir, ap):
+		return "", usageAtRoot
+	case ap != cpuPath:
+		return "", usageOtherGroup
+	}
+	return dir, usageCPUAcct
 }

@@ -3,6 +3,7 @@ package collectors
 import (
 	"context"
 	"errors"
+	"maps"
 	"math"
 	"os"
 	"os/exec"
@@ -43,13 +44,13 @@ func TestCgroupOf(t *testing.T) {
 }
 
 func TestParseCPUMax(t *testing.T) {
-	for in, want := range map[string]float64{"max 100000\n": 0, "50000 100000\n": 0.5, "250000 100000": 2.5} {
-		if got, err := parseCPUMax([]byte(in)); err != nil || got != want {
-			t.Errorf("%q: %v %v, want %v", in, got, err, want)
+	for in, want := range map[string][2]float64{"max 100000\n": {0, 0}, "50000 100000\n": {0.5, 0.1}, "250000 100000": {2.5, 0.1}, "5000 10000": {0.5, 0.01}} {
+		if cores, period, err := parseCPUMax([]byte(in)); err != nil || cores != want[0] || period != want[1] {
+			t.Errorf("%q: %v %v %v, want %v", in, cores, period, err, want)
 		}
 	}
 	for _, in := range []string{"", "max", "x 100000", "50000 0", "1 2 3"} {
-		if _, err := parseCPUMax([]byte(in)); !errors.Is(err, errParse) {
+		if _, _, err := parseCPUMax([]byte(in)); !errors.Is(err, errParse) {
 			t.Errorf("%q: %v, want errParse", in, err)
 		}
 	}
@@ -58,38 +59,51 @@ func TestParseCPUMax(t *testing.T) {
 // The fixture trees hold /proc/PID/cgroup files under proc/ and cgroup
 // files under sys/fs/cgroup/. cpu-v1 pid 4242 was captured on this host
 // (cpu and cpuacct mounted apart) from a shell loop under a 0.2-core
-// quota for 1.5 s; the rest is written by hand in the kernel's documented
-// formats (Documentation/scheduler/sched-bwc.rst and
+// quota for 1.5 s, and the roots of cpuacct and memory from this host's;
+// the rest is written by hand in the kernel's documented formats
+// (Documentation/scheduler/sched-bwc.rst and
 // Documentation/admin-guide/cgroup-v2.rst).
 func TestReadCPUCgroupFixtures(t *testing.T) {
+	throttledV2 := map[string]float64{
+		"cgroup_cpu_periods_total": 1200, "cgroup_cpu_throttled_periods_total": 480,
+		"cgroup_cpu_throttled_seconds_total": 36.5, "cgroup_cpu_usage_seconds_total": 8.123456}
+	v1Fixture := map[string]float64{"cgroup_cpu_periods_total": 17, "cgroup_cpu_throttled_periods_total": 15,
+		"cgroup_cpu_throttled_seconds_total": 1.130247877}
+	withUsage := maps.Clone(v1Fixture)
+	withUsage["cgroup_cpu_usage_seconds_total"] = 0.342243367
 	for _, c := range []struct {
 		tree     string
 		pid      int
 		wantPath string
 		want     cgroupCPU
 	}{
-		{"cpu-v1", 4242, "/culprit-fixture", cgroupCPU{Version: 1, Quota: 0.2, Counters: map[string]float64{
-			"cgroup_cpu_periods_total": 17, "cgroup_cpu_throttled_periods_total": 15,
-			"cgroup_cpu_throttled_seconds_total": 1.130247877, "cgroup_cpu_usage_seconds_total": 0.342243367}}},
-		{"cpu-v1", 4343, "/docker/abc", cgroupCPU{Version: 1, Counters: map[string]float64{
+		{"cpu-v1", 4242, "/culprit-fixture", cgroupCPU{Version: 1, Quota: 0.2, Period: 0.1, Usage: "cpuacct", Counters: withUsage}},
+		// The cpu group has the quota, but cpuacct holds the target at its
+		// root: the root's usage is the host's, so the usage is unknown
+		// (this host's cpuacct.usage read 788 s here).
+		{"cpu-v1", 4545, "/culprit-fixture", cgroupCPU{Version: 1, Quota: 0.2, Period: 0.1, Usage: "unknown_root", Counters: v1Fixture}},
+		// cpuacct holds it in another group: not the quota's tasks.
+		{"cpu-v1", 4747, "/culprit-fixture", cgroupCPU{Version: 1, Quota: 0.2, Period: 0.1, Usage: "unknown_other_cgroup", Counters: v1Fixture}},
+		{"cpu-v1", 4343, "/docker/abc", cgroupCPU{Version: 1, Usage: "cpuacct", Counters: map[string]float64{
 			"cgroup_cpu_periods_total": 0, "cgroup_cpu_throttled_periods_total": 0,
 			"cgroup_cpu_throttled_seconds_total": 0, "cgroup_cpu_usage_seconds_total": 2318.427060429}}},
-		{"cpu-v2", 100, "/kubepods/pod1/app", cgroupCPU{Version: 2, Quota: 0.5, Counters: map[string]float64{
-			"cgroup_cpu_periods_total": 1200, "cgroup_cpu_throttled_periods_total": 480,
-			"cgroup_cpu_throttled_seconds_total": 36.5, "cgroup_cpu_usage_seconds_total": 8.123456},
+		{"cpu-v2", 100, "/kubepods/pod1/app", cgroupCPU{Version: 2, Quota: 0.5, Period: 0.1, Usage: "cpu.stat", Counters: throttledV2,
 			Pressure: map[string]float64{"some": 0.425, "full": 0.38}}},
 		// In a pod each container has its own cgroup namespace: the app's
 		// cgroup, seen from the agent's, is outside it, and is read
 		// through the app's own /sys/fs/cgroup.
-		{"cpu-v2", 102, "/../app-container", cgroupCPU{Version: 2, Quota: 0.5, Counters: map[string]float64{
-			"cgroup_cpu_periods_total": 1200, "cgroup_cpu_throttled_periods_total": 480,
-			"cgroup_cpu_throttled_seconds_total": 36.5, "cgroup_cpu_usage_seconds_total": 8.123456},
+		{"cpu-v2", 102, "/../app-container", cgroupCPU{Version: 2, Quota: 0.5, Period: 0.1, Usage: "cpu.stat", Counters: throttledV2,
 			Pressure: map[string]float64{"some": 0.425, "full": 0.38}}},
 		// Hybrid host, target outside any v1 cpu cgroup: v2 under
 		// unified/ without the cpu controller has usage and PSI only.
-		{"cpu-v2", 101, "/system.slice/web.service", cgroupCPU{Version: 2, Counters: map[string]float64{
+		{"cpu-v2", 101, "/system.slice/web.service", cgroupCPU{Version: 2, Usage: "cpu.stat", Counters: map[string]float64{
 			"cgroup_cpu_usage_seconds_total": 2299.408},
 			Pressure: map[string]float64{"some": 0.0127, "full": 0}}},
+		// The agent and the app in one container with its own cgroup
+		// namespace: "/" is the container's cgroup, not the host's root.
+		{"cpu-v2-ns", 7, "/", cgroupCPU{Version: 2, Quota: 0.25, Period: 0.1, Usage: "cpu.stat", Counters: map[string]float64{
+			"cgroup_cpu_periods_total": 300, "cgroup_cpu_throttled_periods_total": 120,
+			"cgroup_cpu_throttled_seconds_total": 9, "cgroup_cpu_usage_seconds_total": 4}}},
 	} {
 		root := filepath.Join("testdata/cgroup", c.tree)
 		col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
@@ -104,8 +118,12 @@ func TestReadCPUCgroupFixtures(t *testing.T) {
 			t.Fatalf("%s pid %d: cgroup_cpu_info %v, want path %s", c.tree, c.pid, info, c.wantPath)
 		}
 		got.Version = map[string]int{"1": 1, "2": 2}[info[0].Get("version")]
+		got.Usage = info[0].Get("usage")
 		if q, ok := st.Latest("cgroup_cpu_quota_cores", nil); ok {
 			got.Quota = q.V
+		}
+		if p, ok := st.Latest("cgroup_cpu_period_seconds", nil); ok {
+			got.Period = p.V
 		}
 		for name := range cpuCounters {
 			if s, ok := st.Latest(name, nil); ok {
@@ -122,6 +140,32 @@ func TestReadCPUCgroupFixtures(t *testing.T) {
 		}
 		if diff := cmp.Diff(c.want, got, cmp.Comparer(func(a, b float64) bool { return math.Abs(a-b) < 1e-9 })); diff != "" {
 			t.Errorf("%s pid %d (-want +got):\n%s", c.tree, c.pid, diff)
+		}
+	}
+}
+
+// A target at the root of the cpu hierarchy (v1) or in the root cgroup
+// (v2) has no quota of its own, and the root's counters are the host's:
+// nothing is reported, and what was reported before is forgotten.
+func TestCPUCgroupAtTheRoot(t *testing.T) {
+	for _, c := range []struct {
+		tree string
+		pid  int
+	}{{"cpu-v1", 4646}, {"cpu-v2", 103}} {
+		root := filepath.Join("testdata/cgroup", c.tree)
+		col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
+		st := signals.New(16, 100)
+		// Before, the target was in a limited cgroup.
+		if err := newCPUCgroupCollector(Options{ProcRoot: "testdata/cgroup/cpu-v2/proc", SysRoot: "testdata/cgroup/cpu-v2/sys"}).Collect(context.Background(), target.Process{PID: 100}, st); err != nil {
+			t.Fatal(err)
+		}
+		if err := col.Collect(context.Background(), target.Process{PID: c.pid}, st); !errors.Is(err, ErrNoData) {
+			t.Fatalf("%s pid %d at the root: %v, want ErrNoData", c.tree, c.pid, err)
+		}
+		for _, name := range []string{"cgroup_cpu_info", "cgroup_cpu_usage_seconds_total", "cgroup_cpu_quota_cores", "cgroup_cpu_periods_total", "cgroup_cpu_pressure_avg10_ratio"} {
+			if ls := st.Select(name); len(ls) != 0 {
+				t.Errorf("%s pid %d: %s kept %v", c.tree, c.pid, name, ls)
+			}
 		}
 	}
 }
@@ -264,5 +308,52 @@ func TestMemoryCgroupOutsideOurNamespace(t *testing.T) {
 	}
 	if v, ok := st.Latest("cgroup_memory_usage_bytes", nil); !ok || strconv.FormatFloat(v.V, 'f', -1, 64) != strings.TrimSpace(string(want)) {
 		t.Errorf("usage %v (%v), want %s", v.V, ok, want)
+	}
+}
+
+// A real busy loop under a real 0.2-core quota in a v1 cpu cgroup, left
+// at the root of the separate cpuacct hierarchy (this host's layout when
+// only cpu is delegated): the collector must not take the root's
+// cpuacct.usage (the whole host's) as the cgroup's, and the rule says the
+// usage is unknown instead of "it used 1.4 cores (698% of the limit)".
+func TestCPUCgroupRealOutsideCPUAcct(t *testing.T) {
+	pid := startCPUChild(t, "while :; do :; done")
+	testenv.CPUCgroupOutsideCPUAcct(t, 0.2, pid)
+	hostUsage := func() float64 {
+		v, err := readNumber("/sys/fs/cgroup/cpuacct/cpuacct.usage")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v / 1e9
+	}
+	st := signals.New(64, 100)
+	start, host0 := time.Now(), hostUsage()
+	collectFor(t, pid, st, 2*time.Second)
+	hostCores := (hostUsage() - host0) / time.Since(start).Seconds()
+
+	info := st.Select("cgroup_cpu_info")
+	if len(info) != 1 || info[0].Get("usage") != "unknown_root" {
+		t.Fatalf("cgroup_cpu_info %v, want usage=unknown_root", info)
+	}
+	if _, ok := st.Latest("cgroup_cpu_usage_seconds_total", nil); ok {
+		t.Fatal("the root's cpuacct.usage reported as the cgroup's usage")
+	}
+	if th := counterGrowth(st, "cgroup_cpu_throttled_periods_total"); th <= 0 {
+		t.Fatalf("a busy loop under 0.2 cores was not throttled")
+	}
+	r := rules.NewCPUThrottling(rules.CPUThrottlingOptions{Window: 2 * time.Second})
+	obs := r.Evaluate(rules.Window{Store: st, Now: time.Now()})
+	if len(obs) != 1 {
+		t.Fatalf("rule: %+v", obs)
+	}
+	o := obs[0]
+	t.Logf("the host used %.2f cores meanwhile (what the root's counter says)\n%s\n%s\n%s", hostCores, o.Title, o.RootCause, o.Remediation)
+	if !strings.Contains(o.RootCause, "its CPU usage is unknown: the target is at the root of the cpuacct hierarchy") || strings.Contains(o.RootCause, "it used") || strings.Contains(o.RootCause, "of the limit)") {
+		t.Errorf("root cause: %s", o.RootCause)
+	}
+	for _, e := range o.Evidence {
+		if e.Signal == "cgroup_cpu_usage_seconds_total" {
+			t.Errorf("usage evidence %+v", e)
+		}
 	}
 }

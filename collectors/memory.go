@@ -113,9 +113,14 @@ func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *
 
 	pidDir := filepath.Join(c.procRoot, strconv.Itoa(tgt.PID))
 	if b, err := readProcFile(&c.buf, filepath.Join(pidDir, "smaps_rollup")); err == nil {
+		// A line the kernel did not write is unknown, not 0 bytes.
 		kb := parseKBLines(b, "Pss", "Swap")
-		store.Put(pssDesc, nil, kb["Pss"], now)
-		store.Put(swapDesc, nil, kb["Swap"], now)
+		if v, ok := kb["Pss"]; ok {
+			store.Put(pssDesc, nil, v, now)
+		}
+		if v, ok := kb["Swap"]; ok {
+			store.Put(swapDesc, nil, v, now)
+		}
 	}
 	// Context switches are per thread: sum them, over at most maxThreads.
 	var vol, nonvol float64

@@ -51,7 +51,10 @@ type CPUThrottlingOptions struct {
 // threads; a pool of N busy threads spends it in period/N and then every
 // thread waits for the next period. Average CPU stays at or below the
 // limit while requests stall for tens of milliseconds.
-type CPUThrottling struct{ o CPUThrottlingOptions }
+type CPUThrottling struct {
+	o CPUThrottlingOptions
+	h hysteresis
+}
 
 func NewCPUThrottling(o CPUThrottlingOptions) *CPUThrottling {
 	if o.Window <= 0 {
@@ -76,51 +79,80 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 	if !fresh(last, ok) || !fresh(quota, okq) || quota.V <= 0 {
 		return nil // no quota: nothing can throttle this cgroup itself
 	}
+	// Throttling that began inside the window, after a quiet time, is
+	// counted from where it began: the quiet periods before it would
+	// dilute the share and the usage. Throttling that only changed pace
+	// inside the window is counted over the whole window, which is what
+	// the numbers then say.
 	from := now.Add(-r.o.Window)
-	periods := st.Increase("cgroup_cpu_periods_total", nil, from)
-	throttled := st.Increase("cgroup_cpu_throttled_periods_total", nil, from)
-	if periods <= 0 || throttled < r.o.MinThrottledPeriods {
+	base, span := from, coveredSpan(st.Range("cgroup_cpu_periods_total", nil, time.Time{}), from)
+	began := time.Time{}
+	thr := cumulative(st.Range("cgroup_cpu_throttled_periods_total", nil, from))
+	if g, ok := growthOf(thr); ok && !g.sinceStart && g.rate > 0 {
+		f := g.from()
+		if quiet := f.V - thr[0].V; quiet < 1 {
+			// Just after the sample the growth is counted from, so that
+			// it is Increase's baseline: the counts are from it on, and
+			// so is the time.
+			began, base, span = f.T, f.T.Add(time.Nanosecond), g.last.T.Sub(f.T)
+		}
+	}
+	over := "over the last " + duration(span)
+	if !began.IsZero() {
+		over = "since " + began.Format("15:04:05") + " (" + duration(span) + ")"
+	}
+	periods := st.Increase("cgroup_cpu_periods_total", nil, base)
+	throttled := st.Increase("cgroup_cpu_throttled_periods_total", nil, base)
+	ratio := 0.0
+	if periods > 0 {
+		ratio = min(throttled/periods, 1)
+	}
+	if !r.h.hold("throttled", now,
+		periods > 0 && throttled >= r.o.MinThrottledPeriods && ratio >= r.o.MinThrottledRatio,
+		periods > 0 && throttled >= r.o.MinThrottledPeriods/2 && ratio >= 0.75*r.o.MinThrottledRatio) {
 		return nil
 	}
-	ratio := min(throttled/periods, 1)
-	if ratio < r.o.MinThrottledRatio {
-		return nil
-	}
-	span := coveredSpan(st.Range("cgroup_cpu_periods_total", nil, time.Time{}), from)
+	path, usageFrom := cpuCgroupInfo(st)
 	rate := func(name string) (float64, bool) {
-		if _, ok := st.Latest(name, nil); !ok || span <= 0 {
+		if s, ok := st.Latest(name, nil); !fresh(s, ok) || span <= 0 {
 			return 0, false
 		}
-		return st.Increase(name, nil, from) / span.Seconds(), true
+		return st.Increase(name, nil, base) / span.Seconds(), true
 	}
-	over := r.o.Window // what the numbers cover: less while the series is young
-	if span > 0 && span < over {
-		over = span
+	// Usage only from the cgroup's own counter: never a root's (the
+	// host's), nor another group's.
+	usage, haveUsage := 0.0, false
+	if !strings.HasPrefix(usageFrom, "unknown") {
+		usage, haveUsage = rate("cgroup_cpu_usage_seconds_total")
 	}
-	usage, haveUsage := rate("cgroup_cpu_usage_seconds_total")
 	waited, haveWaited := rate("cgroup_cpu_throttled_seconds_total")
-	path := cpuCgroupPath(st)
-	q := fmtCores(quota.V)
+	q := quotaCores(quota.V)
 
 	ev := []Evidence{
-		{Signal: cpuRatioSignal, Value: ratio, Threshold: r.o.MinThrottledRatio, Unit: "ratio", Window: r.o.Window, Note: "share of CFS periods that ended throttled"},
-		{Signal: "cgroup_cpu_throttled_periods_total", Value: throttled, Threshold: r.o.MinThrottledPeriods, Unit: "periods", Window: r.o.Window, Note: "periods in which the quota ran out"},
-		{Signal: "cgroup_cpu_periods_total", Value: periods, Unit: "periods", Window: r.o.Window, Note: "periods with runnable tasks"},
+		{Signal: cpuRatioSignal, Value: ratio, Threshold: r.o.MinThrottledRatio, Unit: "ratio", Window: span, Note: "share of CFS periods that ended throttled"},
+		{Signal: "cgroup_cpu_throttled_periods_total", Value: throttled, Threshold: r.o.MinThrottledPeriods, Unit: "periods", Window: span, Note: "periods in which the quota ran out"},
+		{Signal: "cgroup_cpu_periods_total", Value: periods, Unit: "periods", Window: span, Note: "periods with runnable tasks"},
 		{Signal: "cgroup_cpu_quota_cores", Value: quota.V, Unit: "cores", Note: "CFS quota / period"},
 	}
 	var rc strings.Builder
-	fmt.Fprintf(&rc, "a CPU limit of %s cores (CFS quota) throttled the cgroup in %.0f%% of its periods", q, 100*ratio)
+	fmt.Fprintf(&rc, "a CPU limit of %s (CFS quota) throttled the cgroup in %s of its periods %s", q, percent(ratio), over)
 	if haveUsage {
-		ev = append(ev, Evidence{Signal: "cgroup_cpu_usage_seconds_total", Value: usage, Threshold: quota.V, Unit: "cores", Window: r.o.Window, Note: "CPU seconds used per second"})
-		fmt.Fprintf(&rc, "; it used %s cores over the last %s (%.0f%% of the limit)", fmtCores(usage), fmtDur(over), 100*usage/quota.V)
+		ev = append(ev, Evidence{Signal: "cgroup_cpu_usage_seconds_total", Value: usage, Threshold: quota.V, Unit: "cores", Window: span, Note: "CPU seconds used per second"})
+		fmt.Fprintf(&rc, "; it used %s (%s of the limit)", cores(usage), percent(usage/quota.V))
+	} else {
+		rc.WriteString("; " + unknownUsage(usageFrom))
 	}
 	if haveWaited {
-		ev = append(ev, Evidence{Signal: "cgroup_cpu_throttled_seconds_total", Value: waited, Unit: "s/s", Window: r.o.Window, Note: "time runnable tasks were held back, summed over CPUs"})
-		fmt.Fprintf(&rc, "; its tasks were held back %.2f s per second", waited)
+		ev = append(ev, Evidence{Signal: "cgroup_cpu_throttled_seconds_total", Value: waited, Unit: "s/s", Window: span, Note: "time runnable tasks were held back, summed over CPUs"})
+		fmt.Fprintf(&rc, "; its tasks were held back %s s per second, summed over CPUs", strconv.FormatFloat(math.Round(waited*100)/100, 'f', -1, 64))
 	}
 	if runnable, ok := st.Latest("process_threads", signals.L("state", "R")); fresh(runnable, ok) && runnable.V > 0 {
-		ev = append(ev, Evidence{Signal: `process_threads{state="R"}`, Value: runnable.V, Threshold: quota.V, Unit: "threads", Note: "threads runnable at once (run queue) against the quota"})
-		fmt.Fprintf(&rc, "; %.0f threads were runnable at once for %s cores", runnable.V, q)
+		ev = append(ev, Evidence{Signal: `process_threads{state="R"}`, Value: runnable.V, Threshold: quota.V, Unit: "threads", Note: "threads of the target runnable at the last sample, against the quota"})
+		verb := "were"
+		if runnable.V == 1 {
+			verb = "was"
+		}
+		fmt.Fprintf(&rc, "; %s of the target %s runnable at the last sample, for %s", count(runnable.V, "thread", ""), verb, q)
 	}
 	for _, typ := range []string{"some", "full"} {
 		p, ok := st.Latest("cgroup_cpu_pressure_avg10_ratio", signals.L("type", typ))
@@ -129,7 +161,7 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 		}
 		ev = append(ev, Evidence{Signal: `cgroup_cpu_pressure_avg10_ratio{type="` + typ + `"}`, Value: p.V, Unit: "ratio", Window: 10 * time.Second, Note: "PSI: share of time tasks waited for a CPU"})
 		if typ == "some" && p.V > 0 {
-			fmt.Fprintf(&rc, "; CPU pressure (PSI some): tasks waited for a CPU %.0f%% of the last 10 s", 100*p.V)
+			fmt.Fprintf(&rc, "; CPU pressure (PSI some): tasks waited for a CPU %s of the last 10 s", percent(p.V))
 		}
 	}
 	if haveUsage && usage < cpuBurstyUsage*quota.V {
@@ -137,18 +169,22 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 	}
 
 	sev := SeverityWarning
-	if ratio >= cpuCriticalRatio {
+	if r.h.hold("critical", now, ratio >= cpuCriticalRatio, ratio >= 0.9*cpuCriticalRatio) {
 		sev = SeverityCritical
 	}
 	workers := max(1, int(math.Ceil(quota.V)))
-	observed := ""
+	observed := " The cgroup's own CPU usage is unknown here, so compare the limit with the service's usage measured elsewhere."
 	if haveUsage {
-		observed = fmt.Sprintf(" Observed %s cores against a %s-core limit.", fmtCores(usage), q)
+		observed = fmt.Sprintf(" Observed %s against a %s limit.", cores(usage), quotaNum(quota.V)+"-core")
 	}
-	fix := "Raise the CPU limit above the observed usage (or remove it and keep requests), or request whole cores; " +
+	fix := "Raise the CPU limit above the service's usage (or remove it and keep requests), or request whole cores; " +
 		"with a runtime that sizes its worker pool from the host's CPUs, set the worker count to the quota" +
 		fmt.Sprintf(" (%d: GOMAXPROCS=%d for Go before 1.25, which does not read the quota; TOKIO_WORKER_THREADS=%d or Builder::worker_threads for Tokio).", workers, workers, workers) +
 		observed
+	wait := "the next period (100 ms by default)"
+	if p, ok := st.Latest("cgroup_cpu_period_seconds", nil); fresh(p, ok) && p.V > 0 {
+		wait = "the next period (" + duration(time.Duration(p.V*float64(time.Second))) + ")"
+	}
 	key := path
 	if key == "" {
 		key = "cgroup"
@@ -156,16 +192,28 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 	return []Observation{{
 		Key:         key,
 		Cause:       CauseCPUQuotaThrottled,
-		Title:       fmt.Sprintf("CPU throttled in %.0f%% of periods by a %s-core limit", 100*ratio, q),
-		Symptom:     fmt.Sprintf("the cgroup was throttled in %.0f of %.0f CFS periods over the last %s: each time, its runnable threads wait for the next period (100 ms by default), which shows as latency spikes", throttled, periods, fmtDur(over)),
+		Title:       fmt.Sprintf("CPU throttled in %s of periods by a %s limit", percent(ratio), quotaNum(quota.V)+"-core"),
+		Symptom:     fmt.Sprintf("the cgroup was throttled in %s of %s %s: each time, its runnable threads wait for %s, which shows as latency spikes", num(throttled), count(periods, "CFS period", ""), over, wait),
 		RootCause:   rc.String(),
 		Severity:    sev,
 		Confidence:  0.9,
 		Evidence:    ev,
-		Artifacts:   []Artifact{{Kind: "cgroup", Value: path, Detail: "CPU quota " + q + " cores"}},
+		Artifacts:   []Artifact{{Kind: "cgroup", Value: path, Detail: "CPU quota " + q}},
 		Remediation: fix,
 		Labels:      map[string]string{"cgroup": path},
 	}}
+}
+
+// unknownUsage says why the cgroup's CPU usage is not given, from the
+// usage label of cgroup_cpu_info.
+func unknownUsage(from string) string {
+	switch from {
+	case "unknown_root":
+		return "its CPU usage is unknown: the target is at the root of the cpuacct hierarchy, whose counter is the whole host's"
+	case "unknown_other_cgroup":
+		return "its CPU usage is unknown: cpuacct counts the target in another cgroup than the one the quota limits"
+	}
+	return "its CPU usage is unknown: the cgroup has no usage counter"
 }
 
 // coveredSpan is the time Store.Increase(from) covers for these samples
@@ -185,21 +233,31 @@ func coveredSpan(s []signals.Sample, from time.Time) time.Duration {
 	return s[len(s)-1].T.Sub(s[base].T)
 }
 
-// cpuCgroupPath is the path label of the newest cgroup_cpu_info series.
-func cpuCgroupPath(st *signals.Store) string {
-	path, newest := "", time.Time{}
+// cpuCgroupInfo is the path and usage labels of the newest
+// cgroup_cpu_info series.
+func cpuCgroupInfo(st *signals.Store) (path, usage string) {
+	newest := time.Time{}
 	for _, ls := range st.Select("cgroup_cpu_info") {
 		if s, ok := st.Latest("cgroup_cpu_info", ls); ok && s.T.After(newest) {
-			path, newest = ls.Get("path"), s.T
+			path, usage, newest = ls.Get("path"), ls.Get("usage"), s.T
 		}
 	}
-	return path
+	return path, usage
 }
 
-// fmtCores prints cores with the precision a quota has: 0.2, 1.5, 2.
-func fmtCores(c float64) string {
+// quotaNum prints a quota with the precision it has: 0.25, 1.5, 2 (num
+// would round 0.25 to 0.2).
+func quotaNum(c float64) string {
 	if c >= 10 {
 		return strconv.FormatFloat(c, 'f', 0, 64)
 	}
 	return strconv.FormatFloat(math.Round(c*100)/100, 'f', -1, 64)
+}
+
+// quotaCores is a quota in words: "0.25 cores", "1 core".
+func quotaCores(c float64) string {
+	if s := quotaNum(c); s != "1" {
+		return s + " cores"
+	}
+	return "1 core"
 }

@@ -69,7 +69,7 @@ func TestCPUThrottlingFiresOnThrottledQuota(t *testing.T) {
 	if o.Cause != CauseCPUQuotaThrottled || o.Severity != SeverityCritical || o.Labels["cgroup"] != "/kubepods/pod1/app" || o.Key != "/kubepods/pod1/app" {
 		t.Fatalf("cause %s severity %s labels %v key %s", o.Cause, o.Severity, o.Labels, o.Key)
 	}
-	for _, want := range []string{"0.2 cores", "90% of its periods", "used 0.2 cores over the last 10s", "held back 0.72 s per second", "8 threads were runnable", "PSI some", "42%"} {
+	for _, want := range []string{"0.2 cores", "90% of its periods over the last 11 s", "used 0.2 cores (100% of the limit)", "held back 0.72 s per second", "8 threads of the target were runnable", "PSI some", "42%"} {
 		if !strings.Contains(o.RootCause, want) {
 			t.Errorf("root cause lacks %q: %s", want, o.RootCause)
 		}
@@ -78,7 +78,7 @@ func TestCPUThrottlingFiresOnThrottledQuota(t *testing.T) {
 		t.Errorf("usage at the quota called bursty: %s", o.RootCause)
 	}
 	for _, want := range []string{
-		"Raise the CPU limit above the observed usage (or remove it and keep requests), or request whole cores; with a runtime that sizes its worker pool from the host's CPUs, set the worker count to the quota",
+		"Raise the CPU limit above the service's usage (or remove it and keep requests), or request whole cores; with a runtime that sizes its worker pool from the host's CPUs, set the worker count to the quota",
 		"GOMAXPROCS=1", "TOKIO_WORKER_THREADS=1", "Observed 0.2 cores against a 0.2-core limit",
 	} {
 		if !strings.Contains(o.Remediation, want) {
@@ -114,7 +114,8 @@ func TestCPUThrottlingFiresOnThrottledQuota(t *testing.T) {
 			t.Errorf("evidence %s = %v (threshold %v, %s), want %v (threshold %v, %s)", c.signal, e.Value, e.Threshold, e.Unit, c.value, c.threshold, c.unit)
 		}
 	}
-	if e := ev[cpuRatioSignal]; e.Window != 10*time.Second {
+	// The numbers cover 11 s: the baseline is the sample before the window.
+	if e := ev[cpuRatioSignal]; e.Window != 11*time.Second {
 		t.Errorf("ratio window %s", e.Window)
 	}
 }
@@ -189,5 +190,120 @@ func TestCoveredSpan(t *testing.T) {
 	}
 	if coveredSpan(nil, t0) != 0 {
 		t.Error("empty")
+	}
+}
+
+// Throttling that began 5 s ago in a 10 s window: the share and the
+// usage are those since it began, not diluted by the quiet periods
+// before, and the text says since when.
+func TestCPUThrottlingFromItsOnset(t *testing.T) {
+	now := time.Unix(5000, 0)
+	st := signals.New(600, 1000)
+	series(st, dCPUInfo, signals.L("version", "1", "path", "/app", "usage", "cpuacct"), now, constant(1))
+	series(st, dCPUQuota, nil, now, constant(0.5))
+	series(st, dCPUPeriods, nil, now, perSecond(10))
+	onset := func(perSec float64) func(time.Duration) float64 {
+		return func(age time.Duration) float64 { return 100 + perSec*max(0, 5-age.Seconds()) }
+	}
+	series(st, dCPUThrottled, nil, now, onset(9))
+	series(st, dCPUUsage, nil, now, func(age time.Duration) float64 {
+		return 1000 - 0.05*age.Seconds() + 0.45*max(0, 5-age.Seconds()) // 0.05 cores, then 0.5
+	})
+	obs := cpuRule().Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 {
+		t.Fatalf("got %d observations", len(obs))
+	}
+	o := obs[0]
+	t.Logf("%s\n%s\n%s", o.Title, o.Symptom, o.RootCause)
+	since := "since " + now.Add(-5*time.Second).Format("15:04:05") + " (5 s)"
+	for _, want := range []string{"90% of its periods " + since, "used 0.5 cores (100% of the limit)"} {
+		if !strings.Contains(o.RootCause, want) {
+			t.Errorf("root cause lacks %q: %s", want, o.RootCause)
+		}
+	}
+	if !strings.Contains(o.Symptom, "45 of 50 CFS periods "+since) || !strings.Contains(o.Title, "90% of periods") {
+		t.Errorf("symptom/title: %s / %s", o.Symptom, o.Title)
+	}
+	// What the window average would have said.
+	if w := st.Increase("cgroup_cpu_throttled_periods_total", nil, now.Add(-10*time.Second)) / st.Increase("cgroup_cpu_periods_total", nil, now.Add(-10*time.Second)); w > 0.5 {
+		t.Fatalf("window share %v: the case does not dilute", w)
+	}
+}
+
+// The cpu cgroup has a quota but cpuacct holds the target at its root:
+// the usage series (here the host's 1.4 cores) must not be used, and the
+// text says the usage is unknown.
+func TestCPUThrottlingUsageUnknownAtTheRoot(t *testing.T) {
+	now := time.Unix(5000, 0)
+	for _, from := range []string{"unknown_root", "unknown_other_cgroup", "unknown_missing"} {
+		st := cpuStore(now, 0.2, 9, 1.4)
+		st.Forget("cgroup_cpu_info", func(signals.Labels) bool { return false })
+		series(st, dCPUInfo, signals.L("version", "1", "path", "/app", "usage", from), now, constant(1))
+		obs := cpuRule().Evaluate(Window{Store: st, Now: now})
+		if len(obs) != 1 {
+			t.Fatalf("%s: got %d observations", from, len(obs))
+		}
+		o := obs[0]
+		text := o.Title + o.Symptom + o.RootCause + o.Remediation
+		if strings.Contains(text, "1.4") || strings.Contains(text, "700%") || strings.Contains(o.RootCause, "used") || strings.Contains(text, "bursts") {
+			t.Errorf("%s: a usage that is not the cgroup's: %s / %s", from, o.RootCause, o.Remediation)
+		}
+		if !strings.Contains(o.RootCause, "its CPU usage is unknown") || !strings.Contains(o.Remediation, "usage is unknown here") {
+			t.Errorf("%s: does not say the usage is unknown: %s", from, o.RootCause)
+		}
+		for _, e := range o.Evidence {
+			if e.Signal == "cgroup_cpu_usage_seconds_total" {
+				t.Errorf("%s: usage evidence %+v", from, e)
+			}
+		}
+		if from == "unknown_root" && !strings.Contains(o.RootCause, "root of the cpuacct hierarchy") {
+			t.Errorf("does not say why: %s", o.RootCause)
+		}
+	}
+}
+
+// A share of throttled periods hovering at the threshold does not make
+// the finding come and go: once on, it stays on above 3/4 of it.
+func TestCPUThrottlingHysteresis(t *testing.T) {
+	r := cpuRule()
+	start := time.Unix(5000, 0)
+	st := signals.New(600, 1000)
+	var periods, throttled float64
+	seen := 0
+	for i := 0; i <= 60; i++ {
+		now := start.Add(time.Duration(i) * time.Second)
+		periods += 10
+		// 2 or 1.8 of 10 periods throttled, alternating every 5 s: at
+		// and just under the 20% threshold.
+		if (i/5)%2 == 0 {
+			throttled += 2.2
+		} else {
+			throttled += 1.8
+		}
+		st.Put(dCPUPeriods, nil, periods, now)
+		st.Put(dCPUThrottled, nil, throttled, now)
+		st.Put(dCPUQuota, nil, 1, now)
+		obs := r.Evaluate(Window{Store: st, Now: now})
+		if i >= 12 && len(obs) == 0 && seen > 0 {
+			t.Fatalf("second %d: the finding went away at a share just under the threshold", i)
+		}
+		seen += len(obs)
+	}
+	if seen == 0 {
+		t.Fatal("never fired")
+	}
+	// Well under it, it ends.
+	for i := 61; i <= 90; i++ {
+		now := start.Add(time.Duration(i) * time.Second)
+		periods += 10
+		throttled += 0.5
+		st.Put(dCPUPeriods, nil, periods, now)
+		st.Put(dCPUThrottled, nil, throttled, now)
+		st.Put(dCPUQuota, nil, 1, now)
+		if i == 90 {
+			if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+				t.Fatalf("5%% throttled still raised %s", obs[0].RootCause)
+			}
+		}
 	}
 }

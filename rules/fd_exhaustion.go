@@ -17,22 +17,28 @@ const (
 
 // FDExhaustionOptions ([rules.fd_exhaustion] in agent.conf).
 type FDExhaustionOptions struct {
-	Window      time.Duration `toml:"window" range:"[10s,24h]"`        // growth is judged over this window
+	Window      time.Duration `toml:"window" range:"[10s,24h]"`         // where growth began is looked for within this window
 	NearRatio   float64       `toml:"near_ratio" range:"(0,1]"`         // open/soft limit at or above this is "near"
-	MinIncrease float64       `toml:"min_increase" range:"[1,1000000]"` // FDs gained over Window before growth counts
-	Steady      float64       `toml:"steady" range:"(0,1]"`             // share of samples that did not go down
-	Horizon     time.Duration `toml:"horizon" range:"[1m,720h]"`       // forecasts further out than this stay silent
+	MinIncrease float64       `toml:"min_increase" range:"[1,1000000]"` // FDs gained since the growth began before it counts
+	Steady      float64       `toml:"steady" range:"(0,1]"`             // share of the growth's samples that did not go down
+	Horizon     time.Duration `toml:"horizon" range:"[1m,720h]"`        // forecasts further out than this stay silent
+	// MinDuration: growth must have lasted this long to be a leak, so a
+	// burst of new connections is not one.
+	MinDuration time.Duration `toml:"min_duration" range:"[0s,1h]"`
 }
 
 // DefaultFDExhaustionOptions are the defaults agent.conf documents.
 func DefaultFDExhaustionOptions() FDExhaustionOptions {
-	return FDExhaustionOptions{Window: time.Minute, NearRatio: 0.8, MinIncrease: 20, Steady: 0.8, Horizon: time.Hour}
+	return FDExhaustionOptions{Window: time.Minute, NearRatio: 0.8, MinIncrease: 20, Steady: 0.8, Horizon: time.Hour, MinDuration: 10 * time.Second}
 }
 
 // FDExhaustion warns before the process hits RLIMIT_NOFILE (seed 000,
 // "Container and OS-Level Hardening"): accept() then fails with EMFILE and
 // the service stops taking connections while looking healthy.
-type FDExhaustion struct{ o FDExhaustionOptions }
+type FDExhaustion struct {
+	o FDExhaustionOptions
+	h hysteresis
+}
 
 func NewFDExhaustion(o FDExhaustionOptions) *FDExhaustion { return &FDExhaustion{o: o} }
 
@@ -40,101 +46,147 @@ func (*FDExhaustion) Name() string { return "fd_exhaustion" }
 
 var fdKinds = []string{"socket", "file", "pipe", "anon_eventfd", "anon_eventpoll", "anon_timerfd", "anon_inotify", "anon_other", "other"}
 
+// fdStale: the fds collector runs every collect.interval (1 s); a sample
+// older than this is not the present.
+const fdStale = 3 * time.Second
+
 func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
-	open, ok := st.Latest("process_fds_open", nil)
-	limit, okl := st.Latest("process_fd_limit", signals.L("type", "soft"))
-	if !ok || !okl || limit.V <= 0 || now.Sub(open.T) > 3*time.Second {
+	open, ok := freshLatest(st, "process_fds_open", nil, now, fdStale)
+	limit, okl := freshLatest(st, "process_fd_limit", signals.L("type", "soft"), now, fdStale)
+	if !ok || !okl || limit.V <= 0 {
 		return nil
 	}
-	from := now.Add(-r.o.Window)
-	tr, haveTrend := trendOf(st.Range("process_fds_open", nil, from))
-	growing := haveTrend && tr.increase >= r.o.MinIncrease && tr.steady >= r.o.Steady && tr.span() >= r.o.Window/2
+	// A leak is growth that is happening now, measured from where it
+	// began: a series that rose once and stays flat near the limit is
+	// near the limit, not leaking.
+	g, haveG := growthOf(st.Range("process_fds_open", nil, now.Add(-r.o.Window)))
+	long := haveG && g.duration() >= r.o.MinDuration && g.rate > 0
+	leaking := r.h.hold("leak", now,
+		long && g.current && g.increase >= r.o.MinIncrease && g.steady >= r.o.Steady,
+		long && g.rising && g.increase >= r.o.MinIncrease && g.steady >= r.o.Steady-0.1)
 	eta, etaOK := time.Duration(0), false
-	if growing {
-		eta, etaOK = tr.until(limit.V)
+	if leaking {
+		eta, etaOK = g.until(limit.V)
 	}
-	near := open.V/limit.V >= r.o.NearRatio
-	if !near && !(growing && etaOK && eta <= r.o.Horizon) {
+	share := open.V / limit.V
+	near := r.h.hold("near", now, share >= r.o.NearRatio, share >= r.o.NearRatio*releaseBand)
+	soon := r.h.hold("soon", now, leaking && etaOK && eta <= r.o.Horizon, leaking && etaOK && eta <= r.o.Horizon*5/4)
+	if !near && !soon {
 		return nil
 	}
 
-	// Which kind grows (or, near the limit without growth, dominates).
-	type kindGrowth struct {
-		kind        string
-		now, growth float64
+	// By kind: which grew since the growth began or, without growth, which
+	// holds the most.
+	type kindCount struct {
+		kind      string
+		now, grew float64
 	}
-	var kinds []kindGrowth
+	var kinds []kindCount
 	for _, k := range fdKinds {
 		ls := signals.L("kind", k)
-		cur, ok := st.Latest("process_open_fds", ls)
+		cur, ok := freshLatest(st, "process_open_fds", ls, now, fdStale)
 		if !ok {
 			continue
 		}
-		g := 0.0
-		if s := st.Range("process_open_fds", ls, from); len(s) > 0 {
-			g = cur.V - s[0].V
+		kc := kindCount{kind: k, now: cur.V}
+		if leaking {
+			if s := st.Range("process_open_fds", ls, g.from().T); len(s) > 0 {
+				kc.grew = cur.V - s[0].V
+			}
 		}
-		kinds = append(kinds, kindGrowth{k, cur.V, g})
+		kinds = append(kinds, kc)
 	}
-	sort.Slice(kinds, func(i, j int) bool {
-		if growing && kinds[i].growth != kinds[j].growth {
-			return kinds[i].growth > kinds[j].growth
+	sort.SliceStable(kinds, func(i, j int) bool {
+		if leaking && kinds[i].grew != kinds[j].grew {
+			return kinds[i].grew > kinds[j].grew
 		}
 		return kinds[i].now > kinds[j].now
 	})
 	culprit := "unknown"
-	detail := ""
 	var arts []Artifact
-	if len(kinds) > 0 {
-		culprit = kinds[0].kind
-		for _, k := range kinds {
-			if k.now > 0 {
-				arts = append(arts, Artifact{Kind: "fd_kind", Value: k.kind, Detail: fmt.Sprintf("%.0f open, %+.0f in %s", k.now, k.growth, fmtDur(r.o.Window))})
-			}
+	for _, k := range kinds {
+		if k.now <= 0 && k.grew == 0 {
+			continue
 		}
+		d := num(k.now) + " open"
+		if leaking {
+			d += fmt.Sprintf(", %s since the growth began", signed(k.grew))
+		}
+		arts = append(arts, Artifact{Kind: "fd_kind", Value: k.kind, Detail: d})
 	}
+	// The culprit must be what grew (or, near the limit, what is held):
+	// a kind that did not grow is not named as the leak.
+	if len(kinds) > 0 && (kinds[0].grew > 0 || (!leaking && kinds[0].now > 0)) {
+		culprit = kinds[0].kind
+	}
+	detail := ""
 	if culprit == "socket" {
-		detail = socketStateDetail(st, from)
+		since := time.Time{}
+		if leaking {
+			since = g.from().T
+		}
+		detail = socketStateDetail(st, now, since)
 	}
 
 	ev := []Evidence{
 		{Signal: "process_fds_open", Value: open.V, Threshold: r.o.NearRatio * limit.V, Unit: "fds", Note: "open file descriptors"},
 		{Signal: `process_fd_limit{type="soft"}`, Value: limit.V, Unit: "fds", Note: "RLIMIT_NOFILE soft limit"},
 	}
-	if haveTrend {
-		ev = append(ev, Evidence{Signal: "process_fds_open", Value: tr.slope * 60, Threshold: r.o.MinIncrease / r.o.Window.Minutes(), Unit: "fds/min", Window: tr.span(), Note: fmt.Sprintf("growth, %.0f%% of samples rising or flat", 100*tr.steady)})
-	}
 	cause, sev := CauseFDNearLimit, SeverityWarning
-	if open.V/limit.V >= 0.95 {
+	if r.h.hold("critical-share", now, share >= 0.95, share >= 0.95*releaseBand) {
 		sev = SeverityCritical
 	}
 	var rc strings.Builder
-	fmt.Fprintf(&rc, "%.0f of %.0f file descriptors open (%.0f%% of RLIMIT_NOFILE)", open.V, limit.V, 100*open.V/limit.V)
-	if growing {
+	fmt.Fprintf(&rc, "%s of %s file descriptors open (%s of RLIMIT_NOFILE)", num(open.V), num(limit.V), percent(share))
+	if leaking {
 		cause = CauseFDLeak
-		fmt.Fprintf(&rc, " and rising steadily by %.1f/min, mostly %s", tr.slope*60, kindWord(culprit))
+		ev = append(ev,
+			Evidence{Signal: "process_fds_open", Value: g.rate * 60, Unit: "fds/min", Window: g.duration(),
+				Note: fmt.Sprintf("rate since the growth began (least squares over its %s); %s of them rising or flat", count(float64(g.n), "sample", ""), percent(g.steady))},
+			Evidence{Signal: "process_fds_open", Value: g.increase, Threshold: r.o.MinIncrease, Unit: "fds", Window: g.duration(), Note: "opened since the growth began"})
+		fmt.Fprintf(&rc, " and rising by %s %s, %s", rate(g.rate), g.over(), signed(g.increase))
+		if culprit != "unknown" {
+			fmt.Fprintf(&rc, " (%s of them %s)", signed(kinds[0].grew), kindWord(culprit))
+		}
 		if etaOK {
-			fmt.Fprintf(&rc, "; at this rate the limit is hit in %s", fmtDur(eta))
-			if eta < 10*time.Minute {
+			if eta == 0 {
+				rc.WriteString("; the limit is reached")
+			} else {
+				fmt.Fprintf(&rc, "; at this rate the limit is hit in %s", duration(eta))
+			}
+			if r.h.hold("critical-eta", now, eta < 10*time.Minute, eta < 12*time.Minute) {
 				sev = SeverityCritical
 			}
 		}
 	} else {
-		fmt.Fprintf(&rc, ", mostly %s", kindWord(culprit))
+		rc.WriteString(", near the limit, without steady growth now")
+		if culprit != "unknown" {
+			k := kinds[0]
+			word := "the most are"
+			if k.now > open.V/2 {
+				word = "mostly"
+			}
+			fmt.Fprintf(&rc, "; %s %s (%s)", word, kindWord(culprit), num(k.now))
+		}
 	}
 	if detail != "" {
 		rc.WriteString("; " + detail)
 	}
 	fix := "Raise RLIMIT_NOFILE (ulimit -n, or the container runtime's nofile limit) to cover peak listeners + connections + files + epoll instances"
-	if growing {
+	title := "file descriptors near the limit: " + num(open.V) + " of " + num(limit.V)
+	if leaking {
 		fix = fixForKind(culprit, detail) + " Raising the limit only buys time."
+		title = fmt.Sprintf("file descriptors leaking: %s, heading for the limit", rate(g.rate))
+		if culprit != "unknown" {
+			title = fmt.Sprintf("file descriptors leaking: %s %s, heading for the limit", rate(g.rate), strings.ReplaceAll(kindWord(culprit), "descriptors", "FDs"))
+		}
 	}
 	return []Observation{{
 		Key:         "process",
 		Cause:       cause,
-		Title:       fmt.Sprintf("file descriptors heading for the limit: %s", strings.ReplaceAll(kindWord(culprit), "descriptors", "FDs")),
-		Symptom:     fmt.Sprintf("%.0f of %.0f file descriptors in use; at the limit accept() and open() fail with EMFILE", open.V, limit.V),
+		Title:       title,
+		Symptom:     fmt.Sprintf("%s of %s file descriptors in use; at the limit accept() and open() fail with EMFILE", num(open.V), num(limit.V)),
 		RootCause:   rc.String(),
 		Severity:    sev,
 		Confidence:  0.85,
@@ -145,27 +197,43 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	}}
 }
 
-// socketStateDetail says which TCP state the target's sockets pile up in;
-// CLOSE_WAIT growing means the app never closes sockets its peers closed.
-func socketStateDetail(st *signals.Store, from time.Time) string {
+// signed is a change with its sign: "+600", "-3", "0".
+func signed(x float64) string {
+	if x > 0 {
+		return "+" + num(x)
+	}
+	return num(x)
+}
+
+// socketStateDetail says in which TCP state the target's sockets pile up:
+// with since set, the state that grew since then (CLOSE_WAIT growing
+// means the app never closes sockets its peers closed); otherwise the
+// state holding the most. These are TCP sockets only: socket descriptors
+// also count UNIX and UDP ones.
+func socketStateDetail(st *signals.Store, now, since time.Time) string {
 	best, bestG, bestN := "", 0.0, 0.0
 	for _, ls := range st.Select("process_tcp_sockets") {
-		cur, ok := st.Latest("process_tcp_sockets", ls)
+		cur, ok := freshLatest(st, "process_tcp_sockets", ls, now, fdStale)
 		if !ok {
 			continue
 		}
 		g := 0.0
-		if s := st.Range("process_tcp_sockets", ls, from); len(s) > 0 {
+		if s := st.Range("process_tcp_sockets", ls, since); !since.IsZero() && len(s) > 0 {
 			g = cur.V - s[0].V
 		}
 		if g > bestG || (g == bestG && cur.V > bestN) {
 			best, bestG, bestN = ls.Get("state"), g, cur.V
 		}
 	}
-	if best == "" {
+	switch {
+	case best == "" || bestN == 0:
 		return ""
+	case bestG > 0:
+		return fmt.Sprintf("the TCP sockets that grow are in %s (%s, %s)", best, num(bestN), signed(bestG))
+	case since.IsZero():
+		return fmt.Sprintf("most of its TCP sockets are in %s (%s)", best, num(bestN))
 	}
-	return fmt.Sprintf("the sockets that grow are in %s (%.0f, %+.0f)", best, bestN, bestG)
+	return "" // growing, but not in TCP sockets: UNIX or UDP ones
 }
 
 func kindWord(kind string) string {
@@ -184,7 +252,7 @@ func kindWord(kind string) string {
 
 func fixForKind(kind, detail string) string {
 	switch {
-	case kind == "socket" && strings.Contains(detail, "CLOSE_WAIT"):
+	case kind == "socket" && strings.Contains(detail, "grow are in CLOSE_WAIT"):
 		return "Sockets the peer closed are never closed by the app: close (drop) the connection when a read returns EOF, and on every error path."
 	case kind == "socket":
 		return "Sockets are opened and never closed: reuse connections through one pooled client per upstream and close response bodies."

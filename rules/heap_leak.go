@@ -34,10 +34,13 @@ type HeapHistory interface {
 
 // HeapLeakOptions ([rules.heap_leak]).
 type HeapLeakOptions struct {
-	Window    time.Duration `toml:"window" range:"[10s,24h]"`
-	MinGrowth float64       `toml:"min_growth_bytes" range:"[1,1e15]"` // bytes over Window
-	Steady    float64       `toml:"steady" range:"(0,1]"`
+	Window    time.Duration `toml:"window" range:"[10s,24h]"`          // where growth began is looked for within this window
+	MinGrowth float64       `toml:"min_growth_bytes" range:"[1,1e15]"` // bytes gained since the growth began
+	Steady    float64       `toml:"steady" range:"(0,1]"`              // share of the growth's samples that did not go down
 	TopSites  int           `toml:"top_sites" range:"[1,100]"`
+	// MinDuration: growth must have lasted this long to be a leak, so a
+	// cache warming up after a deploy is not one.
+	MinDuration time.Duration `toml:"min_duration" range:"[0s,24h]"`
 	// HeapFresh: a heap sample older than this is not "now" (three
 	// pprof.interval, set by New).
 	HeapFresh time.Duration `toml:"-"`
@@ -45,7 +48,7 @@ type HeapLeakOptions struct {
 
 // DefaultHeapLeakOptions are the defaults agent.conf documents.
 func DefaultHeapLeakOptions() HeapLeakOptions {
-	return HeapLeakOptions{Window: 2 * time.Minute, MinGrowth: 32 << 20, Steady: 0.7, TopSites: 5}
+	return HeapLeakOptions{Window: 2 * time.Minute, MinGrowth: 32 << 20, Steady: 0.7, TopSites: 5, MinDuration: 30 * time.Second}
 }
 
 // HeapLeak names a live heap that grows across windows (seed 000 Problem
@@ -54,6 +57,7 @@ func DefaultHeapLeakOptions() HeapLeakOptions {
 // heap side is unknown instead of calling it a leak.
 type HeapLeak struct {
 	o HeapLeakOptions
+	h hysteresis
 }
 
 // NewHeapLeak returns the rule; it reads heap profiles from Window.Heap,
@@ -64,24 +68,43 @@ func NewHeapLeak(o HeapLeakOptions) *HeapLeak {
 
 func (*HeapLeak) Name() string { return "heap_leak" }
 
+// minSiteShare: allocation sites after the first are named only when
+// they grew by at least this share of the heap's growth.
+const minSiteShare = 0.01
+
+// leaking says whether g is a leak by the options: present, steady growth
+// of at least MinGrowth that has lasted MinDuration. Once it was, it stays
+// one while the growth still rises, at a little less.
+func (r *HeapLeak) leaking(g growth, ok bool, now time.Time, name string) bool {
+	long := ok && g.duration() >= r.o.MinDuration && g.rate > 0
+	return r.h.hold(name, now,
+		long && g.current && g.increase >= r.o.MinGrowth && g.steady >= r.o.Steady,
+		long && g.rising && g.increase >= 0.8*r.o.MinGrowth && g.steady >= r.o.Steady-0.1)
+}
+
 func (r *HeapLeak) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
 	h := heapOf(st, now, r.o.Window, r.o.HeapFresh)
 	if !h.Known {
 		return r.rssOnly(w)
 	}
-	if !h.Trendy || h.Trend.increase < r.o.MinGrowth || h.Trend.steady < r.o.Steady || h.Trend.span() < r.o.Window/2 {
+	g := h.Growth
+	if !r.leaking(g, h.HasGrowth, now, "heap") {
 		return nil
 	}
+	perMin := fmtBytes(g.rate*60) + "/min"
 	ev := []Evidence{
 		{Signal: "heap_inuse_bytes", Value: h.Inuse, Unit: "bytes", Note: "live heap now"},
-		{Signal: "heap_inuse_bytes", Value: h.Trend.increase, Threshold: r.o.MinGrowth, Unit: "bytes", Window: h.Trend.span(),
-			Note: fmt.Sprintf("growth, %.0f%% of profiles rising or flat", 100*h.Trend.steady)},
+		{Signal: "heap_inuse_bytes", Value: g.increase, Threshold: r.o.MinGrowth, Unit: "bytes", Window: g.duration(),
+			Note: fmt.Sprintf("growth since it began; %s of the %s since rising or flat", percent(g.steady), count(float64(g.n), "profile", ""))},
+		{Signal: "heap_inuse_bytes", Value: g.rate * 60, Unit: "bytes/min", Window: g.duration(), Note: "rate since the growth began (least squares)"},
 	}
 	var arts []Artifact
 	where := "the heap profiles could not be diffed"
 	if w.Heap != nil {
-		sites, older, newer, err := w.Heap.GrowthSince(now.Add(-r.o.Window), r.o.TopSites)
+		// The profiles from where the growth began: older ones would mix
+		// in what changed before it.
+		sites, older, newer, err := w.Heap.GrowthSince(g.from().T, r.o.TopSites)
 		switch {
 		case err != nil:
 			where = "the heap profiles could not be diffed: " + err.Error()
@@ -89,13 +112,19 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 			where = "no allocation site grew between the profiles"
 		default:
 			var names []string
-			for _, s := range sites {
-				if s.Bytes <= 0 {
+			for i, s := range sites {
+				// A site that grew by a sliver of the growth (the
+				// runtime's own bookkeeping) is not where it is.
+				if s.Bytes <= 0 || (i > 0 && float64(s.Bytes) < minSiteShare*g.increase) {
 					continue
 				}
 				loc := fmt.Sprintf("%s:%d", s.File, s.Line)
-				arts = append(arts, Artifact{Kind: "frame", Value: s.Function, Detail: fmt.Sprintf("%s +%s (+%d objects)", loc, fmtBytes(float64(s.Bytes)), s.Objects)})
+				arts = append(arts, Artifact{Kind: "frame", Value: s.Function, Detail: fmt.Sprintf("%s +%s (%s)", loc, fmtBytes(float64(s.Bytes)), count(float64(s.Objects), "more object", "more objects"))})
 				names = append(names, fmt.Sprintf("%s (%s, +%s)", s.Function, loc, fmtBytes(float64(s.Bytes))))
+			}
+			if len(names) == 0 {
+				where = "no allocation site grew between the profiles"
+				break
 			}
 			where = fmt.Sprintf("between the heap profiles of %s and %s the growth is in %s",
 				older.Format("15:04:05"), newer.Format("15:04:05"), strings.Join(names, ", "))
@@ -104,9 +133,9 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 	return []Observation{{
 		Key:         "process",
 		Cause:       CauseHeapLeak,
-		Title:       fmt.Sprintf("live heap growing: +%s in %s", fmtBytes(h.Trend.increase), fmtDur(h.Trend.span())),
-		Symptom:     fmt.Sprintf("the live heap grew from %s to %s and does not come back down", fmtBytes(h.Trend.first.V), fmtBytes(h.Inuse)),
-		RootCause:   fmt.Sprintf("memory the app still references keeps growing (%s/min): %s", fmtBytes(h.Trend.slope*60), where),
+		Title:       fmt.Sprintf("live heap growing by %s %s", perMin, g.over()),
+		Symptom:     fmt.Sprintf("the live heap grew from %s to %s %s and still grows", fmtBytes(g.from().V), fmtBytes(h.Inuse), g.since()),
+		RootCause:   fmt.Sprintf("memory the app still references keeps growing (+%s, %s): %s", fmtBytes(g.increase), perMin, where),
 		Severity:    SeverityWarning,
 		Confidence:  0.8,
 		Evidence:    ev,
@@ -122,21 +151,27 @@ var rssAnon = signals.L("kind", "anon")
 
 func (r *HeapLeak) rssOnly(w Window) []Observation {
 	st, now := w.Store, w.Now
-	s := st.Range("process_memory_rss_bytes", rssAnon, now.Add(-r.o.Window))
-	tr, ok := trendOf(s)
-	if !ok || tr.increase < r.o.MinGrowth || tr.steady < r.o.Steady || tr.span() < r.o.Window/2 {
+	if _, ok := freshLatest(st, "process_memory_rss_bytes", rssAnon, now, fdStale); !ok {
 		return nil
 	}
+	g, ok := growthOf(st.Range("process_memory_rss_bytes", rssAnon, now.Add(-r.o.Window)))
+	if !r.leaking(g, ok, now, "rss") {
+		return nil
+	}
+	perMin := fmtBytes(g.rate*60) + "/min"
 	return []Observation{{
 		Key:   "process",
 		Cause: CauseRSSGrowthNoHeap,
-		Title: fmt.Sprintf("anonymous memory growing: +%s in %s (heap unknown)", fmtBytes(tr.increase), fmtDur(tr.span())),
-		Symptom: fmt.Sprintf("anonymous RSS grew from %s to %s steadily",
-			fmtBytes(tr.first.V), fmtBytes(tr.last.V)),
-		RootCause: "the process's anonymous memory grows steadily; without a heap profile culprit cannot tell a leak from allocator retention",
+		Title: fmt.Sprintf("anonymous memory growing by %s %s (heap unknown)", perMin, g.over()),
+		Symptom: fmt.Sprintf("anonymous RSS grew from %s to %s %s and still grows",
+			fmtBytes(g.from().V), fmtBytes(g.last.V), g.since()),
+		RootCause: fmt.Sprintf("the process's anonymous memory grows steadily (+%s, %s); without a heap profile culprit cannot tell a leak from allocator retention", fmtBytes(g.increase), perMin),
 		Severity:  SeverityInfo,
-		Evidence: []Evidence{{Signal: `process_memory_rss_bytes{kind="anon"}`, Value: tr.increase, Threshold: r.o.MinGrowth, Unit: "bytes", Window: tr.span(),
-			Note: fmt.Sprintf("%.0f%% of samples rising or flat", 100*tr.steady)}},
+		Evidence: []Evidence{
+			{Signal: `process_memory_rss_bytes{kind="anon"}`, Value: g.increase, Threshold: r.o.MinGrowth, Unit: "bytes", Window: g.duration(),
+				Note: fmt.Sprintf("growth since it began; %s of the %s since rising or flat", percent(g.steady), count(float64(g.n), "sample", ""))},
+			{Signal: `process_memory_rss_bytes{kind="anon"}`, Value: g.rate * 60, Unit: "bytes/min", Window: g.duration(), Note: "rate since the growth began (least squares)"},
+		},
 		Confidence:  0.5,
 		Remediation: "Expose a heap profile (Go: net/http/pprof; Rust: pprof-rs or jemalloc's prof) and set pprof.heap_url so culprit can name the allocation sites.",
 		Labels:      map[string]string{},

@@ -10,10 +10,17 @@ import (
 // is false without a fresh heap profile; rules then say "heap unknown"
 // rather than guess (issue 3).
 type heapView struct {
-	Known  bool
-	Inuse  float64
-	Trend  trend
-	Trendy bool
+	Known bool
+	Inuse float64
+	// Growth is the heap's present regime (growthOf), HasGrowth false
+	// with too few profiles in the window.
+	Growth    growth
+	HasGrowth bool
+	// Change is the heap's change from the oldest profile of the window
+	// to the newest, over Span; HasChange false with fewer than two.
+	Change    float64
+	Span      time.Duration
+	HasChange bool
 }
 
 func heapOf(st *signals.Store, now time.Time, window, fresh time.Duration) heapView {
@@ -22,8 +29,22 @@ func heapOf(st *signals.Store, now time.Time, window, fresh time.Duration) heapV
 		return heapView{}
 	}
 	h := heapView{Known: true, Inuse: last.V}
-	h.Trend, h.Trendy = trendOf(st.Range("heap_inuse_bytes", nil, now.Add(-window)))
+	s := st.Range("heap_inuse_bytes", nil, now.Add(-window))
+	h.Growth, h.HasGrowth = growthOf(s)
+	if len(s) >= 2 {
+		h.Change, h.Span, h.HasChange = s[len(s)-1].V-s[0].V, s[len(s)-1].T.Sub(s[0].T), true
+	}
 	return h
+}
+
+// freshLatest is the newest sample of a series when it is no older than
+// maxAge at now: an older one describes the past, not the present.
+func freshLatest(st *signals.Store, name string, ls signals.Labels, now time.Time, maxAge time.Duration) (signals.Sample, bool) {
+	s, ok := st.Latest(name, ls)
+	if !ok || now.Sub(s.T) > maxAge {
+		return signals.Sample{}, false
+	}
+	return s, true
 }
 
 // goAndNativeFix is the allocator advice of seed 000 Problem C, for both

@@ -19,9 +19,9 @@ const (
 
 // OOMAheadOptions ([rules.oom_ahead]).
 type OOMAheadOptions struct {
-	NearRatio float64       `toml:"near_ratio" range:"(0,1]"`  // usage/limit at or above this is near
-	Window    time.Duration `toml:"window" range:"[10s,24h]"` // oom_kill events this recent count
-	HeapFresh time.Duration `toml:"-"`                         // set by New
+	NearRatio float64       `toml:"near_ratio" range:"(0,1]"` // usage/limit at or above this is near
+	Window    time.Duration `toml:"window" range:"[10s,24h]"` // oom_kill events this recent count; usage growth is looked for over it
+	HeapFresh time.Duration `toml:"-"`                        // set by New
 }
 
 // DefaultOOMAheadOptions are the defaults agent.conf documents.
@@ -33,7 +33,10 @@ func DefaultOOMAheadOptions() OOMAheadOptions {
 // Problem C: "pod evictions & OOMKills") and says which part of memory
 // fills it, because the fix differs: a leak, allocator retention, or page
 // cache the kernel would reclaim anyway.
-type OOMAhead struct{ o OOMAheadOptions }
+type OOMAhead struct {
+	o OOMAheadOptions
+	h hysteresis
+}
 
 func NewOOMAhead(o OOMAheadOptions) *OOMAhead { return &OOMAhead{o: o} }
 
@@ -41,56 +44,88 @@ func (*OOMAhead) Name() string { return "oom_ahead" }
 
 func (r *OOMAhead) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
-	usage, ok := st.Latest("cgroup_memory_usage_bytes", nil)
-	limit, okl := st.Latest("cgroup_memory_limit_bytes", nil)
-	if !ok || now.Sub(usage.T) > 3*time.Second {
+	usage, ok := freshLatest(st, "cgroup_memory_usage_bytes", nil, now, fdStale)
+	if !ok {
 		return nil
 	}
+	limit, okl := freshLatest(st, "cgroup_memory_limit_bytes", nil, now, fdStale)
+	okl = okl && limit.V > 0
 	kills := st.Increase("cgroup_memory_events_total", signals.L("event", "oom_kill"), now.Add(-r.o.Window))
-	near := okl && limit.V > 0 && usage.V/limit.V >= r.o.NearRatio
+	share := 0.0
+	if okl {
+		share = usage.V / limit.V
+	}
+	near := r.h.hold("near", now, okl && share >= r.o.NearRatio, okl && share >= r.o.NearRatio*releaseBand)
 	if !near && kills == 0 {
 		return nil
 	}
-	stat := func(kind string) float64 {
-		s, _ := st.Latest("cgroup_memory_stat_bytes", signals.L("kind", kind))
-		return s.V
+	// What fills it, from memory.stat when it was read with the usage: a
+	// kind the cgroup did not report is unknown, not zero.
+	stat := func(kind string) (float64, bool) {
+		s, ok := st.Latest("cgroup_memory_stat_bytes", signals.L("kind", kind))
+		if !ok || s.T.Before(usage.T.Add(-fdStale)) {
+			return 0, false
+		}
+		return s.V, true
 	}
-	anon, file := stat("anon"), stat("file")
+	anon, okAnon := stat("anon")
+	file, okFile := stat("file")
 	h := heapOf(st, now, r.o.Window, r.o.HeapFresh)
 
 	cause := CauseOOMAnon
 	var parts []string
-	parts = append(parts, fmt.Sprintf("anonymous %s", fmtBytes(anon)), fmt.Sprintf("page cache %s", fmtBytes(file)))
+	bytesOr := func(v float64, ok bool) string {
+		if !ok {
+			return "unknown"
+		}
+		return fmtBytes(v)
+	}
+	parts = append(parts, "anonymous "+bytesOr(anon, okAnon), "page cache "+bytesOr(file, okFile))
 	switch {
-	case file > anon:
+	case okAnon && okFile && file > anon:
 		cause = CauseOOMPageCache
-	case h.Known && h.Inuse >= anon/2:
+	case okAnon && h.Known && h.Inuse >= anon/2:
 		cause = CauseOOMHeap
-	case h.Known:
+	case okAnon && h.Known:
 		cause = CauseOOMRetention
 	}
-	if h.Known {
-		parts = append(parts, fmt.Sprintf("of which live heap %s and %s held by the allocator beyond it", fmtBytes(h.Inuse), fmtBytes(max(anon-h.Inuse, 0))))
-	} else {
+	switch {
+	case h.Known && okAnon:
+		// The heap is the target's; anon is the whole cgroup's, so what
+		// is beyond the heap is the allocator's and everything else's.
+		parts = append(parts, fmt.Sprintf("of the anonymous memory the target's live heap is %s and %s is beyond it (held by the allocator, or stacks and other processes' memory)", fmtBytes(h.Inuse), fmtBytes(max(anon-h.Inuse, 0))))
+	case h.Known:
+		parts = append(parts, "the target's live heap is "+fmtBytes(h.Inuse))
+	default:
 		parts = append(parts, "live heap unknown (no heap profile source: set pprof.heap_url)")
 	}
-	ev := []Evidence{
-		{Signal: "cgroup_memory_usage_bytes", Value: usage.V, Unit: "bytes"},
-		{Signal: `cgroup_memory_stat_bytes{kind="anon"}`, Value: anon, Unit: "bytes"},
-		{Signal: `cgroup_memory_stat_bytes{kind="file"}`, Value: file, Unit: "bytes"},
+	ev := []Evidence{{Signal: "cgroup_memory_usage_bytes", Value: usage.V, Unit: "bytes"}}
+	if okAnon {
+		ev = append(ev, Evidence{Signal: `cgroup_memory_stat_bytes{kind="anon"}`, Value: anon, Unit: "bytes"})
 	}
-	var title, symptom string
+	if okFile {
+		ev = append(ev, Evidence{Signal: `cgroup_memory_stat_bytes{kind="file"}`, Value: file, Unit: "bytes"})
+	}
+	var title, symptom, forecast string
 	sev := SeverityWarning
-	if okl && limit.V > 0 {
+	if okl {
 		ev = append(ev, Evidence{Signal: "cgroup_memory_limit_bytes", Value: limit.V, Threshold: r.o.NearRatio * limit.V, Unit: "bytes"})
-		symptom = fmt.Sprintf("the cgroup uses %s of its %s limit (%.0f%%)", fmtBytes(usage.V), fmtBytes(limit.V), 100*usage.V/limit.V)
-		title = fmt.Sprintf("memory at %.0f%% of the cgroup limit: OOM kill ahead", 100*usage.V/limit.V)
+		symptom = fmt.Sprintf("the cgroup uses %s of its %s limit (%s)", fmtBytes(usage.V), fmtBytes(limit.V), percent(share))
+		title = fmt.Sprintf("memory at %s of the cgroup limit: OOM kill ahead", percent(share))
+		// A forecast only from growth that is happening now, at its own
+		// rate since it began.
+		if g, ok := growthOf(st.Range("cgroup_memory_usage_bytes", nil, now.Add(-r.o.Window))); ok && g.current {
+			if eta, ok := g.until(limit.V); ok && eta > 0 {
+				forecast = fmt.Sprintf("; usage grows by %s/min %s: at this rate the limit is reached in %s", fmtBytes(g.rate*60), g.over(), duration(eta))
+				ev = append(ev, Evidence{Signal: "cgroup_memory_usage_bytes", Value: g.rate * 60, Unit: "bytes/min", Window: g.duration(), Note: "growth rate since it began (least squares)"})
+			}
+		}
 	}
 	if kills > 0 {
 		sev = SeverityCritical
 		ev = append(ev, Evidence{Signal: `cgroup_memory_events_total{event="oom_kill"}`, Value: kills, Unit: "kills", Window: r.o.Window})
-		title = fmt.Sprintf("%.0f OOM kills in the cgroup in the last %s", kills, fmtDur(r.o.Window))
-		symptom = strings.TrimSpace(fmt.Sprintf("the kernel OOM-killed %.0f processes; %s", kills, symptom))
+		title = fmt.Sprintf("%s in the cgroup in the last %s", count(kills, "OOM kill", ""), duration(r.o.Window))
+		symptom = strings.TrimSuffix(fmt.Sprintf("the kernel OOM-killed %s; %s", count(kills, "process", "processes"), symptom), "; ")
 		if !near {
 			cause = CauseOOMKilled
 		}
@@ -106,7 +141,7 @@ func (r *OOMAhead) Evaluate(w Window) []Observation {
 		Key:         "cgroup",
 		Cause:       cause,
 		Title:       title,
-		Symptom:     symptom,
+		Symptom:     symptom + forecast,
 		RootCause:   fmt.Sprintf("what fills it: %s", strings.Join(parts, ", ")),
 		Severity:    sev,
 		Confidence:  0.8,

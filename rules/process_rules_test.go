@@ -138,7 +138,7 @@ func TestOOMAheadSaysWhatFillsIt(t *testing.T) {
 	}
 	series(st, dHeap, nil, now, constant(4<<20))
 	obs = oomRule().Evaluate(Window{Store: st, Now: now})
-	if len(obs) != 1 || obs[0].Cause != CauseOOMRetention || !strings.Contains(obs[0].RootCause, "106 MiB held by the allocator") {
+	if len(obs) != 1 || obs[0].Cause != CauseOOMRetention || !strings.Contains(obs[0].RootCause, "live heap is 4 MiB and 106 MiB is beyond it (held by the allocator") {
 		t.Fatalf("with heap: %+v", obs)
 	}
 }
@@ -156,5 +156,219 @@ func TestOOMAheadSilentWithHeadroomAndReportsKills(t *testing.T) {
 	obs := oomRule().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseOOMKilled || obs[0].Severity != SeverityCritical {
 		t.Fatalf("oom kill: %+v", obs)
+	}
+}
+
+// ramp is flat at base until onset ago, then rises by perSec.
+func ramp(base, perSec float64, onset time.Duration) func(time.Duration) float64 {
+	return func(age time.Duration) float64 { return base + perSec*max(0, (onset-age).Seconds()) }
+}
+
+// FDs quiet for 45 s, then leaking 40/s for 15 s (the leaker's real
+// shape, and the case reported at a seventh of its rate): the rate is
+// 40/s from where it began, the growth is named with its kind, and the
+// forecast is from the present rate.
+func TestFDLeakRateFromItsOnset(t *testing.T) {
+	now := time.Unix(5000, 0)
+	st := fdStore(now, ramp(30, 40, 15*time.Second), constant(10), constant(0))
+	series(st, dFDKind, signals.L("kind", "pipe"), now, ramp(4, 40, 15*time.Second))
+	series(st, dFDLimit, signals.L("type", "soft"), now, constant(20000))
+	r := NewFDExhaustion(FDExhaustionOptions{Window: time.Minute, NearRatio: 0.8, MinIncrease: 20, Steady: 0.8, Horizon: time.Hour, MinDuration: 10 * time.Second})
+	obs := r.Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 {
+		t.Fatalf("got %d observations", len(obs))
+	}
+	o := obs[0]
+	t.Logf("%s\n%s", o.Title, o.RootCause)
+	since := now.Add(-15 * time.Second).Format("15:04:05")
+	for _, want := range []string{"630 of 20000", "rising by 40/s for 15 s (since " + since + "), +600 (+600 of them pipe descriptors)", "limit is hit in 8m4s"} {
+		if !strings.Contains(o.RootCause, want) {
+			t.Errorf("root cause lacks %q: %s", want, o.RootCause)
+		}
+	}
+	if o.Cause != CauseFDLeak || !strings.Contains(o.Title, "40/s pipe FDs") || !strings.Contains(o.Remediation, "Pipes leak") {
+		t.Errorf("%s: %s / %s", o.Cause, o.Title, o.Remediation)
+	}
+	var rate *Evidence
+	for i, e := range o.Evidence {
+		if e.Unit == "fds/min" {
+			rate = &o.Evidence[i]
+		}
+	}
+	if rate == nil || rate.Value != 2400 || rate.Window != 15*time.Second {
+		t.Errorf("rate evidence %+v, want 2400 fds/min over 15s", rate)
+	}
+	// Not yet MinDuration into the leak: nothing (a burst is not a leak).
+	st = fdStore(now, ramp(30, 40, 8*time.Second), constant(10), constant(0))
+	series(st, dFDLimit, signals.L("type", "soft"), now, constant(20000))
+	r = NewFDExhaustion(r.o)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("8 s into the growth: %s", obs[0].RootCause)
+	}
+}
+
+// FDs opened at once and then flat at 106 of 128 for 45 s: near the
+// limit, never "rising" and never "hit in" (the old whole-window fit said
+// "rising steadily by 177.7/min, limit hit in 7.4s" here).
+func TestFDFlatNearLimitIsNotALeak(t *testing.T) {
+	now := time.Unix(5000, 0)
+	step := func(age time.Duration) float64 {
+		if age > 45*time.Second {
+			return 10
+		}
+		return 106
+	}
+	st := fdStore(now, step, constant(2), constant(0))
+	series(st, dFDKind, signals.L("kind", "pipe"), now, func(a time.Duration) float64 { return step(a) - 16 })
+	series(st, dFDLimit, signals.L("type", "soft"), now, constant(128))
+	r := NewFDExhaustion(DefaultFDExhaustionOptions())
+	obs := r.Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 {
+		t.Fatalf("got %d observations", len(obs))
+	}
+	o := obs[0]
+	t.Logf("%s\n%s", o.Title, o.RootCause)
+	if o.Cause != CauseFDNearLimit || !strings.Contains(o.RootCause, "near the limit") || !strings.Contains(o.RootCause, "mostly pipe descriptors (90)") {
+		t.Fatalf("%s: %s", o.Cause, o.RootCause)
+	}
+	for _, bad := range []string{"rising", "hit in", "leak"} {
+		if strings.Contains(o.Title+o.RootCause, bad) {
+			t.Errorf("says %q of flat FDs: %s / %s", bad, o.Title, o.RootCause)
+		}
+	}
+	if tr, _ := trendOf(st.Range("process_fds_open", nil, now.Add(-time.Minute))); tr.slope <= 0 {
+		t.Fatalf("the case does not reproduce the old fit: %v", tr.slope)
+	}
+}
+
+// A count hovering at near_ratio keeps one finding open instead of one
+// per crossing; far under it, the finding ends.
+func TestFDNearLimitHysteresis(t *testing.T) {
+	r := NewFDExhaustion(DefaultFDExhaustionOptions())
+	start := time.Unix(5000, 0)
+	st := signals.New(600, 1000)
+	on := 0
+	for i := 0; i < 40; i++ {
+		now := start.Add(time.Duration(i) * time.Second)
+		v := 102.0 // 0.797 of 128, under 0.8
+		if i%3 == 0 {
+			v = 103 // 0.805
+		}
+		st.Put(dFDs, nil, v, now)
+		st.Put(dFDLimit, signals.L("type", "soft"), 128, now)
+		obs := r.Evaluate(Window{Store: st, Now: now})
+		if len(obs) == 0 && on > 0 {
+			t.Fatalf("second %d: gone at %v of 128", i, v)
+		}
+		on += len(obs)
+	}
+	now := start.Add(41 * time.Second)
+	st.Put(dFDs, nil, 90, now)
+	st.Put(dFDLimit, signals.L("type", "soft"), 128, now)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Fatalf("90 of 128 still near: %s", obs[0].RootCause)
+	}
+}
+
+// Heap flat for 40 s, then leaking 8 MiB/s: the rule says 480 MiB/min
+// since the onset and diffs the profiles from there.
+func TestHeapLeakRateFromItsOnset(t *testing.T) {
+	now := time.Unix(5000, 0)
+	st := signals.New(600, 1000)
+	series(st, dHeap, nil, now, ramp(100<<20, 8<<20, 20*time.Second))
+	h := &recordingHistory{fixedHistory: fixedHistory{sites: []AllocSite{{Function: "main.leak", File: "/src/main.go", Line: 7, Bytes: 160 << 20, Objects: 1}}, older: now.Add(-20 * time.Second), newer: now}}
+	r := NewHeapLeak(HeapLeakOptions{Window: time.Minute, MinGrowth: 32 << 20, Steady: 0.7, TopSites: 3, MinDuration: 10 * time.Second, HeapFresh: 30 * time.Second})
+	obs := r.Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Heap: h}})
+	if len(obs) != 1 {
+		t.Fatalf("got %d observations", len(obs))
+	}
+	o := obs[0]
+	t.Logf("%s\n%s\n%s", o.Title, o.Symptom, o.RootCause)
+	since := now.Add(-20 * time.Second).Format("15:04:05")
+	if o.Title != "live heap growing by 480 MiB/min for 20 s (since "+since+")" ||
+		!strings.Contains(o.Symptom, "from 100 MiB to 260 MiB since "+since+" (20 s)") ||
+		!strings.Contains(o.RootCause, "(+160 MiB, 480 MiB/min)") || !strings.Contains(o.RootCause, "main.leak (/src/main.go:7, +160 MiB)") {
+		t.Errorf("%s / %s / %s", o.Title, o.Symptom, o.RootCause)
+	}
+	if !h.from.Equal(now.Add(-20 * time.Second)) {
+		t.Errorf("profiles diffed from %s, want the onset %s", h.from, now.Add(-20*time.Second))
+	}
+	if strings.Contains(o.Artifacts[0].Detail, "1 more objects") {
+		t.Errorf("plural: %s", o.Artifacts[0].Detail)
+	}
+}
+
+type recordingHistory struct {
+	fixedHistory
+	from time.Time
+}
+
+func (h *recordingHistory) GrowthSince(from time.Time, top int) ([]AllocSite, time.Time, time.Time, error) {
+	h.from = from
+	return h.fixedHistory.GrowthSince(from, top)
+}
+
+// A heap that grew and stopped is not leaking now.
+func TestHeapLeakSilentAfterGrowthStopped(t *testing.T) {
+	now := time.Unix(5000, 0)
+	st := signals.New(600, 1000)
+	series(st, dHeap, nil, now, func(age time.Duration) float64 {
+		return float64(100<<20) + float64(4<<20)*min(60-age.Seconds(), 40) // grew for 40 s, flat 20 s
+	})
+	if obs := evalHeap(nil, st, now); len(obs) != 0 {
+		t.Fatalf("a heap flat for 20 s raised %s", obs[0].RootCause)
+	}
+}
+
+// Memory rules say unknown for what they did not read: no "RSS 0 B", no
+// "page cache 0 B".
+func TestMemoryRulesSayUnknown(t *testing.T) {
+	now := time.Unix(5000, 0)
+	st := signals.New(600, 1000)
+	series(st, dRSSKind, signals.L("kind", "anon"), now, constant(600<<20))
+	series(st, dHeap, nil, now, constant(80<<20))
+	obs := rssRule().Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || strings.Contains(obs[0].Symptom, "0 B") || !strings.Contains(obs[0].RootCause, "heap is flat (changed by 0 B over the last 30 s)") {
+		t.Fatalf("without process_resident_memory_bytes: %+v", obs)
+	}
+	st = signals.New(600, 1000)
+	series(st, dCGUsage, nil, now, constant(120<<20))
+	series(st, dCGLimit, nil, now, constant(128<<20))
+	obs = oomRule().Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || !strings.Contains(obs[0].RootCause, "anonymous unknown, page cache unknown") || obs[0].Cause != CauseOOMAnon {
+		t.Fatalf("without memory.stat: %+v", obs)
+	}
+}
+
+// Usage climbing toward the limit: the forecast is from the climb's rate
+// since it began.
+func TestOOMAheadForecastsFromTheOnset(t *testing.T) {
+	now := time.Unix(5000, 0)
+	st := signals.New(600, 1000)
+	series(st, dCGUsage, nil, now, ramp(100<<20, 1<<20, 20*time.Second)) // 120 MiB now, +1 MiB/s
+	series(st, dCGLimit, nil, now, constant(130<<20))
+	series(st, dCGStat, signals.L("kind", "anon"), now, constant(110<<20))
+	series(st, dCGStat, signals.L("kind", "file"), now, constant(8<<20))
+	obs := oomRule().Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || !strings.Contains(obs[0].Symptom, "usage grows by 60 MiB/min for 20 s") || !strings.Contains(obs[0].Symptom, "limit is reached in 10 s") {
+		t.Fatalf("%+v", obs)
+	}
+}
+
+// Kills are counted in words that agree with their number.
+func TestOOMAheadOneKill(t *testing.T) {
+	now := time.Unix(5000, 0)
+	st := signals.New(600, 1000)
+	series(st, dCGUsage, nil, now, constant(40<<20))
+	series(st, dCGLimit, nil, now, constant(128<<20))
+	series(st, dCGEvents, signals.L("event", "oom_kill"), now, func(a time.Duration) float64 {
+		if a < 5*time.Second {
+			return 1
+		}
+		return 0
+	})
+	obs := oomRule().Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || !strings.HasPrefix(obs[0].Title, "1 OOM kill in the cgroup in the last 30 s") || !strings.Contains(obs[0].Symptom, "OOM-killed 1 process;") {
+		t.Fatalf("%+v", obs)
 	}
 }

@@ -3,14 +3,18 @@ package rules
 import (
 	"math"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
 )
 
 // trend summarises a gauge over a window: how much it grew, how steadily,
-// and at what rate. Leak rules need "steadily" as much as "grew": a busy
-// service's FDs or heap go up and down; a leak's only go up.
+// and at what rate, by least squares over every sample. It averages over
+// the whole window, quiet time included, so it is right only for a series
+// that behaved the same throughout; leak and limit rules use growthOf,
+// which measures from where the growth began.
 type trend struct {
 	first, last signals.Sample
 	n           int
@@ -25,43 +29,346 @@ func trendOf(s []signals.Sample) (trend, bool) {
 	}
 	t := trend{first: s[0], last: s[len(s)-1], n: len(s)}
 	t.increase = t.last.V - t.first.V
-	up := 0
-	for i := 1; i < len(s); i++ {
-		if s[i].V >= s[i-1].V {
-			up++
-		}
-	}
-	t.steady = float64(up) / float64(len(s)-1)
-	// Least squares on (seconds since first, value).
-	var sx, sy, sxx, sxy float64
-	for _, x := range s {
-		dx := x.T.Sub(t.first.T).Seconds()
-		sx += dx
-		sy += x.V
-		sxx += dx * dx
-		sxy += dx * x.V
-	}
-	n := float64(len(s))
-	if den := n*sxx - sx*sx; den > 0 {
-		t.slope = (n*sxy - sx*sy) / den
-	}
+	t.steady = steadyShare(s)
+	t.slope = slopeOf(s)
 	return t, true
 }
 
 // span is the time the samples cover.
 func (t trend) span() time.Duration { return t.last.T.Sub(t.first.T) }
 
-// until returns how long until the value reaches limit at the current
-// slope, or false when it is not growing.
-func (t trend) until(limit float64) (time.Duration, bool) {
-	if t.slope <= 0 || limit <= t.last.V {
-		return 0, t.slope > 0 && limit <= t.last.V
+// growth is the present growth of a gauge, measured from where it began.
+// A leak that starts after a quiet hour must be reported at its own rate,
+// not at the hour's average, and a series that rose once and then stayed
+// flat near a limit is not growing at all. So the series is cut at its
+// change points (where its slope changed) and only the last regime, the
+// one the series is in now, is fitted.
+type growth struct {
+	// base is the last sample before the present regime, at the old
+	// level: what the growth is counted from (the whole series' first
+	// sample when sinceStart). last is the newest sample.
+	base, last signals.Sample
+	first      signals.Sample // the regime's first sample
+	// start is when the growth began: where the regime's line meets the
+	// old level, between base and the regime's first fitted sample (base's
+	// time when sinceStart).
+	start    time.Time
+	n        int     // samples in the regime
+	rate     float64 // per second, least squares over the regime only
+	increase float64 // last - from()
+	steady   float64 // share of the regime's steps that did not go down
+	// current: the newest quarter of the regime (at least 3 samples) rose
+	// at no less than half the regime's rate: the growth is present, so a
+	// forecast from it means something. rising is the looser "it still
+	// rose at all", which is what keeps an open finding open.
+	current, rising bool
+	// sinceStart: no change point was found, the regime spans every
+	// sample given: it began at or before the first of them.
+	sinceStart bool
+	// young: the newest few samples (fewer than minSegment) already
+	// broke from the regime: a change too recent to be fitted. The
+	// regime's rate is then not the present one, so it is not current.
+	young bool
+}
+
+// Change points are looked for only where the regime has minSegment
+// samples (3 steps, so one noisy step is no trend). Before it one sample
+// is enough: a leak that began just after the window's first sample must
+// not be blended with it (seen: a fifth off when 2 quiet samples were
+// left in the window); a split there that noise alone suggests only drops
+// a sample or two from the fit, and the penalty below makes it rare.
+const (
+	minBefore  = 1
+	minSegment = 4
+	maxRegimes = 4 // change points looked for at most, newest regime last
+	bicPenalty = 6
+)
+
+// growthOf measures the regime a series is in now (see growth). It needs
+// minSegment samples.
+func growthOf(s []signals.Sample) (growth, bool) {
+	if len(s) < minSegment {
+		return growth{}, false
 	}
-	secs := (limit - t.last.V) / t.slope
+	k := lastRegime(s)
+	seg := s[k:]
+	n := len(seg)
+	g := growth{base: s[max(k-1, 0)], first: seg[0], last: seg[n-1], start: s[0].T, n: n, sinceStart: k == 0}
+	// The regime's first sample may still be at the old level (the split
+	// is ambiguous by one sample): fitting through it would blend up to
+	// one quiet interval into the rate (a quarter of it, seen on 6 heap
+	// profiles). So after a change point the rate is fitted on the rest,
+	// and the start is where that line meets the old level.
+	fit := seg
+	if k > 0 && n > minSegment {
+		fit = seg[1:]
+	}
+	g.rate = slopeOf(fit)
+	if k > 0 {
+		g.start = g.base.T
+		if g.rate > 0 {
+			back := time.Duration((fit[0].V - g.base.V) / g.rate * float64(time.Second))
+			g.start = fit[0].T.Add(-max(0, min(back, fit[0].T.Sub(g.base.T))))
+		}
+	}
+	g.increase = g.last.V - g.from().V
+	g.steady = steadyShare(s[max(k-1, 0):])
+	// A break in the newest 2 or 3 samples, looked for in the regime and
+	// a few samples before it (a short regime alone is too short a line).
+	lo := max(0, k-3)
+	g.young = lo+changePoint(s[lo:], 2, minSegment-1) > k
+	tail := seg[n-max(3, n/4):]
+	rose := tail[len(tail)-1].V - tail[0].V
+	expected := g.rate * tail[len(tail)-1].T.Sub(tail[0].T).Seconds()
+	g.rising = rose > 0
+	g.current = g.rate > 0 && rose > 0 && rose >= expected/2 && !g.young
+	return g, true
+}
+
+// from is the sample to count the growth from: the newest one at or
+// before its start (the regime's first sample when it is still at the
+// old level, else base). Counters (CFS periods) and kinds (FDs by kind)
+// are counted from it, and heap profiles diffed from its time.
+func (g growth) from() signals.Sample {
+	if !g.first.T.After(g.start) {
+		return g.first
+	}
+	return g.base
+}
+
+// duration is how long the present regime has lasted (at least, when
+// sinceStart).
+func (g growth) duration() time.Duration { return g.last.T.Sub(g.start) }
+
+// until returns how long until the value reaches limit at the present
+// rate, or false when it is not growing.
+func (g growth) until(limit float64) (time.Duration, bool) {
+	return untilLimit(g.last.V, g.rate, limit)
+}
+
+// over says for how long the growth has run, for prose: "for 15 s (since
+// 12:00:03)", or "for at least 1m0s" when it began before the samples.
+func (g growth) over() string {
+	if g.sinceStart {
+		return "for at least " + duration(g.duration())
+	}
+	return "for " + duration(g.duration()) + " (since " + g.start.Format("15:04:05") + ")"
+}
+
+// since says when the growth began, for prose: "since 12:00:03 (15 s
+// ago)", or "over the last 1m0s (it began earlier)".
+func (g growth) since() string {
+	if g.sinceStart {
+		return "over the last " + duration(g.duration()) + " (it began earlier)"
+	}
+	return "since " + g.start.Format("15:04:05") + " (" + duration(g.duration()) + ")"
+}
+
+func untilLimit(last, rate, limit float64) (time.Duration, bool) {
+	if rate <= 0 {
+		return 0, false
+	}
+	if limit <= last {
+		return 0, true
+	}
+	secs := (limit - last) / rate
 	if secs > math.MaxInt64/float64(time.Second) {
 		return 0, false
 	}
 	return time.Duration(secs * float64(time.Second)), true
+}
+
+// lastRegime returns the index where the series' present regime begins:
+// it splits at the best change point, then looks again in what follows,
+// so a leak that sped up is measured at its new rate.
+func lastRegime(s []signals.Sample) int {
+	k := 0
+	for range maxRegimes {
+		j := changePoint(s[k:], minSegment, len(s))
+		if j == 0 {
+			break
+		}
+		k += j
+	}
+	return k
+}
+
+// changePoint is the index of the best change of slope in s that leaves
+// minPost to maxPost samples after it, or 0 when one straight line
+// describes s about as well. Each side gets its own
+// least-squares line; the split is kept when it cuts the squared error
+// by more than the Bayesian information criterion asks for three more
+// parameters (the second line and the change's place): SSE2 < SSE1 ·
+// n^(-3/n). Among splits that fit equally well the earliest wins: for a
+// flat series that starts to climb, that is the last flat sample.
+func changePoint(s []signals.Sample, minPost, maxPost int) int {
+	n := len(s)
+	if n < minBefore+minPost {
+		return 0
+	}
+	// Prefix sums over centred, scaled values keep the subtraction of
+	// sums accurate for byte counts in the billions.
+	var mx, my float64
+	for _, p := range s {
+		mx += p.T.Sub(s[0].T).Seconds()
+		my += p.V
+	}
+	mx /= float64(n)
+	my /= float64(n)
+	var scale float64
+	for _, p := range s {
+		scale = max(scale, math.Abs(p.V-my))
+	}
+	if scale == 0 {
+		return 0 // constant
+	}
+	pre := make([]lineSums, n+1)
+	for i, p := range s {
+		x, y := p.T.Sub(s[0].T).Seconds()-mx, (p.V-my)/scale
+		pre[i+1] = pre[i].add(x, y)
+	}
+	all := pre[n]
+	sse1 := all.sse()
+	tol := 1e-9 * all.syy()
+	if sse1 <= tol {
+		return 0 // already one line
+	}
+	best, bestSSE := 0, math.Inf(1)
+	for k := max(minBefore, n-maxPost); k <= n-minPost; k++ {
+		e := pre[k].sse() + all.sub(pre[k]).sse()
+		if e < bestSSE-tol {
+			best, bestSSE = k, e
+		}
+	}
+	if best == 0 || bestSSE >= sse1*math.Pow(float64(n), -bicPenalty/float64(n)) {
+		return 0
+	}
+	return best
+}
+
+// lineSums are the sums a least-squares line needs.
+type lineSums struct{ n, x, y, xx, xy, yy float64 }
+
+func (a lineSums) add(x, y float64) lineSums {
+	return lineSums{a.n + 1, a.x + x, a.y + y, a.xx + x*x, a.xy + x*y, a.yy + y*y}
+}
+
+func (a lineSums) sub(b lineSums) lineSums {
+	return lineSums{a.n - b.n, a.x - b.x, a.y - b.y, a.xx - b.xx, a.xy - b.xy, a.yy - b.yy}
+}
+
+func (a lineSums) syy() float64 {
+	if a.n < 1 {
+		return 0
+	}
+	return max(a.yy-a.y*a.y/a.n, 0)
+}
+
+// sse is the squared error left by the best line through the points.
+func (a lineSums) sse() float64 {
+	if a.n < 3 {
+		return 0
+	}
+	sxx := a.xx - a.x*a.x/a.n
+	sxy := a.xy - a.x*a.y/a.n
+	if sxx <= 0 {
+		return a.syy()
+	}
+	return max(a.syy()-sxy*sxy/sxx, 0)
+}
+
+// slopeOf is the least-squares rate of s, per second.
+func slopeOf(s []signals.Sample) float64 {
+	if len(s) < 2 {
+		return 0
+	}
+	var sx, sy float64
+	for _, p := range s {
+		sx += p.T.Sub(s[0].T).Seconds()
+		sy += p.V
+	}
+	n := float64(len(s))
+	mx, my := sx/n, sy/n
+	var sxx, sxy float64
+	for _, p := range s {
+		dx := p.T.Sub(s[0].T).Seconds() - mx
+		sxx += dx * dx
+		sxy += dx * (p.V - my)
+	}
+	if sxx <= 0 {
+		return 0
+	}
+	return sxy / sxx
+}
+
+// steadyShare is the share of steps of s that did not go down.
+func steadyShare(s []signals.Sample) float64 {
+	if len(s) < 2 {
+		return 0
+	}
+	up := 0
+	for i := 1; i < len(s); i++ {
+		if s[i].V >= s[i-1].V {
+			up++
+		}
+	}
+	return float64(up) / float64(len(s)-1)
+}
+
+// cumulative turns a counter's samples into its increase since the first
+// one, counting a drop as a reset (as Store.Increase does), so growthOf
+// can find where a counter started to climb.
+func cumulative(s []signals.Sample) []signals.Sample {
+	out := make([]signals.Sample, len(s))
+	var acc float64
+	for i, p := range s {
+		if i > 0 {
+			if d := p.V - s[i-1].V; d >= 0 {
+				acc += d
+			} else {
+				acc += p.V
+			}
+		}
+		out[i] = signals.Sample{T: p.T, V: acc}
+	}
+	return out
+}
+
+// hysteresis keeps a rule from turning a finding on and off every tick
+// while a value hovers at its threshold: a condition that held at the
+// last evaluation stays on while a looser one (the value a little below
+// the threshold) holds. Rules report what they see now, so this is the
+// only state they keep; it lapses when the rule has not looked for
+// hysteresisLapse (the target went away), and then the strict condition
+// applies again.
+type hysteresis struct {
+	mu sync.Mutex
+	on map[string]time.Time // condition -> when it last held
+}
+
+const (
+	hysteresisLapse = 10 * time.Second
+	// releaseBand: a condition entered at a share of a limit (near_ratio)
+	// is left only below this fraction of that share.
+	releaseBand = 0.95
+)
+
+// hold returns whether the named condition holds now: enter, or stay
+// while it held at the previous evaluation.
+func (h *hysteresis) hold(name string, now time.Time, enter, stay bool) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	last, was := h.on[name]
+	was = was && !now.Before(last) && now.Sub(last) <= hysteresisLapse
+	if !enter && !(was && stay) {
+		delete(h.on, name)
+		return false
+	}
+	if h.on == nil {
+		h.on = map[string]time.Time{}
+	}
+	h.on[name] = now
+	return true
 }
 
 func fmtBytes(b float64) string {
@@ -76,9 +383,13 @@ func fmtBytes(b float64) string {
 	return trimFloat(b) + " B"
 }
 
+// trimFloat prints at most one decimal and no trailing zero: "10", "9.5",
+// never "10.0".
 func trimFloat(f float64) string {
-	if f == math.Trunc(f) {
-		return strconv.FormatInt(int64(f), 10)
+	s := strconv.FormatFloat(f, 'f', 1, 64)
+	s = strings.TrimSuffix(s, ".0")
+	if s == "-0" {
+		return "0"
 	}
-	return strconv.FormatFloat(f, 'f', 1, 64)
+	return s
 }

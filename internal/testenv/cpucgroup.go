@@ -26,6 +26,31 @@ import (
 // fails instead.
 func CPUCgroup(t testing.TB, quotaCores float64, pid int) string {
 	t.Helper()
+	return cpuCgroup(t, quotaCores, pid, true)
+}
+
+// CPUCgroupOutsideCPUAcct is CPUCgroup on a v1 host that mounts cpuacct
+// apart from cpu, except that pid stays where it is in cpuacct (for a test
+// run from the root cgroup, as here, the root): a quota whose tasks no
+// cpuacct group of their own counts, the condition in which the root's
+// host-wide usage was once reported as the cgroup's. Where cpu and
+// cpuacct are one hierarchy, or on v2, the condition cannot exist and the
+// test is skipped, with the reason.
+func CPUCgroupOutsideCPUAcct(t testing.TB, quotaCores float64, pid int) string {
+	t.Helper()
+	self, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cpu := v1Hierarchy(self, "cpu", "cpu.cfs_quota_us")
+	if cpu == "" || isFile(filepath.Join(cpu, "cpuacct.usage")) || v1Hierarchy(self, "cpuacct", "cpuacct.usage") == "" {
+		t.Skip("testenv: cpu and cpuacct are not separate v1 hierarchies here: a cpu cgroup outside cpuacct cannot be made")
+	}
+	return cpuCgroup(t, quotaCores, pid, false)
+}
+
+func cpuCgroup(t testing.TB, quotaCores float64, pid int, acctToo bool) string {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		skipUnlessCI(t, "testenv: not root: cannot create a CPU cgroup")
 	}
@@ -41,7 +66,7 @@ func CPUCgroup(t testing.TB, quotaCores float64, pid int) string {
 			t.Fatalf("testenv: %v", err)
 		}
 		writeCgroupFile(t, dir, "cpu.cfs_quota_us", strconv.FormatInt(int64(math.Round(quotaCores*float64(period))), 10))
-		if acct := v1Hierarchy(self, "cpuacct", "cpuacct.usage"); acct != "" && !isFile(filepath.Join(dir, "cpuacct.usage")) {
+		if acct := v1Hierarchy(self, "cpuacct", "cpuacct.usage"); acctToo && acct != "" && !isFile(filepath.Join(dir, "cpuacct.usage")) {
 			writeCgroupFile(t, makeCgroup(t, acct, name), "cgroup.procs", strconv.Itoa(pid))
 		}
 		writeCgroupFile(t, dir, "cgroup.procs", strconv.Itoa(pid))

@@ -133,12 +133,21 @@ func (c *child) Close() {
 //	leakheap N   allocate N MiB in leakHeapSlowly and keep it reachable
 //	leakfds N    open N file descriptors (pipe ends) and keep them
 //	retain N     mmap N MiB of anonymous memory, touch every page, keep it mapped
-//	release      free, close and unmap all of the above
+//	heaprate N   from now on leak N MiB of heap a second, in the background
+//	fdrate N     from now on leak N file descriptors a second, in the background
+//	nofile N     set its own RLIMIT_NOFILE soft limit to N
+//	stop         stop the background leaks, keep what they leaked
+//	held         say what is held
+//	release      stop, and free, close and unmap all of the above
 //
 // They answer with what is held after them: "ok 32 MiB heap held",
-// "ok 10 fds held", "ok 64 MiB mapped", "ok released". The heap profile
-// served right after an answer already shows the change (the child runs a
-// GC after each command, and records every allocation).
+// "ok 10 fds held", "ok 64 MiB mapped", "ok released"; held answers
+// "ok 32 MiB heap held, 10 fds held". The heap profile served right after
+// an answer already shows the change (the child runs a GC after each
+// command, and records every allocation). A background leak is paced by
+// the clock (what it has leaked is rate × time since it began, to within
+// one 100 ms tick) and runs a GC after every tick, so the heap profile,
+// which is as of the last GC, follows the leak at its real pace.
 type Leaker struct {
 	PID int
 	// PprofURL is the child's heap profile,
@@ -182,11 +191,14 @@ func StartLeaker(t testing.TB, o LeakerOptions) *Leaker {
 }
 
 // What the leaker child holds. Globals, so that nothing but release can
-// make them unreachable; only the command loop touches them.
+// make them unreachable; the command loop and the background leaks touch
+// them under leakMu.
 var (
+	leakMu       sync.Mutex
 	leakedHeap   [][]byte
 	leakedFDs    []*os.File
 	retainedMaps [][]byte
+	stopLeaks    = func() {} // stops the background leaks
 )
 
 const (
@@ -196,16 +208,57 @@ const (
 	leakChunk = 64 << 10
 )
 
-// leakHeapSlowly keeps n MiB of Go heap reachable. It is its own function,
-// never inlined, so the heap profile names it as the allocation site.
+// leakHeapSlowly keeps n more leakChunks of Go heap reachable. It is its
+// own function, never inlined, so the heap profile names it as the
+// allocation site.
 //
 //go:noinline
-func leakHeapSlowly(n int) {
-	for i := 0; i < n*mib/leakChunk; i++ {
+func leakHeapSlowly(chunks int) {
+	for i := 0; i < chunks; i++ {
 		b := make([]byte, leakChunk)
 		touch(b)
 		leakedHeap = append(leakedHeap, b)
 	}
+}
+
+// leakInBackground leaks at perSecond units a second from now on, calling
+// leak with how many units are due, every tick, until stopLeaks.
+func leakInBackground(perSecond float64, leak func(n int) error) {
+	done := make(chan struct{})
+	prev := stopLeaks
+	stopLeaks = func() { prev(); close(done) }
+	start := time.Now()
+	go func() {
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		leaked := 0
+		for {
+			select {
+			case <-done:
+				return
+			case now := <-tick.C:
+				due := int(perSecond*now.Sub(start).Seconds()) - leaked
+				if due <= 0 {
+					continue
+				}
+				leakMu.Lock()
+				select {
+				case <-done: // stopped while waiting for the lock
+					leakMu.Unlock()
+					return
+				default:
+				}
+				err := leak(due)
+				leakMu.Unlock()
+				if err != nil {
+					fmt.Fprintln(os.Stderr, "testenv: background leak:", err)
+					return
+				}
+				leaked += due
+				runtime.GC() // the heap profile is as of the last GC
+			}
+		}
+	}()
 }
 
 // touch writes one byte per page, so the memory is resident rather than
@@ -248,6 +301,8 @@ func retain(n int) error {
 }
 
 func release() error {
+	stopLeaks()
+	stopLeaks = func() {}
 	var errs []error
 	for _, b := range retainedMaps {
 		errs = append(errs, unix.Munmap(b))
@@ -269,11 +324,38 @@ func heldMiB(bs [][]byte) int {
 }
 
 // leakerCommands are the leaker child's commands; each returns its answer
-// after "ok".
+// after "ok". They run under leakMu.
 var leakerCommands = map[string]func(n int) (string, error){
 	"leakheap": func(n int) (string, error) {
-		leakHeapSlowly(n)
+		leakHeapSlowly(n * mib / leakChunk)
 		return fmt.Sprintf("%d MiB heap held", heldMiB(leakedHeap)), nil
+	},
+	"heaprate": func(n int) (string, error) {
+		leakInBackground(float64(n*mib/leakChunk), func(chunks int) error { leakHeapSlowly(chunks); return nil })
+		return fmt.Sprintf("leaking %d MiB of heap a second", n), nil
+	},
+	"fdrate": func(n int) (string, error) {
+		leakInBackground(float64(n), leakFDs)
+		return fmt.Sprintf("leaking %d fds a second", n), nil
+	},
+	"nofile": func(n int) (string, error) {
+		var lim syscall.Rlimit
+		if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			return "", fmt.Errorf("getrlimit: %w", err)
+		}
+		lim.Cur = uint64(n)
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			return "", fmt.Errorf("setrlimit: %w", err)
+		}
+		return fmt.Sprintf("nofile %d", n), nil
+	},
+	"stop": func(int) (string, error) {
+		stopLeaks()
+		stopLeaks = func() {}
+		return "stopped", nil
+	},
+	"held": func(int) (string, error) {
+		return fmt.Sprintf("%d MiB heap held, %d fds held", heldMiB(leakedHeap), len(leakedFDs)), nil
 	},
 	"leakfds": func(n int) (string, error) {
 		err := leakFDs(n)
@@ -287,6 +369,9 @@ var leakerCommands = map[string]func(n int) (string, error){
 		return "released", release()
 	},
 }
+
+// leakerNoArg are the commands that take no count.
+var leakerNoArg = map[string]bool{"release": true, "stop": true, "held": true}
 
 func leakerMain() int {
 	if private, _ := strconv.ParseBool(os.Getenv(leakerNetnsEnv)); private {
@@ -327,11 +412,13 @@ func leakerMain() int {
 			continue
 		}
 		n, err := strconv.Atoi(strings.TrimSpace(arg))
-		if verb != "release" && (err != nil || n <= 0) {
+		if !leakerNoArg[verb] && (err != nil || n <= 0) {
 			fmt.Printf("error %s wants a positive count, got %q\n", verb, arg)
 			continue
 		}
+		leakMu.Lock()
 		ans, err := f(n)
+		leakMu.Unlock()
 		// The heap profile is as of the last completed GC: without one,
 		// an idle child would serve a profile from before the command.
 		runtime.GC()

@@ -179,3 +179,34 @@ func TestLeakerPrivateNetns(t *testing.T) {
 		}
 	}
 }
+
+// The background leaks run at the rate asked, by the clock, and stop.
+func TestLeakerBackgroundRates(t *testing.T) {
+	t.Parallel()
+	l := StartLeaker(t, LeakerOptions{})
+	fds0, heap0 := fdCount(t, l.PID), inuseBytes(t, fetchHeap(t, l.PprofURL))
+	start := time.Now()
+	l.MustDo(t, "fdrate 40")
+	l.MustDo(t, "heaprate 8")
+	time.Sleep(2 * time.Second)
+	fds, heap := fdCount(t, l.PID)-fds0, inuseBytes(t, fetchHeap(t, l.PprofURL))-heap0
+	el := time.Since(start).Seconds()
+	t.Logf("in %.2f s: %d fds (%.1f/s), %.1f MiB heap (%.1f MiB/s)", el, fds, float64(fds)/el, float64(heap)/mib, float64(heap)/mib/el)
+	if r := float64(fds) / el; r < 34 || r > 46 {
+		t.Errorf("fdrate 40 leaked %.1f fds a second", r)
+	}
+	if r := float64(heap) / mib / el; r < 6.8 || r > 9.2 {
+		t.Errorf("heaprate 8 leaked %.1f MiB a second (as the heap profile sees it)", r)
+	}
+	l.MustDo(t, "stop")
+	held := l.MustDo(t, "held")
+	time.Sleep(300 * time.Millisecond)
+	if again := l.MustDo(t, "held"); again != held {
+		t.Errorf("still leaking after stop: %q then %q", held, again)
+	}
+	l.MustDo(t, "nofile 64")
+	if _, err := l.Do("leakfds 100"); err == nil {
+		t.Error("100 fds opened under RLIMIT_NOFILE 64")
+	}
+	l.MustDo(t, "release")
+}
