@@ -47,8 +47,10 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 			continue
 		}
 		cur := ss[len(ss)-1].V
-		tr, ok := trendOf(ss)
-		growing := ok && tr.increase >= r.o.MinIncrease && tr.steady >= r.o.Steady && tr.span() >= r.o.Window/2
+		// Growth measured from where it began, not averaged over the
+		// window's quiet part.
+		g, ok := growthOf(ss)
+		growing := ok && g.increase >= r.o.MinIncrease && g.steady >= r.o.Steady && g.rising && g.rate > 0
 		port := ls.Get("port")
 		age, _ := w.Store.Latest("tcp_close_wait_oldest_seconds", signals.L("owner", owner, "port", port))
 		old := cur >= r.o.MinCount && time.Duration(age.V*float64(time.Second)) >= r.o.MinAge
@@ -61,7 +63,7 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 		}
 		how := count(cur, "socket", "") + " in CLOSE_WAIT"
 		if growing {
-			how += fmt.Sprintf(", %s more than %s ago (%s)", num(tr.increase), duration(r.o.Window), rate(tr.slope))
+			how += fmt.Sprintf(", %s more than %s ago (%s)", num(g.increase), duration(g.last.T.Sub(g.from().T)), rate(g.rate))
 		}
 		sev := SeverityWarning
 		if cur >= 10*r.o.MinCount {

@@ -109,6 +109,12 @@ func (o Options) Validate() error {
 	if o.LatencySpike.Window <= o.LatencySpike.Recent {
 		return &KeyError{Key: "latency_spike.window", Err: fmt.Errorf("must be longer than rules.latency_spike.recent")}
 	}
+	if o.FDExhaustion.MinDuration >= o.FDExhaustion.Window {
+		return &KeyError{Key: "fd_exhaustion.min_duration", Err: fmt.Errorf("must be shorter than rules.fd_exhaustion.window, or no leak could ever be seen")}
+	}
+	if o.HeapLeak.MinDuration >= o.HeapLeak.Window {
+		return &KeyError{Key: "heap_leak.min_duration", Err: fmt.Errorf("must be shorter than rules.heap_leak.window, or no leak could ever be seen")}
+	}
 	if o.AcceptOverflow.Window < o.AcceptOverflow.Recent {
 		return &KeyError{Key: "accept_overflow.window", Err: fmt.Errorf("must not be shorter than rules.accept_overflow.recent")}
 	}

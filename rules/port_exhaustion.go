@@ -159,8 +159,8 @@ func (r *PortExhaustion) remote(w Window, remote string, rp *remotePorts, usable
 	// TIME_WAIT count since it began stands in for the rate.
 	rateNow, rateFrom := connRate, "the target's connect() calls"
 	if !rp.connsKnown {
-		if t, ok := trendOf(rp.timeWait); ok && t.span() >= r.o.Window/2 && t.slope > 0 {
-			rateNow, rateFrom = t.slope, "the growth of TIME_WAIT sockets"
+		if g, ok := growthOf(rp.timeWait); ok && g.current && g.rate > 0 {
+			rateNow, rateFrom = g.rate, "the growth of TIME_WAIT sockets"
 		} else {
 			rateNow = 0
 		}

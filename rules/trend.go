@@ -34,9 +34,6 @@ func trendOf(s []signals.Sample) (trend, bool) {
 	return t, true
 }
 
-// span is the time the samples cover.
-func (t trend) span() time.Duration { return t.last.T.Sub(t.first.T) }
-
 // growth is the present growth of a gauge, measured from where it began.
 // A leak that starts after a quiet hour must be reported at its own rate,
 // not at the hour's average, and a series that rose once and then stayed
