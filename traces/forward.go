@@ -2,88 +2,224 @@ package traces
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
 
-	collectorpb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/mem"
 
 	"github.com/culprit-dev/culprit/signals"
 )
 
 var (
 	sigForwarded = &signals.Desc{Name: "otlp_forwarded_requests_total", Kind: signals.Counter,
-		Help: "Export requests forwarded to traces.forward_endpoint, by result (ok, error, dropped: the queue was full)."}
+		Help: "Export requests forwarded to traces.forward_endpoint, by signal (traces, metrics, logs) and result (ok, error, dropped: the queue was full)."}
+	sigForwardQueue = &signals.Desc{Name: "otlp_forward_queue_bytes", Kind: signals.Gauge,
+		Help: "Bytes of export requests waiting to be forwarded (at most traces.forward_queue_bytes)."}
 )
 
-// Forwarder passes export requests on to the pod's own collector through
-// a bounded queue; when the collector is slow or down, requests are
-// dropped and counted rather than held.
-type Forwarder struct {
-	conn   *grpc.ClientConn
-	client collectorpb.TraceServiceClient
-	queue  chan *collectorpb.ExportTraceServiceRequest
-	store  *signals.Store
-	log    *slog.Logger
-	wg     sync.WaitGroup
-
-	mu     sync.Mutex
-	counts map[string]float64
+// ForwardOptions configure a Forwarder ([traces] in agent.conf).
+type ForwardOptions struct {
+	Endpoint string // host:port of an OTLP/gRPC collector, plaintext
+	// Queue and QueueBytes bound the requests waiting to be sent, in
+	// number and in bytes (traces.forward_queue, traces.forward_queue_bytes).
+	Queue, QueueBytes int
+	// Timeout bounds one export to the collector, and Close's flush.
+	Timeout time.Duration
+	Store   *signals.Store
+	Log     *slog.Logger
 }
 
-// NewForwarder dials endpoint (host:port, OTLP gRPC, plaintext) lazily and
-// queues at most queue requests.
+// Forwarder passes export requests (traces, metrics, logs) on to the pod's
+// own collector, as the encoded requests they arrived as, through a queue
+// bounded in requests and bytes; when the collector is slow or down,
+// requests are dropped and counted rather than held.
+type Forwarder struct {
+	o      ForwardOptions
+	conn   *grpc.ClientConn
+	ctx    context.Context // cancelled when Close gives up flushing
+	cancel context.CancelFunc
+	done   chan struct{}
+	wake   chan struct{}
+
+	mu     sync.Mutex
+	queue  []forwardItem
+	bytes  int
+	closed bool
+	counts map[[2]string]float64
+}
+
+type forwardItem struct {
+	signal, method string
+	payload        []byte // the encoded Export*ServiceRequest
+}
+
+// NewForwarder dials endpoint lazily and queues at most queue requests
+// (and the default 16 MiB). Kept for existing callers; NewForwarderOptions
+// takes the byte bound and timeout too.
 func NewForwarder(endpoint string, queue int, store *signals.Store, log *slog.Logger) (*Forwarder, error) {
-	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, err
+	return NewForwarderOptions(ForwardOptions{Endpoint: endpoint, Queue: queue, Store: store, Log: log})
+}
+
+// NewForwarderOptions dials the endpoint lazily.
+func NewForwarderOptions(o ForwardOptions) (*Forwarder, error) {
+	if o.Queue <= 0 {
+		o.Queue = 64
 	}
-	f := &Forwarder{conn: conn, client: collectorpb.NewTraceServiceClient(conn),
-		queue: make(chan *collectorpb.ExportTraceServiceRequest, max(queue, 1)), store: store, log: log, counts: map[string]float64{}}
-	f.wg.Add(1)
+	if o.QueueBytes <= 0 {
+		o.QueueBytes = 16 << 20
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = 5 * time.Second
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	conn, err := grpc.NewClient(o.Endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("forward endpoint %q (traces.forward_endpoint): %w", o.Endpoint, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	f := &Forwarder{o: o, conn: conn, ctx: ctx, cancel: cancel, done: make(chan struct{}), wake: make(chan struct{}, 1), counts: map[[2]string]float64{}}
 	go f.run()
 	return f, nil
 }
 
-// Enqueue forwards req later, or drops it when the queue is full.
-func (f *Forwarder) Enqueue(req *collectorpb.ExportTraceServiceRequest) {
+// enqueue forwards payload later, or drops it when the queue is full.
+// The queue owns payload from now on.
+func (f *Forwarder) enqueue(signal, method string, payload []byte) bool {
+	f.mu.Lock()
+	if f.closed || len(f.queue) >= f.o.Queue || f.bytes+len(payload) > f.o.QueueBytes {
+		f.mu.Unlock()
+		f.count(signal, "dropped")
+		return false
+	}
+	f.queue = append(f.queue, forwardItem{signal: signal, method: method, payload: payload})
+	f.bytes += len(payload)
+	f.gaugeLocked()
+	f.mu.Unlock()
 	select {
-	case f.queue <- req:
+	case f.wake <- struct{}{}:
 	default:
-		f.count("dropped")
+	}
+	return true
+}
+
+// next takes the oldest request, waiting for one; false once closed and
+// empty.
+func (f *Forwarder) next() (forwardItem, bool) {
+	for {
+		f.mu.Lock()
+		if len(f.queue) > 0 {
+			it := f.queue[0]
+			f.queue[0] = forwardItem{}
+			f.queue = f.queue[1:]
+			if len(f.queue) == 0 {
+				f.queue = nil // let the backing array go
+			}
+			f.bytes -= len(it.payload)
+			f.gaugeLocked()
+			f.mu.Unlock()
+			return it, true
+		}
+		closed := f.closed
+		f.mu.Unlock()
+		if closed {
+			return forwardItem{}, false
+		}
+		<-f.wake
 	}
 }
 
 func (f *Forwarder) run() {
-	defer f.wg.Done()
-	for req := range f.queue {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_, err := f.client.Export(ctx, req)
-		cancel()
-		if err != nil {
-			f.log.Debug("forward spans", "err", err)
-			f.count("error")
+	defer close(f.done)
+	for {
+		it, ok := f.next()
+		if !ok {
+			return
+		}
+		if f.ctx.Err() != nil {
+			f.count(it.signal, "dropped") // Close gave up on the flush
 			continue
 		}
-		f.count("ok")
+		ctx, cancel := context.WithTimeout(f.ctx, f.o.Timeout)
+		err := f.conn.Invoke(ctx, it.method, wireRequest(it.payload), &discardResponse{}, grpc.ForceCodecV2(forwardCodec{}))
+		cancel()
+		if err != nil {
+			f.o.Log.Debug("forward OTLP export", "signal", it.signal, "err", err)
+			f.count(it.signal, "error")
+			continue
+		}
+		f.count(it.signal, "ok")
 	}
 }
 
-func (f *Forwarder) count(result string) {
+func (f *Forwarder) count(signal, result string) {
 	f.mu.Lock()
-	f.counts[result]++
-	n := f.counts[result]
-	f.mu.Unlock()
-	if f.store != nil {
-		f.store.Put(sigForwarded, signals.L("result", result), n, time.Now())
+	defer f.mu.Unlock() // published in order
+	k := [2]string{signal, result}
+	f.counts[k]++
+	if f.o.Store != nil {
+		f.o.Store.Put(sigForwarded, signals.L("signal", signal, "result", result), f.counts[k], time.Now())
 	}
 }
 
-// Close sends what is queued, then closes the connection.
-func (f *Forwarder) Close() error {
-	close(f.queue)
-	f.wg.Wait()
-	return f.conn.Close()
+// gaugeLocked publishes the queue's size; f.mu is held.
+func (f *Forwarder) gaugeLocked() {
+	if f.o.Store != nil {
+		f.o.Store.Put(sigForwardQueue, nil, float64(f.bytes), time.Now())
+	}
 }
+
+// Close sends what is queued, for at most Timeout, drops the rest
+// (counted), then closes the connection.
+func (f *Forwarder) Close() error {
+	f.mu.Lock()
+	f.closed = true
+	f.mu.Unlock()
+	select {
+	case f.wake <- struct{}{}:
+	default:
+	}
+	t := time.NewTimer(f.o.Timeout)
+	defer t.Stop()
+	select {
+	case <-f.done:
+	case <-t.C:
+		f.cancel()
+		<-f.done
+	}
+	f.cancel()
+	if err := f.conn.Close(); err != nil {
+		return fmt.Errorf("close forward connection: %w", err)
+	}
+	return nil
+}
+
+// wireRequest is an export request already encoded: sent as is.
+type wireRequest []byte
+
+// discardResponse takes the collector's answer, which is not needed: a
+// partial success upstream is the collector's business.
+type discardResponse struct{}
+
+// forwardCodec sends wireRequest bytes unchanged and ignores responses.
+type forwardCodec struct{}
+
+var errForwardCodec = errors.New("forwardCodec: not a wireRequest")
+
+func (forwardCodec) Marshal(v any) (mem.BufferSlice, error) {
+	b, ok := v.(wireRequest)
+	if !ok {
+		return nil, errForwardCodec
+	}
+	return mem.BufferSlice{mem.SliceBuffer(b)}, nil
+}
+
+func (forwardCodec) Unmarshal(mem.BufferSlice, any) error { return nil }
+
+func (forwardCodec) Name() string { return "proto" }

@@ -29,7 +29,7 @@ func FuzzOTLPHTTP(f *testing.F) {
 		req := httptest.NewRequest(http.MethodPost, "/v1/traces", bytes.NewReader(body))
 		req.Header.Set("Content-Type", ct)
 		w := httptest.NewRecorder()
-		r.serveHTTP(w, req)
+		r.serveHTTP(signalTraces, w, req)
 		switch w.Code {
 		case 200, 400, 413:
 		default:
@@ -43,7 +43,8 @@ func FuzzOTLPHTTP(f *testing.F) {
 					total += len(ss.GetSpans())
 				}
 			}
-			kept, rejected, _ := convert(msg.GetResourceSpans())
+			c := converter{maxString: DefaultMaxStringBytes}
+			kept, rejected, _ := c.convert(msg.GetResourceSpans())
 			if len(kept)+rejected != total {
 				t.Fatalf("%d kept + %d rejected != %d spans", len(kept), rejected, total)
 			}

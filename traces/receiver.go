@@ -1,97 +1,199 @@
 package traces
 
 import (
-	"compress/gzip"
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"mime"
 	"net"
 	"net/http"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
+	logspb "go.opentelemetry.io/proto/otlp/collector/logs/v1"
+	metricspb "go.opentelemetry.io/proto/otlp/collector/metrics/v1"
 	collectorpb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
-	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
-	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/encoding"
-	"google.golang.org/grpc/mem"
-	grpcstatus "google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/culprit-dev/culprit/signals"
 )
 
 var (
 	sigRequests = &signals.Desc{Name: "otlp_requests_total", Kind: signals.Counter,
-		Help: "OTLP trace export requests received, by transport (grpc, http) and result (ok, partial, malformed, too_large, unsupported)."}
+		Help: "OTLP export requests received, by transport (grpc, http), signal (traces, metrics, logs) and result (ok, partial, dropped: metrics or logs with no forward endpoint, malformed, too_large, unsupported, busy: the in-flight budget was taken, timeout: the body did not arrive in time)."}
 	sigSpans = &signals.Desc{Name: "otlp_spans_received_total", Kind: signals.Counter,
 		Help: "Spans accepted from OTLP exports."}
 	sigRejected = &signals.Desc{Name: "otlp_spans_rejected_total", Kind: signals.Counter,
 		Help: "Spans rejected from OTLP exports (invalid ids or times)."}
+	sigTruncated = &signals.Desc{Name: "otlp_span_strings_truncated_total", Kind: signals.Counter,
+		Help: "Span strings (name, route, service, peer, database) cut to traces.max_string_bytes."}
+	sigEvicted = &signals.Desc{Name: "otlp_spans_evicted_total", Kind: signals.Counter,
+		Help: "Spans let go by the span store, by reason: count (traces.max_spans), bytes (traces.max_span_bytes), too_large (one span over the whole store)."}
+	sigStoreBytes = &signals.Desc{Name: "otlp_span_store_bytes", Kind: signals.Gauge,
+		Help: "Bytes of spans held (at most traces.max_span_bytes)."}
+	sigStoreSpans = &signals.Desc{Name: "otlp_span_store_spans", Kind: signals.Gauge,
+		Help: "Spans held (at most traces.max_spans)."}
+	sigInflight = &signals.Desc{Name: "otlp_inflight_bytes", Kind: signals.Gauge,
+		Help: "Bytes held for OTLP requests being read and decoded (at most traces.max_inflight_bytes)."}
+	sigConnsClosed = &signals.Desc{Name: "otlp_connections_closed_total", Kind: signals.Counter,
+		Help: "OTLP connections closed at traces.max_connections, by transport and reason (evicted: an idle or silent connection closed for a new one; refused: every connection was busy)."}
 )
 
-// Options configure the receiver ([traces] in agent.conf).
+// Options configure the receiver ([traces] in agent.conf). Zero values
+// take the defaults below.
 type Options struct {
 	GRPCAddr, HTTPAddr string // "" turns that transport off
-	// MaxRequestBytes bounds one export request (decompressed, for HTTP).
+	// MaxRequestBytes bounds one export request (after gzip).
 	MaxRequestBytes int
-	Spans           *signals.Spans
-	Store           *signals.Store
-	Forward         *Forwarder // may be nil
-	Log             *slog.Logger
+	// MaxInflightBytes bounds what all requests in flight hold together:
+	// bodies being read, and the estimated cost of decoding them. At
+	// least 4 × MaxRequestBytes.
+	MaxInflightBytes int
+	// InflightWait is how long a request waits for that budget before it
+	// is refused (HTTP 503, gRPC UNAVAILABLE: both retryable).
+	InflightWait time.Duration
+	// MaxConnections per listener; see limitListener and connectionCap.
+	MaxConnections int
+	// GRPCMaxStreams: concurrent streams per gRPC connection.
+	GRPCMaxStreams int
+	// MaxHeaderBytes bounds HTTP request headers and gRPC header lists.
+	MaxHeaderBytes int
+	// HeaderTimeout: an HTTP request's headers, and a gRPC connection's
+	// HTTP/2 preface, must arrive within it.
+	HeaderTimeout time.Duration
+	// ReadTimeout: an HTTP body, or a gRPC request message, must arrive
+	// within it once admitted.
+	ReadTimeout time.Duration
+	// WriteTimeout bounds writing a response.
+	WriteTimeout time.Duration
+	// IdleTimeout closes connections idle that long (HTTP keep-alive,
+	// gRPC MaxConnectionIdle).
+	IdleTimeout time.Duration
+	// MaxStringBytes cuts every string a kept span holds.
+	MaxStringBytes int
+
+	Spans   *signals.Spans
+	Store   *signals.Store
+	Forward *Forwarder // may be nil: metrics and logs are then dropped (counted)
+	Log     *slog.Logger
 }
 
-// Receiver serves OTLP trace exports.
+// Defaults of Options, as agent.conf documents them.
+const (
+	DefaultMaxRequestBytes  = 4 << 20
+	DefaultMaxInflightBytes = 64 << 20
+	DefaultInflightWait     = time.Second
+	DefaultMaxConnections   = 64
+	DefaultGRPCMaxStreams   = 16
+	DefaultMaxHeaderBytes   = 64 << 10
+	DefaultHeaderTimeout    = 5 * time.Second
+	DefaultReadTimeout      = 10 * time.Second
+	DefaultWriteTimeout     = 10 * time.Second
+	DefaultIdleTimeout      = 30 * time.Second
+	DefaultMaxStringBytes   = 256
+)
+
+func (o *Options) defaults() {
+	setDefault(&o.MaxRequestBytes, DefaultMaxRequestBytes)
+	setDefault(&o.MaxInflightBytes, max(DefaultMaxInflightBytes, 4*o.MaxRequestBytes))
+	setDefault(&o.InflightWait, DefaultInflightWait)
+	setDefault(&o.MaxConnections, DefaultMaxConnections)
+	setDefault(&o.GRPCMaxStreams, DefaultGRPCMaxStreams)
+	setDefault(&o.MaxHeaderBytes, DefaultMaxHeaderBytes)
+	setDefault(&o.HeaderTimeout, DefaultHeaderTimeout)
+	setDefault(&o.ReadTimeout, DefaultReadTimeout)
+	setDefault(&o.WriteTimeout, DefaultWriteTimeout)
+	setDefault(&o.IdleTimeout, DefaultIdleTimeout)
+	setDefault(&o.MaxStringBytes, DefaultMaxStringBytes)
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+}
+
+func setDefault[T int | time.Duration](v *T, d T) {
+	if *v <= 0 {
+		*v = d
+	}
+}
+
+// signalKind is one OTLP signal the receiver takes.
+type signalKind struct {
+	name    string // traces, metrics, logs
+	path    string // OTLP/HTTP path
+	service string // OTLP/gRPC service
+	request protoreflect.MessageDescriptor
+	newReq  func() proto.Message
+	newResp func() proto.Message
+}
+
+func (k *signalKind) method() string { return "/" + k.service + "/Export" }
+
+var (
+	signalTraces = &signalKind{name: "traces", path: "/v1/traces", service: "opentelemetry.proto.collector.trace.v1.TraceService",
+		request: (&collectorpb.ExportTraceServiceRequest{}).ProtoReflect().Descriptor(),
+		newReq:  func() proto.Message { return &collectorpb.ExportTraceServiceRequest{} },
+		newResp: func() proto.Message { return &collectorpb.ExportTraceServiceResponse{} }}
+	signalMetrics = &signalKind{name: "metrics", path: "/v1/metrics", service: "opentelemetry.proto.collector.metrics.v1.MetricsService",
+		request: (&metricspb.ExportMetricsServiceRequest{}).ProtoReflect().Descriptor(),
+		newReq:  func() proto.Message { return &metricspb.ExportMetricsServiceRequest{} },
+		newResp: func() proto.Message { return &metricspb.ExportMetricsServiceResponse{} }}
+	signalLogs = &signalKind{name: "logs", path: "/v1/logs", service: "opentelemetry.proto.collector.logs.v1.LogsService",
+		request: (&logspb.ExportLogsServiceRequest{}).ProtoReflect().Descriptor(),
+		newReq:  func() proto.Message { return &logspb.ExportLogsServiceRequest{} },
+		newResp: func() proto.Message { return &logspb.ExportLogsServiceResponse{} }}
+	allSignals = []*signalKind{signalTraces, signalMetrics, signalLogs}
+)
+
+// Receiver serves OTLP exports: traces are kept for the rules (and
+// forwarded), metrics and logs only forwarded, so an app can point its
+// whole SDK at the sidecar.
 type Receiver struct {
-	collectorpb.UnimplementedTraceServiceServer
-	o Options
+	o      Options
+	budget *budget
 
-	grpcSrv *grpc.Server
-	httpSrv *http.Server
-	wg      sync.WaitGroup
+	grpcSrv  *grpc.Server
+	httpSrv  *http.Server
+	grpcList *limitListener
+	httpList *limitListener
+	wg       sync.WaitGroup
 
-	mu       sync.Mutex
-	requests map[[2]string]float64
-	spans    float64
-	rejected float64
+	mu                         sync.Mutex
+	counts                     map[string]float64 // by series key
+	spans, rejected, truncated float64
 
 	GRPCAddr, HTTPAddr string // bound addresses
 }
 
 // NewReceiver returns a receiver, not yet listening.
 func NewReceiver(o Options) *Receiver {
-	if o.MaxRequestBytes <= 0 {
-		o.MaxRequestBytes = 4 << 20
-	}
-	if o.Log == nil {
-		o.Log = slog.New(slog.DiscardHandler)
-	}
-	return &Receiver{o: o, requests: map[[2]string]float64{}}
+	o.defaults()
+	return &Receiver{o: o, budget: newBudget(int64(o.MaxInflightBytes)), counts: map[string]float64{}}
 }
 
 // Start binds the listeners and serves until Stop.
 func (r *Receiver) Start() error {
+	if 4*int64(r.o.MaxRequestBytes) > int64(r.o.MaxInflightBytes) {
+		return fmt.Errorf("traces.max_inflight_bytes (%d) must be at least 4 × traces.max_request_bytes (%d): a request of the largest size, read and decoded, must fit",
+			r.o.MaxInflightBytes, r.o.MaxRequestBytes)
+	}
+	conns, why := connectionCap(r.o.MaxConnections)
+	if why != "" {
+		r.o.Log.Warn("OTLP connections capped to keep file descriptors for the agent", "detail", why)
+	}
 	if r.o.GRPCAddr != "" {
 		l, err := net.Listen("tcp", r.o.GRPCAddr)
 		if err != nil {
 			return fmt.Errorf("OTLP gRPC listener (traces.grpc_addr): %w", err)
 		}
 		r.GRPCAddr = l.Addr().String()
-		r.grpcSrv = grpc.NewServer(
-			grpc.MaxRecvMsgSize(r.o.MaxRequestBytes),
-			grpc.ForceServerCodecV2(countingCodec{inner: encoding.GetCodecV2("proto"), onError: func() { r.count("grpc", "malformed", 0, 0) }}),
-		)
-		collectorpb.RegisterTraceServiceServer(r.grpcSrv, r)
+		r.grpcList = newLimitListener(l, conns, func(reason string) { r.countConn("grpc", reason) })
+		r.grpcSrv = r.newGRPCServer()
 		r.wg.Add(1)
-		go func() { defer r.wg.Done(); _ = r.grpcSrv.Serve(l) }()
+		go func() { defer r.wg.Done(); _ = r.grpcSrv.Serve(r.grpcList) }()
 	}
 	if r.o.HTTPAddr != "" {
 		l, err := net.Listen("tcp", r.o.HTTPAddr)
@@ -100,11 +202,10 @@ func (r *Receiver) Start() error {
 			return fmt.Errorf("OTLP HTTP listener (traces.http_addr): %w", err)
 		}
 		r.HTTPAddr = l.Addr().String()
-		mux := http.NewServeMux()
-		mux.HandleFunc("POST /v1/traces", r.serveHTTP)
-		r.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		r.httpList = newLimitListener(l, conns, func(reason string) { r.countConn("http", reason) })
+		r.httpSrv = r.newHTTPServer()
 		r.wg.Add(1)
-		go func() { defer r.wg.Done(); _ = r.httpSrv.Serve(l) }()
+		go func() { defer r.wg.Done(); _ = r.httpSrv.Serve(r.httpList) }()
 	}
 	return nil
 }
@@ -121,26 +222,114 @@ func (r *Receiver) Stop(ctx context.Context) {
 		}
 	}
 	if r.httpSrv != nil {
-		_ = r.httpSrv.Shutdown(ctx)
+		if err := r.httpSrv.Shutdown(ctx); err != nil {
+			_ = r.httpSrv.Close()
+		}
 	}
 	r.wg.Wait()
 }
 
-// Export is the OTLP gRPC method.
-func (r *Receiver) Export(_ context.Context, req *collectorpb.ExportTraceServiceRequest) (*collectorpb.ExportTraceServiceResponse, error) {
-	if rs := req.GetResourceSpans(); len(rs) == 1 && strings.HasPrefix(rs[0].GetSchemaUrl(), malformedMark) {
-		return nil, grpcstatus.Error(codes.InvalidArgument, "not an ExportTraceServiceRequest: "+strings.TrimPrefix(rs[0].GetSchemaUrl(), malformedMark))
-	}
-	return r.ingest("grpc", req), nil
+// outcome is how one export ends, for either transport.
+type outcome struct {
+	result   string // the otlp_requests_total result
+	resp     proto.Message
+	httpCode int
+	code     codes.Code
+	msg      string
 }
 
-func (r *Receiver) ingest(transport string, req *collectorpb.ExportTraceServiceRequest) *collectorpb.ExportTraceServiceResponse {
-	spans, rejected, err := convert(req.GetResourceSpans())
+func failed(result string, httpCode int, code codes.Code, format string, args ...any) outcome {
+	return outcome{result: result, httpCode: httpCode, code: code, msg: fmt.Sprintf(format, args...)}
+}
+
+func (r *Receiver) tooLarge() outcome {
+	return failed("too_large", http.StatusRequestEntityTooLarge, codes.ResourceExhausted,
+		"request larger than traces.max_request_bytes (%d)", r.o.MaxRequestBytes)
+}
+
+func busy(err error) outcome {
+	return failed("busy", http.StatusServiceUnavailable, codes.Unavailable, "%v; retry later", err)
+}
+
+// export handles one request body, already read and held in h: it checks
+// and prices it, takes its decoding cost from the budget, then ingests it
+// (traces), forwards it, and says how it went.
+func (r *Receiver) export(ctx context.Context, k *signalKind, transport string, body []byte, isJSON bool, h *hold) outcome {
+	var cost int64
+	if isJSON {
+		var sh jsonShape
+		var err error
+		if body, sh, err = prepareJSON(body); err != nil {
+			return failed("malformed", http.StatusBadRequest, codes.InvalidArgument, "not an OTLP/JSON %s request: %v", k.name, err)
+		}
+		cost = jsonCost(len(body), sh)
+		if r.o.Forward != nil {
+			cost += int64(len(body)) // re-encoded as protobuf to forward
+		}
+	} else {
+		c, err := wireCost(body, k.request)
+		if err != nil {
+			return failed("malformed", http.StatusBadRequest, codes.InvalidArgument, "not an OTLP %s request (%s): %v", k.name, k.request.FullName(), err)
+		}
+		if k == signalTraces {
+			cost = c // metrics and logs are checked, never decoded
+		}
+	}
+	switch err := h.resize(ctx, int64(len(body))+cost, r.o.InflightWait); {
+	case errors.Is(err, errOverBudget):
+		return failed("too_large", http.StatusRequestEntityTooLarge, codes.ResourceExhausted,
+			"decoding this request would take about %d bytes, more than traces.max_inflight_bytes (%d) allows", int64(len(body))+cost, r.o.MaxInflightBytes)
+	case err != nil:
+		return busy(err)
+	}
+	var msg proto.Message
+	if isJSON || k == signalTraces {
+		msg = k.newReq()
+		var err error
+		if isJSON {
+			err = protojson.UnmarshalOptions{DiscardUnknown: true}.Unmarshal(body, msg)
+		} else {
+			err = proto.Unmarshal(body, msg)
+		}
+		if err != nil {
+			return failed("malformed", http.StatusBadRequest, codes.InvalidArgument, "not an OTLP %s request: %v", k.name, err)
+		}
+	}
+	if k == signalTraces {
+		return r.ingest(transport, msg.(*collectorpb.ExportTraceServiceRequest), body, isJSON)
+	}
+	if r.o.Forward == nil {
+		// What a collector with no pipeline for this signal would do
+		// from the SDK's point of view: take it and say nothing.
+		return outcome{result: "dropped", resp: k.newResp()}
+	}
+	// The body is this request's own buffer (read for it, or copied out
+	// of gRPC's): the queue can keep it.
+	payload := body
+	if isJSON {
+		b, err := proto.Marshal(msg)
+		if err != nil {
+			return failed("malformed", http.StatusBadRequest, codes.InvalidArgument, "re-encode %s request: %v", k.name, err)
+		}
+		payload = b
+	}
+	r.o.Forward.enqueue(k.name, k.method(), payload)
+	return outcome{result: "ok", resp: k.newResp()}
+}
+
+// ingest keeps a trace export's spans and forwards it.
+func (r *Receiver) ingest(transport string, req *collectorpb.ExportTraceServiceRequest, body []byte, isJSON bool) outcome {
+	c := converter{maxString: r.o.MaxStringBytes}
+	spans, rejected, err := c.convert(req.GetResourceSpans())
 	if r.o.Spans != nil {
 		r.o.Spans.Add(spans)
 	}
 	if r.o.Forward != nil {
-		r.o.Forward.Enqueue(req)
+		payload := body // the request's own buffer; decoding did not alias it
+		if isJSON {
+			payload, _ = proto.Marshal(req) // decoded from it: it encodes
+		}
+		r.o.Forward.enqueue("traces", signalTraces.method(), payload)
 	}
 	resp := &collectorpb.ExportTraceServiceResponse{}
 	result := "ok"
@@ -149,118 +338,67 @@ func (r *Receiver) ingest(transport string, req *collectorpb.ExportTraceServiceR
 		resp.PartialSuccess = &collectorpb.ExportTracePartialSuccess{RejectedSpans: int64(rejected), ErrorMessage: err.Error()}
 		r.o.Log.Debug("OTLP spans rejected", "transport", transport, "rejected", rejected, "first", err)
 	}
-	r.count(transport, result, len(spans), rejected)
-	return resp
+	r.countSpans(len(spans), rejected, c.truncated)
+	return outcome{result: result, resp: resp}
 }
 
-func (r *Receiver) count(transport, result string, spans, rejected int) {
-	now := time.Now()
+func (r *Receiver) count(transport string, k *signalKind, result string) {
+	ls := signals.L("transport", transport, "signal", k.name, "result", result)
+	key := ls.String()
+	// Published under the lock: two requests counting at once must not
+	// store their totals out of order.
 	r.mu.Lock()
-	r.requests[[2]string{transport, result}]++
+	defer r.mu.Unlock()
+	r.counts[key]++
+	if st := r.o.Store; st != nil {
+		now := time.Now()
+		st.Put(sigRequests, ls, r.counts[key], now)
+		st.Put(sigInflight, nil, float64(r.budget.inUse()), now)
+	}
+}
+
+func (r *Receiver) countSpans(spans, rejected, truncated int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	r.spans += float64(spans)
 	r.rejected += float64(rejected)
-	n, s, rj := r.requests[[2]string{transport, result}], r.spans, r.rejected
-	r.mu.Unlock()
+	r.truncated += float64(truncated)
+	st := r.o.Store
+	if st == nil {
+		return
+	}
+	now := time.Now()
+	st.Put(sigSpans, nil, r.spans, now)
+	st.Put(sigRejected, nil, r.rejected, now)
+	st.Put(sigTruncated, nil, r.truncated, now)
+	if r.o.Spans != nil {
+		ss := r.o.Spans.Stats()
+		st.Put(sigEvicted, signals.L("reason", "count"), float64(ss.EvictedByCount), now)
+		st.Put(sigEvicted, signals.L("reason", "bytes"), float64(ss.EvictedByBytes), now)
+		st.Put(sigEvicted, signals.L("reason", "too_large"), float64(ss.TooLarge), now)
+		st.Put(sigStoreBytes, nil, float64(ss.Bytes), now)
+		st.Put(sigStoreSpans, nil, float64(ss.Spans), now)
+	}
+}
+
+func (r *Receiver) countConn(transport, reason string) {
+	ls := signals.L("transport", transport, "reason", reason)
+	key := "conn" + ls.String()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.counts[key]++
 	if st := r.o.Store; st != nil {
-		st.Put(sigRequests, signals.L("transport", transport, "result", result), n, now)
-		st.Put(sigSpans, nil, s, now)
-		st.Put(sigRejected, nil, rj, now)
+		st.Put(sigConnsClosed, ls, r.counts[key], time.Now())
 	}
 }
 
-// serveHTTP is OTLP/HTTP: protobuf or JSON, optionally gzipped; errors
-// answer with a google.rpc.Status in the request's encoding.
-func (r *Receiver) serveHTTP(w http.ResponseWriter, req *http.Request) {
-	ct, _, _ := mime.ParseMediaType(req.Header.Get("Content-Type"))
-	if ct != "application/x-protobuf" && ct != "application/json" {
-		r.count("http", "unsupported", 0, 0)
-		writeStatus(w, "application/x-protobuf", http.StatusUnsupportedMediaType, codes.InvalidArgument, "Content-Type must be application/x-protobuf or application/json")
-		return
+// Connections is how many connections each listener holds now.
+func (r *Receiver) Connections() (grpcConns, httpConns int) {
+	if r.grpcList != nil {
+		grpcConns = r.grpcList.open()
 	}
-	var body io.Reader = http.MaxBytesReader(w, req.Body, int64(r.o.MaxRequestBytes))
-	if req.Header.Get("Content-Encoding") == "gzip" {
-		zr, err := gzip.NewReader(body)
-		if err != nil {
-			r.count("http", "malformed", 0, 0)
-			writeStatus(w, ct, http.StatusBadRequest, codes.InvalidArgument, "bad gzip body: "+err.Error())
-			return
-		}
-		defer zr.Close()
-		// The decompressed size is bounded too: a small zip bomb must not
-		// become a large allocation.
-		body = io.LimitReader(zr, int64(r.o.MaxRequestBytes)+1)
+	if r.httpList != nil {
+		httpConns = r.httpList.open()
 	}
-	b, err := io.ReadAll(body)
-	var tooLarge *http.MaxBytesError
-	if errors.As(err, &tooLarge) || len(b) > r.o.MaxRequestBytes {
-		r.count("http", "too_large", 0, 0)
-		writeStatus(w, ct, http.StatusRequestEntityTooLarge, codes.ResourceExhausted, "request larger than traces.max_request_bytes ("+strconv.Itoa(r.o.MaxRequestBytes)+")")
-		return
-	}
-	if err != nil {
-		r.count("http", "malformed", 0, 0)
-		writeStatus(w, ct, http.StatusBadRequest, codes.InvalidArgument, "read body: "+err.Error())
-		return
-	}
-	msg := &collectorpb.ExportTraceServiceRequest{}
-	if ct == "application/json" {
-		err = protojson.Unmarshal(b, msg)
-	} else {
-		err = proto.Unmarshal(b, msg)
-	}
-	if err != nil {
-		r.count("http", "malformed", 0, 0)
-		writeStatus(w, ct, http.StatusBadRequest, codes.InvalidArgument, "not an ExportTraceServiceRequest: "+err.Error())
-		return
-	}
-	writeMessage(w, ct, http.StatusOK, r.ingest("http", msg))
+	return grpcConns, httpConns
 }
-
-func writeStatus(w http.ResponseWriter, ct string, httpCode int, code codes.Code, msg string) {
-	writeMessage(w, ct, httpCode, &status.Status{Code: int32(code), Message: msg})
-}
-
-func writeMessage(w http.ResponseWriter, ct string, httpCode int, m proto.Message) {
-	var b []byte
-	if ct == "application/json" {
-		b, _ = protojson.Marshal(m) // a message we built: cannot fail
-	} else {
-		b, _ = proto.Marshal(m)
-	}
-	w.Header().Set("Content-Type", ct)
-	w.WriteHeader(httpCode)
-	_, _ = w.Write(b)
-}
-
-// countingCodec is the proto codec, counting requests that do not decode:
-// grpc-go answers them itself, before any handler or interceptor sees them.
-type countingCodec struct {
-	inner   encoding.CodecV2
-	onError func()
-}
-
-func (c countingCodec) Marshal(v any) (mem.BufferSlice, error) { return c.inner.Marshal(v) }
-
-// Unmarshal does not fail: grpc-go would answer a decode error with
-// INTERNAL, and OTLP wants INVALID_ARGUMENT (a client error, not to be
-// retried). So a request that does not decode becomes a marked empty one
-// that Export refuses.
-func (c countingCodec) Unmarshal(data mem.BufferSlice, v any) error {
-	err := c.inner.Unmarshal(data, v)
-	if err == nil {
-		return nil
-	}
-	req, ok := v.(*collectorpb.ExportTraceServiceRequest)
-	if !ok {
-		return err
-	}
-	c.onError()
-	proto.Reset(req)
-	req.ResourceSpans = []*tracepb.ResourceSpans{{SchemaUrl: malformedMark + err.Error()}}
-	return nil
-}
-
-// malformedMark prefixes the schema URL of a request that did not decode.
-const malformedMark = "culprit:malformed:"
-
-func (c countingCodec) Name() string { return c.inner.Name() }

@@ -98,11 +98,16 @@ func TestReceiverTakesSDKExports(t *testing.T) {
 			if root.Route != "/orders" || root.ThreadID != 4242 || db.DBSystem != "postgresql" || db.ParentID != root.SpanID || db.Duration() < 10*time.Millisecond {
 				t.Errorf("root %+v\ndb %+v", *root, *db)
 			}
-			if v, _ := st.Latest("otlp_requests_total", signals.L("transport", tc.name, "result", "ok")); v.V < 1 {
+			if v, _ := st.Latest("otlp_requests_total", traceLabels(tc.name, "ok")); v.V < 1 {
 				t.Errorf("request not counted: %v", v)
 			}
 		})
 	}
+}
+
+// traceLabels are otlp_requests_total's labels for a trace export.
+func traceLabels(transport, result string) signals.Labels {
+	return signals.L("transport", transport, "signal", "traces", "result", result)
 }
 
 func validRequest() *collectorpb.ExportTraceServiceRequest {
@@ -170,9 +175,9 @@ func TestReceiverRejectsBadInput(t *testing.T) {
 		t.Errorf("oversized gRPC: %v", err)
 	}
 	for _, l := range []signals.Labels{
-		signals.L("transport", "http", "result", "malformed"), signals.L("transport", "http", "result", "too_large"),
-		signals.L("transport", "http", "result", "unsupported"), signals.L("transport", "http", "result", "partial"),
-		signals.L("transport", "grpc", "result", "malformed"),
+		traceLabels("http", "malformed"), traceLabels("http", "too_large"),
+		traceLabels("http", "unsupported"), traceLabels("http", "partial"),
+		traceLabels("grpc", "malformed"), traceLabels("grpc", "too_large"),
 	} {
 		if v, ok := st.Latest("otlp_requests_total", l); !ok || v.V != 1 {
 			t.Errorf("otlp_requests_total%s = %v (%v), want 1", l, v.V, ok)
@@ -186,7 +191,7 @@ func TestReceiverRejectsBadInput(t *testing.T) {
 // Forwarding: what the sidecar receives reaches the pod's collector.
 func TestReceiverForwards(t *testing.T) {
 	upstream, upSpans, _ := startReceiver(t, Options{})
-	fw, err := NewForwarder(upstream.GRPCAddr, 8, nil, slog.New(slog.DiscardHandler))
+	fw, err := NewForwarderOptions(ForwardOptions{Endpoint: upstream.GRPCAddr, Queue: 8, Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
