@@ -84,13 +84,25 @@ type Config struct {
 		MaxPerfMapBytes int `toml:"max_perf_map_bytes" range:"[0,1073741824]"`
 	} `toml:"profiling"`
 	Traces struct {
-		Enabled         bool   `toml:"enabled"`
-		GRPCAddr        string `toml:"grpc_addr"`
-		HTTPAddr        string `toml:"http_addr"`
-		MaxRequestBytes int    `toml:"max_request_bytes" range:"[1024,1073741824]"`
-		MaxSpans        int    `toml:"max_spans" range:"[64,16777216]"`
-		ForwardEndpoint string `toml:"forward_endpoint"`
-		ForwardQueue    int    `toml:"forward_queue" range:"[1,65536]"`
+		Enabled           bool          `toml:"enabled"`
+		GRPCAddr          string        `toml:"grpc_addr"`
+		HTTPAddr          string        `toml:"http_addr"`
+		MaxRequestBytes   int           `toml:"max_request_bytes" range:"[1024,1073741824]"`
+		MaxInflightBytes  int           `toml:"max_inflight_bytes" range:"[1048576,4294967296]"`
+		InflightWait      time.Duration `toml:"inflight_wait" range:"[0s,1m]"`
+		MaxConnections    int           `toml:"max_connections" range:"[1,65536]"`
+		GRPCMaxStreams    int           `toml:"grpc_max_streams" range:"[1,1024]"`
+		MaxHeaderBytes    int           `toml:"max_header_bytes" range:"[4096,1048576]"`
+		HeaderTimeout     time.Duration `toml:"header_timeout" range:"[100ms,5m]"`
+		ReadTimeout       time.Duration `toml:"read_timeout" range:"[100ms,10m]"`
+		WriteTimeout      time.Duration `toml:"write_timeout" range:"[100ms,10m]"`
+		IdleTimeout       time.Duration `toml:"idle_timeout" range:"[1s,1h]"`
+		MaxStringBytes    int           `toml:"max_string_bytes" range:"[16,65536]"`
+		MaxSpans          int           `toml:"max_spans" range:"[64,16777216]"`
+		MaxSpanBytes      int           `toml:"max_span_bytes" range:"[1048576,4294967296]"`
+		ForwardEndpoint   string        `toml:"forward_endpoint"`
+		ForwardQueue      int           `toml:"forward_queue" range:"[1,65536]"`
+		ForwardQueueBytes int           `toml:"forward_queue_bytes" range:"[65536,4294967296]"`
 	} `toml:"traces"`
 	Signals struct {
 		RingSize  int `toml:"ring_size" range:"[16,1048576]"`
@@ -150,8 +162,20 @@ func DefaultConfig() Config {
 	c.Traces.GRPCAddr = "127.0.0.1:4317"
 	c.Traces.HTTPAddr = "127.0.0.1:4318"
 	c.Traces.MaxRequestBytes = 4 << 20
+	c.Traces.MaxInflightBytes = 64 << 20
+	c.Traces.InflightWait = time.Second
+	c.Traces.MaxConnections = 64
+	c.Traces.GRPCMaxStreams = 16
+	c.Traces.MaxHeaderBytes = 64 << 10
+	c.Traces.HeaderTimeout = 5 * time.Second
+	c.Traces.ReadTimeout = 10 * time.Second
+	c.Traces.WriteTimeout = 10 * time.Second
+	c.Traces.IdleTimeout = 30 * time.Second
+	c.Traces.MaxStringBytes = 256
 	c.Traces.MaxSpans = 65536
+	c.Traces.MaxSpanBytes = 32 << 20
 	c.Traces.ForwardQueue = 64
+	c.Traces.ForwardQueueBytes = 16 << 20
 	c.Signals.RingSize = 600
 	c.Signals.MaxSeries = 20000
 	c.Pprof.HeapURL = ""
@@ -322,6 +346,11 @@ func (c *Config) Validate() error {
 	// would judge a 10 s window on the last second.
 	if need := int(c.Rules.AcceptOverflow.Window/c.Collect.FastInterval) + 1; c.Signals.RingSize < need {
 		return bad("signals.ring_size", "must hold rules.accept_overflow.window of collect.fast_interval samples: at least %d, got %d", need, c.Signals.RingSize)
+	}
+	// A request of the largest size must fit the in-flight budget with
+	// what decoding it takes (traces.Receiver.Start refuses otherwise).
+	if c.Traces.MaxInflightBytes < 4*c.Traces.MaxRequestBytes {
+		return bad("traces.max_inflight_bytes", "must be at least 4 × traces.max_request_bytes (%d), got %d", 4*c.Traces.MaxRequestBytes, c.Traces.MaxInflightBytes)
 	}
 	switch c.Agent.LogLevel {
 	case "debug", "info", "warn", "error":

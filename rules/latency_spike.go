@@ -38,7 +38,8 @@ func DefaultLatencySpikeOptions() LatencySpikeOptions {
 type LatencySpike struct {
 	o LatencySpikeOptions
 	// The window holds up to traces.max_spans spans: judge it once a
-	// second, not on every engine tick and wake-up.
+	// second, not on every engine tick and wake-up (Requests lists the
+	// window's requests without copying them, still O(requests)).
 	at   time.Time
 	last []Observation
 }
@@ -66,14 +67,11 @@ func (r *LatencySpike) Evaluate(w Window) []Observation {
 }
 
 func (r *LatencySpike) evaluate(w Window) []Observation {
-	spans := w.Spans.Overlapping(w.Now.Add(-r.o.Window), w.Now)
+	reqs := w.Spans.Requests(w.Now.Add(-r.o.Window), w.Now)
 	recentFrom := w.Now.Add(-r.o.Recent)
-	type route struct{ recent, base []signals.Span }
+	type route struct{ recent, base []*signals.Span }
 	routes := map[string]*route{}
-	for _, s := range spans {
-		if !isRequest(s) {
-			continue
-		}
+	for _, s := range reqs {
 		rt := routes[s.Route]
 		if rt == nil {
 			rt = &route{}
@@ -92,14 +90,14 @@ func (r *LatencySpike) evaluate(w Window) []Observation {
 	sort.Strings(names)
 	var out []Observation
 	for _, n := range names {
-		if o, ok := r.route(n, routes[n].recent, routes[n].base, spans); ok {
+		if o, ok := r.route(n, routes[n].recent, routes[n].base, w.Spans); ok {
 			out = append(out, o)
 		}
 	}
 	return out
 }
 
-func p99(ss []signals.Span) time.Duration {
+func p99(ss []*signals.Span) time.Duration {
 	ds := make([]time.Duration, len(ss))
 	for i, s := range ss {
 		ds[i] = s.Duration()
@@ -108,7 +106,7 @@ func p99(ss []signals.Span) time.Duration {
 	return ds[min(len(ds)-1, len(ds)*99/100)]
 }
 
-func (r *LatencySpike) route(name string, recent, base, all []signals.Span) (Observation, bool) {
+func (r *LatencySpike) route(name string, recent, base []*signals.Span, src SpanSource) (Observation, bool) {
 	if len(recent) < r.o.MinSpans {
 		return Observation{}, false
 	}
@@ -128,19 +126,10 @@ func (r *LatencySpike) route(name string, recent, base, all []signals.Span) (Obs
 	sorted := slices.Clone(recent)
 	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Duration() > sorted[j].Duration() })
 	slow := sorted[:max(1, len(sorted)/10)]
-	// Only the slow requests' traces are broken down.
-	byTrace := make(map[string][]signals.Span, len(slow))
-	for _, s := range slow {
-		byTrace[s.TraceID] = nil
-	}
-	for _, s := range all {
-		if t, ok := byTrace[s.TraceID]; ok {
-			byTrace[s.TraceID] = append(t, s)
-		}
-	}
+	// Only the slow requests' traces are broken down, looked up by id.
 	var sum breakdown
 	for _, s := range slow {
-		b := breakdownOf(s, byTrace[s.TraceID])
+		b := breakdownOf(s, src.Trace(s.TraceID))
 		sum.total += b.total
 		sum.db += b.db
 		sum.downstream += b.downstream

@@ -9,13 +9,24 @@ import (
 	"github.com/culprit-dev/culprit/signals"
 )
 
+// spanList is a SpanSource over a plain list.
 type spanList []signals.Span
 
-func (l spanList) Overlapping(from, to time.Time) []signals.Span {
-	var out []signals.Span
-	for _, s := range l {
-		if !s.End.Before(from) && !s.Start.After(to) {
+func (l spanList) Requests(from, to time.Time) []*signals.Span {
+	var out []*signals.Span
+	for i := range l {
+		if s := &l[i]; s.IsRequest() && !s.End.Before(from) && !s.Start.After(to) {
 			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func (l spanList) Trace(id string) []*signals.Span {
+	var out []*signals.Span
+	for i := range l {
+		if l[i].TraceID == id {
+			out = append(out, &l[i])
 		}
 	}
 	return out

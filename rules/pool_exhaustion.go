@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"strings"
 	"time"
-
-	"github.com/culprit-dev/culprit/signals"
 )
 
 // CausePoolAtCeiling is pool_exhaustion's root cause.
@@ -91,18 +89,10 @@ func (r *PoolExhaustion) spanEvidence(w Window, o *Observation, from time.Time) 
 	if w.Spans == nil {
 		return
 	}
-	all := w.Spans.Overlapping(from, to)
-	byTrace := map[string][]signals.Span{}
-	for _, s := range all {
-		byTrace[s.TraceID] = append(byTrace[s.TraceID], s)
-	}
 	var wait time.Duration
 	n := 0
-	for _, s := range all {
-		if !isRequest(s) {
-			continue
-		}
-		if b := breakdownOf(s, byTrace[s.TraceID]); b.haveDB {
+	for _, s := range w.Spans.Requests(from, to) {
+		if b := breakdownOf(s, w.Spans.Trace(s.TraceID)); b.haveDB {
 			wait += b.dbWait
 			n++
 		}

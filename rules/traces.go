@@ -9,14 +9,13 @@ import (
 )
 
 // SpanSource is what rules read of the app's traces (signals.Spans, fed
-// by the OTLP receiver).
+// by the OTLP receiver): the requests of a window, and the spans of one
+// trace. Both share the spans with the store (read only) and copy none:
+// the store may hold 65536 of them and rules read every second.
 type SpanSource interface {
-	Overlapping(from, to time.Time) []signals.Span
+	Requests(from, to time.Time) []*signals.Span
+	Trace(traceID string) []*signals.Span
 }
-
-// isRequest reports whether a span is a request the app served: a server
-// span, or a root span.
-func isRequest(s signals.Span) bool { return s.Kind == signals.SpanServer || s.ParentID == "" }
 
 // tracesDuring names the slowest requests that were in flight during
 // [from, to], as trace artifacts. With tid > 0, requests that recorded
@@ -25,12 +24,7 @@ func tracesDuring(src SpanSource, from, to time.Time, tid, n int) []Artifact {
 	if src == nil {
 		return nil
 	}
-	var reqs []signals.Span
-	for _, s := range src.Overlapping(from, to) {
-		if isRequest(s) {
-			reqs = append(reqs, s)
-		}
-	}
+	reqs := src.Requests(from, to) // a fresh slice: ours to sort
 	sort.SliceStable(reqs, func(i, j int) bool {
 		oni, onj := tid > 0 && reqs[i].ThreadID == tid, tid > 0 && reqs[j].ThreadID == tid
 		if oni != onj {
@@ -63,9 +57,9 @@ type breakdown struct {
 func (b breakdown) self() time.Duration { return max(0, b.total-b.db-b.downstream) }
 
 // breakdownOf finds the descendants of root among spans of its trace.
-func breakdownOf(root signals.Span, trace []signals.Span) breakdown {
+func breakdownOf(root *signals.Span, trace []*signals.Span) breakdown {
 	b := breakdown{total: root.Duration()}
-	children := map[string][]signals.Span{}
+	children := map[string][]*signals.Span{}
 	for _, s := range trace {
 		children[s.ParentID] = append(children[s.ParentID], s)
 	}
