@@ -81,7 +81,7 @@ func TestAgentWithoutBPFRights(t *testing.T) {
 	if ev.Finding.Cause != "app_not_accepting" {
 		t.Fatalf("cause = %s without eBPF, want app_not_accepting: %s", ev.Finding.Cause, ev.Finding.RootCause)
 	}
-	if !strings.Contains(ev.Finding.RootCause, "eBPF accept counts unavailable") {
+	if !strings.Contains(ev.Finding.RootCause, "accept counts unavailable without the sockcalls eBPF probe") {
 		t.Errorf("root cause does not say it inferred without eBPF: %s", ev.Finding.RootCause)
 	}
 }
