@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 )
@@ -12,7 +13,55 @@ import (
 // pid. A prefork server (nginx, gunicorn, php-fpm) serves from its
 // children: the master holds the listener and the workers do the work, so
 // what runs on a CPU or blocks is theirs.
+//
+// The kernel lists each thread's children in /proc/PID/task/TID/children
+// (CONFIG_PROC_CHILDREN): reading those costs one file per thread of the
+// target, where scanning every process's stat costs one per process on
+// the host, several times a second. The scan is the fallback.
 func Children(procRoot string, pid, max int) []int {
+	if out, ok := childrenFiles(procRoot, pid, max); ok {
+		return out
+	}
+	return childrenScan(procRoot, pid, max)
+}
+
+// childrenFiles reads the children files of pid's threads; ok is false
+// when the kernel has none (or they cannot be read).
+func childrenFiles(procRoot string, pid, max int) ([]int, bool) {
+	taskDir := filepath.Join(procRoot, strconv.Itoa(pid), "task")
+	d, err := os.Open(taskDir)
+	if err != nil {
+		return nil, false
+	}
+	tids, _ := d.Readdirnames(-1)
+	d.Close()
+	var out []int
+	read := false
+	for _, tid := range tids {
+		b, err := os.ReadFile(filepath.Join(taskDir, tid, "children"))
+		if err != nil {
+			continue
+		}
+		read = true
+		for _, f := range bytes.Fields(b) {
+			if c, err := strconv.Atoi(string(f)); err == nil && c != pid {
+				out = append(out, c)
+			}
+		}
+	}
+	if !read {
+		return nil, false
+	}
+	sort.Ints(out)
+	out = slices.Compact(out)
+	if len(out) > max {
+		out = out[:max]
+	}
+	return out, true
+}
+
+// childrenScan finds pid's children by the parent in every process's stat.
+func childrenScan(procRoot string, pid, max int) []int {
 	d, err := os.Open(procRoot)
 	if err != nil {
 		return nil

@@ -25,6 +25,10 @@ func TestChildren(t *testing.T) {
 	if got := Children("/proc", cmd.Process.Pid, 1); len(got) != 1 {
 		t.Errorf("max 1: %v", got)
 	}
+	// The kernel's children files and the scan of every stat agree.
+	if files, ok := childrenFiles("/proc", cmd.Process.Pid, 16); !ok || !slices.Equal(files, childrenScan("/proc", cmd.Process.Pid, 16)) {
+		t.Errorf("children files %v (%v), scan %v", files, ok, childrenScan("/proc", cmd.Process.Pid, 16))
+	}
 	for _, in := range []string{"12 (a) b) S 7 1", "1 (x) R 0"} {
 		if _, ok := parsePPID([]byte(in)); !ok {
 			t.Errorf("parsePPID(%q) failed", in)
