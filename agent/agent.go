@@ -7,10 +7,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"regexp"
 	"strings"
 	"sync"
@@ -116,8 +114,9 @@ func cmdAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	log := newLogger(cfg, stderr)
+	var demo *demoChild // the built-in demo, when no target is given
 	if cfg.Target.PID == 0 && cfg.Target.Port == 0 && cfg.Target.Cmd == "" {
-		demo, err := startDemoChild(ctx, log)
+		demo, err = startDemoChild(ctx, log, stderr)
 		if err != nil {
 			return fmt.Errorf("no target given and the built-in demo did not start: %w", err)
 		}
@@ -137,9 +136,18 @@ func cmdAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	fmt.Fprintf(stdout, "culprit %s: metrics on http://%s/metrics, findings on %s (culprit findings --follow --addr %s)\n",
 		version, a.HTTPAddr, a.GRPCAddr, a.GRPCAddr)
-	<-ctx.Done()
+	// A demo that dies leaves nothing to watch: say so and fail, rather
+	// than wait for a target that will not come back.
+	select {
+	case <-ctx.Done():
+	case <-demo.exited():
+	}
 	log.Info("shutting down")
-	return a.Stop(cfg.Agent.ShutdownTimeout)
+	stopErr := a.Stop(cfg.Agent.ShutdownTimeout)
+	if err := demo.unexpectedExit(ctx); err != nil {
+		return errors.Join(err, stopErr)
+	}
+	return stopErr
 }
 
 // Agent is one running agent: every goroutine it started stops with Stop.
@@ -238,33 +246,6 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 func (a *Agent) goRun(f func()) {
 	a.wg.Add(1)
 	go func() { defer a.wg.Done(); f() }()
-}
-
-func checkLocal(cfg Config) error {
-	if cfg.Agent.AllowNonLocal {
-		return nil
-	}
-	addrs := map[string]string{"agent.http_addr": cfg.Agent.HTTPAddr}
-	if !security(cfg).Protected() {
-		addrs["agent.grpc_addr"] = cfg.Agent.GRPCAddr
-	}
-	if cfg.Traces.Enabled {
-		addrs["traces.grpc_addr"], addrs["traces.http_addr"] = cfg.Traces.GRPCAddr, cfg.Traces.HTTPAddr
-	}
-	for key, addr := range addrs {
-		if addr == "" {
-			continue
-		}
-		host, _, err := net.SplitHostPort(addr)
-		if err != nil {
-			return &ConfigError{Key: key, Err: fmt.Errorf("not host:port: %w", err)}
-		}
-		ip := net.ParseIP(host)
-		if host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-			return &ConfigError{Key: key, Err: fmt.Errorf("%s is not a loopback address; findings describe the app's internals, so protect the gRPC API (agent.tls_cert_file, agent.token_file) or set agent.allow_non_local = true to expose them", addr)}
-		}
-	}
-	return nil
 }
 
 var (
@@ -442,15 +423,6 @@ func (a *Agent) startTraces(cfg Config) {
 	a.Store.SetStatus(signals.Status{Component: "otlp", Kind: "receiver", State: signals.StateRunning, Detail: "grpc " + r.GRPCAddr + ", http " + r.HTTPAddr})
 }
 
-// security is the gRPC API's protection from the [agent] keys.
-func security(cfg Config) exporters.ServerSecurity {
-	return exporters.ServerSecurity{
-		CertFile: cfg.Agent.TLSCertFile, KeyFile: cfg.Agent.TLSKeyFile, ClientCAFile: cfg.Agent.TLSClientCAFile,
-		TokenFile: cfg.Agent.TokenFile, MaxMessageBytes: cfg.Agent.GRPCMaxMessage,
-		KeepaliveTime: cfg.Agent.GRPCKeepalive, KeepaliveTimeout: 10 * time.Second,
-	}
-}
-
 // profileSource serves CaptureProfile when the profiler runs.
 func (a *Agent) profileSource(cfg Config) exporters.ProfileSource {
 	for _, p := range a.probes {
@@ -458,64 +430,6 @@ func (a *Agent) profileSource(cfg Config) exporters.ProfileSource {
 			return cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval}
 		}
 	}
-	return nil
-}
-
-func (a *Agent) startServers(cfg Config) error {
-	gl, err := net.Listen("tcp", cfg.Agent.GRPCAddr)
-	if err != nil {
-		return fmt.Errorf("gRPC listener (agent.grpc_addr): %w", err)
-	}
-	hl, err := net.Listen("tcp", cfg.Agent.HTTPAddr)
-	if err != nil {
-		gl.Close()
-		return fmt.Errorf("HTTP listener (agent.http_addr): %w", err)
-	}
-	a.GRPCAddr, a.HTTPAddr = gl.Addr().String(), hl.Addr().String()
-
-	opts, err := security(cfg).ServerOptions()
-	if err != nil {
-		gl.Close()
-		hl.Close()
-		return &ConfigError{Key: "agent.tls", Err: err}
-	}
-	a.grpcSrv = grpc.NewServer(opts...)
-	svc := exporters.NewGRPC(exporters.GRPCOptions{
-		Journal:    a.Journal,
-		Store:      a.Store,
-		Tracker:    a.Tracker,
-		Version:    version,
-		Log:        a.log.With("component", "grpc"),
-		MaxBatch:   cfg.Findings.MaxBatch,
-		Profiles:   a.profileSource(cfg),
-		MaxCapture: cfg.Profiling.MaxCapture,
-	})
-	svc.Register(a.grpcSrv)
-	a.grpcSvc = svc
-	a.goRun(func() {
-		if err := a.grpcSrv.Serve(gl); err != nil {
-			a.log.Error("gRPC server stopped", "err", err)
-		}
-	})
-
-	prom := exporters.NewPrometheus(exporters.PromOptions{Store: a.Store, Journal: a.Journal, Log: a.log.With("component", "metrics")})
-	reg := exporters.NewRegistry(prom)
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", prom.Handler(reg))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if _, ok := a.Tracker.Current(); !ok {
-			http.Error(w, "target not found: "+a.Tracker.Selector().String(), http.StatusServiceUnavailable)
-			return
-		}
-		fmt.Fprintln(w, "ok")
-	})
-	a.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	a.goRun(func() {
-		if err := a.httpSrv.Serve(hl); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			a.log.Error("HTTP server stopped", "err", err)
-		}
-	})
 	return nil
 }
 
@@ -564,62 +478,4 @@ func (a *Agent) Stop(timeout time.Duration) error {
 		}
 	}
 	return errors.Join(errs...)
-}
-
-// demoChild is the built-in demo started when no target is given.
-type demoChild struct {
-	pid  int
-	cmd  *exec.Cmd
-	done chan struct{}
-}
-
-const (
-	demoAddr    = "127.0.0.1:8080"
-	demoControl = "127.0.0.1:8081"
-)
-
-func startDemoChild(ctx context.Context, log *slog.Logger) (*demoChild, error) {
-	exe, err := os.Executable()
-	if err != nil {
-		return nil, fmt.Errorf("find own executable: %w", err)
-	}
-	cmd := exec.Command(exe, "demo", "--addr", demoAddr, "--control", demoControl)
-	// asyncpreemptoff: a spinning demo worker keeps its thread, as a Tokio
-	// worker would; madvdontneed=0: freed heap stays resident, as with
-	// glibc malloc (the spike fault). Enough Ps for the spinning workers.
-	cmd.Env = append(os.Environ(), "GODEBUG=asyncpreemptoff=1,madvdontneed=0", "GOMAXPROCS=16")
-	cmd.Stdout = os.Stderr
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start demo: %w", err)
-	}
-	d := &demoChild{pid: cmd.Process.Pid, cmd: cmd, done: make(chan struct{})}
-	go func() { cmd.Wait(); close(d.done) }()
-	// Wait until it listens so the agent finds its sockets at once.
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
-		select {
-		case <-d.done:
-			return nil, fmt.Errorf("demo exited at start (is %s or %s in use?)", demoAddr, demoControl)
-		default:
-		}
-		if c, err := net.DialTimeout("tcp", demoControl, 200*time.Millisecond); err == nil {
-			c.Close()
-			log.Info("demo started", "pid", d.pid, "addr", demoAddr, "control", demoControl)
-			return d, nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	d.stop()
-	return nil, fmt.Errorf("demo did not listen on %s within 5s", demoControl)
-}
-
-func (d *demoChild) stop() {
-	d.cmd.Process.Signal(os.Interrupt)
-	select {
-	case <-d.done:
-	case <-time.After(3 * time.Second):
-		d.cmd.Process.Kill()
-		<-d.done
-	}
 }

@@ -1,11 +1,13 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"sort"
 	"strconv"
@@ -84,6 +86,7 @@ func cmdFindings(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	table := fs.Bool("table", false, "one line per finding, in columns (without --follow)")
 	all := fs.Bool("all", false, "include recently resolved findings (without --follow)")
 	since := fs.Uint64("since", 0, "with --follow: resume after this sequence number")
+	instance := fs.String("instance", "", "with --since: the agent run that issued it (instance_id of its events); a different run answers with a GAP")
 	sev := fs.String("severity", "info", "least severity shown: info, warning, critical")
 	var ruleNames stringList
 	fs.Var(&ruleNames, "rule", "only this rule (repeatable)")
@@ -118,11 +121,13 @@ func cmdFindings(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		}
 		return nil
 	}
-	return followFindings(ctx, c, &culpritv1.WatchRequest{SinceSequence: *since, MinSeverity: minSev, Rules: ruleNames}, out, stderr)
+	return followFindings(ctx, c, &culpritv1.WatchRequest{SinceSequence: *since, InstanceId: *instance, MinSeverity: minSev, Rules: ruleNames}, out, stderr)
 }
 
 // followFindings streams and, when the agent goes away, reconnects with the
-// last sequence seen so nothing is lost or repeated.
+// last sequence seen and the run that issued it, so nothing is lost or
+// repeated: a restarted agent numbers its events from 1 again, and only
+// the instance id tells its sequence 5 from the old run's.
 func followFindings(ctx context.Context, c culpritv1.DiagnosticsClient, req *culpritv1.WatchRequest, out *findingPrinter, stderr io.Writer) error {
 	backoff := 200 * time.Millisecond
 	for {
@@ -136,6 +141,14 @@ func followFindings(ctx context.Context, c culpritv1.DiagnosticsClient, req *cul
 				}
 				backoff = 200 * time.Millisecond
 				out.event(ev)
+				if id := ev.GetInstanceId(); id != "" && id != req.InstanceId {
+					// A new run: its sequences start over, so the old
+					// cursor means nothing there.
+					req.InstanceId, req.SinceSequence = id, 0
+				}
+				if ev.Type == culpritv1.FindingEvent_TYPE_GAP && ev.GetDetail() != "" {
+					fmt.Fprintf(stderr, "culprit: events missed: %s\n", ev.GetDetail())
+				}
 				if ev.Sequence > req.SinceSequence && ev.Type != culpritv1.FindingEvent_TYPE_GAP {
 					req.SinceSequence = ev.Sequence
 				}
@@ -147,7 +160,7 @@ func followFindings(ctx context.Context, c culpritv1.DiagnosticsClient, req *cul
 		if s, ok := status.FromError(err); ok && s.Code() != codes.Unavailable && s.Code() != codes.Canceled && err != io.EOF {
 			return fmt.Errorf("watch findings: %w", err)
 		}
-		fmt.Fprintf(stderr, "culprit: agent unavailable (%v); retrying from sequence %d\n", err, req.SinceSequence)
+		fmt.Fprintf(stderr, "culprit: agent unavailable (%v); retrying from sequence %d of run %s\n", err, req.SinceSequence, cmp.Or(req.InstanceId, "unknown"))
 		select {
 		case <-ctx.Done():
 			return nil
@@ -215,9 +228,12 @@ func (p *findingPrinter) text(what string, t time.Time, f *culpritv1.Finding) {
 	fmt.Fprintf(p.w, "    symptom: %s\n", f.Symptom)
 	fmt.Fprintf(p.w, "    cause:   %s (%s, confidence %.0f%%)\n", f.RootCause, f.Cause, 100*f.Confidence)
 	for _, e := range f.Evidence {
-		fmt.Fprintf(p.w, "    evidence: %s = %g %s", e.Signal, e.Value, e.Unit)
+		fmt.Fprintf(p.w, "    evidence: %s = %s", e.Signal, evidenceValue(e.Value, e.Unit, e.Threshold))
+		if w := e.Window.AsDuration(); e.Window != nil && w > 0 {
+			fmt.Fprintf(p.w, " over %s", humanSeconds(w.Seconds()))
+		}
 		if e.Threshold != 0 {
-			fmt.Fprintf(p.w, " (threshold %g)", e.Threshold)
+			fmt.Fprintf(p.w, " (threshold %s)", evidenceValue(e.Threshold, e.Unit, e.Value))
 		}
 		if e.Note != "" {
 			fmt.Fprintf(p.w, "  — %s", e.Note)
@@ -236,6 +252,114 @@ func (p *findingPrinter) text(what string, t time.Time, f *culpritv1.Finding) {
 		fmt.Fprintf(p.w, "    %s: %s  %s\n", a.Kind, a.Value, a.Detail)
 	}
 	fmt.Fprintf(p.w, "    fix:     %s\n", f.Remediation)
+}
+
+// evidenceValue is an evidence value in human units, by its unit: bytes
+// as KiB/MiB/GiB, seconds as a duration, ratios as a percentage (or, for
+// ratios beyond 1 such as "p99 now / p99 before", a multiple), counts as
+// numbers without float noise and with the noun agreeing ("1 fd"). other
+// is the value it is compared with (threshold or value), so a share and
+// its threshold read the same way. --json keeps the exact value.
+func evidenceValue(v float64, unit string, other float64) string {
+	switch {
+	case unit == "bytes":
+		return humanBytes(v)
+	case strings.HasPrefix(unit, "bytes/"):
+		return humanBytes(v) + strings.TrimPrefix(unit, "bytes")
+	case unit == "seconds":
+		return humanSeconds(v)
+	case strings.HasPrefix(unit, "seconds "):
+		return humanSeconds(v) + strings.TrimPrefix(unit, "seconds")
+	case unit == "ratio" && math.Abs(v) <= 1 && math.Abs(other) <= 1:
+		return humanPercent(v)
+	case unit == "ratio":
+		return humanNum(v) + "×"
+	case unit == "":
+		return humanNum(v)
+	case strings.HasPrefix(unit, "/"):
+		return humanNum(v) + unit
+	case strings.Contains(unit, "/"):
+		return humanNum(v) + " " + unit
+	case v == 1:
+		return "1 " + singular(unit)
+	}
+	return humanNum(v) + " " + unit
+}
+
+// singular is the singular of a plural unit: fds -> fd, addresses ->
+// address, cores -> core.
+func singular(unit string) string {
+	switch {
+	case strings.HasSuffix(unit, "sses"), strings.HasSuffix(unit, "shes"), strings.HasSuffix(unit, "ches"):
+		return strings.TrimSuffix(unit, "es")
+	case strings.HasSuffix(unit, "ss"):
+		return unit
+	}
+	return strings.TrimSuffix(unit, "s")
+}
+
+// humanNum is a number for people: integers as integers, small numbers
+// with two or three significant digits, others with at most one decimal,
+// from 1000 on none; never in exponent form.
+func humanNum(x float64) string {
+	switch {
+	case math.IsNaN(x) || math.IsInf(x, 0):
+		return "unknown"
+	case x == math.Trunc(x) && math.Abs(x) < 1e15:
+		return strconv.FormatInt(int64(x), 10)
+	}
+	a, prec := math.Abs(x), 0
+	switch {
+	case a < 0.01:
+		prec = 4
+	case a < 0.1:
+		prec = 3
+	case a < 10:
+		prec = 2
+	case a < 1000:
+		prec = 1
+	}
+	s := strconv.FormatFloat(x, 'f', prec, 64)
+	if strings.Contains(s, ".") {
+		s = strings.TrimRight(strings.TrimRight(s, "0"), ".")
+	}
+	return s
+}
+
+func humanBytes(b float64) string {
+	for _, u := range []struct {
+		size float64
+		name string
+	}{{1 << 40, "TiB"}, {1 << 30, "GiB"}, {1 << 20, "MiB"}, {1 << 10, "KiB"}} {
+		if math.Abs(b) >= u.size {
+			return humanNum(math.Round(b/u.size*10)/10) + " " + u.name
+		}
+	}
+	return humanNum(math.Round(b)) + " B"
+}
+
+// humanSeconds is a duration: "350 ms", "2.1 s", "4m30s".
+func humanSeconds(s float64) string {
+	d := time.Duration(s * float64(time.Second))
+	switch {
+	case math.IsNaN(s) || math.IsInf(s, 0):
+		return "unknown"
+	case math.Abs(s) >= 60:
+		return d.Round(time.Second).String()
+	case math.Abs(s) >= 1:
+		return humanNum(math.Round(s*10)/10) + " s"
+	case math.Abs(s) >= 0.001 || s == 0:
+		return humanNum(math.Round(s*1000)) + " ms"
+	}
+	return humanNum(math.Round(s*1e6)) + " µs"
+}
+
+func humanPercent(share float64) string {
+	p := 100 * share
+	if p != 0 && math.Abs(p) < 1 {
+		return humanNum(math.Round(p*10)/10) + "%"
+	}
+	return humanNum(math.Round(p)) + "%"
 }
 
 func cmdSnapshot(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -284,7 +408,8 @@ func cmdSnapshot(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		for _, l := range sg.Labels {
 			ls = append(ls, fmt.Sprintf("%s=%q", l.Name, l.Value))
 		}
-		fmt.Fprintf(stdout, "  %s{%s} %g\n", sg.Name, strings.Join(ls, ","), sg.Value)
+		// Exact, but never in exponent form: a byte count reads as digits.
+		fmt.Fprintf(stdout, "  %s{%s} %s\n", sg.Name, strings.Join(ls, ","), strconv.FormatFloat(sg.Value, 'f', -1, 64))
 	}
 	return nil
 }

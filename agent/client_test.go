@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/culprit-dev/culprit/internal/testenv"
@@ -33,7 +34,7 @@ func TestFindingPrinterText(t *testing.T) {
 	f3.Resolved = timestamppb.New(time.Unix(1005, 0))
 	p.event(&culpritv1.FindingEvent{Type: culpritv1.FindingEvent_TYPE_RESOLVED, Sequence: 3, Time: ts, Finding: f3})
 	out := b.String()
-	for _, want := range []string{"OPENED   critical accept_overflow", "cause:   queue full (app_not_accepting", "evidence: listen_overflows_total = 12 connections (threshold 1)",
+	for _, want := range []string{"OPENED   critical accept_overflow", "cause:   queue full (app_not_accepting", "evidence: listen_overflows_total = 12 connections (threshold 1 connection)",
 		"fix:     move blocking calls", "UPDATED  critical accept_overflow  20 dropped  [#2]", "RESOLVED", "resolved after 5s"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
@@ -44,6 +45,57 @@ func TestFindingPrinterText(t *testing.T) {
 	}
 	if len(p.shown) != 0 {
 		t.Errorf("printer still remembers %d resolved findings", len(p.shown))
+	}
+}
+
+// Evidence values read in human units by their unit, never as float
+// noise; --json keeps the exact numbers.
+func TestFindingPrinterEvidenceUnits(t *testing.T) {
+	ts := timestamppb.New(time.Unix(1000, 0))
+	f := &culpritv1.Finding{Id: "y", Rule: "heap_leak", Title: "t", Cause: "heap_leak", Severity: culpritv1.Severity_SEVERITY_WARNING, FirstSeen: ts,
+		Evidence: []*culpritv1.Evidence{
+			{Signal: "heap_inuse_bytes", Value: 4.8943905e+07, Unit: "bytes", Threshold: 33554432, Window: durationpb.New(15 * time.Second)},
+			{Signal: "heap_inuse_bytes", Value: 503316480, Unit: "bytes/min"},
+			{Signal: "cgroup_cpu_usage_seconds_total", Value: 0.06383225810000001, Unit: "cores"},
+			{Signal: "thread_blocked_seconds", Value: 0.27, Unit: "seconds", Threshold: 0.25},
+			{Signal: "share", Value: 0.9, Unit: "ratio", Threshold: 0.2},
+			{Signal: "p99 now / p99 before", Value: 3.24, Unit: "ratio", Threshold: 3},
+			{Signal: "drops", Value: 1, Unit: "connections"},
+			{Signal: "fds", Value: 2400.5, Unit: "fds/min"},
+			{Signal: "kills", Value: 1, Unit: "kills"},
+			{Signal: "addrs", Value: 1, Unit: "addresses"},
+			{Signal: "sigterm", Value: 12.34, Unit: "seconds since"},
+		}}
+	var b bytes.Buffer
+	p := &findingPrinter{w: &b}
+	p.finding(f)
+	out := b.String()
+	for _, want := range []string{
+		"heap_inuse_bytes = 46.7 MiB over 15 s (threshold 32 MiB)",
+		"heap_inuse_bytes = 480 MiB/min",
+		"cgroup_cpu_usage_seconds_total = 0.064 cores",
+		"thread_blocked_seconds = 270 ms (threshold 250 ms)",
+		"share = 90% (threshold 20%)",
+		"p99 now / p99 before = 3.24× (threshold 3×)",
+		"drops = 1 connection\n",
+		"fds = 2400 fds/min", // whole from 1000 on
+		"kills = 1 kill\n",
+		"addrs = 1 address\n",
+		"sigterm = 12.3 s since",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "e+") || strings.Contains(out, "000000") {
+		t.Errorf("float noise:\n%s", out)
+	}
+	b.Reset()
+	(&findingPrinter{w: &b, json: true}).finding(f)
+	for _, exact := range []string{`"value":48943905`, `"value":0.06383225810000001`} {
+		if !strings.Contains(b.String(), exact) {
+			t.Errorf("--json lacks %s: %s", exact, b.String())
+		}
 	}
 }
 

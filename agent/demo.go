@@ -61,6 +61,9 @@ type demo struct {
 	mu      sync.Mutex
 	reopen  *time.Timer
 	loadCtx context.Context
+	// The running worker faults by name: each is a group of its own on the
+	// pool, so faults overlap, and starting one again replaces only it.
+	faultRuns map[string]*faults.Group
 
 	// An async runtime's worker pool (worker-0..3) for the scheduler faults.
 	workers *faults.Workers
@@ -78,7 +81,7 @@ func newDemo(addr string, backlog int) (*demo, error) {
 		return nil, fmt.Errorf("demo service: %w", err)
 	}
 	d := &demo{l: l, addr: l.Addr().String(), gate: faults.NewGate(), loadCtx: context.Background(),
-		workers: faults.StartWorkers(4, "worker")}
+		workers: faults.StartWorkers(4, "worker"), faultRuns: map[string]*faults.Group{}}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "hello from the culprit demo")
@@ -142,7 +145,8 @@ func (d *demo) controlMux() *http.ServeMux {
                                                   while the heap shrinks (run the demo with GODEBUG=madvdontneed=0)
   POST /fault/leak-fds?n=10&every=1s&for=60s      open pipes and never close them
   POST /fault/release                             free all of it, and stop the worker faults
-  (the worker faults want GODEBUG=asyncpreemptoff=1 and GOMAXPROCS above 4, as "culprit agent" sets)
+  (the worker faults want GODEBUG=asyncpreemptoff=1 and GOMAXPROCS above 4, as "culprit agent" sets;
+   they run together, each for its own time from when it starts on a worker)
   POST /fault/block-worker?ms=800&for=20s         worker-1 makes a blocking call (nanosleep) every 50 ms
   POST /fault/spin-worker?for=10s                 worker-2 runs CPU work without yielding
   POST /fault/imbalance?for=20s                   worker-0 does all the work of the pool in short runs
@@ -178,19 +182,19 @@ func (d *demo) controlMux() *http.ServeMux {
 		fmt.Fprintf(w, "allocated and freed %d MiB of heap\n", mb)
 	})
 	mux.HandleFunc("POST /fault/block-worker", func(w http.ResponseWriter, r *http.Request) {
-		d.workerFault(w, r, 20*time.Second, func() {
+		d.workerFault(w, r, "block-worker", 20*time.Second, func(g *faults.Group) {
 			ms, _ := intParam(r, "ms", 800, 60000)
-			d.workers.Loop(1, func() { faults.BlockingCall(time.Duration(ms) * time.Millisecond); time.Sleep(50 * time.Millisecond) })
+			g.Loop(1, func() { faults.BlockingCall(time.Duration(ms) * time.Millisecond); time.Sleep(50 * time.Millisecond) })
 		}, "worker-1 blocks in nanosleep")
 	})
 	mux.HandleFunc("POST /fault/spin-worker", func(w http.ResponseWriter, r *http.Request) {
-		d.workerFault(w, r, 10*time.Second, func() { d.workers.HotLoopUntilStop(2) }, "worker-2 spins in faults.hotLoop")
+		d.workerFault(w, r, "spin-worker", 10*time.Second, func(g *faults.Group) { g.HotLoopUntilStop(2) }, "worker-2 spins in faults.hotLoop")
 	})
 	mux.HandleFunc("POST /fault/imbalance", func(w http.ResponseWriter, r *http.Request) {
-		d.workerFault(w, r, 20*time.Second, func() {
-			d.workers.Duty(0, 80)
+		d.workerFault(w, r, "imbalance", 20*time.Second, func(g *faults.Group) {
+			g.Duty(0, 80)
 			for i := 1; i < d.workers.Len(); i++ {
-				d.workers.Duty(i, 3)
+				g.Duty(i, 3)
 			}
 		}, "worker-0 busy 80%, its peers 3%")
 	})
@@ -348,9 +352,11 @@ func (d *demo) leakFDs(n int) {
 	}
 }
 
-// workerFault starts a fault on the demo's worker pool and stops it after
-// the "for" parameter (default def).
-func (d *demo) workerFault(w http.ResponseWriter, r *http.Request, def time.Duration, start func(), what string) {
+// workerFault starts the fault name on the demo's worker pool, in a group
+// of its own that stops after the "for" parameter (default def) counted
+// from when its first task begins. Other worker faults go on; the same
+// fault started again replaces the running one.
+func (d *demo) workerFault(w http.ResponseWriter, r *http.Request, name string, def time.Duration, start func(*faults.Group), what string) {
 	total, err := durParam(r, "for", def)
 	if err == nil {
 		_, err = intParam(r, "ms", 800, 60000)
@@ -359,9 +365,14 @@ func (d *demo) workerFault(w http.ResponseWriter, r *http.Request, def time.Dura
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	d.workers.Stop()
-	start()
-	time.AfterFunc(total, d.workers.Stop)
+	g := d.workers.NewGroup(total)
+	d.mu.Lock()
+	if old := d.faultRuns[name]; old != nil {
+		old.Stop()
+	}
+	d.faultRuns[name] = g
+	d.mu.Unlock()
+	start(g)
 	fmt.Fprintf(w, "%s for %s\n", what, total)
 }
 

@@ -146,7 +146,8 @@ func StatusToProto(s signals.Status) *culpritv1.ComponentStatus {
 
 // targetToProto describes the tracker's target; the process fields stay
 // empty while it is not found, because Tracker keeps the last process it
-// lost and showing that PID would point at a process that is gone.
+// lost and showing that PID would point at a process that is gone. The
+// reason says why instead.
 func targetToProto(t *target.Tracker) *culpritv1.Target {
 	if t == nil {
 		return nil
@@ -158,6 +159,8 @@ func targetToProto(t *target.Tracker) *culpritv1.Target {
 		out.Comm = p.Comm
 		out.Cmdline = p.Cmdline
 		out.NetnsInode = p.NetnsIno
+	} else {
+		out.Reason = t.Reason()
 	}
 	return out
 }

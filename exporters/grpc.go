@@ -2,6 +2,9 @@ package exporters
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
 	"log/slog"
 	"sort"
 	"sync"
@@ -38,6 +41,10 @@ type GRPCOptions struct {
 	Profiles ProfileSource
 	// MaxCapture bounds what CaptureProfile may be asked for.
 	MaxCapture time.Duration
+	// InstanceID names this run of the agent in every event, so a
+	// watcher's cursor (a sequence, which restarts with the process) is
+	// never taken for another run's. Empty: a random one.
+	InstanceID string
 }
 
 // GRPCServer serves culprit.v1.Diagnostics from the journal and the signal
@@ -55,6 +62,7 @@ type GRPCServer struct {
 	health     *health.Server
 	profiles   ProfileSource
 	maxCapture time.Duration
+	instance   string
 
 	stopOnce sync.Once
 	stopping chan struct{}
@@ -84,6 +92,9 @@ func NewGRPC(o GRPCOptions) *GRPCServer {
 	if o.MaxCapture <= 0 {
 		o.MaxCapture = time.Minute
 	}
+	if o.InstanceID == "" {
+		o.InstanceID = NewInstanceID()
+	}
 	return &GRPCServer{
 		journal:    o.Journal,
 		store:      o.Store,
@@ -94,9 +105,21 @@ func NewGRPC(o GRPCOptions) *GRPCServer {
 		health:     health.NewServer(),
 		profiles:   o.Profiles,
 		maxCapture: o.MaxCapture,
+		instance:   o.InstanceID,
 		stopping:   make(chan struct{}),
 	}
 }
+
+// NewInstanceID returns a random id for one run of the agent: 64 bits, so
+// two runs never share one in practice.
+func NewInstanceID() string {
+	var b [8]byte
+	rand.Read(b[:]) // never fails on Linux (getrandom)
+	return hex.EncodeToString(b[:])
+}
+
+// InstanceID is the id of this run, as sent in every event.
+func (g *GRPCServer) InstanceID() string { return g.instance }
 
 // Register adds Diagnostics, grpc.health.v1 and server reflection to s, so
 // that `grpcurl -plaintext host:port list` works with no proto files.
@@ -159,7 +182,7 @@ func (g *GRPCServer) WatchFindings(req *culpritv1.WatchRequest, stream grpc.Serv
 		return err
 	}
 	ctx := stream.Context()
-	log := g.log.With("peer", peerAddr(ctx), "since", req.GetSinceSequence())
+	log := g.log.With("peer", peerAddr(ctx), "since", req.GetSinceSequence(), "since_instance", req.GetInstanceId())
 	log.Debug("watcher connected")
 	defer log.Debug("watcher left")
 
@@ -169,15 +192,20 @@ func (g *GRPCServer) WatchFindings(req *culpritv1.WatchRequest, stream grpc.Serv
 	defer unsubscribe()
 
 	cursor := req.GetSinceSequence()
-	switch {
+	switch since := req.GetInstanceId(); {
 	case cursor == 0:
 		cursor, err = g.sendCurrent(stream, flt)
+	case since != "" && since != g.instance:
+		// Sequences restart with the process: the cursor counts another
+		// run's events, and following it would replay this run's from
+		// an unrelated number.
+		log.Info("watcher resumes from another run of the agent; telling it so", "instance", g.instance)
+		cursor, err = g.restarted(stream, flt, fmt.Sprintf("the agent restarted: sequence %d was issued by run %s, this is run %s", cursor, since, g.instance))
 	case cursor > g.journal.Sequence():
-		// A cursor from the future was handed out by an earlier run of
-		// the agent (sequences restart with the process); what it knew
-		// is gone, exactly as if it had fallen out of the ring.
+		// A cursor from the future without an instance id was handed
+		// out by an earlier run too; what it knew is gone.
 		log.Info("watcher resumes from a sequence this agent never issued; resynchronising", "journal_sequence", g.journal.Sequence())
-		cursor, err = g.resync(stream, flt, cursor)
+		cursor, err = g.restarted(stream, flt, fmt.Sprintf("sequence %d was never issued by this run of the agent (%s): it restarted", cursor, g.instance))
 	}
 	if err != nil {
 		return err
@@ -192,7 +220,7 @@ func (g *GRPCServer) WatchFindings(req *culpritv1.WatchRequest, stream grpc.Serv
 		evs, gap := g.journal.After(cursor, g.maxBatch)
 		if gap {
 			log.Info("watcher fell behind the journal; resynchronising", "cursor", cursor)
-			if cursor, err = g.resync(stream, flt, cursor); err != nil {
+			if cursor, err = g.resync(stream, flt, cursor, fmt.Sprintf("events after sequence %d left the journal (findings.history) before this client read them", cursor)); err != nil {
 				return err
 			}
 			continue
@@ -212,7 +240,7 @@ func (g *GRPCServer) WatchFindings(req *culpritv1.WatchRequest, stream grpc.Serv
 			if !flt.match(ev.Finding) {
 				continue
 			}
-			if err := stream.Send(EventToProto(ev)); err != nil {
+			if err := stream.Send(g.event(ev)); err != nil {
 				return sendErr(ctx, err)
 			}
 		}
@@ -234,7 +262,7 @@ func (g *GRPCServer) flush(stream grpc.ServerStreamingServer[culpritv1.FindingEv
 			if !flt.match(ev.Finding) {
 				continue
 			}
-			if err := stream.Send(EventToProto(ev)); err != nil {
+			if err := stream.Send(g.event(ev)); err != nil {
 				return errShuttingDown
 			}
 		}
@@ -255,10 +283,11 @@ func (g *GRPCServer) sendCurrent(stream grpc.ServerStreamingServer[culpritv1.Fin
 			continue
 		}
 		ev := &culpritv1.FindingEvent{
-			Type:     culpritv1.FindingEvent_TYPE_CURRENT,
-			Sequence: f.Sequence,
-			Time:     timestamp(f.LastSeen),
-			Finding:  FindingToProto(f),
+			Type:       culpritv1.FindingEvent_TYPE_CURRENT,
+			Sequence:   f.Sequence,
+			Time:       timestamp(f.LastSeen),
+			Finding:    FindingToProto(f),
+			InstanceId: g.instance,
 		}
 		if err := stream.Send(ev); err != nil {
 			return 0, sendErr(stream.Context(), err)
@@ -267,18 +296,49 @@ func (g *GRPCServer) sendCurrent(stream grpc.ServerStreamingServer[culpritv1.Fin
 	return seq, nil
 }
 
-// resync tells the client it missed events after cursor, then sends what
-// is open now.
-func (g *GRPCServer) resync(stream grpc.ServerStreamingServer[culpritv1.FindingEvent], flt filter, cursor uint64) (uint64, error) {
-	gapEv := &culpritv1.FindingEvent{
-		Type:     culpritv1.FindingEvent_TYPE_GAP,
-		Sequence: cursor + 1, // the first event the client will never see
-		Time:     timestamp(time.Now()),
-	}
-	if err := stream.Send(gapEv); err != nil {
-		return 0, sendErr(stream.Context(), err)
+// event converts a journal event of this run for the stream.
+func (g *GRPCServer) event(ev rules.Event) *culpritv1.FindingEvent {
+	pe := EventToProto(ev)
+	pe.InstanceId = g.instance
+	return pe
+}
+
+// resync tells the client it missed this run's events after cursor, then
+// sends what is open now.
+func (g *GRPCServer) resync(stream grpc.ServerStreamingServer[culpritv1.FindingEvent], flt filter, cursor uint64, why string) (uint64, error) {
+	if err := g.sendGap(stream, cursor+1, why); err != nil { // cursor+1: the first event the client will never see
+		return 0, err
 	}
 	return g.sendCurrent(stream, flt)
+}
+
+// restarted tells a client whose cursor came from another run that what
+// followed it is lost. It then gets this run from its first event when
+// the journal still holds them all (so not even a finding that opened
+// and resolved meanwhile is missed), else the open findings as CURRENT.
+// The returned cursor is where the stream goes on.
+func (g *GRPCServer) restarted(stream grpc.ServerStreamingServer[culpritv1.FindingEvent], flt filter, why string) (uint64, error) {
+	if err := g.sendGap(stream, 0, why); err != nil {
+		return 0, err
+	}
+	if _, gap := g.journal.After(0, 1); !gap {
+		return 0, nil // the loop replays from sequence 1
+	}
+	return g.sendCurrent(stream, flt)
+}
+
+func (g *GRPCServer) sendGap(stream grpc.ServerStreamingServer[culpritv1.FindingEvent], seq uint64, why string) error {
+	ev := &culpritv1.FindingEvent{
+		Type:       culpritv1.FindingEvent_TYPE_GAP,
+		Sequence:   seq,
+		Time:       timestamp(time.Now()),
+		InstanceId: g.instance,
+		Detail:     why,
+	}
+	if err := stream.Send(ev); err != nil {
+		return sendErr(stream.Context(), err)
+	}
+	return nil
 }
 
 // sendErr keeps a client that went away from looking like a server fault.
@@ -307,7 +367,7 @@ func (g *GRPCServer) ListFindings(_ context.Context, req *culpritv1.ListRequest)
 		return nil, err
 	}
 	open, seq := g.journal.Open()
-	resp := &culpritv1.ListResponse{Sequence: seq}
+	resp := &culpritv1.ListResponse{Sequence: seq, InstanceId: g.instance}
 	seen := make(map[string]int, len(open)) // id -> index in resp.Findings
 	for _, f := range open {
 		if flt.match(f) {
@@ -359,6 +419,7 @@ func (g *GRPCServer) GetSnapshot(context.Context, *culpritv1.SnapshotRequest) (*
 		Components: make([]*culpritv1.ComponentStatus, 0, len(sts)),
 		Sequence:   g.journal.Sequence(),
 		Version:    g.version,
+		InstanceId: g.instance,
 	}
 	for _, c := range cur {
 		snap.Signals = append(snap.Signals, SignalToProto(c))

@@ -43,6 +43,12 @@ type PromOptions struct {
 	Store   *signals.Store
 	Journal *rules.Journal
 	Log     *slog.Logger
+	// Listeners are the agent's capped listeners, exported as
+	// culprit_listener_connections{listener} and friends.
+	Listeners []*ConnLimiter
+	// MaxScrapes is the scrapes rendered at once (default 4); more are
+	// answered 503 at once, so a flood of scrapes costs no memory.
+	MaxScrapes int
 }
 
 // Prometheus is a prometheus.Collector that reads the store and the journal
@@ -61,6 +67,11 @@ type Prometheus struct {
 	componentUp    *prometheus.Desc
 	watchers       *prometheus.Desc
 	skipped        *prometheus.Desc
+	connsOpen      *prometheus.Desc
+	connsMax       *prometheus.Desc
+	connsClosed    *prometheus.Desc
+	listeners      []*ConnLimiter
+	maxScrapes     int
 	findingName    string
 	findingHelp    string
 	own            []string // fqNames of the metrics above
@@ -109,6 +120,14 @@ func NewPrometheus(o PromOptions) *Prometheus {
 		skipped: prometheus.NewDesc(fq("metrics_skipped_series"),
 			"Signal series left out of this scrape, by reason; nonzero means a collector declared a signal Prometheus cannot take as is.",
 			[]string{"reason"}, nil),
+		connsOpen: prometheus.NewDesc(fq("listener_connections"),
+			"Connections open on the agent's listener (by its config key).", []string{"listener"}, nil),
+		connsMax: prometheus.NewDesc(fq("listener_connections_max"),
+			"Connections the listener keeps open at most; beyond, the longest idle is closed or the new one refused.", []string{"listener"}, nil),
+		connsClosed: prometheus.NewDesc(fq("listener_connections_closed_total"),
+			"Connections the listener closed at its cap: evicted (idle, to make room) or refused (all busy).", []string{"listener", "reason"}, nil),
+		listeners:   o.Listeners,
+		maxScrapes:  o.MaxScrapes,
 		findingName: fq("finding_active"),
 		findingHelp: "1 for each open finding, labelled with its id, rule, severity, root cause, key and the rule's own labels.",
 		eventCounts: make(map[string]float64),
@@ -129,6 +148,13 @@ func (p *Prometheus) Collect(ch chan<- prometheus.Metric) {
 	p.collectStore(ch)
 	if p.journal != nil {
 		p.emit(ch, p.watchers, prometheus.GaugeValue, float64(p.journal.Watchers()))
+	}
+	for _, l := range p.listeners {
+		st := l.Stats()
+		p.emit(ch, p.connsOpen, prometheus.GaugeValue, float64(st.Open), st.Name)
+		p.emit(ch, p.connsMax, prometheus.GaugeValue, float64(st.Max), st.Name)
+		p.emit(ch, p.connsClosed, prometheus.CounterValue, float64(st.Evicted), st.Name, "evicted")
+		p.emit(ch, p.connsClosed, prometheus.CounterValue, float64(st.Refused), st.Name, "refused")
 	}
 }
 
@@ -435,11 +461,16 @@ func NewRegistry(p *Prometheus) *prometheus.Registry {
 // gather is logged and left out instead of failing the whole scrape.
 func (p *Prometheus) Handler(reg *prometheus.Registry) http.Handler {
 	log := slog.New(slog.DiscardHandler)
+	scrapes := 4
 	if p != nil {
 		log = p.log
+		if p.maxScrapes > 0 {
+			scrapes = p.maxScrapes
+		}
 	}
 	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{
-		ErrorLog:      slog.NewLogLogger(log.Handler(), slog.LevelError),
-		ErrorHandling: promhttp.ContinueOnError,
+		ErrorLog:            slog.NewLogLogger(log.Handler(), slog.LevelError),
+		ErrorHandling:       promhttp.ContinueOnError,
+		MaxRequestsInFlight: scrapes,
 	})
 }

@@ -2,7 +2,6 @@ package exporters
 
 import (
 	"context"
-	"crypto/subtle"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -12,42 +11,145 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/keepalive"
-	"google.golang.org/grpc/metadata"
-	"google.golang.org/grpc/status"
 )
 
 // ServerSecurity is how the gRPC API is protected ([agent] tls_* and
-// token_file in agent.conf).
+// token_file in agent.conf) and bounded.
 type ServerSecurity struct {
-	CertFile, KeyFile string // TLS; both or neither
-	ClientCAFile      string // mTLS: clients must present a certificate signed by it
-	TokenFile         string // bearer token clients must send ("authorization: Bearer ...")
-	MaxMessageBytes   int
+	CertFile, KeyFile string        // TLS; both or neither
+	ClientCAFile      string        // mTLS: clients must present a certificate signed by it
+	TokenFile         string        // bearer token clients must send ("authorization: Bearer ...")
+	MaxMessageBytes   int           // largest response (a snapshot, a profile)
 	KeepaliveTime     time.Duration // ping an idle client this often
 	KeepaliveTimeout  time.Duration // and drop it if it does not answer
+	// Exposed says the listener is reachable beyond loopback. Then
+	// GetSnapshot and CaptureProfile need a token or mTLS, whatever
+	// agent.allow_non_local says: it lets findings out, not the
+	// process's every signal and CPU profile.
+	Exposed bool
+	Limits  GRPCLimits
+	// Conns, when set, is the listener the server runs on: RPCs mark
+	// their connection busy so a flood of idle ones never evicts it.
+	Conns *ConnLimiter
 }
 
-// Protected reports whether the API needs credentials (TLS client
-// certificates or a token) or is at least encrypted.
-func (s ServerSecurity) Protected() bool { return s.CertFile != "" || s.TokenFile != "" }
+// GRPCLimits bound what one client can make the gRPC server hold before
+// (and after) it is authenticated. Zero fields take DefaultGRPCLimits.
+type GRPCLimits struct {
+	// MaxStreams is the concurrent streams of one connection.
+	MaxStreams uint32
+	// MaxHeaderBytes is the header list of one request (HTTP/2
+	// SETTINGS_MAX_HEADER_LIST_SIZE). It is enforced while the headers
+	// are decoded, so a huge value is refused at its length prefix.
+	MaxHeaderBytes uint32
+	// MaxRequestBytes is the largest request message; requests of most
+	// methods are tiny and get less (requestLimit).
+	MaxRequestBytes int
+	// ConnectionTimeout bounds a new connection's TLS and HTTP/2
+	// handshake: a connection that never speaks is closed after it.
+	ConnectionTimeout time.Duration
+	// MaxIdle closes a connection without streams after this long.
+	MaxIdle time.Duration
+	// MaxHeavyCalls is the GetSnapshot and CaptureProfile calls in
+	// progress at once; more are refused with RESOURCE_EXHAUSTED.
+	MaxHeavyCalls int
+}
+
+// DefaultGRPCLimits are the limits used for zero fields.
+func DefaultGRPCLimits() GRPCLimits {
+	return GRPCLimits{
+		MaxStreams:        16,
+		MaxHeaderBytes:    16 << 10,
+		MaxRequestBytes:   16 << 10,
+		ConnectionTimeout: 5 * time.Second,
+		MaxIdle:           5 * time.Minute,
+		MaxHeavyCalls:     4,
+	}
+}
+
+func (l GRPCLimits) withDefaults() GRPCLimits {
+	d := DefaultGRPCLimits()
+	if l.MaxStreams == 0 {
+		l.MaxStreams = d.MaxStreams
+	}
+	if l.MaxHeaderBytes == 0 {
+		l.MaxHeaderBytes = d.MaxHeaderBytes
+	}
+	if l.MaxRequestBytes <= 0 {
+		l.MaxRequestBytes = d.MaxRequestBytes
+	}
+	if l.ConnectionTimeout <= 0 {
+		l.ConnectionTimeout = d.ConnectionTimeout
+	}
+	if l.MaxIdle <= 0 {
+		l.MaxIdle = d.MaxIdle
+	}
+	if l.MaxHeavyCalls <= 0 {
+		l.MaxHeavyCalls = d.MaxHeavyCalls
+	}
+	return l
+}
+
+// Protected reports whether callers must prove who they are: a client
+// certificate (mTLS) or a bearer token. TLS alone encrypts but lets anyone
+// in, so it is not protection.
+func (s ServerSecurity) Protected() bool { return s.ClientCAFile != "" || s.TokenFile != "" }
 
 // ServerOptions turns the settings into grpc.ServerOptions. Files are read
 // once, here: a missing or bad one is an error naming it.
+//
+// Every bound applies before authentication: the header list is limited
+// while it is decoded, the token is checked by the tap handle before a
+// stream exists (so before any message is read), and a request is limited
+// in size before it is decoded. The interceptors check the token again, a
+// second line should a future grpc-go call handlers another way.
 func (s ServerSecurity) ServerOptions() ([]grpc.ServerOption, error) {
-	var opts []grpc.ServerOption
+	lim := s.Limits.withDefaults()
+	g := &gate{
+		exposed:       s.Exposed,
+		authenticated: s.Protected(),
+		maxHeavy:      int32(lim.MaxHeavyCalls),
+		maxRequest:    lim.MaxRequestBytes,
+	}
+	base := encoding.GetCodecV2(protoCodecName)
+	if base == nil {
+		return nil, errors.New("grpc-go registered no proto codec")
+	}
+	opts := []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(lim.MaxRequestBytes),
+		grpc.MaxHeaderListSize(lim.MaxHeaderBytes),
+		grpc.MaxConcurrentStreams(lim.MaxStreams),
+		grpc.ConnectionTimeout(lim.ConnectionTimeout),
+		// Fixed 64 KiB windows (the HTTP/2 default) turn off grpc-go's
+		// window growth by BDP estimation: requests are tiny, and a
+		// client must not earn megabytes of buffer per connection.
+		grpc.InitialWindowSize(64 << 10),
+		grpc.InitialConnWindowSize(64 << 10),
+		grpc.InTapHandle(g.tap),
+		grpc.StatsHandler(g),
+		grpc.ForceServerCodecV2(limitCodec{base: base, g: g}),
+		grpc.ChainUnaryInterceptor(g.unary),
+		grpc.ChainStreamInterceptor(g.stream),
+	}
+	if s.Conns != nil {
+		opts = append(opts, grpc.StatsHandler(s.Conns.GRPCStats()))
+	}
 	if s.MaxMessageBytes > 0 {
-		opts = append(opts, grpc.MaxRecvMsgSize(s.MaxMessageBytes), grpc.MaxSendMsgSize(s.MaxMessageBytes))
+		opts = append(opts, grpc.MaxSendMsgSize(s.MaxMessageBytes))
 	}
+	ka := keepalive.ServerParameters{MaxConnectionIdle: lim.MaxIdle}
 	if s.KeepaliveTime > 0 {
-		opts = append(opts, grpc.KeepaliveParams(keepalive.ServerParameters{Time: s.KeepaliveTime, Timeout: s.KeepaliveTimeout}),
-			// Watchers are long-lived and idle between events: let clients
-			// ping as often as every 10 s without being cut off.
-			grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}))
+		ka.Time, ka.Timeout = s.KeepaliveTime, s.KeepaliveTimeout
 	}
+	opts = append(opts, grpc.KeepaliveParams(ka),
+		// Watchers are long-lived and idle between events: let them ping
+		// as often as every 10 s. A connection without a stream has no
+		// reason to ping; one that does is told to go away.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: false}))
 	if (s.CertFile == "") != (s.KeyFile == "") {
 		return nil, errors.New("agent.tls_cert_file and agent.tls_key_file go together")
 	}
@@ -74,8 +176,7 @@ func (s ServerSecurity) ServerOptions() ([]grpc.ServerOption, error) {
 		if err != nil {
 			return nil, fmt.Errorf("agent.token_file: %w", err)
 		}
-		a := tokenAuth{token: []byte(token)}
-		opts = append(opts, grpc.ChainUnaryInterceptor(a.unary), grpc.ChainStreamInterceptor(a.stream))
+		g.token = []byte(token)
 	}
 	return opts, nil
 }
@@ -102,37 +203,6 @@ func readToken(file string) (string, error) {
 		return "", fmt.Errorf("%s: the token is shorter than 16 characters", file)
 	}
 	return t, nil
-}
-
-// tokenAuth checks "authorization: Bearer <token>". grpc.health.v1 stays
-// open, so a probe needs no secret.
-type tokenAuth struct{ token []byte }
-
-func (a tokenAuth) check(ctx context.Context, method string) error {
-	if strings.HasPrefix(method, "/grpc.health.v1.Health/") {
-		return nil
-	}
-	md, _ := metadata.FromIncomingContext(ctx)
-	for _, v := range md.Get("authorization") {
-		if got, ok := strings.CutPrefix(v, "Bearer "); ok && subtle.ConstantTimeCompare([]byte(got), a.token) == 1 {
-			return nil
-		}
-	}
-	return status.Error(codes.Unauthenticated, "missing or wrong bearer token (agent.token_file)")
-}
-
-func (a tokenAuth) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-	if err := a.check(ctx, info.FullMethod); err != nil {
-		return nil, err
-	}
-	return h(ctx, req)
-}
-
-func (a tokenAuth) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-	if err := a.check(ss.Context(), info.FullMethod); err != nil {
-		return err
-	}
-	return h(srv, ss)
 }
 
 // ClientSecurity is what the CLI needs to reach a protected agent.

@@ -101,7 +101,7 @@ func (r *Resolver) Alive(p Process) bool {
 func (r *Resolver) describe(pid int) (Process, error) {
 	proc, err := r.fs.Proc(pid)
 	if err != nil {
-		return Process{}, fmt.Errorf("pid %d: %w", pid, ErrNotFound)
+		return Process{}, fmt.Errorf("pid %d: no such process in the agent's PID namespace (a sidecar needs shareProcessNamespace): %w", pid, ErrNotFound)
 	}
 	st, err := proc.Stat()
 	if err != nil {
@@ -115,6 +115,9 @@ func (r *Resolver) describe(pid int) (Process, error) {
 		p.Cmdline = strings.Join(args, " ")
 	}
 	ino, err := nsInode(filepath.Join(r.root, strconv.Itoa(pid), "ns", "net"))
+	if errors.Is(err, os.ErrPermission) {
+		return Process{}, fmt.Errorf("pid %d runs as another user and the agent lacks CAP_SYS_PTRACE to read its namespaces: %w", pid, err)
+	}
 	if err != nil {
 		return Process{}, fmt.Errorf("pid %d: network namespace: %w", pid, err)
 	}
@@ -163,17 +166,22 @@ func (r *Resolver) byCmd(re *regexp.Regexp) (Process, error) {
 	}
 	var best Process
 	found := false
+	var lastErr error // why a match could not be watched
 	for pid := range matches {
 		if wrappers[pid] {
 			continue
 		}
 		p, err := r.describe(pid)
 		if err != nil {
+			lastErr = err
 			continue
 		}
 		if !found || p.StartTime < best.StartTime || (p.StartTime == best.StartTime && p.PID < best.PID) {
 			best, found = p, true
 		}
+	}
+	if !found && lastErr != nil {
+		return Process{}, fmt.Errorf("processes match %q but none can be watched: %w", re.String(), lastErr)
 	}
 	if !found {
 		return Process{}, fmt.Errorf("no process matches %q: %w", re.String(), ErrNotFound)
@@ -203,26 +211,36 @@ func (r *Resolver) byPort(port int) (Process, error) {
 	if err != nil {
 		return Process{}, fmt.Errorf("list processes: %w", err)
 	}
+	denied := false // some process's fd table was unreadable
 	for _, proc := range procs {
 		if proc.PID == r.self {
 			continue
 		}
-		if ownsSocket(filepath.Join(r.root, strconv.Itoa(proc.PID), "fd"), inodes) {
+		owns, err := ownsSocket(filepath.Join(r.root, strconv.Itoa(proc.PID), "fd"), inodes)
+		if errors.Is(err, os.ErrPermission) {
+			denied = true
+		}
+		if owns {
 			return r.describe(proc.PID)
 		}
 	}
-	return Process{}, fmt.Errorf("port %d listens but no visible process owns it (missing CAP_SYS_PTRACE, or another PID namespace): %w", port, ErrNotFound)
+	if denied {
+		return Process{}, fmt.Errorf("port %d listens, but /proc/PID/fd of other users' processes is unreadable: missing CAP_SYS_PTRACE: %w", port, ErrNotFound)
+	}
+	return Process{}, fmt.Errorf("port %d listens but no process of the agent's PID namespace owns it: the owner is in another PID namespace (a sidecar needs shareProcessNamespace): %w", port, ErrNotFound)
 }
 
-func ownsSocket(fdDir string, inodes map[uint64]bool) bool {
+// ownsSocket reports whether the fd table fdDir holds one of inodes; the
+// error says why it could not be read.
+func ownsSocket(fdDir string, inodes map[uint64]bool) (bool, error) {
 	d, err := os.Open(fdDir)
 	if err != nil {
-		return false
+		return false, err
 	}
 	defer d.Close()
 	names, err := d.Readdirnames(-1)
 	if err != nil {
-		return false
+		return false, err
 	}
 	for _, n := range names {
 		link, err := os.Readlink(filepath.Join(fdDir, n))
@@ -231,10 +249,10 @@ func ownsSocket(fdDir string, inodes map[uint64]bool) bool {
 		}
 		ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 64)
 		if err == nil && inodes[ino] {
-			return true
+			return true, nil
 		}
 	}
-	return false
+	return false, nil
 }
 
 // SocketInodes returns the inodes of every socket the process holds open,
@@ -274,6 +292,7 @@ type Tracker struct {
 	cur     Process
 	ok      bool
 	changes uint64
+	reason  string // why the last resolve failed; "" while the target is watched
 }
 
 // NewTracker follows the process sel names, checking every interval.
@@ -295,6 +314,14 @@ func (t *Tracker) Changes() uint64 {
 	return t.changes
 }
 
+// Reason says why the target is not watched: the last failure to find or
+// read it ("" while it is watched).
+func (t *Tracker) Reason() string {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.reason
+}
+
 // Selector returns what the tracker looks for.
 func (t *Tracker) Selector() Selector { return t.sel }
 
@@ -313,10 +340,15 @@ func (t *Tracker) Refresh() {
 		if t.ok {
 			t.log.Warn("target gone; looking for it again", "target", t.cur.String(), "selector", t.sel.String())
 		}
+		// Said once per reason, not every refind_interval.
+		if reason := strings.TrimSuffix(err.Error(), ": "+ErrNotFound.Error()); reason != t.reason {
+			t.log.Warn("target cannot be watched", "selector", t.sel.String(), "reason", reason)
+			t.reason = reason
+		}
 		t.ok = false
 		return
 	}
-	t.cur, t.ok = p, true
+	t.cur, t.ok, t.reason = p, true, ""
 	t.changes++
 	t.log.Info("watching target", "pid", p.PID, "comm", p.Comm, "cmdline", p.Cmdline, "netns", p.NetnsIno)
 }

@@ -21,15 +21,20 @@ import (
 // GODEBUG=asyncpreemptoff=1 and more GOMAXPROCS than busy workers: see
 // HotLoop.
 type Workers struct {
+	// gen: every loop runs while it holds the value the loop started
+	// with. An int64 read with atomic.LoadInt64, not an atomic.Int64: under
+	// -race the method is a call with a stack check, a preemption point
+	// that hotLoop must not have. First field, for 64-bit alignment.
+	gen    int64
 	TIDs   []int
 	queues []chan func()
-	gen    atomic.Int64 // loops run while it equals the value they started with
+	def    *Group // the loops started by Workers' own Loop, Duty and HotLoopUntilStop
 }
 
 // StartWorkers starts n workers named prefix-i.
 func StartWorkers(n int, prefix string) *Workers {
-	startClock()
 	w := &Workers{TIDs: make([]int, n), queues: make([]chan func(), n)}
+	w.def = w.NewGroup(0)
 	var wg sync.WaitGroup
 	for i := range n {
 		w.queues[i] = make(chan func(), 16)
@@ -56,36 +61,87 @@ func (w *Workers) Submit(i int, f func()) { w.queues[i] <- f }
 
 // Loop runs body on worker i again and again, each run a task of its own,
 // until Stop.
-func (w *Workers) Loop(i int, body func()) {
-	g := w.gen.Load()
-	var again func()
-	again = func() {
-		if w.gen.Load() != g {
-			return
-		}
-		body()
-		select {
-		case w.queues[i] <- again:
-		default: // queue full: the loop ends rather than block the worker
-		}
-	}
-	w.queues[i] <- again
-}
+func (w *Workers) Loop(i int, body func()) { w.def.Loop(i, body) }
 
-// Stop ends every Loop and every HotLoopUntilStop.
-func (w *Workers) Stop() { w.gen.Add(1) }
+// Stop ends every loop of the pool, its groups' too.
+func (w *Workers) Stop() { atomic.AddInt64(&w.gen, 1) }
 
 // HotLoopUntilStop runs HotLoop until Stop, in one task that never yields.
-func (w *Workers) HotLoopUntilStop(i int) {
-	g := w.gen.Load()
-	w.Submit(i, func() { Sink.Add(hotLoop(time.Hour, &w.gen, g)) })
-}
+func (w *Workers) HotLoopUntilStop(i int) { w.def.HotLoopUntilStop(i) }
 
 // Duty keeps worker i busy pct% of every 10 ms in short runs that yield,
 // until Stop.
-func (w *Workers) Duty(i, pct int) {
+func (w *Workers) Duty(i, pct int) { w.def.Duty(i, pct) }
+
+// Group is a set of loops on the pool that stop together, and apart from
+// the pool's other loops: one fault, so that faults can overlap and each
+// ends on its own time.
+type Group struct {
+	gen   int64 // as Workers.gen
+	w     *Workers
+	after time.Duration
+	once  sync.Once
+}
+
+// NewGroup returns a group whose loops run until its Stop or the pool's,
+// or for d after its first task begins on a worker (not after this call:
+// a worker busy with another fault's task may take it up later, and a
+// fault "for 10s" should hold its worker 10 s). d = 0: until stopped.
+func (w *Workers) NewGroup(d time.Duration) *Group { return &Group{w: w, after: d} }
+
+// Stop ends the group's loops.
+func (g *Group) Stop() { atomic.AddInt64(&g.gen, 1) }
+
+// running says whether neither the pool nor the group stopped since they
+// held pg and gg.
+func (g *Group) running(pg, gg int64) bool {
+	return atomic.LoadInt64(&g.w.gen) == pg && atomic.LoadInt64(&g.gen) == gg
+}
+
+// begin arms the group's timer, at its first task.
+func (g *Group) begin() {
+	if g.after > 0 {
+		g.once.Do(func() { time.AfterFunc(g.after, g.Stop) })
+	}
+}
+
+// Loop runs body on worker i again and again, each run a task of its own,
+// until the group or the pool stops.
+func (g *Group) Loop(i int, body func()) {
+	pg, gg := atomic.LoadInt64(&g.w.gen), atomic.LoadInt64(&g.gen)
+	var again func()
+	again = func() {
+		if !g.running(pg, gg) {
+			return
+		}
+		g.begin()
+		body()
+		select {
+		case g.w.queues[i] <- again:
+		default: // queue full: the loop ends rather than block the worker
+		}
+	}
+	g.w.queues[i] <- again
+}
+
+// HotLoopUntilStop runs HotLoop on worker i until the group or the pool
+// stops, in one task that never yields.
+func (g *Group) HotLoopUntilStop(i int) {
+	pg, gg := atomic.LoadInt64(&g.w.gen), atomic.LoadInt64(&g.gen)
+	g.w.Submit(i, func() {
+		if !g.running(pg, gg) {
+			return
+		}
+		g.begin()
+		Sink.Add(hotLoop(forever, &g.w.gen, pg, &g.gen, gg))
+	})
+}
+
+// Duty keeps worker i busy pct% of every 10 ms in short runs that yield,
+// until the group or the pool stops.
+func (g *Group) Duty(i, pct int) {
 	busy := time.Duration(pct) * 100 * time.Microsecond
-	w.Loop(i, func() {
+	g.Loop(i, func() {
 		Sink.Add(HotLoop(busy))
 		time.Sleep(10*time.Millisecond - busy)
 	})
@@ -94,53 +150,27 @@ func (w *Workers) Duty(i, pct int) {
 // Sink keeps HotLoop's result alive.
 var Sink atomic.Uint64
 
-var never atomic.Int64
+var never int64
 
-// HotLoop burns CPU for about d without a system call and without giving
-// its thread back: a CPU-heavy task on an async worker, which runs until it
-// is done. It is its own function, never inlined, so a CPU profile names
-// it.
+// forever is a hot loop's duration when only Stop ends it: a century, which
+// still adds to a monotonic clock without overflow.
+const forever = 100 * 365 * 24 * time.Hour
+
+// HotLoop burns CPU for about d without giving its thread back: a
+// CPU-heavy task on an async worker, which runs until it is done. It is
+// its own function, never inlined, so a CPU profile names it.
 //
-// The loop makes no function call: Go's scheduler preempts a goroutine at
-// calls (or by signal, unless GODEBUG=asyncpreemptoff=1), and a preempted
-// goroutine on a locked thread puts the thread to sleep until it is
-// scheduled again, which is not what a Tokio worker does.
+// The loop makes no call that can preempt it: Go's scheduler preempts a
+// goroutine at the stack check of a function call (or by signal, unless
+// GODEBUG=asyncpreemptoff=1), and a preempted goroutine on a locked thread
+// puts the thread to sleep until it is scheduled again, which is not what
+// a Tokio worker does. Yet a goroutine that never stops hangs the whole
+// process at the next stop-the-world (a GC, a goroutine profile): see
+// hotLoop (hotloop.go; hotloop_race.go under -race) for how the loop lets
+// the world stop without it.
 //
 //go:noinline
-func HotLoop(d time.Duration) uint64 { return hotLoop(d, &never, 0) }
-
-//go:noinline
-func hotLoop(d time.Duration, gen *atomic.Int64, g int64) uint64 {
-	end := clockMillis.Load() + d.Milliseconds()
-	x := uint64(88172645463325252)
-	for clockMillis.Load() < end && gen.Load() == g {
-		for i := 0; i < 10000; i++ {
-			x ^= x << 13
-			x ^= x >> 7
-			x ^= x << 17
-		}
-	}
-	return x
-}
-
-// clockMillis is the time in milliseconds, kept by a goroutine of its own:
-// HotLoop reads it with an atomic load, which is not a call.
-var (
-	clockMillis atomic.Int64
-	clockOnce   sync.Once
-)
-
-func startClock() {
-	clockOnce.Do(func() {
-		clockMillis.Store(time.Now().UnixMilli())
-		go func() {
-			for {
-				clockMillis.Store(time.Now().UnixMilli())
-				time.Sleep(time.Millisecond)
-			}
-		}()
-	})
-}
+func HotLoop(d time.Duration) uint64 { return hotLoop(d, &never, 0, &never, 0) }
 
 // BlockingCall sleeps in the kernel for d, as a blocking driver call (a
 // DNS lookup, fsync, a sync database client) does. Its own function, never

@@ -513,11 +513,19 @@ func (x *Finding) GetLabels() map[string]string {
 }
 
 type FindingEvent struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Type          FindingEvent_Type      `protobuf:"varint,1,opt,name=type,proto3,enum=culprit.v1.FindingEvent_Type" json:"type,omitempty"`
-	Sequence      uint64                 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`
-	Time          *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
-	Finding       *Finding               `protobuf:"bytes,4,opt,name=finding,proto3" json:"finding,omitempty"` // unset for GAP
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Type  FindingEvent_Type      `protobuf:"varint,1,opt,name=type,proto3,enum=culprit.v1.FindingEvent_Type" json:"type,omitempty"`
+	// For GAP: the first sequence of the client's run it will never get as
+	// an event, or 0 when the cursor came from another run.
+	Sequence uint64                 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	Time     *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=time,proto3" json:"time,omitempty"`
+	Finding  *Finding               `protobuf:"bytes,4,opt,name=finding,proto3" json:"finding,omitempty"` // unset for GAP
+	// The agent run that issued sequence: random, new at every start. Keep
+	// it with the sequence and send both to resume.
+	InstanceId string `protobuf:"bytes,5,opt,name=instance_id,json=instanceId,proto3" json:"instance_id,omitempty"`
+	// For GAP: why events were lost (the client fell behind the journal, or
+	// the agent restarted).
+	Detail        string `protobuf:"bytes,6,opt,name=detail,proto3" json:"detail,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -580,11 +588,29 @@ func (x *FindingEvent) GetFinding() *Finding {
 	return nil
 }
 
+func (x *FindingEvent) GetInstanceId() string {
+	if x != nil {
+		return x.InstanceId
+	}
+	return ""
+}
+
+func (x *FindingEvent) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
 type WatchRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SinceSequence uint64                 `protobuf:"varint,1,opt,name=since_sequence,json=sinceSequence,proto3" json:"since_sequence,omitempty"`
 	MinSeverity   Severity               `protobuf:"varint,2,opt,name=min_severity,json=minSeverity,proto3,enum=culprit.v1.Severity" json:"min_severity,omitempty"`
 	Rules         []string               `protobuf:"bytes,3,rep,name=rules,proto3" json:"rules,omitempty"` // empty: all
+	// The run since_sequence came from (FindingEvent.instance_id). Empty:
+	// since_sequence is taken to be this run's, as clients that predate
+	// instance ids expect; set it to be told about restarts.
+	InstanceId    string `protobuf:"bytes,4,opt,name=instance_id,json=instanceId,proto3" json:"instance_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -638,6 +664,13 @@ func (x *WatchRequest) GetRules() []string {
 		return x.Rules
 	}
 	return nil
+}
+
+func (x *WatchRequest) GetInstanceId() string {
+	if x != nil {
+		return x.InstanceId
+	}
+	return ""
 }
 
 type ListRequest struct {
@@ -703,7 +736,8 @@ func (x *ListRequest) GetRules() []string {
 type ListResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Findings      []*Finding             `protobuf:"bytes,1,rep,name=findings,proto3" json:"findings,omitempty"`
-	Sequence      uint64                 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"` // the journal sequence this list is current as of
+	Sequence      uint64                 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`                      // the journal sequence this list is current as of
+	InstanceId    string                 `protobuf:"bytes,3,opt,name=instance_id,json=instanceId,proto3" json:"instance_id,omitempty"` // the run that issued sequence
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -750,6 +784,13 @@ func (x *ListResponse) GetSequence() uint64 {
 		return x.Sequence
 	}
 	return 0
+}
+
+func (x *ListResponse) GetInstanceId() string {
+	if x != nil {
+		return x.InstanceId
+	}
+	return ""
 }
 
 type GetFindingRequest struct {
@@ -1053,13 +1094,17 @@ func (x *ComponentStatus) GetSince() *timestamppb.Timestamp {
 }
 
 type Target struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Pid           int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
-	Comm          string                 `protobuf:"bytes,2,opt,name=comm,proto3" json:"comm,omitempty"`
-	Cmdline       string                 `protobuf:"bytes,3,opt,name=cmdline,proto3" json:"cmdline,omitempty"`
-	NetnsInode    uint64                 `protobuf:"varint,4,opt,name=netns_inode,json=netnsInode,proto3" json:"netns_inode,omitempty"`
-	Selector      string                 `protobuf:"bytes,5,opt,name=selector,proto3" json:"selector,omitempty"`
-	Found         bool                   `protobuf:"varint,6,opt,name=found,proto3" json:"found,omitempty"`
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	Pid        int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
+	Comm       string                 `protobuf:"bytes,2,opt,name=comm,proto3" json:"comm,omitempty"`
+	Cmdline    string                 `protobuf:"bytes,3,opt,name=cmdline,proto3" json:"cmdline,omitempty"`
+	NetnsInode uint64                 `protobuf:"varint,4,opt,name=netns_inode,json=netnsInode,proto3" json:"netns_inode,omitempty"`
+	Selector   string                 `protobuf:"bytes,5,opt,name=selector,proto3" json:"selector,omitempty"`
+	Found      bool                   `protobuf:"varint,6,opt,name=found,proto3" json:"found,omitempty"`
+	// While not found: why (no process matches; missing CAP_SYS_PTRACE to
+	// read another user's /proc/PID/fd; the owner is in another PID
+	// namespace; ...).
+	Reason        string `protobuf:"bytes,7,opt,name=reason,proto3" json:"reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1136,6 +1181,13 @@ func (x *Target) GetFound() bool {
 	return false
 }
 
+func (x *Target) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type Snapshot struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Time          *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=time,proto3" json:"time,omitempty"`
@@ -1144,6 +1196,7 @@ type Snapshot struct {
 	Components    []*ComponentStatus     `protobuf:"bytes,4,rep,name=components,proto3" json:"components,omitempty"`
 	Sequence      uint64                 `protobuf:"varint,5,opt,name=sequence,proto3" json:"sequence,omitempty"`
 	Version       string                 `protobuf:"bytes,6,opt,name=version,proto3" json:"version,omitempty"`
+	InstanceId    string                 `protobuf:"bytes,7,opt,name=instance_id,json=instanceId,proto3" json:"instance_id,omitempty"` // the run that issued sequence
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1216,6 +1269,13 @@ func (x *Snapshot) GetSequence() uint64 {
 func (x *Snapshot) GetVersion() string {
 	if x != nil {
 		return x.Version
+	}
+	return ""
+}
+
+func (x *Snapshot) GetInstanceId() string {
+	if x != nil {
+		return x.InstanceId
 	}
 	return ""
 }
@@ -1404,30 +1464,37 @@ const file_diagnostics_proto_rawDesc = "" +
 	"\x06labels\x18\x12 \x03(\v2\x1f.culprit.v1.Finding.LabelsEntryR\x06labels\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xb0\x02\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xe9\x02\n" +
 	"\fFindingEvent\x121\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x1d.culprit.v1.FindingEvent.TypeR\x04type\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12.\n" +
 	"\x04time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12-\n" +
-	"\afinding\x18\x04 \x01(\v2\x13.culprit.v1.FindingR\afinding\"r\n" +
+	"\afinding\x18\x04 \x01(\v2\x13.culprit.v1.FindingR\afinding\x12\x1f\n" +
+	"\vinstance_id\x18\x05 \x01(\tR\n" +
+	"instanceId\x12\x16\n" +
+	"\x06detail\x18\x06 \x01(\tR\x06detail\"r\n" +
 	"\x04Type\x12\x14\n" +
 	"\x10TYPE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vTYPE_OPENED\x10\x01\x12\x10\n" +
 	"\fTYPE_UPDATED\x10\x02\x12\x11\n" +
 	"\rTYPE_RESOLVED\x10\x03\x12\x10\n" +
 	"\fTYPE_CURRENT\x10\x04\x12\f\n" +
-	"\bTYPE_GAP\x10\x05\"\x84\x01\n" +
+	"\bTYPE_GAP\x10\x05\"\xa5\x01\n" +
 	"\fWatchRequest\x12%\n" +
 	"\x0esince_sequence\x18\x01 \x01(\x04R\rsinceSequence\x127\n" +
 	"\fmin_severity\x18\x02 \x01(\x0e2\x14.culprit.v1.SeverityR\vminSeverity\x12\x14\n" +
-	"\x05rules\x18\x03 \x03(\tR\x05rules\"\x87\x01\n" +
+	"\x05rules\x18\x03 \x03(\tR\x05rules\x12\x1f\n" +
+	"\vinstance_id\x18\x04 \x01(\tR\n" +
+	"instanceId\"\x87\x01\n" +
 	"\vListRequest\x12)\n" +
 	"\x10include_resolved\x18\x01 \x01(\bR\x0fincludeResolved\x127\n" +
 	"\fmin_severity\x18\x02 \x01(\x0e2\x14.culprit.v1.SeverityR\vminSeverity\x12\x14\n" +
-	"\x05rules\x18\x03 \x03(\tR\x05rules\"[\n" +
+	"\x05rules\x18\x03 \x03(\tR\x05rules\"|\n" +
 	"\fListResponse\x12/\n" +
 	"\bfindings\x18\x01 \x03(\v2\x13.culprit.v1.FindingR\bfindings\x12\x1a\n" +
-	"\bsequence\x18\x02 \x01(\x04R\bsequence\"#\n" +
+	"\bsequence\x18\x02 \x01(\x04R\bsequence\x12\x1f\n" +
+	"\vinstance_id\x18\x03 \x01(\tR\n" +
+	"instanceId\"#\n" +
 	"\x11GetFindingRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"\x11\n" +
 	"\x0fSnapshotRequest\"1\n" +
@@ -1447,7 +1514,7 @@ const file_diagnostics_proto_rawDesc = "" +
 	"\x05state\x18\x03 \x01(\tR\x05state\x12\x16\n" +
 	"\x06detail\x18\x04 \x01(\tR\x06detail\x12\x12\n" +
 	"\x04lost\x18\x05 \x03(\tR\x04lost\x120\n" +
-	"\x05since\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\x9b\x01\n" +
+	"\x05since\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x05since\"\xb3\x01\n" +
 	"\x06Target\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04comm\x18\x02 \x01(\tR\x04comm\x12\x18\n" +
@@ -1455,7 +1522,8 @@ const file_diagnostics_proto_rawDesc = "" +
 	"\vnetns_inode\x18\x04 \x01(\x04R\n" +
 	"netnsInode\x12\x1a\n" +
 	"\bselector\x18\x05 \x01(\tR\bselector\x12\x14\n" +
-	"\x05found\x18\x06 \x01(\bR\x05found\"\x87\x02\n" +
+	"\x05found\x18\x06 \x01(\bR\x05found\x12\x16\n" +
+	"\x06reason\x18\a \x01(\tR\x06reason\"\xa8\x02\n" +
 	"\bSnapshot\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12*\n" +
 	"\x06target\x18\x02 \x01(\v2\x12.culprit.v1.TargetR\x06target\x12,\n" +
@@ -1464,7 +1532,9 @@ const file_diagnostics_proto_rawDesc = "" +
 	"components\x18\x04 \x03(\v2\x1b.culprit.v1.ComponentStatusR\n" +
 	"components\x12\x1a\n" +
 	"\bsequence\x18\x05 \x01(\x04R\bsequence\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\tR\aversion\"\x99\x01\n" +
+	"\aversion\x18\x06 \x01(\tR\aversion\x12\x1f\n" +
+	"\vinstance_id\x18\a \x01(\tR\n" +
+	"instanceId\"\x99\x01\n" +
 	"\x15CaptureProfileRequest\x125\n" +
 	"\bduration\x18\x01 \x01(\v2\x19.google.protobuf.DurationR\bduration\x125\n" +
 	"\blookback\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\blookback\x12\x12\n" +

@@ -35,10 +35,14 @@ const (
 type DiagnosticsClient interface {
 	// Streams finding events. With since_sequence = 0 the stream starts with
 	// one CURRENT event per open finding, then follows live. With
-	// since_sequence = N it replays every event after N still in the agent's
-	// journal (no loss, no repeats), then follows live; if some were already
-	// dropped from the journal it sends one GAP event followed by CURRENT
-	// events for what is open now.
+	// since_sequence = N and the instance_id of the run that issued N, it
+	// replays every event after N still in the agent's journal (no loss, no
+	// repeats), then follows live; if some were already dropped from the
+	// journal it sends one GAP event followed by CURRENT events for what is
+	// open now. Sequences restart with each run of the agent: a cursor from
+	// another run (instance_id differs) gets a GAP, then this run's events
+	// from its first when the journal still holds them all, else CURRENT
+	// events; never a replay of another run's numbers.
 	WatchFindings(ctx context.Context, in *WatchRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FindingEvent], error)
 	// Open findings, and recently resolved ones if asked.
 	ListFindings(ctx context.Context, in *ListRequest, opts ...grpc.CallOption) (*ListResponse, error)
@@ -127,10 +131,14 @@ func (c *diagnosticsClient) CaptureProfile(ctx context.Context, in *CaptureProfi
 type DiagnosticsServer interface {
 	// Streams finding events. With since_sequence = 0 the stream starts with
 	// one CURRENT event per open finding, then follows live. With
-	// since_sequence = N it replays every event after N still in the agent's
-	// journal (no loss, no repeats), then follows live; if some were already
-	// dropped from the journal it sends one GAP event followed by CURRENT
-	// events for what is open now.
+	// since_sequence = N and the instance_id of the run that issued N, it
+	// replays every event after N still in the agent's journal (no loss, no
+	// repeats), then follows live; if some were already dropped from the
+	// journal it sends one GAP event followed by CURRENT events for what is
+	// open now. Sequences restart with each run of the agent: a cursor from
+	// another run (instance_id differs) gets a GAP, then this run's events
+	// from its first when the journal still holds them all, else CURRENT
+	// events; never a replay of another run's numbers.
 	WatchFindings(*WatchRequest, grpc.ServerStreamingServer[FindingEvent]) error
 	// Open findings, and recently resolved ones if asked.
 	ListFindings(context.Context, *ListRequest) (*ListResponse, error)
