@@ -123,7 +123,9 @@ func cmdAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		defer demo.stop()
 		cfg.Target.PID = demo.pid
 		if cfg.Pprof.HeapURL == "" {
-			cfg.Pprof.HeapURL = "http://" + demoControl + "/debug/pprof/heap"
+			// gc=1: Go's heap profile is as of the last collection; without
+			// it a fast leak reads at a fraction of its rate.
+			cfg.Pprof.HeapURL = "http://" + demoControl + "/debug/pprof/heap?gc=1"
 		}
 		fmt.Fprintf(stdout, "No target given: watching the built-in demo (pid %d) on http://%s.\n"+
 			"Make it stop accepting and load it:  curl -s -XPOST 'http://%s/fault/stop-accepting?seconds=15&load=64'\n"+
@@ -164,6 +166,9 @@ type Agent struct {
 	OTLPGRPCAddr       string              // bound OTLP addresses, "" when off
 	OTLPHTTPAddr       string
 	Symbols            *symbolize.Symbolizer
+	// Owners tells whose a socket is, shared by the collectors and probes
+	// that label sockets with their owner.
+	Owners *target.SocketOwners
 
 	log     *slog.Logger
 	cancel  context.CancelFunc
@@ -198,11 +203,13 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		Profiles: signals.NewProfiles(cfg.Pprof.Keep),
 		Episodes: signals.NewEpisodes(cfg.Sched.MaxEpisodes),
 		Conns:    signals.NewConnEvents(cfg.Probes.MaxConnEvents),
-		Spans:    signals.NewSpans(cfg.Traces.MaxSpans),
+		Spans:    signals.NewSpansBounded(cfg.Traces.MaxSpans, cfg.Traces.MaxSpanBytes),
 		Samples:  signals.NewCPUSamples(cfg.Profiling.MaxSamples),
-		Symbols:  symbolize.New(symbolize.Options{ProcRoot: cfg.Collect.ProcRoot, Log: log.With("component", "symbolize")}),
-		log:      log,
-		cancel:   cancel,
+		Symbols: symbolize.New(symbolize.Options{ProcRoot: cfg.Collect.ProcRoot, Log: log.With("component", "symbolize"),
+			MaxPerfMapBytes: perfMapBytes(cfg.Profiling.MaxPerfMapBytes)}),
+		Owners: target.NewSocketOwners(cfg.Collect.ProcRoot, target.SocketOwnersOptions{}),
+		log:    log,
+		cancel: cancel,
 	}
 	a.Tracker = target.NewTracker(res, sel, cfg.Target.RefindInterval, log)
 	a.Tracker.Refresh()
@@ -225,6 +232,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	}
 	eo := cfg.Rules.Engine()
 	eo.Log = log.With("component", "rules")
+	eo.DetectRuntime = a.detectRuntime(cfg)
 	eo.Inputs = rules.Inputs{
 		Episodes: a.Episodes,
 		Spans:    a.Spans,
@@ -273,6 +281,7 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 			Log:        a.log.With("collector", name),
 			Interval:   interval,
 			MaxThreads: cfg.Collect.MaxThreads,
+			Owners:     a.Owners,
 		})
 		if err != nil {
 			return err
@@ -344,12 +353,18 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			PollInterval:    cfg.Probes.PollInterval,
 			MaxEntries:      uint32(cfg.Probes.MaxEntries),
 			RingBufferBytes: uint32(cfg.Probes.RingBufferBytes),
+			Owners:          a.Owners,
 		}
 	}
 	ps := []probes.Probe{
 		probes.NewTCPListen(opts("tcplisten")),
 		probes.NewTCPLife(opts("tcplife"), a.Conns),
-		probes.NewSignals(opts("signals")),
+		probes.NewProcSignals(opts("procsignals")),
+		probes.NewSockCalls(probes.SockCallsOptions{
+			Options:    opts("sockcalls"),
+			MaxSockets: uint32(cfg.SockCalls.MaxSockets),
+			MaxRemotes: cfg.SockCalls.MaxRemotes,
+		}),
 		probes.NewSched(probes.SchedOptions{
 			Options:    opts("sched"),
 			MinBlock:   cfg.Sched.MinBlock,
@@ -371,6 +386,10 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 	for _, p := range ps {
 		if p.Name() == "cpu_profile" && !cfg.Profiling.Enabled {
 			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "profiling.enabled = false", Lost: p.Lost()})
+			continue
+		}
+		if p.Name() == "sockcalls" && !cfg.SockCalls.Enabled {
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "sockcalls.enabled = false", Lost: p.Lost()})
 			continue
 		}
 		if !cfg.Probes.Enabled {
@@ -402,16 +421,24 @@ func (a *Agent) startTraces(cfg Config) {
 	}
 	log := a.log.With("component", "otlp")
 	if cfg.Traces.ForwardEndpoint != "" {
-		fw, err := traces.NewForwarder(cfg.Traces.ForwardEndpoint, cfg.Traces.ForwardQueue, a.Store, log)
+		fw, err := traces.NewForwarderOptions(traces.ForwardOptions{
+			Endpoint: cfg.Traces.ForwardEndpoint, Queue: cfg.Traces.ForwardQueue, QueueBytes: cfg.Traces.ForwardQueueBytes,
+			Store: a.Store, Log: log,
+		})
 		if err != nil {
 			log.Warn("cannot forward spans; receiving them only", "endpoint", cfg.Traces.ForwardEndpoint, "err", err)
 		} else {
 			a.forward = fw
 		}
 	}
+	t := cfg.Traces
 	r := traces.NewReceiver(traces.Options{
-		GRPCAddr: cfg.Traces.GRPCAddr, HTTPAddr: cfg.Traces.HTTPAddr, MaxRequestBytes: cfg.Traces.MaxRequestBytes,
-		Spans: a.Spans, Store: a.Store, Forward: a.forward, Log: log,
+		GRPCAddr: t.GRPCAddr, HTTPAddr: t.HTTPAddr,
+		MaxRequestBytes: t.MaxRequestBytes, MaxInflightBytes: t.MaxInflightBytes, InflightWait: t.InflightWait,
+		MaxConnections: t.MaxConnections, GRPCMaxStreams: t.GRPCMaxStreams, MaxHeaderBytes: t.MaxHeaderBytes,
+		HeaderTimeout: t.HeaderTimeout, ReadTimeout: t.ReadTimeout, WriteTimeout: t.WriteTimeout, IdleTimeout: t.IdleTimeout,
+		MaxStringBytes: t.MaxStringBytes,
+		Spans:          a.Spans, Store: a.Store, Forward: a.forward, Log: log,
 	})
 	if err := r.Start(); err != nil {
 		log.Warn("OTLP receiver unavailable; continuing without traces", "err", err, "lost", strings.Join(lost, "; "))
@@ -478,4 +505,29 @@ func (a *Agent) Stop(timeout time.Duration) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// perfMapBytes turns profiling.max_perf_map_bytes into the symbolizer's
+// option: 0 in the config turns perf maps off (the symbolizer reads 0 as
+// its default and a negative value as off).
+func perfMapBytes(n int) int64 {
+	if n == 0 {
+		return -1
+	}
+	return int64(n)
+}
+
+// detectRuntime tells the rules the target's runtime, once per target
+// process: a few ms of reading its executable and maps. What it was found
+// from is logged once, so a remedy in the wrong terms can be traced.
+func (a *Agent) detectRuntime(cfg Config) func(target.Process) target.Runtime {
+	return func(p target.Process) target.Runtime {
+		rt, err := target.DetectRuntime(cfg.Collect.ProcRoot, p.PID)
+		if err != nil {
+			a.log.Warn("runtime of the target unknown; remedies stay runtime-neutral", "pid", p.PID, "err", err)
+			return rt
+		}
+		a.log.Info("target runtime", "pid", p.PID, "runtime", rt.String(), "from", strings.Join(rt.Sources, "; "))
+		return rt
+	}
 }

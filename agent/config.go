@@ -42,6 +42,20 @@ type Config struct {
 		GRPCMaxMessage  int           `toml:"grpc_max_message_bytes" range:"[65536,1073741824]"`
 		GRPCKeepalive   time.Duration `toml:"grpc_keepalive" range:"[1s,24h]"`
 		ShutdownTimeout time.Duration `toml:"shutdown_timeout" range:"[0s,10m]"`
+
+		GRPCMaxConnections    int           `toml:"grpc_max_connections" range:"[1,65536]"`
+		GRPCMaxStreams        int           `toml:"grpc_max_streams" range:"[1,1024]"`
+		GRPCMaxHeaderBytes    int           `toml:"grpc_max_header_bytes" range:"[1024,1048576]"`
+		GRPCMaxRequestBytes   int           `toml:"grpc_max_request_bytes" range:"[1024,16777216]"`
+		GRPCConnectionTimeout time.Duration `toml:"grpc_connection_timeout" range:"[100ms,2m]"`
+		GRPCMaxIdle           time.Duration `toml:"grpc_max_idle" range:"[1s,24h]"`
+		GRPCMaxHeavyCalls     int           `toml:"grpc_max_heavy_calls" range:"[1,256]"`
+		HTTPMaxConnections    int           `toml:"http_max_connections" range:"[8,65536]"`
+		HTTPReadTimeout       time.Duration `toml:"http_read_timeout" range:"[100ms,10m]"`
+		HTTPWriteTimeout      time.Duration `toml:"http_write_timeout" range:"[100ms,10m]"`
+		HTTPIdleTimeout       time.Duration `toml:"http_idle_timeout" range:"[1s,1h]"`
+		HTTPMaxHeaderBytes    int           `toml:"http_max_header_bytes" range:"[1024,1048576]"`
+		HTTPMaxScrapes        int           `toml:"http_max_scrapes" range:"[1,64]"`
 	} `toml:"agent"`
 	Target struct {
 		PID            int           `toml:"pid" range:"[0,4194304]"`
@@ -72,6 +86,11 @@ type Config struct {
 		MaxStacks   int           `toml:"max_stacks" range:"[64,1048576]"`
 		MaxEpisodes int           `toml:"max_episodes" range:"[16,1048576]"`
 	} `toml:"sched"`
+	SockCalls struct {
+		Enabled    bool `toml:"enabled"`
+		MaxSockets int  `toml:"max_sockets" range:"[64,1048576]"`
+		MaxRemotes int  `toml:"max_remotes" range:"[1,4096]"`
+	} `toml:"sockcalls"`
 	Profiling struct {
 		Enabled       bool          `toml:"enabled"`
 		Frequency     int           `toml:"frequency" range:"[1,1000]"`
@@ -132,6 +151,19 @@ func DefaultConfig() Config {
 	c.Agent.ShutdownTimeout = 5 * time.Second
 	c.Agent.GRPCMaxMessage = 4 << 20
 	c.Agent.GRPCKeepalive = 30 * time.Second
+	c.Agent.GRPCMaxConnections = 64
+	c.Agent.GRPCMaxStreams = 16
+	c.Agent.GRPCMaxHeaderBytes = 16 << 10
+	c.Agent.GRPCMaxRequestBytes = 16 << 10
+	c.Agent.GRPCConnectionTimeout = 5 * time.Second
+	c.Agent.GRPCMaxIdle = 5 * time.Minute
+	c.Agent.GRPCMaxHeavyCalls = 4
+	c.Agent.HTTPMaxConnections = 256
+	c.Agent.HTTPReadTimeout = 10 * time.Second
+	c.Agent.HTTPWriteTimeout = 30 * time.Second
+	c.Agent.HTTPIdleTimeout = time.Minute
+	c.Agent.HTTPMaxHeaderBytes = 16 << 10
+	c.Agent.HTTPMaxScrapes = 4
 	c.Target.RefindInterval = 500 * time.Millisecond
 	c.Collect.Interval = time.Second
 	c.Collect.FastInterval = 100 * time.Millisecond
@@ -150,6 +182,9 @@ func DefaultConfig() Config {
 	c.Sched.MaxThreads = 4096
 	c.Sched.MaxStacks = 8192
 	c.Sched.MaxEpisodes = 1024
+	c.SockCalls.Enabled = true
+	c.SockCalls.MaxSockets = 16384
+	c.SockCalls.MaxRemotes = 64
 	c.Profiling.Enabled = true
 	c.Profiling.Frequency = 49
 	c.Profiling.MaxStacks = 8192

@@ -129,12 +129,21 @@ func TestRefusesNonLoopbackWithoutOptIn(t *testing.T) {
 	}
 }
 
-// A protected gRPC API (TLS or a token) may listen beyond loopback; the
-// metrics endpoint still needs the explicit opt-in.
+// A protected gRPC API (a token, or mTLS) may listen beyond loopback; TLS
+// alone authenticates no one and is not protection. The metrics endpoint
+// still needs the explicit opt-in.
 func TestNonLoopbackGRPCWithTokenOrTLS(t *testing.T) {
+	tlsOnly := DefaultConfig()
+	tlsOnly.Agent.GRPCAddr = "0.0.0.0:9462"
+	tlsOnly.Agent.TLSCertFile, tlsOnly.Agent.TLSKeyFile = "/tls/tls.crt", "/tls/tls.key"
+	if err := checkLocal(tlsOnly); err == nil || !strings.Contains(err.Error(), "agent.grpc_addr") {
+		t.Errorf("TLS without client auth or a token counted as protection: %v", err)
+	}
 	for _, protect := range []func(*Config){
 		func(c *Config) { c.Agent.TokenFile = "/run/secrets/culprit-token" },
-		func(c *Config) { c.Agent.TLSCertFile, c.Agent.TLSKeyFile = "/tls/tls.crt", "/tls/tls.key" },
+		func(c *Config) {
+			c.Agent.TLSCertFile, c.Agent.TLSKeyFile, c.Agent.TLSClientCAFile = "/tls/tls.crt", "/tls/tls.key", "/tls/ca.crt"
+		},
 	} {
 		cfg := DefaultConfig()
 		cfg.Agent.GRPCAddr = "0.0.0.0:9462"

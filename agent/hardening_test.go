@@ -880,7 +880,7 @@ func TestCheckLocalWantsAuthenticationNotTLS(t *testing.T) {
 // scales them down.
 func TestPlanFDsLeavesAReserve(t *testing.T) {
 	for _, limit := range []int{1 << 20, 20000, 4096, 1024, 600, 300} {
-		p := planFDs(limit, 64, 256, 2*otlpConnsPerListener)
+		p := planFDs(limit, 64, 256, 2*DefaultConfig().Traces.MaxConnections)
 		used := p.GRPC + p.HTTP + p.OTLP + 2*exporters.ConnCloseQueue
 		t.Logf("RLIMIT_NOFILE %d: reserve %d, gRPC %d, HTTP %d, OTLP %d (scaled %v)", limit, p.Reserve, p.GRPC, p.HTTP, p.OTLP, p.Scaled)
 		if p.Reserve < minFDReserve || p.Reserve < limit/4 {

@@ -23,19 +23,27 @@ type serverBounds struct {
 
 // serverLimits are the bounds the servers run with. They are the
 // exporters' defaults until agent.conf has keys for them.
-func serverLimits(Config) serverBounds {
+func serverLimits(cfg Config) serverBounds {
+	http := exporters.DefaultHTTPLimits()
+	http.MaxConns = cfg.Agent.HTTPMaxConnections
+	http.ReadTimeout = cfg.Agent.HTTPReadTimeout
+	http.WriteTimeout = cfg.Agent.HTTPWriteTimeout
+	http.IdleTimeout = cfg.Agent.HTTPIdleTimeout
+	http.MaxHeaderBytes = cfg.Agent.HTTPMaxHeaderBytes
 	return serverBounds{
-		GRPCConns: 64,
-		HTTPConns: exporters.DefaultHTTPLimits().MaxConns,
-		GRPC:      exporters.DefaultGRPCLimits(),
-		HTTP:      exporters.DefaultHTTPLimits(),
+		GRPCConns: cfg.Agent.GRPCMaxConnections,
+		HTTPConns: cfg.Agent.HTTPMaxConnections,
+		GRPC: exporters.GRPCLimits{
+			MaxStreams:        uint32(cfg.Agent.GRPCMaxStreams),
+			MaxHeaderBytes:    uint32(cfg.Agent.GRPCMaxHeaderBytes),
+			MaxRequestBytes:   cfg.Agent.GRPCMaxRequestBytes,
+			ConnectionTimeout: cfg.Agent.GRPCConnectionTimeout,
+			MaxIdle:           cfg.Agent.GRPCMaxIdle,
+			MaxHeavyCalls:     cfg.Agent.GRPCMaxHeavyCalls,
+		},
+		HTTP: http,
 	}
 }
-
-// The OTLP receiver's two listeners (traces/) are capped there
-// (traces.max_connections, default 64); they are counted at this many
-// connections each when the agent plans its file descriptors.
-const otlpConnsPerListener = 64
 
 // File descriptors the agent keeps for its own work (procfs reads,
 // netlink, eBPF maps and perf events, the heap puller) beyond what its
@@ -161,7 +169,11 @@ func (a *Agent) startServers(cfg Config) error {
 		a.log.Warn("file descriptor limit not raised; planning with the current one", "err", err)
 	}
 	if limit > 0 {
-		plan := planFDs(limit, b.GRPCConns, b.HTTPConns, 2*otlpConnsPerListener)
+		otlp := 0
+		if cfg.Traces.Enabled {
+			otlp = 2 * cfg.Traces.MaxConnections
+		}
+		plan := planFDs(limit, b.GRPCConns, b.HTTPConns, otlp)
 		b.GRPCConns, b.HTTPConns = plan.GRPC, plan.HTTP
 		log := a.log.Info
 		if plan.Scaled {
@@ -226,7 +238,7 @@ func (a *Agent) startServers(cfg Config) error {
 	})
 
 	prom := exporters.NewPrometheus(exporters.PromOptions{Store: a.Store, Journal: a.Journal, Log: a.log.With("component", "metrics"),
-		Listeners: []*exporters.ConnLimiter{glim, hlim}})
+		Listeners: []*exporters.ConnLimiter{glim, hlim}, MaxScrapes: cfg.Agent.HTTPMaxScrapes})
 	a.httpSrv = exporters.NewHTTPServer(a.httpMux(prom), b.HTTP, a.log.With("component", "http"))
 	a.goRun(func() {
 		if err := a.httpSrv.Serve(hlim); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -1,6 +1,6 @@
 package probes
 
-//go:generate go tool bpf2go -tags linux -target bpfel -type sig_key -type sig_stats procSignals ../bpf/signals.c -- -I../bpf/headers -I/usr/include -Wall -Werror -O2
+//go:generate go tool bpf2go -tags linux -target bpfel -type sig_key -type sig_stats procSignals ../bpf/procsignals.c -- -I../bpf/headers -I/usr/include -Wall -Werror -O2
 
 import (
 	"context"
@@ -19,25 +19,25 @@ var (
 		Help: "When the target last received the signal (Unix time), and from which process (sender)."}
 )
 
-// Signals counts termination signals sent to the target: see bpf/signals.c.
-type Signals struct {
+// ProcSignals counts termination signals sent to the target: see bpf/procsignals.c.
+type ProcSignals struct {
 	o Options
 	running
 	target     uint32
 	monoToWall time.Duration
 }
 
-// NewSignals returns the probe, not yet loaded.
-func NewSignals(o Options) *Signals { return &Signals{o: o} }
+// NewProcSignals returns the probe, not yet loaded.
+func NewProcSignals(o Options) *ProcSignals { return &ProcSignals{o: o} }
 
-func (*Signals) Name() string { return "signals" }
+func (*ProcSignals) Name() string { return "procsignals" }
 
-func (*Signals) Lost() []string {
+func (*ProcSignals) Lost() []string {
 	return []string{"stalled_shutdown: when SIGTERM reached the target"}
 }
 
 // Start loads and attaches the program.
-func (p *Signals) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
+func (p *ProcSignals) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	spec, err := loadProcSignals()
@@ -45,7 +45,7 @@ func (p *Signals) Start(ctx context.Context, tracker *target.Tracker, store *sig
 		return fmt.Errorf("signals: load spec: %w", err)
 	}
 	objs := &procSignalsObjects{}
-	ctx, err = p.start(ctx, "signals", spec, objs, func() []tracingProg {
+	ctx, err = p.start(ctx, "procsignals", spec, objs, func() []tracingProg {
 		return []tracingProg{{"tp_btf/signal_generate", objs.CulpritSignalGenerate}}
 	}, nil)
 	if err != nil {
@@ -60,7 +60,7 @@ func (p *Signals) Start(ctx context.Context, tracker *target.Tracker, store *sig
 
 var signalNames = map[uint32]string{2: "SIGINT", 3: "SIGQUIT", 15: "SIGTERM"}
 
-func (p *Signals) poll(objs *procSignalsObjects, tracker *target.Tracker, store *signals.Store, now time.Time) {
+func (p *ProcSignals) poll(objs *procSignalsObjects, tracker *target.Tracker, store *signals.Store, now time.Time) {
 	tgt, ok := tracker.Current()
 	if !ok {
 		return
@@ -87,4 +87,4 @@ func (p *Signals) poll(objs *procSignalsObjects, tracker *target.Tracker, store 
 }
 
 // Close detaches the program.
-func (p *Signals) Close() error { return p.stop() }
+func (p *ProcSignals) Close() error { return p.stop() }
