@@ -293,7 +293,11 @@ func TestPrecisionTokioHyper(t *testing.T) {
 // A real Node.js service (express, the OpenTelemetry JS SDK): a handler
 // that calls execSync waits in a nested event loop, the same epoll_pwait
 // as its idle wait; one that runs pbkdf2Sync keeps the loop on the CPU.
-// Both are named; a single-threaded runtime is never "imbalanced".
+// Both are named by the app's JavaScript function that did it, from the
+// first event: the sleeping thread's stack is unwound from its memory
+// through libuv, node's C++, V8's builtins and interpreted frames; the CPU
+// samples' from the stack they copied, through OpenSSL's assembly. A
+// single-threaded runtime is never "imbalanced".
 func TestPrecisionNodeEventLoop(t *testing.T) {
 	app := testenv.StartNodeApp(t, testenv.NodeOptions{})
 	a := startAgent(t, app.PID)
@@ -306,12 +310,17 @@ func TestPrecisionNodeEventLoop(t *testing.T) {
 
 	go app.Get(ctx, "/exec?ms=800")
 	blocked := f.waitFor("blocking_worker", 8*time.Second, nil)
-	precisionLine(t, "node + express: /exec (execSync on the event loop)", "blocking_worker: the event loop waits in a nested loop", blocked, nil)
+	precisionLine(t, "node + express: /exec (execSync on the event loop)", "blocking_worker: "+testenv.NodeExecFunction+" waits in a nested loop", blocked, nil)
 	if blocked == nil {
 		t.Fatal("execSync on the event loop was not reported")
 	}
-	if blocked.Cause != "blocking_call_on_event_loop" || !strings.Contains(blocked.Title, "nested event loop") {
-		t.Errorf("finding %s: %s", blocked.Cause, blocked.Title)
+	// "exportReportSync (/tmp/.../server.js:55)": the perf map's name and
+	// where the function is defined.
+	execFrame := testenv.NodeExecFunction + " ("
+	if blocked.Cause != "blocking_call_on_event_loop" || !strings.Contains(blocked.Title, "nested event loop") ||
+		!strings.HasPrefix(artifactOf(blocked, "frame"), execFrame) || !strings.HasSuffix(strings.Split(artifactOf(blocked, "frame"), ":")[0], "server.js") ||
+		!strings.Contains(blocked.Title, execFrame) {
+		t.Errorf("finding %s: %s; frame %q", blocked.Cause, blocked.Title, artifactOf(blocked, "frame"))
 	}
 	if strings.Contains(strings.ToLower(blocked.Remediation), "tokio") {
 		t.Errorf("remediation for node: %s", blocked.Remediation)
@@ -319,12 +328,16 @@ func TestPrecisionNodeEventLoop(t *testing.T) {
 
 	go app.Get(ctx, "/pbkdf2?ms=1500")
 	busy := f.waitFor("busy_worker", 10*time.Second, nil)
-	precisionLine(t, "node + express: /pbkdf2 (pbkdf2Sync on the event loop)", "busy_worker: CPU work on the event loop", busy, nil)
+	precisionLine(t, "node + express: /pbkdf2 (pbkdf2Sync on the event loop)", "busy_worker: "+testenv.NodeCPUFunction+", hottest in OpenSSL", busy, nil)
 	if busy == nil {
 		t.Fatal("pbkdf2Sync on the event loop was not reported")
 	}
-	if busy.Cause != "cpu_heavy_on_event_loop" || strings.Contains(artifactOf(busy, "frame"), "epoll") {
-		t.Errorf("first event of busy_worker: %s, frame %q", busy.Cause, artifactOf(busy, "frame"))
+	// The first event (OPENED) already names the app's function, and the
+	// hottest leaf beside it.
+	cpuFrame := testenv.NodeCPUFunction + " ("
+	if busy.Cause != "cpu_heavy_on_event_loop" || !strings.HasPrefix(artifactOf(busy, "frame"), cpuFrame) ||
+		!strings.Contains(busy.Title, cpuFrame) || !strings.Contains(busy.Title, ", hottest in ") {
+		t.Errorf("first event of busy_worker: %s, frame %q: %s", busy.Cause, artifactOf(busy, "frame"), busy.Title)
 	}
 	time.Sleep(3 * time.Second)
 	var unexpected []*culpritv1.Finding

@@ -13,6 +13,24 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type cpuProfileSampleEvent struct {
+	_         structs.HostLayout
+	Tid       uint32
+	Tgid      uint32
+	Ip        uint64
+	Sp        uint64
+	Bp        uint64
+	UserLen   uint32
+	KernelLen uint32
+	StackLen  uint32
+	Pad       uint32
+	User      [127]uint64
+	Kernel    [127]uint64
+	RedzoneOk uint64
+	Redzone   [16]uint64
+	Stack     [36864]uint8
+}
+
 type cpuProfileSampleKey struct {
 	_      structs.HostLayout
 	Tid    uint32
@@ -29,10 +47,13 @@ const (
 	cpuProfileMapCounts1           = "counts1"
 	cpuProfileMapGen               = "gen"
 	cpuProfileMapLost              = "lost"
+	cpuProfileMapSamples           = "samples"
+	cpuProfileMapScratch           = "scratch"
 	cpuProfileMapStacks0           = "stacks0"
 	cpuProfileMapStacks1           = "stacks1"
 	cpuProfileMapTargets           = "targets"
 	cpuProfileProgCulpritCpuSample = "culprit_cpu_sample"
+	cpuProfileVarCopyBytes         = "copy_bytes"
 )
 
 // loadCpuProfile returns the embedded CollectionSpec for cpuProfile.
@@ -88,6 +109,8 @@ type cpuProfileMapSpecs struct {
 	Counts1 *ebpf.MapSpec `ebpf:"counts1"`
 	Gen     *ebpf.MapSpec `ebpf:"gen"`
 	Lost    *ebpf.MapSpec `ebpf:"lost"`
+	Samples *ebpf.MapSpec `ebpf:"samples"`
+	Scratch *ebpf.MapSpec `ebpf:"scratch"`
 	Stacks0 *ebpf.MapSpec `ebpf:"stacks0"`
 	Stacks1 *ebpf.MapSpec `ebpf:"stacks1"`
 	Targets *ebpf.MapSpec `ebpf:"targets"`
@@ -97,6 +120,7 @@ type cpuProfileMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type cpuProfileVariableSpecs struct {
+	CopyBytes *ebpf.VariableSpec `ebpf:"copy_bytes"`
 }
 
 // cpuProfileObjects contains all objects after they have been loaded into the kernel.
@@ -123,6 +147,8 @@ type cpuProfileMaps struct {
 	Counts1 *ebpf.Map `ebpf:"counts1"`
 	Gen     *ebpf.Map `ebpf:"gen"`
 	Lost    *ebpf.Map `ebpf:"lost"`
+	Samples *ebpf.Map `ebpf:"samples"`
+	Scratch *ebpf.Map `ebpf:"scratch"`
 	Stacks0 *ebpf.Map `ebpf:"stacks0"`
 	Stacks1 *ebpf.Map `ebpf:"stacks1"`
 	Targets *ebpf.Map `ebpf:"targets"`
@@ -134,6 +160,8 @@ func (m *cpuProfileMaps) Close() error {
 		m.Counts1,
 		m.Gen,
 		m.Lost,
+		m.Samples,
+		m.Scratch,
 		m.Stacks0,
 		m.Stacks1,
 		m.Targets,
@@ -144,6 +172,7 @@ func (m *cpuProfileMaps) Close() error {
 //
 // It can be passed to loadCpuProfileObjects or ebpf.CollectionSpec.LoadAndAssign.
 type cpuProfileVariables struct {
+	CopyBytes *ebpf.Variable `ebpf:"copy_bytes"`
 }
 
 // cpuProfilePrograms contains all programs after they have been loaded into the kernel.

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -42,8 +43,8 @@ for (;;) {
 // JavaScript function. The profiler's samples of it, symbolized through
 // the process's perf map, name culpritHotLoop with its file as the hottest
 // frame, and no frame of any stack is an unnamed address: JIT code has a
-// name, and the stacks walked out of OpenSSL's assembly into garbage end
-// where the garbage begins.
+// name, and the stacks walked by frame pointers out of OpenSSL's assembly
+// into garbage end where the garbage begins.
 func TestCPUProfileNamesJavaScriptFunctions(t *testing.T) {
 	node, err := exec.LookPath("node")
 	if err != nil {
@@ -78,6 +79,10 @@ func TestCPUProfileNamesJavaScriptFunctions(t *testing.T) {
 	p := NewCPUProfile(CPUProfileOptions{
 		Options:   Options{Log: testLog},
 		Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond, Samples: samples,
+		// Frame-pointer walks only: the garbage they read out of the
+		// SHA-512 assembly must be cut (with copies, those stacks are
+		// unwound instead: TestCPUProfileReachesTheJavaScriptCaller).
+		StackBytes: -1,
 	})
 	runProbe(t, pid, p, signals.New(600, 1000))
 	// The target is set at the first drain, and V8 needs a moment to
@@ -155,5 +160,154 @@ func TestCPUProfileNamesJavaScriptFunctions(t *testing.T) {
 	}
 	if !found {
 		t.Errorf("profile has no function culpritHotLoop in %s", js)
+	}
+}
+
+// pbkdfJS is the precision app's /pbkdf2 handler alone: hashPasswordSync
+// runs crypto.pbkdf2Sync round after round, called from a timer.
+const pbkdfJS = `const crypto = require('crypto');
+function hashPasswordSync(password, millis) {
+  const deadline = Date.now() + millis;
+  let key;
+  do {
+    key = crypto.pbkdf2Sync(password, 'culprit-salt', 5000, 64, 'sha512');
+  } while (Date.now() < deadline);
+  return key;
+}
+setInterval(() => hashPasswordSync('correct horse battery staple', 500), 10);
+`
+
+// A real node --perf-basic-prof spinning in crypto.pbkdf2Sync, called from
+// the named function hashPasswordSync. Most samples land in OpenSSL's
+// SHA-512 assembly, which uses rbp as a general register: by frame
+// pointers alone their stacks end there. With the stack copied, the
+// samples are unwound by CFI through OpenSSL and node's C++, by frame
+// pointers through V8's builtins and JIT code, and reach
+// hashPasswordSync; so does the pprof profile built from them.
+func TestCPUProfileReachesTheJavaScriptCaller(t *testing.T) {
+	node, err := exec.LookPath("node")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("node not found (CI must provide Node.js): %v", err)
+		}
+		fmt.Fprintln(os.Stderr, "SKIP: node not on PATH: unwinding CPU samples into JavaScript NOT TESTED")
+		t.Skip("node not on PATH")
+	}
+	dir := t.TempDir()
+	js := filepath.Join(dir, "pbkdf.js")
+	if err := os.WriteFile(js, []byte(pbkdfJS), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(node, "--perf-basic-prof", js)
+	cmd.Dir = dir
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start node: %v", err)
+	}
+	pid := cmd.Process.Pid
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		os.Remove(fmt.Sprintf("/tmp/perf-%d.map", pid))
+	})
+
+	samples := signals.NewCPUSamples(4096)
+	st := signals.New(600, 1000)
+	s := symbolize.New(symbolize.Options{Log: testLog})
+	p := NewCPUProfile(CPUProfileOptions{
+		Options:   Options{Log: testLog},
+		Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond, Samples: samples, Symbolizer: s,
+	})
+	runProbe(t, pid, p, st)
+	// The target is set at the first drain; until node's executable is
+	// parsed (seconds under -race), samples find the ring buffer full and
+	// are counted by their frame-pointer walk alone.
+	ringFull := func() float64 {
+		v, _ := st.Latest(sigProfileCopyLost.Name, signals.L("reason", "ring_full"))
+		return v.V
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for last := -1.0; ; {
+		time.Sleep(500 * time.Millisecond)
+		u, _ := st.Latest(sigProfileUnwound.Name, nil)
+		if u.V > 0 && ringFull() == last {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no steady unwinding in 30 s: %v unwound, %v ring_full", u.V, ringFull())
+		}
+		last = ringFull()
+	}
+	full0 := ringFull()
+	from := time.Now()
+	time.Sleep(2 * time.Second)
+	to := time.Now()
+	time.Sleep(300 * time.Millisecond) // the last drain
+	if full := ringFull(); full > full0 {
+		t.Logf("%v samples found the ring buffer full", full-full0)
+	}
+
+	want := fmt.Sprintf("hashPasswordSync (%s:2)", js)
+	var (
+		total, reached, asm, asmReached int64
+		in                              []symbolize.Sample
+		missed                          = map[string]int64{}
+	)
+	for _, smp := range samples.Range(from, to.Add(300*time.Millisecond)) {
+		if smp.Pid != pid {
+			continue
+		}
+		in = append(in, symbolize.Sample{Pid: smp.Pid, Tid: smp.Tid, Thread: smp.Thread, User: smp.User, Kernel: smp.Kernel, Count: smp.Count})
+		total += smp.Count
+		// Cut where no code is: a sample caught where no unwind rule
+		// applies (SHA-512's prologue keeps its CFA in rax) keeps its
+		// frame-pointer walk, garbage and all.
+		fs := s.UserStack(smp.Pid, smp.User)
+		names := make([]string, len(fs))
+		for i, f := range fs {
+			names[i] = f.String()
+		}
+		ok := slices.Contains(names, want)
+		if ok {
+			reached += smp.Count
+		} else {
+			missed[strings.Join(names[:min(len(names), 4)], " < ")] += smp.Count
+		}
+		if len(names) > 0 && strings.HasPrefix(names[0], "sha512_block_data_order") {
+			asm += smp.Count
+			if ok {
+				asmReached += smp.Count
+			}
+		}
+	}
+	t.Logf("%d samples, %d reach %s; %d in SHA-512's assembly, %d of them reach it; missed: %v", total, reached, want, asm, asmReached, missed)
+	// 2 s at 99 Hz of one spinning thread: about 198 samples; a loaded
+	// machine (the race detector, tests in parallel) gives node less.
+	if total < 40 {
+		t.Fatalf("only %d samples of node (pid %d) in 2 s", total, pid)
+	}
+	if reached*10 < total*9 {
+		t.Errorf("%d of %d samples reach %s, want 90%%", reached, total, want)
+	}
+	if asm*2 < total || asmReached*10 < asm*9 {
+		t.Errorf("%d of %d samples in SHA-512's assembly, %d of them reach %s", asm, total, asmReached, want)
+	}
+
+	// CaptureProfile's pprof carries the recovered frames.
+	prof, err := s.CPUProfile(in, symbolize.ProfileOptions{Period: samples.Period(), Start: from, Duration: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	under := int64(0)
+	for _, smp := range prof.Sample {
+		for _, l := range smp.Location {
+			if len(l.Line) > 0 && l.Line[0].Function.Name == "hashPasswordSync" && l.Line[0].Function.Filename == js {
+				under += smp.Value[0]
+				break
+			}
+		}
+	}
+	if under != reached {
+		t.Errorf("the profile has %d samples under hashPasswordSync, the stacks %d", under, reached)
 	}
 }

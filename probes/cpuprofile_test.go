@@ -2,6 +2,8 @@ package probes
 
 import (
 	"bytes"
+	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,6 +11,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
@@ -118,4 +123,134 @@ func TestCPUProfileSamplesAPreforkServersWorkers(t *testing.T) {
 	if workers != 2 {
 		t.Errorf("samples by pid %v: want two busy workers besides the master %d", byPid, master.Process.Pid)
 	}
+}
+
+// BenchmarkCPUProfileSample measures what one CPU sample of the target
+// costs with the stack copy (profiling's default DefaultStackBytes) and
+// without it (copy_bytes 0: the counts-only program as it was), alternating
+// rounds in one run. The target is a real node spinning in pbkdf2Sync
+// (pbkdfJS): deep stacks, most samples in OpenSSL's assembly. One op is
+// one sample of the target, in each mode.
+//
+// bpf-ns/sample is the program's run time (kernel BPF stats) per target
+// sample: the cost to the target, on its own CPU. Runs on CPUs where the
+// target was not running (the filter alone) are measured in a window with
+// the target stopped and subtracted. unwind-ns/sample is the agent's Go
+// unwinding per sample; target-cpu-%-49Hz is what the program costs a
+// thread that runs all the time, at the default 49 Hz. ns/op is wall time
+// (rounds wait for the drains), not a cost. About a minute at make
+// bench's 50000x.
+func BenchmarkCPUProfileSample(b *testing.B) {
+	node, err := exec.LookPath("node")
+	if err != nil {
+		b.Skip("SKIP: node not on PATH: the profiler's per-sample cost NOT MEASURED")
+	}
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		b.Skipf("SKIP: BPF run-time stats (needs CAP_SYS_ADMIN): %v", err)
+	}
+	defer stats.Close()
+	dir := b.TempDir()
+	js := filepath.Join(dir, "pbkdf.js")
+	if err := os.WriteFile(js, []byte(pbkdfJS), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	cmd := exec.Command(node, "--perf-basic-prof", js)
+	cmd.Dir = dir
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	b.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		os.Remove(fmt.Sprintf("/tmp/perf-%d.map", pid))
+	})
+
+	const (
+		freq  = 2999 // fast enough for 50000 samples a mode in tens of seconds
+		drain = 50 * time.Millisecond
+		round = 300 * time.Millisecond
+	)
+	st := signals.New(64, 4096)
+	p := NewCPUProfile(CPUProfileOptions{Options: Options{Log: testLog}, Frequency: freq, MaxStacks: 8192, Drain: drain,
+		Samples: signals.NewCPUSamples(1 << 16)})
+	res, err := target.NewResolver("/proc")
+	if err != nil {
+		b.Fatal(err)
+	}
+	tr := target.NewTracker(res, target.Selector{PID: pid}, time.Second, testLog)
+	tr.Refresh()
+	ctx, cancel := context.WithCancel(context.Background())
+	if err := p.Start(ctx, tr, st); err != nil {
+		cancel()
+		b.Skipf("SKIP: cpu_profile does not load here: %v", err)
+	}
+	b.Cleanup(func() { cancel(); p.Close() })
+	time.Sleep(2 * time.Second) // node compiles its functions; the target is set
+
+	prog := p.objs.CulpritCpuSample
+	runTime := func() (time.Duration, uint64) {
+		s, err := prog.Stats()
+		if err != nil {
+			b.Fatalf("program stats: %v", err)
+		}
+		return s.Runtime, s.RunCount
+	}
+	latest := func(d *signals.Desc) float64 {
+		v, _ := st.Latest(d.Name, nil)
+		return v.V
+	}
+	signal := func(sig syscall.Signal) {
+		if err := syscall.Kill(pid, sig); err != nil {
+			b.Fatal(err)
+		}
+	}
+	// The filter's cost: runs while the target is stopped.
+	signal(syscall.SIGSTOP)
+	time.Sleep(3 * drain)
+	r0, c0 := runTime()
+	time.Sleep(round)
+	r1, c1 := runTime()
+	filter := float64(r1-r0) / float64(max(c1-c0, 1))
+
+	type acc struct {
+		bpf             time.Duration
+		runs, samples   uint64
+		unwind, unwound float64
+	}
+	var modes [2]acc // 0: counts only, 1: with the stack copy
+	b.ResetTimer()
+	for i := 0; modes[0].samples < uint64(b.N) || modes[1].samples < uint64(b.N); i++ {
+		m := i % 2
+		if err := p.SetStackBytes(m * DefaultStackBytes); err != nil {
+			b.Fatal(err)
+		}
+		r0, c0 := runTime()
+		n0, u0, w0 := latest(sigProfileSamples), latest(sigProfileUnwindSeconds), latest(sigProfileUnwound)
+		signal(syscall.SIGCONT)
+		time.Sleep(round)
+		signal(syscall.SIGSTOP)
+		time.Sleep(4 * drain) // unwound and drained
+		r1, c1 := runTime()
+		a := &modes[m]
+		a.bpf += r1 - r0
+		a.runs += c1 - c0
+		a.samples += uint64(latest(sigProfileSamples) - n0)
+		a.unwind += latest(sigProfileUnwindSeconds) - u0
+		a.unwound += latest(sigProfileUnwound) - w0
+	}
+	b.StopTimer()
+	signal(syscall.SIGCONT)
+	perSample := func(a acc) float64 {
+		return (float64(a.bpf) - float64(a.runs-a.samples)*filter) / float64(max(a.samples, 1))
+	}
+	before, after := perSample(modes[0]), perSample(modes[1])
+	b.ReportMetric(before, "bpf-ns/sample-fp-only")
+	b.ReportMetric(after, "bpf-ns/sample-copy")
+	b.ReportMetric(after/before, "copy/fp-only")
+	b.ReportMetric(filter, "bpf-ns/run-not-target")
+	b.ReportMetric(1e9*modes[1].unwind/max(modes[1].unwound, 1), "unwind-ns/sample")
+	b.ReportMetric(100*49*after/1e9, "target-cpu-%-49Hz")
+	b.ReportMetric(modes[1].unwound/float64(max(modes[1].samples, 1)), "unwound/sample")
 }

@@ -141,6 +141,44 @@ func (r *BusyWorker) profile(w Window, e signals.Episode) (hot []FrameShare, rea
 	return hot, true
 }
 
+// minAppShare is the share of a run's samples the app's function must
+// have been under to be named: most of the run, or the finding would name
+// one of several functions as if it were the work.
+const minAppShare = 0.5
+
+// appOf is the app's function the run's CPU samples ran under (appFrame of
+// each sample's stack), and its share of them; "" when the profile has no
+// stacks, or no one function of the app has most of them.
+func (r *BusyWorker) appOf(w Window, e signals.Episode, v threadClass) (string, float64) {
+	hs, ok := w.Hot.(HotStacks)
+	if !ok {
+		return "", 0
+	}
+	to := e.End()
+	if s, ok := w.Hot.(settler); ok {
+		to = minTime(to, w.Now.Add(-s.Settle()))
+	}
+	shares := map[string]float64{}
+	for _, s := range hs.HotStacks(e.Tid, e.Start, to, maxAppStacks) {
+		if f := appFrame(s, v.runtime); f != "" {
+			shares[f] += s.Share
+		}
+	}
+	best, share := "", 0.0
+	for f, sh := range shares {
+		if sh > share || (sh == share && f < best) {
+			best, share = f, sh
+		}
+	}
+	if share < minAppShare {
+		return "", 0
+	}
+	return best, share
+}
+
+// maxAppStacks bounds the distinct stacks weighed for the app's function.
+const maxAppStacks = 200
+
 func minTime(a, b time.Time) time.Time {
 	if a.Before(b) {
 		return a
@@ -185,8 +223,21 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, v thr
 		}
 		names = append(names, h.Func+" "+percent(h.Share))
 	}
+	// The hottest leaf may be a library's (OpenSSL's SHA-512 under
+	// pbkdf2Sync): true, but the fix is in the app's function that called
+	// it, up the stack.
+	leaf, named, app, appShare := "", fn, "", 0.0
 	if len(work) > 0 {
-		fn = work[0].Func
+		leaf = work[0].Func
+		named, fn = leaf, leaf
+	}
+	who := fn // the subject of the root cause
+	if app, appShare = r.appOf(w, e, v); app != "" {
+		fn, named, who = app, app, app
+		if leaf != "" && leaf != app {
+			named = app + ", hottest in " + leaf
+			who = fmt.Sprintf("%s, with %s of the run's samples in %s,", app, percent(work[0].Share), leaf)
+		}
 	}
 	sev := SeverityWarning
 	if e.Duration >= time.Second {
@@ -200,9 +251,9 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, v thr
 	o := Observation{
 		Key:        pool,
 		Cause:      CauseCPUHeavyOnWorker,
-		Title:      fmt.Sprintf("CPU-heavy work on async worker %s: %s", e.Thread, fn),
+		Title:      fmt.Sprintf("CPU-heavy work on async worker %s: %s", e.Thread, named),
 		Symptom:    fmt.Sprintf("worker thread %s (tid %d) %s for %s without yielding; tasks queued on it wait that long", e.Thread, e.Tid, state, duration(e.Duration)),
-		RootCause:  fmt.Sprintf("%s runs on a worker of the %q pool without an await point (%s in the last %s)", fn, pool, count(float64(runs), "such run", ""), duration(r.o.Window)),
+		RootCause:  fmt.Sprintf("%s runs on a worker of the %q pool without an await point (%s in the last %s)", who, pool, count(float64(runs), "such run", ""), duration(r.o.Window)),
 		Severity:   sev,
 		Confidence: 0.8,
 		Evidence: []Evidence{
@@ -216,9 +267,9 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, v thr
 	}
 	if v.role == signals.RoleEventLoop {
 		o.Cause = CauseCPUHeavyOnEventLoop
-		o.Title = fmt.Sprintf("CPU-heavy work on the event loop of %s: %s", e.Thread, fn)
+		o.Title = fmt.Sprintf("CPU-heavy work on the event loop of %s: %s", e.Thread, named)
 		o.Symptom = fmt.Sprintf("event-loop thread %s (tid %d) %s for %s without sleeping; callbacks queued behind it wait that long", e.Thread, e.Tid, state, duration(e.Duration))
-		o.RootCause = fmt.Sprintf("%s runs on the event-loop thread of %s and keeps it from serving anything else (%s in the last %s)", fn, rtOr(rt, "the process"), count(float64(runs), "such run", ""), duration(r.o.Window))
+		o.RootCause = fmt.Sprintf("%s runs on the event-loop thread of %s and keeps it from serving anything else (%s in the last %s)", who, rtOr(rt, "the process"), count(float64(runs), "such run", ""), duration(r.o.Window))
 	}
 	if sleepsKnown {
 		o.Evidence = append(o.Evidence, Evidence{Signal: fmt.Sprintf("rate(thread_voluntary_switches_total{tid=\"%d\"})", e.Tid), Value: sleeps, Threshold: r.o.LoopSleepRate, Unit: "/s",
@@ -230,7 +281,15 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, v thr
 	if wait, ok := peersRunqWait(w.Store, e.Tid, w.Now.Add(-r.o.Window)); ok {
 		o.Evidence = append(o.Evidence, Evidence{Signal: "thread_runq_wait_seconds_total (other threads)", Value: wait, Unit: "seconds", Window: r.o.Window, Note: "mean run-queue wait of the other threads"})
 	}
-	if len(names) > 0 {
+	switch {
+	case app != "":
+		detail := fmt.Sprintf("the app's function %s of the run's CPU samples ran under (CPU profile, whole stacks)", percent(appShare))
+		if len(names) > 0 {
+			detail += "; hottest functions (self time): " + strings.Join(names, ", ")
+		}
+		o.Artifacts = append(o.Artifacts, Artifact{Kind: "frame", Value: app, Detail: detail})
+		o.Confidence = 0.9
+	case len(names) > 0:
 		o.Artifacts = append(o.Artifacts, Artifact{Kind: "frame", Value: fn, Detail: "hottest function of the run (CPU profile): " + strings.Join(names, ", ")})
 		o.Confidence = 0.9
 	}

@@ -271,7 +271,7 @@ func valueAt(w Window, name string, t time.Time) float64 {
 // neither the C library's nor a runtime's wrapper.
 func culpritOf(e signals.Episode, rt signals.Runtime) string {
 	user := e.CallerStack()
-	if rt == signals.RuntimeNode || rt == signals.RuntimeLibuv {
+	if rt == signals.RuntimeNode || rt == signals.RuntimeLibuv || hasAppJS(user) {
 		var lib, native string
 		for _, f := range user {
 			if file, ok := jsFile(f); ok {
@@ -295,6 +295,44 @@ func culpritOf(e signals.Episode, rt signals.Runtime) string {
 		}
 	}
 	return culpritFrame(user)
+}
+
+// appJS reports whether f is the app's own JavaScript: a frame named from
+// the perf map whose script is not node's (node:..., internal/...).
+func appJS(f string) bool {
+	file, ok := jsFile(f)
+	return ok && !strings.HasPrefix(file, "node:") && !strings.HasPrefix(file, "internal/")
+}
+
+func hasAppJS(user []string) bool { return slices.ContainsFunc(user, appJS) }
+
+// appFrame is the app's own function on a CPU sample's stack: the first
+// frame up from the leaf that is neither a library's, a runtime's nor a
+// wrapper. Where the app is JavaScript, that is its first JavaScript frame
+// (everything below it is V8, node's C++ and node's own JavaScript, or
+// what they call: OpenSSL under pbkdf2Sync); otherwise the first frame
+// outside shared libraries that culpritFrame would not skip. "" when the
+// stack has none: its samples ran for no function of the app that can be
+// told (a GC, the engine's compiler).
+func appFrame(s StackShare, rt signals.Runtime) string {
+	if rt == signals.RuntimeNode || rt == signals.RuntimeLibuv || hasAppJS(s.Frames) {
+		for _, f := range s.Frames {
+			if appJS(f) {
+				return f
+			}
+		}
+		return ""
+	}
+	for i, f := range s.Frames {
+		if i < len(s.Library) && s.Library[i] {
+			continue
+		}
+		if strings.Contains(f, "+0x") || slices.ContainsFunc(wrapperPrefixes, func(p string) bool { return strings.HasPrefix(f, p) }) {
+			continue
+		}
+		return f
+	}
+	return ""
 }
 
 // jsFile returns the script of a JavaScript frame as the symbolizer names

@@ -594,3 +594,96 @@ func TestStallKind(t *testing.T) {
 		}
 	}
 }
+
+// stackProfile is a CPU profile with whole stacks (HotStacks) as well as
+// leaves.
+type stackProfile struct {
+	fakeProfile
+	stacks []StackShare
+}
+
+func (f *stackProfile) HotStacks(int, time.Time, time.Time, int) []StackShare { return f.stacks }
+
+// The stacks of pbkdf2Sync's samples as the profiler unwinds them on this
+// machine (node 20, --perf-basic-prof): OpenSSL's SHA-512 at the leaf,
+// node's crypto binding and V8 between it and the JavaScript that called.
+var (
+	uNodePBKDF2Leaf = []string{"sha512_block_data_order_avx2", "sha512_block_data_order", "SHA512_Update", "HMAC_Update", "kdf_pbkdf2_derive", "PKCS5_PBKDF2_HMAC",
+		"node::crypto::PBKDF2Traits::DeriveBits", "node::crypto::CryptoJob::Run", "v8::internal::FunctionCallbackArguments::Call",
+		"v8::internal::Builtin_HandleApiCall", "Builtins_CEntry_Return1_ArgvOnStack_BuiltinExit", "pbkdf2Sync (node:internal/crypto/pbkdf2:62)",
+		"hashPasswordSync (/app/server.js:62)", "(anonymous) (/app/server.js:82)", "handle (/app/node_modules/express/lib/router/layer.js:86)",
+		"Builtins_JSEntryTrampoline", "node::InternalMakeCallback", "uv__io_poll", "uv_run", "node::SpinEventLoopInternal"}
+	uNodePBKDF2Final = append([]string{"sha512_block_data_order_avx2", "SHA512_Final", "HMAC_Final"}, uNodePBKDF2Leaf[4:]...)
+	uNodeGC          = []string{"v8::internal::Heap::Scavenge", "v8::internal::Heap::CollectGarbage", "Builtins_CEntry_Return1_ArgvOnStack_NoBuiltinExit",
+		"Builtins_InterpreterEntryTrampoline", "Builtins_JSEntryTrampoline", "uv_run"}
+)
+
+// pbkdf2Sync on Node.js's event loop, with whole stacks: the first event
+// names the app's JavaScript function the samples ran under, and the
+// hottest leaf (OpenSSL's) beside it; the leaf shares stay in the frame's
+// detail. A function under too few of the samples is not named.
+func TestBusyWorkerNamesTheAppFunction(t *testing.T) {
+	now := time.Now()
+	start := now.Add(-1300 * time.Millisecond)
+	es := episodes()
+	seen(es, ep(70, 70, "node", start.Add(-10*time.Second), time.Second, kEpollPwait, uNodeIdle, 1))
+	es.Put(busyEp(70, 70, "node", start, 1300*time.Millisecond))
+	prof := &stackProfile{
+		fakeProfile: fakeProfile{settle: time.Second, frames: []FrameShare{{"sha512_block_data_order_avx2", 0.7}, {"SHA512_Update", 0.15}, {"v8::internal::Heap::Scavenge", 0.05}}},
+		stacks:      []StackShare{{Frames: uNodePBKDF2Leaf, Share: 0.6}, {Frames: uNodePBKDF2Final, Share: 0.3}, {Frames: uNodeGC, Share: 0.05}},
+	}
+	obs := busyRule().Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Episodes: es, Pools: testPools, Hot: prof}})
+	if len(obs) != 1 {
+		t.Fatalf("got %+v", obs)
+	}
+	o := obs[0]
+	const app = "hashPasswordSync (/app/server.js:62)"
+	if want := "CPU-heavy work on the event loop of node: " + app + ", hottest in sha512_block_data_order_avx2"; o.Title != want {
+		t.Errorf("title %q, want %q", o.Title, want)
+	}
+	if !strings.HasPrefix(o.RootCause, app+", with 70% of the run's samples in sha512_block_data_order_avx2, runs on the event-loop thread of Node.js") {
+		t.Errorf("root cause %q", o.RootCause)
+	}
+	if !hasArtifact(o, "frame", app) {
+		t.Errorf("artifacts %+v", o.Artifacts)
+	}
+	for _, a := range o.Artifacts {
+		if a.Kind == "frame" && (!strings.Contains(a.Detail, "90%") || !strings.Contains(a.Detail, "sha512_block_data_order_avx2 70%")) {
+			t.Errorf("frame detail %q: want the app function's share and the hottest leaves'", a.Detail)
+		}
+	}
+	if !strings.Contains(o.Remediation, "hashPasswordSync") {
+		t.Errorf("remediation %q", o.Remediation)
+	}
+
+	// Under the app's function for less than half the run: the leaf alone.
+	prof.stacks = []StackShare{{Frames: uNodePBKDF2Leaf, Share: 0.4}, {Frames: uNodeGC, Share: 0.6}}
+	obs = busyRule().Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Episodes: es, Pools: testPools, Hot: prof}})
+	if len(obs) != 1 || obs[0].Title != "CPU-heavy work on the event loop of node: sha512_block_data_order_avx2" || !hasArtifact(obs[0], "frame", "sha512_block_data_order_avx2") {
+		t.Errorf("app function under 40%% of the samples: %+v", obs)
+	}
+}
+
+// The app's function on a CPU stack: the app's JavaScript where there is
+// some (never node's own), else the first frame outside shared libraries
+// that is no runtime's wrapper.
+func TestAppFrame(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		s    StackShare
+		rt   signals.Runtime
+		want string
+	}{
+		{"node", StackShare{Frames: uNodePBKDF2Leaf}, signals.RuntimeNode, "hashPasswordSync (/app/server.js:62)"},
+		{"node, runtime not told", StackShare{Frames: uNodePBKDF2Leaf}, signals.RuntimeUnknown, "hashPasswordSync (/app/server.js:62)"},
+		{"node's own work", StackShare{Frames: uNodeGC}, signals.RuntimeNode, ""},
+		{"go", StackShare{Frames: []string{"runtime.memmove", "app.compress", "main.main"}}, signals.RuntimeGo, "app.compress"},
+		{"a shared library at the leaf", StackShare{Frames: []string{"sha512_block_data_order_avx2", "EVP_Digest", "openssl::hash::hash", "app::hash_password"},
+			Library: []bool{true, true}}, signals.RuntimeTokio, "openssl::hash::hash"},
+		{"only libraries and wrappers", StackShare{Frames: []string{"memcpy", "__libc_write", "libfoo.so+0x1234"}, Library: []bool{true, true, true}}, signals.RuntimeUnknown, ""},
+	} {
+		if got := appFrame(tc.s, tc.rt); got != tc.want {
+			t.Errorf("%s: appFrame = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}

@@ -34,6 +34,26 @@ type HotFrames interface {
 	HotFrames(tid int, from, to time.Time, n int) []FrameShare
 }
 
+// StackShare is one distinct user stack among a thread's CPU samples and
+// its share of them.
+type StackShare struct {
+	Frames []string // leaf first, as symbolize.Frame.String names them
+	// Library marks the frames in a shared library (the C library,
+	// libcrypto, libstdc++): code the program called, never the function
+	// to name. Parallel to Frames; may be shorter (then false).
+	Library []bool
+	Share   float64 // 0..1 of the thread's samples in the window
+}
+
+// HotStacks is implemented by a HotFrames source that also has the
+// samples' whole stacks: the function of the app that the hot leaves
+// (OpenSSL's SHA-512, memcpy) ran for is up the stack.
+type HotStacks interface {
+	// HotStacks returns thread tid's distinct user stacks between from
+	// and to, most samples first, at most n.
+	HotStacks(tid int, from, to time.Time, n int) []StackShare
+}
+
 // WorkerPools is [rules.workers]: thread names that are workers, and the
 // system calls of idle waits. Threads are first told apart by their
 // stacks (threads.go: Tokio's blocking pool is named like its workers,

@@ -2,6 +2,7 @@ package rules
 
 import (
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -187,6 +188,18 @@ func TestThroughputPlateauNamesTheWait(t *testing.T) {
 	for _, tc := range []struct{ q, cores float64 }{{0, 0.05}, {12, 1.5}} {
 		if obs := r.Evaluate(Window{Store: plateauStore(now, tc.q, tc.cores), Now: now}); len(obs) != 0 {
 			t.Errorf("queue %v at %v cores raised %+v", tc.q, tc.cores, obs)
+		}
+	}
+}
+
+// A blocking call whose stack reaches the app's JavaScript names that
+// function, even when the thread's runtime was not told yet: the first
+// frame past the C library would be libuv's poll.
+func TestCulpritOfPrefersTheAppsJavaScript(t *testing.T) {
+	e := signals.Episode{Stack: append(slices.Clone(kEpollPwait), uNodeExecJS...), KernelFrames: len(kEpollPwait), LibcFrames: 1}
+	for _, rt := range []signals.Runtime{signals.RuntimeNode, signals.RuntimeUnknown} {
+		if got := culpritOf(e, rt); got != "handler (/app/server.js:12)" {
+			t.Errorf("culpritOf(%v) = %q", rt, got)
 		}
 	}
 }

@@ -14,7 +14,12 @@ type StackSample struct {
 	Pid    int
 	Tid    int
 	Thread string
-	User   []uint64 // leaf first
+	// User is leaf first. When the sample carried a copy of its stack,
+	// these are the frames unwound from it (symbolize.RecoverLeafAt: CFI,
+	// frame pointers through JIT code), not only the frame-pointer walk;
+	// an interpreted JavaScript frame is then the address of the bytecode
+	// it ran, which the process's perf map names.
+	User   []uint64
 	Kernel []uint64 // leaf first
 	Count  int64
 }

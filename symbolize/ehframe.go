@@ -14,8 +14,9 @@ import (
 // wrapper loses the frame that called it: exactly the app function a
 // finding must name. Unwinding only those leaf frames by their CFI, from a
 // copy of the top of the user stack, brings it back. Only what x86-64
-// compilers emit is understood; anything else (DWARF expressions) ends the
-// unwind rather than guessing.
+// compilers emit is understood, plus the one DWARF expression OpenSSL's
+// assembly uses for its CFA (the caller's sp kept in a stack slot:
+// rsp+N, deref, +8); anything else ends the unwind rather than guessing.
 
 // DWARF register numbers on x86-64.
 const (
@@ -29,7 +30,22 @@ type cfiTable struct {
 	data []byte
 	addr uint64 // the section's virtual address: pc-relative pointers
 	fdes []fde  // sorted by lo
+
+	// rows caches row: an unwind looks up the same few hundred return
+	// addresses sample after sample, and each lookup otherwise runs the
+	// FDE's program from its start. Bounded by maxRowMemo, dropped whole
+	// when full. Guarded by the owning Symbolizer's mu.
+	rows map[uint64]rowMemo
 }
+
+type rowMemo struct {
+	row frameRow
+	ok  bool
+}
+
+// maxRowMemo bounds cfiTable.rows: some 400 KiB per file at most, a
+// thousand times the return addresses a profile of one service meets.
+const maxRowMemo = 1 << 12
 
 type fde struct {
 	lo, hi uint64
@@ -149,20 +165,39 @@ func (t *cfiTable) parseFDE(start, end int, c *cie) (fde, error) {
 	return fde{lo: lo, hi: lo + n, insns: r.b, cie: c}, nil
 }
 
-// frameRow is the unwinding rule at one pc: CFA = reg + off; the return
-// address and rbp saved at CFA + raOff / rbpOff (rbpSaved false: rbp is
-// unchanged by this frame).
+// frameRow is the unwinding rule at one pc: CFA = reg + off (cfaDeref:
+// CFA = the word at reg + off, plus cfaAdd); the return address and rbp
+// saved at CFA + raOff / rbpOff (rbpSaved false: rbp is unchanged by this
+// frame).
 type frameRow struct {
 	cfaReg   uint64
 	cfaOff   int64
-	raOff    int64
-	rbpOff   int64
-	rbpSaved bool
+	cfaDeref bool
+	cfaAdd   int64
+	// cfaUnknown: the CFA rule is one this unwinder does not evaluate (an
+	// expression, or a register it has no value for); a later def_cfa may
+	// still replace it.
+	cfaUnknown bool
+	raOff      int64
+	rbpOff     int64
+	rbpSaved   bool
 }
 
 // row returns the rule at vaddr pc, false when no FDE covers it or its
 // program uses what this unwinder does not understand.
 func (t *cfiTable) row(pc uint64) (frameRow, bool) {
+	if m, ok := t.rows[pc]; ok {
+		return m.row, m.ok
+	}
+	r, ok := t.rowUncached(pc)
+	if t.rows == nil || len(t.rows) >= maxRowMemo {
+		t.rows = make(map[uint64]rowMemo)
+	}
+	t.rows[pc] = rowMemo{r, ok}
+	return r, ok
+}
+
+func (t *cfiTable) rowUncached(pc uint64) (frameRow, bool) {
 	i := sort.Search(len(t.fdes), func(i int) bool { return t.fdes[i].lo > pc }) - 1
 	if i < 0 || pc >= t.fdes[i].hi {
 		return frameRow{}, false
@@ -176,10 +211,55 @@ func (t *cfiTable) row(pc uint64) (frameRow, bool) {
 	if !st.run(f.insns, f.cie, f.lo, pc, &initial) {
 		return frameRow{}, false
 	}
-	if !st.raKnown || (st.row.cfaReg != dwRSP && st.row.cfaReg != dwRBP) {
+	if !st.raKnown || st.row.cfaUnknown || (st.row.cfaReg != dwRSP && st.row.cfaReg != dwRBP) {
 		return frameRow{}, false
 	}
 	return st.row, true
+}
+
+// DWARF expression opcodes of the one CFA expression understood.
+const (
+	dwOpDeref      = 0x06
+	dwOpPlusUconst = 0x23
+	dwOpBreg0      = 0x70
+	dwOpBreg31     = 0x8f
+)
+
+// setCFAExpr sets the CFA from a DW_CFA_def_cfa_expression. OpenSSL's
+// perlasm keeps the caller's sp in a stack slot while it uses every
+// register, and says so as DW_OP_breg7 (rsp) N; DW_OP_deref;
+// DW_OP_plus_uconst 8 (or breg6, rbp): that form, with or without the
+// addition, is evaluated; any other expression leaves the CFA unknown.
+func (row *frameRow) setCFAExpr(expr []byte) {
+	row.cfaUnknown = true
+	r := reader{b: expr}
+	op := r.u8()
+	if op < dwOpBreg0 || op > dwOpBreg31 {
+		return
+	}
+	reg := uint64(op - dwOpBreg0)
+	off := r.sleb()
+	if r.u8() != dwOpDeref || r.err {
+		return
+	}
+	var add uint64
+	if len(r.b) > 0 {
+		if r.u8() != dwOpPlusUconst {
+			return
+		}
+		add = r.uleb()
+	}
+	if r.err || len(r.b) != 0 || add > 1<<20 || (reg != dwRSP && reg != dwRBP) {
+		return
+	}
+	*row = frameRow{cfaReg: reg, cfaOff: off, cfaDeref: true, cfaAdd: int64(add),
+		raOff: row.raOff, rbpOff: row.rbpOff, rbpSaved: row.rbpSaved}
+}
+
+// setCFA sets the CFA to reg + off, the plain rule.
+func (row *frameRow) setCFA(reg uint64, off int64) {
+	row.cfaReg, row.cfaOff = reg, off
+	row.cfaDeref, row.cfaAdd, row.cfaUnknown = false, 0, false
 }
 
 type cfiState struct {
@@ -279,14 +359,16 @@ func (st *cfiState) run(insns []byte, c *cie, loc, pc uint64, initial *frameRow)
 			st.row = st.stack[len(st.stack)-1]
 			st.stack = st.stack[:len(st.stack)-1]
 		case 0x0c: // def_cfa
+			reg := r.uleb()
+			st.row.setCFA(reg, int64(r.uleb()))
+		case 0x0d: // def_cfa_register: keeps the offset of a register rule
 			st.row.cfaReg = r.uleb()
+			st.row.cfaUnknown = st.row.cfaUnknown || st.row.cfaDeref
+		case 0x0e: // def_cfa_offset: likewise
 			st.row.cfaOff = int64(r.uleb())
-		case 0x0d: // def_cfa_register
-			st.row.cfaReg = r.uleb()
-		case 0x0e: // def_cfa_offset
-			st.row.cfaOff = int64(r.uleb())
-		case 0x0f: // def_cfa_expression: the PLT's, signal frames'
-			return false
+			st.row.cfaUnknown = st.row.cfaUnknown || st.row.cfaDeref
+		case 0x0f: // def_cfa_expression: OpenSSL's, the PLT's, signal frames'
+			st.row.setCFAExpr(r.take(int(r.uleb())))
 		case 0x10, 0x16: // expression, val_expression
 			reg := r.uleb()
 			r.take(int(r.uleb()))
@@ -297,10 +379,11 @@ func (st *cfiState) run(insns []byte, c *cie, loc, pc uint64, initial *frameRow)
 			reg := r.uleb()
 			setReg(reg, r.sleb()*c.dataAlign, true)
 		case 0x12: // def_cfa_sf
-			st.row.cfaReg = r.uleb()
-			st.row.cfaOff = r.sleb() * c.dataAlign
+			reg := r.uleb()
+			st.row.setCFA(reg, r.sleb()*c.dataAlign)
 		case 0x13: // def_cfa_offset_sf
 			st.row.cfaOff = r.sleb() * c.dataAlign
+			st.row.cfaUnknown = st.row.cfaUnknown || st.row.cfaDeref
 		case 0x14, 0x15: // val_offset(_sf): the register's value is CFA+n, not saved
 			reg := r.uleb()
 			if op == 0x14 {

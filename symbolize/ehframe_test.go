@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"debug/elf"
 	"fmt"
+	"os"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -109,13 +110,41 @@ func checkEHFrame(t *testing.T, path string) {
 	if len(tab.fdes) != fdes {
 		t.Errorf("indexed %d FDEs, readelf lists %d", len(tab.fdes), fdes)
 	}
-	checked, unsupported := 0, 0
+	var exprs map[uint64]string
+	checked, unsupported, derefs := 0, 0, 0
 	for loc, w := range want {
 		got, ok := tab.row(loc)
-		if w[0] == "exp" || w[2] != "c-8" || strings.HasPrefix(w[1], "exp") || strings.HasPrefix(w[1], "r") {
-			if ok && w[0] == "exp" {
-				t.Errorf("%#x: CFA is an expression, yet row() answered %+v", loc, got)
+		deref := false
+		if w[0] == "exp" {
+			if exprs == nil {
+				exprs = readelfCFAExprs(t, path)
 			}
+			wantReg, wantOff, wantAdd, understood := derefExpr(exprs[loc])
+			switch {
+			case !understood && ok:
+				t.Errorf("%#x: CFA is the expression %q, yet row() answered %+v", loc, exprs[loc], got)
+			case understood && !ok && w[2] == "c-8" && !strings.HasPrefix(w[1], "exp") && !strings.HasPrefix(w[1], "r"):
+				t.Errorf("%#x: no row for the CFA expression %q", loc, exprs[loc])
+			case understood && ok && (!got.cfaDeref || got.cfaReg != wantReg || got.cfaOff != wantOff || got.cfaAdd != wantAdd):
+				t.Errorf("%#x: CFA %q read as %+v", loc, exprs[loc], got)
+			}
+			if !understood || !ok {
+				unsupported++
+				continue
+			}
+			deref = true
+			derefs++
+		}
+		if !deref && !strings.HasPrefix(w[0], "rsp+") && !strings.HasPrefix(w[0], "rbp+") {
+			// The CFA in another register (OpenSSL's rax, rsi, r11 in
+			// prologues and epilogues): no value for it on a stack.
+			if ok {
+				t.Errorf("%#x: CFA %s, yet row() answered %+v", loc, w[0], got)
+			}
+			unsupported++
+			continue
+		}
+		if w[2] != "c-8" || strings.HasPrefix(w[1], "exp") || strings.HasPrefix(w[1], "r") {
 			unsupported++
 			continue
 		}
@@ -125,6 +154,9 @@ func checkEHFrame(t *testing.T, path string) {
 		}
 		reg := map[uint64]string{dwRSP: "rsp", dwRBP: "rbp"}[got.cfaReg]
 		cfa := reg + "+" + strconv.FormatInt(got.cfaOff, 10)
+		if deref {
+			cfa = "exp"
+		}
 		rbp := ""
 		if got.rbpSaved {
 			rbp = fmt.Sprintf("c%d", got.rbpOff)
@@ -138,10 +170,93 @@ func checkEHFrame(t *testing.T, path string) {
 		}
 		checked++
 	}
-	t.Logf("%s: %d FDEs, %d rows match readelf, %d rows use rules this unwinder declines", path, len(tab.fdes), checked, unsupported)
+	t.Logf("%s: %d FDEs, %d rows match readelf (%d with a CFA read from the stack), %d rows use rules this unwinder declines", path, len(tab.fdes), checked, derefs, unsupported)
 	if checked < 100 {
 		t.Errorf("only %d rows checked", checked)
 	}
+}
+
+// readelfCFAExprs runs readelf -wf, the raw CFA programs, and returns the
+// CFA expression in force at each location where one is ("" where the
+// CFA is a register rule), following remember/restore_state as the
+// unwinder must.
+func readelfCFAExprs(t *testing.T, path string) map[uint64]string {
+	t.Helper()
+	out, err := exec.Command("readelf", "-wf", path).Output()
+	if err != nil && len(out) == 0 {
+		t.Fatalf("readelf -wf %s: %v", path, err)
+	}
+	if i := bytes.Index(out[1:], []byte("Contents of the .eh_frame section")); i >= 0 {
+		out = out[:i+1]
+	}
+	exprs := map[uint64]string{}
+	var (
+		loc   uint64
+		cur   string
+		saved []string
+	)
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		f := strings.Fields(line)
+		switch {
+		case len(f) >= 4 && f[3] == "FDE":
+			cur, saved, loc = "", nil, 0
+			for _, x := range f {
+				if pcs, ok := strings.CutPrefix(x, "pc="); ok {
+					loc, _ = strconv.ParseUint(strings.Split(pcs, "..")[0], 16, 64)
+				}
+			}
+		case strings.HasPrefix(line, "DW_CFA_advance_loc") || strings.HasPrefix(line, "DW_CFA_set_loc"):
+			loc, _ = strconv.ParseUint(f[len(f)-1], 16, 64)
+		case strings.HasPrefix(line, "DW_CFA_def_cfa_expression ("):
+			cur = strings.TrimSuffix(strings.TrimPrefix(line, "DW_CFA_def_cfa_expression ("), ")")
+		case strings.HasPrefix(line, "DW_CFA_def_cfa:") || strings.HasPrefix(line, "DW_CFA_def_cfa_sf:"):
+			cur = ""
+		case strings.HasPrefix(line, "DW_CFA_remember_state"):
+			saved = append(saved, cur)
+		case strings.HasPrefix(line, "DW_CFA_restore_state") && len(saved) > 0:
+			cur, saved = saved[len(saved)-1], saved[:len(saved)-1]
+		}
+		if cur != "" {
+			exprs[loc] = cur
+		} else {
+			delete(exprs, loc)
+		}
+	}
+	return exprs
+}
+
+// derefExpr parses the one CFA expression the unwinder evaluates,
+// "DW_OP_breg7 (rsp): 152; DW_OP_deref; DW_OP_plus_uconst: 8", as readelf
+// prints it.
+func derefExpr(e string) (reg uint64, off, add int64, ok bool) {
+	parts := strings.Split(e, "; ")
+	if len(parts) < 2 || len(parts) > 3 || parts[1] != "DW_OP_deref" {
+		return 0, 0, 0, false
+	}
+	switch {
+	case strings.HasPrefix(parts[0], "DW_OP_breg7 (rsp): "):
+		reg = dwRSP
+	case strings.HasPrefix(parts[0], "DW_OP_breg6 (rbp): "):
+		reg = dwRBP
+	default:
+		return 0, 0, 0, false
+	}
+	off, err := strconv.ParseInt(parts[0][strings.LastIndexByte(parts[0], ' ')+1:], 10, 64)
+	if err != nil {
+		return 0, 0, 0, false
+	}
+	if len(parts) == 3 {
+		a, ok := strings.CutPrefix(parts[2], "DW_OP_plus_uconst: ")
+		if !ok {
+			return 0, 0, 0, false
+		}
+		if add, err = strconv.ParseInt(a, 10, 64); err != nil {
+			return 0, 0, 0, false
+		}
+	}
+	return reg, off, add, true
 }
 
 func TestEHFrameMatchesReadelf(t *testing.T) {
@@ -153,6 +268,18 @@ func TestEHFrameMatchesReadelf(t *testing.T) {
 		checkEHFrame(t, libc)
 	})
 	t.Run("rust", func(t *testing.T) { checkEHFrame(t, testenv.BuildRustWorker(t)) })
+	// OpenSSL's perlasm: CFAs read from the stack (DW_OP_deref), the
+	// PLT's expressions, remember/restore_state around them.
+	t.Run("libcrypto", func(t *testing.T) {
+		lib := "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
+		if _, err := elf.Open(lib); err != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatalf("%s: %v (CI installs libssl3)", lib, err)
+			}
+			t.Skipf("SKIP: %s: %v: OpenSSL's CFA expressions NOT checked", lib, err)
+		}
+		checkEHFrame(t, lib)
+	})
 }
 
 // Truncated and corrupted sections are rejected or indexed partially,
