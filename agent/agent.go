@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -381,6 +382,9 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			MaxStacks: uint32(cfg.Profiling.MaxStacks),
 			Drain:     cfg.Profiling.DrainInterval,
 			Samples:   a.Samples,
+			// 0 in the config is no copy; the probe reads 0 as its default.
+			StackBytes: cmp.Or(cfg.Profiling.StackBytes, -1),
+			Symbolizer: a.Symbols,
 		}),
 	}
 	for _, p := range ps {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/culprit-dev/culprit/probes"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/symbolize"
 )
@@ -101,6 +102,9 @@ type Config struct {
 		// MaxPerfMapBytes bounds the JIT symbols read from perf maps, for
 		// every process together; 0 turns them off.
 		MaxPerfMapBytes int `toml:"max_perf_map_bytes" range:"[0,1073741824]"`
+		// StackBytes is the user stack each CPU sample of the target
+		// copies, for CFI unwinding (0: none).
+		StackBytes int `toml:"stack_bytes" range:"[0,32768]"`
 	} `toml:"profiling"`
 	Traces struct {
 		Enabled           bool          `toml:"enabled"`
@@ -192,6 +196,7 @@ func DefaultConfig() Config {
 	c.Profiling.MaxSamples = 65536
 	c.Profiling.MaxCapture = time.Minute
 	c.Profiling.MaxPerfMapBytes = int(symbolize.DefaultMaxPerfMapBytes)
+	c.Profiling.StackBytes = probes.DefaultStackBytes
 	c.Rules = rules.DefaultOptions()
 	c.Traces.Enabled = true
 	c.Traces.GRPCAddr = "127.0.0.1:4317"

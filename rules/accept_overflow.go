@@ -87,7 +87,7 @@ func (r *AcceptOverflow) stalledThread(w Window, from, now time.Time) (signals.E
 	if best.Duration < r.o.StallAfter {
 		return signals.Episode{}, ""
 	}
-	fn := culpritFrame(best.CallerStack())
+	fn := culpritOf(best, signals.RuntimeUnknown)
 	if fn == "" {
 		fn = "unknown code"
 	}
@@ -221,7 +221,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			// is the only one stuck.
 			threads.summary += " " + stalled
 			arts = append(arts, threadArtifact(culprit), stackArtifact(culprit, 24))
-			if fn := culpritFrame(culprit.CallerStack()); fn != "" {
+			if fn := culpritOf(culprit, signals.RuntimeUnknown); fn != "" {
 				arts = append(arts, Artifact{Kind: "frame", Value: fn, Detail: "where the stalled thread is"})
 			}
 		}
