@@ -174,6 +174,13 @@ int BPF_PROG(culprit_life_receive_reset, struct sock *sk)
 	__u32 netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
 	if (netns != target())
 		return 0;
+	/* A reset answering a SYN (a refused connect) ends no connection: it
+	 * never carried data, so it has no idle age (its lrcvtime and
+	 * lsndtime are unset, and the age would read as the time since
+	 * boot). */
+	__u8 st = BPF_CORE_READ(sk, __sk_common.skc_state);
+	if (st == TCP_SYN_SENT || st == TCP_SYN_RECV)
+		return 0;
 	emit(sk, netns, CLOSE_RESET_RECV, bpf_ktime_get_ns());
 	return 0;
 }

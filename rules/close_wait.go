@@ -50,7 +50,9 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 		// Growth measured from where it began, not averaged over the
 		// window's quiet part.
 		g, ok := growthOf(ss)
-		growing := ok && g.increase >= r.o.MinIncrease && g.steady >= r.o.Steady && g.rising && g.rate > 0
+		// CLOSE_WAIT goes down only when the app closes sockets: growth
+		// that pauses (a leak in bursts) is still sockets never closed.
+		growing := ok && g.increase >= r.o.MinIncrease && g.steady >= r.o.Steady && g.rate > 0
 		port := ls.Get("port")
 		age, _ := w.Store.Latest("tcp_close_wait_oldest_seconds", signals.L("owner", owner, "port", port))
 		old := cur >= r.o.MinCount && time.Duration(age.V*float64(time.Second)) >= r.o.MinAge

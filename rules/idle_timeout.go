@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"net/netip"
 	"slices"
 	"sort"
 	"strconv"
@@ -58,9 +59,11 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 	// connections of owners findings may be about (the target's, or in
 	// namespace scope every process's but culprit's), each owner apart.
 	listening := map[string]bool{}
+	listenOwner := map[string]string{} // port -> the owner of its listener
 	for _, ls := range w.Store.Select("tcp_sockets") {
 		if ls.Get("state") == "LISTEN" {
 			listening[ls.Get("port")] = true
+			listenOwner[ls.Get("port")] = ls.Get("owner")
 		}
 	}
 	groups := map[string][]signals.ConnEvent{}
@@ -75,6 +78,14 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 		key := e.Remote
 		if lp := strconv.Itoa(e.LocalPort); listening[lp] {
 			key = "clients of port " + lp
+		} else if _, ok := localServer(e.Remote, listenOwner); ok {
+			// The peer is a server in this namespace, reached over
+			// loopback: nothing stands between the two, so a close at
+			// one idle age is that server's own timeout, not an
+			// intermediary's (and culprit's own server closing its idle
+			// API clients is no finding at all). A mesh proxy in front
+			// of the app is met as the clients of the app's port, above.
+			continue
 		}
 		key = ownerKey(e.Owner, key)
 		owners[key] = e.Owner
@@ -152,4 +163,15 @@ func (r *IdleTimeout) group(key, owner string, es []signals.ConnEvent) (Observat
 		Artifacts: []Artifact{{Kind: "endpoint", Value: who}},
 		Labels:    map[string]string{"peer": who, "owner": owner},
 	}, true
+}
+
+// localServer reports whether remote is a loopback address at a port some
+// process of the namespace listens on, and that listener's owner.
+func localServer(remote string, listenOwner map[string]string) (string, bool) {
+	ap, err := netip.ParseAddrPort(remote)
+	if err != nil || !ap.Addr().Unmap().IsLoopback() {
+		return "", false
+	}
+	owner, ok := listenOwner[strconv.Itoa(int(ap.Port()))]
+	return owner, ok
 }

@@ -376,3 +376,34 @@ func TestNetworkAdviceFitsTheRuntime(t *testing.T) {
 		}
 	}
 }
+
+// A CLOSE_WAIT leak in bursts (20 sockets every two samples) is a leak
+// even when the newest samples are flat.
+func TestCloseWaitLeakInBursts(t *testing.T) {
+	now := time.Now()
+	r := NewCloseWait(CloseWaitOptions{Window: 4 * time.Second, MinIncrease: 10, Steady: 0.6, MinCount: 50, MinAge: 5 * time.Minute})
+	st := signals.New(100, 100)
+	putSeries(st, dSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 0, 20, 20, 40, 40, 60, 60)
+	st.Put(dCWAge, signals.L("owner", "target", "port", "8080"), 2, now)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 1 {
+		t.Fatalf("a leak in bursts: %+v", obs)
+	}
+}
+
+// Peers that close connections at one idle age over loopback, at a port
+// some process of the namespace listens on, are that server's own
+// timeout: nothing stands between, so no intermediary is named (and
+// culprit's own API server closing idle clients is no finding).
+func TestIdleTimeoutNotALocalServer(t *testing.T) {
+	now := time.Now()
+	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 5, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
+	st := signals.New(10, 10)
+	st.Put(dSockets, signals.L("owner", "agent", "port", "9461", "state", "LISTEN"), 1, now)
+	var evs connEvents
+	for i := 0; i < 10; i++ {
+		evs = append(evs, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "127.0.0.1:9461", LocalPort: 40000 + i, Idle: 2 * time.Second, Owner: "target"})
+	}
+	if obs := r.Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Conns: evs}}); len(obs) != 0 {
+		t.Errorf("a local server's own idle timeout named an intermediary: %+v", obs)
+	}
+}

@@ -87,7 +87,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 			if _, mine := r.listened[ls.Get("port")]; !mine && !namespace {
 				continue
 			}
-			v := w.Store.Increase("tcp_resets_sent_total", ls, from) / secs
+			v, _ := rateIn(w.Store, "tcp_resets_sent_total", ls, from)
 			byReason[ls.Get("reason")] += v
 			total += v
 		}
@@ -110,7 +110,8 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	for _, ls := range w.Store.Select("process_accepts_total") {
 		acceptsKnown = true
 		if _, mine := r.listened[ls.Get("port")]; mine || namespace {
-			accepts += w.Store.Increase("process_accepts_total", ls, from) / secs
+			v, _ := rateIn(w.Store, "process_accepts_total", ls, from)
+			accepts += v
 		}
 	}
 	share := total / (total + accepts)

@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // The words of a finding are read by people: numbers in human units,
@@ -87,4 +89,28 @@ func duration(d time.Duration) string {
 		return num(math.Round(d.Seconds()*10)/10) + " s"
 	}
 	return strconv.FormatInt(d.Round(time.Millisecond).Milliseconds(), 10) + " ms"
+}
+
+// rateIn is a counter's rate over the samples it has since from: its
+// growth divided by the time those samples span, not by the whole window,
+// so a series that began (or a fault that started) within the window is
+// not diluted by the quiet before it. false when fewer than two samples.
+func rateIn(st *signals.Store, name string, ls signals.Labels, from time.Time) (float64, bool) {
+	ss := st.Range(name, ls, from)
+	if len(ss) < 2 {
+		return 0, false
+	}
+	inc := 0.0
+	for i := 1; i < len(ss); i++ {
+		if d := ss[i].V - ss[i-1].V; d >= 0 {
+			inc += d
+		} else {
+			inc += ss[i].V // a reset
+		}
+	}
+	span := ss[len(ss)-1].T.Sub(ss[0].T).Seconds()
+	if span <= 0 {
+		return 0, false
+	}
+	return inc / span, true
 }

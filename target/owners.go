@@ -59,7 +59,7 @@ type SocketOwnersOptions struct {
 	// socket inode nobody was known to hold. Default 1s.
 	TargetRescan time.Duration
 	// OthersRescan is the same for every other process of the namespace,
-	// which only label metrics. Default 10s.
+	// which label metrics and namespace-scope findings. Default 2s.
 	OthersRescan time.Duration
 	// MaxInodes bounds the inodes remembered (the memory bound); a scan
 	// stops adding past it. Default 1<<20.
@@ -74,7 +74,7 @@ func (o SocketOwnersOptions) withDefaults() SocketOwnersOptions {
 		o.TargetRescan = time.Second
 	}
 	if o.OthersRescan <= 0 {
-		o.OthersRescan = 10 * time.Second
+		o.OthersRescan = 2 * time.Second
 	}
 	if o.MaxInodes <= 0 {
 		o.MaxInodes = 1 << 20
