@@ -353,3 +353,69 @@ func TestPrecisionNodeEventLoop(t *testing.T) {
 	}
 	precisionLine(t, "node + express: healthy load", "nothing (no worker_imbalance)", nil, unexpected)
 }
+
+// One fault, one finding: bursts that overflow a tiny backlog every few
+// seconds are one episode (the queue is quiet between them for longer than
+// resolve_after, shorter than the rule's window), opened once and not
+// resolved and reopened at each burst; UPDATED events come only when the
+// numbers move materially, not every second.
+func TestPrecisionOneFaultOneFinding(t *testing.T) {
+	sc := newScenario(t, testenv.Options{Backlog: 2, Accept: true})
+	events, _ := watch(t, sc.c, 0)
+	var evs []*culpritv1.FindingEvent
+	collectFor := func(d time.Duration) {
+		end := time.After(d)
+		for {
+			select {
+			case ev := <-events:
+				evs = append(evs, ev)
+			case <-end:
+				return
+			}
+		}
+	}
+	for i := 0; i < 6; i++ {
+		sc.s.MustDo(t, "burst 300")
+		collectFor(4 * time.Second)
+	}
+	var opened, resolved, updated int
+	for _, ev := range evs {
+		if ev.Finding.Rule != "accept_overflow" {
+			t.Errorf("also said: %s", describe(ev.Finding))
+			continue
+		}
+		switch ev.Type {
+		case culpritv1.FindingEvent_TYPE_OPENED:
+			opened++
+		case culpritv1.FindingEvent_TYPE_RESOLVED:
+			resolved++
+		case culpritv1.FindingEvent_TYPE_UPDATED:
+			updated++
+		}
+	}
+	t.Logf("6 bursts over 24 s: %d opened, %d updated, %d resolved", opened, updated, resolved)
+	if opened != 1 || resolved != 0 {
+		t.Errorf("6 bursts 4 s apart: %d OPENED and %d RESOLVED, want one finding open throughout", opened, resolved)
+	}
+	if updated > 12 {
+		t.Errorf("%d UPDATED events in 24 s: updates are not reserved for material changes", updated)
+	}
+}
+
+// A listener whose app accepts nothing: the words count what the app did
+// (its own accept() calls: none) and say what a drop counts (connection
+// attempts, each client's SYN retries included), not completed handshakes.
+func TestPrecisionAcceptsAreTheAppsAccepts(t *testing.T) {
+	sc := newScenario(t, testenv.Options{Backlog: 4, Accept: false})
+	events, _ := watch(t, sc.c, 0)
+	sc.s.MustDo(t, "dialasync 200")
+	ev, _ := next(t, events, 5*time.Second, isAcceptOverflow("app_not_accepting", culpritv1.FindingEvent_TYPE_OPENED))
+	f := ev.Finding
+	precisionLine(t, "listener whose app accepts nothing, 200 clients", "app_not_accepting: accepted no connection", f, nil)
+	if !strings.Contains(f.RootCause, "accepted no connection") {
+		t.Errorf("root cause does not say the app accepted nothing: %s", f.RootCause)
+	}
+	if !strings.Contains(f.Symptom, "connection attempt") || !strings.Contains(f.Symptom, "retries included") {
+		t.Errorf("symptom does not say what a drop counts: %s", f.Symptom)
+	}
+}

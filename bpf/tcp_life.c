@@ -49,6 +49,11 @@ struct conn_event {
 	__u64 inode; /* 0: orphaned */
 	__u32 pid;   /* tgid that called connect; 0: passive or unknown */
 	__u32 pad2;
+	/* Data the connection carried, both ways (bytes received, and sent
+	 * and acknowledged): a connection cut when idle had carried some; a
+	 * client that connects and leaves, or gives up in an accept queue,
+	 * carried none. */
+	__u64 data_bytes;
 };
 
 struct conn_start {
@@ -120,6 +125,7 @@ static __always_inline void emit(const struct sock *sk, __u32 netns, __u8 kind, 
 		__u32 snd = BPF_CORE_READ(tp, lsndtime);
 		__u32 last = (__s32)(rcv - snd) > 0 ? rcv : snd;
 		ev.idle_jiffies = (__u32)bpf_jiffies64() - last;
+		ev.data_bytes = BPF_CORE_READ(tp, bytes_received) + BPF_CORE_READ(tp, bytes_acked);
 	}
 	ev.family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	ev.lport = BPF_CORE_READ(sk, __sk_common.skc_num);

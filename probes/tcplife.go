@@ -161,7 +161,7 @@ func (p *TCPLife) convert(ev tcpLifeConnEvent) (signals.ConnEvent, bool) {
 		T: time.Now(), Kind: kind, Remote: netip.AddrPortFrom(addr, ev.Rport).String(), LocalPort: int(ev.Lport),
 		Idle:     time.Duration(float64(ev.IdleJiffies) / p.hz * float64(time.Second)),
 		Lifetime: time.Duration(ev.LifetimeNs),
-		Inode:    ev.Inode, Pid: int(ev.Pid),
+		Inode:    ev.Inode, Pid: int(ev.Pid), Bytes: ev.DataBytes,
 	}, true
 }
 

@@ -27,6 +27,7 @@ type tcpLifeConnEvent struct {
 	Inode       uint64
 	Pid         uint32
 	Pad2        uint32
+	DataBytes   uint64
 }
 
 type tcpLifeConnStart struct {

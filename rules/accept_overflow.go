@@ -161,10 +161,8 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// probe. Completed handshakes are not accepts: with the queue full,
 	// syncookie handshakes complete and are then dropped, which once made
 	// a listener that accepted nothing read "accepted 65 connections".
-	// The probe writes its event counter every poll while it runs; a port
-	// with no accept series then simply had none.
-	acceptsKnown := len(st.Range("process_accepts_total", portLs, now.Add(-freshness))) > 0 ||
-		len(st.Range("probe_events_total", signals.L("probe", "sockcalls"), now.Add(-freshness))) > 0
+	// While the probe runs, a port with no accept series simply had none.
+	acceptsKnown := st.Running("sockcalls") || len(st.Range("process_accepts_total", portLs, now.Add(-freshness))) > 0
 	acceptsWindow := st.Increase("process_accepts_total", portLs, now.Add(-r.o.Window))
 	somaxconn, haveSomax := st.Latest("sysctl", signals.L("name", "net.core.somaxconn"))
 	abortOnOverflow, _ := st.Latest("sysctl", signals.L("name", "net.ipv4.tcp_abort_on_overflow"))

@@ -265,7 +265,7 @@ func TestAcceptOverflowProbeRunningNoHandshakes(t *testing.T) {
 		drops: func(age time.Duration) float64 { return 300 - age.Seconds()*30 },
 	}
 	st := h.store(now)
-	st.Put(&signals.Desc{Name: "probe_events_total", Kind: signals.Counter}, signals.L("probe", "sockcalls"), 0, now)
+	st.SetStatus(signals.Status{Component: "sockcalls", Kind: "probe", State: signals.StateRunning})
 	obs := defaultAO().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseAppNotAccepting {
 		t.Fatalf("got %+v", obs)

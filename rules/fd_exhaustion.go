@@ -69,6 +69,13 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	if leaking {
 		eta, etaOK = g.until(limit.V)
 	}
+	if leaking && connectsPending(st, now, g.from().T, g.increase) {
+		// The descriptors that grow are sockets in SYN_SENT: connects
+		// still in progress (an upstream that does not answer, or one
+		// whose accept queue is full). They end when the connect gives
+		// up; that is no leak, whatever it says about the upstream.
+		leaking, eta, etaOK = false, 0, false
+	}
 	share := open.V / limit.V
 	near := r.h.hold("near", now, share >= r.o.NearRatio, share >= r.o.NearRatio*releaseBand)
 	soon := r.h.hold("soon", now, leaking && etaOK && eta <= r.o.Horizon, leaking && etaOK && eta <= r.o.Horizon*5/4)
@@ -203,6 +210,18 @@ func signed(x float64) string {
 		return "+" + num(x)
 	}
 	return num(x)
+}
+
+// connectsPending reports whether most of the growth since from (grew
+// descriptors) is the target's TCP sockets in SYN_SENT.
+func connectsPending(st *signals.Store, now, from time.Time, grew float64) bool {
+	ls := signals.L("state", "SYN_SENT")
+	cur, ok := freshLatest(st, "process_tcp_sockets", ls, now, fdStale)
+	if !ok || grew <= 0 {
+		return false
+	}
+	s := st.Range("process_tcp_sockets", ls, from)
+	return len(s) > 0 && cur.V-s[0].V >= grew/2
 }
 
 // socketStateDetail says in which TCP state the target's sockets pile up:

@@ -72,6 +72,12 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 		if e.Kind != signals.ConnPeerClose && e.Kind != signals.ConnResetReceived {
 			continue
 		}
+		// A connection that never carried data was not cut while idle
+		// after use: a client that connected and left, or gave up while
+		// its connection waited in an accept queue.
+		if e.Bytes == 0 {
+			continue
+		}
 		if !w.owned(e.Owner) {
 			continue
 		}

@@ -75,13 +75,12 @@ func TestRSTStormPaths(t *testing.T) {
 	now := time.Now()
 	dResets := &signals.Desc{Name: "tcp_resets_sent_total", Kind: signals.Counter}
 	dAccepts := &signals.Desc{Name: "process_accepts_total", Kind: signals.Counter}
-	dEvents := &signals.Desc{Name: "probe_events_total", Kind: signals.Counter}
 	// mk: the target listens on 8080; resets on port (per second: the
 	// series steps), accepts on 8080, and the namespace's aborts.
 	mk := func(port, reason string, resets, accepts, aborts float64) *signals.Store {
 		st := signals.New(100, 100)
 		st.Put(dSockets, signals.L("owner", "target", "port", "8080", "state", "LISTEN"), 1, now)
-		st.Put(dEvents, signals.L("probe", "tcplife"), 1, now)
+		st.SetStatus(signals.Status{Component: "tcplife", Kind: "probe", State: signals.StateRunning})
 		var rs, as, ab []float64
 		for i := 0; i < 6; i++ {
 			rs, as, ab = append(rs, resets*float64(i)), append(as, accepts*float64(i)), append(ab, aborts*float64(i))
@@ -164,7 +163,7 @@ func TestIdleTimeout(t *testing.T) {
 	mk := func(idles ...time.Duration) connEvents {
 		var out connEvents
 		for _, d := range idles {
-			out = append(out, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40001, Idle: d, Owner: "target"})
+			out = append(out, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40001, Idle: d, Owner: "target", Bytes: 512})
 		}
 		return out
 	}
@@ -401,9 +400,24 @@ func TestIdleTimeoutNotALocalServer(t *testing.T) {
 	st.Put(dSockets, signals.L("owner", "agent", "port", "9461", "state", "LISTEN"), 1, now)
 	var evs connEvents
 	for i := 0; i < 10; i++ {
-		evs = append(evs, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "127.0.0.1:9461", LocalPort: 40000 + i, Idle: 2 * time.Second, Owner: "target"})
+		evs = append(evs, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "127.0.0.1:9461", LocalPort: 40000 + i, Idle: 2 * time.Second, Owner: "target", Bytes: 512})
 	}
 	if obs := r.Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Conns: evs}}); len(obs) != 0 {
 		t.Errorf("a local server's own idle timeout named an intermediary: %+v", obs)
+	}
+}
+
+// Connections that never carried data, closed by their peer at one age
+// (clients that connect and leave, or give up while queued), are not cut
+// by an intermediary while idle.
+func TestIdleTimeoutNeedsData(t *testing.T) {
+	now := time.Now()
+	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 5, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
+	var evs connEvents
+	for i := 0; i < 20; i++ {
+		evs = append(evs, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40000 + i, Idle: time.Second, Owner: "target"})
+	}
+	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: evs}}); len(obs) != 0 {
+		t.Errorf("connections that carried nothing named an idle timeout: %+v", obs)
 	}
 }

@@ -372,3 +372,16 @@ func TestOOMAheadOneKill(t *testing.T) {
 		t.Fatalf("%+v", obs)
 	}
 }
+
+// Sockets that grow in SYN_SENT are connects in progress (an upstream that
+// does not answer, a full accept queue on the other end): they end when
+// the connect gives up. Far from the limit, that is no leak.
+func TestFDGrowthOfPendingConnectsIsNotALeak(t *testing.T) {
+	now := time.Unix(5000, 0)
+	grow := func(age time.Duration) float64 { return 600 - 2*age.Seconds() } // +2/s
+	st := fdStore(now, func(a time.Duration) float64 { return grow(a) + 14 }, grow, constant(0))
+	series(st, dTCPState, signals.L("state", "SYN_SENT"), now, func(a time.Duration) float64 { return grow(a) - 20 })
+	if obs := fdRule().Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("connects in progress called a leak: %s: %s", obs[0].Title, obs[0].RootCause)
+	}
+}

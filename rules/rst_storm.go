@@ -79,7 +79,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 		}
 	}
 	namespace := w.Scope == ScopeNamespace
-	probe := len(w.Store.Range("probe_events_total", signals.L("probe", "tcplife"), w.Now.Add(-3*freshnessSlow))) > 0
+	probe := w.Store.Running("tcplife")
 	byReason := map[string]float64{}
 	total := 0.0
 	if probe {

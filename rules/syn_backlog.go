@@ -95,6 +95,12 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 		o.Remediation = cookiesAdvice + "; filter or rate-limit SYNs upstream (cloud DDoS protection, the load balancer); do not raise the backlog, which only gives the flood more memory"
 		return []Observation{o}
 	}
+	// A burst on a listener whose accept queue overflows too is one fault:
+	// both queues are bounded by the same listen backlog, and the
+	// accept_overflow finding names it with the same remedy.
+	if w.Store.Increase("listen_overflows_total", best, from) > 0 || fraction(w.Store.Range("listen_queue_full", best, from)) > 0 {
+		return nil
+	}
 	o.Cause, o.Severity, o.Confidence = CauseSYNBurst, SeverityWarning, 0.7
 	o.Title = fmt.Sprintf("SYN queue of %s overflowing under a burst of clients", endpoint)
 	o.RootCause = fmt.Sprintf("clients complete their handshakes (%.0f in %s) but arrive faster than the SYN queue holds: the queue is bounded by the listen backlog (%.0f) and net.ipv4.tcp_max_syn_backlog (%.0f)", completed, r.o.Recent, backlog.V, maxSyn.V)

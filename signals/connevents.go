@@ -28,6 +28,9 @@ type ConnEvent struct {
 	// Owner is whose connection it was, as a socket series' owner label:
 	// "target", "agent", another process's command name, or "unknown".
 	Owner string
+	// Bytes is the data the connection carried, both ways (closes only):
+	// 0 for one that never carried any.
+	Bytes uint64
 }
 
 // ConnEvent kinds.

@@ -141,6 +141,8 @@ struct inet_connection_sock {
 struct tcp_sock {
 	struct inet_connection_sock inet_conn;
 	__u32 lsndtime;
+	__u64 bytes_received;
+	__u64 bytes_acked;
 } __attribute__((preserve_access_index));
 
 enum sk_rst_reason {
