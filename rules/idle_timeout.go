@@ -74,8 +74,9 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 		}
 		// A connection that never carried data was not cut while idle
 		// after use: a client that connected and left, or gave up while
-		// its connection waited in an accept queue.
-		if e.Bytes == 0 {
+		// its connection waited in an accept queue. (The count is of
+		// sequence space: the SYN and the FIN take one each.)
+		if e.Bytes <= 2 {
 			continue
 		}
 		if !w.owned(e.Owner) {

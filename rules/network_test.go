@@ -415,7 +415,7 @@ func TestIdleTimeoutNeedsData(t *testing.T) {
 	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 5, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
 	var evs connEvents
 	for i := 0; i < 20; i++ {
-		evs = append(evs, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40000 + i, Idle: time.Second, Owner: "target"})
+		evs = append(evs, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40000 + i, Idle: time.Second, Owner: "target", Bytes: 2})
 	}
 	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: evs}}); len(obs) != 0 {
 		t.Errorf("connections that carried nothing named an idle timeout: %+v", obs)

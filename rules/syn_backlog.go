@@ -98,7 +98,7 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 	// A burst on a listener whose accept queue overflows too is one fault:
 	// both queues are bounded by the same listen backlog, and the
 	// accept_overflow finding names it with the same remedy.
-	if w.Store.Increase("listen_overflows_total", best, from) > 0 || fraction(w.Store.Range("listen_queue_full", best, from)) > 0 {
+	if acceptQueueOverflowed(w, best.Get("port"), w.Now.Add(-2*r.o.Recent)) {
 		return nil
 	}
 	o.Cause, o.Severity, o.Confidence = CauseSYNBurst, SeverityWarning, 0.7
@@ -106,6 +106,20 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 	o.RootCause = fmt.Sprintf("clients complete their handshakes (%.0f in %s) but arrive faster than the SYN queue holds: the queue is bounded by the listen backlog (%.0f) and net.ipv4.tcp_max_syn_backlog (%.0f)", completed, r.o.Recent, backlog.V, maxSyn.V)
 	o.Remediation = fmt.Sprintf("raise the listen backlog and net.core.somaxconn, and net.ipv4.tcp_max_syn_backlog (now %.0f), above the burst; keep tcp_syncookies=1 as the safety net", maxSyn.V)
 	return []Observation{o}
+}
+
+// acceptQueueOverflowed reports whether a listener on port had its accept
+// queue full, or dropped connections on it, since from.
+func acceptQueueOverflowed(w Window, port string, from time.Time) bool {
+	for _, ls := range w.Store.Select("listen_backlog") {
+		if ls.Get("port") != port {
+			continue
+		}
+		if w.Store.Increase("listen_overflows_total", ls, from) > 0 || fraction(w.Store.Range("listen_queue_full", ls, from)) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // firstIncrease is the time of the first sample, since from, at which any

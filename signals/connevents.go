@@ -28,8 +28,9 @@ type ConnEvent struct {
 	// Owner is whose connection it was, as a socket series' owner label:
 	// "target", "agent", another process's command name, or "unknown".
 	Owner string
-	// Bytes is the data the connection carried, both ways (closes only):
-	// 0 for one that never carried any.
+	// Bytes is the sequence space the connection used, both ways (closes
+	// only): its data plus one for a SYN and one for a FIN, so 2 or less
+	// for one that never carried data.
 	Bytes uint64
 }
 
