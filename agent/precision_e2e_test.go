@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/internal/testenv"
+	"github.com/culprit-dev/culprit/rules"
+	"github.com/prometheus/procfs"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 )
 
@@ -358,10 +360,12 @@ func TestPrecisionNodeEventLoop(t *testing.T) {
 // seconds are one episode (the queue is quiet between them for longer than
 // resolve_after, shorter than the rule's window), opened once and not
 // resolved and reopened at each burst; UPDATED events come only when the
-// numbers move materially, not every second.
+// numbers leave the range already told, not every second nor twice per
+// burst as a windowed count rises and falls.
 func TestPrecisionOneFaultOneFinding(t *testing.T) {
 	sc := newScenario(t, testenv.Options{Backlog: 2, Accept: true})
 	events, _ := watch(t, sc.c, 0)
+	anonBefore := rssAnon(t, sc.s.PID)
 	var evs []*culpritv1.FindingEvent
 	collectFor := func(d time.Duration) {
 		end := time.After(d)
@@ -379,7 +383,15 @@ func TestPrecisionOneFaultOneFinding(t *testing.T) {
 		collectFor(4 * time.Second)
 	}
 	var opened, resolved, updated int
+	grew := rssAnon(t, sc.s.PID) - anonBefore
 	for _, ev := range evs {
+		if ev.Finding.Rule == "heap_leak" && ev.Finding.Cause == "rss_growth_heap_unknown" && grew >= rules.DefaultHeapLeakOptions().MinGrowth {
+			// True, and no second finding of this fault: the child is
+			// built with -race, whose shadow memory for each burst's 300
+			// goroutines is kept (seen: 22 to 56 MiB over the test).
+			t.Logf("also said, and true (anonymous memory grew %.1f MiB): %s", grew/(1<<20), ev.Finding.Title)
+			continue
+		}
 		if ev.Finding.Rule != "accept_overflow" {
 			t.Errorf("also said: %s", describe(ev.Finding))
 			continue
@@ -397,7 +409,10 @@ func TestPrecisionOneFaultOneFinding(t *testing.T) {
 	if opened != 1 || resolved != 0 {
 		t.Errorf("6 bursts 4 s apart: %d OPENED and %d RESOLVED, want one finding open throughout", opened, resolved)
 	}
-	if updated > 12 {
+	// Each window's numbers rise while the first bursts fill it (a few
+	// updates, each a new high by more than update_threshold), then swing
+	// inside what was already said: silent. Seen: 6.
+	if updated > 9 {
 		t.Errorf("%d UPDATED events in 24 s: updates are not reserved for material changes", updated)
 	}
 }
@@ -418,4 +433,19 @@ func TestPrecisionAcceptsAreTheAppsAccepts(t *testing.T) {
 	if !strings.Contains(f.Symptom, "connection attempt") || !strings.Contains(f.Symptom, "retries included") {
 		t.Errorf("symptom does not say what a drop counts: %s", f.Symptom)
 	}
+}
+
+// rssAnon is the process's anonymous resident memory in bytes, read here
+// independently of the agent to check what it says.
+func rssAnon(t *testing.T, pid int) float64 {
+	t.Helper()
+	p, err := procfs.NewProc(pid)
+	if err != nil {
+		t.Fatalf("proc %d: %v", pid, err)
+	}
+	st, err := p.NewStatus()
+	if err != nil {
+		t.Fatalf("status of %d: %v", pid, err)
+	}
+	return float64(st.RssAnon)
 }

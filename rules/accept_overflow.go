@@ -283,9 +283,12 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	capped := haveSomax && backlog.V >= somaxconn.V
 	ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: fullFrac, Unit: "ratio", Window: win, Note: "share of samples with the queue full: it fills only in bursts"})
 	acceptRate := ""
-	if acceptsKnown {
-		ev = append(ev, Evidence{Signal: "process_accepts_total" + portLs.String(), Value: acceptsWindow / win.Seconds(), Unit: "/s", Window: win, Note: "the app's accept rate (eBPF accept)"})
-		acceptRate = fmt.Sprintf(", while it keeps accepting (%s connections)", rate(acceptsWindow/win.Seconds()))
+	if acceptsKnown && acceptsWindow > 0 {
+		// A count, not a rate: accepts come in bursts too, and the
+		// probe's counter can trail the queue's sample by a poll (then
+		// nothing is said rather than "0/s").
+		ev = append(ev, Evidence{Signal: "process_accepts_total" + portLs.String(), Value: acceptsWindow, Unit: "connections", Window: win, Note: "connections the app accepted (eBPF accept)"})
+		acceptRate = fmt.Sprintf(", while it keeps accepting (%s in %s)", count(acceptsWindow, "connection", ""), duration(win))
 	}
 	somax := 0
 	if haveSomax {
@@ -298,12 +301,18 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	if abortOnOverflow.V == 1 {
 		fix += " net.ipv4.tcp_abort_on_overflow=1 turns each drop into a reset the client sees: set it to 0 so clients retry instead."
 	}
+	// The queue can fill and drain between two samples: a share of 0 is
+	// "between samples", not "never".
+	fullSeen := "the queue was full in " + percent(fullFrac) + " of samples"
+	if fullFrac == 0 {
+		fullSeen = "the queue filled between samples"
+	}
 	return Observation{
 		Key:         endpoint,
 		Cause:       CauseBacklogTooSmall,
 		Title:       fmt.Sprintf("accept queue of %s overflowing in bursts: backlog too small", endpoint),
 		Symptom:     dropped,
-		RootCause:   fmt.Sprintf("the listen backlog of %s is %d and bursts overflow it%s: the queue was full in %s of samples and the app drains it", endpoint, int(backlog.V), acceptRate, percent(fullFrac)),
+		RootCause:   fmt.Sprintf("the listen backlog of %s is %d and bursts overflow it%s: %s and the app drains it", endpoint, int(backlog.V), acceptRate, fullSeen),
 		Severity:    SeverityWarning,
 		Confidence:  0.8,
 		Evidence:    ev,

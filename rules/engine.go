@@ -97,6 +97,29 @@ type active struct {
 	// (which moves silently), or a change held back by
 	// min_update_interval would never be sent.
 	sent Observation
+	// told is the range of each evidence value watchers have been told
+	// since the finding opened or its cause last changed. A windowed count
+	// that rises with each burst and falls between them would otherwise
+	// be news twice per burst; returning into what was already said is
+	// not news, leaving it is.
+	told map[string]span
+}
+
+// span is the lowest and highest value told of one piece of evidence.
+type span struct{ lo, hi float64 }
+
+// tell widens told by o's evidence (a fresh map when o's cause is new).
+func (a *active) tell(o Observation, fresh bool) {
+	if fresh || a.told == nil {
+		a.told = make(map[string]span, len(o.Evidence))
+	}
+	for _, ev := range o.Evidence {
+		s, ok := a.told[ev.Signal]
+		if !ok {
+			s = span{ev.Value, ev.Value}
+		}
+		a.told[ev.Signal] = span{min(s.lo, ev.Value), max(s.hi, ev.Value)}
+	}
 }
 
 // Engine runs rules and keeps each finding's lifecycle.
@@ -317,7 +340,9 @@ func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
 			LastSeen:    now,
 		}
 		ev := e.journal.Record(EventOpened, f, now)
-		e.active[k] = &active{f: ev.Finding, lastSeen: now, lastUpdate: now, sent: ev.Finding.Observation}
+		a := &active{f: ev.Finding, lastSeen: now, lastUpdate: now, sent: ev.Finding.Observation}
+		a.tell(a.sent, true)
+		e.active[k] = a
 		e.o.Log.Info("finding opened", "id", f.ID, "rule", rule, "cause", o.Cause, "severity", o.Severity.String(), "root_cause", o.RootCause)
 		return
 	}
@@ -338,7 +363,7 @@ func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
 		// function of a stall are the point even after the stall ends.
 		o = retainLearned(a.f.Observation, o)
 	}
-	material := causeChanged || materialChange(a.sent, o, e.o.UpdateThreshold)
+	material := causeChanged || materialChange(a.told, a.sent, o, e.o.UpdateThreshold)
 	if !material || (!causeChanged && now.Sub(a.lastUpdate) < e.o.MinUpdateInterval) {
 		// Current in ListFindings and GetFinding; not worth an event.
 		a.f.Observation = o
@@ -349,6 +374,7 @@ func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
 	ev := e.journal.Record(EventUpdated, a.f, now)
 	a.f = ev.Finding
 	a.sent = o
+	a.tell(o, causeChanged)
 	a.lastUpdate = now
 	if causeChanged {
 		e.o.Log.Info("finding changed", "id", a.f.ID, "cause", o.Cause, "severity", o.Severity.String())
@@ -382,25 +408,33 @@ func retainLearned(prev, next Observation) Observation {
 	return next
 }
 
-// materialChange reports whether next says something prev did not: an
-// evidence value that moved by more than threshold (relative), evidence
-// that is new, or a learned artifact (thread, stack, frame) that is new or
-// different. Numbers drifting inside the threshold, and texts that differ
-// only by those numbers, are not news.
-func materialChange(prev, next Observation, threshold float64) bool {
+// materialChange reports whether next says something watchers were not
+// told: an evidence value that left the range told of it (told) by more
+// than threshold (relative), evidence that is new, or a learned artifact
+// (thread, stack, frame) that is new or different since prev. Numbers
+// drifting inside the threshold, numbers going back to values already
+// told, and texts that differ only by those numbers, are not news.
+func materialChange(told map[string]span, prev, next Observation, threshold float64) bool {
 	if threshold <= 0 {
 		return true
 	}
-	old := make(map[string]float64, len(prev.Evidence))
-	for _, ev := range prev.Evidence {
-		old[ev.Signal] = ev.Value
-	}
 	for _, ev := range next.Evidence {
-		v, ok := old[ev.Signal]
+		s, ok := told[ev.Signal]
 		if !ok {
 			return true
 		}
-		if d := math.Abs(ev.Value - v); d > threshold*math.Max(math.Abs(v), 1e-9) && d >= 1e-9 {
+		// A share moves by share points: 3% of samples full becoming 2%
+		// is not a third less of anything an operator acts on. (Ratios
+		// above 1, "p99 now / before", stay relative.)
+		beyond := func(edge float64) bool {
+			scale := math.Abs(edge)
+			if ev.Unit == "ratio" {
+				scale = math.Max(scale, 1)
+			}
+			d := math.Abs(ev.Value - edge)
+			return d > threshold*math.Max(scale, 1e-9) && d >= 1e-9
+		}
+		if (ev.Value > s.hi && beyond(s.hi)) || (ev.Value < s.lo && beyond(s.lo)) {
 			return true
 		}
 	}

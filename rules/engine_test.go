@@ -257,6 +257,43 @@ func TestEngineOneFaultOneFinding(t *testing.T) {
 	}
 }
 
+// A windowed count that rises with each burst and falls between them is
+// news when it leaves the range already told (a new high or a new low),
+// not each time it swings back inside it.
+func TestEngineUpdatesOnlyBeyondWhatWasTold(t *testing.T) {
+	r := &scripted{}
+	j := NewJournal(64)
+	e := NewEngine([]Rule{r}, signals.New(16, 64), j, nil, EngineOptions{
+		Interval: time.Second, ResolveAfter: 3 * time.Second, MinUpdateInterval: time.Second, MaxOpen: 10,
+		UpdateThreshold: 0.2, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	t0 := time.Unix(1000, 0)
+	values := []float64{700, 1000, 400, 1000, 420, 980, 700, 1300, 450, 1250}
+	for i, v := range values {
+		r.obs = []Observation{{Key: "k", Cause: "c", Severity: SeverityWarning, Evidence: []Evidence{{Signal: "drops", Value: v}}}}
+		e.Evaluate(t0.Add(time.Duration(2*i) * time.Second))
+	}
+	evs, _ := j.After(0, 100)
+	var got []float64
+	for _, ev := range evs {
+		got = append(got, ev.Finding.Evidence[0].Value)
+	}
+	// 700 opens; 1000 (+43%) and 400 (-43%) leave the range; 1300 (+30%
+	// over 1000) does; the swings inside 400..1000 (and 1250) do not.
+	if want := []float64{700, 1000, 400, 1300}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("events carry %v, want %v", got, want)
+	}
+	// A new cause starts a new range: its first numbers are news.
+	r.obs = []Observation{{Key: "k", Cause: "other", Severity: SeverityWarning, Evidence: []Evidence{{Signal: "drops", Value: 800}}}}
+	e.Evaluate(t0.Add(30 * time.Second))
+	r.obs = []Observation{{Key: "k", Cause: "other", Severity: SeverityWarning, Evidence: []Evidence{{Signal: "drops", Value: 1100}}}}
+	e.Evaluate(t0.Add(32 * time.Second))
+	evs, _ = j.After(0, 100)
+	if n := len(evs); n != 6 {
+		t.Errorf("%d events after the cause changed and its count rose 37%%, want 6", n)
+	}
+}
+
 // A material change that arrives within min_update_interval of the last
 // event is held back, then sent once the interval is over, even though
 // the finding's current state already holds it.

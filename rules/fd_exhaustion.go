@@ -62,9 +62,11 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	// near the limit, not leaking.
 	g, haveG := growthOf(st.Range("process_fds_open", nil, now.Add(-r.o.Window)))
 	long := haveG && g.duration() >= r.o.MinDuration && g.rate > 0
+	// The floor, not the last sample: a burst of connections that open
+	// and close again lifts a sample or two, a leak lifts every one.
 	leaking := r.h.hold("leak", now,
-		long && g.current && g.increase >= r.o.MinIncrease && g.steady >= r.o.Steady,
-		long && g.rising && g.increase >= r.o.MinIncrease && g.steady >= r.o.Steady-0.1)
+		long && g.current && g.increase >= r.o.MinIncrease && g.floor >= r.o.MinIncrease && g.steady >= r.o.Steady,
+		long && g.rising && g.increase >= r.o.MinIncrease && g.floor > 0 && g.steady >= r.o.Steady-0.1)
 	eta, etaOK := time.Duration(0), false
 	if leaking {
 		eta, etaOK = g.until(limit.V)

@@ -24,8 +24,9 @@ type Options struct {
 	ResolveAfter time.Duration `toml:"resolve_after" range:"[100ms,1h]"`
 	// MinUpdateInterval spaces out updates that change only numbers.
 	MinUpdateInterval time.Duration `toml:"min_update_interval" range:"[0s,1h]"`
-	// UpdateThreshold: an evidence value must move by this share to be
-	// worth an UPDATED event; smaller moves update the finding in place.
+	// UpdateThreshold: an evidence value must leave the range already
+	// sent for the finding by this share to be worth an UPDATED event;
+	// other moves update the finding in place.
 	UpdateThreshold float64 `toml:"update_threshold" range:"[0,10]"`
 	// MaxOpenFindings bounds the open findings.
 	MaxOpenFindings int `toml:"max_open_findings" range:"[1,100000]"`

@@ -241,6 +241,32 @@ func TestFDFlatNearLimitIsNotALeak(t *testing.T) {
 	}
 }
 
+// Bursts of connections that open and close again (seen: 300 sockets for
+// one sample every 4-5 s, 11 between them) are no leak, even when the
+// newest sample is a burst's peak: the floor did not move. The same
+// series with its floor rising is one.
+func TestFDBurstsAreNotALeak(t *testing.T) {
+	now := time.Unix(5000, 0)
+	for _, lift := range []float64{0, 3} {
+		burst := func(age time.Duration) float64 {
+			s := int(age / time.Second)
+			v := 11 + lift*float64(60-s)
+			if s%5 == 0 {
+				v += 300
+			}
+			return v
+		}
+		st := fdStore(now, burst, constant(10), constant(0))
+		obs := NewFDExhaustion(DefaultFDExhaustionOptions()).Evaluate(Window{Store: st, Now: now})
+		switch {
+		case lift == 0 && len(obs) != 0:
+			t.Errorf("bursts on a flat floor: %s: %s", obs[0].Title, obs[0].RootCause)
+		case lift > 0 && (len(obs) != 1 || obs[0].Cause != CauseFDLeak):
+			t.Errorf("bursts on a floor rising 3/s: %d observations, want the leak", len(obs))
+		}
+	}
+}
+
 // A count hovering at near_ratio keeps one finding open instead of one
 // per crossing; far under it, the finding ends.
 func TestFDNearLimitHysteresis(t *testing.T) {

@@ -59,6 +59,12 @@ type growth struct {
 	// forecast from it means something. rising is the looser "it still
 	// rose at all", which is what keeps an open finding open.
 	current, rising bool
+	// floor is how far the regime's newest samples (the same tail as
+	// current's) all stand above its oldest ones (as many, from from()
+	// on): the level the series holds, not its peaks. Bursts that come and go (FDs of connections opened and
+	// closed again) raise the peaks but leave the floor where it was; a
+	// leak raises the floor.
+	floor float64
 	// sinceStart: no change point was found, the regime spans every
 	// sample given: it began at or before the first of them.
 	sinceStart bool
@@ -118,6 +124,7 @@ func growthOf(s []signals.Sample) (growth, bool) {
 	rose := tail[len(tail)-1].V - tail[0].V
 	expected := g.rate * tail[len(tail)-1].T.Sub(tail[0].T).Seconds()
 	g.rising = rose > 0
+	g.floor = lowest(tail) - lowest(s[max(k-1, 0):][:len(tail)])
 	g.current = g.rate > 0 && rose > 0 && rose >= expected/2 && !g.young
 	return g, true
 }
@@ -389,4 +396,13 @@ func trimFloat(f float64) string {
 		return "0"
 	}
 	return s
+}
+
+// lowest is the smallest value in s (which is not empty).
+func lowest(s []signals.Sample) float64 {
+	v := s[0].V
+	for _, x := range s[1:] {
+		v = min(v, x.V)
+	}
+	return v
 }
