@@ -14,9 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/culprit-dev/culprit/sockdiag"
 	"github.com/prometheus/procfs"
-	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 )
 
 // Process is one incarnation of the target. A restart is a new Process
@@ -50,8 +49,6 @@ func (s Selector) String() string {
 	}
 	return "nothing"
 }
-
-const tcpListen = 10 // TCP_LISTEN, include/net/tcp_states.h
 
 // ErrNotFound means no process matches the selector right now.
 var ErrNotFound = errors.New("target not found")
@@ -193,16 +190,19 @@ func (r *Resolver) byPort(port int) (Process, error) {
 	// sock_diag of the agent's own namespace: as a sidecar that is the
 	// pod's, where the app listens.
 	inodes := map[uint64]bool{}
-	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		socks, err := netlink.SocketDiagTCP(family)
-		if err != nil {
-			return Process{}, fmt.Errorf("sock_diag dump of TCP sockets: %w", err)
+	c, err := sockdiag.Open(r.root, 0, 0)
+	if err != nil {
+		return Process{}, fmt.Errorf("find the process listening on port %d: %w", port, err)
+	}
+	defer c.Close()
+	err = c.Dump(context.Background(), sockdiag.Of(sockdiag.Listen), false, func(s *sockdiag.Socket) bool {
+		if int(s.LocalPort) == port {
+			inodes[uint64(s.Inode)] = true
 		}
-		for _, s := range socks {
-			if s.State == tcpListen && int(s.ID.SourcePort) == port {
-				inodes[uint64(s.INode)] = true
-			}
-		}
+		return true
+	})
+	if err != nil {
+		return Process{}, fmt.Errorf("sock_diag dump of listening sockets: %w", err)
 	}
 	if len(inodes) == 0 {
 		return Process{}, fmt.Errorf("nothing listens on port %d: %w", port, ErrNotFound)
