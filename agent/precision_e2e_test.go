@@ -11,9 +11,9 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/internal/testenv"
+	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/prometheus/procfs"
-	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 )
 
 // Precision against real programs nobody here wrote: each test starts a
