@@ -225,6 +225,17 @@ func TestSYNBacklogFloodOrBurst(t *testing.T) {
 	if len(obs) != 1 || obs[0].Cause != CauseSYNBurst || !strings.Contains(obs[0].Remediation, "tcp_max_syn_backlog") {
 		t.Fatalf("burst: %+v", obs)
 	}
+	// A burst that began at the newest sample waits for the accept queue's
+	// verdict (the same burst often overflows it too, and is then one
+	// accept_overflow finding).
+	if obs := r.Evaluate(Window{Store: synStore(now, []float64{0, 0, 0, 0, 0, 50}, 128, 3, 5000), Now: now}); len(obs) != 0 {
+		t.Errorf("a burst seen for less than %s: %+v", synBurstSettle, obs)
+	}
+	st := synStore(now, []float64{0, 10, 20, 30, 40, 50}, 128, 3, 5000)
+	putSeries(st, &signals.Desc{Name: "listen_overflows_total", Kind: signals.Counter}, signals.L("addr", "0.0.0.0", "port", "443"), now, 0, 0, 5, 9, 9, 9)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("a burst that overflows the accept queue too is accept_overflow's: %+v", obs)
+	}
 	// Silence: a busy listener whose SYN queue never overflows.
 	if obs := r.Evaluate(Window{Store: synStore(now, []float64{0, 0, 0, 0, 1, 1}, 40, 35, 5000), Now: now}); len(obs) != 0 {
 		t.Errorf("no overflow raised %+v", obs)

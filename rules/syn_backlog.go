@@ -97,8 +97,12 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 	}
 	// A burst on a listener whose accept queue overflows too is one fault:
 	// both queues are bounded by the same listen backlog, and the
-	// accept_overflow finding names it with the same remedy.
-	if acceptQueueOverflowed(w, best.Get("port"), w.Now.Add(-2*r.o.Recent)) {
+	// accept_overflow finding names it with the same remedy. The SYN
+	// counters can show the burst half a second before the accept queue's
+	// drops are attributed (seen: syn_burst opened 0.5 s ahead of
+	// accept_overflow for one burst), so a burst is judged only once the
+	// accept side has been sampled after it began.
+	if w.Now.Sub(began) < synBurstSettle || acceptQueueOverflowed(w, best.Get("port"), w.Now.Add(-2*r.o.Recent)) {
 		return nil
 	}
 	o.Cause, o.Severity, o.Confidence = CauseSYNBurst, SeverityWarning, 0.7
@@ -107,6 +111,10 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 	o.Remediation = fmt.Sprintf("raise the listen backlog and net.core.somaxconn, and net.ipv4.tcp_max_syn_backlog (now %.0f), above the burst; keep tcp_syncookies=1 as the safety net", maxSyn.V)
 	return []Observation{o}
 }
+
+// synBurstSettle is how long a SYN-queue burst waits for the accept
+// queue's verdict: a few of its 100 ms samples and one netstat read.
+const synBurstSettle = 1500 * time.Millisecond
 
 // acceptQueueOverflowed reports whether a listener on port had its accept
 // queue full, or dropped connections on it, since from.
