@@ -21,6 +21,7 @@ Usage:
   culprit findings [--addr 127.0.0.1:9462] [--follow] [--json | --table] [--all] [--severity S] [--rule R]
   culprit snapshot [--addr 127.0.0.1:9462] [--json]
   culprit profile  [--addr 127.0.0.1:9462] [--seconds N | --lookback 30s] [--tid N,...] [-o cpu.pb.gz]
+  culprit top      [--addr 127.0.0.1:9462] [--interval 1s] [--history 60]
 
 The client commands take --tls-ca, --tls-cert, --tls-key and --token-file
 (or CULPRIT_TOKEN) for an agent whose gRPC API is protected.
@@ -51,6 +52,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdSnapshot(ctx, args[1:], stdout, stderr)
 	case "profile":
 		err = cmdProfile(ctx, args[1:], stdout, stderr)
+	case "top":
+		err = cmdTop(ctx, args[1:], stdout, stderr)
 	case "demo":
 		err = cmdDemo(ctx, args[1:], stdout, stderr)
 	case "version":
