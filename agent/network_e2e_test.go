@@ -97,6 +97,112 @@ func TestPortExhaustionFinding(t *testing.T) {
 	}
 }
 
+// The numbers of port exhaustion from real conditions: with tcp_tw_reuse=1
+// the kernel reuses TIME_WAIT ports for the target's connects, which keep
+// working through a port range smaller than the connects made (no
+// forecast of exhaustion: it will not happen); with it off and a range
+// too small, connects fail with EADDRNOTAVAIL, and the finding says the
+// ports are already exhausted, counting the failed connect() calls, not
+// forecasting what already happened.
+func TestPortExhaustionTruths(t *testing.T) {
+	t.Run("tw_reuse keeps connects working", func(t *testing.T) {
+		s, events := networkScenario(t, testenv.Options{Backlog: 512, Accept: true})
+		s.MustDo(t, "sysctl net.ipv4.ip_local_port_range 40000_40199")
+		s.MustDo(t, "sysctl net.ipv4.tcp_tw_reuse 1")
+		asked, made := 0, 0
+		for end := time.Now().Add(9 * time.Second); time.Now().Before(end); time.Sleep(250 * time.Millisecond) {
+			asked += 10
+			made += established(t, s, "burst 10")
+			select {
+			case ev := <-events:
+				if ev.Finding != nil && ev.Finding.Rule == "port_exhaustion" {
+					t.Errorf("tcp_tw_reuse=1 and every connect works, yet: %s: %s", ev.Finding.Title, ev.Finding.Symptom)
+				}
+			default:
+			}
+		}
+		t.Logf("%d connects through 200 ports, %d established", asked, made)
+		if asked <= 200 || made != asked {
+			t.Fatalf("the condition did not hold: %d of %d connects established through 200 ports", made, asked)
+		}
+	})
+	t.Run("already exhausted", func(t *testing.T) {
+		s, events := networkScenario(t, testenv.Options{Backlog: 512, Accept: true})
+		s.MustDo(t, "sysctl net.ipv4.ip_local_port_range 40000_40049")
+		s.MustDo(t, "sysctl net.ipv4.tcp_tw_reuse 0")
+		asked, made := 0, 0
+		var f *culpritv1.Finding
+		for end := time.Now().Add(15 * time.Second); f == nil && time.Now().Before(end); time.Sleep(250 * time.Millisecond) {
+			asked += 20
+			made += established(t, s, "burst 20")
+			for drained := false; !drained; {
+				select {
+				case ev := <-events:
+					if ev.Type == culpritv1.FindingEvent_TYPE_OPENED && ev.Finding.Rule == "port_exhaustion" {
+						f = ev.Finding
+					}
+				default:
+					drained = true
+				}
+			}
+		}
+		if f == nil {
+			t.Fatalf("no port_exhaustion finding; %d of %d connects established through 50 ports", made, asked)
+		}
+		t.Logf("%d connects, %d established\n%s\n%s", asked, made, f.Title, f.Symptom)
+		failedDials := asked - made
+		if failedDials == 0 {
+			t.Fatalf("the condition did not hold: every connect established")
+		}
+		if !strings.Contains(f.Symptom, "already exhausted") || strings.Contains(f.Symptom, "starts failing in") || f.Severity != culpritv1.Severity_SEVERITY_CRITICAL {
+			t.Errorf("%s: %s / %s", f.Severity, f.Title, f.Symptom)
+		}
+		// The failed connects, once counted, are at most what failed:
+		// each failed dial is one connect() or a few (Go's dialer retries
+		// EADDRNOTAVAIL); the finding counts connect() calls.
+		said := failedConnects(f)
+		for end := time.Now().Add(6 * time.Second); said == 0 && time.Now().Before(end); {
+			asked += 20
+			made += established(t, s, "burst 20")
+			select {
+			case ev := <-events:
+				if ev.Finding != nil && ev.Finding.Id == f.Id {
+					said = failedConnects(ev.Finding)
+					f = ev.Finding
+				}
+			case <-time.After(250 * time.Millisecond):
+			}
+		}
+		failedDials = asked - made
+		t.Logf("%s\n%s", f.Title, f.Symptom)
+		if said < 1 || said > 3*float64(failedDials) || !strings.Contains(f.Title, "exhausted: "+strconv.Itoa(int(said))+" connects failed") {
+			t.Errorf("said %v connects failed (%s); the client saw %d dials fail", said, f.Title, failedDials)
+		}
+	})
+}
+
+// failedConnects is the count of failed connects a finding gives.
+func failedConnects(f *culpritv1.Finding) float64 {
+	for _, e := range f.Evidence {
+		if strings.HasPrefix(e.Signal, "process_connect_errors_total") {
+			return e.Value
+		}
+	}
+	return 0
+}
+
+// established runs a dial command of the child and returns how many
+// connections it established.
+func established(t *testing.T, s *testenv.Server, cmd string) int {
+	t.Helper()
+	out := s.MustDo(t, cmd)
+	var n int
+	if _, err := fmt.Sscanf(out, "ok %d established", &n); err != nil {
+		t.Fatalf("%s: %q: %v", cmd, out, err)
+	}
+	return n
+}
+
 // The target stops listening (a SIGTERM closes its listener, as in a
 // restart) while clients keep connecting to its port: the namespace answers
 // each SYN with a reset, on the target's own port. (Resets answering SYNs

@@ -348,6 +348,12 @@ func TestPortExhaustionTruths(t *testing.T) {
 	if len(obs) != 1 || !strings.Contains(obs[0].Symptom, "already exhausted: 10309 connects failed") || strings.Contains(obs[0].Symptom, "starts failing in") || obs[0].Severity != SeverityCritical {
 		t.Errorf("10309 failed connects: %+v", obs)
 	}
+	// Every usable port in TIME_WAIT with reuse off, before the failures
+	// are counted: exhausted now, not "starts failing in about 0 ms".
+	obs = r.Evaluate(Window{Store: mk("target", "127.0.0.1:5432", 0, 0, 100, 120, 140, 160, 180, 200, 200, 200, 200, 200, 200), Now: now})
+	if len(obs) != 1 || !strings.Contains(obs[0].Symptom, "already exhausted: no usable port is free") || strings.Contains(obs[0].Symptom, "starts failing in") {
+		t.Errorf("200 of 200 ports in TIME_WAIT: %+v", obs)
+	}
 	// A neighbour's TIME_WAIT, and the target not connecting there.
 	st := signals.New(100, 100)
 	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)

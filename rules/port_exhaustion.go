@@ -171,6 +171,12 @@ func (r *PortExhaustion) remote(w Window, remote string, rp *remotePorts, usable
 	switch {
 	case rp.failed > 0:
 		forecast = fmt.Sprintf("already exhausted: %s failed with EADDRNOTAVAIL in the last %s", count(rp.failed, "connect", ""), duration(r.o.Window))
+	case tw >= usable && haveReuse && !reuseOn:
+		// No forecast of what is already so ("starts failing in about
+		// 0 ms"): with no reuse, no port is left for this remote.
+		forecast = "already exhausted: no usable port is free for a new connect() to it"
+	case tw >= usable:
+		forecast = "every usable port is taken"
 	case rateNow > 0 && level >= usable:
 		eta = time.Duration((usable - tw) / rateNow * float64(time.Second))
 		etaOK = eta > 0
@@ -196,6 +202,9 @@ func (r *PortExhaustion) remote(w Window, remote string, rp *remotePorts, usable
 		reuseNote = " net.ipv4.tcp_tw_reuse=2 reuses TIME_WAIT ports for loopback connections only, not toward " + remote + "."
 	}
 	title := fmt.Sprintf("Ephemeral ports toward %s running out: %s of %s in TIME_WAIT", remote, num(tw), num(usable))
+	if tw >= usable && haveReuse && !reuseOn {
+		title = fmt.Sprintf("Ephemeral ports toward %s exhausted: all %s in TIME_WAIT", remote, num(usable))
+	}
 	if rp.failed > 0 {
 		title = fmt.Sprintf("Ephemeral ports toward %s exhausted: %s failed", remote, count(rp.failed, "connect", ""))
 	}
