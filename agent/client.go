@@ -93,6 +93,14 @@ func cmdFindings(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	switch {
+	case *asJSON && *table:
+		return errors.New("findings: --json and --table are two output formats: choose one")
+	case *table && (*follow || *all && *follow):
+		return errors.New("findings: --table lists the open findings once; it does not go with --follow")
+	case fs.NArg() > 0:
+		return fmt.Errorf("findings: unexpected argument %q (flags go before it? see culprit findings -h)", fs.Arg(0))
+	}
 	minSev, err := parseSeverity(*sev)
 	if err != nil {
 		return err

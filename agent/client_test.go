@@ -154,3 +154,25 @@ func TestFindingsTable(t *testing.T) {
 		}
 	}
 }
+
+// Flags that contradict each other are refused with what to do, before
+// any connection is tried; --version answers like version.
+func TestCLIFlagsThatConflict(t *testing.T) {
+	for _, args := range [][]string{
+		{"findings", "--json", "--table"},
+		{"findings", "--table", "--follow"},
+		{"findings", "stray"},
+	} {
+		var out, errb strings.Builder
+		code := run(append(args, "--addr", "127.0.0.1:1"), &out, &errb)
+		if code == 0 || !strings.Contains(errb.String(), "findings: ") || strings.Contains(errb.String(), "connection refused") {
+			t.Errorf("%v: exit %d, %q", args, code, errb.String())
+		}
+	}
+	for _, v := range []string{"version", "--version"} {
+		var out, errb strings.Builder
+		if code := run([]string{v}, &out, &errb); code != 0 || !strings.HasPrefix(out.String(), "culprit ") || !strings.Contains(out.String(), "go1.") {
+			t.Errorf("%s: exit %d, %q", v, code, out.String())
+		}
+	}
+}
