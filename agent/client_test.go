@@ -23,7 +23,7 @@ func TestFindingPrinterText(t *testing.T) {
 	var b bytes.Buffer
 	p := &findingPrinter{w: &b}
 	ts := timestamppb.New(time.Unix(1000, 0))
-	f := &culpritv1.Finding{Id: "x", Rule: "accept_overflow", Title: "accept queue of :8080 overflowing", Cause: "app_not_accepting",
+	f := &culpritv1.Finding{Id: "x", Rule: "accept_overflow", Title: "Accept queue of :8080 overflowing", Cause: "app_not_accepting",
 		Severity: culpritv1.Severity_SEVERITY_CRITICAL, Symptom: "12 dropped", RootCause: "queue full", Remediation: "move blocking calls",
 		FirstSeen: ts, Evidence: []*culpritv1.Evidence{{Signal: "listen_overflows_total", Value: 12, Unit: "connections", Threshold: 1}}}
 	p.event(&culpritv1.FindingEvent{Type: culpritv1.FindingEvent_TYPE_OPENED, Sequence: 1, Time: ts, Finding: f})

@@ -290,7 +290,7 @@ func topTestFindings(now time.Time) (warn, crit *culpritv1.Finding) {
 		Sequence:    7,
 	}
 	crit = &culpritv1.Finding{
-		Id: "accept_overflow/8080", Rule: "accept_overflow", Cause: "app_not_accepting", Title: "accept queue of 127.0.0.1:8080 overflowing: the app is not accepting",
+		Id: "accept_overflow/8080", Rule: "accept_overflow", Cause: "app_not_accepting", Title: "Accept queue of 127.0.0.1:8080 overflowing: the app is not accepting",
 		Severity: culpritv1.Severity_SEVERITY_CRITICAL, State: culpritv1.FindingState_FINDING_STATE_OPEN,
 		FirstSeen: topTS(now.Add(-12 * time.Second)), LastSeen: topTS(now),
 		Symptom: "30 connections dropped", RootCause: "the accept loop is starved", Remediation: "unblock the accept loop",

@@ -227,7 +227,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		return Observation{
 			Key:         endpoint,
 			Cause:       CauseAppNotAccepting,
-			Title:       fmt.Sprintf("accept queue of %s overflowing: the app is not accepting", endpoint),
+			Title:       fmt.Sprintf("Accept queue of %s overflowing: the app is not accepting", endpoint),
 			Symptom:     dropped + "; clients see connect timeouts or resets",
 			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) has been full for %s and the app %s: its accept loop is starved. %s", endpoint, int(backlog.V), duration(fullFor), how, threads.summary),
 			Severity:    sev,
@@ -254,7 +254,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		return Observation{
 			Key:         endpoint,
 			Cause:       CauseAppNotAccepting,
-			Title:       fmt.Sprintf("accept queue of %s overflowing: the app is not accepting", endpoint),
+			Title:       fmt.Sprintf("Accept queue of %s overflowing: the app is not accepting", endpoint),
 			Symptom:     dropped,
 			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s; the app accepts again since %s ago, and the drops since are the stall's tail (waiting clients retrying together)", endpoint, int(backlog.V), duration(run), duration(now.Sub(end))),
 			Severity:    SeverityWarning,
@@ -310,7 +310,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	return Observation{
 		Key:         endpoint,
 		Cause:       CauseBacklogTooSmall,
-		Title:       fmt.Sprintf("accept queue of %s overflowing in bursts: backlog too small", endpoint),
+		Title:       fmt.Sprintf("Accept queue of %s overflowing in bursts: backlog too small", endpoint),
 		Symptom:     dropped,
 		RootCause:   fmt.Sprintf("the listen backlog of %s is %d and bursts overflow it%s: %s and the app drains it", endpoint, int(backlog.V), acceptRate, fullSeen),
 		Severity:    SeverityWarning,

@@ -183,12 +183,12 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 		rc.WriteString("; " + detail)
 	}
 	fix := "Raise RLIMIT_NOFILE (ulimit -n, or the container runtime's nofile limit) to cover peak listeners + connections + files + epoll instances"
-	title := "file descriptors near the limit: " + num(open.V) + " of " + num(limit.V)
+	title := "File descriptors near the limit: " + num(open.V) + " of " + num(limit.V)
 	if leaking {
 		fix = fixForKind(culprit, detail) + " Raising the limit only buys time."
-		title = fmt.Sprintf("file descriptors leaking: %s, heading for the limit", rate(g.rate))
+		title = fmt.Sprintf("File descriptors leaking: %s, heading for the limit", rate(g.rate))
 		if culprit != "unknown" {
-			title = fmt.Sprintf("file descriptors leaking: %s %s, heading for the limit", rate(g.rate), strings.ReplaceAll(kindWord(culprit), "descriptors", "FDs"))
+			title = fmt.Sprintf("File descriptors leaking: %s %s, heading for the limit", rate(g.rate), strings.ReplaceAll(kindWord(culprit), "descriptors", "FDs"))
 		}
 	}
 	return []Observation{{

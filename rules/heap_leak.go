@@ -133,7 +133,7 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 	return []Observation{{
 		Key:         "process",
 		Cause:       CauseHeapLeak,
-		Title:       fmt.Sprintf("live heap growing by %s %s", perMin, g.over()),
+		Title:       fmt.Sprintf("Live heap growing by %s %s", perMin, g.over()),
 		Symptom:     fmt.Sprintf("the live heap grew from %s to %s %s and still grows", fmtBytes(g.from().V), fmtBytes(h.Inuse), g.since()),
 		RootCause:   fmt.Sprintf("memory the app still references keeps growing (+%s, %s): %s", fmtBytes(g.increase), perMin, where),
 		Severity:    SeverityWarning,
@@ -162,7 +162,7 @@ func (r *HeapLeak) rssOnly(w Window) []Observation {
 	return []Observation{{
 		Key:   "process",
 		Cause: CauseRSSGrowthNoHeap,
-		Title: fmt.Sprintf("anonymous memory growing by %s %s (heap unknown)", perMin, g.over()),
+		Title: fmt.Sprintf("Anonymous memory growing by %s %s (heap unknown)", perMin, g.over()),
 		Symptom: fmt.Sprintf("anonymous RSS grew from %s to %s %s and still grows",
 			fmtBytes(g.from().V), fmtBytes(g.last.V), g.since()),
 		RootCause: fmt.Sprintf("the process's anonymous memory grows steadily (+%s, %s); without a heap profile culprit cannot tell a leak from allocator retention", fmtBytes(g.increase), perMin),

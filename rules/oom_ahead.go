@@ -111,7 +111,7 @@ func (r *OOMAhead) Evaluate(w Window) []Observation {
 	if okl {
 		ev = append(ev, Evidence{Signal: "cgroup_memory_limit_bytes", Value: limit.V, Threshold: r.o.NearRatio * limit.V, Unit: "bytes"})
 		symptom = fmt.Sprintf("the cgroup uses %s of its %s limit (%s)", fmtBytes(usage.V), fmtBytes(limit.V), percent(share))
-		title = fmt.Sprintf("memory at %s of the cgroup limit: OOM kill ahead", percent(share))
+		title = fmt.Sprintf("Memory at %s of the cgroup limit: OOM kill ahead", percent(share))
 		// A forecast only from growth that is happening now, at its own
 		// rate since it began.
 		if g, ok := growthOf(st.Range("cgroup_memory_usage_bytes", nil, now.Add(-r.o.Window))); ok && g.current {

@@ -311,7 +311,7 @@ func TestHeapLeakRateFromItsOnset(t *testing.T) {
 	o := obs[0]
 	t.Logf("%s\n%s\n%s", o.Title, o.Symptom, o.RootCause)
 	since := now.Add(-20 * time.Second).Format("15:04:05")
-	if o.Title != "live heap growing by 480 MiB/min for 20 s (since "+since+")" ||
+	if o.Title != "Live heap growing by 480 MiB/min for 20 s (since "+since+")" ||
 		!strings.Contains(o.Symptom, "from 100 MiB to 260 MiB since "+since+" (20 s)") ||
 		!strings.Contains(o.RootCause, "(+160 MiB, 480 MiB/min)") || !strings.Contains(o.RootCause, "main.leak (/src/main.go:7, +160 MiB)") {
 		t.Errorf("%s / %s / %s", o.Title, o.Symptom, o.RootCause)
