@@ -164,17 +164,17 @@ func (r *LatencySpike) route(name string, recent, base []*signals.Span, src Span
 			o.RootCause += fmt.Sprintf(", and wait %s before their first one starts: waiting for a pooled connection", fmtDur(wait.Round(time.Millisecond)))
 			o.Evidence = append(o.Evidence, Evidence{Signal: "time before the first DB span", Value: wait.Seconds(), Unit: "seconds", Note: "a connection pool wait"})
 		}
-		o.Remediation = "look at the queries of these traces (slow query log, missing index, lock waits) and at the database's load; if requests wait before the DB span starts, the pool is too small"
+		o.Remediation = "Look at the queries of these traces (slow query log, missing index, lock waits) and at the database's load. If requests wait before the DB span starts, the pool is too small."
 	case downS >= selfS:
 		o.Cause, o.Confidence = CauseDownstreamBound, 0.5+downS/2
 		o.Title = fmt.Sprintf("Latency spike on %s: downstream-bound (%.0f%% of slow requests' time in outbound calls)", name, 100*downS)
 		o.RootCause = fmt.Sprintf("the slowest requests spend %.0f%% of their time waiting on other services", 100*downS)
-		o.Remediation = "look at the called services in these traces; set timeouts and budgets on outbound calls, and retries with backoff only where idempotent"
+		o.Remediation = "Look at the called services in these traces. Set timeouts and budgets on outbound calls, and retry with backoff only where a call is idempotent."
 	default:
 		o.Cause, o.Confidence = CauseComputeBound, 0.5+selfS/2
 		o.Title = fmt.Sprintf("Latency spike on %s: in-process (%.0f%% of slow requests' time in the app itself)", name, 100*selfS)
 		o.RootCause = fmt.Sprintf("the slowest requests spend %.0f%% of their time in the app's own code, outside any outbound call: CPU work, a blocking call, a lock or a queue inside the process (see the scheduler findings)", 100*selfS)
-		o.Remediation = "profile the app (culprit profile) during the spike and look for blocking calls on async workers; the scheduler findings name the thread"
+		o.Remediation = "Profile the app (culprit profile) during the spike and look for blocking calls on async workers; the scheduler findings name the thread."
 	}
 	for i, s := range sorted {
 		if i == 3 {

@@ -88,11 +88,11 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 		o.Cause, o.Severity, o.Confidence = CauseSYNFlood, SeverityCritical, 0.8
 		o.Title = fmt.Sprintf("SYN flood on %s: %.0f half-open connections from %.0f addresses", endpoint, synRecv, sources.V)
 		o.RootCause = fmt.Sprintf("many distinct sources send SYNs whose handshakes never complete (%.0f completed in %s against %.0f half-open): a SYN flood, not clients", completed, r.o.Recent, synRecv)
-		cookiesAdvice := "keep net.ipv4.tcp_syncookies=1 so real clients still connect"
+		cookiesAdvice := "Keep net.ipv4.tcp_syncookies=1 so real clients still connect"
 		if cookiesOn.V == 0 {
-			cookiesAdvice = "turn syncookies on (net.ipv4.tcp_syncookies=1): they are off here, so real clients' SYNs are dropped with the flood's"
+			cookiesAdvice = "Turn syncookies on (net.ipv4.tcp_syncookies=1): they are off here, so real clients' SYNs are dropped with the flood's"
 		}
-		o.Remediation = cookiesAdvice + "; filter or rate-limit SYNs upstream (cloud DDoS protection, the load balancer); do not raise the backlog, which only gives the flood more memory"
+		o.Remediation = cookiesAdvice + ". Filter or rate-limit SYNs upstream (cloud DDoS protection, the load balancer). Do not raise the backlog: it only gives the flood more memory."
 		return []Observation{o}
 	}
 	// A burst on a listener whose accept queue overflows too is one fault:
@@ -108,7 +108,7 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 	o.Cause, o.Severity, o.Confidence = CauseSYNBurst, SeverityWarning, 0.7
 	o.Title = fmt.Sprintf("SYN queue of %s overflowing under a burst of clients", endpoint)
 	o.RootCause = fmt.Sprintf("clients complete their handshakes (%.0f in %s) but arrive faster than the SYN queue holds: the queue is bounded by the listen backlog (%.0f) and net.ipv4.tcp_max_syn_backlog (%.0f)", completed, r.o.Recent, backlog.V, maxSyn.V)
-	o.Remediation = fmt.Sprintf("raise the listen backlog and net.core.somaxconn, and net.ipv4.tcp_max_syn_backlog (now %.0f), above the burst; keep tcp_syncookies=1 as the safety net", maxSyn.V)
+	o.Remediation = fmt.Sprintf("Raise the listen backlog and net.core.somaxconn, and net.ipv4.tcp_max_syn_backlog (now %.0f), above the burst; keep tcp_syncookies=1 as the safety net.", maxSyn.V)
 	return []Observation{o}
 }
 

@@ -12,11 +12,13 @@ import (
 	"unicode/utf8"
 )
 
-// Titles are one style across rules: sentence case, starting with a
-// capital or a number ("Accept queue of ...", "3 OOM kills ..."), as the
-// first line an operator reads in a list. The rules' sources are read for
-// every string a title is built from (a Title field, a title variable, and
-// the format of a fmt.Sprintf given to them).
+// Titles and remediations are one style across rules: sentence case,
+// starting with a capital or a number ("Accept queue of ...", "3 OOM kills
+// ...", "Raise the listen backlog ..."), as an operator reads them in a
+// list. The rules' sources are read for every string they are built from
+// (a Title or Remediation field, a title or fix variable, the format of a
+// fmt.Sprintf or the first operand of a + given to them). The Advisor's
+// remedies are checked as whole sentences by TestAdviceSentences.
 func TestTitlesAreSentenceCase(t *testing.T) {
 	files, err := filepath.Glob("*.go")
 	if err != nil {
@@ -25,6 +27,13 @@ func TestTitlesAreSentenceCase(t *testing.T) {
 	fset := token.NewFileSet()
 	checked := 0
 	check := func(e ast.Expr) {
+		for {
+			b, ok := e.(*ast.BinaryExpr)
+			if !ok || b.Op != token.ADD {
+				break
+			}
+			e = b.X
+		}
 		if call, ok := e.(*ast.CallExpr); ok && len(call.Args) > 0 {
 			if sel, ok := call.Fun.(*ast.SelectorExpr); ok && sel.Sel.Name == "Sprintf" {
 				e = call.Args[0]
@@ -40,15 +49,18 @@ func TestTitlesAreSentenceCase(t *testing.T) {
 		}
 		checked++
 		if r, _ := utf8.DecodeRuneInString(s); unicode.IsLower(r) {
-			t.Errorf("%s: title %q starts in lower case", fset.Position(lit.Pos()), s)
+			t.Errorf("%s: %q starts in lower case", fset.Position(lit.Pos()), s)
 		}
 	}
 	isTitle := func(e ast.Expr) bool {
 		switch x := e.(type) {
 		case *ast.Ident:
-			return x.Name == "Title" || x.Name == "title"
+			switch x.Name {
+			case "Title", "title", "Remediation", "fix", "cookiesAdvice":
+				return true
+			}
 		case *ast.SelectorExpr:
-			return x.Sel.Name == "Title"
+			return x.Sel.Name == "Title" || x.Sel.Name == "Remediation"
 		}
 		return false
 	}
@@ -76,7 +88,7 @@ func TestTitlesAreSentenceCase(t *testing.T) {
 			return true
 		})
 	}
-	if checked < 20 {
-		t.Fatalf("only %d titles found in the rules' sources: the test no longer sees them", checked)
+	if checked < 40 {
+		t.Fatalf("only %d titles and remediations found in the rules' sources: the test no longer sees them", checked)
 	}
 }
