@@ -383,6 +383,8 @@ func TestPrecisionOneFaultOneFinding(t *testing.T) {
 		collectFor(4 * time.Second)
 	}
 	var opened, resolved, updated int
+	var first *culpritv1.Finding
+	var falses []*culpritv1.Finding
 	grew := rssAnon(t, sc.s.PID) - anonBefore
 	for _, ev := range evs {
 		if ev.Finding.Rule == "heap_leak" && ev.Finding.Cause == "rss_growth_heap_unknown" && grew >= rules.DefaultHeapLeakOptions().MinGrowth {
@@ -394,11 +396,17 @@ func TestPrecisionOneFaultOneFinding(t *testing.T) {
 		}
 		if ev.Finding.Rule != "accept_overflow" {
 			t.Errorf("also said: %s", describe(ev.Finding))
+			if ev.Type == culpritv1.FindingEvent_TYPE_OPENED {
+				falses = append(falses, ev.Finding)
+			}
 			continue
 		}
 		switch ev.Type {
 		case culpritv1.FindingEvent_TYPE_OPENED:
 			opened++
+			if first == nil {
+				first = ev.Finding
+			}
 		case culpritv1.FindingEvent_TYPE_RESOLVED:
 			resolved++
 		case culpritv1.FindingEvent_TYPE_UPDATED:
@@ -406,6 +414,9 @@ func TestPrecisionOneFaultOneFinding(t *testing.T) {
 		}
 	}
 	t.Logf("6 bursts over 24 s: %d opened, %d updated, %d resolved", opened, updated, resolved)
+	precisionLine(t, "6 bursts, 4 s apart, on a backlog of 2", "one backlog_too_small finding, open throughout, few updates",
+		first, falses)
+	t.Logf("precision detail: %d opened, %d updated, %d resolved", opened, updated, resolved)
 	if opened != 1 || resolved != 0 {
 		t.Errorf("6 bursts 4 s apart: %d OPENED and %d RESOLVED, want one finding open throughout", opened, resolved)
 	}
