@@ -38,6 +38,7 @@ import (
 	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 
+	"github.com/culprit-dev/culprit/exporters"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 )
 
@@ -695,6 +696,83 @@ func parseGoBytes(s string) (int64, error) {
 		}
 	}
 	return strconv.ParseInt(s, 10, 64)
+}
+
+// TestSidecarsNameTheirPod: the culprit container gets the pod's names
+// from the downward API under the variables exporters.NewResource reads,
+// and the app container's name, so target_info and the exported findings'
+// resource say which pod and container they are about. Filled in as the
+// kubelet would, the variables give the resource the semantic conventions
+// ask for.
+func TestSidecarsNameTheirPod(t *testing.T) {
+	m := load(t)
+	downward := map[string]string{ // fieldPath -> what the kubelet would put
+		"metadata.name": "web-5f7b9c-x2k4q", "metadata.namespace": "shop", "spec.nodeName": "node-a",
+	}
+	for _, file := range slices.Sorted(maps.Keys(m.deployments)) {
+		spec := m.deployments[file].Spec.Template.Spec
+		t.Run(file, func(t *testing.T) {
+			c, _ := culpritContainer(t, spec)
+			want := map[string]string{
+				exporters.EnvPodName:       "metadata.name",
+				exporters.EnvNamespaceName: "metadata.namespace",
+				exporters.EnvNodeName:      "spec.nodeName",
+			}
+			environ := []string{}
+			seen := map[string]bool{}
+			for _, e := range c.Env {
+				if seen[e.Name] {
+					t.Errorf("env %s set twice", e.Name)
+				}
+				seen[e.Name] = true
+				switch e.Name {
+				case exporters.EnvPodName, exporters.EnvNamespaceName, exporters.EnvNodeName:
+					if e.Value != "" || e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != want[e.Name] {
+						t.Errorf("env %s must come from the downward API field %s", e.Name, want[e.Name])
+						continue
+					}
+					environ = append(environ, e.Name+"="+downward[want[e.Name]])
+				case exporters.EnvContainerName:
+					app := false
+					for _, ac := range spec.Containers {
+						app = app || (ac.Name == e.Value && ac.Name != culpritName)
+					}
+					if !app {
+						t.Errorf("env %s = %q is not the name of an app container: findings describe the app", e.Name, e.Value)
+					}
+					environ = append(environ, e.Name+"="+e.Value)
+				case exporters.EnvServiceName:
+					if e.Value == "" && e.ValueFrom == nil {
+						t.Errorf("env %s is set empty", e.Name)
+					}
+					environ = append(environ, e.Name+"="+e.Value)
+				}
+			}
+			for _, name := range []string{exporters.EnvPodName, exporters.EnvNamespaceName, exporters.EnvNodeName, exporters.EnvContainerName} {
+				if !seen[name] {
+					t.Errorf("env %s is not set: target_info and exported findings would not name the pod", name)
+				}
+			}
+			res, err := exporters.NewResource(environ, nil)
+			if err != nil {
+				t.Fatalf("the agent would refuse the pod's variables: %v", err)
+			}
+			got := map[string]string{}
+			for _, kv := range res.Attributes() {
+				got[string(kv.Key)] = kv.Value.String()
+			}
+			ctr, _ := containerEnv(c, exporters.EnvContainerName)
+			for k, v := range map[string]string{
+				"k8s.pod.name": downward["metadata.name"], "k8s.namespace.name": downward["metadata.namespace"],
+				"k8s.node.name": downward["spec.nodeName"], "k8s.container.name": ctr,
+				"service.instance.id": downward["metadata.namespace"] + "." + downward["metadata.name"] + "." + ctr,
+			} {
+				if got[k] != v {
+					t.Errorf("resource %s = %q, want %q (resource %v)", k, got[k], v, got)
+				}
+			}
+		})
+	}
 }
 
 func TestServiceMonitor(t *testing.T) {

@@ -49,6 +49,10 @@ type PromOptions struct {
 	// MaxScrapes is the scrapes rendered at once (default 4); more are
 	// answered 503 at once, so a flood of scrapes costs no memory.
 	MaxScrapes int
+	// Resource labels target_info: the watched service and its pod, as
+	// the OTLP log records of findings carry them, so series and records
+	// join on the same service.name and k8s.* (nil: no target_info).
+	Resource *Resource
 }
 
 // Prometheus is a prometheus.Collector that reads the store and the journal
@@ -72,6 +76,7 @@ type Prometheus struct {
 	connsClosed    *prometheus.Desc
 	listeners      []*ConnLimiter
 	maxScrapes     int
+	resource       *Resource
 	findingName    string
 	findingHelp    string
 	own            []string // fqNames of the metrics above
@@ -128,6 +133,7 @@ func NewPrometheus(o PromOptions) *Prometheus {
 			"Connections the listener closed at its cap: evicted (idle, to make room) or refused (all busy).", []string{"listener", "reason"}, nil),
 		listeners:   o.Listeners,
 		maxScrapes:  o.MaxScrapes,
+		resource:    o.Resource,
 		findingName: fq("finding_active"),
 		findingHelp: "1 for each open finding, labelled with its id, rule, severity, root cause, key and the rule's own labels.",
 		eventCounts: make(map[string]float64),
@@ -144,6 +150,7 @@ func (p *Prometheus) Describe(chan<- *prometheus.Desc) {}
 
 // Collect renders the store, the findings and the agent's bounds.
 func (p *Prometheus) Collect(ch chan<- prometheus.Metric) {
+	p.collectTargetInfo(ch)
 	p.collectFindings(ch)
 	p.collectStore(ch)
 	if p.journal != nil {
@@ -156,6 +163,51 @@ func (p *Prometheus) Collect(ch chan<- prometheus.Metric) {
 		p.emit(ch, p.connsClosed, prometheus.CounterValue, float64(st.Evicted), st.Name, "evicted")
 		p.emit(ch, p.connsClosed, prometheus.CounterValue, float64(st.Refused), st.Name, "refused")
 	}
+}
+
+// targetInfoName and its help follow OpenTelemetry's Prometheus
+// compatibility: resource attributes become the labels of one target_info
+// series, dots turned into underscores. It is unprefixed: dashboards and
+// the OTel Collector's Prometheus receiver look for this very name.
+const (
+	targetInfoName = "target_info"
+	targetInfoHelp = "Target metadata: the OpenTelemetry resource of the service culprit watches (service.name, service.instance.id, k8s.*), as on the findings it exports as OTLP log records."
+)
+
+// collectTargetInfo renders the resource as it is now: service.name follows
+// the target until OTEL_SERVICE_NAME fixes it.
+func (p *Prometheus) collectTargetInfo(ch chan<- prometheus.Metric) {
+	if p.resource == nil {
+		return
+	}
+	var names, values []string
+	for _, kv := range p.resource.Attributes() {
+		name := promLabelName(string(kv.Key))
+		if !validLabelName(name) || contains(names, name) {
+			continue
+		}
+		names = append(names, name)
+		values = append(values, utf8OK(kv.Value.String()))
+	}
+	m, err := prometheus.NewConstMetric(prometheus.NewDesc(targetInfoName, targetInfoHelp, names, nil), prometheus.GaugeValue, 1, values...)
+	if err != nil {
+		p.log.Debug("target_info left out of /metrics", "err", err)
+		return
+	}
+	ch <- m
+}
+
+// promLabelName turns an attribute key into a label name: every character
+// Prometheus does not take becomes an underscore (k8s.pod.name ->
+// k8s_pod_name).
+func promLabelName(key string) string {
+	b := []byte(key)
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_') {
+			b[i] = '_'
+		}
+	}
+	return string(b)
 }
 
 func (p *Prometheus) collectFindings(ch chan<- prometheus.Metric) {
