@@ -53,7 +53,14 @@ type PromOptions struct {
 	// the OTLP log records of findings carry them, so series and records
 	// join on the same service.name and k8s.* (nil: no target_info).
 	Resource *Resource
+	// Engine's counters become culprit_rules_evaluations_total and
+	// culprit_findings_dropped_total (nil: left out).
+	Engine interface{ Stats() rules.EngineStats }
 }
+
+// maxInfoText bounds the title and remediation finding_info carries as
+// labels, in bytes.
+const maxInfoText = 1024
 
 // Prometheus is a prometheus.Collector that reads the store and the journal
 // at scrape time. It is unchecked (Describe sends nothing) because the set
@@ -74,6 +81,10 @@ type Prometheus struct {
 	connsOpen      *prometheus.Desc
 	connsMax       *prometheus.Desc
 	connsClosed    *prometheus.Desc
+	findingInfo    *prometheus.Desc
+	evaluations    *prometheus.Desc
+	findingsLost   *prometheus.Desc
+	engine         interface{ Stats() rules.EngineStats }
 	listeners      []*ConnLimiter
 	maxScrapes     int
 	resource       *Resource
@@ -86,6 +97,11 @@ type Prometheus struct {
 	eventCounts map[string]float64 // by type
 	activePairs map[[2]string]bool // (rule, severity) ever open
 	warned      map[string]bool
+	// infoText is each open finding's title and remediation as first
+	// scraped: they carry live numbers, and as labels every change would
+	// start a new series. Bounded by the open findings (ids that closed
+	// are forgotten at the next scrape).
+	infoText map[string][2]string
 }
 
 var _ prometheus.Collector = (*Prometheus)(nil)
@@ -131,6 +147,14 @@ func NewPrometheus(o PromOptions) *Prometheus {
 			"Connections the listener keeps open at most; beyond, the longest idle is closed or the new one refused.", []string{"listener"}, nil),
 		connsClosed: prometheus.NewDesc(fq("listener_connections_closed_total"),
 			"Connections the listener closed at its cap: evicted (idle, to make room) or refused (all busy).", []string{"listener", "reason"}, nil),
+		findingInfo: prometheus.NewDesc(fq("finding_info"),
+			"1 for each open finding, with its title and remediation as first exported (cut to 1 KiB), so that alerts can quote the fix.",
+			[]string{"id", "rule", "key", "title", "remediation"}, nil),
+		evaluations: prometheus.NewDesc(fq("rules_evaluations_total"),
+			"Rule engine cycles run (every rule evaluated once per cycle).", nil, nil),
+		findingsLost: prometheus.NewDesc(fq("findings_dropped_total"),
+			"Findings not opened because rules.max_open_findings were open already.", nil, nil),
+		engine:      o.Engine,
 		listeners:   o.Listeners,
 		maxScrapes:  o.MaxScrapes,
 		resource:    o.Resource,
@@ -139,6 +163,7 @@ func NewPrometheus(o PromOptions) *Prometheus {
 		eventCounts: make(map[string]float64),
 		activePairs: make(map[[2]string]bool),
 		warned:      make(map[string]bool),
+		infoText:    make(map[string][2]string),
 	}
 	p.own = own
 	return p
@@ -241,6 +266,12 @@ func (p *Prometheus) collectFindings(ch chan<- prometheus.Metric) {
 			continue
 		}
 		ch <- m
+	}
+	p.collectFindingInfo(ch, open)
+	if p.engine != nil {
+		st := p.engine.Stats()
+		p.emit(ch, p.evaluations, prometheus.CounterValue, float64(st.Evaluations))
+		p.emit(ch, p.findingsLost, prometheus.CounterValue, float64(st.Dropped))
 	}
 
 	p.mu.Lock()
@@ -525,4 +556,43 @@ func (p *Prometheus) Handler(reg *prometheus.Registry) http.Handler {
 		ErrorHandling:       promhttp.ContinueOnError,
 		MaxRequestsInFlight: scrapes,
 	})
+}
+
+// collectFindingInfo renders culprit_finding_info for the open findings,
+// with the text each had when first scraped.
+func (p *Prometheus) collectFindingInfo(ch chan<- prometheus.Metric, open []rules.Finding) {
+	p.mu.Lock()
+	texts := make([][2]string, len(open))
+	seen := make(map[string]bool, len(open))
+	for i, f := range open {
+		txt, ok := p.infoText[f.ID]
+		if !ok {
+			txt = [2]string{clip(utf8OK(f.Title), maxInfoText), clip(utf8OK(f.Remediation), maxInfoText)}
+			p.infoText[f.ID] = txt
+		}
+		texts[i] = txt
+		seen[f.ID] = true
+	}
+	for id := range p.infoText {
+		if !seen[id] {
+			delete(p.infoText, id)
+		}
+	}
+	p.mu.Unlock()
+	for i, f := range open {
+		p.emit(ch, p.findingInfo, prometheus.GaugeValue, 1, utf8OK(f.ID), utf8OK(f.Rule), utf8OK(f.Key), texts[i][0], texts[i][1])
+	}
+}
+
+// clip cuts s to at most n bytes at a rune boundary, marking the cut.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	const mark = "…"
+	cut := n - len(mark)
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + mark
 }

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
@@ -320,4 +321,52 @@ func TestPrometheusConcurrentScrapes(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	close(stop)
 	wg.Wait()
+}
+
+type engineStats rules.EngineStats
+
+func (s engineStats) Stats() rules.EngineStats { return rules.EngineStats(s) }
+
+// finding_info carries an open finding's title and remediation as first
+// scraped: a later title with new numbers does not start a new series
+// (alerts quote it without flapping), an oversized text is cut at a rune
+// boundary, and a resolved finding's info goes. The engine's counters are
+// exported beside it.
+func TestPrometheusFindingInfo(t *testing.T) {
+	j := rules.NewJournal(64)
+	r := newRecorder(j)
+	f := r.open("a", "accept_overflow", rules.SeverityCritical).Finding
+	f.Title, f.Remediation = "Accept queue of :8080 overflowing: 30 dropped", strings.Repeat("é", 600)+" Raise the backlog."
+	j.Record(rules.EventUpdated, f, r.now)
+	p := NewPrometheus(PromOptions{Journal: j, Log: testLog(t), Engine: engineStats{Evaluations: 42, Dropped: 3}})
+	fams, body := scrape(t, p)
+	ms := fams["culprit_finding_info"].GetMetric()
+	if len(ms) != 1 {
+		t.Fatalf("culprit_finding_info has %d series, want 1", len(ms))
+	}
+	labels := map[string]string{}
+	for _, lp := range ms[0].GetLabel() {
+		labels[lp.GetName()] = lp.GetValue()
+	}
+	if labels["title"] != f.Title || labels["id"] != "a" || labels["key"] != f.Key {
+		t.Errorf("labels %v", labels)
+	}
+	if rem := labels["remediation"]; len(rem) > maxInfoText || !utf8.ValidString(rem) || !strings.HasSuffix(rem, "…") {
+		t.Errorf("remediation of %d bytes, valid UTF-8 %v: %q", len(rem), utf8.ValidString(rem), rem[max(0, len(rem)-12):])
+	}
+	wantValue(t, fams, "culprit_rules_evaluations_total", nil, dto.MetricType_COUNTER, 42)
+	wantValue(t, fams, "culprit_findings_dropped_total", nil, dto.MetricType_COUNTER, 3)
+	promtoolCheck(t, body)
+
+	f.Title = "Accept queue of :8080 overflowing: 60 dropped"
+	j.Record(rules.EventUpdated, f, r.now)
+	fams, _ = scrape(t, p)
+	if _, _, ok := value(fams, "culprit_finding_info", map[string]string{"id": "a", "title": "Accept queue of :8080 overflowing: 30 dropped"}); !ok {
+		t.Errorf("the title changed on the series: %v", fams["culprit_finding_info"].GetMetric())
+	}
+	r.resolve("a")
+	fams, _ = scrape(t, p)
+	if n := len(fams["culprit_finding_info"].GetMetric()); n != 0 || len(p.infoText) != 0 {
+		t.Errorf("after the finding resolved: %d series, %d texts kept", n, len(p.infoText))
+	}
 }
