@@ -399,10 +399,6 @@ type acceptQueueCollector struct {
 
 const synRecvEvery = time.Second
 
-// diagTimeout bounds one sock_diag answer when Collect's context has no
-// sooner deadline; a dump normally takes a few milliseconds.
-const diagTimeout = 2 * time.Second
-
 func newAcceptQueueCollector(o Options) (*acceptQueueCollector, error) {
 	owners := o.Owners
 	if owners == nil {
