@@ -35,12 +35,20 @@ generate:
 check-generate: generate
 	git diff --exit-code -- probes/ proto/
 
+# make bench: every figure beside a baseline measured in the same run, then
+# one table of the footprint goals (scripts/bench-table.sh). The outputs are
+# kept in BENCHOUT.
+BENCHOUT ?= bin/bench
 bench: build
-	$(GO) test -run '^$$' -bench . -benchtime 5x -count 1 ./agent/ ./signals/ ./collectors/
-	$(GO) test -run '^$$' -bench . -benchtime 50000x -count 1 ./probes/
-	$(GO) test -run '^$$' -bench . -benchtime 200x -count 1 ./symbolize/
-	@if command -v nginx >/dev/null && command -v wrk >/dev/null; then scripts/bench-nginx.sh $(BIN); \
+	@mkdir -p $(BENCHOUT)
+	$(GO) test -run '^$$' -bench 'BenchmarkFaultToFinding|BenchmarkAgentIdle' -benchtime 5x -count 1 ./agent/ | tee $(BENCHOUT)/agent.txt
+	$(GO) test -run '^$$' -bench . -benchtime 5x -count 1 ./signals/ ./collectors/ | tee $(BENCHOUT)/store.txt
+	$(GO) test -run '^$$' -bench 'BenchmarkFootprint' -benchtime 1x -count 1 -timeout 30m ./agent/ | tee $(BENCHOUT)/footprint.txt
+	$(GO) test -run '^$$' -bench . -benchtime 50000x -count 1 ./probes/ | tee $(BENCHOUT)/probes.txt
+	$(GO) test -run '^$$' -bench . -benchtime 200x -count 1 ./symbolize/ | tee $(BENCHOUT)/symbolize.txt
+	@if command -v nginx >/dev/null && command -v wrk >/dev/null; then scripts/bench-nginx.sh $(BIN) | tee $(BENCHOUT)/nginx.txt; \
 	else echo "bench: nginx or wrk missing (apt-get install -y nginx wrk): skipping the nginx under wrk comparison"; fi
+	@scripts/bench-table.sh $(BENCHOUT)
 
 # The reliability suite: the agent without BPF rights, a restarted target
 # re-found within 1 s, a clean SIGTERM, 100 stalled watchers, the fuzz

@@ -11,10 +11,12 @@ import (
 	"net/http"
 	"os"
 	"regexp"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 
 	"github.com/culprit-dev/culprit/collectors"
@@ -197,6 +199,10 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	if err != nil {
 		return nil, err
 	}
+	setMemoryLimit(cfg, log)
+	// The shared clock of the agent's periodic work idles at this while
+	// nothing is going on (signals.Ticker).
+	signals.SetIdle(cfg.Probes.IdlePoll)
 	ctx, cancel := context.WithCancel(parent)
 	a := &Agent{
 		Store:    signals.New(cfg.Signals.RingSize, cfg.Signals.MaxSeries),
@@ -217,7 +223,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	if _, ok := a.Tracker.Current(); !ok {
 		log.Warn("target not found yet; the agent keeps looking", "selector", sel.String())
 	}
-	a.goRun(func() { a.Tracker.Run(ctx) })
+	a.goRun(func() { a.trackTarget(ctx, res, cfg.Target.RefindInterval) })
 
 	if err := a.startCollectors(ctx, cfg); err != nil {
 		cancel()
@@ -283,6 +289,9 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 			Interval:   interval,
 			MaxThreads: cfg.Collect.MaxThreads,
 			Owners:     a.Owners,
+			// Dumps of an unchanged namespace are skipped up to this long.
+			SocketsIdleInterval: cfg.Collect.SocketsIdleInterval,
+			SocketsBusyInterval: cfg.Collect.SocketsBusyInterval,
 		})
 		if err != nil {
 			return err
@@ -313,7 +322,9 @@ func (a *Agent) runCollector(ctx context.Context, c collectors.Collector, interv
 	name := c.Name()
 	log := a.log.With("collector", name)
 	ls := signals.L("collector", name)
-	tick := time.NewTicker(interval)
+	// The shared clock (signals.NewTicker): every collector of a period
+	// wakes the process at once with the probes' polls and the rules.
+	tick := signals.NewTicker(interval)
 	defer tick.Stop()
 	var lastErr string
 	for {
@@ -350,11 +361,13 @@ func (a *Agent) runCollector(ctx context.Context, c collectors.Collector, interv
 func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 	opts := func(name string) probes.Options {
 		return probes.Options{
-			Log:             a.log.With("probe", name),
-			PollInterval:    cfg.Probes.PollInterval,
-			MaxEntries:      uint32(cfg.Probes.MaxEntries),
-			RingBufferBytes: uint32(cfg.Probes.RingBufferBytes),
-			Owners:          a.Owners,
+			Log:          a.log.With("probe", name),
+			PollInterval: cfg.Probes.PollInterval,
+			// Paced probes slow down to this while their maps do not change.
+			IdlePollInterval: cfg.Probes.IdlePoll,
+			MaxEntries:       uint32(cfg.Probes.MaxEntries),
+			RingBufferBytes:  uint32(cfg.Probes.RingBufferBytes),
+			Owners:           a.Owners,
 		}
 	}
 	ps := []probes.Probe{
@@ -375,6 +388,11 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			MaxStacks:  uint32(cfg.Sched.MaxStacks),
 			Episodes:   a.Episodes,
 			Symbolizer: a.Symbols,
+			// Episodes that reach the rules' thresholds wake the engine;
+			// workers' idle waits do not.
+			NotifyBlock: cfg.Rules.BlockingWorker.MinBlock,
+			NotifyBusy:  cfg.Rules.BusyWorker.MinBusy,
+			QuietCalls:  cfg.Rules.Workers.IdleSyscalls,
 		}),
 		probes.NewCPUProfile(probes.CPUProfileOptions{
 			Options:   opts("cpu_profile"),
@@ -509,6 +527,136 @@ func (a *Agent) Stop(timeout time.Duration) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// setMemoryLimit gives the Go runtime a memory limit, so that the agent
+// collects harder as its heap nears its container's limit rather than be
+// OOM-killed beside the app: agent.memory_limit_bytes when set, else
+// agent.memory_limit_ratio of its own cgroup's limit (v1 or v2, through
+// /proc/self/cgroup). GOMEMLIMIT and GOGC in the environment are the
+// operator's explicit choice and win over the derived limit and
+// agent.gogc. The runtime counts its heap, stacks and metadata against the
+// limit; eBPF maps (charged to the cgroup by the kernel) and the binary's
+// pages are the share the ratio leaves out.
+func setMemoryLimit(cfg Config, log *slog.Logger) {
+	if n := cfg.Agent.GOGC; n > 0 && os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(n)
+	}
+	limit, from := int64(0), ""
+	switch n := cfg.Agent.MemoryLimitBytes; {
+	case n > 0:
+		limit, from = n, "agent.memory_limit_bytes"
+	case n < 0 || os.Getenv("GOMEMLIMIT") != "":
+		return
+	default:
+		l, path, err := collectors.MemoryLimitOf(cfg.Collect.ProcRoot, cfg.Collect.SysRoot, os.Getpid())
+		if err != nil || l <= 0 {
+			log.Debug("no container memory limit found: the Go runtime runs without one", "err", err)
+			return
+		}
+		limit, from = int64(float64(l)*cfg.Agent.MemoryLimitRatio), fmt.Sprintf("%.0f%% of cgroup %s's %d bytes", 100*cfg.Agent.MemoryLimitRatio, path, l)
+	}
+	debug.SetMemoryLimit(limit)
+	log.Info("Go memory limit set", "bytes", limit, "from", from)
+}
+
+// trackTarget checks the target on the shared clock (signals.Ticker), on
+// the same wake-ups as the collectors. While it is not found, every
+// refind_interval, the clock kept hot; while it is found, its exit is seen
+// at once through a pidfd, and the periodic check (for a PID namespace
+// that hides it, a zombie) comes at the clock's pace. What was one wake-up
+// of the process every refind_interval is then none.
+func (a *Agent) trackTarget(ctx context.Context, res *target.Resolver, interval time.Duration) {
+	tick := signals.NewTicker(interval)
+	defer tick.Stop()
+	exited := make(chan struct{}, 1)
+	var watched target.Process
+	var stopWatch func()
+	defer func() {
+		if stopWatch != nil {
+			stopWatch()
+		}
+	}()
+	var checked time.Time
+	for {
+		// A target whose exit a pidfd watches is checked again only now
+		// and then (Refresh reads and parses its stat).
+		if stopWatch == nil || time.Since(checked) >= watchedCheck {
+			a.Tracker.Refresh()
+			checked = time.Now()
+		}
+		cur, ok := a.Tracker.Current()
+		switch {
+		case !ok:
+			signals.Hot(time.Now().Add(2 * interval)) // look again soon
+		case cur.PID != watched.PID || cur.StartTime != watched.StartTime:
+			if stopWatch != nil {
+				stopWatch()
+			}
+			watched, stopWatch = cur, watchExit(cur.PID, exited)
+			if stopWatch != nil && !res.Alive(cur) {
+				// It ended between the check and the pidfd: look now.
+				stopWatch, watched = nil, target.Process{}
+				continue
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		case <-exited:
+			watched = target.Process{}
+			if stopWatch != nil {
+				stopWatch()
+				stopWatch = nil
+			}
+		}
+	}
+}
+
+// watchedCheck is how often a target watched by a pidfd is checked anyway.
+const watchedCheck = 30 * time.Second
+
+// watchExit signals exited when process pid ends, through a pidfd polled by
+// the runtime's network poller (no thread waits on it). It returns how to
+// stop watching; nil when the kernel has no pidfd (the periodic check is
+// then all there is).
+func watchExit(pid int, exited chan<- struct{}) func() {
+	fd, err := unix.PidfdOpen(pid, unix.PIDFD_NONBLOCK)
+	if err != nil {
+		return nil
+	}
+	f := os.NewFile(uintptr(fd), "pidfd")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil
+	}
+	done := make(chan struct{})
+	go func() {
+		// Read waits for readability in the poller; a pidfd is readable
+		// once the process has exited.
+		err := rc.Read(func(fd uintptr) bool {
+			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+			n, _ := unix.Poll(pfd, 0)
+			return n > 0
+		})
+		select {
+		case <-done:
+			return // stopped: the file was closed under the wait
+		default:
+		}
+		if err == nil {
+			select {
+			case exited <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		f.Close()
+	}
 }
 
 // perfMapBytes turns profiling.max_perf_map_bytes into the symbolizer's

@@ -57,6 +57,19 @@ type Config struct {
 		HTTPIdleTimeout       time.Duration `toml:"http_idle_timeout" range:"[1s,1h]"`
 		HTTPMaxHeaderBytes    int           `toml:"http_max_header_bytes" range:"[1024,1048576]"`
 		HTTPMaxScrapes        int           `toml:"http_max_scrapes" range:"[1,64]"`
+		// Pprof serves the agent's own profiles on /debug/pprof/ of the
+		// HTTP listener (loopback callers, or with the bearer token).
+		Pprof bool `toml:"pprof"`
+		// MemoryLimitBytes is the agent's Go memory limit
+		// (debug.SetMemoryLimit); 0 derives it from its container's memory
+		// limit (cgroup v1 or v2), -1 sets none.
+		MemoryLimitBytes int64 `toml:"memory_limit_bytes" range:"[-1,1099511627776]"`
+		// MemoryLimitRatio is the share of the container's limit the Go
+		// runtime aims under when memory_limit_bytes is 0.
+		MemoryLimitRatio float64 `toml:"memory_limit_ratio" range:"(0,1]"`
+		// GOGC is the Go garbage collector's target (percent heap growth
+		// between collections); 0 keeps the runtime's (GOGC env, or 100).
+		GOGC int `toml:"gogc" range:"[0,1000]"`
 	} `toml:"agent"`
 	Target struct {
 		PID            int           `toml:"pid" range:"[0,4194304]"`
@@ -71,10 +84,19 @@ type Config struct {
 		SysRoot      string        `toml:"sys_root"`
 		Disabled     []string      `toml:"disabled"`
 		MaxThreads   int           `toml:"max_threads" range:"[1,1048576]"`
+		// SocketsIdleInterval: the longest the sockets collector goes
+		// without a sock_diag dump while the namespace's TCP counters say
+		// no socket changed.
+		SocketsIdleInterval time.Duration `toml:"sockets_idle_interval" range:"[1s,1h]"`
+		// SocketsBusyInterval: the longest it goes without one while only
+		// segments move (no socket opened, closed, reset or
+		// retransmitted).
+		SocketsBusyInterval time.Duration `toml:"sockets_busy_interval" range:"[1s,1h]"`
 	} `toml:"collect"`
 	Probes struct {
 		Enabled         bool          `toml:"enabled"`
 		PollInterval    time.Duration `toml:"poll_interval" range:"[10ms,1m]"`
+		IdlePoll        time.Duration `toml:"idle_poll_interval" range:"[10ms,1m]"`
 		MaxEntries      int           `toml:"max_entries" range:"[16,1048576]"`
 		RingBufferBytes int           `toml:"ring_buffer_bytes" range:"[4096,1073741824]"`
 		MaxConnEvents   int           `toml:"max_conn_events" range:"[16,1048576]"`
@@ -168,6 +190,10 @@ func DefaultConfig() Config {
 	c.Agent.HTTPIdleTimeout = time.Minute
 	c.Agent.HTTPMaxHeaderBytes = 16 << 10
 	c.Agent.HTTPMaxScrapes = 4
+	c.Agent.Pprof = false
+	c.Agent.MemoryLimitBytes = 0
+	c.Agent.MemoryLimitRatio = 0.8
+	c.Agent.GOGC = 50
 	c.Target.RefindInterval = 500 * time.Millisecond
 	c.Collect.Interval = time.Second
 	c.Collect.FastInterval = 100 * time.Millisecond
@@ -175,8 +201,11 @@ func DefaultConfig() Config {
 	c.Collect.SysRoot = "/sys"
 	c.Collect.Disabled = []string{}
 	c.Collect.MaxThreads = 4096
+	c.Collect.SocketsIdleInterval = 30 * time.Second
+	c.Collect.SocketsBusyInterval = 5 * time.Second
 	c.Probes.Enabled = true
 	c.Probes.PollInterval = 100 * time.Millisecond
+	c.Probes.IdlePoll = time.Second
 	c.Probes.MaxEntries = 4096
 	c.Probes.RingBufferBytes = 65536
 	c.Probes.MaxConnEvents = 8192
@@ -550,7 +579,7 @@ func (f field) setTOML(v any) error {
 			return nil
 		}
 		if f.v.CanInt() && f.v.Type() != durationType {
-			return fmt.Errorf("want an integer, got %g", x)
+			return fmt.Errorf("want an integer, got %s", strconv.FormatFloat(x, 'f', -1, 64))
 		}
 	case bool:
 		if f.v.Kind() == reflect.Bool {
@@ -685,7 +714,8 @@ func (b bounds) format(x float64) string {
 	if b.dur {
 		return time.Duration(x).String()
 	}
-	return strconv.FormatFloat(x, 'g', -1, 64)
+	// 'f' not 'g': a bound of 1048576 reads as such, not 1.048576e+06.
+	return strconv.FormatFloat(x, 'f', -1, 64)
 }
 
 // check holds the value to its `range` tag and strings to their size.

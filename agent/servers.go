@@ -1,10 +1,14 @@
 package main
 
 import (
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
+	"os"
+	"strings"
 	"syscall"
 	"time"
 
@@ -239,7 +243,17 @@ func (a *Agent) startServers(cfg Config) error {
 
 	prom := exporters.NewPrometheus(exporters.PromOptions{Store: a.Store, Journal: a.Journal, Log: a.log.With("component", "metrics"),
 		Listeners: []*exporters.ConnLimiter{glim, hlim}, MaxScrapes: cfg.Agent.HTTPMaxScrapes})
-	a.httpSrv = exporters.NewHTTPServer(a.httpMux(prom), b.HTTP, a.log.With("component", "http"))
+	mux := a.httpMux(prom)
+	if cfg.Agent.Pprof {
+		gate, err := pprofGate(cfg)
+		if err != nil {
+			closeBoth()
+			return &ConfigError{Key: "agent.pprof", Err: err}
+		}
+		handlePprof(mux, gate)
+		a.log.Info("serving the agent's own profiles", "url", "http://"+a.HTTPAddr+"/debug/pprof/", "from", gate.who())
+	}
+	a.httpSrv = exporters.NewHTTPServer(mux, b.HTTP, a.log.With("component", "http"))
 	a.goRun(func() {
 		if err := a.httpSrv.Serve(hlim); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			a.log.Error("HTTP server stopped", "err", err)
@@ -266,4 +280,65 @@ func (a *Agent) httpMux(prom *exporters.Prometheus) *http.ServeMux {
 		fmt.Fprintln(w, "ok")
 	})
 	return mux
+}
+
+// pprofAccess decides who may read the agent's own profiles: callers on
+// loopback always; others only with the bearer token of agent.token_file.
+// The HTTP listener has no TLS, so mTLS cannot admit anyone here.
+type pprofAccess struct{ token []byte }
+
+func pprofGate(cfg Config) (pprofAccess, error) {
+	if cfg.Agent.TokenFile == "" {
+		return pprofAccess{}, nil
+	}
+	b, err := os.ReadFile(cfg.Agent.TokenFile)
+	if err != nil {
+		return pprofAccess{}, fmt.Errorf("agent.token_file: %w", err)
+	}
+	t := strings.TrimSpace(string(b))
+	if len(t) < 16 {
+		return pprofAccess{}, fmt.Errorf("agent.token_file: the token is shorter than 16 characters")
+	}
+	return pprofAccess{token: []byte(t)}, nil
+}
+
+func (g pprofAccess) who() string {
+	if g.token != nil {
+		return "loopback, or with the bearer token of agent.token_file"
+	}
+	return "loopback only"
+}
+
+func (g pprofAccess) allowed(r *http.Request) bool {
+	if host, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+			return true
+		}
+	}
+	if g.token == nil {
+		return false
+	}
+	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	return ok && subtle.ConstantTimeCompare([]byte(got), g.token) == 1
+}
+
+// handlePprof serves net/http/pprof under /debug/pprof/ behind the gate.
+// Nothing runs until asked: a CPU profile costs the agent a few percent of
+// a core for its duration (bounded by agent.http_write_timeout), a heap
+// profile one walk of the heap's sampled records.
+func handlePprof(mux *http.ServeMux, g pprofAccess) {
+	guard := func(h http.HandlerFunc) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !g.allowed(r) {
+				http.Error(w, "the agent's profiles are served to loopback callers, or with agent.token_file's bearer token", http.StatusForbidden)
+				return
+			}
+			h(w, r)
+		})
+	}
+	mux.Handle("/debug/pprof/", guard(pprof.Index))
+	mux.Handle("/debug/pprof/cmdline", guard(pprof.Cmdline))
+	mux.Handle("/debug/pprof/profile", guard(pprof.Profile))
+	mux.Handle("/debug/pprof/symbol", guard(pprof.Symbol))
+	mux.Handle("/debug/pprof/trace", guard(pprof.Trace))
 }

@@ -24,6 +24,7 @@
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
 #include "targets.h"
+#include "changes.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 
@@ -130,6 +131,10 @@ struct {
 	__uint(max_entries, 3);
 } lost SEC(".maps");
 
+/* [0], [1]: samples counted into counts0, counts1 (changes.h): a drain
+ * whose generation counted none skips walking its map. */
+CULPRIT_CHANGES(2)
+
 static __always_inline void count_lost(__u32 i)
 {
 	__u64 *n = bpf_map_lookup_elem(&lost, &i);
@@ -221,7 +226,13 @@ static __always_inline int send_sample(void *ctx, __u64 id, __u32 limit)
 	if (copied > STACK_COPY_MAX)
 		return 0;
 	__u64 size = __builtin_offsetof(struct sample_event, stack) + copied;
-	if (bpf_ringbuf_output(&samples, ev, size, 0)) {
+	/* Go reads the samples once a drain interval (it flushes the ring);
+	 * only a ring filling past half wakes it sooner: a sample a wake-up
+	 * would cost the VM more than its unwinding. */
+	__u64 flags = CULPRIT_RB_NO_WAKEUP;
+	if (bpf_ringbuf_query(&samples, CULPRIT_RB_AVAIL_DATA) > bpf_ringbuf_query(&samples, 1 /* BPF_RB_RING_SIZE */) / 2)
+		flags = CULPRIT_RB_FORCE_WAKEUP;
+	if (bpf_ringbuf_output(&samples, ev, size, flags)) {
 		count_lost(2);
 		return 0;
 	}
@@ -242,9 +253,12 @@ int culprit_cpu_sample(struct bpf_perf_event_data *ctx)
 		return 0;
 	__u32 zero = 0;
 	__u32 *g = bpf_map_lookup_elem(&gen, &zero);
-	if (g && (*g & 1))
+	if (g && (*g & 1)) {
 		count(ctx, &counts1, &stacks1, id);
-	else
+		changed(1);
+	} else {
 		count(ctx, &counts0, &stacks0, id);
+		changed(0);
+	}
 	return 0;
 }

@@ -10,6 +10,7 @@
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
 #include "targets.h"
+#include "changes.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 
@@ -34,6 +35,9 @@ struct {
 	__uint(max_entries, 64);
 } sigs SEC(".maps");
 
+/* [0]: sigs changed (changes.h): Go walks it only then. */
+CULPRIT_CHANGES(1)
+
 SEC("tp_btf/signal_generate")
 int BPF_PROG(culprit_signal_generate, int sig, void *info, struct task_struct *task, int group, int result)
 {
@@ -54,5 +58,6 @@ int BPF_PROG(culprit_signal_generate, int sig, void *info, struct task_struct *t
 	__sync_fetch_and_add(&st->count, 1);
 	st->last_ns = bpf_ktime_get_ns();
 	st->sender = bpf_get_current_pid_tgid() >> 32;
+	changed(0);
 	return 0;
 }

@@ -22,6 +22,7 @@
 #include <bpf/bpf_helpers.h>
 #include "targets.h"
 #include "ringbuf.h"
+#include "changes.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 
@@ -45,7 +46,7 @@ volatile const __u64 busy_gap_ns = 1000ULL * 1000;
 
 struct thread_stats {
 	__u32 tgid;
-	__u32 pad;
+	__u32 quiet; /* the current/last sleep is in one of quiet_calls */
 	char comm[TASK_COMM_LEN]; /* at the last switch in or out */
 	__u64 runq_slots[RUNQ_SLOTS];
 	__u64 runq_ns;        /* total run-queue wait */
@@ -75,7 +76,7 @@ struct block_event {
 	__s32 ustack;
 	__s32 kstack;
 	__u32 waker_tid;
-	__u32 pad;
+	__u32 quiet; /* the sleep was in one of quiet_calls */
 	char comm[TASK_COMM_LEN]; /* when the sleep began */
 	__u64 sp;
 	__u64 bp;
@@ -112,6 +113,76 @@ struct {
 } stacks SEC(".maps");
 
 CULPRIT_RINGBUF(blocks);
+
+/* [0]: the threads map changed (a target thread switched or woke).
+ * [1]: armed (changes.h CULPRIT_WAKES). */
+CULPRIT_CHANGES(2)
+CULPRIT_WAKES(1)
+
+/* System calls (x86-64 numbers, a bit each) in which a sleep is a worker's
+ * idle wait (rules.workers.idle_syscalls), set from Go before loading: such
+ * a sleep wakes nobody, neither when it begins nor when it ends long (its
+ * block event waits in the ring for Go's next look). Any other sleep that
+ * begins while Go idles wakes it: it may be a blocking call. */
+volatile const __u64 quiet_calls[8] = {};
+
+/* A nanosleep or relative clock_nanosleep shorter than this (set from Go:
+ * sched.min_block) cannot become a block episode: it is quiet too. Go's
+ * runtime (sysmon) and spin-backoffs sleep so, many times a second. */
+volatile const __u64 short_sleep_ns = 0;
+
+/* The system call number and arguments a task entered the kernel with
+ * (x86-64). */
+struct pt_regs___nr {
+	unsigned long orig_ax;
+	unsigned long di;
+	unsigned long si;
+	unsigned long dx;
+} __attribute__((preserve_access_index));
+
+#define NR_NANOSLEEP 35
+#define NR_CLOCK_NANOSLEEP 230
+#define TIMER_ABSTIME 1
+
+struct timespec___user {
+	__s64 sec;
+	__s64 nsec;
+};
+
+/* short_sleep: the call is a timed sleep asking for less than
+ * short_sleep_ns. */
+static __always_inline __u32 short_sleep(const struct pt_regs___nr *r, __u64 nr)
+{
+	const void *req;
+	if (!short_sleep_ns)
+		return 0;
+	if (nr == NR_NANOSLEEP) {
+		req = (const void *)BPF_CORE_READ(r, di);
+	} else if (nr == NR_CLOCK_NANOSLEEP) {
+		if (BPF_CORE_READ(r, si) & TIMER_ABSTIME)
+			return 0;
+		req = (const void *)BPF_CORE_READ(r, dx);
+	} else {
+		return 0;
+	}
+	struct timespec___user ts;
+	if (bpf_probe_read_user(&ts, sizeof(ts), req))
+		return 0;
+	return ts.sec >= 0 && ts.nsec >= 0 && (__u64)ts.sec * 1000000000ULL + (__u64)ts.nsec < short_sleep_ns;
+}
+
+static __always_inline __u32 quiet_call(struct pt_regs *regs)
+{
+	if (!bpf_core_field_exists(((struct pt_regs___nr *)0)->orig_ax))
+		return 0;
+	const struct pt_regs___nr *r = (const void *)regs;
+	__u64 nr = BPF_CORE_READ(r, orig_ax);
+	if (nr >= 512)
+		return 0;
+	if ((quiet_calls[nr >> 6] >> (nr & 63)) & 1)
+		return 1;
+	return short_sleep(r, nr);
+}
 
 static __always_inline __u32 log2_u64(__u64 v)
 {
@@ -191,13 +262,15 @@ static __always_inline void end_block(struct thread_stats *st, __u32 tid, __u64 
 	ev->ustack = st->off_ustack;
 	ev->kstack = st->off_kstack;
 	ev->waker_tid = waker;
-	ev->pad = 0;
+	ev->quiet = st->quiet;
 	__builtin_memcpy(ev->comm, st->comm, TASK_COMM_LEN);
 	ev->sp = st->off_sp;
 	ev->bp = st->off_bp;
 	ev->ip = st->off_ip;
 	__builtin_memcpy(ev->scan, st->off_scan, sizeof(ev->scan));
-	bpf_ringbuf_submit(ev, 0);
+	/* An idle wait that ended long is no news: Go reads it at its next
+	 * look rather than being woken for it. */
+	bpf_ringbuf_submit(ev, st->quiet ? CULPRIT_RB_NO_WAKEUP : 0);
 }
 
 static __always_inline int on_wakeup(const struct task_struct *p)
@@ -212,6 +285,7 @@ static __always_inline int on_wakeup(const struct task_struct *p)
 	end_block(st, BPF_CORE_READ(p, pid), now, waker);
 	if (!st->runnable_since)
 		st->runnable_since = now;
+	changed(0);
 	return 0;
 }
 
@@ -274,7 +348,11 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 					st->off_sp = sp;
 				else
 					st->off_sp = 0;
+				st->quiet = quiet_call(regs);
+				if (!st->quiet)
+					wake_go();
 			}
+			changed(0);
 		}
 	}
 
@@ -296,6 +374,7 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 			if (!st->busy_since)
 				st->busy_since = now;
 			BPF_CORE_READ_STR_INTO(&st->comm, next, comm);
+			changed(0);
 		}
 	}
 	return 0;

@@ -42,6 +42,7 @@
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
 #include "targets.h"
+#include "changes.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
@@ -120,11 +121,28 @@ struct {
 	__uint(max_entries, 16384);
 } owned SEC(".maps");
 
-static __always_inline void count(void *map, const void *key)
+/* Change counters Go polls before walking a map (changes.h). */
+#define CHANGED_ACCEPTS 0
+#define CHANGED_CONNECTS 1
+#define CHANGED_OWNED 2
+#define ARMED 3
+CULPRIT_CHANGES(4)
+CULPRIT_WAKES(ARMED)
+
+/* note bumps counter which and wakes Go if it idles: the target accepted,
+ * connected, or has data waiting. */
+static __always_inline void note(__u32 which)
+{
+	changed(which);
+	wake_go();
+}
+
+static __always_inline void count(void *map, const void *key, __u32 which)
 {
 	__u64 *n = bpf_map_lookup_elem(map, key);
 	if (n) {
 		__sync_fetch_and_add(n, 1);
+		note(which);
 		return;
 	}
 	__u64 one = 1;
@@ -133,6 +151,7 @@ static __always_inline void count(void *map, const void *key)
 	if (bpf_map_update_elem(map, key, &one, BPF_NOEXIST))
 		if ((n = bpf_map_lookup_elem(map, key)))
 			__sync_fetch_and_add(n, 1);
+	note(which);
 }
 
 /* sock_of_fd is the TCP socket behind the caller's fd, or NULL: the fd
@@ -194,6 +213,7 @@ static __always_inline struct owned_sock *own(const struct sock___sock *sk, __u3
 	if (unread_skbs(sk))
 		v.ready_since = bpf_ktime_get_ns();
 	bpf_map_update_elem(&owned, &key, &v, BPF_NOEXIST);
+	note(CHANGED_OWNED);
 	return bpf_map_lookup_elem(&owned, &key);
 }
 
@@ -203,7 +223,7 @@ static __always_inline void on_accept(long ret, __u32 tgid)
 	if (!sk)
 		return;
 	struct accept_key key = {.tgid = tgid, .port = BPF_CORE_READ(sk, __sk_common.skc_num)};
-	count(&accepts, &key);
+	count(&accepts, &key, CHANGED_ACCEPTS);
 	/* Reset by the peer while queued: its close has passed, an entry
 	 * would never be removed. */
 	if (sk_state(sk) != TCP_CLOSE)
@@ -262,7 +282,7 @@ static __always_inline void on_connect(const struct pt_regs___sock *regs, long r
 	struct owned_sock *o;
 	/* An interrupted blocking connect goes on in the background. */
 	if (ret == 0 || ret == -EINPROGRESS || ret == -EINTR) {
-		count(&connects, &key);
+		count(&connects, &key, CHANGED_CONNECTS);
 		o = own(sk, tgid);
 		if (!o || sk_state(sk) != TCP_CLOSE)
 			return;
@@ -272,7 +292,7 @@ static __always_inline void on_connect(const struct pt_regs___sock *regs, long r
 		if (!err || __sync_lock_test_and_set(&o->failed, 1))
 			return;
 		key.err = err;
-		count(&connects, &key);
+		count(&connects, &key, CHANGED_CONNECTS);
 		return;
 	}
 	if (ret > 0)
@@ -283,7 +303,7 @@ static __always_inline void on_connect(const struct pt_regs___sock *regs, long r
 	if (o && __sync_lock_test_and_set(&o->failed, 1))
 		return;
 	key.err = -ret;
-	count(&connects, &key);
+	count(&connects, &key, CHANGED_CONNECTS);
 }
 
 SEC("tp_btf/sys_exit")
@@ -309,9 +329,14 @@ int BPF_PROG(culprit_sock_sys_exit, struct pt_regs *regs, long ret)
  * after the exchange and finds ready_since 0. */
 static __always_inline void settle(struct owned_sock *o, const struct sock___sock *sk)
 {
-	__sync_lock_test_and_set(&o->ready_since, 0);
+	__u64 was = __sync_lock_test_and_set(&o->ready_since, 0);
+	__u64 set = 0;
 	if (unread_skbs(sk))
-		__sync_val_compare_and_swap(&o->ready_since, 0, bpf_ktime_get_ns());
+		set = __sync_val_compare_and_swap(&o->ready_since, 0, bpf_ktime_get_ns()) == 0;
+	/* Only a read that changed what Go sees (data that waited, or
+	 * data still queued) counts: most reads find nothing waiting. */
+	if (was || set)
+		note(CHANGED_OWNED);
 }
 
 SEC("tp_btf/sock_recv_length")
@@ -349,7 +374,8 @@ int BPF_PROG(culprit_sock_data_ready, const struct sock *sk)
 		return 0;
 	/* Always the atomic: a plain read first could see a stale value
 	 * and miss a reader's reset (see settle). */
-	__sync_val_compare_and_swap(&o->ready_since, 0, bpf_ktime_get_ns());
+	if (__sync_val_compare_and_swap(&o->ready_since, 0, bpf_ktime_get_ns()) == 0)
+		note(CHANGED_OWNED);
 	return 0;
 }
 
@@ -377,11 +403,12 @@ int BPF_PROG(culprit_sock_set_state, const struct sock *sk, const int oldstate, 
 			} else {
 				BPF_CORE_READ_INTO(&ck.addr, s, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 			}
-			count(&connects, &ck);
+			count(&connects, &ck, CHANGED_CONNECTS);
 		}
 	}
 	/* Closed, or the memory of a closed socket begins a new connection. */
 	bpf_map_delete_elem(&owned, &key);
+	note(CHANGED_OWNED);
 	return 0;
 }
 

@@ -15,6 +15,7 @@
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
 #include "ringbuf.h"
+#include "changes.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
@@ -58,6 +59,23 @@ struct {
 } port_stats_map SEC(".maps");
 
 CULPRIT_RINGBUF(events);
+
+/* The target's network namespace, set from Go; 0: any. */
+volatile __u32 target_netns;
+
+/* [0]: a port of target_netns changed (changes.h). The map holds every
+ * namespace's ports; only the target's make Go walk it. [1]: armed. */
+CULPRIT_CHANGES(2)
+CULPRIT_WAKES(1)
+
+static __always_inline void port_changed(const struct port_key *key)
+{
+	__u32 ns = target_netns;
+	if (!ns || key->netns == ns) {
+		changed(0);
+		wake_go(); /* a connection arrived: the accept queue is sampled closely */
+	}
+}
 
 /* One wake-up per listener per 50 ms is enough for the engine; a SYN flood
  * must not turn into a flood of ring buffer records. */
@@ -121,6 +139,7 @@ int BPF_PROG(culprit_kfree_skb, struct sk_buff *skb, void *location, enum skb_dr
 			return 0;
 	}
 	__sync_fetch_and_add(&st->overflow_drops, 1);
+	port_changed(&key);
 	wake(st, &key, EVENT_OVERFLOW_DROP);
 	return 0;
 }
@@ -135,6 +154,7 @@ int BPF_PROG(culprit_retransmit_synack, const struct sock *sk, const struct requ
 	__sync_fetch_and_add(&st->synack_retrans, 1);
 	st->ack_backlog = BPF_CORE_READ(sk, sk_ack_backlog);
 	st->max_ack_backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
+	port_changed(&key);
 	wake(st, &key, EVENT_SYNACK_RETRANS);
 	return 0;
 }
@@ -151,5 +171,6 @@ int BPF_PROG(culprit_inet_sock_set_state, const struct sock *sk, const int oldst
 	if (!st)
 		return 0;
 	__sync_fetch_and_add(&st->passive_opens, 1);
+	port_changed(&key);
 	return 0;
 }

@@ -141,7 +141,13 @@ func (l listenerSample) ratio() float64 {
 // sockets give the queues, SYN_RECV ones are counted on the listener they
 // arrived at. owned holds the inodes of the target's sockets.
 func summarizeListeners(socks []diagSocket, owned map[uint32]bool) map[listenerKey]listenerSample {
-	out := make(map[listenerKey]listenerSample)
+	return summarizeInto(make(map[listenerKey]listenerSample), socks, owned)
+}
+
+// summarizeInto is summarizeListeners into out (cleared first), so that a
+// sample reuses the maps of the one before last.
+func summarizeInto(out map[listenerKey]listenerSample, socks []diagSocket, owned map[uint32]bool) map[listenerKey]listenerSample {
+	clear(out)
 	for _, s := range socks {
 		if s.State != tcpListen {
 			continue
@@ -154,10 +160,13 @@ func summarizeListeners(socks []diagSocket, owned map[uint32]bool) map[listenerK
 		l.Owned = l.Owned || owned[s.Inode]
 		out[k] = l
 	}
-	sources := map[listenerKey]map[netip.Addr]bool{}
+	var sources map[listenerKey]map[netip.Addr]bool
 	for _, s := range socks {
 		if s.State != tcpSynRecv {
 			continue
+		}
+		if sources == nil {
+			sources = map[listenerKey]map[netip.Addr]bool{}
 		}
 		if k, ok := listenerFor(out, s); ok {
 			l := out[k]
@@ -388,6 +397,34 @@ type acceptQueueCollector struct {
 	unattributed uint64
 	written      map[listenerKey]bool // target listeners with series in the store
 
+	// What a sample costs, and the quiet cycles that skip one: a sample
+	// reads net/netstat and dumps the namespace's listeners (about 60 us
+	// hot, a few times that cold). While the tcplisten probe's activity
+	// counter for the namespace stands still (no handshake completed, no
+	// queue overflowed) and every queue was empty at the last sample,
+	// nothing can have entered a queue or overflowed it: the cycle writes
+	// the last sample's values again (a memory read and a ring write per
+	// series), for up to quietFor after the last real sample.
+	spare     map[listenerKey]listenerSample // the map before last, reused
+	handles   map[listenerKey]*listenerHandles
+	nsHandles [3]*signals.Handle // overflows sampled, drops sampled, unattributed
+	netstat   procFile
+	act       uint64 // the activity counter read before the last sample
+	haveAct   bool
+	sampledAt time.Time
+	quiet     bool // the last sample saw every queue empty
+	lastDrops uint64
+	quietRuns uint64 // cycles that skipped the sample, ever (tests)
+	// While the shared clock idles (signals.Ticker) Collect is called a
+	// second apart instead of every interval; the samples it would have
+	// taken meanwhile are written afterwards, at their times, when they are
+	// provably what the last sample said (the activity counter did not
+	// move, or moved only at a wake-up after them). Readers that count
+	// samples (a share of samples full) see the same series either way.
+	interval  time.Duration
+	writtenAt time.Time // the last sample written, taken or filled in
+	filledIn  uint64    // samples written afterwards, ever (tests)
+
 	// SYN_RECV sockets live in the established hash, which a dump walks
 	// bucket by bucket however few sockets it holds: 2.2 ms against
 	// 0.17 ms for LISTEN alone (measured, BenchmarkAcceptQueueCollect). So
@@ -399,6 +436,16 @@ type acceptQueueCollector struct {
 
 const synRecvEvery = time.Second
 
+// quietFor bounds how long quiet cycles may stand in for samples: the
+// SYN_RECV counts and the namespace's counters are read at least this
+// often.
+const quietFor = time.Second
+
+// listenerHandles are the series of one target listener.
+type listenerHandles struct {
+	queue, backlog, full, synRecv, sources, overflows *signals.Handle
+}
+
 func newAcceptQueueCollector(o Options) (*acceptQueueCollector, error) {
 	owners := o.Owners
 	if owners == nil {
@@ -406,6 +453,7 @@ func newAcceptQueueCollector(o Options) (*acceptQueueCollector, error) {
 	}
 	return &acceptQueueCollector{
 		procRoot: procRootOf(o),
+		interval: o.Interval,
 		owners:   owners,
 		buf:      make([]byte, 0, 8192),
 		prev:     map[listenerKey]listenerSample{},
@@ -413,6 +461,8 @@ func newAcceptQueueCollector(o Options) (*acceptQueueCollector, error) {
 		totals:   map[listenerKey]uint64{},
 		written:  map[listenerKey]bool{},
 		synRecv:  map[listenerKey][2]int{},
+		spare:    map[listenerKey]listenerSample{},
+		handles:  map[listenerKey]*listenerHandles{},
 	}, nil
 }
 
@@ -431,6 +481,7 @@ func (c *acceptQueueCollector) closeDiag() {
 		c.conn.Close()
 		c.conn = nil
 	}
+	c.netstat.close()
 }
 
 func sameProcess(a, b target.Process) bool {
@@ -445,10 +496,37 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, 
 		// listeners are not a continuation of the old ones.
 		c.tgt = tgt
 		c.havePrev = false
+		c.quiet = false
 		clear(c.prev)
 		clear(c.owned)
 		c.owners.SetTarget(tgt)
+		c.netstat.close()
 	}
+	// Read before the sample, so that anything during it shows next time.
+	act, haveAct := store.Activity(signals.ListenActivity(tgt.NetnsIno))
+	now := time.Now()
+	if c.quiet && haveAct && c.haveAct {
+		// Nothing could enter a queue until the counter moved: fill in the
+		// samples the clock's idle skipped, up to now, or up to the
+		// wake-up that the first event since sent.
+		until := now
+		if act != c.act {
+			until = time.Time{}
+			if w, ok := store.Activity(signals.ListenWake(tgt.NetnsIno)); ok && int64(w) > c.sampledAt.UnixNano() {
+				until = time.Unix(0, int64(w))
+			}
+		}
+		c.fillIn(store, until)
+		if act == c.act && now.Sub(c.sampledAt) < quietFor {
+			c.quietRuns++
+			c.rewrite(store, now)
+			if len(c.written) == 0 {
+				return fmt.Errorf("pid %d holds no listening TCP socket: %w", tgt.PID, ErrNoData)
+			}
+			return nil
+		}
+	}
+	c.act, c.haveAct = act, haveAct
 	if err := c.openDiag(tgt); err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
@@ -458,9 +536,9 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, 
 	// other way round, a burst starting between the two reads is counted
 	// against queues sampled before it began (seen in testing: 6 of 17
 	// overflows unattributed).
-	now := time.Now()
+	now = time.Now()
 	path := filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "net", "netstat")
-	b, err := readProcFile(&c.buf, path)
+	b, err := c.netstat.read(&c.buf, path)
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
@@ -478,7 +556,7 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, 
 		// with the answer rather than miss a new listener for a cycle.
 		c.refreshOwned(now)
 	}
-	cur := summarizeListeners(c.socks, c.owned)
+	cur := summarizeInto(c.spare, c.socks, c.owned)
 	if withSynRecv {
 		c.synRecvAt = now
 		clear(c.synRecv)
@@ -506,16 +584,58 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, 
 	}
 
 	gone := c.write(store, now, cur)
-	store.Put(listenOverflowsSampledDesc, nil, float64(overflows), now)
-	store.Put(listenDropsSampledDesc, nil, float64(drops), now)
-	store.Put(listenOverflowsUnattributedDesc, nil, float64(c.unattributed), now)
+	c.putNamespace(store, float64(overflows), float64(drops), now)
 	c.forget(store, gone)
 
+	c.quiet = true
+	for _, l := range cur {
+		if l.Queue > 0 || l.Full {
+			c.quiet = false
+			// Connections wait: the probes whose counts are evidence
+			// here (accepts, handshakes) poll fast meanwhile.
+			store.Hurry(now.Add(2 * time.Second))
+			break
+		}
+	}
+	c.spare = c.prev
 	c.prev, c.prevT, c.prevOverflows, c.havePrev = cur, now, overflows, true
+	c.lastDrops, c.sampledAt, c.writtenAt = drops, now, now
 	if len(c.written) == 0 {
 		return fmt.Errorf("pid %d holds no listening TCP socket: %w", tgt.PID, ErrNoData)
 	}
 	return nil
+}
+
+// putNamespace writes the namespace's counters as this sample read them.
+func (c *acceptQueueCollector) putNamespace(store *signals.Store, overflows, drops float64, now time.Time) {
+	if c.nsHandles[0] == nil {
+		c.nsHandles = [3]*signals.Handle{store.Handle(listenOverflowsSampledDesc, nil), store.Handle(listenDropsSampledDesc, nil),
+			store.Handle(listenOverflowsUnattributedDesc, nil)}
+	}
+	c.nsHandles[0].Put(overflows, now)
+	c.nsHandles[1].Put(drops, now)
+	c.nsHandles[2].Put(float64(c.unattributed), now)
+}
+
+// rewrite is a quiet cycle: the last sample's values, at now.
+func (c *acceptQueueCollector) rewrite(store *signals.Store, now time.Time) {
+	c.write(store, now, c.prev)
+	c.putNamespace(store, float64(c.prevOverflows), float64(c.lastDrops), now)
+	c.writtenAt = now
+}
+
+// fillIn writes the last sample's values at the interval's steps after the
+// last sample written and before until (at most quietFor's worth past the
+// last real sample: the counter is read no less often).
+func (c *acceptQueueCollector) fillIn(store *signals.Store, until time.Time) {
+	if c.interval <= 0 || c.writtenAt.IsZero() {
+		return
+	}
+	limit := c.sampledAt.Add(quietFor * 10)
+	for t := c.writtenAt.Add(c.interval); t.Before(until) && t.Before(limit) && until.Sub(t) > c.interval/2; t = t.Add(c.interval) {
+		c.rewrite(store, t)
+		c.filledIn++
+	}
 }
 
 // openDiag makes sure c.conn is a sock_diag socket in the target's netns.
@@ -617,13 +737,20 @@ func (c *acceptQueueCollector) write(store *signals.Store, now time.Time, cur ma
 		if !l.Owned {
 			continue
 		}
-		ls := k.labels()
-		store.Put(listenQueueLengthDesc, ls, float64(l.Queue), now)
-		store.Put(listenBacklogDesc, ls, float64(l.Backlog), now)
-		store.Put(listenQueueFullDesc, ls, b2f(l.Full), now)
-		store.Put(listenSynRecvDesc, ls, float64(l.SynRecv), now)
-		store.Put(listenSynRecvSourcesDesc, ls, float64(l.SynRecvSources), now)
-		store.Put(listenOverflowsDesc, ls, float64(c.totals[k]), now)
+		h := c.handles[k]
+		if h == nil {
+			ls := k.labels()
+			h = &listenerHandles{queue: store.Handle(listenQueueLengthDesc, ls), backlog: store.Handle(listenBacklogDesc, ls),
+				full: store.Handle(listenQueueFullDesc, ls), synRecv: store.Handle(listenSynRecvDesc, ls),
+				sources: store.Handle(listenSynRecvSourcesDesc, ls), overflows: store.Handle(listenOverflowsDesc, ls)}
+			c.handles[k] = h
+		}
+		h.queue.Put(float64(l.Queue), now)
+		h.backlog.Put(float64(l.Backlog), now)
+		h.full.Put(b2f(l.Full), now)
+		h.synRecv.Put(float64(l.SynRecv), now)
+		h.sources.Put(float64(l.SynRecvSources), now)
+		h.overflows.Put(float64(c.totals[k]), now)
 		c.written[k] = true
 	}
 	var gone map[listenerKey]bool
@@ -635,6 +762,7 @@ func (c *acceptQueueCollector) write(store *signals.Store, now time.Time, cur ma
 			gone[k] = true
 			delete(c.written, k)
 			delete(c.totals, k)
+			delete(c.handles, k)
 		}
 	}
 	return gone

@@ -89,8 +89,13 @@ func parsePressure(b []byte) map[string]float64 {
 	return out
 }
 
-func readNumber(path string) (float64, error) {
-	b, err := os.ReadFile(path)
+// readFn reads a whole file: os.ReadFile, or a collector's fileCache.
+type readFn func(path string) ([]byte, error)
+
+func readNumber(path string) (float64, error) { return readNumberWith(os.ReadFile, path) }
+
+func readNumberWith(rd readFn, path string) (float64, error) {
+	b, err := rd(path)
 	if err != nil {
 		return 0, err
 	}
@@ -106,19 +111,21 @@ func readNumber(path string) (float64, error) {
 }
 
 // readV1 reads a cgroup v1 memory directory.
-func readV1(dir string) (cgroupMemory, error) {
+func readV1(dir string) (cgroupMemory, error) { return readV1With(os.ReadFile, dir) }
+
+func readV1With(rd readFn, dir string) (cgroupMemory, error) {
 	m := cgroupMemory{Version: 1, Events: map[string]float64{}, Stat: map[string]float64{}}
 	var err error
-	if m.Usage, err = readNumber(filepath.Join(dir, "memory.usage_in_bytes")); err != nil {
+	if m.Usage, err = readNumberWith(rd, filepath.Join(dir, "memory.usage_in_bytes")); err != nil {
 		return m, err
 	}
-	if m.Limit, err = readNumber(filepath.Join(dir, "memory.limit_in_bytes")); err != nil {
+	if m.Limit, err = readNumberWith(rd, filepath.Join(dir, "memory.limit_in_bytes")); err != nil {
 		return m, err
 	}
 	if m.Limit >= v1Unlimited {
 		m.Limit = 0
 	}
-	if b, err := os.ReadFile(filepath.Join(dir, "memory.stat")); err == nil {
+	if b, err := rd(filepath.Join(dir, "memory.stat")); err == nil {
 		st := parseKV(b)
 		// total_* include descendants, as usage_in_bytes does. A key the
 		// file lacks stays absent: unknown, not zero.
@@ -128,28 +135,30 @@ func readV1(dir string) (cgroupMemory, error) {
 			}
 		}
 	}
-	if b, err := os.ReadFile(filepath.Join(dir, "memory.oom_control")); err == nil {
+	if b, err := rd(filepath.Join(dir, "memory.oom_control")); err == nil {
 		if v, ok := parseKV(b)["oom_kill"]; ok {
 			m.Events["oom_kill"] = v
 		}
 	}
-	if v, err := readNumber(filepath.Join(dir, "memory.failcnt")); err == nil {
+	if v, err := readNumberWith(rd, filepath.Join(dir, "memory.failcnt")); err == nil {
 		m.Events["max"] = v
 	}
 	return m, nil
 }
 
 // readV2 reads a cgroup v2 directory.
-func readV2(dir string) (cgroupMemory, error) {
+func readV2(dir string) (cgroupMemory, error) { return readV2With(os.ReadFile, dir) }
+
+func readV2With(rd readFn, dir string) (cgroupMemory, error) {
 	m := cgroupMemory{Version: 2, Stat: map[string]float64{}, Events: map[string]float64{}}
 	var err error
-	if m.Usage, err = readNumber(filepath.Join(dir, "memory.current")); err != nil {
+	if m.Usage, err = readNumberWith(rd, filepath.Join(dir, "memory.current")); err != nil {
 		return m, err
 	}
-	if m.Limit, err = readNumber(filepath.Join(dir, "memory.max")); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if m.Limit, err = readNumberWith(rd, filepath.Join(dir, "memory.max")); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return m, err
 	}
-	if b, err := os.ReadFile(filepath.Join(dir, "memory.stat")); err == nil {
+	if b, err := rd(filepath.Join(dir, "memory.stat")); err == nil {
 		st := parseKV(b)
 		for _, k := range []string{"anon", "file", "shmem", "kernel", "sock"} {
 			if v, ok := st[k]; ok {
@@ -157,7 +166,7 @@ func readV2(dir string) (cgroupMemory, error) {
 			}
 		}
 	}
-	if b, err := os.ReadFile(filepath.Join(dir, "memory.events")); err == nil {
+	if b, err := rd(filepath.Join(dir, "memory.events")); err == nil {
 		ev := parseKV(b)
 		for _, k := range []string{"oom", "oom_kill", "max", "high"} {
 			if v, ok := ev[k]; ok {
@@ -165,13 +174,28 @@ func readV2(dir string) (cgroupMemory, error) {
 			}
 		}
 	}
-	if b, err := os.ReadFile(filepath.Join(dir, "memory.pressure")); err == nil {
+	if b, err := rd(filepath.Join(dir, "memory.pressure")); err == nil {
 		m.Pressure = parsePressure(b)
 	}
 	return m, nil
 }
 
-type cgroupCollector struct{ procRoot, sysRoot string }
+// cgroupCollector reads the target's memory cgroup each cycle: /proc/PID/
+// cgroup, a few stats for the directory, and five or six small files kept
+// open (fileCache): ~20 us.
+type cgroupCollector struct {
+	procRoot, sysRoot string
+	files             fileCache
+	cg                procFile // /proc/PID/cgroup
+	cgBuf             []byte
+}
+
+// Close closes the files kept open.
+func (c *cgroupCollector) Close() error {
+	c.files.close()
+	c.cg.close()
+	return nil
+}
 
 func newCgroupCollector(o Options) *cgroupCollector {
 	c := &cgroupCollector{procRoot: o.ProcRoot, sysRoot: o.SysRoot}
@@ -248,7 +272,7 @@ func (c *cgroupCollector) Collect(_ context.Context, tgt target.Process, store *
 
 // read finds and reads the target's memory cgroup.
 func (c *cgroupCollector) read(pid int) (cgroupMemory, string, error) {
-	b, err := os.ReadFile(filepath.Join(c.procRoot, strconv.Itoa(pid), "cgroup"))
+	b, err := c.cg.read(&c.cgBuf, filepath.Join(c.procRoot, strconv.Itoa(pid), "cgroup"))
 	if err != nil {
 		return cgroupMemory{}, "", err
 	}
@@ -258,7 +282,7 @@ func (c *cgroupCollector) read(pid int) (cgroupMemory, string, error) {
 		if isV1Root(dir, v1) {
 			return cgroupMemory{}, "", fmt.Errorf("at the root of the v1 memory hierarchy, whose usage is the host's: %w", ErrNoData)
 		}
-		m, err := readV1(dir)
+		m, err := readV1With(c.files.read, dir)
 		if err != nil {
 			return m, v1, fmt.Errorf("cgroup v1 %s: %w", v1, err)
 		}
@@ -276,7 +300,7 @@ func (c *cgroupCollector) read(pid int) (cgroupMemory, string, error) {
 	case isV2Root(dir, v2):
 		return cgroupMemory{}, "", fmt.Errorf("in the root cgroup, whose usage is the host's: %w", ErrNoData)
 	}
-	m, err := readV2(dir)
+	m, err := readV2With(c.files.read, dir)
 	if err != nil {
 		return m, v2, fmt.Errorf("cgroup v2 %s: %w", v2, err)
 	}
@@ -286,4 +310,19 @@ func (c *cgroupCollector) read(pid int) (cgroupMemory, string, error) {
 func exists(path string) bool {
 	_, err := os.Stat(path)
 	return err == nil
+}
+
+// MemoryLimitOf is the memory limit of pid's cgroup (v1
+// memory.limit_in_bytes or v2 memory.max, found through /proc/PID/cgroup as
+// the cgroup collector finds the target's), and the cgroup's path; 0 when
+// the cgroup has no limit or none can be read. The agent reads its own, to
+// keep its Go heap under its container's limit.
+func MemoryLimitOf(procRoot, sysRoot string, pid int) (int64, string, error) {
+	c := newCgroupCollector(Options{ProcRoot: procRoot, SysRoot: sysRoot})
+	defer c.Close()
+	m, path, err := c.read(pid)
+	if err != nil {
+		return 0, path, err
+	}
+	return int64(m.Limit), path, nil
 }

@@ -121,3 +121,22 @@ func TestReadV1StatKeysAbsent(t *testing.T) {
 		t.Errorf("stat (-want +got):\n%s", diff)
 	}
 }
+
+// MemoryLimitOf reads a process's own cgroup limit, as the agent reads its
+// own to set its Go memory limit.
+func TestMemoryLimitOf(t *testing.T) {
+	l := testenv.StartLeaker(t, testenv.LeakerOptions{})
+	dir, _ := testenv.MemoryCgroup(t, 96<<20, l.PID)
+	got, path, err := MemoryLimitOf("/proc", "/sys", l.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != 96<<20 || !strings.HasSuffix(dir, path) {
+		t.Fatalf("MemoryLimitOf = %d in %q, want %d in %s", got, path, 96<<20, dir)
+	}
+	// A container's own view (cgroup namespace: it is at "/"): the limit
+	// of its namespace root, 128 MiB in the fixture.
+	if got, _, err := MemoryLimitOf("testdata/cgroup/cpu-v2-ns/proc", "testdata/cgroup/cpu-v2-ns/sys", 7); got != 128<<20 {
+		t.Errorf("namespace root: MemoryLimitOf = %d (%v), want %d", got, err, 128<<20)
+	}
+}

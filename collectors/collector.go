@@ -40,6 +40,14 @@ type Options struct {
 	// Owners tells whose a socket is; the agent shares one among the
 	// collectors (and probes) that need it. Nil: a collector makes its own.
 	Owners *target.SocketOwners
+	// SocketsIdleInterval is the longest the sockets collector goes
+	// without a dump while the namespace's TCP counters stand still
+	// (collect.sockets_idle_interval); 0: its default, negative: never.
+	SocketsIdleInterval time.Duration
+	// SocketsBusyInterval is the longest it goes without one while only
+	// segments move (collect.sockets_busy_interval); 0: its default,
+	// negative: never.
+	SocketsBusyInterval time.Duration
 }
 
 // Factory builds a collector.

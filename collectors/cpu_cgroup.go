@@ -127,14 +127,14 @@ func isV2Root(dir, path string) bool {
 	return !exists(filepath.Join(dir, "cgroup.type")) && !exists(filepath.Join(dir, "cgroup.events"))
 }
 
-// readCPUV1 reads a cgroup v1 cpu directory and, when acct is not "", the
+// readCPUV1With reads a cgroup v1 cpu directory and, when acct is not "", the
 // usage in acct (a cpuacct directory holding the same tasks; usage says
 // where it comes from or why it is unknown). Hybrid hosts like this
 // project's mount cpu and cpuacct apart; most mount them together, and
 // then acct is the same directory.
-func readCPUV1(dir, acct, usage string) (cgroupCPU, error) {
+func readCPUV1With(rd readFn, dir, acct, usage string) (cgroupCPU, error) {
 	m := cgroupCPU{Version: 1, Counters: map[string]float64{}, Usage: usage}
-	b, err := os.ReadFile(filepath.Join(dir, "cpu.stat"))
+	b, err := rd(filepath.Join(dir, "cpu.stat"))
 	if err != nil {
 		return m, err
 	}
@@ -142,11 +142,11 @@ func readCPUV1(dir, acct, usage string) (cgroupCPU, error) {
 	m.Counters["cgroup_cpu_periods_total"] = st["nr_periods"]
 	m.Counters["cgroup_cpu_throttled_periods_total"] = st["nr_throttled"]
 	m.Counters["cgroup_cpu_throttled_seconds_total"] = st["throttled_time"] / 1e9
-	quota, err := readNumber(filepath.Join(dir, "cpu.cfs_quota_us"))
+	quota, err := readNumberWith(rd, filepath.Join(dir, "cpu.cfs_quota_us"))
 	if err != nil {
 		return m, err
 	}
-	period, err := readNumber(filepath.Join(dir, "cpu.cfs_period_us"))
+	period, err := readNumberWith(rd, filepath.Join(dir, "cpu.cfs_period_us"))
 	if err != nil {
 		return m, err
 	}
@@ -154,7 +154,7 @@ func readCPUV1(dir, acct, usage string) (cgroupCPU, error) {
 		m.Quota, m.Period = quota/period, period/1e6
 	}
 	if acct != "" {
-		switch u, err := readNumber(filepath.Join(acct, "cpuacct.usage")); {
+		switch u, err := readNumberWith(rd, filepath.Join(acct, "cpuacct.usage")); {
 		case errors.Is(err, os.ErrNotExist):
 			m.Usage = usageMissing
 		case err != nil:
@@ -166,11 +166,11 @@ func readCPUV1(dir, acct, usage string) (cgroupCPU, error) {
 	return m, nil
 }
 
-// readCPUV2 reads a cgroup v2 directory. cpu.stat always has usage_usec;
+// readCPUV2With reads a cgroup v2 directory. cpu.stat always has usage_usec;
 // the throttling fields and cpu.max need the cpu controller enabled.
-func readCPUV2(dir string) (cgroupCPU, error) {
+func readCPUV2With(rd readFn, dir string) (cgroupCPU, error) {
 	m := cgroupCPU{Version: 2, Counters: map[string]float64{}, Usage: usageMissing}
-	b, err := os.ReadFile(filepath.Join(dir, "cpu.stat"))
+	b, err := rd(filepath.Join(dir, "cpu.stat"))
 	if err != nil {
 		return m, err
 	}
@@ -191,7 +191,7 @@ func readCPUV2(dir string) (cgroupCPU, error) {
 	if _, ok := m.Counters["cgroup_cpu_usage_seconds_total"]; ok {
 		m.Usage = usageCPUStat
 	}
-	switch b, err := os.ReadFile(filepath.Join(dir, "cpu.max")); {
+	switch b, err := rd(filepath.Join(dir, "cpu.max")); {
 	case errors.Is(err, os.ErrNotExist): // no cpu controller, or the root
 	case err != nil:
 		return m, err
@@ -200,7 +200,7 @@ func readCPUV2(dir string) (cgroupCPU, error) {
 			return m, fmt.Errorf("%s: %w", filepath.Join(dir, "cpu.max"), err)
 		}
 	}
-	if b, err := os.ReadFile(filepath.Join(dir, "cpu.pressure")); err == nil {
+	if b, err := rd(filepath.Join(dir, "cpu.pressure")); err == nil {
 		m.Pressure = parsePressure(b)
 	}
 	return m, nil
@@ -236,13 +236,16 @@ func newCPUCgroupCollector(o Options) *cpuCgroupCollector {
 
 func (*cpuCgroupCollector) Name() string { return "cpu_cgroup" }
 
+// Close closes the files kept open.
+func (c *cpuCgroupCollector) Close() error { return (*cgroupCollector)(c).Close() }
+
 // Collect prefers the v1 cpu controller when the target is in one
 // (hybrid hosts mount it only there); otherwise v2, at the root of
 // /sys/fs/cgroup (pure v2, as most pods) or under unified/ (hybrid, usage
 // and PSI only). A target at the root of a hierarchy gets nothing from
 // it: the root has no quota and its counters are the whole host's.
 func (c *cpuCgroupCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
-	b, err := os.ReadFile(filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "cgroup"))
+	b, err := c.cg.read(&c.cgBuf, filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "cgroup"))
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
@@ -291,7 +294,7 @@ func (c *cpuCgroupCollector) read(pid int, procCgroup []byte) (cgroupCPU, string
 		if !exists(filepath.Join(dir, "cpuacct.usage")) {
 			acct, usage = v1Acct(base, procCgroup, v1)
 		}
-		m, err := readCPUV1(dir, acct, usage)
+		m, err := readCPUV1With(c.files.read, dir, acct, usage)
 		if err != nil {
 			return m, v1, fmt.Errorf("cgroup v1 cpu %s: %w", v1, err)
 		}
@@ -307,7 +310,7 @@ func (c *cpuCgroupCollector) read(pid int, procCgroup []byte) (cgroupCPU, string
 	case isV2Root(dir, v2):
 		return cgroupCPU{}, "", fmt.Errorf("in the root cgroup, whose CPU counters are the host's: %w", ErrNoData)
 	}
-	m, err := readCPUV2(dir)
+	m, err := readCPUV2With(c.files.read, dir)
 	if err != nil {
 		return m, v2, fmt.Errorf("cgroup v2 %s: %w", v2, err)
 	}

@@ -34,9 +34,9 @@ var (
 
 // parseKBLines reads "Key:   123 kB" lines for the wanted keys, in bytes.
 func parseKBLines(b []byte, want ...string) map[string]float64 {
-	out := map[string]float64{}
-	for _, line := range bytes.Split(b, []byte("\n")) {
-		k, v, ok := bytes.Cut(line, []byte(":"))
+	out := make(map[string]float64, len(want))
+	for line := range bytes.Lines(b) {
+		k, v, ok := bytes.Cut(bytes.TrimSuffix(line, []byte("\n")), []byte(":"))
 		if !ok {
 			continue
 		}
@@ -74,11 +74,26 @@ func parseStatusMemory(b []byte) (statusMemory, error) {
 	return statusMemory{VmRSS: kb["VmRSS"], VmSize: kb["VmSize"], RssAnon: kb["RssAnon"], RssFile: kb["RssFile"], RssShmem: kb["RssShmem"]}, nil
 }
 
+// What a cycle costs: /proc/PID/status, read through a file kept open and
+// parsed in place, every cycle; smaps_rollup (the kernel walks the whole
+// address space for it: tens of ms for a process of gigabytes) and every
+// thread's status (for the context switches: a file per thread) every
+// slowEvery cycles, the values written again in between. Neither is read by
+// a rule; both are for dashboards.
 type memoryCollector struct {
 	procRoot   string
 	maxThreads int
 	buf        []byte
+	status     procFile
+	pid        int
+	cycle      int
+	slow       []sample // Pss, Swap and the context switches, as last read
+	h          [5]*signals.Handle
 }
+
+// slowEvery is how many cycles pass between two readings of
+// smaps_rollup and the threads' status files.
+const slowEvery = 10
 
 func newMemoryCollector(o Options) *memoryCollector {
 	root := o.ProcRoot
@@ -95,8 +110,12 @@ func newMemoryCollector(o Options) *memoryCollector {
 func (*memoryCollector) Name() string { return "memory" }
 
 func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+	if tgt.PID != c.pid {
+		c.pid, c.cycle, c.slow = tgt.PID, 0, nil
+		c.status.close()
+	}
 	path := filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "status")
-	b, err := readProcFile(&c.buf, path)
+	b, err := c.status.read(&c.buf, path)
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
@@ -105,21 +124,32 @@ func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *
 		return fmt.Errorf("pid %d: %s: %w", tgt.PID, path, err)
 	}
 	now := time.Now()
-	store.Put(residentDesc, nil, m.VmRSS, now)
-	store.Put(virtualDesc, nil, m.VmSize, now)
-	store.Put(rssKindDesc, signals.L("kind", "anon"), m.RssAnon, now)
-	store.Put(rssKindDesc, signals.L("kind", "file"), m.RssFile, now)
-	store.Put(rssKindDesc, signals.L("kind", "shmem"), m.RssShmem, now)
+	if c.h[0] == nil {
+		c.h = [5]*signals.Handle{store.Handle(residentDesc, nil), store.Handle(virtualDesc, nil),
+			store.Handle(rssKindDesc, signals.L("kind", "anon")), store.Handle(rssKindDesc, signals.L("kind", "file")),
+			store.Handle(rssKindDesc, signals.L("kind", "shmem"))}
+	}
+	c.h[0].Put(m.VmRSS, now)
+	c.h[1].Put(m.VmSize, now)
+	c.h[2].Put(m.RssAnon, now)
+	c.h[3].Put(m.RssFile, now)
+	c.h[4].Put(m.RssShmem, now)
 
+	c.cycle++
+	if c.cycle%slowEvery != 1 && c.slow != nil {
+		putSamples(store, now, c.slow)
+		return nil
+	}
+	c.slow = c.slow[:0]
 	pidDir := filepath.Join(c.procRoot, strconv.Itoa(tgt.PID))
 	if b, err := readProcFile(&c.buf, filepath.Join(pidDir, "smaps_rollup")); err == nil {
 		// A line the kernel did not write is unknown, not 0 bytes.
 		kb := parseKBLines(b, "Pss", "Swap")
 		if v, ok := kb["Pss"]; ok {
-			store.Put(pssDesc, nil, v, now)
+			c.slow = append(c.slow, sample{Desc: pssDesc, Value: v})
 		}
 		if v, ok := kb["Swap"]; ok {
-			store.Put(swapDesc, nil, v, now)
+			c.slow = append(c.slow, sample{Desc: swapDesc, Value: v})
 		}
 	}
 	// Context switches are per thread: sum them, over at most maxThreads.
@@ -137,8 +167,12 @@ func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *
 			vol += cs["voluntary_ctxt_switches"]
 			nonvol += cs["nonvoluntary_ctxt_switches"]
 		}
-		store.Put(ctxSwitchesDesc, signals.L("kind", "voluntary"), vol, now)
-		store.Put(ctxSwitchesDesc, signals.L("kind", "nonvoluntary"), nonvol, now)
+		c.slow = append(c.slow, sample{Desc: ctxSwitchesDesc, Labels: signals.L("kind", "voluntary"), Value: vol},
+			sample{Desc: ctxSwitchesDesc, Labels: signals.L("kind", "nonvoluntary"), Value: nonvol})
 	}
+	if c.slow == nil {
+		c.slow = []sample{} // read: written again until the next reading
+	}
+	putSamples(store, now, c.slow)
 	return nil
 }

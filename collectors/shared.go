@@ -58,3 +58,94 @@ func readProcFile(buf *[]byte, path string) ([]byte, error) {
 		}
 	}
 }
+
+// procFile is a /proc file kept open between reads: a collector that reads
+// the same file ten times a second saves the open and close (a path walk
+// through /proc/PID) each time. A read goes from offset 0, which makes the
+// kernel generate the file again.
+type procFile struct {
+	f    *os.File
+	path string
+}
+
+func (p *procFile) close() {
+	if p.f != nil {
+		p.f.Close()
+		p.f = nil
+	}
+}
+
+// read reads the whole file at path into *buf; an error closes it, to be
+// opened again next time.
+func (p *procFile) read(buf *[]byte, path string) ([]byte, error) {
+	if p.f != nil && p.path != path {
+		p.close()
+	}
+	if p.f == nil {
+		f, err := os.Open(path)
+		if err != nil {
+			return nil, fmt.Errorf("open %s: %w", path, err)
+		}
+		p.f, p.path = f, path
+	}
+	b := (*buf)[:0]
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		n, err := p.f.ReadAt(b[len(b):cap(b)], int64(len(b)))
+		b = b[:len(b)+n]
+		if err == io.EOF || (err == nil && n == 0) {
+			*buf = b
+			return b, nil
+		}
+		if err != nil {
+			*buf = b
+			p.close()
+			return nil, fmt.Errorf("read %s: %w", path, err)
+		}
+	}
+}
+
+// fileCache keeps the files a collector reads every cycle open and reads
+// each again from offset 0 (pread): one syscall a file a cycle instead of
+// open, fstat, read and close, and no buffer allocated. The bytes read are
+// valid until the next read. Bounded: past maxCachedFiles paths (a target
+// that moved between cgroups) it closes them all and starts over. Not safe
+// for concurrent use (one per collector).
+type fileCache struct {
+	files map[string]*procFile
+	buf   []byte
+}
+
+const maxCachedFiles = 32
+
+func (c *fileCache) read(path string) ([]byte, error) {
+	f := c.files[path]
+	if f == nil {
+		if len(c.files) >= maxCachedFiles {
+			c.close()
+		}
+		if c.files == nil {
+			c.files = make(map[string]*procFile)
+		}
+		fh, err := os.Open(path)
+		if err != nil {
+			return nil, err
+		}
+		f = &procFile{f: fh, path: path}
+		c.files[path] = f
+	}
+	b, err := f.read(&c.buf, path)
+	if err != nil {
+		delete(c.files, path) // closed by read
+	}
+	return b, err
+}
+
+func (c *fileCache) close() {
+	for _, f := range c.files {
+		f.close()
+	}
+	clear(c.files)
+}

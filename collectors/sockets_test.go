@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -561,4 +562,64 @@ func TestSocketsTargetCloseWait(t *testing.T) {
 	if s, _ := h.store.Latest("process_tcp_sockets", signals.L("state", "LISTEN")); s.V < 1 {
 		t.Fatalf("LISTEN = %v, want at least 1", s.V)
 	}
+}
+
+// TestSocketsSkipsDumps: while the namespace's counters stand still the
+// collector writes its last counts again without a dump; while only
+// segments move it does so for up to BusyInterval, unless a connection
+// event (the tcplife probe's counter) says a state may have changed, or
+// nobody publishes that counter.
+func TestSocketsSkipsDumps(t *testing.T) {
+	srv := testenv.Start(t, testenv.Options{Backlog: 8, Accept: false})
+	ns := newSockNetns(t, srv.PID)
+	l, q := ns.listen(t, "tcp4", "127.0.0.1:0")
+	clients, servers := ns.connect(t, l, 2)
+	tgt := socketsTarget(t, srv.PID)
+	h := newSocketsHarness(t, tgt, SocketsOptions{BusyInterval: time.Hour, IdleInterval: time.Hour})
+	sq := strconv.Itoa(q)
+	h.until("tcp_sockets", map[string]float64{
+		"target/" + strconv.Itoa(srv.Port) + "/LISTEN": 1,
+		"agent/" + sq + "/LISTEN":                      1,
+		"agent/" + sq + "/ESTABLISHED":                 2,
+		"agent/ephemeral/ESTABLISHED":                  2,
+	}, "owner", "port", "state")
+	var events atomic.Uint64
+	name := signals.ConnActivity(tgt.NetnsIno)
+	h.store.SetActivity(name, events.Load)
+	h.collect() // reads the counter
+	traffic := func() {
+		t.Helper()
+		if _, err := clients[0].Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(servers[0], buf); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond) // the ACK
+	}
+	step := func(what string, skip bool, established float64) {
+		t.Helper()
+		before := h.c.skipped
+		h.collect()
+		if got := h.c.skipped > before; got != skip {
+			t.Errorf("%s: dump skipped = %v, want %v", what, got, skip)
+		}
+		if got := h.get("tcp_sockets", signals.L("owner", "agent", "port", sq, "state", "ESTABLISHED")); got != established {
+			t.Errorf("%s: tcp_sockets{ESTABLISHED} = %v, want %v", what, got, established)
+		}
+	}
+	step("nothing moved", true, 2)
+	traffic()
+	step("segments only", true, 2)
+	traffic()
+	events.Add(1)
+	step("a connection event", false, 2)
+	h.store.SetActivity(name, nil)
+	traffic()
+	step("segments, without the probe's counter", false, 2)
+	servers[1].Close()
+	time.Sleep(50 * time.Millisecond)
+	h.store.SetActivity(name, events.Load)
+	step("a close (the counter read afresh)", false, 1)
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -101,8 +102,26 @@ func readSysctls(procRoot string) ([]sample, error) {
 // setns into the child's netns showed 4242. So for a target in another
 // namespace the collector opens and reads the files on an OS thread that
 // has joined the target's namespace.
+//
+// The files are opened once per target namespace, on such a thread, and
+// kept open: a file opened there goes on showing that namespace's value
+// whichever thread reads it (measured the same way: an fd opened after
+// setns still read 4242 once the thread had gone back). A cycle is then one
+// pread per sysctl, with no setns, no path walk and no extra thread; the
+// value parsed is only built into samples when its bytes changed.
 type sysctlCollector struct {
 	procRoot string
+	files    []sysctlFile
+	netns    uint64
+	pid      int
+	buf      []byte
+	last     []sample
+}
+
+type sysctlFile struct {
+	name string
+	f    *os.File
+	raw  []byte // as last read
 }
 
 func newSysctlCollector(o Options) (*sysctlCollector, error) {
@@ -112,7 +131,7 @@ func newSysctlCollector(o Options) (*sysctlCollector, error) {
 func (c *sysctlCollector) Name() string { return "sysctl" }
 
 func (c *sysctlCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
-	ss, err := c.read(tgt)
+	ss, err := c.readOpen(tgt)
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
@@ -123,15 +142,75 @@ func (c *sysctlCollector) Collect(_ context.Context, tgt target.Process, store *
 	return nil
 }
 
-// read reads the sysctls on a thread in the target's namespace: the
-// calling one when it is already there (asked of the thread, not of
-// /proc/self: that is the main thread's namespace), else one that joins it.
-func (c *sysctlCollector) read(tgt target.Process) ([]sample, error) {
-	var ss []sample
-	err := sockdiag.InTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno, func() error {
-		var rerr error
-		ss, rerr = readSysctls(c.procRoot)
-		return rerr
-	})
-	return ss, err
+// readOpen reads the sysctls through the files opened in the target's
+// namespace, opening them first when there are none yet (or the namespace
+// changed).
+func (c *sysctlCollector) readOpen(tgt target.Process) ([]sample, error) {
+	if c.files == nil || c.netns != tgt.NetnsIno || c.pid != tgt.PID {
+		c.close()
+		err := sockdiag.InTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno, func() error {
+			for _, name := range sysctlNames {
+				path := filepath.Join(c.procRoot, sysctlPath(name))
+				f, err := os.Open(path)
+				if errors.Is(err, fs.ErrNotExist) {
+					continue
+				}
+				if err != nil {
+					return fmt.Errorf("open %s: %w", path, err)
+				}
+				c.files = append(c.files, sysctlFile{name: name, f: f})
+			}
+			return nil
+		})
+		if err != nil {
+			c.close()
+			return nil, err
+		}
+		if c.files == nil {
+			c.files = []sysctlFile{}
+		}
+		c.netns, c.pid = tgt.NetnsIno, tgt.PID
+	}
+	changed := c.last == nil
+	for i := range c.files {
+		sf := &c.files[i]
+		if len(c.buf) < 128 {
+			c.buf = make([]byte, 128)
+		}
+		n, err := sf.f.ReadAt(c.buf, 0)
+		if err != nil && !errors.Is(err, io.EOF) {
+			c.close()
+			return nil, fmt.Errorf("read %s: %w", sf.name, err)
+		}
+		if !bytes.Equal(sf.raw, c.buf[:n]) {
+			sf.raw = append(sf.raw[:0], c.buf[:n]...)
+			changed = true
+		}
+	}
+	if !changed {
+		return c.last, nil
+	}
+	var out []sample
+	for _, sf := range c.files {
+		ss, err := parseSysctl(sf.name, sf.raw)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", sysctlPath(sf.name), err)
+		}
+		out = append(out, ss...)
+	}
+	c.last = out
+	return out, nil
+}
+
+func (c *sysctlCollector) close() {
+	for _, sf := range c.files {
+		sf.f.Close()
+	}
+	c.files, c.last = nil, nil
+}
+
+// Close releases the files.
+func (c *sysctlCollector) Close() error {
+	c.close()
+	return nil
 }

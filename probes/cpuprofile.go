@@ -89,6 +89,10 @@ type CPUProfile struct {
 	started bool
 	group   group // the target and its children
 	gen     uint32
+	changes *changes // samples counted into each generation's maps
+	// flushed: readSamples has read every sample the drain's flush made
+	// it return (samples come without waking it: bpf/cpu_profile.c).
+	flushed chan struct{}
 	total   uint64
 	names   threadNames // for the current target
 	rd      *ringbuf.Reader
@@ -123,7 +127,7 @@ func NewCPUProfile(o CPUProfileOptions) *CPUProfile {
 	if o.Symbolizer == nil && o.StackBytes > 0 {
 		o.Symbolizer = symbolize.New(symbolize.Options{Log: o.Log})
 	}
-	return &CPUProfile{o: o, names: threadNames{}, unwound: map[string]*signals.StackSample{}}
+	return &CPUProfile{o: o, names: threadNames{}, unwound: map[string]*signals.StackSample{}, flushed: make(chan struct{}, 1)}
 }
 
 func (*CPUProfile) Name() string { return "cpu_profile" }
@@ -240,7 +244,7 @@ func (p *CPUProfile) readSamples(rd *ringbuf.Reader) {
 	// Reused: a copy is up to MaxStackBytes, and samples come one at a time.
 	words := make([]uint64, 0, (MaxStackBytes+sampleHeaderBytes-sampleRedzoneOff)/8)
 	var user, kernel []uint64
-	readRing(p.Name(), rd, p.o.Log, func(raw []byte) {
+	readRingFlushed(p.Name(), rd, p.o.Log, func(raw []byte) {
 		if len(raw) < sampleHeaderBytes {
 			p.o.Log.Warn("cpu_profile: short sample", "len", len(raw))
 			return
@@ -270,6 +274,11 @@ func (p *CPUProfile) readSamples(rd *ringbuf.Reader) {
 			stack = p.o.Symbolizer.RecoverLeafAt(int(pid), user, sp, bp, base, words)
 		}
 		p.addUnwound(int(pid), int(tid), stack, kernel, time.Since(start))
+	}, func() {
+		select {
+		case p.flushed <- struct{}{}:
+		default:
+		}
 	})
 }
 
@@ -328,6 +337,9 @@ func (p *CPUProfile) takeUnwound() (map[string]*signals.StackSample, unwoundStat
 	p.umu.Lock()
 	defer p.umu.Unlock()
 	u := p.unwound
+	if len(u) == 0 {
+		return nil, unwoundStats{p.nUnwound, p.tooMany, p.unwindT}
+	}
 	p.unwound = make(map[string]*signals.StackSample, len(u))
 	return u, unwoundStats{p.nUnwound, p.tooMany, p.unwindT}
 }
@@ -335,7 +347,7 @@ func (p *CPUProfile) takeUnwound() (map[string]*signals.StackSample, unwoundStat
 const unixPerfEventAttrSize = 136 // PERF_ATTR_SIZE_VER8; the kernel accepts any known version
 
 func (p *CPUProfile) run(ctx context.Context, objs *cpuProfileObjects, tracker *target.Tracker, store *signals.Store) {
-	tick := time.NewTicker(p.o.Drain)
+	tick := signals.NewTicker(p.o.Drain) // on the shared clock
 	defer tick.Stop()
 	for {
 		select {
@@ -375,7 +387,20 @@ func (p *CPUProfile) setTarget(objs *cpuProfileObjects, pid int, now time.Time) 
 
 // drain flips the generation the program writes to, then moves the other
 // generation's counts into Samples and empties its maps.
+//
+// A drain costs, when the target ran: the flip, 2 ms of waiting, a walk of
+// the old generation's counts map and its stacks; the unwound samples the
+// ring buffer brought are moved too. When the change counter of the
+// current generation did not move (no sample was counted into the maps:
+// the target slept, or every sample came with its stack copy through the
+// ring), there is nothing to flip or walk.
 func (p *CPUProfile) drain(objs *cpuProfileObjects, pid int, store *signals.Store, now time.Time) error {
+	if p.changes == nil {
+		p.changes = newChanges(objs.Changes, 2)
+	}
+	if !p.changes.moved(int(p.gen)) {
+		return p.drained(objs, store, nil, now)
+	}
 	old := p.gen
 	p.gen ^= 1
 	if err := objs.Gen.Put(uint32(0), p.gen); err != nil {
@@ -426,6 +451,23 @@ func (p *CPUProfile) drain(objs *cpuProfileObjects, pid int, store *signals.Stor
 	}
 	for id := range cache {
 		_ = stacks.Delete(uint32(id))
+	}
+	return p.drained(objs, store, out, now)
+}
+
+// drained adds out and the unwound samples to Samples and writes the
+// profiler's counters.
+func (p *CPUProfile) drained(objs *cpuProfileObjects, store *signals.Store, out []signals.StackSample, now time.Time) error {
+	// The samples with stack copies wait in the ring (they wake nobody
+	// until it is half full): have readSamples unwind them now.
+	p.mu.Lock()
+	rd := p.rd
+	p.mu.Unlock()
+	if flushPending(rd) {
+		select {
+		case <-p.flushed:
+		case <-time.After(900 * time.Millisecond): // the rest comes with the next drain
+		}
 	}
 	unwound, us := p.takeUnwound()
 	for _, s := range unwound {

@@ -43,6 +43,7 @@ type cpuProfileSampleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	cpuProfileMapChanges           = "changes"
 	cpuProfileMapCounts0           = "counts0"
 	cpuProfileMapCounts1           = "counts1"
 	cpuProfileMapGen               = "gen"
@@ -105,6 +106,7 @@ type cpuProfileProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type cpuProfileMapSpecs struct {
+	Changes *ebpf.MapSpec `ebpf:"changes"`
 	Counts0 *ebpf.MapSpec `ebpf:"counts0"`
 	Counts1 *ebpf.MapSpec `ebpf:"counts1"`
 	Gen     *ebpf.MapSpec `ebpf:"gen"`
@@ -143,6 +145,7 @@ func (o *cpuProfileObjects) Close() error {
 //
 // It can be passed to loadCpuProfileObjects or ebpf.CollectionSpec.LoadAndAssign.
 type cpuProfileMaps struct {
+	Changes *ebpf.Map `ebpf:"changes"`
 	Counts0 *ebpf.Map `ebpf:"counts0"`
 	Counts1 *ebpf.Map `ebpf:"counts1"`
 	Gen     *ebpf.Map `ebpf:"gen"`
@@ -156,6 +159,7 @@ type cpuProfileMaps struct {
 
 func (m *cpuProfileMaps) Close() error {
 	return _CpuProfileClose(
+		m.Changes,
 		m.Counts0,
 		m.Counts1,
 		m.Gen,

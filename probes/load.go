@@ -2,13 +2,16 @@ package probes
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -74,6 +77,8 @@ type running struct {
 	objs    io.Closer
 	links   []link.Link
 	rd      *ringbuf.Reader
+	wakes   *ringbuf.Reader // the wakes ring (changes.h), when the probe has one
+	wokeAt  atomic.Int64    // when its last record came (Unix ns)
 	wg      sync.WaitGroup
 	cancel  context.CancelFunc
 	started bool
@@ -125,6 +130,10 @@ func (r *running) stop() error {
 		errs = append(errs, r.rd.Close()) // unblocks the reader
 		r.rd = nil
 	}
+	if r.wakes != nil {
+		errs = append(errs, r.wakes.Close())
+		r.wakes = nil
+	}
 	r.mu.Unlock()
 	r.wg.Wait()
 	r.mu.Lock()
@@ -138,6 +147,10 @@ func (r *running) release() error {
 		errs = append(errs, r.rd.Close())
 		r.rd = nil
 	}
+	if r.wakes != nil {
+		errs = append(errs, r.wakes.Close())
+		r.wakes = nil
+	}
 	errs = append(errs, closeLinks(r.links))
 	r.links = nil
 	if r.objs != nil {
@@ -149,17 +162,64 @@ func (r *running) release() error {
 
 // readRing calls handle with each record of rd until rd is closed.
 func readRing(probe string, rd *ringbuf.Reader, log interface{ Warn(string, ...any) }, handle func([]byte)) {
+	readRingFlushed(probe, rd, log, handle, nil)
+}
+
+// readRingFlushed is readRing that also calls flushed (when not nil) after
+// the records a Flush made the reader return: records sent without a
+// wake-up (BPF_RB_NO_WAKEUP) wait in the ring until the poller flushes it.
+func readRingFlushed(probe string, rd *ringbuf.Reader, log interface{ Warn(string, ...any) }, handle func([]byte), flushed func()) {
 	var rec ringbuf.Record
 	for {
 		if err := rd.ReadInto(&rec); err != nil {
-			if errors.Is(err, ringbuf.ErrClosed) {
+			switch {
+			case errors.Is(err, ringbuf.ErrClosed):
 				return
+			case errors.Is(err, ringbuf.ErrFlushed):
+				if flushed != nil {
+					flushed()
+				}
+			default:
+				log.Warn(probe+": read ring buffer", "err", err)
 			}
-			log.Warn(probe+": read ring buffer", "err", err)
 			continue
 		}
 		handle(rec.RawSample)
 	}
+}
+
+// flushPending makes rd's reader return the records that wait in the ring
+// without having woken it; nothing when there are none (one atomic load).
+func flushPending(rd *ringbuf.Reader) bool {
+	if rd == nil || rd.AvailableBytes() == 0 {
+		return false
+	}
+	return rd.Flush() == nil
+}
+
+// startWakes reads the probe's wakes ring (bpf/headers/changes.h
+// CULPRIT_WAKES): each record, sent by an event that came while the probe
+// had armed it, makes the shared clock hot (the probe and the fast
+// collector poll every 100 ms again) and kicks kick. The caller holds r.mu.
+func (r *running) startWakes(probe string, m *ebpf.Map, log interface{ Warn(string, ...any) }, kick kicker) error {
+	if m == nil {
+		return nil
+	}
+	rd, err := ringbuf.NewReader(m)
+	if err != nil {
+		return fmt.Errorf("%s: wakes ring buffer reader: %w", probe, err)
+	}
+	r.wakes = rd
+	r.spawn(func() {
+		readRing(probe, rd, log, func([]byte) {
+			r.wokeAt.Store(time.Now().UnixNano())
+			signals.HotNow()
+			if kick != nil {
+				kick.Kick()
+			}
+		})
+	})
+	return nil
 }
 
 // resize sets the max_entries of the named maps of spec; a zero size keeps
@@ -172,12 +232,14 @@ func resize(spec *ebpf.CollectionSpec, sizes map[string]uint32) {
 	}
 }
 
-// every calls f every interval (100 ms if unset) until ctx ends.
+// every calls f every interval (100 ms if unset) until ctx ends, on the
+// process's shared clock (signals.NewTicker): the probes' polls, the fast
+// collector and the rules wake the process together.
 func every(ctx context.Context, interval time.Duration, f func(now time.Time)) {
 	if interval <= 0 {
 		interval = 100 * time.Millisecond
 	}
-	tick := time.NewTicker(interval)
+	tick := signals.NewTicker(interval)
 	defer tick.Stop()
 	for {
 		select {
@@ -189,14 +251,263 @@ func every(ctx context.Context, interval time.Duration, f func(now time.Time)) {
 	}
 }
 
-// putProbeCounters writes the probe's event count and its ring buffer's
-// losses (the lost array of ringbuf.h).
-func putProbeCounters(store *signals.Store, probe string, events float64, lost *ebpf.Map, now time.Time) {
+// pacer spaces a probe's polls: fast (Options.PollInterval) while what the
+// poll reads keeps changing, while the store is hurried (a collector saw a
+// listener's queue hold connections) or after a kick (an event on the
+// probe's ring buffer); otherwise each quiet poll doubles the interval, up
+// to slow (Options.IdlePollInterval). A quiet probe then costs one map read
+// a second instead of ten; a change is seen at most slow late, and every
+// poll after it comes fast again.
+type pacer struct {
+	fast, slow time.Duration
+	cur        time.Duration
+}
+
+func newPacer(o Options) pacer {
+	fast := o.PollInterval
+	if fast <= 0 {
+		fast = 100 * time.Millisecond
+	}
+	slow := max(o.IdlePollInterval, fast)
+	return pacer{fast: fast, slow: slow, cur: fast}
+}
+
+// next is the wait before the next poll, given whether the last one saw
+// activity.
+func (p *pacer) next(active bool) time.Duration {
+	if active {
+		p.cur = p.fast
+	} else {
+		p.cur = min(p.slow, 2*p.cur)
+	}
+	return p.cur
+}
+
+// kicker wakes a paced poll loop at once; Kick never blocks.
+type kicker chan struct{}
+
+func newKicker() kicker { return make(kicker, 1) }
+
+func (k kicker) Kick() {
+	select {
+	case k <- struct{}{}:
+	default:
+	}
+}
+
+// paced calls f until ctx ends, spaced by a pacer: f reports whether it
+// saw something change. A kick (nil: none) or a Hurry on the store brings
+// the next poll forward to the fast interval.
+func paced(ctx context.Context, o Options, store *signals.Store, kick kicker, f func(now time.Time) bool) {
+	pc := newPacer(o)
+	// Ticks of the fast interval on the shared clock (which slows to its
+	// idle interval while nothing is hot); a poll is due when its wait has
+	// passed.
+	tk := signals.NewTicker(pc.fast)
+	defer tk.Stop()
+	var last time.Time
+	wait := pc.fast
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-kick:
+			// An event: poll now, and keep polling fast.
+			wait = 0
+		case now := <-tk.C:
+			if now.Sub(last) < wait-pc.fast/2 {
+				continue
+			}
+		}
+		now := time.Now()
+		active := f(now)
+		active = active || (store != nil && store.Hurried(now))
+		last, wait = now, pc.next(active)
+	}
+}
+
+// changes reads a probe's change counters (bpf/headers/changes.h) through
+// the memory mapping of its `changes` array: a memory read per poll, no
+// system call. A poll whose counter did not move skips walking the map it
+// stands for. Without BPF_F_MMAPABLE (kernels before 5.5) every poll
+// walks, as if the counters always moved.
+type changes struct {
+	mm   *ebpf.Memory
+	last []uint64
+	buf  [8]byte
+}
+
+func newChanges(m *ebpf.Map, n int) *changes {
+	c := &changes{last: make([]uint64, n)}
+	if m != nil {
+		if mm, err := m.Memory(); err == nil {
+			c.mm = mm
+		}
+	}
+	for i := range c.last {
+		c.last[i] = ^uint64(0) // the first poll walks
+	}
+	return c
+}
+
+// moved reports whether counter i moved since it last did: the caller
+// then walks the map. The counter is read before the walk, so a change
+// during the walk shows at the next poll.
+func (c *changes) moved(i int) bool {
+	if c == nil || c.mm == nil {
+		return true
+	}
+	if _, err := c.mm.ReadAt(c.buf[:], int64(8*i)); err != nil {
+		return true
+	}
+	v := binary.NativeEndian.Uint64(c.buf[:])
+	if v == c.last[i] {
+		return false
+	}
+	c.last[i] = v
+	return true
+}
+
+// value reads counter i as it is now (^0 when it cannot be read).
+func (c *changes) value(i int) uint64 {
+	if c == nil || c.mm == nil {
+		return ^uint64(0)
+	}
+	var b [8]byte
+	if _, err := c.mm.ReadAt(b[:], int64(8*i)); err != nil {
+		return ^uint64(0)
+	}
+	return binary.NativeEndian.Uint64(b[:])
+}
+
+// arm sets counter slot to 1 while the shared clock idles: the probe's
+// next event wakes the process (changes.h CULPRIT_WAKES). While the clock
+// is hot the process polls every 100 ms anyway, and events wake nobody.
+// Called before the counters are read, so an event after the read wakes.
+func (c *changes) arm(slot int) {
+	if c == nil || c.mm == nil || !signals.Idle() {
+		return
+	}
+	var one [8]byte
+	binary.NativeEndian.PutUint64(one[:], 1)
+	_, _ = c.mm.WriteAt(one[:], int64(8*slot)) // a read-only mapping: no wake-ups, polls stay as they are
+}
+
+// forget makes the next moved(i) report true (a walk is due anyway).
+func (c *changes) forget(i int) {
+	if c != nil {
+		c.last[i] = ^uint64(0)
+	}
+}
+
+// refreshEvery is how often a series whose value did not change is
+// written again, so that rules checking a signal is fresh (a sample in the
+// last 2 s) still find one; changes are written when seen.
+const refreshEvery = time.Second
+
+// cachedSeries writes one series through a store handle, skipping writes
+// of an unchanged value until refreshEvery has passed. A counter's
+// increase and a gauge's level read the same as if every poll had written.
+type cachedSeries struct {
+	h    *signals.Handle
+	v    float64
+	at   time.Time
+	seen uint32 // the poll that last touched it (for forgetting)
+	set  bool
+}
+
+func (c *cachedSeries) put(v float64, now time.Time) {
+	if c.set && c.v == v && now.Sub(c.at) < refreshEvery {
+		return
+	}
+	c.h.Put(v, now)
+	c.v, c.at, c.set = v, now, true
+}
+
+// seriesSet is a probe's family of series of one signal by a comparable
+// key: the handle of each, created at first use. What it costs per poll is
+// a map lookup and, when the value changed, one ring write.
+type seriesSet[K comparable] struct {
+	store *signals.Store
+	desc  *signals.Desc
+	m     map[K]*cachedSeries
+	poll  uint32
+}
+
+func newSeriesSet[K comparable](store *signals.Store, d *signals.Desc) *seriesSet[K] {
+	return &seriesSet[K]{store: store, desc: d, m: map[K]*cachedSeries{}}
+}
+
+// put writes v to the series of k; labels builds its labels the first time.
+func (s *seriesSet[K]) put(k K, labels func() signals.Labels, v float64, now time.Time) {
+	c, ok := s.m[k]
+	if !ok {
+		c = &cachedSeries{h: s.store.Handle(s.desc, labels())}
+		s.m[k] = c
+	}
+	c.seen = s.poll
+	c.put(v, now)
+}
+
+// begin starts a poll: series not put until the matching end are gone.
+func (s *seriesSet[K]) begin() { s.poll++ }
+
+// end forgets the series of keys not put since begin, from the store too;
+// it reports how many it forgot.
+func (s *seriesSet[K]) end() int {
+	var gone map[*signals.Handle]bool
+	for k, c := range s.m {
+		if c.seen != s.poll {
+			if gone == nil {
+				gone = map[*signals.Handle]bool{}
+			}
+			gone[c.h] = true
+			delete(s.m, k)
+		}
+	}
+	if gone != nil {
+		keys := make(map[string]bool, len(gone))
+		for h := range gone {
+			keys[h.Labels().String()] = true
+		}
+		s.store.Forget(s.desc.Name, func(ls signals.Labels) bool { return !keys[ls.String()] })
+	}
+	return len(gone)
+}
+
+// touch writes every series again with its last value (a write only when
+// refreshEvery passed), marking them put this poll: what a poll does when
+// the kernel says nothing changed.
+func (s *seriesSet[K]) touch(now time.Time) {
+	for _, c := range s.m {
+		c.seen = s.poll
+		c.put(c.v, now)
+	}
+}
+
+// reset forgets every series of the set, in the store too.
+func (s *seriesSet[K]) reset() {
+	clear(s.m)
+	s.store.Forget(s.desc.Name, func(signals.Labels) bool { return false })
+}
+
+// probeCounters writes a probe's event and loss counters through handles:
+// one array lookup and, when they moved (or refreshEvery passed), two ring
+// writes.
+type probeCounters struct {
+	events, lost cachedSeries
+}
+
+func newProbeCounters(store *signals.Store, probe string) *probeCounters {
 	self := signals.L("probe", probe)
-	store.Put(sigProbeEvents, self, events, now)
+	return &probeCounters{events: cachedSeries{h: store.Handle(sigProbeEvents, self)}, lost: cachedSeries{h: store.Handle(sigProbeLost, self)}}
+}
+
+func (c *probeCounters) put(events float64, lost *ebpf.Map, now time.Time) {
+	c.events.put(events, now)
 	var n uint64
 	if err := lost.Lookup(uint32(0), &n); err == nil {
-		store.Put(sigProbeLost, self, float64(n), now)
+		c.lost.put(float64(n), now)
 	}
 }
 
@@ -242,6 +553,7 @@ type group struct {
 	pid     int
 	members map[uint32]bool
 	at      time.Time
+	gen     uint64 // bumped when the members change
 }
 
 const (
@@ -273,6 +585,9 @@ func (g *group) update(m *ebpf.Map, pid int, now time.Time) (bool, error) {
 				return changed, fmt.Errorf("add target %d: %w", p, err)
 			}
 		}
+	}
+	if !maps.Equal(want, g.members) {
+		g.gen++
 	}
 	g.pid, g.members, g.at = pid, want, now
 	return changed, nil

@@ -25,8 +25,13 @@ type Probe interface {
 // Options are what every probe needs.
 type Options struct {
 	Log *slog.Logger
-	// PollInterval is how often kernel maps are read into signals.
+	// PollInterval is how often kernel maps are read into signals while
+	// they change (probes.poll_interval).
 	PollInterval time.Duration
+	// IdlePollInterval is the longest a probe whose maps stopped changing
+	// waits between polls (probes.idle_poll_interval); 0 or anything below
+	// PollInterval polls at PollInterval always.
+	IdlePollInterval time.Duration
 	// MaxEntries bounds every BPF hash map of the probe.
 	MaxEntries uint32
 	// RingBufferBytes bounds the probe's event ring buffer (power of two, page multiple).

@@ -25,6 +25,10 @@ type ProcSignals struct {
 	running
 	target     uint32
 	monoToWall time.Duration
+	count      *seriesSet[uint32]           // by signal
+	last       *seriesSet[[2]uint32]        // by signal and sender
+	seen       map[procSignalsSigKey]uint64 // counts at the last poll
+	changes    *changes
 }
 
 // NewProcSignals returns the probe, not yet loaded.
@@ -52,38 +56,66 @@ func (p *ProcSignals) Start(ctx context.Context, tracker *target.Tracker, store 
 		return err
 	}
 	p.monoToWall = time.Duration(time.Now().UnixNano() - monotonicNow())
+	p.count = newSeriesSet[uint32](store, sigSignals)
+	p.last = newSeriesSet[[2]uint32](store, sigLastSignal)
+	p.seen = map[procSignalsSigKey]uint64{}
+	p.changes = newChanges(objs.Changes, 1)
+	// A termination signal matters over a grace period of seconds: the
+	// poll slows to probes.idle_poll_interval while none arrives. A cycle
+	// is a memory read of the change counter and, when a signal came, a
+	// walk of the sigs map; ring writes of the counts (each refreshEvery).
 	p.spawn(func() {
-		every(ctx, p.o.PollInterval, func(now time.Time) { p.poll(objs, tracker, store, now) })
+		paced(ctx, p.o, nil, nil, func(now time.Time) bool { return p.poll(objs, tracker, now) })
 	})
 	return nil
 }
 
 var signalNames = map[uint32]string{2: "SIGINT", 3: "SIGQUIT", 15: "SIGTERM"}
 
-func (p *ProcSignals) poll(objs *procSignalsObjects, tracker *target.Tracker, store *signals.Store, now time.Time) {
+// poll reports whether a signal arrived since the last one.
+func (p *ProcSignals) poll(objs *procSignalsObjects, tracker *target.Tracker, now time.Time) bool {
 	tgt, ok := tracker.Current()
 	if !ok {
-		return
+		return false
 	}
-	if _, err := retarget(objs.Targets, &p.target, uint32(tgt.PID)); err != nil {
+	if moved, err := retarget(objs.Targets, &p.target, uint32(tgt.PID)); err != nil {
 		p.o.Log.Warn("signals: set target", "err", err)
-		return
+		return false
+	} else if moved {
+		p.changes.forget(0) // another process's counts: walk
+	}
+	if !p.changes.moved(0) {
+		// No signal since the last walk: the same counts again.
+		p.count.touch(now)
+		p.last.touch(now)
+		return false
 	}
 	var key procSignalsSigKey
 	var st procSignalsSigStats
+	changed := false
 	it := objs.Sigs.Iterate()
 	for it.Next(&key, &st) {
 		if key.Tgid != p.target {
 			continue
 		}
+		if p.seen[key] != st.Count {
+			changed = true
+			if len(p.seen) < 64 {
+				p.seen[key] = st.Count
+			}
+		}
 		name := signalNames[key.Sig]
-		store.Put(sigSignals, signals.L("signal", name), float64(st.Count), now)
+		p.count.put(key.Sig, func() signals.Labels { return signals.L("signal", name) }, float64(st.Count), now)
 		at := time.Unix(0, int64(st.LastNs)+int64(p.monoToWall))
-		store.Put(sigLastSignal, signals.L("signal", name, "sender", strconv.Itoa(int(st.Sender))), float64(at.UnixNano())/1e9, now)
+		sender := st.Sender
+		p.last.put([2]uint32{key.Sig, sender}, func() signals.Labels {
+			return signals.L("signal", name, "sender", strconv.Itoa(int(sender)))
+		}, float64(at.UnixNano())/1e9, now)
 	}
 	if err := it.Err(); err != nil {
 		p.o.Log.Warn("signals: read", "err", err)
 	}
+	return changed
 }
 
 // Close detaches the program.

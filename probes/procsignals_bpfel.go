@@ -31,6 +31,7 @@ type procSignalsSigStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	procSignalsMapChanges                = "changes"
 	procSignalsMapSigs                   = "sigs"
 	procSignalsMapTargets                = "targets"
 	procSignalsProgCulpritSignalGenerate = "culprit_signal_generate"
@@ -85,6 +86,7 @@ type procSignalsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type procSignalsMapSpecs struct {
+	Changes *ebpf.MapSpec `ebpf:"changes"`
 	Sigs    *ebpf.MapSpec `ebpf:"sigs"`
 	Targets *ebpf.MapSpec `ebpf:"targets"`
 }
@@ -115,12 +117,14 @@ func (o *procSignalsObjects) Close() error {
 //
 // It can be passed to loadProcSignalsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type procSignalsMaps struct {
+	Changes *ebpf.Map `ebpf:"changes"`
 	Sigs    *ebpf.Map `ebpf:"sigs"`
 	Targets *ebpf.Map `ebpf:"targets"`
 }
 
 func (m *procSignalsMaps) Close() error {
 	return _ProcSignalsClose(
+		m.Changes,
 		m.Sigs,
 		m.Targets,
 	)

@@ -7,11 +7,15 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"maps"
 	"math"
 	"os"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
@@ -80,6 +84,15 @@ type SchedOptions struct {
 	// Episodes receives block and busy episodes; Symbolizer names their stacks.
 	Episodes   *signals.Episodes
 	Symbolizer *symbolize.Symbolizer
+	// NotifyBlock and NotifyBusy wake the rule engine (Store.Notify) when
+	// an episode going on reaches them (the rules' own thresholds): an
+	// idle engine then judges it at once rather than at its idle tick.
+	// Zero: no such wake-up. A sleep in one of QuietCalls (the workers'
+	// idle waits) wakes it neither then nor when it ends: the engine sees
+	// it at its next tick, and an event loop's idle wait every half
+	// second keeps it from ever idling otherwise.
+	NotifyBlock, NotifyBusy time.Duration
+	QuietCalls              []string
 }
 
 // Sched watches the scheduler for the target's threads: see bpf/sched.c.
@@ -111,6 +124,35 @@ type Sched struct {
 	// the poller to empty it now (tests).
 	stacksReset time.Time
 	resetReq    chan chan struct{}
+
+	// Per poll state, reused: the threads' series by tid, the group's
+	// threads as last listed, batch buffers.
+	series            map[int]*threadSeries
+	stale             []string
+	poll              uint32
+	busyNow           map[int]bool
+	taskMap           map[int]int
+	tasksAt, tasksGen time.Time
+	tasksChanged      bool
+	lastSleep         map[int]sleepText // per thread: where its last symbolized sleep began
+	// The same for finished blocks, by (pid, tid); read and written by
+	// readBlocks' goroutine only.
+	lastBlock map[[2]uint32]sleepText
+	store     *signals.Store
+	// Episodes going on that woke the engine (NotifyBlock, NotifyBusy),
+	// by kind; the poll goroutine's.
+	notified           map[notifiedID]bool
+	deepBuf            []byte
+	deepWords          []uint64
+	changes            *changes
+	entries            []threadEntry // the map's entries of the group, as last read
+	entriesStale       bool          // read them again at the next poll
+	walkedAt           time.Time
+	tkeys              []uint32
+	tvals              []schedThreadStats
+	runqSum, runqCount cachedSeries
+	runqP50, runqP99   cachedSeries
+	counters           *probeCounters
 }
 
 type episodeID struct {
@@ -142,7 +184,7 @@ func NewSched(o SchedOptions) *Sched {
 		o.Episodes.LimitThreads(int(o.MaxThreads))
 	}
 	return &Sched{o: o, stacks: map[episodeID]stackText{}, busy: map[int]signals.Episode{}, names: freshNames{}, sighted: map[int]sightMark{},
-		resetReq: make(chan chan struct{}, 1)}
+		resetReq: make(chan chan struct{}, 1), series: map[int]*threadSeries{}, busyNow: map[int]bool{}, lastSleep: map[int]sleepText{}, lastBlock: map[[2]uint32]sleepText{}, notified: map[notifiedID]bool{}}
 }
 
 func (*Sched) Name() string { return "sched" }
@@ -173,6 +215,14 @@ func (p *Sched) Start(ctx context.Context, tracker *target.Tracker, store *signa
 	if err := spec.Variables["busy_gap_ns"].Set(uint64(p.o.BusyGap)); err != nil {
 		return fmt.Errorf("sched: set busy_gap_ns: %w", err)
 	}
+	if err := spec.Variables["quiet_calls"].Set(quietBitmap(p.o.QuietCalls)); err != nil {
+		return fmt.Errorf("sched: set quiet_calls: %w", err)
+	}
+	// A timed sleep shorter than an episode cannot become one: it wakes
+	// nobody either.
+	if err := spec.Variables["short_sleep_ns"].Set(uint64(p.o.MinBlock)); err != nil {
+		return fmt.Errorf("sched: set short_sleep_ns: %w", err)
+	}
 	objs := &schedObjects{}
 	ctx, err = p.start(ctx, "sched", spec, objs, func() []tracingProg {
 		return []tracingProg{
@@ -191,10 +241,40 @@ func (p *Sched) Start(ctx context.Context, tracker *target.Tracker, store *signa
 		// on the first long block, which would then be reported late.
 		go p.o.Symbolizer.Kernel([]uint64{0})
 	}
+	if err := p.startWakes("sched", objs.Wakes, p.o.Log, nil); err != nil {
+		p.release()
+		return err
+	}
 	rd := p.rd
 	p.spawn(func() { p.readBlocks(rd, store) })
-	p.spawn(func() { p.poll(ctx, objs, tracker, store) })
+	p.spawn(func() { p.pollLoop(ctx, objs, tracker, store, rd) })
 	return nil
+}
+
+// quietBitmap is the quiet_calls bitmap of bpf/sched.c: a bit per x86-64
+// system call number of names. Names it does not know, and every name on
+// other architectures, are left out: sleeps in them wake the process, as
+// any sleep that may be a blocking call does.
+func quietBitmap(names []string) [8]uint64 {
+	var out [8]uint64
+	if runtime.GOARCH != "amd64" {
+		return out
+	}
+	for _, n := range names {
+		if nr, ok := amd64Syscalls[n]; ok && nr < 512 {
+			out[nr/64] |= 1 << (nr % 64)
+		}
+	}
+	return out
+}
+
+// amd64Syscalls are the x86-64 numbers of the system calls workers idle in
+// (rules.workers.idle_syscalls' defaults and their relatives).
+var amd64Syscalls = map[string]int{
+	"poll": 7, "select": 23, "pause": 34, "rt_sigtimedwait": 128, "rt_sigsuspend": 130, "futex": 202,
+	"epoll_wait": 232, "pselect6": 270, "ppoll": 271, "epoll_pwait": 281, "io_uring_enter": 426,
+	"epoll_pwait2": 441, "futex_waitv": 449, "nanosleep": 35, "clock_nanosleep": 230, "wait4": 61,
+	"accept": 43, "accept4": 288, "read": 0, "recvfrom": 45, "recvmsg": 47, "msgrcv": 70, "semop": 65,
 }
 
 func monotonicNow() int64 {
@@ -208,11 +288,16 @@ func (p *Sched) wall(ktime uint64) time.Time { return time.Unix(0, int64(ktime)+
 // readBlocks turns each finished long sleep into a block episode.
 func (p *Sched) readBlocks(rd *ringbuf.Reader, store *signals.Store) {
 	var ev schedBlockEvent
-	readRing("sched", rd, p.o.Log, func(raw []byte) {
-		if err := binary.Read(bytes.NewReader(raw), binary.LittleEndian, &ev); err != nil {
-			p.o.Log.Warn("sched: malformed block event", "len", len(raw), "err", err)
+	readRingFlushed("sched", rd, p.o.Log, func(raw []byte) {
+		// The record is struct block_event as the kernel (little-endian,
+		// the only kind bpfel objects load on) laid it out, which is what
+		// HostLayout gives the Go type: copied, not decoded field by field
+		// through reflection (binary.Read: tens of microseconds a record).
+		if len(raw) < int(unsafe.Sizeof(ev)) {
+			p.o.Log.Warn("sched: malformed block event", "len", len(raw))
 			return
 		}
+		copy(unsafe.Slice((*byte)(unsafe.Pointer(&ev)), unsafe.Sizeof(ev)), raw)
 		p.mu.Lock()
 		p.events++
 		id := episodeID{int(ev.Tid), int64(ev.StartNs)}
@@ -222,22 +307,37 @@ func (p *Sched) readBlocks(rd *ringbuf.Reader, store *signals.Store) {
 		p.mu.Unlock()
 		if !ok && objs != nil {
 			// The thread is awake again: only what the probe copied when
-			// it went to sleep is left of its stack.
-			st = p.stackText(objs, int(ev.Tgid), ev.Ustack, ev.Kstack, userRegs{ev.Sp, ev.Bp, ev.Ip, ev.Scan[:]})
+			// it went to sleep is left of its stack. A thread that blocks
+			// where it blocked last time (a loop's timed wait) reuses that
+			// text, as sleepingText does.
+			k := sleepKey{ev.Ustack, ev.Kstack, ev.Sp, ev.Bp, ev.Ip}
+			who := [2]uint32{ev.Tgid, ev.Tid}
+			if last, hit := p.lastBlock[who]; hit && last.key == k {
+				st = last.text
+			} else {
+				st = p.stackText(objs, int(ev.Tgid), ev.Ustack, ev.Kstack, userRegs{ev.Sp, ev.Bp, ev.Ip, ev.Scan[:]})
+				if len(p.lastBlock) >= int(max(p.o.MaxThreads, 64)) {
+					clear(p.lastBlock)
+				}
+				p.lastBlock[who] = sleepText{k, st}
+			}
 		}
 		start := p.wall(ev.StartNs)
 		name := comm(ev.Comm[:])
-		p.o.Episodes.Put(signals.Episode{
+		e := signals.Episode{
 			Kind: signals.EpisodeBlock, Pid: int(ev.Tgid), Tid: int(ev.Tid), Thread: name,
 			Start: start, Duration: time.Duration(ev.DurNs),
 			Stack: st.frames, KernelFrames: st.kernel, LibcFrames: st.libc, Waker: int(ev.WakerTid),
-		})
+		}
+		p.o.Episodes.Put(e)
 		if !ok {
 			p.o.Episodes.Observe(signals.ThreadSight{Pid: int(ev.Tgid), Tid: int(ev.Tid), Name: name, Start: start,
 				Stack: st.frames, KernelFrames: st.kernel, LibcFrames: st.libc, At: time.Now()})
 		}
-		store.Notify()
-	})
+		if !p.quiet(e) {
+			store.Notify()
+		}
+	}, nil)
 }
 
 func comm(c []int8) string {
@@ -284,12 +384,16 @@ func (p *Sched) deepStack(pid int, sp uint64) []uint64 {
 		return nil
 	}
 	defer f.Close()
-	buf := make([]byte, deepStackBytes)
+	// The buffers are the poll goroutine's, reused: the words are only
+	// read while this stack is symbolized.
+	if p.deepBuf == nil {
+		p.deepBuf, p.deepWords = make([]byte, deepStackBytes), make([]uint64, deepStackBytes/8)
+	}
 	// A short read is the end of the stack's mapping: what came is good.
-	n, _ := f.ReadAt(buf, int64(sp))
-	words := make([]uint64, n/8)
+	n, _ := f.ReadAt(p.deepBuf, int64(sp))
+	words := p.deepWords[:n/8]
 	for i := range words {
-		words[i] = binary.LittleEndian.Uint64(buf[8*i:])
+		words[i] = binary.LittleEndian.Uint64(p.deepBuf[8*i:])
 	}
 	return words
 }
@@ -304,7 +408,38 @@ func stillAsleep(objs *schedObjects, tid int, since uint64) bool {
 // sleepingText symbolizes the stack of a sleep going on now: the thread's
 // memory still holds its whole stack, so it is read deeper than the
 // probe's copy when it can be.
+//
+// A thread that goes to sleep again where it slept before (an event loop's
+// idle wait, every time) is not read and unwound again (a 32 KiB read of
+// its memory and a CFI unwind: about a millisecond): the last text of each
+// thread is kept with what identified its sleep, both stack ids (the
+// frame-pointer walk's hash, and the kernel's) and the user registers, and
+// reused when all match. The words near sp are left out: they hold the
+// sleeping function's locals, which differ at every call.
 func (p *Sched) sleepingText(objs *schedObjects, pid, tid int, st schedThreadStats) stackText {
+	k := sleepKey{st.OffUstack, st.OffKstack, st.OffSp, st.OffBp, st.OffIp}
+	if last, ok := p.lastSleep[tid]; ok && last.key == k {
+		return last.text
+	}
+	txt := p.readSleepingText(objs, pid, tid, st)
+	if len(p.lastSleep) < int(max(p.o.MaxThreads, 64)) {
+		p.lastSleep[tid] = sleepText{k, txt}
+	}
+	return txt
+}
+
+// sleepKey identifies where a sleep began.
+type sleepKey struct {
+	ustack, kstack int32
+	sp, bp, ip     uint64
+}
+
+type sleepText struct {
+	key  sleepKey
+	text stackText
+}
+
+func (p *Sched) readSleepingText(objs *schedObjects, pid, tid int, st schedThreadStats) stackText {
 	regs := userRegs{st.OffSp, st.OffBp, st.OffIp, st.OffScan[:]}
 	if p.o.Symbolizer != nil && st.OffUstack >= 0 {
 		if w := p.deepStack(pid, st.OffSp); len(w) > len(regs.words) && stillAsleep(objs, tid, st.OffcpuSince) {
@@ -420,16 +555,30 @@ func frameNames(s *symbolize.Symbolizer, pid int, addrs []uint64, kernel bool) [
 	return out
 }
 
-func (p *Sched) poll(ctx context.Context, objs *schedObjects, tracker *target.Tracker, store *signals.Store) {
+// pollLoop polls every probes.poll_interval (see readThreads for why it
+// is not paced, and what a cycle costs).
+func (p *Sched) pollLoop(ctx context.Context, objs *schedObjects, tracker *target.Tracker, store *signals.Store, blocks *ringbuf.Reader) {
+	p.store = store
+	p.counters = newProbeCounters(store, p.Name())
+	p.changes = newChanges(objs.Changes, 1)
+	p.runqSum = cachedSeries{h: store.Handle(sigRunqSum, nil)}
+	p.runqCount = cachedSeries{h: store.Handle(sigRunqCount, nil)}
+	p.runqP50 = cachedSeries{h: store.Handle(sigRunqP50, nil)}
+	p.runqP99 = cachedSeries{h: store.Handle(sigRunqP99, nil)}
 	every(ctx, p.o.PollInterval, func(now time.Time) {
 		p.mu.Lock()
 		events := p.events
 		p.mu.Unlock()
-		putProbeCounters(store, p.Name(), float64(events), objs.Lost, now)
+		p.counters.put(float64(events), objs.Lost, now)
+		// Block events of idle waits come without a wake-up: read them now.
+		flushPending(blocks)
 		tgt, ok := tracker.Current()
 		if !ok {
 			return
 		}
+		// While the clock idles, a sleep that may be a blocking call wakes
+		// it (bpf/sched.c quiet_calls); armed before the map is read.
+		p.changes.arm(1)
 		p.deepLeft = maxDeepPerPoll
 		if err := p.setTarget(objs, tgt.PID, now); err != nil {
 			p.o.Log.Warn("sched: set target", "err", err)
@@ -465,6 +614,8 @@ func (p *Sched) setTarget(objs *schedObjects, pid int, now time.Time) error {
 	clear(p.names)
 	clear(p.sighted)
 	p.lastRunq = [RunqBuckets]float64{}
+	p.taskMap = nil
+	clear(p.lastSleep)
 	p.mu.Unlock()
 	p.o.Episodes.KeepThreads(func(int, int) bool { return false })
 	if p.o.Symbolizer != nil {
@@ -476,41 +627,87 @@ func (p *Sched) setTarget(objs *schedObjects, pid int, now time.Time) error {
 	return nil
 }
 
+// threadSeries are the series of one thread (one tid under one name),
+// through handles.
+type threadSeries struct {
+	name                                   string
+	oncpu, runqWait, runqWaits, vol, invol cachedSeries
+	offcpu, longBlocks, blocked, busy      cachedSeries
+	seen                                   uint32
+}
+
+func newThreadSeries(store *signals.Store, tid int, name string) *threadSeries {
+	ls := signals.L("tid", strconv.Itoa(tid), "thread", name)
+	h := func(d *signals.Desc) cachedSeries { return cachedSeries{h: store.Handle(d, ls)} }
+	return &threadSeries{name: name,
+		oncpu: h(sigThreadOnCPU), runqWait: h(sigThreadRunqWait), runqWaits: h(sigThreadRunqWaits),
+		vol: h(sigThreadVoluntary), invol: h(sigThreadInvoluntary), offcpu: h(sigThreadOffCPU),
+		longBlocks: h(sigThreadLongBlocks), blocked: h(sigThreadBlocked), busy: h(sigThreadBusy)}
+}
+
+// threadsBatch is how many thread entries one batch read returns.
+const threadsBatch = 64
+
+// tasksLife is how long the list of the group's threads (a directory read
+// per process) is trusted: a thread the kernel side reports that it does
+// not hold makes it read again at once, so only exits are seen this late.
+const tasksLife = time.Second
+
+// Reading the thread map: while the change counter stands still the
+// entries read last are still the map's; when it moved, a target of up to
+// lookupThreads threads is read by one lookup per thread (only their
+// buckets are touched), a bigger one by a walk of the map. A full walk
+// every walkEvery also drops the entries of threads that exited.
+const (
+	lookupThreads = 64
+	walkEvery     = 10 * time.Second
+)
+
+// threadEntry is one thread's entry of the map, as last read.
+type threadEntry struct {
+	tid uint32
+	st  schedThreadStats
+}
+
+// readThreads is one poll of the thread map, every probes.poll_interval:
+// sleeps are reported as block episodes once they pass sched.min_block,
+// and only a poll can see that, since no event marks it. A cycle is a
+// memory read of the change counter and, when it moved, one map lookup per
+// thread (or a batch walk); then arithmetic per thread and ring writes of
+// the values that changed. The threads' directories are listed once a
+// second, and symbolizing happens only for a sleep that became long or is
+// due to be sighted.
 func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, now time.Time) error {
 	nowMono := uint64(monotonicNow())
 	var (
-		tid       uint32
-		st        schedThreadStats
 		runq      [RunqBuckets]float64
 		runqSum   float64
-		seen      = map[string]bool{} // tids with series this poll
-		series    = map[string]bool{} // their (tid, name) label pairs
-		busyNow   = map[int]bool{}
 		sights    []sighting
-		gone      []uint32
 		maxSeries = int(p.o.MaxThreads)
+		written   = 0
 	)
-	tasks, err := groupTasks(&p.group)
+	tasks, err := p.tasks(now, false)
 	if err != nil {
 		return err
 	}
-	it := objs.Threads.Iterate()
-	for it.Next(&tid, &st) {
-		if !p.group.has(st.Tgid) || tasks[int(tid)] == 0 {
-			gone = append(gone, tid)
-			continue
-		}
+	if err := p.readEntries(objs, tasks, now); err != nil {
+		return err
+	}
+	tasks = p.taskMap // read again if the map held threads it did not know
+	p.poll++
+	clear(p.busyNow)
+	for i := range p.entries {
+		tid, st := p.entries[i].tid, &p.entries[i].st
 		for i, c := range st.RunqSlots {
 			runq[i] += float64(c)
 		}
 		runqSum += float64(st.RunqNs) / 1e9
-		if maxSeries > 0 && len(seen) >= maxSeries {
+		if maxSeries > 0 && written >= maxSeries {
 			continue
 		}
+		written++
 		name := comm(st.Comm[:])
-		ls := signals.L("tid", strconv.Itoa(int(tid)), "thread", name)
-		seen[strconv.Itoa(int(tid))] = true
-		series[seriesKey(strconv.Itoa(int(tid)), name)] = true
+		ts := p.seriesOf(store, int(tid), name)
 		oncpu := float64(st.OncpuNs)
 		if st.OncpuSince != 0 && nowMono > st.OncpuSince {
 			oncpu += float64(nowMono - st.OncpuSince)
@@ -519,13 +716,13 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		for _, c := range st.RunqSlots {
 			waits += c
 		}
-		store.Put(sigThreadOnCPU, ls, oncpu/1e9, now)
-		store.Put(sigThreadRunqWait, ls, float64(st.RunqNs)/1e9, now)
-		store.Put(sigThreadRunqWaits, ls, float64(waits), now)
-		store.Put(sigThreadVoluntary, ls, float64(st.Voluntary), now)
-		store.Put(sigThreadInvoluntary, ls, float64(st.Involuntary), now)
-		store.Put(sigThreadOffCPU, ls, float64(st.OffcpuNs)/1e9, now)
-		store.Put(sigThreadLongBlocks, ls, float64(st.LongBlocks), now)
+		ts.oncpu.put(oncpu/1e9, now)
+		ts.runqWait.put(float64(st.RunqNs)/1e9, now)
+		ts.runqWaits.put(float64(waits), now)
+		ts.vol.put(float64(st.Voluntary), now)
+		ts.invol.put(float64(st.Involuntary), now)
+		ts.offcpu.put(float64(st.OffcpuNs)/1e9, now)
+		ts.longBlocks.put(float64(st.LongBlocks), now)
 		blocked, busy := 0.0, 0.0
 		if st.OffcpuSince != 0 && nowMono > st.OffcpuSince {
 			blocked = float64(nowMono-st.OffcpuSince) / 1e9
@@ -536,57 +733,49 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		if st.BusySince != 0 && nowMono > st.BusySince && !asleep {
 			busy = float64(nowMono-st.BusySince) / 1e9
 		}
-		store.Put(sigThreadBlocked, ls, blocked, now)
-		store.Put(sigThreadBusy, ls, busy, now)
+		ts.blocked.put(blocked, now)
+		ts.busy.put(busy, now)
 
 		if d := time.Duration(blocked * 1e9); d >= p.o.MinBlock {
-			p.ongoingBlock(objs, int(st.Tgid), int(tid), name, st, d)
+			p.ongoingBlock(objs, int(st.Tgid), int(tid), name, *st, d)
 		} else if st.OffcpuSince != 0 && len(sights) < maxSightsPerPoll && p.sightDue(int(tid), st.OffcpuSince, now) {
-			sights = append(sights, sighting{int(st.Tgid), int(tid), name, st})
+			sights = append(sights, sighting{int(st.Tgid), int(tid), name, *st})
 		}
 		if d := time.Duration(busy * 1e9); d >= p.o.BusyAfter {
-			busyNow[int(tid)] = true
+			p.busyNow[int(tid)] = true
 			p.ongoingBusy(int(st.Tgid), int(tid), name, st.BusySince, d)
 		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("iterate threads: %w", err)
 	}
 	// Threads that have not run since the probe started are not in the
 	// map; an idle worker is still a member of its pool, with no CPU time.
 	for t, tgid := range tasks {
-		id := strconv.Itoa(t)
-		if seen[id] || (maxSeries > 0 && len(seen) >= maxSeries) {
+		if ts, ok := p.series[t]; (ok && ts.seen == p.poll) || (maxSeries > 0 && written >= maxSeries) {
 			continue
 		}
-		seen[id] = true
+		written++
 		name := p.names.get(tgid, t, now)
-		series[seriesKey(id, name)] = true
-		ls := signals.L("tid", id, "thread", name)
-		for _, d := range []*signals.Desc{sigThreadOnCPU, sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary, sigThreadOffCPU, sigThreadLongBlocks, sigThreadBusy} {
-			store.Put(d, ls, 0, now)
+		ts := p.seriesOf(store, t, name)
+		for _, c := range []*cachedSeries{&ts.oncpu, &ts.runqWait, &ts.runqWaits, &ts.vol, &ts.invol, &ts.offcpu, &ts.longBlocks, &ts.busy} {
+			c.put(0, now)
 		}
 	}
-	p.endBusy(busyNow)
+	p.endBusy(p.busyNow)
 	// After the long sleeps: reading these stacks takes time, and the
 	// long sleeps' stack ids must be read before they can be reused.
 	for _, s := range sights {
 		p.sight(objs, s, now)
 	}
-	for _, t := range gone {
-		_ = objs.Threads.Delete(t) // already gone is fine
-		delete(p.sighted, int(t))
+	if p.tasksChanged {
+		p.tasksChanged = false
+		for tid := range p.lastSleep {
+			if tasks[tid] == 0 {
+				delete(p.lastSleep, tid)
+			}
+		}
+		p.names.keep(tasks)
+		p.o.Episodes.KeepThreads(func(_, tid int) bool { return tasks[tid] != 0 })
 	}
-	p.names.keep(tasks)
-	p.o.Episodes.KeepThreads(func(_, tid int) bool { return tasks[tid] != 0 })
-	// A thread that renamed itself has a series under its new name: the
-	// old name's series go with exited threads'.
-	keep := func(ls signals.Labels) bool { return series[seriesKey(ls.Get("tid"), ls.Get("thread"))] }
-	store.Forget(sigThreadOnCPU.Name, keep)
-	for _, d := range []*signals.Desc{sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary,
-		sigThreadOffCPU, sigThreadLongBlocks, sigThreadBlocked, sigThreadBusy} {
-		store.Forget(d.Name, keep)
-	}
+	p.forgetThreads(store)
 	count := 0.0
 	for i := range runq {
 		count += runq[i]
@@ -601,12 +790,131 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 	}
 	p.lastRunq = runq
 	if n > 0 {
-		store.Put(sigRunqP50, nil, quantileBound(delta[:], n, 0.5), now)
-		store.Put(sigRunqP99, nil, quantileBound(delta[:], n, 0.99), now)
+		p.runqP50.h.Put(quantileBound(delta[:], n, 0.5), now)
+		p.runqP99.h.Put(quantileBound(delta[:], n, 0.99), now)
 	}
-	store.Put(sigRunqSum, nil, runqSum, now)
-	store.Put(sigRunqCount, nil, count, now)
+	p.runqSum.put(runqSum, now)
+	p.runqCount.put(count, now)
 	return nil
+}
+
+// readEntries brings p.entries to the map's entries of the group's
+// threads: kept as they are while the change counter and the thread list
+// stand still, else read by lookups or a walk.
+func (p *Sched) readEntries(objs *schedObjects, tasks map[int]int, now time.Time) error {
+	walk := len(tasks) > lookupThreads || now.Sub(p.walkedAt) >= walkEvery
+	if !p.changes.moved(0) && !walk && !p.entriesStale {
+		return nil
+	}
+	p.entriesStale = false
+	p.entries = p.entries[:0]
+	if !walk {
+		// One lookup per thread; a thread not in the map has not run
+		// since the probe started (or the LRU let it go).
+		for t := range tasks {
+			var e threadEntry
+			if err := objs.Threads.Lookup(uint32(t), &e.st); err != nil {
+				continue
+			}
+			if !p.group.has(e.st.Tgid) {
+				continue
+			}
+			e.tid = uint32(t)
+			p.entries = append(p.entries, e)
+		}
+		return nil
+	}
+	p.walkedAt = now
+	if p.tkeys == nil {
+		p.tkeys, p.tvals = make([]uint32, threadsBatch), make([]schedThreadStats, threadsBatch)
+	}
+	var gone []uint32
+	refreshed := false
+	err := batchEach(objs.Threads, p.tkeys, p.tvals, func(tidp *uint32, st *schedThreadStats) {
+		tid := *tidp
+		if !p.group.has(st.Tgid) {
+			gone = append(gone, tid)
+			return
+		}
+		if tasks[int(tid)] == 0 && !refreshed {
+			// A thread newer than the list, or one that exited: look again.
+			refreshed = true
+			if t, err := p.tasks(now, true); err == nil {
+				tasks = t
+			}
+		}
+		if tasks[int(tid)] == 0 {
+			gone = append(gone, tid)
+			return
+		}
+		p.entries = append(p.entries, threadEntry{tid, *st})
+	})
+	if err != nil {
+		return fmt.Errorf("read threads: %w", err)
+	}
+	for _, t := range gone {
+		_ = objs.Threads.Delete(t) // already gone is fine
+		delete(p.sighted, int(t))
+	}
+	return nil
+}
+
+// seriesOf returns the series of thread tid named name, marking them
+// written this poll; a thread that renamed itself gets new ones (the old
+// name's are forgotten with exited threads').
+func (p *Sched) seriesOf(store *signals.Store, tid int, name string) *threadSeries {
+	ts, ok := p.series[tid]
+	if !ok || ts.name != name {
+		if ok {
+			p.stale = append(p.stale, seriesKey(strconv.Itoa(tid), ts.name))
+		}
+		ts = newThreadSeries(store, tid, name)
+		p.series[tid] = ts
+	}
+	ts.seen = p.poll
+	return ts
+}
+
+// forgetThreads drops the series of threads not written this poll (exited,
+// or renamed); nothing is walked when none went.
+func (p *Sched) forgetThreads(store *signals.Store) {
+	for tid, ts := range p.series {
+		if ts.seen != p.poll {
+			p.stale = append(p.stale, seriesKey(strconv.Itoa(tid), ts.name))
+			delete(p.series, tid)
+		}
+	}
+	if len(p.stale) == 0 {
+		return
+	}
+	gone := make(map[string]bool, len(p.stale))
+	for _, k := range p.stale {
+		gone[k] = true
+	}
+	p.stale = p.stale[:0]
+	keep := func(ls signals.Labels) bool { return !gone[seriesKey(ls.Get("tid"), ls.Get("thread"))] }
+	for _, d := range []*signals.Desc{sigThreadOnCPU, sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary,
+		sigThreadOffCPU, sigThreadLongBlocks, sigThreadBlocked, sigThreadBusy} {
+		store.Forget(d.Name, keep)
+	}
+}
+
+// tasks maps every thread of the group's processes to its process, read
+// again when tasksLife passed, the group changed, or force.
+func (p *Sched) tasks(now time.Time, force bool) (map[int]int, error) {
+	if !force && p.taskMap != nil && now.Sub(p.tasksAt) < tasksLife && p.tasksGen == p.group.at {
+		return p.taskMap, nil
+	}
+	t, err := groupTasks(&p.group)
+	if err != nil {
+		return nil, err
+	}
+	if !maps.Equal(t, p.taskMap) {
+		p.tasksChanged = true
+		p.entriesStale = true
+	}
+	p.taskMap, p.tasksAt, p.tasksGen = t, now, p.group.at
+	return t, nil
 }
 
 // groupTasks maps every thread of the group's processes to its process.
@@ -697,6 +1005,8 @@ func (p *Sched) resetStacks(objs *schedObjects, now time.Time, force bool) {
 		return
 	}
 	p.stacksReset = now
+	// Stack ids are about to mean other stacks.
+	defer clear(p.lastSleep)
 	// Keep the stacks of the sleeps going on now: their ids are about to
 	// go, and a sleep may yet become long.
 	var tid uint32
@@ -772,11 +1082,40 @@ func (p *Sched) ongoingBlock(objs *schedObjects, pid, tid int, name string, st s
 		p.o.Episodes.Observe(signals.ThreadSight{Pid: pid, Tid: tid, Name: name, Start: start,
 			Stack: txt.frames, KernelFrames: txt.kernel, LibcFrames: txt.libc, At: time.Now()})
 	}
-	p.o.Episodes.Put(signals.Episode{
+	e := signals.Episode{
 		Kind: signals.EpisodeBlock, Pid: pid, Tid: tid, Thread: name,
 		Start: start, Duration: d, Ongoing: true,
 		Stack: txt.frames, KernelFrames: txt.kernel, LibcFrames: txt.libc,
-	})
+	}
+	p.o.Episodes.Put(e)
+	if p.o.NotifyBlock > 0 && d >= p.o.NotifyBlock && !p.quiet(e) {
+		p.notify(notifiedID{id, false})
+	}
+}
+
+// notifiedID is an episode going on, of either kind.
+type notifiedID struct {
+	episodeID
+	busy bool
+}
+
+// notify wakes the engine once per episode.
+func (p *Sched) notify(id notifiedID) {
+	if p.notified[id] {
+		return
+	}
+	if len(p.notified) >= 256 {
+		clear(p.notified) // episodes long ended; at worst one wakes it twice
+	}
+	p.notified[id] = true
+	p.store.Notify()
+}
+
+// quiet reports whether a block is a sleep in one of QuietCalls, which
+// wakes nobody.
+func (p *Sched) quiet(e signals.Episode) bool {
+	sc := e.Syscall()
+	return sc != "" && slices.Contains(p.o.QuietCalls, sc)
 }
 
 // maxSightsPerPoll bounds the short sleeps whose stacks are read per poll
@@ -863,6 +1202,9 @@ func (p *Sched) ongoingBusy(pid, tid int, name string, since uint64, d time.Dura
 	p.busy[tid] = e
 	p.mu.Unlock()
 	p.o.Episodes.Put(e)
+	if p.o.NotifyBusy > 0 && d >= p.o.NotifyBusy {
+		p.notify(notifiedID{episodeID{tid, int64(since)}, true})
+	}
 }
 
 // endBusy closes the busy episodes of threads that have slept since.

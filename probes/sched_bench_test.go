@@ -1,9 +1,14 @@
 package probes
 
 import (
+	"bufio"
 	"context"
+	"io"
 	"os"
+	"os/exec"
 	"runtime"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -41,16 +46,23 @@ func pingPong(n int) {
 // op is one round trip between two threads of this process (two wake-ups,
 // four context switches). "baseline" runs without the probe, "target" with
 // the probe watching this process, "other" with the probe watching another
-// process (the cost every switch on the machine pays for the tgid filter).
-// Compare ns/op against baseline in the same run; events/s is the rate of
-// target switches the probe handled; probe-cpu-% is the agent-side CPU
-// (this process's CPU beyond the baseline's, per wall second).
+// process (the cost every switch on the machine pays for the tgid filter),
+// and "runqlat" and "offcputime" with libbpf-tools' tools of those names
+// watching this process (-p) instead: what an established eBPF tool costs
+// the same round trip. Compare ns/op against baseline in the same run;
+// events/s is the rate of target switches the probe handled; probe-cpu-% is
+// the agent-side CPU (this process's CPU beyond the baseline's, per wall
+// second).
 func BenchmarkSchedProbe(b *testing.B) {
 	var baseCPU float64
-	for _, mode := range []string{"baseline", "target", "other"} {
+	for _, mode := range []string{"baseline", "target", "other", "runqlat", "offcputime"} {
 		b.Run(mode, func(b *testing.B) {
 			st := signals.New(64, 4096)
-			if mode != "baseline" {
+			switch mode {
+			case "baseline":
+			case "runqlat", "offcputime":
+				startLibbpfTool(b, mode, os.Getpid())
+			default:
 				pid := os.Getpid()
 				if mode == "other" {
 					pid = 1
@@ -89,6 +101,62 @@ func startBenchProbe(b *testing.B, pid int, st *signals.Store) {
 	}
 	b.Cleanup(func() { cancel(); p.Close() })
 	time.Sleep(300 * time.Millisecond) // the target is set at the first poll
+}
+
+// startLibbpfTool runs libbpf-tools' runqlat or offcputime (-p pid) until
+// the benchmark ends; it skips loudly when the tool is not installed.
+func startLibbpfTool(b *testing.B, name string, pid int) {
+	b.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		if path, err = exec.LookPath("/usr/sbin/" + name); err != nil {
+			b.Skipf("SKIP: %s not installed (apt-get install -y libbpf-tools)", name)
+		}
+	}
+	cmd := exec.Command(path, "-p", strconv.Itoa(pid))
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt) // they print their histogram or stacks and exit
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	// Both say they trace once their programs are attached.
+	ready := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "Tracing") || strings.Contains(sc.Text(), "Hit Ctrl-C") {
+				ready <- ""
+			}
+		}
+		ready <- "exited"
+		io.Copy(io.Discard, out)
+	}()
+	// offcputime says nothing until it exits: three seconds are enough for
+	// libbpf to load and attach.
+	select {
+	case r := <-ready:
+		if r != "" {
+			b.Fatalf("%s exited before it traced", name)
+		}
+	case <-time.After(3 * time.Second):
+		if cmd.ProcessState != nil {
+			b.Fatalf("%s exited", name)
+		}
+	}
 }
 
 func cpuSeconds() float64 {

@@ -22,7 +22,7 @@ type schedBlockEvent struct {
 	Ustack   int32
 	Kstack   int32
 	WakerTid uint32
-	Pad      uint32
+	Quiet    uint32
 	Comm     [16]int8
 	Sp       uint64
 	Bp       uint64
@@ -33,7 +33,7 @@ type schedBlockEvent struct {
 type schedThreadStats struct {
 	_             structs.HostLayout
 	Tgid          uint32
-	Pad           uint32
+	Quiet         uint32
 	Comm          [16]int8
 	RunqSlots     [24]uint64
 	RunqNs        uint64
@@ -60,15 +60,19 @@ type schedThreadStats struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	schedMapBlocks                 = "blocks"
+	schedMapChanges                = "changes"
 	schedMapLost                   = "lost"
 	schedMapStacks                 = "stacks"
 	schedMapTargets                = "targets"
 	schedMapThreads                = "threads"
+	schedMapWakes                  = "wakes"
 	schedProgCulpritSchedSwitch    = "culprit_sched_switch"
 	schedProgCulpritSchedWakeup    = "culprit_sched_wakeup"
 	schedProgCulpritSchedWakeupNew = "culprit_sched_wakeup_new"
 	schedVarBusyGapNs              = "busy_gap_ns"
 	schedVarMinBlockNs             = "min_block_ns"
+	schedVarQuietCalls             = "quiet_calls"
+	schedVarShortSleepNs           = "short_sleep_ns"
 	schedVarUnusedBlockEvent       = "unused_block_event"
 	schedVarZeroStats              = "zero_stats"
 )
@@ -125,10 +129,12 @@ type schedProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type schedMapSpecs struct {
 	Blocks  *ebpf.MapSpec `ebpf:"blocks"`
+	Changes *ebpf.MapSpec `ebpf:"changes"`
 	Lost    *ebpf.MapSpec `ebpf:"lost"`
 	Stacks  *ebpf.MapSpec `ebpf:"stacks"`
 	Targets *ebpf.MapSpec `ebpf:"targets"`
 	Threads *ebpf.MapSpec `ebpf:"threads"`
+	Wakes   *ebpf.MapSpec `ebpf:"wakes"`
 }
 
 // schedVariableSpecs contains global variables before they are loaded into the kernel.
@@ -137,6 +143,8 @@ type schedMapSpecs struct {
 type schedVariableSpecs struct {
 	BusyGapNs        *ebpf.VariableSpec `ebpf:"busy_gap_ns"`
 	MinBlockNs       *ebpf.VariableSpec `ebpf:"min_block_ns"`
+	QuietCalls       *ebpf.VariableSpec `ebpf:"quiet_calls"`
+	ShortSleepNs     *ebpf.VariableSpec `ebpf:"short_sleep_ns"`
 	UnusedBlockEvent *ebpf.VariableSpec `ebpf:"unused_block_event"`
 	ZeroStats        *ebpf.VariableSpec `ebpf:"zero_stats"`
 }
@@ -162,19 +170,23 @@ func (o *schedObjects) Close() error {
 // It can be passed to loadSchedObjects or ebpf.CollectionSpec.LoadAndAssign.
 type schedMaps struct {
 	Blocks  *ebpf.Map `ebpf:"blocks"`
+	Changes *ebpf.Map `ebpf:"changes"`
 	Lost    *ebpf.Map `ebpf:"lost"`
 	Stacks  *ebpf.Map `ebpf:"stacks"`
 	Targets *ebpf.Map `ebpf:"targets"`
 	Threads *ebpf.Map `ebpf:"threads"`
+	Wakes   *ebpf.Map `ebpf:"wakes"`
 }
 
 func (m *schedMaps) Close() error {
 	return _SchedClose(
 		m.Blocks,
+		m.Changes,
 		m.Lost,
 		m.Stacks,
 		m.Targets,
 		m.Threads,
+		m.Wakes,
 	)
 }
 
@@ -184,6 +196,8 @@ func (m *schedMaps) Close() error {
 type schedVariables struct {
 	BusyGapNs        *ebpf.Variable `ebpf:"busy_gap_ns"`
 	MinBlockNs       *ebpf.Variable `ebpf:"min_block_ns"`
+	QuietCalls       *ebpf.Variable `ebpf:"quiet_calls"`
+	ShortSleepNs     *ebpf.Variable `ebpf:"short_sleep_ns"`
 	UnusedBlockEvent *ebpf.Variable `ebpf:"unused_block_event"`
 	ZeroStats        *ebpf.Variable `ebpf:"zero_stats"`
 }

@@ -76,6 +76,22 @@ type SockCalls struct {
 
 	unread []UnreadSocket // at the last poll, oldest first; under mu
 
+	// Series, through handles: written when they change (and
+	// refreshEvery otherwise).
+	acceptS  *seriesSet[int]
+	connS    *seriesSet[string]
+	errS     *seriesSet[[2]string]
+	oldestS  cachedSeries
+	waitingS cachedSeries
+
+	// changes says which maps moved since their last walk; waiting are
+	// the group's sockets with data unread at the last walk of owned
+	// (their ages grow while it stands still); groupGen is the group
+	// membership the walks were filtered with.
+	changes  *changes
+	waiting  []sockCallsOwnedSock
+	groupGen uint64
+
 	// Batch buffers, reused every poll.
 	ownedKeys []uint64
 	ownedVals []sockCallsOwnedSock
@@ -142,6 +158,27 @@ func (p *SockCalls) Start(ctx context.Context, tracker *target.Tracker, store *s
 	if err != nil {
 		return err
 	}
+	p.acceptS = newSeriesSet[int](store, ProcessAcceptsDesc)
+	p.connS = newSeriesSet[string](store, ProcessConnectsDesc)
+	p.errS = newSeriesSet[[2]string](store, ProcessConnectErrorsDesc)
+	p.oldestS = cachedSeries{h: store.Handle(ProcessUnreadOldestDesc, nil)}
+	p.changes = newChanges(objs.Changes, 4)
+	p.waitingS = cachedSeries{h: store.Handle(ProcessUnreadSocketsDesc, nil)}
+	// Polled every probes.poll_interval, not paced: accept_overflow tells
+	// a stalled app from a slow one by the accepts made while a queue was
+	// full, and an accept read a second late would be dated inside the
+	// stall; blocking_worker measures how long data waited unread from the
+	// same samples. A cycle is three batch reads (the accepts and connects
+	// maps, a few µs each; the socket map, ~11 µs for 16384 buckets) and
+	// ring writes of what changed: no allocation unless data waits unread.
+	// A map whose change counter stood still is not walked at all: its
+	// series are written again from what was read (every refreshEvery).
+	// An accept, a connect or data arriving on the target's sockets wakes
+	// the clock while it idles, so they are read at the fast cadence.
+	if err := p.startWakes("sockcalls", objs.Wakes, p.o.Log, nil); err != nil {
+		p.release()
+		return err
+	}
 	p.spawn(func() {
 		every(ctx, p.o.PollInterval, func(now time.Time) { p.poll(objs, tracker, store, now) })
 	})
@@ -170,6 +207,14 @@ func (p *SockCalls) poll(objs *sockCallsObjects, tracker *target.Tracker, store 
 	if changed {
 		p.reset(store)
 	}
+	p.changes.arm(changedArmed)
+	if p.group.gen != p.groupGen {
+		// Other processes count now: every map is read again.
+		p.groupGen = p.group.gen
+		for i := range 3 {
+			p.changes.forget(i)
+		}
+	}
 	if err := p.readAccepts(objs, store, now); err != nil {
 		p.o.Log.Warn("sockcalls: read accepts", "err", err)
 	}
@@ -190,15 +235,27 @@ func (p *SockCalls) reset(store *signals.Store) {
 	clear(p.connN)
 	clear(p.errN)
 	clear(p.remotes)
-	for _, d := range []*signals.Desc{ProcessAcceptsDesc, ProcessConnectsDesc, ProcessConnectErrorsDesc} {
-		store.Forget(d.Name, func(signals.Labels) bool { return false })
-	}
+	p.acceptS.reset()
+	p.connS.reset()
+	p.errS.reset()
 	p.mu.Lock()
 	p.unread = nil
 	p.mu.Unlock()
 }
 
+// Change counters of bpf/sock_calls.c.
+const (
+	changedAccepts = iota
+	changedConnects
+	changedOwned
+	changedArmed
+)
+
 func (p *SockCalls) readAccepts(objs *sockCallsObjects, store *signals.Store, now time.Time) error {
+	if !p.changes.moved(changedAccepts) {
+		p.acceptS.touch(now)
+		return nil
+	}
 	p.accepts.begin()
 	err := batchEach(objs.Accepts, p.accKeys, p.accVals, func(k *sockCallsAcceptKey, n *uint64) {
 		if p.group.has(k.Tgid) {
@@ -207,15 +264,21 @@ func (p *SockCalls) readAccepts(objs *sockCallsObjects, store *signals.Store, no
 	})
 	p.accepts.end()
 	if err != nil {
+		p.changes.forget(changedAccepts)
 		return err
 	}
 	for port, n := range p.acceptN {
-		store.Put(ProcessAcceptsDesc, signals.L("port", strconv.Itoa(port)), n, now)
+		p.acceptS.put(port, func() signals.Labels { return signals.L("port", strconv.Itoa(port)) }, n, now)
 	}
 	return nil
 }
 
 func (p *SockCalls) readConnects(objs *sockCallsObjects, store *signals.Store, now time.Time) error {
+	if !p.changes.moved(changedConnects) {
+		p.connS.touch(now)
+		p.errS.touch(now)
+		return nil
+	}
 	p.connects.begin()
 	err := batchEach(objs.Connects, p.connKeys, p.connVals, func(k *sockCallsConnectKey, n *uint64) {
 		if !p.group.has(k.Tgid) {
@@ -235,13 +298,14 @@ func (p *SockCalls) readConnects(objs *sockCallsObjects, store *signals.Store, n
 	})
 	p.connects.end()
 	if err != nil {
+		p.changes.forget(changedConnects)
 		return err
 	}
 	for remote, n := range p.connN {
-		store.Put(ProcessConnectsDesc, signals.L("remote", remote), n, now)
+		p.connS.put(remote, func() signals.Labels { return signals.L("remote", remote) }, n, now)
 	}
 	for k, n := range p.errN {
-		store.Put(ProcessConnectErrorsDesc, signals.L("errno", k[0], "remote", k[1]), n, now)
+		p.errS.put(k, func() signals.Labels { return signals.L("errno", k[0], "remote", k[1]) }, n, now)
 	}
 	return nil
 }
@@ -264,27 +328,38 @@ func (p *SockCalls) remoteLabel(ap netip.AddrPort) string {
 // as a kernel-side walk (iter/bpf_map_elem, tried: the kernel's time per
 // entry dominates both) and needs no iterator support.
 func (p *SockCalls) readUnread(objs *sockCallsObjects, store *signals.Store, now time.Time) error {
+	if p.changes.moved(changedOwned) {
+		p.waiting = p.waiting[:0]
+		err := batchEach(objs.Owned, p.ownedKeys, p.ownedVals, func(_ *uint64, v *sockCallsOwnedSock) {
+			if v.ReadySince != 0 && p.group.has(v.Tgid) && len(p.waiting) < int(p.o.MaxSockets) {
+				p.waiting = append(p.waiting, *v)
+			}
+		})
+		if err != nil {
+			p.changes.forget(changedOwned)
+			return err
+		}
+	}
+	// The ages grow with the time even while the map stands still.
 	nowMono := uint64(monotonicNow())
 	var (
 		oldest  time.Duration
 		waiting int
 		list    []UnreadSocket
 	)
-	err := batchEach(objs.Owned, p.ownedKeys, p.ownedVals, func(_ *uint64, v *sockCallsOwnedSock) {
-		if v.ReadySince == 0 || !p.group.has(v.Tgid) || nowMono <= v.ReadySince {
-			return
+	for i := range p.waiting {
+		v := &p.waiting[i]
+		if nowMono <= v.ReadySince {
+			continue
 		}
 		age := time.Duration(nowMono - v.ReadySince)
 		oldest = max(oldest, age)
 		if age <= p.o.PollInterval {
-			return
+			continue
 		}
 		waiting++
 		ap, _ := addrPort(v.Family, v.Raddr, v.Rport)
 		list = append(list, UnreadSocket{Pid: int(v.Tgid), LocalPort: int(v.Lport), Remote: ap.String(), Age: age})
-	})
-	if err != nil {
-		return err
 	}
 	slices.SortFunc(list, func(a, b UnreadSocket) int { return int(b.Age - a.Age) })
 	if len(list) > maxUnreadListed {
@@ -293,8 +368,8 @@ func (p *SockCalls) readUnread(objs *sockCallsObjects, store *signals.Store, now
 	p.mu.Lock()
 	p.unread = list
 	p.mu.Unlock()
-	store.Put(ProcessUnreadOldestDesc, nil, oldest.Seconds(), now)
-	store.Put(ProcessUnreadSocketsDesc, nil, float64(waiting), now)
+	p.oldestS.put(oldest.Seconds(), now)
+	p.waitingS.put(float64(waiting), now)
 	return nil
 }
 

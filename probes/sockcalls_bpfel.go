@@ -47,9 +47,11 @@ type sockCallsOwnedSock struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	sockCallsMapAccepts                = "accepts"
+	sockCallsMapChanges                = "changes"
 	sockCallsMapConnects               = "connects"
 	sockCallsMapOwned                  = "owned"
 	sockCallsMapTargets                = "targets"
+	sockCallsMapWakes                  = "wakes"
 	sockCallsProgCulpritSockDataReady  = "culprit_sock_data_ready"
 	sockCallsProgCulpritSockRecvLength = "culprit_sock_recv_length"
 	sockCallsProgCulpritSockSetState   = "culprit_sock_set_state"
@@ -112,9 +114,11 @@ type sockCallsProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockCallsMapSpecs struct {
 	Accepts  *ebpf.MapSpec `ebpf:"accepts"`
+	Changes  *ebpf.MapSpec `ebpf:"changes"`
 	Connects *ebpf.MapSpec `ebpf:"connects"`
 	Owned    *ebpf.MapSpec `ebpf:"owned"`
 	Targets  *ebpf.MapSpec `ebpf:"targets"`
+	Wakes    *ebpf.MapSpec `ebpf:"wakes"`
 }
 
 // sockCallsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -147,17 +151,21 @@ func (o *sockCallsObjects) Close() error {
 // It can be passed to loadSockCallsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockCallsMaps struct {
 	Accepts  *ebpf.Map `ebpf:"accepts"`
+	Changes  *ebpf.Map `ebpf:"changes"`
 	Connects *ebpf.Map `ebpf:"connects"`
 	Owned    *ebpf.Map `ebpf:"owned"`
 	Targets  *ebpf.Map `ebpf:"targets"`
+	Wakes    *ebpf.Map `ebpf:"wakes"`
 }
 
 func (m *sockCallsMaps) Close() error {
 	return _SockCallsClose(
 		m.Accepts,
+		m.Changes,
 		m.Connects,
 		m.Owned,
 		m.Targets,
+		m.Wakes,
 	)
 }
 

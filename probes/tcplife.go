@@ -11,10 +11,10 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -43,6 +43,8 @@ type TCPLife struct {
 	events *signals.ConnEvents
 	running
 	netns   uint32
+	seen    atomic.Uint64 // connection events read: signals.ConnActivity
+	store   *signals.Store
 	hz      float64
 	counts  map[string]float64 // ends by kind, opens, handshake seconds
 	reasons map[uint32]string
@@ -53,6 +55,24 @@ type TCPLife struct {
 	// port-scanned; only the busiest get their own).
 	resets      map[resetKey]float64
 	resetSeries map[resetKey]bool
+
+	// Series through handles, and the reset map as last read (its
+	// entries are only sorted and summed again when they changed).
+	closeS             [3]cachedSeries // by how: peer_close, local_close, reset_received
+	opensS, handshakeS cachedSeries
+	counters           *probeCounters
+	resetS             *seriesSet[resetKey]
+	rstKeys            []tcpLifeRstKey
+	rstVals            []uint64
+	rstLast            map[tcpLifeRstKey]uint64
+	rstSeen            int
+	kick               kicker
+	// The namespace's OutRsts (the netstat collector's) when the reset map
+	// was last walked: every reset the probe counts is one of those, so
+	// while it stands still the map cannot have changed.
+	outRsts    float64
+	rstWalkAt  time.Time
+	haveOutRst bool
 }
 
 type resetKey struct {
@@ -74,7 +94,8 @@ func NewTCPLife(o Options, events *signals.ConnEvents) *TCPLife {
 		owners = target.NewSocketOwners("/proc", target.SocketOwnersOptions{})
 	}
 	return &TCPLife{o: o, events: events, counts: map[string]float64{}, owners: owners, selfPID: os.Getpid(),
-		resets: map[resetKey]float64{}, resetSeries: map[resetKey]bool{}}
+		resets: map[resetKey]float64{}, resetSeries: map[resetKey]bool{},
+		rstKeys: make([]tcpLifeRstKey, 256), rstVals: make([]uint64, 256), rstLast: map[tcpLifeRstKey]uint64{}, kick: newKicker()}
 }
 
 func (*TCPLife) Name() string { return "tcplife" }
@@ -90,6 +111,7 @@ func (*TCPLife) Lost() []string {
 func (p *TCPLife) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.store = store
 	spec, err := loadTcpLife()
 	if err != nil {
 		return fmt.Errorf("tcplife: load spec: %w", err)
@@ -139,8 +161,23 @@ func (p *TCPLife) readEvents(rd *ringbuf.Reader) {
 		p.mu.Unlock()
 		if ok {
 			p.events.Add(ce)
+			p.seen.Add(1)
+			p.kick.Kick() // the counts go to the store at once
 		}
 	})
+}
+
+// lookFor says whether an event's unknown inode is worth reading fd
+// tables for (a rescan of the target's, and at most every OthersRescan of
+// every other process's: one readlink per descriptor in the namespace):
+// a peer's close or a reset of a connection that carried data, which
+// reaches a socket its holder still has and is what the idle-timeout
+// finding reads the owner of. An open is labelled by the process that
+// connected; a local close comes after close() took the descriptor away,
+// so no fd table holds it any more (the rescans cost a full scan per
+// second of a neighbour's connection churn and found nothing).
+func lookFor(e signals.ConnEvent) bool {
+	return (e.Kind == signals.ConnPeerClose || e.Kind == signals.ConnResetReceived) && e.Bytes > 2
 }
 
 func (p *TCPLife) convert(ev tcpLifeConnEvent) (signals.ConnEvent, bool) {
@@ -153,8 +190,17 @@ func (p *TCPLife) convert(ev tcpLifeConnEvent) (signals.ConnEvent, bool) {
 	default:
 		return signals.ConnEvent{}, false
 	}
-	kind := map[uint8]string{1: signals.ConnPeerClose, 2: signals.ConnLocalClose, 3: signals.ConnResetReceived, 4: signals.ConnOpened}[ev.Kind]
-	if kind == "" {
+	var kind string
+	switch ev.Kind {
+	case 1:
+		kind = signals.ConnPeerClose
+	case 2:
+		kind = signals.ConnLocalClose
+	case 3:
+		kind = signals.ConnResetReceived
+	case 4:
+		kind = signals.ConnOpened
+	default:
 		return signals.ConnEvent{}, false
 	}
 	return signals.ConnEvent{
@@ -166,14 +212,14 @@ func (p *TCPLife) convert(ev tcpLifeConnEvent) (signals.ConnEvent, bool) {
 }
 
 // ownerOf says whose connection an event is about: the process that
-// held its socket (by inode, reading fd tables again when the inode is new:
-// a peer's close or reset reaches a socket the app still holds), else the
-// process that connected it.
+// held its socket (by inode, reading fd tables again when the inode is new
+// and the event is one a finding reads the owner of: see lookFor), else
+// the process that connected it.
 func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
 	if e.Inode != 0 && e.Inode < 1<<32 {
 		ino := uint32(e.Inode)
 		o, ok := p.owners.Owner(ino)
-		if !ok {
+		if !ok && lookFor(e) {
 			p.owners.Refresh(time.Now(), []uint32{ino})
 			o, ok = p.owners.Owner(ino)
 		}
@@ -195,17 +241,32 @@ func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
 	return "unknown"
 }
 
+// poll is paced: every probes.poll_interval while connections end or
+// resets are sent, slowing to probes.idle_poll_interval while nothing
+// happens; a connection event wakes it at once. A cycle is one batch read
+// of the reset map (a few µs hot, ~100 µs cold) when the namespace's
+// OutRsts moved since the last one (or rstWalkEvery passed), and ring
+// writes of what changed; the resets are ranked by port again only when
+// the map changed.
 func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *target.Tracker, store *signals.Store) {
-	every(ctx, p.o.PollInterval, func(now time.Time) {
+	for i, how := range []string{signals.ConnPeerClose, signals.ConnLocalClose, signals.ConnResetReceived} {
+		p.closeS[i] = cachedSeries{h: store.Handle(sigConnCloses, signals.L("how", how))}
+	}
+	p.opensS = cachedSeries{h: store.Handle(sigConnOpens, nil)}
+	p.handshakeS = cachedSeries{h: store.Handle(sigConnHandshake, nil)}
+	p.counters = newProbeCounters(store, p.Name())
+	p.resetS = newSeriesSet[resetKey](store, sigResetsSent)
+	var lastEvents float64
+	paced(ctx, p.o, store, p.kick, func(now time.Time) bool {
 		tgt, ok := tracker.Current()
 		if !ok {
-			return
+			return false
 		}
 		p.owners.SetTarget(tgt)
 		if ns := uint32(tgt.NetnsIno); ns != p.netns {
 			if err := objs.TargetNetns.Put(uint32(0), ns); err != nil {
 				p.o.Log.Warn("tcplife: set target netns", "err", err)
-				return
+				return false
 			}
 			// Another namespace's resets are not a continuation.
 			var k tcpLifeRstKey
@@ -218,49 +279,99 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *targe
 			for _, k := range keys {
 				objs.RstSent.Delete(k)
 			}
+			store.SetActivity(signals.ConnActivity(uint64(p.netns)), nil)
+			store.SetActivity(signals.ConnActivity(uint64(ns)), p.seen.Load)
 			p.mu.Lock()
 			p.netns = ns
 			clear(p.counts)
 			clear(p.resets)
 			p.mu.Unlock()
-			store.Forget(sigResetsSent.Name, func(signals.Labels) bool { return false })
+			p.resetS.reset()
 			clear(p.resetSeries)
+			clear(p.rstLast)
+			p.haveOutRst = false
 		}
 		p.mu.Lock()
-		for _, k := range []string{signals.ConnPeerClose, signals.ConnLocalClose, signals.ConnResetReceived} {
-			store.Put(sigConnCloses, signals.L("how", k), p.counts[k], now)
+		for i, k := range []string{signals.ConnPeerClose, signals.ConnLocalClose, signals.ConnResetReceived} {
+			p.closeS[i].put(p.counts[k], now)
 		}
-		store.Put(sigConnOpens, nil, p.counts["opened"], now)
-		store.Put(sigConnHandshake, nil, p.counts["handshake"], now)
+		p.opensS.put(p.counts["opened"], now)
+		p.handshakeS.put(p.counts["handshake"], now)
 		events := p.counts["opened"] + p.counts[signals.ConnPeerClose] + p.counts[signals.ConnLocalClose] + p.counts[signals.ConnResetReceived]
 		p.mu.Unlock()
-		putProbeCounters(store, p.Name(), events, objs.Lost, now)
-		p.readResets(objs, store, now)
+		p.counters.put(events, objs.Lost, now)
+		changed := events != lastEvents
+		lastEvents = events
+		if out, ok := store.Latest("tcp_out_rsts_total", nil); ok && p.haveOutRst && out.V == p.outRsts && now.Sub(p.rstWalkAt) < rstWalkEvery {
+			// No reset sent in the namespace since the last walk.
+			p.resetS.begin()
+			p.resetS.touch(now)
+			p.resetS.end()
+			return changed
+		} else if ok {
+			p.outRsts, p.haveOutRst = out.V, true
+		}
+		p.rstWalkAt = now
+		return p.readResets(objs, now) || changed
 	})
 }
+
+// rstWalkEvery is how often the reset map is walked even while the
+// namespace's OutRsts stands still.
+const rstWalkEvery = 10 * time.Second
 
 // readResets writes tcp_resets_sent_total by reason and port: the busiest
 // maxResetPorts ports by name, the rest summed as "other". Counts are
 // absolute in the kernel; a key the LRU map evicted and that comes back
-// starts again from 1, which readers take as a counter reset.
-func (p *TCPLife) readResets(objs *tcpLifeObjects, store *signals.Store, now time.Time) {
-	var key tcpLifeRstKey
-	var n uint64
-	byPort := map[uint16]uint64{}
+// starts again from 1, which readers take as a counter reset. It reports
+// whether the map changed since the last read.
+func (p *TCPLife) readResets(objs *tcpLifeObjects, now time.Time) bool {
 	type entry struct {
 		reason string
 		port   uint16
 		n      uint64
 	}
-	var all []entry
-	it := objs.RstSent.Iterate()
-	for it.Next(&key, &n) {
-		all = append(all, entry{p.reasonName(key.Reason), key.Lport, n})
-		byPort[key.Lport] += n
-	}
-	if err := it.Err(); err != nil {
+	changed := false
+	n := 0
+	err := batchEach(objs.RstSent, p.rstKeys, p.rstVals, func(k *tcpLifeRstKey, v *uint64) {
+		n++
+		if last, ok := p.rstLast[*k]; !ok || last != *v {
+			changed = true
+		}
+	})
+	if err != nil {
 		p.o.Log.Warn("tcplife: read resets", "err", err)
-		return
+		return false
+	}
+	if n != p.rstSeen {
+		changed = true
+	}
+	if !changed {
+		// The same counts: write them again only when refreshEvery says.
+		p.resetS.begin()
+		for k, v := range p.resets {
+			p.resetS.put(k, nil, v, now)
+		}
+		p.resetS.end()
+		return false
+	}
+	// Read again, keeping what was read for the next poll's comparison.
+	clear(p.rstLast)
+	var all []entry
+	err = batchEach(objs.RstSent, p.rstKeys, p.rstVals, func(k *tcpLifeRstKey, v *uint64) {
+		if len(p.rstLast) < 1<<16 {
+			p.rstLast[*k] = *v
+		}
+		all = append(all, entry{p.reasonName(k.Reason), k.Lport, *v})
+	})
+	if err != nil {
+		p.o.Log.Warn("tcplife: read resets", "err", err)
+		return false
+	}
+	p.rstSeen = len(all)
+	byPort := map[uint16]uint64{}
+	for _, e := range all {
+		byPort[e.port] += e.n
 	}
 	ports := make([]uint16, 0, len(byPort))
 	for port := range byPort {
@@ -288,25 +399,19 @@ func (p *TCPLife) readResets(objs *tcpLifeObjects, store *signals.Store, now tim
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	p.resetS.begin()
 	for k, v := range cur {
-		store.Put(sigResetsSent, signals.L("reason", k.reason, "port", k.port), v, now)
+		p.resetS.put(k, func() signals.Labels { return signals.L("reason", k.reason, "port", k.port) }, v, now)
 		p.resetSeries[k] = true
 	}
-	// A port that left the top (or a key the map evicted) keeps its last
-	// value for a window's worth of polls would mislead: forget it.
-	var gone []resetKey
+	p.resetS.end()
 	for k := range p.resetSeries {
 		if _, ok := cur[k]; !ok {
-			gone = append(gone, k)
 			delete(p.resetSeries, k)
 		}
 	}
-	if len(gone) > 0 {
-		store.Forget(sigResetsSent.Name, func(ls signals.Labels) bool {
-			return !slices.Contains(gone, resetKey{ls.Get("reason"), ls.Get("port")})
-		})
-	}
 	p.resets = cur
+	return true
 }
 
 func (p *TCPLife) reasonName(r uint32) string {
@@ -414,4 +519,14 @@ func configHZ() (float64, bool) {
 }
 
 // Close detaches the programs and frees their maps.
-func (p *TCPLife) Close() error { return p.stop() }
+func (p *TCPLife) Close() error {
+	err := p.stop()
+	p.mu.Lock()
+	store, ns := p.store, p.netns
+	p.mu.Unlock()
+	if store != nil {
+		// Readers then assume anything may have happened.
+		store.SetActivity(signals.ConnActivity(uint64(ns)), nil)
+	}
+	return err
+}

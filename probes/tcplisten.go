@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -35,6 +36,17 @@ type TCPListen struct {
 	o Options
 	running
 	events uint64
+
+	// Per port of the target's namespace, through handles (written when
+	// they change, and refreshEvery otherwise).
+	drops, synacks, opens *seriesSet[uint16]
+	counters              *probeCounters
+	keys                  []tcpListenPortKey   // batch buffers, reused
+	vals                  []tcpListenPortStats // every poll
+	changes               *changes
+	netns                 uint32 // target_netns as set in the program
+	store                 *signals.Store
+	wokeAt                *atomic.Int64 // when the last wake record came (Unix ns)
 }
 
 // NewTCPListen returns the probe, not yet loaded.
@@ -70,9 +82,23 @@ func (p *TCPListen) Start(ctx context.Context, tracker *target.Tracker, store *s
 	if err != nil {
 		return err
 	}
+	p.drops = newSeriesSet[uint16](store, sigOverflowDrops)
+	p.synacks = newSeriesSet[uint16](store, sigSynackRetrans)
+	p.opens = newSeriesSet[uint16](store, sigListenOpens)
+	p.counters = newProbeCounters(store, p.Name())
+	p.keys, p.vals = make([]tcpListenPortKey, 256), make([]tcpListenPortStats, 256)
+	p.changes = newChanges(objs.Changes, 1)
+	p.store = store
+	// A connection arriving in the target's namespace wakes the clock
+	// while it idles: the accept queue is then sampled every 100 ms.
+	if err := p.startWakes("tcplisten", objs.Wakes, p.o.Log, nil); err != nil {
+		p.release()
+		return err
+	}
+	p.wokeAt = &p.running.wokeAt
 	rd := p.rd
 	p.spawn(func() { p.readEvents(rd, store) })
-	p.spawn(func() { p.poll(ctx, objs, tracker, store) })
+	p.spawn(func() { p.poll(ctx, objs, tracker) })
 	return nil
 }
 
@@ -87,17 +113,53 @@ func (p *TCPListen) readEvents(rd *ringbuf.Reader, store *signals.Store) {
 	})
 }
 
-func (p *TCPListen) poll(ctx context.Context, objs *tcpListenObjects, tracker *target.Tracker, store *signals.Store) {
+// poll reads the port counters every probes.poll_interval, not paced:
+// they are the accept_queue collector's evidence of which listener a burst
+// hit, read at its own 100 ms cadence, and a count read a second late
+// would be a burst left unattributed. A cycle is a memory read of the
+// change counter (which only the target namespace's ports move) and ring
+// writes every refreshEvery; only when it moved, a batch walk of the port
+// map.
+func (p *TCPListen) poll(ctx context.Context, objs *tcpListenObjects, tracker *target.Tracker) {
 	every(ctx, p.o.PollInterval, func(now time.Time) {
 		p.mu.Lock()
 		events := p.events
 		p.mu.Unlock()
-		putProbeCounters(store, p.Name(), float64(events), objs.Lost, now)
+		p.counters.put(float64(events), objs.Lost, now)
 		tgt, ok := tracker.Current()
 		if !ok {
 			return
 		}
-		if err := p.readPorts(objs, uint32(tgt.NetnsIno), store, now); err != nil {
+		if ns := uint32(tgt.NetnsIno); ns != p.netns {
+			p.store.SetActivity(signals.ListenActivity(uint64(p.netns)), nil)
+			p.store.SetActivity(signals.ListenWake(uint64(p.netns)), nil)
+			err := objs.TargetNetns.Set(ns)
+			if err != nil {
+				// Without the memory-mapped global every namespace's
+				// ports move the counter: walks happen more often.
+				p.o.Log.Debug("tcplisten: set target_netns", "err", err)
+			}
+			p.netns = ns
+			p.changes.forget(0)
+			if err == nil && p.changes.mm != nil {
+				// The accept_queue collector skips its sample while this
+				// stands still and every queue was empty: nothing could
+				// have entered one. When it moved while the clock idled,
+				// the wake record's time bounds how long nothing had.
+				ch, woke := p.changes, p.wokeAt
+				p.store.SetActivity(signals.ListenActivity(uint64(ns)), func() uint64 { return ch.value(0) })
+				p.store.SetActivity(signals.ListenWake(uint64(ns)), func() uint64 { return uint64(woke.Load()) })
+			}
+		}
+		p.changes.arm(1)
+		if !p.changes.moved(0) {
+			p.drops.touch(now)
+			p.synacks.touch(now)
+			p.opens.touch(now)
+			return
+		}
+		if err := p.readPorts(objs, uint32(tgt.NetnsIno), now); err != nil {
+			p.changes.forget(0)
 			p.o.Log.Warn("tcplisten: read port stats", "err", err)
 		}
 	})
@@ -105,27 +167,26 @@ func (p *TCPListen) poll(ctx context.Context, objs *tcpListenObjects, tracker *t
 
 // readPorts copies the target namespace's entries into the store. Entries
 // of other namespaces stay in the (LRU, bounded) map.
-func (p *TCPListen) readPorts(objs *tcpListenObjects, netns uint32, store *signals.Store, now time.Time) error {
-	var (
-		key tcpListenPortKey
-		val tcpListenPortStats
-	)
-	it := objs.PortStatsMap.Iterate()
-	for it.Next(&key, &val) {
+func (p *TCPListen) readPorts(objs *tcpListenObjects, netns uint32, now time.Time) error {
+	return batchEach(objs.PortStatsMap, p.keys, p.vals, func(key *tcpListenPortKey, val *tcpListenPortStats) {
 		if key.Netns != netns {
-			continue
+			return
 		}
-		ls := signals.L("port", strconv.Itoa(int(key.Port)))
-		store.Put(sigOverflowDrops, ls, float64(val.OverflowDrops), now)
-		store.Put(sigSynackRetrans, ls, float64(val.SynackRetrans), now)
-		store.Put(sigListenOpens, ls, float64(val.PassiveOpens), now)
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("iterate port_stats_map: %w", err)
-	}
-	return nil
+		port := key.Port
+		ls := func() signals.Labels { return signals.L("port", strconv.Itoa(int(port))) }
+		p.drops.put(port, ls, float64(val.OverflowDrops), now)
+		p.synacks.put(port, ls, float64(val.SynackRetrans), now)
+		p.opens.put(port, ls, float64(val.PassiveOpens), now)
+	})
 }
 
 // Close detaches the programs and frees their maps. It is safe to call
 // before Start and more than once.
-func (p *TCPListen) Close() error { return p.stop() }
+func (p *TCPListen) Close() error {
+	err := p.stop()
+	if p.store != nil {
+		p.store.SetActivity(signals.ListenActivity(uint64(p.netns)), nil)
+		p.store.SetActivity(signals.ListenWake(uint64(p.netns)), nil)
+	}
+	return err
+}

@@ -34,12 +34,15 @@ type tcpListenPortStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	tcpListenMapChanges                  = "changes"
 	tcpListenMapEvents                   = "events"
 	tcpListenMapLost                     = "lost"
 	tcpListenMapPortStatsMap             = "port_stats_map"
+	tcpListenMapWakes                    = "wakes"
 	tcpListenProgCulpritInetSockSetState = "culprit_inet_sock_set_state"
 	tcpListenProgCulpritKfreeSkb         = "culprit_kfree_skb"
 	tcpListenProgCulpritRetransmitSynack = "culprit_retransmit_synack"
+	tcpListenVarTargetNetns              = "target_netns"
 )
 
 // loadTcpListen returns the embedded CollectionSpec for tcpListen.
@@ -93,15 +96,18 @@ type tcpListenProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcpListenMapSpecs struct {
+	Changes      *ebpf.MapSpec `ebpf:"changes"`
 	Events       *ebpf.MapSpec `ebpf:"events"`
 	Lost         *ebpf.MapSpec `ebpf:"lost"`
 	PortStatsMap *ebpf.MapSpec `ebpf:"port_stats_map"`
+	Wakes        *ebpf.MapSpec `ebpf:"wakes"`
 }
 
 // tcpListenVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcpListenVariableSpecs struct {
+	TargetNetns *ebpf.VariableSpec `ebpf:"target_netns"`
 }
 
 // tcpListenObjects contains all objects after they have been loaded into the kernel.
@@ -124,16 +130,20 @@ func (o *tcpListenObjects) Close() error {
 //
 // It can be passed to loadTcpListenObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcpListenMaps struct {
+	Changes      *ebpf.Map `ebpf:"changes"`
 	Events       *ebpf.Map `ebpf:"events"`
 	Lost         *ebpf.Map `ebpf:"lost"`
 	PortStatsMap *ebpf.Map `ebpf:"port_stats_map"`
+	Wakes        *ebpf.Map `ebpf:"wakes"`
 }
 
 func (m *tcpListenMaps) Close() error {
 	return _TcpListenClose(
+		m.Changes,
 		m.Events,
 		m.Lost,
 		m.PortStatsMap,
+		m.Wakes,
 	)
 }
 
@@ -141,6 +151,7 @@ func (m *tcpListenMaps) Close() error {
 //
 // It can be passed to loadTcpListenObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcpListenVariables struct {
+	TargetNetns *ebpf.Variable `ebpf:"target_netns"`
 }
 
 // tcpListenPrograms contains all programs after they have been loaded into the kernel.

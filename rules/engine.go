@@ -32,6 +32,9 @@ type Window struct {
 	// remediation is written in its terms (Advisor).
 	Runtime target.Runtime
 	Inputs
+	// memo keeps judgements of episodes between evaluations (judgeBlock);
+	// nil: every episode is judged afresh.
+	memo *judgeMemo
 }
 
 // advice is the Advisor for the target at hand.
@@ -59,7 +62,15 @@ type Rule interface {
 
 // EngineOptions bound and pace the engine.
 type EngineOptions struct {
-	// Interval between evaluations when nothing wakes the engine earlier.
+	// Interval between evaluations when nothing wakes the engine earlier,
+	// while the shared clock is hot (signals.Ticker). While it idles (no
+	// finding open or in its hold-down, no observation, no event or full
+	// accept queue for two seconds) the engine evaluates at the clock's
+	// idle interval: an evaluation runs every rule over the store (a few
+	// hundred microseconds with cold caches), five times a second
+	// otherwise. A finding whose evidence arrives with no wake-up (a
+	// collector's sample) is then seen up to that interval later, and every
+	// evaluation after it is fast again.
 	Interval time.Duration
 	// MinGap is the least time between two evaluations, so a storm of probe
 	// events cannot turn the engine into a busy loop.
@@ -136,6 +147,11 @@ type Engine struct {
 	dropped atomic.Uint64
 	evals   atomic.Uint64
 	opened  atomic.Uint64
+	// memo: episodes judged in earlier evaluations are not judged again
+	// while nothing they were judged from changed.
+	memo *judgeMemo
+	// hot: the last evaluation had a finding active or an observation.
+	hot bool
 }
 
 // NewEngine returns an engine writing into journal.
@@ -143,14 +159,20 @@ func NewEngine(rs []Rule, store *signals.Store, journal *Journal, tracker *targe
 	if o.MaxOpen < 1 {
 		o.MaxOpen = 1
 	}
-	return &Engine{rules: rs, store: store, journal: journal, tracker: tracker, o: o, active: make(map[string]*active)}
+	return &Engine{rules: rs, store: store, journal: journal, tracker: tracker, o: o, active: make(map[string]*active), memo: newJudgeMemo()}
 }
 
 // Run evaluates on every tick and whenever the store is notified of an
 // event, until ctx ends. On the way out it leaves findings as they are: an
 // agent that stops has not seen the evidence go away.
 func (e *Engine) Run(ctx context.Context) {
-	tick := time.NewTicker(e.o.Interval)
+	// On the process's shared clock: evaluations come on the same
+	// wake-ups as the collectors' and probes' polls, every Interval while
+	// the clock is hot and every idle interval while it idles. The engine
+	// keeps it hot while it has a reason to look often: a finding open or
+	// in its hold-down, an observation, a wake-up (events and full queues
+	// make it hot themselves).
+	tick := signals.NewTicker(e.o.Interval)
 	defer tick.Stop()
 	var last time.Time
 	for {
@@ -169,13 +191,17 @@ func (e *Engine) Run(ctx context.Context) {
 		}
 		last = time.Now()
 		e.Evaluate(last)
+		if e.hot {
+			signals.HotNow()
+		}
 	}
 }
 
 // Evaluate runs every rule once at now and applies the lifecycle.
 func (e *Engine) Evaluate(now time.Time) {
 	e.evals.Add(1)
-	w := Window{Store: e.store, Now: now, Scope: e.o.Scope, Inputs: e.o.Inputs}
+	e.memo.next()
+	w := Window{Store: e.store, Now: now, Scope: e.o.Scope, Inputs: e.o.Inputs, memo: e.memo}
 	if w.Scope == "" {
 		w.Scope = ScopeTarget
 	}
@@ -202,6 +228,7 @@ func (e *Engine) Evaluate(now time.Time) {
 		}
 	}
 	e.explain(obs)
+	e.hot = len(obs) > 0 || len(e.active) > 0
 	for _, p := range obs {
 		if p.explainedBy != "" {
 			delete(seen, p.key) // an open one resolves after the hold-down

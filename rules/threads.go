@@ -4,6 +4,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -99,16 +100,36 @@ type blockJudgement struct {
 // runtime culprit does not know, even a plain blocking call counts only
 // with work seen waiting: such a thread may be one of a pool of
 // synchronous handlers (gRPC's), where blocking is the design.
+//
+// Judgements are memoized per evaluation engine (Window.memo): an episode
+// whose key, duration and thread class (signals.ThreadInfo.Gen) are those
+// of a judgement already made is not judged again, unless that judgement
+// read something else that moves (whether work waited, the thread's most
+// frequent wait, the other event loops): those are judged every time.
 func judgeBlock(w Window, e signals.Episode, threshold time.Duration) (blockJudgement, bool) {
-	cls := signals.ClassifyStack(e.CallerStack(), e.Syscall())
-	j := blockJudgement{thread: threadOf(w, e, cls), cls: cls}
+	if w.memo == nil {
+		j, blocked, _ := judgeBlockOnce(w, e, threshold)
+		return j, blocked
+	}
+	return w.memo.judge(w, e, threshold)
+}
+
+func judgeBlockOnce(w Window, e signals.Episode, threshold time.Duration) (j blockJudgement, blocked, pure bool) {
+	pure = true
+	defer func() {
+		if j.what != "" {
+			pure = false // read the store: work waited
+		}
+	}()
+	cls := w.memo.classify(e)
+	j = blockJudgement{thread: threadOf(w, e, cls), cls: cls}
 	if j.thread.role == signals.RoleBlockingPool || j.thread.role == signals.RoleHelper {
 		j.idle = true
-		return j, false
+		return j, false, pure
 	}
 	if !j.thread.serves() {
 		j.idle = w.Pools.Idle(e.Syscall())
-		return j, false
+		return j, false, pure
 	}
 	// What waited is read only where it decides (reading it is the
 	// costly part); the finding's own episode reads it for its evidence.
@@ -125,7 +146,7 @@ func judgeBlock(w Window, e signals.Episode, threshold time.Duration) (blockJudg
 	switch {
 	case cls.IdleKnown && cls.Idle:
 		j.idle = true
-		return j, false
+		return j, false, pure
 	case cls.IdleKnown:
 		j.how = blockingCall
 		if cls.Nested {
@@ -136,16 +157,162 @@ func judgeBlock(w Window, e signals.Episode, threshold time.Duration) (blockJudg
 	default:
 		// An idle call, and the stack cannot say whose wait it is.
 		j.idle = true
-		if j.thread.role != signals.RoleEventLoop || j.thread.byName || homeWait(w, e) || waited() < threshold || !onlyLoop(w, e) {
-			return j, false
+		if j.thread.role != signals.RoleEventLoop || j.thread.byName {
+			return j, false, pure
+		}
+		// The thread's usual wait and the other loops move with every
+		// sleep seen: not memoized.
+		pure = false
+		if homeWait(w, e) || waited() < threshold || !onlyLoop(w, e) {
+			return j, false, pure
 		}
 		j.idle = false
 		j.how = looksIdle
 	}
 	if j.thread.runtime == signals.RuntimeUnknown && !j.thread.byName && waited() < threshold {
-		return j, false
+		return j, false, pure
 	}
-	return j, true
+	return j, true, pure
+}
+
+// judgeMemo keeps the judgements of one engine's evaluations, and the
+// classes of the stacks they read (ClassifyStack is pure: a stack that
+// comes back, an event loop's idle wait every time, is classified once).
+// Bounded: it starts again empty past maxJudgeMemo entries, and entries
+// of episodes no longer asked about go at the next pruning.
+type judgeMemo struct {
+	mu      sync.Mutex
+	entries map[judgeKey]judgeEntry
+	classes map[stackID]stackClassEntry
+	evals   uint64 // evaluations seen (prune)
+}
+
+const maxJudgeMemo = 4096
+
+// judgeKey is what a judgement is made from, besides the thread's class.
+type judgeKey struct {
+	tid       int
+	start     time.Time
+	dur       time.Duration
+	ongoing   bool
+	thread    string
+	threshold time.Duration
+	stack     stackID
+}
+
+type judgeEntry struct {
+	gen     uint64 // ThreadInfo.Gen it was judged with (0: thread unknown)
+	j       blockJudgement
+	blocked bool
+	used    uint64 // the evaluation that last asked
+}
+
+// stackID identifies a stack by its storage: the sched probe hands the
+// same slice for the same stack (it caches each thread's last one), and an
+// entry keeps its slice alive, so the address cannot be reused meanwhile.
+type stackID struct {
+	first     *string
+	n, kernel int
+	libc      int
+}
+
+type stackClassEntry struct {
+	stack []string // keeps the storage alive
+	cls   signals.StackClass
+	used  uint64
+}
+
+func idOf(e signals.Episode) stackID {
+	id := stackID{n: len(e.Stack), kernel: e.KernelFrames, libc: e.LibcFrames}
+	if len(e.Stack) > 0 {
+		id.first = &e.Stack[0]
+	}
+	return id
+}
+
+func newJudgeMemo() *judgeMemo {
+	return &judgeMemo{entries: map[judgeKey]judgeEntry{}, classes: map[stackID]stackClassEntry{}}
+}
+
+// next marks the start of an evaluation; every 64 evaluations, entries no
+// evaluation asked about since the last pruning go.
+func (m *judgeMemo) next() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.evals++
+	if m.evals%64 != 0 {
+		return
+	}
+	for k, v := range m.entries {
+		if m.evals-v.used > 64 {
+			delete(m.entries, k)
+		}
+	}
+	for k, v := range m.classes {
+		if m.evals-v.used > 64 {
+			delete(m.classes, k)
+		}
+	}
+}
+
+// classify is signals.ClassifyStack of e's caller stack and call, once per
+// stack.
+func (m *judgeMemo) classify(e signals.Episode) signals.StackClass {
+	if m == nil {
+		return signals.ClassifyStack(e.CallerStack(), e.Syscall())
+	}
+	id := idOf(e)
+	m.mu.Lock()
+	if c, ok := m.classes[id]; ok {
+		c.used = m.evals
+		m.classes[id] = c
+		m.mu.Unlock()
+		return c.cls
+	}
+	m.mu.Unlock()
+	cls := signals.ClassifyStack(e.CallerStack(), e.Syscall())
+	if id.first == nil {
+		return cls
+	}
+	m.mu.Lock()
+	if len(m.classes) >= maxJudgeMemo {
+		clear(m.classes)
+	}
+	m.classes[id] = stackClassEntry{e.Stack, cls, m.evals}
+	m.mu.Unlock()
+	return cls
+}
+
+func (m *judgeMemo) judge(w Window, e signals.Episode, threshold time.Duration) (blockJudgement, bool) {
+	gen, _ := threadGen(w, e.Tid)
+	k := judgeKey{e.Tid, e.Start, e.Duration, e.Ongoing, e.Thread, threshold, idOf(e)}
+	m.mu.Lock()
+	if c, ok := m.entries[k]; ok && c.gen == gen {
+		c.used = m.evals
+		m.entries[k] = c
+		m.mu.Unlock()
+		return c.j, c.blocked
+	}
+	m.mu.Unlock()
+	j, blocked, pure := judgeBlockOnce(w, e, threshold)
+	if pure {
+		m.mu.Lock()
+		if len(m.entries) >= maxJudgeMemo {
+			clear(m.entries)
+		}
+		m.entries[k] = judgeEntry{gen, j, blocked, m.evals}
+		m.mu.Unlock()
+	}
+	return j, blocked
+}
+
+// threadGen is the class generation of thread tid (0 and false when the
+// source cannot tell, or does not know the thread).
+func threadGen(w Window, tid int) (uint64, bool) {
+	if g, ok := w.Episodes.(interface{ ThreadGen(int) (uint64, bool) }); ok {
+		return g.ThreadGen(tid)
+	}
+	return 0, false
 }
 
 // withWork fills in what waited during the block, if judgeBlock did not

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # What culprit costs a real server: nginx (private config, 2 workers, a static
 # 1 KiB file) under wrk, without the agent and with the agent watching nginx's
-# master, in alternating rounds (A B A B ...) so machine drift hits both sides
-# alike. Prints the median requests/s and p99 of each side, their ratio, the
-# agent's CPU (% of one core, from /proc/<pid>/stat over the wrk run) and RSS
-# (max VmRSS sampled during the run) at that load, and the findings the agent
-# opened under this healthy load (there should be none).
+# master, in interleaved rounds (A B, then B A, then A B ...) so machine
+# drift hits both sides alike and no side always goes first. HOLD
+# established connections (two sockets each) held by another process stay
+# in the namespace through every round. Prints the median requests/s and p99
+# of each side, the ratio of the medians and the median of the per-round
+# ratios (each round's two runs are back to back), the agent's CPU (% of one
+# core, from schedstat over the wrk run) and RSS (max VmRSS sampled
+# during the run, and VmHWM) at that load, and the findings the agent opened
+# under this healthy load (there should be none). The last line,
+# "BENCH-NGINX key=value ...", is for make bench's table.
 #
 # The agent runs only during its own rounds: it is started before and stopped
 # (and waited for) after each of them, never during a baseline round.
@@ -14,7 +19,7 @@
 set -euo pipefail
 
 readonly USAGE="usage: scripts/bench-nginx.sh [-h] [path/to/culprit]   (default bin/culprit, built with 'make build' if missing)
-env: ROUNDS=3 DURATION=10s THREADS=2 CONNS=64 WARMUP=3s SETTLE=2 READY_TIMEOUT=30 URL_PATH=/index.html"
+env: ROUNDS=6 DURATION=10s THREADS=2 CONNS=64 WARMUP=3s SETTLE=2 READY_TIMEOUT=30 URL_PATH=/index.html HOLD=5000"
 
 die() { echo "bench-nginx: $*" >&2; exit 1; }
 usage_error() { echo "bench-nginx: $*" >&2; echo "$USAGE" >&2; exit 2; }
@@ -25,7 +30,8 @@ case "${1:-}" in
 esac
 [ $# -le 1 ] || usage_error "too many arguments"
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-6}
+HOLD=${HOLD:-5000}
 DURATION=${DURATION:-10s}
 THREADS=${THREADS:-2}
 CONNS=${CONNS:-64}
@@ -34,6 +40,7 @@ SETTLE=${SETTLE:-2}
 READY_TIMEOUT=${READY_TIMEOUT:-30}
 URL_PATH=${URL_PATH:-/index.html}
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || usage_error "ROUNDS must be a positive integer, not '$ROUNDS'"
+[[ $HOLD =~ ^[0-9]+$ ]] || usage_error "HOLD must be a number of connections, not '$HOLD'"
 [[ $THREADS =~ ^[1-9][0-9]*$ ]] || usage_error "THREADS must be a positive integer, not '$THREADS'"
 [[ $CONNS =~ ^[1-9][0-9]*$ ]] || usage_error "CONNS must be a positive integer, not '$CONNS'"
 [[ $DURATION =~ ^[1-9][0-9]*[smh]?$ ]] || usage_error "DURATION must look like 10s, 1m or 30, not '$DURATION'"
@@ -69,9 +76,8 @@ fi
 cd "$repo"
 [ "$(id -u)" = 0 ] || echo "bench-nginx: note: not root; the agent runs without its eBPF probes, so this measures less than it costs in production" >&2
 
-hz=$(getconf CLK_TCK)
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/bench-nginx.XXXXXX")
-nginx_pid="" agent_pid="" sampler_pid="" wrk_pid=""
+nginx_pid="" agent_pid="" sampler_pid="" wrk_pid="" holder_pid=""
 
 # stop_pid PID SECONDS: TERM, wait up to SECONDS, then KILL. Only our own
 # children are ever signalled, by PID.
@@ -96,6 +102,7 @@ cleanup() {
   stop_pid "$wrk_pid" 2
   stop_pid "$sampler_pid" 2
   stop_pid "$agent_pid" 10
+  stop_pid "$holder_pid" 5
   stop_pid "$nginx_pid" 10 # TERM to the master: it takes its workers down
   rm -rf "$tmp"
   exit "$rc"
@@ -174,18 +181,47 @@ got=$(curl -fs --max-time 2 -o /dev/null -w '%{http_code} %{size_download}' "htt
   || die "GET $URL_PATH failed: $(tail -n 3 "$tmp/logs/error.log" 2>/dev/null)"
 [ "${got%% *}" = 200 ] || die "GET $URL_PATH answered $got, not 200"
 
+# ---- held connections ------------------------------------------------------
+# HOLD connections to a listener of a helper process, both ends held: 2*HOLD
+# established sockets in the namespace that are neither nginx's nor the
+# agent's, as a pod's other containers have.
+if [ "$HOLD" -gt 0 ]; then
+  cat >"$tmp/hold.py" <<'PY'
+import os, resource, select, socket, sys, time
+n = int(sys.argv[1])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+want = 2 * n + 64
+if soft < want:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+ls = socket.socket(); ls.bind(("127.0.0.1", 0)); ls.listen(4096)
+port = ls.getsockname()[1]
+held = []
+for i in range(n):
+    c = socket.create_connection(("127.0.0.1", port))
+    s, _ = ls.accept()
+    held += [c, s]
+print("held", n, flush=True)
+while True:
+    time.sleep(3600)
+PY
+  python3 "$tmp/hold.py" "$HOLD" >"$tmp/hold.out" 2>&1 &
+  holder_pid=$!
+  for ((i = 0; i < 600; i++)); do
+    grep -q '^held' "$tmp/hold.out" 2>/dev/null && break
+    kill -0 "$holder_pid" 2>/dev/null || { cat "$tmp/hold.out" >&2; die "the connection holder exited"; }
+    sleep 0.1
+  done
+  grep -q '^held' "$tmp/hold.out" || die "the connection holder did not hold $HOLD connections within 60 s"
+fi
+
 # ---- measuring -------------------------------------------------------------
-# cpu_ticks PID: utime+stime in clock ticks. The fields after the last ')'
-# start at field 3 (state), so utime and stime are the 12th and 13th there.
-cpu_ticks() {
-  local s
-  s=$(<"/proc/$1/stat") || return 1
-  s=${s##*) }
-  # shellcheck disable=SC2086
-  set -- $s
-  echo $((${12} + ${13}))
-}
 now_ns() { date +%s%N; }
+# cpu_ns PID: the CPU time every thread of PID ran, from schedstat (ns, as
+# the scheduler counts it). /proc/PID/stat's ticks are sampled at the
+# timer tick: a process that wakes briefly is charged whole ticks.
+cpu_ns() {
+  cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f\n", s}'
+}
 
 # CPU used by everything outside this script's tree (other people's builds
 # and tests, a hypervisor's steal), which makes the figures noisy. snap
@@ -314,10 +350,13 @@ measure() {
   others=$(others_pct "$tmp/snap0" "$tmp/snap1" "$((n1 - n0))")
 }
 
-base_rps=() base_p99=() with_rps=() with_p99=() cpus=() rss=() hwm=() others_all=()
+base_rps=() base_p99=() with_rps=() with_p99=() cpus=() rss=() hwm=() others_all=() pair_ratios=()
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.3f", a / b; else print "n/a"}'; }
 findings_total=0 bad_responses=0
 : >"$tmp/findings.txt"
-for ((r = 1; r <= ROUNDS; r++)); do
+# round_without R and round_with R: one side of round R each.
+round_without() {
+  local r=$1
   # A: nginx alone. No agent of ours is running here (stopped and waited
   # for at the end of the previous round).
   [ -z "$agent_pid" ] || die "internal: agent still running before a baseline round"
@@ -329,6 +368,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
   printf 'round %d/%d  without agent: %9.0f req/s  p99 %8.2f ms  non-2xx %s, socket errors %s; other processes: %s%% of a core (%s)\n' \
     "$r" "$ROUNDS" "$rps" "$p99" "$non2xx" "$errs" "${others%% *}" "${others#* }" >&2
 
+}
+round_with() {
+  local r=$1
   # B: the agent watching nginx's master.
   read -r http grpc < <(free_ports 2)
   "$BIN" agent --pid "$nginx_pid" --http-addr "127.0.0.1:$http" --grpc-addr "127.0.0.1:$grpc" \
@@ -349,16 +391,17 @@ for ((r = 1; r <= ROUNDS; r++)); do
   sleep "$SETTLE" # past start-up: probes attached, symbol tables read
 
   sample_rss "$agent_pid" "$tmp/rss-agent" & sampler_pid=$!
-  t0=$(cpu_ticks "$agent_pid") || die "agent vanished"
+  t0=$(cpu_ns "$agent_pid") || die "agent vanished"
   n0=$(now_ns)
   measure "with-$r"
-  t1=$(cpu_ticks "$agent_pid") || { tail -n 30 "$tmp/agent-$r.log" >&2; die "agent exited during the load (log above)"; }
+  t1=$(cpu_ns "$agent_pid") || { tail -n 30 "$tmp/agent-$r.log" >&2; die "agent exited during the load (log above)"; }
+  kill -0 "$agent_pid" 2>/dev/null || { tail -n 30 "$tmp/agent-$r.log" >&2; die "agent exited during the load (log above)"; }
   n1=$(now_ns)
   stop_pid "$sampler_pid" 2; sampler_pid=""
   hwm_kb=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$agent_pid/status")
   read -r rps p99 non2xx errs < <(parse_wrk "$tmp/with-$r.out") || { cat "$tmp/with-$r.out" >&2; die "could not parse wrk's output"; }
   with_rps+=("$rps"); with_p99+=("$p99"); bad_responses=$((bad_responses + non2xx)); others_all+=("${others%% *}")
-  cpu=$(awk -v d="$((t1 - t0))" -v hz="$hz" -v ns="$((n1 - n0))" 'BEGIN {printf "%.1f", 100 * (d / hz) / (ns / 1e9)}')
+  cpu=$(awk -v d="$((t1 - t0))" -v ns="$((n1 - n0))" 'BEGIN {printf "%.2f", 100 * d / ns}')
   rss_mib=$(awk -v k="$(<"$tmp/rss-agent")" 'BEGIN {printf "%.1f", k / 1024}')
   hwm_mib=$(awk -v k="${hwm_kb:-0}" 'BEGIN {printf "%.1f", k / 1024}')
   cpus+=("$cpu"); rss+=("$rss_mib"); hwm+=("$hwm_mib")
@@ -376,6 +419,15 @@ for ((r = 1; r <= ROUNDS; r++)); do
     "$r" "$ROUNDS" "$rps" "$p99" "$non2xx" "$errs" "${others%% *}" "${others#* }" "$cpu" "$rss_mib" "$n" >&2
 
   stop_pid "$agent_pid" 10; agent_pid=""
+}
+for ((r = 1; r <= ROUNDS; r++)); do
+  # Odd rounds start without the agent, even ones with it.
+  if ((r % 2)); then
+    round_without "$r"; round_with "$r"
+  else
+    round_with "$r"; round_without "$r"
+  fi
+  pair_ratios+=("$(ratio "${with_rps[$((r - 1))]}" "${base_rps[$((r - 1))]}")")
 done
 
 # ---- report ----------------------------------------------------------------
@@ -387,16 +439,16 @@ summary() {
     if (NR == 1) printf f, m; else printf f " (" f "-" f ")", m, a[1], a[NR] }'
 }
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "n/a"}'; }
 row() { printf '| %-31s | %-25s | %-25s | %-5s |\n' "$@"; }
 
 echo
 echo "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///'), 2 workers, GET $URL_PATH (1 KiB static file); wrk -t$THREADS -c$CONNS -d$DURATION --latency;"
-echo "$ROUNDS rounds each, alternating without/with the agent; median (min-max) over rounds. $(nproc) CPUs, Linux $(uname -r)."
+echo "$ROUNDS rounds each, interleaved (A B, B A, ...) without/with the agent; median (min-max) over rounds; $((2 * HOLD)) established sockets of another process in the namespace. $(nproc) CPUs, Linux $(uname -r)."
 echo
 row "" "without agent" "with agent" "ratio"
 row "-------------------------------" "-------------------------" "-------------------------" "-----"
 row "requests/s" "$(summary %.0f "${base_rps[@]}")" "$(summary %.0f "${with_rps[@]}")" "$(ratio "$(median "${with_rps[@]}")" "$(median "${base_rps[@]}")")"
+row "requests/s, per-round ratio" "-" "-" "$(summary %.3f "${pair_ratios[@]}")"
 row "p99 latency, ms" "$(summary %.2f "${base_p99[@]}")" "$(summary %.2f "${with_p99[@]}")" "$(ratio "$(median "${with_p99[@]}")" "$(median "${base_p99[@]}")")"
 row "agent CPU, % of one core" "-" "$(summary %.1f "${cpus[@]}")" ""
 row "agent RSS, max during load, MiB" "-" "$(summary %.1f "${rss[@]}")" ""
@@ -416,4 +468,5 @@ if [ "$findings_total" -gt 0 ]; then
 else
   echo "The agent opened no findings under this healthy load."
 fi
+echo "BENCH-NGINX rps_without=$(median "${base_rps[@]}") rps_with=$(median "${with_rps[@]}") ratio=$(ratio "$(median "${with_rps[@]}")" "$(median "${base_rps[@]}")") pair_ratio=$(median "${pair_ratios[@]}") pair_min=$(printf '%s\n' "${pair_ratios[@]}" | sort -g | head -1) agent_cpu=$(median "${cpus[@]}") rss_mib=$(median "${rss[@]}") hwm_mib=$(printf '%s\n' "${hwm[@]}" | sort -g | tail -1) sockets=$((2 * HOLD)) others=$(median "${others_all[@]}") findings=$findings_total"
 exit 0

@@ -1,9 +1,12 @@
 package signals
 
 import (
+	"math"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -79,24 +82,76 @@ type Sample struct {
 	V float64
 }
 
+// point is a Sample as a series keeps it: 16 bytes and no pointer, so a
+// ring of them costs the garbage collector nothing to scan.
+type point struct {
+	t int64 // Unix nanoseconds
+	v float64
+}
+
+// nanos is t in Unix nanoseconds, saturated for times int64 cannot hold
+// (the zero Time a reader passes for "from the beginning").
+func nanos(t time.Time) int64 {
+	switch y := t.Year(); {
+	case y < 1678:
+		return math.MinInt64
+	case y > 2261:
+		return math.MaxInt64
+	}
+	return t.UnixNano()
+}
+
+func (p point) sample() Sample { return Sample{T: time.Unix(0, p.t), V: p.v} }
+
+// minRing is the first size a series' ring is given; it doubles as the
+// series fills, up to the store's ring size. A series written once a
+// second reaches 600 samples after ten minutes, one written once never
+// costs more than minRing.
+const minRing = 4
+
 type series struct {
 	desc   *Desc
 	labels Labels
-	ring   []Sample // fixed capacity; head is the next write position
+	key    string  // name + labels, as the series map knows it
+	ring   []point // grows to the store's ringSize; head is the next write position
 	head   int
 	n      int
+	// unsorted: a sample older than the one before it was put, so reads
+	// scan rather than search by time.
+	unsorted bool
+	// dead: forgotten; a Handle that still points here looks it up again.
+	dead bool
 }
 
-func (s *series) put(smp Sample) {
-	s.ring[s.head] = smp
+// put appends one sample. The ring grows (doubling) while it is full and
+// smaller than max; it wraps only at max, so until then the samples sit in
+// order from index 0 and growing is one copy.
+func (s *series) put(p point, max int) {
+	if s.n == len(s.ring) && len(s.ring) < max {
+		grown := make([]point, min(max, 2*len(s.ring)+minRing*boolInt(len(s.ring) == 0)))
+		copy(grown, s.ring[:s.n])
+		s.ring = grown
+		s.head = s.n
+	}
+	if s.n > 0 && p.t < s.ring[(s.head-1+len(s.ring))%len(s.ring)].t {
+		s.unsorted = true
+	}
+	s.ring[s.head] = p
 	s.head = (s.head + 1) % len(s.ring)
 	if s.n < len(s.ring) {
 		s.n++
 	}
 }
 
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 // at returns the i-th oldest sample.
-func (s *series) at(i int) Sample {
+func (s *series) at(i int) point {
 	start := (s.head - s.n + len(s.ring)) % len(s.ring)
 	return s.ring[(start+i)%len(s.ring)]
 }
@@ -105,7 +160,21 @@ func (s *series) latest() (Sample, bool) {
 	if s.n == 0 {
 		return Sample{}, false
 	}
-	return s.at(s.n - 1), true
+	return s.at(s.n - 1).sample(), true
+}
+
+// firstFrom is the index of the oldest sample taken at or after from
+// (s.n when none): a binary search while the samples are in time order.
+func (s *series) firstFrom(from int64) int {
+	if s.unsorted {
+		for i := 0; i < s.n; i++ {
+			if s.at(i).t >= from {
+				return i
+			}
+		}
+		return s.n
+	}
+	return sort.Search(s.n, func(i int) bool { return s.at(i).t >= from })
 }
 
 // Component states reported by collectors and probes.
@@ -128,6 +197,11 @@ type Status struct {
 }
 
 // Store holds every series in bounded memory. It is safe for concurrent use.
+//
+// What a write costs: Put looks its series up by a key built in a buffer
+// the store keeps (no allocation once the series exists); a Handle skips
+// even that. A series' ring starts at minRing samples and doubles up to
+// ringSize, so memory follows what was written, not what could be.
 type Store struct {
 	mu        sync.RWMutex
 	ringSize  int
@@ -137,6 +211,12 @@ type Store struct {
 	dropped   uint64 // samples refused because maxSeries was reached
 	status    map[string]Status
 	wake      chan struct{}
+	keyBuf    []byte // Put's key, under mu
+	// hurry is when something asked the pollers to stay fast until (Unix
+	// ns): a queue holding connections, an event worth watching closely.
+	hurry atomic.Int64
+	// activity are counters probes publish for collectors (SetActivity).
+	activity sync.Map // string -> func() uint64
 }
 
 // New returns a store keeping ringSize samples per series and at most
@@ -158,25 +238,100 @@ func New(ringSize, maxSeries int) *Store {
 	}
 }
 
-func key(name string, ls Labels) string { return name + ls.String() }
+// appendKey appends the series key of name and ls to b: name, then the
+// labels as Labels.String writes them.
+func appendKey(b []byte, name string, ls Labels) []byte {
+	b = append(b, name...)
+	b = append(b, '{')
+	for i, l := range ls {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = append(b, l.Name...)
+		b = append(b, '=', '"')
+		b = append(b, l.Value...)
+		b = append(b, '"')
+	}
+	return append(b, '}')
+}
+
+func key(name string, ls Labels) string { return string(appendKey(nil, name, ls)) }
+
+// lookup finds a series by name and labels without allocating: the key is
+// built in a stack buffer (readers hold only the read lock, so they cannot
+// share the store's).
+func (s *Store) lookup(name string, ls Labels) (*series, bool) {
+	var buf [192]byte
+	k := appendKey(buf[:0], name, ls)
+	sr, ok := s.series[string(k)]
+	return sr, ok
+}
+
+// create adds a series under s.mu; nil when the store is full (counted).
+func (s *Store) create(d *Desc, ls Labels, k string) *series {
+	if len(s.series) >= s.maxSeries {
+		s.dropped++
+		return nil
+	}
+	sr := &series{desc: d, labels: append(Labels(nil), ls...), key: k}
+	s.series[k] = sr
+	s.byName[d.Name] = append(s.byName[d.Name], sr)
+	return sr
+}
 
 // Put appends one sample. It reports false when the series is new and the
-// store is full, in which case the sample is dropped and counted.
+// store is full, in which case the sample is dropped and counted. It
+// allocates only when it creates the series.
 func (s *Store) Put(d *Desc, ls Labels, v float64, t time.Time) bool {
-	k := key(d.Name, ls)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	sr, ok := s.series[k]
+	s.keyBuf = appendKey(s.keyBuf[:0], d.Name, ls)
+	sr, ok := s.series[string(s.keyBuf)]
 	if !ok {
-		if len(s.series) >= s.maxSeries {
-			s.dropped++
+		if sr = s.create(d, ls, string(s.keyBuf)); sr == nil {
 			return false
 		}
-		sr = &series{desc: d, labels: append(Labels(nil), ls...), ring: make([]Sample, s.ringSize)}
-		s.series[k] = sr
-		s.byName[d.Name] = append(s.byName[d.Name], sr)
 	}
-	sr.put(Sample{T: t, V: v})
+	sr.put(point{nanos(t), v}, s.ringSize)
+	return true
+}
+
+// Handle is one series for a writer that puts into it again and again (a
+// collector's per-listener queue length, a probe's counter): Put goes
+// straight to the ring, without building a key or a label set. A handle
+// outlives Forget: its next Put creates the series again.
+type Handle struct {
+	s   *Store
+	d   *Desc
+	ls  Labels
+	key string
+	sr  *series
+}
+
+// Handle returns the handle of one series (created at its first Put). ls
+// is copied.
+func (s *Store) Handle(d *Desc, ls Labels) *Handle {
+	return &Handle{s: s, d: d, ls: append(Labels(nil), ls...), key: key(d.Name, ls)}
+}
+
+// Labels are the handle's labels (not to be modified).
+func (h *Handle) Labels() Labels { return h.ls }
+
+// Put appends one sample, as Store.Put does, without allocating.
+func (h *Handle) Put(v float64, t time.Time) bool {
+	s := h.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if h.sr == nil || h.sr.dead {
+		sr, ok := s.series[h.key]
+		if !ok {
+			if sr = s.create(h.d, h.ls, h.key); sr == nil {
+				return false
+			}
+		}
+		h.sr = sr
+	}
+	h.sr.put(point{nanos(t), v}, s.ringSize)
 	return true
 }
 
@@ -192,7 +347,8 @@ func (s *Store) Forget(name string, keep func(Labels) bool) {
 			kept = append(kept, sr)
 			continue
 		}
-		delete(s.series, key(name, sr.labels))
+		sr.dead = true
+		delete(s.series, sr.key)
 	}
 	for i := len(kept); i < len(list); i++ {
 		list[i] = nil
@@ -207,6 +363,7 @@ func (s *Store) Forget(name string, keep func(Labels) bool) {
 // Notify wakes whoever waits on Wake (the rule engine), so that an event a
 // probe saw is evaluated now rather than at the next tick.
 func (s *Store) Notify() {
+	HotNow() // and the pollers look closely for a while
 	select {
 	case s.wake <- struct{}{}:
 	default:
@@ -216,11 +373,78 @@ func (s *Store) Notify() {
 // Wake is signalled after Notify; it coalesces bursts into one wake-up.
 func (s *Store) Wake() <-chan struct{} { return s.wake }
 
+// Hurry asks the adaptive pollers (probes that slow down when nothing
+// happens) to poll at their fast interval until until: a collector saw a
+// listener's queue hold connections, so the accepts and drops the probes
+// count are wanted at the fast cadence. It costs one atomic store.
+//
+// A Hurry that finds the store not hurried also wakes whoever waits on
+// Wake: the rule engine, which may be idling.
+func (s *Store) Hurry(until time.Time) {
+	u := until.UnixNano()
+	for {
+		cur := s.hurry.Load()
+		if cur >= u {
+			return
+		}
+		if s.hurry.CompareAndSwap(cur, u) {
+			Hot(until)
+			if cur <= time.Now().UnixNano() {
+				s.Notify()
+			}
+			return
+		}
+	}
+}
+
+// SetActivity publishes a counter that moves whenever what it names
+// happened: the tcplisten probe's, which moves when a handshake completes,
+// or a queue overflows, in the target's namespace. f must be cheap (it is
+// called at the fast collectors' cadence) and safe for concurrent use; nil
+// withdraws it.
+func (s *Store) SetActivity(name string, f func() uint64) {
+	if f == nil {
+		s.activity.Delete(name)
+		return
+	}
+	s.activity.Store(name, f)
+}
+
+// Activity reads a published counter; ok is false when nobody publishes
+// it (the probe does not run), and the reader must then assume anything
+// may have happened.
+func (s *Store) Activity(name string) (uint64, bool) {
+	f, ok := s.activity.Load(name)
+	if !ok {
+		return 0, false
+	}
+	return f.(func() uint64)(), true
+}
+
+// ListenActivity names the activity counter the tcplisten probe publishes
+// for a network namespace (its inode): it moves whenever a handshake
+// completes, an accept queue overflows or a SYN-ACK is retransmitted there.
+func ListenActivity(netns uint64) string { return "tcplisten:" + strconv.FormatUint(netns, 10) }
+
+// ConnActivity names the counter the tcplife probe publishes for a
+// network namespace: it moves at every connection event there (an open,
+// a peer's close, a local close, a reset received), some of which change
+// no counter of the namespace's but segments (ESTABLISHED to CLOSE_WAIT).
+func ConnActivity(netns uint64) string { return "tcplife:" + strconv.FormatUint(netns, 10) }
+
+// ListenWake names the counter that says when (Unix ns) the tcplisten
+// probe was last woken by an event of that namespace while the shared
+// clock idled: until then nothing had entered an accept queue.
+func ListenWake(netns uint64) string { return "tcplisten-wake:" + strconv.FormatUint(netns, 10) }
+
+// Hurried reports whether a Hurry is in force at now.
+func (s *Store) Hurried(now time.Time) bool { return now.UnixNano() < s.hurry.Load() }
+
 // Latest returns the newest sample of one series.
 func (s *Store) Latest(name string, ls Labels) (Sample, bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	sr, ok := s.series[key(name, ls)]
+	sr, ok := s.lookup(name, ls)
 	if !ok {
 		return Sample{}, false
 	}
@@ -232,14 +456,19 @@ func (s *Store) Latest(name string, ls Labels) (Sample, bool) {
 func (s *Store) Range(name string, ls Labels, from time.Time) []Sample {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	sr, ok := s.series[key(name, ls)]
+	sr, ok := s.lookup(name, ls)
 	if !ok {
 		return nil
 	}
-	var out []Sample
-	for i := 0; i < sr.n; i++ {
-		if smp := sr.at(i); !smp.T.Before(from) {
-			out = append(out, smp)
+	f := nanos(from)
+	i := sr.firstFrom(f)
+	if i == sr.n {
+		return nil
+	}
+	out := make([]Sample, 0, sr.n-i)
+	for ; i < sr.n; i++ {
+		if p := sr.at(i); p.t >= f {
+			out = append(out, p.sample())
 		}
 	}
 	return out
@@ -252,24 +481,32 @@ func (s *Store) Range(name string, ls Labels, from time.Time) []Sample {
 func (s *Store) Increase(name string, ls Labels, from time.Time) float64 {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	sr, ok := s.series[key(name, ls)]
+	sr, ok := s.lookup(name, ls)
 	if !ok || sr.n == 0 {
 		return 0
 	}
+	f := nanos(from)
 	var inc float64
-	var prev Sample
+	var prev point
 	havePrev := false
-	for i := 0; i < sr.n; i++ {
+	i := 0
+	if !sr.unsorted {
+		// The samples before the baseline cannot change the result.
+		if i = sr.firstFrom(f) - 1; i < 0 {
+			i = 0
+		}
+	}
+	for ; i < sr.n; i++ {
 		smp := sr.at(i)
-		if smp.T.Before(from) {
+		if smp.t < f {
 			prev, havePrev = smp, true
 			continue
 		}
 		if havePrev {
-			if d := smp.V - prev.V; d >= 0 {
+			if d := smp.v - prev.v; d >= 0 {
 				inc += d
 			} else {
-				inc += smp.V
+				inc += smp.v
 			}
 		}
 		prev, havePrev = smp, true
@@ -300,19 +537,27 @@ type Current struct {
 // labels so that output built from it is stable.
 func (s *Store) Snapshot() []Current {
 	s.mu.RLock()
-	out := make([]Current, 0, len(s.series))
+	type keyed struct {
+		c      Current
+		labels string // the labels part of the series key: Labels.String()
+	}
+	ks := make([]keyed, 0, len(s.series))
 	for _, sr := range s.series {
 		if smp, ok := sr.latest(); ok {
-			out = append(out, Current{Desc: sr.desc, Labels: sr.labels, Sample: smp})
+			ks = append(ks, keyed{Current{Desc: sr.desc, Labels: sr.labels, Sample: smp}, sr.key[len(sr.desc.Name):]})
 		}
 	}
 	s.mu.RUnlock()
-	sort.Slice(out, func(i, j int) bool {
-		if out[i].Desc.Name != out[j].Desc.Name {
-			return out[i].Desc.Name < out[j].Desc.Name
+	sort.Slice(ks, func(i, j int) bool {
+		if ks[i].c.Desc.Name != ks[j].c.Desc.Name {
+			return ks[i].c.Desc.Name < ks[j].c.Desc.Name
 		}
-		return out[i].Labels.String() < out[j].Labels.String()
+		return ks[i].labels < ks[j].labels
 	})
+	out := make([]Current, len(ks))
+	for i := range ks {
+		out[i] = ks[i].c
+	}
 	return out
 }
 

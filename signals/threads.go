@@ -444,7 +444,25 @@ type ThreadInfo struct {
 	IdleStack   []string
 	IdleSyscall string
 	Seen        time.Time
-	waits       [maxWaits]waitSig
+	// Gen changes whenever what the thread is (Pid, Runtime, Role, Mark,
+	// IdleStack, IdleSyscall) changes, never for a new wait counted:
+	// rules that memoize a judgement made from those alone check it.
+	Gen     uint64
+	waits   [maxWaits]waitSig
+	idleGen uint64 // bumped when IdleStack or IdleSyscall change
+}
+
+// threadClass is what ThreadInfo.Gen stands for.
+type threadClass struct {
+	pid     int
+	rt      Runtime
+	role    Role
+	mark    string
+	idleGen uint64
+}
+
+func classOf(t *ThreadInfo) threadClass {
+	return threadClass{t.Pid, t.Runtime, t.Role, t.Mark, t.idleGen}
 }
 
 // maxWaits bounds the distinct sleep stacks kept per thread.
@@ -509,6 +527,7 @@ type threads struct {
 	mu  sync.RWMutex
 	max int
 	m   map[int]*ThreadInfo
+	gen uint64 // the last ThreadInfo.Gen given
 }
 
 // defaultMaxThreads: the sched probe's own default map size.
@@ -546,6 +565,13 @@ func (es *Episodes) Observe(s ThreadSight) {
 		es.th.m[s.Tid] = t
 		es.th.evictLocked()
 	}
+	before := classOf(t)
+	defer func() {
+		if t.Gen == 0 || classOf(t) != before {
+			es.th.gen++
+			t.Gen = es.th.gen
+		}
+	}()
 	t.Name, t.Seen = s.Name, s.At
 	// A stack cut short of node's frames shows libuv only: it is no news
 	// about a thread known to be Node.js's.
@@ -566,8 +592,9 @@ func (es *Episodes) Observe(s ThreadSight) {
 	case c.Runtime != RuntimeUnknown && !sameRuntime:
 		t.Runtime, t.Role, t.Mark = c.Runtime, RoleUnknown, ""
 	}
-	if c.IdleKnown && c.Idle {
+	if c.IdleKnown && c.Idle && (sc != t.IdleSyscall || !slices.Equal(t.IdleStack, user[:min(len(user), 32)])) {
 		t.IdleStack, t.IdleSyscall = slices.Clone(user[:min(len(user), 32)]), sc
+		t.idleGen++
 	}
 	if c.IdleKnown && !c.Idle {
 		return // a task's or callback's sleep: not a candidate idle wait
@@ -625,6 +652,17 @@ func (es *Episodes) Thread(tid int) (ThreadInfo, bool) {
 	out := *t
 	out.IdleStack = slices.Clone(t.IdleStack)
 	return out, true
+}
+
+// ThreadGen is ThreadInfo.Gen of thread tid, without copying the rest.
+func (es *Episodes) ThreadGen(tid int) (uint64, bool) {
+	es.th.mu.RLock()
+	defer es.th.mu.RUnlock()
+	t, ok := es.th.m[tid]
+	if !ok {
+		return 0, false
+	}
+	return t.Gen, true
 }
 
 // Threads returns every thread known, by tid.

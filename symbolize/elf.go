@@ -22,8 +22,8 @@ type elfFile struct {
 	typ     elf.Type
 	buildID string
 	loads   []loadSeg
-	sized   []symbol // STT_FUNC with size > 0, sorted by addr
-	unsized []symbol // STT_FUNC with size 0, sorted by addr
+	sized   symtab // STT_FUNC with size > 0, sorted by addr
+	unsized symtab // STT_FUNC with size 0, sorted by addr
 	gotab   *gosym.Table
 	cfi     *cfiTable // .eh_frame of non-Go files, or nil
 
@@ -49,6 +49,59 @@ type loadSeg struct {
 type symbol struct {
 	addr, size uint64
 	name       string
+}
+
+// symtab is a sorted symbol table in 22 bytes a symbol plus one arena for
+// the names: debug/elf hands every name as a string of its own (a 16-byte
+// header and an allocation each), which a library of 20k functions turns
+// into a megabyte of small objects for the collector to scan.
+type symtab struct {
+	addrs []uint64
+	sizes []uint64
+	offs  []uint32
+	lens  []uint16
+	names []byte
+}
+
+// compactSymbols packs sorted symbols (sortSymbols) into a symtab.
+func compactSymbols(s []symbol) symtab {
+	n := 0
+	for _, sym := range s {
+		n += min(len(sym.name), 1<<16-1)
+	}
+	t := symtab{addrs: make([]uint64, len(s)), sizes: make([]uint64, len(s)), offs: make([]uint32, len(s)),
+		lens: make([]uint16, len(s)), names: make([]byte, 0, n)}
+	for i, sym := range s {
+		name := sym.name[:min(len(sym.name), 1<<16-1)]
+		t.addrs[i], t.sizes[i], t.offs[i], t.lens[i] = sym.addr, sym.size, uint32(len(t.names)), uint16(len(name))
+		t.names = append(t.names, name...)
+	}
+	return t
+}
+
+func (t *symtab) len() int { return len(t.addrs) }
+
+// name is the name of symbol i (a new string: the arena is not shared out).
+func (t *symtab) name(i int) string {
+	return string(t.names[t.offs[i] : t.offs[i]+uint32(t.lens[i])])
+}
+
+// all returns the symbols unpacked (tests, benchmarks).
+func (t *symtab) all() []symbol {
+	out := make([]symbol, t.len())
+	for i := range out {
+		out[i] = symbol{addr: t.addrs[i], size: t.sizes[i], name: t.name(i)}
+	}
+	return out
+}
+
+// lastAtOrBelow is the index of the last symbol at or below pc, or -1.
+func (t *symtab) lastAtOrBelow(pc uint64) int {
+	i, found := slices.BinarySearch(t.addrs, pc)
+	if found {
+		return i
+	}
+	return i - 1
 }
 
 // parseELF reads r as an ELF file. Only a file that is not ELF at all is an
@@ -95,6 +148,7 @@ func parseELF(r io.ReaderAt) (ef *elfFile, err error) {
 }
 
 func (ef *elfFile) addSymbols(syms []elf.Symbol) {
+	var sized, unsized []symbol
 	for _, s := range syms {
 		if elf.ST_TYPE(s.Info) != elf.STT_FUNC || s.Value == 0 || s.Name == "" ||
 			s.Section == elf.SHN_UNDEF {
@@ -102,13 +156,13 @@ func (ef *elfFile) addSymbols(syms []elf.Symbol) {
 		}
 		sym := symbol{addr: s.Value, size: s.Size, name: s.Name}
 		if s.Size > 0 {
-			ef.sized = append(ef.sized, sym)
+			sized = append(sized, sym)
 		} else {
-			ef.unsized = append(ef.unsized, sym)
+			unsized = append(unsized, sym)
 		}
 	}
-	ef.sized = sortSymbols(ef.sized)
-	ef.unsized = sortSymbols(ef.unsized)
+	ef.sized = compactSymbols(sortSymbols(sized))
+	ef.unsized = compactSymbols(sortSymbols(unsized))
 }
 
 // sortSymbols sorts by address and keeps one name per address. Aliases
@@ -313,32 +367,16 @@ func goLookup(tab *gosym.Table, pc uint64) (fn, file string, line int, ok bool) 
 // across a sized function: an address past the end of a sized function is
 // padding or unknown code, not part of a label before it.
 func (ef *elfFile) symLookup(pc uint64) string {
-	si := lastAtOrBelow(ef.sized, pc)
-	if si >= 0 && pc < ef.sized[si].addr+ef.sized[si].size {
-		return ef.sized[si].name
+	si := ef.sized.lastAtOrBelow(pc)
+	if si >= 0 && pc < ef.sized.addrs[si]+ef.sized.sizes[si] {
+		return ef.sized.name(si)
 	}
-	ui := lastAtOrBelow(ef.unsized, pc)
+	ui := ef.unsized.lastAtOrBelow(pc)
 	if ui < 0 {
 		return ""
 	}
-	if si >= 0 && ef.sized[si].addr > ef.unsized[ui].addr {
+	if si >= 0 && ef.sized.addrs[si] > ef.unsized.addrs[ui] {
 		return ""
 	}
-	return ef.unsized[ui].name
-}
-
-func lastAtOrBelow(s []symbol, pc uint64) int {
-	i, found := slices.BinarySearchFunc(s, pc, func(e symbol, t uint64) int {
-		switch {
-		case e.addr < t:
-			return -1
-		case e.addr > t:
-			return 1
-		}
-		return 0
-	})
-	if found {
-		return i
-	}
-	return i - 1
+	return ef.unsized.name(ui)
 }

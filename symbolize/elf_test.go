@@ -10,16 +10,16 @@ import (
 
 func TestSymLookup(t *testing.T) {
 	ef := &elfFile{}
-	ef.sized = sortSymbols([]symbol{
+	ef.sized = compactSymbols(sortSymbols([]symbol{
 		{addr: 0x1000, size: 0x100, name: "__getpid"},
 		{addr: 0x1000, size: 0x100, name: "getpid"}, // alias: the plain name wins
 		{addr: 0x2000, size: 0x10, name: "small"},
-	})
-	ef.unsized = sortSymbols([]symbol{
+	}))
+	ef.unsized = compactSymbols(sortSymbols([]symbol{
 		{addr: 0x0800, name: "asm_entry"},
 		{addr: 0x1800, name: "label_in_gap"},
 		{addr: 0x1f00, name: "before_small"},
-	})
+	}))
 	for _, c := range []struct {
 		pc   uint64
 		want string

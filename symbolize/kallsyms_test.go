@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestParseKallsymsFixture(t *testing.T) {
@@ -39,7 +40,7 @@ func TestParseKallsymsFixture(t *testing.T) {
 			t.Errorf("lookup(%#x) = %q, want %q", c.addr, got, c.want)
 		}
 	}
-	if n := len(ks.addrs); n != 6 {
+	if n := len(ks.tab.addrs); n != 6 {
 		t.Errorf("kept %d symbols, want 6", n)
 	}
 }
@@ -133,4 +134,59 @@ func kallsymsAddr(t testing.TB, name string) uint64 {
 	}
 	t.Skipf("SKIP: %s not in /proc/kallsyms", name)
 	return 0
+}
+
+// TestKallsymsDropAndReload: the table goes after kallsymsKeep without a
+// lookup that needed it; cached answers stay, and a new address reads it
+// again.
+func TestKallsymsDropAndReload(t *testing.T) {
+	f, err := os.Open("testdata/kallsyms.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ks, ok, err := parseKallsyms(f)
+	if err != nil || !ok {
+		t.Fatalf("parseKallsyms: ok=%v err=%v", ok, err)
+	}
+	ks.mu.Lock()
+	ks.keep = 20 * time.Millisecond
+	ks.scheduleDropLocked()
+	ks.mu.Unlock()
+	if got, _ := ks.lookup(0xffffffff81001000); got != "do_one_initcall" {
+		t.Fatalf("lookup = %q", got)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for ks.loaded() && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if ks.loaded() {
+		t.Fatal("table still loaded after keep")
+	}
+	if got, _ := ks.lookup(0xffffffff81001000); got != "do_one_initcall" {
+		t.Fatalf("cached lookup after the drop = %q", got)
+	}
+	if ks.loads != 1 {
+		t.Fatalf("a cached lookup read the table again (%d loads)", ks.loads)
+	}
+	if got, _ := ks.lookup(0xffffffffc0a00010); got != "nft_do_chain" {
+		t.Fatalf("lookup after the drop = %q", got)
+	}
+	if ks.loads != 2 {
+		t.Fatalf("loads = %d, want 2", ks.loads)
+	}
+}
+
+// TestKallsymsOutOfOrder: a file not in address order is sorted.
+func TestKallsymsOutOfOrder(t *testing.T) {
+	in := "ffffffff81002000 T b\nffffffff81000000 t a_local\nffffffff81000000 T a\nffffffff81001000 T mid\n"
+	ks, ok, err := parseKallsyms(strings.NewReader(in))
+	if err != nil || !ok {
+		t.Fatalf("ok=%v err=%v", ok, err)
+	}
+	for addr, want := range map[uint64]string{0xffffffff81000010: "a", 0xffffffff81001001: "mid", 0xffffffff81002001: "b"} {
+		if got, _ := ks.lookup(addr); got != want {
+			t.Errorf("lookup(%#x) = %q, want %q", addr, got, want)
+		}
+	}
 }

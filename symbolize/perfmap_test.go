@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -686,7 +685,7 @@ func BenchmarkPerfMapLookup(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	syms := append(slices.Clone(ef.sized), ef.unsized...)
+	syms := append(ef.sized.all(), ef.unsized.all()...)
 	if len(syms) == 0 {
 		b.Fatalf("%s has no function symbols", libc)
 	}

@@ -210,7 +210,7 @@ func TestVDSO(t *testing.T) {
 	// Find the runtime address of a vDSO function from its own symbols, then
 	// symbolize it as if it came from a stack.
 	var sym symbol
-	for _, s := range ef.sized {
+	for _, s := range ef.sized.all() {
 		if strings.Contains(s.name, "clock_gettime") {
 			sym = s
 		}

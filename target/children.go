@@ -7,6 +7,8 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"sync"
+	"time"
 )
 
 // Children returns the PIDs (at most max, lowest first) whose parent is
@@ -18,12 +20,49 @@ import (
 // (CONFIG_PROC_CHILDREN): reading those costs one file per thread of the
 // target, where scanning every process's stat costs one per process on
 // the host, several times a second. The scan is the fallback.
+//
+// Several readers ask at once (the probes that watch the group refresh it
+// on the same tick of the shared clock): an answer is reused for
+// childrenReuse, so the files are read once per tick, not once per reader.
 func Children(procRoot string, pid, max int) []int {
-	if out, ok := childrenFiles(procRoot, pid, max); ok {
-		return out
+	k := childrenKey{procRoot, pid, max}
+	now := time.Now()
+	childrenMu.Lock()
+	if c, ok := childrenCache[k]; ok && now.Sub(c.at) < childrenReuse {
+		childrenMu.Unlock()
+		return slices.Clone(c.pids)
 	}
-	return childrenScan(procRoot, pid, max)
+	childrenMu.Unlock()
+	out, ok := childrenFiles(procRoot, pid, max)
+	if !ok {
+		out = childrenScan(procRoot, pid, max)
+	}
+	childrenMu.Lock()
+	if len(childrenCache) >= 16 {
+		clear(childrenCache) // a handful of targets at most; bounded anyway
+	}
+	childrenCache[k] = childrenAnswer{now, out}
+	childrenMu.Unlock()
+	return slices.Clone(out)
 }
+
+// childrenReuse is how long one reading of a target's children serves.
+const childrenReuse = 100 * time.Millisecond
+
+type childrenKey struct {
+	root     string
+	pid, max int
+}
+
+type childrenAnswer struct {
+	at   time.Time
+	pids []int
+}
+
+var (
+	childrenMu    sync.Mutex
+	childrenCache = map[childrenKey]childrenAnswer{}
+)
 
 // childrenFiles reads the children files of pid's threads; ok is false
 // when the kernel has none (or they cannot be read).

@@ -67,6 +67,13 @@ type SocketOwnersOptions struct {
 	// MaxChildren bounds the target's children counted as the target (a
 	// prefork server's workers). Default 15, as the probes watch.
 	MaxChildren int
+	// UnknownLife is how long an inode a full scan found nobody holding
+	// stays "unknown" before it is looked for again. Such a socket is
+	// usually held by a process the agent cannot see (another PID
+	// namespace, an fd table it may not read): rescanning every process
+	// each OthersRescan for it would cost a full scan every few seconds
+	// forever. Default 1m.
+	UnknownLife time.Duration
 }
 
 func (o SocketOwnersOptions) withDefaults() SocketOwnersOptions {
@@ -81,6 +88,9 @@ func (o SocketOwnersOptions) withDefaults() SocketOwnersOptions {
 	}
 	if o.MaxChildren <= 0 {
 		o.MaxChildren = 15
+	}
+	if o.UnknownLife <= 0 {
+		o.UnknownLife = time.Minute
 	}
 	return o
 }
@@ -108,9 +118,9 @@ type SocketOwners struct {
 	tgt       Process
 	group     []int
 	groupAt   time.Time
-	byGroup   map[uint32]int // inode -> pid of the target group or the agent
-	byOther   map[uint32]int // inode -> pid of another process
-	unknown   map[uint32]bool
+	byGroup   map[uint32]int       // inode -> pid of the target group or the agent
+	byOther   map[uint32]int       // inode -> pid of another process
+	unknown   map[uint32]time.Time // inode -> when a full scan found nobody holding it
 	comms     map[int]string
 	targetAt  time.Time
 	othersAt  time.Time
@@ -127,7 +137,7 @@ func NewSocketOwners(procRoot string, o SocketOwnersOptions) *SocketOwners {
 		o:        o.withDefaults(),
 		byGroup:  map[uint32]int{},
 		byOther:  map[uint32]int{},
-		unknown:  map[uint32]bool{},
+		unknown:  map[uint32]time.Time{},
 		comms:    map[int]string{},
 		link:     make([]byte, 64),
 	}
@@ -172,7 +182,12 @@ func (s *SocketOwners) ownerLocked(ino uint32) (Owner, bool) {
 	if pid, ok := s.byOther[ino]; ok {
 		return Owner{Role: RoleOther, PID: pid, Comm: s.comms[pid]}, true
 	}
-	return Owner{}, s.unknown[ino]
+	if at, ok := s.unknown[ino]; ok {
+		// Only sockets nobody visible holds come here: reading the
+		// clock for them is cheap.
+		return Owner{}, time.Since(at) < s.o.UnknownLife
+	}
+	return Owner{}, false
 }
 
 // Group is the target and its children, as last read.
@@ -233,11 +248,11 @@ func (s *SocketOwners) Refresh(now time.Time, missing []uint32) int {
 		}
 	}
 	if (len(need) > 0 || s.othersAt.IsZero()) && now.Sub(s.othersAt) >= s.o.OthersRescan {
-		read += s.scanOthers()
+		read += s.scanOthers(now)
 		s.othersAt = now
 		for _, ino := range need {
 			if _, ok := s.ownerLocked(ino); !ok && len(s.unknown) < s.o.MaxInodes {
-				s.unknown[ino] = true // nobody visible holds it: do not look again until the next full scan
+				s.unknown[ino] = now // nobody visible holds it: not looked for again for UnknownLife
 			}
 		}
 	}
@@ -246,10 +261,16 @@ func (s *SocketOwners) Refresh(now time.Time, missing []uint32) int {
 }
 
 // scanOthers reads the fd table of every visible process in the target's
-// network namespace but the target group and the agent.
-func (s *SocketOwners) scanOthers() int {
+// network namespace but the target group and the agent. Inodes still
+// unknown within their UnknownLife stay so (a socket held where the agent
+// cannot see is not looked for at every scan); the expired are dropped.
+func (s *SocketOwners) scanOthers(now time.Time) int {
 	clear(s.byOther)
-	clear(s.unknown)
+	for ino, at := range s.unknown {
+		if now.Sub(at) >= s.o.UnknownLife {
+			delete(s.unknown, ino)
+		}
+	}
 	for pid := range s.comms {
 		if !s.inGroup(pid) {
 			delete(s.comms, pid)

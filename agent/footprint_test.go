@@ -1,0 +1,331 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
+)
+
+// The agent's own footprint, measured on the real binary as a sidecar
+// runs it: in the target's network namespace, on the default
+// configuration. The exact figures, beside a baseline measured in the same
+// run, are make bench's (BenchmarkFootprint); these tests hold generous
+// bounds so that a regression fails.
+
+// rssBudgetMiB is the RSS an idle agent must stay under after warm-up
+// (CULPRIT_TEST_RSS_BUDGET_MIB overrides it). The goal is 32 MiB; the
+// bound leaves room for a loaded test machine and the race-free build the
+// tests run.
+const rssBudgetMiB = 48
+
+// realAgent is the agent binary running against a target, in the
+// target's network namespace (nsenter), with its log in a file.
+type realAgent struct {
+	cmd      *exec.Cmd
+	pid      int
+	ns       *testenv.Netns
+	httpAddr string
+	log      string
+
+	once      sync.Once
+	transport *http.Transport
+}
+
+// startRealAgent starts bin (culpritBinary when "") on pid. wrap, when not
+// nil, is run first with the command so a test can move it into a cgroup
+// before it execs the agent (the command waits for a line on stdin).
+func startRealAgent(t testing.TB, bin string, pid int, wrap func(shellPID int), sets ...string) *realAgent {
+	t.Helper()
+	if bin == "" {
+		bin = culpritBinary(t)
+	}
+	ns := testenv.NetnsOf(t, pid)
+	port := func() string {
+		p, err := ns.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return "127.0.0.1:" + strconv.Itoa(p)
+	}
+	a := &realAgent{ns: ns, httpAddr: port()}
+	args := []string{"--net=/proc/" + strconv.Itoa(pid) + "/ns/net", bin, "agent", "--pid", strconv.Itoa(pid),
+		"--grpc-addr", port(), "--http-addr", a.httpAddr, "--set", "traces.enabled=false", "--set", "agent.log_level=debug"}
+	for _, s := range sets {
+		args = append(args, "--set", s)
+	}
+	// sh waits for a line, then execs: the agent keeps sh's PID (and the
+	// cgroup wrap put it in).
+	a.cmd = exec.Command("sh", append([]string{"-c", `read _ && exec nsenter "$@"`, "sh"}, args...)...)
+	stdin, err := a.cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	logf, err := os.CreateTemp(t.TempDir(), "agent-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.log = logf.Name()
+	a.cmd.Stdout, a.cmd.Stderr = logf, logf
+	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := a.cmd.Start(); err != nil {
+		t.Fatalf("start the agent: %v", err)
+	}
+	a.pid = a.cmd.Process.Pid
+	if wrap != nil {
+		wrap(a.pid)
+	}
+	io.WriteString(stdin, "go\n")
+	stdin.Close()
+	t.Cleanup(func() {
+		a.cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { a.cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			a.cmd.Process.Kill()
+			<-done
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(a.log)
+			t.Logf("agent log:\n%s", b)
+		}
+	})
+	a.waitReady(t, 30*time.Second)
+	return a
+}
+
+// httpClient talks to the agent over keep-alive connections of one
+// transport, as a Prometheus scrapes (no connection churn of the
+// harness's own in the namespace being measured).
+func (a *realAgent) httpClient() *http.Client {
+	a.once.Do(func() {
+		a.transport = &http.Transport{
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return a.ns.DialContext(ctx, network, addr)
+			},
+		}
+	})
+	return &http.Client{Timeout: 5 * time.Second, Transport: a.transport}
+}
+
+// waitReady waits until /readyz says the target is watched.
+func (a *realAgent) waitReady(t testing.TB, timeout time.Duration) {
+	t.Helper()
+	c := a.httpClient()
+	deadline := time.Now().Add(timeout)
+	for {
+		resp, err := c.Get("http://" + a.httpAddr + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(a.log)
+			t.Fatalf("agent not ready within %v (last: %v)\n%s", timeout, err, b)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// metrics scrapes the agent's /metrics into name{labels} -> value.
+func (a *realAgent) metrics(t testing.TB) map[string]float64 {
+	t.Helper()
+	resp, err := a.httpClient().Get("http://" + a.httpAddr + "/metrics")
+	if err != nil {
+		t.Fatalf("scrape the agent: %v", err)
+	}
+	defer resp.Body.Close()
+	return parseExposition(resp.Body)
+}
+
+// parseExposition reads the text exposition format into name{labels} ->
+// value, comments left out.
+func parseExposition(r io.Reader) map[string]float64 {
+	out := map[string]float64{}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		if l == "" || l[0] == '#' {
+			continue
+		}
+		i := strings.LastIndexByte(l, ' ')
+		if i < 0 {
+			continue
+		}
+		if v, err := strconv.ParseFloat(l[i+1:], 64); err == nil {
+			out[l[:i]] = v
+		}
+	}
+	return out
+}
+
+// procCPU is the CPU time every thread of pid ran, from schedstat
+// (nanoseconds, as the scheduler counts it; /proc/PID/stat's ticks are
+// sampled, and a process that wakes briefly is charged whole ticks).
+func procCPU(pid int) time.Duration {
+	tasks, _ := filepath.Glob("/proc/" + strconv.Itoa(pid) + "/task/*/schedstat")
+	var sum int64
+	for _, f := range tasks {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		if fs := bytes.Fields(b); len(fs) > 0 {
+			n, _ := strconv.ParseInt(string(fs[0]), 10, 64)
+			sum += n
+		}
+	}
+	return time.Duration(sum)
+}
+
+// procStatus reads kB fields of /proc/PID/status (VmRSS, VmHWM, RssAnon,
+// RssFile) in bytes.
+func procStatus(pid int) map[string]int64 {
+	out := map[string]int64{}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return out
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(l, ":")
+		f := strings.Fields(v)
+		if !ok || len(f) != 2 || f[1] != "kB" {
+			continue
+		}
+		n, _ := strconv.ParseInt(f[0], 10, 64)
+		out[k] = n << 10
+	}
+	return out
+}
+
+func mib(b int64) float64 { return float64(b) / (1 << 20) }
+
+// requireRoot skips loudly without root (namespaces, cgroups, eBPF); as
+// root a missing feature is a failure, as the project's other tests have it.
+func requireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("SKIP: needs root (network namespaces, cgroups, eBPF)")
+	}
+}
+
+func rssBudget(t testing.TB) int64 {
+	if s := os.Getenv("CULPRIT_TEST_RSS_BUDGET_MIB"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n <= 0 {
+			t.Fatalf("CULPRIT_TEST_RSS_BUDGET_MIB=%q: want a number of MiB", s)
+		}
+		return int64(n) << 20
+	}
+	return rssBudgetMiB << 20
+}
+
+// TestIdleAgentRSSBudget: the real agent, watching a quiet target with
+// ~1,000 sockets of another process in its namespace, stays under the RSS
+// budget after its warm-up (probes attached, symbol tables read, a few
+// cycles of every collector and rule).
+func TestIdleAgentRSSBudget(t *testing.T) {
+	if testing.Short() {
+		t.Skip("SKIP: runs the agent for 20 s")
+	}
+	requireRoot(t)
+	s := testenv.Start(t, testenv.Options{Backlog: 128, Accept: true})
+	nb := testenv.StartNeighbour(t, s.PID)
+	if held := nb.HoldEstablished(t, 500); held < 500 {
+		t.Fatalf("neighbour holds %d connections, want 500", held)
+	}
+	a := startRealAgent(t, "", s.PID, nil)
+	time.Sleep(20 * time.Second) // warm-up
+	st := procStatus(a.pid)
+	m := a.metrics(t)
+	t.Logf("idle agent: VmRSS %.1f MiB (anon %.1f, file %.1f), VmHWM %.1f MiB, Go heap in use %.1f MiB",
+		mib(st["VmRSS"]), mib(st["RssAnon"]), mib(st["RssFile"]), mib(st["VmHWM"]), m["go_memstats_heap_inuse_bytes"]/(1<<20))
+	if budget := rssBudget(t); st["VmRSS"] > budget {
+		t.Fatalf("idle agent VmRSS %.1f MiB over the budget of %.0f MiB (anon %.1f, file %.1f MiB)",
+			mib(st["VmRSS"]), mib(budget), mib(st["RssAnon"]), mib(st["RssFile"]))
+	}
+}
+
+// TestAgentMemoryLimitFromCgroup: an agent in a memory cgroup sets its Go
+// memory limit from the cgroup's (agent.memory_limit_ratio of it), and
+// keeps running in a tight one.
+func TestAgentMemoryLimitFromCgroup(t *testing.T) {
+	requireRoot(t)
+	s := testenv.Start(t, testenv.Options{Backlog: 128, Accept: true})
+	const limit = 96 << 20
+	a := startRealAgent(t, "", s.PID, func(pid int) { testenv.MemoryCgroup(t, limit, pid) })
+	time.Sleep(3 * time.Second)
+	b, _ := os.ReadFile(a.log)
+	want := fmt.Sprintf("bytes=%d", int64(float64(limit)*DefaultConfig().Agent.MemoryLimitRatio))
+	if !bytes.Contains(b, []byte("Go memory limit set")) || !bytes.Contains(b, []byte(want)) {
+		t.Fatalf("the agent did not set its Go memory limit from its cgroup (want %s):\n%s", want, b)
+	}
+	if a.cmd.ProcessState != nil {
+		t.Fatalf("the agent exited: %v", a.cmd.ProcessState)
+	}
+	// An explicit limit wins over the cgroup's.
+	a2 := startRealAgent(t, "", s.PID, func(pid int) { testenv.MemoryCgroup(t, limit, pid) }, "agent.memory_limit_bytes=50000000")
+	time.Sleep(time.Second)
+	b, _ = os.ReadFile(a2.log)
+	if !bytes.Contains(b, []byte("bytes=50000000")) || !bytes.Contains(b, []byte("from=agent.memory_limit_bytes")) {
+		t.Fatalf("agent.memory_limit_bytes not applied:\n%s", b)
+	}
+}
+
+// TestAgentPprofLoopbackOnly: agent.pprof serves the agent's own profiles
+// on the HTTP listener, to loopback callers; it is off by default.
+func TestAgentPprofLoopbackOnly(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 16, Accept: true})
+	cfg := testConfig(t, s.PID)
+	a := startAgentConfig(t, cfg)
+	resp, err := http.Get("http://" + a.HTTPAddr + "/debug/pprof/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("/debug/pprof/ with agent.pprof off: %s, want 404", resp.Status)
+	}
+	cfg.Agent.Pprof = true
+	a = startAgentConfig(t, cfg)
+	resp, err = http.Get("http://" + a.HTTPAddr + "/debug/pprof/heap?debug=1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !bytes.Contains(body, []byte("heap profile")) {
+		t.Fatalf("/debug/pprof/heap from loopback: %s %.200s", resp.Status, body)
+	}
+	// From beyond loopback, without a token: refused.
+	g := pprofAccess{}
+	r, _ := http.NewRequest("GET", "/debug/pprof/", nil)
+	r.RemoteAddr = "10.1.2.3:4567"
+	if g.allowed(r) {
+		t.Fatal("a non-loopback caller was let in without a token")
+	}
+	g.token = []byte("0123456789abcdef0123")
+	r.Header.Set("Authorization", "Bearer 0123456789abcdef0123")
+	if !g.allowed(r) {
+		t.Fatal("a caller with the token was refused")
+	}
+}

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The figures make bench measured, as one table: each goal, what this run
+# measured, and the baseline the same run measured beside it. Reads the
+# outputs make bench saved in DIR:
+#   footprint.txt  go test -bench BenchmarkFootprint ./agent/
+#   probes.txt     go test -bench . ./probes/ (BenchmarkSchedProbe)
+#   nginx.txt      scripts/bench-nginx.sh (its BENCH-NGINX line)
+# A figure whose output is missing (a step skipped: no nginx, no
+# node_exporter) is shown as "-".
+#
+# Exit status: 0 printed, 2 usage.
+set -euo pipefail
+
+[ $# -eq 1 ] && [ -d "$1" ] || { echo "usage: scripts/bench-table.sh DIR" >&2; exit 2; }
+dir=$1
+
+# metric FILE BENCH UNIT: the value a Go benchmark (name prefix BENCH)
+# reported with UNIT, or "-".
+metric() {
+  local f=$dir/$1
+  [ -f "$f" ] || { echo -; return; }
+  awk -v b="$2" -v u="$3" '
+    index($1, b) == 1 {
+      for (i = 3; i < NF; i++) if ($(i + 1) == u) { v = $i }
+    }
+    END { if (v == "") print "-"; else print v }' "$f"
+}
+
+# nginx KEY: a value of the BENCH-NGINX line, or "-".
+nginx() {
+  local f=$dir/nginx.txt
+  [ -f "$f" ] || { echo -; return; }
+  awk -v k="$1" '$1 == "BENCH-NGINX" { for (i = 2; i <= NF; i++) { split($i, kv, "="); if (kv[1] == k) v = kv[2] } }
+    END { if (v == "") print "-"; else print v }' "$f"
+}
+
+fmt() { # fmt PRINTF VALUE: VALUE formatted, "-" kept
+  if [ "$2" = - ]; then echo -; else awk -v f="$1" -v v="$2" 'BEGIN { printf f, v }'; fi
+}
+
+# verdict VALUE OP LIMIT: "ok" or "MISSED" (or "?" without a value).
+verdict() {
+  [ "$1" = - ] && { echo "?"; return; }
+  awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN { ok = (op == "<=") ? v <= l : v >= l; print ok ? "ok" : "MISSED" }'
+}
+
+ns_op() { # the ns/op of a sub-benchmark of probes.txt
+  local f=$dir/probes.txt
+  [ -f "$f" ] || { echo -; return; }
+  awk -v b="$1" 'index($1, b) == 1 { for (i = 2; i < NF; i++) if ($(i + 1) == "ns/op") v = $i } END { if (v == "") print "-"; else print v }' "$f"
+}
+
+row() { printf '| %-52s | %-9s | %-28s | %-44s | %-6s |\n' "$@"; }
+
+idle_rss=$(metric footprint.txt BenchmarkFootprint/idle agent-rss-MiB)
+idle_anon=$(metric footprint.txt BenchmarkFootprint/idle agent-rss-anon-MiB)
+ne_idle_rss=$(metric footprint.txt BenchmarkFootprint/idle node-exporter-rss-MiB)
+idle_cpu=$(metric footprint.txt BenchmarkFootprint/idle agent-cpu-%)
+ne_idle_cpu=$(metric footprint.txt BenchmarkFootprint/idle node-exporter-cpu-%)
+idle_alloc=$(metric footprint.txt BenchmarkFootprint/idle agent-alloc-KB/s)
+ne_idle_alloc=$(metric footprint.txt BenchmarkFootprint/idle node-exporter-alloc-KB/s)
+k40_cpu=$(metric footprint.txt BenchmarkFootprint/40k_sockets agent-cpu-%)
+k40_socks=$(metric footprint.txt BenchmarkFootprint/40k_sockets sockets)
+ne_k40_cpu=$(metric footprint.txt BenchmarkFootprint/40k_sockets node-exporter-cpu-%)
+rps_cpu=$(metric footprint.txt BenchmarkFootprint/nginx_20k_rps agent-cpu-%)
+rps_rate=$(metric footprint.txt BenchmarkFootprint/nginx_20k_rps requests/s)
+rps_rss=$(metric footprint.txt BenchmarkFootprint/nginx_20k_rps agent-rss-MiB)
+ne_rps_cpu=$(metric footprint.txt BenchmarkFootprint/nginx_20k_rps node-exporter-cpu-%)
+ne_rps_rss=$(metric footprint.txt BenchmarkFootprint/nginx_20k_rps node-exporter-rss-MiB)
+wrk_rss=$(nginx rss_mib)
+wrk_hwm=$(nginx hwm_mib)
+wrk_socks=$(nginx sockets)
+pair=$(nginx pair_ratio)
+pair_min=$(nginx pair_min)
+ratio=$(nginx ratio)
+rps_without=$(nginx rps_without)
+rps_with=$(nginx rps_with)
+base=$(ns_op BenchmarkSchedProbe/baseline)
+probe=$(ns_op BenchmarkSchedProbe/target)
+runqlat=$(ns_op BenchmarkSchedProbe/runqlat)
+offcpu=$(ns_op BenchmarkSchedProbe/offcputime)
+x() { # x A B: A/B as a ratio, "-" when either is missing
+  if [ "$1" = - ] || [ "$2" = - ]; then echo -; else awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; fi
+}
+
+echo
+echo "culprit footprint, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, Linux $(uname -r); every baseline from the same make bench run"
+echo
+row "figure" "goal" "measured" "baseline (same run)" "goal?"
+row "----------------------------------------------------" "---------" "----------------------------" "--------------------------------------------" "------"
+row "RSS, quiet target, $(fmt %.0f "$(metric footprint.txt BenchmarkFootprint/idle sockets)") sockets in the namespace" "<= 32 MiB" \
+  "$(fmt %.1f "$idle_rss") MiB ($(fmt %.1f "$idle_anon") anon)" "node_exporter $(fmt %.1f "$ne_idle_rss") MiB" "$(verdict "$idle_rss" '<=' 32)"
+row "RSS, nginx under wrk, $(fmt %.0f "$wrk_socks") established sockets" "<= 40 MiB" \
+  "$(fmt %.1f "$wrk_rss") MiB (peak $(fmt %.1f "$wrk_hwm"))" "at 20k req/s: agent $(fmt %.1f "$rps_rss"), node_exporter $(fmt %.1f "$ne_rps_rss") MiB" "$(verdict "$wrk_rss" '<=' 40)"
+row "CPU, quiet target (% of one core)" "<= 0.5%" "$(fmt %.2f "$idle_cpu")%" "node_exporter scraped each 1 s: $(fmt %.2f "$ne_idle_cpu")%" "$(verdict "$idle_cpu" '<=' 0.5)"
+row "CPU, $(fmt %.0f "$k40_socks") established sockets of other processes" "<= 2%" "$(fmt %.2f "$k40_cpu")%" "node_exporter scraped each 1 s: $(fmt %.2f "$ne_k40_cpu")%" "$(verdict "$k40_cpu" '<=' 2)"
+row "CPU at 20k requests/s to the target" "<= 2%" "$(fmt %.2f "$rps_cpu")% at $(fmt %.0f "$rps_rate") req/s" "node_exporter scraped each 1 s: $(fmt %.2f "$ne_rps_cpu")%" "$(verdict "$rps_cpu" '<=' 2)"
+row "allocation rate while idle" "<= 100 KB/s" "$(fmt %.1f "$idle_alloc") KB/s" "node_exporter scraped each 1 s: $(fmt %.1f "$ne_idle_alloc") KB/s" "$(verdict "$idle_alloc" '<=' 100)"
+row "requests/s of nginx under wrk, agent on / off" ">= 0.99" "$(fmt %.3f "$pair") per round (min $(fmt %.3f "$pair_min"))" "$(fmt %.0f "$rps_with") / $(fmt %.0f "$rps_without") req/s = $(fmt %.3f "$ratio")" "$(verdict "$pair" '>=' 0.99)"
+row "thread round trip (2 wake-ups, 4 switches), sched probe" "-" "$(fmt %.0f "$probe") ns ($(x "$probe" "$base"))" "none $(fmt %.0f "$base"); runqlat -p $(x "$runqlat" "$base"), offcputime -p $(x "$offcpu" "$base")" "-"
+echo
