@@ -55,8 +55,8 @@ bench: build
 # targets for a bounded time each, and a soak under load (SOAK) that fails
 # on goroutine or heap growth.
 reliability:
-	$(GO) test -count=1 -run 'TestAgentWithoutBPFRights|TestTargetRefoundWithinOneSecond|TestAgentShutsDownCleanlyOnSIGTERM|TestHardeningHugeAuthorizationHeader|TestHardeningUnauthenticatedLargeProfileRequests|TestHardeningIdleConnectionFlood|TestHardeningResumeAcrossAgentRestart|TestHardeningTLSWithoutClientAuthIsNotProtection|TestHardeningTargetUnreadableSaysWhy' ./agent/
-	$(GO) test -count=1 -run 'TestHundredSlowWatchers|TestHugeHeaderRefusedWhileDecoding|TestTokenCheckedBeforeTheMessageIsRead|TestGRPCConnectionCap|TestHTTPServerBounded|TestHTTPStuckConnectionsGiveWay' ./exporters/
+	$(GO) test -count=1 -run 'TestAgentWithoutBPFRights|TestTargetRefoundWithinOneSecond|TestAgentShutsDownCleanlyOnSIGTERM|TestHardeningHugeAuthorizationHeader|TestHardeningUnauthenticatedLargeProfileRequests|TestHardeningIdleConnectionFlood|TestHardeningResumeAcrossAgentRestart|TestHardeningTLSWithoutClientAuthIsNotProtection|TestHardeningTargetUnreadableSaysWhy|TestHardeningBadConfigInput|TestHardeningOTLPAttacks' ./agent/
+	$(GO) test -count=1 -run 'TestHundredSlowWatchers|TestHugeHeaderRefusedWhileDecoding|TestTokenCheckedBeforeTheMessageIsRead|TestGRPCConnectionCap|TestHTTPServerBounded|TestHTTPStuckConnectionsGiveWay|TestFindingsLogsCollectorRestart|TestFindingsLogsCollectorDown' ./exporters/
 	$(GO) test -count=1 -run 'TestSlowUploadsAreBounded|TestSlowConnectionsAreCut|TestSlowGRPCStreamIsCut|TestHugeSpanNamesAreCut|TestDecodeBombRefused' ./traces/
 	$(GO) test -run '^$$' -fuzz FuzzParseConfig -fuzztime $(FUZZTIME) ./agent/
 	$(GO) test -run '^$$' -fuzz FuzzParseHeap -fuzztime $(FUZZTIME) ./collectors/

@@ -183,6 +183,11 @@ type Agent struct {
 	closers []collectors.Closer
 	otlp    *traces.Receiver
 	forward *traces.Forwarder
+	// Resource names the watched service and its pod (target_info, OTLP
+	// log records); logs exports finding events, nil when off.
+	resource *exporters.Resource
+	logs     *exporters.FindingsLogs
+	engine   *rules.Engine
 }
 
 // StartAgent wires collectors, probes, rules and exporters and starts them.
@@ -219,6 +224,10 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		cancel: cancel,
 	}
 	a.Tracker = target.NewTracker(res, sel, cfg.Target.RefindInterval, log)
+	if a.resource, err = exporters.NewResource(os.Environ(), a.Tracker); err != nil {
+		cancel()
+		return nil, fmt.Errorf("name the service and its pod: %w", err)
+	}
 	a.Tracker.Refresh()
 	if _, ok := a.Tracker.Current(); !ok {
 		log.Warn("target not found yet; the agent keeps looking", "selector", sel.String())
@@ -248,14 +257,41 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		Heap:     heapHistory{a.Profiles},
 		Pools:    pools,
 	}
-	eng := rules.NewEngine(rules.New(cfg.Rules, cfg.Pprof.Interval), a.Store, a.Journal, a.Tracker, eo)
-	a.goRun(func() { eng.Run(ctx) })
+	a.engine = rules.NewEngine(rules.New(cfg.Rules, cfg.Pprof.Interval), a.Store, a.Journal, a.Tracker, eo)
+	a.goRun(func() { a.engine.Run(ctx) })
 
 	if err := a.startServers(cfg); err != nil {
 		a.Stop(time.Second)
 		return nil, err
 	}
+	if err := a.startFindingsLogs(ctx, cfg); err != nil {
+		a.Stop(time.Second)
+		return nil, err
+	}
 	return a, nil
+}
+
+// startFindingsLogs exports finding events as OTLP log records when
+// findings.otlp_endpoint is set. It reads the journal as a watcher does:
+// the rules never wait for it.
+func (a *Agent) startFindingsLogs(ctx context.Context, cfg Config) error {
+	f := cfg.Findings
+	if f.OTLPEndpoint == "" {
+		a.Store.SetStatus(signals.Status{Component: "otlp_logs", Kind: "exporter", State: signals.StateDisabled, Detail: "findings.otlp_endpoint is empty"})
+		return nil
+	}
+	fl, err := exporters.NewFindingsLogs(exporters.FindingsLogsOptions{
+		Journal: a.Journal, Store: a.Store, Resource: a.resource, InstanceID: a.grpcSvc.InstanceID(), Version: version,
+		Log: a.log.With("component", "otlp_logs"), Endpoint: f.OTLPEndpoint, Protocol: f.OTLPProtocol, Environ: os.Environ(),
+		Queue: f.OTLPQueue, QueueBytes: f.OTLPQueueBytes, Batch: f.OTLPBatch, Interval: f.OTLPInterval, Timeout: f.OTLPTimeout,
+	})
+	if err != nil {
+		return &ConfigError{Key: "findings.otlp_endpoint", Err: fmt.Errorf("export findings as OTLP log records: %w", err)}
+	}
+	a.logs = fl
+	a.Store.SetStatus(signals.Status{Component: "otlp_logs", Kind: "exporter", State: signals.StateRunning, Detail: fl.Protocol() + " " + fl.Endpoint()})
+	a.goRun(func() { fl.Run(ctx) })
+	return nil
 }
 
 func (a *Agent) goRun(f func()) {
@@ -520,6 +556,11 @@ func (a *Agent) Stop(timeout time.Duration) error {
 		}
 	}
 	a.wg.Wait()
+	// The exporter's last batch goes out (within timeout) after its reader
+	// ended.
+	if a.logs != nil {
+		a.logs.Close(timeout)
+	}
 	// Collectors are closed after their goroutines ended, never under them.
 	for _, c := range a.closers {
 		if err := c.Close(); err != nil {

@@ -17,9 +17,11 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/culprit-dev/culprit/exporters"
 	"github.com/culprit-dev/culprit/probes"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/symbolize"
+	"github.com/culprit-dev/culprit/traces"
 )
 
 // Config mirrors agent.conf; the file at the repository root documents every
@@ -164,6 +166,15 @@ type Config struct {
 	Findings struct {
 		History  int `toml:"history" range:"[16,16777216]"`
 		MaxBatch int `toml:"max_batch" range:"[1,1048576]"`
+		// OTLP*: finding events as OpenTelemetry log records
+		// (exporters.FindingsLogs); no export while OTLPEndpoint is empty.
+		OTLPEndpoint   string        `toml:"otlp_endpoint"`
+		OTLPProtocol   string        `toml:"otlp_protocol"`
+		OTLPQueue      int           `toml:"otlp_queue" range:"[1,65536]"`
+		OTLPQueueBytes int           `toml:"otlp_queue_bytes" range:"[65536,1073741824]"`
+		OTLPBatch      int           `toml:"otlp_batch" range:"[1,65536]"`
+		OTLPInterval   time.Duration `toml:"otlp_interval" range:"[10ms,1m]"`
+		OTLPTimeout    time.Duration `toml:"otlp_timeout" range:"[1s,1h]"`
 	} `toml:"findings"`
 }
 
@@ -231,7 +242,7 @@ func DefaultConfig() Config {
 	c.Traces.GRPCAddr = "127.0.0.1:4317"
 	c.Traces.HTTPAddr = "127.0.0.1:4318"
 	c.Traces.MaxRequestBytes = 4 << 20
-	c.Traces.MaxInflightBytes = 64 << 20
+	c.Traces.MaxInflightBytes = traces.DefaultMaxInflightBytes
 	c.Traces.InflightWait = time.Second
 	c.Traces.MaxConnections = 64
 	c.Traces.GRPCMaxStreams = 16
@@ -254,6 +265,11 @@ func DefaultConfig() Config {
 	c.Pprof.Keep = 8
 	c.Findings.History = 4096
 	c.Findings.MaxBatch = 256
+	c.Findings.OTLPQueue = exporters.DefaultOTLPQueue
+	c.Findings.OTLPQueueBytes = exporters.DefaultOTLPQueueBytes
+	c.Findings.OTLPBatch = exporters.DefaultOTLPBatch
+	c.Findings.OTLPInterval = exporters.DefaultOTLPInterval
+	c.Findings.OTLPTimeout = exporters.DefaultOTLPTimeout
 	return c
 }
 
@@ -430,6 +446,14 @@ func (c *Config) Validate() error {
 	case "text", "json":
 	default:
 		return bad("agent.log_format", "must be text or json, got %s", quote(c.Agent.LogFormat))
+	}
+	switch p := c.Findings.OTLPProtocol; p {
+	case "", exporters.OTLPProtocolGRPC, exporters.OTLPProtocolHTTP:
+	default:
+		return bad("findings.otlp_protocol", "must be grpc or http/protobuf (empty: OTEL_EXPORTER_OTLP_LOGS_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL, else grpc), got %s", quote(p))
+	}
+	if c.Findings.OTLPBatch > c.Findings.OTLPQueue {
+		return bad("findings.otlp_batch", "must not exceed findings.otlp_queue (%d), got %d", c.Findings.OTLPQueue, c.Findings.OTLPBatch)
 	}
 	if u := c.Pprof.HeapURL; u != "" && !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
 		return bad("pprof.heap_url", "must be an http:// or https:// URL, got %s", quote(u))

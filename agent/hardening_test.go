@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -17,6 +18,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -67,7 +69,14 @@ func startBinAgent(t *testing.T, wrap []string, cred *syscall.Credential, bin st
 		args = append(args, "--grpc-addr", b.grpcAddr)
 	}
 	b.httpAddr = freeAddr(t)
-	args = append(args, "--http-addr", b.httpAddr, "--set", "traces.grpc_addr=127.0.0.1:0", "--set", "traces.http_addr=127.0.0.1:0")
+	args = append(args, "--http-addr", b.httpAddr)
+	// The trace receivers on ports of their own unless the test picks them
+	// (a later --set would win over the test's).
+	for _, key := range []string{"traces.grpc_addr", "traces.http_addr"} {
+		if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, key+"=") }) {
+			args = append(args, "--set", key+"=127.0.0.1:0")
+		}
+	}
 	argv := append(append(append([]string{}, wrap...), bin, "agent"), args...)
 	b.cmd = exec.Command(argv[0], argv[1:]...)
 	if cred != nil {
@@ -171,9 +180,19 @@ func (b *binAgent) logLines(s string) int {
 // memKiB reads VmRSS and VmHWM (peak RSS) of pid.
 func memKiB(t *testing.T, pid int) (rss, hwm int) {
 	t.Helper()
+	rss, hwm, ok := tryMemKiB(pid, "")
+	if !ok {
+		t.Fatalf("read the status of %d", pid)
+	}
+	return rss, hwm
+}
+
+// tryMemKiB is memKiB for a process that may have exited, or, when name
+// is given, not yet exec'd it (then it reports nothing).
+func tryMemKiB(pid int, name string) (rss, hwm int, ok bool) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatalf("read agent status: %v", err)
+	if err != nil || (name != "" && !bytes.Contains(b, []byte("Name:\t"+name+"\n"))) {
+		return 0, 0, false
 	}
 	for _, l := range strings.Split(string(b), "\n") {
 		f := strings.Fields(l)
@@ -187,7 +206,7 @@ func memKiB(t *testing.T, pid int) (rss, hwm int) {
 			hwm, _ = strconv.Atoi(f[1])
 		}
 	}
-	return rss, hwm
+	return rss, hwm, rss > 0
 }
 
 func openFDs(pid int) int {

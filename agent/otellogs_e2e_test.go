@@ -197,16 +197,23 @@ func waitResolved(t *testing.T, j *rules.Journal, id string, timeout time.Durati
 // makes a blocking call: the blocking_worker finding's record carries the
 // first of those requests' trace ids as its trace context, the others as
 // an attribute, so a backend links the log record to the slow traces.
+// The exporter here is the agent's own, from findings.otlp_endpoint, with
+// the service named by OTEL_SERVICE_NAME in the agent's environment.
 func TestFindingLogRecordsCarryTraceContext(t *testing.T) {
 	col := testcollector.Start(t)
 	otlp := freeAddr(t)
 	app := testenv.StartTracedApp(t, otlp)
+	t.Setenv(exporters.EnvServiceName, "orders")
 	cfg := testConfig(t, app.PID)
 	cfg.Traces.GRPCAddr = otlp
 	cfg.Rules.BlockingWorker.Window = 4 * time.Second
+	cfg.Findings.OTLPEndpoint = col.GRPCAddr
+	cfg.Findings.OTLPProtocol = exporters.OTLPProtocolGRPC
 	a := startAgentConfig(t, cfg)
+	if a.logs == nil || a.logs.Endpoint() == "" {
+		t.Fatal("findings.otlp_endpoint set, and the agent exports no findings")
+	}
 	waitSched(t, client(t, a.GRPCAddr))
-	startFindingsLogs(t, a, col.GRPCAddr, exporters.OTLPProtocolGRPC, []string{"OTEL_SERVICE_NAME=orders"})
 
 	var blocked []string
 	for range 3 {

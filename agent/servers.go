@@ -242,7 +242,8 @@ func (a *Agent) startServers(cfg Config) error {
 	})
 
 	prom := exporters.NewPrometheus(exporters.PromOptions{Store: a.Store, Journal: a.Journal, Log: a.log.With("component", "metrics"),
-		Listeners: []*exporters.ConnLimiter{glim, hlim}, MaxScrapes: cfg.Agent.HTTPMaxScrapes})
+		Listeners: []*exporters.ConnLimiter{glim, hlim}, MaxScrapes: cfg.Agent.HTTPMaxScrapes,
+		Resource: a.resource, Engine: a.engine})
 	mux := a.httpMux(prom)
 	if cfg.Agent.Pprof {
 		gate, err := pprofGate(cfg)

@@ -85,7 +85,7 @@ type Options struct {
 // Defaults of Options, as agent.conf documents them.
 const (
 	DefaultMaxRequestBytes  = 4 << 20
-	DefaultMaxInflightBytes = 64 << 20
+	DefaultMaxInflightBytes = 16 << 20 // 4 requests of the default size: the sidecar budget holds it
 	DefaultInflightWait     = time.Second
 	DefaultMaxConnections   = 64
 	DefaultGRPCMaxStreams   = 16
