@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strconv"
 	"strings"
@@ -189,6 +190,39 @@ func failedConnects(f *culpritv1.Finding) float64 {
 		}
 	}
 	return 0
+}
+
+// The connections a stalled shutdown holds are the target's ends only:
+// 20 clients in another process of the same namespace hold the other 20
+// ends, which are not the target's to close (seen: "40 connections still
+// open" for a server holding 20).
+func TestStalledShutdownCountsTheTargetsEnds(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
+	cfg := testConfig(t, s.PID)
+	cfg.Rules.StalledShutdown.Grace = time.Duration(4 * time.Second)
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, s.Port)
+	events, _ := watch(t, c, 0)
+	ns := testenv.NetnsOf(t, s.PID)
+	addr := fmt.Sprintf("127.0.0.1:%d", s.Port)
+	for range 20 {
+		conn, err := ns.DialContext(context.Background(), "tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+	}
+	time.Sleep(1500 * time.Millisecond) // the sockets collector and the owner index have them
+	if err := syscall.Kill(s.PID, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	ev, _ := next(t, events, 10*time.Second, openedBy("stalled_shutdown"))
+	f := ev.Finding
+	t.Logf("%s\n  %s", f.Title, f.Symptom)
+	if !strings.Contains(f.Title, "20 connections still open") || !strings.Contains(f.Symptom, fmt.Sprintf("20 on port %d", s.Port)) {
+		t.Errorf("the target holds 20 connections; the finding says: %s / %s", f.Title, f.Symptom)
+	}
 }
 
 // established runs a dial command of the child and returns how many

@@ -26,7 +26,7 @@ func init() {
 
 var (
 	tcpSocketsByPortDesc = &signals.Desc{Name: "tcp_sockets", Kind: signals.Gauge,
-		Help: `TCP sockets of the target's network namespace by owner, local port and state. owner is "target" (the target and its children), "agent" (culprit), another process's command name, or "unknown" (no visible process holds it: time-wait sockets of connections not known to be the target's, a process in another PID namespace). port is a port some socket of the namespace listens on (its connections belong to the listener's owner), "ephemeral" for every other local port (the client side of outbound connections), or "other" for listening ports past the MaxPorts busiest.`}
+		Help: `TCP sockets of the target's network namespace by owner, local port and state. owner is "target" (the target and its children), "agent" (culprit), another process's command name, or "unknown" (no visible process holds it: time-wait sockets of connections not known to be the target's, a process in another PID namespace). port is a port some socket of the namespace listens on (its connections belong to the listener's owner), or one the target listened on while its connections remain (a server that closed its listener on SIGTERM), "ephemeral" for every other local port (the client side of outbound connections), or "other" for listening ports past the MaxPorts busiest.`}
 	tcpSocketsByRemoteDesc = &signals.Desc{Name: "tcp_sockets_by_remote", Kind: signals.Gauge,
 		Help: `Outbound TCP sockets (local port not a listening one) by owner, state (ESTABLISHED, SYN_SENT, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE_WAIT) and remote ip:port, for the MaxRemotes remotes with the most sockets (the target's first); the rest are summed under remote="other". TIME_WAIT piling up toward one remote, or ESTABLISHED flat at a ceiling toward one upstream (an exhausted connection pool), show here.`}
 	tcpCloseWaitOldestDesc = &signals.Desc{Name: "tcp_close_wait_oldest_seconds", Kind: signals.Gauge,
@@ -340,6 +340,13 @@ type socketsCollector struct {
 	conns map[connKey]uint32
 	cycle uint32
 	tgt   target.Process
+	// listened holds the target's listening ports of the last cycle that
+	// had sockets on them. After SIGTERM a server closes its listener and
+	// keeps serving: its accepted connections are still inbound, and
+	// without this they would look like outbound ones, one remote per
+	// client. A port leaves it with its last socket; at most MaxPorts.
+	listened map[uint16]bool
+	portList []uint16 // listened's keys, reused
 
 	// Series written, by label key (owner and port, or owner and remote),
 	// with the states written for it: a state seen once is written, 0 if
@@ -485,6 +492,7 @@ func (c *socketsCollector) collectCycle(ctx context.Context, tgt target.Process)
 	if c.tgt.PID != tgt.PID || c.tgt.StartTime != tgt.StartTime {
 		c.tgt = tgt
 		clear(c.conns)
+		clear(c.listened)
 		c.owners.SetTarget(tgt)
 	}
 	if err := c.cycleOnce(ctx, tgt); err != nil {
@@ -531,9 +539,28 @@ func (c *socketsCollector) cycleOnce(ctx context.Context, tgt target.Process) er
 		return err
 	}
 	c.pruneConns()
+	c.noteListened()
 	c.rank()
 	c.sensitive = c.agg.sensitive()
 	return nil
+}
+
+// noteListened keeps the target's ports of this cycle that have sockets:
+// the ones it listens on, and those it listened on whose connections
+// remain.
+func (c *socketsCollector) noteListened() {
+	if c.listened == nil {
+		c.listened = map[uint16]bool{}
+	}
+	clear(c.listened)
+	c.portList = c.portList[:0]
+	for i := range c.agg.ports {
+		if p := &c.agg.ports[i]; p.owner == slotTarget && p.total > 0 && len(c.listened) < c.o.MaxPorts {
+			c.listened[p.port] = true
+			c.portList = append(c.portList, p.port)
+		}
+	}
+	c.owners.SetTargetPorts(c.portList)
 }
 
 // sensitive says whether the cycle met sockets whose figures segments
@@ -587,6 +614,13 @@ func (c *socketsCollector) add(s *sockdiag.Socket) bool {
 		}
 	case st == sockdiag.Listen:
 		a.ports = append(a.ports, portAgg{port: s.LocalPort, owner: c.ownerOf(s.Inode)})
+		a.portSlot[s.LocalPort] = int32(len(a.ports))
+		p = &a.ports[len(a.ports)-1]
+	case c.listened[s.LocalPort] && (s.Inode == 0 || c.ownerOf(s.Inode) == slotTarget):
+		// A connection on a port the target listened on until lately (a
+		// time-wait socket, which no process holds, or one the target
+		// holds): still the server side of an inbound connection.
+		a.ports = append(a.ports, portAgg{port: s.LocalPort, owner: slotTarget})
 		a.portSlot[s.LocalPort] = int32(len(a.ports))
 		p = &a.ports[len(a.ports)-1]
 	default:

@@ -167,17 +167,23 @@ func (p *TCPLife) readEvents(rd *ringbuf.Reader) {
 	})
 }
 
-// lookFor says whether an event's unknown inode is worth reading fd
-// tables for (a rescan of the target's, and at most every OthersRescan of
-// every other process's: one readlink per descriptor in the namespace):
-// a peer's close or a reset of a connection that carried data, which
-// reaches a socket its holder still has and is what the idle-timeout
-// finding reads the owner of. An open is labelled by the process that
-// connected; a local close comes after close() took the descriptor away,
-// so no fd table holds it any more (the rescans cost a full scan per
-// second of a neighbour's connection churn and found nothing).
-func lookFor(e signals.ConnEvent) bool {
-	return (e.Kind == signals.ConnPeerClose || e.Kind == signals.ConnResetReceived) && e.Bytes > 2
+// lookFor says how far an event's unknown inode is worth reading fd
+// tables for. A peer's close or a reset reaches a socket its holder still
+// has, and is what the idle-timeout finding reads the owner of: when the
+// connection carried data, every process's tables are read (a rescan of
+// the target's, and at most every OthersRescan of every other process's:
+// one readlink per descriptor in the namespace); when it did not (a
+// neighbour's health checks, connection churn), the target's only, whose
+// cost follows the target's descriptors. An open is labelled by the
+// process that connected; a local close comes after close() took the
+// descriptor away, so no fd table holds it any more (the rescans cost a
+// full scan per second of a neighbour's connection churn and found
+// nothing).
+func lookFor(e signals.ConnEvent) (look, everyone bool) {
+	if e.Kind != signals.ConnPeerClose && e.Kind != signals.ConnResetReceived {
+		return false, false
+	}
+	return true, e.Bytes > 2
 }
 
 func (p *TCPLife) convert(ev tcpLifeConnEvent) (signals.ConnEvent, bool) {
@@ -219,15 +225,29 @@ func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
 	if e.Inode != 0 && e.Inode < 1<<32 {
 		ino := uint32(e.Inode)
 		o, ok := p.owners.Owner(ino)
-		if !ok && lookFor(e) {
-			p.owners.Refresh(time.Now(), []uint32{ino})
+		if look, everyone := lookFor(e); !ok && look {
+			if everyone {
+				p.owners.Refresh(time.Now(), []uint32{ino})
+			} else {
+				p.owners.RefreshTarget(time.Now(), []uint32{ino})
+			}
 			o, ok = p.owners.Owner(ino)
 		}
 		if ok && o.Role != target.RoleUnknown {
 			return o.Label()
 		}
 	}
-	if e.Pid != 0 {
+	// The socket is gone and no fd table said whose it was (a connection
+	// that ended before a scan): one on a port the target listens on is
+	// its server side. The pid of such an event is whoever ran when it
+	// ended (often a softirq's), not the owner.
+	if e.LocalPort > 0 && e.LocalPort < 1<<16 && p.owners.IsTargetPort(uint16(e.LocalPort)) {
+		return "target"
+	}
+	// The pid of a peer's close or a reset is whoever ran when the packet
+	// came (a softirq's, on loopback the sender's), not the socket's
+	// holder: it names no owner.
+	if e.Pid != 0 && e.Kind != signals.ConnPeerClose && e.Kind != signals.ConnResetReceived {
 		switch {
 		case p.owners.IsTarget(e.Pid):
 			return "target"

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -127,6 +128,9 @@ type SocketOwners struct {
 	link      []byte
 	scanned   uint64
 	truncated bool
+	// ports the target listens on (or listened on while connections on
+	// them remain), as the sockets collector last saw them.
+	ports []uint16
 }
 
 // NewSocketOwners reads fd tables under procRoot (normally /proc).
@@ -158,7 +162,26 @@ func (s *SocketOwners) SetTarget(p Process) {
 	clear(s.byOther)
 	clear(s.unknown)
 	clear(s.comms)
+	s.ports = s.ports[:0]
 	s.targetAt, s.othersAt = time.Time{}, time.Time{}
+}
+
+// SetTargetPorts notes the target's listening ports (the sockets
+// collector's, each cycle). A connection on one of them is the server side
+// of a connection to the target, even once its socket is gone and no fd
+// table can say whose it was (a connection that ended before a scan).
+func (s *SocketOwners) SetTargetPorts(ports []uint16) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.ports = append(s.ports[:0], ports...)
+}
+
+// IsTargetPort reports whether port is one of the target's listening
+// ports as last noted.
+func (s *SocketOwners) IsTargetPort(port uint16) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return slices.Contains(s.ports, port)
 }
 
 // Owner returns who holds the socket with that inode, from what is known;
@@ -213,6 +236,17 @@ func (s *SocketOwners) IsTarget(pid int) bool {
 // limits allow: the target's and the agent's first, everyone else's less
 // often. It returns how many fd table entries it read (the cost).
 func (s *SocketOwners) Refresh(now time.Time, missing []uint32) int {
+	return s.refresh(now, missing, true)
+}
+
+// RefreshTarget is Refresh limited to the target's and the agent's fd
+// tables: for an inode worth knowing only if it is the target's, at a cost
+// that follows the target's descriptors, not the namespace's.
+func (s *SocketOwners) RefreshTarget(now time.Time, missing []uint32) int {
+	return s.refresh(now, missing, false)
+}
+
+func (s *SocketOwners) refresh(now time.Time, missing []uint32, others bool) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.tgt.PID == 0 {
@@ -247,7 +281,7 @@ func (s *SocketOwners) Refresh(now time.Time, missing []uint32) int {
 			}
 		}
 	}
-	if (len(need) > 0 || s.othersAt.IsZero()) && now.Sub(s.othersAt) >= s.o.OthersRescan {
+	if others && (len(need) > 0 || s.othersAt.IsZero()) && now.Sub(s.othersAt) >= s.o.OthersRescan {
 		read += s.scanOthers(now)
 		s.othersAt = now
 		for _, ino := range need {
