@@ -360,6 +360,20 @@ func TestSocketsOwners(t *testing.T) {
 		t.Fatalf("start the neighbour: %v", err)
 	}
 	t.Cleanup(func() { nb.Process.Kill(); nb.Wait() })
+	// Until nsenter has joined the namespace and exec'd sleep, a scan of
+	// the namespace's processes does not meet it, and the owner index
+	// takes its sockets for held by nobody (for a minute): wait for it.
+	tns, _ := os.Readlink("/proc/" + strconv.Itoa(srv.PID) + "/ns/net")
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		nsl, _ := os.Readlink("/proc/" + strconv.Itoa(nb.Process.Pid) + "/ns/net")
+		comm, _ := os.ReadFile("/proc/" + strconv.Itoa(nb.Process.Pid) + "/comm")
+		if nsl == tns && strings.TrimSpace(string(comm)) == "sleep" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the neighbour did not start sleeping in the target's namespace (%s, %q)", nsl, comm)
+		}
+	}
 	for _, f := range files {
 		f.Close()
 	}

@@ -3,12 +3,14 @@ package exporters
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -26,8 +28,32 @@ import (
 
 const waitFor = 5 * time.Second
 
+// testLog logs to the test's output until the test ends; a server
+// goroutine that logs as it winds down after that (a watch stream's last
+// line) writes nowhere, rather than race with the test's end.
 func testLog(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug}))
+	w := &testOutput{w: t.Output()}
+	t.Cleanup(func() {
+		w.mu.Lock()
+		w.done = true
+		w.mu.Unlock()
+	})
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testOutput struct {
+	mu   sync.Mutex
+	w    io.Writer
+	done bool
+}
+
+func (o *testOutput) Write(p []byte) (int, error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.done {
+		return len(p), nil
+	}
+	return o.w.Write(p)
 }
 
 type testServer struct {

@@ -432,6 +432,16 @@ type seriesSet[K comparable] struct {
 	desc  *signals.Desc
 	m     map[K]*cachedSeries
 	poll  uint32
+	// The times of this poll and of the one before (put and touch), for
+	// counters born between them.
+	cur, prev time.Time
+}
+
+// at notes the time of the poll a put or touch belongs to.
+func (s *seriesSet[K]) at(now time.Time) {
+	if !now.Equal(s.cur) {
+		s.prev, s.cur = s.cur, now
+	}
 }
 
 func newSeriesSet[K comparable](store *signals.Store, d *signals.Desc) *seriesSet[K] {
@@ -440,10 +450,19 @@ func newSeriesSet[K comparable](store *signals.Store, d *signals.Desc) *seriesSe
 
 // put writes v to the series of k; labels builds its labels the first time.
 func (s *seriesSet[K]) put(k K, labels func() signals.Labels, v float64, now time.Time) {
+	s.at(now)
 	c, ok := s.m[k]
 	if !ok {
 		c = &cachedSeries{h: s.store.Handle(s.desc, labels())}
 		s.m[k] = c
+		// A counter whose key first appears after the first poll counted
+		// all of its value since that poll (the eBPF map had no entry for
+		// it): it starts at 0 then, so that an increase over a window
+		// counts its first events too (the first connect errors to a new
+		// remote, the first drops of a new listener).
+		if s.desc.Kind == signals.Counter && !s.prev.IsZero() && s.prev.Before(now) {
+			c.h.Put(0, s.prev)
+		}
 	}
 	c.seen = s.poll
 	c.put(v, now)
@@ -479,6 +498,7 @@ func (s *seriesSet[K]) end() int {
 // refreshEvery passed), marking them put this poll: what a poll does when
 // the kernel says nothing changed.
 func (s *seriesSet[K]) touch(now time.Time) {
+	s.at(now)
 	for _, c := range s.m {
 		c.seen = s.poll
 		c.put(c.v, now)
@@ -488,6 +508,7 @@ func (s *seriesSet[K]) touch(now time.Time) {
 // reset forgets every series of the set, in the store too.
 func (s *seriesSet[K]) reset() {
 	clear(s.m)
+	s.cur, s.prev = time.Time{}, time.Time{}
 	s.store.Forget(s.desc.Name, func(signals.Labels) bool { return false })
 }
 

@@ -412,8 +412,10 @@ func sameObservation(a, b Observation) bool { return reflect.DeepEqual(a, b) }
 
 // learnedKinds are artifacts a finding keeps once it has them: what it
 // found out about the cause, which later observations may no longer see
-// (the stall ended, the blocked thread woke up).
-var learnedKinds = []string{"thread", "stack", "frame"}
+// (the stall ended, the blocked thread woke up), and the routes whose
+// latency it explains (the spike is judged once a second, over a few
+// seconds: it may be seen in one evaluation only). A new one is news.
+var learnedKinds = []string{"thread", "stack", "frame", "route"}
 
 // retainLearned gives next the learned artifacts of prev whose kind next
 // lacks.

@@ -318,6 +318,7 @@ func TestPortExhaustionTruths(t *testing.T) {
 		st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
 		st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
 		st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), reuse, now)
+		st.Put(dDumped, nil, 500, now)
 		putSeries(st, dByRemote, signals.L("owner", owner, "remote", remote, "state", "TIME_WAIT"), now, tw...)
 		if owner == "unknown" {
 			// The target's connects, as the sockcalls probe counts them.
@@ -347,6 +348,14 @@ func TestPortExhaustionTruths(t *testing.T) {
 	obs = r.Evaluate(Window{Store: mk("target", "127.0.0.1:5432", 2, 10309, rising...), Now: now})
 	if len(obs) != 1 || !strings.Contains(obs[0].Symptom, "already exhausted: 10309 connects failed") || strings.Contains(obs[0].Symptom, "starts failing in") || obs[0].Severity != SeverityCritical {
 		t.Errorf("10309 failed connects: %+v", obs)
+	}
+	// Connects failed after the last socket dump: the TIME_WAIT count is
+	// of before the failures, so nothing is said until the next dump.
+	st0 := mk("target", "10.0.0.5:5432", 0, 10309, rising...)
+	st0.Forget(dDumped.Name, func(signals.Labels) bool { return false })
+	st0.Put(dDumped, nil, 500, now.Add(-3*time.Second))
+	if obs := r.Evaluate(Window{Store: st0, Now: now}); len(obs) != 0 {
+		t.Errorf("failures newer than the last socket dump: %+v", obs)
 	}
 	// Every usable port in TIME_WAIT with reuse off, before the failures
 	// are counted: exhausted now, not "starts failing in about 0 ms".
@@ -438,3 +447,6 @@ func TestIdleTimeoutNeedsData(t *testing.T) {
 		t.Errorf("connections that carried nothing named an idle timeout: %+v", obs)
 	}
 }
+
+// dDumped is the sockets collector's count of the last dump.
+var dDumped = &signals.Desc{Name: socketsDumpedSignal, Kind: signals.Gauge}

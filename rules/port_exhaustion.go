@@ -57,6 +57,7 @@ type remotePorts struct {
 	established float64          // all owners, now
 	targetConns float64          // connect() calls of the target toward it over the window
 	failed      float64          // of them, failed with EADDRNOTAVAIL
+	failedAt    time.Time        // when the first of those was counted
 	connsKnown  bool             // the sockcalls probe counts the target's connects
 }
 
@@ -108,14 +109,24 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 		if ls.Get("errno") != "EADDRNOTAVAIL" {
 			continue
 		}
-		if rp := remotes[ls.Get("remote")]; rp != nil {
-			rp.failed += w.Store.Increase("process_connect_errors_total", ls, from)
-		} else if n := w.Store.Increase("process_connect_errors_total", ls, from); n > 0 {
-			// Exhausted so hard no TIME_WAIT series exists yet for it.
-			rp := get(ls.Get("remote"))
-			rp.failed = n
+		n := w.Store.Increase("process_connect_errors_total", ls, from)
+		if n <= 0 {
+			continue
+		}
+		// Exhausted so hard no TIME_WAIT series may exist yet for it.
+		rp := get(ls.Get("remote"))
+		rp.failed += n
+		if at := firstRise(w.Store.Range("process_connect_errors_total", ls, from)); rp.failedAt.IsZero() || at.Before(rp.failedAt) {
+			rp.failedAt = at
 		}
 	}
+	// Connects fail at once, the sockets and sysctls are read every second:
+	// a remote whose failures are newer than the last socket dump or
+	// sysctl read waits for them, so the words about its ports (how many in
+	// TIME_WAIT, of how many usable) are of the time the connects failed,
+	// not of before. At most a collect interval; an open finding holds
+	// meanwhile (the engine's hold-down).
+	dumped, _ := w.Store.Latest(socketsDumpedSignal, nil)
 	names := make([]string, 0, len(remotes))
 	for k := range remotes {
 		names = append(names, k)
@@ -123,6 +134,9 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 	slices.Sort(names)
 	var out []Observation
 	for _, remote := range names {
+		if rp := remotes[remote]; rp.failed > 0 && (dumped.T.Before(rp.failedAt) || lo.T.Before(rp.failedAt) || hi.T.Before(rp.failedAt)) {
+			continue
+		}
 		if o, ok := r.remote(w, remote, remotes[remote], usable, lo.V, hi.V, reuse.V, haveReuse); ok {
 			out = append(out, o)
 		}
@@ -258,4 +272,24 @@ func sumByTime(a, b []signals.Sample) []signals.Sample {
 		}
 	}
 	return out
+}
+
+// socketsDumpedSignal is written by the sockets collector after each dump
+// of the namespace (collectors.tcpSocketsDumpedDesc).
+const socketsDumpedSignal = "tcp_sockets_dumped"
+
+// firstRise is the time of the first sample of a counter above the one
+// before it: when the first event of the window was counted. A window
+// whose first sample is already the rise (a series born with its value)
+// gives that sample's time.
+func firstRise(ss []signals.Sample) time.Time {
+	for i := 1; i < len(ss); i++ {
+		if ss[i].V > ss[i-1].V {
+			return ss[i].T
+		}
+	}
+	if len(ss) > 0 {
+		return ss[0].T
+	}
+	return time.Time{}
 }

@@ -44,6 +44,7 @@ func Main(m interface{ Run() int }) {
 //
 //	accept on|off   open or close the accept gate
 //	dial N          open N connections and keep them (answers "ok N established")
+//	dialto ADDR N   open N connections to ADDR, send a line on each, keep them
 //	dialasync N     start opening N connections in the background, answer at once
 //	burst N         open N connections and close each once established
 //	close           close every kept client connection
@@ -177,6 +178,18 @@ func serverMain() int {
 			fmt.Println("ok")
 		case "dial":
 			conns := faults.Dial(ctx, addr, n, 10*time.Second)
+			keep(conns)
+			fmt.Printf("ok %d established\n", len(conns))
+		case "dialto":
+			if len(f) != 3 {
+				fmt.Println("error usage: dialto ADDR N")
+				continue
+			}
+			m, _ := strconv.Atoi(f[2])
+			conns := faults.Dial(ctx, f[1], m, 10*time.Second)
+			for _, c := range conns {
+				_, _ = c.Write([]byte("ping\n"))
+			}
 			keep(conns)
 			fmt.Printf("ok %d established\n", len(conns))
 		case "dialasync":
