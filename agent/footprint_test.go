@@ -28,9 +28,12 @@ import (
 // bounds so that a regression fails.
 
 // rssBudgetMiB is the RSS an idle agent must stay under after warm-up
-// (CULPRIT_TEST_RSS_BUDGET_MIB overrides it). The goal is 32 MiB; the
-// bound leaves room for a loaded test machine and the race-free build the
-// tests run.
+// (CULPRIT_TEST_RSS_BUDGET_MIB overrides it). The goal is 32 MiB and is
+// not met yet: watching the quiet python target with 1,000 sockets of a
+// neighbour it measured 41 MiB, of which 24 MiB are the agent binary's
+// own file pages. The bound holds today's figure with room for a loaded
+// test machine, so that a regression fails; lower it as the footprint
+// work lands.
 const rssBudgetMiB = 48
 
 // realAgent is the agent binary running against a target, in the
@@ -248,12 +251,15 @@ func TestIdleAgentRSSBudget(t *testing.T) {
 		t.Skip("SKIP: runs the agent for 20 s")
 	}
 	requireRoot(t)
-	s := testenv.Start(t, testenv.Options{Backlog: 128, Accept: true})
-	nb := testenv.StartNeighbour(t, s.PID)
+	// The footprint benchmark's quiet target: a small program, as most
+	// apps are next to this test's own binary, whose symbol tables the
+	// agent would read.
+	pid := startQuietPython(t)
+	nb := testenv.StartNeighbour(t, pid)
 	if held := nb.HoldEstablished(t, 500); held < 500 {
 		t.Fatalf("neighbour holds %d connections, want 500", held)
 	}
-	a := startRealAgent(t, "", s.PID, nil)
+	a := startRealAgent(t, "", pid, nil)
 	time.Sleep(20 * time.Second) // warm-up
 	st := procStatus(a.pid)
 	m := a.metrics(t)

@@ -460,10 +460,12 @@ func (p *CPUProfile) drain(objs *cpuProfileObjects, pid int, store *signals.Stor
 func (p *CPUProfile) drained(objs *cpuProfileObjects, store *signals.Store, out []signals.StackSample, now time.Time) error {
 	// The samples with stack copies wait in the ring (they wake nobody
 	// until it is half full): have readSamples unwind them now.
+	// Under mu: Close closes the reader under it, and a flush racing the
+	// close reads the ring Close unmaps.
 	p.mu.Lock()
-	rd := p.rd
+	pending := flushPending(p.rd)
 	p.mu.Unlock()
-	if flushPending(rd) {
+	if pending {
 		select {
 		case <-p.flushed:
 		case <-time.After(900 * time.Millisecond): // the rest comes with the next drain

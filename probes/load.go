@@ -432,12 +432,12 @@ type seriesSet[K comparable] struct {
 	desc  *signals.Desc
 	m     map[K]*cachedSeries
 	poll  uint32
-	// The times of this poll and of the one before (put and touch), for
-	// counters born between them.
+	// The times of this read of the map and of the one before (put: a
+	// touch reads nothing), for counters born between them.
 	cur, prev time.Time
 }
 
-// at notes the time of the poll a put or touch belongs to.
+// at notes the time of the read a put belongs to.
 func (s *seriesSet[K]) at(now time.Time) {
 	if !now.Equal(s.cur) {
 		s.prev, s.cur = s.cur, now
@@ -455,11 +455,13 @@ func (s *seriesSet[K]) put(k K, labels func() signals.Labels, v float64, now tim
 	if !ok {
 		c = &cachedSeries{h: s.store.Handle(s.desc, labels())}
 		s.m[k] = c
-		// A counter whose key first appears after the first poll counted
-		// all of its value since that poll (the eBPF map had no entry for
-		// it): it starts at 0 then, so that an increase over a window
-		// counts its first events too (the first connect errors to a new
-		// remote, the first drops of a new listener).
+		// A counter whose key first appears after the first read counted
+		// all of its value since the read before (the eBPF map had no
+		// entry for it then): it starts at 0 then, so that an increase
+		// over a window counts its first events too (the first connect
+		// errors to a new remote, the first drops of a new listener).
+		// Reads skipped in between (touch) do not move that time, so the
+		// value is never squeezed into a shorter span than it took.
 		if s.desc.Kind == signals.Counter && !s.prev.IsZero() && s.prev.Before(now) {
 			c.h.Put(0, s.prev)
 		}
@@ -498,7 +500,6 @@ func (s *seriesSet[K]) end() int {
 // refreshEvery passed), marking them put this poll: what a poll does when
 // the kernel says nothing changed.
 func (s *seriesSet[K]) touch(now time.Time) {
-	s.at(now)
 	for _, c := range s.m {
 		c.seen = s.poll
 		c.put(c.v, now)

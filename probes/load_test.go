@@ -20,8 +20,12 @@ func TestSeriesSetCounterBornAtZero(t *testing.T) {
 		return func() signals.Labels { return signals.L("errno", "EADDRNOTAVAIL", "remote", remote) }
 	}
 	errs.put("a", l("10.0.0.1:80"), 7, t0)
-	errs.touch(t0.Add(100 * time.Millisecond))
+	errs.put("a", l("10.0.0.1:80"), 7, t0.Add(100*time.Millisecond))
+	errs.touch(t0.Add(150 * time.Millisecond)) // no read: the map did not move
 	errs.put("b", l("10.0.0.2:80"), 500, t0.Add(200*time.Millisecond))
+	if ss := st.Range(ProcessConnectErrorsDesc.Name, l("10.0.0.2:80")(), t0); len(ss) != 2 || !ss[0].T.Equal(t0.Add(100*time.Millisecond)) || ss[0].V != 0 {
+		t.Errorf("the new counter's samples %v, want 0 at the last read (+100ms), then 500", ss)
+	}
 	gauge.touch(t0.Add(100 * time.Millisecond))
 	gauge.put("g", func() signals.Labels { return nil }, 3, t0.Add(200*time.Millisecond))
 

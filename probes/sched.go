@@ -570,8 +570,13 @@ func (p *Sched) pollLoop(ctx context.Context, objs *schedObjects, tracker *targe
 		events := p.events
 		p.mu.Unlock()
 		p.counters.put(float64(events), objs.Lost, now)
-		// Block events of idle waits come without a wake-up: read them now.
-		flushPending(blocks)
+		// Block events of idle waits come without a wake-up: read them now
+		// (under mu, which stop closes the reader under).
+		p.mu.Lock()
+		if p.rd == blocks {
+			flushPending(blocks)
+		}
+		p.mu.Unlock()
 		tgt, ok := tracker.Current()
 		if !ok {
 			return

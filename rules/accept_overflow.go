@@ -246,9 +246,12 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// again as a herd: the app is recovering, the cause is unchanged.
 	// The tail of a stall only: a run the app accepted through (shorter
 	// than saturate_after) was a burst.
+	// The accepts that ended the run are not accepts through it: the
+	// queue's sample and the accept counter's read land on the same tick
+	// in either order, so the run's last sample interval is left out.
 	run, end := longestRecentRun(full, now.Add(-r.o.Window))
 	stallRun := run >= r.o.StallAfter && (!acceptsKnown || run >= r.o.SaturateAfter ||
-		increaseBetween(st, "process_accepts_total", portLs, end.Add(-run), end) == 0)
+		increaseBetween(st, "process_accepts_total", portLs, end.Add(-run), end.Add(-runEdge)) == 0)
 	if stallRun {
 		ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(now.Sub(end)) + " ago"})
 		return Observation{
@@ -498,3 +501,7 @@ func nextPow2(n int) int {
 	}
 	return p
 }
+
+// runEdge is the end of a run of full samples that accepts may share with
+// the sample after it (two fast samples).
+const runEdge = 200 * time.Millisecond

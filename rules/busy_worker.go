@@ -41,7 +41,7 @@ func DefaultBusyWorkerOptions() BusyWorkerOptions {
 
 // BusyWorker names CPU-heavy work (serialization, compression, crypto, a
 // regex over a large body) run on an async worker or an event loop without
-// yielding (seed 000 Problem G): the thread cannot poll its other tasks
+// yielding (seed 000 Problem F): the thread cannot poll its other tasks
 // until it is done, so their latency rises by the length of the run while
 // the process's CPU use looks moderate. The CPU profile of the run names
 // the work; a run spent in the thread's own I/O is a loop under load, not

@@ -25,7 +25,7 @@ func DefaultCloseWaitOptions() CloseWaitOptions {
 }
 
 // CloseWait names sockets the peer closed that the app never closes
-// (seed 000 Problem E): each one holds a file descriptor and memory until
+// (the "Hardening" playbook): each one holds a file descriptor and memory until
 // the process dies, and the count only grows. The kernel cannot close them:
 // CLOSE_WAIT ends only when the application calls close().
 type CloseWait struct{ o CloseWaitOptions }

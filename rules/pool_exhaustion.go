@@ -22,7 +22,7 @@ func DefaultPoolExhaustionOptions() PoolExhaustionOptions {
 }
 
 // PoolExhaustion names a connection pool to an upstream that is full
-// (seed 000 Problem H's other face): the app's established connections to
+// (seed 000 Problem E): the app's established connections to
 // one remote stay flat at a ceiling (the pool's max) while new requests
 // queue in front of the app. More traffic then only lengthens the queue.
 type PoolExhaustion struct{ o PoolExhaustionOptions }

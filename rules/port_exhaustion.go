@@ -26,7 +26,7 @@ func DefaultPortExhaustionOptions() PortExhaustionOptions {
 }
 
 // PortExhaustion names a client that opens a new connection per request to
-// one remote and closes it first (seed 000 Problem H): every such
+// one remote and closes it first (a platform fault of the seeds): every such
 // connection leaves a TIME_WAIT socket holding its local port for 60 s, and
 // a 4-tuple toward one remote ip:port can only use ip_local_port_range's
 // ports. At a few hundred connections a second connect() fails with

@@ -87,7 +87,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 			if _, mine := r.listened[ls.Get("port")]; !mine && !namespace {
 				continue
 			}
-			v, _ := rateIn(w.Store, "tcp_resets_sent_total", ls, from)
+			v, _ := rateIn(w.Store, "tcp_resets_sent_total", ls, from, w.Now)
 			byReason[ls.Get("reason")] += v
 			total += v
 		}
@@ -110,7 +110,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	for _, ls := range w.Store.Select("process_accepts_total") {
 		acceptsKnown = true
 		if _, mine := r.listened[ls.Get("port")]; mine || namespace {
-			v, _ := rateIn(w.Store, "process_accepts_total", ls, from)
+			v, _ := rateIn(w.Store, "process_accepts_total", ls, from, w.Now)
 			accepts += v
 		}
 	}

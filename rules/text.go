@@ -95,10 +95,17 @@ func duration(d time.Duration) string {
 // growth divided by the time those samples span, not by the whole window,
 // so a series that began (or a fault that started) within the window is
 // not diluted by the quiet before it. false when fewer than two samples.
-func rateIn(st *signals.Store, name string, ls signals.Labels, from time.Time) (float64, bool) {
+func rateIn(st *signals.Store, name string, ls signals.Labels, from, now time.Time) (float64, bool) {
 	ss := st.Range(name, ls, from)
 	if len(ss) < 2 {
 		return 0, false
+	}
+	// Producers write a counter only when it moves (and at least every
+	// second while they poll): a last sample younger than that says the
+	// value held until now, and the quiet since counts.
+	end := ss[len(ss)-1].T
+	if now.After(end) && now.Sub(end) <= heldFor {
+		end = now
 	}
 	inc := 0.0
 	for i := 1; i < len(ss); i++ {
@@ -108,9 +115,14 @@ func rateIn(st *signals.Store, name string, ls signals.Labels, from time.Time) (
 			inc += ss[i].V // a reset
 		}
 	}
-	span := ss[len(ss)-1].T.Sub(ss[0].T).Seconds()
+	span := end.Sub(ss[0].T).Seconds()
 	if span <= 0 {
 		return 0, false
 	}
 	return inc / span, true
 }
+
+// heldFor is how long after its last sample a counter is taken to have
+// held its value: producers rewrite an unchanged counter every second
+// (probes' refreshEvery), so twice that.
+const heldFor = 2 * time.Second
