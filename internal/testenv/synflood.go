@@ -30,12 +30,19 @@ func SYNFlood(t testing.TB, pid, port, n, sources int) {
 		t.Fatalf("testenv: SYNFlood: sources must be 1..254, got %d", sources)
 	}
 	errc := make(chan error, 1)
+	done := make(chan struct{})
+	t.Cleanup(func() { close(done) })
 	go func() {
 		// This thread moves to a new namespace and is never unlocked, so
 		// the runtime retires it with the goroutine and no other goroutine
-		// runs in the flooder namespace.
+		// runs in the flooder namespace. It stays until the test ends: the
+		// namespace (and the veth, and the route back) lives as long as
+		// its thread, and a flood's sources do not vanish once they sent
+		// (without the route, the half-open connections die at their
+		// first SYN-ACK retransmit, a second later).
 		runtime.LockOSThread()
 		errc <- flood(pid, port, n, sources)
+		<-done
 	}()
 	if err := <-errc; err != nil {
 		t.Fatalf("testenv: SYN flood: %v", err)
