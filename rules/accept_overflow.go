@@ -277,6 +277,13 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// the next arrival): wait.
 	qnow, _ := st.Latest("listen_queue_length", ls)
 	drained := qnow.V <= backlog.V/2
+	// Drops no sample has yet shown a full queue for may be the first of
+	// a stall whose full queue the next sample shows (the quiet sampler
+	// writes its last sample again until the listener's activity moves):
+	// a burst between samples is still one a second later.
+	if fullFrac == 0 && now.Sub(firstRise(st.Range("listen_overflows_total", ls, now.Add(-r.o.Window)))) < betweenSamplesSettle {
+		return Observation{}, false
+	}
 	if !drained && !(acceptsKnown && st.Increase("process_accepts_total", portLs, now.Add(-r.o.Recent)) > 0) {
 		return Observation{}, false
 	}
@@ -505,3 +512,7 @@ func nextPow2(n int) int {
 // runEdge is the end of a run of full samples that accepts may share with
 // the sample after it (two fast samples).
 const runEdge = 200 * time.Millisecond
+
+// betweenSamplesSettle is how long drops never seen with a full queue wait
+// before they are judged a burst between samples.
+const betweenSamplesSettle = time.Second
