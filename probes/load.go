@@ -508,6 +508,9 @@ func (s *seriesSet[K]) touch(now time.Time) {
 
 // reset forgets every series of the set, in the store too.
 func (s *seriesSet[K]) reset() {
+	if s == nil {
+		return // before the first poll made the set
+	}
 	clear(s.m)
 	s.cur, s.prev = time.Time{}, time.Time{}
 	s.store.Forget(s.desc.Name, func(signals.Labels) bool { return false })
