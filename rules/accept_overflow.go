@@ -194,7 +194,13 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// arrivals.
 	// From the first sample seen full: its value is the baseline.
 	acceptedRun := st.Increase("process_accepts_total", portLs, runStart.Add(time.Nanosecond))
-	stalled := fullNow && (!acceptsKnown || acceptedRun == 0 || fullFor >= r.o.SaturateAfter)
+	// The accept counter is read on the same tick as the queue, in either
+	// order: accepts counted within the run's first runEdge may have come
+	// before the queue was full (seen in the demo: one accept just as the
+	// accept loop stopped read as "keeps accepting"). They are told, not
+	// taken for an accept loop that runs.
+	acceptedLater := st.Increase("process_accepts_total", portLs, runStart.Add(runEdge))
+	stalled := fullNow && (!acceptsKnown || acceptedLater == 0 || fullFor >= r.o.SaturateAfter)
 
 	if stalled {
 		threads := describeThreads(st)
@@ -466,6 +472,10 @@ func describeThreads(st *signals.Store) threadView {
 		verdict = fmt.Sprintf("%.0f threads are blocked in uninterruptible kernel waits (disk or NFS I/O)", states["D"])
 	case states["R"] >= total || (states["R"] > 0 && states["R"] >= total-1):
 		verdict = "its threads are all on CPU: saturated"
+	case states["R"] > 0:
+		// Not "all asleep": some run (other work of the app's, a load
+		// generator in a demo), and none of them accepts.
+		verdict = fmt.Sprintf("%.0f of its %.0f threads run, none of them accepting: the accept loop waits on something of the app's own (a lock, a channel, a paused loop)", states["R"], total)
 	}
 	sum := fmt.Sprintf("Threads: %s", strings.Join(parts, ", "))
 	if len(in) > 0 {

@@ -328,3 +328,24 @@ func TestAcceptOverflowStalledThread(t *testing.T) {
 		})
 	}
 }
+
+// Thread states in words: "all asleep" only when none runs. Seen in the
+// demo: "Threads: 6 running, 15 sleeping ...; all its threads are asleep".
+func TestDescribeThreadsSaysWhatRuns(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		r, s float64
+		want string
+	}{
+		{0, 21, "all its threads are asleep"},
+		{6, 15, "6 of its 21 threads run, none of them accepting"},
+		{20, 1, "its threads are all on CPU"},
+	} {
+		st := signals.New(8, 64)
+		st.Put(dThreads, signals.L("state", "R"), tc.r, now)
+		st.Put(dThreads, signals.L("state", "S"), tc.s, now)
+		if got := describeThreads(st).summary; !strings.Contains(got, tc.want) {
+			t.Errorf("%v running, %v sleeping: %q, want %q in it", tc.r, tc.s, got, tc.want)
+		}
+	}
+}
