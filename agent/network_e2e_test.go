@@ -206,13 +206,7 @@ func failedConnects(f *culpritv1.Finding) float64 {
 // ends, which are not the target's to close (seen: "40 connections still
 // open" for a server holding 20).
 func TestStalledShutdownCountsTheTargetsEnds(t *testing.T) {
-	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
-	cfg := testConfig(t, s.PID)
-	cfg.Rules.StalledShutdown.Grace = time.Duration(4 * time.Second)
-	a := startAgentConfig(t, cfg)
-	c := client(t, a.GRPCAddr)
-	waitWatching(t, c, s.Port)
-	events, _ := watch(t, c, 0)
+	s, events := stalledShutdownScenario(t)
 	ns := testenv.NetnsOf(t, s.PID)
 	addr := fmt.Sprintf("127.0.0.1:%d", s.Port)
 	for range 20 {
@@ -374,13 +368,7 @@ func TestSYNFloodFinding(t *testing.T) {
 // for the streams, which never end: after half the grace period the
 // finding names the connections still open.
 func TestStalledShutdownFinding(t *testing.T) {
-	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
-	cfg := testConfig(t, s.PID)
-	cfg.Rules.StalledShutdown.Grace = time.Duration(4 * time.Second)
-	a := startAgentConfig(t, cfg)
-	c := client(t, a.GRPCAddr)
-	waitWatching(t, c, s.Port)
-	events, _ := watch(t, c, 0)
+	s, events := stalledShutdownScenario(t)
 	s.MustDo(t, "dial 5")
 	time.Sleep(300 * time.Millisecond) // the signals probe has the target
 	if err := syscall.Kill(s.PID, syscall.SIGTERM); err != nil {
@@ -392,4 +380,18 @@ func TestStalledShutdownFinding(t *testing.T) {
 	if f.Cause != "connections_outlive_sigterm" || !strings.Contains(f.Symptom, fmt.Sprintf("5 to 127.0.0.1:%d", s.Port)) {
 		t.Errorf("finding %s: %s", f.Cause, f.Symptom)
 	}
+}
+
+// stalledShutdownScenario is a server that keeps serving after SIGTERM and
+// an agent with a 4 s grace period watching it, with a watch stream open.
+func stalledShutdownScenario(t *testing.T) (*testenv.Server, <-chan *culpritv1.FindingEvent) {
+	t.Helper()
+	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
+	cfg := testConfig(t, s.PID)
+	cfg.Rules.StalledShutdown.Grace = 4 * time.Second
+	a := startAgentConfig(t, cfg)
+	c := client(t, a.GRPCAddr)
+	waitWatching(t, c, s.Port)
+	events, _ := watch(t, c, 0)
+	return s, events
 }

@@ -283,10 +283,8 @@ const socketsDumpedSignal = "tcp_sockets_dumped"
 // whose first sample is already the rise (a series born with its value)
 // gives that sample's time.
 func firstRise(ss []signals.Sample) time.Time {
-	for i := 1; i < len(ss); i++ {
-		if ss[i].V > ss[i-1].V {
-			return ss[i].T
-		}
+	if t, ok := riseIn(ss); ok {
+		return t
 	}
 	if len(ss) > 0 {
 		return ss[0].T

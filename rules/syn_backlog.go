@@ -135,15 +135,20 @@ func acceptQueueOverflowed(w Window, port string, from time.Time) bool {
 func firstIncrease(st *signals.Store, from time.Time, names ...string) time.Time {
 	first := time.Time{}
 	for _, name := range names {
-		ss := st.Range(name, nil, from)
-		for i := 1; i < len(ss); i++ {
-			if ss[i].V > ss[i-1].V {
-				if first.IsZero() || ss[i].T.Before(first) {
-					first = ss[i].T
-				}
-				break
-			}
+		if t, ok := riseIn(st.Range(name, nil, from)); ok && (first.IsZero() || t.Before(first)) {
+			first = t
 		}
 	}
 	return first
+}
+
+// riseIn is the time of the first sample of a counter above the one
+// before it.
+func riseIn(ss []signals.Sample) (time.Time, bool) {
+	for i := 1; i < len(ss); i++ {
+		if ss[i].V > ss[i-1].V {
+			return ss[i].T, true
+		}
+	}
+	return time.Time{}, false
 }
