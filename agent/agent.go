@@ -299,11 +299,6 @@ func (a *Agent) goRun(f func()) {
 	go func() { defer a.wg.Done(); f() }()
 }
 
-var (
-	collectorDuration = &signals.Desc{Name: "collector_duration_seconds", Kind: signals.Gauge, Help: "How long the collector's last run took."}
-	collectorSuccess  = &signals.Desc{Name: "collector_success", Kind: signals.Gauge, Help: "1 if the collector's last run succeeded."}
-)
-
 func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 	disabled := map[string]bool{}
 	for _, n := range cfg.Collect.Disabled {
@@ -368,17 +363,17 @@ func (a *Agent) runCollector(ctx context.Context, c collectors.Collector, interv
 			start := time.Now()
 			err := c.Collect(ctx, tgt, a.Store)
 			now := time.Now()
-			a.Store.Put(collectorDuration, ls, now.Sub(start).Seconds(), now)
+			a.Store.Put(signals.CollectorDurationSeconds, ls, now.Sub(start).Seconds(), now)
 			switch {
 			case err == nil || errors.Is(err, collectors.ErrNoData):
 				if err != nil {
 					log.Debug("no data", "err", err)
 				}
-				a.Store.Put(collectorSuccess, ls, 1, now)
+				a.Store.Put(signals.CollectorSuccess, ls, 1, now)
 				a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateRunning})
 				lastErr = ""
 			default:
-				a.Store.Put(collectorSuccess, ls, 0, now)
+				a.Store.Put(signals.CollectorSuccess, ls, 0, now)
 				a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDegraded, Detail: err.Error()})
 				if err.Error() != lastErr && ctx.Err() == nil {
 					log.Warn("collector failed", "err", err)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // The text form a person scans: a full block when a finding opens or
@@ -25,7 +26,7 @@ func TestFindingPrinterText(t *testing.T) {
 	ts := timestamppb.New(time.Unix(1000, 0))
 	f := &culpritv1.Finding{Id: "x", Rule: "accept_overflow", Title: "Accept queue of :8080 overflowing", Cause: "app_not_accepting",
 		Severity: culpritv1.Severity_SEVERITY_CRITICAL, Symptom: "12 dropped", RootCause: "queue full", Remediation: "move blocking calls",
-		FirstSeen: ts, Evidence: []*culpritv1.Evidence{{Signal: "listen_overflows_total", Value: 12, Unit: "connections", Threshold: 1}}}
+		FirstSeen: ts, Evidence: []*culpritv1.Evidence{{Signal: signals.ListenOverflowsTotal.Name, Value: 12, Unit: "connections", Threshold: 1}}}
 	p.event(&culpritv1.FindingEvent{Type: culpritv1.FindingEvent_TYPE_OPENED, Sequence: 1, Time: ts, Finding: f})
 	f2 := proto.Clone(f).(*culpritv1.Finding)
 	f2.Symptom = "20 dropped"
@@ -54,10 +55,10 @@ func TestFindingPrinterEvidenceUnits(t *testing.T) {
 	ts := timestamppb.New(time.Unix(1000, 0))
 	f := &culpritv1.Finding{Id: "y", Rule: "heap_leak", Title: "t", Cause: "heap_leak", Severity: culpritv1.Severity_SEVERITY_WARNING, FirstSeen: ts,
 		Evidence: []*culpritv1.Evidence{
-			{Signal: "heap_inuse_bytes", Value: 4.8943905e+07, Unit: "bytes", Threshold: 33554432, Window: durationpb.New(15 * time.Second)},
-			{Signal: "heap_inuse_bytes", Value: 503316480, Unit: "bytes/min"},
-			{Signal: "cgroup_cpu_usage_seconds_total", Value: 0.06383225810000001, Unit: "cores"},
-			{Signal: "thread_blocked_seconds", Value: 0.27, Unit: "seconds", Threshold: 0.25},
+			{Signal: signals.HeapInuseBytes.Name, Value: 4.8943905e+07, Unit: "bytes", Threshold: 33554432, Window: durationpb.New(15 * time.Second)},
+			{Signal: signals.HeapInuseBytes.Name, Value: 503316480, Unit: "bytes/min"},
+			{Signal: signals.CgroupCPUUsageSecondsTotal.Name, Value: 0.06383225810000001, Unit: "cores"},
+			{Signal: signals.ThreadBlockedSeconds.Name, Value: 0.27, Unit: "seconds", Threshold: 0.25},
 			{Signal: "share", Value: 0.9, Unit: "ratio", Threshold: 0.2},
 			{Signal: "p99 now / p99 before", Value: 3.24, Unit: "ratio", Threshold: 3},
 			{Signal: "drops", Value: 1, Unit: "connections"},

@@ -204,7 +204,7 @@ func schedOn(t *testing.T, pid int, poll time.Duration) *signals.Episodes {
 	// The probe only sees sleeps that begin after it attached.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		if _, ok := st.Latest("thread_cpu_seconds_total", signals.L("tid", strconv.Itoa(threadsByName(t, pid)["worker-2"]), "thread", "worker-2")); ok {
+		if _, ok := st.Latest(signals.ThreadCPUSecondsTotal, signals.L("tid", strconv.Itoa(threadsByName(t, pid)["worker-2"]), "thread", "worker-2")); ok {
 			return eps
 		}
 		if time.Now().After(deadline) {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+	"github.com/culprit-dev/culprit/signals"
 )
 
 func TestMain(m *testing.M) { testenv.Main(cleanupRun{m}) }
@@ -141,7 +142,7 @@ func waitWatching(t testing.TB, c culpritv1.DiagnosticsClient, port int) {
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		s, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
-		if err == nil && signalValue(s, "listen_backlog", "port", strconv.Itoa(port)) != nil {
+		if err == nil && signalValue(s, signals.ListenBacklog, "port", strconv.Itoa(port)) != nil {
 			return
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -149,9 +150,9 @@ func waitWatching(t testing.TB, c culpritv1.DiagnosticsClient, port int) {
 	t.Fatalf("agent never saw the listener on port %d", port)
 }
 
-func signalValue(s *culpritv1.Snapshot, name, label, value string) *float64 {
+func signalValue(s *culpritv1.Snapshot, d *signals.Desc, label, value string) *float64 {
 	for _, sg := range s.Signals {
-		if sg.Name != name {
+		if sg.Name != d.Name {
 			continue
 		}
 		for _, l := range sg.Labels {
@@ -336,7 +337,7 @@ func TestHealthyLoadRaisesNoFinding(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v := signalValue(snap, "listen_overflows_total", "port", strconv.Itoa(s.Port)); v == nil || *v != 0 {
+	if v := signalValue(snap, signals.ListenOverflowsTotal, "port", strconv.Itoa(s.Port)); v == nil || *v != 0 {
 		t.Fatalf("listen_overflows_total for the healthy listener = %v, want 0", v)
 	}
 }

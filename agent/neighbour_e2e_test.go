@@ -20,6 +20,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // podAgent is the real culprit binary running inside a target's network
@@ -85,7 +86,7 @@ func startPodAgent(t *testing.T, pid int, sets ...string) *podAgent {
 	deadline := time.Now().Add(20 * time.Second)
 	for {
 		s, err := pa.c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
-		if err == nil && signalValue(s, "tcp_sockets_dumped", "", "") != nil {
+		if err == nil && signalValue(s, signals.TCPSocketsDumped, "", "") != nil {
 			return pa
 		}
 		if time.Now().After(deadline) {
@@ -232,7 +233,7 @@ func TestPrecisionNoisyNeighbour(t *testing.T) {
 					snap, _ := pa.c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
 					var cw []string
 					for _, sg := range snap.GetSignals() {
-						if sg.Name == "tcp_sockets" && strings.Contains(fmt.Sprint(sg.Labels), "CLOSE_WAIT") {
+						if sg.Name == signals.TCPSockets.Name && strings.Contains(fmt.Sprint(sg.Labels), "CLOSE_WAIT") {
 							cw = append(cw, fmt.Sprint(sg.Labels, "=", sg.Value))
 						}
 					}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // networkConfig makes the network rules judge short windows, so that each
@@ -194,7 +195,7 @@ func TestPortExhaustionTruths(t *testing.T) {
 // failedConnects is the count of failed connects a finding gives.
 func failedConnects(f *culpritv1.Finding) float64 {
 	for _, e := range f.Evidence {
-		if strings.HasPrefix(e.Signal, "process_connect_errors_total") {
+		if strings.HasPrefix(e.Signal, signals.ProcessConnectErrorsTotal.Name) {
 			return e.Value
 		}
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // workersScenario runs a workers child (an async runtime's shape: threads
@@ -48,7 +49,7 @@ func waitSched(t testing.TB, c culpritv1.DiagnosticsClient) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		s, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
-		if err == nil && signalValue(s, "thread_cpu_seconds_total", "thread", "worker-1") != nil {
+		if err == nil && signalValue(s, signals.ThreadCPUSecondsTotal, "thread", "worker-1") != nil {
 			return
 		}
 		if time.Now().After(deadline) {

@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // What the view keeps is bounded whatever runs for how long: each
@@ -529,39 +530,39 @@ func (s *topSignals) observe(snap *culpritv1.Snapshot) {
 	var periods, throttledPeriods = nan, nan
 	for _, sg := range snap.GetSignals() {
 		switch sg.Name {
-		case "listen_queue_length":
+		case signals.ListenQueueLength.Name:
 			listener(sg).queue = sg.Value
-		case "listen_backlog":
+		case signals.ListenBacklog.Name:
 			listener(sg).backlog = sg.Value
-		case "listen_queue_full":
+		case signals.ListenQueueFull.Name:
 			listener(sg).full = sg.Value > 0
-		case "listen_overflows_total":
+		case signals.ListenOverflowsTotal.Name:
 			listener(sg).drops = rate(sg)
-		case "process_fds_open":
+		case signals.ProcessFDsOpen.Name:
 			smp.fds = sg.Value
-		case "process_fd_limit":
+		case signals.ProcessFDLimit.Name:
 			if signalLabel(sg, "type") == "soft" {
 				smp.fdLimit = sg.Value
 			}
-		case "process_resident_memory_bytes":
+		case signals.ProcessResidentMemoryBytes.Name:
 			smp.rss = sg.Value
-		case "thread_cpu_seconds_total":
+		case signals.ThreadCPUSecondsTotal.Name:
 			th(sg).bpfCPU = rate(sg)
-		case "thread_stat_cpu_seconds_total":
+		case signals.ThreadStatCPUSecondsTotal.Name:
 			th(sg).statCPU = rate(sg)
-		case "thread_runq_wait_seconds_total":
+		case signals.ThreadRunqWaitSecondsTotal.Name:
 			th(sg).wait = rate(sg)
-		case "thread_runq_waits_total":
+		case signals.ThreadRunqWaitsTotal.Name:
 			th(sg).waits = rate(sg)
-		case "thread_schedstat_runq_wait_seconds_total":
+		case signals.ThreadSchedstatRunqWaitSecondsTotal.Name:
 			th(sg).schedWait = rate(sg)
-		case "process_runq_latency_p99_seconds":
+		case signals.ProcessRunqLatencyP99Seconds.Name:
 			smp.runqP99 = sg.Value
-		case "cgroup_cpu_periods_total":
+		case signals.CgroupCPUPeriodsTotal.Name:
 			periods = rate(sg)
-		case "cgroup_cpu_throttled_periods_total":
+		case signals.CgroupCPUThrottledPeriodsTotal.Name:
 			throttledPeriods = rate(sg)
-		case "cgroup_cpu_quota_cores":
+		case signals.CgroupCPUQuotaCores.Name:
 			smp.quota = sg.Value
 		}
 	}

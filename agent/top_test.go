@@ -23,6 +23,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // ---- the real thing: culprit top in a real terminal (tmux)
@@ -269,8 +270,8 @@ func TestTopAgentUnreachable(t *testing.T) {
 
 func topTS(t time.Time) *timestamppb.Timestamp { return timestamppb.New(t) }
 
-func topSignal(name string, v float64, at time.Time, labels ...string) *culpritv1.Signal {
-	sg := &culpritv1.Signal{Name: name, Value: v, Time: topTS(at)}
+func topSignal(d *signals.Desc, v float64, at time.Time, labels ...string) *culpritv1.Signal {
+	sg := &culpritv1.Signal{Name: d.Name, Value: v, Time: topTS(at)}
 	for i := 0; i+1 < len(labels); i += 2 {
 		sg.Labels = append(sg.Labels, &culpritv1.Label{Name: labels[i], Value: labels[i+1]})
 	}
@@ -310,7 +311,7 @@ func TestTopModelKeys(t *testing.T) {
 	m.Update(topEventMsg{&culpritv1.FindingEvent{Type: culpritv1.FindingEvent_TYPE_OPENED, Finding: crit}})
 	m.Update(topSnapshotMsg{at: now, snap: &culpritv1.Snapshot{Time: topTS(now), InstanceId: "run1",
 		Target:  &culpritv1.Target{Found: true, Pid: 42, Comm: "web"},
-		Signals: []*culpritv1.Signal{topSignal("process_fds_open", 400, now), topSignal("process_fd_limit", 1024, now, "type", "soft")}}})
+		Signals: []*culpritv1.Signal{topSignal(signals.ProcessFDsOpen, 400, now), topSignal(signals.ProcessFDLimit, 1024, now, "type", "soft")}}})
 
 	v := m.View()
 	if i, j := strings.Index(v, crit.Title), strings.Index(v, warn.Title); i < 0 || j < 0 || i > j {
@@ -383,10 +384,10 @@ func TestTopViewFitsEveryWindow(t *testing.T) {
 				queue, drops = 129, float64(100*i)
 			}
 			sigs = append(sigs,
-				topSignal("listen_queue_length", queue, at, "addr", "::", "port", strconv.Itoa(port)),
-				topSignal("listen_backlog", 128, at, "addr", "::", "port", strconv.Itoa(port)),
-				topSignal("listen_queue_full", map[bool]float64{true: 1}[queue > 128], at, "addr", "::", "port", strconv.Itoa(port)),
-				topSignal("listen_overflows_total", drops, at, "addr", "::", "port", strconv.Itoa(port)))
+				topSignal(signals.ListenQueueLength, queue, at, "addr", "::", "port", strconv.Itoa(port)),
+				topSignal(signals.ListenBacklog, 128, at, "addr", "::", "port", strconv.Itoa(port)),
+				topSignal(signals.ListenQueueFull, map[bool]float64{true: 1}[queue > 128], at, "addr", "::", "port", strconv.Itoa(port)),
+				topSignal(signals.ListenOverflowsTotal, drops, at, "addr", "::", "port", strconv.Itoa(port)))
 		}
 		m.Update(topSnapshotMsg{at: at, snap: &culpritv1.Snapshot{Time: topTS(at), Signals: sigs, Target: &culpritv1.Target{Found: true, Pid: 1, Comm: "a-rather-long-command-name"}}})
 	}
@@ -437,16 +438,16 @@ func TestTopSignalsRatesAndBounds(t *testing.T) {
 	t0 := time.Now()
 	snap := func(inst string, at time.Time, drops, tid1, tid2 float64, withListener bool) *culpritv1.Snapshot {
 		sigs := []*culpritv1.Signal{
-			topSignal("thread_stat_cpu_seconds_total", tid1, at, "tid", "101", "thread", "worker-0"),
-			topSignal("thread_stat_cpu_seconds_total", tid2, at, "tid", "102", "thread", "worker-1"),
-			topSignal("thread_runq_wait_seconds_total", tid1/100, at, "tid", "101", "thread", "worker-0"),
-			topSignal("thread_runq_waits_total", tid1*10, at, "tid", "101", "thread", "worker-0"),
-			topSignal("cgroup_cpu_periods_total", tid1*10, at),
-			topSignal("cgroup_cpu_throttled_periods_total", tid1*5, at),
-			topSignal("cgroup_cpu_quota_cores", 0.5, at),
+			topSignal(signals.ThreadStatCPUSecondsTotal, tid1, at, "tid", "101", "thread", "worker-0"),
+			topSignal(signals.ThreadStatCPUSecondsTotal, tid2, at, "tid", "102", "thread", "worker-1"),
+			topSignal(signals.ThreadRunqWaitSecondsTotal, tid1/100, at, "tid", "101", "thread", "worker-0"),
+			topSignal(signals.ThreadRunqWaitsTotal, tid1*10, at, "tid", "101", "thread", "worker-0"),
+			topSignal(signals.CgroupCPUPeriodsTotal, tid1*10, at),
+			topSignal(signals.CgroupCPUThrottledPeriodsTotal, tid1*5, at),
+			topSignal(signals.CgroupCPUQuotaCores, 0.5, at),
 		}
 		if withListener {
-			sigs = append(sigs, topSignal("listen_overflows_total", drops, at, "addr", "10.0.0.1", "port", "8080"))
+			sigs = append(sigs, topSignal(signals.ListenOverflowsTotal, drops, at, "addr", "10.0.0.1", "port", "8080"))
 		}
 		return &culpritv1.Snapshot{Time: topTS(at), InstanceId: inst, Signals: sigs}
 	}

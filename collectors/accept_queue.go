@@ -25,35 +25,6 @@ func init() {
 	register("accept_queue", true, func(o Options) (Collector, error) { return newAcceptQueueCollector(o) })
 }
 
-var (
-	listenQueueLengthDesc = &signals.Desc{Name: "listen_queue_length", Kind: signals.Gauge,
-		Help: "Connections waiting in the listener's accept queue (idiag_rqueue), summed over an SO_REUSEPORT group."}
-	listenBacklogDesc = &signals.Desc{Name: "listen_backlog", Kind: signals.Gauge,
-		Help: "Maximum accept queue length of the listener (idiag_wqueue: min(listen backlog, somaxconn)), summed over an SO_REUSEPORT group."}
-	listenQueueFullDesc = &signals.Desc{Name: "listen_queue_full", Kind: signals.Gauge,
-		Help: "1 when the accept queue was full at this sample (queue length > backlog, the kernel's sk_acceptq_is_full), else 0."}
-	listenSynRecvDesc = &signals.Desc{Name: "listen_syn_recv", Kind: signals.Gauge,
-		Help: "Half-open connections (SYN_RECV) waiting for the handshake to complete on the listener."}
-	listenSynRecvSourcesDesc = &signals.Desc{Name: "listen_syn_recv_sources", Kind: signals.Gauge,
-		Help: "Distinct remote addresses of the listener's half-open connections: a SYN flood comes from many, a burst of real clients from few."}
-	listenOverflowsDesc = &signals.Desc{Name: "listen_overflows_total", Kind: signals.Counter,
-		Help: "Share of the namespace's ListenOverflows attributed to this listener by queue-full sampling and per-port probe counters."}
-	listenOverflowsUnattributedDesc = &signals.Desc{Name: "listen_overflows_unattributed_total", Kind: signals.Counter,
-		Help: "ListenOverflows increments no listener could be blamed for (none was seen full or queueing)."}
-	listenOverflowsSampledDesc = &signals.Desc{Name: "tcp_ext_listen_overflows_sampled_total", Kind: signals.Counter,
-		Help: "TcpExt ListenOverflows of the namespace, read at the fast cadence together with the listener queues."}
-	listenDropsSampledDesc = &signals.Desc{Name: "tcp_ext_listen_drops_sampled_total", Kind: signals.Counter,
-		Help: "TcpExt ListenDrops of the namespace, read at the fast cadence together with the listener queues."}
-)
-
-// Per-port counters an eBPF probe writes when it runs; attribution uses
-// their growth as evidence of which listener overflowed.
-const (
-	probeOverflowDropsName     = "tcp_listen_overflow_drops_total"
-	probeSynackRetransmitsName = "tcp_synack_retransmits_total"
-	probeHandshakesName        = "tcp_listen_handshakes_total"
-)
-
 // TCP states as inet_diag reports them (include/net/tcp_states.h).
 const (
 	tcpSynRecv = 3
@@ -609,8 +580,8 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, 
 // putNamespace writes the namespace's counters as this sample read them.
 func (c *acceptQueueCollector) putNamespace(store *signals.Store, overflows, drops float64, now time.Time) {
 	if c.nsHandles[0] == nil {
-		c.nsHandles = [3]*signals.Handle{store.Handle(listenOverflowsSampledDesc, nil), store.Handle(listenDropsSampledDesc, nil),
-			store.Handle(listenOverflowsUnattributedDesc, nil)}
+		c.nsHandles = [3]*signals.Handle{store.Handle(signals.TCPExtListenOverflowsSampledTotal, nil), store.Handle(signals.TCPExtListenDropsSampledTotal, nil),
+			store.Handle(signals.ListenOverflowsUnattributedTotal, nil)}
 	}
 	c.nsHandles[0].Put(overflows, now)
 	c.nsHandles[1].Put(drops, now)
@@ -722,9 +693,11 @@ func (c *acceptQueueCollector) candidates(cur map[listenerKey]listenerSample, st
 			score = 1
 		}
 		port := signals.L("port", strconv.Itoa(int(k.Port)))
-		score += store.Increase(probeOverflowDropsName, port, c.prevT)
-		score += store.Increase(probeSynackRetransmitsName, port, c.prevT)
-		arrivals := store.Increase(probeHandshakesName, port, c.prevT) + float64(now.SynRecv)
+		// Per-port counters the tcplisten probe writes when it runs: their
+		// growth is evidence of which listener overflowed.
+		score += store.Increase(signals.TCPListenOverflowDropsTotal, port, c.prevT)
+		score += store.Increase(signals.TCPSynAckRetransmitsTotal, port, c.prevT)
+		arrivals := store.Increase(signals.TCPListenHandshakesTotal, port, c.prevT) + float64(now.SynRecv)
 		out = append(out, candidate{Key: k, Score: score, Ratio: max(now.ratio(), prev.ratio()), Arrivals: arrivals})
 	}
 	return out
@@ -740,9 +713,9 @@ func (c *acceptQueueCollector) write(store *signals.Store, now time.Time, cur ma
 		h := c.handles[k]
 		if h == nil {
 			ls := k.labels()
-			h = &listenerHandles{queue: store.Handle(listenQueueLengthDesc, ls), backlog: store.Handle(listenBacklogDesc, ls),
-				full: store.Handle(listenQueueFullDesc, ls), synRecv: store.Handle(listenSynRecvDesc, ls),
-				sources: store.Handle(listenSynRecvSourcesDesc, ls), overflows: store.Handle(listenOverflowsDesc, ls)}
+			h = &listenerHandles{queue: store.Handle(signals.ListenQueueLength, ls), backlog: store.Handle(signals.ListenBacklog, ls),
+				full: store.Handle(signals.ListenQueueFull, ls), synRecv: store.Handle(signals.ListenSynRecv, ls),
+				sources: store.Handle(signals.ListenSynRecvSources, ls), overflows: store.Handle(signals.ListenOverflowsTotal, ls)}
 			c.handles[k] = h
 		}
 		h.queue.Put(float64(l.Queue), now)
@@ -779,8 +752,8 @@ func (c *acceptQueueCollector) forget(store *signals.Store, gone map[listenerKey
 		labels[k.labels().String()] = true
 	}
 	keep := func(ls signals.Labels) bool { return !labels[ls.String()] }
-	for _, d := range []*signals.Desc{listenQueueLengthDesc, listenBacklogDesc, listenQueueFullDesc, listenSynRecvDesc, listenSynRecvSourcesDesc, listenOverflowsDesc} {
-		store.Forget(d.Name, keep)
+	for _, d := range []*signals.Desc{signals.ListenQueueLength, signals.ListenBacklog, signals.ListenQueueFull, signals.ListenSynRecv, signals.ListenSynRecvSources, signals.ListenOverflowsTotal} {
+		store.Forget(d, keep)
 	}
 }
 

@@ -216,7 +216,7 @@ func TestAcceptQueueForget(t *testing.T) {
 	c.forget(store, gone)
 	gone = c.write(store, now.Add(time.Second), map[listenerKey]listenerSample{a: {Owned: true}, b: {Owned: false}})
 	c.forget(store, gone)
-	for _, name := range []string{"listen_queue_length", "listen_backlog", "listen_queue_full", "listen_syn_recv", "listen_overflows_total"} {
+	for _, name := range []*signals.Desc{signals.ListenQueueLength, signals.ListenBacklog, signals.ListenQueueFull, signals.ListenSynRecv, signals.ListenOverflowsTotal} {
 		if got := store.Select(name); len(got) != 1 || got[0].Get("port") != "1000" {
 			t.Errorf("%s series after port 2000 went away: %v", name, got)
 		}
@@ -263,11 +263,11 @@ func (h *aqHarness) collect() {
 	}
 }
 
-func (h *aqHarness) get(name string, ls signals.Labels) float64 {
+func (h *aqHarness) get(d *signals.Desc, ls signals.Labels) float64 {
 	h.t.Helper()
-	s, ok := h.store.Latest(name, ls)
+	s, ok := h.store.Latest(d, ls)
 	if !ok {
-		h.t.Fatalf("%s%s not written", name, ls)
+		h.t.Fatalf("%s%s not written", d, ls)
 	}
 	return s.V
 }
@@ -283,7 +283,7 @@ func (h *aqHarness) poll(what string, cond func() bool) {
 		}
 		if time.Now().After(deadline) {
 			h.t.Fatalf("after 5 s: %s never happened; queue %v backlog %v full %v", what,
-				h.get("listen_queue_length", h.port), h.get("listen_backlog", h.port), h.get("listen_queue_full", h.port))
+				h.get(signals.ListenQueueLength, h.port), h.get(signals.ListenBacklog, h.port), h.get(signals.ListenQueueFull, h.port))
 		}
 	}
 }
@@ -313,40 +313,40 @@ func TestAcceptQueueOverflow(t *testing.T) {
 
 	k0 := kernelListenOverflows(t, s.PID)
 	h.collect() // baseline: nothing dials yet, so it reads k0 too
-	if got := h.get("tcp_ext_listen_overflows_sampled_total", nil); uint64(got) != k0 {
+	if got := h.get(signals.TCPExtListenOverflowsSampledTotal, nil); uint64(got) != k0 {
 		t.Fatalf("sampled ListenOverflows %v, kernel %d", got, k0)
 	}
 
 	s.MustDo(t, "dialasync 20")
 	h.poll("queue full at backlog+1 and overflows counted", func() bool {
-		return h.get("listen_queue_full", h.port) == 1 && h.get("listen_queue_length", h.port) == 3 &&
+		return h.get(signals.ListenQueueFull, h.port) == 1 && h.get(signals.ListenQueueLength, h.port) == 3 &&
 			kernelListenOverflows(t, s.PID) > k0
 	})
-	if got := h.get("listen_backlog", h.port); got != 2 {
+	if got := h.get(signals.ListenBacklog, h.port); got != 2 {
 		t.Errorf("listen_backlog = %v, want 2", got)
 	}
-	t.Logf("listen_syn_recv = %v", h.get("listen_syn_recv", h.port))
+	t.Logf("listen_syn_recv = %v", h.get(signals.ListenSynRecv, h.port))
 
 	k1 := h.collectQuiet(s.PID)
 	t.Logf("kernel ListenOverflows grew by %d while the queue was full", k1-k0)
-	if got, want := h.get("listen_overflows_total", h.port), float64(k1-k0); got != want {
+	if got, want := h.get(signals.ListenOverflowsTotal, h.port), float64(k1-k0); got != want {
 		t.Errorf("listen_overflows_total = %v, kernel ListenOverflows grew by %v", got, want)
 	}
-	if got := h.get("listen_overflows_unattributed_total", nil); got != 0 {
+	if got := h.get(signals.ListenOverflowsUnattributedTotal, nil); got != 0 {
 		t.Errorf("listen_overflows_unattributed_total = %v, want 0", got)
 	}
-	if got := h.get("tcp_ext_listen_overflows_sampled_total", nil); uint64(got) != k1 {
+	if got := h.get(signals.TCPExtListenOverflowsSampledTotal, nil); uint64(got) != k1 {
 		t.Errorf("tcp_ext_listen_overflows_sampled_total = %v, kernel %d", got, k1)
 	}
 
 	// Reopening the accept loop drains the queue.
 	s.MustDo(t, "accept on")
 	h.poll("queue drained", func() bool {
-		return h.get("listen_queue_length", h.port) == 0 && h.get("listen_queue_full", h.port) == 0
+		return h.get(signals.ListenQueueLength, h.port) == 0 && h.get(signals.ListenQueueFull, h.port) == 0
 	})
 	// Every overflow is accounted for, blamed or not.
 	k2 := h.collectQuiet(s.PID)
-	blamed := h.get("listen_overflows_total", h.port) + h.get("listen_overflows_unattributed_total", nil)
+	blamed := h.get(signals.ListenOverflowsTotal, h.port) + h.get(signals.ListenOverflowsUnattributedTotal, nil)
 	if blamed != float64(k2-k0) {
 		t.Errorf("attributed+unattributed = %v, kernel ListenOverflows grew by %d", blamed, k2-k0)
 	}
@@ -366,10 +366,10 @@ func TestAcceptQueueHealthy(t *testing.T) {
 		h.collect()
 		time.Sleep(100 * time.Millisecond)
 	}
-	if got := h.get("listen_overflows_total", h.port); got != 0 {
+	if got := h.get(signals.ListenOverflowsTotal, h.port); got != 0 {
 		t.Errorf("listen_overflows_total = %v, want 0", got)
 	}
-	if got := h.get("listen_backlog", h.port); got != 128 {
+	if got := h.get(signals.ListenBacklog, h.port); got != 128 {
 		t.Errorf("listen_backlog = %v, want 128", got)
 	}
 	if k := kernelListenOverflows(t, s.PID); k != k0 {
@@ -389,7 +389,7 @@ func TestAcceptQueueNoListener(t *testing.T) {
 	if !errors.Is(err, ErrNoData) {
 		t.Fatalf("Collect for a process without listeners: %v, want ErrNoData", err)
 	}
-	if _, ok := store.Latest("tcp_ext_listen_overflows_sampled_total", nil); !ok {
+	if _, ok := store.Latest(signals.TCPExtListenOverflowsSampledTotal, nil); !ok {
 		t.Error("namespace counters not written")
 	}
 }
@@ -441,8 +441,8 @@ func TestAcceptQueueSynRecv(t *testing.T) {
 	if ans := s.MustDo(t, "dial 5"); ans != "ok 5 established" {
 		t.Fatalf("dial: %s", ans)
 	}
-	h.poll("5 half-open connections", func() bool { return h.get("listen_syn_recv", h.port) == 5 })
-	if got := h.get("listen_queue_length", h.port); got != 0 {
+	h.poll("5 half-open connections", func() bool { return h.get(signals.ListenSynRecv, h.port) == 5 })
+	if got := h.get(signals.ListenQueueLength, h.port); got != 0 {
 		t.Errorf("listen_queue_length = %v, want 0 (nothing completed on the server side)", got)
 	}
 }

@@ -19,21 +19,6 @@ func init() {
 	register("cgroup", false, func(o Options) (Collector, error) { return newCgroupCollector(o), nil })
 }
 
-var (
-	cgroupInfoDesc = &signals.Desc{Name: "cgroup_info", Kind: signals.Gauge,
-		Help: "1 for the target's memory cgroup: its version (1 or 2) and path."}
-	cgroupUsageDesc = &signals.Desc{Name: "cgroup_memory_usage_bytes", Kind: signals.Gauge,
-		Help: "Memory charged to the target's cgroup (v2 memory.current, v1 memory.usage_in_bytes)."}
-	cgroupLimitDesc = &signals.Desc{Name: "cgroup_memory_limit_bytes", Kind: signals.Gauge,
-		Help: "Memory limit of the target's cgroup (absent when unlimited)."}
-	cgroupStatDesc = &signals.Desc{Name: "cgroup_memory_stat_bytes", Kind: signals.Gauge,
-		Help: "Memory of the target's cgroup by kind: anon, file (page cache), shmem, kernel, sock."}
-	cgroupEventsDesc = &signals.Desc{Name: "cgroup_memory_events_total", Kind: signals.Counter,
-		Help: "Memory events of the target's cgroup: oom, oom_kill, max (limit hit), high."}
-	cgroupPressureDesc = &signals.Desc{Name: "cgroup_memory_pressure_avg10_ratio", Kind: signals.Gauge,
-		Help: "Share of the last 10 s tasks of the cgroup stalled on memory (PSI; type some or full)."}
-)
-
 // v1 reports "unlimited" as a huge page-aligned number.
 const v1Unlimited = 1 << 62
 
@@ -232,7 +217,7 @@ func (c *cgroupCollector) v2Dir(pid int, v2, file string) string {
 }
 
 // memorySignals are every series this collector writes.
-var memorySignals = []string{"cgroup_info", "cgroup_memory_usage_bytes", "cgroup_memory_limit_bytes", "cgroup_memory_stat_bytes", "cgroup_memory_events_total", "cgroup_memory_pressure_avg10_ratio"}
+var memorySignals = []*signals.Desc{signals.CgroupInfo, signals.CgroupMemoryUsageBytes, signals.CgroupMemoryLimitBytes, signals.CgroupMemoryStatBytes, signals.CgroupMemoryEventsTotal, signals.CgroupMemoryPressureAvg10Ratio}
 
 // Collect prefers the v1 memory controller when the target is in one
 // (hybrid hosts mount memory only there); otherwise v2, at the root of
@@ -243,29 +228,29 @@ func (c *cgroupCollector) Collect(_ context.Context, tgt target.Process, store *
 	m, path, err := c.read(tgt.PID)
 	if err != nil {
 		// What was read of another cgroup is not this target's now.
-		for _, name := range memorySignals {
-			store.Forget(name, func(signals.Labels) bool { return false })
+		for _, d := range memorySignals {
+			store.Forget(d, func(signals.Labels) bool { return false })
 		}
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
 	now := time.Now()
-	store.Forget("cgroup_info", func(ls signals.Labels) bool { return ls.Get("path") == path })
-	store.Put(cgroupInfoDesc, signals.L("version", strconv.Itoa(m.Version), "path", path), 1, now)
-	store.Put(cgroupUsageDesc, nil, m.Usage, now)
+	store.Forget(signals.CgroupInfo, func(ls signals.Labels) bool { return ls.Get("path") == path })
+	store.Put(signals.CgroupInfo, signals.L("version", strconv.Itoa(m.Version), "path", path), 1, now)
+	store.Put(signals.CgroupMemoryUsageBytes, nil, m.Usage, now)
 	if m.Limit > 0 {
-		store.Put(cgroupLimitDesc, nil, m.Limit, now)
+		store.Put(signals.CgroupMemoryLimitBytes, nil, m.Limit, now)
 	} else {
-		store.Forget("cgroup_memory_limit_bytes", func(signals.Labels) bool { return false })
+		store.Forget(signals.CgroupMemoryLimitBytes, func(signals.Labels) bool { return false })
 	}
-	store.Forget("cgroup_memory_stat_bytes", func(ls signals.Labels) bool { _, ok := m.Stat[ls.Get("kind")]; return ok })
+	store.Forget(signals.CgroupMemoryStatBytes, func(ls signals.Labels) bool { _, ok := m.Stat[ls.Get("kind")]; return ok })
 	for k, v := range m.Stat {
-		store.Put(cgroupStatDesc, signals.L("kind", k), v, now)
+		store.Put(signals.CgroupMemoryStatBytes, signals.L("kind", k), v, now)
 	}
 	for k, v := range m.Events {
-		store.Put(cgroupEventsDesc, signals.L("event", k), v, now)
+		store.Put(signals.CgroupMemoryEventsTotal, signals.L("event", k), v, now)
 	}
 	for k, v := range m.Pressure {
-		store.Put(cgroupPressureDesc, signals.L("type", k), v, now)
+		store.Put(signals.CgroupMemoryPressureAvg10Ratio, signals.L("type", k), v, now)
 	}
 	return nil
 }

@@ -65,17 +65,17 @@ func TestCgroupCollectorRealLimit(t *testing.T) {
 	if err := c.Collect(context.Background(), target.Process{PID: l.PID}, st); err != nil {
 		t.Fatal(err)
 	}
-	info := st.Select("cgroup_info")
+	info := st.Select(signals.CgroupInfo)
 	if len(info) != 1 || info[0].Get("version") != strconv.Itoa(version) || !strings.HasSuffix(dir, info[0].Get("path")) {
 		t.Fatalf("cgroup_info %v, want version %d path of %s", info, version, dir)
 	}
-	if lim, _ := st.Latest("cgroup_memory_limit_bytes", nil); lim.V != 256<<20 {
+	if lim, _ := st.Latest(signals.CgroupMemoryLimitBytes, nil); lim.V != 256<<20 {
 		t.Fatalf("limit %v, want 256 MiB", lim.V)
 	}
-	if u, _ := st.Latest("cgroup_memory_usage_bytes", nil); u.V < 32<<20 {
+	if u, _ := st.Latest(signals.CgroupMemoryUsageBytes, nil); u.V < 32<<20 {
 		t.Fatalf("usage %v, want at least the 32 MiB retained", u.V)
 	}
-	if a, _ := st.Latest("cgroup_memory_stat_bytes", signals.L("kind", "anon")); a.V < 32<<20 {
+	if a, _ := st.Latest(signals.CgroupMemoryStatBytes, signals.L("kind", "anon")); a.V < 32<<20 {
 		t.Fatalf("anon %v, want at least 32 MiB", a.V)
 	}
 }
@@ -91,7 +91,7 @@ func TestMemoryCgroupAtTheRoot(t *testing.T) {
 	if err := ns.Collect(context.Background(), target.Process{PID: 7}, st); err != nil {
 		t.Fatalf("namespace root: %v", err)
 	}
-	if u, _ := st.Latest("cgroup_memory_usage_bytes", nil); u.V != 67108864 {
+	if u, _ := st.Latest(signals.CgroupMemoryUsageBytes, nil); u.V != 67108864 {
 		t.Fatalf("namespace root usage %v", u.V)
 	}
 	root := newCgroupCollector(Options{ProcRoot: "testdata/cgroup/cpu-v1/proc", SysRoot: "testdata/cgroup/cpu-v1/sys"})

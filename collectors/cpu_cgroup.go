@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -21,32 +20,13 @@ func init() {
 	register("cpu_cgroup", false, func(o Options) (Collector, error) { return newCPUCgroupCollector(o), nil })
 }
 
-var (
-	cpuInfoDesc = &signals.Desc{Name: "cgroup_cpu_info", Kind: signals.Gauge,
-		Help: "1 for the target's CPU cgroup: its version (1 or 2), path, and where its usage comes from (usage: cpuacct, cpu.stat, or unknown_root, unknown_other_cgroup, unknown_missing)."}
-	cpuPeriodsDesc = &signals.Desc{Name: "cgroup_cpu_periods_total", Kind: signals.Counter,
-		Help: "CFS bandwidth periods in which the target's cgroup had runnable tasks (v1 and v2 cpu.stat nr_periods; counted only under a quota)."}
-	cpuThrottledPeriodsDesc = &signals.Desc{Name: "cgroup_cpu_throttled_periods_total", Kind: signals.Counter,
-		Help: "CFS periods in which the target's cgroup used up its quota and was throttled (cpu.stat nr_throttled)."}
-	cpuThrottledSecondsDesc = &signals.Desc{Name: "cgroup_cpu_throttled_seconds_total", Kind: signals.Counter,
-		Help: "Time the target cgroup's runnable tasks spent throttled, summed over CPUs (v1 cpu.stat throttled_time, v2 throttled_usec)."}
-	cpuUsageDesc = &signals.Desc{Name: "cgroup_cpu_usage_seconds_total", Kind: signals.Counter,
-		Help: "CPU time used by the target's cgroup (v1 cpuacct.usage, v2 cpu.stat usage_usec)."}
-	cpuQuotaDesc = &signals.Desc{Name: "cgroup_cpu_quota_cores", Kind: signals.Gauge,
-		Help: "CPU limit of the target's cgroup in cores: CFS quota / period (absent when unlimited)."}
-	cpuPeriodDesc = &signals.Desc{Name: "cgroup_cpu_period_seconds", Kind: signals.Gauge,
-		Help: "CFS bandwidth period of the target's cgroup: a throttled task waits for the next one (absent when unlimited)."}
-	cpuPressureDesc = &signals.Desc{Name: "cgroup_cpu_pressure_avg10_ratio", Kind: signals.Gauge,
-		Help: "Share of the last 10 s tasks of the cgroup waited for a CPU (PSI, v2 only; type some or full)."}
-)
+// cpuCounters are the counters one cgroupCPU read may give.
+var cpuCounters = []*signals.Desc{signals.CgroupCPUPeriodsTotal, signals.CgroupCPUThrottledPeriodsTotal,
+	signals.CgroupCPUThrottledSecondsTotal, signals.CgroupCPUUsageSecondsTotal}
 
-// cpuCounters maps the counters of one cgroupCPU read to their signals.
-var cpuCounters = map[string]*signals.Desc{
-	"cgroup_cpu_periods_total":           cpuPeriodsDesc,
-	"cgroup_cpu_throttled_periods_total": cpuThrottledPeriodsDesc,
-	"cgroup_cpu_throttled_seconds_total": cpuThrottledSecondsDesc,
-	"cgroup_cpu_usage_seconds_total":     cpuUsageDesc,
-}
+// cpuSignals are every series this collector writes.
+var cpuSignals = append([]*signals.Desc{signals.CgroupCPUInfo, signals.CgroupCPUQuotaCores,
+	signals.CgroupCPUPeriodSeconds, signals.CgroupCPUPressureAvg10Ratio}, cpuCounters...)
 
 // Where cgroup_cpu_usage_seconds_total comes from, or why it is unknown
 // (the usage label of cgroup_cpu_info). An unknown usage is absent: never
@@ -66,9 +46,9 @@ const (
 // cgroupCPU is what one read of a CPU cgroup gives.
 type cgroupCPU struct {
 	Version int
-	// Counters by signal name (see cpuCounters); a counter the cgroup does
+	// Counters by signal (see cpuCounters); a counter the cgroup does
 	// not report is absent (v2 without the cpu controller has no periods).
-	Counters map[string]float64
+	Counters map[*signals.Desc]float64
 	Quota    float64            // cores; 0: unlimited
 	Period   float64            // seconds, with a quota
 	Pressure map[string]float64 // some, full: avg10 as a ratio (v2)
@@ -133,15 +113,15 @@ func isV2Root(dir, path string) bool {
 // project's mount cpu and cpuacct apart; most mount them together, and
 // then acct is the same directory.
 func readCPUV1With(rd readFn, dir, acct, usage string) (cgroupCPU, error) {
-	m := cgroupCPU{Version: 1, Counters: map[string]float64{}, Usage: usage}
+	m := cgroupCPU{Version: 1, Counters: map[*signals.Desc]float64{}, Usage: usage}
 	b, err := rd(filepath.Join(dir, "cpu.stat"))
 	if err != nil {
 		return m, err
 	}
 	st := parseKV(b)
-	m.Counters["cgroup_cpu_periods_total"] = st["nr_periods"]
-	m.Counters["cgroup_cpu_throttled_periods_total"] = st["nr_throttled"]
-	m.Counters["cgroup_cpu_throttled_seconds_total"] = st["throttled_time"] / 1e9
+	m.Counters[signals.CgroupCPUPeriodsTotal] = st["nr_periods"]
+	m.Counters[signals.CgroupCPUThrottledPeriodsTotal] = st["nr_throttled"]
+	m.Counters[signals.CgroupCPUThrottledSecondsTotal] = st["throttled_time"] / 1e9
 	quota, err := readNumberWith(rd, filepath.Join(dir, "cpu.cfs_quota_us"))
 	if err != nil {
 		return m, err
@@ -160,7 +140,7 @@ func readCPUV1With(rd readFn, dir, acct, usage string) (cgroupCPU, error) {
 		case err != nil:
 			return m, err
 		default:
-			m.Counters["cgroup_cpu_usage_seconds_total"] = u / 1e9
+			m.Counters[signals.CgroupCPUUsageSecondsTotal] = u / 1e9
 		}
 	}
 	return m, nil
@@ -169,26 +149,26 @@ func readCPUV1With(rd readFn, dir, acct, usage string) (cgroupCPU, error) {
 // readCPUV2With reads a cgroup v2 directory. cpu.stat always has usage_usec;
 // the throttling fields and cpu.max need the cpu controller enabled.
 func readCPUV2With(rd readFn, dir string) (cgroupCPU, error) {
-	m := cgroupCPU{Version: 2, Counters: map[string]float64{}, Usage: usageMissing}
+	m := cgroupCPU{Version: 2, Counters: map[*signals.Desc]float64{}, Usage: usageMissing}
 	b, err := rd(filepath.Join(dir, "cpu.stat"))
 	if err != nil {
 		return m, err
 	}
 	st := parseKV(b)
-	for key, name := range map[string]string{
-		"usage_usec":     "cgroup_cpu_usage_seconds_total",
-		"nr_periods":     "cgroup_cpu_periods_total",
-		"nr_throttled":   "cgroup_cpu_throttled_periods_total",
-		"throttled_usec": "cgroup_cpu_throttled_seconds_total",
+	for key, d := range map[string]*signals.Desc{
+		"usage_usec":     signals.CgroupCPUUsageSecondsTotal,
+		"nr_periods":     signals.CgroupCPUPeriodsTotal,
+		"nr_throttled":   signals.CgroupCPUThrottledPeriodsTotal,
+		"throttled_usec": signals.CgroupCPUThrottledSecondsTotal,
 	} {
 		if v, ok := st[key]; ok {
 			if strings.HasSuffix(key, "_usec") {
 				v /= 1e6
 			}
-			m.Counters[name] = v
+			m.Counters[d] = v
 		}
 	}
-	if _, ok := m.Counters["cgroup_cpu_usage_seconds_total"]; ok {
+	if _, ok := m.Counters[signals.CgroupCPUUsageSecondsTotal]; ok {
 		m.Usage = usageCPUStat
 	}
 	switch b, err := rd(filepath.Join(dir, "cpu.max")); {
@@ -253,34 +233,34 @@ func (c *cpuCgroupCollector) Collect(_ context.Context, tgt target.Process, stor
 	if err != nil {
 		// What was known of another cgroup (or of this one before it
 		// became unreadable) is not this target's now.
-		for _, name := range append(slices.Collect(maps.Keys(cpuCounters)), "cgroup_cpu_info", "cgroup_cpu_quota_cores", "cgroup_cpu_period_seconds", "cgroup_cpu_pressure_avg10_ratio") {
-			store.Forget(name, func(signals.Labels) bool { return false })
+		for _, d := range cpuSignals {
+			store.Forget(d, func(signals.Labels) bool { return false })
 		}
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
 	}
 	now := time.Now()
 	info := signals.L("version", strconv.Itoa(m.Version), "path", path, "usage", m.Usage)
-	store.Forget("cgroup_cpu_info", func(ls signals.Labels) bool { return ls.String() == info.String() })
-	store.Put(cpuInfoDesc, info, 1, now)
-	for name, d := range cpuCounters {
-		if v, ok := m.Counters[name]; ok {
+	store.Forget(signals.CgroupCPUInfo, func(ls signals.Labels) bool { return ls.String() == info.String() })
+	store.Put(signals.CgroupCPUInfo, info, 1, now)
+	for _, d := range cpuCounters {
+		if v, ok := m.Counters[d]; ok {
 			store.Put(d, nil, v, now)
 		} else {
-			store.Forget(name, func(signals.Labels) bool { return false })
+			store.Forget(d, func(signals.Labels) bool { return false })
 		}
 	}
 	if m.Quota > 0 {
-		store.Put(cpuQuotaDesc, nil, m.Quota, now)
-		store.Put(cpuPeriodDesc, nil, m.Period, now)
+		store.Put(signals.CgroupCPUQuotaCores, nil, m.Quota, now)
+		store.Put(signals.CgroupCPUPeriodSeconds, nil, m.Period, now)
 	} else {
-		store.Forget("cgroup_cpu_quota_cores", func(signals.Labels) bool { return false })
-		store.Forget("cgroup_cpu_period_seconds", func(signals.Labels) bool { return false })
+		store.Forget(signals.CgroupCPUQuotaCores, func(signals.Labels) bool { return false })
+		store.Forget(signals.CgroupCPUPeriodSeconds, func(signals.Labels) bool { return false })
 	}
 	if len(m.Pressure) == 0 {
-		store.Forget("cgroup_cpu_pressure_avg10_ratio", func(signals.Labels) bool { return false })
+		store.Forget(signals.CgroupCPUPressureAvg10Ratio, func(signals.Labels) bool { return false })
 	}
 	for k, v := range m.Pressure {
-		store.Put(cpuPressureDesc, signals.L("type", k), v, now)
+		store.Put(signals.CgroupCPUPressureAvg10Ratio, signals.L("type", k), v, now)
 	}
 	return nil
 }

@@ -64,13 +64,13 @@ func TestParseCPUMax(t *testing.T) {
 // (Documentation/scheduler/sched-bwc.rst and
 // Documentation/admin-guide/cgroup-v2.rst).
 func TestReadCPUCgroupFixtures(t *testing.T) {
-	throttledV2 := map[string]float64{
-		"cgroup_cpu_periods_total": 1200, "cgroup_cpu_throttled_periods_total": 480,
-		"cgroup_cpu_throttled_seconds_total": 36.5, "cgroup_cpu_usage_seconds_total": 8.123456}
-	v1Fixture := map[string]float64{"cgroup_cpu_periods_total": 17, "cgroup_cpu_throttled_periods_total": 15,
-		"cgroup_cpu_throttled_seconds_total": 1.130247877}
+	throttledV2 := map[*signals.Desc]float64{
+		signals.CgroupCPUPeriodsTotal: 1200, signals.CgroupCPUThrottledPeriodsTotal: 480,
+		signals.CgroupCPUThrottledSecondsTotal: 36.5, signals.CgroupCPUUsageSecondsTotal: 8.123456}
+	v1Fixture := map[*signals.Desc]float64{signals.CgroupCPUPeriodsTotal: 17, signals.CgroupCPUThrottledPeriodsTotal: 15,
+		signals.CgroupCPUThrottledSecondsTotal: 1.130247877}
 	withUsage := maps.Clone(v1Fixture)
-	withUsage["cgroup_cpu_usage_seconds_total"] = 0.342243367
+	withUsage[signals.CgroupCPUUsageSecondsTotal] = 0.342243367
 	for _, c := range []struct {
 		tree     string
 		pid      int
@@ -84,9 +84,9 @@ func TestReadCPUCgroupFixtures(t *testing.T) {
 		{"cpu-v1", 4545, "/culprit-fixture", cgroupCPU{Version: 1, Quota: 0.2, Period: 0.1, Usage: "unknown_root", Counters: v1Fixture}},
 		// cpuacct holds it in another group: not the quota's tasks.
 		{"cpu-v1", 4747, "/culprit-fixture", cgroupCPU{Version: 1, Quota: 0.2, Period: 0.1, Usage: "unknown_other_cgroup", Counters: v1Fixture}},
-		{"cpu-v1", 4343, "/docker/abc", cgroupCPU{Version: 1, Usage: "cpuacct", Counters: map[string]float64{
-			"cgroup_cpu_periods_total": 0, "cgroup_cpu_throttled_periods_total": 0,
-			"cgroup_cpu_throttled_seconds_total": 0, "cgroup_cpu_usage_seconds_total": 2318.427060429}}},
+		{"cpu-v1", 4343, "/docker/abc", cgroupCPU{Version: 1, Usage: "cpuacct", Counters: map[*signals.Desc]float64{
+			signals.CgroupCPUPeriodsTotal: 0, signals.CgroupCPUThrottledPeriodsTotal: 0,
+			signals.CgroupCPUThrottledSecondsTotal: 0, signals.CgroupCPUUsageSecondsTotal: 2318.427060429}}},
 		{"cpu-v2", 100, "/kubepods/pod1/app", cgroupCPU{Version: 2, Quota: 0.5, Period: 0.1, Usage: "cpu.stat", Counters: throttledV2,
 			Pressure: map[string]float64{"some": 0.425, "full": 0.38}}},
 		// In a pod each container has its own cgroup namespace: the app's
@@ -96,14 +96,14 @@ func TestReadCPUCgroupFixtures(t *testing.T) {
 			Pressure: map[string]float64{"some": 0.425, "full": 0.38}}},
 		// Hybrid host, target outside any v1 cpu cgroup: v2 under
 		// unified/ without the cpu controller has usage and PSI only.
-		{"cpu-v2", 101, "/system.slice/web.service", cgroupCPU{Version: 2, Usage: "cpu.stat", Counters: map[string]float64{
-			"cgroup_cpu_usage_seconds_total": 2299.408},
+		{"cpu-v2", 101, "/system.slice/web.service", cgroupCPU{Version: 2, Usage: "cpu.stat", Counters: map[*signals.Desc]float64{
+			signals.CgroupCPUUsageSecondsTotal: 2299.408},
 			Pressure: map[string]float64{"some": 0.0127, "full": 0}}},
 		// The agent and the app in one container with its own cgroup
 		// namespace: "/" is the container's cgroup, not the host's root.
-		{"cpu-v2-ns", 7, "/", cgroupCPU{Version: 2, Quota: 0.25, Period: 0.1, Usage: "cpu.stat", Counters: map[string]float64{
-			"cgroup_cpu_periods_total": 300, "cgroup_cpu_throttled_periods_total": 120,
-			"cgroup_cpu_throttled_seconds_total": 9, "cgroup_cpu_usage_seconds_total": 4}}},
+		{"cpu-v2-ns", 7, "/", cgroupCPU{Version: 2, Quota: 0.25, Period: 0.1, Usage: "cpu.stat", Counters: map[*signals.Desc]float64{
+			signals.CgroupCPUPeriodsTotal: 300, signals.CgroupCPUThrottledPeriodsTotal: 120,
+			signals.CgroupCPUThrottledSecondsTotal: 9, signals.CgroupCPUUsageSecondsTotal: 4}}},
 	} {
 		root := filepath.Join("testdata/cgroup", c.tree)
 		col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
@@ -112,26 +112,26 @@ func TestReadCPUCgroupFixtures(t *testing.T) {
 			t.Fatalf("%s pid %d: %v", c.tree, c.pid, err)
 		}
 		// What the store got is what the files say.
-		got := cgroupCPU{Counters: map[string]float64{}}
-		info := st.Select("cgroup_cpu_info")
+		got := cgroupCPU{Counters: map[*signals.Desc]float64{}}
+		info := st.Select(signals.CgroupCPUInfo)
 		if len(info) != 1 || info[0].Get("path") != c.wantPath {
 			t.Fatalf("%s pid %d: cgroup_cpu_info %v, want path %s", c.tree, c.pid, info, c.wantPath)
 		}
 		got.Version = map[string]int{"1": 1, "2": 2}[info[0].Get("version")]
 		got.Usage = info[0].Get("usage")
-		if q, ok := st.Latest("cgroup_cpu_quota_cores", nil); ok {
+		if q, ok := st.Latest(signals.CgroupCPUQuotaCores, nil); ok {
 			got.Quota = q.V
 		}
-		if p, ok := st.Latest("cgroup_cpu_period_seconds", nil); ok {
+		if p, ok := st.Latest(signals.CgroupCPUPeriodSeconds, nil); ok {
 			got.Period = p.V
 		}
-		for name := range cpuCounters {
-			if s, ok := st.Latest(name, nil); ok {
-				got.Counters[name] = s.V
+		for _, d := range cpuCounters {
+			if s, ok := st.Latest(d, nil); ok {
+				got.Counters[d] = s.V
 			}
 		}
 		for _, typ := range []string{"some", "full"} {
-			if s, ok := st.Latest("cgroup_cpu_pressure_avg10_ratio", signals.L("type", typ)); ok {
+			if s, ok := st.Latest(signals.CgroupCPUPressureAvg10Ratio, signals.L("type", typ)); ok {
 				if got.Pressure == nil {
 					got.Pressure = map[string]float64{}
 				}
@@ -162,7 +162,7 @@ func TestCPUCgroupAtTheRoot(t *testing.T) {
 		if err := col.Collect(context.Background(), target.Process{PID: c.pid}, st); !errors.Is(err, ErrNoData) {
 			t.Fatalf("%s pid %d at the root: %v, want ErrNoData", c.tree, c.pid, err)
 		}
-		for _, name := range []string{"cgroup_cpu_info", "cgroup_cpu_usage_seconds_total", "cgroup_cpu_quota_cores", "cgroup_cpu_periods_total", "cgroup_cpu_pressure_avg10_ratio"} {
+		for _, name := range []*signals.Desc{signals.CgroupCPUInfo, signals.CgroupCPUUsageSecondsTotal, signals.CgroupCPUQuotaCores, signals.CgroupCPUPeriodsTotal, signals.CgroupCPUPressureAvg10Ratio} {
 			if ls := st.Select(name); len(ls) != 0 {
 				t.Errorf("%s pid %d: %s kept %v", c.tree, c.pid, name, ls)
 			}
@@ -194,10 +194,10 @@ func TestCPUCgroupForgetsQuotaAndOldPath(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, ok := st.Latest("cgroup_cpu_quota_cores", nil); ok {
+	if _, ok := st.Latest(signals.CgroupCPUQuotaCores, nil); ok {
 		t.Error("quota kept after the cgroup became unlimited")
 	}
-	if info := st.Select("cgroup_cpu_info"); len(info) != 1 || info[0].Get("path") != "/system.slice/web.service" {
+	if info := st.Select(signals.CgroupCPUInfo); len(info) != 1 || info[0].Get("path") != "/system.slice/web.service" {
 		t.Errorf("cgroup_cpu_info %v", info)
 	}
 }
@@ -233,8 +233,8 @@ func collectFor(t *testing.T, pid int, st *signals.Store, d time.Duration) {
 	}
 }
 
-func counterGrowth(st *signals.Store, name string) float64 {
-	return st.Increase(name, nil, time.Time{})
+func counterGrowth(st *signals.Store, d *signals.Desc) float64 {
+	return st.Increase(d, nil, time.Time{})
 }
 
 // A real busy loop under a real 0.2-core quota is throttled, and the rule
@@ -247,15 +247,15 @@ func TestCPUCgroupRealThrottling(t *testing.T) {
 	collectFor(t, pid, st, 1500*time.Millisecond)
 	elapsed := time.Since(start)
 
-	info := st.Select("cgroup_cpu_info")
+	info := st.Select(signals.CgroupCPUInfo)
 	if len(info) != 1 || !strings.HasSuffix(dir, info[0].Get("path")) {
 		t.Fatalf("cgroup_cpu_info %v, want the path of %s", info, dir)
 	}
-	if q, _ := st.Latest("cgroup_cpu_quota_cores", nil); math.Abs(q.V-0.2) > 0.005 {
+	if q, _ := st.Latest(signals.CgroupCPUQuotaCores, nil); math.Abs(q.V-0.2) > 0.005 {
 		t.Fatalf("quota %v cores, want 0.2", q.V)
 	}
-	periods, throttled := counterGrowth(st, "cgroup_cpu_periods_total"), counterGrowth(st, "cgroup_cpu_throttled_periods_total")
-	usage, waited := counterGrowth(st, "cgroup_cpu_usage_seconds_total"), counterGrowth(st, "cgroup_cpu_throttled_seconds_total")
+	periods, throttled := counterGrowth(st, signals.CgroupCPUPeriodsTotal), counterGrowth(st, signals.CgroupCPUThrottledPeriodsTotal)
+	usage, waited := counterGrowth(st, signals.CgroupCPUUsageSecondsTotal), counterGrowth(st, signals.CgroupCPUThrottledSecondsTotal)
 	t.Logf("in %s: %v of %v periods throttled, %.3f s used, %.3f s throttled", elapsed.Round(time.Millisecond), throttled, periods, usage, waited)
 	if throttled <= 0 || waited <= 0 {
 		t.Fatalf("a busy loop under 0.2 cores was not throttled: %v of %v periods, %.3f s", throttled, periods, waited)
@@ -281,10 +281,10 @@ func TestCPUCgroupRealHealthy(t *testing.T) {
 	testenv.CPUCgroup(t, 1.5, pid)
 	st := signals.New(64, 100)
 	collectFor(t, pid, st, time.Second)
-	if q, _ := st.Latest("cgroup_cpu_quota_cores", nil); math.Abs(q.V-1.5) > 0.005 {
+	if q, _ := st.Latest(signals.CgroupCPUQuotaCores, nil); math.Abs(q.V-1.5) > 0.005 {
 		t.Fatalf("quota %v cores, want 1.5", q.V)
 	}
-	if th := counterGrowth(st, "cgroup_cpu_throttled_periods_total"); th != 0 {
+	if th := counterGrowth(st, signals.CgroupCPUThrottledPeriodsTotal); th != 0 {
 		t.Fatalf("a sleeping process was throttled in %v periods", th)
 	}
 	r := rules.NewCPUThrottling(rules.CPUThrottlingOptions{Window: 2 * time.Second})
@@ -306,7 +306,7 @@ func TestMemoryCgroupOutsideOurNamespace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v, ok := st.Latest("cgroup_memory_usage_bytes", nil); !ok || strconv.FormatFloat(v.V, 'f', -1, 64) != strings.TrimSpace(string(want)) {
+	if v, ok := st.Latest(signals.CgroupMemoryUsageBytes, nil); !ok || strconv.FormatFloat(v.V, 'f', -1, 64) != strings.TrimSpace(string(want)) {
 		t.Errorf("usage %v (%v), want %s", v.V, ok, want)
 	}
 }
@@ -331,14 +331,14 @@ func TestCPUCgroupRealOutsideCPUAcct(t *testing.T) {
 	collectFor(t, pid, st, 2*time.Second)
 	hostCores := (hostUsage() - host0) / time.Since(start).Seconds()
 
-	info := st.Select("cgroup_cpu_info")
+	info := st.Select(signals.CgroupCPUInfo)
 	if len(info) != 1 || info[0].Get("usage") != "unknown_root" {
 		t.Fatalf("cgroup_cpu_info %v, want usage=unknown_root", info)
 	}
-	if _, ok := st.Latest("cgroup_cpu_usage_seconds_total", nil); ok {
+	if _, ok := st.Latest(signals.CgroupCPUUsageSecondsTotal, nil); ok {
 		t.Fatal("the root's cpuacct.usage reported as the cgroup's usage")
 	}
-	if th := counterGrowth(st, "cgroup_cpu_throttled_periods_total"); th <= 0 {
+	if th := counterGrowth(st, signals.CgroupCPUThrottledPeriodsTotal); th <= 0 {
 		t.Fatalf("a busy loop under 0.2 cores was not throttled")
 	}
 	r := rules.NewCPUThrottling(rules.CPUThrottlingOptions{Window: 2 * time.Second})
@@ -352,7 +352,7 @@ func TestCPUCgroupRealOutsideCPUAcct(t *testing.T) {
 		t.Errorf("root cause: %s", o.RootCause)
 	}
 	for _, e := range o.Evidence {
-		if e.Signal == "cgroup_cpu_usage_seconds_total" {
+		if e.Signal == signals.CgroupCPUUsageSecondsTotal.Name {
 			t.Errorf("usage evidence %+v", e)
 		}
 	}

@@ -19,15 +19,6 @@ func init() {
 	register("fds", false, func(o Options) (Collector, error) { return newFDsCollector(o), nil })
 }
 
-var (
-	openFDsDesc = &signals.Desc{Name: "process_open_fds", Kind: signals.Gauge,
-		Help: "Open file descriptors of the target by what they point at (socket, file, pipe, anon_eventfd, ...)."}
-	fdsOpenDesc = &signals.Desc{Name: "process_fds_open", Kind: signals.Gauge,
-		Help: "Open file descriptors of the target."}
-	fdLimitDesc = &signals.Desc{Name: "process_fd_limit", Kind: signals.Gauge,
-		Help: "RLIMIT_NOFILE of the target (type soft or hard)."}
-)
-
 // fdKinds are written every time, 0 when absent, so that growth of one
 // kind can be read from its own series.
 var fdKindNames = []string{"socket", "file", "pipe", "anon_eventfd", "anon_eventpoll", "anon_timerfd", "anon_inotify", "anon_other", "other"}
@@ -122,9 +113,9 @@ func (c *fdsCollector) Collect(_ context.Context, tgt target.Process, store *sig
 		counts[fdKind(l)]++
 	}
 	for _, k := range fdKindNames {
-		store.Put(openFDsDesc, signals.L("kind", k), counts[k], now)
+		store.Put(signals.ProcessOpenFDs, signals.L("kind", k), counts[k], now)
 	}
-	store.Put(fdsOpenDesc, nil, float64(len(names)), now)
+	store.Put(signals.ProcessFDsOpen, nil, float64(len(names)), now)
 
 	b, err := readProcFile(&c.buf, filepath.Join(pidDir, "limits"))
 	if err != nil {
@@ -135,10 +126,10 @@ func (c *fdsCollector) Collect(_ context.Context, tgt target.Process, store *sig
 		return fmt.Errorf("pid %d: limits: %w", tgt.PID, err)
 	}
 	if softOK {
-		store.Put(fdLimitDesc, signals.L("type", "soft"), soft, now)
+		store.Put(signals.ProcessFDLimit, signals.L("type", "soft"), soft, now)
 	}
 	if hardOK {
-		store.Put(fdLimitDesc, signals.L("type", "hard"), hard, now)
+		store.Put(signals.ProcessFDLimit, signals.L("type", "hard"), hard, now)
 	}
 	return nil
 }

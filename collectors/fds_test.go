@@ -81,11 +81,11 @@ func TestFDsCollectorRealProcess(t *testing.T) {
 		if err := c.Collect(context.Background(), target.Process{PID: cmd.Process.Pid}, st); err != nil {
 			t.Fatal(err)
 		}
-		p, _ := st.Latest("process_open_fds", signals.L("kind", "pipe"))
-		f, _ := st.Latest("process_open_fds", signals.L("kind", "file"))
-		l, _ := st.Latest("process_fd_limit", signals.L("type", "soft"))
-		h, _ := st.Latest("process_fd_limit", signals.L("type", "hard"))
-		n, _ := st.Latest("process_fds_open", nil)
+		p, _ := st.Latest(signals.ProcessOpenFDs, signals.L("kind", "pipe"))
+		f, _ := st.Latest(signals.ProcessOpenFDs, signals.L("kind", "file"))
+		l, _ := st.Latest(signals.ProcessFDLimit, signals.L("type", "soft"))
+		h, _ := st.Latest(signals.ProcessFDLimit, signals.L("type", "hard"))
+		n, _ := st.Latest(signals.ProcessFDsOpen, nil)
 		pipes, files, soft, hard, total = p.V, f.V, l.V, h.V, n.V
 		if l.V == 512 {
 			break
@@ -102,7 +102,7 @@ func TestFDsCollectorRealProcess(t *testing.T) {
 	if err := c.Collect(context.Background(), target.Process{PID: base.Process.Pid}, st); err != nil {
 		t.Fatal(err)
 	}
-	basePipes, _ := st.Latest("process_open_fds", signals.L("kind", "pipe"))
+	basePipes, _ := st.Latest(signals.ProcessOpenFDs, signals.L("kind", "pipe"))
 	if pipes != basePipes.V+6 {
 		t.Errorf("pipes = %v, want the baseline %v + 6", pipes, basePipes.V)
 	}

@@ -17,21 +17,6 @@ func init() {
 	register("memory", false, func(o Options) (Collector, error) { return newMemoryCollector(o), nil })
 }
 
-var (
-	residentDesc = &signals.Desc{Name: "process_resident_memory_bytes", Kind: signals.Gauge,
-		Help: "Resident memory of the target (VmRSS)."}
-	rssKindDesc = &signals.Desc{Name: "process_memory_rss_bytes", Kind: signals.Gauge,
-		Help: "Resident memory of the target by kind: anon (heap, stacks, allocator arenas), file (mapped files), shmem."}
-	virtualDesc = &signals.Desc{Name: "process_virtual_memory_bytes", Kind: signals.Gauge,
-		Help: "Virtual memory size of the target (VmSize)."}
-	pssDesc = &signals.Desc{Name: "process_memory_pss_bytes", Kind: signals.Gauge,
-		Help: "Proportional set size of the target (smaps_rollup Pss): shared pages split among their users."}
-	swapDesc = &signals.Desc{Name: "process_memory_swap_bytes", Kind: signals.Gauge,
-		Help: "Memory of the target swapped out (smaps_rollup Swap)."}
-	ctxSwitchesDesc = &signals.Desc{Name: "process_context_switches_total", Kind: signals.Counter,
-		Help: "Context switches of the target's threads: voluntary (blocked, waiting) or nonvoluntary (preempted)."}
-)
-
 // parseKBLines reads "Key:   123 kB" lines for the wanted keys, in bytes.
 func parseKBLines(b []byte, want ...string) map[string]float64 {
 	out := make(map[string]float64, len(want))
@@ -125,9 +110,9 @@ func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *
 	}
 	now := time.Now()
 	if c.h[0] == nil {
-		c.h = [5]*signals.Handle{store.Handle(residentDesc, nil), store.Handle(virtualDesc, nil),
-			store.Handle(rssKindDesc, signals.L("kind", "anon")), store.Handle(rssKindDesc, signals.L("kind", "file")),
-			store.Handle(rssKindDesc, signals.L("kind", "shmem"))}
+		c.h = [5]*signals.Handle{store.Handle(signals.ProcessResidentMemoryBytes, nil), store.Handle(signals.ProcessVirtualMemoryBytes, nil),
+			store.Handle(signals.ProcessMemoryRSSBytes, signals.L("kind", "anon")), store.Handle(signals.ProcessMemoryRSSBytes, signals.L("kind", "file")),
+			store.Handle(signals.ProcessMemoryRSSBytes, signals.L("kind", "shmem"))}
 	}
 	c.h[0].Put(m.VmRSS, now)
 	c.h[1].Put(m.VmSize, now)
@@ -146,10 +131,10 @@ func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *
 		// A line the kernel did not write is unknown, not 0 bytes.
 		kb := parseKBLines(b, "Pss", "Swap")
 		if v, ok := kb["Pss"]; ok {
-			c.slow = append(c.slow, sample{Desc: pssDesc, Value: v})
+			c.slow = append(c.slow, sample{Desc: signals.ProcessMemoryPSSBytes, Value: v})
 		}
 		if v, ok := kb["Swap"]; ok {
-			c.slow = append(c.slow, sample{Desc: swapDesc, Value: v})
+			c.slow = append(c.slow, sample{Desc: signals.ProcessMemorySwapBytes, Value: v})
 		}
 	}
 	// Context switches are per thread: sum them, over at most maxThreads.
@@ -167,8 +152,8 @@ func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *
 			vol += cs["voluntary_ctxt_switches"]
 			nonvol += cs["nonvoluntary_ctxt_switches"]
 		}
-		c.slow = append(c.slow, sample{Desc: ctxSwitchesDesc, Labels: signals.L("kind", "voluntary"), Value: vol},
-			sample{Desc: ctxSwitchesDesc, Labels: signals.L("kind", "nonvoluntary"), Value: nonvol})
+		c.slow = append(c.slow, sample{Desc: signals.ProcessContextSwitchesTotal, Labels: signals.L("kind", "voluntary"), Value: vol},
+			sample{Desc: signals.ProcessContextSwitchesTotal, Labels: signals.L("kind", "nonvoluntary"), Value: nonvol})
 	}
 	if c.slow == nil {
 		c.slow = []sample{} // read: written again until the next reading

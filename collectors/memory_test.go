@@ -42,12 +42,12 @@ func TestMemoryCollectorSeesRetainedRSS(t *testing.T) {
 	if err := c.Collect(context.Background(), tgt, st); err != nil {
 		t.Fatal(err)
 	}
-	before, _ := st.Latest("process_memory_rss_bytes", signals.L("kind", "anon"))
+	before, _ := st.Latest(signals.ProcessMemoryRSSBytes, signals.L("kind", "anon"))
 	l.MustDo(t, "retain 64")
 	if err := c.Collect(context.Background(), tgt, st); err != nil {
 		t.Fatal(err)
 	}
-	after, _ := st.Latest("process_memory_rss_bytes", signals.L("kind", "anon"))
+	after, _ := st.Latest(signals.ProcessMemoryRSSBytes, signals.L("kind", "anon"))
 	if grew := after.V - before.V; grew < 60<<20 {
 		t.Fatalf("anonymous RSS grew by %.1f MiB after retaining 64 MiB", grew/(1<<20))
 	}
@@ -59,10 +59,10 @@ func TestMemoryCollectorRollupAndSwitches(t *testing.T) {
 	if err := c.Collect(context.Background(), target.Process{PID: os.Getpid()}, st); err != nil {
 		t.Fatal(err)
 	}
-	if p, _ := st.Latest("process_memory_pss_bytes", nil); p.V <= 0 {
+	if p, _ := st.Latest(signals.ProcessMemoryPSSBytes, nil); p.V <= 0 {
 		t.Errorf("pss = %v", p.V)
 	}
-	if v, _ := st.Latest("process_context_switches_total", signals.L("kind", "voluntary")); v.V <= 0 {
+	if v, _ := st.Latest(signals.ProcessContextSwitchesTotal, signals.L("kind", "voluntary")); v.V <= 0 {
 		t.Errorf("voluntary context switches = %v", v.V)
 	}
 	got := parseKBLines([]byte("Pss:  10 kB\nSwap:   0 kB\nvoluntary_ctxt_switches:\t42\n"), "Pss", "Swap", "voluntary_ctxt_switches")

@@ -26,36 +26,29 @@ type netstatCounter struct {
 	proto, field string // as in the file: "TcpExt", "ListenOverflows"
 }
 
-func counterDesc(name, help string) *signals.Desc {
-	return &signals.Desc{Name: name, Kind: signals.Counter, Help: help}
-}
-
 var netstatCounters = []netstatCounter{
-	{counterDesc("tcp_ext_listen_overflows_total", "Completed handshakes or SYNs dropped because a listener's accept queue was full (TcpExt ListenOverflows), whole network namespace."), "TcpExt", "ListenOverflows"},
-	{counterDesc("tcp_ext_listen_drops_total", "Segments dropped by listening sockets for any reason, overflows included (TcpExt ListenDrops)."), "TcpExt", "ListenDrops"},
-	{counterDesc("tcp_ext_req_q_full_drop_total", "SYNs dropped because the SYN queue was full and syncookies were off (TcpExt TCPReqQFullDrop)."), "TcpExt", "TCPReqQFullDrop"},
-	{counterDesc("tcp_ext_req_q_full_do_cookies_total", "SYNs answered with a syncookie because the SYN queue was full (TcpExt TCPReqQFullDoCookies)."), "TcpExt", "TCPReqQFullDoCookies"},
-	{counterDesc("tcp_ext_syncookies_sent_total", "Syncookies sent (TcpExt SyncookiesSent)."), "TcpExt", "SyncookiesSent"},
-	{counterDesc("tcp_ext_syncookies_recv_total", "Valid syncookies received (TcpExt SyncookiesRecv)."), "TcpExt", "SyncookiesRecv"},
-	{counterDesc("tcp_ext_syncookies_failed_total", "Invalid syncookies received (TcpExt SyncookiesFailed)."), "TcpExt", "SyncookiesFailed"},
-	{counterDesc("tcp_ext_time_wait_overflow_total", "TIME_WAIT sockets not created because tcp_max_tw_buckets was reached (TcpExt TCPTimeWaitOverflow)."), "TcpExt", "TCPTimeWaitOverflow"},
-	{counterDesc("tcp_ext_abort_on_data_total", "Connections reset because data arrived after the application closed (TcpExt TCPAbortOnData)."), "TcpExt", "TCPAbortOnData"},
-	{counterDesc("tcp_ext_abort_on_close_total", "Connections reset because the application closed with unread data (TcpExt TCPAbortOnClose)."), "TcpExt", "TCPAbortOnClose"},
-	{counterDesc("tcp_ext_abort_on_timeout_total", "Connections aborted after retransmission timeouts (TcpExt TCPAbortOnTimeout)."), "TcpExt", "TCPAbortOnTimeout"},
-	{counterDesc("tcp_ext_abort_on_memory_total", "Connections aborted for lack of memory or too many orphans (TcpExt TCPAbortOnMemory)."), "TcpExt", "TCPAbortOnMemory"},
-	{counterDesc("tcp_ext_time_wait_total", "Sockets that finished TIME_WAIT (TcpExt TW)."), "TcpExt", "TW"},
-	{counterDesc("tcp_ext_syn_retrans_total", "SYN and SYN-ACK retransmissions (TcpExt TCPSynRetrans)."), "TcpExt", "TCPSynRetrans"},
-	{counterDesc("tcp_active_opens_total", "Connections opened by this namespace (Tcp ActiveOpens)."), "Tcp", "ActiveOpens"},
-	{counterDesc("tcp_passive_opens_total", "Connections accepted from peers (Tcp PassiveOpens)."), "Tcp", "PassiveOpens"},
-	{counterDesc("tcp_attempt_fails_total", "Connection attempts that failed (Tcp AttemptFails)."), "Tcp", "AttemptFails"},
-	{counterDesc("tcp_estab_resets_total", "Established connections reset (Tcp EstabResets)."), "Tcp", "EstabResets"},
-	{counterDesc("tcp_in_errs_total", "TCP segments received in error (Tcp InErrs)."), "Tcp", "InErrs"},
-	{counterDesc("tcp_out_rsts_total", "TCP segments sent with RST (Tcp OutRsts)."), "Tcp", "OutRsts"},
-	{counterDesc("tcp_retrans_segs_total", "TCP segments retransmitted (Tcp RetransSegs)."), "Tcp", "RetransSegs"},
+	{signals.TCPExtListenOverflowsTotal, "TcpExt", "ListenOverflows"},
+	{signals.TCPExtListenDropsTotal, "TcpExt", "ListenDrops"},
+	{signals.TCPExtReqQFullDropTotal, "TcpExt", "TCPReqQFullDrop"},
+	{signals.TCPExtReqQFullDoCookiesTotal, "TcpExt", "TCPReqQFullDoCookies"},
+	{signals.TCPExtSyncookiesSentTotal, "TcpExt", "SyncookiesSent"},
+	{signals.TCPExtSyncookiesRecvTotal, "TcpExt", "SyncookiesRecv"},
+	{signals.TCPExtSyncookiesFailedTotal, "TcpExt", "SyncookiesFailed"},
+	{signals.TCPExtTimeWaitOverflowTotal, "TcpExt", "TCPTimeWaitOverflow"},
+	{signals.TCPExtAbortOnDataTotal, "TcpExt", "TCPAbortOnData"},
+	{signals.TCPExtAbortOnCloseTotal, "TcpExt", "TCPAbortOnClose"},
+	{signals.TCPExtAbortOnTimeoutTotal, "TcpExt", "TCPAbortOnTimeout"},
+	{signals.TCPExtAbortOnMemoryTotal, "TcpExt", "TCPAbortOnMemory"},
+	{signals.TCPExtTimeWaitTotal, "TcpExt", "TW"},
+	{signals.TCPExtSynRetransTotal, "TcpExt", "TCPSynRetrans"},
+	{signals.TCPActiveOpensTotal, "Tcp", "ActiveOpens"},
+	{signals.TCPPassiveOpensTotal, "Tcp", "PassiveOpens"},
+	{signals.TCPAttemptFailsTotal, "Tcp", "AttemptFails"},
+	{signals.TCPEstabResetsTotal, "Tcp", "EstabResets"},
+	{signals.TCPInErrsTotal, "Tcp", "InErrs"},
+	{signals.TCPOutRstsTotal, "Tcp", "OutRsts"},
+	{signals.TCPRetransSegsTotal, "Tcp", "RetransSegs"},
 }
-
-var tcpCurrEstabDesc = &signals.Desc{Name: "tcp_curr_estab", Kind: signals.Gauge,
-	Help: "TCP connections now ESTABLISHED or CLOSE_WAIT (Tcp CurrEstab), whole network namespace."}
 
 // parseNetSNMP parses the format /proc/net/netstat and /proc/net/snmp
 // share: pairs of lines "Proto: Name1 Name2 ..." and "Proto: v1 v2 ...".
@@ -102,7 +95,7 @@ func netstatSamples(netstat, snmp map[string]float64) []sample {
 		}
 	}
 	if v, ok := snmp["Tcp.CurrEstab"]; ok {
-		out = append(out, sample{Desc: tcpCurrEstabDesc, Value: v})
+		out = append(out, sample{Desc: signals.TCPCurrEstab, Value: v})
 	}
 	return out
 }

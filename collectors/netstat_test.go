@@ -114,7 +114,7 @@ func TestNetstatCollectFixture(t *testing.T) {
 	if err := c.Collect(context.Background(), target.Process{PID: fixturePID}, store); err != nil {
 		t.Fatal(err)
 	}
-	if got, ok := store.Latest("tcp_ext_listen_overflows_total", nil); !ok || got.V != 32 {
+	if got, ok := store.Latest(signals.TCPExtListenOverflowsTotal, nil); !ok || got.V != 32 {
 		t.Errorf("tcp_ext_listen_overflows_total = %v (present %v), want 32", got.V, ok)
 	}
 	if err := c.Collect(context.Background(), target.Process{PID: 999999}, store); err == nil {
@@ -131,19 +131,20 @@ func TestNetstatCollectReal(t *testing.T) {
 	if err := c.Collect(context.Background(), target.Process{PID: os.Getpid()}, store); err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"tcp_ext_listen_overflows_total", "tcp_active_opens_total", "tcp_curr_estab"} {
+	for _, name := range []*signals.Desc{signals.TCPExtListenOverflowsTotal, signals.TCPActiveOpensTotal, signals.TCPCurrEstab} {
 		if _, ok := store.Latest(name, nil); !ok {
 			t.Errorf("%s not written", name)
 		}
 	}
 }
 
-// allDescs lists every signal this package declares, for the naming test.
+// allDescs lists the signals this package writes (those of the sockets
+// collector apart: socketsDescs), for the naming test.
 func allDescs() []*signals.Desc {
-	ds := []*signals.Desc{tcpCurrEstabDesc, sysctlDesc,
-		threadsDesc, threadsInSyscallDesc, threadsNumDesc,
-		listenQueueLengthDesc, listenBacklogDesc, listenQueueFullDesc, listenSynRecvDesc,
-		listenOverflowsDesc, listenOverflowsUnattributedDesc, listenOverflowsSampledDesc, listenDropsSampledDesc}
+	ds := []*signals.Desc{signals.TCPCurrEstab, signals.Sysctl,
+		signals.ProcessThreads, signals.ProcessThreadsInSyscall, signals.ProcessNumThreads,
+		signals.ListenQueueLength, signals.ListenBacklog, signals.ListenQueueFull, signals.ListenSynRecv,
+		signals.ListenOverflowsTotal, signals.ListenOverflowsUnattributedTotal, signals.TCPExtListenOverflowsSampledTotal, signals.TCPExtListenDropsSampledTotal}
 	for _, c := range netstatCounters {
 		ds = append(ds, c.desc)
 	}

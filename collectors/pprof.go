@@ -24,21 +24,6 @@ import (
 // the registry's Factory cannot pass, so the agent builds it with
 // NewPprofHeap when pprof.heap_url is set.
 
-var (
-	heapInuseBytesDesc = &signals.Desc{Name: "heap_inuse_bytes", Kind: signals.Gauge,
-		Help: "Live heap of the app: the sum of inuse_space over its heap profile (sampled estimate, as of the app's last GC)."}
-	heapInuseObjectsDesc = &signals.Desc{Name: "heap_inuse_objects", Kind: signals.Gauge,
-		Help: "Live heap objects of the app: the sum of inuse_objects over its heap profile."}
-	heapAllocBytesDesc = &signals.Desc{Name: "heap_alloc_bytes_total", Kind: signals.Counter,
-		Help: "Bytes the app allocated since it started: the sum of alloc_space over its heap profile, when the profile has it."}
-	pprofLastSuccessDesc = &signals.Desc{Name: "pprof_last_success_timestamp_seconds", Kind: signals.Gauge,
-		Help: "Unix time of the last heap profile fetched and parsed."}
-	pprofFetchesDesc = &signals.Desc{Name: "pprof_fetches_total", Kind: signals.Counter,
-		Help: "Heap profiles fetched and parsed."}
-	pprofFetchErrorsDesc = &signals.Desc{Name: "pprof_fetch_errors_total", Kind: signals.Counter,
-		Help: "Heap profile fetches that failed, by reason: connect, timeout, http_status, too_large, malformed."}
-)
-
 // Reasons of pprof_fetch_errors_total. The list is closed so that every
 // series exists from the first attempt and rate() works on the first error.
 const (
@@ -165,9 +150,9 @@ func (c *PprofHeap) Collect(ctx context.Context, _ target.Process, store *signal
 	default:
 		c.errs[pprofErrorReason(err)]++
 	}
-	store.Put(pprofFetchesDesc, nil, c.fetches, done)
+	store.Put(signals.PprofFetchesTotal, nil, c.fetches, done)
 	for _, r := range pprofReasons {
-		store.Put(pprofFetchErrorsDesc, signals.L("reason", r), c.errs[r], done)
+		store.Put(signals.PprofFetchErrorsTotal, signals.L("reason", r), c.errs[r], done)
 	}
 	if err != nil {
 		c.lastErr = fmt.Errorf("fetch %s: %w", c.url, err)
@@ -175,7 +160,7 @@ func (c *PprofHeap) Collect(ctx context.Context, _ target.Process, store *signal
 	}
 	c.lastErr = nil
 	putSamples(store, done, hp.samples())
-	store.Put(pprofLastSuccessDesc, nil, float64(done.UnixNano())/1e9, done)
+	store.Put(signals.PprofLastSuccessTimestampSeconds, nil, float64(done.UnixNano())/1e9, done)
 	if c.profiles != nil {
 		c.profiles.Add("heap", done, hp.Profile)
 	}
@@ -247,12 +232,12 @@ type heapProfile struct {
 
 func (h heapProfile) samples() []sample {
 	ss := make([]sample, 0, 3)
-	ss = append(ss, sample{Desc: heapInuseBytesDesc, Value: h.InuseBytes})
+	ss = append(ss, sample{Desc: signals.HeapInuseBytes, Value: h.InuseBytes})
 	if h.HasObjects {
-		ss = append(ss, sample{Desc: heapInuseObjectsDesc, Value: h.InuseObjects})
+		ss = append(ss, sample{Desc: signals.HeapInuseObjects, Value: h.InuseObjects})
 	}
 	if h.HasAlloc {
-		ss = append(ss, sample{Desc: heapAllocBytesDesc, Value: h.AllocBytes})
+		ss = append(ss, sample{Desc: signals.HeapAllocBytesTotal, Value: h.AllocBytes})
 	}
 	return ss
 }

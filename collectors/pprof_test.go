@@ -27,9 +27,9 @@ import (
 // profiled, so the profile has a site that is certainly live.
 var pprofKeep [][]byte
 
-func latestValue(t *testing.T, st *signals.Store, name string, ls signals.Labels) (float64, bool) {
+func latestValue(t *testing.T, st *signals.Store, d *signals.Desc, ls signals.Labels) (float64, bool) {
 	t.Helper()
-	s, ok := st.Latest(name, ls)
+	s, ok := st.Latest(d, ls)
 	return s.V, ok
 }
 
@@ -65,24 +65,24 @@ func TestPprofHeapFetchesRealHandler(t *testing.T) {
 	if err := c.Collect(context.Background(), target.Process{}, st); err != nil {
 		t.Fatal(err)
 	}
-	inuse, _ := latestValue(t, st, "heap_inuse_bytes", nil)
+	inuse, _ := latestValue(t, st, signals.HeapInuseBytes, nil)
 	if inuse < 16<<20 {
 		t.Errorf("heap_inuse_bytes = %.0f, want at least half the 32 MiB this test keeps", inuse)
 	}
-	if v, ok := latestValue(t, st, "heap_inuse_objects", nil); !ok || v <= 0 {
+	if v, ok := latestValue(t, st, signals.HeapInuseObjects, nil); !ok || v <= 0 {
 		t.Errorf("heap_inuse_objects = %v, %v", v, ok)
 	}
-	if v, ok := latestValue(t, st, "heap_alloc_bytes_total", nil); !ok || v < inuse {
+	if v, ok := latestValue(t, st, signals.HeapAllocBytesTotal, nil); !ok || v < inuse {
 		t.Errorf("heap_alloc_bytes_total = %v, %v; want at least inuse %.0f", v, ok, inuse)
 	}
-	if v, _ := latestValue(t, st, "pprof_last_success_timestamp_seconds", nil); v < float64(before.Unix()) || v > float64(time.Now().Unix()+1) {
+	if v, _ := latestValue(t, st, signals.PprofLastSuccessTimestampSeconds, nil); v < float64(before.Unix()) || v > float64(time.Now().Unix()+1) {
 		t.Errorf("pprof_last_success_timestamp_seconds = %v, want about %d", v, before.Unix())
 	}
-	if v, _ := latestValue(t, st, "pprof_fetches_total", nil); v != 1 {
+	if v, _ := latestValue(t, st, signals.PprofFetchesTotal, nil); v != 1 {
 		t.Errorf("pprof_fetches_total = %v, want 1", v)
 	}
 	for _, r := range pprofReasons {
-		if v, ok := latestValue(t, st, "pprof_fetch_errors_total", signals.L("reason", r)); !ok || v != 0 {
+		if v, ok := latestValue(t, st, signals.PprofFetchErrorsTotal, signals.L("reason", r)); !ok || v != 0 {
 			t.Errorf("pprof_fetch_errors_total{reason=%q} = %v, %v; want a 0 series", r, v, ok)
 		}
 	}
@@ -143,13 +143,13 @@ func TestPprofHeapInterval(t *testing.T) {
 	if n := len(profs.List("heap")); n != 2 {
 		t.Errorf("store holds %d heap profiles, keep is 2", n)
 	}
-	if v, _ := latestValue(t, st, "pprof_fetches_total", nil); v != 3 {
+	if v, _ := latestValue(t, st, signals.PprofFetchesTotal, nil); v != 3 {
 		t.Errorf("pprof_fetches_total = %v, want 3", v)
 	}
-	if v, _ := latestValue(t, st, "pprof_fetch_errors_total", signals.L("reason", reasonHTTPStatus)); v != 1 {
+	if v, _ := latestValue(t, st, signals.PprofFetchErrorsTotal, signals.L("reason", reasonHTTPStatus)); v != 1 {
 		t.Errorf("http_status errors = %v, want 1", v)
 	}
-	if s, _ := st.Latest("pprof_last_success_timestamp_seconds", nil); s.V != float64(now.Unix()) {
+	if s, _ := st.Latest(signals.PprofLastSuccessTimestampSeconds, nil); s.V != float64(now.Unix()) {
 		t.Errorf("last success = %v, want %d", s.V, now.Unix())
 	}
 }
@@ -310,14 +310,14 @@ func TestPprofHeapFailures(t *testing.T) {
 				if r == tc.reason {
 					want = 1
 				}
-				if v, _ := latestValue(t, st, "pprof_fetch_errors_total", signals.L("reason", r)); v != want {
+				if v, _ := latestValue(t, st, signals.PprofFetchErrorsTotal, signals.L("reason", r)); v != want {
 					t.Errorf("pprof_fetch_errors_total{reason=%q} = %v, want %v (err: %v)", r, v, want, err)
 				}
 			}
-			if v, _ := latestValue(t, st, "pprof_fetches_total", nil); v != 0 {
+			if v, _ := latestValue(t, st, signals.PprofFetchesTotal, nil); v != 0 {
 				t.Errorf("pprof_fetches_total = %v after a failure", v)
 			}
-			if _, ok := st.Latest("heap_inuse_bytes", nil); ok {
+			if _, ok := st.Latest(signals.HeapInuseBytes, nil); ok {
 				t.Error("heap_inuse_bytes written after a failure")
 			}
 			if _, ok := profs.Latest("heap"); ok {
@@ -343,7 +343,7 @@ func TestPprofHeapPlainProfileAndRedaction(t *testing.T) {
 	if err := c.Collect(context.Background(), target.Process{}, st); err != nil {
 		t.Fatalf("uncompressed profile: %v", err)
 	}
-	if v, _ := latestValue(t, st, "heap_inuse_bytes", nil); v <= 0 {
+	if v, _ := latestValue(t, st, signals.HeapInuseBytes, nil); v <= 0 {
 		t.Errorf("heap_inuse_bytes = %v", v)
 	}
 	mode.Store(1)
@@ -374,7 +374,7 @@ func TestPprofHeapStopping(t *testing.T) {
 		t.Fatal("Collect succeeded")
 	}
 	// The agent stopping is not the app's failure.
-	if n := len(st.Select("pprof_fetch_errors_total")); n != 0 {
+	if n := len(st.Select(signals.PprofFetchErrorsTotal)); n != 0 {
 		t.Errorf("%d error series written when the agent's context ended", n)
 	}
 }
@@ -419,7 +419,7 @@ func TestParseHeapFixture(t *testing.T) {
 	if err != nil || hp.HasAlloc || hp.HasObjects || hp.InuseBytes <= 0 {
 		t.Errorf("inuse_space-only profile: %+v, %v", hp, err)
 	}
-	if ss := hp.samples(); len(ss) != 1 || ss[0].Desc != heapInuseBytesDesc {
+	if ss := hp.samples(); len(ss) != 1 || ss[0].Desc != signals.HeapInuseBytes {
 		t.Errorf("samples of an inuse_space-only profile: %+v", ss)
 	}
 }

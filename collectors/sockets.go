@@ -24,33 +24,10 @@ func init() {
 	})
 }
 
-var (
-	tcpSocketsByPortDesc = &signals.Desc{Name: "tcp_sockets", Kind: signals.Gauge,
-		Help: `TCP sockets of the target's network namespace by owner, local port and state. owner is "target" (the target and its children), "agent" (culprit), another process's command name, or "unknown" (no visible process holds it: time-wait sockets of connections not known to be the target's, a process in another PID namespace). port is a port some socket of the namespace listens on (its connections belong to the listener's owner), or one the target listened on while its connections remain (a server that closed its listener on SIGTERM), "ephemeral" for every other local port (the client side of outbound connections), or "other" for listening ports past the MaxPorts busiest.`}
-	tcpSocketsByRemoteDesc = &signals.Desc{Name: "tcp_sockets_by_remote", Kind: signals.Gauge,
-		Help: `Outbound TCP sockets (local port not a listening one) by owner, state (ESTABLISHED, SYN_SENT, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE_WAIT) and remote ip:port, for the MaxRemotes remotes with the most sockets (the target's first); the rest are summed under remote="other". TIME_WAIT piling up toward one remote, or ESTABLISHED flat at a ceiling toward one upstream (an exhausted connection pool), show here.`}
-	tcpCloseWaitOldestDesc = &signals.Desc{Name: "tcp_close_wait_oldest_seconds", Kind: signals.Gauge,
-		Help: "Per owner and local port, the longest time since the peer last sent anything (tcp_info last_ack_recv, last_data_recv) among CLOSE_WAIT sockets: how long the app has been holding a socket its peer closed. 0 when there is none."}
-	tcpEstablishedIdleDesc = &signals.Desc{Name: "tcp_established_idle_seconds", Kind: signals.Gauge,
-		Help: "Per owner and remote of tcp_sockets_by_remote, the longest time an ESTABLISHED outbound socket has neither sent nor received data (tcp_info last_data_sent, last_data_recv). 0 when there is none."}
-	tcpRetransmitsCurrentDesc = &signals.Desc{Name: "tcp_retransmits_current", Kind: signals.Gauge,
-		Help: "Per owner and local port, the sum of tcp_info retransmits: timeout retransmissions not yet acknowledged, right now. Non-zero means peers are not answering."}
-	processTCPSocketsDesc = &signals.Desc{Name: "process_tcp_sockets", Kind: signals.Gauge,
-		Help: "TCP sockets the target (and its children) hold, by state: the server side of connections to its listeners and its own outbound connections. CLOSE_WAIT growing means the app never closes sockets its peers closed."}
-	tcpSocketsDumpedDesc = &signals.Desc{Name: "tcp_sockets_dumped", Kind: signals.Gauge,
-		Help: "TCP sockets (all states, IPv4 and IPv6) in the target's network namespace, as far as the dump went (see sockets_dump_truncated_total). Not named _total: it is a gauge."}
-	socketsDumpSecondsDesc = &signals.Desc{Name: "sockets_dump_seconds", Kind: signals.Gauge,
-		Help: "How long the sockets collector's last sock_diag dump and its aggregation took."}
-	socketsDumpTruncatedDesc = &signals.Desc{Name: "sockets_dump_truncated_total", Kind: signals.Counter,
-		Help: "Dumps the sockets collector stopped at MaxSockets sockets; the counts of those cycles cover part of the namespace only."}
-	socketOwnerFDsReadDesc = &signals.Desc{Name: "socket_owner_fds_read_total", Kind: signals.Counter,
-		Help: "File descriptor table entries read to learn which process holds which socket (the cost of ownership; it grows only when new sockets appear)."}
-)
-
 // socketsDescs are every signal the sockets collector writes.
-var socketsDescs = []*signals.Desc{tcpSocketsByPortDesc, tcpSocketsByRemoteDesc, tcpCloseWaitOldestDesc,
-	tcpEstablishedIdleDesc, tcpRetransmitsCurrentDesc, processTCPSocketsDesc, tcpSocketsDumpedDesc,
-	socketsDumpSecondsDesc, socketsDumpTruncatedDesc, socketOwnerFDsReadDesc}
+var socketsDescs = []*signals.Desc{signals.TCPSockets, signals.TCPSocketsByRemote, signals.TCPCloseWaitOldestSeconds,
+	signals.TCPEstablishedIdleSeconds, signals.TCPRetransmitsCurrent, signals.ProcessTCPSockets, signals.TCPSocketsDumped,
+	signals.SocketsDumpSeconds, signals.SocketsDumpTruncatedTotal, signals.SocketOwnerFDsReadTotal}
 
 // SocketsOptions bound what the sockets collector keeps and writes. Zero
 // fields take the defaults.
@@ -819,11 +796,11 @@ func (c *socketsCollector) write(store *signals.Store, now time.Time, took time.
 	for st, n := range a.ephemeral[slotTarget].states {
 		target[st] += n
 	}
-	c.forget(store, c.portSeries, c.portH, "port", tcpSocketsByPortDesc, tcpCloseWaitOldestDesc, tcpRetransmitsCurrentDesc)
+	c.forget(store, c.portSeries, c.portH, "port", signals.TCPSockets, signals.TCPCloseWaitOldestSeconds, signals.TCPRetransmitsCurrent)
 	for st := 1; st < tcpStCount; st++ {
 		if name := sockdiag.StateNames[st]; name != "" && st != sockdiag.Close {
 			if c.targetH[st] == nil {
-				c.targetH[st] = store.Handle(processTCPSocketsDesc, signals.L("state", name))
+				c.targetH[st] = store.Handle(signals.ProcessTCPSockets, signals.L("state", name))
 			}
 			c.targetH[st].Put(float64(target[st]), now)
 		}
@@ -850,11 +827,11 @@ func (c *socketsCollector) write(store *signals.Store, now time.Time, took time.
 			c.writeRemote(store, now, c.slotLabels[o], labelOther, &c.otherRem[o])
 		}
 	}
-	c.forget(store, c.remoteSeries, c.remoteH, "remote", tcpSocketsByRemoteDesc, tcpEstablishedIdleDesc)
+	c.forget(store, c.remoteSeries, c.remoteH, "remote", signals.TCPSocketsByRemote, signals.TCPEstablishedIdleSeconds)
 
 	if c.nsH[0] == nil {
-		c.nsH = [4]*signals.Handle{store.Handle(tcpSocketsDumpedDesc, nil), store.Handle(socketsDumpSecondsDesc, nil),
-			store.Handle(socketsDumpTruncatedDesc, nil), store.Handle(socketOwnerFDsReadDesc, nil)}
+		c.nsH = [4]*signals.Handle{store.Handle(signals.TCPSocketsDumped, nil), store.Handle(signals.SocketsDumpSeconds, nil),
+			store.Handle(signals.SocketsDumpTruncatedTotal, nil), store.Handle(signals.SocketOwnerFDsReadTotal, nil)}
 	}
 	c.nsH[0].Put(float64(a.total), now)
 	c.nsH[1].Put(took.Seconds(), now)
@@ -885,7 +862,7 @@ func (c *socketsCollector) writePort(store *signals.Store, now time.Time, owner,
 	h := c.portH[k]
 	if h == nil {
 		ls := signals.L("owner", owner, "port", port)
-		h = &famHandles{a: store.Handle(tcpCloseWaitOldestDesc, ls), b: store.Handle(tcpRetransmitsCurrentDesc, ls)}
+		h = &famHandles{a: store.Handle(signals.TCPCloseWaitOldestSeconds, ls), b: store.Handle(signals.TCPRetransmitsCurrent, ls)}
 		c.portH[k] = h
 	}
 	mask := c.portSeries[k]
@@ -895,7 +872,7 @@ func (c *socketsCollector) writePort(store *signals.Store, now time.Time, owner,
 		}
 		if mask&(1<<st) != 0 {
 			if h.byState[st] == nil {
-				h.byState[st] = store.Handle(tcpSocketsByPortDesc, signals.L("owner", owner, "port", port, "state", sockdiag.StateNames[st]))
+				h.byState[st] = store.Handle(signals.TCPSockets, signals.L("owner", owner, "port", port, "state", sockdiag.StateNames[st]))
 			}
 			h.byState[st].Put(float64(p.states[st]), now)
 		}
@@ -910,7 +887,7 @@ func (c *socketsCollector) writeRemote(store *signals.Store, now time.Time, owne
 	k := seriesKey{owner, remote}
 	h := c.remoteH[k]
 	if h == nil {
-		h = &famHandles{a: store.Handle(tcpEstablishedIdleDesc, signals.L("owner", owner, "remote", remote))}
+		h = &famHandles{a: store.Handle(signals.TCPEstablishedIdleSeconds, signals.L("owner", owner, "remote", remote))}
 		c.remoteH[k] = h
 	}
 	mask := c.remoteSeries[k]
@@ -920,7 +897,7 @@ func (c *socketsCollector) writeRemote(store *signals.Store, now time.Time, owne
 		}
 		if mask&(1<<i) != 0 {
 			if h.byState[i] == nil {
-				h.byState[i] = store.Handle(tcpSocketsByRemoteDesc, signals.L("owner", owner, "remote", remote, "state", sockdiag.StateNames[st]))
+				h.byState[i] = store.Handle(signals.TCPSocketsByRemote, signals.L("owner", owner, "remote", remote, "state", sockdiag.StateNames[st]))
 			}
 			h.byState[i].Put(float64(r.states[i]), now)
 		}
@@ -949,6 +926,6 @@ func (c *socketsCollector) forget(store *signals.Store, written map[seriesKey]ui
 		return
 	}
 	for _, d := range descs {
-		store.Forget(d.Name, func(ls signals.Labels) bool { return !gone[seriesKey{ls.Get("owner"), ls.Get(label)}] })
+		store.Forget(d, func(ls signals.Labels) bool { return !gone[seriesKey{ls.Get("owner"), ls.Get(label)}] })
 	}
 }

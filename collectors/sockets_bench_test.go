@@ -54,11 +54,11 @@ func BenchmarkSockets100kTimeWait(b *testing.B) {
 	if err := c.Collect(context.Background(), tgt, store); err != nil {
 		b.Fatal(err)
 	}
-	tw, _ := store.Latest(tcpSocketsByPortDesc.Name, signals.L("owner", "unknown", "port", portEphemeral, "state", "TIME_WAIT"))
+	tw, _ := store.Latest(signals.TCPSockets, signals.L("owner", "unknown", "port", portEphemeral, "state", "TIME_WAIT"))
 	if tw.V < benchTimeWait {
 		b.Fatalf("%v TIME_WAIT sockets in the namespace, want %d", tw.V, benchTimeWait)
 	}
-	took, _ := store.Latest(socketsDumpSecondsDesc.Name, nil)
+	took, _ := store.Latest(signals.SocketsDumpSeconds, nil)
 	b.Logf("%v TIME_WAIT sockets; first cycle took %.1f ms", tw.V, took.V*1000)
 	alive := func(b *testing.B) {
 		if time.Since(start) > 55*time.Second {
@@ -76,7 +76,7 @@ func BenchmarkSockets100kTimeWait(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
-		if n, _ := store.Latest(tcpSocketsDumpedDesc.Name, nil); n.V < benchTimeWait {
+		if n, _ := store.Latest(signals.TCPSocketsDumped, nil); n.V < benchTimeWait {
 			b.Fatalf("dumped %v sockets", n.V)
 		}
 		alive(b)
@@ -97,7 +97,7 @@ func BenchmarkSockets100kTimeWait(b *testing.B) {
 				b.Fatal(err)
 			}
 		}
-		if n, _ := store.Latest(tcpSocketsDumpedDesc.Name, nil); n.V < benchTimeWait {
+		if n, _ := store.Latest(signals.TCPSocketsDumped, nil); n.V < benchTimeWait {
 			b.Fatalf("dumped %v sockets", n.V)
 		}
 		alive(b)
@@ -259,7 +259,7 @@ func TestSocketsBenchSetup(t *testing.T) {
 	}
 	h := newSocketsHarness(t, target.Process{PID: ns.tid, NetnsIno: ns.ino}, SocketsOptions{})
 	// The listeners are closed by now: only the client sides are left.
-	h.until("tcp_sockets", map[string]float64{"unknown/ephemeral/TIME_WAIT": float64(made)}, "owner", "port", "state")
+	h.until(signals.TCPSockets, map[string]float64{"unknown/ephemeral/TIME_WAIT": float64(made)}, "owner", "port", "state")
 	ssPath, err := exec.LookPath("ss")
 	if err != nil {
 		t.Skipf("SKIP: ss (iproute2) is not installed: %v", err)

@@ -193,10 +193,10 @@ func (h *socketsHarness) collect() {
 
 // series returns the latest non-zero values of name by the values of the
 // given labels, joined by "/" ("owner/port/state").
-func (h *socketsHarness) series(name string, labels ...string) map[string]float64 {
+func (h *socketsHarness) series(d *signals.Desc, labels ...string) map[string]float64 {
 	out := map[string]float64{}
-	for _, ls := range h.store.Select(name) {
-		s, ok := h.store.Latest(name, ls)
+	for _, ls := range h.store.Select(d) {
+		s, ok := h.store.Latest(d, ls)
 		if !ok || s.V == 0 {
 			continue
 		}
@@ -209,27 +209,27 @@ func (h *socketsHarness) series(name string, labels ...string) map[string]float6
 	return out
 }
 
-func (h *socketsHarness) get(name string, ls signals.Labels) float64 {
+func (h *socketsHarness) get(d *signals.Desc, ls signals.Labels) float64 {
 	h.t.Helper()
-	s, ok := h.store.Latest(name, ls)
+	s, ok := h.store.Latest(d, ls)
 	if !ok {
-		h.t.Fatalf("%s%s not written", name, ls)
+		h.t.Fatalf("%s%s not written", d, ls)
 	}
 	return s.V
 }
 
 // until collects every 100 ms until the wanted counts are read, and fails
 // with the difference after 5 s.
-func (h *socketsHarness) until(name string, want map[string]float64, labels ...string) {
+func (h *socketsHarness) until(d *signals.Desc, want map[string]float64, labels ...string) {
 	h.t.Helper()
 	var diff string
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
 		h.collect()
-		if diff = cmp.Diff(want, h.series(name, labels...)); diff == "" {
+		if diff = cmp.Diff(want, h.series(d, labels...)); diff == "" {
 			return
 		}
 	}
-	h.t.Fatalf("%s (-want +got):\n%s", name, diff)
+	h.t.Fatalf("%s (-want +got):\n%s", d, diff)
 }
 
 // TestSocketsStates builds every state of interest in the target's private
@@ -265,7 +265,7 @@ func TestSocketsStates(t *testing.T) {
 
 	h := newSocketsHarness(t, socketsTarget(t, srv.PID), SocketsOptions{})
 	sq, sp, s6 := strconv.Itoa(q), strconv.Itoa(srv.Port), strconv.Itoa(p6)
-	h.until("tcp_sockets", map[string]float64{
+	h.until(signals.TCPSockets, map[string]float64{
 		"target/" + sp + "/LISTEN":     1,
 		"agent/" + sq + "/LISTEN":      1,
 		"agent/" + sq + "/ESTABLISHED": est,
@@ -284,36 +284,36 @@ func TestSocketsStates(t *testing.T) {
 		"unknown/" + remote + "/FIN_WAIT2":   closeWait,
 		"unknown/" + remote + "/TIME_WAIT":   timeWait,
 		"agent/[::1]:" + s6 + "/ESTABLISHED": 1,
-	}, h.series("tcp_sockets_by_remote", "owner", "remote", "state")); diff != "" {
+	}, h.series(signals.TCPSocketsByRemote, "owner", "remote", "state")); diff != "" {
 		t.Errorf("tcp_sockets_by_remote (-want +got):\n%s", diff)
 	}
 	// The target holds its listener and nothing else.
-	if diff := cmp.Diff(map[string]float64{"LISTEN": 1}, h.series("process_tcp_sockets", "state")); diff != "" {
+	if diff := cmp.Diff(map[string]float64{"LISTEN": 1}, h.series(signals.ProcessTCPSockets, "state")); diff != "" {
 		t.Errorf("process_tcp_sockets (-want +got):\n%s", diff)
 	}
-	if got, want := h.get("tcp_sockets_dumped", nil), float64(3+2*est+2*closeWait+timeWait+2); got != want {
+	if got, want := h.get(signals.TCPSocketsDumped, nil), float64(3+2*est+2*closeWait+timeWait+2); got != want {
 		t.Errorf("tcp_sockets_dumped = %v, want %v", got, want)
 	}
-	if got := h.get("sockets_dump_truncated_total", nil); got != 0 {
+	if got := h.get(signals.SocketsDumpTruncatedTotal, nil); got != 0 {
 		t.Errorf("sockets_dump_truncated_total = %v, want 0", got)
 	}
-	if got := h.get("sockets_dump_seconds", nil); got <= 0 || got > 1 {
+	if got := h.get(signals.SocketsDumpSeconds, nil); got <= 0 || got > 1 {
 		t.Errorf("sockets_dump_seconds = %v", got)
 	}
-	if got := h.get("tcp_retransmits_current", signals.L("owner", "agent", "port", sq)); got != 0 {
+	if got := h.get(signals.TCPRetransmitsCurrent, signals.L("owner", "agent", "port", sq)); got != 0 {
 		t.Errorf("tcp_retransmits_current{port=%s} = %v on loopback", sq, got)
 	}
 
 	// Nothing moves on these connections: the ages grow with the wall clock.
 	time.Sleep(1200 * time.Millisecond)
 	h.collect()
-	if got := h.get("tcp_close_wait_oldest_seconds", signals.L("owner", "agent", "port", sq)); got < 1 || got > 30 {
+	if got := h.get(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "agent", "port", sq)); got < 1 || got > 30 {
 		t.Errorf("tcp_close_wait_oldest_seconds{port=%s} = %v after 1.2 s, want within [1, 30]", sq, got)
 	}
-	if got := h.get("tcp_close_wait_oldest_seconds", signals.L("owner", "agent", "port", portEphemeral)); got != 0 {
+	if got := h.get(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "agent", "port", portEphemeral)); got != 0 {
 		t.Errorf("tcp_close_wait_oldest_seconds{port=ephemeral} = %v with no CLOSE_WAIT there", got)
 	}
-	if got := h.get("tcp_established_idle_seconds", signals.L("owner", "agent", "remote", remote)); got < 1 || got > 30 {
+	if got := h.get(signals.TCPEstablishedIdleSeconds, signals.L("owner", "agent", "remote", remote)); got < 1 || got > 30 {
 		t.Errorf("tcp_established_idle_seconds{remote=%s} = %v after 1.2 s idle, want within [1, 30]", remote, got)
 	}
 
@@ -388,7 +388,7 @@ func TestSocketsOwners(t *testing.T) {
 	}
 	sp, snp := strconv.Itoa(srv.Port), strconv.Itoa(np)
 	h := newSocketsHarness(t, socketsTarget(t, srv.PID), SocketsOptions{})
-	h.until("tcp_sockets", map[string]float64{
+	h.until(signals.TCPSockets, map[string]float64{
 		"target/" + sp + "/LISTEN":      1,
 		"target/" + sp + "/ESTABLISHED": 4,
 		"target/ephemeral/ESTABLISHED":  4,
@@ -396,7 +396,7 @@ func TestSocketsOwners(t *testing.T) {
 		"sleep/" + snp + "/ESTABLISHED": 3,
 		"sleep/ephemeral/ESTABLISHED":   3,
 	}, "owner", "port", "state")
-	if diff := cmp.Diff(map[string]float64{"LISTEN": 1, "ESTABLISHED": 8}, h.series("process_tcp_sockets", "state")); diff != "" {
+	if diff := cmp.Diff(map[string]float64{"LISTEN": 1, "ESTABLISHED": 8}, h.series(signals.ProcessTCPSockets, "state")); diff != "" {
 		t.Errorf("process_tcp_sockets counts a neighbour's sockets (-want +got):\n%s", diff)
 	}
 
@@ -408,7 +408,7 @@ func TestSocketsOwners(t *testing.T) {
 	var got map[string]float64
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
 		h.collect()
-		got = h.series("tcp_sockets_by_remote", "owner", "remote", "state")
+		got = h.series(signals.TCPSocketsByRemote, "owner", "remote", "state")
 		if got["target/127.0.0.1:"+sp+"/TIME_WAIT"] == 4 {
 			break
 		}
@@ -416,7 +416,7 @@ func TestSocketsOwners(t *testing.T) {
 	if got["target/127.0.0.1:"+sp+"/TIME_WAIT"] != 4 {
 		t.Errorf("the target's closed connections are not its TIME_WAIT sockets: %v", got)
 	}
-	if n := h.get("socket_owner_fds_read_total", nil); n <= 0 {
+	if n := h.get(signals.SocketOwnerFDsReadTotal, nil); n <= 0 {
 		t.Errorf("socket_owner_fds_read_total = %v", n)
 	}
 }
@@ -436,17 +436,17 @@ func TestSocketsMaxRemotes(t *testing.T) {
 		ns.connect(t, ls[i], 5-i) // 5, 4, 3, 2, 1 connections
 	}
 	h := newSocketsHarness(t, socketsTarget(t, srv.PID), SocketsOptions{MaxRemotes: 2})
-	h.until("tcp_sockets_by_remote", map[string]float64{
+	h.until(signals.TCPSocketsByRemote, map[string]float64{
 		remotes[0] + "/ESTABLISHED": 5,
 		remotes[1] + "/ESTABLISHED": 4,
 		"other/ESTABLISHED":         3 + 2 + 1,
 	}, "remote", "state")
-	if got := h.get("tcp_sockets", signals.L("owner", "agent", "port", portEphemeral, "state", "ESTABLISHED")); got != 15 {
+	if got := h.get(signals.TCPSockets, signals.L("owner", "agent", "port", portEphemeral, "state", "ESTABLISHED")); got != 15 {
 		t.Errorf("ephemeral ESTABLISHED = %v, want 15", got)
 	}
-	labelsOf := func(name string) []string {
+	labelsOf := func(d *signals.Desc) []string {
 		var out []string
-		for _, ls := range h.store.Select(name) {
+		for _, ls := range h.store.Select(d) {
 			out = append(out, ls.Get("remote"))
 		}
 		sort.Strings(out)
@@ -454,21 +454,21 @@ func TestSocketsMaxRemotes(t *testing.T) {
 	}
 	want := []string{remotes[0], remotes[1], "other"}
 	sort.Strings(want)
-	if diff := cmp.Diff(want, labelsOf("tcp_established_idle_seconds")); diff != "" {
+	if diff := cmp.Diff(want, labelsOf(signals.TCPEstablishedIdleSeconds)); diff != "" {
 		t.Errorf("tcp_established_idle_seconds remotes (-want +got):\n%s", diff)
 	}
 
 	// The last remote becomes the busiest: the second one leaves the top,
 	// and its series go.
 	ns.connect(t, ls[4], 5)
-	h.until("tcp_sockets_by_remote", map[string]float64{
+	h.until(signals.TCPSocketsByRemote, map[string]float64{
 		remotes[4] + "/ESTABLISHED": 6,
 		remotes[0] + "/ESTABLISHED": 5,
 		"other/ESTABLISHED":         4 + 3 + 2,
 	}, "remote", "state")
 	want = []string{remotes[4], remotes[0], "other"}
 	sort.Strings(want)
-	for _, name := range []string{"tcp_sockets_by_remote", "tcp_established_idle_seconds"} {
+	for _, name := range []*signals.Desc{signals.TCPSocketsByRemote, signals.TCPEstablishedIdleSeconds} {
 		if diff := cmp.Diff(want, slicesCompactSorted(labelsOf(name))); diff != "" {
 			t.Errorf("%s remotes (-want +got):\n%s", name, diff)
 		}
@@ -478,10 +478,10 @@ func TestSocketsMaxRemotes(t *testing.T) {
 	h2 := newSocketsHarness(t, h.tgt, SocketsOptions{MaxSockets: 4})
 	for i := 1; i <= 2; i++ {
 		h2.collect()
-		if got := h2.get("tcp_sockets_dumped", nil); got != 4 {
+		if got := h2.get(signals.TCPSocketsDumped, nil); got != 4 {
 			t.Errorf("cycle %d: tcp_sockets_dumped = %v with MaxSockets 4", i, got)
 		}
-		if got := h2.get("sockets_dump_truncated_total", nil); got < float64(i) {
+		if got := h2.get(signals.SocketsDumpTruncatedTotal, nil); got < float64(i) {
 			t.Errorf("cycle %d: sockets_dump_truncated_total = %v", i, got)
 		}
 	}
@@ -503,7 +503,7 @@ func slicesCompactSorted(s []string) []string {
 func TestSocketsOwnNetns(t *testing.T) {
 	h := newSocketsHarness(t, socketsTarget(t, os.Getpid()), SocketsOptions{})
 	h.collect()
-	h.get("tcp_sockets_dumped", nil)
+	h.get(signals.TCPSocketsDumped, nil)
 
 	moved := h.tgt
 	moved.NetnsIno++
@@ -514,7 +514,7 @@ func TestSocketsOwnNetns(t *testing.T) {
 }
 
 // TestSocketsSignalNames applies the naming rules of TestSignalNames to
-// this collector's signals, and checks none is declared elsewhere too.
+// this collector's signals, and checks no other collector writes one too.
 func TestSocketsSignalNames(t *testing.T) {
 	valid := regexp.MustCompile(`^[a-z][a-z0-9_]*$`)
 	others := map[string]bool{}
@@ -565,7 +565,7 @@ func TestSocketsTargetCloseWait(t *testing.T) {
 	var cw float64
 	for i := 0; i < 50 && cw < 3; i++ {
 		h.collect()
-		s, _ := h.store.Latest("process_tcp_sockets", signals.L("state", "CLOSE_WAIT"))
+		s, _ := h.store.Latest(signals.ProcessTCPSockets, signals.L("state", "CLOSE_WAIT"))
 		cw = s.V
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -573,7 +573,7 @@ func TestSocketsTargetCloseWait(t *testing.T) {
 	if cw < 3 {
 		t.Fatalf("CLOSE_WAIT = %v, want at least 3", cw)
 	}
-	if s, _ := h.store.Latest("process_tcp_sockets", signals.L("state", "LISTEN")); s.V < 1 {
+	if s, _ := h.store.Latest(signals.ProcessTCPSockets, signals.L("state", "LISTEN")); s.V < 1 {
 		t.Fatalf("LISTEN = %v, want at least 1", s.V)
 	}
 }
@@ -591,7 +591,7 @@ func TestSocketsSkipsDumps(t *testing.T) {
 	tgt := socketsTarget(t, srv.PID)
 	h := newSocketsHarness(t, tgt, SocketsOptions{BusyInterval: time.Hour, IdleInterval: time.Hour})
 	sq := strconv.Itoa(q)
-	h.until("tcp_sockets", map[string]float64{
+	h.until(signals.TCPSockets, map[string]float64{
 		"target/" + strconv.Itoa(srv.Port) + "/LISTEN": 1,
 		"agent/" + sq + "/LISTEN":                      1,
 		"agent/" + sq + "/ESTABLISHED":                 2,
@@ -619,7 +619,7 @@ func TestSocketsSkipsDumps(t *testing.T) {
 		if got := h.c.skipped > before; got != skip {
 			t.Errorf("%s: dump skipped = %v, want %v", what, got, skip)
 		}
-		if got := h.get("tcp_sockets", signals.L("owner", "agent", "port", sq, "state", "ESTABLISHED")); got != established {
+		if got := h.get(signals.TCPSockets, signals.L("owner", "agent", "port", sq, "state", "ESTABLISHED")); got != established {
 			t.Errorf("%s: tcp_sockets{ESTABLISHED} = %v, want %v", what, got, established)
 		}
 	}

@@ -22,9 +22,6 @@ func init() {
 	register("sysctl", false, func(o Options) (Collector, error) { return newSysctlCollector(o) })
 }
 
-var sysctlDesc = &signals.Desc{Name: "sysctl", Kind: signals.Gauge,
-	Help: "Value of a kernel setting in the target's network namespace; name is the sysctl, ip_local_port_range as .min and .max."}
-
 // sysctlNames are the settings that bound accept queues, SYN queues and
 // ephemeral ports. All of them are per network namespace on current
 // kernels, so they must be read in the target's namespace.
@@ -63,7 +60,7 @@ func parseSysctl(name string, b []byte) ([]sample, error) {
 		if err != nil {
 			return nil, fmt.Errorf("sysctl %s: %w", name, err)
 		}
-		out = append(out, sample{Desc: sysctlDesc, Labels: signals.L("name", name+suffixes[i]), Value: float64(v)})
+		out = append(out, sample{Desc: signals.Sysctl, Labels: signals.L("name", name+suffixes[i]), Value: float64(v)})
 	}
 	return out, nil
 }

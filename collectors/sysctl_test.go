@@ -83,7 +83,7 @@ func TestSysctlCollectorSameNetns(t *testing.T) {
 	if err := c.Collect(context.Background(), target.Process{PID: fixturePID}, store); err != nil {
 		t.Fatal(err)
 	}
-	if got, ok := store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_max_syn_backlog")); !ok || got.V != 2048 {
+	if got, ok := store.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_max_syn_backlog")); !ok || got.V != 2048 {
 		t.Errorf("tcp_max_syn_backlog = %v (present %v), want 2048", got.V, ok)
 	}
 }
@@ -152,7 +152,7 @@ func TestSysctlOtherNetns(t *testing.T) {
 	if err := c.Collect(context.Background(), tgt, store); err != nil {
 		t.Fatal(err)
 	}
-	if got, ok := store.Latest("sysctl", signals.L("name", "net.core.somaxconn")); !ok || got.V != float64(want) {
+	if got, ok := store.Latest(signals.Sysctl, signals.L("name", "net.core.somaxconn")); !ok || got.V != float64(want) {
 		t.Errorf("collector read somaxconn %v (present %v), want the child's %d", got.V, ok, want)
 	}
 	// The thread that read it went back to the agent's namespace.

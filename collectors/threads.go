@@ -27,19 +27,6 @@ func init() {
 // Options has no field for it yet; the factory uses this default.
 const defaultMaxThreads = 4096
 
-var (
-	threadsDesc = &signals.Desc{Name: "process_threads", Kind: signals.Gauge,
-		Help: "Threads of the target by scheduler state letter (R running, S sleeping, D uninterruptible, ...), among the examined threads."}
-	threadsInSyscallDesc = &signals.Desc{Name: "process_threads_in_syscall", Kind: signals.Gauge,
-		Help: "Threads of the target that are not running, by the system call they wait in (none: blocked outside a system call)."}
-	threadsNumDesc = &signals.Desc{Name: "process_num_threads", Kind: signals.Gauge,
-		Help: "Threads of the target (every entry of /proc/PID/task, not bounded by the examined maximum)."}
-	threadStatCPUDesc = &signals.Desc{Name: "thread_stat_cpu_seconds_total", Kind: signals.Counter,
-		Help: "CPU time of each thread of the target, from /proc task stat (user+system, 10 ms ticks); the fallback when the sched probe does not run."}
-	threadRunqDesc = &signals.Desc{Name: "thread_schedstat_runq_wait_seconds_total", Kind: signals.Counter,
-		Help: "Time each thread of the target waited on a run queue, from /proc task schedstat."}
-)
-
 // userHZ is the unit of utime/stime in /proc stat files: fixed at 100 by
 // the kernel's ABI whatever CONFIG_HZ is.
 const userHZ = 100
@@ -153,12 +140,12 @@ type threadCounts struct {
 // calls seen last time and gone now, so that a gauge does not keep its
 // last non-zero value forever.
 func threadSamples(c threadCounts, prevStates, prevSyscalls map[string]bool) []sample {
-	out := []sample{{Desc: threadsNumDesc, Value: float64(c.Total)}}
+	out := []sample{{Desc: signals.ProcessNumThreads, Value: float64(c.Total)}}
 	for _, k := range sortedKeys(c.States, prevStates) {
-		out = append(out, sample{Desc: threadsDesc, Labels: signals.L("state", k), Value: float64(c.States[k])})
+		out = append(out, sample{Desc: signals.ProcessThreads, Labels: signals.L("state", k), Value: float64(c.States[k])})
 	}
 	for _, k := range sortedKeys(c.Syscalls, prevSyscalls) {
-		out = append(out, sample{Desc: threadsInSyscallDesc, Labels: signals.L("syscall", k), Value: float64(c.Syscalls[k])})
+		out = append(out, sample{Desc: signals.ProcessThreadsInSyscall, Labels: signals.L("syscall", k), Value: float64(c.Syscalls[k])})
 	}
 	return out
 }
@@ -208,8 +195,8 @@ func (c *threadsCollector) Collect(_ context.Context, tgt target.Process, store 
 	for _, s := range counts.PerThread {
 		live[s.Labels.Get("tid")] = true
 	}
-	for _, d := range []*signals.Desc{threadStatCPUDesc, threadRunqDesc} {
-		store.Forget(d.Name, func(ls signals.Labels) bool { return live[ls.Get("tid")] })
+	for _, d := range []*signals.Desc{signals.ThreadStatCPUSecondsTotal, signals.ThreadSchedstatRunqWaitSecondsTotal} {
+		store.Forget(d, func(ls signals.Labels) bool { return live[ls.Get("tid")] })
 	}
 	c.prevStates = keysOf(counts.States)
 	c.prevCalls = keysOf(counts.Syscalls)
@@ -262,10 +249,10 @@ func (c *threadsCollector) count(pid int) (threadCounts, error) {
 		}
 		state := ts.State
 		ls := signals.L("tid", tid, "thread", ts.Comm)
-		counts.PerThread = append(counts.PerThread, sample{Desc: threadStatCPUDesc, Labels: ls, Value: ts.CPU})
+		counts.PerThread = append(counts.PerThread, sample{Desc: signals.ThreadStatCPUSecondsTotal, Labels: ls, Value: ts.CPU})
 		if b, err := readProcFile(&c.buf, filepath.Join(taskDir, "schedstat")); err == nil {
 			if wait, err := parseSchedstat(b); err == nil {
-				counts.PerThread = append(counts.PerThread, sample{Desc: threadRunqDesc, Labels: ls, Value: wait})
+				counts.PerThread = append(counts.PerThread, sample{Desc: signals.ThreadSchedstatRunqWaitSecondsTotal, Labels: ls, Value: wait})
 			}
 		}
 		counts.States[state]++

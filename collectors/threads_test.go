@@ -148,13 +148,13 @@ func TestThreadsRealSleep(t *testing.T) {
 		if err := c.Collect(context.Background(), tgt, store); err != nil {
 			t.Fatal(err)
 		}
-		last = store.Select("process_threads_in_syscall")
+		last = store.Select(signals.ProcessThreadsInSyscall)
 		for _, name := range []string{"clock_nanosleep", "nanosleep"} {
-			if s, ok := store.Latest("process_threads_in_syscall", signals.L("syscall", name)); ok && s.V == 1 {
-				if n, _ := store.Latest("process_num_threads", nil); n.V != 1 {
+			if s, ok := store.Latest(signals.ProcessThreadsInSyscall, signals.L("syscall", name)); ok && s.V == 1 {
+				if n, _ := store.Latest(signals.ProcessNumThreads, nil); n.V != 1 {
 					t.Errorf("process_num_threads = %v, want 1", n.V)
 				}
-				if st, _ := store.Latest("process_threads", signals.L("state", "S")); st.V != 1 {
+				if st, _ := store.Latest(signals.ProcessThreads, signals.L("state", "S")); st.V != 1 {
 					t.Errorf(`process_threads{state="S"} = %v, want 1`, st.V)
 				}
 				return

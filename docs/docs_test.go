@@ -196,118 +196,48 @@ func TestDesignNamesEveryPackage(t *testing.T) {
 	}
 }
 
-// signalNames returns every signal name the code declares, with where: the
-// Name of each signals.Desc literal outside tests, and, where a helper
-// builds Descs from a parameter (collectors/netstat.go's counterDesc), the
-// string each call passes it. A Desc whose name the test cannot read is an
-// error rather than a silent gap in the check.
+// catalogPath is the file that declares every signal the agent writes,
+// once (signals/catalog.go); no other file may build a signals.Desc
+// (signals/catalog_test.go holds the repository to that).
+const catalogPath = "signals/catalog.go"
+
+// signalNames returns every signal name the catalogue declares, with
+// where: the Name of each Desc literal of signals/catalog.go. A Desc whose
+// name the test cannot read is an error rather than a silent gap in the
+// check.
 func signalNames(t *testing.T) map[string]string {
 	t.Helper()
 	out := map[string]string{}
 	fset := token.NewFileSet()
-	for _, dir := range moduleDirs(t) {
-		if dir == "docs" {
-			continue
+	af, err := parser.ParseFile(fset, filepath.Join(root, filepath.FromSlash(catalogPath)), nil, parser.SkipObjectResolution)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ast.Inspect(af, func(n ast.Node) bool {
+		cl, ok := n.(*ast.CompositeLit)
+		if !ok {
+			return true
 		}
-		files, err := filepath.Glob(filepath.Join(root, filepath.FromSlash(dir), "*.go"))
-		if err != nil {
-			t.Fatal(err)
+		if id, ok := cl.Type.(*ast.Ident); !ok || id.Name != "Desc" {
+			return true
 		}
-		var parsed []*ast.File
-		for _, f := range files {
-			if strings.HasSuffix(f, "_test.go") {
+		for _, el := range cl.Elts {
+			kv, ok := el.(*ast.KeyValueExpr)
+			if !ok {
 				continue
 			}
-			af, err := parser.ParseFile(fset, f, nil, parser.SkipObjectResolution)
-			if err != nil {
-				t.Fatal(err)
+			if k, ok := kv.Key.(*ast.Ident); !ok || k.Name != "Name" {
+				continue
 			}
-			parsed = append(parsed, af)
-		}
-		// helpers: function name -> index of the parameter that becomes a
-		// Desc's Name.
-		helpers := map[string]int{}
-		for _, af := range parsed {
-			isDesc := func(e ast.Expr) bool {
-				switch x := e.(type) {
-				case *ast.SelectorExpr:
-					id, ok := x.X.(*ast.Ident)
-					return ok && id.Name == "signals" && x.Sel.Name == "Desc"
-				case *ast.Ident:
-					return af.Name.Name == "signals" && x.Name == "Desc"
-				}
-				return false
-			}
-			for _, d := range af.Decls {
-				params := map[string]int{}
-				fn := ""
-				if fd, ok := d.(*ast.FuncDecl); ok && fd.Recv == nil {
-					fn = fd.Name.Name
-					i := 0
-					for _, field := range fd.Type.Params.List {
-						for _, n := range field.Names {
-							params[n.Name] = i
-							i++
-						}
-						if len(field.Names) == 0 {
-							i++
-						}
-					}
-				}
-				ast.Inspect(d, func(n ast.Node) bool {
-					cl, ok := n.(*ast.CompositeLit)
-					if !ok || !isDesc(cl.Type) {
-						return true
-					}
-					for _, el := range cl.Elts {
-						kv, ok := el.(*ast.KeyValueExpr)
-						if !ok {
-							continue
-						}
-						if k, ok := kv.Key.(*ast.Ident); !ok || k.Name != "Name" {
-							continue
-						}
-						pos := where(fset, kv.Pos())
-						if v, ok := stringLit([]ast.Expr{kv.Value}, 0); ok {
-							out[v] = pos
-							continue
-						}
-						if id, ok := kv.Value.(*ast.Ident); ok && fn != "" {
-							if i, ok := params[id.Name]; ok {
-								helpers[fn] = i
-								continue
-							}
-						}
-						t.Errorf("%s: a signals.Desc whose Name this test cannot read: give it a string literal, or build it in a function from a parameter", pos)
-					}
-					return true
-				})
+			pos := where(fset, kv.Pos())
+			if v, ok := stringLit([]ast.Expr{kv.Value}, 0); ok {
+				out[v] = pos
+			} else {
+				t.Errorf("%s: a Desc whose Name this test cannot read: give it a string literal", pos)
 			}
 		}
-		for _, af := range parsed {
-			ast.Inspect(af, func(n ast.Node) bool {
-				call, ok := n.(*ast.CallExpr)
-				if !ok {
-					return true
-				}
-				id, ok := call.Fun.(*ast.Ident)
-				if !ok {
-					return true
-				}
-				i, ok := helpers[id.Name]
-				if !ok {
-					return true
-				}
-				pos := where(fset, call.Pos())
-				if v, ok := stringLit(call.Args, i); ok {
-					out[v] = pos
-				} else {
-					t.Errorf("%s: %s builds a signal whose name is not a string literal", pos, id.Name)
-				}
-				return true
-			})
-		}
-	}
+		return true
+	})
 	return out
 }
 
@@ -317,7 +247,7 @@ func TestDesignNamesEverySignal(t *testing.T) {
 	doc := readRepoFile(t, designPath)
 	sigs := signalNames(t)
 	if len(sigs) == 0 {
-		t.Fatal("no signals.Desc found: the test reads the wrong files")
+		t.Fatalf("no Desc found in %s: the test reads the wrong file", catalogPath)
 	}
 	names := make([]string, 0, len(sigs))
 	for n := range sigs {

@@ -452,9 +452,8 @@ func TestGetFinding(t *testing.T) {
 func TestGetSnapshot(t *testing.T) {
 	store := signals.New(4, 16)
 	j := rules.NewJournal(64)
-	desc := &signals.Desc{Name: "listen_queue_length", Kind: signals.Gauge, Help: "Connections waiting in the accept queue."}
 	now := time.Now()
-	store.Put(desc, signals.L("port", "8080", "addr", "127.0.0.1"), 17, now)
+	store.Put(signals.ListenQueueLength, signals.L("port", "8080", "addr", "127.0.0.1"), 17, now)
 	store.SetStatus(signals.Status{Component: "sock_diag", Kind: "collector", State: signals.StateDegraded, Detail: "no CAP_NET_ADMIN", Lost: []string{"accept_overflow"}})
 	newRecorder(j).open("a", "accept_overflow", rules.SeverityCritical)
 
@@ -482,7 +481,7 @@ func TestGetSnapshot(t *testing.T) {
 	for _, l := range s.GetLabels() {
 		labels[l.GetName()] = l.GetValue()
 	}
-	if s.GetName() != "listen_queue_length" || s.GetValue() != 17 || s.GetKind() != "gauge" || s.GetHelp() != desc.Help ||
+	if s.GetName() != signals.ListenQueueLength.Name || s.GetValue() != 17 || s.GetKind() != "gauge" || s.GetHelp() != signals.ListenQueueLength.Help ||
 		labels["port"] != "8080" || labels["addr"] != "127.0.0.1" || !s.GetTime().AsTime().Equal(now) {
 		t.Errorf("signal = %v", s)
 	}

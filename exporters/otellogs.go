@@ -99,15 +99,6 @@ const (
 	scopeName = "github.com/culprit-dev/culprit"
 )
 
-var (
-	sigLogsExported = &signals.Desc{Name: "findings_exported", Kind: signals.Counter,
-		Help: "Finding events exported as OTLP log records (findings.otlp_endpoint), by result: exported; failed (refused by the collector, or not delivered within findings.otlp_timeout, retries included); dropped (a record larger than findings.otlp_queue_bytes, or still unsent when the agent stopped); lost (left the journal, findings.history, before the exporter read it)."}
-	sigLogsQueued = &signals.Desc{Name: "findings_export_queue", Kind: signals.Gauge,
-		Help: "Finding log records queued or being exported (at most findings.otlp_queue); events beyond wait in the journal."}
-	sigLogsQueuedBytes = &signals.Desc{Name: "findings_export_queue_bytes", Kind: signals.Gauge,
-		Help: "Estimated bytes of finding log records queued or being exported (at most findings.otlp_queue_bytes)."}
-)
-
 // exportResults are the values of culprit_findings_exported_total's result
 // label, all exported from the start so that rate() works from the first
 // scrape.
@@ -701,10 +692,10 @@ func (f *FindingsLogs) publish() {
 	f.mu.Unlock()
 	now := time.Now()
 	for _, r := range exportResults {
-		f.o.Store.Put(sigLogsExported, signals.L("result", r), counts[r], now)
+		f.o.Store.Put(signals.FindingsExported, signals.L("result", r), counts[r], now)
 	}
-	f.o.Store.Put(sigLogsQueued, nil, float64(queued), now)
-	f.o.Store.Put(sigLogsQueuedBytes, nil, float64(bytes), now)
+	f.o.Store.Put(signals.FindingsExportQueue, nil, float64(queued), now)
+	f.o.Store.Put(signals.FindingsExportQueueBytes, nil, float64(bytes), now)
 }
 
 // Counts returns the export outcomes so far, by result.

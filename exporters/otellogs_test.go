@@ -414,7 +414,7 @@ func TestFindingsLogsCollectorRestart(t *testing.T) {
 			if got := rig.f.Counts(); got["failed"] != 0 || got["exported"] != 1 {
 				t.Fatalf("while the collector is down and within the retry bound: counts %v, want 1 exported and nothing failed", got)
 			}
-			if sample, ok := rig.store.Latest("findings_export_queue", nil); !ok || sample.V != 5 {
+			if sample, ok := rig.store.Latest(signals.FindingsExportQueue, nil); !ok || sample.V != 5 {
 				t.Errorf("queue gauge %v %v, want the 5 records waiting", sample, ok)
 			}
 

@@ -108,21 +108,18 @@ func promtoolCheck(t *testing.T, exposition string) {
 	}
 }
 
-var (
-	queueDesc     = &signals.Desc{Name: "listen_queue_length", Kind: signals.Gauge, Help: "Connections waiting in a listener's accept queue."}
-	overflowsDesc = &signals.Desc{Name: "listen_overflows_total", Kind: signals.Counter, Help: "Connections dropped because the accept queue was full."}
-	// A counter declared without _total: exported with it.
-	retransDesc = &signals.Desc{Name: "tcp_synack_retransmits", Kind: signals.Counter, Help: "SYN-ACKs retransmitted."}
-)
+// A counter declared without _total (as signals.FindingsExported is):
+// exported with it.
+var retransDesc = &signals.Desc{Name: "tcp_synack_retransmits", Kind: signals.Counter, Help: "SYN-ACKs retransmitted."}
 
 func TestPrometheusExposition(t *testing.T) {
 	store := signals.New(4, 4)
 	now := time.Now()
-	store.Put(queueDesc, signals.L("port", "8080"), 5, now)
-	store.Put(queueDesc, signals.L("port", "9090"), 0, now)
-	store.Put(overflowsDesc, signals.L("port", "8080"), 7, now)
+	store.Put(signals.ListenQueueLength, signals.L("port", "8080"), 5, now)
+	store.Put(signals.ListenQueueLength, signals.L("port", "9090"), 0, now)
+	store.Put(signals.ListenOverflowsTotal, signals.L("port", "8080"), 7, now)
 	store.Put(retransDesc, nil, 3, now)
-	store.Put(queueDesc, signals.L("port", "1"), 1, now) // the fifth series is dropped
+	store.Put(signals.ListenQueueLength, signals.L("port", "1"), 1, now) // the fifth series is dropped
 	store.SetStatus(signals.Status{Component: "netstat", Kind: "collector", State: signals.StateRunning})
 	store.SetStatus(signals.Status{Component: "runqlat", Kind: "probe", State: signals.StateFailed, Detail: "no CAP_BPF"})
 
@@ -145,7 +142,7 @@ func TestPrometheusExposition(t *testing.T) {
 	wantValue(t, fams, "culprit_listen_queue_length", map[string]string{"port": "9090"}, G, 0)
 	wantValue(t, fams, "culprit_listen_overflows_total", map[string]string{"port": "8080"}, C, 7)
 	wantValue(t, fams, "culprit_tcp_synack_retransmits_total", nil, C, 3)
-	if h := fams["culprit_listen_queue_length"].GetHelp(); h != queueDesc.Help {
+	if h := fams["culprit_listen_queue_length"].GetHelp(); h != signals.ListenQueueLength.Help {
 		t.Errorf("help = %q, want the Desc's", h)
 	}
 
@@ -296,7 +293,7 @@ func TestPrometheusConcurrentScrapes(t *testing.T) {
 			default:
 				r.open(id, "accept_overflow", rules.SeverityCritical)
 			}
-			store.Put(queueDesc, signals.L("port", fmt.Sprint(i%100)), float64(i), time.Now())
+			store.Put(signals.ListenQueueLength, signals.L("port", fmt.Sprint(i%100)), float64(i), time.Now())
 		}
 	}()
 	for range 4 {

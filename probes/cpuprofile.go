@@ -23,19 +23,6 @@ import (
 	"github.com/culprit-dev/culprit/target"
 )
 
-var (
-	sigProfileSamples = &signals.Desc{Name: "profile_cpu_samples_total", Kind: signals.Counter,
-		Help: "CPU samples of the target taken by the profiler (software CPU clock)."}
-	sigProfileLost = &signals.Desc{Name: "profile_cpu_samples_lost_total", Kind: signals.Counter,
-		Help: "CPU samples not counted: reason map_full (profiling.max_stacks too small) or no_stack."}
-	sigProfileUnwound = &signals.Desc{Name: "profile_cpu_samples_unwound_total", Kind: signals.Counter,
-		Help: "CPU samples whose user stack was unwound from a copy of the stack (CFI, and frame pointers through JIT code) rather than by frame pointers alone."}
-	sigProfileUnwindSeconds = &signals.Desc{Name: "profile_cpu_unwind_seconds_total", Kind: signals.Counter,
-		Help: "Time the agent spent unwinding the CPU samples' stack copies."}
-	sigProfileCopyLost = &signals.Desc{Name: "profile_cpu_stack_copies_lost_total", Kind: signals.Counter,
-		Help: "CPU samples counted by their frame-pointer walk alone: reason ring_full (the ring buffer had no room for the stack copy) or too_many_stacks (more distinct stacks in one drain than profiling.max_stacks)."}
-)
-
 const (
 	// DefaultStackBytes is how much user stack a CPU sample carries when
 	// CPUProfileOptions.StackBytes is 0. Measured with node 20 spinning in
@@ -482,21 +469,21 @@ func (p *CPUProfile) drained(objs *cpuProfileObjects, store *signals.Store, out 
 	}
 	p.o.Samples.Add(out)
 	self := signals.L("probe", p.Name())
-	store.Put(sigProfileSamples, nil, float64(p.total), now)
-	store.Put(sigProbeEvents, self, float64(p.total), now)
-	store.Put(sigProfileUnwound, nil, float64(us.samples), now)
-	store.Put(sigProfileUnwindSeconds, nil, us.took.Seconds(), now)
-	store.Put(sigProfileCopyLost, signals.L("reason", "too_many_stacks"), float64(us.tooMany), now)
+	store.Put(signals.ProfileCPUSamplesTotal, nil, float64(p.total), now)
+	store.Put(signals.ProbeEventsTotal, self, float64(p.total), now)
+	store.Put(signals.ProfileCPUSamplesUnwoundTotal, nil, float64(us.samples), now)
+	store.Put(signals.ProfileCPUUnwindSecondsTotal, nil, us.took.Seconds(), now)
+	store.Put(signals.ProfileCPUStackCopiesLostTotal, signals.L("reason", "too_many_stacks"), float64(us.tooMany), now)
 	for i, reason := range []string{"map_full", "no_stack", "ring_full"} {
 		var lost uint64
 		if err := objs.Lost.Lookup(uint32(i), &lost); err != nil {
 			continue
 		}
 		if reason == "ring_full" {
-			store.Put(sigProfileCopyLost, signals.L("reason", reason), float64(lost), now)
+			store.Put(signals.ProfileCPUStackCopiesLostTotal, signals.L("reason", reason), float64(lost), now)
 			continue
 		}
-		store.Put(sigProfileLost, signals.L("reason", reason), float64(lost), now)
+		store.Put(signals.ProfileCPUSamplesLostTotal, signals.L("reason", reason), float64(lost), now)
 	}
 	return nil
 }

@@ -223,13 +223,13 @@ func TestCPUProfileReachesTheJavaScriptCaller(t *testing.T) {
 	// parsed (seconds under -race), samples find the ring buffer full and
 	// are counted by their frame-pointer walk alone.
 	ringFull := func() float64 {
-		v, _ := st.Latest(sigProfileCopyLost.Name, signals.L("reason", "ring_full"))
+		v, _ := st.Latest(signals.ProfileCPUStackCopiesLostTotal, signals.L("reason", "ring_full"))
 		return v.V
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for last := -1.0; ; {
 		time.Sleep(500 * time.Millisecond)
-		u, _ := st.Latest(sigProfileUnwound.Name, nil)
+		u, _ := st.Latest(signals.ProfileCPUSamplesUnwoundTotal, nil)
 		if u.V > 0 && ringFull() == last {
 			break
 		}

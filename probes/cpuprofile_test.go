@@ -85,7 +85,7 @@ func TestCPUProfileNamesTheHotFunction(t *testing.T) {
 	if !found {
 		t.Errorf("pprof -top does not name faults.hotLoop:\n%s", out)
 	}
-	if n, ok := st.Latest("profile_cpu_samples_total", nil); !ok || n.V < float64(worker0) {
+	if n, ok := st.Latest(signals.ProfileCPUSamplesTotal, nil); !ok || n.V < float64(worker0) {
 		t.Errorf("profile_cpu_samples_total %v (seen %v), want >= %d", n.V, ok, worker0)
 	}
 }
@@ -198,7 +198,7 @@ func BenchmarkCPUProfileSample(b *testing.B) {
 		return s.Runtime, s.RunCount
 	}
 	latest := func(d *signals.Desc) float64 {
-		v, _ := st.Latest(d.Name, nil)
+		v, _ := st.Latest(d, nil)
 		return v.V
 	}
 	signal := func(sig syscall.Signal) {
@@ -227,7 +227,7 @@ func BenchmarkCPUProfileSample(b *testing.B) {
 			b.Fatal(err)
 		}
 		r0, c0 := runTime()
-		n0, u0, w0 := latest(sigProfileSamples), latest(sigProfileUnwindSeconds), latest(sigProfileUnwound)
+		n0, u0, w0 := latest(signals.ProfileCPUSamplesTotal), latest(signals.ProfileCPUUnwindSecondsTotal), latest(signals.ProfileCPUSamplesUnwoundTotal)
 		signal(syscall.SIGCONT)
 		time.Sleep(round)
 		signal(syscall.SIGSTOP)
@@ -236,9 +236,9 @@ func BenchmarkCPUProfileSample(b *testing.B) {
 		a := &modes[m]
 		a.bpf += r1 - r0
 		a.runs += c1 - c0
-		a.samples += uint64(latest(sigProfileSamples) - n0)
-		a.unwind += latest(sigProfileUnwindSeconds) - u0
-		a.unwound += latest(sigProfileUnwound) - w0
+		a.samples += uint64(latest(signals.ProfileCPUSamplesTotal) - n0)
+		a.unwind += latest(signals.ProfileCPUUnwindSecondsTotal) - u0
+		a.unwound += latest(signals.ProfileCPUSamplesUnwoundTotal) - w0
 	}
 	b.StopTimer()
 	signal(syscall.SIGCONT)

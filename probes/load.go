@@ -491,7 +491,7 @@ func (s *seriesSet[K]) end() int {
 		for h := range gone {
 			keys[h.Labels().String()] = true
 		}
-		s.store.Forget(s.desc.Name, func(ls signals.Labels) bool { return !keys[ls.String()] })
+		s.store.Forget(s.desc, func(ls signals.Labels) bool { return !keys[ls.String()] })
 	}
 	return len(gone)
 }
@@ -513,7 +513,7 @@ func (s *seriesSet[K]) reset() {
 	}
 	clear(s.m)
 	s.cur, s.prev = time.Time{}, time.Time{}
-	s.store.Forget(s.desc.Name, func(signals.Labels) bool { return false })
+	s.store.Forget(s.desc, func(signals.Labels) bool { return false })
 }
 
 // probeCounters writes a probe's event and loss counters through handles:
@@ -525,7 +525,7 @@ type probeCounters struct {
 
 func newProbeCounters(store *signals.Store, probe string) *probeCounters {
 	self := signals.L("probe", probe)
-	return &probeCounters{events: cachedSeries{h: store.Handle(sigProbeEvents, self)}, lost: cachedSeries{h: store.Handle(sigProbeLost, self)}}
+	return &probeCounters{events: cachedSeries{h: store.Handle(signals.ProbeEventsTotal, self)}, lost: cachedSeries{h: store.Handle(signals.ProbeEventsLostTotal, self)}}
 }
 
 func (c *probeCounters) put(events float64, lost *ebpf.Map, now time.Time) {

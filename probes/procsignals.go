@@ -12,13 +12,6 @@ import (
 	"github.com/culprit-dev/culprit/target"
 )
 
-var (
-	sigSignals = &signals.Desc{Name: "process_signals_total", Kind: signals.Counter,
-		Help: "Termination signals (SIGTERM, SIGINT, SIGQUIT) sent to the target (eBPF signal_generate)."}
-	sigLastSignal = &signals.Desc{Name: "process_last_signal_timestamp_seconds", Kind: signals.Gauge,
-		Help: "When the target last received the signal (Unix time), and from which process (sender)."}
-)
-
 // ProcSignals counts termination signals sent to the target: see bpf/procsignals.c.
 type ProcSignals struct {
 	o Options
@@ -56,8 +49,8 @@ func (p *ProcSignals) Start(ctx context.Context, tracker *target.Tracker, store 
 		return err
 	}
 	p.monoToWall = time.Duration(time.Now().UnixNano() - monotonicNow())
-	p.count = newSeriesSet[uint32](store, sigSignals)
-	p.last = newSeriesSet[[2]uint32](store, sigLastSignal)
+	p.count = newSeriesSet[uint32](store, signals.ProcessSignalsTotal)
+	p.last = newSeriesSet[[2]uint32](store, signals.ProcessLastSignalTimestampSeconds)
 	p.seen = map[procSignalsSigKey]uint64{}
 	p.changes = newChanges(objs.Changes, 1)
 	// A termination signal matters over a grace period of seconds: the

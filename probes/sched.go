@@ -26,38 +26,6 @@ import (
 	"github.com/culprit-dev/culprit/target"
 )
 
-// Signals written by the sched probe. Per-thread series carry the labels
-// tid and thread (the thread's name); there are at most SchedOptions.MaxThreads
-// of each.
-var (
-	sigThreadOnCPU = &signals.Desc{Name: "thread_cpu_seconds_total", Kind: signals.Counter,
-		Help: "Time the thread ran on a CPU (eBPF sched_switch)."}
-	sigThreadRunqWait = &signals.Desc{Name: "thread_runq_wait_seconds_total", Kind: signals.Counter,
-		Help: "Time the thread was runnable but waited for a CPU (run-queue latency, summed)."}
-	sigThreadRunqWaits = &signals.Desc{Name: "thread_runq_waits_total", Kind: signals.Counter,
-		Help: "Times the thread waited on the run queue; with thread_runq_wait_seconds_total gives the mean wait."}
-	sigThreadVoluntary = &signals.Desc{Name: "thread_voluntary_switches_total", Kind: signals.Counter,
-		Help: "Times the thread went off-CPU to sleep (a blocking call or an idle wait)."}
-	sigThreadInvoluntary = &signals.Desc{Name: "thread_involuntary_switches_total", Kind: signals.Counter,
-		Help: "Times the thread was preempted while it still had work."}
-	sigThreadOffCPU = &signals.Desc{Name: "thread_offcpu_seconds_total", Kind: signals.Counter,
-		Help: "Time the thread slept off-CPU (finished sleeps)."}
-	sigThreadBlocked = &signals.Desc{Name: "thread_blocked_seconds", Kind: signals.Gauge,
-		Help: "How long the thread has been asleep off-CPU now (0 when it is running or runnable)."}
-	sigThreadBusy = &signals.Desc{Name: "thread_busy_seconds", Kind: signals.Gauge,
-		Help: "How long the thread has run (or waited for a CPU) without sleeping longer than sched.busy_gap, now (0 when asleep)."}
-	sigThreadLongBlocks = &signals.Desc{Name: "thread_long_blocks_total", Kind: signals.Counter,
-		Help: "Sleeps of the thread longer than sched.min_block."}
-	sigRunqSum = &signals.Desc{Name: "process_runq_wait_seconds_total", Kind: signals.Counter,
-		Help: "Total run-queue wait of the target's threads (time runnable but not running)."}
-	sigRunqCount = &signals.Desc{Name: "process_runq_waits_total", Kind: signals.Counter,
-		Help: "Run-queue waits of the target's threads."}
-	sigRunqP50 = &signals.Desc{Name: "process_runq_latency_p50_seconds", Kind: signals.Gauge,
-		Help: "Median run-queue latency of the target's threads since the last poll (upper bound of its log2 bucket)."}
-	sigRunqP99 = &signals.Desc{Name: "process_runq_latency_p99_seconds", Kind: signals.Gauge,
-		Help: "99th percentile run-queue latency of the target's threads since the last poll (upper bound of its log2 bucket)."}
-)
-
 // RunqBucketBound is the upper bound, in seconds, of run-queue latency
 // bucket i: the BPF program puts a wait of w µs in slot log2(w+1), which
 // holds waits below 2^(i+1)-1 µs.
@@ -561,10 +529,10 @@ func (p *Sched) pollLoop(ctx context.Context, objs *schedObjects, tracker *targe
 	p.store = store
 	p.counters = newProbeCounters(store, p.Name())
 	p.changes = newChanges(objs.Changes, 1)
-	p.runqSum = cachedSeries{h: store.Handle(sigRunqSum, nil)}
-	p.runqCount = cachedSeries{h: store.Handle(sigRunqCount, nil)}
-	p.runqP50 = cachedSeries{h: store.Handle(sigRunqP50, nil)}
-	p.runqP99 = cachedSeries{h: store.Handle(sigRunqP99, nil)}
+	p.runqSum = cachedSeries{h: store.Handle(signals.ProcessRunqWaitSecondsTotal, nil)}
+	p.runqCount = cachedSeries{h: store.Handle(signals.ProcessRunqWaitsTotal, nil)}
+	p.runqP50 = cachedSeries{h: store.Handle(signals.ProcessRunqLatencyP50Seconds, nil)}
+	p.runqP99 = cachedSeries{h: store.Handle(signals.ProcessRunqLatencyP99Seconds, nil)}
 	every(ctx, p.o.PollInterval, func(now time.Time) {
 		p.mu.Lock()
 		events := p.events
@@ -645,9 +613,9 @@ func newThreadSeries(store *signals.Store, tid int, name string) *threadSeries {
 	ls := signals.L("tid", strconv.Itoa(tid), "thread", name)
 	h := func(d *signals.Desc) cachedSeries { return cachedSeries{h: store.Handle(d, ls)} }
 	return &threadSeries{name: name,
-		oncpu: h(sigThreadOnCPU), runqWait: h(sigThreadRunqWait), runqWaits: h(sigThreadRunqWaits),
-		vol: h(sigThreadVoluntary), invol: h(sigThreadInvoluntary), offcpu: h(sigThreadOffCPU),
-		longBlocks: h(sigThreadLongBlocks), blocked: h(sigThreadBlocked), busy: h(sigThreadBusy)}
+		oncpu: h(signals.ThreadCPUSecondsTotal), runqWait: h(signals.ThreadRunqWaitSecondsTotal), runqWaits: h(signals.ThreadRunqWaitsTotal),
+		vol: h(signals.ThreadVoluntarySwitchesTotal), invol: h(signals.ThreadInvoluntarySwitchesTotal), offcpu: h(signals.ThreadOffCPUSecondsTotal),
+		longBlocks: h(signals.ThreadLongBlocksTotal), blocked: h(signals.ThreadBlockedSeconds), busy: h(signals.ThreadBusySeconds)}
 }
 
 // threadsBatch is how many thread entries one batch read returns.
@@ -898,9 +866,9 @@ func (p *Sched) forgetThreads(store *signals.Store) {
 	}
 	p.stale = p.stale[:0]
 	keep := func(ls signals.Labels) bool { return !gone[seriesKey(ls.Get("tid"), ls.Get("thread"))] }
-	for _, d := range []*signals.Desc{sigThreadOnCPU, sigThreadRunqWait, sigThreadRunqWaits, sigThreadVoluntary, sigThreadInvoluntary,
-		sigThreadOffCPU, sigThreadLongBlocks, sigThreadBlocked, sigThreadBusy} {
-		store.Forget(d.Name, keep)
+	for _, d := range []*signals.Desc{signals.ThreadCPUSecondsTotal, signals.ThreadRunqWaitSecondsTotal, signals.ThreadRunqWaitsTotal, signals.ThreadVoluntarySwitchesTotal, signals.ThreadInvoluntarySwitchesTotal,
+		signals.ThreadOffCPUSecondsTotal, signals.ThreadLongBlocksTotal, signals.ThreadBlockedSeconds, signals.ThreadBusySeconds} {
+		store.Forget(d, keep)
 	}
 }
 

@@ -119,12 +119,12 @@ func TestSchedSeesABusyWorker(t *testing.T) {
 			t.Errorf("idle worker-1 has a busy episode: %+v", e)
 		}
 	}
-	busy := st.Increase("thread_cpu_seconds_total", signals.L("tid", strconv.Itoa(w.TIDs[0]), "thread", "worker-0"), from)
-	idle := st.Increase("thread_cpu_seconds_total", signals.L("tid", strconv.Itoa(w.TIDs[1]), "thread", "worker-1"), from)
+	busy := st.Increase(signals.ThreadCPUSecondsTotal, signals.L("tid", strconv.Itoa(w.TIDs[0]), "thread", "worker-0"), from)
+	idle := st.Increase(signals.ThreadCPUSecondsTotal, signals.L("tid", strconv.Itoa(w.TIDs[1]), "thread", "worker-1"), from)
 	if busy < 0.4 || idle > 0.1 {
 		t.Errorf("cpu seconds: spinning worker %.2f (want >= 0.4 of 1.5 s: a loaded machine shares the CPU), idle worker %.2f (want < 0.1)", busy, idle)
 	}
-	if n, ok := st.Latest("process_runq_waits_total", nil); !ok || n.V == 0 {
+	if n, ok := st.Latest(signals.ProcessRunqWaitsTotal, nil); !ok || n.V == 0 {
 		t.Errorf("no run-queue latency counted: %v %v", n, ok)
 	}
 }
@@ -263,7 +263,7 @@ func TestSchedNamesTheRenamedThread(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		var names []string
-		for _, ls := range st.Select("thread_cpu_seconds_total") {
+		for _, ls := range st.Select(signals.ThreadCPUSecondsTotal) {
 			if ls.Get("tid") == strconv.Itoa(tid) {
 				names = append(names, ls.Get("thread"))
 			}

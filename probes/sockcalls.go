@@ -20,21 +20,6 @@ import (
 	"github.com/culprit-dev/culprit/target"
 )
 
-// Signals written by the sockcalls probe: what the target process (and its
-// children) did with its own TCP sockets, by its own system calls.
-var (
-	ProcessAcceptsDesc = &signals.Desc{Name: "process_accepts_total", Kind: signals.Counter,
-		Help: "Connections the target accepted (accept/accept4 that returned a socket), by listener port (eBPF sys_exit). Unlike completed handshakes, these are the app's own accepts."}
-	ProcessConnectsDesc = &signals.Desc{Name: "process_connects_total", Kind: signals.Counter,
-		Help: "TCP connects the target started (connect returned 0 or EINPROGRESS), by remote ip:port; remotes beyond sockcalls.max_remotes are remote=\"other\"."}
-	ProcessConnectErrorsDesc = &signals.Desc{Name: "process_connect_errors_total", Kind: signals.Counter,
-		Help: "TCP connects of the target that failed, by errno (EADDRNOTAVAIL: no local port left toward the remote; ECONNREFUSED; ETIMEDOUT) and remote, including failures found after connect returned (a reset, SYN retries exhausted)."}
-	ProcessUnreadOldestDesc = &signals.Desc{Name: "process_unread_oldest_seconds", Kind: signals.Gauge,
-		Help: "Age of the oldest data waiting unread on the target's TCP sockets (0 when none): requests wait for an event loop that is busy or asleep, whatever call it sleeps in."}
-	ProcessUnreadSocketsDesc = &signals.Desc{Name: "process_unread_sockets", Kind: signals.Gauge,
-		Help: "The target's TCP sockets whose data has waited unread for longer than one poll interval."}
-)
-
 // SockCallsOptions configure the sockcalls probe. Options.MaxEntries
 // bounds the per-port accept and per-remote connect maps.
 type SockCallsOptions struct {
@@ -158,12 +143,12 @@ func (p *SockCalls) Start(ctx context.Context, tracker *target.Tracker, store *s
 	if err != nil {
 		return err
 	}
-	p.acceptS = newSeriesSet[int](store, ProcessAcceptsDesc)
-	p.connS = newSeriesSet[string](store, ProcessConnectsDesc)
-	p.errS = newSeriesSet[[2]string](store, ProcessConnectErrorsDesc)
-	p.oldestS = cachedSeries{h: store.Handle(ProcessUnreadOldestDesc, nil)}
+	p.acceptS = newSeriesSet[int](store, signals.ProcessAcceptsTotal)
+	p.connS = newSeriesSet[string](store, signals.ProcessConnectsTotal)
+	p.errS = newSeriesSet[[2]string](store, signals.ProcessConnectErrorsTotal)
+	p.oldestS = cachedSeries{h: store.Handle(signals.ProcessUnreadOldestSeconds, nil)}
 	p.changes = newChanges(objs.Changes, 4)
-	p.waitingS = cachedSeries{h: store.Handle(ProcessUnreadSocketsDesc, nil)}
+	p.waitingS = cachedSeries{h: store.Handle(signals.ProcessUnreadSockets, nil)}
 	// Polled every probes.poll_interval, not paced: accept_overflow tells
 	// a stalled app from a slow one by the accepts made while a queue was
 	// full, and an accept read a second late would be dated inside the

@@ -152,7 +152,7 @@ func BenchmarkSockCallsPoll(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.ReportMetric(float64(n), "sockets")
-			if v := value(st, ProcessUnreadSocketsDesc.Name, nil); v != 100 {
+			if v := value(st, signals.ProcessUnreadSockets, nil); v != 100 {
 				b.Fatalf("%v sockets waiting, want the 100 written to", v)
 			}
 		})
@@ -206,7 +206,7 @@ func startBenchSockCalls(b *testing.B, pid int) func() {
 		b.Skipf("SKIP: sockcalls probe needs CAP_BPF+CAP_PERFMON (not root): %v", err)
 	}
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
-		if _, ok := st.Latest(ProcessUnreadOldestDesc.Name, nil); ok {
+		if _, ok := st.Latest(signals.ProcessUnreadOldestSeconds, nil); ok {
 			break
 		}
 		if time.Now().After(deadline) {

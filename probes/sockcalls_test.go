@@ -352,23 +352,23 @@ func startSockCalls(t *testing.T, pid int) (*SockCalls, *signals.Store) {
 	st := signals.New(600, 1000)
 	runProbe(t, pid, p, st)
 	// The targets map is set at the first poll, which writes the gauge.
-	waitValue(t, st, ProcessUnreadOldestDesc.Name, nil, func(float64) bool { return true }, "a first poll")
+	waitValue(t, st, signals.ProcessUnreadOldestSeconds, nil, func(float64) bool { return true }, "a first poll")
 	return p, st
 }
 
 // value is a series' latest value, 0 when it does not exist.
-func value(st *signals.Store, name string, ls signals.Labels) float64 {
-	s, _ := st.Latest(name, ls)
+func value(st *signals.Store, d *signals.Desc, ls signals.Labels) float64 {
+	s, _ := st.Latest(d, ls)
 	return s.V
 }
 
 // settle waits a few polls for counts still in flight, then checks they
 // did not go past want.
-func assertStays(t *testing.T, st *signals.Store, name string, ls signals.Labels, want float64) {
+func assertStays(t *testing.T, st *signals.Store, d *signals.Desc, ls signals.Labels, want float64) {
 	t.Helper()
 	time.Sleep(300 * time.Millisecond)
-	if v := value(st, name, ls); v != want {
-		t.Errorf("%s%s = %v, want %v", name, ls, v, want)
+	if v := value(st, d, ls); v != want {
+		t.Errorf("%s%s = %v, want %v", d, ls, v, want)
 	}
 }
 
@@ -405,12 +405,12 @@ func TestSockCallsAcceptsPerPort(t *testing.T) {
 	if got := nb.do(t, "accept %s 4", other)[0]; got != "4" {
 		t.Fatalf("neighbour accepted %s, want 4", got)
 	}
-	waitValue(t, st, ProcessAcceptsDesc.Name, signals.L("port", serving), func(v float64) bool { return v >= 7 }, ">= 7")
-	assertStays(t, st, ProcessAcceptsDesc.Name, signals.L("port", serving), 7)
-	if v := value(st, ProcessAcceptsDesc.Name, signals.L("port", idle)); v != 0 {
+	waitValue(t, st, signals.ProcessAcceptsTotal, signals.L("port", serving), func(v float64) bool { return v >= 7 }, ">= 7")
+	assertStays(t, st, signals.ProcessAcceptsTotal, signals.L("port", serving), 7)
+	if v := value(st, signals.ProcessAcceptsTotal, signals.L("port", idle)); v != 0 {
 		t.Errorf("accepts on the target's listener that accepts nothing = %v, want 0 (its 5 handshakes completed)", v)
 	}
-	if v := value(st, ProcessAcceptsDesc.Name, signals.L("port", other)); v != 0 {
+	if v := value(st, signals.ProcessAcceptsTotal, signals.L("port", other)); v != 0 {
 		t.Errorf("accepts on the neighbour's port = %v, want 0", v)
 	}
 }
@@ -454,7 +454,7 @@ func TestSockCallsConnectErrors(t *testing.T) {
 		t.Fatalf("neighbour's dials: %v", got)
 	}
 
-	errs := ProcessConnectErrorsDesc.Name
+	errs := signals.ProcessConnectErrorsTotal
 	for _, c := range []struct {
 		errno, remote string
 		want          float64
@@ -472,7 +472,7 @@ func TestSockCallsConnectErrors(t *testing.T) {
 		assertStays(t, st, errs, ls, c.want)
 	}
 	for remote, want := range map[string]float64{"127.0.0.1:8080": 10, "127.0.0.1:1": 3, "127.0.0.1:8081": 2, "[::1]:1": 2} {
-		if v := value(st, ProcessConnectsDesc.Name, signals.L("remote", remote)); v != want {
+		if v := value(st, signals.ProcessConnectsTotal, signals.L("remote", remote)); v != want {
 			t.Errorf("connect attempts to %s = %v, want %v", remote, v, want)
 		}
 	}
@@ -528,7 +528,7 @@ func TestSockCallsUnreadWork(t *testing.T) {
 	defer nc.Close()
 	nb.do(t, "accept %s 1", nport)
 
-	oldest, waiting := ProcessUnreadOldestDesc.Name, ProcessUnreadSocketsDesc.Name
+	oldest, waiting := signals.ProcessUnreadOldestSeconds, signals.ProcessUnreadSockets
 	for round, mode := range []string{"read", "recv", "recvmsg"} {
 		if v := value(st, oldest, nil); v != 0 {
 			t.Fatalf("round %d: oldest unread %v before anything was sent, want 0", round, v)
@@ -598,20 +598,20 @@ func TestSockCallsUnreadBeforeAccept(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(200 * time.Millisecond)
-	if v := value(st, ProcessUnreadSocketsDesc.Name, nil); v != 0 {
+	if v := value(st, signals.ProcessUnreadSockets, nil); v != 0 {
 		t.Fatalf("%v unread sockets before the accept, want 0", v)
 	}
 	accepted := time.Now()
 	tgt.do(t, "accept %s 1", port)
-	waitValue(t, st, ProcessUnreadSocketsDesc.Name, nil, func(v float64) bool { return v == 1 }, "1 after the accept")
-	age := waitValue(t, st, ProcessUnreadOldestDesc.Name, nil, func(v float64) bool { return v > 0.3 }, "> 0.3 s")
+	waitValue(t, st, signals.ProcessUnreadSockets, nil, func(v float64) bool { return v == 1 }, "1 after the accept")
+	age := waitValue(t, st, signals.ProcessUnreadOldestSeconds, nil, func(v float64) bool { return v > 0.3 }, "> 0.3 s")
 	if since := time.Since(accepted).Seconds(); age > since {
 		t.Errorf("oldest unread %.3f s, more than the %.3f s since the accept", age, since)
 	}
 	if got := tgt.do(t, "read read")[0]; got != "13" {
 		t.Fatalf("read %s bytes, want 13", got)
 	}
-	waitValue(t, st, ProcessUnreadOldestDesc.Name, nil, func(v float64) bool { return v == 0 }, "0 after the read")
+	waitValue(t, st, signals.ProcessUnreadOldestSeconds, nil, func(v float64) bool { return v == 0 }, "0 after the read")
 }
 
 // Remotes beyond MaxRemotes share the series remote="other", and a remote

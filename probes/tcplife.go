@@ -25,17 +25,6 @@ import (
 	"github.com/culprit-dev/culprit/target"
 )
 
-var (
-	sigConnCloses = &signals.Desc{Name: "tcp_connection_ends_total", Kind: signals.Counter,
-		Help: "Established connections of the target's namespace that ended, by how: peer_close (the peer's FIN came first), local_close, reset_received (eBPF inet_sock_set_state, tcp_receive_reset)."}
-	sigConnOpens = &signals.Desc{Name: "tcp_active_opens_seen_total", Kind: signals.Counter,
-		Help: "Outbound connections of the target's namespace whose handshake completed (eBPF)."}
-	sigConnHandshake = &signals.Desc{Name: "tcp_connect_seconds_total", Kind: signals.Counter,
-		Help: "Time outbound handshakes took, summed (with tcp_active_opens_seen_total: the mean connect latency)."}
-	sigResetsSent = &signals.Desc{Name: "tcp_resets_sent_total", Kind: signals.Counter,
-		Help: "Resets sent by the target's namespace, by the kernel's reason (eBPF tcp_send_reset, enum sk_rst_reason: no_socket is a closed port, tcp_abort_on_* the application) and by local port (the connection's, or the one a segment that reached no socket was sent to), for the maxResetPorts busiest ports; the others are port=\"other\"."}
-)
-
 // TCPLife watches how the target namespace's connections end and why it
 // sends resets: see bpf/tcp_life.c.
 type TCPLife struct {
@@ -270,12 +259,12 @@ func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
 // the map changed.
 func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *target.Tracker, store *signals.Store) {
 	for i, how := range []string{signals.ConnPeerClose, signals.ConnLocalClose, signals.ConnResetReceived} {
-		p.closeS[i] = cachedSeries{h: store.Handle(sigConnCloses, signals.L("how", how))}
+		p.closeS[i] = cachedSeries{h: store.Handle(signals.TCPConnectionEndsTotal, signals.L("how", how))}
 	}
-	p.opensS = cachedSeries{h: store.Handle(sigConnOpens, nil)}
-	p.handshakeS = cachedSeries{h: store.Handle(sigConnHandshake, nil)}
+	p.opensS = cachedSeries{h: store.Handle(signals.TCPActiveOpensSeenTotal, nil)}
+	p.handshakeS = cachedSeries{h: store.Handle(signals.TCPConnectSecondsTotal, nil)}
 	p.counters = newProbeCounters(store, p.Name())
-	p.resetS = newSeriesSet[resetKey](store, sigResetsSent)
+	p.resetS = newSeriesSet[resetKey](store, signals.TCPResetsSentTotal)
 	var lastEvents float64
 	paced(ctx, p.o, store, p.kick, func(now time.Time) bool {
 		tgt, ok := tracker.Current()
@@ -322,7 +311,7 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *targe
 		p.counters.put(events, objs.Lost, now)
 		changed := events != lastEvents
 		lastEvents = events
-		if out, ok := store.Latest("tcp_out_rsts_total", nil); ok && p.haveOutRst && out.V == p.outRsts && now.Sub(p.rstWalkAt) < rstWalkEvery {
+		if out, ok := store.Latest(signals.TCPOutRstsTotal, nil); ok && p.haveOutRst && out.V == p.outRsts && now.Sub(p.rstWalkAt) < rstWalkEvery {
 			// No reset sent in the namespace since the last walk.
 			p.resetS.begin()
 			p.resetS.touch(now)

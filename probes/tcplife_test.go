@@ -51,7 +51,7 @@ func TestTCPLifeIdleAgeAtPeerClose(t *testing.T) {
 	}
 	s.MustDo(t, "dialclosed 20")
 	// The resets answer SYNs to port 1, where nothing listens.
-	waitValue(t, st, "tcp_resets_sent_total", signals.L("port", "1", "reason", "no_socket"), func(v float64) bool { return v >= 20 }, ">= 20")
+	waitValue(t, st, signals.TCPResetsSentTotal, signals.L("port", "1", "reason", "no_socket"), func(v float64) bool { return v >= 20 }, ">= 20")
 }
 
 // Events name their owner: the socket inode that /proc/PID/fd shows, and

@@ -16,20 +16,6 @@ import (
 	"github.com/culprit-dev/culprit/target"
 )
 
-// Signals written by the tcplisten probe, labelled with the local port.
-var (
-	sigOverflowDrops = &signals.Desc{Name: "tcp_listen_overflow_drops_total", Kind: signals.Counter,
-		Help: "Completed handshakes dropped because the listener's accept queue was full (kfree_skb TCP_LISTEN_OVERFLOW)."}
-	sigSynackRetrans = &signals.Desc{Name: "tcp_synack_retransmits_total", Kind: signals.Counter,
-		Help: "SYN-ACKs the listener retransmitted; they keep coming while its accept queue stays full."}
-	sigListenOpens = &signals.Desc{Name: "tcp_listen_handshakes_total", Kind: signals.Counter,
-		Help: "Handshakes completed on the listener (SYN_RECV to ESTABLISHED); while its queue is full, each one needed an accept."}
-	sigProbeEvents = &signals.Desc{Name: "probe_events_total", Kind: signals.Counter,
-		Help: "Events read from the probe's ring buffer."}
-	sigProbeLost = &signals.Desc{Name: "probe_events_lost_total", Kind: signals.Counter,
-		Help: "Events the probe's ring buffer had no room for."}
-)
-
 // TCPListen counts, per listening port, what the kernel does when an accept
 // queue is full. See bpf/tcp_listen.c for why these three tracepoints.
 type TCPListen struct {
@@ -82,9 +68,9 @@ func (p *TCPListen) Start(ctx context.Context, tracker *target.Tracker, store *s
 	if err != nil {
 		return err
 	}
-	p.drops = newSeriesSet[uint16](store, sigOverflowDrops)
-	p.synacks = newSeriesSet[uint16](store, sigSynackRetrans)
-	p.opens = newSeriesSet[uint16](store, sigListenOpens)
+	p.drops = newSeriesSet[uint16](store, signals.TCPListenOverflowDropsTotal)
+	p.synacks = newSeriesSet[uint16](store, signals.TCPSynAckRetransmitsTotal)
+	p.opens = newSeriesSet[uint16](store, signals.TCPListenHandshakesTotal)
 	p.counters = newProbeCounters(store, p.Name())
 	p.keys, p.vals = make([]tcpListenPortKey, 256), make([]tcpListenPortStats, 256)
 	p.changes = newChanges(objs.Changes, 1)

@@ -60,16 +60,16 @@ func runProbe(t *testing.T, pid int, p Probe, st *signals.Store) {
 	})
 }
 
-func waitValue(t *testing.T, st *signals.Store, name string, ls signals.Labels, cond func(float64) bool, what string) float64 {
+func waitValue(t *testing.T, st *signals.Store, d *signals.Desc, ls signals.Labels, cond func(float64) bool, what string) float64 {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		s, ok := st.Latest(name, ls)
+		s, ok := st.Latest(d, ls)
 		if ok && cond(s.V) {
 			return s.V
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s%s: %s not reached in 10s (last %v, seen %v)", name, ls, what, s.V, ok)
+			t.Fatalf("%s%s: %s not reached in 10s (last %v, seen %v)", d, ls, what, s.V, ok)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -91,9 +91,9 @@ func TestTCPListenCountsHandshakesOfOneListener(t *testing.T) {
 	_, st := startProbe(t, s.PID)
 	port := signals.L("port", strconv.Itoa(s.Port))
 	s.MustDo(t, "dialasync 20")
-	waitValue(t, st, "tcp_listen_handshakes_total", port, func(v float64) bool { return v == 3 }, "== backlog+1 while nobody accepts")
+	waitValue(t, st, signals.TCPListenHandshakesTotal, port, func(v float64) bool { return v == 3 }, "== backlog+1 while nobody accepts")
 	time.Sleep(1500 * time.Millisecond) // SYN retransmits at 1 s must not complete into the full queue
-	if v, _ := st.Latest("tcp_listen_handshakes_total", port); v.V != 3 {
+	if v, _ := st.Latest(signals.TCPListenHandshakesTotal, port); v.V != 3 {
 		t.Fatalf("%v handshakes completed into a queue of 2 that nobody accepts; want 3", v.V)
 	}
 	// Once it accepts, new handshakes complete and are counted. (Clients
@@ -104,8 +104,8 @@ func TestTCPListenCountsHandshakesOfOneListener(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		s.MustDo(t, "dial 1")
 	}
-	waitValue(t, st, "tcp_listen_handshakes_total", port, func(v float64) bool { return v >= 8 }, ">= 3+5 after accepting")
-	for _, ls := range st.Select("tcp_listen_handshakes_total") {
+	waitValue(t, st, signals.TCPListenHandshakesTotal, port, func(v float64) bool { return v >= 8 }, ">= 3+5 after accepting")
+	for _, ls := range st.Select(signals.TCPListenHandshakesTotal) {
 		if ls.Get("port") != strconv.Itoa(s.Port) {
 			t.Errorf("series for port %s of another namespace leaked into the target's", ls.Get("port"))
 		}
@@ -117,8 +117,8 @@ func TestTCPListenQuietOnHealthyListener(t *testing.T) {
 	_, st := startProbe(t, s.PID)
 	port := signals.L("port", strconv.Itoa(s.Port))
 	s.MustDo(t, "burst 20")
-	waitValue(t, st, "tcp_listen_handshakes_total", port, func(v float64) bool { return v >= 20 }, ">= 20")
-	for _, name := range []string{"tcp_listen_overflow_drops_total", "tcp_synack_retransmits_total"} {
+	waitValue(t, st, signals.TCPListenHandshakesTotal, port, func(v float64) bool { return v >= 20 }, ">= 20")
+	for _, name := range []*signals.Desc{signals.TCPListenOverflowDropsTotal, signals.TCPSynAckRetransmitsTotal} {
 		if v, _ := st.Latest(name, port); v.V != 0 {
 			t.Errorf("%s = %v on a healthy listener, want 0", name, v.V)
 		}

@@ -122,7 +122,7 @@ const freshness = 2 * time.Second
 
 func (r *AcceptOverflow) Evaluate(w Window) []Observation {
 	var out []Observation
-	for _, ls := range w.Store.Select("listen_backlog") {
+	for _, ls := range w.Store.Select(signals.ListenBacklog) {
 		if o, ok := r.listener(w, ls); ok {
 			out = append(out, o)
 		}
@@ -137,13 +137,13 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	addr := ls.Get("addr")
 	endpoint := joinHostPort(addr, port)
 
-	backlog, ok := st.Latest("listen_backlog", ls)
+	backlog, ok := st.Latest(signals.ListenBacklog, ls)
 	if !ok || now.Sub(backlog.T) > freshness {
 		return Observation{}, false
 	}
-	dropsRecent := st.Increase("listen_overflows_total", ls, now.Add(-r.o.Recent))
-	dropsWindow := st.Increase("listen_overflows_total", ls, now.Add(-r.o.Window))
-	full := st.Range("listen_queue_full", ls, now.Add(-r.o.Window))
+	dropsRecent := st.Increase(signals.ListenOverflowsTotal, ls, now.Add(-r.o.Recent))
+	dropsWindow := st.Increase(signals.ListenOverflowsTotal, ls, now.Add(-r.o.Window))
+	full := st.Range(signals.ListenQueueFull, ls, now.Add(-r.o.Window))
 	fullNow := len(full) > 0 && full[len(full)-1].V == 1 && now.Sub(full[len(full)-1].T) <= freshness
 	// A stalled queue keeps dropping only when clients retransmit SYNs
 	// (1 s, 3 s, 7 s... apart), so while it stays full any drop in the
@@ -155,23 +155,23 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 
 	fullFor, runStart := fullRun(full, now)
 	fullFrac := fraction(full)
-	qpeak := peak(st.Range("listen_queue_length", ls, now.Add(-r.o.Window)))
+	qpeak := peak(st.Range(signals.ListenQueueLength, ls, now.Add(-r.o.Window)))
 	portLs := signals.L("port", port)
 	// The app's own accepts, counted at accept()'s return by the sockcalls
 	// probe. Completed handshakes are not accepts: with the queue full,
 	// syncookie handshakes complete and are then dropped, which once made
 	// a listener that accepted nothing read "accepted 65 connections".
 	// While the probe runs, a port with no accept series simply had none.
-	acceptsKnown := st.Running("sockcalls") || len(st.Range("process_accepts_total", portLs, now.Add(-freshness))) > 0
-	acceptsWindow := st.Increase("process_accepts_total", portLs, now.Add(-r.o.Window))
-	somaxconn, haveSomax := st.Latest("sysctl", signals.L("name", "net.core.somaxconn"))
-	abortOnOverflow, _ := st.Latest("sysctl", signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
+	acceptsKnown := st.Running("sockcalls") || len(st.Range(signals.ProcessAcceptsTotal, portLs, now.Add(-freshness))) > 0
+	acceptsWindow := st.Increase(signals.ProcessAcceptsTotal, portLs, now.Add(-r.o.Window))
+	somaxconn, haveSomax := st.Latest(signals.Sysctl, signals.L("name", "net.core.somaxconn"))
+	abortOnOverflow, _ := st.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
 	win := r.o.Window
 
 	ev := []Evidence{
-		{Signal: "listen_overflows_total" + ls.String(), Value: dropsWindow, Threshold: r.o.MinDrops, Unit: "SYNs", Window: win, Note: "connection attempts dropped on this listener's full accept queue (client retries included)"},
-		{Signal: "listen_backlog" + ls.String(), Value: backlog.V, Unit: "connections", Note: "accept queue capacity (the app's listen backlog, capped by net.core.somaxconn)"},
-		{Signal: "listen_queue_length" + ls.String(), Value: qpeak, Unit: "connections", Window: win, Note: "peak queue length seen"},
+		{Signal: signals.ListenOverflowsTotal.Name + ls.String(), Value: dropsWindow, Threshold: r.o.MinDrops, Unit: "SYNs", Window: win, Note: "connection attempts dropped on this listener's full accept queue (client retries included)"},
+		{Signal: signals.ListenBacklog.Name + ls.String(), Value: backlog.V, Unit: "connections", Note: "accept queue capacity (the app's listen backlog, capped by net.core.somaxconn)"},
+		{Signal: signals.ListenQueueLength.Name + ls.String(), Value: qpeak, Unit: "connections", Window: win, Note: "peak queue length seen"},
 	}
 	if haveSomax {
 		ev = append(ev, Evidence{Signal: `sysctl{name="net.core.somaxconn"}`, Value: somaxconn.V, Unit: "connections", Note: "kernel cap on any listen backlog"})
@@ -193,23 +193,23 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// full for saturate_after, when the app is simply slower than its
 	// arrivals.
 	// From the first sample seen full: its value is the baseline.
-	acceptedRun := st.Increase("process_accepts_total", portLs, runStart.Add(time.Nanosecond))
+	acceptedRun := st.Increase(signals.ProcessAcceptsTotal, portLs, runStart.Add(time.Nanosecond))
 	// The accept counter is read on the same tick as the queue, in either
 	// order: accepts counted within the run's first runEdge may have come
 	// before the queue was full (seen in the demo: one accept just as the
 	// accept loop stopped read as "keeps accepting"). They are told, not
 	// taken for an accept loop that runs.
-	acceptedLater := st.Increase("process_accepts_total", portLs, runStart.Add(runEdge))
+	acceptedLater := st.Increase(signals.ProcessAcceptsTotal, portLs, runStart.Add(runEdge))
 	stalled := fullNow && (!acceptsKnown || acceptedLater == 0 || fullFor >= r.o.SaturateAfter)
 
 	if stalled {
 		threads := describeThreads(st)
-		ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: fullFor.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue continuously full"})
+		ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: fullFor.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue continuously full"})
 		var how string
 		conf := 0.7
 		if acceptsKnown {
 			conf = 0.9
-			ev = append(ev, Evidence{Signal: "process_accepts_total" + portLs.String(), Value: acceptedRun, Unit: "connections", Window: fullFor, Note: "connections the app accepted while the queue was full (eBPF accept)"})
+			ev = append(ev, Evidence{Signal: signals.ProcessAcceptsTotal.Name + portLs.String(), Value: acceptedRun, Unit: "connections", Window: fullFor, Note: "connections the app accepted while the queue was full (eBPF accept)"})
 			if acceptedRun == 0 {
 				how = "accepted no connection"
 			} else {
@@ -257,9 +257,9 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// in either order, so the run's last sample interval is left out.
 	run, end := longestRecentRun(full, now.Add(-r.o.Window))
 	stallRun := run >= r.o.StallAfter && (!acceptsKnown || run >= r.o.SaturateAfter ||
-		increaseBetween(st, "process_accepts_total", portLs, end.Add(-run), end.Add(-runEdge)) == 0)
+		increaseBetween(st, signals.ProcessAcceptsTotal, portLs, end.Add(-run), end.Add(-runEdge)) == 0)
 	if stallRun {
-		ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(now.Sub(end)) + " ago"})
+		ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(now.Sub(end)) + " ago"})
 		return Observation{
 			Key:         endpoint,
 			Cause:       CauseAppNotAccepting,
@@ -281,29 +281,29 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// one short of full with no accept is a stall that has not yet lasted
 	// stall_after (samples can land on the instant between an accept and
 	// the next arrival): wait.
-	qnow, _ := st.Latest("listen_queue_length", ls)
+	qnow, _ := st.Latest(signals.ListenQueueLength, ls)
 	drained := qnow.V <= backlog.V/2
 	// Drops no sample has yet shown a full queue for may be the first of
 	// a stall whose full queue the next sample shows (the quiet sampler
 	// writes its last sample again until the listener's activity moves):
 	// a burst between samples is still one a second later.
-	if fullFrac == 0 && now.Sub(firstRise(st.Range("listen_overflows_total", ls, now.Add(-r.o.Window)))) < betweenSamplesSettle {
+	if fullFrac == 0 && now.Sub(firstRise(st.Range(signals.ListenOverflowsTotal, ls, now.Add(-r.o.Window)))) < betweenSamplesSettle {
 		return Observation{}, false
 	}
-	if !drained && !(acceptsKnown && st.Increase("process_accepts_total", portLs, now.Add(-r.o.Recent)) > 0) {
+	if !drained && !(acceptsKnown && st.Increase(signals.ProcessAcceptsTotal, portLs, now.Add(-r.o.Recent)) > 0) {
 		return Observation{}, false
 	}
 
 	// The queue drained after the drops: the app accepts, but bursts
 	// arrive faster than the queue can hold between two accepts.
 	capped := haveSomax && backlog.V >= somaxconn.V
-	ev = append(ev, Evidence{Signal: "listen_queue_full" + ls.String(), Value: fullFrac, Unit: "ratio", Window: win, Note: "share of samples with the queue full: it fills only in bursts"})
+	ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: fullFrac, Unit: "ratio", Window: win, Note: "share of samples with the queue full: it fills only in bursts"})
 	acceptRate := ""
 	if acceptsKnown && acceptsWindow > 0 {
 		// A count, not a rate: accepts come in bursts too, and the
 		// probe's counter can trail the queue's sample by a poll (then
 		// nothing is said rather than "0/s").
-		ev = append(ev, Evidence{Signal: "process_accepts_total" + portLs.String(), Value: acceptsWindow, Unit: "connections", Window: win, Note: "connections the app accepted (eBPF accept)"})
+		ev = append(ev, Evidence{Signal: signals.ProcessAcceptsTotal.Name + portLs.String(), Value: acceptsWindow, Unit: "connections", Window: win, Note: "connections the app accepted (eBPF accept)"})
 		acceptRate = fmt.Sprintf(", while it keeps accepting (%s in %s)", count(acceptsWindow, "connection", ""), duration(win))
 	}
 	somax := 0
@@ -341,10 +341,10 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 
 // increaseBetween is how much a counter grew from its sample at (or the
 // last before) from to its last sample at or before to.
-func increaseBetween(st *signals.Store, name string, ls signals.Labels, from, to time.Time) float64 {
+func increaseBetween(st *signals.Store, d *signals.Desc, ls signals.Labels, from, to time.Time) float64 {
 	var base, last float64
 	have := false
-	for _, s := range st.Range(name, ls, time.Time{}) {
+	for _, s := range st.Range(d, ls, time.Time{}) {
 		if !s.T.After(from) {
 			base, last, have = s.V, s.V, true
 			continue
@@ -434,8 +434,8 @@ type threadView struct {
 func describeThreads(st *signals.Store) threadView {
 	states := map[string]float64{}
 	total := 0.0
-	for _, ls := range st.Select("process_threads") {
-		if s, ok := st.Latest("process_threads", ls); ok && s.V > 0 {
+	for _, ls := range st.Select(signals.ProcessThreads) {
+		if s, ok := st.Latest(signals.ProcessThreads, ls); ok && s.V > 0 {
 			states[ls.Get("state")] = s.V
 			total += s.V
 		}
@@ -448,8 +448,8 @@ func describeThreads(st *signals.Store) threadView {
 		v float64
 	}
 	var sys []kv
-	for _, ls := range st.Select("process_threads_in_syscall") {
-		if s, ok := st.Latest("process_threads_in_syscall", ls); ok && s.V > 0 {
+	for _, ls := range st.Select(signals.ProcessThreadsInSyscall) {
+		if s, ok := st.Latest(signals.ProcessThreadsInSyscall, ls); ok && s.V > 0 {
 			sys = append(sys, kv{ls.Get("syscall"), s.V})
 		}
 	}

@@ -8,17 +8,6 @@ import (
 	"github.com/culprit-dev/culprit/signals"
 )
 
-var (
-	dBacklog  = &signals.Desc{Name: "listen_backlog"}
-	dQlen     = &signals.Desc{Name: "listen_queue_length"}
-	dFull     = &signals.Desc{Name: "listen_queue_full"}
-	dOverflow = &signals.Desc{Name: "listen_overflows_total", Kind: signals.Counter}
-	dOpens    = &signals.Desc{Name: "process_accepts_total", Kind: signals.Counter}
-	dSysctl   = &signals.Desc{Name: "sysctl"}
-	dThreads  = &signals.Desc{Name: "process_threads"}
-	dInSys    = &signals.Desc{Name: "process_threads_in_syscall"}
-)
-
 // listenerHistory writes what the collectors would have written for one
 // listener: every 100 ms for 5 s, the queue length and the cumulative drops
 // given by the functions of the sample's age.
@@ -37,23 +26,23 @@ func (h listenerHistory) store(now time.Time) *signals.Store {
 	for age := 5 * time.Second; age >= 0; age -= 100 * time.Millisecond {
 		t := now.Add(-age)
 		q := h.qlen(age)
-		st.Put(dBacklog, ls8080, h.backlog, t)
-		st.Put(dQlen, ls8080, q, t)
+		st.Put(signals.ListenBacklog, ls8080, h.backlog, t)
+		st.Put(signals.ListenQueueLength, ls8080, q, t)
 		full := 0.0
 		if q > h.backlog {
 			full = 1
 		}
-		st.Put(dFull, ls8080, full, t)
-		st.Put(dOverflow, ls8080, h.drops(age), t)
+		st.Put(signals.ListenQueueFull, ls8080, full, t)
+		st.Put(signals.ListenOverflowsTotal, ls8080, h.drops(age), t)
 		if h.opens != nil {
-			st.Put(dOpens, signals.L("port", "8080"), h.opens(age), t)
+			st.Put(signals.ProcessAcceptsTotal, signals.L("port", "8080"), h.opens(age), t)
 		}
 	}
-	st.Put(dSysctl, signals.L("name", "net.core.somaxconn"), h.somaxconn, now)
-	st.Put(dThreads, signals.L("state", "S"), 5, now)
-	st.Put(dThreads, signals.L("state", "R"), 0, now)
-	st.Put(dInSys, signals.L("syscall", "futex"), 4, now)
-	st.Put(dInSys, signals.L("syscall", "epoll_wait"), 1, now)
+	st.Put(signals.Sysctl, signals.L("name", "net.core.somaxconn"), h.somaxconn, now)
+	st.Put(signals.ProcessThreads, signals.L("state", "S"), 5, now)
+	st.Put(signals.ProcessThreads, signals.L("state", "R"), 0, now)
+	st.Put(signals.ProcessThreadsInSyscall, signals.L("syscall", "futex"), 4, now)
+	st.Put(signals.ProcessThreadsInSyscall, signals.L("syscall", "epoll_wait"), 1, now)
 	return st
 }
 
@@ -342,8 +331,8 @@ func TestDescribeThreadsSaysWhatRuns(t *testing.T) {
 		{20, 1, "its threads are all on CPU"},
 	} {
 		st := signals.New(8, 64)
-		st.Put(dThreads, signals.L("state", "R"), tc.r, now)
-		st.Put(dThreads, signals.L("state", "S"), tc.s, now)
+		st.Put(signals.ProcessThreads, signals.L("state", "R"), tc.r, now)
+		st.Put(signals.ProcessThreads, signals.L("state", "S"), tc.s, now)
 		if got := describeThreads(st).summary; !strings.Contains(got, tc.want) {
 			t.Errorf("%v running, %v sleeping: %q, want %q in it", tc.r, tc.s, got, tc.want)
 		}

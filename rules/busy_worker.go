@@ -302,15 +302,14 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, v thr
 // and to, from the sched probe's per-thread counter (sampled each poll);
 // false when fewer than two samples fall in the interval.
 func sleepRate(st *signals.Store, tid int, from, to time.Time) (float64, bool) {
-	const name = "thread_voluntary_switches_total"
 	self := strconv.Itoa(tid)
-	for _, ls := range st.Select(name) {
+	for _, ls := range st.Select(signals.ThreadVoluntarySwitchesTotal) {
 		if ls.Get("tid") != self {
 			continue
 		}
 		var first, last signals.Sample
 		n := 0
-		for _, s := range st.Range(name, ls, from) {
+		for _, s := range st.Range(signals.ThreadVoluntarySwitchesTotal, ls, from) {
 			if s.T.After(to) {
 				break
 			}
@@ -332,12 +331,12 @@ func sleepRate(st *signals.Store, tid int, from, to time.Time) (float64, bool) {
 func peersRunqWait(st *signals.Store, tid int, from time.Time) (float64, bool) {
 	var wait, n float64
 	self := strconv.Itoa(tid)
-	for _, ls := range st.Select("thread_runq_wait_seconds_total") {
+	for _, ls := range st.Select(signals.ThreadRunqWaitSecondsTotal) {
 		if ls.Get("tid") == self {
 			continue
 		}
-		wait += st.Increase("thread_runq_wait_seconds_total", ls, from)
-		n += st.Increase("thread_runq_waits_total", ls, from)
+		wait += st.Increase(signals.ThreadRunqWaitSecondsTotal, ls, from)
+		n += st.Increase(signals.ThreadRunqWaitsTotal, ls, from)
 	}
 	if n == 0 {
 		return 0, false

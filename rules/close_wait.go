@@ -37,12 +37,12 @@ func (*CloseWait) Name() string { return "close_wait" }
 func (r *CloseWait) Evaluate(w Window) []Observation {
 	var out []Observation
 	from := w.Now.Add(-r.o.Window)
-	for _, ls := range w.Store.Select("tcp_sockets") {
+	for _, ls := range w.Store.Select(signals.TCPSockets) {
 		owner := ls.Get("owner")
 		if ls.Get("state") != "CLOSE_WAIT" || !w.owned(owner) {
 			continue
 		}
-		ss := w.Store.Range("tcp_sockets", ls, from)
+		ss := w.Store.Range(signals.TCPSockets, ls, from)
 		if len(ss) == 0 || w.Now.Sub(ss[len(ss)-1].T) > 3*freshnessSlow {
 			continue
 		}
@@ -54,7 +54,7 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 		// that pauses (a leak in bursts) is still sockets never closed.
 		growing := ok && g.increase >= r.o.MinIncrease && g.steady >= r.o.Steady && g.rate > 0
 		port := ls.Get("port")
-		age, _ := w.Store.Latest("tcp_close_wait_oldest_seconds", signals.L("owner", owner, "port", port))
+		age, _ := w.Store.Latest(signals.TCPCloseWaitOldestSeconds, signals.L("owner", owner, "port", port))
 		old := cur >= r.o.MinCount && time.Duration(age.V*float64(time.Second)) >= r.o.MinAge
 		if !growing && !old {
 			continue
@@ -81,8 +81,8 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 			Severity:    sev,
 			Confidence:  0.85,
 			Evidence: []Evidence{
-				{Signal: "tcp_sockets" + ls.String(), Value: cur, Threshold: r.o.MinCount, Unit: "sockets"},
-				{Signal: "tcp_close_wait_oldest_seconds" + signals.L("owner", owner, "port", port).String(), Value: age.V, Threshold: r.o.MinAge.Seconds(), Unit: "seconds", Note: "idle since the peer's last segment"},
+				{Signal: signals.TCPSockets.Name + ls.String(), Value: cur, Threshold: r.o.MinCount, Unit: "sockets"},
+				{Signal: signals.TCPCloseWaitOldestSeconds.Name + signals.L("owner", owner, "port", port).String(), Value: age.V, Threshold: r.o.MinAge.Seconds(), Unit: "seconds", Note: "idle since the peer's last segment"},
 			},
 			Artifacts: []Artifact{{Kind: "endpoint", Value: where}},
 			Labels:    map[string]string{"port": port, "owner": owner},

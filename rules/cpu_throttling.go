@@ -74,8 +74,8 @@ func (*CPUThrottling) Name() string { return "cpu_throttling" }
 func (r *CPUThrottling) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
 	fresh := func(s signals.Sample, ok bool) bool { return ok && now.Sub(s.T) <= cpuStale }
-	last, ok := st.Latest("cgroup_cpu_periods_total", nil)
-	quota, okq := st.Latest("cgroup_cpu_quota_cores", nil)
+	last, ok := st.Latest(signals.CgroupCPUPeriodsTotal, nil)
+	quota, okq := st.Latest(signals.CgroupCPUQuotaCores, nil)
 	if !fresh(last, ok) || !fresh(quota, okq) || quota.V <= 0 {
 		return nil // no quota: nothing can throttle this cgroup itself
 	}
@@ -85,9 +85,9 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 	// inside the window is counted over the whole window, which is what
 	// the numbers then say.
 	from := now.Add(-r.o.Window)
-	base, span := from, coveredSpan(st.Range("cgroup_cpu_periods_total", nil, time.Time{}), from)
+	base, span := from, coveredSpan(st.Range(signals.CgroupCPUPeriodsTotal, nil, time.Time{}), from)
 	began := time.Time{}
-	thr := cumulative(st.Range("cgroup_cpu_throttled_periods_total", nil, from))
+	thr := cumulative(st.Range(signals.CgroupCPUThrottledPeriodsTotal, nil, from))
 	if g, ok := growthOf(thr); ok && !g.sinceStart && g.rate > 0 {
 		f := g.from()
 		if quiet := f.V - thr[0].V; quiet < 1 {
@@ -101,8 +101,8 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 	if !began.IsZero() {
 		over = "since " + began.Format("15:04:05") + " (" + duration(span) + ")"
 	}
-	periods := st.Increase("cgroup_cpu_periods_total", nil, base)
-	throttled := st.Increase("cgroup_cpu_throttled_periods_total", nil, base)
+	periods := st.Increase(signals.CgroupCPUPeriodsTotal, nil, base)
+	throttled := st.Increase(signals.CgroupCPUThrottledPeriodsTotal, nil, base)
 	ratio := 0.0
 	if periods > 0 {
 		ratio = min(throttled/periods, 1)
@@ -113,40 +113,40 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 		return nil
 	}
 	path, usageFrom := cpuCgroupInfo(st)
-	rate := func(name string) (float64, bool) {
-		if s, ok := st.Latest(name, nil); !fresh(s, ok) || span <= 0 {
+	rate := func(d *signals.Desc) (float64, bool) {
+		if s, ok := st.Latest(d, nil); !fresh(s, ok) || span <= 0 {
 			return 0, false
 		}
-		return st.Increase(name, nil, base) / span.Seconds(), true
+		return st.Increase(d, nil, base) / span.Seconds(), true
 	}
 	// Usage only from the cgroup's own counter: never a root's (the
 	// host's), nor another group's.
 	usage, haveUsage := 0.0, false
 	if !strings.HasPrefix(usageFrom, "unknown") {
-		usage, haveUsage = rate("cgroup_cpu_usage_seconds_total")
+		usage, haveUsage = rate(signals.CgroupCPUUsageSecondsTotal)
 	}
-	waited, haveWaited := rate("cgroup_cpu_throttled_seconds_total")
+	waited, haveWaited := rate(signals.CgroupCPUThrottledSecondsTotal)
 	q := quotaCores(quota.V)
 
 	ev := []Evidence{
 		{Signal: cpuRatioSignal, Value: ratio, Threshold: r.o.MinThrottledRatio, Unit: "ratio", Window: span, Note: "share of CFS periods that ended throttled"},
-		{Signal: "cgroup_cpu_throttled_periods_total", Value: throttled, Threshold: r.o.MinThrottledPeriods, Unit: "periods", Window: span, Note: "periods in which the quota ran out"},
-		{Signal: "cgroup_cpu_periods_total", Value: periods, Unit: "periods", Window: span, Note: "periods with runnable tasks"},
-		{Signal: "cgroup_cpu_quota_cores", Value: quota.V, Unit: "cores", Note: "CFS quota / period"},
+		{Signal: signals.CgroupCPUThrottledPeriodsTotal.Name, Value: throttled, Threshold: r.o.MinThrottledPeriods, Unit: "periods", Window: span, Note: "periods in which the quota ran out"},
+		{Signal: signals.CgroupCPUPeriodsTotal.Name, Value: periods, Unit: "periods", Window: span, Note: "periods with runnable tasks"},
+		{Signal: signals.CgroupCPUQuotaCores.Name, Value: quota.V, Unit: "cores", Note: "CFS quota / period"},
 	}
 	var rc strings.Builder
 	fmt.Fprintf(&rc, "a CPU limit of %s (CFS quota) throttled the cgroup in %s of its periods %s", q, percent(ratio), over)
 	if haveUsage {
-		ev = append(ev, Evidence{Signal: "cgroup_cpu_usage_seconds_total", Value: usage, Threshold: quota.V, Unit: "cores", Window: span, Note: "CPU seconds used per second"})
+		ev = append(ev, Evidence{Signal: signals.CgroupCPUUsageSecondsTotal.Name, Value: usage, Threshold: quota.V, Unit: "cores", Window: span, Note: "CPU seconds used per second"})
 		fmt.Fprintf(&rc, "; it used %s (%s of the limit)", cores(usage), percent(usage/quota.V))
 	} else {
 		rc.WriteString("; " + unknownUsage(usageFrom))
 	}
 	if haveWaited {
-		ev = append(ev, Evidence{Signal: "cgroup_cpu_throttled_seconds_total", Value: waited, Unit: "s/s", Window: span, Note: "time runnable tasks were held back, summed over CPUs"})
+		ev = append(ev, Evidence{Signal: signals.CgroupCPUThrottledSecondsTotal.Name, Value: waited, Unit: "s/s", Window: span, Note: "time runnable tasks were held back, summed over CPUs"})
 		fmt.Fprintf(&rc, "; its tasks were held back %s s per second, summed over CPUs", strconv.FormatFloat(math.Round(waited*100)/100, 'f', -1, 64))
 	}
-	if runnable, ok := st.Latest("process_threads", signals.L("state", "R")); fresh(runnable, ok) && runnable.V > 0 {
+	if runnable, ok := st.Latest(signals.ProcessThreads, signals.L("state", "R")); fresh(runnable, ok) && runnable.V > 0 {
 		ev = append(ev, Evidence{Signal: `process_threads{state="R"}`, Value: runnable.V, Threshold: quota.V, Unit: "threads", Note: "threads of the target runnable at the last sample, against the quota"})
 		verb := "were"
 		if runnable.V == 1 {
@@ -155,7 +155,7 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 		fmt.Fprintf(&rc, "; %s of the target %s runnable at the last sample, for %s", count(runnable.V, "thread", ""), verb, q)
 	}
 	for _, typ := range []string{"some", "full"} {
-		p, ok := st.Latest("cgroup_cpu_pressure_avg10_ratio", signals.L("type", typ))
+		p, ok := st.Latest(signals.CgroupCPUPressureAvg10Ratio, signals.L("type", typ))
 		if !fresh(p, ok) {
 			continue
 		}
@@ -182,7 +182,7 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 		fmt.Sprintf(" (%d: GOMAXPROCS=%d for Go before 1.25, which does not read the quota; TOKIO_WORKER_THREADS=%d or Builder::worker_threads for Tokio).", workers, workers, workers) +
 		observed
 	wait := "the next period (100 ms by default)"
-	if p, ok := st.Latest("cgroup_cpu_period_seconds", nil); fresh(p, ok) && p.V > 0 {
+	if p, ok := st.Latest(signals.CgroupCPUPeriodSeconds, nil); fresh(p, ok) && p.V > 0 {
 		wait = "the next period (" + duration(time.Duration(p.V*float64(time.Second))) + ")"
 	}
 	key := path
@@ -237,8 +237,8 @@ func coveredSpan(s []signals.Sample, from time.Time) time.Duration {
 // cgroup_cpu_info series.
 func cpuCgroupInfo(st *signals.Store) (path, usage string) {
 	newest := time.Time{}
-	for _, ls := range st.Select("cgroup_cpu_info") {
-		if s, ok := st.Latest("cgroup_cpu_info", ls); ok && s.T.After(newest) {
+	for _, ls := range st.Select(signals.CgroupCPUInfo) {
+		if s, ok := st.Latest(signals.CgroupCPUInfo, ls); ok && s.T.After(newest) {
 			path, usage, newest = ls.Get("path"), ls.Get("usage"), s.T
 		}
 	}

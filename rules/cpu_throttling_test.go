@@ -9,16 +9,6 @@ import (
 	"github.com/culprit-dev/culprit/signals"
 )
 
-var (
-	dCPUPeriods   = &signals.Desc{Name: "cgroup_cpu_periods_total", Kind: signals.Counter}
-	dCPUThrottled = &signals.Desc{Name: "cgroup_cpu_throttled_periods_total", Kind: signals.Counter}
-	dCPUWaited    = &signals.Desc{Name: "cgroup_cpu_throttled_seconds_total", Kind: signals.Counter}
-	dCPUUsage     = &signals.Desc{Name: "cgroup_cpu_usage_seconds_total", Kind: signals.Counter}
-	dCPUQuota     = &signals.Desc{Name: "cgroup_cpu_quota_cores"}
-	dCPUPressure  = &signals.Desc{Name: "cgroup_cpu_pressure_avg10_ratio"}
-	dCPUInfo      = &signals.Desc{Name: "cgroup_cpu_info"}
-)
-
 // perSecond is a counter growing by rate every second, at 1000 now.
 func perSecond(rate float64) func(time.Duration) float64 {
 	return func(age time.Duration) float64 { return 1000 - rate*age.Seconds() }
@@ -28,13 +18,13 @@ func perSecond(rate float64) func(time.Duration) float64 {
 // second of which throttledPerSec end throttled, and usage cores used.
 func cpuStore(now time.Time, quota, throttledPerSec, usage float64) *signals.Store {
 	st := signals.New(600, 1000)
-	series(st, dCPUInfo, signals.L("version", "2", "path", "/kubepods/pod1/app"), now, constant(1))
-	series(st, dCPUPeriods, nil, now, perSecond(10))
-	series(st, dCPUThrottled, nil, now, perSecond(throttledPerSec))
-	series(st, dCPUWaited, nil, now, perSecond(throttledPerSec*0.08))
-	series(st, dCPUUsage, nil, now, perSecond(usage))
+	series(st, signals.CgroupCPUInfo, signals.L("version", "2", "path", "/kubepods/pod1/app"), now, constant(1))
+	series(st, signals.CgroupCPUPeriodsTotal, nil, now, perSecond(10))
+	series(st, signals.CgroupCPUThrottledPeriodsTotal, nil, now, perSecond(throttledPerSec))
+	series(st, signals.CgroupCPUThrottledSecondsTotal, nil, now, perSecond(throttledPerSec*0.08))
+	series(st, signals.CgroupCPUUsageSecondsTotal, nil, now, perSecond(usage))
 	if quota > 0 {
-		series(st, dCPUQuota, nil, now, constant(quota))
+		series(st, signals.CgroupCPUQuotaCores, nil, now, constant(quota))
 	}
 	return st
 }
@@ -57,9 +47,9 @@ func TestCPUThrottlingDefaults(t *testing.T) {
 func TestCPUThrottlingFiresOnThrottledQuota(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := cpuStore(now, 0.2, 9, 0.2)
-	series(st, dThreads, signals.L("state", "R"), now, constant(8))
-	series(st, dCPUPressure, signals.L("type", "some"), now, constant(0.42))
-	series(st, dCPUPressure, signals.L("type", "full"), now, constant(0.4))
+	series(st, signals.ProcessThreads, signals.L("state", "R"), now, constant(8))
+	series(st, signals.CgroupCPUPressureAvg10Ratio, signals.L("type", "some"), now, constant(0.42))
+	series(st, signals.CgroupCPUPressureAvg10Ratio, signals.L("type", "full"), now, constant(0.4))
 	obs := cpuRule().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 {
 		t.Fatalf("got %d observations", len(obs))
@@ -95,11 +85,11 @@ func TestCPUThrottlingFiresOnThrottledQuota(t *testing.T) {
 		unit             string
 	}{
 		{cpuRatioSignal, 0.9, 0.2, "ratio"},
-		{"cgroup_cpu_throttled_periods_total", 99, 5, "periods"}, // 11 s: the baseline is the sample before the window
-		{"cgroup_cpu_periods_total", 110, 0, "periods"},
-		{"cgroup_cpu_quota_cores", 0.2, 0, "cores"},
-		{"cgroup_cpu_usage_seconds_total", 0.2, 0.2, "cores"},
-		{"cgroup_cpu_throttled_seconds_total", 0.72, 0, "s/s"},
+		{signals.CgroupCPUThrottledPeriodsTotal.Name, 99, 5, "periods"}, // 11 s: the baseline is the sample before the window
+		{signals.CgroupCPUPeriodsTotal.Name, 110, 0, "periods"},
+		{signals.CgroupCPUQuotaCores.Name, 0.2, 0, "cores"},
+		{signals.CgroupCPUUsageSecondsTotal.Name, 0.2, 0.2, "cores"},
+		{signals.CgroupCPUThrottledSecondsTotal.Name, 0.72, 0, "s/s"},
 		{`process_threads{state="R"}`, 8, 0.2, "threads"},
 		{`cgroup_cpu_pressure_avg10_ratio{type="some"}`, 0.42, 0, "ratio"},
 		{`cgroup_cpu_pressure_avg10_ratio{type="full"}`, 0.4, 0, "ratio"},
@@ -157,9 +147,9 @@ func TestCPUThrottlingSilence(t *testing.T) {
 	// Few periods (a mostly idle cgroup): 4 of 4 throttled in 10 s is
 	// under MinThrottledPeriods.
 	idle := signals.New(600, 1000)
-	series(idle, dCPUQuota, nil, now, constant(0.2))
-	series(idle, dCPUPeriods, nil, now, perSecond(0.3))
-	series(idle, dCPUThrottled, nil, now, perSecond(0.3))
+	series(idle, signals.CgroupCPUQuotaCores, nil, now, constant(0.2))
+	series(idle, signals.CgroupCPUPeriodsTotal, nil, now, perSecond(0.3))
+	series(idle, signals.CgroupCPUThrottledPeriodsTotal, nil, now, perSecond(0.3))
 	cases["too few throttled periods"] = struct {
 		st  *signals.Store
 		now time.Time
@@ -199,14 +189,14 @@ func TestCoveredSpan(t *testing.T) {
 func TestCPUThrottlingFromItsOnset(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dCPUInfo, signals.L("version", "1", "path", "/app", "usage", "cpuacct"), now, constant(1))
-	series(st, dCPUQuota, nil, now, constant(0.5))
-	series(st, dCPUPeriods, nil, now, perSecond(10))
+	series(st, signals.CgroupCPUInfo, signals.L("version", "1", "path", "/app", "usage", "cpuacct"), now, constant(1))
+	series(st, signals.CgroupCPUQuotaCores, nil, now, constant(0.5))
+	series(st, signals.CgroupCPUPeriodsTotal, nil, now, perSecond(10))
 	onset := func(perSec float64) func(time.Duration) float64 {
 		return func(age time.Duration) float64 { return 100 + perSec*max(0, 5-age.Seconds()) }
 	}
-	series(st, dCPUThrottled, nil, now, onset(9))
-	series(st, dCPUUsage, nil, now, func(age time.Duration) float64 {
+	series(st, signals.CgroupCPUThrottledPeriodsTotal, nil, now, onset(9))
+	series(st, signals.CgroupCPUUsageSecondsTotal, nil, now, func(age time.Duration) float64 {
 		return 1000 - 0.05*age.Seconds() + 0.45*max(0, 5-age.Seconds()) // 0.05 cores, then 0.5
 	})
 	obs := cpuRule().Evaluate(Window{Store: st, Now: now})
@@ -225,7 +215,7 @@ func TestCPUThrottlingFromItsOnset(t *testing.T) {
 		t.Errorf("symptom/title: %s / %s", o.Symptom, o.Title)
 	}
 	// What the window average would have said.
-	if w := st.Increase("cgroup_cpu_throttled_periods_total", nil, now.Add(-10*time.Second)) / st.Increase("cgroup_cpu_periods_total", nil, now.Add(-10*time.Second)); w > 0.5 {
+	if w := st.Increase(signals.CgroupCPUThrottledPeriodsTotal, nil, now.Add(-10*time.Second)) / st.Increase(signals.CgroupCPUPeriodsTotal, nil, now.Add(-10*time.Second)); w > 0.5 {
 		t.Fatalf("window share %v: the case does not dilute", w)
 	}
 }
@@ -237,8 +227,8 @@ func TestCPUThrottlingUsageUnknownAtTheRoot(t *testing.T) {
 	now := time.Unix(5000, 0)
 	for _, from := range []string{"unknown_root", "unknown_other_cgroup", "unknown_missing"} {
 		st := cpuStore(now, 0.2, 9, 1.4)
-		st.Forget("cgroup_cpu_info", func(signals.Labels) bool { return false })
-		series(st, dCPUInfo, signals.L("version", "1", "path", "/app", "usage", from), now, constant(1))
+		st.Forget(signals.CgroupCPUInfo, func(signals.Labels) bool { return false })
+		series(st, signals.CgroupCPUInfo, signals.L("version", "1", "path", "/app", "usage", from), now, constant(1))
 		obs := cpuRule().Evaluate(Window{Store: st, Now: now})
 		if len(obs) != 1 {
 			t.Fatalf("%s: got %d observations", from, len(obs))
@@ -252,7 +242,7 @@ func TestCPUThrottlingUsageUnknownAtTheRoot(t *testing.T) {
 			t.Errorf("%s: does not say the usage is unknown: %s", from, o.RootCause)
 		}
 		for _, e := range o.Evidence {
-			if e.Signal == "cgroup_cpu_usage_seconds_total" {
+			if e.Signal == signals.CgroupCPUUsageSecondsTotal.Name {
 				t.Errorf("%s: usage evidence %+v", from, e)
 			}
 		}
@@ -280,9 +270,9 @@ func TestCPUThrottlingHysteresis(t *testing.T) {
 		} else {
 			throttled += 1.8
 		}
-		st.Put(dCPUPeriods, nil, periods, now)
-		st.Put(dCPUThrottled, nil, throttled, now)
-		st.Put(dCPUQuota, nil, 1, now)
+		st.Put(signals.CgroupCPUPeriodsTotal, nil, periods, now)
+		st.Put(signals.CgroupCPUThrottledPeriodsTotal, nil, throttled, now)
+		st.Put(signals.CgroupCPUQuotaCores, nil, 1, now)
 		obs := r.Evaluate(Window{Store: st, Now: now})
 		if i >= 12 && len(obs) == 0 && seen > 0 {
 			t.Fatalf("second %d: the finding went away at a share just under the threshold", i)
@@ -297,9 +287,9 @@ func TestCPUThrottlingHysteresis(t *testing.T) {
 		now := start.Add(time.Duration(i) * time.Second)
 		periods += 10
 		throttled += 0.5
-		st.Put(dCPUPeriods, nil, periods, now)
-		st.Put(dCPUThrottled, nil, throttled, now)
-		st.Put(dCPUQuota, nil, 1, now)
+		st.Put(signals.CgroupCPUPeriodsTotal, nil, periods, now)
+		st.Put(signals.CgroupCPUThrottledPeriodsTotal, nil, throttled, now)
+		st.Put(signals.CgroupCPUQuotaCores, nil, 1, now)
 		if i == 90 {
 			if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 				t.Fatalf("5%% throttled still raised %s", obs[0].RootCause)

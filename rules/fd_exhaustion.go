@@ -52,15 +52,15 @@ const fdStale = 3 * time.Second
 
 func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
-	open, ok := freshLatest(st, "process_fds_open", nil, now, fdStale)
-	limit, okl := freshLatest(st, "process_fd_limit", signals.L("type", "soft"), now, fdStale)
+	open, ok := freshLatest(st, signals.ProcessFDsOpen, nil, now, fdStale)
+	limit, okl := freshLatest(st, signals.ProcessFDLimit, signals.L("type", "soft"), now, fdStale)
 	if !ok || !okl || limit.V <= 0 {
 		return nil
 	}
 	// A leak is growth that is happening now, measured from where it
 	// began: a series that rose once and stays flat near the limit is
 	// near the limit, not leaking.
-	g, haveG := growthOf(st.Range("process_fds_open", nil, now.Add(-r.o.Window)))
+	g, haveG := growthOf(st.Range(signals.ProcessFDsOpen, nil, now.Add(-r.o.Window)))
 	long := haveG && g.duration() >= r.o.MinDuration && g.rate > 0
 	// The floor, not the last sample: a burst of connections that open
 	// and close again lifts a sample or two, a leak lifts every one.
@@ -94,13 +94,13 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	var kinds []kindCount
 	for _, k := range fdKinds {
 		ls := signals.L("kind", k)
-		cur, ok := freshLatest(st, "process_open_fds", ls, now, fdStale)
+		cur, ok := freshLatest(st, signals.ProcessOpenFDs, ls, now, fdStale)
 		if !ok {
 			continue
 		}
 		kc := kindCount{kind: k, now: cur.V}
 		if leaking {
-			if s := st.Range("process_open_fds", ls, g.from().T); len(s) > 0 {
+			if s := st.Range(signals.ProcessOpenFDs, ls, g.from().T); len(s) > 0 {
 				kc.grew = cur.V - s[0].V
 			}
 		}
@@ -139,7 +139,7 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	}
 
 	ev := []Evidence{
-		{Signal: "process_fds_open", Value: open.V, Threshold: r.o.NearRatio * limit.V, Unit: "fds", Note: "open file descriptors"},
+		{Signal: signals.ProcessFDsOpen.Name, Value: open.V, Threshold: r.o.NearRatio * limit.V, Unit: "fds", Note: "open file descriptors"},
 		{Signal: `process_fd_limit{type="soft"}`, Value: limit.V, Unit: "fds", Note: "RLIMIT_NOFILE soft limit"},
 	}
 	cause, sev := CauseFDNearLimit, SeverityWarning
@@ -151,9 +151,9 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	if leaking {
 		cause = CauseFDLeak
 		ev = append(ev,
-			Evidence{Signal: "process_fds_open", Value: g.rate * 60, Unit: "fds/min", Window: g.duration(),
+			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: g.rate * 60, Unit: "fds/min", Window: g.duration(),
 				Note: fmt.Sprintf("rate since the growth began (least squares over its %s); %s of them rising or flat", count(float64(g.n), "sample", ""), percent(g.steady))},
-			Evidence{Signal: "process_fds_open", Value: g.increase, Threshold: r.o.MinIncrease, Unit: "fds", Window: g.duration(), Note: "opened since the growth began"})
+			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: g.increase, Threshold: r.o.MinIncrease, Unit: "fds", Window: g.duration(), Note: "opened since the growth began"})
 		fmt.Fprintf(&rc, " and rising by %s %s, %s", rate(g.rate), g.over(), signed(g.increase))
 		if culprit != "unknown" {
 			fmt.Fprintf(&rc, " (%s of them %s)", signed(kinds[0].grew), kindWord(culprit))
@@ -218,11 +218,11 @@ func signed(x float64) string {
 // descriptors) is the target's TCP sockets in SYN_SENT.
 func connectsPending(st *signals.Store, now, from time.Time, grew float64) bool {
 	ls := signals.L("state", "SYN_SENT")
-	cur, ok := freshLatest(st, "process_tcp_sockets", ls, now, fdStale)
+	cur, ok := freshLatest(st, signals.ProcessTCPSockets, ls, now, fdStale)
 	if !ok || grew <= 0 {
 		return false
 	}
-	s := st.Range("process_tcp_sockets", ls, from)
+	s := st.Range(signals.ProcessTCPSockets, ls, from)
 	return len(s) > 0 && cur.V-s[0].V >= grew/2
 }
 
@@ -233,13 +233,13 @@ func connectsPending(st *signals.Store, now, from time.Time, grew float64) bool 
 // also count UNIX and UDP ones.
 func socketStateDetail(st *signals.Store, now, since time.Time) string {
 	best, bestG, bestN := "", 0.0, 0.0
-	for _, ls := range st.Select("process_tcp_sockets") {
-		cur, ok := freshLatest(st, "process_tcp_sockets", ls, now, fdStale)
+	for _, ls := range st.Select(signals.ProcessTCPSockets) {
+		cur, ok := freshLatest(st, signals.ProcessTCPSockets, ls, now, fdStale)
 		if !ok {
 			continue
 		}
 		g := 0.0
-		if s := st.Range("process_tcp_sockets", ls, since); !since.IsZero() && len(s) > 0 {
+		if s := st.Range(signals.ProcessTCPSockets, ls, since); !since.IsZero() && len(s) > 0 {
 			g = cur.V - s[0].V
 		}
 		if g > bestG || (g == bestG && cur.V > bestN) {

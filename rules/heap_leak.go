@@ -94,10 +94,10 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 	}
 	perMin := fmtBytes(g.rate*60) + "/min"
 	ev := []Evidence{
-		{Signal: "heap_inuse_bytes", Value: h.Inuse, Unit: "bytes", Note: "live heap now"},
-		{Signal: "heap_inuse_bytes", Value: g.increase, Threshold: r.o.MinGrowth, Unit: "bytes", Window: g.duration(),
+		{Signal: signals.HeapInuseBytes.Name, Value: h.Inuse, Unit: "bytes", Note: "live heap now"},
+		{Signal: signals.HeapInuseBytes.Name, Value: g.increase, Threshold: r.o.MinGrowth, Unit: "bytes", Window: g.duration(),
 			Note: fmt.Sprintf("growth since it began; %s of the %s since rising or flat", percent(g.steady), count(float64(g.n), "profile", ""))},
-		{Signal: "heap_inuse_bytes", Value: g.rate * 60, Unit: "bytes/min", Window: g.duration(), Note: "rate since the growth began (least squares)"},
+		{Signal: signals.HeapInuseBytes.Name, Value: g.rate * 60, Unit: "bytes/min", Window: g.duration(), Note: "rate since the growth began (least squares)"},
 	}
 	var arts []Artifact
 	where := "the heap profiles could not be diffed"
@@ -151,10 +151,10 @@ var rssAnon = signals.L("kind", "anon")
 
 func (r *HeapLeak) rssOnly(w Window) []Observation {
 	st, now := w.Store, w.Now
-	if _, ok := freshLatest(st, "process_memory_rss_bytes", rssAnon, now, fdStale); !ok {
+	if _, ok := freshLatest(st, signals.ProcessMemoryRSSBytes, rssAnon, now, fdStale); !ok {
 		return nil
 	}
-	g, ok := growthOf(st.Range("process_memory_rss_bytes", rssAnon, now.Add(-r.o.Window)))
+	g, ok := growthOf(st.Range(signals.ProcessMemoryRSSBytes, rssAnon, now.Add(-r.o.Window)))
 	if !r.leaking(g, ok, now, "rss") {
 		return nil
 	}

@@ -32,7 +32,7 @@ func evalHeap(h HeapHistory, st *signals.Store, now time.Time) []Observation {
 func TestHeapLeakNamesTheGrowingSite(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dHeap, nil, now, func(age time.Duration) float64 { return float64(200<<20) - age.Seconds()*float64(2<<20) })
+	series(st, signals.HeapInuseBytes, nil, now, func(age time.Duration) float64 { return float64(200<<20) - age.Seconds()*float64(2<<20) })
 	h := fixedHistory{sites: []AllocSite{{Function: "main.leakHeapSlowly", File: "/src/main.go", Line: 42, Bytes: 60 << 20, Objects: 60}}, older: now.Add(-30 * time.Second), newer: now}
 	obs := evalHeap(h, st, now)
 	if len(obs) != 1 || obs[0].Cause != CauseHeapLeak {
@@ -50,7 +50,7 @@ func TestHeapLeakSilentOnSawtoothHeap(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
 	// GC sawtooth: up 10 MiB, then back down, around 100 MiB.
-	series(st, dHeap, nil, now, func(age time.Duration) float64 {
+	series(st, signals.HeapInuseBytes, nil, now, func(age time.Duration) float64 {
 		return float64(100<<20) + float64(int(age.Seconds())%5)*float64(2<<20)
 	})
 	if obs := evalHeap(nil, st, now); len(obs) != 0 {
@@ -61,7 +61,7 @@ func TestHeapLeakSilentOnSawtoothHeap(t *testing.T) {
 func TestHeapLeakWithoutHeapSourceSaysUnknown(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dRSSKind, signals.L("kind", "anon"), now, func(age time.Duration) float64 { return float64(500<<20) - age.Seconds()*float64(2<<20) })
+	series(st, signals.ProcessMemoryRSSBytes, signals.L("kind", "anon"), now, func(age time.Duration) float64 { return float64(500<<20) - age.Seconds()*float64(2<<20) })
 	obs := evalHeap(nil, st, now)
 	if len(obs) != 1 || obs[0].Cause != CauseRSSGrowthNoHeap || !strings.Contains(obs[0].RootCause, "cannot tell") {
 		t.Fatalf("got %+v", obs)

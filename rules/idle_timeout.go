@@ -60,7 +60,7 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 	// namespace scope every process's but culprit's), each owner apart.
 	listening := map[string]bool{}
 	listenOwner := map[string]string{} // port -> the owner of its listener
-	for _, ls := range w.Store.Select("tcp_sockets") {
+	for _, ls := range w.Store.Select(signals.TCPSockets) {
 		if ls.Get("state") == "LISTEN" {
 			listening[ls.Get("port")] = true
 			listenOwner[ls.Get("port")] = ls.Get("owner")

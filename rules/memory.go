@@ -24,12 +24,12 @@ type heapView struct {
 }
 
 func heapOf(st *signals.Store, now time.Time, window, fresh time.Duration) heapView {
-	last, ok := st.Latest("heap_inuse_bytes", nil)
+	last, ok := st.Latest(signals.HeapInuseBytes, nil)
 	if !ok || now.Sub(last.T) > fresh {
 		return heapView{}
 	}
 	h := heapView{Known: true, Inuse: last.V}
-	s := st.Range("heap_inuse_bytes", nil, now.Add(-window))
+	s := st.Range(signals.HeapInuseBytes, nil, now.Add(-window))
 	h.Growth, h.HasGrowth = growthOf(s)
 	if len(s) >= 2 {
 		h.Change, h.Span, h.HasChange = s[len(s)-1].V-s[0].V, s[len(s)-1].T.Sub(s[0].T), true
@@ -39,8 +39,8 @@ func heapOf(st *signals.Store, now time.Time, window, fresh time.Duration) heapV
 
 // freshLatest is the newest sample of a series when it is no older than
 // maxAge at now: an older one describes the past, not the present.
-func freshLatest(st *signals.Store, name string, ls signals.Labels, now time.Time, maxAge time.Duration) (signals.Sample, bool) {
-	s, ok := st.Latest(name, ls)
+func freshLatest(st *signals.Store, d *signals.Desc, ls signals.Labels, now time.Time, maxAge time.Duration) (signals.Sample, bool) {
+	s, ok := st.Latest(d, ls)
 	if !ok || now.Sub(s.T) > maxAge {
 		return signals.Sample{}, false
 	}

@@ -16,21 +16,12 @@ func putSeries(st *signals.Store, d *signals.Desc, ls signals.Labels, now time.T
 	}
 }
 
-var (
-	dSockets   = &signals.Desc{Name: "tcp_sockets"}
-	dByRemote  = &signals.Desc{Name: "tcp_sockets_by_remote"}
-	dCWAge     = &signals.Desc{Name: "tcp_close_wait_oldest_seconds"}
-	dOutRsts   = &signals.Desc{Name: "tcp_out_rsts_total", Kind: signals.Counter}
-	dAbortData = &signals.Desc{Name: "tcp_ext_abort_on_data_total", Kind: signals.Counter}
-	dQueue     = &signals.Desc{Name: "listen_queue_length"}
-)
-
 func TestCloseWaitLeak(t *testing.T) {
 	now := time.Now()
 	r := NewCloseWait(CloseWaitOptions{Window: 10 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
 	st := signals.New(100, 100)
-	putSeries(st, dSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
-	st.Put(dCWAge, signals.L("owner", "target", "port", "8080"), 9, now)
+	putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
+	st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 9, now)
 	obs := r.Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseCloseWaitLeak || !strings.Contains(obs[0].Title, "8080") {
 		t.Fatalf("growing CLOSE_WAIT: %+v", obs)
@@ -39,8 +30,8 @@ func TestCloseWaitLeak(t *testing.T) {
 	// late), and a steady few.
 	for _, vals := range [][]float64{{0, 3, 0, 2, 4, 0, 1, 3, 0, 2, 1}, {3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3}} {
 		st := signals.New(100, 100)
-		putSeries(st, dSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, vals...)
-		st.Put(dCWAge, signals.L("owner", "target", "port", "8080"), 2, now)
+		putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, vals...)
+		st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 2, now)
 		if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 			t.Errorf("%v raised %+v", vals, obs)
 		}
@@ -49,10 +40,10 @@ func TestCloseWaitLeak(t *testing.T) {
 
 func portStore(now time.Time, tw ...float64) *signals.Store {
 	st := signals.New(100, 100)
-	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
-	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
-	st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), 0, now)
-	putSeries(st, dByRemote, signals.L("owner", "target", "remote", "10.0.0.5:5432", "state", "TIME_WAIT"), now, tw...)
+	st.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
+	st.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
+	st.Put(signals.Sysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), 0, now)
+	putSeries(st, signals.TCPSocketsByRemote, signals.L("owner", "target", "remote", "10.0.0.5:5432", "state", "TIME_WAIT"), now, tw...)
 	return st
 }
 
@@ -73,21 +64,19 @@ func TestPortExhaustion(t *testing.T) {
 
 func TestRSTStormPaths(t *testing.T) {
 	now := time.Now()
-	dResets := &signals.Desc{Name: "tcp_resets_sent_total", Kind: signals.Counter}
-	dAccepts := &signals.Desc{Name: "process_accepts_total", Kind: signals.Counter}
 	// mk: the target listens on 8080; resets on port (per second: the
 	// series steps), accepts on 8080, and the namespace's aborts.
 	mk := func(port, reason string, resets, accepts, aborts float64) *signals.Store {
 		st := signals.New(100, 100)
-		st.Put(dSockets, signals.L("owner", "target", "port", "8080", "state", "LISTEN"), 1, now)
+		st.Put(signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "LISTEN"), 1, now)
 		st.SetStatus(signals.Status{Component: "tcplife", Kind: "probe", State: signals.StateRunning})
 		var rs, as, ab []float64
 		for i := 0; i < 6; i++ {
 			rs, as, ab = append(rs, resets*float64(i)), append(as, accepts*float64(i)), append(ab, aborts*float64(i))
 		}
-		putSeries(st, dResets, signals.L("port", port, "reason", reason), now, rs...)
-		putSeries(st, dAccepts, signals.L("port", "8080"), now, as...)
-		putSeries(st, dAbortData, nil, now, ab...)
+		putSeries(st, signals.TCPResetsSentTotal, signals.L("port", port, "reason", reason), now, rs...)
+		putSeries(st, signals.ProcessAcceptsTotal, signals.L("port", "8080"), now, as...)
+		putSeries(st, signals.TCPExtAbortOnDataTotal, nil, now, ab...)
 		return st
 	}
 	r := NewRSTStorm(DefaultRSTStormOptions())
@@ -110,7 +99,7 @@ func TestRSTStormPaths(t *testing.T) {
 		}
 	}
 	st := signals.New(100, 100)
-	putSeries(st, dOutRsts, nil, now, 0, 100, 200, 300, 400, 500)
+	putSeries(st, signals.TCPOutRstsTotal, nil, now, 0, 100, 200, 300, 400, 500)
 	if obs := NewRSTStorm(DefaultRSTStormOptions()).Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Errorf("namespace counters alone blamed the target: %+v", obs)
 	}
@@ -124,8 +113,8 @@ func TestPoolExhaustion(t *testing.T) {
 	r := NewPoolExhaustion(PoolExhaustionOptions{Window: 5 * time.Second, MinConns: 2, MinQueue: 0.5})
 	mk := func(conns []float64, queue float64) *signals.Store {
 		st := signals.New(100, 100)
-		putSeries(st, dByRemote, signals.L("owner", "target", "remote", "10.0.0.9:5432", "state", "ESTABLISHED"), now, conns...)
-		putSeries(st, dQueue, signals.L("addr", "0.0.0.0", "port", "8080"), now, queue, queue, queue, queue, queue, queue, queue)
+		putSeries(st, signals.TCPSocketsByRemote, signals.L("owner", "target", "remote", "10.0.0.9:5432", "state", "ESTABLISHED"), now, conns...)
+		putSeries(st, signals.ListenQueueLength, signals.L("addr", "0.0.0.0", "port", "8080"), now, queue, queue, queue, queue, queue, queue, queue)
 		return st
 	}
 	obs := r.Evaluate(Window{Store: mk([]float64{4, 4, 4, 4, 4, 4, 4}, 12), Now: now})
@@ -202,15 +191,15 @@ func TestIdleTimeout(t *testing.T) {
 
 func synStore(now time.Time, cookies []float64, synRecv, sources, opens float64) *signals.Store {
 	st := signals.New(100, 100)
-	putSeries(st, &signals.Desc{Name: "tcp_ext_req_q_full_do_cookies_total", Kind: signals.Counter}, nil, now, cookies...)
-	putSeries(st, &signals.Desc{Name: "tcp_ext_req_q_full_drop_total", Kind: signals.Counter}, nil, now, 0, 0, 0, 0, 0, 0)
-	putSeries(st, &signals.Desc{Name: "tcp_passive_opens_total", Kind: signals.Counter}, nil, now, 0, opens/5, 2*opens/5, 3*opens/5, 4*opens/5, opens)
+	putSeries(st, signals.TCPExtReqQFullDoCookiesTotal, nil, now, cookies...)
+	putSeries(st, signals.TCPExtReqQFullDropTotal, nil, now, 0, 0, 0, 0, 0, 0)
+	putSeries(st, signals.TCPPassiveOpensTotal, nil, now, 0, opens/5, 2*opens/5, 3*opens/5, 4*opens/5, opens)
 	ls := signals.L("addr", "0.0.0.0", "port", "443")
-	st.Put(&signals.Desc{Name: "listen_syn_recv"}, ls, synRecv, now)
-	st.Put(&signals.Desc{Name: "listen_syn_recv_sources"}, ls, sources, now)
-	st.Put(&signals.Desc{Name: "listen_backlog"}, ls, 128, now)
-	st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_syncookies"), 1, now)
-	st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_max_syn_backlog"), 256, now)
+	st.Put(signals.ListenSynRecv, ls, synRecv, now)
+	st.Put(signals.ListenSynRecvSources, ls, sources, now)
+	st.Put(signals.ListenBacklog, ls, 128, now)
+	st.Put(signals.Sysctl, signals.L("name", "net.ipv4.tcp_syncookies"), 1, now)
+	st.Put(signals.Sysctl, signals.L("name", "net.ipv4.tcp_max_syn_backlog"), 256, now)
 	return st
 }
 
@@ -232,7 +221,7 @@ func TestSYNBacklogFloodOrBurst(t *testing.T) {
 		t.Errorf("a burst seen for less than %s: %+v", synBurstSettle, obs)
 	}
 	st := synStore(now, []float64{0, 10, 20, 30, 40, 50}, 128, 3, 5000)
-	putSeries(st, &signals.Desc{Name: "listen_overflows_total", Kind: signals.Counter}, signals.L("addr", "0.0.0.0", "port", "443"), now, 0, 0, 5, 9, 9, 9)
+	putSeries(st, signals.ListenOverflowsTotal, signals.L("addr", "0.0.0.0", "port", "443"), now, 0, 0, 5, 9, 9, 9)
 	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Errorf("a burst that overflows the accept queue too is accept_overflow's: %+v", obs)
 	}
@@ -248,9 +237,9 @@ func TestStalledShutdown(t *testing.T) {
 	mk := func(sigAgo time.Duration, established float64) *signals.Store {
 		st := signals.New(10, 100)
 		if sigAgo > 0 {
-			st.Put(&signals.Desc{Name: "process_last_signal_timestamp_seconds"}, signals.L("signal", "SIGTERM", "sender", "1"), float64(now.Add(-sigAgo).UnixNano())/1e9, now)
+			st.Put(signals.ProcessLastSignalTimestampSeconds, signals.L("signal", "SIGTERM", "sender", "1"), float64(now.Add(-sigAgo).UnixNano())/1e9, now)
 		}
-		st.Put(dSockets, signals.L("owner", "target", "port", "8080", "state", "ESTABLISHED"), established, now)
+		st.Put(signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "ESTABLISHED"), established, now)
 		return st
 	}
 	obs := r.Evaluate(Window{Store: mk(20*time.Second, 12), Now: now, HasTarget: true})
@@ -279,12 +268,12 @@ func TestNetworkRulesBlameOnlyTheOwner(t *testing.T) {
 	stall := NewStalledShutdown(StalledShutdownOptions{Grace: 30 * time.Second, Fraction: 0.5})
 	for _, owner := range []string{"envoy", "agent", "unknown"} {
 		st := signals.New(100, 100)
-		putSeries(st, dSockets, signals.L("owner", owner, "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
-		st.Put(dCWAge, signals.L("owner", owner, "port", "8080"), 9, now)
-		putSeries(st, dByRemote, signals.L("owner", owner, "remote", "127.0.0.1:9462", "state", "ESTABLISHED"), now, 4, 4, 4, 4, 4, 4, 4)
-		putSeries(st, dQueue, signals.L("addr", "0.0.0.0", "port", "8080"), now, 12, 12, 12, 12, 12, 12, 12)
-		st.Put(&signals.Desc{Name: "process_last_signal_timestamp_seconds"}, signals.L("signal", "SIGTERM", "sender", "1"), float64(now.Add(-20*time.Second).UnixNano())/1e9, now)
-		st.Put(dSockets, signals.L("owner", owner, "port", "ephemeral", "state", "ESTABLISHED"), 20, now)
+		putSeries(st, signals.TCPSockets, signals.L("owner", owner, "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
+		st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", owner, "port", "8080"), 9, now)
+		putSeries(st, signals.TCPSocketsByRemote, signals.L("owner", owner, "remote", "127.0.0.1:9462", "state", "ESTABLISHED"), now, 4, 4, 4, 4, 4, 4, 4)
+		putSeries(st, signals.ListenQueueLength, signals.L("addr", "0.0.0.0", "port", "8080"), now, 12, 12, 12, 12, 12, 12, 12)
+		st.Put(signals.ProcessLastSignalTimestampSeconds, signals.L("signal", "SIGTERM", "sender", "1"), float64(now.Add(-20*time.Second).UnixNano())/1e9, now)
+		st.Put(signals.TCPSockets, signals.L("owner", owner, "port", "ephemeral", "state", "ESTABLISHED"), 20, now)
 		for _, r := range []Rule{cw, pool, stall} {
 			if obs := r.Evaluate(Window{Store: st, Now: now, HasTarget: true, Scope: ScopeTarget}); len(obs) != 0 {
 				t.Errorf("%s's sockets made %s blame the target: %+v", owner, r.Name(), obs)
@@ -311,21 +300,19 @@ func TestNetworkRulesBlameOnlyTheOwner(t *testing.T) {
 func TestPortExhaustionTruths(t *testing.T) {
 	now := time.Now()
 	r := NewPortExhaustion(PortExhaustionOptions{Window: 10 * time.Second, NearRatio: 0.5, Horizon: 5 * time.Minute, MinCount: 20})
-	dConnects := &signals.Desc{Name: "process_connects_total", Kind: signals.Counter}
-	dConnErr := &signals.Desc{Name: "process_connect_errors_total", Kind: signals.Counter}
 	mk := func(owner, remote string, reuse float64, failed float64, tw ...float64) *signals.Store {
 		st := signals.New(100, 100)
-		st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
-		st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
-		st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), reuse, now)
-		st.Put(dDumped, nil, 500, now)
-		putSeries(st, dByRemote, signals.L("owner", owner, "remote", remote, "state", "TIME_WAIT"), now, tw...)
+		st.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
+		st.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
+		st.Put(signals.Sysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), reuse, now)
+		st.Put(signals.TCPSocketsDumped, nil, 500, now)
+		putSeries(st, signals.TCPSocketsByRemote, signals.L("owner", owner, "remote", remote, "state", "TIME_WAIT"), now, tw...)
 		if owner == "unknown" {
 			// The target's connects, as the sockcalls probe counts them.
-			putSeries(st, dConnects, signals.L("remote", remote), now, 0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+			putSeries(st, signals.ProcessConnectsTotal, signals.L("remote", remote), now, 0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 		}
 		if failed > 0 {
-			putSeries(st, dConnErr, signals.L("errno", "EADDRNOTAVAIL", "remote", remote), now, 0, 0, 0, 0, 0, 0, 0, 0, 0, failed/2, failed)
+			putSeries(st, signals.ProcessConnectErrorsTotal, signals.L("errno", "EADDRNOTAVAIL", "remote", remote), now, 0, 0, 0, 0, 0, 0, 0, 0, 0, failed/2, failed)
 		}
 		return st
 	}
@@ -352,8 +339,8 @@ func TestPortExhaustionTruths(t *testing.T) {
 	// Connects failed after the last socket dump: the TIME_WAIT count is
 	// of before the failures, so nothing is said until the next dump.
 	st0 := mk("target", "10.0.0.5:5432", 0, 10309, rising...)
-	st0.Forget(dDumped.Name, func(signals.Labels) bool { return false })
-	st0.Put(dDumped, nil, 500, now.Add(-3*time.Second))
+	st0.Forget(signals.TCPSocketsDumped, func(signals.Labels) bool { return false })
+	st0.Put(signals.TCPSocketsDumped, nil, 500, now.Add(-3*time.Second))
 	if obs := r.Evaluate(Window{Store: st0, Now: now}); len(obs) != 0 {
 		t.Errorf("failures newer than the last socket dump: %+v", obs)
 	}
@@ -365,10 +352,10 @@ func TestPortExhaustionTruths(t *testing.T) {
 	}
 	// A neighbour's TIME_WAIT, and the target not connecting there.
 	st := signals.New(100, 100)
-	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
-	st.Put(dSysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
-	st.Put(dSysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), 0, now)
-	putSeries(st, dByRemote, signals.L("owner", "unknown", "remote", "10.0.0.5:5432", "state", "TIME_WAIT"), now, rising...)
+	st.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)
+	st.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 40199, now)
+	st.Put(signals.Sysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"), 0, now)
+	putSeries(st, signals.TCPSocketsByRemote, signals.L("owner", "unknown", "remote", "10.0.0.5:5432", "state", "TIME_WAIT"), now, rising...)
 	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Errorf("TIME_WAIT the target has no part in: %+v", obs)
 	}
@@ -381,8 +368,8 @@ func TestNetworkAdviceFitsTheRuntime(t *testing.T) {
 	now := time.Now()
 	cw := NewCloseWait(CloseWaitOptions{Window: 10 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
 	st := signals.New(100, 100)
-	putSeries(st, dSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
-	st.Put(dCWAge, signals.L("owner", "target", "port", "8080"), 9, now)
+	putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
+	st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 9, now)
 	for _, tc := range []struct {
 		rt        target.Runtime
 		forbidden []string
@@ -408,8 +395,8 @@ func TestCloseWaitLeakInBursts(t *testing.T) {
 	now := time.Now()
 	r := NewCloseWait(CloseWaitOptions{Window: 4 * time.Second, MinIncrease: 10, Steady: 0.6, MinCount: 50, MinAge: 5 * time.Minute})
 	st := signals.New(100, 100)
-	putSeries(st, dSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 0, 20, 20, 40, 40, 60, 60)
-	st.Put(dCWAge, signals.L("owner", "target", "port", "8080"), 2, now)
+	putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 0, 20, 20, 40, 40, 60, 60)
+	st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 2, now)
 	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 1 {
 		t.Fatalf("a leak in bursts: %+v", obs)
 	}
@@ -423,7 +410,7 @@ func TestIdleTimeoutNotALocalServer(t *testing.T) {
 	now := time.Now()
 	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 5, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
 	st := signals.New(10, 10)
-	st.Put(dSockets, signals.L("owner", "agent", "port", "9461", "state", "LISTEN"), 1, now)
+	st.Put(signals.TCPSockets, signals.L("owner", "agent", "port", "9461", "state", "LISTEN"), 1, now)
 	var evs connEvents
 	for i := 0; i < 10; i++ {
 		evs = append(evs, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "127.0.0.1:9461", LocalPort: 40000 + i, Idle: 2 * time.Second, Owner: "target", Bytes: 512})
@@ -448,5 +435,4 @@ func TestIdleTimeoutNeedsData(t *testing.T) {
 	}
 }
 
-// dDumped is the sockets collector's count of the last dump.
-var dDumped = &signals.Desc{Name: socketsDumpedSignal, Kind: signals.Gauge}
+// signals.TCPSocketsDumped is the sockets collector's count of the last dump.

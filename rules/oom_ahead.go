@@ -44,13 +44,13 @@ func (*OOMAhead) Name() string { return "oom_ahead" }
 
 func (r *OOMAhead) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
-	usage, ok := freshLatest(st, "cgroup_memory_usage_bytes", nil, now, fdStale)
+	usage, ok := freshLatest(st, signals.CgroupMemoryUsageBytes, nil, now, fdStale)
 	if !ok {
 		return nil
 	}
-	limit, okl := freshLatest(st, "cgroup_memory_limit_bytes", nil, now, fdStale)
+	limit, okl := freshLatest(st, signals.CgroupMemoryLimitBytes, nil, now, fdStale)
 	okl = okl && limit.V > 0
-	kills := st.Increase("cgroup_memory_events_total", signals.L("event", "oom_kill"), now.Add(-r.o.Window))
+	kills := st.Increase(signals.CgroupMemoryEventsTotal, signals.L("event", "oom_kill"), now.Add(-r.o.Window))
 	share := 0.0
 	if okl {
 		share = usage.V / limit.V
@@ -62,7 +62,7 @@ func (r *OOMAhead) Evaluate(w Window) []Observation {
 	// What fills it, from memory.stat when it was read with the usage: a
 	// kind the cgroup did not report is unknown, not zero.
 	stat := func(kind string) (float64, bool) {
-		s, ok := st.Latest("cgroup_memory_stat_bytes", signals.L("kind", kind))
+		s, ok := st.Latest(signals.CgroupMemoryStatBytes, signals.L("kind", kind))
 		if !ok || s.T.Before(usage.T.Add(-fdStale)) {
 			return 0, false
 		}
@@ -99,7 +99,7 @@ func (r *OOMAhead) Evaluate(w Window) []Observation {
 	default:
 		parts = append(parts, "live heap unknown (no heap profile source: set pprof.heap_url)")
 	}
-	ev := []Evidence{{Signal: "cgroup_memory_usage_bytes", Value: usage.V, Unit: "bytes"}}
+	ev := []Evidence{{Signal: signals.CgroupMemoryUsageBytes.Name, Value: usage.V, Unit: "bytes"}}
 	if okAnon {
 		ev = append(ev, Evidence{Signal: `cgroup_memory_stat_bytes{kind="anon"}`, Value: anon, Unit: "bytes"})
 	}
@@ -109,15 +109,15 @@ func (r *OOMAhead) Evaluate(w Window) []Observation {
 	var title, symptom, forecast string
 	sev := SeverityWarning
 	if okl {
-		ev = append(ev, Evidence{Signal: "cgroup_memory_limit_bytes", Value: limit.V, Threshold: r.o.NearRatio * limit.V, Unit: "bytes"})
+		ev = append(ev, Evidence{Signal: signals.CgroupMemoryLimitBytes.Name, Value: limit.V, Threshold: r.o.NearRatio * limit.V, Unit: "bytes"})
 		symptom = fmt.Sprintf("the cgroup uses %s of its %s limit (%s)", fmtBytes(usage.V), fmtBytes(limit.V), percent(share))
 		title = fmt.Sprintf("Memory at %s of the cgroup limit: OOM kill ahead", percent(share))
 		// A forecast only from growth that is happening now, at its own
 		// rate since it began.
-		if g, ok := growthOf(st.Range("cgroup_memory_usage_bytes", nil, now.Add(-r.o.Window))); ok && g.current {
+		if g, ok := growthOf(st.Range(signals.CgroupMemoryUsageBytes, nil, now.Add(-r.o.Window))); ok && g.current {
 			if eta, ok := g.until(limit.V); ok && eta > 0 {
 				forecast = fmt.Sprintf("; usage grows by %s/min %s: at this rate the limit is reached in %s", fmtBytes(g.rate*60), g.over(), duration(eta))
-				ev = append(ev, Evidence{Signal: "cgroup_memory_usage_bytes", Value: g.rate * 60, Unit: "bytes/min", Window: g.duration(), Note: "growth rate since it began (least squares)"})
+				ev = append(ev, Evidence{Signal: signals.CgroupMemoryUsageBytes.Name, Value: g.rate * 60, Unit: "bytes/min", Window: g.duration(), Note: "growth rate since it began (least squares)"})
 			}
 		}
 	}

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // CausePoolAtCeiling is pool_exhaustion's root cause.
@@ -38,7 +40,7 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 		return nil
 	}
 	var out []Observation
-	for _, ls := range w.Store.Select("tcp_sockets_by_remote") {
+	for _, ls := range w.Store.Select(signals.TCPSocketsByRemote) {
 		remote, owner := ls.Get("remote"), ls.Get("owner")
 		// Only the target's own pools: the queue is the target's, and a
 		// neighbour's connections (a sidecar's, culprit's own API clients)
@@ -47,7 +49,7 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 		if ls.Get("state") != "ESTABLISHED" || owner != ownerTarget || remote == "other" || strings.HasSuffix(remote, ":"+port) {
 			continue
 		}
-		ss := w.Store.Range("tcp_sockets_by_remote", ls, from)
+		ss := w.Store.Range(signals.TCPSocketsByRemote, ls, from)
 		if len(ss) < 3 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || w.Now.Sub(ss[len(ss)-1].T) > 3*freshnessSlow {
 			continue
 		}
@@ -69,7 +71,7 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 			Severity:    SeverityWarning,
 			Confidence:  0.7,
 			Evidence: []Evidence{
-				{Signal: "tcp_sockets_by_remote" + ls.String(), Value: hi, Threshold: r.o.MinConns, Unit: "connections", Window: r.o.Window, Note: "flat: the same count in every sample"},
+				{Signal: signals.TCPSocketsByRemote.Name + ls.String(), Value: hi, Threshold: r.o.MinConns, Unit: "connections", Window: r.o.Window, Note: "flat: the same count in every sample"},
 				{Signal: fmt.Sprintf("listen_queue_length{port=%q}", port), Value: queued, Threshold: r.o.MinQueue, Unit: "ratio", Window: r.o.Window, Note: "share of samples with connections waiting"},
 			},
 			Artifacts: []Artifact{{Kind: "endpoint", Value: remote, Detail: fmt.Sprintf("the upstream; pool ceiling %.0f", hi)}},
@@ -109,8 +111,8 @@ func (r *PoolExhaustion) spanEvidence(w Window, o *Observation, from time.Time) 
 // with connections waiting in an accept queue, and that listener's port.
 func (r *PoolExhaustion) queueing(w Window, from time.Time) (float64, string) {
 	best, port := 0.0, ""
-	for _, ls := range w.Store.Select("listen_queue_length") {
-		ss := w.Store.Range("listen_queue_length", ls, from)
+	for _, ls := range w.Store.Select(signals.ListenQueueLength) {
+		ss := w.Store.Range(signals.ListenQueueLength, ls, from)
 		if len(ss) == 0 || w.Now.Sub(ss[len(ss)-1].T) > freshness {
 			continue
 		}

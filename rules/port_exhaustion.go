@@ -62,13 +62,13 @@ type remotePorts struct {
 }
 
 func (r *PortExhaustion) Evaluate(w Window) []Observation {
-	lo, ok1 := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.ip_local_port_range.min"))
-	hi, ok2 := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.ip_local_port_range.max"))
+	lo, ok1 := w.Store.Latest(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"))
+	hi, ok2 := w.Store.Latest(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"))
 	if !ok1 || !ok2 || hi.V < lo.V {
 		return nil
 	}
 	usable := hi.V - lo.V + 1
-	reuse, haveReuse := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_tw_reuse"))
+	reuse, haveReuse := w.Store.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_tw_reuse"))
 	from := w.Now.Add(-r.o.Window)
 	remotes := map[string]*remotePorts{}
 	get := func(remote string) *remotePorts {
@@ -79,12 +79,12 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 		}
 		return rp
 	}
-	for _, ls := range w.Store.Select("tcp_sockets_by_remote") {
+	for _, ls := range w.Store.Select(signals.TCPSocketsByRemote) {
 		remote, state := ls.Get("remote"), ls.Get("state")
 		if remote == "other" || (state != "TIME_WAIT" && state != "ESTABLISHED") {
 			continue
 		}
-		ss := w.Store.Range("tcp_sockets_by_remote", ls, from)
+		ss := w.Store.Range(signals.TCPSocketsByRemote, ls, from)
 		if len(ss) == 0 || w.Now.Sub(ss[len(ss)-1].T) > 3*freshnessSlow {
 			continue
 		}
@@ -99,24 +99,24 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 			rp.targetTW += cur
 		}
 	}
-	for _, ls := range w.Store.Select("process_connects_total") {
+	for _, ls := range w.Store.Select(signals.ProcessConnectsTotal) {
 		if rp := remotes[ls.Get("remote")]; rp != nil {
 			rp.connsKnown = true
-			rp.targetConns += w.Store.Increase("process_connects_total", ls, from)
+			rp.targetConns += w.Store.Increase(signals.ProcessConnectsTotal, ls, from)
 		}
 	}
-	for _, ls := range w.Store.Select("process_connect_errors_total") {
+	for _, ls := range w.Store.Select(signals.ProcessConnectErrorsTotal) {
 		if ls.Get("errno") != "EADDRNOTAVAIL" {
 			continue
 		}
-		n := w.Store.Increase("process_connect_errors_total", ls, from)
+		n := w.Store.Increase(signals.ProcessConnectErrorsTotal, ls, from)
 		if n <= 0 {
 			continue
 		}
 		// Exhausted so hard no TIME_WAIT series may exist yet for it.
 		rp := get(ls.Get("remote"))
 		rp.failed += n
-		if at := firstRise(w.Store.Range("process_connect_errors_total", ls, from)); rp.failedAt.IsZero() || at.Before(rp.failedAt) {
+		if at := firstRise(w.Store.Range(signals.ProcessConnectErrorsTotal, ls, from)); rp.failedAt.IsZero() || at.Before(rp.failedAt) {
 			rp.failedAt = at
 		}
 	}
@@ -126,7 +126,7 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 	// TIME_WAIT, of how many usable) are of the time the connects failed,
 	// not of before. At most a collect interval; an open finding holds
 	// meanwhile (the engine's hold-down).
-	dumped, _ := w.Store.Latest(socketsDumpedSignal, nil)
+	dumped, _ := w.Store.Latest(signals.TCPSocketsDumped, nil)
 	names := make([]string, 0, len(remotes))
 	for k := range remotes {
 		names = append(names, k)
@@ -273,10 +273,6 @@ func sumByTime(a, b []signals.Sample) []signals.Sample {
 	}
 	return out
 }
-
-// socketsDumpedSignal is written by the sockets collector after each dump
-// of the namespace (collectors.tcpSocketsDumpedDesc).
-const socketsDumpedSignal = "tcp_sockets_dumped"
 
 // firstRise is the time of the first sample of a counter above the one
 // before it: when the first event of the window was counted. A window

@@ -8,20 +8,6 @@ import (
 	"github.com/culprit-dev/culprit/signals"
 )
 
-var (
-	dFDs      = &signals.Desc{Name: "process_fds_open"}
-	dFDLimit  = &signals.Desc{Name: "process_fd_limit"}
-	dFDKind   = &signals.Desc{Name: "process_open_fds"}
-	dTCPState = &signals.Desc{Name: "process_tcp_sockets"}
-	dRSSKind  = &signals.Desc{Name: "process_memory_rss_bytes"}
-	dRSS      = &signals.Desc{Name: "process_resident_memory_bytes"}
-	dHeap     = &signals.Desc{Name: "heap_inuse_bytes"}
-	dCGUsage  = &signals.Desc{Name: "cgroup_memory_usage_bytes"}
-	dCGLimit  = &signals.Desc{Name: "cgroup_memory_limit_bytes"}
-	dCGStat   = &signals.Desc{Name: "cgroup_memory_stat_bytes"}
-	dCGEvents = &signals.Desc{Name: "cgroup_memory_events_total", Kind: signals.Counter}
-)
-
 // series writes f(age) every second for the last 60 s.
 func series(st *signals.Store, d *signals.Desc, ls signals.Labels, now time.Time, f func(age time.Duration) float64) {
 	for age := 60 * time.Second; age >= 0; age -= time.Second {
@@ -37,13 +23,13 @@ func fdRule() *FDExhaustion {
 
 func fdStore(now time.Time, total, sockets func(time.Duration) float64, closeWait func(time.Duration) float64) *signals.Store {
 	st := signals.New(600, 1000)
-	series(st, dFDs, nil, now, total)
-	series(st, dFDLimit, signals.L("type", "soft"), now, constant(1024))
-	series(st, dFDKind, signals.L("kind", "socket"), now, sockets)
-	series(st, dFDKind, signals.L("kind", "file"), now, constant(10))
-	series(st, dFDKind, signals.L("kind", "pipe"), now, constant(4))
-	series(st, dTCPState, signals.L("state", "ESTABLISHED"), now, constant(20))
-	series(st, dTCPState, signals.L("state", "CLOSE_WAIT"), now, closeWait)
+	series(st, signals.ProcessFDsOpen, nil, now, total)
+	series(st, signals.ProcessFDLimit, signals.L("type", "soft"), now, constant(1024))
+	series(st, signals.ProcessOpenFDs, signals.L("kind", "socket"), now, sockets)
+	series(st, signals.ProcessOpenFDs, signals.L("kind", "file"), now, constant(10))
+	series(st, signals.ProcessOpenFDs, signals.L("kind", "pipe"), now, constant(4))
+	series(st, signals.ProcessTCPSockets, signals.L("state", "ESTABLISHED"), now, constant(20))
+	series(st, signals.ProcessTCPSockets, signals.L("state", "CLOSE_WAIT"), now, closeWait)
 	return st
 }
 
@@ -95,13 +81,13 @@ func rssRule() *RSSWithoutHeap {
 func TestRSSWithoutHeap(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dRSSKind, signals.L("kind", "anon"), now, constant(600<<20))
-	series(st, dRSS, nil, now, constant(620<<20))
+	series(st, signals.ProcessMemoryRSSBytes, signals.L("kind", "anon"), now, constant(600<<20))
+	series(st, signals.ProcessResidentMemoryBytes, nil, now, constant(620<<20))
 	// No heap source: silent, it cannot tell retention from a leak.
 	if obs := rssRule().Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Fatalf("guessed without a heap source: %+v", obs[0])
 	}
-	series(st, dHeap, nil, now, constant(80<<20))
+	series(st, signals.HeapInuseBytes, nil, now, constant(80<<20))
 	obs := rssRule().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseAllocatorRetention {
 		t.Fatalf("got %+v", obs)
@@ -114,8 +100,8 @@ func TestRSSWithoutHeap(t *testing.T) {
 func TestRSSWithoutHeapSilentWhenHeapExplainsRSS(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dRSSKind, signals.L("kind", "anon"), now, constant(300<<20))
-	series(st, dHeap, nil, now, constant(250<<20))
+	series(st, signals.ProcessMemoryRSSBytes, signals.L("kind", "anon"), now, constant(300<<20))
+	series(st, signals.HeapInuseBytes, nil, now, constant(250<<20))
 	if obs := rssRule().Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Fatalf("healthy heap raised %+v", obs[0])
 	}
@@ -128,15 +114,15 @@ func oomRule() *OOMAhead {
 func TestOOMAheadSaysWhatFillsIt(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dCGUsage, nil, now, constant(120<<20))
-	series(st, dCGLimit, nil, now, constant(128<<20))
-	series(st, dCGStat, signals.L("kind", "anon"), now, constant(110<<20))
-	series(st, dCGStat, signals.L("kind", "file"), now, constant(8<<20))
+	series(st, signals.CgroupMemoryUsageBytes, nil, now, constant(120<<20))
+	series(st, signals.CgroupMemoryLimitBytes, nil, now, constant(128<<20))
+	series(st, signals.CgroupMemoryStatBytes, signals.L("kind", "anon"), now, constant(110<<20))
+	series(st, signals.CgroupMemoryStatBytes, signals.L("kind", "file"), now, constant(8<<20))
 	obs := oomRule().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseOOMAnon || !strings.Contains(obs[0].RootCause, "live heap unknown") {
 		t.Fatalf("without heap: %+v", obs)
 	}
-	series(st, dHeap, nil, now, constant(4<<20))
+	series(st, signals.HeapInuseBytes, nil, now, constant(4<<20))
 	obs = oomRule().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseOOMRetention || !strings.Contains(obs[0].RootCause, "live heap is 4 MiB and 106 MiB is beyond it (held by the allocator") {
 		t.Fatalf("with heap: %+v", obs)
@@ -146,13 +132,13 @@ func TestOOMAheadSaysWhatFillsIt(t *testing.T) {
 func TestOOMAheadSilentWithHeadroomAndReportsKills(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dCGUsage, nil, now, constant(40<<20))
-	series(st, dCGLimit, nil, now, constant(128<<20))
-	series(st, dCGEvents, signals.L("event", "oom_kill"), now, constant(0))
+	series(st, signals.CgroupMemoryUsageBytes, nil, now, constant(40<<20))
+	series(st, signals.CgroupMemoryLimitBytes, nil, now, constant(128<<20))
+	series(st, signals.CgroupMemoryEventsTotal, signals.L("event", "oom_kill"), now, constant(0))
 	if obs := oomRule().Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Fatalf("headroom raised %+v", obs[0])
 	}
-	st.Put(dCGEvents, signals.L("event", "oom_kill"), 1, now)
+	st.Put(signals.CgroupMemoryEventsTotal, signals.L("event", "oom_kill"), 1, now)
 	obs := oomRule().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseOOMKilled || obs[0].Severity != SeverityCritical {
 		t.Fatalf("oom kill: %+v", obs)
@@ -171,8 +157,8 @@ func ramp(base, perSec float64, onset time.Duration) func(time.Duration) float64
 func TestFDLeakRateFromItsOnset(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := fdStore(now, ramp(30, 40, 15*time.Second), constant(10), constant(0))
-	series(st, dFDKind, signals.L("kind", "pipe"), now, ramp(4, 40, 15*time.Second))
-	series(st, dFDLimit, signals.L("type", "soft"), now, constant(20000))
+	series(st, signals.ProcessOpenFDs, signals.L("kind", "pipe"), now, ramp(4, 40, 15*time.Second))
+	series(st, signals.ProcessFDLimit, signals.L("type", "soft"), now, constant(20000))
 	r := NewFDExhaustion(FDExhaustionOptions{Window: time.Minute, NearRatio: 0.8, MinIncrease: 20, Steady: 0.8, Horizon: time.Hour, MinDuration: 10 * time.Second})
 	obs := r.Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 {
@@ -200,7 +186,7 @@ func TestFDLeakRateFromItsOnset(t *testing.T) {
 	}
 	// Not yet MinDuration into the leak: nothing (a burst is not a leak).
 	st = fdStore(now, ramp(30, 40, 8*time.Second), constant(10), constant(0))
-	series(st, dFDLimit, signals.L("type", "soft"), now, constant(20000))
+	series(st, signals.ProcessFDLimit, signals.L("type", "soft"), now, constant(20000))
 	r = NewFDExhaustion(r.o)
 	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Errorf("8 s into the growth: %s", obs[0].RootCause)
@@ -219,8 +205,8 @@ func TestFDFlatNearLimitIsNotALeak(t *testing.T) {
 		return 106
 	}
 	st := fdStore(now, step, constant(2), constant(0))
-	series(st, dFDKind, signals.L("kind", "pipe"), now, func(a time.Duration) float64 { return step(a) - 16 })
-	series(st, dFDLimit, signals.L("type", "soft"), now, constant(128))
+	series(st, signals.ProcessOpenFDs, signals.L("kind", "pipe"), now, func(a time.Duration) float64 { return step(a) - 16 })
+	series(st, signals.ProcessFDLimit, signals.L("type", "soft"), now, constant(128))
 	r := NewFDExhaustion(DefaultFDExhaustionOptions())
 	obs := r.Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 {
@@ -236,7 +222,7 @@ func TestFDFlatNearLimitIsNotALeak(t *testing.T) {
 			t.Errorf("says %q of flat FDs: %s / %s", bad, o.Title, o.RootCause)
 		}
 	}
-	if tr, _ := trendOf(st.Range("process_fds_open", nil, now.Add(-time.Minute))); tr.slope <= 0 {
+	if tr, _ := trendOf(st.Range(signals.ProcessFDsOpen, nil, now.Add(-time.Minute))); tr.slope <= 0 {
 		t.Fatalf("the case does not reproduce the old fit: %v", tr.slope)
 	}
 }
@@ -280,8 +266,8 @@ func TestFDNearLimitHysteresis(t *testing.T) {
 		if i%3 == 0 {
 			v = 103 // 0.805
 		}
-		st.Put(dFDs, nil, v, now)
-		st.Put(dFDLimit, signals.L("type", "soft"), 128, now)
+		st.Put(signals.ProcessFDsOpen, nil, v, now)
+		st.Put(signals.ProcessFDLimit, signals.L("type", "soft"), 128, now)
 		obs := r.Evaluate(Window{Store: st, Now: now})
 		if len(obs) == 0 && on > 0 {
 			t.Fatalf("second %d: gone at %v of 128", i, v)
@@ -289,8 +275,8 @@ func TestFDNearLimitHysteresis(t *testing.T) {
 		on += len(obs)
 	}
 	now := start.Add(41 * time.Second)
-	st.Put(dFDs, nil, 90, now)
-	st.Put(dFDLimit, signals.L("type", "soft"), 128, now)
+	st.Put(signals.ProcessFDsOpen, nil, 90, now)
+	st.Put(signals.ProcessFDLimit, signals.L("type", "soft"), 128, now)
 	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Fatalf("90 of 128 still near: %s", obs[0].RootCause)
 	}
@@ -301,7 +287,7 @@ func TestFDNearLimitHysteresis(t *testing.T) {
 func TestHeapLeakRateFromItsOnset(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dHeap, nil, now, ramp(100<<20, 8<<20, 20*time.Second))
+	series(st, signals.HeapInuseBytes, nil, now, ramp(100<<20, 8<<20, 20*time.Second))
 	h := &recordingHistory{fixedHistory: fixedHistory{sites: []AllocSite{{Function: "main.leak", File: "/src/main.go", Line: 7, Bytes: 160 << 20, Objects: 1}}, older: now.Add(-20 * time.Second), newer: now}}
 	r := NewHeapLeak(HeapLeakOptions{Window: time.Minute, MinGrowth: 32 << 20, Steady: 0.7, TopSites: 3, MinDuration: 10 * time.Second, HeapFresh: 30 * time.Second})
 	obs := r.Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Heap: h}})
@@ -338,7 +324,7 @@ func (h *recordingHistory) GrowthSince(from time.Time, top int) ([]AllocSite, ti
 func TestHeapLeakSilentAfterGrowthStopped(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dHeap, nil, now, func(age time.Duration) float64 {
+	series(st, signals.HeapInuseBytes, nil, now, func(age time.Duration) float64 {
 		return float64(100<<20) + float64(4<<20)*min(60-age.Seconds(), 40) // grew for 40 s, flat 20 s
 	})
 	if obs := evalHeap(nil, st, now); len(obs) != 0 {
@@ -351,15 +337,15 @@ func TestHeapLeakSilentAfterGrowthStopped(t *testing.T) {
 func TestMemoryRulesSayUnknown(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dRSSKind, signals.L("kind", "anon"), now, constant(600<<20))
-	series(st, dHeap, nil, now, constant(80<<20))
+	series(st, signals.ProcessMemoryRSSBytes, signals.L("kind", "anon"), now, constant(600<<20))
+	series(st, signals.HeapInuseBytes, nil, now, constant(80<<20))
 	obs := rssRule().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || strings.Contains(obs[0].Symptom, "0 B") || !strings.Contains(obs[0].RootCause, "heap is flat (changed by 0 B over the last 30 s)") {
 		t.Fatalf("without process_resident_memory_bytes: %+v", obs)
 	}
 	st = signals.New(600, 1000)
-	series(st, dCGUsage, nil, now, constant(120<<20))
-	series(st, dCGLimit, nil, now, constant(128<<20))
+	series(st, signals.CgroupMemoryUsageBytes, nil, now, constant(120<<20))
+	series(st, signals.CgroupMemoryLimitBytes, nil, now, constant(128<<20))
 	obs = oomRule().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || !strings.Contains(obs[0].RootCause, "anonymous unknown, page cache unknown") || obs[0].Cause != CauseOOMAnon {
 		t.Fatalf("without memory.stat: %+v", obs)
@@ -371,10 +357,10 @@ func TestMemoryRulesSayUnknown(t *testing.T) {
 func TestOOMAheadForecastsFromTheOnset(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dCGUsage, nil, now, ramp(100<<20, 1<<20, 20*time.Second)) // 120 MiB now, +1 MiB/s
-	series(st, dCGLimit, nil, now, constant(130<<20))
-	series(st, dCGStat, signals.L("kind", "anon"), now, constant(110<<20))
-	series(st, dCGStat, signals.L("kind", "file"), now, constant(8<<20))
+	series(st, signals.CgroupMemoryUsageBytes, nil, now, ramp(100<<20, 1<<20, 20*time.Second)) // 120 MiB now, +1 MiB/s
+	series(st, signals.CgroupMemoryLimitBytes, nil, now, constant(130<<20))
+	series(st, signals.CgroupMemoryStatBytes, signals.L("kind", "anon"), now, constant(110<<20))
+	series(st, signals.CgroupMemoryStatBytes, signals.L("kind", "file"), now, constant(8<<20))
 	obs := oomRule().Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || !strings.Contains(obs[0].Symptom, "usage grows by 60 MiB/min for 20 s") || !strings.Contains(obs[0].Symptom, "limit is reached in 10 s") {
 		t.Fatalf("%+v", obs)
@@ -385,9 +371,9 @@ func TestOOMAheadForecastsFromTheOnset(t *testing.T) {
 func TestOOMAheadOneKill(t *testing.T) {
 	now := time.Unix(5000, 0)
 	st := signals.New(600, 1000)
-	series(st, dCGUsage, nil, now, constant(40<<20))
-	series(st, dCGLimit, nil, now, constant(128<<20))
-	series(st, dCGEvents, signals.L("event", "oom_kill"), now, func(a time.Duration) float64 {
+	series(st, signals.CgroupMemoryUsageBytes, nil, now, constant(40<<20))
+	series(st, signals.CgroupMemoryLimitBytes, nil, now, constant(128<<20))
+	series(st, signals.CgroupMemoryEventsTotal, signals.L("event", "oom_kill"), now, func(a time.Duration) float64 {
 		if a < 5*time.Second {
 			return 1
 		}
@@ -406,7 +392,7 @@ func TestFDGrowthOfPendingConnectsIsNotALeak(t *testing.T) {
 	now := time.Unix(5000, 0)
 	grow := func(age time.Duration) float64 { return 600 - 2*age.Seconds() } // +2/s
 	st := fdStore(now, func(a time.Duration) float64 { return grow(a) + 14 }, grow, constant(0))
-	series(st, dTCPState, signals.L("state", "SYN_SENT"), now, func(a time.Duration) float64 { return grow(a) - 20 })
+	series(st, signals.ProcessTCPSockets, signals.L("state", "SYN_SENT"), now, func(a time.Duration) float64 { return grow(a) - 20 })
 	if obs := fdRule().Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Errorf("connects in progress called a leak: %s: %s", obs[0].Title, obs[0].RootCause)
 	}

@@ -3,6 +3,8 @@ package rules
 import (
 	"fmt"
 	"time"
+
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // CauseAllocatorRetention is rss_without_heap's one cause.
@@ -41,7 +43,7 @@ const flatShare = 0.05
 
 func (r *RSSWithoutHeap) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
-	anon, ok := freshLatest(st, "process_memory_rss_bytes", rssAnon, now, fdStale)
+	anon, ok := freshLatest(st, signals.ProcessMemoryRSSBytes, rssAnon, now, fdStale)
 	if !ok || anon.V <= 0 {
 		return nil
 	}
@@ -60,12 +62,12 @@ func (r *RSSWithoutHeap) Evaluate(w Window) []Observation {
 	}
 	ev := []Evidence{
 		{Signal: `process_memory_rss_bytes{kind="anon"}`, Value: anon.V, Unit: "bytes", Note: "anonymous resident memory"},
-		{Signal: "heap_inuse_bytes", Value: h.Inuse, Unit: "bytes", Note: "live heap from the app's heap profile"},
+		{Signal: signals.HeapInuseBytes.Name, Value: h.Inuse, Unit: "bytes", Note: "live heap from the app's heap profile"},
 		{Signal: "anon RSS - live heap", Value: gap, Threshold: r.o.MinGap, Unit: "bytes", Note: "resident but not live"},
-		{Signal: "heap_inuse_bytes", Value: h.Change, Unit: "bytes", Window: h.Span, Note: "heap change over the window, from its oldest profile to its newest"},
+		{Signal: signals.HeapInuseBytes.Name, Value: h.Change, Unit: "bytes", Window: h.Span, Note: "heap change over the window, from its oldest profile to its newest"},
 	}
 	symptom := fmt.Sprintf("anonymous RSS %s while the live heap is %s and not growing", fmtBytes(anon.V), fmtBytes(h.Inuse))
-	if rss, ok := freshLatest(st, "process_resident_memory_bytes", nil, now, fdStale); ok {
+	if rss, ok := freshLatest(st, signals.ProcessResidentMemoryBytes, nil, now, fdStale); ok {
 		symptom = fmt.Sprintf("RSS %s (anonymous %s) while the live heap is %s and not growing", fmtBytes(rss.V), fmtBytes(anon.V), fmtBytes(h.Inuse))
 	}
 	change := "flat"

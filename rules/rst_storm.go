@@ -66,9 +66,9 @@ func (*RSTStorm) Name() string { return "rst_storm" }
 func (r *RSTStorm) Evaluate(w Window) []Observation {
 	from := w.Now.Add(-r.o.Recent)
 	secs := r.o.Recent.Seconds()
-	for _, ls := range w.Store.Select("tcp_sockets") {
+	for _, ls := range w.Store.Select(signals.TCPSockets) {
 		if ls.Get("owner") == ownerTarget && ls.Get("state") == "LISTEN" {
-			if s, ok := w.Store.Latest("tcp_sockets", ls); ok && s.V > 0 && w.Now.Sub(s.T) <= 3*freshnessSlow {
+			if s, ok := w.Store.Latest(signals.TCPSockets, ls); ok && s.V > 0 && w.Now.Sub(s.T) <= 3*freshnessSlow {
 				r.listened[ls.Get("port")] = w.Now
 			}
 		}
@@ -83,11 +83,11 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	byReason := map[string]float64{}
 	total := 0.0
 	if probe {
-		for _, ls := range w.Store.Select("tcp_resets_sent_total") {
+		for _, ls := range w.Store.Select(signals.TCPResetsSentTotal) {
 			if _, mine := r.listened[ls.Get("port")]; !mine && !namespace {
 				continue
 			}
-			v, _ := rateIn(w.Store, "tcp_resets_sent_total", ls, from, w.Now)
+			v, _ := rateIn(w.Store, signals.TCPResetsSentTotal, ls, from, w.Now)
 			byReason[ls.Get("reason")] += v
 			total += v
 		}
@@ -95,11 +95,11 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 		if !namespace {
 			return nil // the namespace's counters alone cannot say whose resets they are
 		}
-		last, ok := w.Store.Latest("tcp_out_rsts_total", nil)
+		last, ok := w.Store.Latest(signals.TCPOutRstsTotal, nil)
 		if !ok || w.Now.Sub(last.T) > 3*freshnessSlow {
 			return nil
 		}
-		total = w.Store.Increase("tcp_out_rsts_total", nil, from) / secs
+		total = w.Store.Increase(signals.TCPOutRstsTotal, nil, from) / secs
 	}
 	if total < r.o.MinRate {
 		return nil
@@ -107,10 +107,10 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	// Resets against the connections the target accepted on the same
 	// ports: a busy healthy service resets a few percent of them.
 	accepts, acceptsKnown := 0.0, false
-	for _, ls := range w.Store.Select("process_accepts_total") {
+	for _, ls := range w.Store.Select(signals.ProcessAcceptsTotal) {
 		acceptsKnown = true
 		if _, mine := r.listened[ls.Get("port")]; mine || namespace {
-			v, _ := rateIn(w.Store, "process_accepts_total", ls, from, w.Now)
+			v, _ := rateIn(w.Store, signals.ProcessAcceptsTotal, ls, from, w.Now)
 			accepts += v
 		}
 	}
@@ -118,11 +118,11 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	if acceptsKnown && share < r.o.MinShare {
 		return nil
 	}
-	overflows := w.Store.Increase("tcp_ext_listen_overflows_total", nil, from) / secs
-	onClose := w.Store.Increase("tcp_ext_abort_on_close_total", nil, from) / secs
-	onData := w.Store.Increase("tcp_ext_abort_on_data_total", nil, from) / secs
+	overflows := w.Store.Increase(signals.TCPExtListenOverflowsTotal, nil, from) / secs
+	onClose := w.Store.Increase(signals.TCPExtAbortOnCloseTotal, nil, from) / secs
+	onData := w.Store.Increase(signals.TCPExtAbortOnDataTotal, nil, from) / secs
 	aborts := onClose + onData
-	abortOnOverflow, _ := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
+	abortOnOverflow, _ := w.Store.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
 
 	whose := "on the target's ports"
 	if namespace {
@@ -136,9 +136,9 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 		}
 	}
 	if probe {
-		ev = append(ev, Evidence{Signal: "tcp_resets_sent_total", Value: total, Threshold: r.o.MinRate, Unit: "/s", Window: r.o.Recent, Note: "resets sent " + whose + " (eBPF tcp_send_reset)"})
+		ev = append(ev, Evidence{Signal: signals.TCPResetsSentTotal.Name, Value: total, Threshold: r.o.MinRate, Unit: "/s", Window: r.o.Recent, Note: "resets sent " + whose + " (eBPF tcp_send_reset)"})
 	} else {
-		ev = append(ev, Evidence{Signal: "tcp_out_rsts_total", Value: total, Threshold: r.o.MinRate, Unit: "/s", Window: r.o.Recent, Note: "resets sent by the namespace"})
+		ev = append(ev, Evidence{Signal: signals.TCPOutRstsTotal.Name, Value: total, Threshold: r.o.MinRate, Unit: "/s", Window: r.o.Recent, Note: "resets sent by the namespace"})
 	}
 	if acceptsKnown {
 		ev = append(ev, Evidence{Signal: "resets / (resets + accepts)", Value: share, Threshold: r.o.MinShare, Unit: "ratio", Window: r.o.Recent, Note: "share of the connections on the target's ports that end in a reset"})
@@ -156,7 +156,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 		o.Key, o.Cause = "accept_overflow", CauseRSTAcceptOverflow
 		o.RootCause = fmt.Sprintf("accept queues overflow (%s) and net.ipv4.tcp_abort_on_overflow=1 answers each overflow with a reset instead of letting the client retry", rate(overflows))
 		o.Remediation = "Fix the overflow itself (see the accept_overflow finding), and set net.ipv4.tcp_abort_on_overflow=0 so clients retry their SYN instead of failing at once."
-		ev = append(ev, Evidence{Signal: "tcp_ext_listen_overflows_total", Value: overflows, Unit: "/s", Window: r.o.Recent})
+		ev = append(ev, Evidence{Signal: signals.TCPExtListenOverflowsTotal.Name, Value: overflows, Unit: "/s", Window: r.o.Recent})
 		o.Confidence = 0.85
 	case aborts >= total/4:
 		o.Key, o.Cause = "app_abort", CauseRSTAppAbort

@@ -5,6 +5,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/culprit-dev/culprit/signals"
 )
 
 // CauseStalledShutdown is stalled_shutdown's root cause.
@@ -40,11 +42,11 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 	}
 	var sigAt time.Time
 	sender := ""
-	for _, ls := range w.Store.Select("process_last_signal_timestamp_seconds") {
+	for _, ls := range w.Store.Select(signals.ProcessLastSignalTimestampSeconds) {
 		if ls.Get("signal") != "SIGTERM" {
 			continue
 		}
-		s, ok := w.Store.Latest("process_last_signal_timestamp_seconds", ls)
+		s, ok := w.Store.Latest(signals.ProcessLastSignalTimestampSeconds, ls)
 		// A fresh sample: the probe still sees the target alive.
 		if !ok || w.Now.Sub(s.T) > 3*time.Second {
 			continue
@@ -65,22 +67,22 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 	// sidecar, a test client), are other processes' sockets.
 	total := 0.0
 	var who []string
-	for _, ls := range w.Store.Select("tcp_sockets") {
+	for _, ls := range w.Store.Select(signals.TCPSockets) {
 		if ls.Get("state") != "ESTABLISHED" || ls.Get("owner") != ownerTarget {
 			continue
 		}
-		if s, ok := w.Store.Latest("tcp_sockets", ls); ok && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > 0 {
+		if s, ok := w.Store.Latest(signals.TCPSockets, ls); ok && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > 0 {
 			total += s.V
 			if p := ls.Get("port"); p != "ephemeral" {
 				who = append(who, fmt.Sprintf("%s on port %s", num(s.V), p))
 			}
 		}
 	}
-	for _, ls := range w.Store.Select("tcp_sockets_by_remote") {
+	for _, ls := range w.Store.Select(signals.TCPSocketsByRemote) {
 		if ls.Get("state") != "ESTABLISHED" || ls.Get("owner") != ownerTarget {
 			continue
 		}
-		if s, ok := w.Store.Latest("tcp_sockets_by_remote", ls); ok && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > 0 {
+		if s, ok := w.Store.Latest(signals.TCPSocketsByRemote, ls); ok && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > 0 {
 			who = append(who, fmt.Sprintf("%s to %s", num(s.V), ls.Get("remote")))
 		}
 	}

@@ -39,8 +39,8 @@ func (*SYNBacklog) Name() string { return "syn_backlog" }
 
 func (r *SYNBacklog) Evaluate(w Window) []Observation {
 	from := w.Now.Add(-r.o.Recent)
-	drops := w.Store.Increase("tcp_ext_req_q_full_drop_total", nil, from)
-	cookies := w.Store.Increase("tcp_ext_req_q_full_do_cookies_total", nil, from)
+	drops := w.Store.Increase(signals.TCPExtReqQFullDropTotal, nil, from)
+	cookies := w.Store.Increase(signals.TCPExtReqQFullDoCookiesTotal, nil, from)
 	if drops+cookies < r.o.MinDrops {
 		return nil
 	}
@@ -48,13 +48,13 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 	// half-open connections is the one whose queue is full.
 	// Half-open connections are dumped once a second: judge on a dump
 	// taken after the overflow began, not on one from before it.
-	began := firstIncrease(w.Store, from, "tcp_ext_req_q_full_drop_total", "tcp_ext_req_q_full_do_cookies_total")
+	began := firstIncrease(w.Store, from, signals.TCPExtReqQFullDropTotal, signals.TCPExtReqQFullDoCookiesTotal)
 	var (
 		best    signals.Labels
 		synRecv float64
 	)
-	for _, ls := range w.Store.Select("listen_syn_recv") {
-		s, ok := w.Store.Latest("listen_syn_recv", ls)
+	for _, ls := range w.Store.Select(signals.ListenSynRecv) {
+		s, ok := w.Store.Latest(signals.ListenSynRecv, ls)
 		if ok && s.T.After(began) && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > synRecv {
 			best, synRecv = ls, s.V
 		}
@@ -63,18 +63,18 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 		return nil
 	}
 	endpoint := joinHostPort(best.Get("addr"), best.Get("port"))
-	sources, _ := w.Store.Latest("listen_syn_recv_sources", best)
-	completed := w.Store.Increase("tcp_passive_opens_total", nil, from)
-	maxSyn, _ := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_max_syn_backlog"))
-	cookiesOn, _ := w.Store.Latest("sysctl", signals.L("name", "net.ipv4.tcp_syncookies"))
-	backlog, _ := w.Store.Latest("listen_backlog", best)
+	sources, _ := w.Store.Latest(signals.ListenSynRecvSources, best)
+	completed := w.Store.Increase(signals.TCPPassiveOpensTotal, nil, from)
+	maxSyn, _ := w.Store.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_max_syn_backlog"))
+	cookiesOn, _ := w.Store.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_syncookies"))
+	backlog, _ := w.Store.Latest(signals.ListenBacklog, best)
 	rate := (drops + cookies) / r.o.Recent.Seconds()
 	ev := []Evidence{
-		{Signal: "tcp_ext_req_q_full_drop_total", Value: drops, Unit: "SYNs", Window: r.o.Recent, Note: "dropped: SYN queue full, no syncookies"},
-		{Signal: "tcp_ext_req_q_full_do_cookies_total", Value: cookies, Unit: "SYNs", Window: r.o.Recent, Note: "answered with a syncookie: SYN queue full"},
-		{Signal: "listen_syn_recv" + best.String(), Value: synRecv, Unit: "connections", Note: "half-open now"},
-		{Signal: "listen_syn_recv_sources" + best.String(), Value: sources.V, Threshold: r.o.MinSources, Unit: "addresses"},
-		{Signal: "tcp_passive_opens_total", Value: completed, Unit: "connections", Window: r.o.Recent, Note: "handshakes completed"},
+		{Signal: signals.TCPExtReqQFullDropTotal.Name, Value: drops, Unit: "SYNs", Window: r.o.Recent, Note: "dropped: SYN queue full, no syncookies"},
+		{Signal: signals.TCPExtReqQFullDoCookiesTotal.Name, Value: cookies, Unit: "SYNs", Window: r.o.Recent, Note: "answered with a syncookie: SYN queue full"},
+		{Signal: signals.ListenSynRecv.Name + best.String(), Value: synRecv, Unit: "connections", Note: "half-open now"},
+		{Signal: signals.ListenSynRecvSources.Name + best.String(), Value: sources.V, Threshold: r.o.MinSources, Unit: "addresses"},
+		{Signal: signals.TCPPassiveOpensTotal.Name, Value: completed, Unit: "connections", Window: r.o.Recent, Note: "handshakes completed"},
 	}
 	o := Observation{
 		Key:      endpoint,
@@ -119,11 +119,11 @@ const synBurstSettle = 1500 * time.Millisecond
 // acceptQueueOverflowed reports whether a listener on port had its accept
 // queue full, or dropped connections on it, since from.
 func acceptQueueOverflowed(w Window, port string, from time.Time) bool {
-	for _, ls := range w.Store.Select("listen_backlog") {
+	for _, ls := range w.Store.Select(signals.ListenBacklog) {
 		if ls.Get("port") != port {
 			continue
 		}
-		if w.Store.Increase("listen_overflows_total", ls, from) > 0 || fraction(w.Store.Range("listen_queue_full", ls, from)) > 0 {
+		if w.Store.Increase(signals.ListenOverflowsTotal, ls, from) > 0 || fraction(w.Store.Range(signals.ListenQueueFull, ls, from)) > 0 {
 			return true
 		}
 	}
@@ -132,10 +132,10 @@ func acceptQueueOverflowed(w Window, port string, from time.Time) bool {
 
 // firstIncrease is the time of the first sample, since from, at which any
 // of the counters had grown since the sample before.
-func firstIncrease(st *signals.Store, from time.Time, names ...string) time.Time {
+func firstIncrease(st *signals.Store, from time.Time, ds ...*signals.Desc) time.Time {
 	first := time.Time{}
-	for _, name := range names {
-		if t, ok := riseIn(st.Range(name, nil, from)); ok && (first.IsZero() || t.Before(first)) {
+	for _, d := range ds {
+		if t, ok := riseIn(st.Range(d, nil, from)); ok && (first.IsZero() || t.Before(first)) {
 			first = t
 		}
 	}

@@ -95,8 +95,8 @@ func duration(d time.Duration) string {
 // growth divided by the time those samples span, not by the whole window,
 // so a series that began (or a fault that started) within the window is
 // not diluted by the quiet before it. false when fewer than two samples.
-func rateIn(st *signals.Store, name string, ls signals.Labels, from, now time.Time) (float64, bool) {
-	ss := st.Range(name, ls, from)
+func rateIn(st *signals.Store, d *signals.Desc, ls signals.Labels, from, now time.Time) (float64, bool) {
+	ss := st.Range(d, ls, from)
 	if len(ss) < 2 {
 		return 0, false
 	}

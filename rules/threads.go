@@ -358,14 +358,6 @@ func onlyLoop(w Window, e signals.Episode) bool {
 	return true
 }
 
-// The sockcalls probe and the accept_queue collector say when work waits
-// for the process: data nobody reads, connections nobody accepts.
-const (
-	sigUnreadOldest  = "process_unread_oldest_seconds" // age of the oldest unread data on the target's sockets
-	sigUnreadSockets = "process_unread_sockets"        // sockets with data unread longer than a poll
-	sigListenQueue   = "listen_queue_length"
-)
-
 // workWaited is the longest time work waited for the process within
 // [start, end]: data unread on its sockets (counted only from start: data
 // left unread before is not what this sleep kept waiting), or connections
@@ -378,8 +370,12 @@ func workWaited(w Window, start, end time.Time) (time.Duration, string, Evidence
 	if w.Store == nil {
 		return 0, "", Evidence{}
 	}
-	for _, ls := range w.Store.Select(sigUnreadOldest) {
-		for _, s := range w.Store.Range(sigUnreadOldest, ls, start) {
+	// The sockcalls probe and the accept_queue collector say when work
+	// waits for the process: data nobody reads (the age of the oldest
+	// unread data on its sockets, and how many sockets have data unread
+	// longer than a poll), connections nobody accepts.
+	for _, ls := range w.Store.Select(signals.ProcessUnreadOldestSeconds) {
+		for _, s := range w.Store.Range(signals.ProcessUnreadOldestSeconds, ls, start) {
 			if s.T.After(end) || s.V <= 0 {
 				continue
 			}
@@ -387,17 +383,17 @@ func workWaited(w Window, start, end time.Time) (time.Duration, string, Evidence
 			if d > best {
 				best = d
 				what = "data waited unread on the process's sockets"
-				if n := valueAt(w, sigUnreadSockets, s.T); n > 0 {
+				if n := valueAt(w, signals.ProcessUnreadSockets, s.T); n > 0 {
 					what = "data waited unread on " + count(n, "socket", "") + " of the process"
 				}
-				ev = Evidence{Signal: sigUnreadOldest + ls.String(), Value: d.Seconds(), Unit: "seconds", Note: "unread data waited this long while the thread slept"}
+				ev = Evidence{Signal: signals.ProcessUnreadOldestSeconds.Name + ls.String(), Value: d.Seconds(), Unit: "seconds", Note: "unread data waited this long while the thread slept"}
 			}
 		}
 	}
-	for _, ls := range w.Store.Select(sigListenQueue) {
+	for _, ls := range w.Store.Select(signals.ListenQueueLength) {
 		var first time.Time
 		peak := 0.0
-		for _, s := range w.Store.Range(sigListenQueue, ls, start) {
+		for _, s := range w.Store.Range(signals.ListenQueueLength, ls, start) {
 			if s.T.After(end) {
 				break
 			}
@@ -412,18 +408,18 @@ func workWaited(w Window, start, end time.Time) (time.Duration, string, Evidence
 			if d := s.T.Sub(first); d > best {
 				best = d
 				what = count(peak, "connection", "") + " waited in the accept queue of " + joinHostPort(ls.Get("addr"), ls.Get("port"))
-				ev = Evidence{Signal: sigListenQueue + ls.String(), Value: d.Seconds(), Unit: "seconds", Note: "the accept queue stayed non-empty this long while the thread slept"}
+				ev = Evidence{Signal: signals.ListenQueueLength.Name + ls.String(), Value: d.Seconds(), Unit: "seconds", Note: "the accept queue stayed non-empty this long while the thread slept"}
 			}
 		}
 	}
 	return best, what, ev
 }
 
-// valueAt is the sample of name (summed over its series) taken at t.
-func valueAt(w Window, name string, t time.Time) float64 {
+// valueAt is the sample of d (summed over its series) taken at t.
+func valueAt(w Window, d *signals.Desc, t time.Time) float64 {
 	var v float64
-	for _, ls := range w.Store.Select(name) {
-		for _, s := range w.Store.Range(name, ls, t.Add(-time.Millisecond)) {
+	for _, ls := range w.Store.Select(d) {
+		for _, s := range w.Store.Range(d, ls, t.Add(-time.Millisecond)) {
 			if s.T.Equal(t) {
 				v += s.V
 			}

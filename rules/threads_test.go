@@ -175,12 +175,10 @@ func TestBlockingWorkerRedisEventLoop(t *testing.T) {
 // n samples: the oldest unread data's age grows from 0 to oldest, on
 // sockets sockets.
 func putUnread(st *signals.Store, start time.Time, n int, oldest float64, sockets int) {
-	age := &signals.Desc{Name: sigUnreadOldest}
-	cnt := &signals.Desc{Name: sigUnreadSockets}
 	for i := 1; i <= n; i++ {
 		ts := start.Add(time.Duration(i) * 100 * time.Millisecond)
-		st.Put(age, nil, oldest*float64(i)/float64(n), ts)
-		st.Put(cnt, nil, float64(sockets), ts)
+		st.Put(signals.ProcessUnreadOldestSeconds, nil, oldest*float64(i)/float64(n), ts)
+		st.Put(signals.ProcessUnreadSockets, nil, float64(sockets), ts)
 	}
 }
 
@@ -267,7 +265,7 @@ func TestBlockingWorkerWaitThatLooksIdle(t *testing.T) {
 	es = history()
 	es.Put(sel)
 	st = signals.New(100, 100)
-	st.Put(&signals.Desc{Name: sigUnreadOldest}, nil, 30, sel.Start.Add(100*time.Millisecond))
+	st.Put(signals.ProcessUnreadOldestSeconds, nil, 30, sel.Start.Add(100*time.Millisecond))
 	if obs := blockRule().Evaluate(win(es, st)); len(obs) != 0 {
 		t.Errorf("old unread data raised %+v", obs)
 	}
@@ -305,9 +303,8 @@ func TestBlockingWorkerUnknownEpollLoop(t *testing.T) {
 		t.Errorf("no work waited, yet %+v", obs)
 	}
 	st := signals.New(100, 100)
-	q := &signals.Desc{Name: sigListenQueue}
 	for i := 0; i <= 10; i++ {
-		st.Put(q, signals.L("addr", "0.0.0.0", "port", "50051"), 4, block.Start.Add(time.Duration(i)*100*time.Millisecond))
+		st.Put(signals.ListenQueueLength, signals.L("addr", "0.0.0.0", "port", "50051"), 4, block.Start.Add(time.Duration(i)*100*time.Millisecond))
 	}
 	obs := blockRule().Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Episodes: es, Pools: testPools}})
 	if len(obs) != 1 || !strings.Contains(obs[0].Title, "db_query in clock_nanosleep") || !strings.Contains(obs[0].Symptom, "4 connections waited in the accept queue of 0.0.0.0:50051 for up to 1 s") {
@@ -440,9 +437,8 @@ func TestBusyWorkerEventLoopIO(t *testing.T) {
 // putSleeps writes thread tid's voluntary switches, rate a second, over
 // the last 10 s, every 100 ms (as the sched probe polls).
 func putSleeps(st *signals.Store, now time.Time, tid int, name string, rate float64) {
-	d := &signals.Desc{Name: "thread_voluntary_switches_total", Kind: signals.Counter}
 	for i := 0; i <= 100; i++ {
-		st.Put(d, signals.L("tid", strconv.Itoa(tid), "thread", name), rate*float64(i)/10, now.Add(time.Duration(i-100)*100*time.Millisecond))
+		st.Put(signals.ThreadVoluntarySwitchesTotal, signals.L("tid", strconv.Itoa(tid), "thread", name), rate*float64(i)/10, now.Add(time.Duration(i-100)*100*time.Millisecond))
 	}
 }
 
@@ -484,12 +480,11 @@ func TestWorkerImbalanceSingleThreadedRuntime(t *testing.T) {
 // putCPU writes thread_cpu_seconds_total for "tid/name" threads using
 // the given cores over the last 10 s.
 func putCPU(st *signals.Store, now time.Time, cores map[string]float64) {
-	d := &signals.Desc{Name: "thread_cpu_seconds_total", Kind: signals.Counter}
 	for i := 0; i <= 10; i++ {
 		ts := now.Add(time.Duration(i-10) * time.Second)
 		for k, c := range cores {
 			tid, name, _ := strings.Cut(k, "/")
-			st.Put(d, signals.L("tid", tid, "thread", name), c*float64(i), ts)
+			st.Put(signals.ThreadCPUSecondsTotal, signals.L("tid", tid, "thread", name), c*float64(i), ts)
 		}
 	}
 }

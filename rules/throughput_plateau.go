@@ -43,8 +43,8 @@ func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
 		return nil
 	}
 	var out []Observation
-	for _, ls := range st.Select("listen_queue_length") {
-		ss := st.Range("listen_queue_length", ls, from)
+	for _, ls := range st.Select(signals.ListenQueueLength) {
+		ss := st.Range(signals.ListenQueueLength, ls, from)
 		if len(ss) < 4 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || w.Now.Sub(ss[len(ss)-1].T) > freshness {
 			continue
 		}
@@ -72,7 +72,7 @@ func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
 			Severity:    SeverityWarning,
 			Confidence:  0.6,
 			Evidence: []Evidence{
-				{Signal: "listen_queue_length" + ls.String(), Value: share, Threshold: r.o.MinQueued, Unit: "ratio", Window: r.o.Window, Note: "share of samples with connections waiting"},
+				{Signal: signals.ListenQueueLength.Name + ls.String(), Value: share, Threshold: r.o.MinQueued, Unit: "ratio", Window: r.o.Window, Note: "share of samples with connections waiting"},
 				{Signal: "process CPU (thread_cpu_seconds_total)", Value: cpu, Threshold: r.o.MaxBusyCores, Unit: "cores", Window: r.o.Window, Note: "below the threshold: not CPU-bound"},
 			},
 			Artifacts: []Artifact{{Kind: "listener", Value: endpoint}},
@@ -85,26 +85,26 @@ func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
 // processCores is the target's CPU use over the window, summed over its
 // threads (sched probe, or /proc task stat).
 func processCores(w Window, from time.Time, window time.Duration) (float64, bool) {
-	name, lss := threadCPU(w.Store)
+	d, lss := threadCPU(w.Store)
 	if len(lss) == 0 {
 		return 0, false
 	}
 	var total float64
 	for _, ls := range lss {
-		total += w.Store.Increase(name, ls, from)
+		total += w.Store.Increase(d, ls, from)
 	}
 	return total / window.Seconds(), true
 }
 
 // threadCPU is the per-thread CPU series the rules read: the sched
 // probe's, or /proc task stat's when the probe does not run.
-func threadCPU(st *signals.Store) (string, []signals.Labels) {
-	for _, name := range []string{"thread_cpu_seconds_total", "thread_stat_cpu_seconds_total"} {
-		if lss := st.Select(name); len(lss) > 0 {
-			return name, lss
+func threadCPU(st *signals.Store) (*signals.Desc, []signals.Labels) {
+	for _, d := range []*signals.Desc{signals.ThreadCPUSecondsTotal, signals.ThreadStatCPUSecondsTotal} {
+		if lss := st.Select(d); len(lss) > 0 {
+			return d, lss
 		}
 	}
-	return "", nil
+	return nil, nil
 }
 
 // loopStall is how long an event loop or worker must have been blocked
@@ -127,9 +127,9 @@ func (r *ThroughputPlateau) dominantWait(w Window) (string, string) {
 			roleWords(j.thread), e.Thread, e.Tid, e.Syscall(), fn, duration(e.Duration))
 	}
 	best, n, total := "", 0.0, 0.0
-	for _, ls := range w.Store.Select("process_threads_in_syscall") {
+	for _, ls := range w.Store.Select(signals.ProcessThreadsInSyscall) {
 		sc := ls.Get("syscall")
-		s, ok := w.Store.Latest("process_threads_in_syscall", ls)
+		s, ok := w.Store.Latest(signals.ProcessThreadsInSyscall, ls)
 		if !ok || strings.HasPrefix(sc, "epoll") {
 			continue
 		}

@@ -113,7 +113,7 @@ func (r *WorkerImbalance) Evaluate(w Window) []Observation {
 	return out
 }
 
-func (r *WorkerImbalance) pool(pool string, ts []threadLoad, series, fix string) (Observation, bool) {
+func (r *WorkerImbalance) pool(pool string, ts []threadLoad, series *signals.Desc, fix string) (Observation, bool) {
 	if len(ts) < 2 {
 		return Observation{}, false
 	}
@@ -148,7 +148,7 @@ func (r *WorkerImbalance) pool(pool string, ts []threadLoad, series, fix string)
 		Severity:    SeverityWarning,
 		Confidence:  0.7,
 		Evidence: []Evidence{
-			{Signal: fmt.Sprintf("%s{thread=%q,tid=%q}", series, busiest.name, busiest.tid), Value: busiest.cores, Threshold: r.o.MinBusy, Unit: "cores", Window: r.o.Window, Note: "the busiest worker"},
+			{Signal: fmt.Sprintf("%s{thread=%q,tid=%q}", series.Name, busiest.name, busiest.tid), Value: busiest.cores, Threshold: r.o.MinBusy, Unit: "cores", Window: r.o.Window, Note: "the busiest worker"},
 			{Signal: "busiest / median of peers", Value: ratio, Threshold: r.o.MinRatio, Unit: "ratio", Window: r.o.Window},
 		},
 		Artifacts: []Artifact{{Kind: "thread", Value: fmt.Sprintf("%s (tid %s)", busiest.name, busiest.tid), Detail: "the busy worker"}},

@@ -93,8 +93,8 @@ func TestBusyWorkerNamesTheHotFunction(t *testing.T) {
 	for i := 0; i <= 10; i++ {
 		ts := now.Add(time.Duration(i-10) * time.Second)
 		ls := signals.L("tid", "7", "thread", "worker-1")
-		st.Put(&signals.Desc{Name: "thread_runq_wait_seconds_total", Kind: signals.Counter}, ls, 0.05*float64(i), ts)
-		st.Put(&signals.Desc{Name: "thread_runq_waits_total", Kind: signals.Counter}, ls, 10*float64(i), ts)
+		st.Put(signals.ThreadRunqWaitSecondsTotal, ls, 0.05*float64(i), ts)
+		st.Put(signals.ThreadRunqWaitsTotal, ls, 10*float64(i), ts)
 	}
 	eps := episodes(signals.Episode{Kind: signals.EpisodeBusy, Tid: 6, Thread: "worker-0", Start: now.Add(-2 * time.Second), Duration: 1500 * time.Millisecond})
 	r := NewBusyWorker(BusyWorkerOptions{Window: 10 * time.Second, MinBusy: 500 * time.Millisecond})
@@ -124,11 +124,10 @@ func TestBusyWorkerSilentOnShortRuns(t *testing.T) {
 }
 
 func putThreadCPU(st *signals.Store, now time.Time, cores []float64) {
-	d := &signals.Desc{Name: "thread_cpu_seconds_total", Kind: signals.Counter}
 	for i := 0; i <= 10; i++ {
 		ts := now.Add(time.Duration(i-10) * time.Second)
 		for w, c := range cores {
-			st.Put(d, signals.L("tid", strconv.Itoa(100+w), "thread", "worker-"+strconv.Itoa(w)), c*float64(i), ts)
+			st.Put(signals.ThreadCPUSecondsTotal, signals.L("tid", strconv.Itoa(100+w), "thread", "worker-"+strconv.Itoa(w)), c*float64(i), ts)
 		}
 	}
 }
@@ -157,18 +156,15 @@ func TestWorkerImbalance(t *testing.T) {
 
 func plateauStore(now time.Time, queue float64, cores float64) *signals.Store {
 	st := signals.New(200, 100)
-	q := &signals.Desc{Name: "listen_queue_length"}
-	cpu := &signals.Desc{Name: "thread_cpu_seconds_total", Kind: signals.Counter}
-	sc := &signals.Desc{Name: "process_threads_in_syscall"}
 	ls := signals.L("addr", "127.0.0.1", "port", "8080")
 	for i := 0; i <= 50; i++ {
 		ts := now.Add(time.Duration(i-50) * 100 * time.Millisecond)
-		st.Put(q, ls, queue, ts)
-		st.Put(cpu, signals.L("tid", "1", "thread", "app"), cores*float64(i)/10, ts)
+		st.Put(signals.ListenQueueLength, ls, queue, ts)
+		st.Put(signals.ThreadCPUSecondsTotal, signals.L("tid", "1", "thread", "app"), cores*float64(i)/10, ts)
 	}
-	st.Put(sc, signals.L("syscall", "futex"), 7, now)
-	st.Put(sc, signals.L("syscall", "epoll_wait"), 1, now)
-	st.Put(sc, signals.L("syscall", "read"), 1, now)
+	st.Put(signals.ProcessThreadsInSyscall, signals.L("syscall", "futex"), 7, now)
+	st.Put(signals.ProcessThreadsInSyscall, signals.L("syscall", "epoll_wait"), 1, now)
+	st.Put(signals.ProcessThreadsInSyscall, signals.L("syscall", "read"), 1, now)
 	return st
 }
 

@@ -26,13 +26,18 @@ func (k Kind) String() string {
 	return "gauge"
 }
 
-// Desc names a signal. Collectors declare one per signal they write, so the
-// help text and kind live next to the code that measures it.
+// Desc names a signal. Every signal the agent writes is declared once, in
+// the catalogue (catalog.go): writers put and readers read through the
+// same Desc, so a misspelt signal does not compile.
 type Desc struct {
 	Name string // snake_case, unit-suffixed: listen_queue_length, tcp_listen_overflows_total
 	Kind Kind
 	Help string
 }
+
+// String is the signal's name, so that a test or a log message can print
+// a Desc as the name it is known by.
+func (d *Desc) String() string { return d.Name }
 
 // Label is one name=value pair of a series.
 type Label struct{ Name, Value string }
@@ -335,9 +340,10 @@ func (h *Handle) Put(v float64, t time.Time) bool {
 	return true
 }
 
-// Forget removes series of name whose labels match keep==false, so that
+// Forget removes series of d whose labels match keep==false, so that
 // series of sockets or threads that are gone stop taking room.
-func (s *Store) Forget(name string, keep func(Labels) bool) {
+func (s *Store) Forget(d *Desc, keep func(Labels) bool) {
+	name := d.Name
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	list := s.byName[name]
@@ -441,10 +447,10 @@ func ListenWake(netns uint64) string { return "tcplisten-wake:" + strconv.Format
 func (s *Store) Hurried(now time.Time) bool { return now.UnixNano() < s.hurry.Load() }
 
 // Latest returns the newest sample of one series.
-func (s *Store) Latest(name string, ls Labels) (Sample, bool) {
+func (s *Store) Latest(d *Desc, ls Labels) (Sample, bool) {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	sr, ok := s.lookup(name, ls)
+	sr, ok := s.lookup(d.Name, ls)
 	if !ok {
 		return Sample{}, false
 	}
@@ -453,10 +459,10 @@ func (s *Store) Latest(name string, ls Labels) (Sample, bool) {
 
 // Range returns the samples of one series taken at or after from, oldest
 // first. The slice is a copy.
-func (s *Store) Range(name string, ls Labels, from time.Time) []Sample {
+func (s *Store) Range(d *Desc, ls Labels, from time.Time) []Sample {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	sr, ok := s.lookup(name, ls)
+	sr, ok := s.lookup(d.Name, ls)
 	if !ok {
 		return nil
 	}
@@ -478,10 +484,10 @@ func (s *Store) Range(name string, ls Labels, from time.Time) []Sample {
 // sample, counting a drop in value as a reset (like Prometheus' increase).
 // The sample just before from is the baseline, so a window that begins
 // between two samples still sees the growth that crossed into it.
-func (s *Store) Increase(name string, ls Labels, from time.Time) float64 {
+func (s *Store) Increase(d *Desc, ls Labels, from time.Time) float64 {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	sr, ok := s.lookup(name, ls)
+	sr, ok := s.lookup(d.Name, ls)
 	if !ok || sr.n == 0 {
 		return 0
 	}
@@ -514,11 +520,11 @@ func (s *Store) Increase(name string, ls Labels, from time.Time) float64 {
 	return inc
 }
 
-// Select lists the label sets of every series with that name.
-func (s *Store) Select(name string) []Labels {
+// Select lists the label sets of every series of d.
+func (s *Store) Select(d *Desc) []Labels {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	list := s.byName[name]
+	list := s.byName[d.Name]
 	out := make([]Labels, 0, len(list))
 	for _, sr := range list {
 		out = append(out, sr.labels)

@@ -16,11 +16,11 @@ func TestRingIsBounded(t *testing.T) {
 	for i := 0; i < 10; i++ {
 		s.Put(g, L("a", "1"), float64(i), t0.Add(time.Duration(i)*time.Second))
 	}
-	got := s.Range("g", L("a", "1"), time.Time{})
+	got := s.Range(g, L("a", "1"), time.Time{})
 	if len(got) != 4 || got[0].V != 6 || got[3].V != 9 {
 		t.Fatalf("ring kept %v, want the last 4 samples 6..9", got)
 	}
-	if l, _ := s.Latest("g", L("a", "1")); l.V != 9 {
+	if l, _ := s.Latest(g, L("a", "1")); l.V != 9 {
 		t.Fatalf("latest = %v", l)
 	}
 }
@@ -40,11 +40,11 @@ func TestMaxSeriesDropsAndCounts(t *testing.T) {
 	if st := s.Stats(); st.Dropped != 1 || st.Series != 2 {
 		t.Fatalf("stats %+v", st)
 	}
-	s.Forget("g", func(ls Labels) bool { return ls.Get("k") == "a" })
+	s.Forget(g, func(ls Labels) bool { return ls.Get("k") == "a" })
 	if !s.Put(g, L("k", "c"), 1, now) {
 		t.Fatal("Forget did not free room")
 	}
-	if got := s.Select("g"); len(got) != 2 {
+	if got := s.Select(g); len(got) != 2 {
 		t.Fatalf("Select = %v", got)
 	}
 }
@@ -56,13 +56,13 @@ func TestIncreaseCountsResetsAndWindowEdge(t *testing.T) {
 		s.Put(c, nil, v, t0.Add(time.Duration(i)*time.Second))
 	}
 	// From t0+1.5s: baseline is the sample at t0+1 (12): 12->15 (+3), reset to 3 (+3), 3->5 (+2).
-	if got := s.Increase("c_total", nil, t0.Add(1500*time.Millisecond)); got != 8 {
+	if got := s.Increase(c, nil, t0.Add(1500*time.Millisecond)); got != 8 {
 		t.Fatalf("Increase = %v, want 8", got)
 	}
-	if got := s.Increase("c_total", nil, t0.Add(time.Hour)); got != 0 {
+	if got := s.Increase(c, nil, t0.Add(time.Hour)); got != 0 {
 		t.Fatalf("Increase over an empty window = %v", got)
 	}
-	if got := s.Increase("missing", nil, t0); got != 0 {
+	if got := s.Increase(&Desc{Name: "missing", Kind: Counter}, nil, t0); got != 0 {
 		t.Fatalf("Increase of a missing series = %v", got)
 	}
 }
@@ -109,7 +109,7 @@ func TestPutDoesNotAllocate(t *testing.T) {
 	if n := testing.AllocsPerRun(100, func() { h.Put(1, now) }); n != 0 {
 		t.Errorf("Handle.Put allocates %v times per call", n)
 	}
-	if n := testing.AllocsPerRun(100, func() { s.Latest("g", ls) }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { s.Latest(g, ls) }); n != 0 {
 		t.Errorf("Latest allocates %v times per call", n)
 	}
 }
@@ -128,12 +128,12 @@ func TestRingGrowsOnDemand(t *testing.T) {
 		if len(sr.ring) > 100 {
 			t.Fatalf("ring grew past its size: %d", len(sr.ring))
 		}
-		got := s.Range("c_total", nil, time.Time{})
+		got := s.Range(c, nil, time.Time{})
 		if len(got) != min(i+1, 100) || got[len(got)-1].V != float64(i) || got[0].V != float64(max(0, i-99)) {
 			t.Fatalf("after %d samples Range = %d samples [%v..%v]", i+1, len(got), got[0].V, got[len(got)-1].V)
 		}
 	}
-	if got := s.Increase("c_total", nil, t0.Add(200*time.Second)); got != 50 {
+	if got := s.Increase(c, nil, t0.Add(200*time.Second)); got != 50 {
 		t.Fatalf("Increase = %v, want 50", got)
 	}
 }
@@ -143,12 +143,12 @@ func TestHandleAfterForget(t *testing.T) {
 	s := New(8, 10)
 	h := s.Handle(g, L("k", "v"))
 	h.Put(1, time.Unix(1, 0))
-	s.Forget("g", func(Labels) bool { return false })
-	if _, ok := s.Latest("g", L("k", "v")); ok {
+	s.Forget(g, func(Labels) bool { return false })
+	if _, ok := s.Latest(g, L("k", "v")); ok {
 		t.Fatal("forgotten series still there")
 	}
 	h.Put(2, time.Unix(2, 0))
-	if l, ok := s.Latest("g", L("k", "v")); !ok || l.V != 2 {
+	if l, ok := s.Latest(g, L("k", "v")); !ok || l.V != 2 {
 		t.Fatalf("Latest after Forget and Put = %v %v", l, ok)
 	}
 	if st := s.Stats(); st.Series != 1 {
@@ -163,7 +163,7 @@ func TestRangeOutOfOrder(t *testing.T) {
 	for _, sec := range []int64{10, 12, 11, 13} {
 		s.Put(g, nil, float64(sec), time.Unix(sec, 0))
 	}
-	if got := s.Range("g", nil, time.Unix(12, 0)); len(got) != 2 || got[0].V != 12 || got[1].V != 13 {
+	if got := s.Range(g, nil, time.Unix(12, 0)); len(got) != 2 || got[0].V != 12 || got[1].V != 13 {
 		t.Fatalf("Range = %v", got)
 	}
 }

@@ -166,10 +166,10 @@ func TestSlowUploadsAreBounded(t *testing.T) {
 	if byStatus["200 OK"] > 0 || byStatus["503 Service Unavailable"] < attackers/2 {
 		t.Errorf("answers %v: want the waiting uploads refused with 503", byStatus)
 	}
-	if v, _ := st.Latest("otlp_requests_total", traceLabels("http", "busy")); int(v.V) != byStatus["503 Service Unavailable"] {
+	if v, _ := st.Latest(signals.OTLPRequestsTotal, traceLabels("http", "busy")); int(v.V) != byStatus["503 Service Unavailable"] {
 		t.Errorf("busy requests counted %v, answered %d", v.V, byStatus["503 Service Unavailable"])
 	}
-	if v, _ := st.Latest("otlp_requests_total", traceLabels("http", "timeout")); v.V < 1 {
+	if v, _ := st.Latest(signals.OTLPRequestsTotal, traceLabels("http", "timeout")); v.V < 1 {
 		t.Errorf("no upload counted as timed out")
 	}
 	waitFor(t, 5*time.Second, func() bool { return r.budget.inUse() == 0 }, "the budget to be given back")
@@ -414,7 +414,7 @@ func TestSlowGRPCStreamIsCut(t *testing.T) {
 				t.Errorf("the stream was kept %v; its deadline is 1.7 s", took)
 			}
 			waitFor(t, 3*time.Second, func() bool { return r.budget.inUse() == 0 }, "the stream's budget to be given back")
-			if v, _ := st.Latest("otlp_requests_total", traceLabels("grpc", "timeout")); v.V != 1 {
+			if v, _ := st.Latest(signals.OTLPRequestsTotal, traceLabels("grpc", "timeout")); v.V != 1 {
 				t.Errorf("timed-out streams counted %v, want 1", v.V)
 			}
 			return
@@ -467,7 +467,7 @@ func TestHugeSpanNamesAreCut(t *testing.T) {
 	if grew > 8<<20 {
 		t.Errorf("live heap grew %.1f MB for 100 spans", float64(grew)/(1<<20))
 	}
-	if v, _ := st.Latest("otlp_span_strings_truncated_total", nil); v.V != 100 { // the names (routes default to them, cut)
+	if v, _ := st.Latest(signals.OTLPSpanStringsTruncatedTotal, nil); v.V != 100 { // the names (routes default to them, cut)
 		t.Errorf("truncated strings counted %v, want 100", v.V)
 	}
 }
@@ -506,7 +506,7 @@ func TestDecodeBombRefused(t *testing.T) {
 			t.Errorf("%s bomb: %d bytes allocated for a %d-byte body", tc.ct, alloc, len(tc.body))
 		}
 	}
-	if v, _ := st.Latest("otlp_requests_total", traceLabels("http", "too_large")); v.V != 2 {
+	if v, _ := st.Latest(signals.OTLPRequestsTotal, traceLabels("http", "too_large")); v.V != 2 {
 		t.Errorf("too_large counted %v, want 2", v.V)
 	}
 }

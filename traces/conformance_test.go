@@ -87,7 +87,7 @@ func TestOTelJSJSONWithHexIDs(t *testing.T) {
 		db.DBSystem != "postgresql" || db.Peer != "db.internal" || db.SpanID != "b297a9280c8564e9" || db.Duration() != 66022*time.Nanosecond {
 		t.Errorf("root %+v\ndb %+v", *root, *db)
 	}
-	if v, _ := st.Latest("otlp_requests_total", traceLabels("http", "ok")); v.V != 1 {
+	if v, _ := st.Latest(signals.OTLPRequestsTotal, traceLabels("http", "ok")); v.V != 1 {
 		t.Errorf("requests counted %v", v.V)
 	}
 
@@ -141,10 +141,10 @@ func TestContentEncoding(t *testing.T) {
 			}
 		}
 	}
-	if v, _ := st.Latest("otlp_requests_total", traceLabels("http", "unsupported")); v.V != 3 {
+	if v, _ := st.Latest(signals.OTLPRequestsTotal, traceLabels("http", "unsupported")); v.V != 3 {
 		t.Errorf("unsupported counted %v, want 3", v.V)
 	}
-	if v, _ := st.Latest("otlp_requests_total", traceLabels("http", "partial")); v.V != 4 {
+	if v, _ := st.Latest(signals.OTLPRequestsTotal, traceLabels("http", "partial")); v.V != 4 {
 		t.Errorf("accepted counted %v, want 4", v.V)
 	}
 }
@@ -293,11 +293,11 @@ func TestMetricsAndLogsForwarded(t *testing.T) {
 		signal, result string
 		want           float64
 	}{{"metrics", "ok", 3}, {"logs", "ok", 2}} {
-		if v, _ := st.Latest("otlp_forwarded_requests_total", signals.L("signal", c.signal, "result", c.result)); v.V != c.want {
+		if v, _ := st.Latest(signals.OTLPForwardedRequestsTotal, signals.L("signal", c.signal, "result", c.result)); v.V != c.want {
 			t.Errorf("otlp_forwarded_requests_total{signal=%s,result=%s} = %v, want %v", c.signal, c.result, v.V, c.want)
 		}
 	}
-	if v, _ := st.Latest("otlp_requests_total", signals.L("transport", "http", "signal", "logs", "result", "malformed")); v.V != 1 {
+	if v, _ := st.Latest(signals.OTLPRequestsTotal, signals.L("transport", "http", "signal", "logs", "result", "malformed")); v.V != 1 {
 		t.Errorf("malformed logs counted %v", v.V)
 	}
 }
@@ -329,7 +329,7 @@ func TestMetricsAndLogsDroppedWithoutForwarding(t *testing.T) {
 		signals.L("transport", "http", "signal", "logs", "result", "dropped"),
 		signals.L("transport", "grpc", "signal", "logs", "result", "dropped"),
 	} {
-		if v, _ := st.Latest("otlp_requests_total", l); v.V != 1 {
+		if v, _ := st.Latest(signals.OTLPRequestsTotal, l); v.V != 1 {
 			t.Errorf("otlp_requests_total%s = %v, want 1", l, v.V)
 		}
 	}
@@ -371,8 +371,8 @@ func TestForwardQueueBoundedInBytes(t *testing.T) {
 		t.Errorf("Close took %v with the collector stuck; its bound is the 500 ms forward timeout", took)
 	}
 	close(block)
-	dropped, _ := store.Latest("otlp_forwarded_requests_total", signals.L("signal", "metrics", "result", "dropped"))
-	errs, _ := store.Latest("otlp_forwarded_requests_total", signals.L("signal", "metrics", "result", "error"))
+	dropped, _ := store.Latest(signals.OTLPForwardedRequestsTotal, signals.L("signal", "metrics", "result", "dropped"))
+	errs, _ := store.Latest(signals.OTLPForwardedRequestsTotal, signals.L("signal", "metrics", "result", "error"))
 	t.Logf("%d queued of 20; %v dropped, %v failed against the stuck collector", sent, dropped.V, errs.V)
 	if int(dropped.V+errs.V) != 20 {
 		t.Errorf("dropped %v + failed %v != 20 requests", dropped.V, errs.V)

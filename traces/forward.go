@@ -15,13 +15,6 @@ import (
 	"github.com/culprit-dev/culprit/signals"
 )
 
-var (
-	sigForwarded = &signals.Desc{Name: "otlp_forwarded_requests_total", Kind: signals.Counter,
-		Help: "Export requests forwarded to traces.forward_endpoint, by signal (traces, metrics, logs) and result (ok, error, dropped: the queue was full)."}
-	sigForwardQueue = &signals.Desc{Name: "otlp_forward_queue_bytes", Kind: signals.Gauge,
-		Help: "Bytes of export requests waiting to be forwarded (at most traces.forward_queue_bytes)."}
-)
-
 // ForwardOptions configure a Forwarder ([traces] in agent.conf).
 type ForwardOptions struct {
 	Endpoint string // host:port of an OTLP/gRPC collector, plaintext
@@ -164,14 +157,14 @@ func (f *Forwarder) count(signal, result string) {
 	k := [2]string{signal, result}
 	f.counts[k]++
 	if f.o.Store != nil {
-		f.o.Store.Put(sigForwarded, signals.L("signal", signal, "result", result), f.counts[k], time.Now())
+		f.o.Store.Put(signals.OTLPForwardedRequestsTotal, signals.L("signal", signal, "result", result), f.counts[k], time.Now())
 	}
 }
 
 // gaugeLocked publishes the queue's size; f.mu is held.
 func (f *Forwarder) gaugeLocked() {
 	if f.o.Store != nil {
-		f.o.Store.Put(sigForwardQueue, nil, float64(f.bytes), time.Now())
+		f.o.Store.Put(signals.OTLPForwardQueueBytes, nil, float64(f.bytes), time.Now())
 	}
 }
 

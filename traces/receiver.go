@@ -22,27 +22,6 @@ import (
 	"github.com/culprit-dev/culprit/signals"
 )
 
-var (
-	sigRequests = &signals.Desc{Name: "otlp_requests_total", Kind: signals.Counter,
-		Help: "OTLP export requests received, by transport (grpc, http), signal (traces, metrics, logs) and result (ok, partial, dropped: metrics or logs with no forward endpoint, malformed, too_large, unsupported, busy: the in-flight budget was taken, timeout: the body did not arrive in time)."}
-	sigSpans = &signals.Desc{Name: "otlp_spans_received_total", Kind: signals.Counter,
-		Help: "Spans accepted from OTLP exports."}
-	sigRejected = &signals.Desc{Name: "otlp_spans_rejected_total", Kind: signals.Counter,
-		Help: "Spans rejected from OTLP exports (invalid ids or times)."}
-	sigTruncated = &signals.Desc{Name: "otlp_span_strings_truncated_total", Kind: signals.Counter,
-		Help: "Span strings (name, route, service, peer, database) cut to traces.max_string_bytes."}
-	sigEvicted = &signals.Desc{Name: "otlp_spans_evicted_total", Kind: signals.Counter,
-		Help: "Spans let go by the span store, by reason: count (traces.max_spans), bytes (traces.max_span_bytes), too_large (one span over the whole store)."}
-	sigStoreBytes = &signals.Desc{Name: "otlp_span_store_bytes", Kind: signals.Gauge,
-		Help: "Bytes of spans held (at most traces.max_span_bytes)."}
-	sigStoreSpans = &signals.Desc{Name: "otlp_span_store_spans", Kind: signals.Gauge,
-		Help: "Spans held (at most traces.max_spans)."}
-	sigInflight = &signals.Desc{Name: "otlp_inflight_bytes", Kind: signals.Gauge,
-		Help: "Bytes held for OTLP requests being read and decoded (at most traces.max_inflight_bytes)."}
-	sigConnsClosed = &signals.Desc{Name: "otlp_connections_closed_total", Kind: signals.Counter,
-		Help: "OTLP connections closed at traces.max_connections, by transport and reason (evicted: an idle or silent connection closed for a new one; refused: every connection was busy)."}
-)
-
 // Options configure the receiver ([traces] in agent.conf). Zero values
 // take the defaults below.
 type Options struct {
@@ -352,8 +331,8 @@ func (r *Receiver) count(transport string, k *signalKind, result string) {
 	r.counts[key]++
 	if st := r.o.Store; st != nil {
 		now := time.Now()
-		st.Put(sigRequests, ls, r.counts[key], now)
-		st.Put(sigInflight, nil, float64(r.budget.inUse()), now)
+		st.Put(signals.OTLPRequestsTotal, ls, r.counts[key], now)
+		st.Put(signals.OTLPInflightBytes, nil, float64(r.budget.inUse()), now)
 	}
 }
 
@@ -368,16 +347,16 @@ func (r *Receiver) countSpans(spans, rejected, truncated int) {
 		return
 	}
 	now := time.Now()
-	st.Put(sigSpans, nil, r.spans, now)
-	st.Put(sigRejected, nil, r.rejected, now)
-	st.Put(sigTruncated, nil, r.truncated, now)
+	st.Put(signals.OTLPSpansReceivedTotal, nil, r.spans, now)
+	st.Put(signals.OTLPSpansRejectedTotal, nil, r.rejected, now)
+	st.Put(signals.OTLPSpanStringsTruncatedTotal, nil, r.truncated, now)
 	if r.o.Spans != nil {
 		ss := r.o.Spans.Stats()
-		st.Put(sigEvicted, signals.L("reason", "count"), float64(ss.EvictedByCount), now)
-		st.Put(sigEvicted, signals.L("reason", "bytes"), float64(ss.EvictedByBytes), now)
-		st.Put(sigEvicted, signals.L("reason", "too_large"), float64(ss.TooLarge), now)
-		st.Put(sigStoreBytes, nil, float64(ss.Bytes), now)
-		st.Put(sigStoreSpans, nil, float64(ss.Spans), now)
+		st.Put(signals.OTLPSpansEvictedTotal, signals.L("reason", "count"), float64(ss.EvictedByCount), now)
+		st.Put(signals.OTLPSpansEvictedTotal, signals.L("reason", "bytes"), float64(ss.EvictedByBytes), now)
+		st.Put(signals.OTLPSpansEvictedTotal, signals.L("reason", "too_large"), float64(ss.TooLarge), now)
+		st.Put(signals.OTLPSpanStoreBytes, nil, float64(ss.Bytes), now)
+		st.Put(signals.OTLPSpanStoreSpans, nil, float64(ss.Spans), now)
 	}
 }
 
@@ -388,7 +367,7 @@ func (r *Receiver) countConn(transport, reason string) {
 	defer r.mu.Unlock()
 	r.counts[key]++
 	if st := r.o.Store; st != nil {
-		st.Put(sigConnsClosed, ls, r.counts[key], time.Now())
+		st.Put(signals.OTLPConnectionsClosedTotal, ls, r.counts[key], time.Now())
 	}
 }
 

@@ -98,7 +98,7 @@ func TestReceiverTakesSDKExports(t *testing.T) {
 			if root.Route != "/orders" || root.ThreadID != 4242 || db.DBSystem != "postgresql" || db.ParentID != root.SpanID || db.Duration() < 10*time.Millisecond {
 				t.Errorf("root %+v\ndb %+v", *root, *db)
 			}
-			if v, _ := st.Latest("otlp_requests_total", traceLabels(tc.name, "ok")); v.V < 1 {
+			if v, _ := st.Latest(signals.OTLPRequestsTotal, traceLabels(tc.name, "ok")); v.V < 1 {
 				t.Errorf("request not counted: %v", v)
 			}
 		})
@@ -179,11 +179,11 @@ func TestReceiverRejectsBadInput(t *testing.T) {
 		traceLabels("http", "unsupported"), traceLabels("http", "partial"),
 		traceLabels("grpc", "malformed"), traceLabels("grpc", "too_large"),
 	} {
-		if v, ok := st.Latest("otlp_requests_total", l); !ok || v.V != 1 {
+		if v, ok := st.Latest(signals.OTLPRequestsTotal, l); !ok || v.V != 1 {
 			t.Errorf("otlp_requests_total%s = %v (%v), want 1", l, v.V, ok)
 		}
 	}
-	if v, _ := st.Latest("otlp_spans_rejected_total", nil); v.V != 2 {
+	if v, _ := st.Latest(signals.OTLPSpansRejectedTotal, nil); v.V != 2 {
 		t.Errorf("rejected spans %v, want 2", v.V)
 	}
 }
