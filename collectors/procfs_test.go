@@ -1,11 +1,13 @@
 package collectors
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/prometheus/procfs"
 )
@@ -35,7 +37,22 @@ func sleeper(t testing.TB) int {
 		t.Fatalf("start sleep: %v", err)
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	return cmd.Process.Pid
+	pid := cmd.Process.Pid
+	// Until exec completes, /proc/PID describes the forked copy of this
+	// test binary; and the loader still maps pages for a moment after.
+	// Wait for its own name and two equal readings of its status.
+	status := filepath.Join("/proc", strconv.Itoa(pid), "status")
+	var last []byte
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		comm, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "comm"))
+		b, err := os.ReadFile(status)
+		if err == nil && string(comm) == "sleep\n" && bytes.Equal(b, last) {
+			return pid
+		}
+		last = b
+	}
+	t.Fatalf("sleep (pid %d) did not settle within 5 s", pid)
+	return 0
 }
 
 func TestStatusMemoryAgreesWithProcfs(t *testing.T) {
