@@ -22,6 +22,7 @@ import (
 	"github.com/culprit-dev/culprit/collectors"
 	"github.com/culprit-dev/culprit/exporters"
 	"github.com/culprit-dev/culprit/probes"
+	"github.com/culprit-dev/culprit/profiles"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/symbolize"
@@ -253,8 +254,8 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		Episodes: a.Episodes,
 		Spans:    a.Spans,
 		Conns:    a.Conns,
-		Hot:      cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval},
-		Heap:     heapHistory{a.Profiles},
+		Hot:      profiles.NewCPU(a.Samples, a.Symbols, cfg.Profiling.DrainInterval),
+		Heap:     profiles.NewHeap(a.Profiles),
 		Pools:    pools,
 	}
 	a.engine = rules.NewEngine(rules.New(cfg.Rules, cfg.Pprof.Interval), a.Store, a.Journal, a.Tracker, eo)
@@ -507,7 +508,7 @@ func (a *Agent) startTraces(cfg Config) {
 func (a *Agent) profileSource(cfg Config) exporters.ProfileSource {
 	for _, p := range a.probes {
 		if p.Name() == "cpu_profile" {
-			return cpuProfiles{a.Samples, a.Symbols, cfg.Profiling.DrainInterval}
+			return profiles.NewCPU(a.Samples, a.Symbols, cfg.Profiling.DrainInterval)
 		}
 	}
 	return nil

@@ -1,4 +1,4 @@
-package main
+package profiles
 
 import (
 	"encoding/binary"
@@ -16,25 +16,38 @@ import (
 	"github.com/culprit-dev/culprit/symbolize"
 )
 
-// cpuProfiles turns the profiler's raw samples into what rules and the
-// gRPC API need: the hottest functions of one thread, or a pprof profile
-// of a window. Symbolization happens here, on demand, because most samples
-// are never looked at.
-type cpuProfiles struct {
+// CPU turns the profiler's raw samples into what rules and the gRPC API
+// need: the hottest functions of one thread, or a pprof profile of a
+// window. Symbolization happens here, on demand, because most samples are
+// never looked at.
+type CPU struct {
 	samples *signals.CPUSamples
 	symbols *symbolize.Symbolizer
 	drain   time.Duration
 }
 
+// NewCPU reads samples, names their addresses with symbols, and knows
+// that a sample reaches samples up to drain (profiling.drain_interval)
+// after it was taken.
+func NewCPU(samples *signals.CPUSamples, symbols *symbolize.Symbolizer, drain time.Duration) CPU {
+	return CPU{samples: samples, symbols: symbols, drain: drain}
+}
+
+// The sources the rules read CPU samples through.
+var (
+	_ rules.HotFrames = CPU{}
+	_ rules.HotStacks = CPU{}
+)
+
 // Settle is how long samples take to reach memory.
-func (c cpuProfiles) Settle() time.Duration { return c.drain }
+func (c CPU) Settle() time.Duration { return c.drain }
 
 var errNoSamples = errors.New("no CPU samples of the target in that window (is profiling enabled, and is the target running?)")
 
 // HotFrames is the functions with the most self samples of thread tid,
 // leaf user frame first (the kernel leaf when the thread was sampled in
 // the kernel without a user stack).
-func (c cpuProfiles) HotFrames(tid int, from, to time.Time, n int) []rules.FrameShare {
+func (c CPU) HotFrames(tid int, from, to time.Time, n int) []rules.FrameShare {
 	// A sample stamped T was taken in (T-drain, T]: the run's samples are
 	// those stamped in [from, to+drain]. Reaching back a drain before from
 	// pulled in the thread's idle wait before its run ("epoll_pwait 100%").
@@ -83,7 +96,7 @@ func (c cpuProfiles) HotFrames(tid int, from, to time.Time, n int) []rules.Frame
 // first, at most n (rules.HotStacks): busy_worker names the app's function
 // the hot leaves ran for from them. Samples of the window as HotFrames
 // takes them; stacks are cut where no code is (UserStack).
-func (c cpuProfiles) HotStacks(tid int, from, to time.Time, n int) []rules.StackShare {
+func (c CPU) HotStacks(tid int, from, to time.Time, n int) []rules.StackShare {
 	type stack struct {
 		rules.StackShare
 		count int64
@@ -163,7 +176,7 @@ func (c cpuProfiles) HotStacks(tid int, from, to time.Time, n int) []rules.Stack
 // V8 bytecode an interpreted JavaScript frame is named by, through the
 // perf map) makes the symbolizer read the process's maps again, once per
 // call.
-func (c cpuProfiles) userStacks(n int, stack func(i int) (int, []uint64)) [][]symbolize.Frame {
+func (c CPU) userStacks(n int, stack func(i int) (int, []uint64)) [][]symbolize.Frame {
 	byPid := map[int][]uint64{}
 	at := make([]int, n) // where stack i's return addresses are in byPid[pid]
 	out := make([][]symbolize.Frame, n)
@@ -214,7 +227,7 @@ func sharedLibrary(module string) bool {
 
 // Profile builds a CPU profile of the samples taken in (from, to], of
 // the threads tids (all when empty).
-func (c cpuProfiles) Profile(from, to time.Time, tids []int) (*profile.Profile, error) {
+func (c CPU) Profile(from, to time.Time, tids []int) (*profile.Profile, error) {
 	var in []symbolize.Sample
 	for _, s := range c.samples.Range(from, to) {
 		if len(tids) > 0 && !slices.Contains(tids, s.Tid) {

@@ -1,4 +1,4 @@
-package main
+package profiles
 
 import (
 	"errors"
@@ -9,14 +9,21 @@ import (
 	"github.com/culprit-dev/culprit/signals"
 )
 
-// heapHistory lets the heap_leak rule diff heap profiles without knowing
-// pprof: the profile store and the diff live in signals, the rule gets
+// Heap lets the heap_leak rule diff heap profiles without knowing pprof:
+// the profile store and the diff live in signals, the rule gets
 // allocation sites.
-type heapHistory struct{ profiles *signals.Profiles }
+type Heap struct{ profiles *signals.Profiles }
+
+// NewHeap reads the "heap" profiles of profiles (the pprof puller's).
+func NewHeap(profiles *signals.Profiles) Heap { return Heap{profiles: profiles} }
+
+var _ rules.HeapHistory = Heap{}
 
 var errOneProfile = errors.New("fewer than two heap profiles in the window")
 
-func (h heapHistory) GrowthSince(from time.Time, top int) ([]rules.AllocSite, time.Time, time.Time, error) {
+// GrowthSince diffs the oldest heap profile taken at or after from with
+// the newest (rules.HeapHistory).
+func (h Heap) GrowthSince(from time.Time, top int) ([]rules.AllocSite, time.Time, time.Time, error) {
 	list := h.profiles.List("heap")
 	i := 0
 	for i < len(list) && list[i].T.Before(from) {
