@@ -53,8 +53,9 @@ type PromOptions struct {
 	// the OTLP log records of findings carry them, so series and records
 	// join on the same service.name and k8s.* (nil: no target_info).
 	Resource *Resource
-	// Engine's counters become culprit_rules_evaluations_total and
-	// culprit_findings_dropped_total (nil: left out).
+	// Engine's counters become culprit_rules_evaluations_total,
+	// culprit_findings_dropped_total and the culprit_engine_* metrics:
+	// findings opened and open, time spent evaluating (nil: left out).
 	Engine interface{ Stats() rules.EngineStats }
 }
 
@@ -84,6 +85,10 @@ type Prometheus struct {
 	findingInfo    *prometheus.Desc
 	evaluations    *prometheus.Desc
 	findingsLost   *prometheus.Desc
+	engineOpened   *prometheus.Desc
+	engineOpen     *prometheus.Desc
+	engineEvalTime *prometheus.Desc
+	engineLastEval *prometheus.Desc
 	engine         interface{ Stats() rules.EngineStats }
 	listeners      []*ConnLimiter
 	maxScrapes     int
@@ -154,6 +159,14 @@ func NewPrometheus(o PromOptions) *Prometheus {
 			"Rule engine cycles run (every rule evaluated once per cycle).", nil, nil),
 		findingsLost: prometheus.NewDesc(fq("findings_dropped_total"),
 			"Findings not opened because rules.max_open_findings were open already.", nil, nil),
+		engineOpened: prometheus.NewDesc(fq("engine_findings_opened_total"),
+			"Findings the rule engine opened since the agent started.", nil, nil),
+		engineOpen: prometheus.NewDesc(fq("engine_findings_open"),
+			"Findings open now (at most rules.max_open_findings).", nil, nil),
+		engineEvalTime: prometheus.NewDesc(fq("engine_evaluation_seconds_total"),
+			"Time the rule engine spent evaluating rules; divided by culprit_rules_evaluations_total, the mean cost of a cycle.", nil, nil),
+		engineLastEval: prometheus.NewDesc(fq("engine_last_evaluation_seconds"),
+			"How long the rule engine's last cycle took.", nil, nil),
 		engine:      o.Engine,
 		listeners:   o.Listeners,
 		maxScrapes:  o.MaxScrapes,
@@ -272,6 +285,10 @@ func (p *Prometheus) collectFindings(ch chan<- prometheus.Metric) {
 		st := p.engine.Stats()
 		p.emit(ch, p.evaluations, prometheus.CounterValue, float64(st.Evaluations))
 		p.emit(ch, p.findingsLost, prometheus.CounterValue, float64(st.Dropped))
+		p.emit(ch, p.engineOpened, prometheus.CounterValue, float64(st.Opened))
+		p.emit(ch, p.engineOpen, prometheus.GaugeValue, float64(st.Open))
+		p.emit(ch, p.engineEvalTime, prometheus.CounterValue, st.EvalTime.Seconds())
+		p.emit(ch, p.engineLastEval, prometheus.GaugeValue, st.LastEval.Seconds())
 	}
 
 	p.mu.Lock()

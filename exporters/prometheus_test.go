@@ -367,3 +367,100 @@ func TestPrometheusFindingInfo(t *testing.T) {
 		t.Errorf("after the finding resolved: %d series, %d texts kept", n, len(p.infoText))
 	}
 }
+
+// slowRule reports one observation per key in keys, taking a millisecond
+// to do so, so that the engine's evaluation time is measurable.
+type slowRule struct {
+	mu   sync.Mutex
+	keys []string
+}
+
+func (*slowRule) Name() string { return "slow" }
+
+func (r *slowRule) set(keys ...string) {
+	r.mu.Lock()
+	r.keys = keys
+	r.mu.Unlock()
+}
+
+func (r *slowRule) Evaluate(rules.Window) []rules.Observation {
+	time.Sleep(time.Millisecond)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []rules.Observation
+	for _, k := range r.keys {
+		out = append(out, rules.Observation{Key: k, Cause: "slow", Title: "slow " + k, Severity: rules.SeverityWarning})
+	}
+	return out
+}
+
+// The real engine's own stats on /metrics, scraped through the handler
+// the agent serves: they start at 0 and move as the engine evaluates,
+// opens, drops and resolves findings.
+func TestPrometheusEngineStats(t *testing.T) {
+	store := signals.New(16, 64)
+	j := rules.NewJournal(64)
+	r := &slowRule{}
+	e := rules.NewEngine([]rules.Rule{r}, store, j, nil, rules.EngineOptions{MaxOpen: 1, ResolveAfter: time.Second, Log: testLog(t)})
+	p := NewPrometheus(PromOptions{Store: store, Journal: j, Engine: e, Log: testLog(t)})
+	engineValues := func() map[string]float64 {
+		t.Helper()
+		fams, body := scrape(t, p)
+		out := map[string]float64{}
+		for _, m := range []struct {
+			name string
+			typ  dto.MetricType
+		}{
+			{"culprit_rules_evaluations_total", dto.MetricType_COUNTER},
+			{"culprit_findings_dropped_total", dto.MetricType_COUNTER},
+			{"culprit_engine_findings_opened_total", dto.MetricType_COUNTER},
+			{"culprit_engine_findings_open", dto.MetricType_GAUGE},
+			{"culprit_engine_evaluation_seconds_total", dto.MetricType_COUNTER},
+			{"culprit_engine_last_evaluation_seconds", dto.MetricType_GAUGE},
+		} {
+			v, typ, ok := value(fams, m.name, nil)
+			if !ok || typ != m.typ {
+				t.Fatalf("%s: present %v, type %v; want a %v\n%s", m.name, ok, typ, m.typ, body)
+			}
+			out[strings.TrimPrefix(m.name, "culprit_")] = v
+		}
+		return out
+	}
+	for name, v := range engineValues() {
+		if v != 0 {
+			t.Errorf("before any evaluation %s = %v, want 0", name, v)
+		}
+	}
+
+	now := time.Unix(1700000000, 0)
+	r.set("a", "b") // one opens, the other is beyond max_open_findings
+	e.Evaluate(now)
+	m1 := engineValues()
+	for name, want := range map[string]float64{"rules_evaluations_total": 1, "findings_dropped_total": 1, "engine_findings_opened_total": 1, "engine_findings_open": 1} {
+		if m1[name] != want {
+			t.Errorf("after one evaluation %s = %v, want %v", name, m1[name], want)
+		}
+	}
+	if m1["engine_evaluation_seconds_total"] < 0.001 || m1["engine_last_evaluation_seconds"] < 0.001 {
+		t.Errorf("after an evaluation of a rule that takes 1 ms: %v s in all, %v s last; want at least 1 ms each",
+			m1["engine_evaluation_seconds_total"], m1["engine_last_evaluation_seconds"])
+	}
+
+	r.set() // nothing seen: the finding resolves after the hold-down
+	e.Evaluate(now.Add(2 * time.Second))
+	m2 := engineValues()
+	if m2["rules_evaluations_total"] != 2 || m2["engine_findings_open"] != 0 || m2["engine_findings_opened_total"] != 1 {
+		t.Errorf("after the finding resolved: %v; want 2 evaluations, 0 open, 1 opened", m2)
+	}
+	if m2["engine_evaluation_seconds_total"] < m1["engine_evaluation_seconds_total"]+0.001 {
+		t.Errorf("evaluation time went from %v to %v s over a 1 ms evaluation", m1["engine_evaluation_seconds_total"], m2["engine_evaluation_seconds_total"])
+	}
+
+	r.set("c")
+	e.Evaluate(now.Add(3 * time.Second))
+	if m3 := engineValues(); m3["engine_findings_opened_total"] != 2 || m3["engine_findings_open"] != 1 {
+		t.Errorf("after another finding opened: %v; want 2 opened, 1 open", m3)
+	}
+	_, body := scrape(t, p)
+	promtoolCheck(t, body)
+}

@@ -147,6 +147,10 @@ type Engine struct {
 	dropped atomic.Uint64
 	evals   atomic.Uint64
 	opened  atomic.Uint64
+	// evalNanos and lastEval are the time spent evaluating, in all and
+	// in the last evaluation: what the rules cost the agent's CPU.
+	evalNanos atomic.Uint64
+	lastEval  atomic.Int64
 	// memo: episodes judged in earlier evaluations are not judged again
 	// while nothing they were judged from changed.
 	memo *judgeMemo
@@ -200,6 +204,13 @@ func (e *Engine) Run(ctx context.Context) {
 // Evaluate runs every rule once at now and applies the lifecycle.
 func (e *Engine) Evaluate(now time.Time) {
 	e.evals.Add(1)
+	// Timed on the wall clock, not now: tests evaluate at made-up times.
+	start := time.Now()
+	defer func() {
+		d := time.Since(start)
+		e.evalNanos.Add(uint64(d))
+		e.lastEval.Store(int64(d))
+	}()
 	e.memo.next()
 	w := Window{Store: e.store, Now: now, Scope: e.o.Scope, Inputs: e.o.Inputs, memo: e.memo}
 	if w.Scope == "" {
@@ -492,13 +503,21 @@ func sanitize(s string) string {
 
 // Stats are the engine's own counters, for /metrics.
 type EngineStats struct {
+	// Evaluations counts the cycles run (every rule evaluated once per
+	// cycle), Opened the findings opened, Dropped the observations not
+	// opened because rules.max_open_findings were open.
 	Evaluations, Opened, Dropped uint64
-	Open                         int
+	// Open is the findings open now.
+	Open int
+	// EvalTime is the time spent evaluating since the engine started,
+	// LastEval the time the last evaluation took.
+	EvalTime, LastEval time.Duration
 }
 
-// Stats is safe to call from another goroutine only for the atomic fields;
-// Open is read by the journal instead.
+// Stats is safe to call from another goroutine: the counters are atomic,
+// and Open is read from the journal rather than the engine's own map.
 func (e *Engine) Stats() EngineStats {
 	open, _ := e.journal.Open()
-	return EngineStats{Evaluations: e.evals.Load(), Opened: e.opened.Load(), Dropped: e.dropped.Load(), Open: len(open)}
+	return EngineStats{Evaluations: e.evals.Load(), Opened: e.opened.Load(), Dropped: e.dropped.Load(), Open: len(open),
+		EvalTime: time.Duration(e.evalNanos.Load()), LastEval: time.Duration(e.lastEval.Load())}
 }
