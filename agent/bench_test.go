@@ -254,7 +254,7 @@ func footprintNginx(b *testing.B, bin string) {
 	nb := testenv.StartNeighbour(b, ng.PID)
 	held := nb.HoldEstablished(b, 5000)
 	ne := startNodeExporter(b, ng.PID)
-	a := startRealAgent(b, bin, ng.PID, nil, benchSets()...)
+	a := testenv.StartAgent(b, sidecarAgent(b, bin, ng.PID, nil, benchSets()...))
 	stop := ne.scrapeEvery(time.Second)
 	defer stop()
 	load := ng.StartLoad(b, testenv.HTTPLoadOptions{Conns: 32, Rate: 20000, Path: "/index.html", Duration: footprintWarmup + footprintWindow*time.Duration(b.N) + time.Minute})
@@ -262,17 +262,17 @@ func footprintNginx(b *testing.B, bin string) {
 	b.ResetTimer()
 	var agentCPU, neCPU, wall time.Duration
 	for i := 0; i < b.N; i++ {
-		a.profile(b, footprintWindow)
-		c0, e0, t0 := procCPU(a.pid), procCPU(ne.pid), time.Now()
+		profileAgent(b, a, footprintWindow)
+		c0, e0, t0 := procCPU(a.PID), procCPU(ne.pid), time.Now()
 		time.Sleep(footprintWindow)
-		c1, e1, t1 := procCPU(a.pid), procCPU(ne.pid), time.Now()
+		c1, e1, t1 := procCPU(a.PID), procCPU(ne.pid), time.Now()
 		agentCPU += c1 - c0
 		neCPU += e1 - e0
 		wall += t1.Sub(t0)
 	}
 	b.StopTimer()
 	st := load.Stop()
-	as := procStatus(a.pid)
+	as := procStatus(a.PID)
 	pct := func(d time.Duration) float64 { return 100 * float64(d) / float64(wall) }
 	b.ReportMetric(float64(2*held), "sockets")
 	b.ReportMetric(float64(st.Requests)/st.Elapsed.Seconds(), "requests/s")
@@ -296,19 +296,19 @@ func benchSets() []string {
 	return sets
 }
 
-// profile saves the agent's CPU profile of the next d to
+// profileAgent saves the agent's CPU profile of the next d to
 // $BENCH_PPROF/<benchmark>.pb.gz, in the background; nothing
 // without BENCH_PPROF.
-func (a *realAgent) profile(b *testing.B, d time.Duration) {
+func profileAgent(b *testing.B, a *testenv.Agent, d time.Duration) {
 	dir := os.Getenv("BENCH_PPROF")
 	if dir == "" {
 		return
 	}
 	path := filepath.Join(dir, strings.ReplaceAll(b.Name(), "/", "_")+".pb.gz")
 	go func() {
-		c := a.httpClient()
+		c := a.HTTPClient()
 		c.Timeout = d + 30*time.Second
-		resp, err := c.Get("http://" + a.httpAddr + "/debug/pprof/profile?seconds=" + strconv.Itoa(int(d.Seconds())))
+		resp, err := c.Get("http://" + a.HTTPAddr + "/debug/pprof/profile?seconds=" + strconv.Itoa(int(d.Seconds())))
 		if err != nil {
 			b.Logf("profile: %v", err)
 			return
@@ -336,7 +336,7 @@ func footprint(b *testing.B, bin string, conns int) {
 	nb := testenv.StartNeighbour(b, pid)
 	held := nb.HoldEstablished(b, conns)
 	ne := startNodeExporter(b, pid)
-	a := startRealAgent(b, bin, pid, nil, benchSets()...)
+	a := testenv.StartAgent(b, sidecarAgent(b, bin, pid, nil, benchSets()...))
 	stop := ne.scrapeEvery(time.Second)
 	defer stop()
 	time.Sleep(footprintWarmup)
@@ -345,12 +345,12 @@ func footprint(b *testing.B, bin string, conns int) {
 	var agentAlloc, neAlloc float64
 	var wall time.Duration
 	for i := 0; i < b.N; i++ {
-		a.profile(b, footprintWindow)
-		m0, n0 := a.metrics(b), ne.last()
-		c0, e0, t0 := procCPU(a.pid), procCPU(ne.pid), time.Now()
+		profileAgent(b, a, footprintWindow)
+		m0, n0 := agentMetrics(b, a), ne.last()
+		c0, e0, t0 := procCPU(a.PID), procCPU(ne.pid), time.Now()
 		time.Sleep(footprintWindow)
-		c1, e1, t1 := procCPU(a.pid), procCPU(ne.pid), time.Now()
-		m1, n1 := a.metrics(b), ne.last()
+		c1, e1, t1 := procCPU(a.PID), procCPU(ne.pid), time.Now()
+		m1, n1 := agentMetrics(b, a), ne.last()
 		agentCPU += c1 - c0
 		neCPU += e1 - e0
 		wall += t1.Sub(t0)
@@ -358,7 +358,7 @@ func footprint(b *testing.B, bin string, conns int) {
 		neAlloc += n1["go_memstats_alloc_bytes_total"] - n0["go_memstats_alloc_bytes_total"]
 	}
 	b.StopTimer()
-	as, ns := procStatus(a.pid), procStatus(ne.pid)
+	as, ns := procStatus(a.PID), procStatus(ne.pid)
 	pct := func(d time.Duration) float64 { return 100 * float64(d) / float64(wall) }
 	b.ReportMetric(float64(2*held), "sockets")
 	b.ReportMetric(pct(agentCPU), "agent-cpu-%")

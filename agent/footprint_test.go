@@ -3,18 +3,13 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -36,122 +31,24 @@ import (
 // work lands.
 const rssBudgetMiB = 48
 
-// realAgent is the agent binary running against a target, in the
-// target's network namespace (nsenter), with its log in a file.
-type realAgent struct {
-	cmd      *exec.Cmd
-	pid      int
-	ns       *testenv.Netns
-	httpAddr string
-	log      string
-
-	once      sync.Once
-	transport *http.Transport
-}
-
-// startRealAgent starts bin (culpritBinary when "") on pid. wrap, when not
-// nil, is run first with the command so a test can move it into a cgroup
-// before it execs the agent (the command waits for a line on stdin).
-func startRealAgent(t testing.TB, bin string, pid int, wrap func(shellPID int), sets ...string) *realAgent {
-	t.Helper()
-	if bin == "" {
-		bin = culpritBinary(t)
-	}
-	ns := testenv.NetnsOf(t, pid)
-	port := func() string {
-		p, err := ns.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return "127.0.0.1:" + strconv.Itoa(p)
-	}
-	a := &realAgent{ns: ns, httpAddr: port()}
-	args := []string{"--net=/proc/" + strconv.Itoa(pid) + "/ns/net", bin, "agent", "--pid", strconv.Itoa(pid),
-		"--grpc-addr", port(), "--http-addr", a.httpAddr, "--set", "traces.enabled=false", "--set", "agent.log_level=debug"}
+// sidecarAgent is how the footprint is measured: the real binary on pid,
+// in the target's network namespace as a sidecar runs, without the trace
+// receivers, logging at debug unless sets say otherwise; ready once it
+// watches its target. beforeExec, when not nil, is given the agent's PID
+// before it runs (to move it into a cgroup).
+func sidecarAgent(t testing.TB, bin string, pid int, beforeExec func(pid int), sets ...string) testenv.AgentOptions {
+	args := []string{"--pid", strconv.Itoa(pid), "--set", "traces.enabled=false", "--set", "agent.log_level=debug"}
 	for _, s := range sets {
 		args = append(args, "--set", s)
 	}
-	// sh waits for a line, then execs: the agent keeps sh's PID (and the
-	// cgroup wrap put it in).
-	a.cmd = exec.Command("sh", append([]string{"-c", `read _ && exec nsenter "$@"`, "sh"}, args...)...)
-	stdin, err := a.cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	logf, err := os.CreateTemp(t.TempDir(), "agent-*.log")
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.log = logf.Name()
-	a.cmd.Stdout, a.cmd.Stderr = logf, logf
-	a.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := a.cmd.Start(); err != nil {
-		t.Fatalf("start the agent: %v", err)
-	}
-	a.pid = a.cmd.Process.Pid
-	if wrap != nil {
-		wrap(a.pid)
-	}
-	io.WriteString(stdin, "go\n")
-	stdin.Close()
-	t.Cleanup(func() {
-		a.cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { a.cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			a.cmd.Process.Kill()
-			<-done
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(a.log)
-			t.Logf("agent log:\n%s", b)
-		}
-	})
-	a.waitReady(t, 30*time.Second)
-	return a
+	return testenv.AgentOptions{Bin: bin, Args: args, Netns: testenv.NetnsOf(t, pid), BeforeExec: beforeExec,
+		Ready: "/readyz", ReadyTimeout: 30 * time.Second}
 }
 
-// httpClient talks to the agent over keep-alive connections of one
-// transport, as a Prometheus scrapes (no connection churn of the
-// harness's own in the namespace being measured).
-func (a *realAgent) httpClient() *http.Client {
-	a.once.Do(func() {
-		a.transport = &http.Transport{
-			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-				return a.ns.DialContext(ctx, network, addr)
-			},
-		}
-	})
-	return &http.Client{Timeout: 5 * time.Second, Transport: a.transport}
-}
-
-// waitReady waits until /readyz says the target is watched.
-func (a *realAgent) waitReady(t testing.TB, timeout time.Duration) {
+// agentMetrics scrapes the agent's /metrics into name{labels} -> value.
+func agentMetrics(t testing.TB, a *testenv.Agent) map[string]float64 {
 	t.Helper()
-	c := a.httpClient()
-	deadline := time.Now().Add(timeout)
-	for {
-		resp, err := c.Get("http://" + a.httpAddr + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			b, _ := os.ReadFile(a.log)
-			t.Fatalf("agent not ready within %v (last: %v)\n%s", timeout, err, b)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
-// metrics scrapes the agent's /metrics into name{labels} -> value.
-func (a *realAgent) metrics(t testing.TB) map[string]float64 {
-	t.Helper()
-	resp, err := a.httpClient().Get("http://" + a.httpAddr + "/metrics")
+	resp, err := a.HTTPClient().Get("http://" + a.HTTPAddr + "/metrics")
 	if err != nil {
 		t.Fatalf("scrape the agent: %v", err)
 	}
@@ -259,10 +156,10 @@ func TestIdleAgentRSSBudget(t *testing.T) {
 	if held := nb.HoldEstablished(t, 500); held < 500 {
 		t.Fatalf("neighbour holds %d connections, want 500", held)
 	}
-	a := startRealAgent(t, "", pid, nil)
+	a := testenv.StartAgent(t, sidecarAgent(t, culpritBinary(t), pid, nil))
 	time.Sleep(20 * time.Second) // warm-up
-	st := procStatus(a.pid)
-	m := a.metrics(t)
+	st := procStatus(a.PID)
+	m := agentMetrics(t, a)
 	t.Logf("idle agent: VmRSS %.1f MiB (anon %.1f, file %.1f), VmHWM %.1f MiB, Go heap in use %.1f MiB",
 		mib(st["VmRSS"]), mib(st["RssAnon"]), mib(st["RssFile"]), mib(st["VmHWM"]), m["go_memstats_heap_inuse_bytes"]/(1<<20))
 	if budget := rssBudget(t); st["VmRSS"] > budget {
@@ -278,20 +175,22 @@ func TestAgentMemoryLimitFromCgroup(t *testing.T) {
 	requireRoot(t)
 	s := testenv.Start(t, testenv.Options{Backlog: 128, Accept: true})
 	const limit = 96 << 20
-	a := startRealAgent(t, "", s.PID, func(pid int) { testenv.MemoryCgroup(t, limit, pid) })
+	a := testenv.StartAgent(t, sidecarAgent(t, culpritBinary(t), s.PID, func(pid int) { testenv.MemoryCgroup(t, limit, pid) }))
 	time.Sleep(3 * time.Second)
-	b, _ := os.ReadFile(a.log)
+	b := []byte(a.Log())
 	want := fmt.Sprintf("bytes=%d", int64(float64(limit)*DefaultConfig().Agent.MemoryLimitRatio))
 	if !bytes.Contains(b, []byte("Go memory limit set")) || !bytes.Contains(b, []byte(want)) {
 		t.Fatalf("the agent did not set its Go memory limit from its cgroup (want %s):\n%s", want, b)
 	}
-	if a.cmd.ProcessState != nil {
-		t.Fatalf("the agent exited: %v", a.cmd.ProcessState)
+	select {
+	case <-a.Exited():
+		t.Fatalf("the agent exited: %v", a.ExitErr())
+	default:
 	}
 	// An explicit limit wins over the cgroup's.
-	a2 := startRealAgent(t, "", s.PID, func(pid int) { testenv.MemoryCgroup(t, limit, pid) }, "agent.memory_limit_bytes=50000000")
+	a2 := testenv.StartAgent(t, sidecarAgent(t, culpritBinary(t), s.PID, func(pid int) { testenv.MemoryCgroup(t, limit, pid) }, "agent.memory_limit_bytes=50000000"))
 	time.Sleep(time.Second)
-	b, _ = os.ReadFile(a2.log)
+	b = []byte(a2.Log())
 	if !bytes.Contains(b, []byte("bytes=50000000")) || !bytes.Contains(b, []byte("from=agent.memory_limit_bytes")) {
 		t.Fatalf("agent.memory_limit_bytes not applied:\n%s", b)
 	}

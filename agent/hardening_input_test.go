@@ -22,6 +22,8 @@ import (
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
 )
 
 // Bad input to the real binary's configuration: each is refused at once,
@@ -121,12 +123,12 @@ func TestHardeningBadConfigInput(t *testing.T) {
 func TestHardeningOTLPAttacks(t *testing.T) {
 	sleeper := startNamed(t, fmt.Sprintf("culprit-otlp-hardening-%d", os.Getpid()))
 	grpcAddr, httpAddr := freeAddr(t), freeAddr(t)
-	a := startBinAgent(t, nil, nil, culpritBinary(t), "--pid", strconv.Itoa(sleeper.Process.Pid),
-		"--set", "traces.grpc_addr="+grpcAddr, "--set", "traces.http_addr="+httpAddr)
+	a := testenv.StartAgent(t, testenv.AgentOptions{Bin: culpritBinary(t), Args: []string{"--pid", strconv.Itoa(sleeper.Process.Pid),
+		"--set", "traces.grpc_addr=" + grpcAddr, "--set", "traces.http_addr=" + httpAddr}})
 	time.Sleep(2 * time.Second) // past start-up allocations
-	rss0, hwm0 := memKiB(t, a.pid)
-	fds0 := openFDs(a.pid)
-	p := startProber(a.httpAddr, "/healthz", "/readyz")
+	rss0, hwm0 := memKiB(t, a.PID)
+	fds0 := openFDs(a.PID)
+	p := startProber(a.HTTPAddr, "/healthz", "/readyz")
 
 	// 200 slow uploads of 4 MB, all but the last byte.
 	const size = 4 << 20
@@ -156,7 +158,7 @@ func TestHardeningOTLPAttacks(t *testing.T) {
 		}()
 	}
 	wg.Wait()
-	_, hwmUploads := memKiB(t, a.pid)
+	_, hwmUploads := memKiB(t, a.PID)
 	t.Logf("200 slow 4 MB uploads: %v; peak RSS %d -> %d MiB", statuses, hwm0>>10, hwmUploads>>10)
 
 	// 1000 connections sending a byte a second.
@@ -193,9 +195,9 @@ func TestHardeningOTLPAttacks(t *testing.T) {
 	}
 	maxFDs := 0
 	for end := time.Now().Add(20 * time.Second); time.Now().Before(end); time.Sleep(250 * time.Millisecond) {
-		maxFDs = max(maxFDs, openFDs(a.pid))
+		maxFDs = max(maxFDs, openFDs(a.PID))
 	}
-	fdsDuring := openFDs(a.pid)
+	fdsDuring := openFDs(a.PID)
 	close(stop)
 	dribblers.Wait()
 	nCut := 0
@@ -226,11 +228,11 @@ func TestHardeningOTLPAttacks(t *testing.T) {
 			t.Fatalf("export %d: %v", i, err)
 		}
 	}
-	truncated := scrapeValue(t, a.httpAddr, "culprit_otlp_span_strings_truncated_total")
-	storeBytes := scrapeValue(t, a.httpAddr, "culprit_otlp_span_store_bytes")
+	truncated := scrapeValue(t, a.HTTPAddr, "culprit_otlp_span_strings_truncated_total")
+	storeBytes := scrapeValue(t, a.HTTPAddr, "culprit_otlp_span_store_bytes")
 
 	n, worst, fails := p.finish()
-	rss1, hwm1 := memKiB(t, a.pid)
+	rss1, hwm1 := memKiB(t, a.PID)
 	t.Logf("100 spans with 4 MB names: %v strings cut, span store %v bytes; RSS %d -> %d MiB, peak %d -> %d MiB; /healthz and /readyz worst %s over %d probes",
 		truncated, storeBytes, rss0>>10, rss1>>10, hwm0>>10, hwm1>>10, worst.Round(time.Millisecond), n)
 	if hwm1-hwm0 > attackRSSBudgetKiB {

@@ -18,7 +18,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -45,137 +44,6 @@ import (
 // The attacks of the hardening issue, each run against the real binary as
 // an unprivileged neighbour in the pod would (over loopback), with the
 // bound the agent must hold. `make reliability` runs them.
-
-// binAgent is the real culprit binary running as an agent.
-type binAgent struct {
-	cmd                *exec.Cmd
-	pid                int
-	grpcAddr, httpAddr string
-	exited             chan struct{}
-	exitErr            error
-	forks              bool // started under a wrapper that forks it (unshare --fork)
-
-	mu  sync.Mutex
-	log []string // stderr lines
-}
-
-// startBinAgent runs `culprit agent args...` (prefixed by wrap, e.g.
-// unshare) on fresh loopback ports, and waits until /healthz answers.
-func startBinAgent(t *testing.T, wrap []string, cred *syscall.Credential, bin string, args ...string) *binAgent {
-	t.Helper()
-	b := &binAgent{exited: make(chan struct{}), forks: len(wrap) > 0 && wrap[0] == "unshare"}
-	if !hasFlag(args, "--grpc-addr") {
-		b.grpcAddr = freeAddr(t)
-		args = append(args, "--grpc-addr", b.grpcAddr)
-	}
-	b.httpAddr = freeAddr(t)
-	args = append(args, "--http-addr", b.httpAddr)
-	// The trace receivers on ports of their own unless the test picks them
-	// (a later --set would win over the test's).
-	for _, key := range []string{"traces.grpc_addr", "traces.http_addr"} {
-		if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, key+"=") }) {
-			args = append(args, "--set", key+"=127.0.0.1:0")
-		}
-	}
-	argv := append(append(append([]string{}, wrap...), bin, "agent"), args...)
-	b.cmd = exec.Command(argv[0], argv[1:]...)
-	if cred != nil {
-		b.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-	}
-	stderr, err := b.cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	b.pid = b.cmd.Process.Pid
-	logDone := make(chan struct{})
-	go func() {
-		defer close(logDone)
-		sc := bufio.NewScanner(stderr)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		for sc.Scan() {
-			b.mu.Lock()
-			b.log = append(b.log, sc.Text())
-			b.mu.Unlock()
-		}
-	}()
-	go func() { <-logDone; b.exitErr = b.cmd.Wait(); close(b.exited) }()
-	t.Cleanup(func() { b.stop(t) })
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		select {
-		case <-b.exited:
-			t.Fatalf("agent exited at start: %v\n%s", b.exitErr, b.logText())
-		default:
-		}
-		if resp, err := (&http.Client{Timeout: time.Second}).Get("http://" + b.httpAddr + "/healthz"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return b
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("agent did not answer /healthz within 15 s\n%s", b.logText())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func hasFlag(args []string, f string) bool {
-	for _, a := range args {
-		if a == f {
-			return true
-		}
-	}
-	return false
-}
-
-// stop sends SIGTERM and waits for the agent to exit.
-func (b *binAgent) stop(t *testing.T) {
-	select {
-	case <-b.exited:
-		return
-	default:
-	}
-	// A wrapper that forks (unshare --fork) ignores SIGTERM: signal the
-	// agent under it, as the kubelet's SIGTERM reaches the container's
-	// main process.
-	target := b.pid
-	if kids, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", b.pid, b.pid)); err == nil && b.forks {
-		if f := strings.Fields(string(kids)); len(f) == 1 {
-			target, _ = strconv.Atoi(f[0])
-		}
-	}
-	syscall.Kill(target, syscall.SIGTERM)
-	select {
-	case <-b.exited:
-	case <-time.After(10 * time.Second):
-		t.Errorf("agent still running 10 s after SIGTERM")
-		b.cmd.Process.Kill()
-		<-b.exited
-	}
-}
-
-func (b *binAgent) logText() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return strings.Join(b.log, "\n")
-}
-
-// logLines counts the stderr lines containing s.
-func (b *binAgent) logLines(s string) int {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	n := 0
-	for _, l := range b.log {
-		if strings.Contains(l, s) {
-			n++
-		}
-	}
-	return n
-}
 
 // memKiB reads VmRSS and VmHWM (peak RSS) of pid.
 func memKiB(t *testing.T, pid int) (rss, hwm int) {
@@ -307,10 +175,10 @@ const attackRSSBudgetKiB = 64 << 10
 // stays within the budget and /healthz keeps answering within a second.
 func TestHardeningHugeAuthorizationHeader(t *testing.T) {
 	sleeper := startNamed(t, fmt.Sprintf("culprit-hardening-%d", os.Getpid()))
-	a := startBinAgent(t, nil, nil, culpritBinary(t), "--pid", strconv.Itoa(sleeper.Process.Pid), "--set", "agent.token_file="+writeToken(t))
+	a := testenv.StartAgent(t, testenv.AgentOptions{Bin: culpritBinary(t), Args: []string{"--pid", strconv.Itoa(sleeper.Process.Pid), "--set", "agent.token_file=" + writeToken(t)}})
 	time.Sleep(2 * time.Second) // past start-up allocations (kallsyms, symbols)
-	rss0, hwm0 := memKiB(t, a.pid)
-	p := startProber(a.httpAddr, "/healthz")
+	rss0, hwm0 := memKiB(t, a.PID)
+	p := startProber(a.HTTPAddr, "/healthz")
 	var wg sync.WaitGroup
 	results := make([]rawh2.Result, 20)
 	errs := make([]error, 20)
@@ -320,13 +188,13 @@ func TestHardeningHugeAuthorizationHeader(t *testing.T) {
 			defer wg.Done()
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			results[i], errs[i] = rawh2.SendHugeHeader(ctx, a.grpcAddr, culpritv1.Diagnostics_ListFindings_FullMethodName, "authorization", 15<<20)
+			results[i], errs[i] = rawh2.SendHugeHeader(ctx, a.GRPCAddr, culpritv1.Diagnostics_ListFindings_FullMethodName, "authorization", 15<<20)
 		}()
 	}
 	wg.Wait()
 	time.Sleep(300 * time.Millisecond)
 	n, worst, fails := p.finish()
-	rss1, hwm1 := memKiB(t, a.pid)
+	rss1, hwm1 := memKiB(t, a.PID)
 	var sent int64
 	for i, r := range results {
 		if errs[i] != nil {
@@ -346,7 +214,7 @@ func TestHardeningHugeAuthorizationHeader(t *testing.T) {
 		t.Errorf("/healthz during the attack: worst %s, failures %v", worst, fails)
 	}
 	// A client with the token is served.
-	if _, err := secureClient(t, a.grpcAddr, exporters.ClientSecurity{Token: hardeningToken}).ListFindings(context.Background(), &culpritv1.ListRequest{}); err != nil {
+	if _, err := secureClient(t, a.GRPCAddr, exporters.ClientSecurity{Token: hardeningToken}).ListFindings(context.Background(), &culpritv1.ListRequest{}); err != nil {
 		t.Errorf("ListFindings with the token after the attack: %v", err)
 	}
 }
@@ -355,9 +223,9 @@ func TestHardeningHugeAuthorizationHeader(t *testing.T) {
 // their headers, before a message is read or decoded.
 func TestHardeningUnauthenticatedLargeProfileRequests(t *testing.T) {
 	sleeper := startNamed(t, fmt.Sprintf("culprit-hardening-%d", os.Getpid()))
-	a := startBinAgent(t, nil, nil, culpritBinary(t), "--pid", strconv.Itoa(sleeper.Process.Pid), "--set", "agent.token_file="+writeToken(t))
+	a := testenv.StartAgent(t, testenv.AgentOptions{Bin: culpritBinary(t), Args: []string{"--pid", strconv.Itoa(sleeper.Process.Pid), "--set", "agent.token_file=" + writeToken(t)}})
 	time.Sleep(2 * time.Second)
-	rss0, hwm0 := memKiB(t, a.pid)
+	rss0, hwm0 := memKiB(t, a.PID)
 	req := &culpritv1.CaptureProfileRequest{Lookback: durationpb.New(time.Second)}
 	for len(req.Tids)*5 < 3<<20 {
 		req.Tids = append(req.Tids, 1<<30) // 5 bytes each: 3 MB
@@ -366,7 +234,7 @@ func TestHardeningUnauthenticatedLargeProfileRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := startProber(a.httpAddr, "/healthz")
+	p := startProber(a.HTTPAddr, "/healthz")
 	var wg sync.WaitGroup
 	got := make([]error, 50)
 	for i := range got {
@@ -374,7 +242,7 @@ func TestHardeningUnauthenticatedLargeProfileRequests(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			// A connection each, as 50 separate neighbours would.
-			cc, err := grpc.NewClient(a.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			cc, err := grpc.NewClient(a.GRPCAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 			if err != nil {
 				got[i] = err
 				return
@@ -387,7 +255,7 @@ func TestHardeningUnauthenticatedLargeProfileRequests(t *testing.T) {
 	}
 	wg.Wait()
 	n, worst, fails := p.finish()
-	rss1, hwm1 := memKiB(t, a.pid)
+	rss1, hwm1 := memKiB(t, a.PID)
 	for i, err := range got {
 		if status.Code(err) != codes.Unauthenticated {
 			t.Fatalf("call %d: %v, want Unauthenticated", i, err)
@@ -411,11 +279,11 @@ func TestHardeningUnauthenticatedLargeProfileRequests(t *testing.T) {
 func TestHardeningIdleConnectionFlood(t *testing.T) {
 	sleeper := startNamed(t, fmt.Sprintf("culprit-hardening-%d", os.Getpid()))
 	// Both limits at 20,000, as in the pod of the report.
-	a := startBinAgent(t, []string{"prlimit", "--nofile=20000:20000", "--"}, nil, culpritBinary(t), "--pid", strconv.Itoa(sleeper.Process.Pid))
-	c := client(t, a.grpcAddr)
+	a := testenv.StartAgent(t, testenv.AgentOptions{Bin: culpritBinary(t), Args: []string{"--pid", strconv.Itoa(sleeper.Process.Pid)}, Wrap: []string{"prlimit", "--nofile=20000:20000", "--"}})
+	c := client(t, a.GRPCAddr)
 	time.Sleep(2 * time.Second)
-	fd0 := openFDs(a.pid)
-	rss0, hwm0 := memKiB(t, a.pid)
+	fd0 := openFDs(a.PID)
+	rss0, hwm0 := memKiB(t, a.PID)
 	snap0, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -433,7 +301,7 @@ func TestHardeningIdleConnectionFlood(t *testing.T) {
 		t.Fatalf("the test process can open only %d connections (RLIMIT_NOFILE %d)", conns, rl.Cur)
 	}
 
-	p := startProber(a.httpAddr, "/healthz", "/readyz")
+	p := startProber(a.HTTPAddr, "/healthz", "/readyz")
 	var (
 		mu     sync.Mutex
 		held   []net.Conn
@@ -452,7 +320,7 @@ func TestHardeningIdleConnectionFlood(t *testing.T) {
 		defer close(fdDone)
 		for {
 			mu.Lock()
-			fdMax = max(fdMax, openFDs(a.pid))
+			fdMax = max(fdMax, openFDs(a.PID))
 			mu.Unlock()
 			select {
 			case <-stopFD:
@@ -479,7 +347,7 @@ func TestHardeningIdleConnectionFlood(t *testing.T) {
 					})
 				}}
 			for i := range per {
-				cn, err := d.Dial("tcp", a.httpAddr)
+				cn, err := d.Dial("tcp", a.HTTPAddr)
 				if err != nil {
 					mu.Lock()
 					dialEr++
@@ -513,7 +381,7 @@ func TestHardeningIdleConnectionFlood(t *testing.T) {
 	n, worst, fails := p.finish()
 	close(stopFD)
 	<-fdDone
-	rss1, hwm1 := memKiB(t, a.pid)
+	rss1, hwm1 := memKiB(t, a.PID)
 	snap1, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -544,7 +412,7 @@ func TestHardeningIdleConnectionFlood(t *testing.T) {
 		t.Errorf("target lost during the flood: %s", snap1.GetTarget().GetReason())
 	}
 	for _, bad := range []string{"target gone", "collector failed", "too many open files"} {
-		if n := a.logLines(bad); n > 0 {
+		if n := len(a.LogLines(bad)); n > 0 {
 			t.Errorf("the agent logged %q %d times during the flood", bad, n)
 		}
 	}
@@ -575,7 +443,7 @@ func TestHardeningResumeAcrossAgentRestart(t *testing.T) {
 	s := testenv.Start(t, testenv.Options{Backlog: 4, Accept: false, SharedNetns: true})
 	grpcAddr := freeAddr(t)
 	args := []string{"--pid", strconv.Itoa(s.PID), "--grpc-addr", grpcAddr}
-	run1 := startBinAgent(t, nil, nil, bin, args...)
+	run1 := testenv.StartAgent(t, testenv.AgentOptions{Bin: bin, Args: args})
 	waitWatching(t, client(t, grpcAddr), s.Port)
 
 	// The CLI follows from the start, through the restart.
@@ -609,9 +477,9 @@ func TestHardeningResumeAcrossAgentRestart(t *testing.T) {
 	if inst1 == "" {
 		t.Fatal("events carry no instance_id")
 	}
-	run1.stop(t)
+	run1.Stop(t)
 
-	run2 := startBinAgent(t, nil, nil, bin, args...)
+	run2 := testenv.StartAgent(t, testenv.AgentOptions{Bin: bin, Args: args})
 	c2 := client(t, grpcAddr)
 	s.MustDo(t, "dialasync 20")
 	// Wait until the new run has gone past the old cursor: the case where
@@ -724,9 +592,9 @@ func TestHardeningTLSWithoutClientAuthIsNotProtection(t *testing.T) {
 		t.Errorf("metrics on 0.0.0.0 without allow_non_local: the error does not name agent.http_addr:\n%s", msg)
 	}
 
-	a := startBinAgent(t, nil, nil, bin, append(tlsArgs, "--set", "agent.allow_non_local=true")...)
-	if a.logLines("GetSnapshot and CaptureProfile are refused") != 1 {
-		t.Errorf("the agent does not warn once that snapshots and profiles are refused:\n%s", a.logText())
+	a := testenv.StartAgent(t, testenv.AgentOptions{Bin: bin, Args: append(tlsArgs, "--set", "agent.allow_non_local=true")})
+	if len(a.LogLines("GetSnapshot and CaptureProfile are refused")) != 1 {
+		t.Errorf("the agent does not warn once that snapshots and profiles are refused:\n%s", a.Log())
 	}
 	c := secureClient(t, "127.0.0.1:"+port, exporters.ClientSecurity{CAFile: ca, ServerName: "127.0.0.1"})
 	if _, err := c.ListFindings(context.Background(), &culpritv1.ListRequest{}); err != nil {
@@ -813,8 +681,8 @@ func TestHardeningTargetUnreadableSaysWhy(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			a := startBinAgent(t, tc.wrap, tc.cred, bin, tc.args...)
-			c := client(t, a.grpcAddr)
+			a := testenv.StartAgent(t, testenv.AgentOptions{Bin: bin, Args: tc.args, Wrap: tc.wrap, Cred: tc.cred})
+			c := client(t, a.GRPCAddr)
 			deadline := time.Now().Add(10 * time.Second)
 			var reason string
 			for reason == "" {
@@ -834,7 +702,7 @@ func TestHardeningTargetUnreadableSaysWhy(t *testing.T) {
 			if !strings.Contains(reason, tc.want) {
 				t.Errorf("GetSnapshot reason %q, want it to say %q", reason, tc.want)
 			}
-			resp, err := http.Get("http://" + a.httpAddr + "/readyz")
+			resp, err := http.Get("http://" + a.HTTPAddr + "/readyz")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -844,8 +712,8 @@ func TestHardeningTargetUnreadableSaysWhy(t *testing.T) {
 				t.Errorf("/readyz: %s %q, want 503 saying %q", resp.Status, body, tc.want)
 			}
 			time.Sleep(1500 * time.Millisecond) // three more refind intervals
-			if n := a.logLines("target cannot be watched"); n != 1 {
-				t.Errorf("the reason was logged %d times, want once:\n%s", n, a.logText())
+			if n := len(a.LogLines("target cannot be watched")); n != 1 {
+				t.Errorf("the reason was logged %d times, want once:\n%s", n, a.Log())
 			}
 			t.Logf("%s: %s", tc.name, reason)
 		})

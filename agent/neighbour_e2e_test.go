@@ -6,12 +6,9 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -27,56 +24,19 @@ import (
 // namespace, as a sidecar does in a pod: its own API sockets share the
 // namespace with the target and its neighbours.
 type podAgent struct {
-	ns       *testenv.Netns
-	grpcAddr string
-	httpAddr string
-	c        culpritv1.DiagnosticsClient
+	*testenv.Agent
+	c culpritv1.DiagnosticsClient
 }
 
 func startPodAgent(t *testing.T, pid int, sets ...string) *podAgent {
 	t.Helper()
-	bin := culpritBinary(t)
-	ns := testenv.NetnsOf(t, pid)
-	port := func() string {
-		p, err := ns.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return "127.0.0.1:" + strconv.Itoa(p)
-	}
-	pa := &podAgent{ns: ns, grpcAddr: port(), httpAddr: port()}
-	args := []string{"--net=/proc/" + strconv.Itoa(pid) + "/ns/net", bin, "agent", "--pid", strconv.Itoa(pid),
-		"--grpc-addr", pa.grpcAddr, "--http-addr", pa.httpAddr,
-		"--set", "traces.grpc_addr=" + port(), "--set", "traces.http_addr=" + port()}
+	args := []string{"--pid", strconv.Itoa(pid)}
 	for _, s := range sets {
 		args = append(args, "--set", s)
 	}
-	cmd := exec.Command("nsenter", args...)
-	log, err := os.CreateTemp(t.TempDir(), "agent-*.log")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start the agent in the target's namespace: %v", err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(log.Name())
-			t.Logf("agent log:\n%s", b)
-		}
-	})
-	conn, err := grpc.NewClient("passthrough:///"+pa.grpcAddr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+	pa := &podAgent{Agent: testenv.StartAgent(t, testenv.AgentOptions{Bin: culpritBinary(t), Args: args, Netns: testenv.NetnsOf(t, pid)})}
+	ns := pa.Netns
+	conn, err := grpc.NewClient("passthrough:///"+pa.GRPCAddr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) { return ns.DialContext(ctx, "tcp", addr) }))
 	if err != nil {
 		t.Fatal(err)
@@ -102,7 +62,7 @@ func startPodAgent(t *testing.T, pid int, sets ...string) *podAgent {
 // intermediary's idle timeout to anyone who does not know whose they are.
 func (pa *podAgent) scrapeLoop(t *testing.T, stop <-chan struct{}) {
 	t.Helper()
-	client := &http.Client{Transport: &http.Transport{DialContext: pa.ns.DialContext, MaxIdleConnsPerHost: 8}}
+	client := &http.Client{Transport: &http.Transport{DialContext: pa.Netns.DialContext, MaxIdleConnsPerHost: 8}}
 	var wg sync.WaitGroup
 	for i := 0; i < 8; i++ {
 		wg.Add(1)
@@ -110,7 +70,7 @@ func (pa *podAgent) scrapeLoop(t *testing.T, stop <-chan struct{}) {
 			defer wg.Done()
 			for {
 				for _, path := range []string{"/metrics", "/healthz", "/readyz"} {
-					if resp, err := client.Get("http://" + pa.httpAddr + path); err == nil {
+					if resp, err := client.Get("http://" + pa.HTTPAddr + path); err == nil {
 						io.Copy(io.Discard, resp.Body)
 						resp.Body.Close()
 					}
@@ -194,7 +154,7 @@ func TestPrecisionNoisyNeighbour(t *testing.T) {
 			for _, f := range got {
 				text := f.Title + " " + f.Symptom + " " + f.RootCause
 				switch {
-				case strings.Contains(text, pa.grpcAddr) || strings.Contains(text, pa.httpAddr) ||
+				case strings.Contains(text, pa.GRPCAddr) || strings.Contains(text, pa.HTTPAddr) ||
 					strings.Contains(text, "process agent,") || strings.Contains(text, "process culprit"):
 					aboutAgent = append(aboutAgent, describe(f))
 				case strings.Contains(f.Title, "not the target") || strings.Contains(f.Title, "by the namespace"):

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"os"
 	"os/exec"
@@ -28,30 +27,9 @@ func TestAgentWithoutBPFRights(t *testing.T) {
 	}
 	bin := culpritBinary(t)
 	s := testenv.Start(t, testenv.Options{Backlog: 4, Accept: false, SharedNetns: true})
-	grpcAddr := freeAddr(t)
-	cmd := exec.Command(setpriv, "--bounding-set", "-bpf,-perfmon,-sys_admin", "--inh-caps=-all", "--",
-		bin, "agent", "--pid", strconv.Itoa(s.PID), "--grpc-addr", grpcAddr, "--http-addr", freeAddr(t))
-	stderr, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Signal(os.Interrupt); cmd.Wait() })
-	warned := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			if strings.Contains(sc.Text(), "eBPF probe unavailable") {
-				select {
-				case warned <- sc.Text():
-				default:
-				}
-			}
-		}
-	}()
-	c := client(t, grpcAddr)
+	a := testenv.StartAgent(t, testenv.AgentOptions{Bin: bin, Args: []string{"--pid", strconv.Itoa(s.PID)},
+		Wrap: []string{setpriv, "--bounding-set", "-bpf,-perfmon,-sys_admin", "--inh-caps=-all", "--"}})
+	c := client(t, a.GRPCAddr)
 	waitWatching(t, c, s.Port)
 	snap, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
 	if err != nil {
@@ -66,13 +44,15 @@ func TestAgentWithoutBPFRights(t *testing.T) {
 	if probe == nil || probe.State != "failed" || len(probe.Lost) == 0 {
 		t.Fatalf("snapshot does not report the probe failed with what is lost: %+v", probe)
 	}
-	select {
-	case line := <-warned:
-		if !strings.Contains(line, "lost=") {
-			t.Errorf("warning does not say what is lost: %s", line)
-		}
-	case <-time.After(5 * time.Second):
+	var warned []string
+	for deadline := time.Now().Add(5 * time.Second); len(warned) == 0 && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		warned = a.LogLines("eBPF probe unavailable")
+	}
+	switch {
+	case len(warned) == 0:
 		t.Error("no warning in the log about the missing probe")
+	case !strings.Contains(warned[0], "lost="):
+		t.Errorf("warning does not say what is lost: %s", warned[0])
 	}
 
 	events, _ := watch(t, c, 0)

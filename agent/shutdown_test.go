@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"os/exec"
 	"strconv"
 	"syscall"
 	"testing"
@@ -20,20 +19,8 @@ import (
 // there at the next agent) and exits 0 well within a grace period.
 func TestAgentShutsDownCleanlyOnSIGTERM(t *testing.T) {
 	s := testenv.Start(t, testenv.Options{Backlog: 4, Accept: false, SharedNetns: true})
-	grpcAddr := freeAddr(t)
-	cmd := exec.Command(culpritBinary(t), "agent", "--pid", strconv.Itoa(s.PID), "--grpc-addr", grpcAddr, "--http-addr", freeAddr(t),
-		"--set", "traces.grpc_addr=127.0.0.1:0", "--set", "traces.http_addr=127.0.0.1:0")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-		}
-	})
-	c := client(t, grpcAddr)
+	a := testenv.StartAgent(t, testenv.AgentOptions{Bin: culpritBinary(t), Args: []string{"--pid", strconv.Itoa(s.PID)}})
+	c := client(t, a.GRPCAddr)
 	waitWatching(t, c, s.Port)
 	stream, err := c.WatchFindings(context.Background(), &culpritv1.WatchRequest{})
 	if err != nil {
@@ -49,7 +36,7 @@ func TestAgentShutsDownCleanlyOnSIGTERM(t *testing.T) {
 		last = ev.Sequence
 	}
 	start := time.Now()
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+	if err := a.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	for {
@@ -63,8 +50,8 @@ func TestAgentShutsDownCleanlyOnSIGTERM(t *testing.T) {
 		last = ev.Sequence
 	}
 	select {
-	case err := <-exited:
-		if err != nil {
+	case <-a.Exited():
+		if err := a.ExitErr(); err != nil {
 			t.Errorf("agent exited with %v after SIGTERM, want 0", err)
 		}
 		t.Logf("agent stopped %s after SIGTERM", time.Since(start).Round(time.Millisecond))
