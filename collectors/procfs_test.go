@@ -14,7 +14,7 @@ import (
 
 // The memory and fds collectors parse /proc/PID/status and
 // /proc/PID/limits by hand instead of through procfs's Proc.NewStatus and
-// Proc.NewLimits. Why, measured here and written down in docs/DESIGN.md
+// Proc.Limits. Why, measured here and written down in docs/DESIGN.md
 // ("Kept libraries"):
 //
 //   - status is read on every collector cycle. NewStatus opens the file,
@@ -22,9 +22,9 @@ import (
 //     8.4 KB in 111 allocations per read on this project's VM, against
 //     0.5 KB in 7 for the hand parser reading through a descriptor kept
 //     open (BenchmarkStatusMemory).
-//   - NewLimits keeps only the soft limit of each resource. The
-//     fd_exhaustion rule tells a soft limit that the process may raise from
-//     a hard one that it may not, so it needs both.
+//   - Limits (NewLimits, now deprecated) keeps only the soft limit of each
+//     resource. The fd_exhaustion rule tells a soft limit that the process
+//     may raise from a hard one that it may not, so it needs both.
 //
 // The tests below check the hand parsers against procfs on the same bytes,
 // so the two cannot drift apart unnoticed.
@@ -97,9 +97,9 @@ func TestNofileAgreesWithProcfs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want, err := p.NewLimits()
+	want, err := p.Limits()
 	if err != nil {
-		t.Fatalf("procfs NewLimits: %v", err)
+		t.Fatalf("procfs Limits: %v", err)
 	}
 	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "limits"))
 	if err != nil {
@@ -153,7 +153,7 @@ func BenchmarkStatusMemory(b *testing.B) {
 }
 
 // BenchmarkLimitsNofile: the fds collector's read of /proc/PID/limits
-// beside procfs's NewLimits.
+// beside procfs's Limits.
 func BenchmarkLimitsNofile(b *testing.B) {
 	pid := sleeper(b)
 	path := filepath.Join("/proc", strconv.Itoa(pid), "limits")
@@ -177,7 +177,7 @@ func BenchmarkLimitsNofile(b *testing.B) {
 		}
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := p.NewLimits(); err != nil {
+			if _, err := p.Limits(); err != nil {
 				b.Fatal(err)
 			}
 		}
