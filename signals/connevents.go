@@ -1,9 +1,6 @@
 package signals
 
-import (
-	"sync"
-	"time"
-)
+import "time"
 
 // ConnEvent is one moment in the life of one TCP connection of the target's
 // network namespace: how it ended (who closed first, and how long it had
@@ -46,36 +43,19 @@ const (
 // more than a count: the idle ages at which peers close connections. It
 // is safe for concurrent use.
 type ConnEvents struct {
-	mu sync.RWMutex
-	r  ring[ConnEvent]
+	log *Log[ConnEvent]
 }
 
 // NewConnEvents keeps at most max events (at least one).
-func NewConnEvents(max int) *ConnEvents { return &ConnEvents{r: newRing[ConnEvent](max)} }
+func NewConnEvents(max int) *ConnEvents { return &ConnEvents{log: NewLog[ConnEvent](max)} }
 
 // Add appends e, evicting the oldest when full.
-func (c *ConnEvents) Add(e ConnEvent) {
-	c.mu.Lock()
-	c.r.add(e)
-	c.mu.Unlock()
-}
+func (c *ConnEvents) Add(e ConnEvent) { c.log.Add(e) }
 
 // Since returns the events at or after from, oldest first.
 func (c *ConnEvents) Since(from time.Time) []ConnEvent {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	var out []ConnEvent
-	c.r.each(func(e ConnEvent) {
-		if !e.T.Before(from) {
-			out = append(out, e)
-		}
-	})
-	return out
+	return c.log.Filter(func(e ConnEvent) bool { return !e.T.Before(from) })
 }
 
 // Evicted is how many events were pushed out by newer ones.
-func (c *ConnEvents) Evicted() uint64 {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return c.r.evicted
-}
+func (c *ConnEvents) Evicted() uint64 { return c.log.Evicted() }

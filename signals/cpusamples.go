@@ -28,13 +28,14 @@ type StackSample struct {
 // recent window (a finding's, or one asked for over gRPC) can be built
 // without profiling again. It is safe for concurrent use.
 type CPUSamples struct {
-	mu     sync.RWMutex
-	r      ring[StackSample]
+	log *Log[StackSample]
+
+	mu     sync.RWMutex // guards period
 	period time.Duration
 }
 
 // NewCPUSamples keeps at most max samples (at least one).
-func NewCPUSamples(max int) *CPUSamples { return &CPUSamples{r: newRing[StackSample](max)} }
+func NewCPUSamples(max int) *CPUSamples { return &CPUSamples{log: NewLog[StackSample](max)} }
 
 // SetPeriod records the sampling period the samples were taken at.
 func (c *CPUSamples) SetPeriod(d time.Duration) {
@@ -51,31 +52,13 @@ func (c *CPUSamples) Period() time.Duration {
 }
 
 // Add appends samples, evicting the oldest when full.
-func (c *CPUSamples) Add(ss []StackSample) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, s := range ss {
-		c.r.add(s)
-	}
-}
+func (c *CPUSamples) Add(ss []StackSample) { c.log.Add(ss...) }
 
 // Range returns the samples with from < T <= to, oldest first. The slices
 // inside are shared and must not be modified.
 func (c *CPUSamples) Range(from, to time.Time) []StackSample {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	var out []StackSample
-	c.r.each(func(s StackSample) {
-		if s.T.After(from) && !s.T.After(to) {
-			out = append(out, s)
-		}
-	})
-	return out
+	return c.log.Filter(func(s StackSample) bool { return s.T.After(from) && !s.T.After(to) })
 }
 
 // Evicted is how many samples were pushed out by newer ones.
-func (c *CPUSamples) Evicted() uint64 {
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	return c.r.evicted
-}
+func (c *CPUSamples) Evicted() uint64 { return c.log.Evicted() }

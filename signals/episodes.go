@@ -1,9 +1,6 @@
 package signals
 
-import (
-	"sync"
-	"time"
-)
+import "time"
 
 // Episode is one interval in the life of one thread that a rule may name as
 // a root cause: a long sleep off-CPU (a blocking call) or a long run
@@ -80,14 +77,12 @@ type episodeKey struct {
 	start time.Time
 }
 
-// Episodes is a ring of the last max episodes, and what each thread of
+// Episodes is a log of the last max episodes, and what each thread of
 // the target was seen doing (Observe, Thread). An ongoing episode is
 // replaced in place as it grows and when it ends, so a thread blocked for a
 // minute is one entry, not sixty. It is safe for concurrent use.
 type Episodes struct {
-	mu    sync.RWMutex
-	r     ring[Episode]
-	index map[episodeKey]int // position in r.buf
+	log *Log[Episode] // keyed by keyOf
 	// th is what each thread was seen doing (threads.go): the stack of a
 	// blocking call is often too short to tell which runtime's thread
 	// made it, its earlier idle waits are not.
@@ -96,48 +91,24 @@ type Episodes struct {
 
 // NewEpisodes keeps at most max episodes (at least one).
 func NewEpisodes(max int) *Episodes {
-	return &Episodes{r: newRing[Episode](max), index: make(map[episodeKey]int)}
+	return &Episodes{log: NewKeyedLog(max, keyOf)}
 }
 
 func keyOf(e Episode) episodeKey { return episodeKey{e.Kind, e.Tid, e.Start} }
 
 // Put adds e, or replaces the episode of the same kind, thread and start
 // (unless that one has ended and e says it is ongoing).
-func (es *Episodes) Put(e Episode) {
-	k := keyOf(e)
-	es.mu.Lock()
-	defer es.mu.Unlock()
-	if i, ok := es.index[k]; ok {
-		// A late report that it is still going on must not undo its end.
-		if !es.r.buf[i].Ongoing && e.Ongoing {
-			return
-		}
-		es.r.buf[i] = e
-		return
-	}
-	if old, full := es.r.oldest(); full {
-		delete(es.index, keyOf(old))
-	}
-	es.index[k] = es.r.add(e)
-}
+func (es *Episodes) Put(e Episode) { es.log.Put(e, keepEnd) }
+
+// keepEnd: a late report that an episode is still going on must not undo
+// its end.
+func keepEnd(old, e Episode) bool { return old.Ongoing || !e.Ongoing }
 
 // Since returns the episodes of kind that were going on at or after from,
 // oldest first.
 func (es *Episodes) Since(kind string, from time.Time) []Episode {
-	es.mu.RLock()
-	defer es.mu.RUnlock()
-	var out []Episode
-	es.r.each(func(e Episode) {
-		if e.Kind == kind && !e.End().Before(from) {
-			out = append(out, e)
-		}
-	})
-	return out
+	return es.log.Filter(func(e Episode) bool { return e.Kind == kind && !e.End().Before(from) })
 }
 
 // Evicted is how many episodes were pushed out by newer ones.
-func (es *Episodes) Evicted() uint64 {
-	es.mu.RLock()
-	defer es.mu.RUnlock()
-	return es.r.evicted
-}
+func (es *Episodes) Evicted() uint64 { return es.log.Evicted() }

@@ -3,12 +3,12 @@ package signals
 // ring is a FIFO bounded by max that overwrites its oldest element when
 // full, counting what it overwrote. Its buffer grows on demand (doubling
 // from minRingBuf) up to max, so a ring whose source is quiet, or whose
-// feature is off, costs next to nothing. Not safe for concurrent use: its
-// owners lock around it.
+// feature is off, costs next to nothing. Not safe for concurrent use: Log
+// locks around it.
 //
 // Until the buffer reaches max it never wraps: the elements sit in order
 // from index 0, so growing is one copy and an index add returned stays
-// valid (Episodes keeps them).
+// valid (a keyed Log keeps them).
 type ring[T any] struct {
 	buf     []T
 	max     int
