@@ -11,6 +11,8 @@ import "sync"
 // A log made by NewKeyedLog also indexes its values by a key, so that Put
 // can replace a value in place (an ongoing episode that grows, then ends)
 // instead of appending a new one each time it is reported.
+//
+// Make one with NewLog or NewKeyedLog: the zero Log is not ready for use.
 type Log[T any] struct {
 	mu  sync.RWMutex
 	r   ring[T]
@@ -18,7 +20,7 @@ type Log[T any] struct {
 }
 
 // logIndex finds a value's position in the ring by its key. Its methods
-// run under the log's write lock (or read lock for lookup).
+// run under the log's write lock.
 type logIndex[T any] interface {
 	lookup(v T) (int, bool)
 	set(v T, i int)
