@@ -64,6 +64,9 @@ type Agent struct {
 	resource *exporters.Resource
 	logs     *exporters.FindingsLogs
 	engine   *rules.Engine
+	// ruleSet is what the engine runs; their needs say what a component
+	// that does not run costs (lost).
+	ruleSet []rules.Rule
 }
 
 // StartAgent wires collectors, probes, rules and exporters and starts them.
@@ -99,6 +102,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		log:    log,
 		cancel: cancel,
 	}
+	a.ruleSet = rules.New(cfg.Rules, cfg.Pprof.Interval)
 	a.Tracker = target.NewTracker(res, sel, cfg.Target.RefindInterval, log)
 	if a.resource, err = exporters.NewResource(os.Environ(), a.Tracker); err != nil {
 		cancel()
@@ -133,7 +137,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		Heap:     profiles.NewHeap(a.Profiles),
 		Pools:    pools,
 	}
-	a.engine = rules.NewEngine(rules.New(cfg.Rules, cfg.Pprof.Interval), a.Store, a.Journal, a.Tracker, eo)
+	a.engine = rules.NewEngine(a.ruleSet, a.Store, a.Journal, a.Tracker, eo)
 	a.goRun(func() { a.engine.Run(ctx) })
 
 	if err := a.startServers(cfg); err != nil {

@@ -26,7 +26,7 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 	}
 	for _, name := range collectors.Names() {
 		if disabled[name] {
-			a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDisabled, Detail: "disabled in collect.disabled"})
+			a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDisabled, Detail: "disabled in collect.disabled", Lost: a.lost(name)})
 			continue
 		}
 		interval := cfg.Collect.Interval
@@ -57,7 +57,7 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 	if cfg.Pprof.HeapURL == "" {
 		a.Store.SetStatus(signals.Status{Component: "pprof_heap", Kind: "collector", State: signals.StateDisabled,
 			Detail: "pprof.heap_url is empty: no heap source",
-			Lost:   []string{"heap_leak: allocation sites (RSS growth is reported with the heap unknown)", "rss_without_heap", "oom_ahead: heap vs allocator split"}})
+			Lost:   a.lost(signals.CollectorPprofHeap)})
 		return nil
 	}
 	ph := collectors.NewPprofHeap(collectors.Options{ProcRoot: cfg.Collect.ProcRoot, Log: a.log.With("collector", "pprof_heap")},
@@ -94,7 +94,7 @@ func (a *Agent) runCollector(ctx context.Context, c collectors.Collector, interv
 				lastErr = ""
 			default:
 				a.Store.Put(signals.CollectorSuccess, ls, 0, now)
-				a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDegraded, Detail: err.Error()})
+				a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDegraded, Detail: err.Error(), Lost: a.lost(name)})
 				if err.Error() != lastErr && ctx.Err() == nil {
 					log.Warn("collector failed", "err", err)
 					lastErr = err.Error()

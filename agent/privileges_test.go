@@ -11,6 +11,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
+	"github.com/culprit-dev/culprit/rules"
 )
 
 // Without BPF rights the agent keeps running on procfs and netlink, says
@@ -43,6 +44,17 @@ func TestAgentWithoutBPFRights(t *testing.T) {
 	}
 	if probe == nil || probe.State != "failed" || len(probe.Lost) == 0 {
 		t.Fatalf("snapshot does not report the probe failed with what is lost: %+v", probe)
+	}
+	// What is lost is worked out from the rules' needs: each line names a
+	// rule that runs (a hand-written list once named one that did not).
+	registered := map[string]bool{}
+	for _, r := range rules.New(rules.DefaultOptions(), time.Second) {
+		registered[r.Name()] = true
+	}
+	for _, l := range probe.Lost {
+		if rule, _, _ := strings.Cut(l, ": "); !registered[rule] {
+			t.Errorf("lost %q names no registered rule", l)
+		}
 	}
 	var warned []string
 	for deadline := time.Now().Add(5 * time.Second); len(warned) == 0 && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {

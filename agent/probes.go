@@ -66,23 +66,23 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 	}
 	for _, p := range ps {
 		if p.Name() == "cpu_profile" && !cfg.Profiling.Enabled {
-			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "profiling.enabled = false", Lost: p.Lost()})
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "profiling.enabled = false", Lost: a.lost(p.Name())})
 			continue
 		}
 		if p.Name() == "sockcalls" && !cfg.SockCalls.Enabled {
-			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "sockcalls.enabled = false", Lost: p.Lost()})
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "sockcalls.enabled = false", Lost: a.lost(p.Name())})
 			continue
 		}
 		if !cfg.Probes.Enabled {
-			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "probes.enabled = false", Lost: p.Lost()})
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "probes.enabled = false", Lost: a.lost(p.Name())})
 			continue
 		}
 		if err := p.Start(ctx, a.Tracker, a.Store); err != nil {
 			// Said once, loudly, with what it costs; the agent goes on
 			// with procfs and netlink.
 			a.log.Warn("eBPF probe unavailable; continuing without it", "probe", p.Name(), "err", err,
-				"lost", strings.Join(p.Lost(), "; "), "hint", "grant CAP_BPF and CAP_PERFMON (or run as root)")
-			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateFailed, Detail: err.Error(), Lost: p.Lost()})
+				"lost", strings.Join(a.lost(p.Name()), "; "), "hint", "grant CAP_BPF and CAP_PERFMON (or run as root)")
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateFailed, Detail: err.Error(), Lost: a.lost(p.Name())})
 			p.Close()
 			continue
 		}

@@ -14,7 +14,7 @@ import (
 // sidecar on 4317) costs the trace findings, not the agent: said loudly,
 // and in the snapshot.
 func (a *Agent) startTraces(cfg Config) {
-	lost := []string{"latency_spike: classifying spikes from spans", "trace ids on scheduler and pool findings"}
+	lost := a.lost(signals.ReceiverOTLP)
 	if !cfg.Traces.Enabled {
 		a.Store.SetStatus(signals.Status{Component: "otlp", Kind: "receiver", State: signals.StateDisabled, Detail: "traces.enabled = false", Lost: lost})
 		return

@@ -22,7 +22,7 @@ import (
 )
 
 func init() {
-	register("accept_queue", true, func(o Options) (Collector, error) { return newAcceptQueueCollector(o) })
+	register(signals.CollectorAcceptQueue, true, func(o Options) (Collector, error) { return newAcceptQueueCollector(o) })
 }
 
 // TCP states as inet_diag reports them (include/net/tcp_states.h).
@@ -437,7 +437,7 @@ func newAcceptQueueCollector(o Options) (*acceptQueueCollector, error) {
 	}, nil
 }
 
-func (c *acceptQueueCollector) Name() string { return "accept_queue" }
+func (c *acceptQueueCollector) Name() string { return signals.CollectorAcceptQueue }
 
 // Close releases the sock_diag socket.
 func (c *acceptQueueCollector) Close() error {

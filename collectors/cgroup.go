@@ -16,7 +16,7 @@ import (
 )
 
 func init() {
-	register("cgroup", false, func(o Options) (Collector, error) { return newCgroupCollector(o), nil })
+	register(signals.CollectorCgroup, false, func(o Options) (Collector, error) { return newCgroupCollector(o), nil })
 }
 
 // v1 reports "unlimited" as a huge page-aligned number.
@@ -193,7 +193,7 @@ func newCgroupCollector(o Options) *cgroupCollector {
 	return c
 }
 
-func (*cgroupCollector) Name() string { return "cgroup" }
+func (*cgroupCollector) Name() string { return signals.CollectorCgroup }
 
 // v2Dir is the directory of the target's v2 cgroup that holds file, or "".
 // It is looked for under /sys/fs/cgroup (pure v2) and unified/ (hybrid);

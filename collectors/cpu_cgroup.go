@@ -17,7 +17,7 @@ import (
 )
 
 func init() {
-	register("cpu_cgroup", false, func(o Options) (Collector, error) { return newCPUCgroupCollector(o), nil })
+	register(signals.CollectorCPUCgroup, false, func(o Options) (Collector, error) { return newCPUCgroupCollector(o), nil })
 }
 
 // cpuCounters are the counters one cgroupCPU read may give.
@@ -214,7 +214,7 @@ func newCPUCgroupCollector(o Options) *cpuCgroupCollector {
 	return (*cpuCgroupCollector)(newCgroupCollector(o))
 }
 
-func (*cpuCgroupCollector) Name() string { return "cpu_cgroup" }
+func (*cpuCgroupCollector) Name() string { return signals.CollectorCPUCgroup }
 
 // Close closes the files kept open.
 func (c *cpuCgroupCollector) Close() error { return (*cgroupCollector)(c).Close() }

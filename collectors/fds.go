@@ -16,7 +16,7 @@ import (
 )
 
 func init() {
-	register("fds", false, func(o Options) (Collector, error) { return newFDsCollector(o), nil })
+	register(signals.CollectorFDs, false, func(o Options) (Collector, error) { return newFDsCollector(o), nil })
 }
 
 // fdKinds are written every time, 0 when absent, so that growth of one
@@ -86,7 +86,7 @@ func newFDsCollector(o Options) *fdsCollector {
 	return &fdsCollector{procRoot: root, link: make([]byte, 256)}
 }
 
-func (*fdsCollector) Name() string { return "fds" }
+func (*fdsCollector) Name() string { return signals.CollectorFDs }
 
 func (c *fdsCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
 	now := time.Now()

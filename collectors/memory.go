@@ -14,7 +14,7 @@ import (
 )
 
 func init() {
-	register("memory", false, func(o Options) (Collector, error) { return newMemoryCollector(o), nil })
+	register(signals.CollectorMemory, false, func(o Options) (Collector, error) { return newMemoryCollector(o), nil })
 }
 
 // parseKBLines reads "Key:   123 kB" lines for the wanted keys, in bytes.
@@ -92,7 +92,7 @@ func newMemoryCollector(o Options) *memoryCollector {
 	return &memoryCollector{procRoot: root, maxThreads: max}
 }
 
-func (*memoryCollector) Name() string { return "memory" }
+func (*memoryCollector) Name() string { return signals.CollectorMemory }
 
 func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
 	if tgt.PID != c.pid {

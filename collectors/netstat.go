@@ -14,7 +14,7 @@ import (
 )
 
 func init() {
-	register("netstat", false, func(o Options) (Collector, error) { return newNetstatCollector(o) })
+	register(signals.CollectorNetstat, false, func(o Options) (Collector, error) { return newNetstatCollector(o) })
 }
 
 // netstatCounter maps one /proc/net/netstat or /proc/net/snmp field to a
@@ -121,7 +121,7 @@ func newNetstatCollector(o Options) (*netstatCollector, error) {
 	return &netstatCollector{procRoot: procRootOf(o)}, nil
 }
 
-func (c *netstatCollector) Name() string { return "netstat" }
+func (c *netstatCollector) Name() string { return signals.CollectorNetstat }
 
 func (c *netstatCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
 	if tgt.PID != c.pid {

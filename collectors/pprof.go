@@ -110,7 +110,7 @@ func NewPprofHeap(_ Options, po PprofOptions, profiles *signals.Profiles) *Pprof
 	}
 }
 
-func (c *PprofHeap) Name() string { return "pprof_heap" }
+func (c *PprofHeap) Name() string { return signals.CollectorPprofHeap }
 
 // Close drops the idle connection to the app.
 func (c *PprofHeap) Close() error {

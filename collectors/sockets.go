@@ -19,7 +19,7 @@ import (
 )
 
 func init() {
-	register("sockets", false, func(o Options) (Collector, error) {
+	register(signals.CollectorSockets, false, func(o Options) (Collector, error) {
 		return newSocketsCollector(o, SocketsOptions{IdleInterval: o.SocketsIdleInterval, BusyInterval: o.SocketsBusyInterval}), nil
 	})
 }
@@ -394,7 +394,7 @@ func newSocketsCollector(o Options, so SocketsOptions) *socketsCollector {
 	}
 }
 
-func (c *socketsCollector) Name() string { return "sockets" }
+func (c *socketsCollector) Name() string { return signals.CollectorSockets }
 
 // Close releases the sock_diag socket.
 func (c *socketsCollector) Close() error {

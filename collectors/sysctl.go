@@ -19,7 +19,7 @@ import (
 )
 
 func init() {
-	register("sysctl", false, func(o Options) (Collector, error) { return newSysctlCollector(o) })
+	register(signals.CollectorSysctl, false, func(o Options) (Collector, error) { return newSysctlCollector(o) })
 }
 
 // sysctlNames are the settings that bound accept queues, SYN queues and
@@ -125,7 +125,7 @@ func newSysctlCollector(o Options) (*sysctlCollector, error) {
 	return &sysctlCollector{procRoot: procRootOf(o)}, nil
 }
 
-func (c *sysctlCollector) Name() string { return "sysctl" }
+func (c *sysctlCollector) Name() string { return signals.CollectorSysctl }
 
 func (c *sysctlCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
 	ss, err := c.readOpen(tgt)

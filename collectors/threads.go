@@ -19,7 +19,7 @@ import (
 )
 
 func init() {
-	register("threads", false, func(o Options) (Collector, error) { return newThreadsCollector(o, o.MaxThreads), nil })
+	register(signals.CollectorThreads, false, func(o Options) (Collector, error) { return newThreadsCollector(o, o.MaxThreads), nil })
 }
 
 // defaultMaxThreads bounds how many threads one Collect examines, so that
@@ -182,7 +182,7 @@ func newThreadsCollector(o Options, maxThreads int) *threadsCollector {
 	return &threadsCollector{procRoot: procRootOf(o), maxThreads: maxThreads, buf: make([]byte, 0, 1024)}
 }
 
-func (c *threadsCollector) Name() string { return "threads" }
+func (c *threadsCollector) Name() string { return signals.CollectorThreads }
 
 func (c *threadsCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
 	counts, err := c.count(tgt.PID)

@@ -375,7 +375,8 @@ type slowRule struct {
 	keys []string
 }
 
-func (*slowRule) Name() string { return "slow" }
+func (*slowRule) Name() string        { return "slow" }
+func (*slowRule) Needs() []rules.Need { return nil }
 
 func (r *slowRule) set(keys ...string) {
 	r.mu.Lock()

@@ -117,14 +117,7 @@ func NewCPUProfile(o CPUProfileOptions) *CPUProfile {
 	return &CPUProfile{o: o, names: threadNames{}, unwound: map[string]*signals.StackSample{}, flushed: make(chan struct{}, 1)}
 }
 
-func (*CPUProfile) Name() string { return "cpu_profile" }
-
-func (*CPUProfile) Lost() []string {
-	return []string{
-		"cpu_bound_worker: the hottest functions of the busy thread",
-		"CaptureProfile: CPU profiles of the target",
-	}
-}
+func (*CPUProfile) Name() string { return signals.ProbeCPUProfile }
 
 // Start loads the program and opens one software CPU-clock event per CPU.
 func (p *CPUProfile) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {

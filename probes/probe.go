@@ -11,15 +11,14 @@ import (
 
 // Probe is one eBPF program set. Start loads and attaches it and returns an
 // error (wrapping the kernel's) when it cannot, so the agent can say which
-// findings lose evidence; after a successful Start the probe writes signals
-// into the store until ctx ends. Close detaches and frees kernel objects.
+// findings lose evidence (from the rules' needs: rules.LostWithout of the
+// probe's Name, one of signals.Probe*); after a successful Start the probe
+// writes signals into the store until ctx ends. Close detaches and frees
+// kernel objects.
 type Probe interface {
 	Name() string
 	Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error
 	Close() error
-	// Lost names what the agent cannot find, or finds less precisely,
-	// when this probe does not run.
-	Lost() []string
 }
 
 // Options are what every probe needs.

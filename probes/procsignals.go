@@ -27,11 +27,7 @@ type ProcSignals struct {
 // NewProcSignals returns the probe, not yet loaded.
 func NewProcSignals(o Options) *ProcSignals { return &ProcSignals{o: o} }
 
-func (*ProcSignals) Name() string { return "procsignals" }
-
-func (*ProcSignals) Lost() []string {
-	return []string{"stalled_shutdown: when SIGTERM reached the target"}
-}
+func (*ProcSignals) Name() string { return signals.ProbeProcSignals }
 
 // Start loads and attaches the program.
 func (p *ProcSignals) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {

@@ -155,17 +155,7 @@ func NewSched(o SchedOptions) *Sched {
 		resetReq: make(chan chan struct{}, 1), series: map[int]*threadSeries{}, busyNow: map[int]bool{}, lastSleep: map[int]sleepText{}, lastBlock: map[[2]uint32]sleepText{}, notified: map[notifiedID]bool{}}
 }
 
-func (*Sched) Name() string { return "sched" }
-
-func (*Sched) Lost() []string {
-	return []string{
-		"blocking_worker: which thread blocked, for how long, and the blocking call's stack",
-		"which threads are event loops, workers, blocking pools or a runtime's helpers (told by their stacks)",
-		"cpu_bound_worker: long runs without yielding and run-queue latency of peers",
-		"worker_imbalance: per-thread CPU time (falls back to /proc task stat)",
-		"accept_overflow: the stalled thread and stack behind app_not_accepting",
-	}
-}
+func (*Sched) Name() string { return signals.ProbeSched }
 
 // Start loads and attaches the programs.
 func (p *Sched) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {

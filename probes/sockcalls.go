@@ -106,15 +106,7 @@ func NewSockCalls(o SockCallsOptions) *SockCalls {
 	}
 }
 
-func (*SockCalls) Name() string { return "sockcalls" }
-
-func (*SockCalls) Lost() []string {
-	return []string{
-		"accept_overflow: the accepts the app itself made per listener (falls back to completed handshakes, which a listener that accepts nothing still makes)",
-		"port_exhaustion: connects already failing with EADDRNOTAVAIL, and connect errors per remote",
-		"event loop stalls: data waiting unread on the target's sockets while its loop sleeps or spins",
-	}
-}
+func (*SockCalls) Name() string { return signals.ProbeSockCalls }
 
 // Start loads and attaches the programs.
 func (p *SockCalls) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {

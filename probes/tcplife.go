@@ -87,14 +87,7 @@ func NewTCPLife(o Options, events *signals.ConnEvents) *TCPLife {
 		rstKeys: make([]tcpLifeRstKey, 256), rstVals: make([]uint64, 256), rstLast: map[tcpLifeRstKey]uint64{}, kick: newKicker()}
 }
 
-func (*TCPLife) Name() string { return "tcplife" }
-
-func (*TCPLife) Lost() []string {
-	return []string{
-		"idle_timeout: the idle age at which peers close connections",
-		"rst_storm: the kernel's reason for each reset sent (falls back to counters)",
-	}
-}
+func (*TCPLife) Name() string { return signals.ProbeTCPLife }
 
 // Start loads and attaches the programs.
 func (p *TCPLife) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {

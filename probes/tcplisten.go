@@ -38,14 +38,7 @@ type TCPListen struct {
 // NewTCPListen returns the probe, not yet loaded.
 func NewTCPListen(o Options) *TCPListen { return &TCPListen{o: o} }
 
-func (*TCPListen) Name() string { return "tcplisten" }
-
-func (*TCPListen) Lost() []string {
-	return []string{
-		"accept_overflow: per-listener attribution of drops in bursts that sampling misses",
-		"accept_overflow: accepts counted while the queue stays full (stall vs slow accept; lower confidence)",
-	}
-}
+func (*TCPListen) Name() string { return signals.ProbeTCPListen }
 
 // Start loads and attaches the programs. A kernel or privilege problem comes
 // back as an error naming the program; nothing is left loaded then.

@@ -48,6 +48,17 @@ func NewAcceptOverflow(o AcceptOverflowOptions) *AcceptOverflow { return &Accept
 
 func (*AcceptOverflow) Name() string { return "accept_overflow" }
 
+func (*AcceptOverflow) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorAcceptQueue, What: "each listener's accept queue: length, backlog, drops", Essential: true},
+		{Component: signals.ProbeSockCalls, What: "the accepts the app itself made per listener (a stall is inferred from a queue that never shrinks, with lower confidence)"},
+		{Component: signals.ProbeTCPListen, What: "drops in bursts between two samples, attributed to their listener"},
+		{Component: signals.ProbeSched, What: "the thread and stack that stalled the accept loop"},
+		{Component: signals.CollectorThreads, What: "the target's thread states during a stall"},
+		{Component: signals.CollectorSysctl, What: "net.core.somaxconn's cap on the backlog, and tcp_abort_on_overflow in the remedy"},
+	}
+}
+
 // stalledThread names the target's thread that was off-CPU outside an idle
 // wait, or busy without sleeping, for longest during [from, now]: what
 // kept the accept loop from running.

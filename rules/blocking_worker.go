@@ -51,6 +51,15 @@ func NewBlockingWorker(o BlockingWorkerOptions) *BlockingWorker {
 
 func (*BlockingWorker) Name() string { return "blocking_worker" }
 
+func (*BlockingWorker) Needs() []Need {
+	return []Need{
+		{Component: signals.ProbeSched, What: "which thread blocked, for how long, and the blocking call's stack", Essential: true},
+		{Component: signals.ProbeSockCalls, What: "data waiting unread while a thread blocked (on a runtime culprit does not know, a block counts only with work seen waiting)"},
+		{Component: signals.CollectorAcceptQueue, What: "connections waiting in an accept queue while a thread blocked"},
+		{Component: signals.ReceiverOTLP, What: "the traces of the requests a block held up"},
+	}
+}
+
 // poolBlocks are the blocks of one pool (or loop) in the window.
 type poolBlocks struct {
 	worst     signals.Episode

@@ -65,6 +65,14 @@ func NewBusyWorker(o BusyWorkerOptions) *BusyWorker {
 
 func (*BusyWorker) Name() string { return "busy_worker" }
 
+func (*BusyWorker) Needs() []Need {
+	return []Need{
+		{Component: signals.ProbeSched, What: "long runs without yielding, and run-queue latency of peers", Essential: true},
+		{Component: signals.ProbeCPUProfile, What: "the hottest functions of the busy thread"},
+		{Component: signals.ReceiverOTLP, What: "the traces of the requests a run held up"},
+	}
+}
+
 // settler is implemented by a HotFrames whose samples reach it late (the
 // profiler drains them once a period): samples of the last Settle are not
 // all there yet.

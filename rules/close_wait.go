@@ -34,6 +34,12 @@ func NewCloseWait(o CloseWaitOptions) *CloseWait { return &CloseWait{o: o} }
 
 func (*CloseWait) Name() string { return "close_wait" }
 
+func (*CloseWait) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorSockets, What: "sockets in CLOSE_WAIT and the age of the oldest", Essential: true},
+	}
+}
+
 func (r *CloseWait) Evaluate(w Window) []Observation {
 	var out []Observation
 	from := w.Now.Add(-r.o.Window)

@@ -71,6 +71,13 @@ func NewCPUThrottling(o CPUThrottlingOptions) *CPUThrottling {
 
 func (*CPUThrottling) Name() string { return "cpu_throttling" }
 
+func (*CPUThrottling) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorCPUCgroup, What: "the cgroup's CPU quota and throttled periods", Essential: true},
+		{Component: signals.CollectorThreads, What: "how many of the target's threads are runnable"},
+	}
+}
+
 func (r *CPUThrottling) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
 	fresh := func(s signals.Sample, ok bool) bool { return ok && now.Sub(s.T) <= cpuStale }

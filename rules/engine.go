@@ -54,10 +54,14 @@ type Inputs struct {
 }
 
 // Rule names one root cause. Evaluate reports what it sees now; it must be
-// cheap (it runs several times a second) and must not block.
+// cheap (it runs several times a second) and must not block. Needs says
+// which components the rule reads and what it loses without each
+// (LostWithout): a constant list, read while the rule runs, so it must
+// not touch the rule's state.
 type Rule interface {
 	Name() string
 	Evaluate(w Window) []Observation
+	Needs() []Need
 }
 
 // EngineOptions bound and pace the engine.

@@ -17,7 +17,8 @@ type scripted struct {
 	panic bool
 }
 
-func (*scripted) Name() string { return "scripted" }
+func (*scripted) Name() string  { return "scripted" }
+func (*scripted) Needs() []Need { return nil }
 func (s *scripted) Evaluate(Window) []Observation {
 	if s.panic {
 		panic("boom")

@@ -44,6 +44,13 @@ func NewFDExhaustion(o FDExhaustionOptions) *FDExhaustion { return &FDExhaustion
 
 func (*FDExhaustion) Name() string { return "fd_exhaustion" }
 
+func (*FDExhaustion) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorFDs, What: "open file descriptors and their limit", Essential: true},
+		{Component: signals.CollectorSockets, What: "which TCP state the sockets pile up in (pending connects in SYN_SENT can then read as a leak)"},
+	}
+}
+
 var fdKinds = []string{"socket", "file", "pipe", "anon_eventfd", "anon_eventpoll", "anon_timerfd", "anon_inotify", "anon_other", "other"}
 
 // fdStale: the fds collector runs every collect.interval (1 s); a sample

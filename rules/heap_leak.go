@@ -68,6 +68,13 @@ func NewHeapLeak(o HeapLeakOptions) *HeapLeak {
 
 func (*HeapLeak) Name() string { return "heap_leak" }
 
+func (*HeapLeak) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorPprofHeap, What: "the live heap's growth and the allocation sites that grew (anonymous RSS growth is reported with the heap unknown)"},
+		{Component: signals.CollectorMemory, What: "anonymous RSS growth when no heap profile is pulled"},
+	}
+}
+
 // minSiteShare: allocation sites after the first are named only when
 // they grew by at least this share of the heap's growth.
 const minSiteShare = 0.01

@@ -50,6 +50,13 @@ func NewIdleTimeout(o IdleTimeoutOptions) *IdleTimeout {
 
 func (*IdleTimeout) Name() string { return "idle_timeout" }
 
+func (*IdleTimeout) Needs() []Need {
+	return []Need{
+		{Component: signals.ProbeTCPLife, What: "how connections ended: who closed, after how long idle, having carried how much", Essential: true},
+		{Component: signals.CollectorSockets, What: "which ports listen, so that a port's clients are judged together"},
+	}
+}
+
 func (r *IdleTimeout) Evaluate(w Window) []Observation {
 	if w.Conns == nil {
 		return nil

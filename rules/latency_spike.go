@@ -51,6 +51,12 @@ func NewLatencySpike(o LatencySpikeOptions) *LatencySpike { return &LatencySpike
 
 func (*LatencySpike) Name() string { return "latency_spike" }
 
+func (*LatencySpike) Needs() []Need {
+	return []Need{
+		{Component: signals.ReceiverOTLP, What: "the app's spans: p99 per route, and where slow requests spend their time", Essential: true},
+	}
+}
+
 // Symptom: a spike whose slow traces another finding carries is that
 // finding's (Engine.explain).
 func (*LatencySpike) Symptom() {}

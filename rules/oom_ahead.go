@@ -42,6 +42,13 @@ func NewOOMAhead(o OOMAheadOptions) *OOMAhead { return &OOMAhead{o: o} }
 
 func (*OOMAhead) Name() string { return "oom_ahead" }
 
+func (*OOMAhead) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorCgroup, What: "the cgroup's memory usage, limit, breakdown and OOM kills", Essential: true},
+		{Component: signals.CollectorPprofHeap, What: "how much of the memory is live heap and how much the allocator keeps (causes heap and allocator_retention)"},
+	}
+}
+
 func (r *OOMAhead) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
 	usage, ok := freshLatest(st, signals.CgroupMemoryUsageBytes, nil, now, fdStale)

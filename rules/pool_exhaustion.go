@@ -33,6 +33,14 @@ func NewPoolExhaustion(o PoolExhaustionOptions) *PoolExhaustion { return &PoolEx
 
 func (*PoolExhaustion) Name() string { return "pool_exhaustion" }
 
+func (*PoolExhaustion) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorSockets, What: "the target's established connections per remote: its pools", Essential: true},
+		{Component: signals.CollectorAcceptQueue, What: "accept queue lengths: the requests that wait", Essential: true},
+		{Component: signals.ReceiverOTLP, What: "the wait before the first database call, from the app's traces"},
+	}
+}
+
 func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 	from := w.Now.Add(-r.o.Window)
 	queued, port := r.queueing(w, from)

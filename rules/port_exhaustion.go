@@ -46,6 +46,14 @@ func NewPortExhaustion(o PortExhaustionOptions) *PortExhaustion { return &PortEx
 
 func (*PortExhaustion) Name() string { return "port_exhaustion" }
 
+func (*PortExhaustion) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorSockets, What: "TIME_WAIT and established connections per remote", Essential: true},
+		{Component: signals.CollectorSysctl, What: "the ephemeral port range (ip_local_port_range) and tcp_tw_reuse", Essential: true},
+		{Component: signals.ProbeSockCalls, What: "connects already failing with EADDRNOTAVAIL, and the target's connects per remote"},
+	}
+}
+
 // timeWaitLen is TCP_TIMEWAIT_LEN: how long a closed connection holds its
 // port. A steady connect rate r leaves r*60 ports in TIME_WAIT.
 const timeWaitLen = 60 * time.Second

@@ -37,6 +37,13 @@ func NewRSSWithoutHeap(o RSSWithoutHeapOptions) *RSSWithoutHeap { return &RSSWit
 
 func (*RSSWithoutHeap) Name() string { return "rss_without_heap" }
 
+func (*RSSWithoutHeap) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorMemory, What: "anonymous resident memory", Essential: true},
+		{Component: signals.CollectorPprofHeap, What: "the live heap, which tells retention from a leak", Essential: true},
+	}
+}
+
 // flatShare: the heap counts as flat while it changed by less than this
 // share of the gap over the window (twice that keeps an open finding).
 const flatShare = 0.05

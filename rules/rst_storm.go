@@ -63,6 +63,16 @@ func NewRSTStorm(o RSTStormOptions) *RSTStorm {
 
 func (*RSTStorm) Name() string { return "rst_storm" }
 
+func (*RSTStorm) Needs() []Need {
+	return []Need{
+		{Component: signals.ProbeTCPLife, What: "the resets sent on the target's ports and the kernel's reason for each (only scope namespace still runs, on the namespace's counters)"},
+		{Component: signals.CollectorSockets, What: "which ports are the target's (only scope namespace still runs)"},
+		{Component: signals.CollectorNetstat, What: "accept overflows and application aborts, which tell those resets from resets on closed ports"},
+		{Component: signals.ProbeSockCalls, What: "the share of accepted connections that end in a reset"},
+		{Component: signals.CollectorSysctl, What: "whether tcp_abort_on_overflow turns accept overflows into resets"},
+	}
+}
+
 func (r *RSTStorm) Evaluate(w Window) []Observation {
 	from := w.Now.Add(-r.o.Recent)
 	secs := r.o.Recent.Seconds()

@@ -36,6 +36,13 @@ func NewStalledShutdown(o StalledShutdownOptions) *StalledShutdown {
 
 func (*StalledShutdown) Name() string { return "stalled_shutdown" }
 
+func (*StalledShutdown) Needs() []Need {
+	return []Need{
+		{Component: signals.ProbeProcSignals, What: "when SIGTERM reached the target", Essential: true},
+		{Component: signals.CollectorSockets, What: "the target's established connections", Essential: true},
+	}
+}
+
 func (r *StalledShutdown) Evaluate(w Window) []Observation {
 	if !w.HasTarget {
 		return nil

@@ -37,6 +37,14 @@ func NewSYNBacklog(o SYNBacklogOptions) *SYNBacklog { return &SYNBacklog{o: o} }
 
 func (*SYNBacklog) Name() string { return "syn_backlog" }
 
+func (*SYNBacklog) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorNetstat, What: "the namespace's SYN queue overflows and completed handshakes", Essential: true},
+		{Component: signals.CollectorAcceptQueue, What: "half-open connections per listener and their sources", Essential: true},
+		{Component: signals.CollectorSysctl, What: "tcp_max_syn_backlog and tcp_syncookies in the remedy"},
+	}
+}
+
 func (r *SYNBacklog) Evaluate(w Window) []Observation {
 	from := w.Now.Add(-r.o.Recent)
 	drops := w.Store.Increase(signals.TCPExtReqQFullDropTotal, nil, from)

@@ -36,6 +36,15 @@ func NewThroughputPlateau(o ThroughputPlateauOptions) *ThroughputPlateau {
 
 func (*ThroughputPlateau) Name() string { return "throughput_plateau" }
 
+func (*ThroughputPlateau) Needs() []Need {
+	return []Need{
+		{Component: signals.CollectorAcceptQueue, What: "accept queue lengths: the work that queues", Essential: true},
+		{Component: signals.ProbeSched, What: "the event loop or worker blocked now, named as what the service waits on; per-thread CPU time (falls back to /proc task stat)"},
+		{Component: signals.CollectorThreads, What: "the system call most threads wait in, and per-thread CPU time when the sched probe does not run"},
+		{Component: signals.ProbeSockCalls, What: "data waiting unread while a loop blocked (on a runtime culprit does not know, a block counts only with work seen waiting)"},
+	}
+}
+
 func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
 	st, from := w.Store, w.Now.Add(-r.o.Window)
 	cpu, ok := processCores(w, from, r.o.Window)

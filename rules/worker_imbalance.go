@@ -40,6 +40,13 @@ func NewWorkerImbalance(o WorkerImbalanceOptions) *WorkerImbalance { return &Wor
 
 func (*WorkerImbalance) Name() string { return "worker_imbalance" }
 
+func (*WorkerImbalance) Needs() []Need {
+	return []Need{
+		{Component: signals.ProbeSched, What: "per-thread CPU time from the kernel (falls back to /proc task stat), and workers told by their stacks (falls back to thread names)"},
+		{Component: signals.CollectorThreads, What: "per-thread CPU time when the sched probe does not run"},
+	}
+}
+
 type threadLoad struct {
 	tid, name string
 	cores     float64
