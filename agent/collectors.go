@@ -26,7 +26,7 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 	}
 	for _, name := range collectors.Names() {
 		if disabled[name] {
-			a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDisabled, Detail: "disabled in collect.disabled", Lost: a.lost(name)})
+			a.Store.SetStatus(signals.Status{Component: name, Kind: signals.KindCollector, State: signals.StateDisabled, Detail: "disabled in collect.disabled", Lost: a.lost(name)})
 			continue
 		}
 		interval := cfg.Collect.Interval
@@ -55,7 +55,7 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 	// The heap puller needs the profile store, so it is wired here rather
 	// than through the registry.
 	if cfg.Pprof.HeapURL == "" {
-		a.Store.SetStatus(signals.Status{Component: "pprof_heap", Kind: "collector", State: signals.StateDisabled,
+		a.Store.SetStatus(signals.Status{Component: signals.CollectorPprofHeap, Kind: signals.KindCollector, State: signals.StateDisabled,
 			Detail: "pprof.heap_url is empty: no heap source",
 			Lost:   a.lost(signals.CollectorPprofHeap)})
 		return nil
@@ -90,11 +90,11 @@ func (a *Agent) runCollector(ctx context.Context, c collectors.Collector, interv
 					log.Debug("no data", "err", err)
 				}
 				a.Store.Put(signals.CollectorSuccess, ls, 1, now)
-				a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateRunning})
+				a.Store.SetStatus(signals.Status{Component: name, Kind: signals.KindCollector, State: signals.StateRunning})
 				lastErr = ""
 			default:
 				a.Store.Put(signals.CollectorSuccess, ls, 0, now)
-				a.Store.SetStatus(signals.Status{Component: name, Kind: "collector", State: signals.StateDegraded, Detail: err.Error(), Lost: a.lost(name)})
+				a.Store.SetStatus(signals.Status{Component: name, Kind: signals.KindCollector, State: signals.StateDegraded, Detail: err.Error(), Lost: a.lost(name)})
 				if err.Error() != lastErr && ctx.Err() == nil {
 					log.Warn("collector failed", "err", err)
 					lastErr = err.Error()

@@ -30,16 +30,16 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 		}
 	}
 	ps := []probes.Probe{
-		probes.NewTCPListen(opts("tcplisten")),
-		probes.NewTCPLife(opts("tcplife"), a.Conns),
+		probes.NewTCPListen(opts(signals.ProbeTCPListen)),
+		probes.NewTCPLife(opts(signals.ProbeTCPLife), a.Conns),
 		probes.NewProcSignals(opts("procsignals")),
 		probes.NewSockCalls(probes.SockCallsOptions{
-			Options:    opts("sockcalls"),
+			Options:    opts(signals.ProbeSockCalls),
 			MaxSockets: uint32(cfg.SockCalls.MaxSockets),
 			MaxRemotes: cfg.SockCalls.MaxRemotes,
 		}),
 		probes.NewSched(probes.SchedOptions{
-			Options:    opts("sched"),
+			Options:    opts(signals.ProbeSched),
 			MinBlock:   cfg.Sched.MinBlock,
 			BusyAfter:  cfg.Sched.BusyAfter,
 			BusyGap:    cfg.Sched.BusyGap,
@@ -54,7 +54,7 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			QuietCalls:  cfg.Rules.Workers.IdleSyscalls,
 		}),
 		probes.NewCPUProfile(probes.CPUProfileOptions{
-			Options:   opts("cpu_profile"),
+			Options:   opts(signals.ProbeCPUProfile),
 			Frequency: cfg.Profiling.Frequency,
 			MaxStacks: uint32(cfg.Profiling.MaxStacks),
 			Drain:     cfg.Profiling.DrainInterval,
@@ -65,16 +65,16 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 		}),
 	}
 	for _, p := range ps {
-		if p.Name() == "cpu_profile" && !cfg.Profiling.Enabled {
-			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "profiling.enabled = false", Lost: a.lost(p.Name())})
+		if p.Name() == signals.ProbeCPUProfile && !cfg.Profiling.Enabled {
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: signals.KindProbe, State: signals.StateDisabled, Detail: "profiling.enabled = false", Lost: a.lost(p.Name())})
 			continue
 		}
-		if p.Name() == "sockcalls" && !cfg.SockCalls.Enabled {
-			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "sockcalls.enabled = false", Lost: a.lost(p.Name())})
+		if p.Name() == signals.ProbeSockCalls && !cfg.SockCalls.Enabled {
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: signals.KindProbe, State: signals.StateDisabled, Detail: "sockcalls.enabled = false", Lost: a.lost(p.Name())})
 			continue
 		}
 		if !cfg.Probes.Enabled {
-			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateDisabled, Detail: "probes.enabled = false", Lost: a.lost(p.Name())})
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: signals.KindProbe, State: signals.StateDisabled, Detail: "probes.enabled = false", Lost: a.lost(p.Name())})
 			continue
 		}
 		if err := p.Start(ctx, a.Tracker, a.Store); err != nil {
@@ -82,11 +82,11 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			// with procfs and netlink.
 			a.log.Warn("eBPF probe unavailable; continuing without it", "probe", p.Name(), "err", err,
 				"lost", strings.Join(a.lost(p.Name()), "; "), "hint", "grant CAP_BPF and CAP_PERFMON (or run as root)")
-			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateFailed, Detail: err.Error(), Lost: a.lost(p.Name())})
+			a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: signals.KindProbe, State: signals.StateFailed, Detail: err.Error(), Lost: a.lost(p.Name())})
 			p.Close()
 			continue
 		}
-		a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: "probe", State: signals.StateRunning})
+		a.Store.SetStatus(signals.Status{Component: p.Name(), Kind: signals.KindProbe, State: signals.StateRunning})
 		a.probes = append(a.probes, p)
 	}
 }
@@ -94,7 +94,7 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 // profileSource serves CaptureProfile when the profiler runs.
 func (a *Agent) profileSource(cfg Config) exporters.ProfileSource {
 	for _, p := range a.probes {
-		if p.Name() == "cpu_profile" {
+		if p.Name() == signals.ProbeCPUProfile {
 			return profiles.NewCPU(a.Samples, a.Symbols, cfg.Profiling.DrainInterval)
 		}
 	}

@@ -16,10 +16,10 @@ import (
 func (a *Agent) startTraces(cfg Config) {
 	lost := a.lost(signals.ReceiverOTLP)
 	if !cfg.Traces.Enabled {
-		a.Store.SetStatus(signals.Status{Component: "otlp", Kind: "receiver", State: signals.StateDisabled, Detail: "traces.enabled = false", Lost: lost})
+		a.Store.SetStatus(signals.Status{Component: signals.ReceiverOTLP, Kind: signals.KindReceiver, State: signals.StateDisabled, Detail: "traces.enabled = false", Lost: lost})
 		return
 	}
-	log := a.log.With("component", "otlp")
+	log := a.log.With("component", signals.ReceiverOTLP)
 	if cfg.Traces.ForwardEndpoint != "" {
 		fw, err := traces.NewForwarderOptions(traces.ForwardOptions{
 			Endpoint: cfg.Traces.ForwardEndpoint, Queue: cfg.Traces.ForwardQueue, QueueBytes: cfg.Traces.ForwardQueueBytes,
@@ -42,10 +42,10 @@ func (a *Agent) startTraces(cfg Config) {
 	})
 	if err := r.Start(); err != nil {
 		log.Warn("OTLP receiver unavailable; continuing without traces", "err", err, "lost", strings.Join(lost, "; "))
-		a.Store.SetStatus(signals.Status{Component: "otlp", Kind: "receiver", State: signals.StateFailed, Detail: err.Error(), Lost: lost})
+		a.Store.SetStatus(signals.Status{Component: signals.ReceiverOTLP, Kind: signals.KindReceiver, State: signals.StateFailed, Detail: err.Error(), Lost: lost})
 		return
 	}
 	a.otlp = r
 	a.OTLPGRPCAddr, a.OTLPHTTPAddr = r.GRPCAddr, r.HTTPAddr
-	a.Store.SetStatus(signals.Status{Component: "otlp", Kind: "receiver", State: signals.StateRunning, Detail: "grpc " + r.GRPCAddr + ", http " + r.HTTPAddr})
+	a.Store.SetStatus(signals.Status{Component: signals.ReceiverOTLP, Kind: signals.KindReceiver, State: signals.StateRunning, Detail: "grpc " + r.GRPCAddr + ", http " + r.HTTPAddr})
 }

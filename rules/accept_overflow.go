@@ -127,10 +127,6 @@ func waitsForInput(e signals.Episode) bool {
 	return false
 }
 
-// freshness: a sample older than this is not "now" (the collector may have
-// stopped, or the target went away).
-const freshness = 2 * time.Second
-
 func (r *AcceptOverflow) Evaluate(w Window) []Observation {
 	var out []Observation
 	for _, ls := range w.Store.Select(signals.ListenBacklog) {
@@ -149,13 +145,13 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	endpoint := joinHostPort(addr, port)
 
 	backlog, ok := st.Latest(signals.ListenBacklog, ls)
-	if !ok || now.Sub(backlog.T) > freshness {
+	if !ok || !w.Fresh(backlog.T, freshFast) {
 		return Observation{}, false
 	}
 	dropsRecent := st.Increase(signals.ListenOverflowsTotal, ls, now.Add(-r.o.Recent))
 	dropsWindow := st.Increase(signals.ListenOverflowsTotal, ls, now.Add(-r.o.Window))
 	full := st.Range(signals.ListenQueueFull, ls, now.Add(-r.o.Window))
-	fullNow := len(full) > 0 && full[len(full)-1].V == 1 && now.Sub(full[len(full)-1].T) <= freshness
+	fullNow := len(full) > 0 && full[len(full)-1].V == 1 && w.Fresh(full[len(full)-1].T, freshFast)
 	// A stalled queue keeps dropping only when clients retransmit SYNs
 	// (1 s, 3 s, 7 s... apart), so while it stays full any drop in the
 	// window counts as present.
@@ -173,7 +169,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	// syncookie handshakes complete and are then dropped, which once made
 	// a listener that accepted nothing read "accepted 65 connections".
 	// While the probe runs, a port with no accept series simply had none.
-	acceptsKnown := st.Running("sockcalls") || len(st.Range(signals.ProcessAcceptsTotal, portLs, now.Add(-freshness))) > 0
+	acceptsKnown := st.Running(signals.ProbeSockCalls) || len(st.Range(signals.ProcessAcceptsTotal, portLs, now.Add(-freshFast))) > 0
 	acceptsWindow := st.Increase(signals.ProcessAcceptsTotal, portLs, now.Add(-r.o.Window))
 	somaxconn, haveSomax := st.Latest(signals.Sysctl, signals.L("name", "net.core.somaxconn"))
 	abortOnOverflow, _ := st.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_abort_on_overflow"))

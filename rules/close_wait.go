@@ -49,7 +49,7 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 			continue
 		}
 		ss := w.Store.Range(signals.TCPSockets, ls, from)
-		if len(ss) == 0 || w.Now.Sub(ss[len(ss)-1].T) > 3*freshnessSlow {
+		if len(ss) == 0 || !w.Fresh(ss[len(ss)-1].T, freshSlow) {
 			continue
 		}
 		cur := ss[len(ss)-1].V
@@ -96,6 +96,3 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 	}
 	return out
 }
-
-// freshnessSlow is how stale a sample of a once-a-second collector may be.
-const freshnessSlow = time.Second

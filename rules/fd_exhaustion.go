@@ -53,14 +53,10 @@ func (*FDExhaustion) Needs() []Need {
 
 var fdKinds = []string{"socket", "file", "pipe", "anon_eventfd", "anon_eventpoll", "anon_timerfd", "anon_inotify", "anon_other", "other"}
 
-// fdStale: the fds collector runs every collect.interval (1 s); a sample
-// older than this is not the present.
-const fdStale = 3 * time.Second
-
 func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
-	open, ok := freshLatest(st, signals.ProcessFDsOpen, nil, now, fdStale)
-	limit, okl := freshLatest(st, signals.ProcessFDLimit, signals.L("type", "soft"), now, fdStale)
+	open, ok := w.FreshLatest(signals.ProcessFDsOpen, nil, freshSlow)
+	limit, okl := w.FreshLatest(signals.ProcessFDLimit, signals.L("type", "soft"), freshSlow)
 	if !ok || !okl || limit.V <= 0 {
 		return nil
 	}
@@ -78,7 +74,7 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	if leaking {
 		eta, etaOK = g.until(limit.V)
 	}
-	if leaking && connectsPending(st, now, g.from().T, g.increase) {
+	if leaking && connectsPending(w, g.from().T, g.increase) {
 		// The descriptors that grow are sockets in SYN_SENT: connects
 		// still in progress (an upstream that does not answer, or one
 		// whose accept queue is full). They end when the connect gives
@@ -101,7 +97,7 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	var kinds []kindCount
 	for _, k := range fdKinds {
 		ls := signals.L("kind", k)
-		cur, ok := freshLatest(st, signals.ProcessOpenFDs, ls, now, fdStale)
+		cur, ok := w.FreshLatest(signals.ProcessOpenFDs, ls, freshSlow)
 		if !ok {
 			continue
 		}
@@ -142,7 +138,7 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 		if leaking {
 			since = g.from().T
 		}
-		detail = socketStateDetail(st, now, since)
+		detail = socketStateDetail(w, since)
 	}
 
 	ev := []Evidence{
@@ -223,9 +219,10 @@ func signed(x float64) string {
 
 // connectsPending reports whether most of the growth since from (grew
 // descriptors) is the target's TCP sockets in SYN_SENT.
-func connectsPending(st *signals.Store, now, from time.Time, grew float64) bool {
+func connectsPending(w Window, from time.Time, grew float64) bool {
+	st := w.Store
 	ls := signals.L("state", "SYN_SENT")
-	cur, ok := freshLatest(st, signals.ProcessTCPSockets, ls, now, fdStale)
+	cur, ok := w.FreshLatest(signals.ProcessTCPSockets, ls, freshSlow)
 	if !ok || grew <= 0 {
 		return false
 	}
@@ -238,10 +235,11 @@ func connectsPending(st *signals.Store, now, from time.Time, grew float64) bool 
 // means the app never closes sockets its peers closed); otherwise the
 // state holding the most. These are TCP sockets only: socket descriptors
 // also count UNIX and UDP ones.
-func socketStateDetail(st *signals.Store, now, since time.Time) string {
+func socketStateDetail(w Window, since time.Time) string {
+	st := w.Store
 	best, bestG, bestN := "", 0.0, 0.0
 	for _, ls := range st.Select(signals.ProcessTCPSockets) {
-		cur, ok := freshLatest(st, signals.ProcessTCPSockets, ls, now, fdStale)
+		cur, ok := w.FreshLatest(signals.ProcessTCPSockets, ls, freshSlow)
 		if !ok {
 			continue
 		}

@@ -90,8 +90,8 @@ func (r *HeapLeak) leaking(g growth, ok bool, now time.Time, name string) bool {
 }
 
 func (r *HeapLeak) Evaluate(w Window) []Observation {
-	st, now := w.Store, w.Now
-	h := heapOf(st, now, r.o.Window, r.o.HeapFresh)
+	now := w.Now
+	h := heapOf(w, r.o.Window, r.o.HeapFresh)
 	if !h.Known {
 		return r.rssOnly(w)
 	}
@@ -158,7 +158,7 @@ var rssAnon = signals.L("kind", "anon")
 
 func (r *HeapLeak) rssOnly(w Window) []Observation {
 	st, now := w.Store, w.Now
-	if _, ok := freshLatest(st, signals.ProcessMemoryRSSBytes, rssAnon, now, fdStale); !ok {
+	if _, ok := w.FreshLatest(signals.ProcessMemoryRSSBytes, rssAnon, freshSlow); !ok {
 		return nil
 	}
 	g, ok := growthOf(st.Range(signals.ProcessMemoryRSSBytes, rssAnon, now.Add(-r.o.Window)))

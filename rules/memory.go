@@ -23,9 +23,10 @@ type heapView struct {
 	HasChange bool
 }
 
-func heapOf(st *signals.Store, now time.Time, window, fresh time.Duration) heapView {
-	last, ok := st.Latest(signals.HeapInuseBytes, nil)
-	if !ok || now.Sub(last.T) > fresh {
+func heapOf(w Window, window, fresh time.Duration) heapView {
+	st, now := w.Store, w.Now
+	last, ok := w.FreshLatest(signals.HeapInuseBytes, nil, fresh)
+	if !ok {
 		return heapView{}
 	}
 	h := heapView{Known: true, Inuse: last.V}
@@ -35,16 +36,6 @@ func heapOf(st *signals.Store, now time.Time, window, fresh time.Duration) heapV
 		h.Change, h.Span, h.HasChange = s[len(s)-1].V-s[0].V, s[len(s)-1].T.Sub(s[0].T), true
 	}
 	return h
-}
-
-// freshLatest is the newest sample of a series when it is no older than
-// maxAge at now: an older one describes the past, not the present.
-func freshLatest(st *signals.Store, d *signals.Desc, ls signals.Labels, now time.Time, maxAge time.Duration) (signals.Sample, bool) {
-	s, ok := st.Latest(d, ls)
-	if !ok || now.Sub(s.T) > maxAge {
-		return signals.Sample{}, false
-	}
-	return s, true
 }
 
 // goAndNativeFix is the allocator advice of seed 000 Problem C, for both

@@ -51,11 +51,11 @@ func (*OOMAhead) Needs() []Need {
 
 func (r *OOMAhead) Evaluate(w Window) []Observation {
 	st, now := w.Store, w.Now
-	usage, ok := freshLatest(st, signals.CgroupMemoryUsageBytes, nil, now, fdStale)
+	usage, ok := w.FreshLatest(signals.CgroupMemoryUsageBytes, nil, freshSlow)
 	if !ok {
 		return nil
 	}
-	limit, okl := freshLatest(st, signals.CgroupMemoryLimitBytes, nil, now, fdStale)
+	limit, okl := w.FreshLatest(signals.CgroupMemoryLimitBytes, nil, freshSlow)
 	okl = okl && limit.V > 0
 	kills := st.Increase(signals.CgroupMemoryEventsTotal, signals.L("event", "oom_kill"), now.Add(-r.o.Window))
 	share := 0.0
@@ -70,14 +70,14 @@ func (r *OOMAhead) Evaluate(w Window) []Observation {
 	// kind the cgroup did not report is unknown, not zero.
 	stat := func(kind string) (float64, bool) {
 		s, ok := st.Latest(signals.CgroupMemoryStatBytes, signals.L("kind", kind))
-		if !ok || s.T.Before(usage.T.Add(-fdStale)) {
+		if !ok || s.T.Before(usage.T.Add(-freshSlow)) {
 			return 0, false
 		}
 		return s.V, true
 	}
 	anon, okAnon := stat("anon")
 	file, okFile := stat("file")
-	h := heapOf(st, now, r.o.Window, r.o.HeapFresh)
+	h := heapOf(w, r.o.Window, r.o.HeapFresh)
 
 	cause := CauseOOMAnon
 	var parts []string

@@ -58,7 +58,7 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 			continue
 		}
 		ss := w.Store.Range(signals.TCPSocketsByRemote, ls, from)
-		if len(ss) < 3 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || w.Now.Sub(ss[len(ss)-1].T) > 3*freshnessSlow {
+		if len(ss) < 3 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || !w.Fresh(ss[len(ss)-1].T, freshSlow) {
 			continue
 		}
 		lo, hi := ss[0].V, ss[0].V
@@ -121,7 +121,7 @@ func (r *PoolExhaustion) queueing(w Window, from time.Time) (float64, string) {
 	best, port := 0.0, ""
 	for _, ls := range w.Store.Select(signals.ListenQueueLength) {
 		ss := w.Store.Range(signals.ListenQueueLength, ls, from)
-		if len(ss) == 0 || w.Now.Sub(ss[len(ss)-1].T) > freshness {
+		if len(ss) == 0 || !w.Fresh(ss[len(ss)-1].T, freshFast) {
 			continue
 		}
 		n := 0

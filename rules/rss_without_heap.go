@@ -49,12 +49,12 @@ func (*RSSWithoutHeap) Needs() []Need {
 const flatShare = 0.05
 
 func (r *RSSWithoutHeap) Evaluate(w Window) []Observation {
-	st, now := w.Store, w.Now
-	anon, ok := freshLatest(st, signals.ProcessMemoryRSSBytes, rssAnon, now, fdStale)
+	now := w.Now
+	anon, ok := w.FreshLatest(signals.ProcessMemoryRSSBytes, rssAnon, freshSlow)
 	if !ok || anon.V <= 0 {
 		return nil
 	}
-	h := heapOf(st, now, r.o.Window, r.o.HeapFresh)
+	h := heapOf(w, r.o.Window, r.o.HeapFresh)
 	if !h.Known || !h.HasChange {
 		return nil // without a heap source this cannot be told from a leak
 	}
@@ -74,7 +74,7 @@ func (r *RSSWithoutHeap) Evaluate(w Window) []Observation {
 		{Signal: signals.HeapInuseBytes.Name, Value: h.Change, Unit: "bytes", Window: h.Span, Note: "heap change over the window, from its oldest profile to its newest"},
 	}
 	symptom := fmt.Sprintf("anonymous RSS %s while the live heap is %s and not growing", fmtBytes(anon.V), fmtBytes(h.Inuse))
-	if rss, ok := freshLatest(st, signals.ProcessResidentMemoryBytes, nil, now, fdStale); ok {
+	if rss, ok := w.FreshLatest(signals.ProcessResidentMemoryBytes, nil, freshSlow); ok {
 		symptom = fmt.Sprintf("RSS %s (anonymous %s) while the live heap is %s and not growing", fmtBytes(rss.V), fmtBytes(anon.V), fmtBytes(h.Inuse))
 	}
 	change := "flat"

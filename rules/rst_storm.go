@@ -78,7 +78,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	secs := r.o.Recent.Seconds()
 	for _, ls := range w.Store.Select(signals.TCPSockets) {
 		if ls.Get("owner") == ownerTarget && ls.Get("state") == "LISTEN" {
-			if s, ok := w.Store.Latest(signals.TCPSockets, ls); ok && s.V > 0 && w.Now.Sub(s.T) <= 3*freshnessSlow {
+			if s, ok := w.Store.Latest(signals.TCPSockets, ls); ok && s.V > 0 && w.Fresh(s.T, freshSlow) {
 				r.listened[ls.Get("port")] = w.Now
 			}
 		}
@@ -89,7 +89,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 		}
 	}
 	namespace := w.Scope == ScopeNamespace
-	probe := w.Store.Running("tcplife")
+	probe := w.Store.Running(signals.ProbeTCPLife)
 	byReason := map[string]float64{}
 	total := 0.0
 	if probe {
@@ -106,7 +106,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 			return nil // the namespace's counters alone cannot say whose resets they are
 		}
 		last, ok := w.Store.Latest(signals.TCPOutRstsTotal, nil)
-		if !ok || w.Now.Sub(last.T) > 3*freshnessSlow {
+		if !ok || !w.Fresh(last.T, freshSlow) {
 			return nil
 		}
 		total = w.Store.Increase(signals.TCPOutRstsTotal, nil, from) / secs

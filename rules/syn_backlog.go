@@ -63,7 +63,7 @@ func (r *SYNBacklog) Evaluate(w Window) []Observation {
 	)
 	for _, ls := range w.Store.Select(signals.ListenSynRecv) {
 		s, ok := w.Store.Latest(signals.ListenSynRecv, ls)
-		if ok && s.T.After(began) && w.Now.Sub(s.T) <= 3*freshnessSlow && s.V > synRecv {
+		if ok && s.T.After(began) && w.Fresh(s.T, freshSlow) && s.V > synRecv {
 			best, synRecv = ls, s.V
 		}
 	}

@@ -54,7 +54,7 @@ func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
 	var out []Observation
 	for _, ls := range st.Select(signals.ListenQueueLength) {
 		ss := st.Range(signals.ListenQueueLength, ls, from)
-		if len(ss) < 4 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || w.Now.Sub(ss[len(ss)-1].T) > freshness {
+		if len(ss) < 4 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || !w.Fresh(ss[len(ss)-1].T, freshFast) {
 			continue
 		}
 		queued, sum := 0, 0.0
@@ -158,14 +158,14 @@ func (r *ThroughputPlateau) dominantWait(w Window) (string, string) {
 }
 
 // blockedNow is the longest block going on now (seen in the last
-// freshness) of an event loop or worker, outside its idle wait.
+// freshFast) of an event loop or worker, outside its idle wait.
 func blockedNow(w Window) (signals.Episode, blockJudgement, bool) {
 	if w.Episodes == nil {
 		return signals.Episode{}, blockJudgement{}, false
 	}
 	var best signals.Episode
 	var bestJ blockJudgement
-	for _, e := range w.Episodes.Since(signals.EpisodeBlock, w.Now.Add(-freshness)) {
+	for _, e := range w.Episodes.Since(signals.EpisodeBlock, w.Now.Add(-freshFast)) {
 		if !e.Ongoing || e.Duration < loopStall || e.Duration <= best.Duration {
 			continue
 		}
