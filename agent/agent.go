@@ -37,14 +37,12 @@ type Agent struct {
 	Store              *signals.Store
 	Journal            *rules.Journal
 	Tracker            *target.Tracker
-	Profiles           *signals.Profiles
-	Episodes           *signals.Episodes   // block and busy episodes of the target's threads
-	Samples            *signals.CPUSamples // recent CPU samples of the target
-	Conns              *signals.ConnEvents // how the target's connections ended
-	Spans              *signals.Spans      // spans the app exported to the OTLP receiver
-	OTLPGRPCAddr       string              // bound OTLP addresses, "" when off
-	OTLPHTTPAddr       string
-	Symbols            *symbolize.Symbolizer
+	// SideStores: episodes, connection events, CPU samples, heap
+	// profiles and spans, one value handed to every writer and the rules.
+	signals.SideStores
+	OTLPGRPCAddr string // bound OTLP addresses, "" when off
+	OTLPHTTPAddr string
+	Symbols      *symbolize.Symbolizer
 	// Owners tells whose a socket is, shared by the collectors and probes
 	// that label sockets with their owner.
 	Owners *target.SocketOwners
@@ -89,13 +87,15 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	signals.SetIdle(cfg.Probes.IdlePoll)
 	ctx, cancel := context.WithCancel(parent)
 	a := &Agent{
-		Store:    signals.New(cfg.Signals.RingSize, cfg.Signals.MaxSeries),
-		Journal:  rules.NewJournal(cfg.Findings.History),
-		Profiles: signals.NewProfiles(cfg.Pprof.Keep),
-		Episodes: signals.NewEpisodes(cfg.Sched.MaxEpisodes),
-		Conns:    signals.NewConnEvents(cfg.Probes.MaxConnEvents),
-		Spans:    signals.NewSpansBounded(cfg.Traces.MaxSpans, cfg.Traces.MaxSpanBytes),
-		Samples:  signals.NewCPUSamples(cfg.Profiling.MaxSamples),
+		Store:   signals.New(cfg.Signals.RingSize, cfg.Signals.MaxSeries),
+		Journal: rules.NewJournal(cfg.Findings.History),
+		SideStores: signals.SideStores{
+			Profiles: signals.NewProfiles(cfg.Pprof.Keep),
+			Episodes: signals.NewEpisodes(cfg.Sched.MaxEpisodes),
+			Conns:    signals.NewConnEvents(cfg.Probes.MaxConnEvents),
+			Spans:    signals.NewSpansBounded(cfg.Traces.MaxSpans, cfg.Traces.MaxSpanBytes),
+			Samples:  signals.NewCPUSamples(cfg.Profiling.MaxSamples),
+		},
 		Symbols: symbolize.New(symbolize.Options{ProcRoot: cfg.Collect.ProcRoot, Log: log.With("component", "symbolize"),
 			MaxPerfMapBytes: perfMapBytes(cfg.Profiling.MaxPerfMapBytes)}),
 		Owners: target.NewSocketOwners(cfg.Collect.ProcRoot, target.SocketOwnersOptions{}),

@@ -43,6 +43,7 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 			// Dumps of an unchanged namespace are skipped up to this long.
 			SocketsIdleInterval: cfg.Collect.SocketsIdleInterval,
 			SocketsBusyInterval: cfg.Collect.SocketsBusyInterval,
+			SideStores:          a.SideStores,
 		})
 		if err != nil {
 			return err
@@ -60,8 +61,8 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 			Lost:   a.lost(signals.CollectorPprofHeap)})
 		return nil
 	}
-	ph := collectors.NewPprofHeap(collectors.Options{ProcRoot: cfg.Collect.ProcRoot, Log: a.log.With("collector", "pprof_heap")},
-		collectors.PprofOptions{URL: cfg.Pprof.HeapURL, Timeout: cfg.Pprof.Timeout, MaxBytes: cfg.Pprof.MaxBytes, Interval: cfg.Pprof.Interval}, a.Profiles)
+	ph := collectors.NewPprofHeap(collectors.Options{ProcRoot: cfg.Collect.ProcRoot, Log: a.log.With("collector", signals.CollectorPprofHeap), SideStores: a.SideStores},
+		collectors.PprofOptions{URL: cfg.Pprof.HeapURL, Timeout: cfg.Pprof.Timeout, MaxBytes: cfg.Pprof.MaxBytes, Interval: cfg.Pprof.Interval})
 	a.closers = append(a.closers, ph)
 	a.goRun(func() { a.runCollector(ctx, ph, cfg.Collect.Interval) })
 	return nil

@@ -174,11 +174,11 @@ func schedOn(t *testing.T, pid int, poll time.Duration) *signals.Episodes {
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	eps := signals.NewEpisodes(4096)
 	p := probes.NewSched(probes.SchedOptions{
-		Options: probes.Options{Log: log, PollInterval: poll, RingBufferBytes: 1 << 16},
+		Options: probes.Options{Log: log, PollInterval: poll, RingBufferBytes: 1 << 16, SideStores: signals.SideStores{Episodes: eps}},
 		// Each sleep long enough to end a busy run is an episode of its
 		// own, so a split run names what split it.
 		MinBlock: gap, BusyAfter: time.Duration(cfg.Sched.BusyAfter), BusyGap: gap,
-		MaxThreads: 1024, MaxStacks: 4096, Episodes: eps, Symbolizer: symbolize.New(symbolize.Options{}),
+		MaxThreads: 1024, MaxStacks: 4096, Symbolizer: symbolize.New(symbolize.Options{}),
 	})
 	res, err := target.NewResolver("/proc")
 	if err != nil {

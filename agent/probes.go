@@ -27,11 +27,12 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			MaxEntries:       uint32(cfg.Probes.MaxEntries),
 			RingBufferBytes:  uint32(cfg.Probes.RingBufferBytes),
 			Owners:           a.Owners,
+			SideStores:       a.SideStores,
 		}
 	}
 	ps := []probes.Probe{
 		probes.NewTCPListen(opts(signals.ProbeTCPListen)),
-		probes.NewTCPLife(opts(signals.ProbeTCPLife), a.Conns),
+		probes.NewTCPLife(opts(signals.ProbeTCPLife)),
 		probes.NewProcSignals(opts("procsignals")),
 		probes.NewSockCalls(probes.SockCallsOptions{
 			Options:    opts(signals.ProbeSockCalls),
@@ -45,7 +46,6 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			BusyGap:    cfg.Sched.BusyGap,
 			MaxThreads: uint32(cfg.Sched.MaxThreads),
 			MaxStacks:  uint32(cfg.Sched.MaxStacks),
-			Episodes:   a.Episodes,
 			Symbolizer: a.Symbols,
 			// Episodes that reach the rules' thresholds wake the engine;
 			// workers' idle waits do not.
@@ -58,7 +58,6 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			Frequency: cfg.Profiling.Frequency,
 			MaxStacks: uint32(cfg.Profiling.MaxStacks),
 			Drain:     cfg.Profiling.DrainInterval,
-			Samples:   a.Samples,
 			// 0 in the config is no copy; the probe reads 0 as its default.
 			StackBytes: cmp.Or(cfg.Profiling.StackBytes, -1),
 			Symbolizer: a.Symbols,

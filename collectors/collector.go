@@ -48,6 +48,9 @@ type Options struct {
 	// segments move (collect.sockets_busy_interval); 0: its default,
 	// negative: never.
 	SocketsBusyInterval time.Duration
+	// SideStores receive what is not a number series: the pprof_heap
+	// collector's heap profiles (Profiles; nil keeps only totals).
+	signals.SideStores
 }
 
 // Factory builds a collector.

@@ -81,9 +81,10 @@ type PprofHeap struct {
 	errs    map[string]float64
 }
 
-// NewPprofHeap returns the heap profile puller. profiles may be nil, in
+// NewPprofHeap returns the heap profile puller. o.Profiles may be nil, in
 // which case only the totals are recorded.
-func NewPprofHeap(_ Options, po PprofOptions, profiles *signals.Profiles) *PprofHeap {
+func NewPprofHeap(o Options, po PprofOptions) *PprofHeap {
+	profiles := o.Profiles
 	if po.Timeout <= 0 {
 		po.Timeout = defaultPprofTimeout
 	}

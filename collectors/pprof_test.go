@@ -56,7 +56,7 @@ func TestPprofHeapFetchesRealHandler(t *testing.T) {
 	srv, hits := countingServer(t, pprof.Handler("heap"))
 	profs := signals.NewProfiles(4)
 	st := signals.New(16, 256)
-	c := NewPprofHeap(Options{}, PprofOptions{URL: srv.URL + "/debug/pprof/heap", Timeout: 5 * time.Second, MaxBytes: 32 << 20, Interval: time.Hour}, profs)
+	c := NewPprofHeap(Options{SideStores: signals.SideStores{Profiles: profs}}, PprofOptions{URL: srv.URL + "/debug/pprof/heap", Timeout: 5 * time.Second, MaxBytes: 32 << 20, Interval: time.Hour})
 	defer c.Close()
 	if c.Name() != "pprof_heap" {
 		t.Errorf("Name = %q", c.Name())
@@ -115,7 +115,7 @@ func TestPprofHeapInterval(t *testing.T) {
 	}))
 	profs := signals.NewProfiles(2)
 	st := signals.New(16, 256)
-	c := NewPprofHeap(Options{}, PprofOptions{URL: srv.URL, Interval: 10 * time.Second}, profs)
+	c := NewPprofHeap(Options{SideStores: signals.SideStores{Profiles: profs}}, PprofOptions{URL: srv.URL, Interval: 10 * time.Second})
 	now := time.Unix(1_000_000, 0)
 	c.now = func() time.Time { return now }
 	collect := func() error { return c.Collect(context.Background(), target.Process{}, st) }
@@ -293,7 +293,7 @@ func TestPprofHeapFailures(t *testing.T) {
 			}
 			profs := signals.NewProfiles(2)
 			st := signals.New(16, 256)
-			c := NewPprofHeap(Options{}, PprofOptions{URL: url, Timeout: 300 * time.Millisecond, MaxBytes: maxB}, profs)
+			c := NewPprofHeap(Options{SideStores: signals.SideStores{Profiles: profs}}, PprofOptions{URL: url, Timeout: 300 * time.Millisecond, MaxBytes: maxB})
 			defer c.Close()
 			err := c.Collect(context.Background(), target.Process{}, st)
 			if err == nil {
@@ -339,7 +339,7 @@ func TestPprofHeapPlainProfileAndRedaction(t *testing.T) {
 	}))
 	url := strings.Replace(srv.URL, "http://", "http://culprit:s3cret@", 1)
 	st := signals.New(16, 256)
-	c := NewPprofHeap(Options{}, PprofOptions{URL: url, MaxBytes: 1 << 20}, nil) // no store: totals only
+	c := NewPprofHeap(Options{}, PprofOptions{URL: url, MaxBytes: 1 << 20}) // no store: totals only
 	if err := c.Collect(context.Background(), target.Process{}, st); err != nil {
 		t.Fatalf("uncompressed profile: %v", err)
 	}
@@ -354,7 +354,7 @@ func TestPprofHeapPlainProfileAndRedaction(t *testing.T) {
 }
 
 func TestPprofHeapNoSource(t *testing.T) {
-	c := NewPprofHeap(Options{}, PprofOptions{}, signals.NewProfiles(2))
+	c := NewPprofHeap(Options{SideStores: signals.SideStores{Profiles: signals.NewProfiles(2)}}, PprofOptions{})
 	st := signals.New(16, 64)
 	if err := c.Collect(context.Background(), target.Process{}, st); !errors.Is(err, ErrNoData) {
 		t.Errorf("empty URL: err = %v, want ErrNoData", err)
@@ -367,7 +367,7 @@ func TestPprofHeapNoSource(t *testing.T) {
 func TestPprofHeapStopping(t *testing.T) {
 	srv, _ := countingServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }))
 	st := signals.New(16, 64)
-	c := NewPprofHeap(Options{}, PprofOptions{URL: srv.URL, Timeout: 5 * time.Second}, nil)
+	c := NewPprofHeap(Options{}, PprofOptions{URL: srv.URL, Timeout: 5 * time.Second})
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	if err := c.Collect(ctx, target.Process{}, st); err == nil {

@@ -51,8 +51,7 @@ type CPUProfileOptions struct {
 	MaxStacks uint32
 	// Drain is how often counts are moved from the kernel to Samples.
 	Drain time.Duration
-	// Samples receives the drained counts.
-	Samples *signals.CPUSamples
+	// The drained counts go to Options.Samples.
 	// StackBytes is how much of the user stack each sample copies, for Go
 	// to unwind by CFI what the frame-pointer walk cannot (0:
 	// DefaultStackBytes; at most MaxStackBytes; negative: none, samples

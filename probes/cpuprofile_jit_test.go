@@ -77,8 +77,8 @@ func TestCPUProfileNamesJavaScriptFunctions(t *testing.T) {
 
 	samples := signals.NewCPUSamples(4096)
 	p := NewCPUProfile(CPUProfileOptions{
-		Options:   Options{Log: testLog},
-		Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond, Samples: samples,
+		Options:   Options{Log: testLog, SideStores: signals.SideStores{Samples: samples}},
+		Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond,
 		// Frame-pointer walks only: the garbage they read out of the
 		// SHA-512 assembly must be cut (with copies, those stacks are
 		// unwound instead: TestCPUProfileReachesTheJavaScriptCaller).
@@ -215,8 +215,8 @@ func TestCPUProfileReachesTheJavaScriptCaller(t *testing.T) {
 	st := signals.New(600, 1000)
 	s := symbolize.New(symbolize.Options{Log: testLog})
 	p := NewCPUProfile(CPUProfileOptions{
-		Options:   Options{Log: testLog},
-		Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond, Samples: samples, Symbolizer: s,
+		Options:   Options{Log: testLog, SideStores: signals.SideStores{Samples: samples}},
+		Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond, Symbolizer: s,
 	})
 	runProbe(t, pid, p, st)
 	// The target is set at the first drain; until node's executable is

@@ -29,8 +29,8 @@ func TestCPUProfileNamesTheHotFunction(t *testing.T) {
 	samples := signals.NewCPUSamples(4096)
 	st := signals.New(600, 1000)
 	p := NewCPUProfile(CPUProfileOptions{
-		Options:   Options{Log: testLog},
-		Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond, Samples: samples,
+		Options:   Options{Log: testLog, SideStores: signals.SideStores{Samples: samples}},
+		Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond,
 	})
 	runProbe(t, w.PID, p, st)
 	time.Sleep(300 * time.Millisecond) // the target is set at the first drain
@@ -107,7 +107,7 @@ func TestCPUProfileSamplesAPreforkServersWorkers(t *testing.T) {
 		master.Wait()
 	})
 	samples := signals.NewCPUSamples(4096)
-	p := NewCPUProfile(CPUProfileOptions{Options: Options{Log: testLog}, Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond, Samples: samples})
+	p := NewCPUProfile(CPUProfileOptions{Options: Options{Log: testLog, SideStores: signals.SideStores{Samples: samples}}, Frequency: 99, MaxStacks: 1024, Drain: 200 * time.Millisecond})
 	runProbe(t, master.Process.Pid, p, signals.New(600, 1000))
 	time.Sleep(2 * time.Second)
 	byPid := map[int]int64{}
@@ -173,8 +173,7 @@ func BenchmarkCPUProfileSample(b *testing.B) {
 		round = 300 * time.Millisecond
 	)
 	st := signals.New(64, 4096)
-	p := NewCPUProfile(CPUProfileOptions{Options: Options{Log: testLog}, Frequency: freq, MaxStacks: 8192, Drain: drain,
-		Samples: signals.NewCPUSamples(1 << 16)})
+	p := NewCPUProfile(CPUProfileOptions{Options: Options{Log: testLog, SideStores: signals.SideStores{Samples: signals.NewCPUSamples(1 << 16)}}, Frequency: freq, MaxStacks: 8192, Drain: drain})
 	res, err := target.NewResolver("/proc")
 	if err != nil {
 		b.Fatal(err)

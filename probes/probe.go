@@ -38,4 +38,7 @@ type Options struct {
 	// Owners tells whose a socket is (shared with the collectors); nil:
 	// the probe makes its own.
 	Owners *target.SocketOwners
+	// SideStores receive what is not a number series: the sched probe's
+	// episodes, tcplife's connection events, cpu_profile's samples.
+	signals.SideStores
 }

@@ -13,7 +13,7 @@ import (
 func TestProbeNamesAreComponents(t *testing.T) {
 	ps := []Probe{
 		NewTCPListen(Options{}),
-		NewTCPLife(Options{}, nil),
+		NewTCPLife(Options{}),
 		NewProcSignals(Options{}),
 		NewSockCalls(SockCallsOptions{}),
 		NewSched(SchedOptions{}),

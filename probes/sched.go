@@ -49,8 +49,7 @@ type SchedOptions struct {
 	MaxStacks uint32
 	// StackMapLife is how often the stack map is emptied (10 min if unset).
 	StackMapLife time.Duration
-	// Episodes receives block and busy episodes; Symbolizer names their stacks.
-	Episodes   *signals.Episodes
+	// Symbolizer names the stacks of the episodes (Options.Episodes).
 	Symbolizer *symbolize.Symbolizer
 	// NotifyBlock and NotifyBusy wake the rule engine (Store.Notify) when
 	// an episode going on reaches them (the rules' own thresholds): an

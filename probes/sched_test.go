@@ -25,11 +25,11 @@ func startSched(t *testing.T, pid int) (*signals.Store, *signals.Episodes) {
 	st := signals.New(600, 2000)
 	eps := signals.NewEpisodes(256)
 	p := NewSched(SchedOptions{
-		Options:    Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096},
+		Options:    Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096, SideStores: signals.SideStores{Episodes: eps}},
 		MinBlock:   100 * time.Millisecond,
 		BusyAfter:  200 * time.Millisecond,
 		MaxThreads: 1024, MaxStacks: 1024,
-		Episodes: eps, Symbolizer: symbolize.New(symbolize.Options{}),
+		Symbolizer: symbolize.New(symbolize.Options{}),
 	})
 	runProbe(t, pid, p, st)
 	return st, eps
@@ -136,9 +136,9 @@ func TestSchedStackMapReset(t *testing.T) {
 	st := signals.New(600, 2000)
 	eps := signals.NewEpisodes(256)
 	p := NewSched(SchedOptions{
-		Options:  Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096},
+		Options:  Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096, SideStores: signals.SideStores{Episodes: eps}},
 		MinBlock: 100 * time.Millisecond, MaxThreads: 1024, MaxStacks: 1024, StackMapLife: time.Hour,
-		Episodes: eps, Symbolizer: symbolize.New(symbolize.Options{}),
+		Symbolizer: symbolize.New(symbolize.Options{}),
 	})
 	runProbe(t, w.PID, p, st)
 	reset := p.resetStacksNow

@@ -72,9 +72,10 @@ type resetKey struct {
 // maxResetPorts bounds the ports of tcp_resets_sent_total.
 const maxResetPorts = 32
 
-// NewTCPLife returns the probe, not yet loaded; events receives the
+// NewTCPLife returns the probe, not yet loaded; o.Conns receives the
 // connection events (bounded by its own size).
-func NewTCPLife(o Options, events *signals.ConnEvents) *TCPLife {
+func NewTCPLife(o Options) *TCPLife {
+	events := o.Conns
 	if events == nil {
 		events = signals.NewConnEvents(1024)
 	}

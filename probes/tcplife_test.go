@@ -19,7 +19,7 @@ func TestTCPLifeIdleAgeAtPeerClose(t *testing.T) {
 	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
 	st := signals.New(600, 1000)
 	evs := signals.NewConnEvents(1024)
-	runProbe(t, s.PID, NewTCPLife(Options{Log: testLog, PollInterval: 50 * time.Millisecond, MaxEntries: 1024, RingBufferBytes: 1 << 16}, evs), st)
+	runProbe(t, s.PID, NewTCPLife(Options{Log: testLog, PollInterval: 50 * time.Millisecond, MaxEntries: 1024, RingBufferBytes: 1 << 16, SideStores: signals.SideStores{Conns: evs}}), st)
 	time.Sleep(300 * time.Millisecond) // the netns filter is set at the first poll
 	from := time.Now()
 	s.MustDo(t, "idletimeout 600")
@@ -63,7 +63,7 @@ func TestTCPLifeIdleAgeAtPeerClose(t *testing.T) {
 func TestTCPLifeEventsNameTheirSocket(t *testing.T) {
 	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
 	evs := signals.NewConnEvents(1024)
-	runProbe(t, s.PID, NewTCPLife(Options{Log: testLog, PollInterval: 50 * time.Millisecond, MaxEntries: 1024, RingBufferBytes: 1 << 16}, evs), signals.New(600, 1000))
+	runProbe(t, s.PID, NewTCPLife(Options{Log: testLog, PollInterval: 50 * time.Millisecond, MaxEntries: 1024, RingBufferBytes: 1 << 16, SideStores: signals.SideStores{Conns: evs}}), signals.New(600, 1000))
 	time.Sleep(300 * time.Millisecond) // the netns filter is set at the first poll
 	from := time.Now()
 	s.MustDo(t, "dial 5")
