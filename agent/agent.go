@@ -20,8 +20,8 @@ import (
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/symbolize"
-	"github.com/culprit-dev/culprit/target"
 	"github.com/culprit-dev/culprit/traces"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // This file is the agent's lifecycle: what one running agent holds, the
@@ -36,7 +36,7 @@ type Agent struct {
 	HTTPAddr, GRPCAddr string
 	Store              *signals.Store
 	Journal            *rules.Journal
-	Tracker            *target.Tracker
+	Tracker            *workload.Tracker
 	// SideStores: episodes, connection events, CPU samples, heap
 	// profiles and spans, one value handed to every writer and the rules.
 	signals.SideStores
@@ -45,7 +45,7 @@ type Agent struct {
 	Symbols      *symbolize.Symbolizer
 	// Owners tells whose a socket is, shared by the collectors and probes
 	// that label sockets with their owner.
-	Owners *target.SocketOwners
+	Owners *workload.SocketOwners
 
 	log     *slog.Logger
 	cancel  context.CancelFunc
@@ -73,11 +73,11 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	if err := checkLocal(cfg); err != nil {
 		return nil, err
 	}
-	sel := target.Selector{PID: cfg.Target.PID, Port: cfg.Target.Port}
+	sel := workload.Selector{PID: cfg.Target.PID, Port: cfg.Target.Port}
 	if cfg.Target.Cmd != "" {
 		sel.Cmd = regexp.MustCompile(cfg.Target.Cmd) // validated in Config.Validate
 	}
-	res, err := target.NewResolver(cfg.Collect.ProcRoot)
+	res, err := workload.NewResolver(cfg.Collect.ProcRoot)
 	if err != nil {
 		return nil, err
 	}
@@ -98,12 +98,12 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		},
 		Symbols: symbolize.New(symbolize.Options{ProcRoot: cfg.Collect.ProcRoot, Log: log.With("component", "symbolize"),
 			MaxPerfMapBytes: perfMapBytes(cfg.Profiling.MaxPerfMapBytes)}),
-		Owners: target.NewSocketOwners(cfg.Collect.ProcRoot, target.SocketOwnersOptions{}),
+		Owners: workload.NewSocketOwners(cfg.Collect.ProcRoot, workload.SocketOwnersOptions{}),
 		log:    log,
 		cancel: cancel,
 	}
 	a.ruleSet = rules.New(cfg.Rules, cfg.Pprof.Interval)
-	a.Tracker = target.NewTracker(res, sel, cfg.Target.RefindInterval, log)
+	a.Tracker = workload.NewTracker(res, sel, cfg.Target.RefindInterval, log)
 	if a.resource, err = exporters.NewResource(os.Environ(), a.Tracker); err != nil {
 		cancel()
 		return nil, fmt.Errorf("name the service and its pod: %w", err)

@@ -24,7 +24,7 @@ import (
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/symbolize"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // stopTheWorldLoad makes the demo stop the world again and again until ctx
@@ -180,11 +180,11 @@ func schedOn(t *testing.T, pid int, poll time.Duration) *signals.Episodes {
 		MinBlock: gap, BusyAfter: time.Duration(cfg.Sched.BusyAfter), BusyGap: gap,
 		MaxThreads: 1024, MaxStacks: 4096, Symbolizer: symbolize.New(symbolize.Options{}),
 	})
-	res, err := target.NewResolver("/proc")
+	res, err := workload.NewResolver("/proc")
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr := target.NewTracker(res, target.Selector{PID: pid}, time.Second, log)
+	tr := workload.NewTracker(res, workload.Selector{PID: pid}, time.Second, log)
 	tr.Refresh()
 	ctx, cancel := context.WithCancel(context.Background())
 	st := signals.New(600, 4000)

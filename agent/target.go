@@ -9,7 +9,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // This file keeps the agent on its target: it finds the target again after
@@ -22,11 +22,11 @@ import (
 // at once through a pidfd, and the periodic check (for a PID namespace
 // that hides it, a zombie) comes at the clock's pace. What was one wake-up
 // of the process every refind_interval is then none.
-func (a *Agent) trackTarget(ctx context.Context, res *target.Resolver, interval time.Duration) {
+func (a *Agent) trackTarget(ctx context.Context, res *workload.Resolver, interval time.Duration) {
 	tick := signals.NewTicker(interval)
 	defer tick.Stop()
 	exited := make(chan struct{}, 1)
-	var watched target.Process
+	var watched workload.Process
 	var stopWatch func()
 	defer func() {
 		if stopWatch != nil {
@@ -52,7 +52,7 @@ func (a *Agent) trackTarget(ctx context.Context, res *target.Resolver, interval 
 			watched, stopWatch = cur, watchExit(cur.PID, exited)
 			if stopWatch != nil && !res.Alive(cur) {
 				// It ended between the check and the pidfd: look now.
-				stopWatch, watched = nil, target.Process{}
+				stopWatch, watched = nil, workload.Process{}
 				continue
 			}
 		}
@@ -61,7 +61,7 @@ func (a *Agent) trackTarget(ctx context.Context, res *target.Resolver, interval 
 			return
 		case <-tick.C:
 		case <-exited:
-			watched = target.Process{}
+			watched = workload.Process{}
 			if stopWatch != nil {
 				stopWatch()
 				stopWatch = nil
@@ -118,9 +118,9 @@ func watchExit(pid int, exited chan<- struct{}) func() {
 // detectRuntime tells the rules the target's runtime, once per target
 // process: a few ms of reading its executable and maps. What it was found
 // from is logged once, so a remedy in the wrong terms can be traced.
-func (a *Agent) detectRuntime(cfg Config) func(target.Process) target.Runtime {
-	return func(p target.Process) target.Runtime {
-		rt, err := target.DetectRuntime(cfg.Collect.ProcRoot, p.PID)
+func (a *Agent) detectRuntime(cfg Config) func(workload.Process) workload.Runtime {
+	return func(p workload.Process) workload.Runtime {
+		rt, err := workload.DetectRuntime(cfg.Collect.ProcRoot, p.PID)
 		if err != nil {
 			a.log.Warn("runtime of the target unknown; remedies stay runtime-neutral", "pid", p.PID, "err", err)
 			return rt

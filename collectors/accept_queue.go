@@ -18,7 +18,7 @@ import (
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/sockdiag"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func init() {
@@ -349,14 +349,14 @@ func parseUint(b []byte) (uint64, bool) {
 type acceptQueueCollector struct {
 	mu       sync.Mutex
 	procRoot string
-	owners   *target.SocketOwners
+	owners   *workload.SocketOwners
 
 	conn  *sockdiag.Conn
 	socks []diagSocket // reused across dumps
 	buf   []byte       // reused for net/netstat
 
 	// What was seen of the current target.
-	tgt           target.Process
+	tgt           workload.Process
 	havePrev      bool
 	prevT         time.Time
 	prevOverflows uint64
@@ -420,7 +420,7 @@ type listenerHandles struct {
 func newAcceptQueueCollector(o Options) (*acceptQueueCollector, error) {
 	owners := o.Owners
 	if owners == nil {
-		owners = target.NewSocketOwners(procRootOf(o), target.SocketOwnersOptions{})
+		owners = workload.NewSocketOwners(procRootOf(o), workload.SocketOwnersOptions{})
 	}
 	return &acceptQueueCollector{
 		procRoot: procRootOf(o),
@@ -455,11 +455,11 @@ func (c *acceptQueueCollector) closeDiag() {
 	c.netstat.close()
 }
 
-func sameProcess(a, b target.Process) bool {
+func sameProcess(a, b workload.Process) bool {
 	return a.PID == b.PID && a.StartTime == b.StartTime && a.NetnsIno == b.NetnsIno
 }
 
-func (c *acceptQueueCollector) Collect(ctx context.Context, tgt target.Process, store *signals.Store) error {
+func (c *acceptQueueCollector) Collect(ctx context.Context, tgt workload.Process, store *signals.Store) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !sameProcess(c.tgt, tgt) {
@@ -612,7 +612,7 @@ func (c *acceptQueueCollector) fillIn(store *signals.Store, until time.Time) {
 // openDiag makes sure c.conn is a sock_diag socket in the target's netns.
 // A netlink socket stays in the namespace it was created in, so the setns
 // dance happens once per namespace, not per sample.
-func (c *acceptQueueCollector) openDiag(tgt target.Process) error {
+func (c *acceptQueueCollector) openDiag(tgt workload.Process) error {
 	if c.conn != nil && c.conn.Netns() == tgt.NetnsIno {
 		return nil
 	}
@@ -663,7 +663,7 @@ func (c *acceptQueueCollector) refreshOwned(now time.Time) bool {
 		if !ok {
 			c.missing = append(c.missing, s.Inode)
 		}
-		c.owned[s.Inode] = o.Role == target.RoleTarget
+		c.owned[s.Inode] = o.Role == workload.RoleTarget
 	}
 	if len(c.missing) == 0 {
 		return false

@@ -16,7 +16,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func key(addr string, port uint16) listenerKey {
@@ -239,7 +239,7 @@ type aqHarness struct {
 	t     *testing.T
 	c     *acceptQueueCollector
 	store *signals.Store
-	tgt   target.Process
+	tgt   workload.Process
 	port  signals.Labels
 }
 
@@ -453,11 +453,11 @@ func TestAcceptQueueSynRecv(t *testing.T) {
 func BenchmarkAcceptQueueCollect(b *testing.B) {
 	s := testenv.Start(b, testenv.Options{Backlog: 128, Accept: true})
 	s.MustDo(b, "dial 200") // ESTABLISHED sockets the state filter skips
-	r, err := target.NewResolver("/proc")
+	r, err := workload.NewResolver("/proc")
 	if err != nil {
 		b.Fatal(err)
 	}
-	tgt, err := r.Resolve(target.Selector{PID: s.PID})
+	tgt, err := r.Resolve(workload.Selector{PID: s.PID})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func init() {
@@ -224,7 +224,7 @@ var memorySignals = []*signals.Desc{signals.CgroupInfo, signals.CgroupMemoryUsag
 // /sys/fs/cgroup (pure v2, as most pods today) or under unified/ (hybrid).
 // A target at the root of the hierarchy gets nothing: the root has no
 // limit, and its usage and OOM kills are the whole host's.
-func (c *cgroupCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+func (c *cgroupCollector) Collect(_ context.Context, tgt workload.Process, store *signals.Store) error {
 	m, path, err := c.read(tgt.PID)
 	if err != nil {
 		// What was read of another cgroup is not this target's now.

@@ -13,7 +13,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func TestMemoryCgroupPaths(t *testing.T) {
@@ -62,7 +62,7 @@ func TestCgroupCollectorRealLimit(t *testing.T) {
 	l.MustDo(t, "retain 32")
 	st := signals.New(16, 100)
 	c := newCgroupCollector(Options{})
-	if err := c.Collect(context.Background(), target.Process{PID: l.PID}, st); err != nil {
+	if err := c.Collect(context.Background(), workload.Process{PID: l.PID}, st); err != nil {
 		t.Fatal(err)
 	}
 	info := st.Select(signals.CgroupInfo)
@@ -88,14 +88,14 @@ func TestCgroupCollectorRealLimit(t *testing.T) {
 func TestMemoryCgroupAtTheRoot(t *testing.T) {
 	st := signals.New(16, 100)
 	ns := newCgroupCollector(Options{ProcRoot: "testdata/cgroup/cpu-v2-ns/proc", SysRoot: "testdata/cgroup/cpu-v2-ns/sys"})
-	if err := ns.Collect(context.Background(), target.Process{PID: 7}, st); err != nil {
+	if err := ns.Collect(context.Background(), workload.Process{PID: 7}, st); err != nil {
 		t.Fatalf("namespace root: %v", err)
 	}
 	if u, _ := st.Latest(signals.CgroupMemoryUsageBytes, nil); u.V != 67108864 {
 		t.Fatalf("namespace root usage %v", u.V)
 	}
 	root := newCgroupCollector(Options{ProcRoot: "testdata/cgroup/cpu-v1/proc", SysRoot: "testdata/cgroup/cpu-v1/sys"})
-	if err := root.Collect(context.Background(), target.Process{PID: 4545}, st); !errors.Is(err, ErrNoData) {
+	if err := root.Collect(context.Background(), workload.Process{PID: 4545}, st); !errors.Is(err, ErrNoData) {
 		t.Fatalf("v1 root: %v, want ErrNoData", err)
 	}
 	for _, name := range memorySignals {

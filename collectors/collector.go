@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // Collector polls one source and writes what it reads into the store.
@@ -18,7 +18,7 @@ import (
 // (logged at debug), any other error marks the collector degraded.
 type Collector interface {
 	Name() string
-	Collect(ctx context.Context, tgt target.Process, store *signals.Store) error
+	Collect(ctx context.Context, tgt workload.Process, store *signals.Store) error
 }
 
 // Closer is implemented by collectors that hold kernel resources (a netlink
@@ -39,7 +39,7 @@ type Options struct {
 	MaxThreads int
 	// Owners tells whose a socket is; the agent shares one among the
 	// collectors (and probes) that need it. Nil: a collector makes its own.
-	Owners *target.SocketOwners
+	Owners *workload.SocketOwners
 	// SocketsIdleInterval is the longest the sockets collector goes
 	// without a dump while the namespace's TCP counters stand still
 	// (collect.sockets_idle_interval); 0: its default, negative: never.

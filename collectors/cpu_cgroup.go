@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func init() {
@@ -224,7 +224,7 @@ func (c *cpuCgroupCollector) Close() error { return (*cgroupCollector)(c).Close(
 // /sys/fs/cgroup (pure v2, as most pods) or under unified/ (hybrid, usage
 // and PSI only). A target at the root of a hierarchy gets nothing from
 // it: the root has no quota and its counters are the whole host's.
-func (c *cpuCgroupCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+func (c *cpuCgroupCollector) Collect(_ context.Context, tgt workload.Process, store *signals.Store) error {
 	b, err := c.cg.read(&c.cgBuf, filepath.Join(c.procRoot, strconv.Itoa(tgt.PID), "cgroup"))
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)

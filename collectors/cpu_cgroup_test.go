@@ -18,7 +18,7 @@ import (
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func TestCgroupOf(t *testing.T) {
@@ -108,7 +108,7 @@ func TestReadCPUCgroupFixtures(t *testing.T) {
 		root := filepath.Join("testdata/cgroup", c.tree)
 		col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
 		st := signals.New(16, 100)
-		if err := col.Collect(context.Background(), target.Process{PID: c.pid}, st); err != nil {
+		if err := col.Collect(context.Background(), workload.Process{PID: c.pid}, st); err != nil {
 			t.Fatalf("%s pid %d: %v", c.tree, c.pid, err)
 		}
 		// What the store got is what the files say.
@@ -156,10 +156,10 @@ func TestCPUCgroupAtTheRoot(t *testing.T) {
 		col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
 		st := signals.New(16, 100)
 		// Before, the target was in a limited cgroup.
-		if err := newCPUCgroupCollector(Options{ProcRoot: "testdata/cgroup/cpu-v2/proc", SysRoot: "testdata/cgroup/cpu-v2/sys"}).Collect(context.Background(), target.Process{PID: 100}, st); err != nil {
+		if err := newCPUCgroupCollector(Options{ProcRoot: "testdata/cgroup/cpu-v2/proc", SysRoot: "testdata/cgroup/cpu-v2/sys"}).Collect(context.Background(), workload.Process{PID: 100}, st); err != nil {
 			t.Fatal(err)
 		}
-		if err := col.Collect(context.Background(), target.Process{PID: c.pid}, st); !errors.Is(err, ErrNoData) {
+		if err := col.Collect(context.Background(), workload.Process{PID: c.pid}, st); !errors.Is(err, ErrNoData) {
 			t.Fatalf("%s pid %d at the root: %v, want ErrNoData", c.tree, c.pid, err)
 		}
 		for _, name := range []*signals.Desc{signals.CgroupCPUInfo, signals.CgroupCPUUsageSecondsTotal, signals.CgroupCPUQuotaCores, signals.CgroupCPUPeriodsTotal, signals.CgroupCPUPressureAvg10Ratio} {
@@ -175,10 +175,10 @@ func TestCPUCgroupMissing(t *testing.T) {
 	col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
 	// pid 4444 names a v1 cpu cgroup that is not there, and v2's root
 	// has no cpu.stat.
-	if err := col.Collect(context.Background(), target.Process{PID: 4444}, signals.New(16, 100)); !errors.Is(err, ErrNoData) {
+	if err := col.Collect(context.Background(), workload.Process{PID: 4444}, signals.New(16, 100)); !errors.Is(err, ErrNoData) {
 		t.Fatalf("missing cgroup: %v, want ErrNoData", err)
 	}
-	if err := col.Collect(context.Background(), target.Process{PID: 1}, signals.New(16, 100)); err == nil || errors.Is(err, ErrNoData) {
+	if err := col.Collect(context.Background(), workload.Process{PID: 1}, signals.New(16, 100)); err == nil || errors.Is(err, ErrNoData) {
 		t.Fatalf("missing process: %v, want an error other than ErrNoData", err)
 	}
 }
@@ -190,7 +190,7 @@ func TestCPUCgroupForgetsQuotaAndOldPath(t *testing.T) {
 	col := newCPUCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
 	st := signals.New(16, 100)
 	for _, pid := range []int{100, 101} {
-		if err := col.Collect(context.Background(), target.Process{PID: pid}, st); err != nil {
+		if err := col.Collect(context.Background(), workload.Process{PID: pid}, st); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -224,7 +224,7 @@ func collectFor(t *testing.T, pid int, st *signals.Store, d time.Duration) {
 	t.Helper()
 	c := newCPUCgroupCollector(Options{})
 	for end := time.Now().Add(d); ; time.Sleep(250 * time.Millisecond) {
-		if err := c.Collect(context.Background(), target.Process{PID: pid}, st); err != nil {
+		if err := c.Collect(context.Background(), workload.Process{PID: pid}, st); err != nil {
 			t.Fatal(err)
 		}
 		if time.Now().After(end) {
@@ -299,7 +299,7 @@ func TestMemoryCgroupOutsideOurNamespace(t *testing.T) {
 	root := "testdata/cgroup/cpu-v2"
 	col := newCgroupCollector(Options{ProcRoot: filepath.Join(root, "proc"), SysRoot: filepath.Join(root, "sys")})
 	st := signals.New(16, 100)
-	if err := col.Collect(context.Background(), target.Process{PID: 102}, st); err != nil {
+	if err := col.Collect(context.Background(), workload.Process{PID: 102}, st); err != nil {
 		t.Fatal(err)
 	}
 	want, err := os.ReadFile(filepath.Join(root, "proc/102/root/sys/fs/cgroup/memory.current"))

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func init() {
@@ -88,7 +88,7 @@ func newFDsCollector(o Options) *fdsCollector {
 
 func (*fdsCollector) Name() string { return signals.CollectorFDs }
 
-func (c *fdsCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+func (c *fdsCollector) Collect(_ context.Context, tgt workload.Process, store *signals.Store) error {
 	now := time.Now()
 	pidDir := filepath.Join(c.procRoot, strconv.Itoa(tgt.PID))
 	fdDir := filepath.Join(pidDir, "fd")

@@ -7,7 +7,7 @@ import (
 	"testing"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func TestFDKind(t *testing.T) {
@@ -78,7 +78,7 @@ func TestFDsCollectorRealProcess(t *testing.T) {
 	st := signals.New(16, 100)
 	var pipes, files, soft, hard, total float64
 	for i := 0; i < 100; i++ { // prlimit execs sleep: wait for that
-		if err := c.Collect(context.Background(), target.Process{PID: cmd.Process.Pid}, st); err != nil {
+		if err := c.Collect(context.Background(), workload.Process{PID: cmd.Process.Pid}, st); err != nil {
 			t.Fatal(err)
 		}
 		p, _ := st.Latest(signals.ProcessOpenFDs, signals.L("kind", "pipe"))
@@ -99,7 +99,7 @@ func TestFDsCollectorRealProcess(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { base.Process.Kill(); base.Wait() })
-	if err := c.Collect(context.Background(), target.Process{PID: base.Process.Pid}, st); err != nil {
+	if err := c.Collect(context.Background(), workload.Process{PID: base.Process.Pid}, st); err != nil {
 		t.Fatal(err)
 	}
 	basePipes, _ := st.Latest(signals.ProcessOpenFDs, signals.L("kind", "pipe"))

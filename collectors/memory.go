@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func init() {
@@ -94,7 +94,7 @@ func newMemoryCollector(o Options) *memoryCollector {
 
 func (*memoryCollector) Name() string { return signals.CollectorMemory }
 
-func (c *memoryCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+func (c *memoryCollector) Collect(_ context.Context, tgt workload.Process, store *signals.Store) error {
 	if tgt.PID != c.pid {
 		c.pid, c.cycle, c.slow = tgt.PID, 0, nil
 		c.status.close()

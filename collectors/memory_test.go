@@ -8,7 +8,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func sleep() { time.Sleep(20 * time.Millisecond) }
@@ -38,7 +38,7 @@ func TestMemoryCollectorSeesRetainedRSS(t *testing.T) {
 	l := testenv.StartLeaker(t, testenv.LeakerOptions{})
 	c := newMemoryCollector(Options{})
 	st := signals.New(16, 100)
-	tgt := target.Process{PID: l.PID}
+	tgt := workload.Process{PID: l.PID}
 	if err := c.Collect(context.Background(), tgt, st); err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +56,7 @@ func TestMemoryCollectorSeesRetainedRSS(t *testing.T) {
 func TestMemoryCollectorRollupAndSwitches(t *testing.T) {
 	c := newMemoryCollector(Options{})
 	st := signals.New(16, 100)
-	if err := c.Collect(context.Background(), target.Process{PID: os.Getpid()}, st); err != nil {
+	if err := c.Collect(context.Background(), workload.Process{PID: os.Getpid()}, st); err != nil {
 		t.Fatal(err)
 	}
 	if p, _ := st.Latest(signals.ProcessMemoryPSSBytes, nil); p.V <= 0 {

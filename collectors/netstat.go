@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func init() {
@@ -123,7 +123,7 @@ func newNetstatCollector(o Options) (*netstatCollector, error) {
 
 func (c *netstatCollector) Name() string { return signals.CollectorNetstat }
 
-func (c *netstatCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+func (c *netstatCollector) Collect(_ context.Context, tgt workload.Process, store *signals.Store) error {
 	if tgt.PID != c.pid {
 		c.pid, c.last = tgt.PID, nil
 		c.files[0].close()

@@ -10,7 +10,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // fixturePID is the process whose /proc files are under testdata/proc. Its
@@ -111,13 +111,13 @@ func TestNetstatCollectFixture(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := signals.New(4, 100)
-	if err := c.Collect(context.Background(), target.Process{PID: fixturePID}, store); err != nil {
+	if err := c.Collect(context.Background(), workload.Process{PID: fixturePID}, store); err != nil {
 		t.Fatal(err)
 	}
 	if got, ok := store.Latest(signals.TCPExtListenOverflowsTotal, nil); !ok || got.V != 32 {
 		t.Errorf("tcp_ext_listen_overflows_total = %v (present %v), want 32", got.V, ok)
 	}
-	if err := c.Collect(context.Background(), target.Process{PID: 999999}, store); err == nil {
+	if err := c.Collect(context.Background(), workload.Process{PID: 999999}, store); err == nil {
 		t.Error("Collect for a missing pid: no error")
 	}
 }
@@ -128,7 +128,7 @@ func TestNetstatCollectReal(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := signals.New(4, 100)
-	if err := c.Collect(context.Background(), target.Process{PID: os.Getpid()}, store); err != nil {
+	if err := c.Collect(context.Background(), workload.Process{PID: os.Getpid()}, store); err != nil {
 		t.Fatal(err)
 	}
 	for _, name := range []*signals.Desc{signals.TCPExtListenOverflowsTotal, signals.TCPActiveOpensTotal, signals.TCPCurrEstab} {

@@ -17,7 +17,7 @@ import (
 	"github.com/google/pprof/profile"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // The heap collector is not registered: it needs the profile store, which
@@ -123,7 +123,7 @@ func (c *PprofHeap) Close() error {
 // attempt. Between attempts it returns the last attempt's error, so that
 // the collector's status stays degraded while the source is failing rather
 // than flapping at every call.
-func (c *PprofHeap) Collect(ctx context.Context, _ target.Process, store *signals.Store) error {
+func (c *PprofHeap) Collect(ctx context.Context, _ workload.Process, store *signals.Store) error {
 	if c.po.URL == "" {
 		return fmt.Errorf("no heap profile source (pprof.heap_url is empty): %w", ErrNoData)
 	}

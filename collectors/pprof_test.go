@@ -20,7 +20,7 @@ import (
 	"github.com/google/pprof/profile"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // pprofKeep holds memory reachable while the test process's own heap is
@@ -62,7 +62,7 @@ func TestPprofHeapFetchesRealHandler(t *testing.T) {
 		t.Errorf("Name = %q", c.Name())
 	}
 	before := time.Now()
-	if err := c.Collect(context.Background(), target.Process{}, st); err != nil {
+	if err := c.Collect(context.Background(), workload.Process{}, st); err != nil {
 		t.Fatal(err)
 	}
 	inuse, _ := latestValue(t, st, signals.HeapInuseBytes, nil)
@@ -95,7 +95,7 @@ func TestPprofHeapFetchesRealHandler(t *testing.T) {
 	}
 
 	// Called again before Interval has passed: no second fetch.
-	if err := c.Collect(context.Background(), target.Process{}, st); err != nil || hits.Load() != 1 {
+	if err := c.Collect(context.Background(), workload.Process{}, st); err != nil || hits.Load() != 1 {
 		t.Errorf("second Collect within the interval: err %v, %d requests; want nil, 1", err, hits.Load())
 	}
 }
@@ -118,7 +118,7 @@ func TestPprofHeapInterval(t *testing.T) {
 	c := NewPprofHeap(Options{SideStores: signals.SideStores{Profiles: profs}}, PprofOptions{URL: srv.URL, Interval: 10 * time.Second})
 	now := time.Unix(1_000_000, 0)
 	c.now = func() time.Time { return now }
-	collect := func() error { return c.Collect(context.Background(), target.Process{}, st) }
+	collect := func() error { return c.Collect(context.Background(), workload.Process{}, st) }
 
 	for _, step := range []struct {
 		advance time.Duration
@@ -295,7 +295,7 @@ func TestPprofHeapFailures(t *testing.T) {
 			st := signals.New(16, 256)
 			c := NewPprofHeap(Options{SideStores: signals.SideStores{Profiles: profs}}, PprofOptions{URL: url, Timeout: 300 * time.Millisecond, MaxBytes: maxB})
 			defer c.Close()
-			err := c.Collect(context.Background(), target.Process{}, st)
+			err := c.Collect(context.Background(), workload.Process{}, st)
 			if err == nil {
 				t.Fatal("Collect succeeded")
 			}
@@ -340,14 +340,14 @@ func TestPprofHeapPlainProfileAndRedaction(t *testing.T) {
 	url := strings.Replace(srv.URL, "http://", "http://culprit:s3cret@", 1)
 	st := signals.New(16, 256)
 	c := NewPprofHeap(Options{}, PprofOptions{URL: url, MaxBytes: 1 << 20}) // no store: totals only
-	if err := c.Collect(context.Background(), target.Process{}, st); err != nil {
+	if err := c.Collect(context.Background(), workload.Process{}, st); err != nil {
 		t.Fatalf("uncompressed profile: %v", err)
 	}
 	if v, _ := latestValue(t, st, signals.HeapInuseBytes, nil); v <= 0 {
 		t.Errorf("heap_inuse_bytes = %v", v)
 	}
 	mode.Store(1)
-	err := c.Collect(context.Background(), target.Process{}, st)
+	err := c.Collect(context.Background(), workload.Process{}, st)
 	if err == nil || strings.Contains(err.Error(), "s3cret") || !strings.Contains(err.Error(), "culprit:xxxxx@") {
 		t.Errorf("error %v: want the URL with its password redacted", err)
 	}
@@ -356,7 +356,7 @@ func TestPprofHeapPlainProfileAndRedaction(t *testing.T) {
 func TestPprofHeapNoSource(t *testing.T) {
 	c := NewPprofHeap(Options{SideStores: signals.SideStores{Profiles: signals.NewProfiles(2)}}, PprofOptions{})
 	st := signals.New(16, 64)
-	if err := c.Collect(context.Background(), target.Process{}, st); !errors.Is(err, ErrNoData) {
+	if err := c.Collect(context.Background(), workload.Process{}, st); !errors.Is(err, ErrNoData) {
 		t.Errorf("empty URL: err = %v, want ErrNoData", err)
 	}
 	if n := st.Stats().Series; n != 0 {
@@ -370,7 +370,7 @@ func TestPprofHeapStopping(t *testing.T) {
 	c := NewPprofHeap(Options{}, PprofOptions{URL: srv.URL, Timeout: 5 * time.Second})
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	if err := c.Collect(ctx, target.Process{}, st); err == nil {
+	if err := c.Collect(ctx, workload.Process{}, st); err == nil {
 		t.Fatal("Collect succeeded")
 	}
 	// The agent stopping is not the app's failure.

@@ -15,7 +15,7 @@ import (
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/sockdiag"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func init() {
@@ -287,7 +287,7 @@ func (a *socketAgg) remote(k remoteKey) *remoteAgg {
 //
 // Whose a socket is: a connection to a listening port belongs to the
 // listener's owner (no fd table is read for it); any other socket a
-// process holds is looked up by inode in target.SocketOwners, which reads
+// process holds is looked up by inode in workload.SocketOwners, which reads
 // fd tables only when an inode is new to it; a time-wait socket (no
 // process holds one) is the target's when the connection it ended was
 // seen held by the target (MaxTrackedConns remembered), else unknown.
@@ -298,7 +298,7 @@ type socketsCollector struct {
 	mu       sync.Mutex
 	o        SocketsOptions
 	procRoot string
-	owners   *target.SocketOwners
+	owners   *workload.SocketOwners
 
 	conn *sockdiag.Conn
 
@@ -316,7 +316,7 @@ type socketsCollector struct {
 	// were last seen held), for their time-wait sockets.
 	conns map[connKey]uint32
 	cycle uint32
-	tgt   target.Process
+	tgt   workload.Process
 	// listened holds the target's listening ports of the last cycle that
 	// had sockets on them. After SIGTERM a server closes its listener and
 	// keeps serving: its accepted connections are still inbound, and
@@ -375,7 +375,7 @@ func newSocketsCollector(o Options, so SocketsOptions) *socketsCollector {
 	so = so.withDefaults()
 	owners := o.Owners
 	if owners == nil {
-		owners = target.NewSocketOwners(procRootOf(o), target.SocketOwnersOptions{})
+		owners = workload.NewSocketOwners(procRootOf(o), workload.SocketOwnersOptions{})
 	}
 	return &socketsCollector{
 		o:            so,
@@ -417,7 +417,7 @@ func (c *socketsCollector) closeConn() {
 // idle ages grown, for up to IdleInterval. A dump costs a walk of the
 // kernel's established hash (1-2 ms whatever the namespace holds) plus
 // about 0.3 us per socket (100k TIME_WAIT sockets: ~30 ms).
-func (c *socketsCollector) Collect(ctx context.Context, tgt target.Process, store *signals.Store) error {
+func (c *socketsCollector) Collect(ctx context.Context, tgt workload.Process, store *signals.Store) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	start := time.Now()
@@ -465,7 +465,7 @@ func (c *socketsCollector) Collect(ctx context.Context, tgt target.Process, stor
 // collectCycle is one dump with its ownership: a cycle, then, when it met
 // sockets of unknown owners, a refresh of the owner index (rate-limited
 // there) whose answers the next cycle uses.
-func (c *socketsCollector) collectCycle(ctx context.Context, tgt target.Process) error {
+func (c *socketsCollector) collectCycle(ctx context.Context, tgt workload.Process) error {
 	if c.tgt.PID != tgt.PID || c.tgt.StartTime != tgt.StartTime {
 		c.tgt = tgt
 		clear(c.conns)
@@ -487,7 +487,7 @@ func (c *socketsCollector) collectCycle(ctx context.Context, tgt target.Process)
 }
 
 // cycleOnce dumps and aggregates; the result is in c.agg, c.top*, c.other*.
-func (c *socketsCollector) cycleOnce(ctx context.Context, tgt target.Process) error {
+func (c *socketsCollector) cycleOnce(ctx context.Context, tgt workload.Process) error {
 	if c.conn != nil && c.conn.Netns() != tgt.NetnsIno {
 		c.closeConn()
 		c.sticky = c.sticky[:0]
@@ -650,11 +650,11 @@ func (c *socketsCollector) ownerOf(ino uint32) ownerSlot {
 		return slotUnknown
 	}
 	switch o.Role {
-	case target.RoleTarget:
+	case workload.RoleTarget:
 		return slotTarget
-	case target.RoleAgent:
+	case workload.RoleAgent:
 		return slotAgent
-	case target.RoleOther:
+	case workload.RoleOther:
 		if s, ok := c.slotOf[o.Comm]; ok {
 			return s
 		}

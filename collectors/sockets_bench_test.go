@@ -16,7 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 const (
@@ -44,7 +44,7 @@ func BenchmarkSockets100kTimeWait(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Logf("%d client-closed connections in %v", made, time.Since(start).Round(time.Millisecond))
-	tgt := target.Process{PID: ns.tid, NetnsIno: ns.ino}
+	tgt := workload.Process{PID: ns.tid, NetnsIno: ns.ino}
 
 	// A dump every cycle: nothing changes between cycles here, and a cycle
 	// that skips its dump (collect.sockets_idle_interval) measures nothing.
@@ -257,7 +257,7 @@ func TestSocketsBenchSetup(t *testing.T) {
 	if err := ns.run(func() (err error) { made, err = makeTimeWait(50); return err }); err != nil {
 		t.Fatal(err)
 	}
-	h := newSocketsHarness(t, target.Process{PID: ns.tid, NetnsIno: ns.ino}, SocketsOptions{})
+	h := newSocketsHarness(t, workload.Process{PID: ns.tid, NetnsIno: ns.ino}, SocketsOptions{})
 	// The listeners are closed by now: only the client sides are left.
 	h.until(signals.TCPSockets, map[string]float64{"unknown/ephemeral/TIME_WAIT": float64(made)}, "owner", "port", "state")
 	ssPath, err := exec.LookPath("ss")

@@ -26,7 +26,7 @@ import (
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/sockdiag"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // sockNetns is a goroutine locked to an OS thread that lives in a network
@@ -155,13 +155,13 @@ func (n *sockNetns) connect(t *testing.T, l net.Listener, k int) (clients, serve
 	return clients, servers
 }
 
-func socketsTarget(t testing.TB, pid int) target.Process {
+func socketsTarget(t testing.TB, pid int) workload.Process {
 	t.Helper()
-	r, err := target.NewResolver("/proc")
+	r, err := workload.NewResolver("/proc")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := r.Resolve(target.Selector{PID: pid})
+	p, err := r.Resolve(workload.Selector{PID: pid})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,10 +172,10 @@ type socketsHarness struct {
 	t     *testing.T
 	c     *socketsCollector
 	store *signals.Store
-	tgt   target.Process
+	tgt   workload.Process
 }
 
-func newSocketsHarness(t *testing.T, tgt target.Process, so SocketsOptions) *socketsHarness {
+func newSocketsHarness(t *testing.T, tgt workload.Process, so SocketsOptions) *socketsHarness {
 	t.Helper()
 	c := newSocketsCollector(Options{}, so)
 	t.Cleanup(func() { c.Close() })

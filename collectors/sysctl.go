@@ -15,7 +15,7 @@ import (
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/sockdiag"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func init() {
@@ -127,7 +127,7 @@ func newSysctlCollector(o Options) (*sysctlCollector, error) {
 
 func (c *sysctlCollector) Name() string { return signals.CollectorSysctl }
 
-func (c *sysctlCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+func (c *sysctlCollector) Collect(_ context.Context, tgt workload.Process, store *signals.Store) error {
 	ss, err := c.readOpen(tgt)
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", tgt.PID, err)
@@ -142,7 +142,7 @@ func (c *sysctlCollector) Collect(_ context.Context, tgt target.Process, store *
 // readOpen reads the sysctls through the files opened in the target's
 // namespace, opening them first when there are none yet (or the namespace
 // changed).
-func (c *sysctlCollector) readOpen(tgt target.Process) ([]sample, error) {
+func (c *sysctlCollector) readOpen(tgt workload.Process) ([]sample, error) {
 	if c.files == nil || c.netns != tgt.NetnsIno || c.pid != tgt.PID {
 		c.close()
 		err := sockdiag.InTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno, func() error {

@@ -14,7 +14,7 @@ import (
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/sockdiag"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func TestParseSysctl(t *testing.T) {
@@ -80,7 +80,7 @@ func TestSysctlCollectorSameNetns(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := signals.New(4, 100)
-	if err := c.Collect(context.Background(), target.Process{PID: fixturePID}, store); err != nil {
+	if err := c.Collect(context.Background(), workload.Process{PID: fixturePID}, store); err != nil {
 		t.Fatal(err)
 	}
 	if got, ok := store.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_max_syn_backlog")); !ok || got.V != 2048 {
@@ -88,13 +88,13 @@ func TestSysctlCollectorSameNetns(t *testing.T) {
 	}
 }
 
-func resolve(t *testing.T, pid int) target.Process {
+func resolve(t *testing.T, pid int) workload.Process {
 	t.Helper()
-	r, err := target.NewResolver("/proc")
+	r, err := workload.NewResolver("/proc")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := r.Resolve(target.Selector{PID: pid})
+	p, err := r.Resolve(workload.Selector{PID: pid})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,7 +15,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func init() {
@@ -184,7 +184,7 @@ func newThreadsCollector(o Options, maxThreads int) *threadsCollector {
 
 func (c *threadsCollector) Name() string { return signals.CollectorThreads }
 
-func (c *threadsCollector) Collect(_ context.Context, tgt target.Process, store *signals.Store) error {
+func (c *threadsCollector) Collect(_ context.Context, tgt workload.Process, store *signals.Store) error {
 	counts, err := c.count(tgt.PID)
 	if err != nil {
 		return err

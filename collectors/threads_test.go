@@ -9,7 +9,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func TestParseTaskStat(t *testing.T) {
@@ -142,7 +142,7 @@ func TestThreadsRealSleep(t *testing.T) {
 
 	c := newThreadsCollector(Options{}, 0)
 	store := signals.New(4, 100)
-	tgt := target.Process{PID: cmd.Process.Pid}
+	tgt := workload.Process{PID: cmd.Process.Pid}
 	var last []signals.Labels
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if err := c.Collect(context.Background(), tgt, store); err != nil {

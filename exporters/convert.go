@@ -6,7 +6,7 @@ import (
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
@@ -148,7 +148,7 @@ func StatusToProto(s signals.Status) *culpritv1.ComponentStatus {
 // empty while it is not found, because Tracker keeps the last process it
 // lost and showing that PID would point at a process that is gone. The
 // reason says why instead.
-func targetToProto(t *target.Tracker) *culpritv1.Target {
+func targetToProto(t *workload.Tracker) *culpritv1.Target {
 	if t == nil {
 		return nil
 	}

@@ -13,7 +13,7 @@ import (
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
@@ -31,7 +31,7 @@ const DefaultMaxBatch = 256
 type GRPCOptions struct {
 	Journal *rules.Journal
 	Store   *signals.Store
-	Tracker *target.Tracker // may be nil: the snapshot then has no target
+	Tracker *workload.Tracker // may be nil: the snapshot then has no target
 	Version string
 	Log     *slog.Logger
 	// MaxBatch bounds the events a watcher copies out of the journal at
@@ -55,7 +55,7 @@ type GRPCServer struct {
 
 	journal    *rules.Journal
 	store      *signals.Store
-	tracker    *target.Tracker
+	tracker    *workload.Tracker
 	version    string
 	log        *slog.Logger
 	maxBatch   int

@@ -17,7 +17,7 @@ import (
 	culpritv1 "github.com/culprit-dev/culprit/proto/culprit/v1"
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -458,11 +458,11 @@ func TestGetSnapshot(t *testing.T) {
 	newRecorder(j).open("a", "accept_overflow", rules.SeverityCritical)
 
 	// The test process is a real target: found by PID through /proc.
-	res, err := target.NewResolver("/proc")
+	res, err := workload.NewResolver("/proc")
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr := target.NewTracker(res, target.Selector{PID: os.Getpid()}, time.Minute, testLog(t))
+	tr := workload.NewTracker(res, workload.Selector{PID: os.Getpid()}, time.Minute, testLog(t))
 	tr.Refresh()
 
 	ts := serve(t, GRPCOptions{Journal: j, Store: store, Tracker: tr, Version: "v1.2.3-test"})

@@ -35,7 +35,7 @@ import (
 
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // The OTLP protocols findings are exported with (findings.otlp_protocol),
@@ -111,7 +111,7 @@ type Resource struct {
 	service   string // OTEL_SERVICE_NAME; "" to use the target's command name
 	instance  string // service.instance.id
 	k8s       []attribute.KeyValue
-	tracker   *target.Tracker
+	tracker   *workload.Tracker
 	mu        sync.Mutex
 	lastComm  string // the target's command name when last seen
 	hostnameF func() (string, error)
@@ -122,11 +122,11 @@ type Resource struct {
 // the command name of the target tracker last found. A variable that is
 // set but empty counts as unset: a manifest's fieldRef the test copies
 // without its value, or an unset downward field.
-func NewResource(environ []string, tracker *target.Tracker) (*Resource, error) {
+func NewResource(environ []string, tracker *workload.Tracker) (*Resource, error) {
 	return newResource(environ, tracker, os.Hostname)
 }
 
-func newResource(environ []string, tracker *target.Tracker, hostname func() (string, error)) (*Resource, error) {
+func newResource(environ []string, tracker *workload.Tracker, hostname func() (string, error)) (*Resource, error) {
 	r := &Resource{tracker: tracker, hostnameF: hostname}
 	get := func(name string, max int) (string, error) {
 		v := strings.TrimSpace(lookupEnv(environ, name))

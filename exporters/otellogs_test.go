@@ -17,8 +17,8 @@ import (
 
 	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
 	"github.com/culprit-dev/culprit/tools/otelcol/testcollector"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func TestResolveOTLPProtocol(t *testing.T) {
@@ -85,13 +85,13 @@ func TestParseOTLPEndpoint(t *testing.T) {
 
 // selfTracker follows this test process, a real target whose command name
 // becomes service.name.
-func selfTracker(t *testing.T) (*target.Tracker, string) {
+func selfTracker(t *testing.T) (*workload.Tracker, string) {
 	t.Helper()
-	res, err := target.NewResolver("/proc")
+	res, err := workload.NewResolver("/proc")
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr := target.NewTracker(res, target.Selector{PID: os.Getpid()}, time.Second, slog.New(slog.DiscardHandler))
+	tr := workload.NewTracker(res, workload.Selector{PID: os.Getpid()}, time.Second, slog.New(slog.DiscardHandler))
 	tr.Refresh()
 	p, ok := tr.Current()
 	if !ok || p.Comm == "" {

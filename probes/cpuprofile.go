@@ -20,7 +20,7 @@ import (
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/symbolize"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 const (
@@ -119,7 +119,7 @@ func NewCPUProfile(o CPUProfileOptions) *CPUProfile {
 func (*CPUProfile) Name() string { return signals.ProbeCPUProfile }
 
 // Start loads the program and opens one software CPU-clock event per CPU.
-func (p *CPUProfile) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
+func (p *CPUProfile) Start(ctx context.Context, tracker *workload.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.started {
@@ -325,7 +325,7 @@ func (p *CPUProfile) takeUnwound() (map[string]*signals.StackSample, unwoundStat
 
 const unixPerfEventAttrSize = 136 // PERF_ATTR_SIZE_VER8; the kernel accepts any known version
 
-func (p *CPUProfile) run(ctx context.Context, objs *cpuProfileObjects, tracker *target.Tracker, store *signals.Store) {
+func (p *CPUProfile) run(ctx context.Context, objs *cpuProfileObjects, tracker *workload.Tracker, store *signals.Store) {
 	tick := signals.NewTicker(p.o.Drain) // on the shared clock
 	defer tick.Stop()
 	for {

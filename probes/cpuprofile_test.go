@@ -18,7 +18,7 @@ import (
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/symbolize"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // A worker spinning in faults.hotLoop is what the profiler samples of the
@@ -100,7 +100,7 @@ func TestCPUProfileSamplesAPreforkServersWorkers(t *testing.T) {
 	}
 	t.Cleanup(func() {
 		// The workers are the master's children: end them with it.
-		for _, c := range target.Children("/proc", master.Process.Pid, 16) {
+		for _, c := range workload.Children("/proc", master.Process.Pid, 16) {
 			syscall.Kill(c, syscall.SIGKILL)
 		}
 		master.Process.Kill()
@@ -174,11 +174,11 @@ func BenchmarkCPUProfileSample(b *testing.B) {
 	)
 	st := signals.New(64, 4096)
 	p := NewCPUProfile(CPUProfileOptions{Options: Options{Log: testLog, SideStores: signals.SideStores{Samples: signals.NewCPUSamples(1 << 16)}}, Frequency: freq, MaxStacks: 8192, Drain: drain})
-	res, err := target.NewResolver("/proc")
+	res, err := workload.NewResolver("/proc")
 	if err != nil {
 		b.Fatal(err)
 	}
-	tr := target.NewTracker(res, target.Selector{PID: pid}, time.Second, testLog)
+	tr := workload.NewTracker(res, workload.Selector{PID: pid}, time.Second, testLog)
 	tr.Refresh()
 	ctx, cancel := context.WithCancel(context.Background())
 	if err := p.Start(ctx, tr, st); err != nil {

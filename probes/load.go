@@ -20,7 +20,7 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // load loads spec into objs (a bpf2go Objects struct). A kernel or
@@ -594,7 +594,7 @@ func (g *group) update(m *ebpf.Map, pid int, now time.Time) (bool, error) {
 		return false, nil
 	}
 	want := map[uint32]bool{uint32(pid): true}
-	for _, c := range target.Children("/proc", pid, maxChildren) {
+	for _, c := range workload.Children("/proc", pid, maxChildren) {
 		want[uint32(c)] = true
 	}
 	for p := range g.members {

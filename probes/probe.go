@@ -6,7 +6,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // Probe is one eBPF program set. Start loads and attaches it and returns an
@@ -17,7 +17,7 @@ import (
 // kernel objects.
 type Probe interface {
 	Name() string
-	Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error
+	Start(ctx context.Context, tracker *workload.Tracker, store *signals.Store) error
 	Close() error
 }
 
@@ -37,7 +37,7 @@ type Options struct {
 	RingBufferBytes uint32
 	// Owners tells whose a socket is (shared with the collectors); nil:
 	// the probe makes its own.
-	Owners *target.SocketOwners
+	Owners *workload.SocketOwners
 	// SideStores receive what is not a number series: the sched probe's
 	// episodes, tcplife's connection events, cpu_profile's samples.
 	signals.SideStores

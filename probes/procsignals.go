@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // ProcSignals counts termination signals sent to the target: see bpf/procsignals.c.
@@ -30,7 +30,7 @@ func NewProcSignals(o Options) *ProcSignals { return &ProcSignals{o: o} }
 func (*ProcSignals) Name() string { return signals.ProbeProcSignals }
 
 // Start loads and attaches the program.
-func (p *ProcSignals) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
+func (p *ProcSignals) Start(ctx context.Context, tracker *workload.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	spec, err := loadProcSignals()
@@ -62,7 +62,7 @@ func (p *ProcSignals) Start(ctx context.Context, tracker *target.Tracker, store 
 var signalNames = map[uint32]string{2: "SIGINT", 3: "SIGQUIT", 15: "SIGTERM"}
 
 // poll reports whether a signal arrived since the last one.
-func (p *ProcSignals) poll(objs *procSignalsObjects, tracker *target.Tracker, now time.Time) bool {
+func (p *ProcSignals) poll(objs *procSignalsObjects, tracker *workload.Tracker, now time.Time) bool {
 	tgt, ok := tracker.Current()
 	if !ok {
 		return false

@@ -23,7 +23,7 @@ import (
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/symbolize"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // RunqBucketBound is the upper bound, in seconds, of run-queue latency
@@ -157,7 +157,7 @@ func NewSched(o SchedOptions) *Sched {
 func (*Sched) Name() string { return signals.ProbeSched }
 
 // Start loads and attaches the programs.
-func (p *Sched) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
+func (p *Sched) Start(ctx context.Context, tracker *workload.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 
@@ -514,7 +514,7 @@ func frameNames(s *symbolize.Symbolizer, pid int, addrs []uint64, kernel bool) [
 
 // pollLoop polls every probes.poll_interval (see readThreads for why it
 // is not paced, and what a cycle costs).
-func (p *Sched) pollLoop(ctx context.Context, objs *schedObjects, tracker *target.Tracker, store *signals.Store, blocks *ringbuf.Reader) {
+func (p *Sched) pollLoop(ctx context.Context, objs *schedObjects, tracker *workload.Tracker, store *signals.Store, blocks *ringbuf.Reader) {
 	p.store = store
 	p.counters = newProbeCounters(store, p.Name())
 	p.changes = newChanges(objs.Changes, 1)

@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // pingPong hands a token between two locked OS threads n times: each
@@ -87,11 +87,11 @@ func BenchmarkSchedProbe(b *testing.B) {
 
 func startBenchProbe(b *testing.B, pid int, st *signals.Store) {
 	b.Helper()
-	res, err := target.NewResolver("/proc")
+	res, err := workload.NewResolver("/proc")
 	if err != nil {
 		b.Fatal(err)
 	}
-	tr := target.NewTracker(res, target.Selector{PID: pid}, time.Second, testLog)
+	tr := workload.NewTracker(res, workload.Selector{PID: pid}, time.Second, testLog)
 	tr.Refresh()
 	p := NewSched(SchedOptions{Options: Options{Log: testLog, PollInterval: 100 * time.Millisecond, RingBufferBytes: 1 << 16}, MaxThreads: 4096, MaxStacks: 4096})
 	ctx, cancel := context.WithCancel(context.Background())

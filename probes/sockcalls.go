@@ -17,7 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // SockCallsOptions configure the sockcalls probe. Options.MaxEntries
@@ -109,7 +109,7 @@ func NewSockCalls(o SockCallsOptions) *SockCalls {
 func (*SockCalls) Name() string { return signals.ProbeSockCalls }
 
 // Start loads and attaches the programs.
-func (p *SockCalls) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
+func (p *SockCalls) Start(ctx context.Context, tracker *workload.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if runtime.GOARCH != "amd64" {
@@ -171,7 +171,7 @@ func (p *SockCalls) Unread() []UnreadSocket {
 	return slices.Clone(p.unread)
 }
 
-func (p *SockCalls) poll(objs *sockCallsObjects, tracker *target.Tracker, store *signals.Store, now time.Time) {
+func (p *SockCalls) poll(objs *sockCallsObjects, tracker *workload.Tracker, store *signals.Store, now time.Time) {
 	tgt, ok := tracker.Current()
 	if !ok {
 		return

@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // BenchmarkSockCallsSyscall measures what the sys_exit hook costs every
@@ -189,11 +189,11 @@ func dialAccept(b *testing.B, l net.Listener) (client, server net.Conn) {
 // once its first poll has set the target.
 func startBenchSockCalls(b *testing.B, pid int) func() {
 	b.Helper()
-	res, err := target.NewResolver("/proc")
+	res, err := workload.NewResolver("/proc")
 	if err != nil {
 		b.Fatal(err)
 	}
-	tr := target.NewTracker(res, target.Selector{PID: pid}, time.Second, testLog)
+	tr := workload.NewTracker(res, workload.Selector{PID: pid}, time.Second, testLog)
 	tr.Refresh()
 	p := NewSockCalls(SockCallsOptions{Options: Options{Log: testLog, PollInterval: 100 * time.Millisecond, MaxEntries: 4096}, MaxSockets: 16384})
 	st := signals.New(64, 4096)
@@ -222,13 +222,13 @@ func startBenchSockCalls(b *testing.B, pid int) func() {
 }
 
 // newBenchSockCalls starts the probe on pid until b ends and returns it.
-func newBenchSockCalls(b *testing.B, pid int, maxSockets uint32) (*SockCalls, *target.Tracker) {
+func newBenchSockCalls(b *testing.B, pid int, maxSockets uint32) (*SockCalls, *workload.Tracker) {
 	b.Helper()
-	res, err := target.NewResolver("/proc")
+	res, err := workload.NewResolver("/proc")
 	if err != nil {
 		b.Fatal(err)
 	}
-	tr := target.NewTracker(res, target.Selector{PID: pid}, time.Second, testLog)
+	tr := workload.NewTracker(res, workload.Selector{PID: pid}, time.Second, testLog)
 	tr.Refresh()
 	p := NewSockCalls(SockCallsOptions{Options: Options{Log: testLog, PollInterval: 100 * time.Millisecond, MaxEntries: 4096}, MaxSockets: maxSockets})
 	ctx, cancel := context.WithCancel(context.Background())

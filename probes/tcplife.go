@@ -22,7 +22,7 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // TCPLife watches how the target namespace's connections end and why it
@@ -37,7 +37,7 @@ type TCPLife struct {
 	hz      float64
 	counts  map[string]float64 // ends by kind, opens, handshake seconds
 	reasons map[uint32]string
-	owners  *target.SocketOwners
+	owners  *workload.SocketOwners
 	selfPID int
 	// Resets by reason and port, as read from the kernel (absolute), and
 	// the ports that have series (ports are many when a neighbour is
@@ -81,7 +81,7 @@ func NewTCPLife(o Options) *TCPLife {
 	}
 	owners := o.Owners
 	if owners == nil {
-		owners = target.NewSocketOwners("/proc", target.SocketOwnersOptions{})
+		owners = workload.NewSocketOwners("/proc", workload.SocketOwnersOptions{})
 	}
 	return &TCPLife{o: o, events: events, counts: map[string]float64{}, owners: owners, selfPID: os.Getpid(),
 		resets: map[resetKey]float64{}, resetSeries: map[resetKey]bool{},
@@ -91,7 +91,7 @@ func NewTCPLife(o Options) *TCPLife {
 func (*TCPLife) Name() string { return signals.ProbeTCPLife }
 
 // Start loads and attaches the programs.
-func (p *TCPLife) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
+func (p *TCPLife) Start(ctx context.Context, tracker *workload.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.store = store
@@ -216,7 +216,7 @@ func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
 			}
 			o, ok = p.owners.Owner(ino)
 		}
-		if ok && o.Role != target.RoleUnknown {
+		if ok && o.Role != workload.RoleUnknown {
 			return o.Label()
 		}
 	}
@@ -251,7 +251,7 @@ func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
 // OutRsts moved since the last one (or rstWalkEvery passed), and ring
 // writes of what changed; the resets are ranked by port again only when
 // the map changed.
-func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *target.Tracker, store *signals.Store) {
+func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workload.Tracker, store *signals.Store) {
 	for i, how := range []string{signals.ConnPeerClose, signals.ConnLocalClose, signals.ConnResetReceived} {
 		p.closeS[i] = cachedSeries{h: store.Handle(signals.TCPConnectionEndsTotal, signals.L("how", how))}
 	}

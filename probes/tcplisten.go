@@ -13,7 +13,7 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // TCPListen counts, per listening port, what the kernel does when an accept
@@ -42,7 +42,7 @@ func (*TCPListen) Name() string { return signals.ProbeTCPListen }
 
 // Start loads and attaches the programs. A kernel or privilege problem comes
 // back as an error naming the program; nothing is left loaded then.
-func (p *TCPListen) Start(ctx context.Context, tracker *target.Tracker, store *signals.Store) error {
+func (p *TCPListen) Start(ctx context.Context, tracker *workload.Tracker, store *signals.Store) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	spec, err := loadTcpListen()
@@ -99,7 +99,7 @@ func (p *TCPListen) readEvents(rd *ringbuf.Reader, store *signals.Store) {
 // change counter (which only the target namespace's ports move) and ring
 // writes every refreshEvery; only when it moved, a batch walk of the port
 // map.
-func (p *TCPListen) poll(ctx context.Context, objs *tcpListenObjects, tracker *target.Tracker) {
+func (p *TCPListen) poll(ctx context.Context, objs *tcpListenObjects, tracker *workload.Tracker) {
 	every(ctx, p.o.PollInterval, func(now time.Time) {
 		p.mu.Lock()
 		events := p.events

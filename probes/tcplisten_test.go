@@ -13,7 +13,7 @@ import (
 
 	"github.com/culprit-dev/culprit/internal/testenv"
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 func TestMain(m *testing.M) { testenv.Main(m) }
@@ -34,11 +34,11 @@ var testLog = slog.New(slog.NewTextHandler(io.Discard, nil))
 // runProbe starts p on the process pid and closes it when the test ends.
 func runProbe(t *testing.T, pid int, p Probe, st *signals.Store) {
 	t.Helper()
-	res, err := target.NewResolver("/proc")
+	res, err := workload.NewResolver("/proc")
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr := target.NewTracker(res, target.Selector{PID: pid}, time.Second, testLog)
+	tr := workload.NewTracker(res, workload.Selector{PID: pid}, time.Second, testLog)
 	tr.Refresh()
 	if _, ok := tr.Current(); !ok {
 		t.Fatalf("target %d not found", pid)

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"strings"
 
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // Advisor words a finding's remediation in the target's own terms: Tokio
@@ -20,7 +20,7 @@ import (
 // The zero Advisor is the unknown runtime's. Advisors are small values,
 // safe to copy and to use from several goroutines.
 type Advisor struct {
-	rt target.Runtime
+	rt workload.Runtime
 	f  flavor
 }
 
@@ -46,48 +46,48 @@ const (
 	flavorDotnet
 )
 
-// NewAdvisor returns the advisor for rt, as target.DetectRuntime found it.
-func NewAdvisor(rt target.Runtime) Advisor {
+// NewAdvisor returns the advisor for rt, as workload.DetectRuntime found it.
+func NewAdvisor(rt workload.Runtime) Advisor {
 	a := Advisor{rt: rt}
 	switch rt.Lang {
-	case target.LangGo:
+	case workload.LangGo:
 		a.f = flavorGo
-	case target.LangRust:
+	case workload.LangRust:
 		switch {
-		case rt.Has(target.FwActix):
+		case rt.Has(workload.FwActix):
 			a.f = flavorActix
-		case rt.Has(target.FwTokio), rt.Has(target.FwAxum), rt.Has(target.FwTonic):
+		case rt.Has(workload.FwTokio), rt.Has(workload.FwAxum), rt.Has(workload.FwTonic):
 			a.f = flavorTokio
-		case rt.Has(target.FwAsyncStd):
+		case rt.Has(workload.FwAsyncStd):
 			a.f = flavorAsyncStd
 		default:
 			a.f = flavorRust
 		}
-	case target.LangC, target.LangCPP:
+	case workload.LangC, workload.LangCPP:
 		switch {
-		case rt.Has(target.FwNginx):
+		case rt.Has(workload.FwNginx):
 			a.f = flavorNginx
-		case rt.Has(target.FwRedis):
+		case rt.Has(workload.FwRedis):
 			a.f = flavorRedis
-		case rt.Has(target.FwEnvoy):
+		case rt.Has(workload.FwEnvoy):
 			a.f = flavorEnvoy
 		default:
 			a.f = flavorNative
 		}
-	case target.LangNode:
+	case workload.LangNode:
 		a.f = flavorNode
-	case target.LangPython:
+	case workload.LangPython:
 		a.f = flavorPython
-	case target.LangJVM:
+	case workload.LangJVM:
 		a.f = flavorJVM
-	case target.LangDotnet:
+	case workload.LangDotnet:
 		a.f = flavorDotnet
 	}
 	return a
 }
 
 // Runtime is the runtime the advice is for.
-func (a Advisor) Runtime() target.Runtime { return a.rt }
+func (a Advisor) Runtime() workload.Runtime { return a.rt }
 
 func (a Advisor) has(fw string) bool { return a.rt.Has(fw) }
 
@@ -136,11 +136,11 @@ func (a Advisor) BlockingCall(fn, call string) string {
 		return fmt.Sprintf("%s blocks the JavaScript event loop%s, and every request waits: use the asynchronous API (fs.promises instead of fs.*Sync, the callback forms of crypto and zlib), and move unavoidable blocking work to worker_threads.", fn, in)
 	case flavorPython:
 		switch {
-		case a.has(target.FwAsyncio):
+		case a.has(workload.FwAsyncio):
 			return fmt.Sprintf("%s blocks the asyncio event loop%s, and every coroutine waits: run it with await asyncio.to_thread(...) or loop.run_in_executor(...), or use an async library (httpx.AsyncClient, aiohttp, asyncpg). PYTHONASYNCIODEBUG=1 logs every callback that holds the loop over 100 ms.", fn, in)
-		case a.has(target.FwGevent):
+		case a.has(workload.FwGevent):
 			return fmt.Sprintf("%s blocks the gevent hub%s, and every greenlet waits: the call bypasses gevent's monkey patching (a C extension, or a module imported before monkey.patch_all()); patch first thing at startup, or run the call in the hub's threadpool (gevent.get_hub().threadpool.spawn).", fn, in)
-		case a.has(target.FwGunicorn):
+		case a.has(workload.FwGunicorn):
 			return fmt.Sprintf("%s blocks a gunicorn worker%s, and a sync worker serves one request at a time: give the call a timeout, add workers (--workers) or threads (--threads), or move slow calls to a background job queue.", fn, in)
 		}
 		return fmt.Sprintf("%s blocks a Python thread%s: give the call a timeout and run it on a thread pool (concurrent.futures.ThreadPoolExecutor) or a background job queue, so the threads that serve requests stay free.", fn, in)
@@ -177,11 +177,11 @@ func (a Advisor) CPUHeavy(fn string) string {
 	case flavorNode:
 		return fmt.Sprintf("%s keeps the JavaScript event loop on CPU, and every request waits: move it to worker_threads (a pool such as piscina), or split it into chunks scheduled with setImmediate; perf_hooks.monitorEventLoopDelay measures the delay it causes.", fn)
 	case flavorPython:
-		if a.has(target.FwAsyncio) {
+		if a.has(workload.FwAsyncio) {
 			return fmt.Sprintf("%s keeps the asyncio event loop on CPU, and every coroutine waits: run it in a process pool (loop.run_in_executor with a ProcessPoolExecutor; threads would still share the GIL), or split it with await asyncio.sleep(0) between parts.", fn)
 		}
 		more := ""
-		if a.has(target.FwGunicorn) {
+		if a.has(workload.FwGunicorn) {
 			more = ", or run more worker processes (gunicorn --workers)"
 		}
 		return fmt.Sprintf("%s keeps a Python thread on CPU, and the GIL makes the other threads of the process wait too: move it to a process pool (concurrent.futures.ProcessPoolExecutor) or a background job queue%s.", fn, more)
@@ -218,9 +218,9 @@ func (a Advisor) LoopStalled() string {
 		return "The JavaScript event loop was blocked: synchronous calls (fs.*Sync, crypto's sync forms, zlib's sync forms), a big JSON.parse or JSON.stringify, or a long loop kept it from accepting; use the asynchronous APIs and move CPU work to worker_threads; perf_hooks.monitorEventLoopDelay or node --cpu-prof shows what holds it." + tail
 	case flavorPython:
 		switch {
-		case a.has(target.FwAsyncio):
+		case a.has(workload.FwAsyncio):
 			return "The asyncio event loop was blocked: a coroutine made a blocking call or ran CPU work without awaiting; move blocking calls to asyncio.to_thread(...), CPU work to a process pool, and run with PYTHONASYNCIODEBUG=1 to log the callbacks that hold the loop; py-spy dump --pid PID shows where it is." + tail
-		case a.has(target.FwGunicorn):
+		case a.has(workload.FwGunicorn):
 			return "Every gunicorn worker was busy: each sync worker serves one request at a time, so slow requests take them all; raise --workers or --threads, set --timeout, and find the slow call with py-spy dump --pid PID." + tail
 		}
 		return "The Python threads that accept and serve were blocked, or one held the GIL: give blocking calls timeouts, move CPU work to a process pool, and find where they wait with py-spy dump --pid PID." + tail
@@ -271,11 +271,11 @@ func (a Advisor) Backlog(atLeast, somaxconn int) string {
 		s = fmt.Sprintf("Raise the listen backlog to at least %d: server.listen({ port, backlog: %d }); Node.js uses 511 by default.", n, n)
 	case flavorPython:
 		switch {
-		case a.has(target.FwGunicorn):
+		case a.has(workload.FwGunicorn):
 			s = fmt.Sprintf("Start gunicorn with --backlog %d (the default is 2048).", n)
-		case a.has(target.FwUvicorn):
+		case a.has(workload.FwUvicorn):
 			s = fmt.Sprintf("Start uvicorn with --backlog %d (the default is 2048).", n)
-		case a.has(target.FwAsyncio):
+		case a.has(workload.FwAsyncio):
 			s = fmt.Sprintf("Raise the listen backlog to at least %d: asyncio.start_server(..., backlog=%d) or loop.create_server(..., backlog=%d); asyncio uses 100 by default.", n, n, n)
 		default:
 			s = fmt.Sprintf("Raise the listen backlog to at least %d: sock.listen(%d); socketserver-based servers (http.server, wsgiref) take request_queue_size, 5 by default.", n, n)
@@ -397,7 +397,7 @@ func (a Advisor) eventLeak() string {
 	case flavorNode:
 		return "Terminate worker_threads you no longer need (each runs its own event loop), and clear timers and intervals."
 	case flavorPython:
-		if a.has(target.FwAsyncio) {
+		if a.has(workload.FwAsyncio) {
 			return "Use one event loop (asyncio.run at startup), not asyncio.new_event_loop() per call without loop.close()."
 		}
 		return "Close every selector and epoll object the code creates (selectors.DefaultSelector, select.epoll: with-blocks or close()), and create event loops once rather than per call."
@@ -447,7 +447,7 @@ func (a Advisor) CloseWait() string {
 	case flavorNode:
 		return "Sockets the peer closed stay open: end them on 'end' (socket.end(), or keep allowHalfOpen false, the default), destroy them on 'error' and 'timeout' (socket.setTimeout), and consume every HTTP response (res.resume())."
 	case flavorPython:
-		if a.has(target.FwAsyncio) {
+		if a.has(workload.FwAsyncio) {
 			return "When reader.read() returns b'' (EOF), call writer.close() and await writer.wait_closed(), also on every error path; close HTTP responses (async with blocks)." + timeouts
 		}
 		return "Close the socket when recv() returns b'' (EOF), and on every error path (with-blocks or try/finally); close HTTP responses (with-blocks, response.close())." + timeouts
@@ -527,7 +527,7 @@ func (a Advisor) AllocatorRetention() string {
 		return "The JavaScript heap is not what grows, so --max-old-space-size (which only bounds that heap) will not return this memory: look at process.memoryUsage().external and arrayBuffers (Buffers held by streams or caches). glibc keeps freed native memory in per-thread arenas: MALLOC_ARENA_MAX=2, or preloading jemalloc, returns more of it." + stream
 	case flavorPython:
 		recycle := ""
-		if a.has(target.FwGunicorn) {
+		if a.has(workload.FwGunicorn) {
 			recycle = " and recycle workers (gunicorn --max-requests with --max-requests-jitter)"
 		}
 		return "CPython's allocator (pymalloc) frees an arena only when every object in it is gone, and glibc keeps freed memory in per-thread arenas: set MALLOC_ARENA_MAX=2, avoid building huge temporary lists and dicts (stream instead)" + recycle + "."
@@ -537,9 +537,9 @@ func (a Advisor) AllocatorRetention() string {
 		return "The .NET GC keeps memory it may reuse, Server GC most of all: set DOTNET_GCConserveMemory (1 to 9) or a heap limit (DOTNET_GCHeapHardLimitPercent), or use Workstation GC (DOTNET_gcServer=0) in small containers; dotnet-counters shows the GC heap size against the working set."
 	case flavorTokio, flavorActix, flavorAsyncStd, flavorRust:
 		switch a.rt.Allocator {
-		case target.AllocJemalloc:
+		case workload.AllocJemalloc:
 			return "jemalloc keeps freed pages until they decay: turn on background purging with short decay times (_RJEM_MALLOC_CONF for tikv-jemallocator, MALLOC_CONF otherwise: background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000)." + stream
-		case target.AllocMimalloc:
+		case workload.AllocMimalloc:
 			return "mimalloc keeps freed pages for MIMALLOC_PURGE_DELAY milliseconds: lower it (0 purges at once)." + stream
 		}
 		return "glibc malloc keeps freed memory in per-thread arenas: cap them with MALLOC_ARENA_MAX=2, or switch the global allocator to jemalloc (tikv-jemallocator, with _RJEM_MALLOC_CONF=background_thread:true,dirty_decay_ms:1000) or mimalloc." + stream
@@ -551,13 +551,13 @@ func (a Advisor) AllocatorRetention() string {
 
 func nativeRetention(alloc string) string {
 	switch alloc {
-	case target.AllocJemalloc:
+	case workload.AllocJemalloc:
 		return "jemalloc keeps freed pages until they decay: turn on background purging with short decay times (MALLOC_CONF=background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:1000)."
-	case target.AllocTcmalloc:
+	case workload.AllocTcmalloc:
 		return "tcmalloc keeps freed pages in its page heap: raise TCMALLOC_RELEASE_RATE, or call MallocExtension::ReleaseFreeMemory() after big frees."
-	case target.AllocMimalloc:
+	case workload.AllocMimalloc:
 		return "mimalloc keeps freed pages for MIMALLOC_PURGE_DELAY milliseconds: lower it (0 purges at once)."
-	case target.AllocMusl:
+	case workload.AllocMusl:
 		return "musl's malloc returns little memory to the kernel: link a purging allocator (jemalloc with MALLOC_CONF=background_thread:true, or mimalloc)."
 	}
 	return "glibc malloc keeps freed memory in its arenas: cap them with MALLOC_ARENA_MAX=2, call malloc_trim(0) after big frees (or lower M_TRIM_THRESHOLD), or preload jemalloc with background purging (LD_PRELOAD=libjemalloc.so.2, MALLOC_CONF=background_thread:true,dirty_decay_ms:1000)."
@@ -621,16 +621,16 @@ func (a Advisor) GracefulShutdown() string {
 		s = "On SIGTERM (signal.NotifyContext), call http.Server.Shutdown with a deadline: it stops accepting and closes idle connections but not hijacked ones (close WebSockets yourself with 1001 Going Away); for gRPC call grpc.Server.GracefulStop, which sends GOAWAY and waits for streams, then Stop at the deadline."
 	case flavorTokio:
 		var how []string
-		if a.has(target.FwAxum) {
+		if a.has(workload.FwAxum) {
 			how = append(how, "axum::serve(...).with_graceful_shutdown(signal)")
 		}
-		if a.has(target.FwTonic) {
+		if a.has(workload.FwTonic) {
 			how = append(how, "tonic's Server::serve_with_shutdown")
 		}
-		if a.has(target.FwHyper) {
+		if a.has(workload.FwHyper) {
 			// hyper 1 moved the server, and its graceful shutdown, to
 			// hyper-util.
-			switch v := a.version(target.FwHyper); {
+			switch v := a.version(workload.FwHyper); {
 			case strings.HasPrefix(v, "0."):
 				how = append(how, "hyper's Server::with_graceful_shutdown(signal)")
 			case v != "":
@@ -659,11 +659,11 @@ func (a Advisor) GracefulShutdown() string {
 		s = "On SIGTERM (process.on('SIGTERM')), call server.close() to stop accepting, server.closeIdleConnections() for idle keep-alive sockets (Node.js 18.2+), and server.closeAllConnections() at the deadline; close WebSockets with 1001 Going Away and HTTP/2 sessions with session.close()."
 	case flavorPython:
 		switch {
-		case a.has(target.FwGunicorn):
+		case a.has(workload.FwGunicorn):
 			s = "gunicorn stops its workers gracefully on SIGTERM and kills them after --graceful-timeout (30 s by default): set it below the grace period and make long requests and streams end within it."
-		case a.has(target.FwUvicorn):
+		case a.has(workload.FwUvicorn):
 			s = "uvicorn stops gracefully on SIGTERM: set --timeout-graceful-shutdown below the grace period, and end long-lived streams (WebSockets with 1001 Going Away) in the app's shutdown handler."
-		case a.has(target.FwAsyncio):
+		case a.has(workload.FwAsyncio):
 			s = "On SIGTERM (loop.add_signal_handler), call server.close(), await server.wait_closed() under asyncio.wait_for, and cancel the tasks left."
 		default:
 			s = "Install a SIGTERM handler (signal.signal) that stops accepting and lets in-flight requests finish within a deadline."
@@ -739,7 +739,7 @@ func (a Advisor) WorkerCount(cores int) string {
 	case flavorNode:
 		return "Node.js runs JavaScript on one thread: give it at least one whole core, and size worker_threads pools and UV_THREADPOOL_SIZE to what the quota allows."
 	case flavorPython:
-		if a.has(target.FwGunicorn) {
+		if a.has(workload.FwGunicorn) {
 			return fmt.Sprintf("gunicorn's usual (2 x cores) + 1 counts the host: set --workers from the quota (%d cores).", cores)
 		}
 		return fmt.Sprintf("The GIL runs Python code on one core per process: run about %d worker processes, not more.", cores)

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // adviceVocab is each runtime's own vocabulary: API names, tools and
@@ -80,10 +80,10 @@ func vocabIn(s, word string) bool {
 	}
 }
 
-func fw(names ...string) []target.Framework {
-	var out []target.Framework
+func fw(names ...string) []workload.Framework {
+	var out []workload.Framework
 	for _, n := range names {
-		out = append(out, target.Framework{Name: n})
+		out = append(out, workload.Framework{Name: n})
 	}
 	return out
 }
@@ -92,43 +92,43 @@ func fw(names ...string) []target.Framework {
 // vocabulary groups its advice may use: all of them, and no others.
 var adviceCases = []struct {
 	name    string
-	rt      target.Runtime
+	rt      workload.Runtime
 	allowed []string
 }{
-	{"zero", target.Runtime{}, nil},
-	{"unknown", target.Runtime{Lang: target.LangUnknown}, nil},
-	{"go", target.Runtime{Lang: target.LangGo, Version: "1.26.8", Allocator: target.AllocGo}, []string{"go"}},
-	{"go-old", target.Runtime{Lang: target.LangGo, Version: "1.22.1", Allocator: target.AllocGo}, []string{"go"}},
-	{"rust", target.Runtime{Lang: target.LangRust, Allocator: target.AllocGlibc}, []string{"rust", "malloc", "native"}},
-	{"tokio", target.Runtime{Lang: target.LangRust, Frameworks: fw(target.FwHyper, target.FwTokio, target.FwReqwest), Allocator: target.AllocGlibc},
+	{"zero", workload.Runtime{}, nil},
+	{"unknown", workload.Runtime{Lang: workload.LangUnknown}, nil},
+	{"go", workload.Runtime{Lang: workload.LangGo, Version: "1.26.8", Allocator: workload.AllocGo}, []string{"go"}},
+	{"go-old", workload.Runtime{Lang: workload.LangGo, Version: "1.22.1", Allocator: workload.AllocGo}, []string{"go"}},
+	{"rust", workload.Runtime{Lang: workload.LangRust, Allocator: workload.AllocGlibc}, []string{"rust", "malloc", "native"}},
+	{"tokio", workload.Runtime{Lang: workload.LangRust, Frameworks: fw(workload.FwHyper, workload.FwTokio, workload.FwReqwest), Allocator: workload.AllocGlibc},
 		[]string{"rust", "rustasync", "tokio", "malloc", "native"}},
-	{"tokio-jemalloc", target.Runtime{Lang: target.LangRust, Frameworks: fw(target.FwTokio), Allocator: target.AllocJemalloc},
+	{"tokio-jemalloc", workload.Runtime{Lang: workload.LangRust, Frameworks: fw(workload.FwTokio), Allocator: workload.AllocJemalloc},
 		[]string{"rust", "rustasync", "tokio", "malloc", "native"}},
-	{"axum", target.Runtime{Lang: target.LangRust, Frameworks: fw(target.FwAxum, target.FwHyper, target.FwTokio), Allocator: target.AllocGlibc},
+	{"axum", workload.Runtime{Lang: workload.LangRust, Frameworks: fw(workload.FwAxum, workload.FwHyper, workload.FwTokio), Allocator: workload.AllocGlibc},
 		[]string{"rust", "rustasync", "tokio", "axum", "malloc", "native"}},
-	{"tonic", target.Runtime{Lang: target.LangRust, Frameworks: fw(target.FwTonic, target.FwHyper, target.FwTokio), Allocator: target.AllocGlibc},
+	{"tonic", workload.Runtime{Lang: workload.LangRust, Frameworks: fw(workload.FwTonic, workload.FwHyper, workload.FwTokio), Allocator: workload.AllocGlibc},
 		[]string{"rust", "rustasync", "tokio", "tonic", "malloc", "native"}},
-	{"actix", target.Runtime{Lang: target.LangRust, Frameworks: fw(target.FwActix, target.FwTokio), Allocator: target.AllocGlibc},
+	{"actix", workload.Runtime{Lang: workload.LangRust, Frameworks: fw(workload.FwActix, workload.FwTokio), Allocator: workload.AllocGlibc},
 		[]string{"rust", "rustasync", "tokio", "actix", "malloc", "native"}},
-	{"async-std", target.Runtime{Lang: target.LangRust, Frameworks: fw(target.FwAsyncStd), Allocator: target.AllocGlibc},
+	{"async-std", workload.Runtime{Lang: workload.LangRust, Frameworks: fw(workload.FwAsyncStd), Allocator: workload.AllocGlibc},
 		[]string{"rust", "rustasync", "asyncstd", "malloc", "native"}},
-	{"c", target.Runtime{Lang: target.LangC, Allocator: target.AllocGlibc}, []string{"malloc", "native"}},
-	{"cpp-tcmalloc", target.Runtime{Lang: target.LangCPP, Allocator: target.AllocTcmalloc}, []string{"malloc", "native"}},
-	{"nginx", target.Runtime{Lang: target.LangC, Frameworks: fw(target.FwNginx), Allocator: target.AllocGlibc}, []string{"nginx", "malloc", "native"}},
-	{"redis", target.Runtime{Lang: target.LangC, Frameworks: fw(target.FwRedis), Allocator: target.AllocJemalloc}, []string{"redis", "malloc", "native"}},
-	{"envoy", target.Runtime{Lang: target.LangCPP, Frameworks: fw(target.FwEnvoy), Allocator: target.AllocTcmalloc}, []string{"envoy", "malloc", "native"}},
-	{"node", target.Runtime{Lang: target.LangNode, Version: "20.20.2", Frameworks: fw(target.FwLibuv), Allocator: target.AllocGlibc}, []string{"node", "malloc"}},
-	{"python", target.Runtime{Lang: target.LangPython, Version: "3.11", Allocator: target.AllocGlibc}, []string{"python", "malloc"}},
-	{"python-asyncio", target.Runtime{Lang: target.LangPython, Version: "3.12", Frameworks: fw(target.FwAsyncio)}, []string{"python", "asyncio", "malloc"}},
-	{"gunicorn", target.Runtime{Lang: target.LangPython, Version: "3.11", Frameworks: fw(target.FwGunicorn)}, []string{"python", "gunicorn", "malloc"}},
-	{"uvicorn", target.Runtime{Lang: target.LangPython, Version: "3.11", Frameworks: fw(target.FwUvicorn, target.FwAsyncio)},
+	{"c", workload.Runtime{Lang: workload.LangC, Allocator: workload.AllocGlibc}, []string{"malloc", "native"}},
+	{"cpp-tcmalloc", workload.Runtime{Lang: workload.LangCPP, Allocator: workload.AllocTcmalloc}, []string{"malloc", "native"}},
+	{"nginx", workload.Runtime{Lang: workload.LangC, Frameworks: fw(workload.FwNginx), Allocator: workload.AllocGlibc}, []string{"nginx", "malloc", "native"}},
+	{"redis", workload.Runtime{Lang: workload.LangC, Frameworks: fw(workload.FwRedis), Allocator: workload.AllocJemalloc}, []string{"redis", "malloc", "native"}},
+	{"envoy", workload.Runtime{Lang: workload.LangCPP, Frameworks: fw(workload.FwEnvoy), Allocator: workload.AllocTcmalloc}, []string{"envoy", "malloc", "native"}},
+	{"node", workload.Runtime{Lang: workload.LangNode, Version: "20.20.2", Frameworks: fw(workload.FwLibuv), Allocator: workload.AllocGlibc}, []string{"node", "malloc"}},
+	{"python", workload.Runtime{Lang: workload.LangPython, Version: "3.11", Allocator: workload.AllocGlibc}, []string{"python", "malloc"}},
+	{"python-asyncio", workload.Runtime{Lang: workload.LangPython, Version: "3.12", Frameworks: fw(workload.FwAsyncio)}, []string{"python", "asyncio", "malloc"}},
+	{"gunicorn", workload.Runtime{Lang: workload.LangPython, Version: "3.11", Frameworks: fw(workload.FwGunicorn)}, []string{"python", "gunicorn", "malloc"}},
+	{"uvicorn", workload.Runtime{Lang: workload.LangPython, Version: "3.11", Frameworks: fw(workload.FwUvicorn, workload.FwAsyncio)},
 		[]string{"python", "asyncio", "uvicorn", "malloc"}},
-	{"gunicorn-uvicorn", target.Runtime{Lang: target.LangPython, Version: "3.11", Frameworks: fw(target.FwGunicorn, target.FwUvicorn, target.FwAsyncio)},
+	{"gunicorn-uvicorn", workload.Runtime{Lang: workload.LangPython, Version: "3.11", Frameworks: fw(workload.FwGunicorn, workload.FwUvicorn, workload.FwAsyncio)},
 		[]string{"python", "asyncio", "gunicorn", "malloc"}},
-	{"gevent", target.Runtime{Lang: target.LangPython, Version: "3.11", Frameworks: fw(target.FwGunicorn, target.FwGevent)},
+	{"gevent", workload.Runtime{Lang: workload.LangPython, Version: "3.11", Frameworks: fw(workload.FwGunicorn, workload.FwGevent)},
 		[]string{"python", "gevent", "gunicorn", "malloc"}},
-	{"jvm", target.Runtime{Lang: target.LangJVM, Version: "17.0.15"}, []string{"jvm", "malloc"}},
-	{"dotnet", target.Runtime{Lang: target.LangDotnet, Version: "8.0.11", Frameworks: fw(target.FwAspNetCore)}, []string{"dotnet"}},
+	{"jvm", workload.Runtime{Lang: workload.LangJVM, Version: "17.0.15"}, []string{"jvm", "malloc"}},
+	{"dotnet", workload.Runtime{Lang: workload.LangDotnet, Version: "8.0.11", Frameworks: fw(workload.FwAspNetCore)}, []string{"dotnet"}},
 }
 
 const (
@@ -251,7 +251,7 @@ func TestAdviceSentences(t *testing.T) {
 			t.Errorf("%s/Backlog(512, somaxconn 4096) asks to raise somaxconn: %q", c.name, s)
 		}
 		_, imbalance := a.WorkerImbalance()
-		singleThreaded := c.rt.Lang == target.LangNode || c.rt.Lang == target.LangPython || c.rt.Has(target.FwRedis)
+		singleThreaded := c.rt.Lang == workload.LangNode || c.rt.Lang == workload.LangPython || c.rt.Has(workload.FwRedis)
 		if imbalance == singleThreaded {
 			t.Errorf("%s: WorkerImbalance applies = %v; runtimes that run the app on one thread have no pool to balance", c.name, imbalance)
 		}
@@ -265,7 +265,7 @@ func TestAdviceSentences(t *testing.T) {
 // and the advice must say which applies.
 func TestAdviceGoVersion(t *testing.T) {
 	for v, wantSet := range map[string]bool{"1.24.9": true, "1.25.0": false, "1.26.8": false, "": true} {
-		s := NewAdvisor(target.Runtime{Lang: target.LangGo, Version: v}).WorkerCount(2)
+		s := NewAdvisor(workload.Runtime{Lang: workload.LangGo, Version: v}).WorkerCount(2)
 		if got := strings.Contains(s, "GOMAXPROCS=2"); got != wantSet {
 			t.Errorf("Go %q: %q; want set GOMAXPROCS=2: %v", v, s, wantSet)
 		}
@@ -276,7 +276,7 @@ func TestAdviceGoVersion(t *testing.T) {
 // hyper-util's.
 func TestAdviceHyperVersion(t *testing.T) {
 	for v, want := range map[string]string{"0.14.19": "Server::with_graceful_shutdown", "1.8.1": "hyper-util", "": "hyper-util"} {
-		rt := target.Runtime{Lang: target.LangRust, Frameworks: []target.Framework{{Name: target.FwHyper, Version: v}, {Name: target.FwTokio}}}
+		rt := workload.Runtime{Lang: workload.LangRust, Frameworks: []workload.Framework{{Name: workload.FwHyper, Version: v}, {Name: workload.FwTokio}}}
 		s := NewAdvisor(rt).GracefulShutdown()
 		if !strings.Contains(s, want) {
 			t.Errorf("hyper %q: %q, want %s", v, s, want)
@@ -290,7 +290,7 @@ func TestAdviceHyperVersion(t *testing.T) {
 // TestAdviceForThisProcess joins detection and advice on a real process:
 // this Go test binary gets Go's advice, in Go's version.
 func TestAdviceForThisProcess(t *testing.T) {
-	rt, err := target.DetectRuntime("/proc", os.Getpid())
+	rt, err := workload.DetectRuntime("/proc", os.Getpid())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // Causes of blocking_worker: a blocking call on a worker of a pool
@@ -210,7 +210,7 @@ func (r *BlockingWorker) observation(w Window, pool string, pb *poolBlocks) Obse
 	}
 	adv := advisorFor(w, v)
 	o.Remediation = adv.BlockingCall(where, e.Syscall())
-	if j.how == nestedLoop && strings.Contains(j.cls.Runner, "SyncProcessRunner") && adv.Runtime().Lang == target.LangNode {
+	if j.how == nestedLoop && strings.Contains(j.cls.Runner, "SyncProcessRunner") && adv.Runtime().Lang == workload.LangNode {
 		// The advice names fs and crypto; this one is a child process.
 		o.Remediation += " For a child process, child_process.exec, execFile or spawn run it without blocking the loop."
 	}

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // Window is what a rule reads: the store (read-only by convention: rules
@@ -23,14 +23,14 @@ import (
 type Window struct {
 	Store     *signals.Store
 	Now       time.Time
-	Target    target.Process
+	Target    workload.Process
 	HasTarget bool
 	// Scope is ScopeTarget or ScopeNamespace: whose sockets findings are
 	// about ([rules] scope).
 	Scope string
 	// Runtime is the target's language and runtime, as far as detected:
 	// remediation is written in its terms (Advisor).
-	Runtime target.Runtime
+	Runtime workload.Runtime
 	Inputs
 	// memo keeps judgements of episodes between evaluations (judgeBlock);
 	// nil: every episode is judged afresh.
@@ -100,7 +100,7 @@ type EngineOptions struct {
 	// DetectRuntime tells the target's runtime; it is called once per
 	// target process (a restart is a new one). Nil: unknown, and advice
 	// is runtime-neutral.
-	DetectRuntime func(target.Process) target.Runtime
+	DetectRuntime func(workload.Process) workload.Runtime
 }
 
 type active struct {
@@ -142,12 +142,12 @@ type Engine struct {
 	rules   []Rule
 	store   *signals.Store
 	journal *Journal
-	tracker *target.Tracker
+	tracker *workload.Tracker
 	o       EngineOptions
 	active  map[string]*active // by rule/key
 	// The runtime of the current target process, detected once per process.
-	rtOf    target.Process
-	runtime target.Runtime
+	rtOf    workload.Process
+	runtime workload.Runtime
 	dropped atomic.Uint64
 	evals   atomic.Uint64
 	opened  atomic.Uint64
@@ -163,7 +163,7 @@ type Engine struct {
 }
 
 // NewEngine returns an engine writing into journal.
-func NewEngine(rs []Rule, store *signals.Store, journal *Journal, tracker *target.Tracker, o EngineOptions) *Engine {
+func NewEngine(rs []Rule, store *signals.Store, journal *Journal, tracker *workload.Tracker, o EngineOptions) *Engine {
 	if o.MaxOpen < 1 {
 		o.MaxOpen = 1
 	}

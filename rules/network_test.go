@@ -6,7 +6,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // putSeries writes vals one second apart, the last at now.
@@ -371,11 +371,11 @@ func TestNetworkAdviceFitsTheRuntime(t *testing.T) {
 	putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
 	st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 9, now)
 	for _, tc := range []struct {
-		rt        target.Runtime
+		rt        workload.Runtime
 		forbidden []string
 	}{
-		{target.Runtime{Lang: target.LangGo, Version: "1.26"}, []string{"tokio", "Tokio", "actix", "drop("}},
-		{target.Runtime{Lang: target.LangRust, Frameworks: []target.Framework{{Name: target.FwTokio}}}, []string{"resp.Body", "goroutine", "defer "}},
+		{workload.Runtime{Lang: workload.LangGo, Version: "1.26"}, []string{"tokio", "Tokio", "actix", "drop("}},
+		{workload.Runtime{Lang: workload.LangRust, Frameworks: []workload.Framework{{Name: workload.FwTokio}}}, []string{"resp.Body", "goroutine", "defer "}},
 	} {
 		obs := cw.Evaluate(Window{Store: st, Now: now, Runtime: tc.rt})
 		if len(obs) != 1 {

@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // A thread is judged by what it does, not by its name alone (see
@@ -575,34 +575,34 @@ func advisorFor(w Window, v threadClass) Advisor {
 }
 
 // targetRuntime is what a thread's frames say of the program, in
-// target.Runtime's terms.
-func targetRuntime(rt signals.Runtime) (target.Runtime, bool) {
-	fw := func(lang target.Lang, names ...string) (target.Runtime, bool) {
-		r := target.Runtime{Lang: lang, Sources: []string{"thread stacks"}}
+// workload.Runtime's terms.
+func targetRuntime(rt signals.Runtime) (workload.Runtime, bool) {
+	fw := func(lang workload.Lang, names ...string) (workload.Runtime, bool) {
+		r := workload.Runtime{Lang: lang, Sources: []string{"thread stacks"}}
 		for _, n := range names {
-			r.Frameworks = append(r.Frameworks, target.Framework{Name: n})
+			r.Frameworks = append(r.Frameworks, workload.Framework{Name: n})
 		}
 		return r, true
 	}
 	switch rt {
 	case signals.RuntimeTokio:
-		return fw(target.LangRust, target.FwTokio)
+		return fw(workload.LangRust, workload.FwTokio)
 	case signals.RuntimeActix:
-		return fw(target.LangRust, target.FwActix, target.FwTokio)
+		return fw(workload.LangRust, workload.FwActix, workload.FwTokio)
 	case signals.RuntimeNode:
-		return fw(target.LangNode, target.FwLibuv)
+		return fw(workload.LangNode, workload.FwLibuv)
 	case signals.RuntimeLibuv:
-		return fw(target.LangC, target.FwLibuv)
+		return fw(workload.LangC, workload.FwLibuv)
 	case signals.RuntimeRedis:
-		return fw(target.LangC, target.FwRedis)
+		return fw(workload.LangC, workload.FwRedis)
 	case signals.RuntimeNginx:
-		return fw(target.LangC, target.FwNginx)
+		return fw(workload.LangC, workload.FwNginx)
 	case signals.RuntimeAsyncio:
-		return fw(target.LangPython, target.FwAsyncio)
+		return fw(workload.LangPython, workload.FwAsyncio)
 	case signals.RuntimeGo:
-		return fw(target.LangGo)
+		return fw(workload.LangGo)
 	}
-	return target.Runtime{}, false
+	return workload.Runtime{}, false
 }
 
 // Frames of a thread in its own I/O, or waiting for it: the C library's

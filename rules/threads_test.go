@@ -9,7 +9,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
-	"github.com/culprit-dev/culprit/target"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // Stacks as the sched probe symbolized them on this machine for real
@@ -544,7 +544,7 @@ func TestJSFrames(t *testing.T) {
 // even before its threads' stacks were seen.
 func TestWorkerRulesAdviseInTheTargetsTerms(t *testing.T) {
 	now := time.Now()
-	goRT := target.Runtime{Lang: target.LangGo, Version: "1.26.8"}
+	goRT := workload.Runtime{Lang: workload.LangGo, Version: "1.26.8"}
 	eps := episodes(ep(5, 6, "worker-1", now.Add(-time.Second), 800*time.Millisecond, kNanosleep,
 		[]string{"runtime/internal/syscall.Syscall6", "syscall.Syscall", "golang.org/x/sys/unix.Nanosleep", "faults.BlockingCall", "runtime.goexit"}, 0))
 	obs := blockRule().Evaluate(Window{Store: signals.New(10, 10), Now: now, Runtime: goRT, Inputs: Inputs{Episodes: eps, Pools: testPools}})
@@ -556,7 +556,7 @@ func TestWorkerRulesAdviseInTheTargetsTerms(t *testing.T) {
 	r := NewWorkerImbalance(WorkerImbalanceOptions{Window: 10 * time.Second, MinBusy: 0.5, MinRatio: 4})
 	st := signals.New(100, 100)
 	putCPU(st, now, map[string]float64{"70/node": 0.98, "71/node": 0.01, "72/node": 0.01})
-	nodeRT := target.Runtime{Lang: target.LangNode, Version: "20.20.2", Frameworks: []target.Framework{{Name: target.FwLibuv}}}
+	nodeRT := workload.Runtime{Lang: workload.LangNode, Version: "20.20.2", Frameworks: []workload.Framework{{Name: workload.FwLibuv}}}
 	pools := WorkerPools{Match: regexp.MustCompile(`^node$`), IdleSyscalls: DefaultIdleSyscalls}
 	if obs := r.Evaluate(Window{Store: st, Now: now, Runtime: nodeRT, Inputs: Inputs{Episodes: episodes(), Pools: pools}}); len(obs) != 0 {
 		t.Errorf("node, threads not yet seen: %+v", obs)

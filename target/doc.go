@@ -1,5 +1,0 @@
-// Package target finds the process culprit watches, by PID, by a port it
-// listens on, or by a command-line regular expression, and finds it again
-// when the app restarts under a new PID. Collectors and probes ask the
-// Tracker for the current Process on every cycle instead of caching a PID.
-package target
