@@ -23,13 +23,17 @@ func init() {
 }
 
 // sysctlNames are the settings that bound accept queues, SYN queues and
-// ephemeral ports. All of them are per network namespace on current
+// ephemeral ports, and how long a client retries a dropped SYN
+// (tcp_syn_retries, and tcp_syn_linear_timeouts from Linux 6.5: how long
+// a stalled accept queue's clients come back as a herd). All of them are per network namespace on current
 // kernels, so they must be read in the target's namespace.
 var sysctlNames = []string{
 	"net.core.somaxconn",
 	"net.ipv4.tcp_max_syn_backlog",
 	"net.ipv4.tcp_abort_on_overflow",
 	"net.ipv4.tcp_syncookies",
+	"net.ipv4.tcp_syn_retries",
+	"net.ipv4.tcp_syn_linear_timeouts",
 	"net.ipv4.ip_local_port_range",
 	"net.ipv4.tcp_tw_reuse",
 	"net.ipv4.tcp_fin_timeout",

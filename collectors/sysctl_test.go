@@ -59,6 +59,8 @@ func TestReadSysctlsFixture(t *testing.T) {
 		`sysctl{name="net.ipv4.tcp_max_syn_backlog"}`:     2048,
 		`sysctl{name="net.ipv4.tcp_abort_on_overflow"}`:   0,
 		`sysctl{name="net.ipv4.tcp_syncookies"}`:          1,
+		`sysctl{name="net.ipv4.tcp_syn_retries"}`:         6,
+		`sysctl{name="net.ipv4.tcp_syn_linear_timeouts"}`: 4,
 		`sysctl{name="net.ipv4.ip_local_port_range.min"}`: 32768,
 		`sysctl{name="net.ipv4.ip_local_port_range.max"}`: 60999,
 		`sysctl{name="net.ipv4.tcp_tw_reuse"}`:            2,
