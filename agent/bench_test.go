@@ -119,9 +119,19 @@ func procUsage() (cpu time.Duration, rss int64) {
 
 // listenOverflows reads the kernel's counter for the child's namespace.
 func listenOverflows(b testing.TB, pid int) uint64 {
-	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/net/netstat")
+	v, err := readListenOverflows(pid)
 	if err != nil {
 		b.Fatal(err)
+	}
+	return v
+}
+
+// readListenOverflows is the ListenOverflows counter of pid's network
+// namespace.
+func readListenOverflows(pid int) (uint64, error) {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/net/netstat")
+	if err != nil {
+		return 0, err
 	}
 	lines := strings.Split(string(data), "\n")
 	for i := 0; i+1 < len(lines); i += 2 {
@@ -132,11 +142,11 @@ func listenOverflows(b testing.TB, pid int) uint64 {
 		for j, n := range names {
 			if n == "ListenOverflows" && j < len(vals) {
 				v, _ := strconv.ParseUint(vals[j], 10, 64)
-				return v
+				return v, nil
 			}
 		}
 	}
-	return 0
+	return 0, nil
 }
 
 func median(ds []time.Duration) time.Duration {

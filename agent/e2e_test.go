@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -311,6 +312,154 @@ func TestBacklogTooSmallFinding(t *testing.T) {
 		t.Errorf("remediation does not mention somaxconn: %s", f.Remediation)
 	}
 	t.Logf("%s\n  root cause: %s\n  fix: %s", f.Title, f.RootCause, f.Remediation)
+}
+
+// The herd after a stall (docs/NOTES.md): the app stops accepting on
+// backlog 4 while 30 clients connect, and accepts again 20 s later. The
+// clients it kept waiting retransmit their SYNs together on the kernel's
+// schedule (Linux 6.5 on: 1, 2, 3, 4, 5, 7, 11, 19, 35 s after their
+// first), so they overflow the backlog again at 35 s, 15 s after the
+// stall, when it has left the window. Judged by itself that herd was
+// "backlog too small". No event for the listener may say so: the drops
+// are the stall's tail.
+func TestAcceptOverflowHerdAfterStall(t *testing.T) {
+	sc := newScenario(t, testenv.Options{Backlog: 4, Accept: false})
+	s, c := sc.s, sc.c
+	events, _ := watch(t, c, 0)
+
+	// The kernel's own drop counter, to tell when the rounds came.
+	start := time.Now()
+	done := make(chan struct{})
+	var mu sync.Mutex
+	var rounds []string
+	lastRound := time.Time{}
+	var polled sync.WaitGroup
+	polled.Add(1)
+	go func() {
+		defer polled.Done()
+		last, _ := readListenOverflows(s.PID)
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			if v, err := readListenOverflows(s.PID); err == nil && v != last {
+				mu.Lock()
+				rounds = append(rounds, fmt.Sprintf("%.2fs:+%d", time.Since(start).Seconds(), v-last))
+				lastRound = time.Now()
+				mu.Unlock()
+				last = v
+			}
+		}
+	}()
+	defer func() {
+		close(done)
+		polled.Wait()
+		t.Logf("drops (time since the first dial:count): %s", strings.Join(rounds, " "))
+	}()
+
+	s.MustDo(t, "dialasync 30 90")
+	opened, _ := next(t, events, 5*time.Second, isAcceptOverflow("", culpritv1.FindingEvent_TYPE_OPENED))
+	if opened.Finding.Cause != "app_not_accepting" {
+		t.Fatalf("cause = %s, want app_not_accepting: %s", opened.Finding.Cause, opened.Finding.RootCause)
+	}
+	key := opened.Finding.Key
+	var tail *culpritv1.Finding
+	// check fails any event for the listener that blames the backlog, and
+	// keeps the last that called drops after 30 s the stall's tail.
+	check := func(ev *culpritv1.FindingEvent) {
+		f := ev.Finding
+		if f == nil || f.Rule != "accept_overflow" || f.Key != key {
+			return
+		}
+		t.Logf("%.1fs %s %s: %s", time.Since(start).Seconds(), ev.Type, f.Cause, f.RootCause)
+		if f.Cause == "backlog_too_small" {
+			t.Errorf("the stall's herd was called a backlog too small (%s): %s", ev.Type, f.RootCause)
+		}
+		if time.Since(start) > 30*time.Second && ev.Type != culpritv1.FindingEvent_TYPE_RESOLVED && strings.Contains(f.RootCause, "the stall's tail") {
+			tail = f
+		}
+	}
+	check(opened)
+	// drain checks the events until until, or, given quiet, as soon as
+	// quiet holds.
+	drain := func(until time.Time, quiet func() bool) {
+		for end := time.After(time.Until(until)); ; {
+			select {
+			case ev := <-events:
+				check(ev)
+				continue
+			case <-time.After(100 * time.Millisecond):
+				if quiet == nil || !quiet() {
+					continue
+				}
+			case <-end:
+			}
+			return
+		}
+	}
+	// The round at 19 s (measured at 19.4 s: the timers run late by a
+	// few percent) still falls into the stall: accept again half a second
+	// after it.
+	drain(start.Add(18*time.Second), nil)
+	drain(start.Add(23*time.Second), func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return time.Since(lastRound) > 500*time.Millisecond && lastRound.After(start.Add(18*time.Second))
+	})
+	resumed := time.Now()
+	stallDrops, err := readListenOverflows(s.PID) // the namespace is the child's own: all its drops are the listener's
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.MustDo(t, "accept on")
+	// The round at 35 s comes 15 s later; its drops are recent for 2 s,
+	// and judged by themselves after 1 s more.
+	drain(resumed.Add(20*time.Second), nil)
+	if tail == nil {
+		// The herd's SYNs are dropped and its 5 handshakes completed in
+		// one softirq pass, and the app drains the queue at once: the
+		// accept_queue collector can give the drops to the listener only
+		// when the tcplisten probe published those handshakes before its
+		// sample read the namespace's counter. In 4 runs of 10 it had
+		// not, and the drops went unattributed (docs/NOTES.md): no finding then,
+		// which is no wrong finding either.
+		snap, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		agent := signalValue(snap, signals.ListenOverflowsTotal, "port", strconv.Itoa(s.Port))
+		if agent != nil && *agent <= float64(stallDrops) {
+			un := 0.0
+			if v := signalValue(snap, signals.ListenOverflowsUnattributedTotal, "", ""); v != nil {
+				un = *v
+			}
+			t.Logf("the herd's drops went unattributed (%v on the listener, %d by the stall's end, %v unattributed): its cause was not judged", *agent, stallDrops, un)
+			return
+		}
+		if agent == nil {
+			t.Fatalf("no finding called the herd after 30 s the stall's tail, and the listener has no drop series")
+		}
+		t.Fatalf("no finding called the herd after 30 s the stall's tail, though the agent gave its drops to the listener (%v, %d by the stall's end)", *agent, stallDrops)
+	}
+	for _, want := range []string{"was full for", "ago", "dropped since", "retrying their SYNs together"} {
+		if !strings.Contains(tail.RootCause, want) {
+			t.Errorf("the tail's root cause lacks %q: %s", want, tail.RootCause)
+		}
+	}
+	// Its count is of drops since the stall ended, no more.
+	total, err := readListenOverflows(s.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var since int
+	if _, err := fmt.Sscanf(tail.RootCause[strings.Index(tail.RootCause, "and the ")+len("and the "):], "%d connection attempt", &since); err != nil {
+		t.Fatalf("no count of drops since the stall in %q: %v", tail.RootCause, err)
+	}
+	if since <= 0 || uint64(since) > total-stallDrops {
+		t.Errorf("the tail counts %d drops since the stall; the kernel dropped %d after it", since, total-stallDrops)
+	}
 }
 
 // Healthy load against an adequate backlog raises nothing.

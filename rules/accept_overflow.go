@@ -3,8 +3,10 @@ package rules
 import (
 	"fmt"
 	"math"
+	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -41,10 +43,22 @@ func DefaultAcceptOverflowOptions() AcceptOverflowOptions {
 // AcceptOverflow names why a listener's accept queue overflows (seed 000,
 // Problem B): the backlog is too small for bursts the app absorbs, or the
 // app has stopped accepting (its threads are blocked or saturated).
-type AcceptOverflow struct{ o AcceptOverflowOptions }
+type AcceptOverflow struct {
+	o AcceptOverflowOptions
+
+	// mu guards stalls: the engine evaluates from one goroutine, but
+	// nothing stops two callers.
+	mu sync.Mutex
+	// stalls is each listener's last stall (by endpoint), kept for as
+	// long as its clients can retry (see stallMemory), at most
+	// maxStallMemories of them.
+	stalls map[string]*stallMemory
+}
 
 // NewAcceptOverflow returns the rule.
-func NewAcceptOverflow(o AcceptOverflowOptions) *AcceptOverflow { return &AcceptOverflow{o: o} }
+func NewAcceptOverflow(o AcceptOverflowOptions) *AcceptOverflow {
+	return &AcceptOverflow{o: o, stalls: map[string]*stallMemory{}}
+}
 
 func (*AcceptOverflow) Name() string { return "accept_overflow" }
 
@@ -55,7 +69,7 @@ func (*AcceptOverflow) Needs() []Need {
 		{Component: signals.ProbeTCPListen, What: "drops in bursts between two samples, attributed to their listener"},
 		{Component: signals.ProbeSched, What: "the thread and stack that stalled the accept loop"},
 		{Component: signals.CollectorThreads, What: "the target's thread states during a stall"},
-		{Component: signals.CollectorSysctl, What: "net.core.somaxconn's cap on the backlog, and tcp_abort_on_overflow in the remedy"},
+		{Component: signals.CollectorSysctl, What: "net.core.somaxconn's cap on the backlog, tcp_abort_on_overflow in the remedy, and tcp_syn_retries and tcp_syn_linear_timeouts, how long a stall's clients retry (the kernel's defaults are assumed)"},
 	}
 }
 
@@ -128,16 +142,27 @@ func waitsForInput(e signals.Episode) bool {
 }
 
 func (r *AcceptOverflow) Evaluate(w Window) []Observation {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.stalls == nil {
+		r.stalls = map[string]*stallMemory{}
+	}
+	sched := synScheduleOf(w.Store)
+	for k, m := range r.stalls {
+		if w.Now.After(m.expires(sched)) {
+			delete(r.stalls, k)
+		}
+	}
 	var out []Observation
 	for _, ls := range w.Store.Select(signals.ListenBacklog) {
-		if o, ok := r.listener(w, ls); ok {
+		if o, ok := r.listener(w, ls, sched); ok {
 			out = append(out, o)
 		}
 	}
 	return out
 }
 
-func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, bool) {
+func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule) (Observation, bool) {
 	st := w.Store
 	now := w.Now
 	port := ls.Get("port")
@@ -210,6 +235,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	stalled := fullNow && (!acceptsKnown || acceptedLater == 0 || fullFor >= r.o.SaturateAfter)
 
 	if stalled {
+		r.rememberStall(endpoint, st, ls, runStart, now, now)
 		threads := describeThreads(st)
 		ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: fullFor.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue continuously full"})
 		var how string
@@ -266,6 +292,9 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 	stallRun := run >= r.o.StallAfter && (!acceptsKnown || run >= r.o.SaturateAfter ||
 		increaseBetween(st, signals.ProcessAcceptsTotal, portLs, end.Add(-run), end.Add(-runEdge)) == 0)
 	if stallRun {
+		// The window may hold only the stall's end: how long it lasted is
+		// what the rule remembers of it.
+		run = end.Sub(r.rememberStall(endpoint, st, ls, end.Add(-run), end, now).start)
 		ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(now.Sub(end)) + " ago"})
 		return Observation{
 			Key:         endpoint,
@@ -275,6 +304,32 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s; the app accepts again since %s ago, and the drops since are the stall's tail (waiting clients retrying together)", endpoint, int(backlog.V), duration(run), duration(now.Sub(end))),
 			Severity:    SeverityWarning,
 			Confidence:  0.8,
+			Evidence:    ev,
+			Artifacts:   arts,
+			Remediation: "The stall ended by itself. " + w.advice().LoopStalled(),
+			Labels:      labels,
+			Linger:      r.o.Window,
+		}, true
+	}
+
+	// The stall has left the window, but its clients may still be
+	// retrying: while the drops come when they would, they are its tail.
+	if m, ok := r.stallTail(endpoint, st, ls, now, sched); ok {
+		run, ago := m.end.Sub(m.start), now.Sub(m.end)
+		verb := "are"
+		if m.since == 1 {
+			verb = "is"
+		}
+		ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(ago) + " ago"})
+		return Observation{
+			Key:     endpoint,
+			Cause:   CauseAppNotAccepting,
+			Title:   fmt.Sprintf("Accept queue of %s overflowing: the app is not accepting", endpoint),
+			Symptom: dropped,
+			RootCause: fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s until %s ago; the app accepts again since, and the %s dropped since %s the stall's tail: clients that waited retrying their SYNs together, which they do until %s after their first (%s)",
+				endpoint, int(backlog.V), duration(run), duration(ago), count(m.since, "connection attempt", ""), verb, duration(sched.rounds[len(sched.rounds)-1]), sched.source),
+			Severity:    SeverityWarning,
+			Confidence:  0.7,
 			Evidence:    ev,
 			Artifacts:   arts,
 			Remediation: "The stall ended by itself. " + w.advice().LoopStalled(),
@@ -344,6 +399,293 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels) (Observation, boo
 		Labels:      labels,
 		Linger:      r.o.Window,
 	}, true
+}
+
+// The herd after a stall. A client whose SYN a full accept queue dropped
+// retransmits it on the kernel's schedule (synSchedule), so the clients a
+// stall kept waiting come back together, and on a small backlog overflow
+// it again, for up to two minutes after the stall, long after it left the
+// window. Judged by themselves those drops are bursts the app drains,
+// "backlog too small", which sends the operator to the wrong fix. So the
+// rule remembers each listener's last stall for as long as its clients
+// can retry, and calls the drops since its tail; but only while they could
+// be those clients, so that a burst problem of its own after a stall is
+// still told:
+//   - every drop since the stall came within a retry round of it: when
+//     clients whose first SYN fell within the stall (from its start to its
+//     end) send their k-th retransmission, give or take the timers'
+//     slack. The drops a herd causes come exactly then, new clients
+//     included (the queue overflows only while the herd fills it); a
+//     burst pattern of its own soon drops a SYN between two rounds.
+//   - and the drops since the stall are at most one per round for each
+//     client that waited, of which there are at most as many as the
+//     stall's own drops (each was dropped at least once during it).
+//
+// The schedule is the sharp test (drops come in rounds, and after the
+// first rounds the rounds are far apart); the count catches a burst
+// problem that happens to fall into a round, after a stall that kept few
+// clients waiting. The first drop that fails either ends the tail for
+// good (the memory is forgotten): the next round's herd then joins
+// whatever the rule makes of the listener, rather than the cause going
+// back and forth. The price: a burst problem that starts within a round
+// (after a long stall the rounds join up) is called the tail until its
+// first drop between two rounds, at most until the stall's last round.
+
+// stallMemory is what the rule keeps of a listener's last stall.
+type stallMemory struct {
+	// start is the first sample that saw the queue full; end the first
+	// that saw it not full, or, while the stall lasts, the last
+	// evaluation.
+	start, end time.Time
+	// waiting is the drops during the stall: every client it kept waiting
+	// was dropped at least once, so there were at most this many.
+	waiting float64
+	// since is the drops after the stall's end, counted as they came.
+	since float64
+	// lastT and lastV are the drop counter's last sample counted into
+	// waiting or since.
+	lastT time.Time
+	lastV float64
+}
+
+// maxStallMemories bounds the listeners whose last stall the rule keeps
+// (a target has a few listeners, not hundreds).
+const maxStallMemories = 256
+
+// expires is when the last client of the stall has given up: the give-up
+// time after a first SYN at the stall's end, with the timers' slack.
+func (m *stallMemory) expires(s synSchedule) time.Time {
+	return m.end.Add(s.giveUp + retrySlack(s.giveUp))
+}
+
+// rememberStall records a run of the full queue that the rule judged a
+// stall, from start to end (now, while it lasts). A run that overlaps the
+// remembered stall is the same one seen again (the window moves over a
+// long stall, so the start seen moves on while the memory keeps the
+// first); one that began after it ended replaces it.
+func (r *AcceptOverflow) rememberStall(key string, st *signals.Store, ls signals.Labels, start, end, now time.Time) *stallMemory {
+	m := r.stalls[key]
+	if m == nil || start.After(m.end) {
+		if m == nil && len(r.stalls) >= maxStallMemories {
+			r.forgetOldestStall()
+		}
+		m = &stallMemory{start: start, end: end}
+		m.lastT, m.lastV = counterBefore(st, signals.ListenOverflowsTotal, ls, start)
+		r.stalls[key] = m
+	}
+	if start.Before(m.start) {
+		m.start = start
+	}
+	if end.After(m.end) {
+		m.end = end
+	}
+	m.count(st, ls, now, nil)
+	return m
+}
+
+// forgetOldestStall makes room: the stall that ended first goes.
+func (r *AcceptOverflow) forgetOldestStall() {
+	var oldest string
+	for k, m := range r.stalls {
+		if oldest == "" || m.end.Before(r.stalls[oldest].end) {
+			oldest = k
+		}
+	}
+	delete(r.stalls, oldest)
+}
+
+// count adds the drops the counter shows since the last sample counted
+// and up to now, to waiting up to the stall's end and to since after it,
+// and reports whether every drop after the end passed fits (nil: all do).
+// Samples after now are left for the next evaluation: the collectors
+// write while the rule runs, and while the stall lasts its end is now (a
+// drop sampled a moment later was once counted after the stall).
+func (m *stallMemory) count(st *signals.Store, ls signals.Labels, now time.Time, fits func(time.Time) bool) bool {
+	ok := true
+	for _, s := range st.Range(signals.ListenOverflowsTotal, ls, m.lastT) {
+		if s.T.After(now) {
+			break
+		}
+		if m.lastT.IsZero() {
+			m.lastT, m.lastV = s.T, s.V // no baseline before: the first sample is one
+			continue
+		}
+		if !s.T.After(m.lastT) {
+			continue
+		}
+		inc := s.V - m.lastV
+		if inc < 0 {
+			inc = s.V // a reset
+		}
+		m.lastT, m.lastV = s.T, s.V
+		switch {
+		case inc == 0:
+		case !s.T.After(m.end):
+			m.waiting += inc
+		default:
+			m.since += inc
+			if fits != nil && !fits(s.T) {
+				ok = false
+			}
+		}
+	}
+	return ok
+}
+
+// stallTail returns the listener's last stall when the drops since it
+// ended are its tail (see "The herd after a stall" above), and forgets the
+// stall as soon as they are not.
+func (r *AcceptOverflow) stallTail(key string, st *signals.Store, ls signals.Labels, now time.Time, s synSchedule) (*stallMemory, bool) {
+	m := r.stalls[key]
+	if m == nil {
+		return nil, false
+	}
+	fits := m.count(st, ls, now, func(t time.Time) bool { return s.fits(m.start, m.end, t) })
+	if !fits || m.since > m.waiting*float64(s.roundsBy(m.start, now)) {
+		delete(r.stalls, key)
+		return nil, false
+	}
+	// No drop since the end: those in the window are the stall's own, which
+	// the other branches judge.
+	return m, m.since > 0
+}
+
+// counterBefore is a counter's last sample before t (the first sample
+// when none is that old), the baseline of what it counts from t on; zero
+// when it has none.
+func counterBefore(st *signals.Store, d *signals.Desc, ls signals.Labels, t time.Time) (time.Time, float64) {
+	var at time.Time
+	var v float64
+	for _, s := range st.Range(d, ls, time.Time{}) {
+		if !s.T.Before(t) && !at.IsZero() {
+			break
+		}
+		at, v = s.T, s.V
+		if !s.T.Before(t) {
+			break
+		}
+	}
+	return at, v
+}
+
+// synSchedule is when a client retransmits a SYN nobody answers, counted
+// from its first. The timer starts at 1 s (TCP_TIMEOUT_INIT) and stays so
+// for the first tcp_syn_linear_timeouts + 1 retransmissions (Linux 6.5 on;
+// for the first one before), then doubles each time, up to 120 s
+// (TCP_RTO_MAX). The client sends tcp_syn_retries +
+// tcp_syn_linear_timeouts of them and gives up when the next would be due.
+// With the defaults, 6 and 4: 1, 2, 3, 4, 5, 7, 11, 19, 35 and 67 s,
+// giving up at 131 s; before 6.5, 1, 3, 7, 15, 31 and 63 s, giving up at
+// 127 s.
+//
+// The settings that count are the clients' kernel's. They are read in the
+// target's network namespace, which clients in the same pod or host share
+// (the kernel too); a remote Linux client most likely has the defaults as
+// well. A client can also set its own count (TCP_SYNCNT), or give up
+// sooner with a connect timeout: the schedule is the longest a client
+// retries, not the shortest.
+type synSchedule struct {
+	rounds []time.Duration // when the retransmissions are sent
+	giveUp time.Duration
+	source string // the settings, in words
+}
+
+const (
+	defaultSynRetries = 6   // net.ipv4.tcp_syn_retries
+	defaultSynLinear  = 4   // net.ipv4.tcp_syn_linear_timeouts (Linux 6.5 on)
+	maxSynCount       = 127 // the kernel's MAX_TCP_SYNCNT
+	synRTOMax         = 120 * time.Second
+)
+
+func newSynSchedule(retries, linear int) synSchedule {
+	s := synSchedule{}
+	at, rto := time.Duration(0), time.Second
+	for i := 1; i <= retries+linear+1; i++ {
+		at += rto
+		if i > linear {
+			rto = min(2*rto, synRTOMax)
+		}
+		if i <= retries+linear {
+			s.rounds = append(s.rounds, at)
+		} else {
+			s.giveUp = at
+		}
+	}
+	return s
+}
+
+// synScheduleOf reads the schedule from the sysctls the sysctl collector
+// wrote. A kernel without tcp_syn_linear_timeouts (before 6.5) has no
+// linear retransmissions; with neither setting read (no sysctl collector)
+// the defaults hold, and the rounds of both kernels' schedules.
+func synScheduleOf(st *signals.Store) synSchedule {
+	retries, haveRetries := sysctlInt(st, "net.ipv4.tcp_syn_retries", 1, maxSynCount)
+	linear, haveLinear := sysctlInt(st, "net.ipv4.tcp_syn_linear_timeouts", 0, maxSynCount)
+	switch {
+	case haveLinear:
+		if !haveRetries {
+			retries = defaultSynRetries
+		}
+		s := newSynSchedule(retries, linear)
+		s.source = fmt.Sprintf("net.ipv4.tcp_syn_retries=%d, tcp_syn_linear_timeouts=%d", retries, linear)
+		return s
+	case haveRetries:
+		s := newSynSchedule(retries, 0)
+		s.source = fmt.Sprintf("net.ipv4.tcp_syn_retries=%d", retries)
+		return s
+	}
+	old, cur := newSynSchedule(defaultSynRetries, 0), newSynSchedule(defaultSynRetries, defaultSynLinear)
+	rounds := append(slices.Clone(old.rounds), cur.rounds...)
+	slices.Sort(rounds)
+	return synSchedule{rounds: slices.Compact(rounds), giveUp: max(old.giveUp, cur.giveUp),
+		source: fmt.Sprintf("the kernel's defaults, net.ipv4.tcp_syn_retries=%d and tcp_syn_linear_timeouts=%d or none", defaultSynRetries, defaultSynLinear)}
+}
+
+// sysctlInt is a sysctl's latest value, when the collector read it and it
+// is within [lo, hi].
+func sysctlInt(st *signals.Store, name string, lo, hi int) (int, bool) {
+	s, ok := st.Latest(signals.Sysctl, signals.L("name", name))
+	if !ok || s.V < float64(lo) || s.V > float64(hi) {
+		return 0, false
+	}
+	return int(s.V), true
+}
+
+// retryEarly is how much earlier than its schedule, counted from the
+// stall's start, a retry may be seen: the first dropped SYN can come up to
+// a sample interval before the first sample that saw the queue full.
+const retryEarly = 500 * time.Millisecond
+
+// retrySlack is how much later than its schedule a retry may be seen after
+// a first SYN: a timer fires up to 1/8 of its length late (the kernel's
+// timer wheel), which adds up over the retransmissions, and the drop shows
+// in a sample up to a second later (sampling, attribution).
+func retrySlack(after time.Duration) time.Duration { return after/8 + time.Second }
+
+// fits reports whether a drop at t can be a retransmission of a client
+// whose first SYN came during the stall [start, end].
+func (s synSchedule) fits(start, end, t time.Time) bool {
+	if !t.After(end) {
+		return true
+	}
+	for _, r := range s.rounds {
+		if !t.Before(start.Add(r-retryEarly)) && !t.After(end.Add(r+retrySlack(r))) {
+			return true
+		}
+	}
+	return false
+}
+
+// roundsBy is how many retry rounds of a stall that started at start have
+// begun by now (at least one).
+func (s synSchedule) roundsBy(start, now time.Time) int {
+	n := 0
+	for _, r := range s.rounds {
+		if !now.Before(start.Add(r - retryEarly)) {
+			n++
+		}
+	}
+	return max(n, 1)
 }
 
 // increaseBetween is how much a counter grew from its sample at (or the

@@ -1,6 +1,8 @@
 package rules
 
 import (
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -335,6 +337,331 @@ func TestDescribeThreadsSaysWhatRuns(t *testing.T) {
 		st.Put(signals.ProcessThreads, signals.L("state", "S"), tc.s, now)
 		if got := describeThreads(st).summary; !strings.Contains(got, tc.want) {
 			t.Errorf("%v running, %v sleeping: %q, want %q in it", tc.r, tc.s, got, tc.want)
+		}
+	}
+}
+
+// timeline is one listener's life as the collectors write it, a sample
+// every 100 ms from its start, with one rule evaluated every 200 ms as the
+// engine does: what the rule remembers between evaluations is exercised,
+// in a store of the agent's default size (60 s of samples).
+type timeline struct {
+	backlog float64
+	full    func(el time.Duration) bool // el: time since the start
+	drops   []dropsAt
+	accepts func(el time.Duration) float64
+	sysctls map[string]float64
+	// lag: each evaluation runs this long before the newest sample's
+	// time, as when a collector writes while the rule runs.
+	lag time.Duration
+}
+
+// dropsAt is n connection attempts dropped at at.
+type dropsAt struct {
+	at time.Duration
+	n  float64
+}
+
+var tlStart = time.Unix(10000, 0)
+
+func (tl timeline) droppedBy(el time.Duration) float64 {
+	sum := 0.0
+	for _, d := range tl.drops {
+		if d.at <= el {
+			sum += d.n
+		}
+	}
+	return sum
+}
+
+// run evaluates r until until and hands each evaluation's observations to
+// each.
+func (tl timeline) run(r *AcceptOverflow, until time.Duration, each func(el time.Duration, obs []Observation)) {
+	st := signals.New(600, 1000)
+	port := signals.L("port", "8080")
+	st.Put(signals.Sysctl, signals.L("name", "net.core.somaxconn"), 4096, tlStart)
+	for name, v := range tl.sysctls {
+		st.Put(signals.Sysctl, signals.L("name", name), v, tlStart)
+	}
+	st.Put(signals.ProcessThreads, signals.L("state", "S"), 5, tlStart)
+	for el := time.Duration(0); el <= until; el += 100 * time.Millisecond {
+		t := tlStart.Add(el)
+		q, full := 0.0, 0.0
+		if tl.full(el) {
+			q, full = tl.backlog+1, 1
+		}
+		st.Put(signals.ListenBacklog, ls8080, tl.backlog, t)
+		st.Put(signals.ListenQueueLength, ls8080, q, t)
+		st.Put(signals.ListenQueueFull, ls8080, full, t)
+		st.Put(signals.ListenOverflowsTotal, ls8080, tl.droppedBy(el), t)
+		st.Put(signals.ProcessAcceptsTotal, port, tl.accepts(el), t)
+		if el%(200*time.Millisecond) == 0 {
+			each(el, r.Evaluate(Window{Store: st, Now: t.Add(-tl.lag)}))
+		}
+	}
+}
+
+func secs(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
+
+// stallThenHerd is a listener with backlog 4 whose app stops accepting at
+// 0 for stall while 30 clients connect at 0.2 s: 5 fill the queue, 25 are
+// dropped and retransmit their SYNs at the rounds of the kernel's
+// schedule. Those in the stall are dropped again; after it the app accepts
+// 5 of each herd and drops the rest (herds).
+func stallThenHerd(stall time.Duration, inStall []float64, herds []dropsAt, sysctls map[string]float64) timeline {
+	drops := []dropsAt{{secs(0.2), 25}}
+	for _, r := range inStall {
+		drops = append(drops, dropsAt{secs(0.2 + r), 25})
+	}
+	drops = append(drops, herds...)
+	return timeline{backlog: 4, sysctls: sysctls, drops: drops,
+		full: func(el time.Duration) bool { return el < stall },
+		accepts: func(el time.Duration) float64 {
+			n := 100.0
+			if el >= stall {
+				n += 5 // the queue the stall left
+			}
+			for _, h := range herds {
+				if el >= h.at+100*time.Millisecond {
+					n += 5
+				}
+			}
+			return n
+		},
+	}
+}
+
+// The herd after a stall: once the stall's full run has left the window,
+// its clients' retries were once judged by themselves, "backlog too small"
+// (docs/NOTES.md, BenchmarkFaultToFinding). They are the stall's tail for
+// as long as they come when its clients retry.
+func TestAcceptOverflowHerdAfterStallKeepsCause(t *testing.T) {
+	before65 := map[string]float64{"net.ipv4.tcp_syn_retries": 6, "net.ipv4.tcp_syn_linear_timeouts": 0}
+	for _, tc := range []struct {
+		name  string
+		tl    timeline
+		until time.Duration
+		// from the evaluation at tailFrom on, the stall is out of the
+		// window and the finding says so.
+		tailFrom time.Duration
+		want     []string
+		// the root cause at el, with the stall still in the window
+		el    time.Duration
+		words string
+	}{
+		{
+			// The schedule before Linux 6.5: 1, 3, 7, 15, 31 s.
+			name: "15 s stall, rounds at 15 and 31 s",
+			tl: stallThenHerd(15*time.Second, []float64{1, 3, 7},
+				[]dropsAt{{secs(15.2), 20}, {secs(31.2), 15}}, before65),
+			until: 34 * time.Second, tailFrom: secs(31.2),
+			want: []string{"was full for 15 s until 16.2 s ago", "the 35 connection attempts dropped since are the stall's tail", "until 1m3s after their first (net.ipv4.tcp_syn_retries=6, tcp_syn_linear_timeouts=0)"},
+		},
+		{
+			// The defaults from Linux 6.5 on: 1, 2, 3, 4, 5, 7, 11, 19, 35 s
+			// (agent/e2e_test.go TestAcceptOverflowHerdAfterStall on a
+			// real listener).
+			name: "12 s stall, rounds at 19 and 35 s",
+			tl: stallThenHerd(12*time.Second, []float64{1, 2, 3, 4, 5, 7, 11},
+				[]dropsAt{{secs(19.2), 20}, {secs(35.2), 15}}, map[string]float64{"net.ipv4.tcp_syn_retries": 6, "net.ipv4.tcp_syn_linear_timeouts": 4}),
+			until: 38 * time.Second, tailFrom: secs(35.2),
+			want: []string{"was full for 12 s until 23.2 s ago", "the 35 connection attempts dropped since", "until 1m7s after their first (net.ipv4.tcp_syn_retries=6, tcp_syn_linear_timeouts=4)"},
+			// The window holds the stall's last 2.8 s; the stall lasted 12.
+			el: secs(19.2), words: "was full for 12 s; the app accepts again since 7.2 s ago, and the drops since are the stall's tail",
+		},
+		{
+			// A drop sampled just after an evaluation of the stall still
+			// is one of the stall's (seen: the round at 19 s, sampled
+			// after the evaluation's now, was counted as dropped since).
+			name: "12 s stall, samples written while the rule runs",
+			tl: func() timeline {
+				tl := stallThenHerd(12*time.Second, []float64{1, 2, 3, 4, 5, 7, 11},
+					[]dropsAt{{secs(19.2), 20}, {secs(35.2), 15}}, map[string]float64{"net.ipv4.tcp_syn_retries": 6, "net.ipv4.tcp_syn_linear_timeouts": 4})
+				tl.lag = 50 * time.Millisecond
+				return tl
+			}(),
+			until: 38 * time.Second, tailFrom: secs(35.4),
+			want: []string{"was full for 12 s until 23", "the 35 connection attempts dropped since"},
+		},
+		{
+			// Without the sysctl collector either kernel's schedule fits.
+			name: "15 s stall, no sysctls read",
+			tl: stallThenHerd(15*time.Second, []float64{1, 3, 7},
+				[]dropsAt{{secs(15.2), 20}, {secs(31.2), 15}}, nil),
+			until: 34 * time.Second, tailFrom: secs(31.2),
+			want: []string{"the kernel's defaults"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := defaultAO()
+			tail := 0
+			tc.tl.run(r, tc.until, func(el time.Duration, obs []Observation) {
+				for _, o := range obs {
+					if o.Cause != CauseAppNotAccepting {
+						t.Fatalf("at %s: cause %s, want %s: %s", el, o.Cause, CauseAppNotAccepting, o.RootCause)
+					}
+				}
+				if tc.words != "" && el == tc.el && (len(obs) != 1 || !strings.Contains(obs[0].RootCause, tc.words)) {
+					t.Errorf("at %s: %+v, want a root cause with %q", el, obs, tc.words)
+				}
+				if el < tc.tailFrom || el > tc.tailFrom+defaultAO().o.Recent || len(obs) != 1 {
+					return
+				}
+				if tail++; tail == 1 {
+					for _, w := range tc.want {
+						if !strings.Contains(obs[0].RootCause, w) {
+							t.Errorf("at %s the root cause lacks %q: %s", el, w, obs[0].RootCause)
+						}
+					}
+				}
+			})
+			// The herd's drops are recent for 2 s: 11 evaluations.
+			if tail < 10 {
+				t.Fatalf("the last herd was judged the stall's tail in %d evaluations, want 10 or more", tail)
+			}
+		})
+	}
+}
+
+// A listener whose backlog is too small for its bursts, with no stall
+// before, is still told so, evaluation after evaluation, and the rule
+// remembers nothing for it.
+func TestAcceptOverflowBurstsWithoutStall(t *testing.T) {
+	var drops []dropsAt
+	for at := secs(1); at < 40*time.Second; at += secs(2.5) {
+		drops = append(drops, dropsAt{at, 30})
+	}
+	tl := timeline{backlog: 4, drops: drops, sysctls: map[string]float64{"net.ipv4.tcp_syn_retries": 6, "net.ipv4.tcp_syn_linear_timeouts": 4},
+		full: func(el time.Duration) bool {
+			for _, d := range drops {
+				if el == d.at {
+					return true
+				}
+			}
+			return false
+		},
+		accepts: func(el time.Duration) float64 { return 50 * el.Seconds() },
+	}
+	r := defaultAO()
+	seen := 0
+	tl.run(r, 40*time.Second, func(el time.Duration, obs []Observation) {
+		for _, o := range obs {
+			seen++
+			if o.Cause != CauseBacklogTooSmall {
+				t.Fatalf("at %s: cause %s, want %s: %s", el, o.Cause, CauseBacklogTooSmall, o.RootCause)
+			}
+		}
+	})
+	if seen == 0 {
+		t.Fatal("bursts on backlog 4 raised nothing")
+	}
+	if len(r.stalls) != 0 {
+		t.Errorf("remembered a stall that never was: %+v", r.stalls)
+	}
+}
+
+// The tail ends: drops after the stall's last client has given up, or
+// drops that come between its retry rounds (a burst problem of its own),
+// are judged by themselves, and the stall is forgotten.
+func TestAcceptOverflowTailEnds(t *testing.T) {
+	before65 := map[string]float64{"net.ipv4.tcp_syn_retries": 6, "net.ipv4.tcp_syn_linear_timeouts": 0}
+	herds := []dropsAt{{secs(15.2), 20}, {secs(31.2), 15}, {secs(63.2), 10}}
+	causes := func(tl timeline, until time.Duration) (*AcceptOverflow, map[time.Duration]string) {
+		r := defaultAO()
+		got := map[time.Duration]string{}
+		tl.run(r, until, func(el time.Duration, obs []Observation) {
+			for _, o := range obs {
+				got[el] = o.Cause
+			}
+		})
+		return r, got
+	}
+
+	t.Run("after the retry span", func(t *testing.T) {
+		// The last client of a stall that ended at 15 s gives up at
+		// 15 + 127 s; a burst at 165 s is the listener's own.
+		tl := stallThenHerd(15*time.Second, []float64{1, 3, 7}, append(herds, dropsAt{165 * time.Second, 30}), before65)
+		r, got := causes(tl, 168*time.Second)
+		if c := got[secs(63.2)]; c != CauseAppNotAccepting {
+			t.Errorf("the last round (63 s) judged %q, want the stall's tail", c)
+		}
+		if c := got[secs(167)]; c != CauseBacklogTooSmall {
+			t.Errorf("a burst 150 s after the stall judged %q, want %s", c, CauseBacklogTooSmall)
+		}
+		if len(r.stalls) != 0 {
+			t.Errorf("the stall is still remembered past its clients' retries: %+v", r.stalls)
+		}
+	})
+
+	t.Run("bursts between the rounds", func(t *testing.T) {
+		// Bursts every 2 s from 40 s: those up to the end of the 31 s
+		// round's window (15 + 31 s and its slack) could be its clients;
+		// the first after it cannot, and from then on nothing is the
+		// stall's, the 63 s round included.
+		var bursts []dropsAt
+		for at := 40 * time.Second; at < 75*time.Second; at += 2 * time.Second {
+			bursts = append(bursts, dropsAt{at, 30})
+		}
+		tl := stallThenHerd(15*time.Second, []float64{1, 3, 7}, append(herds, bursts...), before65)
+		r, got := causes(tl, 76*time.Second)
+		for el := secs(52.4); el <= 76*time.Second; el += 200 * time.Millisecond {
+			if c, ok := got[el]; ok && c != CauseBacklogTooSmall {
+				t.Fatalf("at %s (bursts between the rounds): %s, want %s", el, c, CauseBacklogTooSmall)
+			}
+		}
+		if len(r.stalls) != 0 {
+			t.Errorf("the stall is still remembered: %+v", r.stalls)
+		}
+	})
+
+	t.Run("more drops than its clients", func(t *testing.T) {
+		// 25 clients were dropped 100 times during the stall: a round
+		// of 5000 drops is not theirs.
+		tl := stallThenHerd(15*time.Second, []float64{1, 3, 7}, []dropsAt{{secs(15.2), 20}, {secs(31.2), 5000}}, before65)
+		_, got := causes(tl, 34*time.Second)
+		if c := got[33*time.Second]; c != CauseBacklogTooSmall {
+			t.Errorf("5000 drops at 31 s judged %q, want %s", c, CauseBacklogTooSmall)
+		}
+	})
+}
+
+// The rule keeps at most maxStallMemories stalls, and makes room by
+// forgetting the one that ended first.
+func TestAcceptOverflowStallMemoryBounded(t *testing.T) {
+	r := defaultAO()
+	st := signals.New(8, 16)
+	for i := range maxStallMemories + 10 {
+		start := tlStart.Add(time.Duration(i) * time.Second)
+		r.rememberStall(strconv.Itoa(i), st, ls8080, start, start.Add(time.Second), start.Add(time.Second))
+	}
+	if len(r.stalls) != maxStallMemories {
+		t.Fatalf("%d stalls remembered, want %d", len(r.stalls), maxStallMemories)
+	}
+	if r.stalls["0"] != nil || r.stalls[strconv.Itoa(maxStallMemories+9)] == nil {
+		t.Error("the oldest stall was kept, or the newest forgotten")
+	}
+}
+
+// The kernel's SYN retransmissions: on Linux 6.18 they came 1, 1, 1, 1, 1,
+// 2, 4, 8 and 16 s apart (agent/e2e_test.go TestAcceptOverflowHerdAfterStall
+// logs them); before 6.5 there are no linear ones.
+func TestSynSchedule(t *testing.T) {
+	for _, tc := range []struct {
+		retries, linear int
+		rounds          []float64
+		giveUp          float64
+	}{
+		{6, 4, []float64{1, 2, 3, 4, 5, 7, 11, 19, 35, 67}, 131},
+		{6, 0, []float64{1, 3, 7, 15, 31, 63}, 127},
+		{9, 0, []float64{1, 3, 7, 15, 31, 63, 127, 247, 367}, 487}, // capped at 120 s
+	} {
+		s := newSynSchedule(tc.retries, tc.linear)
+		var got []float64
+		for _, r := range s.rounds {
+			got = append(got, r.Seconds())
+		}
+		if !slices.Equal(got, tc.rounds) || s.giveUp.Seconds() != tc.giveUp {
+			t.Errorf("retries %d, linear %d: rounds %v, give up at %v s; want %v, %v s", tc.retries, tc.linear, got, s.giveUp.Seconds(), tc.rounds, tc.giveUp)
 		}
 	}
 }

@@ -45,7 +45,8 @@ func Main(m interface{ Run() int }) {
 //	accept on|off   open or close the accept gate
 //	dial N          open N connections and keep them (answers "ok N established")
 //	dialto ADDR N   open N connections to ADDR, send a line on each, keep them
-//	dialasync N     start opening N connections in the background, answer at once
+//	dialasync N [S] start opening N connections in the background, answer at
+//	                once; each gives up after S seconds (10 unless given)
 //	burst N         open N connections and close each once established
 //	close           close every kept client connection
 //	leakclose on|off  the handler stops closing connections the peer closed
@@ -193,7 +194,16 @@ func serverMain() int {
 			keep(conns)
 			fmt.Printf("ok %d established\n", len(conns))
 		case "dialasync":
-			go func() { keep(faults.Dial(ctx, addr, n, 10*time.Second)) }()
+			timeout := 10 * time.Second
+			if len(f) > 2 {
+				secs, err := strconv.Atoi(f[2])
+				if err != nil || secs <= 0 {
+					fmt.Println("error usage: dialasync N [SECONDS]")
+					continue
+				}
+				timeout = time.Duration(secs) * time.Second
+			}
+			go func() { keep(faults.Dial(ctx, addr, n, timeout)) }()
 			fmt.Println("ok")
 		case "burst":
 			fmt.Printf("ok %d established\n", faults.Burst(ctx, addr, n, 10*time.Second))
