@@ -411,6 +411,9 @@ func TestPrecisionOneFaultOneFinding(t *testing.T) {
 			resolved++
 		case culpritv1.FindingEvent_TYPE_UPDATED:
 			updated++
+			// What each update changed, to tell material moves from churn
+			// when the count below is exceeded.
+			t.Logf("update %d: %s | %s", updated, ev.Finding.Symptom, ev.Finding.RootCause)
 		}
 	}
 	t.Logf("6 bursts over 24 s: %d opened, %d updated, %d resolved", opened, updated, resolved)
