@@ -417,31 +417,43 @@ func TestAcceptOverflowHerdAfterStall(t *testing.T) {
 	// The round at 35 s comes 15 s later; its drops are recent for 2 s,
 	// and judged by themselves after 1 s more.
 	drain(resumed.Add(20*time.Second), nil)
+	total, err := readListenOverflows(s.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The namespace is the child's own, and the first drop came after the
+	// agent's first sample: every drop the kernel counted is the
+	// listener's, and none may be left unattributed (the herd's wait for
+	// their evidence: attributionGrace in collectors/accept_queue.go).
+	snap, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent, un := 0.0, 0.0
+	if v := signalValue(snap, signals.ListenOverflowsTotal, "port", strconv.Itoa(s.Port)); v != nil {
+		agent = *v
+	}
+	if v := signalValue(snap, signals.ListenOverflowsUnattributedTotal, "", ""); v != nil {
+		un = *v
+	}
+	t.Logf("drops: kernel %d (%d by the stall's end), on the listener %v, unattributed %v", total, stallDrops, agent, un)
+	if agent != float64(total) || un != 0 {
+		t.Errorf("the listener was given %v drops and %v went unattributed; the kernel counted %d, all the listener's", agent, un, total)
+	}
+	if tail == nil && total == stallDrops {
+		// A herd is not certain: the app, on the other core, may accept
+		// the retries as they come (docs/NOTES.md).
+		t.Skipf("no drop after the stall (%d during it): no herd to judge", stallDrops)
+	}
 	if tail == nil {
 		// The herd's SYNs are dropped and its 5 handshakes completed in
-		// one softirq pass, and the app drains the queue at once: the
-		// accept_queue collector can give the drops to the listener only
-		// when the tcplisten probe published those handshakes before its
-		// sample read the namespace's counter. In 4 runs of 10 it had
-		// not, and the drops went unattributed (docs/NOTES.md): no finding then,
-		// which is no wrong finding either.
-		snap, err := c.GetSnapshot(context.Background(), &culpritv1.SnapshotRequest{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		agent := signalValue(snap, signals.ListenOverflowsTotal, "port", strconv.Itoa(s.Port))
-		if agent != nil && *agent <= float64(stallDrops) {
-			un := 0.0
-			if v := signalValue(snap, signals.ListenOverflowsUnattributedTotal, "", ""); v != nil {
-				un = *v
-			}
-			t.Logf("the herd's drops went unattributed (%v on the listener, %d by the stall's end, %v unattributed): its cause was not judged", *agent, stallDrops, un)
-			return
-		}
-		if agent == nil {
-			t.Fatalf("no finding called the herd after 30 s the stall's tail, and the listener has no drop series")
-		}
-		t.Fatalf("no finding called the herd after 30 s the stall's tail, though the agent gave its drops to the listener (%v, %d by the stall's end)", *agent, stallDrops)
+		// one softirq pass, and the app drains the queue at once: the only
+		// evidence of whose drops they were is those handshakes, which the
+		// tcplisten probe publishes at its next poll, after the
+		// accept_queue collector read the counter in 4 runs of 10. The
+		// collector keeps such drops pending for that evidence: they must
+		// reach the listener and be judged.
+		t.Fatalf("no finding called the herd after 30 s the stall's tail (%v drops on the listener, %d by the stall's end, %v unattributed)", agent, stallDrops, un)
 	}
 	for _, want := range []string{"was full for", "ago", "dropped since", "retrying their SYNs together"} {
 		if !strings.Contains(tail.RootCause, want) {
@@ -449,10 +461,6 @@ func TestAcceptOverflowHerdAfterStall(t *testing.T) {
 		}
 	}
 	// Its count is of drops since the stall ended, no more.
-	total, err := readListenOverflows(s.PID)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var since int
 	if _, err := fmt.Sscanf(tail.RootCause[strings.Index(tail.RootCause, "and the ")+len("and the "):], "%d connection attempt", &since); err != nil {
 		t.Fatalf("no count of drops since the stall in %q: %v", tail.RootCause, err)

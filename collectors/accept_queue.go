@@ -239,6 +239,62 @@ func attribute(delta uint64, cands []candidate) (shares []uint64, unattributed u
 	return shares, 0
 }
 
+// pendingDrop is overflows one sample read and could not attribute: no
+// listener was seen full, and no evidence of arrivals was published yet.
+// The tcplisten probe publishes its per-port counts when it polls, on the
+// same clock as this collector but not in step with it: a herd of SYNs
+// that fills a queue and is accepted between two samples (on loopback the
+// whole herd is one softirq pass) leaves its handshakes in the probe's map
+// before the sample reads the overflow, and in the store only at the
+// probe's next poll, after the read (measured: 4 herds in 10 were
+// unattributed so). So such drops wait for the samples that follow.
+type pendingDrop struct {
+	// The kernel counted them after the sample at from and by the one at
+	// at: evidence is what the probe published since from.
+	from, at time.Time
+	n        uint64
+	// keys are the namespace's listeners at from or at: only they can
+	// have overflowed then (a listener opened since cannot).
+	keys  []listenerKey
+	tries int // retries so far; the queue seen full counts at the first
+}
+
+// attributionGrace is how long drops wait for their evidence before they
+// are unattributed. The probe polls every probes.poll_interval (100 ms)
+// while the clock is hot, as it is for 2 s after an overflow and while
+// drops wait (Hurry): what it saw by a sample is published by the next,
+// or the one after when the poll and the sample fall the other way round
+// in a tick. 500 ms is five samples, room for the scheduling delays of a
+// loaded machine, and short beside what the rules allow for a drop to
+// come late (betweenSamplesSettle and the retry rounds' slack are 1 s):
+// a drop attributed late is written at the sample that attributes it.
+const attributionGrace = 500 * time.Millisecond
+
+// maxPending bounds the samples whose drops wait (five at the fast
+// interval; more only if the grace spans slower cycles).
+const maxPending = 16
+
+// lateCandidates is the evidence for drops left pending, at a later
+// sample (cur): the probe's per-port counts published since the drops'
+// interval began, including those published after they were read (drops
+// and SYN-ACK retransmits score, handshakes are arrivals), and, at the
+// first retry only, a queue seen full at the next sample (a burst that
+// the sample before missed by a moment). A queue that merely holds
+// connections later says nothing of the interval: no ratio here.
+func lateCandidates(store *signals.Store, p pendingDrop, cur map[listenerKey]listenerSample) []candidate {
+	out := make([]candidate, 0, len(p.keys))
+	for _, k := range p.keys {
+		port := signals.L("port", strconv.Itoa(int(k.Port)))
+		score := store.Increase(signals.TCPListenOverflowDropsTotal, port, p.from) +
+			store.Increase(signals.TCPSynAckRetransmitsTotal, port, p.from)
+		if p.tries == 0 && cur[k].Full {
+			score++
+		}
+		out = append(out, candidate{Key: k, Score: score, Arrivals: store.Increase(signals.TCPListenHandshakesTotal, port, p.from)})
+	}
+	return out
+}
+
 // counterDelta is the growth of a kernel counter between two reads; a
 // decrease means it restarted from zero.
 func counterDelta(prev, cur uint64) uint64 {
@@ -366,6 +422,7 @@ type acceptQueueCollector struct {
 
 	totals       map[listenerKey]uint64 // attributed overflows, per target listener
 	unattributed uint64
+	pending      []pendingDrop        // overflows read but not attributed yet, oldest first
 	written      map[listenerKey]bool // target listeners with series in the store
 
 	// What a sample costs, and the quiet cycles that skip one: a sample
@@ -472,6 +529,7 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt workload.Process
 		clear(c.owned)
 		c.owners.SetTarget(tgt)
 		c.netstat.close()
+		c.dropTargetPending()
 	}
 	// Read before the sample, so that anything during it shows next time.
 	act, haveAct := store.Activity(signals.ListenActivity(tgt.NetnsIno))
@@ -488,7 +546,9 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt workload.Process
 			}
 		}
 		c.fillIn(store, until)
-		if act == c.act && now.Sub(c.sampledAt) < quietFor {
+		// Drops waiting for their evidence are retried at real samples
+		// only (the evidence is the listeners' state, too).
+		if act == c.act && now.Sub(c.sampledAt) < quietFor && len(c.pending) == 0 {
 			c.quietRuns++
 			c.rewrite(store, now)
 			if len(c.written) == 0 {
@@ -541,17 +601,19 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt workload.Process
 		}
 	}
 
+	c.record(store, cur, overflows, drops, now)
+	if len(c.written) == 0 {
+		return fmt.Errorf("pid %d holds no listening TCP socket: %w", tgt.PID, ErrNoData)
+	}
+	return nil
+}
+
+// record accounts for one real sample: it attributes the overflows
+// counted since the last one and retries those left pending, writes the
+// series at now, and makes the sample the baseline of the next.
+func (c *acceptQueueCollector) record(store *signals.Store, cur map[listenerKey]listenerSample, overflows, drops uint64, now time.Time) {
 	if c.havePrev {
-		if delta := counterDelta(c.prevOverflows, overflows); delta > 0 {
-			cands := c.candidates(cur, store)
-			shares, un := attribute(delta, cands)
-			for i, cd := range cands {
-				if cur[cd.Key].Owned {
-					c.totals[cd.Key] += shares[i]
-				}
-			}
-			c.unattributed += un
-		}
+		c.account(store, cur, counterDelta(c.prevOverflows, overflows), now)
 	}
 
 	gone := c.write(store, now, cur)
@@ -568,13 +630,83 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt workload.Process
 			break
 		}
 	}
+	if len(c.pending) > 0 {
+		// Drops wait for their evidence: the probes that publish it poll
+		// at their fast interval meanwhile, and so does this collector.
+		store.Hurry(now.Add(attributionGrace))
+	}
 	c.spare = c.prev
 	c.prev, c.prevT, c.prevOverflows, c.havePrev = cur, now, overflows, true
 	c.lastDrops, c.sampledAt, c.writtenAt = drops, now, now
-	if len(c.written) == 0 {
-		return fmt.Errorf("pid %d holds no listening TCP socket: %w", tgt.PID, ErrNoData)
+}
+
+// account attributes the delta overflows the kernel counted between the
+// last sample (c.prevT) and now, after retrying the drops earlier samples
+// left pending, oldest first. Drops no evidence points to yet wait, up to
+// attributionGrace, for evidence published after this read (see
+// pendingDrop); only then are they unattributed.
+func (c *acceptQueueCollector) account(store *signals.Store, cur map[listenerKey]listenerSample, delta uint64, now time.Time) {
+	kept := c.pending[:0]
+	for _, p := range c.pending {
+		shares, un := attribute(p.n, lateCandidates(store, p, cur))
+		c.credit(p.keys, shares, cur)
+		if un == 0 {
+			continue
+		}
+		p.n, p.tries = un, p.tries+1
+		if now.Sub(p.at) >= attributionGrace {
+			c.unattributed += un
+			continue
+		}
+		kept = append(kept, p)
 	}
-	return nil
+	clear(c.pending[len(kept):])
+	c.pending = kept
+	if delta == 0 {
+		return
+	}
+	cands := c.candidates(cur, store)
+	shares, un := attribute(delta, cands)
+	keys := make([]listenerKey, len(cands))
+	for i, cd := range cands {
+		keys[i] = cd.Key
+	}
+	c.credit(keys, shares, cur)
+	if un == 0 {
+		return
+	}
+	if len(c.pending) == maxPending {
+		// Bounded: the oldest gives up early rather than the newest
+		// (whose evidence is the likeliest still to come).
+		c.unattributed += c.pending[0].n
+		c.pending = append(c.pending[:0], c.pending[1:]...)
+	}
+	c.pending = append(c.pending, pendingDrop{from: c.prevT, at: now, n: un, keys: keys})
+}
+
+// credit adds the shares of keys to the totals of the target's listeners.
+// A neighbour's share is its own: counted nowhere here, and not
+// unattributed either. A share is credited at the sample that attributes
+// it (written at now), which is never before the kernel counted the drop:
+// a pending drop appears up to attributionGrace late rather than being
+// written into samples readers may already have passed (the rules count
+// a counter's samples once, in order: stallMemory.count).
+func (c *acceptQueueCollector) credit(keys []listenerKey, shares []uint64, cur map[listenerKey]listenerSample) {
+	for i, k := range keys {
+		if shares[i] > 0 && cur[k].Owned {
+			c.totals[k] += shares[i]
+		}
+	}
+}
+
+// dropTargetPending gives up the drops of the namespace the collector
+// leaves: no evidence of it will be read any more.
+func (c *acceptQueueCollector) dropTargetPending() {
+	for _, p := range c.pending {
+		c.unattributed += p.n
+	}
+	clear(c.pending)
+	c.pending = c.pending[:0]
 }
 
 // putNamespace writes the namespace's counters as this sample read them.

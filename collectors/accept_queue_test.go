@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -219,6 +220,174 @@ func TestAcceptQueueForget(t *testing.T) {
 	for _, name := range []*signals.Desc{signals.ListenQueueLength, signals.ListenBacklog, signals.ListenQueueFull, signals.ListenSynRecv, signals.ListenOverflowsTotal} {
 		if got := store.Select(name); len(got) != 1 || got[0].Get("port") != "1000" {
 			t.Errorf("%s series after port 2000 went away: %v", name, got)
+		}
+	}
+}
+
+// TestAcceptQueueLateEvidence drives the collector's accounting with
+// fixture samples 100 ms apart, as the fast loop takes them, and a store
+// into which the tcplisten probe's per-port counts are published when the
+// probe would poll: drops read at one sample whose evidence comes later
+// wait for it (up to attributionGrace), are written at the sample that
+// attributes them (never before), and are unattributed only after the
+// grace; a neighbour's listener without evidence is never blamed.
+func TestAcceptQueueLateEvidence(t *testing.T) {
+	target, neighbour, opened := key("127.0.0.1", 8080), key("127.0.0.1", 9000), key("127.0.0.1", 7000)
+	const step = 100 * time.Millisecond
+	t0 := time.Unix(1700000000, 0)
+	at := func(i int) time.Time { return t0.Add(time.Duration(i) * step) }
+	// publish is the probe's poll after sample i: a count of port's.
+	type publish struct {
+		after  int // published 30 ms after sample after
+		d      *signals.Desc
+		port   uint16
+		v      float64
+		before bool // published 30 ms before the sample instead
+	}
+	type sample struct {
+		overflows uint64
+		full      []listenerKey // queues seen full at this sample
+		extra     []listenerKey // owned listeners that exist only from this sample on
+	}
+	// drops: 20 at sample 1, read with no evidence anywhere.
+	herd := []sample{{overflows: 100}, {overflows: 120}, {overflows: 120}, {overflows: 120}, {overflows: 120}, {overflows: 120}, {overflows: 120}, {overflows: 120}}
+	withFull := func(ss []sample, i int, k listenerKey) []sample {
+		out := append([]sample(nil), ss...)
+		out[i].full = []listenerKey{k}
+		return out
+	}
+	withExtra := func(ss []sample, from int, k listenerKey) []sample {
+		out := append([]sample(nil), ss...)
+		for i := from; i < len(out); i++ {
+			out[i].extra = []listenerKey{k}
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name     string
+		samples  []sample
+		probe    []publish
+		want     float64 // the target's listen_overflows_total at the end
+		wantAt   int     // the sample at which it first rose (-1: never)
+		wantUn   float64 // listen_overflows_unattributed_total at the end
+		wantUnAt int     // the sample at which it first rose (-1: never)
+	}{
+		{name: "handshakes published after the read: the target's one sample later",
+			samples: herd,
+			probe:   []publish{{after: 0, d: signals.TCPListenHandshakesTotal, port: 8080, v: 0}, {after: 1, d: signals.TCPListenHandshakesTotal, port: 8080, v: 5}},
+			want:    20, wantAt: 2, wantUnAt: -1},
+		{name: "handshakes published two samples later",
+			samples: herd,
+			probe:   []publish{{after: 0, d: signals.TCPListenHandshakesTotal, port: 8080, v: 0}, {after: 2, d: signals.TCPListenHandshakesTotal, port: 8080, v: 5}},
+			want:    20, wantAt: 3, wantUnAt: -1},
+		{name: "queue seen full at the next sample",
+			samples: withFull(herd, 2, target),
+			want:    20, wantAt: 2, wantUnAt: -1},
+		{name: "no evidence within the grace: unattributed after it, the neighbour not blamed",
+			samples: herd,
+			wantAt:  -1, wantUn: 20, wantUnAt: 6},
+		{name: "evidence after the grace comes too late",
+			samples: herd,
+			probe:   []publish{{after: 0, d: signals.TCPListenHandshakesTotal, port: 8080, v: 0}, {after: 6, d: signals.TCPListenHandshakesTotal, port: 8080, v: 5}},
+			wantAt:  -1, wantUn: 20, wantUnAt: 6},
+		{name: "handshakes published before the interval are not its evidence",
+			samples: herd,
+			probe:   []publish{{after: 0, d: signals.TCPListenHandshakesTotal, port: 8080, v: 5, before: true}},
+			wantAt:  -1, wantUn: 20, wantUnAt: 6},
+		{name: "the neighbour's handshakes published late: the neighbour's, not the target's",
+			samples: herd,
+			probe:   []publish{{after: 0, d: signals.TCPListenHandshakesTotal, port: 9000, v: 0}, {after: 1, d: signals.TCPListenHandshakesTotal, port: 9000, v: 5}},
+			wantAt:  -1, wantUnAt: -1},
+		{name: "a queue full after the next sample says nothing of the drops",
+			samples: withFull(herd, 3, target),
+			wantAt:  -1, wantUn: 20, wantUnAt: 6},
+		{name: "a listener opened after the drops is not blamed",
+			samples: withExtra(withFull(herd, 2, opened), 2, opened),
+			probe:   []publish{{after: 0, d: signals.TCPListenHandshakesTotal, port: 7000, v: 0}, {after: 1, d: signals.TCPListenHandshakesTotal, port: 7000, v: 5}},
+			wantAt:  -1, wantUn: 20, wantUnAt: 6},
+		{name: "the probe's own drop counts published late score",
+			samples: herd,
+			probe: []publish{{after: 0, d: signals.TCPListenHandshakesTotal, port: 9000, v: 0}, {after: 1, d: signals.TCPListenHandshakesTotal, port: 9000, v: 40},
+				{after: 0, d: signals.TCPListenOverflowDropsTotal, port: 8080, v: 0}, {after: 1, d: signals.TCPListenOverflowDropsTotal, port: 8080, v: 20}},
+			want: 20, wantAt: 2, wantUnAt: -1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := newAcceptQueueCollector(Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			store := signals.New(64, 100)
+			for i, smp := range tc.samples {
+				now := at(i)
+				for _, p := range tc.probe {
+					if p.after == i && p.before {
+						store.Put(p.d, signals.L("port", strconv.Itoa(int(p.port))), p.v, now.Add(-30*time.Millisecond))
+					}
+				}
+				cur := map[listenerKey]listenerSample{target: {Backlog: 4, Owned: true}, neighbour: {Backlog: 128}}
+				for _, k := range smp.extra {
+					cur[k] = listenerSample{Backlog: 4, Owned: true}
+				}
+				for _, k := range smp.full {
+					l := cur[k]
+					l.Queue, l.Full = l.Backlog+1, true
+					cur[k] = l
+				}
+				c.record(store, cur, smp.overflows, 0, now)
+				for _, p := range tc.probe {
+					if p.after == i && !p.before {
+						store.Put(p.d, signals.L("port", strconv.Itoa(int(p.port))), p.v, now.Add(30*time.Millisecond))
+					}
+				}
+			}
+			rose := func(d *signals.Desc, ls signals.Labels) (float64, int) {
+				first, last := -1, 0.0
+				for _, s := range store.Range(d, ls, time.Time{}) {
+					if s.V > 0 && first < 0 {
+						first = int(s.T.Sub(t0) / step)
+					}
+					last = s.V
+				}
+				return last, first
+			}
+			got, gotAt := rose(signals.ListenOverflowsTotal, target.labels())
+			if got != tc.want || gotAt != tc.wantAt {
+				t.Errorf("listen_overflows_total = %v, first risen at sample %d; want %v at %d", got, gotAt, tc.want, tc.wantAt)
+			}
+			un, unAt := rose(signals.ListenOverflowsUnattributedTotal, nil)
+			if un != tc.wantUn || unAt != tc.wantUnAt {
+				t.Errorf("listen_overflows_unattributed_total = %v, first risen at sample %d; want %v at %d", un, unAt, tc.wantUn, tc.wantUnAt)
+			}
+			if len(c.pending) != 0 {
+				t.Errorf("%d samples' drops still pending after the grace: %+v", len(c.pending), c.pending)
+			}
+		})
+	}
+}
+
+// TestAcceptQueuePendingBounded: drops read every sample with no evidence
+// ever wait in bounded room, and every one of them is counted once.
+func TestAcceptQueuePendingBounded(t *testing.T) {
+	c, err := newAcceptQueueCollector(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := signals.New(256, 100)
+	t0 := time.Unix(1700000000, 0)
+	cur := map[listenerKey]listenerSample{key("127.0.0.1", 8080): {Backlog: 4, Owned: true}}
+	// Samples 10 ms apart (a grace of 50 of them), 3 drops each.
+	const n = 100
+	for i := 0; i <= n; i++ {
+		c.record(store, maps.Clone(cur), uint64(3*i), 0, t0.Add(time.Duration(i)*10*time.Millisecond))
+		if len(c.pending) > maxPending {
+			t.Fatalf("sample %d: %d samples' drops pending, bound %d", i, len(c.pending), maxPending)
+		}
+		var waiting uint64
+		for _, p := range c.pending {
+			waiting += p.n
+		}
+		if got := c.unattributed + waiting; got != uint64(3*i) {
+			t.Fatalf("sample %d: unattributed %d + pending %d = %d, want the %d read", i, c.unattributed, waiting, got, 3*i)
 		}
 	}
 }

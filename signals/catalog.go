@@ -36,7 +36,7 @@ var (
 	ListenOverflowsTotal = &Desc{Name: "listen_overflows_total", Kind: Counter,
 		Help: "Share of the namespace's ListenOverflows attributed to this listener by queue-full sampling and per-port probe counters."}
 	ListenOverflowsUnattributedTotal = &Desc{Name: "listen_overflows_unattributed_total", Kind: Counter,
-		Help: "ListenOverflows increments no listener could be blamed for (none was seen full or queueing)."}
+		Help: "ListenOverflows increments no listener could be blamed for (none was seen full or queueing, and no per-port evidence came within half a second of the read)."}
 	TCPExtListenOverflowsSampledTotal = &Desc{Name: "tcp_ext_listen_overflows_sampled_total", Kind: Counter,
 		Help: "TcpExt ListenOverflows of the namespace, read at the fast cadence together with the listener queues."}
 	TCPExtListenDropsSampledTotal = &Desc{Name: "tcp_ext_listen_drops_sampled_total", Kind: Counter,
