@@ -371,7 +371,10 @@ func TestSYNFloodFinding(t *testing.T) {
 func TestStalledShutdownFinding(t *testing.T) {
 	s, events := stalledShutdownScenario(t)
 	s.MustDo(t, "dial 5")
-	time.Sleep(300 * time.Millisecond) // the signals probe has the target
+	// The procsignals probe learns its target at its next poll, which
+	// slows to probes.idle_poll_interval while no signal comes: a SIGTERM
+	// before that poll is not the target's (seen under load at 300 ms).
+	time.Sleep(DefaultConfig().Probes.IdlePoll + 300*time.Millisecond)
 	if err := syscall.Kill(s.PID, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
