@@ -45,6 +45,7 @@ type netnsActivity struct {
 	lastState, lastData       uint64
 	have                      bool
 	pid                       int
+	paths                     [3]string // net/snmp, net/sockstat, net/sockstat6 of pid
 	// segs are the indexes of InSegs and OutSegs on the Tcp line (from
 	// its header line).
 	segs [2]int
@@ -70,15 +71,18 @@ func (a *netnsActivity) changed(procRoot string, pid int) bool {
 // changes is changed told apart: state, when socket counts by state may
 // have changed; data, when only segments moved.
 func (a *netnsActivity) changes(procRoot string, pid int) (state, data bool) {
-	if pid != a.pid {
+	if pid != a.pid || a.paths[0] == "" {
 		a.snmp.close()
 		a.sockstat.close()
 		a.sockstat6.close()
 		a.pid, a.have = pid, false
+		// Built once per target: this runs every cycle of several
+		// collectors.
+		dir := filepath.Join(procRoot, strconv.Itoa(pid), "net")
+		a.paths = [3]string{dir + "/snmp", dir + "/sockstat", dir + "/sockstat6"}
 	}
-	dir := filepath.Join(procRoot, strconv.Itoa(pid), "net")
 	hs, hd := fnv64{offset64}, fnv64{offset64}
-	b, err := a.snmp.read(&a.buf, dir+"/snmp")
+	b, err := a.snmp.read(&a.buf, a.paths[0])
 	if err != nil {
 		a.have = false
 		return true, true
@@ -108,13 +112,12 @@ func (a *netnsActivity) changes(procRoot string, pid int) (state, data bool) {
 			break
 		}
 	}
-	for i, f := range []*procFile{&a.sockstat, &a.sockstat6} {
-		name := "/sockstat"
+	for i, f := range [2]*procFile{&a.sockstat, &a.sockstat6} {
 		prefix := tcp4StatPrefix
 		if i == 1 {
-			name, prefix = "/sockstat6", tcp6StatPrefix
+			prefix = tcp6StatPrefix
 		}
-		b, err := f.read(&a.buf, dir+name)
+		b, err := f.read(&a.buf, a.paths[1+i])
 		if err != nil {
 			continue // no IPv6
 		}

@@ -43,16 +43,30 @@ func memoryCgroupPaths(b []byte) (v1, v2 string) {
 // memory.oom_control).
 func parseKV(b []byte) map[string]float64 {
 	out := map[string]float64{}
-	for _, line := range bytes.Split(b, []byte("\n")) {
-		f := bytes.Fields(line)
-		if len(f) != 2 {
+	scanKV(b, func(k []byte, v float64) { out[string(k)] = v })
+	return out
+}
+
+// scanKV calls fn with each "key value" line of b whose value is a
+// number, in file order; key aliases b. It is parseKV without the map:
+// the memory cgroup's memory.stat has ~35 lines and the collector reads it
+// every second for three or five of them.
+func scanKV(b []byte, fn func(key []byte, v float64)) {
+	for len(b) > 0 {
+		var line []byte
+		line, b, _ = bytes.Cut(b, []byte{'\n'})
+		k, rest := nextSNMPField(line)
+		val, rest := nextSNMPField(rest)
+		if len(val) == 0 {
 			continue
 		}
-		if v, err := strconv.ParseFloat(string(f[1]), 64); err == nil {
-			out[string(f[0])] = v
+		if extra, _ := nextSNMPField(rest); len(extra) > 0 {
+			continue // not two fields
+		}
+		if v, err := parseCounter(val); err == nil {
+			fn(k, v)
 		}
 	}
-	return out
 }
 
 // parsePressure reads "some avg10=1.50 ..." lines into avg10 ratios.
@@ -111,19 +125,25 @@ func readV1With(rd readFn, dir string) (cgroupMemory, error) {
 		m.Limit = 0
 	}
 	if b, err := rd(filepath.Join(dir, "memory.stat")); err == nil {
-		st := parseKV(b)
 		// total_* include descendants, as usage_in_bytes does. A key the
 		// file lacks stays absent: unknown, not zero.
-		for kind, key := range map[string]string{"anon": "total_rss", "file": "total_cache", "shmem": "total_shmem"} {
-			if v, ok := st[key]; ok {
-				m.Stat[kind] = v
+		scanKV(b, func(k []byte, v float64) {
+			switch string(k) {
+			case "total_rss":
+				m.Stat["anon"] = v
+			case "total_cache":
+				m.Stat["file"] = v
+			case "total_shmem":
+				m.Stat["shmem"] = v
 			}
-		}
+		})
 	}
 	if b, err := rd(filepath.Join(dir, "memory.oom_control")); err == nil {
-		if v, ok := parseKV(b)["oom_kill"]; ok {
-			m.Events["oom_kill"] = v
-		}
+		scanKV(b, func(k []byte, v float64) {
+			if string(k) == "oom_kill" {
+				m.Events["oom_kill"] = v
+			}
+		})
 	}
 	if v, err := readNumberWith(rd, filepath.Join(dir, "memory.failcnt")); err == nil {
 		m.Events["max"] = v
@@ -144,20 +164,34 @@ func readV2With(rd readFn, dir string) (cgroupMemory, error) {
 		return m, err
 	}
 	if b, err := rd(filepath.Join(dir, "memory.stat")); err == nil {
-		st := parseKV(b)
-		for _, k := range []string{"anon", "file", "shmem", "kernel", "sock"} {
-			if v, ok := st[k]; ok {
-				m.Stat[k] = v
+		scanKV(b, func(k []byte, v float64) {
+			switch string(k) {
+			case "anon":
+				m.Stat["anon"] = v
+			case "file":
+				m.Stat["file"] = v
+			case "shmem":
+				m.Stat["shmem"] = v
+			case "kernel":
+				m.Stat["kernel"] = v
+			case "sock":
+				m.Stat["sock"] = v
 			}
-		}
+		})
 	}
 	if b, err := rd(filepath.Join(dir, "memory.events")); err == nil {
-		ev := parseKV(b)
-		for _, k := range []string{"oom", "oom_kill", "max", "high"} {
-			if v, ok := ev[k]; ok {
-				m.Events[k] = v
+		scanKV(b, func(k []byte, v float64) {
+			switch string(k) {
+			case "oom":
+				m.Events["oom"] = v
+			case "oom_kill":
+				m.Events["oom_kill"] = v
+			case "max":
+				m.Events["max"] = v
+			case "high":
+				m.Events["high"] = v
 			}
-		}
+		})
 	}
 	if b, err := rd(filepath.Join(dir, "memory.pressure")); err == nil {
 		m.Pressure = parsePressure(b)

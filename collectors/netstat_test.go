@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -183,5 +184,73 @@ func TestSignalNames(t *testing.T) {
 			t.Errorf("%s declared twice", d.Name)
 		}
 		seen[d.Name] = true
+	}
+}
+
+// TestNetstatCollectMatchesParse: the collector's in-place scan writes
+// what netstatSamples makes of the parsed files.
+func TestNetstatCollectMatchesParse(t *testing.T) {
+	c, err := newNetstatCollector(Options{ProcRoot: "testdata/proc"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store := signals.New(4, 100)
+	if err := c.Collect(context.Background(), workload.Process{PID: fixturePID}, store); err != nil {
+		t.Fatal(err)
+	}
+	want := netstatSamples(readNetSNMP(t, "testdata/proc/7275/net/netstat"), readNetSNMP(t, "testdata/proc/7275/net/snmp"))
+	if len(want) == 0 {
+		t.Fatal("no samples in the fixture")
+	}
+	got := map[string]float64{}
+	for _, s := range want {
+		if v, ok := store.Latest(s.Desc, nil); ok {
+			got[s.Desc.Name+"{}"] = v.V
+		}
+	}
+	if diff := cmp.Diff(samplesByName(want), got); diff != "" {
+		t.Errorf("collected (-want +got):\n%s", diff)
+	}
+}
+
+// TestScanNetSNMPAllocates: a cycle's scan of both files allocates
+// nothing.
+func TestScanNetSNMPAllocates(t *testing.T) {
+	var bs [2][]byte
+	for i, name := range []string{"netstat", "snmp"} {
+		b, err := os.ReadFile("testdata/proc/7275/net/" + name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bs[i] = b
+	}
+	var vals [64]float64
+	allocs := testing.AllocsPerRun(100, func() {
+		for i, b := range bs {
+			if err := scanNetSNMP(b, func(proto, name []byte, v float64) {
+				if slot, ok := netstatSlots[i][string(proto)][string(name)]; ok {
+					vals[slot] = v
+				}
+			}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("scanning net/netstat and net/snmp: %v allocations, want 0", allocs)
+	}
+}
+
+func TestParseCounter(t *testing.T) {
+	for _, s := range []string{"0", "7", "-1", "123456789012345", "1234567890123456", "18446744073709551615", "1e3", "-0"} {
+		want, _ := strconv.ParseFloat(s, 64)
+		if got, err := parseCounter([]byte(s)); err != nil || got != want {
+			t.Errorf("parseCounter(%q) = %v, %v; want %v", s, got, err, want)
+		}
+	}
+	for _, s := range []string{"", "-", "x", "1-"} {
+		if _, err := parseCounter([]byte(s)); err == nil {
+			t.Errorf("parseCounter(%q): no error", s)
+		}
 	}
 }

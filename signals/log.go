@@ -98,7 +98,20 @@ func (l *Log[T]) Put(v T, replace func(old, v T) bool) {
 func (l *Log[T]) Filter(keep func(T) bool) []T {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
-	var out []T
+	// Counted first, then copied into a slice of that size: the rules
+	// filter episodes and connection events on every evaluation, and
+	// growing the result by appends allocated twice what it returned (an
+	// Episode is ~170 bytes).
+	n := 0
+	l.r.each(func(v T) {
+		if keep == nil || keep(v) {
+			n++
+		}
+	})
+	if n == 0 {
+		return nil
+	}
+	out := make([]T, 0, n)
 	l.r.each(func(v T) {
 		if keep == nil || keep(v) {
 			out = append(out, v)
