@@ -2,6 +2,7 @@ package symbolize
 
 import (
 	"bufio"
+	"cmp"
 	"fmt"
 	"io"
 	"os"
@@ -14,14 +15,15 @@ import (
 
 // kallsyms resolves kernel addresses with the kernel's text symbols.
 //
-// The table is big (a 6.18 kernel has ~150k text symbols: ~1.6 MB of
-// addresses, ~0.6 MB of name offsets and ~5 MB of names in one arena) and
-// little of it is ever asked for: kernel stacks come from the sched probe's
-// sleeps, which keep entering the same few hundred functions. So every
-// answer is kept in a small cache (names copied out of the arena), and the
-// table itself is dropped once no lookup has missed the cache for
-// kallsymsKeep; a later miss reads /proc/kallsyms again (100-300 ms). Safe
-// for concurrent use.
+// The table is big (a 6.18 kernel has ~120-150k text symbols: ~2 MB of
+// entries and ~3-5 MB of names in one arena) and little of it is ever
+// asked for: kernel stacks come from the sched probe's sleeps, which keep
+// entering the same few hundred functions. So every answer is kept in a
+// small cache (names copied out of the arena), and the table itself is
+// dropped once no lookup has missed the cache for kallsymsKeep; a later
+// miss reads /proc/kallsyms again (20-40 ms of CPU as root here, ~100 ms
+// elsewhere), keeping only the answers unless misses come in a burst
+// (lookupAll). Safe for concurrent use.
 type kallsyms struct {
 	mu    sync.Mutex
 	tab   *ksTable
@@ -32,6 +34,13 @@ type kallsyms struct {
 	dropTimer *time.Timer
 	keep      time.Duration
 	loads     int // tables read, ever (tests)
+	// streamedAt is the last pass over the file for the cache's misses
+	// while the table was dropped (lookupAll).
+	streamedAt time.Time
+	// hint is the size of the table last read: a read again after a drop
+	// allocates it at once instead of growing it (growing the arena by
+	// appends allocated ~5 times its size, 25 MB of garbage a read).
+	hint ksSize
 }
 
 // ksName is a cached answer.
@@ -41,19 +50,36 @@ type ksName struct {
 }
 
 // ksTable holds the text symbols sorted by address; each name is a slice
-// of one arena (names[offs[i]:offs[i]+lens[i]]), which stays in file order:
-// sorting moves 14 bytes per symbol, never the names.
+// of one arena (names[off:off+n]), which stays in file order: sorting moves
+// 16 bytes per symbol, never the names. Neither holds a pointer, so the
+// garbage collector does not scan them.
 type ksTable struct {
-	addrs []uint64
-	offs  []uint32
-	lens  []uint16
+	ents  []ksEnt
 	names []byte
 }
 
+type ksEnt struct {
+	addr   uint64
+	off    uint32
+	n      uint16
+	global bool
+}
+
+// ksSize is how big a table was: symbols and bytes of names.
+type ksSize struct{ syms, bytes int }
+
+// defaultKsSize is the first read's guess, a little over this project's
+// 6.18 kernel (122k text symbols, 2.9 MB of names): a read that fits does
+// not grow its arrays.
+var defaultKsSize = ksSize{syms: 128 << 10, bytes: 3 << 20}
+
 const (
 	// kallsymsKeep is how long the table stays in memory after the last
-	// lookup that needed it.
-	kallsymsKeep = time.Minute
+	// lookup that needed it. Half a minute: past the first stacks of a
+	// target the misses are rare, and one costs a pass over the file
+	// (lookupAll) rather than the table's 5 MB for a minute more; misses
+	// that come again within it bring the table back.
+	kallsymsKeep = 30 * time.Second
 	// maxKallsymsCache bounds the cached answers (~64 bytes each).
 	maxKallsymsCache = 8192
 )
@@ -64,11 +90,11 @@ const (
 // symbolize anything. When r is a file, the table is read from its path
 // again after it was dropped.
 func parseKallsyms(r io.Reader) (ks *kallsyms, ok bool, err error) {
-	tab, ok, err := readKallsyms(r)
+	tab, ok, err := readKallsyms(r, defaultKsSize)
 	if err != nil || !ok {
 		return nil, ok, err
 	}
-	ks = &kallsyms{tab: tab, cache: map[uint64]ksName{}, keep: kallsymsKeep, loads: 1, missAt: time.Now()}
+	ks = &kallsyms{tab: tab, cache: map[uint64]ksName{}, keep: kallsymsKeep, loads: 1, missAt: time.Now(), hint: tab.size()}
 	if f, isFile := r.(*os.File); isFile {
 		ks.path = f.Name()
 	}
@@ -76,13 +102,13 @@ func parseKallsyms(r io.Reader) (ks *kallsyms, ok bool, err error) {
 	return ks, true, nil
 }
 
-// readKallsyms reads the table: straight into its arrays, the names into
-// one arena. /proc/kallsyms is mostly in address order (the kernel's
-// symbols, then each module's), but BPF programs and modules interleave,
-// so the arrays are sorted through a permutation when they must be.
-func readKallsyms(r io.Reader) (*ksTable, bool, error) {
-	t := &ksTable{}
-	var global []bool
+// readKallsyms reads the table: straight into its entries, the names into
+// one arena, both allocated at the size of hint. /proc/kallsyms is mostly
+// in address order (the kernel's symbols, then each module's), but BPF
+// programs and modules interleave, so the entries are sorted in place when
+// they must be.
+func readKallsyms(r io.Reader, hint ksSize) (*ksTable, bool, error) {
+	t := &ksTable{ents: make([]ksEnt, 0, hint.syms), names: make([]byte, 0, hint.bytes)}
 	nonZero, sorted := false, true
 	// ReadSlice avoids a string per line: the file has over 100k of them.
 	br := bufio.NewReaderSize(r, 64<<10)
@@ -96,14 +122,11 @@ func readKallsyms(r io.Reader) (*ksTable, bool, error) {
 		if len(line) > 0 {
 			if addr, g, name, ok := parseKallsymsLine(line); ok && len(name) <= 1<<16-1 {
 				nonZero = nonZero || addr != 0
-				if n := len(t.addrs); n > 0 && addr < t.addrs[n-1] {
+				if n := len(t.ents); n > 0 && addr < t.ents[n-1].addr {
 					sorted = false
 				}
-				t.addrs = append(t.addrs, addr)
-				t.offs = append(t.offs, uint32(len(t.names)))
-				t.lens = append(t.lens, uint16(len(name)))
+				t.ents = append(t.ents, ksEnt{addr: addr, off: uint32(len(t.names)), n: uint16(len(name)), global: g})
 				t.names = append(t.names, name...)
-				global = append(global, g)
 			}
 		}
 		if err == io.EOF {
@@ -117,69 +140,59 @@ func readKallsyms(r io.Reader) (*ksTable, bool, error) {
 		return nil, false, nil
 	}
 	if !sorted {
-		global = t.sort(global)
+		// Stable: file order among equal addresses, for dedupe.
+		slices.SortStableFunc(t.ents, func(a, b ksEnt) int { return cmp.Compare(a.addr, b.addr) })
 	}
-	t.dedupe(global)
+	t.dedupe()
 	return t, true, nil
 }
 
-// sort puts the arrays in address order (stable: file order among equal
-// addresses) and returns global in the same order.
-func (t *ksTable) sort(global []bool) []bool {
-	perm := make([]int32, len(t.addrs))
-	for i := range perm {
-		perm[i] = int32(i)
-	}
-	slices.SortStableFunc(perm, func(a, b int32) int {
-		switch {
-		case t.addrs[a] < t.addrs[b]:
-			return -1
-		case t.addrs[a] > t.addrs[b]:
-			return 1
-		}
-		return 0
-	})
-	addrs, offs, lens, g := make([]uint64, len(perm)), make([]uint32, len(perm)), make([]uint16, len(perm)), make([]bool, len(perm))
-	for i, p := range perm {
-		addrs[i], offs[i], lens[i], g[i] = t.addrs[p], t.offs[p], t.lens[p], global[p]
-	}
-	t.addrs, t.offs, t.lens = addrs, offs, lens
-	return g
-}
-
 // dedupe keeps one symbol per address: among aliases the first global one,
-// else the first. The arrays are compacted and copied to their final size.
-func (t *ksTable) dedupe(global []bool) {
+// else the first. The entries are compacted in place; a table read far
+// smaller than its hint is copied to its size (a table that fits its hint
+// is kept as it is: copying it would raise the peak).
+func (t *ksTable) dedupe() {
 	w := 0 // symbols kept
-	for i := 0; i < len(t.addrs); {
+	for i := 0; i < len(t.ents); {
 		j, pick := i, i
-		for j < len(t.addrs) && t.addrs[j] == t.addrs[i] {
-			if global[j] && !global[pick] {
+		for j < len(t.ents) && t.ents[j].addr == t.ents[i].addr {
+			if t.ents[j].global && !t.ents[pick].global {
 				pick = j
 			}
 			j++
 		}
-		t.addrs[w], t.offs[w], t.lens[w] = t.addrs[i], t.offs[pick], t.lens[pick]
+		t.ents[w] = t.ents[pick]
 		w++
 		i = j
 	}
-	t.addrs = slices.Clone(t.addrs[:w])
-	t.offs = slices.Clone(t.offs[:w])
-	t.lens = slices.Clone(t.lens[:w])
-	t.names = slices.Clip(t.names) // copying 5 MB to save its growth slack would raise the peak
+	t.ents = t.ents[:w]
+	if cap(t.ents) > w+w/4+1024 {
+		t.ents = slices.Clone(t.ents)
+	}
+	if n := len(t.names); cap(t.names) > n+n/4+(64<<10) {
+		t.names = slices.Clone(t.names)
+	}
+}
+
+// size is the table's size as a hint for the next read: the symbols and
+// names read, before aliases were dropped, and a little room.
+func (t *ksTable) size() ksSize {
+	n := len(t.ents)
+	return ksSize{syms: n + n/8, bytes: len(t.names) + len(t.names)/16}
 }
 
 func (t *ksTable) name(i int) []byte {
-	return t.names[t.offs[i] : t.offs[i]+uint32(t.lens[i])]
+	e := t.ents[i]
+	return t.names[e.off : e.off+uint32(e.n)]
 }
 
 // find returns the symbol at or below addr. kallsyms has no sizes, so the
 // nearest lower symbol is the best available answer.
 func (t *ksTable) find(addr uint64) (string, bool) {
-	if t == nil || len(t.addrs) == 0 {
+	if t == nil || len(t.ents) == 0 {
 		return "", false
 	}
-	i, found := slices.BinarySearch(t.addrs, addr)
+	i, found := slices.BinarySearchFunc(t.ents, addr, func(e ksEnt, a uint64) int { return cmp.Compare(e.addr, a) })
 	if !found {
 		i--
 	}
@@ -228,28 +241,152 @@ func nextByteField(b []byte) (field, rest []byte) {
 func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
 
 // lookup returns the symbol at or below addr, from the cache, else from
-// the table (read again if it was dropped).
+// the table (lookupAll).
 func (k *kallsyms) lookup(addr uint64) (string, bool) {
+	var out [1]ksName
+	k.lookupAll([]uint64{addr}, out[:])
+	return out[0].name, out[0].ok
+}
+
+// lookupAll answers every address of addrs into out (as long): from the
+// cache, else from the table. With the table dropped, the addresses the
+// cache lacks are looked for in one pass over the file (streamKallsyms,
+// which keeps nothing but their answers); only when misses come again
+// within keep of such a pass (a profile being built, a burst of new
+// stacks) is the whole table read back in. A new kernel path of an idle
+// target (seen once every minute or two) then costs one pass of the file,
+// 20-40 ms, and no memory, rather than 5 MB of table held for keep.
+func (k *kallsyms) lookupAll(addrs []uint64, out []ksName) {
 	if k == nil {
-		return "", false
+		return
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	if c, ok := k.cache[addr]; ok {
-		return c.name, c.ok
-	}
-	if k.tab == nil {
-		if !k.reloadLocked() {
-			return "", false
+	var miss []uint64
+	for i, a := range addrs {
+		if c, ok := k.cache[a]; ok {
+			out[i] = c
+		} else {
+			miss = append(miss, a)
 		}
 	}
-	k.missAt = time.Now()
-	name, ok := k.tab.find(addr)
+	if len(miss) == 0 {
+		return
+	}
+	now := time.Now()
+	if k.tab == nil {
+		switch {
+		case k.path == "":
+			return
+		case !k.streamedAt.IsZero() && now.Sub(k.streamedAt) < k.keep:
+			if !k.reloadLocked() {
+				return
+			}
+		default:
+			names, ok := streamKallsyms(k.path, miss)
+			if !ok {
+				return
+			}
+			k.streamedAt = now
+			k.loads++
+			for i, a := range miss {
+				k.cacheLocked(a, names[i])
+			}
+		}
+	}
+	if k.tab != nil {
+		k.missAt = now
+		for _, a := range miss {
+			name, ok := k.tab.find(a)
+			k.cacheLocked(a, ksName{name, ok})
+		}
+	}
+	for i, a := range addrs {
+		if out[i] == (ksName{}) {
+			out[i] = k.cache[a]
+		}
+	}
+}
+
+func (k *kallsyms) cacheLocked(addr uint64, n ksName) {
 	if len(k.cache) >= maxKallsymsCache {
 		clear(k.cache)
 	}
-	k.cache[addr] = ksName{name, ok}
-	return name, ok
+	k.cache[addr] = n
+}
+
+// streamKallsyms answers addrs (the symbol at or below each, as
+// ksTable.find does: among aliases the first global one, else the first)
+// in one pass over the file at path, keeping nothing of it. The addresses
+// are sorted, and each symbol of the file is noted in the bucket of the
+// first address at or above it, if it is the highest there so far: the
+// answer for an address is the highest symbol of the nearest bucket at or
+// below its own. Names are copied into each bucket's buffer only when its
+// best changes. ok is false when the file cannot be read or has no
+// addresses (kptr_restrict).
+func streamKallsyms(path string, addrs []uint64) ([]ksName, bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, false
+	}
+	defer f.Close()
+	sorted := slices.Clone(addrs)
+	slices.Sort(sorted)
+	sorted = slices.Compact(sorted)
+	type bucket struct {
+		addr   uint64
+		global bool
+		set    bool
+		name   []byte
+	}
+	bs := make([]bucket, len(sorted))
+	nonZero := false
+	br := bufio.NewReaderSize(f, 64<<10)
+	for {
+		line, err := br.ReadSlice('\n')
+		for err == bufio.ErrBufferFull {
+			line = nil
+			_, err = br.ReadSlice('\n')
+		}
+		if len(line) > 0 {
+			if addr, g, name, ok := parseKallsymsLine(line); ok && len(name) <= 1<<16-1 {
+				nonZero = nonZero || addr != 0
+				if i, _ := slices.BinarySearch(sorted, addr); i < len(bs) {
+					b := &bs[i]
+					switch {
+					case !b.set || addr > b.addr:
+						b.addr, b.global, b.set, b.name = addr, g, true, append(b.name[:0], name...)
+					case addr == b.addr && g && !b.global:
+						b.global, b.name = true, append(b.name[:0], name...)
+					}
+				}
+			}
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, false
+		}
+	}
+	if !nonZero {
+		return nil, false
+	}
+	// The answer for sorted[i] is the nearest set bucket at or below i.
+	ans := make([]ksName, len(sorted))
+	var last ksName
+	for i := range bs {
+		if bs[i].set {
+			last = ksName{string(bs[i].name), true}
+		}
+		ans[i] = last
+	}
+	out := make([]ksName, len(addrs))
+	for i, a := range addrs {
+		j, _ := slices.BinarySearch(sorted, a)
+		out[i] = ans[j]
+	}
+	return out, true
 }
 
 // reloadLocked reads the table again after a drop.
@@ -262,11 +399,12 @@ func (k *kallsyms) reloadLocked() bool {
 		return false
 	}
 	defer f.Close()
-	tab, ok, err := readKallsyms(f)
+	tab, ok, err := readKallsyms(f, k.hint)
 	if err != nil || !ok {
 		return false
 	}
 	k.tab = tab
+	k.hint = tab.size()
 	k.loads++
 	k.scheduleDropLocked()
 	return true

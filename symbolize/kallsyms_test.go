@@ -2,6 +2,7 @@ package symbolize
 
 import (
 	"bufio"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -40,7 +41,7 @@ func TestParseKallsymsFixture(t *testing.T) {
 			t.Errorf("lookup(%#x) = %q, want %q", c.addr, got, c.want)
 		}
 	}
-	if n := len(ks.tab.addrs); n != 6 {
+	if n := len(ks.tab.ents); n != 6 {
 		t.Errorf("kept %d symbols, want 6", n)
 	}
 }
@@ -188,5 +189,89 @@ func TestKallsymsOutOfOrder(t *testing.T) {
 		if got, _ := ks.lookup(addr); got != want {
 			t.Errorf("lookup(%#x) = %q, want %q", addr, got, want)
 		}
+	}
+}
+
+// TestStreamKallsymsMatchesTable: one pass over the file answers as the
+// table does, for every kind of address: below the first symbol, at a
+// symbol, between two, in modules and BPF programs (the file's unsorted
+// part), past the last; and for the fixture's aliases and out-of-order
+// lines.
+func TestStreamKallsymsMatchesTable(t *testing.T) {
+	// /proc/kallsyms changes as BPF programs come and go (other tests load
+	// some): both read one copy of it.
+	live, err := os.ReadFile("/proc/kallsyms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	snapshot := filepath.Join(t.TempDir(), "kallsyms")
+	if err := os.WriteFile(snapshot, live, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{"testdata/kallsyms.txt", snapshot} {
+		f, err := os.Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tab, ok, err := readKallsyms(f, ksSize{})
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			t.Logf("%s: no addresses (not root?)", path)
+			continue
+		}
+		var addrs []uint64
+		rng := rand.New(rand.NewPCG(1, 2))
+		for i := 0; i < 2000; i++ {
+			e := tab.ents[rng.IntN(len(tab.ents))]
+			addrs = append(addrs, e.addr, e.addr+1, e.addr-1, e.addr+uint64(rng.IntN(4096)))
+		}
+		first, last := tab.ents[0].addr, tab.ents[len(tab.ents)-1].addr
+		addrs = append(addrs, 0, 1, first-1, first, last, last+1, ^uint64(0))
+		got, ok := streamKallsyms(path, addrs)
+		if !ok {
+			t.Fatalf("%s: streamKallsyms failed", path)
+		}
+		bad := 0
+		for i, a := range addrs {
+			name, found := tab.find(a)
+			if got[i] != (ksName{name, found}) && bad < 10 {
+				bad++
+				t.Errorf("%s: %#x: stream %+v, table %q %v", path, a, got[i], name, found)
+			}
+		}
+	}
+}
+
+// After a drop, a miss is answered by one pass over the file, the table
+// left out; misses again within keep bring the table back.
+func TestKallsymsStreamThenLoad(t *testing.T) {
+	f, err := os.Open("testdata/kallsyms.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ks, ok, err := parseKallsyms(f)
+	if err != nil || !ok {
+		t.Fatalf("parseKallsyms: ok=%v err=%v", ok, err)
+	}
+	ks.mu.Lock()
+	ks.tab = nil // dropped
+	ks.mu.Unlock()
+	out := make([]ksName, 2)
+	ks.lookupAll([]uint64{0xffffffff81001000, 0xffffffffc0a00010}, out)
+	if out[0].name != "do_one_initcall" || out[1].name != "nft_do_chain" {
+		t.Fatalf("streamed answers %+v", out)
+	}
+	if ks.loaded() || ks.loads != 2 {
+		t.Fatalf("after one miss: table loaded %v, %d reads; want a pass over the file, no table", ks.loaded(), ks.loads)
+	}
+	if got, _ := ks.lookup(0xffffffff81004000); got != "local_func" {
+		t.Fatalf("second miss: %q", got)
+	}
+	if !ks.loaded() || ks.loads != 3 {
+		t.Fatalf("after a second miss within keep: table loaded %v, %d reads; want the table", ks.loaded(), ks.loads)
 	}
 }

@@ -31,6 +31,12 @@ func parseMaps(data []byte) []mapping {
 		} else {
 			line, data = data, nil
 		}
+		// Most lines are data (a python process maps ~250 regions, ~30
+		// of them code): they are left as bytes rather than each made a
+		// string to be parsed and dropped.
+		if !executableLine(line) {
+			continue
+		}
 		if m, ok := parseMapsLine(string(line)); ok {
 			out = append(out, m)
 		}
@@ -45,6 +51,22 @@ func parseMaps(data []byte) []mapping {
 		return 0
 	})
 	return out
+}
+
+// executableLine reports whether the perms field (the second) of a maps
+// line says executable; parseMapsLine checks the rest.
+func executableLine(line []byte) bool {
+	i := 0
+	for i < len(line) && (line[i] == ' ' || line[i] == '\t') {
+		i++
+	}
+	for i < len(line) && line[i] != ' ' && line[i] != '\t' {
+		i++
+	}
+	for i < len(line) && (line[i] == ' ' || line[i] == '\t') {
+		i++
+	}
+	return i+2 < len(line) && line[i+2] == 'x'
 }
 
 // parseMapsLine parses "start-end perms offset dev inode [path]" and reports

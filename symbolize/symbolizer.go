@@ -6,9 +6,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -93,12 +96,19 @@ type Symbolizer struct {
 	pids  map[int]*procMaps
 	files map[fileKey]*fileEntry
 	lru   *list.List // of *fileEntry, front = most recently used
+	// sweep evicts the files no lookup used for fileKeep (sweepFiles);
+	// armed while the cache holds any.
+	sweep      *time.Timer
+	sweepArmed bool
+	fileKeep   time.Duration
 
 	// perf holds the perf maps of processes with JIT code, at most one per
 	// pid of pids; perfBytes is their memory, bounded by maxPerfBytes.
 	perf         map[int]*perfState
 	perfBytes    int64
 	maxPerfBytes int64
+
+	mapsBuf []byte // readMapsLocked's, under mu
 
 	vdsoOnce sync.Once
 	vdso     *elfFile
@@ -114,6 +124,36 @@ type procMaps struct {
 	objs   []object // parallel to maps, resolved lazily
 	loaded time.Time
 	used   time.Time
+	sum    uint64 // maphash of the maps file as read
+}
+
+// mapsSeed hashes maps files (procMaps.sum).
+var mapsSeed = maphash.MakeSeed()
+
+// readMapsLocked reads /proc/PID/maps into the symbolizer's buffer, valid
+// until the next call.
+func (s *Symbolizer) readMapsLocked(pid int) ([]byte, error) {
+	f, err := os.Open(filepath.Join(s.procRoot, strconv.Itoa(pid), "maps"))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b := s.mapsBuf[:0]
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		n, err := f.Read(b[len(b):cap(b)])
+		b = b[:len(b)+n]
+		if err == io.EOF {
+			s.mapsBuf = b
+			return b, nil
+		}
+		if err != nil {
+			s.mapsBuf = b
+			return nil, err
+		}
+	}
 }
 
 // object is the file behind one mapping. It points into the file cache
@@ -136,7 +176,20 @@ type fileEntry struct {
 	file    *elfFile // nil caches a failure, so a bad file is parsed once
 	elem    *list.Element
 	evicted bool
+	used    bool // since the last sweep
 }
+
+// fileKeep is how long a parsed file stays cached with no lookup in it.
+// A file holds its symbols, line tables and unwind tables (a python
+// target's executable, libpython and libc: ~2 MB); once the target's
+// stacks are known (the sched probe keeps the text of each thread's sleep
+// sites) nothing may look there for long, and the tables would stay for
+// the agent's life. Not much shorter: reading them again costs 30-50 ms of
+// CPU and allocates ~5 MB (measured, python), and even an idle target is
+// sampled by the CPU profiler or sleeps somewhere new every minute or two
+// (with a minute, the files of the footprint benchmark's target were read
+// again every other minute).
+const fileKeep = 10 * time.Minute
 
 // New returns a Symbolizer with defaults filled in.
 func New(o Options) *Symbolizer {
@@ -153,6 +206,7 @@ func New(o Options) *Symbolizer {
 		perf:          make(map[int]*perfState),
 		maxPerfBytes:  o.MaxPerfMapBytes,
 		kallsymsRetry: defaultKallsymsRetry,
+		fileKeep:      fileKeep,
 	}
 	if s.maxPerfBytes == 0 {
 		s.maxPerfBytes = DefaultMaxPerfMapBytes
@@ -328,7 +382,16 @@ func (s *Symbolizer) procMapsLocked(pid int, force bool, now time.Time) *procMap
 		pm.used = now
 		return pm
 	}
-	data, err := os.ReadFile(filepath.Join(s.procRoot, strconv.Itoa(pid), "maps"))
+	data, err := s.readMapsLocked(pid)
+	sum := maphash.Bytes(mapsSeed, data)
+	if err == nil && pm != nil && pm.sum == sum && len(pm.maps) > 0 {
+		// Unchanged since the last read (a process that maps no new code
+		// after its start, the usual case): the parsed maps and the files
+		// resolved for them stand. A profile of a busy thread reads the
+		// maps every mapsTTL; parsing them was most of what it allocated.
+		pm.loaded, pm.used = now, now
+		return pm
+	}
 	if err != nil {
 		// Cached as empty, so that a stack of an exited process costs one
 		// failed read rather than one per frame.
@@ -337,7 +400,7 @@ func (s *Symbolizer) procMapsLocked(pid int, force bool, now time.Time) *procMap
 		s.dropPerfLocked(pid)
 	}
 	maps := parseMaps(data)
-	npm := &procMaps{maps: maps, objs: make([]object, len(maps)), loaded: now, used: now}
+	npm := &procMaps{maps: maps, objs: make([]object, len(maps)), loaded: now, used: now, sum: sum}
 	if pm != nil {
 		// Keep files already resolved for unchanged mappings, so a re-read
 		// costs no re-open.
@@ -376,6 +439,7 @@ func (s *Symbolizer) objectLocked(pid int, pm *procMaps, idx int) *elfFile {
 			return nil
 		case !o.entry.evicted:
 			s.lru.MoveToFront(o.entry.elem)
+			o.entry.used = true
 			return o.entry.file
 		}
 		// Evicted meanwhile: open it again.
@@ -472,21 +536,74 @@ func openStat(path string) (*os.File, fileKey, error) {
 func (s *Symbolizer) parseCachedLocked(f *os.File, key fileKey) (*fileEntry, error) {
 	if e, ok := s.files[key]; ok {
 		s.lru.MoveToFront(e.elem)
+		e.used = true
 		return e, nil
 	}
 	ef, err := parseELF(f)
 	if err != nil {
 		err = fmt.Errorf("%s: %w", f.Name(), err)
 	}
-	e := &fileEntry{key: key, file: ef}
+	e := &fileEntry{key: key, file: ef, used: true}
 	e.elem = s.lru.PushFront(e)
 	s.files[key] = e
+	s.armSweepLocked()
 	for s.lru.Len() > s.maxFiles {
 		old := s.lru.Remove(s.lru.Back()).(*fileEntry)
 		delete(s.files, old.key)
 		old.evicted, old.file = true, nil
 	}
 	return e, err
+}
+
+// armSweepLocked arms the sweep of unused files, if it is not armed.
+func (s *Symbolizer) armSweepLocked() {
+	if s.sweepArmed || s.fileKeep <= 0 {
+		return
+	}
+	s.sweepArmed = true
+	if s.sweep == nil {
+		s.sweep = time.AfterFunc(s.fileKeep, s.sweepFiles)
+		return
+	}
+	s.sweep.Reset(s.fileKeep)
+}
+
+// sweepFiles evicts the files no lookup used since the last sweep (one to
+// two fileKeep ago), as the LRU evicts: a process's mapping that still
+// points at one opens and parses it again at its next lookup. It runs
+// every fileKeep while the cache holds files.
+func (s *Symbolizer) sweepFiles() {
+	s.mu.Lock()
+	evicted := 0
+	for el := s.lru.Back(); el != nil; {
+		prev := el.Prev()
+		if e := el.Value.(*fileEntry); e.used {
+			e.used = false
+		} else {
+			s.lru.Remove(el)
+			delete(s.files, e.key)
+			e.evicted, e.file = true, nil
+			evicted++
+		}
+		el = prev
+	}
+	s.sweepArmed = false
+	if s.lru.Len() > 0 {
+		s.armSweepLocked()
+	}
+	s.mu.Unlock()
+	if evicted > 0 {
+		// Megabytes of tables just became garbage, once: give them back
+		// now rather than when the scavenger gets to them.
+		debug.FreeOSMemory()
+	}
+}
+
+// cachedFiles is how many parsed files the cache holds (tests).
+func (s *Symbolizer) cachedFiles() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lru.Len()
 }
 
 // vdsoFile parses this process's vDSO. Every process on the host maps the
@@ -531,8 +648,23 @@ func readVDSO(procRoot string) (*elfFile, error) {
 func (s *Symbolizer) Kernel(addrs []uint64) []Frame {
 	ks := s.kernelSyms()
 	out := make([]Frame, len(addrs))
+	// One lookup for the whole stack: with the table dropped, the
+	// addresses it lacks are looked for in one pass over kallsyms.
+	pcs := make([]uint64, 0, len(addrs))
 	for i, a := range addrs {
-		out[i] = kernelFrame(ks, a, i == 0)
+		out[i] = Frame{Addr: a, Module: kernelModule}
+		if a != 0 {
+			pcs = append(pcs, lookupAddr(a, i == 0))
+		}
+	}
+	names := make([]ksName, len(pcs))
+	ks.lookupAll(pcs, names)
+	j := 0
+	for i, a := range addrs {
+		if a != 0 {
+			out[i].Func = names[j].name
+			j++
+		}
 	}
 	return out
 }

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 //go:noinline
@@ -294,4 +295,52 @@ func BenchmarkUser(b *testing.B) {
 		s.User(pid, addrs)
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(addrs)), "ns/addr")
+}
+
+// TestUnusedFilesDropped: a parsed file no lookup used for fileKeep is
+// dropped from the cache, and a later lookup parses it again with the same
+// answer.
+func TestUnusedFilesDropped(t *testing.T) {
+	pc := uint64(reflect.ValueOf(culpritTarget).Pointer())
+	s := New(Options{})
+	s.mu.Lock()
+	s.fileKeep = time.Hour // sweeps by hand first
+	s.mu.Unlock()
+	first := s.User(os.Getpid(), []uint64{pc})[0]
+	if !strings.HasSuffix(first.Func, "symbolize.culpritTarget") {
+		t.Fatalf("Func = %q", first.Func)
+	}
+	if n := s.cachedFiles(); n == 0 {
+		t.Fatal("no file cached after a lookup")
+	}
+	// Used since the last sweep: kept.
+	s.sweepFiles()
+	if n := s.cachedFiles(); n == 0 {
+		t.Fatal("a file used since the last sweep was dropped")
+	}
+	s.User(os.Getpid(), []uint64{pc})
+	s.sweepFiles()
+	if n := s.cachedFiles(); n == 0 {
+		t.Fatal("a file used since the last sweep was dropped")
+	}
+	// Unused for a whole period: dropped.
+	s.sweepFiles()
+	if n := s.cachedFiles(); n != 0 {
+		t.Fatalf("%d files still cached after a period unused", n)
+	}
+	if again := s.User(os.Getpid(), []uint64{pc})[0]; again != first {
+		t.Errorf("after the drop: %+v, before: %+v", again, first)
+	}
+	// The timer sweeps by itself.
+	s.mu.Lock()
+	s.fileKeep = 20 * time.Millisecond
+	s.sweep.Reset(s.fileKeep)
+	s.mu.Unlock()
+	deadline := time.Now().Add(5 * time.Second)
+	for s.cachedFiles() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := s.cachedFiles(); n != 0 {
+		t.Fatalf("%d files still cached after fileKeep unused", n)
+	}
 }
