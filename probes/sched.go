@@ -101,10 +101,10 @@ type Sched struct {
 	taskMap           map[int]int
 	tasksAt, tasksGen time.Time
 	tasksChanged      bool
-	lastSleep         map[int]sleepText // per thread: where its last symbolized sleep began
+	lastSleep         map[int]sleepTexts // per thread: where its last symbolized sleeps began
 	// The same for finished blocks, by (pid, tid); read and written by
 	// readBlocks' goroutine only.
-	lastBlock map[[2]uint32]sleepText
+	lastBlock map[[2]uint32]sleepTexts
 	store     *signals.Store
 	// Episodes going on that woke the engine (NotifyBlock, NotifyBusy),
 	// by kind; the poll goroutine's.
@@ -151,7 +151,7 @@ func NewSched(o SchedOptions) *Sched {
 		o.Episodes.LimitThreads(int(o.MaxThreads))
 	}
 	return &Sched{o: o, stacks: map[episodeID]stackText{}, busy: map[int]signals.Episode{}, names: freshNames{}, sighted: map[int]sightMark{},
-		resetReq: make(chan chan struct{}, 1), series: map[int]*threadSeries{}, busyNow: map[int]bool{}, lastSleep: map[int]sleepText{}, lastBlock: map[[2]uint32]sleepText{}, notified: map[notifiedID]bool{}}
+		resetReq: make(chan chan struct{}, 1), series: map[int]*threadSeries{}, busyNow: map[int]bool{}, lastSleep: map[int]sleepTexts{}, lastBlock: map[[2]uint32]sleepTexts{}, notified: map[notifiedID]bool{}}
 }
 
 func (*Sched) Name() string { return signals.ProbeSched }
@@ -269,14 +269,16 @@ func (p *Sched) readBlocks(rd *ringbuf.Reader, store *signals.Store) {
 			// text, as sleepingText does.
 			k := sleepKey{ev.Ustack, ev.Kstack, ev.Sp, ev.Bp, ev.Ip}
 			who := [2]uint32{ev.Tgid, ev.Tid}
-			if last, hit := p.lastBlock[who]; hit && last.key == k {
-				st = last.text
+			last := p.lastBlock[who]
+			if txt, hit := last.find(k); hit {
+				st = txt
 			} else {
 				st = p.stackText(objs, int(ev.Tgid), ev.Ustack, ev.Kstack, userRegs{ev.Sp, ev.Bp, ev.Ip, ev.Scan[:]})
 				if len(p.lastBlock) >= int(max(p.o.MaxThreads, 64)) {
 					clear(p.lastBlock)
 				}
-				p.lastBlock[who] = sleepText{k, st}
+				last.put(k, st)
+				p.lastBlock[who] = last
 			}
 		}
 		start := p.wall(ev.StartNs)
@@ -375,12 +377,14 @@ func stillAsleep(objs *schedObjects, tid int, since uint64) bool {
 // sleeping function's locals, which differ at every call.
 func (p *Sched) sleepingText(objs *schedObjects, pid, tid int, st schedThreadStats) stackText {
 	k := sleepKey{st.OffUstack, st.OffKstack, st.OffSp, st.OffBp, st.OffIp}
-	if last, ok := p.lastSleep[tid]; ok && last.key == k {
-		return last.text
+	last, ok := p.lastSleep[tid]
+	if txt, hit := last.find(k); hit {
+		return txt
 	}
 	txt := p.readSleepingText(objs, pid, tid, st)
-	if len(p.lastSleep) < int(max(p.o.MaxThreads, 64)) {
-		p.lastSleep[tid] = sleepText{k, txt}
+	if ok || len(p.lastSleep) < int(max(p.o.MaxThreads, 64)) {
+		last.put(k, txt)
+		p.lastSleep[tid] = last
 	}
 	return txt
 }
@@ -394,6 +398,31 @@ type sleepKey struct {
 type sleepText struct {
 	key  sleepKey
 	text stackText
+	set  bool
+}
+
+// sleepTexts are the texts of a thread's latest sleep sites, the newest
+// first. More than one: an idle loop often sleeps in a few places by
+// turns (python's http.server, in poll, through kernel paths whose stack
+// ids went 6376, 6232, 6376, ..., and a third now and then), and with one
+// kept every other sleep was read from the target's memory and unwound
+// again, which also kept the symbol tables in use, and in memory.
+type sleepTexts [4]sleepText
+
+// find returns the text kept for k.
+func (t *sleepTexts) find(k sleepKey) (stackText, bool) {
+	for _, e := range t {
+		if e.set && e.key == k {
+			return e.text, true
+		}
+	}
+	return stackText{}, false
+}
+
+// put keeps the text of k as the newest, dropping the oldest.
+func (t *sleepTexts) put(k sleepKey, txt stackText) {
+	copy(t[1:], t[:len(t)-1])
+	t[0] = sleepText{k, txt, true}
 }
 
 func (p *Sched) readSleepingText(objs *schedObjects, pid, tid int, st schedThreadStats) stackText {

@@ -392,3 +392,29 @@ func TestSchedTellsANestedLoop(t *testing.T) {
 		}
 	}
 }
+
+// TestSleepTexts: the texts of a thread's latest sleep sites are kept, up
+// to four, the oldest going first.
+func TestSleepTexts(t *testing.T) {
+	var ts sleepTexts
+	key := func(i int) sleepKey { return sleepKey{ustack: int32(i), kstack: int32(100 + i), sp: uint64(i)} }
+	text := func(i int) stackText { return stackText{frames: []string{strconv.Itoa(i)}} }
+	if _, ok := ts.find(sleepKey{}); ok {
+		t.Fatal("an empty set found the zero key")
+	}
+	for i := 1; i <= 4; i++ {
+		ts.put(key(i), text(i))
+	}
+	for i := 1; i <= 4; i++ {
+		if got, ok := ts.find(key(i)); !ok || got.frames[0] != strconv.Itoa(i) {
+			t.Errorf("site %d: %v %v", i, got.frames, ok)
+		}
+	}
+	ts.put(key(5), text(5))
+	if _, ok := ts.find(key(1)); ok {
+		t.Error("the oldest site was kept past four")
+	}
+	if got, ok := ts.find(key(5)); !ok || got.frames[0] != "5" {
+		t.Errorf("the newest site: %v %v", got.frames, ok)
+	}
+}
