@@ -138,3 +138,47 @@ func TestSocketOwners(t *testing.T) {
 		t.Errorf("IsTarget: group %v", o.Group())
 	}
 }
+
+// TestSocketOwnersUnknownExpireTogether: inodes nobody visible holds,
+// met at different times, are looked for again by one full scan per
+// UnknownLife, not one scan each.
+func TestSocketOwnersUnknownExpireTogether(t *testing.T) {
+	cmd := holder(t)
+	res, err := NewResolver("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tgt, err := res.Resolve(Selector{PID: cmd.Process.Pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := NewSocketOwners("/proc", SocketOwnersOptions{OthersRescan: time.Millisecond, UnknownLife: time.Minute})
+	o.SetTarget(tgt)
+	t0 := time.Now()
+	clock := t0
+	o.now = func() time.Time { return clock }
+	scans := func(at time.Duration, missing ...uint32) uint64 {
+		clock = t0.Add(at)
+		before := o.Stats().FDsRead
+		o.Refresh(clock, missing)
+		return o.Stats().FDsRead - before
+	}
+	// Inodes 1 and 2 are nobody's sockets; 2 is met 20 s after 1.
+	if scans(0, 1) == 0 {
+		t.Fatal("the first refresh read no fd table")
+	}
+	if scans(20*time.Second, 1, 2) == 0 {
+		t.Fatal("a new unknown inode was not looked for")
+	}
+	// 1 would have expired at 60 s: the scan at 20 s looked for it too.
+	if n := scans(65*time.Second, 1, 2); n != 0 {
+		t.Errorf("an inode the last full scan looked for caused another (%d fds read)", n)
+	}
+	// Both expire at 80 s, together: one scan.
+	if scans(81*time.Second, 1, 2) == 0 {
+		t.Error("expired unknown inodes were not looked for again")
+	}
+	if n := scans(90*time.Second, 1, 2); n != 0 {
+		t.Errorf("a second scan for inodes the last one looked for (%d fds read)", n)
+	}
+}
