@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/sockdiag"
 	"github.com/culprit-dev/culprit/workload"
@@ -63,11 +65,12 @@ type SocketsOptions struct {
 	// only segments moved in the namespace (its sockets sent or received,
 	// none opened, closed, reset or retransmitted: counts by state cannot
 	// have changed). Meanwhile each cycle writes the last dump's counts and
-	// idle ages again (not grown: data may have reset them). A dump whose
-	// sockets included CLOSE_WAIT ones or unacknowledged retransmits is
-	// followed by one each cycle all the same (an ACK resets the first's
-	// age, clears the second). Default 5s; negative: dump whenever a
-	// segment moved.
+	// idle ages again (not grown: data may have reset them); then it dumps
+	// the outbound ESTABLISHED sockets alone, for their idle ages
+	// (refreshIdle). A dump whose sockets included CLOSE_WAIT ones or
+	// unacknowledged retransmits is followed by a full one each cycle all
+	// the same (an ACK resets the first's age, clears the second). Default
+	// 5s; negative: a full dump whenever a segment moved.
 	BusyInterval time.Duration
 }
 
@@ -344,6 +347,12 @@ type socketsCollector struct {
 	took     time.Duration
 	ageShift uint32
 	skipped  uint64 // cycles without a dump, ever (tests)
+	// idleRefreshes are cycles that dumped only the outbound ESTABLISHED
+	// sockets (refreshIdle), ever (tests); listenPorts is their filter.
+	idleRefreshes uint64
+	listenPorts   []uint16
+	savedIdle     []uint32 // refreshIdle's copy of the ages, reused
+	noIdleRefresh bool     // the kernel refused its filter
 	// sensitive: the last dump met CLOSE_WAIT sockets or unacknowledged
 	// retransmits, which segments alone change.
 	sensitive bool
@@ -450,6 +459,14 @@ func (c *socketsCollector) Collect(ctx context.Context, tgt workload.Process, st
 			c.skipped++
 			c.write(store, start, c.took)
 			return nil
+		case data && !c.sensitive && c.o.BusyInterval > 0 && c.refreshIdle(ctx):
+			// Only the idle ages can have changed, and only outbound
+			// connections have any: those were dumped alone.
+			c.idleRefreshes++
+			c.took = time.Since(start)
+			c.dumpedAt, c.ageShift = start, 0
+			c.write(store, start, c.took)
+			return nil
 		}
 	}
 	if err := c.collectCycle(ctx, tgt); err != nil {
@@ -520,6 +537,113 @@ func (c *socketsCollector) cycleOnce(ctx context.Context, tgt workload.Process) 
 	c.rank()
 	c.sensitive = c.agg.sensitive()
 	return nil
+}
+
+// refreshIdle brings the idle ages of the last dump's outbound
+// connections up to date by dumping only the namespace's ESTABLISHED
+// sockets whose local port is not one it listens on, and reports whether
+// it could (false: a full dump is needed). It runs when only segments
+// moved since the last dump (no socket opened, closed, changed state or
+// retransmitted, and none is in CLOSE_WAIT or retransmitting): counts by
+// owner, port, state and remote are what that dump found, and the idle
+// ages (tcp_established_idle_seconds), which data resets, are all a dump
+// would change. Beside 40,000 established sockets of a neighbour, half of
+// them connections to its listeners, the dump takes 23 ms against 44 ms
+// for every socket with its tcp_info: the kernel still walks them all, but
+// fills in and copies out only half. What it meets must be what the last
+// dump counted (as many outbound ESTABLISHED sockets, each toward a remote
+// known then, of a known owner); otherwise it gives up and the cycle dumps
+// everything.
+func (c *socketsCollector) refreshIdle(ctx context.Context) bool {
+	a := c.agg
+	c.listenPorts = c.listenPorts[:0]
+	for i := range a.ports {
+		if a.ports[i].states[sockdiag.Listen] > 0 {
+			if len(c.listenPorts) == sockdiag.MaxExcludedPorts {
+				return false // a filter that long costs what it saves
+			}
+			c.listenPorts = append(c.listenPorts, a.ports[i].port)
+		}
+	}
+	if c.conn == nil || c.noIdleRefresh {
+		return false
+	}
+	want := uint32(0) // outbound ESTABLISHED sockets of the last dump
+	for o := range a.ephemeral {
+		want += a.ephemeral[o].states[tcpStEstablished]
+	}
+	// The ages are recomputed from zero; a dump that fails leaves the
+	// aggregate as it was.
+	var seen uint32
+	ok := true
+	saved := c.savedIdle[:0]
+	for i := range a.remotes {
+		saved = append(saved, a.remotes[i].idleMaxMs)
+		a.remotes[i].idleMaxMs = 0
+	}
+	c.savedIdle = saved
+	var untracked [maxOwnerSlots]uint32
+	for o := range a.untracked {
+		untracked[o] = a.untracked[o].idleMaxMs
+		a.untracked[o].idleMaxMs = 0
+	}
+	missing := len(a.missing)
+	err := c.conn.DumpExcluding(ctx, sockdiag.Of(sockdiag.Established), true, c.listenPorts, func(s *sockdiag.Socket) bool {
+		if s.State != tcpStEstablished || a.portSlot[s.LocalPort] != 0 {
+			return true // not outbound (a port the target listened on lately)
+		}
+		seen++
+		o := slotUnknown
+		if s.Inode != 0 {
+			o = c.ownerOf(s.Inode)
+		} else if _, held := c.conns[connKey{lport: s.LocalPort, rport: s.RemotePort, raddr: s.Remote}]; held {
+			o = slotTarget
+		}
+		k := remoteKey{addr: s.Remote, port: s.RemotePort, owner: o}
+		var r *remoteAgg
+		if i, known := a.remoteIdx[k]; known {
+			r = &a.remotes[i]
+		} else if len(a.remotes) >= a.maxTracked {
+			r = &a.untracked[o]
+		}
+		if r == nil || r.states[remoteStateIdx[tcpStEstablished]] == 0 {
+			ok = false // a connection the last dump did not count
+			return true
+		}
+		if s.Info != nil {
+			idle := min(binary.NativeEndian.Uint32(s.Info[sockdiag.TCPInfoLastDataSent:]), binary.NativeEndian.Uint32(s.Info[sockdiag.TCPInfoLastDataRecv:]))
+			r.idleMaxMs = max(r.idleMaxMs, idle)
+		}
+		return true
+	})
+	switch {
+	case errors.Is(err, unix.EINVAL):
+		// A kernel that refuses the filter refuses it every time.
+		c.noIdleRefresh = true
+		c.conn = nil // closed by the dump: reopened by the next one
+	case err != nil && !errors.Is(err, sockdiag.ErrInterrupted):
+		c.conn = nil
+	}
+	if err != nil || !ok || seen != want || len(a.missing) != missing {
+		for i := range a.remotes {
+			a.remotes[i].idleMaxMs = c.savedIdle[i]
+		}
+		for o := range a.untracked {
+			a.untracked[o].idleMaxMs = untracked[o]
+		}
+		a.missing = a.missing[:missing]
+		return false
+	}
+	// The "other" remotes' ages, as rank sums them.
+	for o := range c.otherRem {
+		c.otherRem[o].idleMaxMs = a.untracked[o].idleMaxMs
+	}
+	for i := range a.remotes {
+		if r := &a.remotes[i]; !r.top {
+			c.otherRem[r.key.owner].idleMaxMs = max(c.otherRem[r.key.owner].idleMaxMs, r.idleMaxMs)
+		}
+	}
+	return true
 }
 
 // noteListened keeps the target's ports of this cycle that have sockets:

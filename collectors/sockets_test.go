@@ -637,3 +637,68 @@ func TestSocketsSkipsDumps(t *testing.T) {
 	h.store.SetActivity(name, events.Load)
 	step("a close (the counter read afresh)", false, 1)
 }
+
+// TestSocketsRefreshesIdleAges: when only segments moved and BusyInterval
+// passed, the collector dumps only the outbound ESTABLISHED sockets, and
+// what it writes is what a full dump writes: the same counts, the idle
+// ages brought up to date. A new connection brings a full dump back.
+func TestSocketsRefreshesIdleAges(t *testing.T) {
+	srv := testenv.Start(t, testenv.Options{Backlog: 8, Accept: false})
+	ns := newSockNetns(t, srv.PID)
+	l1, q1 := ns.listen(t, "tcp4", "127.0.0.1:0")
+	l2, q2 := ns.listen(t, "tcp4", "127.0.0.1:0")
+	c1, s1 := ns.connect(t, l1, 1)
+	ns.connect(t, l2, 2)
+	tgt := socketsTarget(t, srv.PID)
+	h := newSocketsHarness(t, tgt, SocketsOptions{BusyInterval: time.Nanosecond, IdleInterval: time.Hour})
+	r1, r2 := "127.0.0.1:"+strconv.Itoa(q1), "127.0.0.1:"+strconv.Itoa(q2)
+	h.until("tcp_sockets_by_remote", map[string]float64{"agent/" + r1 + "/ESTABLISHED": 1, "agent/" + r2 + "/ESTABLISHED": 2},
+		"owner", "remote", "state")
+	var events atomic.Uint64
+	h.store.SetActivity(signals.ConnActivity(tgt.NetnsIno), events.Load)
+	h.collect() // reads the counter: a full dump
+	time.Sleep(400 * time.Millisecond)
+	if _, err := c1[0].Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(s1[0], make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the ACK
+	before := h.c.idleRefreshes
+	h.collect()
+	if h.c.idleRefreshes != before+1 {
+		t.Fatalf("segments only, BusyInterval passed: %d outbound-only dumps, want %d", h.c.idleRefreshes, before+1)
+	}
+	idle := func(h *socketsHarness, remote string) float64 {
+		return h.get("tcp_established_idle_seconds", signals.L("owner", "agent", "remote", remote))
+	}
+	if a1, a2 := idle(h, r1), idle(h, r2); a1 > 0.3 || a2 < 0.4 {
+		t.Errorf("idle ages after traffic toward %s only: %v and %v s, want under 0.3 and over 0.4", r1, a1, a2)
+	}
+	// A full dump now writes the same.
+	full := newSocketsHarness(t, tgt, SocketsOptions{BusyInterval: -1, IdleInterval: -1})
+	full.collect()
+	for _, name := range []string{"tcp_sockets", "tcp_sockets_by_remote", "process_tcp_sockets"} {
+		labels := []string{"owner", "port", "remote", "state"}
+		if diff := cmp.Diff(full.series(name, labels...), h.series(name, labels...)); diff != "" {
+			t.Errorf("%s after the outbound-only dump (-full +got):\n%s", name, diff)
+		}
+	}
+	for _, r := range []string{r1, r2} {
+		if d := idle(full, r) - idle(h, r); d < -0.1 || d > 0.1 {
+			t.Errorf("idle age toward %s: %v s, a full dump says %v", r, idle(h, r), idle(full, r))
+		}
+	}
+	// A new connection: counts may have changed, a full dump.
+	ns.connect(t, l1, 1)
+	before = h.c.idleRefreshes
+	h.collect()
+	if h.c.idleRefreshes != before {
+		t.Error("a new connection was met by an outbound-only dump")
+	}
+	// Its owner is learnt at the next cycle (the owner index reads fd
+	// tables after a dump met an inode it did not know).
+	h.until("tcp_sockets_by_remote", map[string]float64{"agent/" + r1 + "/ESTABLISHED": 2, "agent/" + r2 + "/ESTABLISHED": 2},
+		"owner", "remote", "state")
+}

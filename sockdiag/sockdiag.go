@@ -107,6 +107,12 @@ const (
 	inetDiagMsgLen   = 72     // struct inet_diag_msg
 	nlaTypeMask      = 0x3fff // NLA_TYPE_MASK: attribute type without its flags
 	nlmFDumpIntr     = 0x10   // NLM_F_DUMP_INTR: the tables changed under the dump
+	inetDiagReqBC    = 1      // INET_DIAG_REQ_BYTECODE: a filter after the request
+	inetDiagBCJmp    = 1      // INET_DIAG_BC_JMP: take the "no" jump
+	inetDiagBCSEq    = 11     // INET_DIAG_BC_S_EQ: local port equal
+	// MaxExcludedPorts bounds DumpExcluding's ports: the filter tests each
+	// of them against every socket of the namespace in the kernel.
+	MaxExcludedPorts = 64
 	// The kernel fills dump messages up to 32 KiB per read.
 	recvBuf = 64 << 10
 	// DefaultTimeout bounds one read of an answer when the context has no
@@ -125,7 +131,7 @@ type Conn struct {
 	fd    int
 	netns uint64
 	seq   uint32
-	req   [unix.NLMSG_HDRLEN + max(inetDiagReqV1Len, inetDiagReqV2Len)]byte
+	req   []byte // the request, with its filter
 	buf   []byte
 	noV1  bool // the kernel refused an inet_diag v1 request: v2 per family
 	sock  Socket
@@ -186,6 +192,20 @@ func (c *Conn) Close() error {
 //
 // An interrupted dump is read to its end and reported as ErrInterrupted.
 func (c *Conn) Dump(ctx context.Context, states States, info bool, fn func(*Socket) bool) error {
+	return c.DumpExcluding(ctx, states, info, nil, fn)
+}
+
+// DumpExcluding is Dump without the sockets whose local port is one of
+// exclude (at most MaxExcludedPorts): the kernel still walks every socket,
+// but it tests those with a filter (inet_diag bytecode) and leaves them
+// out of the answer. Filling in and copying out a socket is most of what a
+// dump costs (~1 us a socket, against ~40 ns for the walk and the test):
+// the sockets collector, refreshing only the idle ages of outbound
+// connections, leaves out the connections to the namespace's listeners.
+func (c *Conn) DumpExcluding(ctx context.Context, states States, info bool, exclude []uint16, fn func(*Socket) bool) error {
+	if len(exclude) > MaxExcludedPorts {
+		return fmt.Errorf("sock_diag filter: %d ports, at most %d", len(exclude), MaxExcludedPorts)
+	}
 	if c.fd < 0 {
 		return fmt.Errorf("sock_diag socket closed")
 	}
@@ -199,15 +219,16 @@ func (c *Conn) Dump(ctx context.Context, states States, info bool, fn func(*Sock
 	}
 	c.intr, c.stop, c.count = false, false, 0
 	if !c.noV1 {
-		err := c.request(ctx, tcpDiagGetSock, unix.AF_UNSPEC, states, info, fn)
-		if err == nil || c.count > 0 || !(errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EOPNOTSUPP)) {
+		err := c.request(ctx, tcpDiagGetSock, unix.AF_UNSPEC, states, info, exclude, fn)
+		// A refused filter says nothing of v1: the caller hears of it.
+		if err == nil || c.count > 0 || len(exclude) > 0 || !(errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EOPNOTSUPP)) {
 			return c.finish(err)
 		}
 		c.noV1 = true
 	}
 	// IPv6 first, as v1 answers.
 	for _, fam := range [...]uint8{unix.AF_INET6, unix.AF_INET} {
-		err := c.request(ctx, unix.SOCK_DIAG_BY_FAMILY, fam, states, info, fn)
+		err := c.request(ctx, unix.SOCK_DIAG_BY_FAMILY, fam, states, info, exclude, fn)
 		if fam == unix.AF_INET6 && errors.Is(err, unix.ENOENT) {
 			continue // IPv6 disabled: nothing to dump
 		}
@@ -237,9 +258,20 @@ func (c *Conn) finish(err error) error {
 }
 
 // request sends one dump request and reads its answer.
-func (c *Conn) request(ctx context.Context, typ uint16, family uint8, states States, info bool, fn func(*Socket) bool) error {
+func (c *Conn) request(ctx context.Context, typ uint16, family uint8, states States, info bool, exclude []uint16, fn func(*Socket) bool) error {
 	c.seq++
-	r := c.req[:]
+	reqLen := inetDiagReqV2Len
+	if typ == tcpDiagGetSock {
+		reqLen = inetDiagReqV1Len
+	}
+	n := unix.NLMSG_HDRLEN + reqLen
+	if len(exclude) > 0 {
+		n += excludeFilterLen(len(exclude))
+	}
+	if cap(c.req) < n {
+		c.req = make([]byte, n)
+	}
+	r := c.req[:n]
 	clear(r)
 	q := r[unix.NLMSG_HDRLEN:]
 	var ext uint8
@@ -247,16 +279,17 @@ func (c *Conn) request(ctx context.Context, typ uint16, family uint8, states Sta
 		ext = 1 << (inetDiagInfo - 1)
 	}
 	if typ == tcpDiagGetSock { // struct inet_diag_req
-		r = r[:unix.NLMSG_HDRLEN+inetDiagReqV1Len]
 		q[0] = family
 		q[3] = ext
 		binary.NativeEndian.PutUint32(q[52:56], uint32(states))
 	} else { // struct inet_diag_req_v2
-		r = r[:unix.NLMSG_HDRLEN+inetDiagReqV2Len]
 		q[0] = family
 		q[1] = unix.IPPROTO_TCP
 		q[2] = ext
 		binary.NativeEndian.PutUint32(q[4:8], uint32(states))
+	}
+	if len(exclude) > 0 {
+		putExcludeFilter(r[unix.NLMSG_HDRLEN+reqLen:], exclude)
 	}
 	binary.NativeEndian.PutUint32(r[0:4], uint32(len(r)))
 	binary.NativeEndian.PutUint16(r[4:6], typ)
@@ -293,6 +326,36 @@ func (c *Conn) request(ctx context.Context, typ uint16, family uint8, states Sta
 		}
 	}
 }
+
+// putExcludeFilter writes into b an INET_DIAG_REQ_BYTECODE attribute
+// (excludeFilterLen bytes) that rejects sockets whose local port is one of
+// ports. Each port is three ops (struct inet_diag_bc_op: code, a one-byte
+// "yes" jump, a two-byte "no" jump): an INET_DIAG_BC_S_EQ test whose
+// second op holds the port, jumping to the third when equal and over it
+// when not; the third, INET_DIAG_BC_JMP, always takes its "no" jump, 4
+// bytes past the end of the filter, which is how the kernel rejects. A
+// socket that runs off the end is kept. The reject cannot be the test's
+// own "yes" jump: one byte does not reach past a filter of more than ~20
+// ports. The kernel's audit walks the "yes" jumps, so the JMP's points at
+// the next test.
+func putExcludeFilter(b []byte, ports []uint16) {
+	code := excludeFilterLen(len(ports)) - unix.SizeofRtAttr
+	binary.NativeEndian.PutUint16(b[0:2], uint16(unix.SizeofRtAttr+code))
+	binary.NativeEndian.PutUint16(b[2:4], inetDiagReqBC)
+	ops := b[unix.SizeofRtAttr:]
+	for i, p := range ports {
+		op := ops[12*i:]
+		op[0], op[1] = inetDiagBCSEq, 8 // equal: to the JMP
+		binary.NativeEndian.PutUint16(op[2:4], 12)
+		binary.NativeEndian.PutUint16(op[6:8], p) // the port op: code, yes 0, no = the port
+		left := code - 12*i - 8                   // bytes from the JMP to the end
+		op[8], op[9] = inetDiagBCJmp, 4
+		binary.NativeEndian.PutUint16(op[10:12], uint16(left+4))
+	}
+}
+
+// excludeFilterLen is the size of putExcludeFilter's attribute.
+func excludeFilterLen(ports int) int { return unix.SizeofRtAttr + 12*ports }
 
 // parse walks the netlink messages of one read. done reports the end of
 // the answer (NLMSG_DONE, an error, or the callback's stop). Messages of

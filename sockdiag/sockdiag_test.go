@@ -265,3 +265,64 @@ func TestTCPInfoOffsets(t *testing.T) {
 		t.Errorf("tcpInfoMinLen %d", tcpInfoMinLen)
 	}
 }
+
+// DumpExcluding leaves out the sockets on the excluded local ports, the
+// kernel's filter accepts the longest list allowed, and v1 and v2 requests
+// filter alike.
+func TestDumpExcluding(t *testing.T) {
+	l, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	cl, err := net.Dial("tcp4", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	srv, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	lport := uint16(l.Addr().(*net.TCPAddr).Port)
+	cport := uint16(cl.LocalAddr().(*net.TCPAddr).Port)
+	c, err := Open("/proc", os.Getpid(), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Ports no socket uses, then the listener's last: the last test is
+	// the one the jumps must get right.
+	long := make([]uint16, 0, MaxExcludedPorts)
+	for p := uint16(1); len(long) < MaxExcludedPorts-1; p++ {
+		if p != lport && p != cport {
+			long = append(long, p)
+		}
+	}
+	long = append(long, lport)
+	for _, v2 := range []bool{false, true} {
+		if v2 {
+			c.UseV2()
+		}
+		for _, exclude := range [][]uint16{{lport}, long} {
+			seen := map[uint16]int{}
+			err := c.DumpExcluding(context.Background(), AllStates, true, exclude, func(s *Socket) bool {
+				if s.LocalPort == lport || s.LocalPort == cport {
+					seen[s.LocalPort]++
+				}
+				return true
+			})
+			if err != nil {
+				t.Fatalf("v2 %v, %d ports: %v", v2, len(exclude), err)
+			}
+			if seen[lport] != 0 || seen[cport] != 1 {
+				t.Errorf("v2 %v, %d ports excluded: %d sockets on the listener's port (want 0), %d on the client's (want 1)",
+					v2, len(exclude), seen[lport], seen[cport])
+			}
+		}
+	}
+	if err := c.DumpExcluding(context.Background(), AllStates, false, make([]uint16, MaxExcludedPorts+1), func(*Socket) bool { return true }); err == nil {
+		t.Error("a filter past MaxExcludedPorts was accepted")
+	}
+}
