@@ -148,6 +148,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		a.Stop(time.Second)
 		return nil, err
 	}
+	a.goRun(func() { releaseBinaryPages(ctx, log) })
 	return a, nil
 }
 

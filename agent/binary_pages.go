@@ -1,0 +1,117 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The agent's own binary is most of its resident memory: measured beside a
+// quiet target, 22 of 35 MiB were file pages of its 24 MB executable, 96%
+// of its code and read-only data. The process does not use that much: the
+// start (package inits, the BTF and ELF parsing that loads the probes,
+// config, the first symbolization) runs code it never runs again, and the
+// kernel maps 64 KiB around every page touched (fault-around), so a few
+// touches map most of the file. Unmapped once the start is over, the pages
+// that come back are the ones the steady state runs: 12-13 MiB (measured
+// after MADV_PAGEOUT). So the read-only mappings of the executable are
+// dropped from the page tables (MADV_DONTNEED) binaryPagesAfter the start,
+// and again every binaryPagesEvery for what a rare path (a profile request,
+// a finding) touched. The pages stay in the page cache, shared and
+// reclaimable; a page used again costs a minor fault (all of them together
+// a few milliseconds of CPU). Writable mappings (.data, .bss) are never
+// touched: their pages hold the program's state.
+const (
+	binaryPagesAfter = 30 * time.Second
+	binaryPagesEvery = 10 * time.Minute
+)
+
+// releaseBinaryPages drops the executable's read-only pages from the page
+// tables after binaryPagesAfter, then every binaryPagesEvery, until ctx
+// ends.
+func releaseBinaryPages(ctx context.Context, log *slog.Logger) {
+	t := time.NewTimer(binaryPagesAfter)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n, err := dropBinaryPages("/proc/self")
+		if err != nil {
+			log.Debug("could not release the binary's pages", "err", err)
+		} else {
+			log.Debug("released the binary's pages", "bytes", n)
+		}
+		t.Reset(binaryPagesEvery)
+	}
+}
+
+// dropBinaryPages applies MADV_DONTNEED to the read-only mappings of the
+// process's executable (procSelf is /proc/self) and returns their size.
+func dropBinaryPages(procSelf string) (int, error) {
+	exe, err := os.Stat(procSelf + "/exe")
+	if err != nil {
+		return 0, fmt.Errorf("stat the executable: %w", err)
+	}
+	st, ok := exe.Sys().(*syscall.Stat_t)
+	if !ok {
+		return 0, fmt.Errorf("no inode for the executable")
+	}
+	dev := fmt.Sprintf("%02x:%02x", unix.Major(st.Dev), unix.Minor(st.Dev))
+	ranges, err := readOnlyMappings(procSelf+"/maps", dev, st.Ino)
+	if err != nil {
+		return 0, err
+	}
+	total := 0
+	for _, r := range ranges {
+		// A raw madvise: the range is the process's own code, which no
+		// Go slice describes.
+		if _, _, e := unix.Syscall(unix.SYS_MADVISE, uintptr(r[0]), uintptr(r[1]-r[0]), unix.MADV_DONTNEED); e != 0 {
+			return total, fmt.Errorf("madvise %#x-%#x: %w", r[0], r[1], e)
+		}
+		total += int(r[1] - r[0])
+	}
+	return total, nil
+}
+
+// readOnlyMappings returns the start and end of every mapping in a maps
+// file of the file dev ("fd:01") and ino that is not writable.
+func readOnlyMappings(path, dev string, ino uint64) ([][2]uint64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	var out [][2]uint64
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		// start-end perms offset dev inode path
+		f := bytes.Fields(sc.Bytes())
+		if len(f) < 6 || len(f[1]) < 4 || f[1][1] == 'w' {
+			continue
+		}
+		if n, err := strconv.ParseUint(string(f[4]), 10, 64); err != nil || n != ino || string(f[3]) != dev {
+			continue
+		}
+		lo, hi, ok := bytes.Cut(f[0], []byte{'-'})
+		if !ok {
+			continue
+		}
+		start, err1 := strconv.ParseUint(string(lo), 16, 64)
+		end, err2 := strconv.ParseUint(string(hi), 16, 64)
+		if err1 != nil || err2 != nil || end <= start {
+			continue
+		}
+		out = append(out, [2]uint64{start, end})
+	}
+	return out, sc.Err()
+}
