@@ -652,7 +652,7 @@ func TestSocketsRefreshesIdleAges(t *testing.T) {
 	tgt := socketsTarget(t, srv.PID)
 	h := newSocketsHarness(t, tgt, SocketsOptions{BusyInterval: time.Nanosecond, IdleInterval: time.Hour})
 	r1, r2 := "127.0.0.1:"+strconv.Itoa(q1), "127.0.0.1:"+strconv.Itoa(q2)
-	h.until("tcp_sockets_by_remote", map[string]float64{"agent/" + r1 + "/ESTABLISHED": 1, "agent/" + r2 + "/ESTABLISHED": 2},
+	h.until(signals.TCPSocketsByRemote, map[string]float64{"agent/" + r1 + "/ESTABLISHED": 1, "agent/" + r2 + "/ESTABLISHED": 2},
 		"owner", "remote", "state")
 	var events atomic.Uint64
 	h.store.SetActivity(signals.ConnActivity(tgt.NetnsIno), events.Load)
@@ -671,7 +671,7 @@ func TestSocketsRefreshesIdleAges(t *testing.T) {
 		t.Fatalf("segments only, BusyInterval passed: %d outbound-only dumps, want %d", h.c.idleRefreshes, before+1)
 	}
 	idle := func(h *socketsHarness, remote string) float64 {
-		return h.get("tcp_established_idle_seconds", signals.L("owner", "agent", "remote", remote))
+		return h.get(signals.TCPEstablishedIdleSeconds, signals.L("owner", "agent", "remote", remote))
 	}
 	if a1, a2 := idle(h, r1), idle(h, r2); a1 > 0.3 || a2 < 0.4 {
 		t.Errorf("idle ages after traffic toward %s only: %v and %v s, want under 0.3 and over 0.4", r1, a1, a2)
@@ -679,7 +679,7 @@ func TestSocketsRefreshesIdleAges(t *testing.T) {
 	// A full dump now writes the same.
 	full := newSocketsHarness(t, tgt, SocketsOptions{BusyInterval: -1, IdleInterval: -1})
 	full.collect()
-	for _, name := range []string{"tcp_sockets", "tcp_sockets_by_remote", "process_tcp_sockets"} {
+	for _, name := range []*signals.Desc{signals.TCPSockets, signals.TCPSocketsByRemote, signals.ProcessTCPSockets} {
 		labels := []string{"owner", "port", "remote", "state"}
 		if diff := cmp.Diff(full.series(name, labels...), h.series(name, labels...)); diff != "" {
 			t.Errorf("%s after the outbound-only dump (-full +got):\n%s", name, diff)
@@ -699,6 +699,6 @@ func TestSocketsRefreshesIdleAges(t *testing.T) {
 	}
 	// Its owner is learnt at the next cycle (the owner index reads fd
 	// tables after a dump met an inode it did not know).
-	h.until("tcp_sockets_by_remote", map[string]float64{"agent/" + r1 + "/ESTABLISHED": 2, "agent/" + r2 + "/ESTABLISHED": 2},
+	h.until(signals.TCPSocketsByRemote, map[string]float64{"agent/" + r1 + "/ESTABLISHED": 2, "agent/" + r2 + "/ESTABLISHED": 2},
 		"owner", "remote", "state")
 }
