@@ -1,14 +1,13 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
 	"os"
+	"reflect"
 	"strconv"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -59,18 +58,17 @@ func releaseBinaryPages(ctx context.Context, log *slog.Logger) {
 // dropBinaryPages applies MADV_DONTNEED to the read-only mappings of the
 // process's executable (procSelf is /proc/self) and returns their size.
 func dropBinaryPages(procSelf string) (int, error) {
-	exe, err := os.Stat(procSelf + "/exe")
+	b, err := os.ReadFile(procSelf + "/maps")
 	if err != nil {
-		return 0, fmt.Errorf("stat the executable: %w", err)
+		return 0, fmt.Errorf("read %s/maps: %w", procSelf, err)
 	}
-	st, ok := exe.Sys().(*syscall.Stat_t)
-	if !ok {
-		return 0, fmt.Errorf("no inode for the executable")
-	}
-	dev := fmt.Sprintf("%02x:%02x", unix.Major(st.Dev), unix.Minor(st.Dev))
-	ranges, err := readOnlyMappings(procSelf+"/maps", dev, st.Ino)
-	if err != nil {
-		return 0, err
+	// The executable is the file mapped where this function's code is:
+	// found by address, not by the inode stat gives, which overlayfs (a
+	// container's root) reports differently from maps.
+	pc := uint64(reflect.ValueOf(dropBinaryPages).Pointer())
+	ranges := readOnlyMappings(b, pc)
+	if len(ranges) == 0 {
+		return 0, fmt.Errorf("no read-only mapping of the executable at %#x in %s/maps", pc, procSelf)
 	}
 	total := 0
 	for _, r := range ranges {
@@ -84,34 +82,52 @@ func dropBinaryPages(procSelf string) (int, error) {
 	return total, nil
 }
 
-// readOnlyMappings returns the start and end of every mapping in a maps
-// file of the file dev ("fd:01") and ino that is not writable.
-func readOnlyMappings(path, dev string, ino uint64) ([][2]uint64, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+// mapsLine is one line of a maps file: its range, whether it is writable,
+// and the file it maps (device, inode and path as the line has them).
+type mapsLine struct {
+	start, end uint64
+	writable   bool
+	file       string
+}
+
+func parseMapsLine(l []byte) (mapsLine, bool) {
+	// start-end perms offset dev inode path
+	f := bytes.Fields(l)
+	if len(f) < 6 || len(f[1]) < 4 {
+		return mapsLine{}, false
 	}
-	var out [][2]uint64
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	for sc.Scan() {
-		// start-end perms offset dev inode path
-		f := bytes.Fields(sc.Bytes())
-		if len(f) < 6 || len(f[1]) < 4 || f[1][1] == 'w' {
-			continue
-		}
-		if n, err := strconv.ParseUint(string(f[4]), 10, 64); err != nil || n != ino || string(f[3]) != dev {
-			continue
-		}
-		lo, hi, ok := bytes.Cut(f[0], []byte{'-'})
+	lo, hi, ok := bytes.Cut(f[0], []byte{'-'})
+	if !ok {
+		return mapsLine{}, false
+	}
+	start, err1 := strconv.ParseUint(string(lo), 16, 64)
+	end, err2 := strconv.ParseUint(string(hi), 16, 64)
+	if err1 != nil || err2 != nil || end <= start || string(f[4]) == "0" {
+		return mapsLine{}, false
+	}
+	return mapsLine{start: start, end: end, writable: f[1][1] == 'w', file: string(bytes.Join(f[3:], []byte{' '}))}, true
+}
+
+// readOnlyMappings returns the start and end of every mapping of a maps
+// file that is not writable and maps the file mapped at pc.
+func readOnlyMappings(maps []byte, pc uint64) [][2]uint64 {
+	var lines []mapsLine
+	exe := ""
+	for l := range bytes.Lines(maps) {
+		m, ok := parseMapsLine(l)
 		if !ok {
 			continue
 		}
-		start, err1 := strconv.ParseUint(string(lo), 16, 64)
-		end, err2 := strconv.ParseUint(string(hi), 16, 64)
-		if err1 != nil || err2 != nil || end <= start {
-			continue
+		if m.start <= pc && pc < m.end {
+			exe = m.file
 		}
-		out = append(out, [2]uint64{start, end})
+		lines = append(lines, m)
 	}
-	return out, sc.Err()
+	var out [][2]uint64
+	for _, m := range lines {
+		if exe != "" && m.file == exe && !m.writable {
+			out = append(out, [2]uint64{m.start, m.end})
+		}
+	}
+	return out
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"os"
-	"path/filepath"
 	"testing"
 )
 
@@ -13,18 +12,15 @@ func TestReadOnlyMappings(t *testing.T) {
 01ab2000-01b00000 rw-p 00000000 00:00 0
 7f0000000000-7f0000001000 r--p 00000000 fd:02 1234 /other/device/same/inode
 7f0000002000-7f0000003000 r-xp 00000000 fd:01 99 /lib/libc.so
+7f0000004000-7f0000005000 r--p 00000000 fd:01 77 /bin/culprit (deleted)
 `
-	path := filepath.Join(t.TempDir(), "maps")
-	if err := os.WriteFile(path, []byte(maps), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	got, err := readOnlyMappings(path, "fd:01", 1234)
-	if err != nil {
-		t.Fatal(err)
-	}
+	got := readOnlyMappings([]byte(maps), 0x401234)
 	want := [][2]uint64{{0x400000, 0xe44000}, {0xe44000, 0x19af000}}
 	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
 		t.Fatalf("readOnlyMappings = %x, want %x", got, want)
+	}
+	if got := readOnlyMappings([]byte(maps), 0x1ab3000); len(got) != 0 {
+		t.Errorf("pc in anonymous memory: %x, want nothing", got)
 	}
 }
 
