@@ -86,6 +86,15 @@ type SockCalls struct {
 	connVals  []uint64
 }
 
+// writeTo makes the series the probe's polls write into store.
+func (p *SockCalls) writeTo(store *signals.Store) {
+	p.acceptS = newSeriesSet[int](store, signals.ProcessAcceptsTotal)
+	p.connS = newSeriesSet[string](store, signals.ProcessConnectsTotal)
+	p.errS = newSeriesSet[[2]string](store, signals.ProcessConnectErrorsTotal)
+	p.oldestS = cachedSeries{h: store.Handle(signals.ProcessUnreadOldestSeconds, nil)}
+	p.waitingS = cachedSeries{h: store.Handle(signals.ProcessUnreadSockets, nil)}
+}
+
 // NewSockCalls returns the probe, not yet loaded.
 func NewSockCalls(o SockCallsOptions) *SockCalls {
 	if o.MaxRemotes <= 0 {
@@ -135,12 +144,8 @@ func (p *SockCalls) Start(ctx context.Context, tracker *workload.Tracker, store 
 	if err != nil {
 		return err
 	}
-	p.acceptS = newSeriesSet[int](store, signals.ProcessAcceptsTotal)
-	p.connS = newSeriesSet[string](store, signals.ProcessConnectsTotal)
-	p.errS = newSeriesSet[[2]string](store, signals.ProcessConnectErrorsTotal)
-	p.oldestS = cachedSeries{h: store.Handle(signals.ProcessUnreadOldestSeconds, nil)}
+	p.writeTo(store)
 	p.changes = newChanges(objs.Changes, 4)
-	p.waitingS = cachedSeries{h: store.Handle(signals.ProcessUnreadSockets, nil)}
 	// Polled every probes.poll_interval, not paced: accept_overflow tells
 	// a stalled app from a slow one by the accepts made while a queue was
 	// full, and an accept read a second late would be dated inside the

@@ -141,6 +141,7 @@ func BenchmarkSockCallsPoll(b *testing.B) {
 			r := NewSockCalls(p.o)
 			p.mu.Unlock()
 			st := signals.New(64, 4096)
+			r.writeTo(st)
 			time.Sleep(150 * time.Millisecond) // "waiting" is longer than a poll interval
 			b.ResetTimer()
 			for range b.N {
