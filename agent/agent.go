@@ -63,8 +63,10 @@ type Agent struct {
 	logs     *exporters.FindingsLogs
 	engine   *rules.Engine
 	// ruleSet is what the engine runs; their needs say what a component
-	// that does not run costs (lost).
+	// that does not run costs (lostBy, worked out once: a degraded
+	// collector reports it every cycle).
 	ruleSet []rules.Rule
+	lostBy  map[string][]string
 }
 
 // StartAgent wires collectors, probes, rules and exporters and starts them.
@@ -103,6 +105,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		cancel: cancel,
 	}
 	a.ruleSet = rules.New(cfg.Rules, cfg.Pprof.Interval)
+	a.lostBy = lostByComponent(a.ruleSet)
 	a.Tracker = workload.NewTracker(res, sel, cfg.Target.RefindInterval, log)
 	if a.resource, err = exporters.NewResource(os.Environ(), a.Tracker); err != nil {
 		cancel()

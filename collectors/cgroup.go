@@ -69,6 +69,27 @@ func scanKV(b []byte, fn func(key []byte, v float64)) {
 	}
 }
 
+// The keys of the memory cgroup's files the collector keeps, and the name
+// each is kept under: v1's total_* include descendants, as usage_in_bytes
+// does. A key the file lacks stays absent: unknown, not zero.
+var (
+	v1StatKeys  = map[string]string{"total_rss": "anon", "total_cache": "file", "total_shmem": "shmem"}
+	v1OOMKeys   = map[string]string{"oom_kill": "oom_kill"}
+	v2StatKeys  = map[string]string{"anon": "anon", "file": "file", "shmem": "shmem", "kernel": "kernel", "sock": "sock"}
+	v2EventKeys = map[string]string{"oom": "oom", "oom_kill": "oom_kill", "max": "max", "high": "high"}
+)
+
+// keepKeys is a scanKV callback storing the lines of want's keys in dst,
+// under want's names: the lookup by string(key) and the stored names
+// allocate nothing per read.
+func keepKeys(dst map[string]float64, want map[string]string) func([]byte, float64) {
+	return func(k []byte, v float64) {
+		if name, ok := want[string(k)]; ok {
+			dst[name] = v
+		}
+	}
+}
+
 // parsePressure reads "some avg10=1.50 ..." lines into avg10 ratios.
 func parsePressure(b []byte) map[string]float64 {
 	out := map[string]float64{}
@@ -125,25 +146,10 @@ func readV1With(rd readFn, dir string) (cgroupMemory, error) {
 		m.Limit = 0
 	}
 	if b, err := rd(filepath.Join(dir, "memory.stat")); err == nil {
-		// total_* include descendants, as usage_in_bytes does. A key the
-		// file lacks stays absent: unknown, not zero.
-		scanKV(b, func(k []byte, v float64) {
-			switch string(k) {
-			case "total_rss":
-				m.Stat["anon"] = v
-			case "total_cache":
-				m.Stat["file"] = v
-			case "total_shmem":
-				m.Stat["shmem"] = v
-			}
-		})
+		scanKV(b, keepKeys(m.Stat, v1StatKeys))
 	}
 	if b, err := rd(filepath.Join(dir, "memory.oom_control")); err == nil {
-		scanKV(b, func(k []byte, v float64) {
-			if string(k) == "oom_kill" {
-				m.Events["oom_kill"] = v
-			}
-		})
+		scanKV(b, keepKeys(m.Events, v1OOMKeys))
 	}
 	if v, err := readNumberWith(rd, filepath.Join(dir, "memory.failcnt")); err == nil {
 		m.Events["max"] = v
@@ -164,34 +170,10 @@ func readV2With(rd readFn, dir string) (cgroupMemory, error) {
 		return m, err
 	}
 	if b, err := rd(filepath.Join(dir, "memory.stat")); err == nil {
-		scanKV(b, func(k []byte, v float64) {
-			switch string(k) {
-			case "anon":
-				m.Stat["anon"] = v
-			case "file":
-				m.Stat["file"] = v
-			case "shmem":
-				m.Stat["shmem"] = v
-			case "kernel":
-				m.Stat["kernel"] = v
-			case "sock":
-				m.Stat["sock"] = v
-			}
-		})
+		scanKV(b, keepKeys(m.Stat, v2StatKeys))
 	}
 	if b, err := rd(filepath.Join(dir, "memory.events")); err == nil {
-		scanKV(b, func(k []byte, v float64) {
-			switch string(k) {
-			case "oom":
-				m.Events["oom"] = v
-			case "oom_kill":
-				m.Events["oom_kill"] = v
-			case "max":
-				m.Events["max"] = v
-			case "high":
-				m.Events["high"] = v
-			}
-		})
+		scanKV(b, keepKeys(m.Events, v2EventKeys))
 	}
 	if b, err := rd(filepath.Join(dir, "memory.pressure")); err == nil {
 		m.Pressure = parsePressure(b)

@@ -55,19 +55,27 @@ func sleeper(t testing.TB) int {
 	return 0
 }
 
-func TestStatusMemoryAgreesWithProcfs(t *testing.T) {
+// sleeperFile is a settled sleeper for procfs, and the bytes of its
+// /proc/PID/name for the hand parser.
+func sleeperFile(t *testing.T, name string) (procfs.Proc, []byte) {
+	t.Helper()
 	pid := sleeper(t)
 	p, err := procfs.NewProc(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, b
+}
+
+func TestStatusMemoryAgreesWithProcfs(t *testing.T) {
+	p, b := sleeperFile(t, "status")
 	want, err := p.NewStatus()
 	if err != nil {
 		t.Fatalf("procfs NewStatus: %v", err)
-	}
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
-	if err != nil {
-		t.Fatal(err)
 	}
 	got, err := parseStatusMemory(b)
 	if err != nil {
@@ -92,18 +100,10 @@ func TestStatusMemoryAgreesWithProcfs(t *testing.T) {
 }
 
 func TestNofileAgreesWithProcfs(t *testing.T) {
-	pid := sleeper(t)
-	p, err := procfs.NewProc(pid)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, b := sleeperFile(t, "limits")
 	want, err := p.Limits()
 	if err != nil {
 		t.Fatalf("procfs Limits: %v", err)
-	}
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "limits"))
-	if err != nil {
-		t.Fatal(err)
 	}
 	soft, hard, softOK, hardOK, err := parseNofile(b)
 	if err != nil || !softOK || !hardOK {

@@ -2,10 +2,10 @@ package collectors
 
 import (
 	"fmt"
-	"io"
 	"os"
 	"time"
 
+	"github.com/culprit-dev/culprit/internal/readbuf"
 	"github.com/culprit-dev/culprit/signals"
 )
 
@@ -35,29 +35,7 @@ func procRootOf(o Options) string {
 // readProcFile reads a small /proc file into *buf, reusing its storage:
 // without stat, because procfs reports size 0, and without a new
 // allocation per call for collectors that read many such files per tick.
-func readProcFile(buf *[]byte, path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", path, err)
-	}
-	defer f.Close()
-	b := (*buf)[:0]
-	for {
-		if len(b) == cap(b) {
-			b = append(b, 0)[:len(b)]
-		}
-		n, err := f.Read(b[len(b):cap(b)])
-		b = b[:len(b)+n]
-		if err == io.EOF {
-			*buf = b
-			return b, nil
-		}
-		if err != nil {
-			*buf = b
-			return nil, fmt.Errorf("read %s: %w", path, err)
-		}
-	}
-}
+func readProcFile(buf *[]byte, path string) ([]byte, error) { return readbuf.File(path, buf) }
 
 // procFile is a /proc file kept open between reads: a collector that reads
 // the same file ten times a second saves the open and close (a path walk
@@ -88,23 +66,12 @@ func (p *procFile) read(buf *[]byte, path string) ([]byte, error) {
 		}
 		p.f, p.path = f, path
 	}
-	b := (*buf)[:0]
-	for {
-		if len(b) == cap(b) {
-			b = append(b, 0)[:len(b)]
-		}
-		n, err := p.f.ReadAt(b[len(b):cap(b)], int64(len(b)))
-		b = b[:len(b)+n]
-		if err == io.EOF || (err == nil && n == 0) {
-			*buf = b
-			return b, nil
-		}
-		if err != nil {
-			*buf = b
-			p.close()
-			return nil, fmt.Errorf("read %s: %w", path, err)
-		}
+	b, err := readbuf.ReadAt(p.f, buf)
+	if err != nil {
+		p.close()
+		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
+	return b, nil
 }
 
 // fileCache keeps the files a collector reads every cycle open and reads

@@ -295,21 +295,10 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 		// The window may hold only the stall's end: how long it lasted is
 		// what the rule remembers of it.
 		run = end.Sub(r.rememberStall(endpoint, st, ls, end.Add(-run), end, now).start)
-		ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(now.Sub(end)) + " ago"})
-		return Observation{
-			Key:         endpoint,
-			Cause:       CauseAppNotAccepting,
-			Title:       fmt.Sprintf("Accept queue of %s overflowing: the app is not accepting", endpoint),
-			Symptom:     dropped,
-			RootCause:   fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s; the app accepts again since %s ago, and the drops since are the stall's tail (waiting clients retrying together)", endpoint, int(backlog.V), duration(run), duration(now.Sub(end))),
-			Severity:    SeverityWarning,
-			Confidence:  0.8,
-			Evidence:    ev,
-			Artifacts:   arts,
-			Remediation: "The stall ended by itself. " + w.advice().LoopStalled(),
-			Labels:      labels,
-			Linger:      r.o.Window,
-		}, true
+		o := r.tail(w, endpoint, ls, run, now.Sub(end), dropped, ev, arts, labels)
+		o.RootCause = fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s; the app accepts again since %s ago, and the drops since are the stall's tail (waiting clients retrying together)", endpoint, int(backlog.V), duration(run), duration(now.Sub(end)))
+		o.Confidence = 0.8
+		return o, true
 	}
 
 	// The stall has left the window, but its clients may still be
@@ -320,22 +309,11 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 		if m.since == 1 {
 			verb = "is"
 		}
-		ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(ago) + " ago"})
-		return Observation{
-			Key:     endpoint,
-			Cause:   CauseAppNotAccepting,
-			Title:   fmt.Sprintf("Accept queue of %s overflowing: the app is not accepting", endpoint),
-			Symptom: dropped,
-			RootCause: fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s until %s ago; the app accepts again since, and the %s dropped since %s the stall's tail: clients that waited retrying their SYNs together, which they do until %s after their first (%s)",
-				endpoint, int(backlog.V), duration(run), duration(ago), count(m.since, "connection attempt", ""), verb, duration(sched.rounds[len(sched.rounds)-1]), sched.source),
-			Severity:    SeverityWarning,
-			Confidence:  0.7,
-			Evidence:    ev,
-			Artifacts:   arts,
-			Remediation: "The stall ended by itself. " + w.advice().LoopStalled(),
-			Labels:      labels,
-			Linger:      r.o.Window,
-		}, true
+		o := r.tail(w, endpoint, ls, run, ago, dropped, ev, arts, labels)
+		o.RootCause = fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s until %s ago; the app accepts again since, and the %s dropped since %s the stall's tail: clients that waited retrying their SYNs together, which they do until %s after their first (%s)",
+			endpoint, int(backlog.V), duration(run), duration(ago), count(m.since, "connection attempt", ""), verb, duration(sched.rounds[len(sched.rounds)-1]), sched.source)
+		o.Confidence = 0.7
+		return o, true
 	}
 
 	// "Backlog too small" needs proof that the app accepts: the queue
@@ -686,6 +664,25 @@ func (s synSchedule) roundsBy(start, now time.Time) int {
 		}
 	}
 	return max(n, 1)
+}
+
+// tail is the finding of drops after a stall of run that ended ago: the
+// stall's tail, its cause unchanged. The callers add the root cause, worded
+// for what they know of the stall, and their confidence.
+func (r *AcceptOverflow) tail(w Window, endpoint string, ls signals.Labels, run, ago time.Duration, dropped string, ev []Evidence, arts []Artifact, labels map[string]string) Observation {
+	ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(ago) + " ago"})
+	return Observation{
+		Key:         endpoint,
+		Cause:       CauseAppNotAccepting,
+		Title:       fmt.Sprintf("Accept queue of %s overflowing: the app is not accepting", endpoint),
+		Symptom:     dropped,
+		Severity:    SeverityWarning,
+		Evidence:    ev,
+		Artifacts:   arts,
+		Remediation: "The stall ended by itself. " + w.advice().LoopStalled(),
+		Labels:      labels,
+		Linger:      r.o.Window,
+	}
 }
 
 // increaseBetween is how much a counter grew from its sample at (or the

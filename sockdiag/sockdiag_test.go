@@ -16,25 +16,33 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// A real dump of this process's own namespace finds a listener and both
-// ends of a connection to it, with the inodes /proc/self/fd shows and the
-// queues the kernel keeps: unread bytes on the server end.
-func TestDumpOwnNamespace(t *testing.T) {
+// loopbackPair is a listener and both ends of a connection to it, closed
+// when the test ends.
+func loopbackPair(t *testing.T) (net.Listener, net.Conn, net.Conn) {
+	t.Helper()
 	l, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	t.Cleanup(func() { l.Close() })
 	cl, err := net.Dial("tcp4", l.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cl.Close()
+	t.Cleanup(func() { cl.Close() })
 	srv, err := l.Accept()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer srv.Close()
+	t.Cleanup(func() { srv.Close() })
+	return l, cl, srv
+}
+
+// A real dump of this process's own namespace finds a listener and both
+// ends of a connection to it, with the inodes /proc/self/fd shows and the
+// queues the kernel keeps: unread bytes on the server end.
+func TestDumpOwnNamespace(t *testing.T) {
+	l, cl, srv := loopbackPair(t)
 	if _, err := cl.Write([]byte("hello")); err != nil { // unread on the server end
 		t.Fatal(err)
 	}
@@ -270,21 +278,7 @@ func TestTCPInfoOffsets(t *testing.T) {
 // kernel's filter accepts the longest list allowed, and v1 and v2 requests
 // filter alike.
 func TestDumpExcluding(t *testing.T) {
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	cl, err := net.Dial("tcp4", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	srv, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
+	l, cl, _ := loopbackPair(t)
 	lport := uint16(l.Addr().(*net.TCPAddr).Port)
 	cport := uint16(cl.LocalAddr().(*net.TCPAddr).Port)
 	c, err := Open("/proc", os.Getpid(), 0)

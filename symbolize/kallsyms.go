@@ -102,15 +102,11 @@ func parseKallsyms(r io.Reader) (ks *kallsyms, ok bool, err error) {
 	return ks, true, nil
 }
 
-// readKallsyms reads the table: straight into its entries, the names into
-// one arena, both allocated at the size of hint. /proc/kallsyms is mostly
-// in address order (the kernel's symbols, then each module's), but BPF
-// programs and modules interleave, so the entries are sorted in place when
-// they must be.
-func readKallsyms(r io.Reader, hint ksSize) (*ksTable, bool, error) {
-	t := &ksTable{ents: make([]ksEnt, 0, hint.syms), names: make([]byte, 0, hint.bytes)}
-	nonZero, sorted := false, true
-	// ReadSlice avoids a string per line: the file has over 100k of them.
+// scanKallsyms calls fn with each symbol line of r (name aliases the
+// reader's buffer: copy it to keep it) and says whether any address was
+// not 0 (all are 0 under kptr_restrict). ReadSlice avoids a string per
+// line: the file has over 100k of them.
+func scanKallsyms(r io.Reader, fn func(addr uint64, global bool, name []byte)) (nonZero bool, err error) {
 	br := bufio.NewReaderSize(r, 64<<10)
 	for {
 		line, err := br.ReadSlice('\n')
@@ -122,19 +118,35 @@ func readKallsyms(r io.Reader, hint ksSize) (*ksTable, bool, error) {
 		if len(line) > 0 {
 			if addr, g, name, ok := parseKallsymsLine(line); ok && len(name) <= 1<<16-1 {
 				nonZero = nonZero || addr != 0
-				if n := len(t.ents); n > 0 && addr < t.ents[n-1].addr {
-					sorted = false
-				}
-				t.ents = append(t.ents, ksEnt{addr: addr, off: uint32(len(t.names)), n: uint16(len(name)), global: g})
-				t.names = append(t.names, name...)
+				fn(addr, g, name)
 			}
 		}
 		if err == io.EOF {
-			break
+			return nonZero, nil
 		}
 		if err != nil {
-			return nil, false, fmt.Errorf("read kallsyms: %w", err)
+			return nonZero, err
 		}
+	}
+}
+
+// readKallsyms reads the table: straight into its entries, the names into
+// one arena, both allocated at the size of hint. /proc/kallsyms is mostly
+// in address order (the kernel's symbols, then each module's), but BPF
+// programs and modules interleave, so the entries are sorted in place when
+// they must be.
+func readKallsyms(r io.Reader, hint ksSize) (*ksTable, bool, error) {
+	t := &ksTable{ents: make([]ksEnt, 0, hint.syms), names: make([]byte, 0, hint.bytes)}
+	sorted := true
+	nonZero, err := scanKallsyms(r, func(addr uint64, g bool, name []byte) {
+		if n := len(t.ents); n > 0 && addr < t.ents[n-1].addr {
+			sorted = false
+		}
+		t.ents = append(t.ents, ksEnt{addr: addr, off: uint32(len(t.names)), n: uint16(len(name)), global: g})
+		t.names = append(t.names, name...)
+	})
+	if err != nil {
+		return nil, false, fmt.Errorf("read kallsyms: %w", err)
 	}
 	if !nonZero {
 		return nil, false, nil
@@ -340,36 +352,18 @@ func streamKallsyms(path string, addrs []uint64) ([]ksName, bool) {
 		name   []byte
 	}
 	bs := make([]bucket, len(sorted))
-	nonZero := false
-	br := bufio.NewReaderSize(f, 64<<10)
-	for {
-		line, err := br.ReadSlice('\n')
-		for err == bufio.ErrBufferFull {
-			line = nil
-			_, err = br.ReadSlice('\n')
-		}
-		if len(line) > 0 {
-			if addr, g, name, ok := parseKallsymsLine(line); ok && len(name) <= 1<<16-1 {
-				nonZero = nonZero || addr != 0
-				if i, _ := slices.BinarySearch(sorted, addr); i < len(bs) {
-					b := &bs[i]
-					switch {
-					case !b.set || addr > b.addr:
-						b.addr, b.global, b.set, b.name = addr, g, true, append(b.name[:0], name...)
-					case addr == b.addr && g && !b.global:
-						b.global, b.name = true, append(b.name[:0], name...)
-					}
-				}
+	nonZero, err := scanKallsyms(f, func(addr uint64, g bool, name []byte) {
+		if i, _ := slices.BinarySearch(sorted, addr); i < len(bs) {
+			b := &bs[i]
+			switch {
+			case !b.set || addr > b.addr:
+				b.addr, b.global, b.set, b.name = addr, g, true, append(b.name[:0], name...)
+			case addr == b.addr && g && !b.global:
+				b.global, b.name = true, append(b.name[:0], name...)
 			}
 		}
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return nil, false
-		}
-	}
-	if !nonZero {
+	})
+	if err != nil || !nonZero {
 		return nil, false
 	}
 	// The answer for sorted[i] is the nearest set bucket at or below i.

@@ -12,15 +12,7 @@ import (
 )
 
 func TestParseKallsymsFixture(t *testing.T) {
-	f, err := os.Open("testdata/kallsyms.txt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	ks, ok, err := parseKallsyms(f)
-	if err != nil || !ok {
-		t.Fatalf("parseKallsyms: ok=%v err=%v", ok, err)
-	}
+	ks := fixtureKallsyms(t)
 	for _, c := range []struct {
 		addr uint64
 		want string
@@ -141,15 +133,7 @@ func kallsymsAddr(t testing.TB, name string) uint64 {
 // lookup that needed it; cached answers stay, and a new address reads it
 // again.
 func TestKallsymsDropAndReload(t *testing.T) {
-	f, err := os.Open("testdata/kallsyms.txt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	ks, ok, err := parseKallsyms(f)
-	if err != nil || !ok {
-		t.Fatalf("parseKallsyms: ok=%v err=%v", ok, err)
-	}
+	ks := fixtureKallsyms(t)
 	ks.mu.Lock()
 	ks.keep = 20 * time.Millisecond
 	ks.scheduleDropLocked()
@@ -248,15 +232,7 @@ func TestStreamKallsymsMatchesTable(t *testing.T) {
 // After a drop, a miss is answered by one pass over the file, the table
 // left out; misses again within keep bring the table back.
 func TestKallsymsStreamThenLoad(t *testing.T) {
-	f, err := os.Open("testdata/kallsyms.txt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	ks, ok, err := parseKallsyms(f)
-	if err != nil || !ok {
-		t.Fatalf("parseKallsyms: ok=%v err=%v", ok, err)
-	}
+	ks := fixtureKallsyms(t)
 	ks.mu.Lock()
 	ks.tab = nil // dropped
 	ks.mu.Unlock()
@@ -274,4 +250,19 @@ func TestKallsymsStreamThenLoad(t *testing.T) {
 	if !ks.loaded() || ks.loads != 3 {
 		t.Fatalf("after a second miss within keep: table loaded %v, %d reads; want the table", ks.loaded(), ks.loads)
 	}
+}
+
+// fixtureKallsyms is the table of testdata/kallsyms.txt.
+func fixtureKallsyms(t *testing.T) *kallsyms {
+	t.Helper()
+	f, err := os.Open("testdata/kallsyms.txt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ks, ok, err := parseKallsyms(f)
+	if err != nil || !ok {
+		t.Fatalf("parseKallsyms: ok=%v err=%v", ok, err)
+	}
+	return ks
 }

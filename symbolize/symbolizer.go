@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -17,6 +16,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/culprit-dev/culprit/internal/readbuf"
 )
 
 // Options configures a Symbolizer.
@@ -133,27 +134,11 @@ var mapsSeed = maphash.MakeSeed()
 // readMapsLocked reads /proc/PID/maps into the symbolizer's buffer, valid
 // until the next call.
 func (s *Symbolizer) readMapsLocked(pid int) ([]byte, error) {
-	f, err := os.Open(filepath.Join(s.procRoot, strconv.Itoa(pid), "maps"))
+	b, err := readbuf.File(filepath.Join(s.procRoot, strconv.Itoa(pid), "maps"), &s.mapsBuf)
 	if err != nil {
 		return nil, err
 	}
-	defer f.Close()
-	b := s.mapsBuf[:0]
-	for {
-		if len(b) == cap(b) {
-			b = append(b, 0)[:len(b)]
-		}
-		n, err := f.Read(b[len(b):cap(b)])
-		b = b[:len(b)+n]
-		if err == io.EOF {
-			s.mapsBuf = b
-			return b, nil
-		}
-		if err != nil {
-			s.mapsBuf = b
-			return nil, err
-		}
-	}
+	return b, nil
 }
 
 // object is the file behind one mapping. It points into the file cache
