@@ -27,7 +27,7 @@ import (
 // This file is the agent's lifecycle: what one running agent holds, the
 // order StartAgent wires the parts in (each part's wiring is in the file
 // named after it: collectors.go, probes.go, traces.go, servers.go,
-// findings_logs.go, target.go, memory_limit.go), and Stop, which ends them
+// findings_logs.go, target.go, runtime_size.go), and Stop, which ends them
 // so that watchers can resume, the last finding events are exported, and
 // no collector is closed under its goroutine.
 
@@ -84,6 +84,7 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		return nil, err
 	}
 	setMemoryLimit(cfg, log)
+	setMaxProcs(cfg, log)
 	// The shared clock of the agent's periodic work idles at this while
 	// nothing is going on (signals.Ticker).
 	signals.SetIdle(cfg.Probes.IdlePoll)

@@ -72,6 +72,9 @@ type Config struct {
 		// GOGC is the Go garbage collector's target (percent heap growth
 		// between collections); 0 keeps the runtime's (GOGC env, or 100).
 		GOGC int `toml:"gogc" range:"[0,1000]"`
+		// MaxProcs is the agent's GOMAXPROCS; 0 keeps the runtime's
+		// (GOMAXPROCS env, else the container's CPU limit or the CPUs).
+		MaxProcs int `toml:"max_procs" range:"[0,1024]"`
 	} `toml:"agent"`
 	Target struct {
 		PID            int           `toml:"pid" range:"[0,4194304]"`
@@ -205,6 +208,7 @@ func DefaultConfig() Config {
 	c.Agent.MemoryLimitBytes = 0
 	c.Agent.MemoryLimitRatio = 0.8
 	c.Agent.GOGC = 50
+	c.Agent.MaxProcs = 1
 	c.Target.RefindInterval = 500 * time.Millisecond
 	c.Collect.Interval = time.Second
 	c.Collect.FastInterval = 100 * time.Millisecond

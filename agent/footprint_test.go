@@ -196,6 +196,38 @@ func TestAgentMemoryLimitFromCgroup(t *testing.T) {
 	}
 }
 
+// TestAgentRuntimeSize: the agent runs its Go code on agent.max_procs
+// threads (1 by default, the cheapest while the target is quiet) with
+// agent.gogc, as its own /metrics reports them; GOMAXPROCS in the
+// environment wins over the key.
+func TestAgentRuntimeSize(t *testing.T) {
+	requireRoot(t)
+	s := testenv.Start(t, testenv.Options{Backlog: 128, Accept: true})
+	for _, c := range []struct {
+		name  string
+		env   []string
+		sets  []string
+		procs float64
+	}{
+		{"default", nil, nil, float64(DefaultConfig().Agent.MaxProcs)},
+		{"max_procs=2", nil, []string{"agent.max_procs=2"}, 2},
+		{"GOMAXPROCS wins", []string{"GOMAXPROCS=2"}, nil, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			o := sidecarAgent(t, culpritBinary(t), s.PID, nil, c.sets...)
+			o.Env = c.env
+			a := testenv.StartAgent(t, o)
+			m := agentMetrics(t, a)
+			if got := m["go_sched_gomaxprocs_threads"]; got != c.procs {
+				t.Errorf("go_sched_gomaxprocs_threads = %v, want %v", got, c.procs)
+			}
+			if got, want := m["go_gc_gogc_percent"], float64(DefaultConfig().Agent.GOGC); got != want {
+				t.Errorf("go_gc_gogc_percent = %v, want %v (agent.gogc)", got, want)
+			}
+		})
+	}
+}
+
 // TestAgentPprofLoopbackOnly: agent.pprof serves the agent's own profiles
 // on the HTTP listener, to loopback callers; it is off by default.
 func TestAgentPprofLoopbackOnly(t *testing.T) {

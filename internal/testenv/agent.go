@@ -40,6 +40,8 @@ type AgentOptions struct {
 	// wrapper that forks (--fork), Stop signals the agent under it, as
 	// the kubelet's SIGTERM reaches a container's main process.
 	Wrap []string
+	// Env adds variables to the agent's environment (the test's own).
+	Env []string
 	// Cred runs the command as another user.
 	Cred *syscall.Credential
 	// BeforeExec, when set, is called with the PID the agent will have
@@ -116,6 +118,9 @@ func StartAgent(t testing.TB, o AgentOptions) *Agent {
 	a.LogPath = logf.Name()
 	a.cmd = exec.Command(argv[0], argv[1:]...)
 	a.cmd.Stdout, a.cmd.Stderr = logf, logf
+	if len(o.Env) > 0 {
+		a.cmd.Env = append(os.Environ(), o.Env...)
+	}
 	// Killed with the test binary: the spawner thread that forks it never
 	// ends before the process does.
 	a.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: o.Cred, Pdeathsig: syscall.SIGKILL}
