@@ -367,9 +367,15 @@ func TestAcceptOverflowHerdAfterStall(t *testing.T) {
 	key := opened.Finding.Key
 	var tail *culpritv1.Finding
 	// check fails any event for the listener that blames the backlog, and
-	// keeps the last that called drops after 30 s the stall's tail.
+	// keeps the last that called drops after 30 s the stall's tail. The
+	// queue that stays full while the process idles is the stall seen from
+	// another side: no throughput_plateau of its own ("a lock, a bounded
+	// pool" would be untrue advice for an app that stopped accepting).
 	check := func(ev *culpritv1.FindingEvent) {
 		f := ev.Finding
+		if f != nil && f.Rule == "throughput_plateau" && f.Key == key && ev.Type == culpritv1.FindingEvent_TYPE_OPENED {
+			t.Errorf("%.1fs the stall also opened throughput_plateau: %s", time.Since(start).Seconds(), f.Title)
+		}
 		if f == nil || f.Rule != "accept_overflow" || f.Key != key {
 			return
 		}

@@ -243,6 +243,7 @@ func (e *Engine) Evaluate(now time.Time) {
 		}
 	}
 	e.explain(obs)
+	e.explainFacets(obs)
 	e.hot = len(obs) > 0 || len(e.active) > 0
 	for _, p := range obs {
 		if p.explainedBy != "" {
@@ -280,6 +281,22 @@ type Symptom interface {
 	Rule
 	Symptom()
 }
+
+// Facet is implemented by rules whose observation on a key can be one
+// side of a fault that a more specific cause of another rule names on the
+// same key. throughput_plateau's "work queues while the CPU idles" on a
+// listener whose app stopped accepting is that stall (accept_overflow's
+// app_not_accepting); reported on its own, its "a lock, a bounded pool"
+// would be untrue advice. While such a cause is observed, or open, on the
+// same key, the facet is not reported (an open one resolves after its
+// hold-down).
+type Facet interface {
+	Rule
+	FacetOf() []RuleCause
+}
+
+// RuleCause names one cause of one rule.
+type RuleCause struct{ Rule, Cause string }
 
 type pending struct {
 	rule, key   string
@@ -328,6 +345,42 @@ func (e *Engine) explain(obs []pending) {
 			}
 		}
 	}
+}
+
+// explainFacets marks the observations of Facet rules whose key has one
+// of the causes they are a facet of, observed now or open.
+func (e *Engine) explainFacets(obs []pending) {
+	for i := range obs {
+		p := &obs[i]
+		f, ok := e.ruleOf(p.rule).(Facet)
+		if !ok || p.explainedBy != "" {
+			continue
+		}
+	causes:
+		for _, rc := range f.FacetOf() {
+			k := rc.Rule + "/" + p.o.Key
+			for _, q := range obs {
+				if q.key == k && q.o.Cause == rc.Cause {
+					p.explainedBy = k
+					break causes
+				}
+			}
+			if a, ok := e.active[k]; ok && a.f.Cause == rc.Cause {
+				p.explainedBy = k
+				break
+			}
+		}
+	}
+}
+
+// ruleOf is the rule named name (nil if none).
+func (e *Engine) ruleOf(name string) Rule {
+	for _, r := range e.rules {
+		if r.Name() == name {
+			return r
+		}
+	}
+	return nil
 }
 
 // openTraceOwners maps the trace ids on open findings of root-cause rules

@@ -197,6 +197,66 @@ func TestEngineExplainsSymptoms(t *testing.T) {
 	}
 }
 
+// facetRule is a scripted rule that is a facet of accept_overflow's
+// app_not_accepting, as throughput_plateau is.
+type facetRule struct{ named }
+
+func (*facetRule) FacetOf() []RuleCause {
+	return []RuleCause{{Rule: "accept_overflow", Cause: CauseAppNotAccepting}}
+}
+
+// A plateau on a listener whose app stopped accepting is the stall seen
+// from another side: not reported while the stall is observed or open on
+// the same listener (an open plateau resolves), reported on another
+// listener, or beside another cause on the same one.
+func TestEngineExplainsFacets(t *testing.T) {
+	stall := &named{name: "accept_overflow"}
+	plateau := &facetRule{named{name: "throughput_plateau"}}
+	j := NewJournal(64)
+	e := NewEngine([]Rule{plateau, stall}, signals.New(16, 64), j, nil, EngineOptions{
+		Interval: time.Second, ResolveAfter: 2 * time.Second, MinUpdateInterval: time.Second, MaxOpen: 10,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	openRules := func() map[string]bool {
+		open, _ := j.Open()
+		out := map[string]bool{}
+		for _, f := range open {
+			out[f.Rule+"/"+f.Key] = true
+		}
+		return out
+	}
+	t0 := time.Unix(1000, 0)
+	at := func(d time.Duration) time.Time { return t0.Add(d) }
+
+	// The plateau first (it opens), then the stall on the same listener:
+	// the plateau is explained and resolves after its hold-down.
+	plateau.obs = []Observation{{Key: ":8080", Cause: CauseWaitingNotWorking}}
+	e.Evaluate(at(0))
+	if !openRules()["throughput_plateau/:8080"] {
+		t.Fatalf("plateau alone did not open: %v", openRules())
+	}
+	stall.obs = []Observation{{Key: ":8080", Cause: CauseAppNotAccepting}}
+	e.Evaluate(at(time.Second))
+	e.Evaluate(at(4 * time.Second))
+	if got := openRules(); got["throughput_plateau/:8080"] || !got["accept_overflow/:8080"] {
+		t.Fatalf("with the stall open: %v, want accept_overflow only", got)
+	}
+	// The stall no longer observed but open (hold-down): still explains.
+	stall.obs = nil
+	e.Evaluate(at(4500 * time.Millisecond))
+	if openRules()["throughput_plateau/:8080"] {
+		t.Fatalf("during the stall's hold-down the plateau opened: %v", openRules())
+	}
+	// Another listener, and another cause on the same listener: reported.
+	e.Evaluate(at(10 * time.Second)) // the stall resolves
+	stall.obs = []Observation{{Key: ":8080", Cause: CauseBacklogTooSmall}}
+	plateau.obs = []Observation{{Key: ":8080", Cause: CauseWaitingNotWorking}, {Key: ":9090", Cause: CauseWaitingNotWorking}}
+	e.Evaluate(at(11 * time.Second))
+	if got := openRules(); !got["throughput_plateau/:8080"] || !got["throughput_plateau/:9090"] {
+		t.Errorf("plateaus beside backlog_too_small and on another listener: %v, want both open", got)
+	}
+}
+
 // One fault, one finding: an episode that goes quiet for less than its
 // Linger (a burst every few seconds) stays one finding; numbers that drift
 // under update_threshold are not events (but are current in the journal's

@@ -45,6 +45,12 @@ func (*ThroughputPlateau) Needs() []Need {
 	}
 }
 
+// FacetOf: a queue that stays full while the process idles because the
+// app stopped accepting is accept_overflow's stall, not a plateau.
+func (*ThroughputPlateau) FacetOf() []RuleCause {
+	return []RuleCause{{Rule: (*AcceptOverflow).Name(nil), Cause: CauseAppNotAccepting}}
+}
+
 func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
 	st, from := w.Store, w.Now.Add(-r.o.Window)
 	cpu, ok := processCores(w, from, r.o.Window)
