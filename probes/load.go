@@ -31,6 +31,13 @@ func load(probe string, spec *ebpf.CollectionSpec, objs any) error {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return fmt.Errorf("%s: remove memlock limit: %w", probe, err)
 	}
+	if m, ok := spec.Maps["changes"]; ok {
+		// A cache line of counters per CPU (changes.h); without the
+		// CPU count, the counters share line 0.
+		if cpus, err := ebpf.PossibleCPU(); err == nil {
+			m.MaxEntries = changesLine * uint32(1+cpus)
+		}
+	}
 	if err := spec.LoadAndAssign(objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -326,15 +333,22 @@ func paced(ctx context.Context, o Options, store *signals.Store, kick kicker, f 
 	}
 }
 
+// changesLine is CULPRIT_CHANGES_LINE (changes.h): the counters of one
+// CPU, a cache line.
+const changesLine = 8
+
 // changes reads a probe's change counters (bpf/headers/changes.h) through
 // the memory mapping of its `changes` array: a memory read per poll, no
 // system call. A poll whose counter did not move skips walking the map it
-// stands for. Without BPF_F_MMAPABLE (kernels before 5.5) every poll
-// walks, as if the counters always moved.
+// stands for. Each CPU bumps its own copy of a counter, in a cache line of
+// its own; a counter's value is the sum over the lines. Without
+// BPF_F_MMAPABLE (kernels before 5.5) every poll walks, as if the counters
+// always moved.
 type changes struct {
 	mm   *ebpf.Memory
 	last []uint64
-	buf  [8]byte
+	buf  []byte // the whole array
+	mu   sync.Mutex
 }
 
 func newChanges(m *ebpf.Map, n int) *changes {
@@ -342,6 +356,7 @@ func newChanges(m *ebpf.Map, n int) *changes {
 	if m != nil {
 		if mm, err := m.Memory(); err == nil {
 			c.mm = mm
+			c.buf = make([]byte, 8*int(m.MaxEntries()))
 		}
 	}
 	for i := range c.last {
@@ -357,27 +372,30 @@ func (c *changes) moved(i int) bool {
 	if c == nil || c.mm == nil {
 		return true
 	}
-	if _, err := c.mm.ReadAt(c.buf[:], int64(8*i)); err != nil {
+	v := c.value(i)
+	if v == ^uint64(0) || v != c.last[i] {
+		c.last[i] = v
 		return true
 	}
-	v := binary.NativeEndian.Uint64(c.buf[:])
-	if v == c.last[i] {
-		return false
-	}
-	c.last[i] = v
-	return true
+	return false
 }
 
-// value reads counter i as it is now (^0 when it cannot be read).
+// value reads counter i as it is now, the sum of every CPU's (^0 when it
+// cannot be read). It copies the array once: (1 + CPUs) × 64 bytes.
 func (c *changes) value(i int) uint64 {
 	if c == nil || c.mm == nil {
 		return ^uint64(0)
 	}
-	var b [8]byte
-	if _, err := c.mm.ReadAt(b[:], int64(8*i)); err != nil {
+	c.mu.Lock() // the accept_queue collector reads tcplisten's too
+	defer c.mu.Unlock()
+	if _, err := c.mm.ReadAt(c.buf, 0); err != nil {
 		return ^uint64(0)
 	}
-	return binary.NativeEndian.Uint64(b[:])
+	var v uint64
+	for off := 8 * i; off+8 <= len(c.buf); off += 8 * changesLine {
+		v += binary.NativeEndian.Uint64(c.buf[off:])
+	}
+	return v
 }
 
 // arm sets counter slot to 1 while the shared clock idles: the probe's

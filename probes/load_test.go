@@ -1,8 +1,16 @@
 package probes
 
 import (
+	"encoding/binary"
+	"os"
+	"os/signal"
+	"runtime"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
 )
@@ -40,5 +48,73 @@ func TestSeriesSetCounterBornAtZero(t *testing.T) {
 	}
 	if n := len(st.Range(signals.ProcessUnreadOldestSeconds, nil, t0)); n != 1 {
 		t.Errorf("gauge has %d samples, want 1 (no 0 before a gauge)", n)
+	}
+}
+
+// Each CPU bumps its own cache line of change counters (changes.h), and
+// a counter is the sum over the lines: signals sent to a target from each
+// CPU in turn move the sum once per signal, and every CPU's line holds
+// its own. Real probe objects (procsignals), real signals.
+func TestChangesPerCPU(t *testing.T) {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runtime.NumCPU() < 2 {
+		t.Skip("SKIP: one CPU: no line of another CPU to tell apart")
+	}
+	spec, err := loadProcSignals()
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs := &procSignalsObjects{}
+	if err := load("procsignals", spec, objs); err != nil {
+		t.Fatal(err)
+	}
+	defer objs.Close()
+	if got, want := objs.Changes.MaxEntries(), uint32(changesLine*(1+cpus)); got != want {
+		t.Fatalf("changes has %d entries, want %d (a line per CPU and line 0)", got, want)
+	}
+	links, err := attachTracing("procsignals", tracingProg{"tp_btf/signal_generate", objs.CulpritSignalGenerate})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeLinks(links)
+	if err := objs.Targets.Put(uint32(os.Getpid()), uint8(1)); err != nil {
+		t.Fatal(err)
+	}
+	signal.Ignore(syscall.SIGQUIT) // generated all the same; nobody dies
+	defer signal.Reset(syscall.SIGQUIT)
+	ch := newChanges(objs.Changes, 1)
+	before := ch.value(0)
+	// signal_generate runs on the sender's CPU.
+	const perCPU = 3
+	for cpu := 0; cpu < 2; cpu++ {
+		func() {
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			var set unix.CPUSet
+			set.Set(cpu)
+			if err := unix.SchedSetaffinity(0, &set); err != nil {
+				t.Fatalf("pin to CPU %d: %v", cpu, err)
+			}
+			for i := 0; i < perCPU; i++ {
+				if err := unix.Kill(os.Getpid(), syscall.SIGQUIT); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}()
+	}
+	if got := ch.value(0) - before; got != 2*perCPU {
+		t.Errorf("counter moved by %d, want %d (one per signal, summed over CPUs)", got, 2*perCPU)
+	}
+	for cpu := 0; cpu < 2; cpu++ {
+		off := 8 * changesLine * (1 + cpu)
+		if v := binary.NativeEndian.Uint64(ch.buf[off:]); v < perCPU {
+			t.Errorf("CPU %d's line holds %d, want at least %d", cpu, v, perCPU)
+		}
+	}
+	if !ch.moved(0) || ch.moved(0) {
+		t.Error("moved: want true once after the signals, then false")
 	}
 }
