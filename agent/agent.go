@@ -108,6 +108,9 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 	a.ruleSet = rules.New(cfg.Rules, cfg.Pprof.Interval)
 	a.lostBy = lostByComponent(a.ruleSet)
 	a.Tracker = workload.NewTracker(res, sel, cfg.Target.RefindInterval, log)
+	// A (re)found target: every poller at its fast interval for a while,
+	// so that the probes take the new process at once.
+	a.Tracker.OnChange(signals.HotNow)
 	if a.resource, err = exporters.NewResource(os.Environ(), a.Tracker); err != nil {
 		cancel()
 		return nil, fmt.Errorf("name the service and its pod: %w", err)

@@ -282,7 +282,7 @@ func footprintNginx(b *testing.B, bin string) {
 	}
 	b.StopTimer()
 	st := load.Stop()
-	as := procStatus(a.PID)
+	as, ns := procStatus(a.PID), procStatus(ne.pid)
 	pct := func(d time.Duration) float64 { return 100 * float64(d) / float64(wall) }
 	b.ReportMetric(float64(2*held), "sockets")
 	b.ReportMetric(float64(st.Requests)/st.Elapsed.Seconds(), "requests/s")
@@ -290,6 +290,7 @@ func footprintNginx(b *testing.B, bin string) {
 	b.ReportMetric(pct(neCPU), "node-exporter-cpu-%")
 	b.ReportMetric(mib(as["VmRSS"]), "agent-rss-MiB")
 	b.ReportMetric(mib(as["VmHWM"]), "agent-hwm-MiB")
+	b.ReportMetric(mib(ns["VmRSS"]), "node-exporter-rss-MiB")
 	if st.Errors > 0 {
 		b.Errorf("load errors: %v", st)
 	}

@@ -371,10 +371,10 @@ func TestSYNFloodFinding(t *testing.T) {
 func TestStalledShutdownFinding(t *testing.T) {
 	s, events := stalledShutdownScenario(t)
 	s.MustDo(t, "dial 5")
-	// The procsignals probe learns its target at its next poll, which
-	// slows to probes.idle_poll_interval while no signal comes: a SIGTERM
-	// before that poll is not the target's (seen under load at 300 ms).
-	time.Sleep(DefaultConfig().Probes.IdlePoll + 300*time.Millisecond)
+	// The procsignals probe takes a (re)found target at once
+	// (workload.Tracker.OnChange), not at its next poll, which slows to
+	// probes.idle_poll_interval while no signal comes: no wait for it
+	// (TestProcSignalsRetargetsAtOnce shows a restart).
 	if err := syscall.Kill(s.PID, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}

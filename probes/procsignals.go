@@ -49,12 +49,16 @@ func (p *ProcSignals) Start(ctx context.Context, tracker *workload.Tracker, stor
 	p.last = newSeriesSet[[2]uint32](store, signals.ProcessLastSignalTimestampSeconds)
 	p.seen = map[procSignalsSigKey]uint64{}
 	p.changes = newChanges(objs.Changes, 1)
+	// A (re)found target is polled at once: a SIGTERM right after a
+	// restart must find the new process in the targets map.
+	retargetNow := newKicker()
+	tracker.OnChange(retargetNow.Kick)
 	// A termination signal matters over a grace period of seconds: the
 	// poll slows to probes.idle_poll_interval while none arrives. A cycle
 	// is a memory read of the change counter and, when a signal came, a
 	// walk of the sigs map; ring writes of the counts (each refreshEvery).
 	p.spawn(func() {
-		paced(ctx, p.o, nil, nil, func(now time.Time) bool { return p.poll(objs, tracker, now) })
+		paced(ctx, p.o, nil, retargetNow, func(now time.Time) bool { return p.poll(objs, tracker, now) })
 	})
 	return nil
 }

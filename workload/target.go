@@ -288,11 +288,22 @@ type Tracker struct {
 	interval time.Duration
 	log      *slog.Logger
 
-	mu      sync.RWMutex
-	cur     Process
-	ok      bool
-	changes uint64
-	reason  string // why the last resolve failed; "" while the target is watched
+	mu       sync.RWMutex
+	cur      Process
+	ok       bool
+	changes  uint64
+	reason   string   // why the last resolve failed; "" while the target is watched
+	onChange []func() // called when the target is (re)found
+}
+
+// OnChange has f called, on the goroutine that refreshes and without the
+// tracker's lock, each time the target is (re)found: the probes then
+// watch a restarted target from that moment, not from their next poll
+// (a SIGTERM in the first second after a restart was missed so).
+func (t *Tracker) OnChange(f func()) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.onChange = append(t.onChange, f)
 }
 
 // NewTracker follows the process sel names, checking every interval.
@@ -335,8 +346,8 @@ func (t *Tracker) Refresh() {
 	}
 	p, err := t.res.Resolve(t.sel)
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	if err != nil {
+		defer t.mu.Unlock()
 		if t.ok {
 			t.log.Warn("target gone; looking for it again", "target", t.cur.String(), "selector", t.sel.String())
 		}
@@ -350,7 +361,12 @@ func (t *Tracker) Refresh() {
 	}
 	t.cur, t.ok, t.reason = p, true, ""
 	t.changes++
+	hooks := t.onChange
+	t.mu.Unlock()
 	t.log.Info("watching target", "pid", p.PID, "comm", p.Comm, "cmdline", p.Cmdline, "netns", p.NetnsIno)
+	for _, f := range hooks {
+		f()
+	}
 }
 
 // Run refreshes until ctx ends.
