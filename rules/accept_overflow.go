@@ -295,7 +295,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 		// The window may hold only the stall's end: how long it lasted is
 		// what the rule remembers of it.
 		run = end.Sub(r.rememberStall(endpoint, st, ls, end.Add(-run), end, now).start)
-		o := r.tail(w, endpoint, ls, run, now.Sub(end), dropped, ev, arts, labels)
+		o := r.tail(w, endpoint, ls, run, now.Sub(end), sched, dropped, ev, arts, labels)
 		o.RootCause = fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s; the app accepts again since %s ago, and the drops since are the stall's tail (waiting clients retrying together)", endpoint, int(backlog.V), duration(run), duration(now.Sub(end)))
 		o.Confidence = 0.8
 		return o, true
@@ -309,7 +309,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 		if m.since == 1 {
 			verb = "is"
 		}
-		o := r.tail(w, endpoint, ls, run, ago, dropped, ev, arts, labels)
+		o := r.tail(w, endpoint, ls, run, ago, sched, dropped, ev, arts, labels)
 		o.RootCause = fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s until %s ago; the app accepts again since, and the %s dropped since %s the stall's tail: clients that waited retrying their SYNs together, which they do until %s after their first (%s)",
 			endpoint, int(backlog.V), duration(run), duration(ago), count(m.since, "connection attempt", ""), verb, duration(sched.rounds[len(sched.rounds)-1]), sched.source)
 		o.Confidence = 0.7
@@ -566,6 +566,9 @@ type synSchedule struct {
 	rounds []time.Duration // when the retransmissions are sent
 	giveUp time.Duration
 	source string // the settings, in words
+	// seqs are the schedules rounds merges, each as one client follows
+	// it: one when the sysctls were read, both kernels' otherwise.
+	seqs [][]time.Duration
 }
 
 const (
@@ -589,6 +592,7 @@ func newSynSchedule(retries, linear int) synSchedule {
 			s.giveUp = at
 		}
 	}
+	s.seqs = [][]time.Duration{s.rounds}
 	return s
 }
 
@@ -615,7 +619,7 @@ func synScheduleOf(st *signals.Store) synSchedule {
 	old, cur := newSynSchedule(defaultSynRetries, 0), newSynSchedule(defaultSynRetries, defaultSynLinear)
 	rounds := append(slices.Clone(old.rounds), cur.rounds...)
 	slices.Sort(rounds)
-	return synSchedule{rounds: slices.Compact(rounds), giveUp: max(old.giveUp, cur.giveUp),
+	return synSchedule{rounds: slices.Compact(rounds), giveUp: max(old.giveUp, cur.giveUp), seqs: [][]time.Duration{old.rounds, cur.rounds},
 		source: fmt.Sprintf("the kernel's defaults, net.ipv4.tcp_syn_retries=%d and tcp_syn_linear_timeouts=%d or none", defaultSynRetries, defaultSynLinear)}
 }
 
@@ -668,8 +672,13 @@ func (s synSchedule) roundsBy(start, now time.Time) int {
 
 // tail is the finding of drops after a stall of run that ended ago: the
 // stall's tail, its cause unchanged. The callers add the root cause, worded
-// for what they know of the stall, and their confidence.
-func (r *AcceptOverflow) tail(w Window, endpoint string, ls signals.Labels, run, ago time.Duration, dropped string, ev []Evidence, arts []Artifact, labels map[string]string) Observation {
+// for what they know of the stall, and their confidence. It lingers until
+// the next retry of a client dropped now can come (nextRetry): the rounds
+// come further apart than the window (16, 32 s), and a shorter linger
+// resolved the finding between two rounds and opened another for the same
+// stall when the next came.
+func (r *AcceptOverflow) tail(w Window, endpoint string, ls signals.Labels, run, ago time.Duration, sched synSchedule, dropped string, ev []Evidence, arts []Artifact, labels map[string]string) Observation {
+	end := w.Now.Add(-ago)
 	ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(ago) + " ago"})
 	return Observation{
 		Key:         endpoint,
@@ -681,8 +690,28 @@ func (r *AcceptOverflow) tail(w Window, endpoint string, ls signals.Labels, run,
 		Artifacts:   arts,
 		Remediation: "The stall ended by itself. " + w.advice().LoopStalled(),
 		Labels:      labels,
-		Linger:      r.o.Window,
+		Linger:      max(r.o.Window, sched.nextRetry(end.Add(-run), end, w.Now).Sub(w.Now)),
 	}
+}
+
+// nextRetry bounds when a client of the stall [start, end] dropped at d
+// sends its next SYN: the drop was its SYN of some round r_k (its first,
+// or a retry) that fits d, the timers' slack included, and the next comes
+// at r_k+1; the latest of those. A drop that fits no round: d.
+func (s synSchedule) nextRetry(start, end, d time.Time) time.Time {
+	latest := d
+	for _, seq := range s.seqs {
+		prev := time.Duration(0) // the first SYN
+		for _, r := range seq {
+			if !d.Before(start.Add(prev-retryEarly)) && !d.After(end.Add(prev+retrySlack(prev))) {
+				if next := d.Add(r - prev + retrySlack(r)); next.After(latest) {
+					latest = next
+				}
+			}
+			prev = r
+		}
+	}
+	return latest
 }
 
 // increaseBetween is how much a counter grew from its sample at (or the

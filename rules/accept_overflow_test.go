@@ -448,6 +448,9 @@ func TestAcceptOverflowHerdAfterStallKeepsCause(t *testing.T) {
 		// the root cause at el, with the stall still in the window
 		el    time.Duration
 		words string
+		// the stall's end (it starts at 0): from then on, each
+		// observation lingers at least until the timeline's next drops
+		end time.Duration
 	}{
 		{
 			// The schedule before Linux 6.5: 1, 3, 7, 15, 31 s.
@@ -456,6 +459,7 @@ func TestAcceptOverflowHerdAfterStallKeepsCause(t *testing.T) {
 				[]dropsAt{{secs(15.2), 20}, {secs(31.2), 15}}, before65),
 			until: 34 * time.Second, tailFrom: secs(31.2),
 			want: []string{"was full for 15 s until 16.2 s ago", "the 35 connection attempts dropped since are the stall's tail", "until 1m3s after their first (net.ipv4.tcp_syn_retries=6, tcp_syn_linear_timeouts=0)"},
+			end:  15 * time.Second,
 		},
 		{
 			// The defaults from Linux 6.5 on: 1, 2, 3, 4, 5, 7, 11, 19, 35 s
@@ -468,6 +472,7 @@ func TestAcceptOverflowHerdAfterStallKeepsCause(t *testing.T) {
 			want: []string{"was full for 12 s until 23.2 s ago", "the 35 connection attempts dropped since", "until 1m7s after their first (net.ipv4.tcp_syn_retries=6, tcp_syn_linear_timeouts=4)"},
 			// The window holds the stall's last 2.8 s; the stall lasted 12.
 			el: secs(19.2), words: "was full for 12 s; the app accepts again since 7.2 s ago, and the drops since are the stall's tail",
+			end: 12 * time.Second,
 		},
 		{
 			// A drop sampled just after an evaluation of the stall still
@@ -490,6 +495,7 @@ func TestAcceptOverflowHerdAfterStallKeepsCause(t *testing.T) {
 				[]dropsAt{{secs(15.2), 20}, {secs(31.2), 15}}, nil),
 			until: 34 * time.Second, tailFrom: secs(31.2),
 			want: []string{"the kernel's defaults"},
+			end:  15 * time.Second,
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -503,6 +509,18 @@ func TestAcceptOverflowHerdAfterStallKeepsCause(t *testing.T) {
 				}
 				if tc.words != "" && el == tc.el && (len(obs) != 1 || !strings.Contains(obs[0].RootCause, tc.words)) {
 					t.Errorf("at %s: %+v, want a root cause with %q", el, obs, tc.words)
+				}
+				// One finding for the stall and its tail: it lingers past
+				// the gap to the next round.
+				if len(obs) == 1 && tc.end > 0 && el > tc.end {
+					for _, d := range tc.tl.drops {
+						if d.at > el {
+							if el+obs[0].Linger < d.at {
+								t.Errorf("at %s the tail lingers %s: resolved before the next round at %s", el, obs[0].Linger, d.at)
+							}
+							break
+						}
+					}
 				}
 				if el < tc.tailFrom || el > tc.tailFrom+defaultAO().o.Recent || len(obs) != 1 {
 					return
