@@ -92,7 +92,9 @@ func TestBlockingWorkerFinding(t *testing.T) {
 }
 
 // A worker that runs CPU work without yielding: the finding names the
-// thread and, from the CPU profile, the hot function.
+// thread and, from the CPU profile, the hot function. The pool's CPU is
+// then all that worker's: no worker_imbalance beside it (its "load pinned
+// to one worker" is the same run; rules.Facet).
 func TestBusyWorkerFinding(t *testing.T) {
 	w, _, _, events := workersScenario(t, nil)
 	w.MustDo(t, "spinloop 2")
@@ -114,6 +116,18 @@ func TestBusyWorkerFinding(t *testing.T) {
 		case <-deadline:
 			t.Fatalf("the finding never named faults.hotLoop: %+v", f.Artifacts)
 		}
+	}
+	// worker_imbalance's window (10 s) full of the spin.
+	for end := time.After(12 * time.Second); ; {
+		select {
+		case ev := <-events:
+			if ev.Finding != nil && ev.Finding.Rule == "worker_imbalance" && ev.Type == culpritv1.FindingEvent_TYPE_OPENED {
+				t.Errorf("the spinning worker also opened worker_imbalance: %s", ev.Finding.Title)
+			}
+			continue
+		case <-end:
+		}
+		break
 	}
 	w.MustDo(t, "stop")
 }

@@ -287,9 +287,11 @@ type Symptom interface {
 // same key. throughput_plateau's "work queues while the CPU idles" on a
 // listener whose app stopped accepting is that stall (accept_overflow's
 // app_not_accepting); reported on its own, its "a lock, a bounded pool"
-// would be untrue advice. While such a cause is observed, or open, on the
-// same key, the facet is not reported (an open one resolves after its
-// hold-down).
+// would be untrue advice. worker_imbalance's "the pool's load is pinned
+// to one worker" of a worker that spins is busy_worker's run without an
+// await point. While such a cause is observed, or open, on the same key
+// (and on the same thread, when the facet names one), the facet is not
+// reported (an open one resolves after its hold-down).
 type Facet interface {
 	Rule
 	FacetOf() []RuleCause
@@ -360,17 +362,29 @@ func (e *Engine) explainFacets(obs []pending) {
 		for _, rc := range f.FacetOf() {
 			k := rc.Rule + "/" + p.o.Key
 			for _, q := range obs {
-				if q.key == k && q.o.Cause == rc.Cause {
+				if q.key == k && q.o.Cause == rc.Cause && sameThread(p.o.Artifacts, q.o.Artifacts) {
 					p.explainedBy = k
 					break causes
 				}
 			}
-			if a, ok := e.active[k]; ok && a.f.Cause == rc.Cause {
+			if a, ok := e.active[k]; ok && a.f.Cause == rc.Cause && sameThread(p.o.Artifacts, a.f.Artifacts) {
 				p.explainedBy = k
 				break
 			}
 		}
 	}
+}
+
+// sameThread reports whether the explaining artifacts name the thread
+// the facet's do (any, when the facet names none).
+func sameThread(facet, explaining []Artifact) bool {
+	for _, a := range facet {
+		if a.Kind != "thread" {
+			continue
+		}
+		return slices.ContainsFunc(explaining, func(b Artifact) bool { return b.Kind == "thread" && b.Value == a.Value })
+	}
+	return true
 }
 
 // ruleOf is the rule named name (nil if none).

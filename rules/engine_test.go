@@ -255,6 +255,20 @@ func TestEngineExplainsFacets(t *testing.T) {
 	if got := openRules(); !got["throughput_plateau/:8080"] || !got["throughput_plateau/:9090"] {
 		t.Errorf("plateaus beside backlog_too_small and on another listener: %v, want both open", got)
 	}
+	// A facet that names a thread is explained only by the same thread.
+	thread := func(v string) []Artifact { return []Artifact{{Kind: "thread", Value: v}} }
+	stall.obs = []Observation{{Key: ":7070", Cause: CauseAppNotAccepting, Artifacts: thread("worker-2 (tid 12)")}}
+	plateau.obs = []Observation{{Key: ":7070", Cause: CauseWaitingNotWorking, Artifacts: thread("worker-0 (tid 10)")}}
+	e.Evaluate(at(12 * time.Second))
+	if got := openRules(); !got["throughput_plateau/:7070"] {
+		t.Errorf("a facet on another thread than the cause's was explained: %v", got)
+	}
+	stall.obs[0].Key, plateau.obs[0].Key = ":6060", ":6060"
+	plateau.obs[0].Artifacts = thread("worker-2 (tid 12)")
+	e.Evaluate(at(13 * time.Second))
+	if got := openRules(); got["throughput_plateau/:6060"] {
+		t.Errorf("a facet on the cause's thread was reported: %v", got)
+	}
 }
 
 // One fault, one finding: an episode that goes quiet for less than its

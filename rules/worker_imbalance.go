@@ -52,6 +52,12 @@ type threadLoad struct {
 	cores     float64
 }
 
+// FacetOf: one worker that runs without yielding uses the pool's CPU
+// alone; busy_worker names that run and what to do about it.
+func (*WorkerImbalance) FacetOf() []RuleCause {
+	return []RuleCause{{Rule: (*BusyWorker).Name(nil), Cause: CauseCPUHeavyOnWorker}, {Rule: (*BusyWorker).Name(nil), Cause: CauseCPUHeavyOnEventLoop}}
+}
+
 func (r *WorkerImbalance) Evaluate(w Window) []Observation {
 	from := w.Now.Add(-r.o.Window)
 	series, lss := threadCPU(w.Store)
