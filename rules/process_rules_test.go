@@ -397,3 +397,37 @@ func TestFDGrowthOfPendingConnectsIsNotALeak(t *testing.T) {
 		t.Errorf("connects in progress called a leak: %s: %s", obs[0].Title, obs[0].RootCause)
 	}
 }
+
+// A leak that stopped at the newest profile is still held open (its
+// growth rose over the last profiles), but is not said to grow: "grew",
+// and since when it has not. Profiles 10 s apart, as pprof.interval
+// takes them (the demo's leak-heap fault, seen saying "still grows" a
+// profile after it stopped).
+func TestHeapLeakSaysWhenItStoppedGrowing(t *testing.T) {
+	now := time.Unix(5000, 0)
+	r := NewHeapLeak(DefaultHeapLeakOptions())
+	r.o.HeapFresh = 30 * time.Second
+	h := fixedHistory{sites: []AllocSite{{Function: "main.leak", File: "/src/main.go", Line: 7, Bytes: 300 << 20, Objects: 1}}, older: now.Add(-50 * time.Second), newer: now}
+	st := signals.New(600, 1000)
+	mib := []float64{7, 7, 7, 55, 135, 215, 295, 375, 375} // 80 s ago .. 0 s ago
+	at := func(i int) time.Time { return now.Add(time.Duration(i-len(mib)+1) * 10 * time.Second) }
+	for i, v := range mib[:len(mib)-1] {
+		st.Put(signals.HeapInuseBytes, nil, v*(1<<20), at(i))
+	}
+	obs := r.Evaluate(Window{Store: st, Now: at(len(mib) - 2), Inputs: Inputs{Heap: h}})
+	if len(obs) != 1 || !strings.HasPrefix(obs[0].Title, "Live heap growing by") || !strings.HasSuffix(obs[0].Symptom, "and still grows") {
+		t.Fatalf("while it grows: %+v", obs)
+	}
+	// One more profile, at the level of the last.
+	st.Put(signals.HeapInuseBytes, nil, mib[len(mib)-1]*(1<<20), now)
+	obs = r.Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Heap: h}})
+	if len(obs) == 0 {
+		t.Fatal("dropped at the first flat profile: the words after a stop are not tested")
+	}
+	o := obs[0]
+	want := "has not grown since " + at(len(mib)-2).Format("15:04:05")
+	if !strings.HasPrefix(o.Title, "Live heap grew by 480 MiB/min") || strings.Contains(o.Symptom, "still grows") || !strings.Contains(o.Symptom, want) {
+		t.Errorf("after it stopped: %q / %q, want the rate up to its stop (480 MiB/min) and %q", o.Title, o.Symptom, want)
+	}
+	t.Logf("%s\n%s", o.Title, o.Symptom)
+}

@@ -59,6 +59,11 @@ type growth struct {
 	// forecast from it means something. rising is the looser "it still
 	// rose at all", which is what keeps an open finding open.
 	current, rising bool
+	// lastRise is the newest sample of the regime that stood above the one
+	// before it: last's time while the series still grows, earlier once
+	// it went flat (a finding held open by rising must not say "still
+	// grows" of a heap that stopped at the last profile).
+	lastRise time.Time
 	// floor is how far the regime's newest samples (the same tail as
 	// current's) all stand above its oldest ones (as many, from from()
 	// on): the level the series holds, not its peaks. Bursts that come and go (FDs of connections opened and
@@ -124,6 +129,13 @@ func growthOf(s []signals.Sample) (growth, bool) {
 	rose := tail[len(tail)-1].V - tail[0].V
 	expected := g.rate * tail[len(tail)-1].T.Sub(tail[0].T).Seconds()
 	g.rising = rose > 0
+	g.lastRise = seg[0].T
+	for i := n - 1; i > 0; i-- {
+		if seg[i].V > seg[i-1].V {
+			g.lastRise = seg[i].T
+			break
+		}
+	}
 	g.floor = lowest(tail) - lowest(s[max(k-1, 0):][:len(tail)])
 	g.current = g.rate > 0 && rose > 0 && rose >= expected/2 && !g.young
 	return g, true
@@ -138,6 +150,15 @@ func (g growth) from() signals.Sample {
 		return g.first
 	}
 	return g.base
+}
+
+// growing reports whether the newest sample still rose; else, the words
+// for when it last did ("has not grown since 15:04:05").
+func (g growth) growing() (bool, string) {
+	if !g.lastRise.Before(g.last.T) {
+		return true, ""
+	}
+	return false, "has not grown since " + g.lastRise.Format("15:04:05")
 }
 
 // duration is how long the present regime has lasted (at least, when
