@@ -37,9 +37,3 @@ func heapOf(w Window, window, fresh time.Duration) heapView {
 	}
 	return h
 }
-
-// goAndNativeFix is the allocator advice of seed 000 Problem C, for both
-// runtimes culprit meets.
-const goAndNativeFix = "Go: set GOMEMLIMIT so the runtime returns memory under pressure (debug.FreeOSMemory for one-off spikes). " +
-	"glibc/Rust services: use jemalloc with background purging (tikv-jemallocator; MALLOC_CONF=background_thread:true,dirty_decay_ms:1000) " +
-	"or cap arenas with MALLOC_ARENA_MAX=2; cap buffer sizes and stream bodies instead of buffering them."

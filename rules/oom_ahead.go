@@ -100,7 +100,7 @@ func (r *OOMAhead) Evaluate(w Window) []Observation {
 	case h.Known && okAnon:
 		// The heap is the target's; anon is the whole cgroup's, so what
 		// is beyond the heap is the allocator's and everything else's.
-		parts = append(parts, fmt.Sprintf("of the anonymous memory the target's live heap is %s and %s is beyond it (held by the allocator, or stacks and other processes' memory)", fmtBytes(h.Inuse), fmtBytes(max(anon-h.Inuse, 0))))
+		parts = append(parts, fmt.Sprintf("of the anonymous memory the target's live heap is %s and %s is beyond it (held by the allocator, mapped outside the heap, or stacks and other processes' memory)", fmtBytes(h.Inuse), fmtBytes(max(anon-h.Inuse, 0))))
 	case h.Known:
 		parts = append(parts, "the target's live heap is "+fmtBytes(h.Inuse))
 	default:
@@ -139,7 +139,7 @@ func (r *OOMAhead) Evaluate(w Window) []Observation {
 	}
 	fix := map[string]string{
 		CauseOOMHeap:      "The live heap fills the limit: find what grows (see heap_leak's allocation sites) or raise the limit to the real working set.",
-		CauseOOMRetention: "Most of it is memory the allocator keeps beyond the live heap. " + goAndNativeFix,
+		CauseOOMRetention: "Most of it is resident beyond the live heap (memory the allocator keeps, or mapped outside the heap). " + w.advice().AllocatorRetention(),
 		CauseOOMPageCache: "Page cache fills the cgroup; the kernel reclaims it before killing, so an OOM is unlikely unless anonymous memory grows too: check file I/O patterns (large reads, mmap) before raising the limit.",
 		CauseOOMAnon:      "Anonymous memory fills the limit; expose a heap profile (pprof.heap_url) to tell a leak from allocator retention, and meanwhile raise the limit or cap buffers.",
 		CauseOOMKilled:    "Processes were OOM-killed: raise the memory limit to the peak working set, or find what grows (heap_leak) before it happens again.",

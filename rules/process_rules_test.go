@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
+	"github.com/culprit-dev/culprit/workload"
 )
 
 // series writes f(age) every second for the last 60 s.
@@ -92,8 +93,17 @@ func TestRSSWithoutHeap(t *testing.T) {
 	if len(obs) != 1 || obs[0].Cause != CauseAllocatorRetention {
 		t.Fatalf("got %+v", obs)
 	}
-	if !strings.Contains(obs[0].RootCause, "520 MiB") || !strings.Contains(obs[0].Remediation, "GOMEMLIMIT") || !strings.Contains(obs[0].Remediation, "jemalloc") {
-		t.Errorf("finding lacks the gap or the fixes: %s / %s", obs[0].RootCause, obs[0].Remediation)
+	// Both readings of the gap, and the fix in the target's terms: no Go
+	// advice for a runtime culprit does not know, Go's for Go.
+	o := obs[0]
+	if !strings.Contains(o.RootCause, "520 MiB") || !strings.Contains(o.RootCause, "allocator keeps") || !strings.Contains(o.RootCause, "outside the heap") ||
+		strings.Contains(o.Remediation, "GOMEMLIMIT") || !strings.Contains(o.Remediation, "/proc/PID/smaps") {
+		t.Errorf("unknown runtime: %s / %s", o.RootCause, o.Remediation)
+	}
+	goRT := workload.Runtime{Lang: workload.LangGo, Version: "1.26.0"}
+	obs = rssRule().Evaluate(Window{Store: st, Now: now, Runtime: goRT, Target: workload.Process{PID: 4242}, HasTarget: true})
+	if len(obs) != 1 || !strings.Contains(obs[0].Remediation, "GOMEMLIMIT") || strings.Contains(obs[0].Remediation, "jemalloc") || !strings.Contains(obs[0].Remediation, "/proc/4242/smaps") {
+		t.Errorf("Go target: %+v", obs)
 	}
 }
 

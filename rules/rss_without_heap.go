@@ -81,17 +81,25 @@ func (r *RSSWithoutHeap) Evaluate(w Window) []Observation {
 	if h.Change < 0 {
 		change = "falling"
 	}
+	// The heap profile covers the heap only: memory the app or a library
+	// maps itself (mmap, cgo, native code) is resident beside it just as
+	// freed memory the allocator keeps is, and the words say both (the
+	// demo's retain fault, an mmap, was once called retention outright).
+	smaps := "/proc/PID/smaps"
+	if w.HasTarget {
+		smaps = fmt.Sprintf("/proc/%d/smaps", w.Target.PID)
+	}
 	return []Observation{{
 		Key:     "process",
 		Cause:   CauseAllocatorRetention,
-		Title:   fmt.Sprintf("%s resident beyond the live heap: allocator retention, not a leak", fmtBytes(gap)),
+		Title:   fmt.Sprintf("%s resident beyond a %s live heap: kept by the allocator or held outside the heap, not a heap leak", fmtBytes(gap), change),
 		Symptom: symptom,
-		RootCause: fmt.Sprintf("%s of anonymous memory (%s) is resident but not in the live heap: the allocator keeps freed memory (arenas, fragmentation, or pages not yet returned to the OS). It is not a leak: the heap is %s (changed by %s over the last %s)",
+		RootCause: fmt.Sprintf("%s of anonymous memory (%s) is resident but not in the live heap: freed memory the allocator keeps (arenas, fragmentation, pages not yet returned to the OS), or memory the app or its libraries allocate outside the heap its profile covers (mmap, cgo, native code). Not a heap leak: the heap is %s (changed by %s over the last %s)",
 			fmtBytes(gap), percent(gap/anon.V), change, plusBytes(h.Change), duration(h.Span)),
 		Severity:    SeverityWarning,
 		Confidence:  0.8,
 		Evidence:    ev,
-		Remediation: goAndNativeFix,
+		Remediation: w.advice().AllocatorRetention() + " Memory mapped outside the heap is not returned by any of this: the largest anonymous mappings in " + smaps + " show where it is.",
 		Labels:      map[string]string{},
 	}}
 }
