@@ -84,7 +84,6 @@ func StartAgent(parent context.Context, cfg Config, log *slog.Logger) (*Agent, e
 		return nil, err
 	}
 	setMemoryLimit(cfg, log)
-	setMaxProcs(cfg, log)
 	// The shared clock of the agent's periodic work idles at this while
 	// nothing is going on (signals.Ticker).
 	signals.SetIdle(cfg.Probes.IdlePoll)

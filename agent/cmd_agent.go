@@ -126,6 +126,9 @@ func cmdAgent(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			"Or overflow its small backlog in bursts:  curl -s -XPOST 'http://%s/fault/burst?conns=300&rounds=5'\n",
 			demo.pid, demoAddr, demoControl, demoControl)
 	}
+	// The process's threads, for the agent's process only: a test that
+	// starts agents in its own process keeps its own.
+	setMaxProcs(cfg, log)
 	a, err := StartAgent(ctx, cfg, log)
 	if err != nil {
 		return err

@@ -36,17 +36,20 @@ func TestProcSignalsRetargetsAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	tr := workload.NewTracker(res, workload.Selector{Cmd: regexp.MustCompile("^" + name + `\b`)}, time.Second, testLog)
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		tr.Refresh()
-		if cur, ok := tr.Current(); ok && cur.PID == first.Process.Pid {
-			break
+	// found refreshes the tracker until it watches cmd.
+	found := func(cmd *exec.Cmd) {
+		t.Helper()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			tr.Refresh()
+			if cur, ok := tr.Current(); ok && cur.PID == cmd.Process.Pid {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("target (pid %d) not found", cmd.Process.Pid)
+			}
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("first target (pid %d) not found", first.Process.Pid)
-		}
-		time.Sleep(20 * time.Millisecond)
 	}
+	found(first)
 	store := signals.New(64, 64)
 	p := NewProcSignals(Options{Log: testLog, PollInterval: 100 * time.Millisecond, IdlePollInterval: time.Second})
 	ctx, cancel := context.WithCancel(context.Background())
@@ -60,23 +63,13 @@ func TestProcSignalsRetargetsAtOnce(t *testing.T) {
 	first.Process.Kill()
 	first.Wait()
 	second := startNamed()
-	deadline = time.Now().Add(5 * time.Second)
-	for {
-		tr.Refresh()
-		if cur, ok := tr.Current(); ok && cur.PID == second.Process.Pid {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("restarted target (pid %d) not found", second.Process.Pid)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	found(second)
 	time.Sleep(50 * time.Millisecond)
 	if err := syscall.Kill(second.Process.Pid, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 	ls := signals.L("signal", "SIGTERM")
-	deadline = time.Now().Add(3 * time.Second)
+	deadline := time.Now().Add(3 * time.Second)
 	for {
 		if s, ok := store.Latest(signals.ProcessSignalsTotal, ls); ok && s.V == 1 {
 			return

@@ -143,17 +143,23 @@ type symptomRule struct{ named }
 
 func (*symptomRule) Symptom() {}
 
+// newPairEngine is an engine of rules rs with a 2 s hold-down, and its
+// journal.
+func newPairEngine(rs ...Rule) (*Engine, *Journal) {
+	j := NewJournal(64)
+	return NewEngine(rs, signals.New(16, 64), j, nil, EngineOptions{
+		Interval: time.Second, ResolveAfter: 2 * time.Second, MinUpdateInterval: time.Second, MaxOpen: 10,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	}), j
+}
+
 // A latency spike whose slow traces the blocking-worker finding carries is
 // that finding's symptom: it is not reported on its own, and the blocking
 // finding names the route. A spike on other traces is reported.
 func TestEngineExplainsSymptoms(t *testing.T) {
 	cause := &named{name: "blocking_worker"}
 	spike := &symptomRule{named{name: "latency_spike"}}
-	j := NewJournal(64)
-	e := NewEngine([]Rule{cause, spike}, signals.New(16, 64), j, nil, EngineOptions{
-		Interval: time.Second, ResolveAfter: 2 * time.Second, MinUpdateInterval: time.Second, MaxOpen: 10,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
+	e, j := newPairEngine(cause, spike)
 	trace := func(id string) Artifact { return Artifact{Kind: "trace", Value: id} }
 	cause.obs = []Observation{{Key: "worker", Title: "blocked", Artifacts: []Artifact{trace("a"), trace("b")}}}
 	spike.obs = []Observation{{Key: "/checkout", Title: "Latency spike on /checkout", Artifacts: []Artifact{trace("x"), trace("b")}}}
@@ -212,11 +218,7 @@ func (*facetRule) FacetOf() []RuleCause {
 func TestEngineExplainsFacets(t *testing.T) {
 	stall := &named{name: "accept_overflow"}
 	plateau := &facetRule{named{name: "throughput_plateau"}}
-	j := NewJournal(64)
-	e := NewEngine([]Rule{plateau, stall}, signals.New(16, 64), j, nil, EngineOptions{
-		Interval: time.Second, ResolveAfter: 2 * time.Second, MinUpdateInterval: time.Second, MaxOpen: 10,
-		Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-	})
+	e, j := newPairEngine(plateau, stall)
 	openRules := func() map[string]bool {
 		open, _ := j.Open()
 		out := map[string]bool{}
