@@ -53,6 +53,10 @@ type AcceptOverflow struct {
 	// long as its clients can retry (see stallMemory), at most
 	// maxStallMemories of them.
 	stalls map[string]*stallMemory
+	// sched is the SYN schedule last worked out, and the sysctls it was
+	// worked out from: they change rarely, the rule runs 5 times a second.
+	sched   synSchedule
+	schedOf [4]int
 }
 
 // NewAcceptOverflow returns the rule.
@@ -147,7 +151,7 @@ func (r *AcceptOverflow) Evaluate(w Window) []Observation {
 	if r.stalls == nil {
 		r.stalls = map[string]*stallMemory{}
 	}
-	sched := synScheduleOf(w.Store)
+	sched := r.synSchedule(w.Store)
 	for k, m := range r.stalls {
 		if w.Now.After(m.expires(sched)) {
 			delete(r.stalls, k)
@@ -596,13 +600,30 @@ func newSynSchedule(retries, linear int) synSchedule {
 	return s
 }
 
-// synScheduleOf reads the schedule from the sysctls the sysctl collector
+// synSchedule reads the schedule from the sysctls the sysctl collector
 // wrote. A kernel without tcp_syn_linear_timeouts (before 6.5) has no
 // linear retransmissions; with neither setting read (no sysctl collector)
 // the defaults hold, and the rounds of both kernels' schedules.
-func synScheduleOf(st *signals.Store) synSchedule {
+// It is worked out again only when the sysctls it reads changed.
+func (r *AcceptOverflow) synSchedule(st *signals.Store) synSchedule {
 	retries, haveRetries := sysctlInt(st, "net.ipv4.tcp_syn_retries", 1, maxSynCount)
 	linear, haveLinear := sysctlInt(st, "net.ipv4.tcp_syn_linear_timeouts", 0, maxSynCount)
+	of := [4]int{retries, b2i(haveRetries), linear, b2i(haveLinear)}
+	if r.sched.seqs == nil || of != r.schedOf {
+		r.sched, r.schedOf = synScheduleFor(retries, haveRetries, linear, haveLinear), of
+	}
+	return r.sched
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// synScheduleFor is the schedule of the sysctls read (have*: read at all).
+func synScheduleFor(retries int, haveRetries bool, linear int, haveLinear bool) synSchedule {
 	switch {
 	case haveLinear:
 		if !haveRetries {

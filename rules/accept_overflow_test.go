@@ -683,3 +683,24 @@ func TestSynSchedule(t *testing.T) {
 		}
 	}
 }
+
+// The SYN schedule is kept between evaluations and worked out again when
+// the sysctls it comes from change.
+func TestAcceptOverflowScheduleFollowsSysctls(t *testing.T) {
+	r := defaultAO()
+	st := signals.New(16, 16)
+	now := time.Unix(1000, 0)
+	put := func(name string, v float64) { st.Put(signals.Sysctl, signals.L("name", name), v, now) }
+	if s := r.synSchedule(st); len(s.seqs) != 2 || !strings.Contains(s.source, "the kernel's defaults") {
+		t.Fatalf("no sysctls: %+v", s)
+	}
+	put("net.ipv4.tcp_syn_retries", 6)
+	put("net.ipv4.tcp_syn_linear_timeouts", 4)
+	if s := r.synSchedule(st); len(s.rounds) != 10 || s.rounds[9] != 67*time.Second {
+		t.Fatalf("retries 6, linear 4: rounds %v", s.rounds)
+	}
+	put("net.ipv4.tcp_syn_retries", 2)
+	if s := r.synSchedule(st); len(s.rounds) != 6 || s.source != "net.ipv4.tcp_syn_retries=2, tcp_syn_linear_timeouts=4" {
+		t.Fatalf("retries 2, linear 4: %v (%s)", s.rounds, s.source)
+	}
+}
