@@ -37,6 +37,16 @@ const (
 	// continually, and a miss per sample must not become a read per sample.
 	perfMapRecheck = time.Second
 
+	// perfHitRecheck rate-limits the check a lookup that hits makes: V8
+	// reuses the addresses of code it collected, and the runtime appends
+	// the new code's line, so a hit on a table read before that names the
+	// collected function (seen: node's execSync handler named as an
+	// OpenTelemetry module's anonymous function). The file's size is
+	// checked, and what was appended read, before a hit is trusted; a
+	// stack is symbolized at least a poll after its code was compiled, so
+	// a check this recent already saw the code's line.
+	perfHitRecheck = 20 * time.Millisecond
+
 	// maxPerfName bounds one stored name; longer ones (minified code with
 	// a data: URL as its script) keep their beginning, where the function
 	// name is.
@@ -508,7 +518,8 @@ func perfPath(procRoot string, pid int) (string, error) {
 
 // jitLocked names pc from process pid's perf map, reading it on the first
 // miss and again, at most once per perfMapRecheck, when a miss finds the
-// file grown.
+// file grown; a hit reads what was appended (at most once per
+// perfHitRecheck) before it is trusted.
 func (s *Symbolizer) jitLocked(pid int, pc uint64, now time.Time) (string, bool) {
 	if s.maxPerfBytes < 0 {
 		return "", false
@@ -520,7 +531,17 @@ func (s *Symbolizer) jitLocked(pid int, pc uint64, now time.Time) (string, bool)
 	}
 	ps.used = now
 	if name, ok := ps.m.lookup(pc); ok {
-		return name, true
+		if now.Sub(ps.checked) < perfHitRecheck {
+			return name, true
+		}
+		ps.checked = now
+		if err := s.loadPerfMapLocked(pid, ps); err != nil {
+			s.log.Debug("symbolize: perf map", "pid", pid, "err", err)
+		}
+		if name, ok := ps.m.lookup(pc); ok {
+			return name, true
+		}
+		return "", false
 	}
 	if !ps.checked.IsZero() && now.Sub(ps.checked) < perfMapRecheck {
 		return "", false

@@ -358,6 +358,21 @@ func TestSymbolizerPerfMapReloadAndDrop(t *testing.T) {
 		t.Errorf("perfBytes %d, table %d", s.perfBytes, s.perf[pid].m.bytes())
 	}
 
+	// The runtime collects code and compiles new code at its address: a
+	// hit on the old entry is not trusted once the file grew.
+	f, err = os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString("7f0000002000 100 JS:*reused /app/c.js:5:1\n"); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	now = now.Add(perfHitRecheck)
+	if got := s.UserStack(pid, []uint64{0x7f0000002010})[0].String(); got != "reused (/app/c.js:5)" {
+		t.Errorf("a hit after the address was reused: %q, want the new code's name", got)
+	}
+
 	// The process exits: its maps are gone, and its JIT symbols with them.
 	if err := os.RemoveAll(filepath.Join(root, strconv.Itoa(pid))); err != nil {
 		t.Fatal(err)
