@@ -550,15 +550,32 @@ func TestWatchResumeAcrossRuns(t *testing.T) {
 	}
 }
 
+// smallSendBufListener accepts TCP connections with a 4 KiB send buffer.
+type smallSendBufListener struct{ *net.TCPListener }
+
+func (l smallSendBufListener) Accept() (net.Conn, error) {
+	c, err := l.AcceptTCP()
+	if err != nil {
+		return nil, err
+	}
+	c.SetWriteBuffer(4096)
+	return c, nil
+}
+
 // Clients that pipeline requests and never read the responses keep every
 // handler blocked in a write: all places are busy. Newcomers are refused
 // only until the oldest has been busy StuckAfter; then it is evicted and
 // the probe is served.
 func TestHTTPStuckConnectionsGiveWay(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	tl, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Small send buffers on the server side too: with the kernel's
+	// autotuning the responses could all fit in a send buffer of up to
+	// tcp_wmem's 4 MB, and the handlers never block (seen in CI: 0 of 4
+	// busy after 5 s).
+	l := smallSendBufListener{tl.(*net.TCPListener)}
 	lim, err := NewConnLimiter(l, "agent.http_addr", 4, testLog(t))
 	if err != nil {
 		t.Fatal(err)
