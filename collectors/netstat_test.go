@@ -106,7 +106,10 @@ func TestNetstatSamplesMissingFields(t *testing.T) {
 	}
 }
 
-func TestNetstatCollectFixture(t *testing.T) {
+// collectNetstatFixture runs a netstat collector once on the fixture
+// process and returns it and what it wrote.
+func collectNetstatFixture(t *testing.T) (Collector, *signals.Store) {
+	t.Helper()
 	c, err := newNetstatCollector(Options{ProcRoot: "testdata/proc"})
 	if err != nil {
 		t.Fatal(err)
@@ -115,6 +118,11 @@ func TestNetstatCollectFixture(t *testing.T) {
 	if err := c.Collect(context.Background(), workload.Process{PID: fixturePID}, store); err != nil {
 		t.Fatal(err)
 	}
+	return c, store
+}
+
+func TestNetstatCollectFixture(t *testing.T) {
+	c, store := collectNetstatFixture(t)
 	if got, ok := store.Latest(signals.TCPExtListenOverflowsTotal, nil); !ok || got.V != 32 {
 		t.Errorf("tcp_ext_listen_overflows_total = %v (present %v), want 32", got.V, ok)
 	}
@@ -190,14 +198,7 @@ func TestSignalNames(t *testing.T) {
 // TestNetstatCollectMatchesParse: the collector's in-place scan writes
 // what netstatSamples makes of the parsed files.
 func TestNetstatCollectMatchesParse(t *testing.T) {
-	c, err := newNetstatCollector(Options{ProcRoot: "testdata/proc"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	store := signals.New(4, 100)
-	if err := c.Collect(context.Background(), workload.Process{PID: fixturePID}, store); err != nil {
-		t.Fatal(err)
-	}
+	_, store := collectNetstatFixture(t)
 	want := netstatSamples(readNetSNMP(t, "testdata/proc/7275/net/netstat"), readNetSNMP(t, "testdata/proc/7275/net/snmp"))
 	if len(want) == 0 {
 		t.Fatal("no samples in the fixture")

@@ -56,7 +56,14 @@ type AcceptOverflow struct {
 	// sched is the SYN schedule last worked out, and the sysctls it was
 	// worked out from: they change rarely, the rule runs 5 times a second.
 	sched   synSchedule
-	schedOf [4]int
+	schedOf synSysctls
+}
+
+// synSysctls are the settings a SYN schedule is worked out from (have*:
+// the sysctl collector read it).
+type synSysctls struct {
+	retries, linear         int
+	haveRetries, haveLinear bool
 }
 
 // NewAcceptOverflow returns the rule.
@@ -608,18 +615,11 @@ func newSynSchedule(retries, linear int) synSchedule {
 func (r *AcceptOverflow) synSchedule(st *signals.Store) synSchedule {
 	retries, haveRetries := sysctlInt(st, "net.ipv4.tcp_syn_retries", 1, maxSynCount)
 	linear, haveLinear := sysctlInt(st, "net.ipv4.tcp_syn_linear_timeouts", 0, maxSynCount)
-	of := [4]int{retries, b2i(haveRetries), linear, b2i(haveLinear)}
+	of := synSysctls{retries, linear, haveRetries, haveLinear}
 	if r.sched.seqs == nil || of != r.schedOf {
 		r.sched, r.schedOf = synScheduleFor(retries, haveRetries, linear, haveLinear), of
 	}
 	return r.sched
-}
-
-func b2i(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
 }
 
 // synScheduleFor is the schedule of the sysctls read (have*: read at all).
