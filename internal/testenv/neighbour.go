@@ -56,9 +56,18 @@ func NewNetns(t testing.TB) *Netns {
 	}
 	ch := make(chan res, 1)
 	go func() {
-		// The thread goes into the new namespace and never back: it stays
-		// locked, and the runtime ends it with this goroutine.
+		// The thread unshares into the new namespace and then goes back.
+		// It must not stay there: if this goroutine ran on the main thread,
+		// the runtime cannot end that thread with it (it wedges it), and
+		// /proc/self/ns/net, which names the main thread's namespace, would
+		// then say the test itself lives in the target's namespace.
 		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			ch <- res{netns.None(), fmt.Errorf("open this thread's network namespace: %w", err)}
+			return // still locked: the runtime discards the thread
+		}
+		defer orig.Close()
 		h, err := netns.New()
 		if err != nil {
 			ch <- res{netns.None(), fmt.Errorf("unshare a network namespace: %w", err)}
@@ -73,6 +82,13 @@ func NewNetns(t testing.TB) *Netns {
 			ch <- res{netns.None(), fmt.Errorf("lo up in the new namespace: %w", err)}
 			return
 		}
+		if err := netns.Set(orig); err != nil {
+			// Stays locked: the goroutine ends and takes the thread along.
+			h.Close()
+			ch <- res{netns.None(), fmt.Errorf("return to the test's network namespace: %w", err)}
+			return
+		}
+		runtime.UnlockOSThread()
 		ch <- res{h, nil}
 	}()
 	r := <-ch

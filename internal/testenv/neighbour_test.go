@@ -208,3 +208,29 @@ func TestParseProcAddr(t *testing.T) {
 		}
 	}
 }
+
+// NewNetns leaves no thread of the test in the namespace it made. A
+// thread left there and ended with its goroutine could be the main one,
+// which the runtime keeps (wedged): /proc/self/ns/net would then name the
+// target's namespace, and every "not in the test's namespace" check, and
+// an in-process agent's idea of its own namespace, would be wrong (a
+// fresh-clone CI's TestRedis saw exactly that).
+func TestNewNetnsLeavesNoThreadBehind(t *testing.T) {
+	for i := 0; i < 20; i++ {
+		ns := NewNetns(t)
+		ino, err := ns.Inode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := fmt.Sprintf("net:[%d]", ino)
+		tasks, err := os.ReadDir("/proc/self/task")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, task := range tasks {
+			if got, _ := os.Readlink("/proc/self/task/" + task.Name() + "/ns/net"); got == want {
+				t.Fatalf("round %d: thread %s is still in the namespace NewNetns made (%s)", i, task.Name(), want)
+			}
+		}
+	}
+}
