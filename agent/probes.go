@@ -8,6 +8,7 @@ import (
 	"github.com/culprit-dev/culprit/exporters"
 	"github.com/culprit-dev/culprit/probes"
 	"github.com/culprit-dev/culprit/profiles"
+	"github.com/culprit-dev/culprit/rules"
 	"github.com/culprit-dev/culprit/signals"
 )
 
@@ -27,6 +28,7 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			MaxEntries:       uint32(cfg.Probes.MaxEntries),
 			RingBufferBytes:  uint32(cfg.Probes.RingBufferBytes),
 			Owners:           a.Owners,
+			OthersOwners:     cfg.Rules.Scope == rules.ScopeNamespace,
 			SideStores:       a.SideStores,
 		}
 	}

@@ -38,6 +38,11 @@ type Options struct {
 	// Owners tells whose a socket is (shared with the collectors); nil:
 	// the probe makes its own.
 	Owners *workload.SocketOwners
+	// OthersOwners: findings may be about other processes' sockets
+	// (rules.scope = "namespace"), so the owner of another process's
+	// connection is worth a read of every fd table in the namespace;
+	// otherwise a connection event's owner is looked for in the target's.
+	OthersOwners bool
 	// SideStores receive what is not a number series: the sched probe's
 	// episodes, tcplife's connection events, cpu_profile's samples.
 	signals.SideStores

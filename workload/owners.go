@@ -64,7 +64,8 @@ type SocketOwnersOptions struct {
 	// socket inode nobody was known to hold. Default 1s.
 	TargetRescan time.Duration
 	// OthersRescan is the same for every other process of the namespace,
-	// which label metrics and namespace-scope findings. Default 2s.
+	// which label metrics and namespace-scope findings. Default 2s; a
+	// scan that took long waits longer (othersScanGap).
 	OthersRescan time.Duration
 	// MaxInodes bounds the inodes remembered (the memory bound); a scan
 	// stops adding past it. Default 1<<20.
@@ -120,21 +121,24 @@ type SocketOwners struct {
 	o        SocketOwnersOptions
 	now      func() time.Time // time.Now; tests move it
 
-	mu        sync.RWMutex
-	tgt       Process
-	group     []int
-	groupAt   time.Time
-	byGroup   map[uint32]int       // inode -> pid of the target group or the agent
-	byOther   map[uint32]int       // inode -> pid of another process
-	unknown   map[uint32]time.Time // inode -> when a full scan found nobody holding it
-	comms     map[int]string
-	targetAt  time.Time
-	othersAt  time.Time
-	link      []byte
-	dents     []byte // scanPID's getdents buffer
-	name      []byte // readlinkat's C string
-	scanned   uint64
-	truncated bool
+	mu       sync.RWMutex
+	tgt      Process
+	group    []int
+	groupAt  time.Time
+	byGroup  map[uint32]int       // inode -> pid of the target group or the agent
+	byOther  map[uint32]int       // inode -> pid of another process
+	unknown  map[uint32]time.Time // inode -> when a full scan found nobody holding it
+	comms    map[int]string
+	targetAt time.Time
+	othersAt time.Time
+	// othersTook is how long the last full scan of the other processes
+	// took: the next one waits at least othersScanGap times that.
+	othersTook time.Duration
+	link       []byte
+	dents      []byte // scanPID's getdents buffer
+	name       []byte // readlinkat's C string
+	scanned    uint64
+	truncated  bool
 	// ports the target listens on (or listened on while connections on
 	// them remain), as the sockets collector last saw them.
 	ports []uint16
@@ -254,6 +258,18 @@ func (s *SocketOwners) RefreshTarget(now time.Time, missing []uint32) int {
 	return s.refresh(now, missing, false)
 }
 
+// othersScanGap bounds what the full scans cost when the namespace's
+// connections churn: every OthersRescan, each cycle met new sockets of some
+// client of the target (nginx under wrk closes each connection after 1000
+// requests: 150 new sockets a second), and a full scan read the 10,000
+// descriptors of a neighbour holding connections, 30 ms each, 1.5 % of a
+// core for labels of other processes' series. Waiting 200 times the last
+// scan's duration keeps them under 0.5 % of a core, whatever the
+// namespace holds; the price is that another process's new sockets are
+// labelled "unknown" for longer (the target's own are read every
+// TargetRescan, whatever this says).
+const othersScanGap = 200
+
 func (s *SocketOwners) refresh(now time.Time, missing []uint32, others bool) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -289,8 +305,10 @@ func (s *SocketOwners) refresh(now time.Time, missing []uint32, others bool) int
 			}
 		}
 	}
-	if others && (len(need) > 0 || s.othersAt.IsZero()) && now.Sub(s.othersAt) >= s.o.OthersRescan {
+	if others && (len(need) > 0 || s.othersAt.IsZero()) && now.Sub(s.othersAt) >= max(s.o.OthersRescan, othersScanGap*s.othersTook) {
+		start := time.Now()
 		read += s.scanOthers(now)
+		s.othersTook = time.Since(start)
 		s.othersAt = now
 		// Every inode still unknown was just looked for by this scan,
 		// which read every fd table: each is nobody's as of now. Dated

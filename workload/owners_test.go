@@ -182,3 +182,41 @@ func TestSocketOwnersUnknownExpireTogether(t *testing.T) {
 		t.Errorf("a second scan for inodes the last one looked for (%d fds read)", n)
 	}
 }
+
+// A full scan of the other processes waits othersScanGap times as long as
+// the last one took (however short OthersRescan is): beside a neighbour
+// whose descriptors take long to read and a namespace whose connections
+// churn, labels of others' sockets must not cost more than a sliver of a
+// core. The target's own table is read every TargetRescan all the same.
+func TestSocketOwnersOthersScanFollowsItsCost(t *testing.T) {
+	cmd := holder(t)
+	res, err := NewResolver("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tgt, err := res.Resolve(Selector{PID: cmd.Process.Pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := NewSocketOwners("/proc", SocketOwnersOptions{OthersRescan: time.Millisecond, TargetRescan: time.Millisecond})
+	o.SetTarget(tgt)
+	t0 := time.Now()
+	o.Refresh(t0, []uint32{1})
+	if o.othersAt != t0 || o.othersTook <= 0 {
+		t.Fatalf("the first refresh did no full scan (at %v, took %v)", o.othersAt, o.othersTook)
+	}
+	o.othersTook = 100 * time.Millisecond // as a scan of a large namespace takes
+	before := o.Stats().FDsRead
+	o.Refresh(t0.Add(5*time.Second), []uint32{2})
+	if o.othersAt != t0 {
+		t.Errorf("a full scan 5 s after one that took 100 ms (gap %v)", othersScanGap*100*time.Millisecond)
+	}
+	if o.Stats().FDsRead == before {
+		t.Error("the target's table was not read again for a new inode")
+	}
+	at := t0.Add(othersScanGap*100*time.Millisecond + time.Second)
+	o.Refresh(at, []uint32{3})
+	if o.othersAt != at {
+		t.Errorf("no full scan once the gap had passed")
+	}
+}
