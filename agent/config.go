@@ -115,9 +115,11 @@ type Config struct {
 		MaxEpisodes int           `toml:"max_episodes" range:"[16,1048576]"`
 	} `toml:"sched"`
 	SockCalls struct {
-		Enabled    bool `toml:"enabled"`
-		MaxSockets int  `toml:"max_sockets" range:"[64,1048576]"`
-		MaxRemotes int  `toml:"max_remotes" range:"[1,4096]"`
+		Enabled       bool          `toml:"enabled"`
+		MaxSockets    int           `toml:"max_sockets" range:"[64,1048576]"`
+		MaxRemotes    int           `toml:"max_remotes" range:"[1,4096]"`
+		Accepts       string        `toml:"accepts"`
+		AcceptsLinger time.Duration `toml:"accepts_linger" range:"[1s,1h]"`
 	} `toml:"sockcalls"`
 	Profiling struct {
 		Enabled       bool          `toml:"enabled"`
@@ -233,6 +235,8 @@ func DefaultConfig() Config {
 	c.SockCalls.Enabled = true
 	c.SockCalls.MaxSockets = 16384
 	c.SockCalls.MaxRemotes = 64
+	c.SockCalls.Accepts = AcceptsQueued
+	c.SockCalls.AcceptsLinger = 30 * time.Second
 	c.Profiling.Enabled = true
 	c.Profiling.Frequency = 49
 	c.Profiling.MaxStacks = 8192
@@ -300,6 +304,14 @@ func (e *ConfigError) Error() string {
 }
 
 func (e *ConfigError) Unwrap() error { return e.Err }
+
+// The values of sockcalls.accepts: count the target's accepts while a
+// listener's queue holds connections (the sys_exit program they need makes
+// every system call of the host slower), or all the time.
+const (
+	AcceptsQueued = "queued"
+	AcceptsAlways = "always"
+)
 
 // Bounds on the configuration itself: a config file is read up to
 // maxConfigBytes (so --config /dev/zero is an error, not an out-of-memory
@@ -450,6 +462,11 @@ func (c *Config) Validate() error {
 	case "text", "json":
 	default:
 		return bad("agent.log_format", "must be text or json, got %s", quote(c.Agent.LogFormat))
+	}
+	switch c.SockCalls.Accepts {
+	case AcceptsQueued, AcceptsAlways:
+	default:
+		return bad("sockcalls.accepts", "must be %s or %s, got %s", AcceptsQueued, AcceptsAlways, quote(c.SockCalls.Accepts))
 	}
 	switch p := c.Findings.OTLPProtocol; p {
 	case "", exporters.OTLPProtocolGRPC, exporters.OTLPProtocolHTTP:

@@ -40,6 +40,10 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			Options:    opts(signals.ProbeSockCalls),
 			MaxSockets: uint32(cfg.SockCalls.MaxSockets),
 			MaxRemotes: cfg.SockCalls.MaxRemotes,
+			// Accepts are evidence while a listener's queue holds
+			// connections: sys_exit is attached then (or always).
+			AcceptsAlways: cfg.SockCalls.Accepts == AcceptsAlways,
+			AcceptsLinger: cfg.SockCalls.AcceptsLinger,
 		}),
 		probes.NewSched(probes.SchedOptions{
 			Options:    opts(signals.ProbeSched),

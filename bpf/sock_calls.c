@@ -5,10 +5,15 @@
  * neighbours', and completed handshakes are not accepts (a listener that
  * accepts nothing still completes backlog+1 of them). So, by the target's
  * own system calls and only for its TCP sockets:
- *   - accepts: accept/accept4 that returned a socket, per listener port;
- *   - connects: attempts (0, EINPROGRESS) and failures by errno, per
- *     remote. A failure the kernel finds after connect returned (RST,
- *     SYN timeout) is counted when the socket leaves SYN_SENT with sk_err;
+ *   - accepts: accept/accept4 that returned a socket, per listener port,
+ *     while Go has the sys_exit program attached (while a listener's
+ *     queue holds connections: see probes/sockcalls.go);
+ *   - connects, per remote, by their TCP states: a socket the target
+ *     moves to SYN_SENT (connect runs in its context) is its attempt,
+ *     counted when the handshake ends: established, refused or timed out
+ *     (sk_err, by errno), or given up. One that leaves SYN_SENT within
+ *     connect with no local port chosen found none free: EADDRNOTAVAIL,
+ *     and no attempt (no SYN went out);
  *   - unread work: for every socket the target accepted, connected or
  *     read from, when data became ready that nobody has read yet. Go turns
  *     that into the age of the oldest unread data: an event loop asleep
@@ -22,12 +27,15 @@
  *     and attaching any sys_exit program also moves every task's system
  *     calls to the kernel's slower traced entry/exit path. That path is
  *     most of the cost: getppid went from ~90 to ~130 ns here, and an
- *     empty sys_exit program already cost most of that. The first test
- *     is the system call number, one load from pt_regs (six instructions
- *     to the exit for all but accept, accept4 and connect). Those then pay one
- *     hash lookup (is the caller a target?); only the target's own calls
- *     read the fd table and the socket (about ten kernel reads) and update
- *     two maps. probes/sockcalls_bench_test.go measures it.
+ *     empty sys_exit program already cost most of that; beside nginx flat
+ *     out it was 1.4 million runs a second, the largest of this probe's
+ *     costs. So Go attaches it only while accepts are evidence. The first
+ *     test is the system call number, one load from pt_regs (six
+ *     instructions to the exit for all but accept and accept4). Those
+ *     then pay one hash lookup (is the caller a target?); only the
+ *     target's own calls read the fd table and the socket (about ten
+ *     kernel reads) and update two maps. probes/sockcalls_bench_test.go
+ *     measures it.
  *   - tp_btf/sock_recv_length runs after every recvmsg/read of a socket on
  *     the host: one hash lookup by socket, plus a tgid lookup when the
  *     socket is unknown. Known sockets pay an atomic exchange and a read
@@ -36,7 +44,8 @@
  *     the host (softirq): one hash lookup by socket; known sockets pay one
  *     compare-and-swap.
  *   - tp_btf/inet_sock_set_state runs at every TCP state change: a hash
- *     lookup for the four states that begin or end a socket's life.
+ *     lookup for the five states that begin or end a socket's life or its
+ *     handshake; a target lookup when one enters SYN_SENT.
  * All programs are tp_btf, x86-64 system call numbers (Go refuses to start
  * the probe elsewhere). */
 #include "culprit.h"
@@ -51,14 +60,10 @@
 char __license[] SEC("license") = "Dual MIT/GPL";
 
 /* x86-64 system call numbers. */
-#define NR_CONNECT 42
 #define NR_ACCEPT 43
 #define NR_ACCEPT4 288
 
-#define EINTR 4
-#define EISCONN 106
-#define EALREADY 114
-#define EINPROGRESS 115
+#define EADDRNOTAVAIL 99
 #define MSG_PEEK 2
 
 struct accept_key {
@@ -83,13 +88,14 @@ struct owned_sock {
 	__u16 lport;
 	__u16 rport;
 	__u8 family;
-	__u8 pad[7];
+	__u8 pad[3];
+	/* 1 from the target's connect (SYN_SENT) until its handshake ends
+	 * and is counted; state changes of a socket are serialized by its
+	 * lock, so plain loads and stores do. */
+	__u32 connecting;
 	/* bpf_ktime_get_ns when data became ready and nobody had read it
 	 * since; 0 when nothing waits. Set by sk_data_ready, reset by reads. */
 	__u64 ready_since;
-	/* Set once this socket's connect failure was counted: the state
-	 * change and the system call exit may both see it. */
-	__u64 failed;
 	__u8 raddr[16];
 };
 
@@ -230,80 +236,21 @@ static __always_inline void on_accept(long ret, __u32 tgid)
 		own(sk, tgid);
 }
 
-struct sockaddr_in46 {
-	__u16 family;
-	__be16 port;
-	union {
-		__be32 v4;
-		struct {
-			__u32 flowinfo;
-			__u8 v6[16];
-		};
-	};
-};
-
-/* remote fills key's address from the user's sockaddr (uaddr, len); it
- * is still mapped at the exit of the call that read it. */
-static __always_inline int remote(struct connect_key *key, unsigned long uaddr, unsigned long len)
+/* count_connect counts one connect outcome of tgid's socket toward its
+ * remote (errno 0: an attempt). The remote is the socket's own: set
+ * before SYN_SENT, and still set when a connect fails within the call. */
+static __always_inline void count_connect(__u32 tgid, const struct sock___sock *s, int err)
 {
-	struct sockaddr_in46 sa = {};
-	if (len >= sizeof(sa)) {
-		if (bpf_probe_read_user(&sa, sizeof(sa), (void *)uaddr))
-			return -1;
-	} else if (len >= 8) {
-		if (bpf_probe_read_user(&sa, 8, (void *)uaddr))
-			return -1;
+	struct connect_key ck = {.tgid = tgid, .err = err};
+	ck.family = BPF_CORE_READ(s, __sk_common.skc_family);
+	ck.port = bpf_ntohs(BPF_CORE_READ(s, __sk_common.skc_dport));
+	if (ck.family == AF_INET) {
+		__be32 a = BPF_CORE_READ(s, __sk_common.skc_daddr);
+		__builtin_memcpy(ck.addr, &a, 4);
 	} else {
-		return -1;
+		BPF_CORE_READ_INTO(&ck.addr, s, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	}
-	key->family = sa.family;
-	key->port = bpf_ntohs(sa.port);
-	if (sa.family == AF_INET)
-		__builtin_memcpy(key->addr, &sa.v4, 4);
-	else if (sa.family == AF_INET6 && len >= sizeof(sa))
-		__builtin_memcpy(key->addr, sa.v6, 16);
-	else
-		return -1;
-	return 0;
-}
-
-static __always_inline void on_connect(const struct pt_regs___sock *regs, long ret, __u32 tgid)
-{
-	/* Asking again about a connect in progress, or done: nothing new. */
-	if (ret == -EALREADY || ret == -EISCONN)
-		return;
-	struct sock___sock *sk = sock_of_fd(regs->di);
-	if (!sk)
-		return;
-	struct connect_key key = {.tgid = tgid};
-	if (remote(&key, regs->si, regs->dx))
-		return;
-	__u64 skey = (__u64)sk;
-	struct owned_sock *o;
-	/* An interrupted blocking connect goes on in the background. */
-	if (ret == 0 || ret == -EINPROGRESS || ret == -EINTR) {
-		count(&connects, &key, CHANGED_CONNECTS);
-		o = own(sk, tgid);
-		if (!o || sk_state(sk) != TCP_CLOSE)
-			return;
-		/* It failed already, within the call (loopback answers a SYN
-		 * to a closed port before connect returns). */
-		int err = BPF_CORE_READ(sk, sk_err);
-		if (!err || __sync_lock_test_and_set(&o->failed, 1))
-			return;
-		key.err = err;
-		count(&connects, &key, CHANGED_CONNECTS);
-		return;
-	}
-	if (ret > 0)
-		return;
-	o = bpf_map_lookup_elem(&owned, &skey);
-	/* The error of an attempt already counted as failed, collected
-	 * again by the app. */
-	if (o && __sync_lock_test_and_set(&o->failed, 1))
-		return;
-	key.err = -ret;
-	count(&connects, &key, CHANGED_CONNECTS);
+	count(&connects, &ck, CHANGED_CONNECTS);
 }
 
 SEC("tp_btf/sys_exit")
@@ -311,15 +258,14 @@ int BPF_PROG(culprit_sock_sys_exit, struct pt_regs *regs, long ret)
 {
 	const struct pt_regs___sock *r = (const void *)regs;
 	unsigned long nr = r->orig_ax;
-	if (nr != NR_ACCEPT4 && nr != NR_CONNECT && nr != NR_ACCEPT)
+	if (nr != NR_ACCEPT4 && nr != NR_ACCEPT)
+		return 0;
+	if (ret < 0)
 		return 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (!is_target(tgid))
 		return 0;
-	if (nr == NR_CONNECT)
-		on_connect(r, ret, tgid);
-	else if (ret >= 0)
-		on_accept(ret, tgid);
+	on_accept(ret, tgid);
 	return 0;
 }
 
@@ -382,33 +328,54 @@ int BPF_PROG(culprit_sock_data_ready, const struct sock *sk)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(culprit_sock_set_state, const struct sock *sk, const int oldstate, const int newstate)
 {
-	if (newstate != TCP_CLOSE && newstate != TCP_SYN_SENT && newstate != TCP_SYN_RECV && newstate != TCP_LISTEN)
+	if (newstate != TCP_CLOSE && newstate != TCP_SYN_SENT && newstate != TCP_SYN_RECV &&
+	    newstate != TCP_LISTEN && newstate != TCP_ESTABLISHED)
 		return 0;
 	__u64 key = (__u64)sk;
-	struct owned_sock *o = bpf_map_lookup_elem(&owned, &key);
-	if (!o)
-		return 0;
 	const struct sock___sock *s = (const void *)sk;
-	if (newstate == TCP_CLOSE && oldstate == TCP_SYN_SENT) {
-		/* The handshake failed after connect returned: RST
-		 * (ECONNREFUSED) or SYN retries exhausted (ETIMEDOUT). */
+	struct owned_sock *o = bpf_map_lookup_elem(&owned, &key);
+	if (newstate == TCP_ESTABLISHED) {
+		/* The target's connect completed: an attempt, and now the
+		 * socket has its local port. */
+		if (o && o->connecting) {
+			o->connecting = 0;
+			o->lport = BPF_CORE_READ(s, __sk_common.skc_num);
+			count_connect(o->tgid, s, 0);
+		}
+		return 0;
+	}
+	if (o && o->connecting && newstate == TCP_CLOSE) {
 		int err = BPF_CORE_READ(s, sk_err);
-		if (err && !__sync_lock_test_and_set(&o->failed, 1)) {
-			struct connect_key ck = {.tgid = o->tgid, .err = err};
-			ck.family = BPF_CORE_READ(s, __sk_common.skc_family);
-			ck.port = bpf_ntohs(BPF_CORE_READ(s, __sk_common.skc_dport));
-			if (ck.family == AF_INET) {
-				__be32 a = BPF_CORE_READ(s, __sk_common.skc_daddr);
-				__builtin_memcpy(ck.addr, &a, 4);
-			} else {
-				BPF_CORE_READ_INTO(&ck.addr, s, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
-			}
-			count(&connects, &ck, CHANGED_CONNECTS);
+		if (err) {
+			/* Refused (RST), unreachable or timed out (SYN retries
+			 * exhausted): the SYN went out. */
+			count_connect(o->tgid, s, 0);
+			count_connect(o->tgid, s, err);
+		} else if (!BPF_CORE_READ(s, __sk_common.skc_num)) {
+			/* Still within connect: tcp_v4_connect and
+			 * tcp_v6_connect enter SYN_SENT before they choose
+			 * the local port, and close the socket again when
+			 * none is free. */
+			count_connect(o->tgid, s, EADDRNOTAVAIL);
+		} else {
+			/* Given up by the app (closed while connecting). */
+			count_connect(o->tgid, s, 0);
 		}
 	}
-	/* Closed, or the memory of a closed socket begins a new connection. */
-	bpf_map_delete_elem(&owned, &key);
-	note(CHANGED_OWNED);
+	if (o) {
+		/* Closed, or the memory of a closed socket begins a new
+		 * connection. */
+		bpf_map_delete_elem(&owned, &key);
+		note(CHANGED_OWNED);
+	}
+	if (newstate == TCP_SYN_SENT && oldstate == TCP_CLOSE) {
+		/* connect() runs in the caller's context. */
+		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+		if (!is_target(tgid) || BPF_CORE_READ(s, sk_protocol) != IPPROTO_TCP)
+			return 0;
+		o = own(s, tgid);
+		if (o)
+			o->connecting = 1;
+	}
 	return 0;
 }
-

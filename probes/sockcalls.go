@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -30,6 +31,14 @@ type SockCallsOptions struct {
 	// MaxRemotes bounds the remote label: the first MaxRemotes remotes get
 	// their own series, later ones count as remote="other".
 	MaxRemotes int
+	// AcceptsAlways keeps the sys_exit program that counts accepts
+	// attached all the time (sockcalls.accepts = "always"); otherwise it
+	// is attached while the store is hurried (a listener's queue holds
+	// connections) and AcceptsLinger after.
+	AcceptsAlways bool
+	// AcceptsLinger is how long accepts are still counted after the last
+	// poll that wanted them (sockcalls.accepts_linger).
+	AcceptsLinger time.Duration
 }
 
 // UnreadSocket is a socket of the target with data waiting unread.
@@ -68,6 +77,16 @@ type SockCalls struct {
 	errS     *seriesSet[[2]string]
 	oldestS  cachedSeries
 	waitingS cachedSeries
+	sinceS   cachedSeries
+
+	// The sys_exit program, attached only while accepts are evidence
+	// (countAccepts); touched by the poll goroutine alone, and by Close
+	// after it ended.
+	sysExitProg *ebpf.Program
+	sysExit     link.Link
+	countedFrom time.Time // since when every accept is counted; zero: not counted
+	wantedAt    time.Time // the last poll that wanted accepts counted
+	attachErr   bool      // an attach failed (said once)
 
 	// changes says which maps moved since their last walk; waiting are
 	// the group's sockets with data unread at the last walk of owned
@@ -93,12 +112,16 @@ func (p *SockCalls) writeTo(store *signals.Store) {
 	p.errS = newSeriesSet[[2]string](store, signals.ProcessConnectErrorsTotal)
 	p.oldestS = cachedSeries{h: store.Handle(signals.ProcessUnreadOldestSeconds, nil)}
 	p.waitingS = cachedSeries{h: store.Handle(signals.ProcessUnreadSockets, nil)}
+	p.sinceS = cachedSeries{h: store.Handle(signals.ProcessAcceptsCountedSince, nil)}
 }
 
 // NewSockCalls returns the probe, not yet loaded.
 func NewSockCalls(o SockCallsOptions) *SockCalls {
 	if o.MaxRemotes <= 0 {
 		o.MaxRemotes = 64
+	}
+	if o.AcceptsLinger <= 0 {
+		o.AcceptsLinger = defaultAcceptsLinger
 	}
 	const batch = 256
 	return &SockCalls{
@@ -132,18 +155,18 @@ func (p *SockCalls) Start(ctx context.Context, tracker *workload.Tracker, store 
 	resize(spec, map[string]uint32{"accepts": p.o.MaxEntries, "connects": p.o.MaxEntries, "owned": p.o.MaxSockets})
 	objs := &sockCallsObjects{}
 	ctx, err = p.start(ctx, "sockcalls", spec, objs, func() []tracingProg {
+		// The socket hooks; sys_exit comes later, and only while
+		// accepts are wanted (countAccepts).
 		return []tracingProg{
-			// The socket hooks first: a socket accepted while sys_exit is
-			// attached but sk_data_ready not yet would miss its first data.
 			{"tp_btf/inet_sock_set_state", objs.CulpritSockSetState},
 			{"tp_btf/sk_data_ready", objs.CulpritSockDataReady},
 			{"tp_btf/sock_recv_length", objs.CulpritSockRecvLength},
-			{"tp_btf/sys_exit", objs.CulpritSockSysExit},
 		}
 	}, nil)
 	if err != nil {
 		return err
 	}
+	p.sysExitProg = objs.CulpritSockSysExit
 	p.writeTo(store)
 	p.changes = newChanges(objs.Changes, 4)
 	// Polled every probes.poll_interval, not paced: accept_overflow tells
@@ -188,7 +211,12 @@ func (p *SockCalls) poll(objs *sockCallsObjects, tracker *workload.Tracker, stor
 	}
 	if changed {
 		p.reset(store)
+		if !p.countedFrom.IsZero() {
+			// The new target's accepts count from its arrival.
+			p.countedFrom = time.Now()
+		}
 	}
+	p.countAccepts(store, now)
 	p.changes.arm(changedArmed)
 	if p.group.gen != p.groupGen {
 		// Other processes count now: every map is read again.
@@ -206,6 +234,51 @@ func (p *SockCalls) poll(objs *sockCallsObjects, tracker *workload.Tracker, stor
 	if err := p.readUnread(objs, store, now); err != nil {
 		p.o.Log.Warn("sockcalls: read sockets", "err", err)
 	}
+}
+
+// defaultAcceptsLinger is sockcalls.accepts_linger's default: longer than
+// the accept_overflow rule's window (10 s), so a finding judged over its
+// window read accepts counted all through it.
+const defaultAcceptsLinger = 30 * time.Second
+
+// countAccepts attaches the sys_exit program while accepts are evidence,
+// and detaches it after. Attached, it runs at the exit of every system
+// call of the host and moves them all to the kernel's slower traced path:
+// beside nginx flat out (1.4 million system calls a second) that cost 4 %
+// of its requests. Accepts matter to the rules only while a listener's
+// queue holds connections (an app that accepts nothing then is stalled;
+// one that accepts is draining a burst), which is when the accept-queue
+// collector hurries the store; they are counted from then until
+// AcceptsLinger after the last such poll. The times are in
+// process_accepts_counted_since_seconds, which the rules read before
+// they take a count of 0 for "no accept".
+func (p *SockCalls) countAccepts(store *signals.Store, now time.Time) {
+	if p.o.AcceptsAlways || store.Hurried(now) {
+		p.wantedAt = now
+	}
+	wanted := !p.wantedAt.IsZero() && now.Sub(p.wantedAt) < p.o.AcceptsLinger
+	switch {
+	case wanted && p.sysExit == nil:
+		l, err := link.AttachTracing(link.TracingOptions{Program: p.sysExitProg})
+		if err != nil {
+			if !p.attachErr {
+				p.o.Log.Warn("sockcalls: attach tp_btf/sys_exit: accepts are not counted", "err", err)
+				p.attachErr = true
+			}
+			break
+		}
+		p.sysExit, p.countedFrom = l, time.Now()
+	case !wanted && p.sysExit != nil:
+		if err := p.sysExit.Close(); err != nil {
+			p.o.Log.Warn("sockcalls: detach tp_btf/sys_exit", "err", err)
+		}
+		p.sysExit, p.countedFrom = nil, time.Time{}
+	}
+	since := 0.0
+	if !p.countedFrom.IsZero() {
+		since = float64(p.countedFrom.UnixNano()) / 1e9
+	}
+	p.sinceS.put(since, now)
 }
 
 // reset starts the counts over for a new target, whose series must not
@@ -450,4 +523,13 @@ func iterateEach[K, V any](m *ebpf.Map, f func(*K, *V)) error {
 }
 
 // Close detaches the programs and frees their maps.
-func (p *SockCalls) Close() error { return p.stop() }
+func (p *SockCalls) Close() error {
+	err := p.stop() // the poll goroutine has ended: nothing attaches any more
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.sysExit != nil {
+		err = errors.Join(err, p.sysExit.Close())
+		p.sysExit, p.countedFrom = nil, time.Time{}
+	}
+	return err
+}

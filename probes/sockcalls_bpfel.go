@@ -36,9 +36,9 @@ type sockCallsOwnedSock struct {
 	Lport      uint16
 	Rport      uint16
 	Family     uint8
-	Pad        [7]uint8
+	Pad        [3]uint8
+	Connecting uint32
 	ReadySince uint64
-	Failed     uint64
 	Raddr      [16]uint8
 }
 

@@ -343,12 +343,16 @@ func readWaiting(c net.Conn, mode string) (int, error) {
 	return total, rerr
 }
 
-func startSockCalls(t *testing.T, pid int) (*SockCalls, *signals.Store) {
+func startSockCalls(t *testing.T, pid int, opts ...func(*SockCallsOptions)) (*SockCalls, *signals.Store) {
 	t.Helper()
-	p := NewSockCalls(SockCallsOptions{
+	o := SockCallsOptions{
 		Options:    Options{Log: testLog, PollInterval: 50 * time.Millisecond, MaxEntries: 1024},
 		MaxSockets: 4096, MaxRemotes: 16,
-	})
+	}
+	for _, f := range opts {
+		f(&o)
+	}
+	p := NewSockCalls(o)
 	st := signals.New(600, 1000)
 	runProbe(t, pid, p, st)
 	// The targets map is set at the first poll, which writes the gauge.
@@ -379,7 +383,8 @@ func assertStays(t *testing.T, st *signals.Store, d *signals.Desc, ls signals.La
 func TestSockCallsAcceptsPerPort(t *testing.T) {
 	tgt := startSockChild(t, false)
 	nb := startSockChild(t, false)
-	_, st := startSockCalls(t, tgt.pid)
+	_, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsAlways = true })
+	waitValue(t, st, signals.ProcessAcceptsCountedSince, nil, func(v float64) bool { return v > 0 }, "> 0 (counting)")
 
 	serving := tgt.do(t, "listen 0 64")[0]
 	idle := tgt.do(t, "listen 0 64")[0]
@@ -416,11 +421,12 @@ func TestSockCallsAcceptsPerPort(t *testing.T) {
 }
 
 // Connect failures by errno and remote: EADDRNOTAVAIL once a narrow
-// ip_local_port_range is used up toward one remote, ECONNREFUSED from a
-// closed port (IPv4 and IPv6; found within the call by a non-blocking
-// connect, returned by a blocking one), ETIMEDOUT found after connect returned (SYNs to a
-// full accept queue are dropped until the retries run out); a
-// neighbour's failures are not counted.
+// ip_local_port_range is used up toward one remote (within connect, no
+// SYN sent: no attempt), ECONNREFUSED from a closed port (IPv4 and IPv6;
+// non-blocking and blocking connects alike), ETIMEDOUT found after
+// connect returned (SYNs to a full accept queue are dropped until the
+// retries run out); a neighbour's failures are not counted. Attempts are
+// the connects that sent a SYN, whatever their outcome.
 func TestSockCallsConnectErrors(t *testing.T) {
 	tgt := startSockChild(t, true)
 	nb := startSockChild(t, true)
@@ -471,7 +477,7 @@ func TestSockCallsConnectErrors(t *testing.T) {
 		waitValue(t, st, errs, ls, func(v float64) bool { return v >= c.want }, fmt.Sprintf(">= %v", c.want))
 		assertStays(t, st, errs, ls, c.want)
 	}
-	for remote, want := range map[string]float64{"127.0.0.1:8080": 10, "127.0.0.1:1": 3, "127.0.0.1:8081": 2, "[::1]:1": 2} {
+	for remote, want := range map[string]float64{"127.0.0.1:8080": 10, "127.0.0.1:1": 5, "127.0.0.1:8081": 2, "[::1]:1": 2} {
 		if v := value(st, signals.ProcessConnectsTotal, signals.L("remote", remote)); v != want {
 			t.Errorf("connect attempts to %s = %v, want %v", remote, v, want)
 		}
@@ -493,7 +499,10 @@ func TestSockCallsConnectErrors(t *testing.T) {
 func TestSockCallsUnreadWork(t *testing.T) {
 	tgt := startSockChild(t, false)
 	nb := startSockChild(t, false)
-	p, st := startSockCalls(t, tgt.pid)
+	// The accepted sockets are the target's from their accept: counted
+	// while sys_exit is attached (always, here; by default while a queue
+	// holds connections, and otherwise from the target's first read).
+	p, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsAlways = true })
 
 	port := tgt.do(t, "listen 0 16")[0]
 	var peers []net.Conn
@@ -587,7 +596,7 @@ func TestSockCallsUnreadWork(t *testing.T) {
 // the accept on: the socket was not the target's before.
 func TestSockCallsUnreadBeforeAccept(t *testing.T) {
 	tgt := startSockChild(t, false)
-	_, st := startSockCalls(t, tgt.pid)
+	_, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsAlways = true })
 	port := tgt.do(t, "listen 0 16")[0]
 	c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 5*time.Second)
 	if err != nil {
@@ -649,4 +658,55 @@ func TestSockCallsBounds(t *testing.T) {
 	if n := errnoName(4095); n != "errno_4095" {
 		t.Errorf("unknown errno named %q", n)
 	}
+}
+
+// Accepts are counted while the store is hurried (the accept-queue
+// collector does it while a listener's queue holds connections) and
+// AcceptsLinger after, and process_accepts_counted_since_seconds says since
+// when: the sys_exit program they need slows every system call of the
+// host, so it is attached only then. Accepts before and after are not
+// counted, and the counter does not jump when counting starts again.
+func TestSockCallsCountsAcceptsWhileQueued(t *testing.T) {
+	tgt := startSockChild(t, false)
+	_, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsLinger = time.Second })
+	port := tgt.do(t, "listen 0 64")[0]
+	accept := func(n int) {
+		t.Helper()
+		for range n {
+			c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 5*time.Second)
+			if err != nil {
+				t.Fatalf("dial %s: %v", port, err)
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+		if got := tgt.do(t, "accept %s %d", port, n)[0]; got != strconv.Itoa(n) {
+			t.Fatalf("target accepted %s, want %d", got, n)
+		}
+	}
+	ls := signals.L("port", port)
+	since := func() float64 { return value(st, signals.ProcessAcceptsCountedSince, nil) }
+
+	accept(3)
+	time.Sleep(300 * time.Millisecond)
+	if v := value(st, signals.ProcessAcceptsTotal, ls); v != 0 || since() != 0 {
+		t.Fatalf("no queue held connections: %v accepts counted, counted since %v; want 0, 0", v, since())
+	}
+
+	hurried := time.Now()
+	st.Hurry(hurried.Add(500 * time.Millisecond))
+	waitValue(t, st, signals.ProcessAcceptsCountedSince, nil, func(v float64) bool { return v > 0 }, "> 0 (counting)")
+	if from := time.Unix(0, int64(since()*1e9)); from.Before(hurried) || from.Sub(hurried) > 2*time.Second {
+		t.Errorf("counted since %v, hurried at %v", from, hurried)
+	}
+	accept(2)
+	waitValue(t, st, signals.ProcessAcceptsTotal, ls, func(v float64) bool { return v >= 2 }, ">= 2")
+	assertStays(t, st, signals.ProcessAcceptsTotal, ls, 2)
+
+	// The linger (1 s) after the hurry (0.5 s) ends: no longer counted.
+	waitValue(t, st, signals.ProcessAcceptsCountedSince, nil, func(v float64) bool { return v == 0 }, "0 (no longer counting)")
+	if gone := time.Since(hurried); gone < 1500*time.Millisecond {
+		t.Errorf("accepts stopped being counted %v after the hurry, before its linger ended", gone)
+	}
+	accept(4)
+	assertStays(t, st, signals.ProcessAcceptsTotal, ls, 2)
 }

@@ -204,8 +204,12 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	// probe. Completed handshakes are not accepts: with the queue full,
 	// syncookie handshakes complete and are then dropped, which once made
 	// a listener that accepted nothing read "accepted 65 connections".
-	// While the probe runs, a port with no accept series simply had none.
-	acceptsKnown := st.Running(signals.ProbeSockCalls) || len(st.Range(signals.ProcessAcceptsTotal, portLs, now.Add(-freshFast))) > 0
+	// While the probe counts, a port with no accept series simply had
+	// none; it counts them while a queue holds connections (the sys_exit
+	// program they need slows every system call of the host), so a count
+	// speaks only for the time since counting began (counted).
+	acceptsFrom, acceptsOn := acceptsCountedSince(st, portLs, now)
+	counted := func(t time.Time) bool { return acceptsOn && !acceptsFrom.After(t) }
 	acceptsWindow := st.Increase(signals.ProcessAcceptsTotal, portLs, now.Add(-r.o.Window))
 	somaxconn, haveSomax := st.Latest(signals.Sysctl, signals.L("name", "net.core.somaxconn"))
 	abortOnOverflow, _ := st.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
@@ -243,6 +247,15 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	// accept loop stopped read as "keeps accepting"). They are told, not
 	// taken for an accept loop that runs.
 	acceptedLater := st.Increase(signals.ProcessAcceptsTotal, portLs, runStart.Add(runEdge))
+	// Counting begins when the first sample shows connections queued,
+	// so a queue that filled at once is seen full before: counts from
+	// within the run's first runEdge judge it, and the words say over
+	// how long they were counted.
+	acceptsKnown := counted(runStart.Add(runEdge))
+	countedRun := fullFor
+	if acceptsFrom.After(runStart) {
+		countedRun = now.Sub(acceptsFrom)
+	}
 	stalled := fullNow && (!acceptsKnown || acceptedLater == 0 || fullFor >= r.o.SaturateAfter)
 
 	if stalled {
@@ -251,15 +264,22 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 		ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: fullFor.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue continuously full"})
 		var how string
 		conf := 0.7
-		if acceptsKnown {
+		switch {
+		case acceptsKnown:
 			conf = 0.9
-			ev = append(ev, Evidence{Signal: signals.ProcessAcceptsTotal.Name + portLs.String(), Value: acceptedRun, Unit: "connections", Window: fullFor, Note: "connections the app accepted while the queue was full (eBPF accept)"})
-			if acceptedRun == 0 {
-				how = "accepted no connection"
-			} else {
-				how = fmt.Sprintf("accepted only %s (%s) while more arrived", count(acceptedRun, "connection", ""), rate(acceptedRun/math.Max(fullFor.Seconds(), 0.001)))
+			ev = append(ev, Evidence{Signal: signals.ProcessAcceptsTotal.Name + portLs.String(), Value: acceptedRun, Unit: "connections", Window: countedRun, Note: "connections the app accepted while the queue was full (eBPF accept)"})
+			over := ""
+			if countedRun < fullFor {
+				over = " in the last " + duration(countedRun) + " (accepts are counted from when its queue held connections)"
 			}
-		} else {
+			if acceptedRun == 0 {
+				how = "accepted no connection" + over
+			} else {
+				how = fmt.Sprintf("accepted only %s (%s)%s while more arrived", count(acceptedRun, "connection", ""), rate(acceptedRun/math.Max(countedRun.Seconds(), 0.001)), over)
+			}
+		case acceptsOn || st.Running(signals.ProbeSockCalls):
+			how = "did not drain it (inferred from the queue never shrinking: its accepts were not counted from the start of the stall)"
+		default:
 			how = "did not drain it (accept counts unavailable without the sockcalls eBPF probe: inferred from the queue never shrinking)"
 		}
 		arts = append(arts, threads.artifacts...)
@@ -300,7 +320,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	// queue's sample and the accept counter's read land on the same tick
 	// in either order, so the run's last sample interval is left out.
 	run, end := longestRecentRun(full, now.Add(-r.o.Window))
-	stallRun := run >= r.o.StallAfter && (!acceptsKnown || run >= r.o.SaturateAfter ||
+	stallRun := run >= r.o.StallAfter && (!counted(end.Add(-run).Add(runEdge)) || run >= r.o.SaturateAfter ||
 		increaseBetween(st, signals.ProcessAcceptsTotal, portLs, end.Add(-run), end.Add(-runEdge)) == 0)
 	if stallRun {
 		// The window may hold only the stall's end: how long it lasted is
@@ -341,7 +361,8 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	if fullFrac == 0 && now.Sub(firstRise(st.Range(signals.ListenOverflowsTotal, ls, now.Add(-r.o.Window)))) < betweenSamplesSettle {
 		return Observation{}, false
 	}
-	if !drained && !(acceptsKnown && st.Increase(signals.ProcessAcceptsTotal, portLs, now.Add(-r.o.Recent)) > 0) {
+	// An accept counted is proof, however late counting began.
+	if !drained && !(acceptsOn && st.Increase(signals.ProcessAcceptsTotal, portLs, now.Add(-r.o.Recent)) > 0) {
 		return Observation{}, false
 	}
 
@@ -350,12 +371,17 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	capped := haveSomax && backlog.V >= somaxconn.V
 	ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: fullFrac, Unit: "ratio", Window: win, Note: "share of samples with the queue full: it fills only in bursts"})
 	acceptRate := ""
-	if acceptsKnown && acceptsWindow > 0 {
+	if acceptsOn && acceptsWindow > 0 {
 		// A count, not a rate: accepts come in bursts too, and the
 		// probe's counter can trail the queue's sample by a poll (then
-		// nothing is said rather than "0/s").
-		ev = append(ev, Evidence{Signal: signals.ProcessAcceptsTotal.Name + portLs.String(), Value: acceptsWindow, Unit: "connections", Window: win, Note: "connections the app accepted (eBPF accept)"})
-		acceptRate = fmt.Sprintf(", while it keeps accepting (%s in %s)", count(acceptsWindow, "connection", ""), duration(win))
+		// nothing is said rather than "0/s"). Over the time they were
+		// counted in the window.
+		span := win
+		if acceptsFrom.After(now.Add(-win)) {
+			span = now.Sub(acceptsFrom)
+		}
+		ev = append(ev, Evidence{Signal: signals.ProcessAcceptsTotal.Name + portLs.String(), Value: acceptsWindow, Unit: "connections", Window: span, Note: "connections the app accepted (eBPF accept)"})
+		acceptRate = fmt.Sprintf(", while it keeps accepting (%s in %s)", count(acceptsWindow, "connection", ""), duration(span))
 	}
 	somax := 0
 	if haveSomax {
@@ -737,6 +763,23 @@ func (s synSchedule) nextRetry(start, end, d time.Time) time.Time {
 
 // increaseBetween is how much a counter grew from its sample at (or the
 // last before) from to its last sample at or before to.
+// acceptsCountedSince is since when the sockcalls probe has counted every
+// accept of the target (on: it counts now). It counts them only while a
+// listener's queue holds connections, and says since when in
+// ProcessAcceptsCountedSince. A store without that series (the probe never
+// polled; rule tests that write accepts alone) keeps the older reading:
+// while the probe runs or port's accept series is fresh, since forever.
+func acceptsCountedSince(st *signals.Store, port signals.Labels, now time.Time) (from time.Time, on bool) {
+	since, ok := st.Latest(signals.ProcessAcceptsCountedSince, nil)
+	if !ok {
+		return time.Time{}, st.Running(signals.ProbeSockCalls) || len(st.Range(signals.ProcessAcceptsTotal, port, now.Add(-freshFast))) > 0
+	}
+	if since.V <= 0 || !st.Running(signals.ProbeSockCalls) {
+		return time.Time{}, false
+	}
+	return time.Unix(0, int64(since.V*1e9)), true
+}
+
 func increaseBetween(st *signals.Store, d *signals.Desc, ls signals.Labels, from, to time.Time) float64 {
 	var base, last float64
 	have := false

@@ -704,3 +704,67 @@ func TestAcceptOverflowScheduleFollowsSysctls(t *testing.T) {
 		t.Fatalf("retries 2, linear 4: %v (%s)", s.rounds, s.source)
 	}
 }
+
+// The sockcalls probe counts accepts only while a queue holds connections
+// (sockcalls.accepts), and says since when: a count of 0 means "accepted
+// no connection" only over the time it covers. Counting that began with
+// the run (within its first runEdge) speaks for the rest of it, in words
+// that say so; counting that began later does not speak at all, and the
+// stall is inferred from the queue, as without the probe.
+func TestAcceptOverflowAcceptsCountedOnlySince(t *testing.T) {
+	now := time.Unix(10000, 0)
+	h := listenerHistory{backlog: 8, somaxconn: 4096,
+		qlen: func(age time.Duration) float64 {
+			if age <= 2*time.Second {
+				return 9
+			}
+			return 0
+		},
+		drops: func(age time.Duration) float64 { return float64(20 - int(age.Seconds()*5)) },
+		opens: func(time.Duration) float64 { return 100 },
+	}
+	for _, c := range []struct {
+		name  string
+		since time.Duration // before now; 0: not counting
+		want  string
+		conf  float64
+	}{
+		{"counted before the run", 3 * time.Second, "full for 2 s and the app accepted no connection:", 0.9},
+		{"counted from the run's start", 1900 * time.Millisecond, "accepted no connection in the last 1.9 s (accepts are counted from when its queue held connections):", 0.9},
+		{"counted from its middle", time.Second, "its accepts were not counted from the start of the stall", 0.7},
+		{"not counted", 0, "its accepts were not counted from the start of the stall", 0.7},
+	} {
+		st := h.store(now)
+		st.SetStatus(signals.Status{Component: signals.ProbeSockCalls, Kind: "probe", State: signals.StateRunning})
+		since := 0.0
+		if c.since > 0 {
+			since = float64(now.Add(-c.since).UnixNano()) / 1e9
+		}
+		st.Put(signals.ProcessAcceptsCountedSince, nil, since, now)
+		obs := defaultAO().Evaluate(Window{Store: st, Now: now})
+		if len(obs) != 1 || obs[0].Cause != CauseAppNotAccepting {
+			t.Errorf("%s: %+v", c.name, obs)
+			continue
+		}
+		if !strings.Contains(obs[0].RootCause, c.want) || obs[0].Confidence != c.conf {
+			t.Errorf("%s: %q (confidence %v), want %q (%v)", c.name, obs[0].RootCause, obs[0].Confidence, c.want, c.conf)
+		}
+	}
+
+	// A burst the app drains: the accepts it tells are over the time
+	// they were counted, not the whole window.
+	burst := listenerHistory{backlog: 2, somaxconn: 4096,
+		qlen: func(age time.Duration) float64 {
+			return map[bool]float64{true: 3, false: 0}[age <= 350*time.Millisecond]
+		},
+		drops: func(age time.Duration) float64 { return 900 - age.Seconds()*100 },
+		opens: func(age time.Duration) float64 { return 5000 - min(age, 3*time.Second).Seconds()*40 },
+	}
+	st := burst.store(now)
+	st.SetStatus(signals.Status{Component: signals.ProbeSockCalls, Kind: "probe", State: signals.StateRunning})
+	st.Put(signals.ProcessAcceptsCountedSince, nil, float64(now.Add(-3*time.Second).UnixNano())/1e9, now)
+	obs := defaultAO().Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseBacklogTooSmall || !strings.Contains(obs[0].RootCause, "keeps accepting (120 connections in 3 s)") {
+		t.Errorf("a burst, accepts counted for the last 3 s: %+v", obs)
+	}
+}

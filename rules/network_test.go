@@ -98,7 +98,27 @@ func TestRSTStormPaths(t *testing.T) {
 			t.Errorf("%s raised %+v", name, obs)
 		}
 	}
-	st := signals.New(100, 100)
+	// Healthy churn while accepts are not counted (sockcalls counts them
+	// while a queue holds connections): the accept series stood still,
+	// which is no "every connection ends in a reset"; the handshakes on
+	// the port are the connections made.
+	st := mk("8080", "tcp_flags", 59, 0, 0)
+	st.SetStatus(signals.Status{Component: signals.ProbeSockCalls, Kind: "probe", State: signals.StateRunning})
+	st.Put(signals.ProcessAcceptsCountedSince, nil, 0, now)
+	var hs []float64
+	for i := 0; i < 6; i++ {
+		hs = append(hs, 5500*float64(i))
+	}
+	putSeries(st, signals.TCPListenHandshakesTotal, signals.L("port", "8080"), now, hs...)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("healthy churn, accepts not counted: %+v", obs)
+	}
+	st.Put(signals.ProcessAcceptsCountedSince, nil, float64(now.Add(-2*time.Second).UnixNano())/1e9, now)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("healthy churn, accepts counted for only part of the window: %+v", obs)
+	}
+
+	st = signals.New(100, 100)
 	putSeries(st, signals.TCPOutRstsTotal, nil, now, 0, 100, 200, 300, 400, 500)
 	if obs := NewRSTStorm(DefaultRSTStormOptions()).Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Errorf("namespace counters alone blamed the target: %+v", obs)

@@ -20,8 +20,9 @@ type RSTStormOptions struct {
 	Recent  time.Duration `toml:"recent" range:"[1s,1h]"`       // the rate is measured over this
 	MinRate float64       `toml:"min_rate" range:"(0,1000000]"` // resets sent per second at or above this is a storm
 	// MinShare: and at least this share of the connections on the
-	// target's ports end in a reset (resets / (resets + accepts)), so a
-	// busy healthy service's ordinary resets are not a storm.
+	// target's ports end in a reset (resets / (resets + accepts), or
+	// handshakes while accepts are not counted), so a busy healthy
+	// service's ordinary resets are not a storm.
 	MinShare float64 `toml:"min_share" range:"(0,1]"`
 }
 
@@ -115,16 +116,26 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 		return nil
 	}
 	// Resets against the connections the target accepted on the same
-	// ports: a busy healthy service resets a few percent of them.
-	accepts, acceptsKnown := 0.0, false
-	for _, ls := range w.Store.Select(signals.ProcessAcceptsTotal) {
-		acceptsKnown = true
-		if _, mine := r.listened[ls.Get("port")]; mine || namespace {
-			v, _ := rateIn(w.Store, signals.ProcessAcceptsTotal, ls, from, w.Now)
-			accepts += v
+	// ports: a busy healthy service resets a few percent of them. The
+	// sockcalls probe counts accepts only while a queue holds connections:
+	// when it did not count them all through the window, the handshakes
+	// completed on those ports stand in (tcplisten; each is a connection
+	// made, accepted or not). A count over part of the window would make
+	// a healthy service's few resets look like all its connections.
+	conns, acceptsKnown, what := 0.0, false, signals.ProcessAcceptsTotal
+	if _, said := w.Store.Latest(signals.ProcessAcceptsCountedSince, nil); said {
+		if af, on := acceptsCountedSince(w.Store, nil, w.Now); !on || af.After(from) {
+			what = signals.TCPListenHandshakesTotal
 		}
 	}
-	share := total / (total + accepts)
+	for _, ls := range w.Store.Select(what) {
+		acceptsKnown = true
+		if _, mine := r.listened[ls.Get("port")]; mine || namespace {
+			v, _ := rateIn(w.Store, what, ls, from, w.Now)
+			conns += v
+		}
+	}
+	share := total / (total + conns)
 	if acceptsKnown && share < r.o.MinShare {
 		return nil
 	}
@@ -151,7 +162,11 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 		ev = append(ev, Evidence{Signal: signals.TCPOutRstsTotal.Name, Value: total, Threshold: r.o.MinRate, Unit: "/s", Window: r.o.Recent, Note: "resets sent by the namespace"})
 	}
 	if acceptsKnown {
-		ev = append(ev, Evidence{Signal: "resets / (resets + accepts)", Value: share, Threshold: r.o.MinShare, Unit: "ratio", Window: r.o.Recent, Note: "share of the connections on the target's ports that end in a reset"})
+		made := "accepts"
+		if what == signals.TCPListenHandshakesTotal {
+			made = "handshakes"
+		}
+		ev = append(ev, Evidence{Signal: "resets / (resets + " + made + ")", Value: share, Threshold: r.o.MinShare, Unit: "ratio", Window: r.o.Recent, Note: "share of the connections on the target's ports that end in a reset"})
 	}
 	if top != "" {
 		reasons = fmt.Sprintf(" The kernel's reason for most of them (%s): %s.", rate(topRate), top)

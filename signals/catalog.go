@@ -247,11 +247,13 @@ var (
 // its children) did with its own TCP sockets, by its own system calls.
 var (
 	ProcessAcceptsTotal = &Desc{Name: "process_accepts_total", Kind: Counter,
-		Help: "Connections the target accepted (accept/accept4 that returned a socket), by listener port (eBPF sys_exit). Unlike completed handshakes, these are the app's own accepts."}
+		Help: "Connections the target accepted (accept/accept4 that returned a socket), by listener port (eBPF sys_exit). Unlike completed handshakes, these are the app's own accepts. Counted while process_accepts_counted_since_seconds is not 0: by default while a listener's queue holds connections (sockcalls.accepts)."}
+	ProcessAcceptsCountedSince = &Desc{Name: "process_accepts_counted_since_seconds", Kind: Gauge,
+		Help: "Unix time since which every accept of the target has been counted in process_accepts_total; 0 while accepts are not counted (sockcalls.accepts = \"queued\" counts them while a listener's queue holds connections, and sockcalls.accepts_linger after)."}
 	ProcessConnectsTotal = &Desc{Name: "process_connects_total", Kind: Counter,
-		Help: "TCP connects the target started (connect returned 0 or EINPROGRESS), by remote ip:port; remotes beyond sockcalls.max_remotes are remote=\"other\"."}
+		Help: "TCP connects of the target that sent a SYN, by remote ip:port, counted when the handshake ended (established, failed or given up); remotes beyond sockcalls.max_remotes are remote=\"other\"."}
 	ProcessConnectErrorsTotal = &Desc{Name: "process_connect_errors_total", Kind: Counter,
-		Help: "TCP connects of the target that failed, by errno (EADDRNOTAVAIL: no local port left toward the remote; ECONNREFUSED; ETIMEDOUT) and remote, including failures found after connect returned (a reset, SYN retries exhausted)."}
+		Help: "TCP connects of the target that failed, by errno and remote: EADDRNOTAVAIL (no local port left toward the remote, within connect), or what ended the handshake (ECONNREFUSED: a reset; ETIMEDOUT: SYN retries exhausted; EHOSTUNREACH...). Failures before a connect reaches SYN_SENT (no route, a bad address) are not counted."}
 	ProcessUnreadOldestSeconds = &Desc{Name: "process_unread_oldest_seconds", Kind: Gauge,
 		Help: "Age of the oldest data waiting unread on the target's TCP sockets (0 when none): requests wait for an event loop that is busy or asleep, whatever call it sleeps in."}
 	ProcessUnreadSockets = &Desc{Name: "process_unread_sockets", Kind: Gauge,
