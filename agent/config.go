@@ -306,7 +306,7 @@ func (e *ConfigError) Error() string {
 func (e *ConfigError) Unwrap() error { return e.Err }
 
 // The values of sockcalls.accepts: count the target's accepts while a
-// listener's queue holds connections (the sys_exit program they need makes
+// listener's queue fills up (the sys_exit program they need makes
 // every system call of the host slower), or all the time.
 const (
 	AcceptsQueued = "queued"

@@ -7,7 +7,7 @@
  * own system calls and only for its TCP sockets:
  *   - accepts: accept/accept4 that returned a socket, per listener port,
  *     while Go has the sys_exit program attached (while a listener's
- *     queue holds connections: see probes/sockcalls.go);
+ *     queue fills up: see probes/sockcalls.go);
  *   - connects, per remote, by their TCP states: a socket the target
  *     moves to SYN_SENT (connect runs in its context) is its attempt,
  *     counted when the handshake ends: established, refused or timed out

@@ -102,6 +102,14 @@ type listenerSample struct {
 	Owned          bool // some member is held open by the target
 }
 
+// fillingRatio is how full a queue must be for the app's accepts to be
+// counted (Store.FillingQueue): a stall fills it from empty, so counting
+// begins before it is full; a burst that fills it between two samples is
+// counted from the first sample that sees it full, within the accept_overflow
+// rule's runEdge. nginx flat out (its queue of 511 held a few connections
+// at most samples) never comes near.
+const fillingRatio = 0.5
+
 // ratio is how full the queue is; a listener with backlog 0 is full with
 // one connection, so it counts as backlog 1 here.
 func (l listenerSample) ratio() float64 {
@@ -627,13 +635,18 @@ func (c *acceptQueueCollector) record(store *signals.Store, cur map[listenerKey]
 			// Connections wait: the probes whose counts are evidence
 			// here (accepts, handshakes) poll fast meanwhile.
 			store.Hurry(now.Add(2 * time.Second))
-			break
+		}
+		if l.Full || l.ratio() >= fillingRatio {
+			// And the app's accepts are counted (they cost every system
+			// call of the host while they are).
+			store.FillingQueue(now.Add(2 * time.Second))
 		}
 	}
 	if len(c.pending) > 0 {
 		// Drops wait for their evidence: the probes that publish it poll
 		// at their fast interval meanwhile, and so does this collector.
 		store.Hurry(now.Add(attributionGrace))
+		store.FillingQueue(now.Add(attributionGrace))
 	}
 	c.spare = c.prev
 	c.prev, c.prevT, c.prevOverflows, c.havePrev = cur, now, overflows, true

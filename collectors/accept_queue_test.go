@@ -644,3 +644,34 @@ func BenchmarkAcceptQueueCollect(b *testing.B) {
 		}
 	}
 }
+
+// The app's accepts are wanted (Store.QueueFilling: the sockcalls probe
+// counts them, at a cost to every system call of the host) once a queue of
+// the target is half full, not while it merely holds a few connections,
+// as a busy healthy server's does at most samples; the pollers are hurried
+// from the first connection queued.
+func TestAcceptQueueFillingWantsAccepts(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 8, Accept: false})
+	h := newAQHarness(t, s)
+	h.collect()
+	if h.store.Hurried(time.Now()) || h.store.QueueFilling(time.Now()) {
+		t.Fatal("an empty queue hurried the pollers or asked for accepts")
+	}
+	if ans := s.MustDo(t, "dial 2"); ans != "ok 2 established" {
+		t.Fatalf("dial: %s", ans)
+	}
+	h.poll("2 connections queued", func() bool { return h.get(signals.ListenQueueLength, h.port) == 2 })
+	if !h.store.Hurried(time.Now()) {
+		t.Error("2 queued connections did not hurry the pollers")
+	}
+	if h.store.QueueFilling(time.Now()) {
+		t.Error("2 connections in a queue of 8 asked for the app's accepts")
+	}
+	if ans := s.MustDo(t, "dial 2"); ans != "ok 2 established" {
+		t.Fatalf("dial: %s", ans)
+	}
+	h.poll("4 connections queued", func() bool { return h.get(signals.ListenQueueLength, h.port) == 4 })
+	if !h.store.QueueFilling(time.Now()) {
+		t.Error("a queue half full did not ask for the app's accepts")
+	}
+}

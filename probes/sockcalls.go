@@ -33,8 +33,8 @@ type SockCallsOptions struct {
 	MaxRemotes int
 	// AcceptsAlways keeps the sys_exit program that counts accepts
 	// attached all the time (sockcalls.accepts = "always"); otherwise it
-	// is attached while the store is hurried (a listener's queue holds
-	// connections) and AcceptsLinger after.
+	// is attached while a listener of the target fills up
+	// (Store.QueueFilling) and AcceptsLinger after.
 	AcceptsAlways bool
 	// AcceptsLinger is how long accepts are still counted after the last
 	// poll that wanted them (sockcalls.accepts_linger).
@@ -246,14 +246,15 @@ const defaultAcceptsLinger = 30 * time.Second
 // call of the host and moves them all to the kernel's slower traced path:
 // beside nginx flat out (1.4 million system calls a second) that cost 4 %
 // of its requests. Accepts matter to the rules only while a listener's
-// queue holds connections (an app that accepts nothing then is stalled;
-// one that accepts is draining a burst), which is when the accept-queue
-// collector hurries the store; they are counted from then until
+// queue fills up (an app that accepts nothing then is stalled; one that
+// accepts is draining a burst), which the accept-queue collector tells the
+// store (FillingQueue: half full, full, or dropping); they are counted
+// from then until
 // AcceptsLinger after the last such poll. The times are in
 // process_accepts_counted_since_seconds, which the rules read before
 // they take a count of 0 for "no accept".
 func (p *SockCalls) countAccepts(store *signals.Store, now time.Time) {
-	if p.o.AcceptsAlways || store.Hurried(now) {
+	if p.o.AcceptsAlways || store.QueueFilling(now) {
 		p.wantedAt = now
 	}
 	wanted := !p.wantedAt.IsZero() && now.Sub(p.wantedAt) < p.o.AcceptsLinger

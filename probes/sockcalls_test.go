@@ -501,7 +501,7 @@ func TestSockCallsUnreadWork(t *testing.T) {
 	nb := startSockChild(t, false)
 	// The accepted sockets are the target's from their accept: counted
 	// while sys_exit is attached (always, here; by default while a queue
-	// holds connections, and otherwise from the target's first read).
+	// fills up, and otherwise from the target's first read).
 	p, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsAlways = true })
 
 	port := tgt.do(t, "listen 0 16")[0]
@@ -660,13 +660,13 @@ func TestSockCallsBounds(t *testing.T) {
 	}
 }
 
-// Accepts are counted while the store is hurried (the accept-queue
-// collector does it while a listener's queue holds connections) and
+// Accepts are counted while the store says a queue is filling (the
+// accept-queue collector does, while a listener's queue fills up) and
 // AcceptsLinger after, and process_accepts_counted_since_seconds says since
 // when: the sys_exit program they need slows every system call of the
 // host, so it is attached only then. Accepts before and after are not
 // counted, and the counter does not jump when counting starts again.
-func TestSockCallsCountsAcceptsWhileQueued(t *testing.T) {
+func TestSockCallsCountsAcceptsWhileQueueFills(t *testing.T) {
 	tgt := startSockChild(t, false)
 	_, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsLinger = time.Second })
 	port := tgt.do(t, "listen 0 64")[0]
@@ -692,20 +692,20 @@ func TestSockCallsCountsAcceptsWhileQueued(t *testing.T) {
 		t.Fatalf("no queue held connections: %v accepts counted, counted since %v; want 0, 0", v, since())
 	}
 
-	hurried := time.Now()
-	st.Hurry(hurried.Add(500 * time.Millisecond))
+	filling := time.Now()
+	st.FillingQueue(filling.Add(500 * time.Millisecond))
 	waitValue(t, st, signals.ProcessAcceptsCountedSince, nil, func(v float64) bool { return v > 0 }, "> 0 (counting)")
-	if from := time.Unix(0, int64(since()*1e9)); from.Before(hurried) || from.Sub(hurried) > 2*time.Second {
-		t.Errorf("counted since %v, hurried at %v", from, hurried)
+	if from := time.Unix(0, int64(since()*1e9)); from.Before(filling) || from.Sub(filling) > 2*time.Second {
+		t.Errorf("counted since %v, filling from %v", from, filling)
 	}
 	accept(2)
 	waitValue(t, st, signals.ProcessAcceptsTotal, ls, func(v float64) bool { return v >= 2 }, ">= 2")
 	assertStays(t, st, signals.ProcessAcceptsTotal, ls, 2)
 
-	// The linger (1 s) after the hurry (0.5 s) ends: no longer counted.
+	// The linger (1 s) after the filling (0.5 s) ends: no longer counted.
 	waitValue(t, st, signals.ProcessAcceptsCountedSince, nil, func(v float64) bool { return v == 0 }, "0 (no longer counting)")
-	if gone := time.Since(hurried); gone < 1500*time.Millisecond {
-		t.Errorf("accepts stopped being counted %v after the hurry, before its linger ended", gone)
+	if gone := time.Since(filling); gone < 1500*time.Millisecond {
+		t.Errorf("accepts stopped being counted %v after the queue stopped filling, before its linger ended", gone)
 	}
 	accept(4)
 	assertStays(t, st, signals.ProcessAcceptsTotal, ls, 2)

@@ -205,7 +205,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	// syncookie handshakes complete and are then dropped, which once made
 	// a listener that accepted nothing read "accepted 65 connections".
 	// While the probe counts, a port with no accept series simply had
-	// none; it counts them while a queue holds connections (the sys_exit
+	// none; it counts them while a queue fills up (the sys_exit
 	// program they need slows every system call of the host), so a count
 	// speaks only for the time since counting began (counted).
 	acceptsFrom, acceptsOn := acceptsCountedSince(st, portLs, now)
@@ -270,7 +270,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 			ev = append(ev, Evidence{Signal: signals.ProcessAcceptsTotal.Name + portLs.String(), Value: acceptedRun, Unit: "connections", Window: countedRun, Note: "connections the app accepted while the queue was full (eBPF accept)"})
 			over := ""
 			if countedRun < fullFor {
-				over = " in the last " + duration(countedRun) + " (accepts are counted from when its queue held connections)"
+				over = " in the last " + duration(countedRun) + " (accepts are counted from when its queue began to fill)"
 			}
 			if acceptedRun == 0 {
 				how = "accepted no connection" + over
@@ -765,7 +765,7 @@ func (s synSchedule) nextRetry(start, end, d time.Time) time.Time {
 // last before) from to its last sample at or before to.
 // acceptsCountedSince is since when the sockcalls probe has counted every
 // accept of the target (on: it counts now). It counts them only while a
-// listener's queue holds connections, and says since when in
+// listener's queue fills up, and says since when in
 // ProcessAcceptsCountedSince. A store without that series (the probe never
 // polled; rule tests that write accepts alone) keeps the older reading:
 // while the probe runs or port's accept series is fresh, since forever.

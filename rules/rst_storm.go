@@ -117,7 +117,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	}
 	// Resets against the connections the target accepted on the same
 	// ports: a busy healthy service resets a few percent of them. The
-	// sockcalls probe counts accepts only while a queue holds connections:
+	// sockcalls probe counts accepts only while a queue fills up:
 	// when it did not count them all through the window, the handshakes
 	// completed on those ports stand in (tcplisten; each is a connection
 	// made, accepted or not). A count over part of the window would make

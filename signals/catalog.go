@@ -247,9 +247,9 @@ var (
 // its children) did with its own TCP sockets, by its own system calls.
 var (
 	ProcessAcceptsTotal = &Desc{Name: "process_accepts_total", Kind: Counter,
-		Help: "Connections the target accepted (accept/accept4 that returned a socket), by listener port (eBPF sys_exit). Unlike completed handshakes, these are the app's own accepts. Counted while process_accepts_counted_since_seconds is not 0: by default while a listener's queue holds connections (sockcalls.accepts)."}
+		Help: "Connections the target accepted (accept/accept4 that returned a socket), by listener port (eBPF sys_exit). Unlike completed handshakes, these are the app's own accepts. Counted while process_accepts_counted_since_seconds is not 0: by default while a listener's queue is half full or more, or drops SYNs (sockcalls.accepts)."}
 	ProcessAcceptsCountedSince = &Desc{Name: "process_accepts_counted_since_seconds", Kind: Gauge,
-		Help: "Unix time since which every accept of the target has been counted in process_accepts_total; 0 while accepts are not counted (sockcalls.accepts = \"queued\" counts them while a listener's queue holds connections, and sockcalls.accepts_linger after)."}
+		Help: "Unix time since which every accept of the target has been counted in process_accepts_total; 0 while accepts are not counted (sockcalls.accepts = \"queued\" counts them while a listener's queue is half full or more, or drops SYNs, and sockcalls.accepts_linger after)."}
 	ProcessConnectsTotal = &Desc{Name: "process_connects_total", Kind: Counter,
 		Help: "TCP connects of the target that sent a SYN, by remote ip:port, counted when the handshake ended (established, failed or given up); remotes beyond sockcalls.max_remotes are remote=\"other\"."}
 	ProcessConnectErrorsTotal = &Desc{Name: "process_connect_errors_total", Kind: Counter,

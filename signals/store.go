@@ -220,6 +220,9 @@ type Store struct {
 	// hurry is when something asked the pollers to stay fast until (Unix
 	// ns): a queue holding connections, an event worth watching closely.
 	hurry atomic.Int64
+	// filling is until when (Unix ns) a listener of the target is filling
+	// up: its accepts are evidence (FillingQueue).
+	filling atomic.Int64
 	// activity are counters probes publish for collectors (SetActivity).
 	activity sync.Map // string -> func() uint64
 }
@@ -445,6 +448,25 @@ func ListenWake(netns uint64) string { return "tcplisten-wake:" + strconv.Format
 
 // Hurried reports whether a Hurry is in force at now.
 func (s *Store) Hurried(now time.Time) bool { return now.UnixNano() < s.hurry.Load() }
+
+// FillingQueue says that a listener of the target is filling up until
+// until (its queue half full or more, or dropping SYNs): what the app
+// accepts meanwhile tells a stall from a burst, so the sockcalls probe
+// counts accepts, which costs every system call of the host, only then.
+// A queue that merely holds connections is not enough: a busy healthy
+// server's queue holds a few at most samples. One atomic store.
+func (s *Store) FillingQueue(until time.Time) {
+	u := until.UnixNano()
+	for {
+		cur := s.filling.Load()
+		if cur >= u || s.filling.CompareAndSwap(cur, u) {
+			return
+		}
+	}
+}
+
+// QueueFilling reports whether a FillingQueue is in force at now.
+func (s *Store) QueueFilling(now time.Time) bool { return now.UnixNano() < s.filling.Load() }
 
 // Latest returns the newest sample of one series.
 func (s *Store) Latest(d *Desc, ls Labels) (Sample, bool) {
