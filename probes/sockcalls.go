@@ -249,10 +249,9 @@ const defaultAcceptsLinger = 30 * time.Second
 // queue fills up (an app that accepts nothing then is stalled; one that
 // accepts is draining a burst), which the accept-queue collector tells the
 // store (FillingQueue: half full, full, or dropping); they are counted
-// from then until
-// AcceptsLinger after the last such poll. The times are in
-// process_accepts_counted_since_seconds, which the rules read before
-// they take a count of 0 for "no accept".
+// from then until AcceptsLinger after the last such poll. The time since
+// when is in process_accepts_counted_since_seconds, which the rules read
+// before they take a count of 0 for "no accept".
 func (p *SockCalls) countAccepts(store *signals.Store, now time.Time) {
 	if p.o.AcceptsAlways || store.QueueFilling(now) {
 		p.wantedAt = now

@@ -70,6 +70,7 @@ func (*RSTStorm) Needs() []Need {
 		{Component: signals.CollectorSockets, What: "which ports are the target's (only scope namespace still runs)"},
 		{Component: signals.CollectorNetstat, What: "accept overflows and application aborts, which tell those resets from resets on closed ports"},
 		{Component: signals.ProbeSockCalls, What: "the share of accepted connections that end in a reset"},
+		{Component: signals.ProbeTCPListen, What: "the handshakes on the target's ports, for that share while its accepts are not counted"},
 		{Component: signals.CollectorSysctl, What: "whether tcp_abort_on_overflow turns accept overflows into resets"},
 	}
 }
