@@ -269,8 +269,10 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 			conf = 0.9
 			ev = append(ev, Evidence{Signal: signals.ProcessAcceptsTotal.Name + portLs.String(), Value: acceptedRun, Unit: "connections", Window: countedRun, Note: "connections the app accepted while the queue was full (eBPF accept)"})
 			over := ""
-			if countedRun < fullFor {
-				over = " in the last " + duration(countedRun) + " (accepts are counted from when its queue began to fill)"
+			// Within a sample of the run's start (which is itself
+			// known to a sample) is no gap worth words.
+			if countedRun < fullFor-countedSlack {
+				over = " in the last " + duration(countedRun) + " (accepts are counted only while a queue fills up)"
 			}
 			if acceptedRun == 0 {
 				how = "accepted no connection" + over
@@ -761,8 +763,6 @@ func (s synSchedule) nextRetry(start, end, d time.Time) time.Time {
 	return latest
 }
 
-// increaseBetween is how much a counter grew from its sample at (or the
-// last before) from to its last sample at or before to.
 // acceptsCountedSince is since when the sockcalls probe has counted every
 // accept of the target (on: it counts now). It counts them only while a
 // listener's queue fills up, and says since when in
@@ -780,6 +780,8 @@ func acceptsCountedSince(st *signals.Store, port signals.Labels, now time.Time) 
 	return time.Unix(0, int64(since.V*1e9)), true
 }
 
+// increaseBetween is how much a counter grew from its sample at (or the
+// last before) from to its last sample at or before to.
 func increaseBetween(st *signals.Store, d *signals.Desc, ls signals.Labels, from, to time.Time) float64 {
 	var base, last float64
 	have := false
@@ -961,6 +963,11 @@ func nextPow2(n int) int {
 // runEdge is the end of a run of full samples that accepts may share with
 // the sample after it (two fast samples).
 const runEdge = 200 * time.Millisecond
+
+// countedSlack is how much of a run may go uncounted by the accept counter
+// before the words say over how long it counted: one collector sample, the
+// resolution of the run's own start.
+const countedSlack = 100 * time.Millisecond
 
 // betweenSamplesSettle is how long drops never seen with a full queue wait
 // before they are judged a burst between samples.
