@@ -48,6 +48,17 @@ func (h listenerHistory) store(now time.Time) *signals.Store {
 	return st
 }
 
+// queueFor is a queue length history: q connections for the last run, none
+// before.
+func queueFor(run time.Duration, q float64) func(time.Duration) float64 {
+	return func(age time.Duration) float64 {
+		if age <= run {
+			return q
+		}
+		return 0
+	}
+}
+
 func defaultAO() *AcceptOverflow {
 	return NewAcceptOverflow(DefaultAcceptOverflowOptions())
 }
@@ -69,12 +80,7 @@ func TestAcceptOverflowAppNotAccepting(t *testing.T) {
 	now := time.Unix(10000, 0)
 	// Full for the last 2 s, drops rising, no accept.
 	h := listenerHistory{backlog: 8, somaxconn: 4096,
-		qlen: func(age time.Duration) float64 {
-			if age <= 2*time.Second {
-				return 9
-			}
-			return 0
-		},
+		qlen: queueFor(2*time.Second, 9),
 		drops: func(age time.Duration) float64 {
 			if age <= 2*time.Second {
 				return float64(20 - int(age.Seconds()*5))
@@ -714,12 +720,7 @@ func TestAcceptOverflowScheduleFollowsSysctls(t *testing.T) {
 func TestAcceptOverflowAcceptsCountedOnlySince(t *testing.T) {
 	now := time.Unix(10000, 0)
 	h := listenerHistory{backlog: 8, somaxconn: 4096,
-		qlen: func(age time.Duration) float64 {
-			if age <= 2*time.Second {
-				return 9
-			}
-			return 0
-		},
+		qlen:  queueFor(2*time.Second, 9),
 		drops: func(age time.Duration) float64 { return float64(20 - int(age.Seconds()*5)) },
 		opens: func(time.Duration) float64 { return 100 },
 	}

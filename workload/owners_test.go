@@ -37,6 +37,24 @@ func holder(t *testing.T, files ...*os.File) *exec.Cmd {
 	return cmd
 }
 
+// ownersOfHolder is a SocketOwners (real /proc) whose target is a holder
+// that holds nothing.
+func ownersOfHolder(t *testing.T, o SocketOwnersOptions) *SocketOwners {
+	t.Helper()
+	cmd := holder(t)
+	res, err := NewResolver("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tgt, err := res.Resolve(Selector{PID: cmd.Process.Pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	owners := NewSocketOwners("/proc", o)
+	owners.SetTarget(tgt)
+	return owners
+}
+
 // Sockets held by the target, by a neighbour and by the agent itself are
 // told apart by reading fd tables; an inode nobody holds is remembered as
 // unknown, and looked for again only after OthersRescan.
@@ -143,17 +161,7 @@ func TestSocketOwners(t *testing.T) {
 // met at different times, are looked for again by one full scan per
 // UnknownLife, not one scan each.
 func TestSocketOwnersUnknownExpireTogether(t *testing.T) {
-	cmd := holder(t)
-	res, err := NewResolver("/proc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	tgt, err := res.Resolve(Selector{PID: cmd.Process.Pid})
-	if err != nil {
-		t.Fatal(err)
-	}
-	o := NewSocketOwners("/proc", SocketOwnersOptions{OthersRescan: time.Millisecond, UnknownLife: time.Minute})
-	o.SetTarget(tgt)
+	o := ownersOfHolder(t, SocketOwnersOptions{OthersRescan: time.Millisecond, UnknownLife: time.Minute})
 	t0 := time.Now()
 	clock := t0
 	o.now = func() time.Time { return clock }
@@ -189,17 +197,7 @@ func TestSocketOwnersUnknownExpireTogether(t *testing.T) {
 // churn, labels of others' sockets must not cost more than a sliver of a
 // core. The target's own table is read every TargetRescan all the same.
 func TestSocketOwnersOthersScanFollowsItsCost(t *testing.T) {
-	cmd := holder(t)
-	res, err := NewResolver("/proc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	tgt, err := res.Resolve(Selector{PID: cmd.Process.Pid})
-	if err != nil {
-		t.Fatal(err)
-	}
-	o := NewSocketOwners("/proc", SocketOwnersOptions{OthersRescan: time.Millisecond, TargetRescan: time.Millisecond})
-	o.SetTarget(tgt)
+	o := ownersOfHolder(t, SocketOwnersOptions{OthersRescan: time.Millisecond, TargetRescan: time.Millisecond})
 	t0 := time.Now()
 	o.Refresh(t0, []uint32{1})
 	if o.othersAt != t0 || o.othersTook <= 0 {
