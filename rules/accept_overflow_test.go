@@ -770,3 +770,40 @@ func TestAcceptOverflowAcceptsCountedOnlySince(t *testing.T) {
 		t.Errorf("a burst, accepts counted for the last 3 s: %+v", obs)
 	}
 }
+
+// A burst's finding lingers twice the gap between its last two rounds of
+// drops (the rounds' gaps double), never less than the window nor longer
+// than the clients' give-up time.
+func TestAcceptOverflowBurstLinger(t *testing.T) {
+	r := defaultAO()
+	r.bursts = map[string]*burstMemory{}
+	sched := newSynSchedule(defaultSynRetries, defaultSynLinear)
+	t0 := time.Unix(10000, 0)
+	st := signals.New(600, 1000)
+	drops := 0.0
+	put := func(at time.Duration, rise bool) {
+		if rise {
+			drops += 10
+		}
+		st.Put(signals.ListenOverflowsTotal, ls8080, drops, t0.Add(at))
+	}
+	put(0, false)
+	put(100*time.Millisecond, true)
+	if l := r.burstLinger("k", st, ls8080, t0.Add(200*time.Millisecond), sched); l != r.o.Window {
+		t.Errorf("first round: linger %v, want the window %v", l, r.o.Window)
+	}
+	put(6600*time.Millisecond, true) // the next round, 6.5 s later
+	put(6700*time.Millisecond, true) // the same round, one sample on
+	got := r.burstLinger("k", st, ls8080, t0.Add(7*time.Second), sched)
+	// Twice the 6.6 s gap after the last rise, with the timers' slack.
+	gap := 6600 * time.Millisecond
+	want := t0.Add(6700 * time.Millisecond).Add(2*gap + retrySlack(2*gap)).Sub(t0.Add(7 * time.Second))
+	if got != want || got <= r.o.Window {
+		t.Errorf("after a 6.6 s gap: linger %v, want %v (beyond the window)", got, want)
+	}
+	put(99900*time.Millisecond, false)
+	put(100*time.Second, true) // a round 93 s later: capped at the give-up time
+	if l := r.burstLinger("k", st, ls8080, t0.Add(100*time.Second), sched); l != sched.giveUp {
+		t.Errorf("after a 93 s gap: linger %v, want the give-up time %v", l, sched.giveUp)
+	}
+}
