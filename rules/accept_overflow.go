@@ -467,7 +467,7 @@ func (r *AcceptOverflow) burstLinger(endpoint string, st *signals.Store, ls sign
 	}
 	gap := m.last.Sub(m.prev)
 	until := m.last.Add(2*gap + retrySlack(2*gap))
-	return min(max(r.o.Window, until.Sub(now)), max(r.o.Window, sched.giveUp))
+	return max(r.o.Window, min(until.Sub(now), sched.giveUp))
 }
 
 // roundGap is the least time between two rounds of a burst's returning

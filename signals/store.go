@@ -390,18 +390,24 @@ func (s *Store) Wake() <-chan struct{} { return s.wake }
 // A Hurry that finds the store not hurried also wakes whoever waits on
 // Wake: the rule engine, which may be idling.
 func (s *Store) Hurry(until time.Time) {
-	u := until.UnixNano()
-	for {
-		cur := s.hurry.Load()
-		if cur >= u {
-			return
+	if was, raised := raiseTo(&s.hurry, until.UnixNano()); raised {
+		Hot(until)
+		if was <= time.Now().UnixNano() {
+			s.Notify()
 		}
-		if s.hurry.CompareAndSwap(cur, u) {
-			Hot(until)
-			if cur <= time.Now().UnixNano() {
-				s.Notify()
-			}
-			return
+	}
+}
+
+// raiseTo moves the deadline a to u unless it is already later, and says
+// what it was and whether it moved.
+func raiseTo(a *atomic.Int64, u int64) (was int64, raised bool) {
+	for {
+		cur := a.Load()
+		if cur >= u {
+			return cur, false
+		}
+		if a.CompareAndSwap(cur, u) {
+			return cur, true
 		}
 	}
 }
@@ -455,15 +461,7 @@ func (s *Store) Hurried(now time.Time) bool { return now.UnixNano() < s.hurry.Lo
 // counts accepts, which costs every system call of the host, only then.
 // A queue that merely holds connections is not enough: a busy healthy
 // server's queue holds a few at most samples. One atomic store.
-func (s *Store) FillingQueue(until time.Time) {
-	u := until.UnixNano()
-	for {
-		cur := s.filling.Load()
-		if cur >= u || s.filling.CompareAndSwap(cur, u) {
-			return
-		}
-	}
-}
+func (s *Store) FillingQueue(until time.Time) { raiseTo(&s.filling, until.UnixNano()) }
 
 // QueueFilling reports whether a FillingQueue is in force at now.
 func (s *Store) QueueFilling(now time.Time) bool { return now.UnixNano() < s.filling.Load() }
