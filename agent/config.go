@@ -120,6 +120,8 @@ type Config struct {
 		MaxRemotes    int           `toml:"max_remotes" range:"[1,4096]"`
 		Accepts       string        `toml:"accepts"`
 		AcceptsLinger time.Duration `toml:"accepts_linger" range:"[1s,1h]"`
+		Unread        string        `toml:"unread"`
+		UnreadLinger  time.Duration `toml:"unread_linger" range:"[1s,1h]"`
 	} `toml:"sockcalls"`
 	Profiling struct {
 		Enabled       bool          `toml:"enabled"`
@@ -237,6 +239,8 @@ func DefaultConfig() Config {
 	c.SockCalls.MaxRemotes = 64
 	c.SockCalls.Accepts = AcceptsQueued
 	c.SockCalls.AcceptsLinger = 30 * time.Second
+	c.SockCalls.Unread = UnreadBlocked
+	c.SockCalls.UnreadLinger = 10 * time.Second
 	c.Profiling.Enabled = true
 	c.Profiling.Frequency = 49
 	c.Profiling.MaxStacks = 8192
@@ -311,6 +315,15 @@ func (e *ConfigError) Unwrap() error { return e.Err }
 const (
 	AcceptsQueued = "queued"
 	AcceptsAlways = "always"
+)
+
+// The values of sockcalls.unread: watch for data left unread on the
+// target's sockets while one of its threads sleeps where work may wait for
+// it (the two socket hooks run for every packet and read of the host), or
+// all the time.
+const (
+	UnreadBlocked = "blocked"
+	UnreadAlways  = "always"
 )
 
 // Bounds on the configuration itself: a config file is read up to
@@ -467,6 +480,11 @@ func (c *Config) Validate() error {
 	case AcceptsQueued, AcceptsAlways:
 	default:
 		return bad("sockcalls.accepts", "must be %s or %s, got %s", AcceptsQueued, AcceptsAlways, quote(c.SockCalls.Accepts))
+	}
+	switch c.SockCalls.Unread {
+	case UnreadBlocked, UnreadAlways:
+	default:
+		return bad("sockcalls.unread", "must be %s or %s, got %s", UnreadBlocked, UnreadAlways, quote(c.SockCalls.Unread))
 	}
 	switch p := c.Findings.OTLPProtocol; p {
 	case "", exporters.OTLPProtocolGRPC, exporters.OTLPProtocolHTTP:

@@ -44,6 +44,10 @@ func (a *Agent) startProbes(ctx context.Context, cfg Config) {
 			// connections: sys_exit is attached then (or always).
 			AcceptsAlways: cfg.SockCalls.Accepts == AcceptsAlways,
 			AcceptsLinger: cfg.SockCalls.AcceptsLinger,
+			// Unread data is evidence while a thread sleeps where work
+			// may wait for it: the socket hooks are attached then.
+			UnreadAlways: cfg.SockCalls.Unread == UnreadAlways,
+			UnreadLinger: cfg.SockCalls.UnreadLinger,
 		}),
 		probes.NewSched(probes.SchedOptions{
 			Options:    opts(signals.ProbeSched),

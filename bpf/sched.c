@@ -66,6 +66,17 @@ struct thread_stats {
 	__u64 off_bp;
 	__u64 off_ip;         /* user ip then: the user stack's first frame */
 	__u64 off_scan[SCAN_WORDS];
+	/* Where the thread's last quiet sleep began, and the stack ids taken
+	 * then (see same_site); site_gen is the stack map's generation then,
+	 * plus one (0: none kept). */
+	__u64 site_ip;
+	__u64 site_sp;
+	__u64 site_bp;
+	__u64 site_ret; /* the return address at bp + 8 (0 if unreadable) */
+	__u32 site_nr;
+	__u32 site_gen;
+	__s32 site_ustack;
+	__s32 site_kstack;
 };
 
 struct block_event {
@@ -115,9 +126,20 @@ struct {
 CULPRIT_RINGBUF(blocks);
 
 /* [0]: the threads map changed (a target thread switched or woke).
- * [1]: armed (changes.h CULPRIT_WAKES). */
-CULPRIT_CHANGES(2)
+ * [1]: armed (changes.h CULPRIT_WAKES).
+ * [2]: not a counter: the stack map's generation, which Go bumps before
+ *      it empties the map (probes/sched.go resetStacks), so that no stack
+ *      id from before is reused after. */
+#define STACK_GEN 2
+CULPRIT_CHANGES(3)
 CULPRIT_WAKES(1)
+
+static __always_inline __u32 stack_gen(void)
+{
+	__u32 i = STACK_GEN;
+	__u64 *g = bpf_map_lookup_elem(&changes, &i);
+	return g ? (__u32)*g : 0;
+}
 
 /* System calls (x86-64 numbers, a bit each) in which a sleep is a worker's
  * idle wait (rules.workers.idle_syscalls), set from Go before loading: such
@@ -171,17 +193,35 @@ static __always_inline __u32 short_sleep(const struct pt_regs___nr *r, __u64 nr)
 	return ts.sec >= 0 && ts.nsec >= 0 && (__u64)ts.sec * 1000000000ULL + (__u64)ts.nsec < short_sleep_ns;
 }
 
-static __always_inline __u32 quiet_call(struct pt_regs *regs)
+/* syscall_nr is the system call the task sleeps in (512 when unknown). */
+static __always_inline __u64 syscall_nr(struct pt_regs *regs)
 {
 	if (!bpf_core_field_exists(((struct pt_regs___nr *)0)->orig_ax))
-		return 0;
+		return 512;
 	const struct pt_regs___nr *r = (const void *)regs;
-	__u64 nr = BPF_CORE_READ(r, orig_ax);
+	return BPF_CORE_READ(r, orig_ax);
+}
+
+static __always_inline __u32 quiet_call(struct pt_regs *regs, __u64 nr)
+{
 	if (nr >= 512)
 		return 0;
 	if ((quiet_calls[nr >> 6] >> (nr & 63)) & 1)
 		return 1;
-	return short_sleep(r, nr);
+	return short_sleep((const struct pt_regs___nr *)regs, nr);
+}
+
+/* same_site reports whether a quiet sleep begins where the thread's last
+ * one did, so that its stack ids can be reused rather than walked again:
+ * an event loop's idle wait, every time, beside nginx flat out ~20,000
+ * times a second, and two stack walks each were most of this program's
+ * cost. The same system call, user ip, sp and frame pointer, the same
+ * return address at bp + 8, and the same stack map generation: a walk
+ * from the same registers over the same frame chain. The stack words near
+ * sp are not compared: they hold the sleeping function's locals. */
+static __always_inline int same_site(const struct thread_stats *st, __u64 nr, __u64 ip, __u64 sp, __u64 bp, __u64 ret, __u32 gen)
+{
+	return st->site_gen == gen && st->site_nr == nr && st->site_ip == ip && st->site_sp == sp && st->site_bp == bp && st->site_ret == ret;
 }
 
 static __always_inline __u32 log2_u64(__u64 v)
@@ -328,27 +368,54 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 				 * longer than busy_gap_ns (end_block). */
 				st->runnable_since = 0;
 				st->offcpu_since = now;
-				/* prev is current here, so these are its stacks as it
-				 * goes to sleep: the blocking call. */
-				/* REUSE: a hash collision with another stack replaces
-				 * it rather than failing. A missing stack loses the
-				 * finding (no syscall, no function); a replaced one
-				 * only misnames a stack read after the collision, and
-				 * Go reads and caches each within a poll. */
-				st->off_ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK | BPF_F_REUSE_STACKID);
-				st->off_kstack = bpf_get_stackid(ctx, &stacks, BPF_F_REUSE_STACKID);
 				struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 				__u64 sp = BPF_CORE_READ(regs, sp);
-				st->off_bp = BPF_CORE_READ(regs, bp);
+				__u64 bp = BPF_CORE_READ(regs, bp);
 				/* With BPF_F_REUSE_STACKID a later stack that hashes to
 				 * the same bucket replaces this one: Go checks the user
 				 * stack it reads still starts here. */
-				st->off_ip = BPF_CORE_READ((struct pt_regs___ip *)regs, ip);
+				__u64 ip = BPF_CORE_READ((struct pt_regs___ip *)regs, ip);
+				__u64 nr = syscall_nr(regs);
+				st->off_bp = bp;
+				st->off_ip = ip;
 				if (sp && !bpf_probe_read_user(st->off_scan, sizeof(st->off_scan), (const void *)sp))
 					st->off_sp = sp;
 				else
 					st->off_sp = 0;
-				st->quiet = quiet_call(regs);
+				st->quiet = quiet_call(regs, nr);
+				__u64 ret = 0;
+				__u32 gen = stack_gen() + 1;
+				if (st->quiet && bpf_probe_read_user(&ret, sizeof(ret), (const void *)(bp + 8)))
+					ret = 0;
+				if (st->quiet && same_site(st, nr, ip, sp, bp, ret, gen)) {
+					st->off_ustack = st->site_ustack;
+					st->off_kstack = st->site_kstack;
+				} else {
+					/* prev is current here, so these are its stacks
+					 * as it goes to sleep: the blocking call. */
+					/* REUSE: a hash collision with another stack
+					 * replaces it rather than failing. A missing stack
+					 * loses the finding (no syscall, no function); a
+					 * replaced one only misnames a stack read after
+					 * the collision, and Go reads and caches each
+					 * within a poll. */
+					st->off_ustack = bpf_get_stackid(ctx, &stacks, BPF_F_USER_STACK | BPF_F_REUSE_STACKID);
+					st->off_kstack = bpf_get_stackid(ctx, &stacks, BPF_F_REUSE_STACKID);
+					/* A blocking call between two idle waits leaves
+					 * the idle wait's site kept. */
+					if (st->quiet)
+						st->site_gen = 0;
+					if (st->quiet && st->off_ustack >= 0 && st->off_kstack >= 0) {
+						st->site_nr = nr;
+						st->site_ip = ip;
+						st->site_sp = sp;
+						st->site_bp = bp;
+						st->site_ret = ret;
+						st->site_ustack = st->off_ustack;
+						st->site_kstack = st->off_kstack;
+						st->site_gen = gen;
+					}
+				}
 				if (!st->quiet)
 					wake_go();
 			}

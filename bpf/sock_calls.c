@@ -15,9 +15,13 @@
  *     connect with no local port chosen found none free: EADDRNOTAVAIL,
  *     and no attempt (no SYN went out);
  *   - unread work: for every socket the target accepted, connected or
- *     read from, when data became ready that nobody has read yet. Go turns
- *     that into the age of the oldest unread data: an event loop asleep
- *     while requests wait for it, whatever call it sleeps in.
+ *     read from, when data became ready that nobody has read yet
+ *     (`waiting`), while Go has the two socket hooks attached (while a
+ *     thread of the target sleeps where work may wait for it: see
+ *     probes/sockcalls.go watchUnread). Go turns that into the age of the
+ *     oldest unread data: an event loop asleep while requests wait for
+ *     it, whatever call it sleeps in. When the hooks attach, culprit_sock_
+ *     seed marks the data already queued as waiting since then.
  * The sockets are keyed by their struct sock address; an entry goes when
  * the socket closes, or when its memory starts a new connection (any
  * entry then is stale).
@@ -38,11 +42,15 @@
  *     measures it.
  *   - tp_btf/sock_recv_length runs after every recvmsg/read of a socket on
  *     the host: one hash lookup by socket, plus a tgid lookup when the
- *     socket is unknown. Known sockets pay an atomic exchange and a read
+ *     socket is unknown. Known sockets pay a delete in `waiting` and a read
  *     of their receive queue's length.
  *   - tp_btf/sk_data_ready runs for every data arrival on any socket of
- *     the host (softirq): one hash lookup by socket; known sockets pay one
- *     compare-and-swap.
+ *     the host (softirq): one hash lookup by socket; known sockets pay a
+ *     lookup in `waiting`, and an insert when nothing waited.
+ *   These two cost ~100 ns a run each, dispatch included, and run for
+ *   every packet and read of every socket of the host: beside nginx flat
+ *   out (wrk on the same machine) ~6 % of a core, ~3 % of its requests.
+ *   So Go attaches them only while their evidence is wanted.
  *   - tp_btf/inet_sock_set_state runs at every TCP state change: a hash
  *     lookup for the five states that begin or end a socket's life or its
  *     handshake; a target lookup when one enters SYN_SENT.
@@ -93,9 +101,6 @@ struct owned_sock {
 	 * and is counted; state changes of a socket are serialized by its
 	 * lock, so plain loads and stores do. */
 	__u32 connecting;
-	/* bpf_ktime_get_ns when data became ready and nobody had read it
-	 * since; 0 when nothing waits. Set by sk_data_ready, reset by reads. */
-	__u64 ready_since;
 	__u8 raddr[16];
 };
 
@@ -127,13 +132,35 @@ struct {
 	__uint(max_entries, 16384);
 } owned SEC(".maps");
 
+/* Sockets of owned with data unread: bpf_ktime_get_ns since when nobody
+ * read (data arrived, or was still queued after a read, or when the hooks
+ * attached). Written only while the socket hooks are attached, which Go
+ * says in HOOKED; emptied by Go before it attaches them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __u64);
+	__type(value, __u64);
+	__uint(max_entries, 16384);
+} waiting SEC(".maps");
+
 /* Change counters Go polls before walking a map (changes.h). */
 #define CHANGED_ACCEPTS 0
 #define CHANGED_CONNECTS 1
-#define CHANGED_OWNED 2
+#define CHANGED_WAITING 2
 #define ARMED 3
-CULPRIT_CHANGES(4)
+/* Not a counter: line 0's entry 4 is 1 while Go has the socket hooks
+ * attached, so that an accept marks data already queued as waiting only
+ * when a read will be seen to clear it. */
+#define HOOKED 4
+CULPRIT_CHANGES(5)
 CULPRIT_WAKES(ARMED)
+
+static __always_inline int hooked(void)
+{
+	__u32 i = HOOKED;
+	__u64 *h = bpf_map_lookup_elem(&changes, &i);
+	return h && *h;
+}
 
 /* note bumps counter which and wakes Go if it idles: the target accepted,
  * connected, or has data waiting. */
@@ -160,6 +187,20 @@ static __always_inline void count(void *map, const void *key, __u32 which)
 	note(which);
 }
 
+/* sock_of_file is the TCP socket behind a file, or NULL. */
+static __always_inline struct sock___sock *sock_of_file(const struct file___sock *f)
+{
+	/* Another thread may have closed and reused the fd meanwhile: make
+	 * sure it is a socket before reading private_data as one. */
+	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return NULL;
+	struct socket___sock *so = BPF_CORE_READ(f, private_data);
+	struct sock___sock *sk = BPF_CORE_READ(so, sk);
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return NULL;
+	return sk;
+}
+
 /* sock_of_fd is the TCP socket behind the caller's fd, or NULL: the fd
  * table is read at the exit of the call that made or used the fd. */
 static __always_inline struct sock___sock *sock_of_fd(long fd)
@@ -176,15 +217,7 @@ static __always_inline struct sock___sock *sock_of_fd(long fd)
 	struct file___sock *f = NULL;
 	if (bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]) || !f)
 		return NULL;
-	/* Another thread may have closed and reused the fd meanwhile: make
-	 * sure it is a socket before reading private_data as one. */
-	if ((BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
-		return NULL;
-	struct socket___sock *so = BPF_CORE_READ(f, private_data);
-	struct sock___sock *sk = BPF_CORE_READ(so, sk);
-	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
-		return NULL;
-	return sk;
+	return sock_of_file(f);
 }
 
 static __always_inline __u8 sk_state(const struct sock___sock *sk)
@@ -195,6 +228,15 @@ static __always_inline __u8 sk_state(const struct sock___sock *sk)
 static __always_inline __u32 unread_skbs(const struct sock___sock *sk)
 {
 	return BPF_CORE_READ(sk, sk_receive_queue.qlen);
+}
+
+/* wait_from_now marks the socket's data as waiting since now, unless it
+ * waits already (since earlier). */
+static __always_inline void wait_from_now(__u64 key)
+{
+	__u64 now = bpf_ktime_get_ns();
+	if (!bpf_map_update_elem(&waiting, &key, &now, BPF_NOEXIST))
+		note(CHANGED_WAITING);
 }
 
 /* own returns the socket's entry, creating it for tgid. */
@@ -214,12 +256,11 @@ static __always_inline struct owned_sock *own(const struct sock___sock *sk, __u3
 	} else {
 		BPF_CORE_READ_INTO(&v.raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	}
+	bpf_map_update_elem(&owned, &key, &v, BPF_NOEXIST);
 	/* Data that arrived before the socket was known (with the
 	 * handshake, before accept) waits from now on at the latest. */
-	if (unread_skbs(sk))
-		v.ready_since = bpf_ktime_get_ns();
-	bpf_map_update_elem(&owned, &key, &v, BPF_NOEXIST);
-	note(CHANGED_OWNED);
+	if (hooked() && unread_skbs(sk))
+		wait_from_now(key);
 	return bpf_map_lookup_elem(&owned, &key);
 }
 
@@ -270,19 +311,17 @@ int BPF_PROG(culprit_sock_sys_exit, struct pt_regs *regs, long ret)
 }
 
 /* settle records that someone just read from the socket: nothing waits
- * unless data is still queued. The exchange is a full barrier, so either
- * this re-check sees data queued meanwhile, or its sk_data_ready runs
- * after the exchange and finds ready_since 0. */
-static __always_inline void settle(struct owned_sock *o, const struct sock___sock *sk)
+ * unless data is still queued. The delete comes first, so either this
+ * re-check sees data queued meanwhile, or its sk_data_ready runs after the
+ * delete and inserts. */
+static __always_inline void settle(__u64 key, const struct sock___sock *sk)
 {
-	__u64 was = __sync_lock_test_and_set(&o->ready_since, 0);
-	__u64 set = 0;
+	/* Only a read that changed what Go sees (data that waited, or data
+	 * still queued) counts: most reads find nothing waiting. */
+	if (!bpf_map_delete_elem(&waiting, &key))
+		note(CHANGED_WAITING);
 	if (unread_skbs(sk))
-		set = __sync_val_compare_and_swap(&o->ready_since, 0, bpf_ktime_get_ns()) == 0;
-	/* Only a read that changed what Go sees (data that waited, or
-	 * data still queued) counts: most reads find nothing waiting. */
-	if (was || set)
-		note(CHANGED_OWNED);
+		wait_from_now(key);
 }
 
 SEC("tp_btf/sock_recv_length")
@@ -307,7 +346,7 @@ int BPF_PROG(culprit_sock_recv_length, struct sock *sk, int ret, int flags)
 			return 0;
 	}
 	if (ret >= 0)
-		settle(o, s);
+		settle(key, s);
 	return 0;
 }
 
@@ -315,13 +354,40 @@ SEC("tp_btf/sk_data_ready")
 int BPF_PROG(culprit_sock_data_ready, const struct sock *sk)
 {
 	__u64 key = (__u64)sk;
-	struct owned_sock *o = bpf_map_lookup_elem(&owned, &key);
-	if (!o)
+	if (!bpf_map_lookup_elem(&owned, &key))
 		return 0;
-	/* Always the atomic: a plain read first could see a stale value
-	 * and miss a reader's reset (see settle). */
-	if (__sync_val_compare_and_swap(&o->ready_since, 0, bpf_ktime_get_ns()) == 0)
-		note(CHANGED_OWNED);
+	if (bpf_map_lookup_elem(&waiting, &key))
+		return 0; /* older data waits */
+	wait_from_now(key);
+	return 0;
+}
+
+/* culprit_sock_seed runs over the open files of every process once,
+ * right after Go attached the socket hooks: every TCP socket the target
+ * holds becomes its own, whether or not its accept or its reads were seen
+ * (while the hooks and sys_exit were detached, they were not), and data
+ * queued on it then waits since then at the latest (a lower bound of its
+ * age: how long it waited before, nothing watched). A walk of every file
+ * table of the host, a hash lookup per file: about a millisecond for
+ * 10,000 sockets, once per attach. */
+SEC("iter/task_file")
+int culprit_sock_seed(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+	if (!task || !file)
+		return 0;
+	__u32 tgid = BPF_CORE_READ(task, tgid);
+	if (!is_target(tgid))
+		return 0;
+	const struct sock___sock *sk = sock_of_file((const void *)file);
+	if (!sk)
+		return 0;
+	__u8 st = sk_state(sk);
+	if (st == TCP_LISTEN || st == TCP_CLOSE)
+		return 0;
+	if (own(sk, tgid) && unread_skbs(sk))
+		wait_from_now((__u64)sk);
 	return 0;
 }
 
@@ -366,7 +432,8 @@ int BPF_PROG(culprit_sock_set_state, const struct sock *sk, const int oldstate, 
 		/* Closed, or the memory of a closed socket begins a new
 		 * connection. */
 		bpf_map_delete_elem(&owned, &key);
-		note(CHANGED_OWNED);
+		if (!bpf_map_delete_elem(&waiting, &key))
+			note(CHANGED_WAITING);
 	}
 	if (newstate == TCP_SYN_SENT && oldstate == TCP_CLOSE) {
 		/* connect() runs in the caller's context. */

@@ -90,6 +90,7 @@ type Sched struct {
 	// stacksReset is when the stack map was last emptied; resetReq asks
 	// the poller to empty it now (tests).
 	stacksReset time.Time
+	stackGen    uint64 // bumped at each emptying (bpf/sched.c STACK_GEN)
 	resetReq    chan chan struct{}
 
 	// Per poll state, reused: the threads' series by tid, the group's
@@ -1031,6 +1032,18 @@ func (p *Sched) resetStacks(objs *schedObjects, now time.Time, force bool) {
 		}
 	}
 	p.mu.Unlock()
+	// A new generation before the map empties: the program reuses a
+	// quiet sleep's stack ids only within the generation they were taken
+	// in (bpf/sched.c same_site), and ids from before would name
+	// emptied, or refilled, buckets.
+	if err := objs.Changes.Update(uint32(stackGenSlot), p.stackGen+1, ebpf.UpdateAny); err != nil {
+		// Emptied without a new generation, the map would lose the
+		// stacks of idle waits whose ids are reused: kept as it is
+		// until the next try.
+		p.o.Log.Warn("sched: bump the stack generation; the stack map is not emptied", "err", err)
+		return
+	}
+	p.stackGen++
 	var id uint32
 	var ids []uint32
 	it := objs.Stacks.Iterate()
@@ -1042,6 +1055,10 @@ func (p *Sched) resetStacks(objs *schedObjects, now time.Time, force bool) {
 		_ = objs.Stacks.Delete(id) // gone already is fine
 	}
 }
+
+// stackGenSlot is the changes entry holding the stack map's generation
+// (bpf/sched.c STACK_GEN).
+const stackGenSlot = 2
 
 // quantileBound is the upper bound of the bucket holding quantile q of n
 // waits distributed over buckets.
@@ -1082,6 +1099,33 @@ func (p *Sched) ongoingBlock(objs *schedObjects, pid, tid int, name string, st s
 	if p.o.NotifyBlock > 0 && d >= p.o.NotifyBlock && !p.quiet(e) {
 		p.notify(notifiedID{id, false})
 	}
+	if p.workMayWait(e) {
+		// Until past the next poll, even at the idle clock's pace.
+		p.store.BlockedWorker(time.Now().Add(blockedWorkerFor))
+	}
+}
+
+// blockedWorkerFor is how long one look at a sleep going on keeps the
+// store's BlockedWorker in force: past the next poll at the idle clock's
+// pace (a second).
+const blockedWorkerFor = 2 * time.Second
+
+// workMayWait reports whether the rules judge sleep e by the work that
+// waited meanwhile (rules/threads.go judgeBlock): any sleep outside the
+// idle calls, and a sleep in one by an event loop that is not where it
+// waits for work. A thread meant to block (a blocking pool's, a runtime's
+// helper) is never judged so. Unknown threads count for their sleeps
+// outside the idle calls only: nginx's master asleep in sigsuspend for
+// good must not keep the sockcalls probe's socket hooks attached.
+func (p *Sched) workMayWait(e signals.Episode) bool {
+	ti, known := p.o.Episodes.Thread(e.Tid)
+	if known && (ti.Role == signals.RoleBlockingPool || ti.Role == signals.RoleHelper) {
+		return false
+	}
+	if !p.quiet(e) {
+		return true
+	}
+	return known && ti.Role == signals.RoleEventLoop && !ti.AtHome(e.Syscall(), e.CallerStack(), e.Start)
 }
 
 // notifiedID is an episode going on, of either kind.

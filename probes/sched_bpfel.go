@@ -53,6 +53,14 @@ type schedThreadStats struct {
 	OffBp         uint64
 	OffIp         uint64
 	OffScan       [32]uint64
+	SiteIp        uint64
+	SiteSp        uint64
+	SiteBp        uint64
+	SiteRet       uint64
+	SiteNr        uint32
+	SiteGen       uint32
+	SiteUstack    int32
+	SiteKstack    int32
 }
 
 // Names of all BPF objects in the ELF.

@@ -418,3 +418,93 @@ func TestSleepTexts(t *testing.T) {
 		t.Errorf("the newest site: %v %v", got.frames, ok)
 	}
 }
+
+// An event loop's idle wait begins at the same place every time: its stack
+// ids are taken once per stack map generation and reused after
+// (bpf/sched.c same_site), and still name the wait after the map is
+// emptied, when they are taken again. redis with hz 1 idles in epoll_wait
+// from aeMain for about a second at a time.
+func TestSchedReusesAnIdleWaitsStacks(t *testing.T) {
+	r := testenv.StartRedis(t, testenv.RedisOptions{Config: []string{"hz 1"}})
+	st := signals.New(600, 2000)
+	eps := signals.NewEpisodes(256)
+	p := NewSched(SchedOptions{
+		Options:  Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096, SideStores: signals.SideStores{Episodes: eps}},
+		MinBlock: 100 * time.Millisecond, MaxThreads: 1024, MaxStacks: 1024, StackMapLife: time.Hour,
+		Symbolizer: symbolize.New(symbolize.Options{}),
+		QuietCalls: []string{"epoll_wait"},
+	})
+	runProbe(t, r.PID, p, st)
+	var kept schedThreadStats
+	for round := range 3 {
+		if round > 0 {
+			p.resetStacksNow()
+		}
+		from := time.Now()
+		// Two idle waits begun after: the first walks (a new
+		// generation, or a first sleep), the second reuses.
+		var e signals.Episode
+		for range 2 {
+			e = waitEpisode(t, eps, signals.EpisodeBlock, from, func(e signals.Episode) bool {
+				return e.Tid == r.PID && e.Syscall() == "epoll_wait" && !e.Ongoing && e.Start.After(from)
+			})
+			from = e.Start.Add(time.Millisecond)
+			if !slices.Contains(e.CallerStack(), "aeMain") {
+				t.Errorf("round %d: redis's idle wait from %v named %v", round, e.Start, e.Stack)
+			}
+		}
+		if err := p.objs.Threads.Lookup(uint32(r.PID), &kept); err != nil {
+			t.Fatalf("round %d: redis's main thread in the map: %v", round, err)
+		}
+		p.mu.Lock()
+		gen := p.stackGen
+		p.mu.Unlock()
+		if kept.SiteGen != uint32(gen)+1 || kept.SiteUstack < 0 || kept.SiteKstack < 0 {
+			t.Errorf("round %d: the idle wait's site is not kept in generation %d: site_gen %d, ids %d/%d",
+				round, gen, kept.SiteGen, kept.SiteUstack, kept.SiteKstack)
+		}
+		if kept.OffcpuSince != 0 && (kept.OffUstack != kept.SiteUstack || kept.OffKstack != kept.SiteKstack) {
+			t.Errorf("round %d: asleep at the kept site with other ids: %d/%d, kept %d/%d",
+				round, kept.OffUstack, kept.OffKstack, kept.SiteUstack, kept.SiteKstack)
+		}
+	}
+}
+
+// The sched probe tells the store when a thread of the target sleeps where
+// work may wait for it (Store.WorkerBlocked: the sockcalls probe watches
+// for unread data only then). redis idling in epoll_wait, its usual wait,
+// a second at a time (hz 1), never does; DEBUG SLEEP, a sleep outside the
+// idle calls, does while it lasts.
+func TestSchedSaysWhenAWorkerBlocks(t *testing.T) {
+	r := testenv.StartRedis(t, testenv.RedisOptions{Config: []string{"hz 1"}})
+	st := signals.New(600, 2000)
+	eps := signals.NewEpisodes(256)
+	p := NewSched(SchedOptions{
+		Options:  Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096, SideStores: signals.SideStores{Episodes: eps}},
+		MinBlock: 100 * time.Millisecond, MaxThreads: 1024, MaxStacks: 1024,
+		Symbolizer: symbolize.New(symbolize.Options{}),
+		QuietCalls: []string{"epoll_wait", "epoll_pwait", "futex", "poll", "ppoll", "select", "pselect6", "rt_sigtimedwait", "rt_sigsuspend", "pause"},
+	})
+	runProbe(t, r.PID, p, st)
+	for end := time.Now().Add(2500 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if st.WorkerBlocked(time.Now()) {
+			t.Fatal("redis idle in epoll_wait counts as a blocked worker")
+		}
+	}
+	c := r.MustDial(t)
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Do("DEBUG", "SLEEP", "0.8")
+		done <- err
+	}()
+	blocked := false
+	for end := time.Now().Add(time.Second); !blocked && time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		blocked = st.WorkerBlocked(time.Now())
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("DEBUG SLEEP: %v", err)
+	}
+	if !blocked {
+		t.Error("redis asleep in DEBUG SLEEP's nanosleep does not count as a blocked worker")
+	}
+}

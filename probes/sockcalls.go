@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"runtime"
 	"slices"
@@ -39,6 +40,14 @@ type SockCallsOptions struct {
 	// AcceptsLinger is how long accepts are still counted after the last
 	// poll that wanted them (sockcalls.accepts_linger).
 	AcceptsLinger time.Duration
+	// UnreadAlways keeps the socket hooks that watch for unread data
+	// attached all the time (sockcalls.unread = "always"); otherwise they
+	// are attached while a thread of the target sleeps where work may wait
+	// for it (Store.WorkerBlocked) and UnreadLinger after.
+	UnreadAlways bool
+	// UnreadLinger is how long unread data is still watched after the
+	// last poll that wanted it (sockcalls.unread_linger).
+	UnreadLinger time.Duration
 }
 
 // UnreadSocket is a socket of the target with data waiting unread.
@@ -78,6 +87,7 @@ type SockCalls struct {
 	oldestS  cachedSeries
 	waitingS cachedSeries
 	sinceS   cachedSeries
+	watchedS cachedSeries
 
 	// The sys_exit program, attached only while accepts are evidence
 	// (countAccepts); touched by the poll goroutine alone, and by Close
@@ -88,21 +98,31 @@ type SockCalls struct {
 	wantedAt    time.Time // the last poll that wanted accepts counted
 	attachErr   bool      // an attach failed (said once)
 
+	// The two socket hooks, attached only while unread data is evidence
+	// (watchUnread), and the program that marks the data queued then;
+	// touched by the poll goroutine alone, and by Close after it ended.
+	unreadProgs    []tracingProg
+	seedProg       *ebpf.Program
+	unreadLinks    []link.Link
+	watchedFrom    time.Time // since when unread data is watched; zero: not watched
+	unreadWantedAt time.Time // the last poll that wanted it watched
+	unreadErr      bool      // an attach failed (said once)
+
 	// changes says which maps moved since their last walk; waiting are
-	// the group's sockets with data unread at the last walk of owned
-	// (their ages grow while it stands still); groupGen is the group
-	// membership the walks were filtered with.
+	// the group's sockets with data unread at the last walk of the
+	// waiting map (their ages grow while it stands still); groupGen is the
+	// group membership the walks were filtered with.
 	changes  *changes
-	waiting  []sockCallsOwnedSock
+	waiting  []waitingSock
 	groupGen uint64
 
 	// Batch buffers, reused every poll.
-	ownedKeys []uint64
-	ownedVals []sockCallsOwnedSock
-	accKeys   []sockCallsAcceptKey
-	accVals   []uint64
-	connKeys  []sockCallsConnectKey
-	connVals  []uint64
+	waitKeys []uint64
+	waitVals []uint64
+	accKeys  []sockCallsAcceptKey
+	accVals  []uint64
+	connKeys []sockCallsConnectKey
+	connVals []uint64
 }
 
 // writeTo makes the series the probe's polls write into store.
@@ -113,6 +133,7 @@ func (p *SockCalls) writeTo(store *signals.Store) {
 	p.oldestS = cachedSeries{h: store.Handle(signals.ProcessUnreadOldestSeconds, nil)}
 	p.waitingS = cachedSeries{h: store.Handle(signals.ProcessUnreadSockets, nil)}
 	p.sinceS = cachedSeries{h: store.Handle(signals.ProcessAcceptsCountedSince, nil)}
+	p.watchedS = cachedSeries{h: store.Handle(signals.ProcessUnreadWatchedSince, nil)}
 }
 
 // NewSockCalls returns the probe, not yet loaded.
@@ -123,16 +144,19 @@ func NewSockCalls(o SockCallsOptions) *SockCalls {
 	if o.AcceptsLinger <= 0 {
 		o.AcceptsLinger = defaultAcceptsLinger
 	}
+	if o.UnreadLinger <= 0 {
+		o.UnreadLinger = defaultUnreadLinger
+	}
 	const batch = 256
 	return &SockCalls{
-		o:         o,
-		accepts:   newDeltas[sockCallsAcceptKey](),
-		connects:  newDeltas[sockCallsConnectKey](),
-		acceptN:   map[int]float64{},
-		connN:     map[string]float64{},
-		errN:      map[[2]string]float64{},
-		remotes:   map[netip.AddrPort]string{},
-		ownedKeys: make([]uint64, batch), ownedVals: make([]sockCallsOwnedSock, batch),
+		o:        o,
+		accepts:  newDeltas[sockCallsAcceptKey](),
+		connects: newDeltas[sockCallsConnectKey](),
+		acceptN:  map[int]float64{},
+		connN:    map[string]float64{},
+		errN:     map[[2]string]float64{},
+		remotes:  map[netip.AddrPort]string{},
+		waitKeys: make([]uint64, batch), waitVals: make([]uint64, batch),
 		accKeys: make([]sockCallsAcceptKey, batch), accVals: make([]uint64, batch),
 		connKeys: make([]sockCallsConnectKey, batch), connVals: make([]uint64, batch),
 	}
@@ -152,21 +176,24 @@ func (p *SockCalls) Start(ctx context.Context, tracker *workload.Tracker, store 
 	if err != nil {
 		return fmt.Errorf("sockcalls: load spec: %w", err)
 	}
-	resize(spec, map[string]uint32{"accepts": p.o.MaxEntries, "connects": p.o.MaxEntries, "owned": p.o.MaxSockets})
+	resize(spec, map[string]uint32{"accepts": p.o.MaxEntries, "connects": p.o.MaxEntries, "owned": p.o.MaxSockets, "waiting": p.o.MaxSockets})
 	objs := &sockCallsObjects{}
 	ctx, err = p.start(ctx, "sockcalls", spec, objs, func() []tracingProg {
-		// The socket hooks; sys_exit comes later, and only while
-		// accepts are wanted (countAccepts).
+		// The state changes; sys_exit and the socket hooks come later,
+		// and only while they are wanted (countAccepts, watchUnread).
 		return []tracingProg{
 			{"tp_btf/inet_sock_set_state", objs.CulpritSockSetState},
-			{"tp_btf/sk_data_ready", objs.CulpritSockDataReady},
-			{"tp_btf/sock_recv_length", objs.CulpritSockRecvLength},
 		}
 	}, nil)
 	if err != nil {
 		return err
 	}
 	p.sysExitProg = objs.CulpritSockSysExit
+	p.unreadProgs = []tracingProg{
+		{"tp_btf/sk_data_ready", objs.CulpritSockDataReady},
+		{"tp_btf/sock_recv_length", objs.CulpritSockRecvLength},
+	}
+	p.seedProg = objs.CulpritSockSeed
 	p.writeTo(store)
 	p.changes = newChanges(objs.Changes, 4)
 	// Polled every probes.poll_interval, not paced: accept_overflow tells
@@ -217,6 +244,7 @@ func (p *SockCalls) poll(objs *sockCallsObjects, tracker *workload.Tracker, stor
 		}
 	}
 	p.countAccepts(store, now)
+	p.watchUnread(objs, store, now)
 	p.changes.arm(changedArmed)
 	if p.group.gen != p.groupGen {
 		// Other processes count now: every map is read again.
@@ -298,12 +326,13 @@ func (p *SockCalls) reset(store *signals.Store) {
 	p.mu.Unlock()
 }
 
-// Change counters of bpf/sock_calls.c.
+// Change counters of bpf/sock_calls.c, and its HOOKED flag.
 const (
 	changedAccepts = iota
 	changedConnects
-	changedOwned
+	changedWaiting
 	changedArmed
+	hookedFlag
 )
 
 func (p *SockCalls) readAccepts(objs *sockCallsObjects, store *signals.Store, now time.Time) error {
@@ -379,19 +408,132 @@ func (p *SockCalls) remoteLabel(ap netip.AddrPort) string {
 	return s
 }
 
-// readUnread reads the whole socket map: a batch read costs about as much
-// as a kernel-side walk (iter/bpf_map_elem, tried: the kernel's time per
-// entry dominates both) and needs no iterator support.
+// waitingSock is a socket of the group with data unread, from the
+// waiting map and its entry in owned.
+type waitingSock struct {
+	since uint64 // bpf_ktime_get_ns
+	sockCallsOwnedSock
+}
+
+// defaultUnreadLinger is sockcalls.unread_linger's default: the rules
+// judge a sleep when it ends, from the samples taken during it; a few
+// seconds keep the hooks from flapping between the sleeps of a thread that
+// blocks again and again.
+const defaultUnreadLinger = 10 * time.Second
+
+// watchUnread attaches the socket hooks (bpf/sock_calls.c sk_data_ready
+// and sock_recv_length) while data left unread is evidence, and detaches
+// them after. Attached, they run for every packet and every read of every
+// socket of the host, ~100 ns each: beside nginx flat out, ~6 % of a core
+// and ~3 % of its requests. Unread data matters to the rules only while a
+// thread of the target sleeps where work may wait for it (a blocking call,
+// or an event loop's sleep outside its idle wait: the sched probe says so
+// in Store.WorkerBlocked); it is watched from then until UnreadLinger
+// after the last such poll. Data already queued when the hooks attach is
+// marked as waiting since then (culprit_sock_seed): its age is a lower
+// bound. process_unread_watched_since_seconds says since when.
+func (p *SockCalls) watchUnread(objs *sockCallsObjects, store *signals.Store, now time.Time) {
+	if p.o.UnreadAlways || store.WorkerBlocked(now) {
+		p.unreadWantedAt = now
+	}
+	wanted := !p.unreadWantedAt.IsZero() && now.Sub(p.unreadWantedAt) < p.o.UnreadLinger
+	switch {
+	case wanted && p.unreadLinks == nil:
+		if err := p.attachUnread(objs); err != nil {
+			if !p.unreadErr {
+				p.o.Log.Warn("sockcalls: unread data is not watched", "err", err)
+				p.unreadErr = true
+			}
+			break
+		}
+		p.watchedFrom = time.Now()
+	case !wanted && p.unreadLinks != nil:
+		if err := objs.Changes.Update(uint32(hookedFlag), uint64(0), ebpf.UpdateAny); err != nil {
+			p.o.Log.Warn("sockcalls: clear the hooked flag", "err", err)
+		}
+		for _, l := range p.unreadLinks {
+			if err := l.Close(); err != nil {
+				p.o.Log.Warn("sockcalls: detach a socket hook", "err", err)
+			}
+		}
+		p.unreadLinks, p.watchedFrom = nil, time.Time{}
+	}
+	since := 0.0
+	if !p.watchedFrom.IsZero() {
+		since = float64(p.watchedFrom.UnixNano()) / 1e9
+	}
+	p.watchedS.put(since, now)
+}
+
+// attachUnread empties the waiting map, whose entries are stale from the
+// last time the hooks were attached (reads since went unseen), attaches
+// the hooks, says so in the HOOKED flag, and marks the data queued now as
+// waiting since now (the seed iterator over owned).
+func (p *SockCalls) attachUnread(objs *sockCallsObjects) error {
+	var (
+		k    uint64
+		v    uint64
+		keys []uint64
+	)
+	it := objs.Waiting.Iterate()
+	for it.Next(&k, &v) {
+		keys = append(keys, k)
+	}
+	for _, k := range keys {
+		_ = objs.Waiting.Delete(k) // gone already is fine
+	}
+	p.waiting = p.waiting[:0]
+	p.changes.forget(changedWaiting)
+	links, err := attachTracing("sockcalls", p.unreadProgs...)
+	if err != nil {
+		return err
+	}
+	if err := objs.Changes.Update(uint32(hookedFlag), uint64(1), ebpf.UpdateAny); err != nil {
+		for _, l := range links {
+			_ = l.Close()
+		}
+		return fmt.Errorf("set the hooked flag: %w", err)
+	}
+	p.unreadLinks = links
+	seed, err := link.AttachIter(link.IterOptions{Program: p.seedProg})
+	if err != nil {
+		// Watched all the same: data queued now counts from its
+		// next arrival or read.
+		p.o.Log.Warn("sockcalls: seed the waiting map", "err", err)
+		return nil
+	}
+	defer seed.Close()
+	rd, err := seed.Open()
+	if err != nil {
+		p.o.Log.Warn("sockcalls: seed the waiting map", "err", err)
+		return nil
+	}
+	defer rd.Close()
+	if _, err := io.Copy(io.Discard, rd); err != nil {
+		p.o.Log.Warn("sockcalls: seed the waiting map", "err", err)
+	}
+	return nil
+}
+
+// readUnread reads the waiting map, while it is watched, and the owners
+// of its sockets (a lookup each: only while a thread sleeps with data
+// waiting do they add up).
 func (p *SockCalls) readUnread(objs *sockCallsObjects, store *signals.Store, now time.Time) error {
-	if p.changes.moved(changedOwned) {
+	if p.watchedFrom.IsZero() {
 		p.waiting = p.waiting[:0]
-		err := batchEach(objs.Owned, p.ownedKeys, p.ownedVals, func(_ *uint64, v *sockCallsOwnedSock) {
-			if v.ReadySince != 0 && p.group.has(v.Tgid) && len(p.waiting) < int(p.o.MaxSockets) {
-				p.waiting = append(p.waiting, *v)
+	} else if p.changes.moved(changedWaiting) {
+		p.waiting = p.waiting[:0]
+		err := batchEach(objs.Waiting, p.waitKeys, p.waitVals, func(k *uint64, since *uint64) {
+			if len(p.waiting) >= int(p.o.MaxSockets) {
+				return
+			}
+			var o sockCallsOwnedSock
+			if objs.Owned.Lookup(*k, &o) == nil && p.group.has(o.Tgid) {
+				p.waiting = append(p.waiting, waitingSock{*since, o})
 			}
 		})
 		if err != nil {
-			p.changes.forget(changedOwned)
+			p.changes.forget(changedWaiting)
 			return err
 		}
 	}
@@ -404,10 +546,10 @@ func (p *SockCalls) readUnread(objs *sockCallsObjects, store *signals.Store, now
 	)
 	for i := range p.waiting {
 		v := &p.waiting[i]
-		if nowMono <= v.ReadySince {
+		if nowMono <= v.since {
 			continue
 		}
-		age := time.Duration(nowMono - v.ReadySince)
+		age := time.Duration(nowMono - v.since)
 		oldest = max(oldest, age)
 		if age <= p.o.PollInterval {
 			continue
@@ -531,5 +673,9 @@ func (p *SockCalls) Close() error {
 		err = errors.Join(err, p.sysExit.Close())
 		p.sysExit, p.countedFrom = nil, time.Time{}
 	}
+	for _, l := range p.unreadLinks {
+		err = errors.Join(err, l.Close())
+	}
+	p.unreadLinks, p.watchedFrom = nil, time.Time{}
 	return err
 }

@@ -38,7 +38,6 @@ type sockCallsOwnedSock struct {
 	Family     uint8
 	Pad        [3]uint8
 	Connecting uint32
-	ReadySince uint64
 	Raddr      [16]uint8
 }
 
@@ -51,9 +50,11 @@ const (
 	sockCallsMapConnects               = "connects"
 	sockCallsMapOwned                  = "owned"
 	sockCallsMapTargets                = "targets"
+	sockCallsMapWaiting                = "waiting"
 	sockCallsMapWakes                  = "wakes"
 	sockCallsProgCulpritSockDataReady  = "culprit_sock_data_ready"
 	sockCallsProgCulpritSockRecvLength = "culprit_sock_recv_length"
+	sockCallsProgCulpritSockSeed       = "culprit_sock_seed"
 	sockCallsProgCulpritSockSetState   = "culprit_sock_set_state"
 	sockCallsProgCulpritSockSysExit    = "culprit_sock_sys_exit"
 	sockCallsVarUnusedAcceptKey        = "unused_accept_key"
@@ -105,6 +106,7 @@ type sockCallsSpecs struct {
 type sockCallsProgramSpecs struct {
 	CulpritSockDataReady  *ebpf.ProgramSpec `ebpf:"culprit_sock_data_ready"`
 	CulpritSockRecvLength *ebpf.ProgramSpec `ebpf:"culprit_sock_recv_length"`
+	CulpritSockSeed       *ebpf.ProgramSpec `ebpf:"culprit_sock_seed"`
 	CulpritSockSetState   *ebpf.ProgramSpec `ebpf:"culprit_sock_set_state"`
 	CulpritSockSysExit    *ebpf.ProgramSpec `ebpf:"culprit_sock_sys_exit"`
 }
@@ -118,6 +120,7 @@ type sockCallsMapSpecs struct {
 	Connects *ebpf.MapSpec `ebpf:"connects"`
 	Owned    *ebpf.MapSpec `ebpf:"owned"`
 	Targets  *ebpf.MapSpec `ebpf:"targets"`
+	Waiting  *ebpf.MapSpec `ebpf:"waiting"`
 	Wakes    *ebpf.MapSpec `ebpf:"wakes"`
 }
 
@@ -155,6 +158,7 @@ type sockCallsMaps struct {
 	Connects *ebpf.Map `ebpf:"connects"`
 	Owned    *ebpf.Map `ebpf:"owned"`
 	Targets  *ebpf.Map `ebpf:"targets"`
+	Waiting  *ebpf.Map `ebpf:"waiting"`
 	Wakes    *ebpf.Map `ebpf:"wakes"`
 }
 
@@ -165,6 +169,7 @@ func (m *sockCallsMaps) Close() error {
 		m.Connects,
 		m.Owned,
 		m.Targets,
+		m.Waiting,
 		m.Wakes,
 	)
 }
@@ -184,6 +189,7 @@ type sockCallsVariables struct {
 type sockCallsPrograms struct {
 	CulpritSockDataReady  *ebpf.Program `ebpf:"culprit_sock_data_ready"`
 	CulpritSockRecvLength *ebpf.Program `ebpf:"culprit_sock_recv_length"`
+	CulpritSockSeed       *ebpf.Program `ebpf:"culprit_sock_seed"`
 	CulpritSockSetState   *ebpf.Program `ebpf:"culprit_sock_set_state"`
 	CulpritSockSysExit    *ebpf.Program `ebpf:"culprit_sock_sys_exit"`
 }
@@ -192,6 +198,7 @@ func (p *sockCallsPrograms) Close() error {
 	return _SockCallsClose(
 		p.CulpritSockDataReady,
 		p.CulpritSockRecvLength,
+		p.CulpritSockSeed,
 		p.CulpritSockSetState,
 		p.CulpritSockSysExit,
 	)

@@ -502,7 +502,7 @@ func TestSockCallsUnreadWork(t *testing.T) {
 	// The accepted sockets are the target's from their accept: counted
 	// while sys_exit is attached (always, here; by default while a queue
 	// fills up, and otherwise from the target's first read).
-	p, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsAlways = true })
+	p, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsAlways, o.UnreadAlways = true, true })
 
 	port := tgt.do(t, "listen 0 16")[0]
 	var peers []net.Conn
@@ -596,7 +596,7 @@ func TestSockCallsUnreadWork(t *testing.T) {
 // the accept on: the socket was not the target's before.
 func TestSockCallsUnreadBeforeAccept(t *testing.T) {
 	tgt := startSockChild(t, false)
-	_, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsAlways = true })
+	_, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.AcceptsAlways, o.UnreadAlways = true, true })
 	port := tgt.do(t, "listen 0 16")[0]
 	c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 5*time.Second)
 	if err != nil {
@@ -709,4 +709,82 @@ func TestSockCallsCountsAcceptsWhileQueueFills(t *testing.T) {
 	}
 	accept(4)
 	assertStays(t, st, signals.ProcessAcceptsTotal, ls, 2)
+}
+
+// By default the socket hooks are attached only while a thread of the
+// target sleeps where work may wait for it (Store.WorkerBlocked, which the
+// sched probe sets), and UnreadLinger after. When they attach, every
+// socket the target holds is its own, though neither its accept nor its
+// reads were seen, and data queued on it waits from then on (a lower
+// bound); what was left in the waiting map from an earlier attach is
+// gone (reads since went unseen). A neighbour's unread data never counts.
+func TestSockCallsWatchesUnreadWhileAWorkerBlocks(t *testing.T) {
+	tgt := startSockChild(t, false)
+	nb := startSockChild(t, false)
+	_, st := startSockCalls(t, tgt.pid, func(o *SockCallsOptions) { o.UnreadLinger = time.Second })
+	oldest, waiting, since := signals.ProcessUnreadOldestSeconds, signals.ProcessUnreadSockets, signals.ProcessUnreadWatchedSince
+
+	port := tgt.do(t, "listen 0 16")[0]
+	nport := nb.do(t, "listen 0 16")[0]
+	dial := func(port string) net.Conn {
+		c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	peers := []net.Conn{dial(port), dial(port)}
+	nc := dial(nport)
+	tgt.do(t, "accept %s 2", port)
+	nb.do(t, "accept %s 1", nport)
+	send := func(cs ...net.Conn) {
+		for _, c := range cs {
+			if _, err := c.Write([]byte("request")); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	// Not watched: nothing is said of the data that waits.
+	send(append(peers, nc)...)
+	time.Sleep(300 * time.Millisecond)
+	if v, s := value(st, oldest, nil), value(st, since, nil); v != 0 || s != 0 {
+		t.Fatalf("oldest unread %v, watched since %v before any worker blocked; want 0, 0", v, s)
+	}
+
+	block := func() { st.BlockedWorker(time.Now().Add(300 * time.Millisecond)) }
+	block()
+	attached := time.Now()
+	waitValue(t, st, since, nil, func(v float64) bool { return v > 0 }, "watched")
+	// The data queued before counts from the attach at the latest.
+	waitValue(t, st, waiting, nil, func(v float64) bool { return v == 2 }, "the target's 2 sockets, not the neighbour's")
+	age := waitValue(t, st, oldest, nil, func(v float64) bool { return v > 0.2 }, "> 0.2 s")
+	if d := time.Since(attached).Seconds(); age > d+0.05 {
+		t.Errorf("oldest unread %.3f s, more than the %.3f s since watching began", age, d)
+	}
+	// Reads and new data are seen while it lasts.
+	if got := tgt.do(t, "read read")[0]; got != "14" {
+		t.Fatalf("the target read %s bytes, want 14", got)
+	}
+	waitValue(t, st, oldest, nil, func(v float64) bool { return v == 0 }, "0 after the read")
+	block()
+	send(peers[0])
+	waitValue(t, st, waiting, nil, func(v float64) bool { return v == 1 }, "1 socket after new data")
+
+	// The linger ends: not watched any more, and said so.
+	waitValue(t, st, since, nil, func(v float64) bool { return v == 0 }, "not watched after the linger")
+	if v := value(st, oldest, nil); v != 0 {
+		t.Errorf("oldest unread %v while not watched, want 0", v)
+	}
+	// Read while nobody watches; the next attach must not keep the
+	// data that waited before as waiting still.
+	if got := tgt.do(t, "read read")[0]; got != "7" {
+		t.Fatalf("the target read %s bytes, want 7", got)
+	}
+	block()
+	waitValue(t, st, since, nil, func(v float64) bool { return v > 0 }, "watched again")
+	time.Sleep(300 * time.Millisecond)
+	if v, n := value(st, oldest, nil), value(st, waiting, nil); v != 0 || n != 0 {
+		t.Errorf("after a read nobody saw: oldest unread %v on %v sockets, want 0", v, n)
+	}
 }

@@ -157,7 +157,10 @@ func (r *BlockingWorker) observation(w Window, pool string, pb *poolBlocks) Obse
 	}
 	waited := ""
 	if j.waited > 0 {
-		waited = fmt.Sprintf(" (%s for up to %s)", j.what, duration(j.waited))
+		// At least: data already queued when the sockcalls probe began
+		// watching counts from then, and a queue from the first sample
+		// that saw it hold connections.
+		waited = fmt.Sprintf(" (%s for at least %s)", j.what, duration(j.waited))
 		ev := j.evidence
 		if j.how == looksIdle || (v.runtime == signals.RuntimeUnknown && !v.byName) {
 			// Work seen waiting is what made this sleep a finding.

@@ -336,12 +336,7 @@ func homeWait(w Window, e signals.Episode) bool {
 	if !ok {
 		return false
 	}
-	user := e.CallerStack()
-	if t.IdleSyscall == e.Syscall() && len(t.IdleStack) > 0 && len(user) > 0 &&
-		slices.Equal(user[:min(len(user), len(t.IdleStack))], t.IdleStack[:min(len(user), len(t.IdleStack))]) {
-		return true
-	}
-	return t.HomeWait(e.Syscall(), user, e.Start)
+	return t.AtHome(e.Syscall(), e.CallerStack(), e.Start)
 }
 
 // onlyLoop reports whether e's thread is the only event loop seen in its

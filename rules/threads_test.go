@@ -153,7 +153,7 @@ func TestBlockingWorkerRedisEventLoop(t *testing.T) {
 	if o.Title != "Blocking call on the event loop of redis-server: debugCommand in clock_nanosleep" {
 		t.Errorf("title %q", o.Title)
 	}
-	if !strings.Contains(o.Symptom, "for 2 s so far, still blocked") || !strings.Contains(o.Symptom, "(data waited unread on 3 sockets of the process for up to 1.9 s)") {
+	if !strings.Contains(o.Symptom, "for 2 s so far, still blocked") || !strings.Contains(o.Symptom, "(data waited unread on 3 sockets of the process for at least 1.9 s)") {
 		t.Errorf("symptom %q", o.Symptom)
 	}
 	if !strings.Contains(o.RootCause, "debugCommand makes a blocking clock_nanosleep call on the event-loop thread of redis") || !strings.Contains(o.Remediation, "SLOWLOG") {
@@ -250,7 +250,7 @@ func TestBlockingWorkerWaitThatLooksIdle(t *testing.T) {
 	}
 	o := obs[0]
 	if o.Cause != CauseBlockingCallOnEventLoop || !strings.Contains(o.Title, "select_select_impl.constprop.0 in pselect6 while work waited") ||
-		!strings.Contains(o.Symptom, "data waited unread on 1 socket of the process for up to 700 ms") || !strings.Contains(o.Remediation, "asyncio.to_thread") {
+		!strings.Contains(o.Symptom, "data waited unread on 1 socket of the process for at least 700 ms") || !strings.Contains(o.Remediation, "asyncio.to_thread") {
 		t.Errorf("%q / %q / %q", o.Title, o.Symptom, o.Remediation)
 	}
 
@@ -307,7 +307,7 @@ func TestBlockingWorkerUnknownEpollLoop(t *testing.T) {
 		st.Put(signals.ListenQueueLength, signals.L("addr", "0.0.0.0", "port", "50051"), 4, block.Start.Add(time.Duration(i)*100*time.Millisecond))
 	}
 	obs := blockRule().Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Episodes: es, Pools: testPools}})
-	if len(obs) != 1 || !strings.Contains(obs[0].Title, "db_query in clock_nanosleep") || !strings.Contains(obs[0].Symptom, "4 connections waited in the accept queue of 0.0.0.0:50051 for up to 1 s") {
+	if len(obs) != 1 || !strings.Contains(obs[0].Title, "db_query in clock_nanosleep") || !strings.Contains(obs[0].Symptom, "4 connections waited in the accept queue of 0.0.0.0:50051 for at least 1 s") {
 		t.Fatalf("got %+v", obs)
 	}
 	if strings.Contains(obs[0].Remediation, "tokio") {

@@ -255,9 +255,11 @@ var (
 	ProcessConnectErrorsTotal = &Desc{Name: "process_connect_errors_total", Kind: Counter,
 		Help: "TCP connects of the target that failed, by errno and remote: EADDRNOTAVAIL (no local port left toward the remote, within connect), or what ended the handshake (ECONNREFUSED: a reset; ETIMEDOUT: SYN retries exhausted; EHOSTUNREACH...). Failures before a connect reaches SYN_SENT (no route, a bad address) are not counted."}
 	ProcessUnreadOldestSeconds = &Desc{Name: "process_unread_oldest_seconds", Kind: Gauge,
-		Help: "Age of the oldest data waiting unread on the target's TCP sockets (0 when none): requests wait for an event loop that is busy or asleep, whatever call it sleeps in."}
+		Help: "Age of the oldest data waiting unread on the target's TCP sockets (0 when none, or while not watched: process_unread_watched_since_seconds): requests wait for an event loop that is busy or asleep, whatever call it sleeps in. Data already queued when watching began counts from then: a lower bound."}
 	ProcessUnreadSockets = &Desc{Name: "process_unread_sockets", Kind: Gauge,
-		Help: "The target's TCP sockets whose data has waited unread for longer than one poll interval."}
+		Help: "The target's TCP sockets whose data has waited unread for longer than one poll interval (0 while not watched)."}
+	ProcessUnreadWatchedSince = &Desc{Name: "process_unread_watched_since_seconds", Kind: Gauge,
+		Help: "Unix time since which data left unread on the target's sockets is watched (process_unread_*); 0 while it is not (sockcalls.unread = \"blocked\" watches while a thread of the target sleeps where work may wait for it, and sockcalls.unread_linger after)."}
 )
 
 // The tcplife probe (probes/tcplife.go): TCP connections of the target's

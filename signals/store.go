@@ -223,6 +223,9 @@ type Store struct {
 	// filling is until when (Unix ns) a listener of the target is filling
 	// up: its accepts are evidence (FillingQueue).
 	filling atomic.Int64
+	// blocked is until when (Unix ns) a thread of the target that serves
+	// work sleeps where work may wait for it (BlockedWorker).
+	blocked atomic.Int64
 	// activity are counters probes publish for collectors (SetActivity).
 	activity sync.Map // string -> func() uint64
 }
@@ -465,6 +468,16 @@ func (s *Store) FillingQueue(until time.Time) { raiseTo(&s.filling, until.UnixNa
 
 // QueueFilling reports whether a FillingQueue is in force at now.
 func (s *Store) QueueFilling(now time.Time) bool { return now.UnixNano() < s.filling.Load() }
+
+// BlockedWorker says that a thread of the target sleeps, until until,
+// where the rules judge it by the work that waited meanwhile (a sleep
+// outside its idle wait): the sockcalls probe watches for data left
+// unread on the target's sockets, which costs every packet and read of
+// the host, only then. One atomic store.
+func (s *Store) BlockedWorker(until time.Time) { raiseTo(&s.blocked, until.UnixNano()) }
+
+// WorkerBlocked reports whether a BlockedWorker is in force at now.
+func (s *Store) WorkerBlocked(now time.Time) bool { return now.UnixNano() < s.blocked.Load() }
 
 // Latest returns the newest sample of one series.
 func (s *Store) Latest(d *Desc, ls Labels) (Sample, bool) {

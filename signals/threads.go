@@ -496,6 +496,19 @@ func (t ThreadInfo) HomeWait(syscall string, stack []string, start time.Time) bo
 	return mine >= 2 && mine == best
 }
 
+// AtHome reports whether a sleep in syscall with this caller stack (leaf
+// first) that began at start is where the thread waits for work: its last
+// idle stack, or the wait it sleeps in most (HomeWait).
+func (t ThreadInfo) AtHome(syscall string, stack []string, start time.Time) bool {
+	if t.IdleSyscall == syscall && len(t.IdleStack) > 0 && len(stack) > 0 {
+		n := min(len(stack), len(t.IdleStack))
+		if slices.Equal(stack[:n], t.IdleStack[:n]) {
+			return true
+		}
+	}
+	return t.HomeWait(syscall, stack, start)
+}
+
 func waitSignature(syscall string, stack []string) uint64 {
 	h := fnv.New64a()
 	h.Write([]byte(syscall))

@@ -151,3 +151,15 @@ enum sk_rst_reason {
 
 #define AF_INET 2
 #define AF_INET6 10
+
+/* The context of an iter/task_file program: one run per open file of
+ * every process (threads sharing a file table are visited once); task and
+ * file NULL at the end. */
+struct bpf_iter_meta;
+struct file;
+struct bpf_iter__task_file {
+	struct bpf_iter_meta *meta;
+	struct task_struct *task;
+	__u32 fd;
+	struct file *file;
+} __attribute__((preserve_access_index));
