@@ -236,8 +236,11 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	}
 	arts := []Artifact{{Kind: "listener", Value: endpoint, Detail: fmt.Sprintf("backlog %d", int(backlog.V))}}
 	labels := map[string]string{"port": port, "addr": addr}
+	// The rate is over the time the drops came in, not the whole window:
+	// 109 drops in the half second since a stall began are not 10.9/s.
+	span := dropSpan(st.Range(signals.ListenOverflowsTotal, ls, now.Add(-win)), now, win)
 	dropped := fmt.Sprintf("%s dropped on %s in the last %s (%s; SYNs, each client's retries included)",
-		count(dropsWindow, "connection attempt", ""), endpoint, duration(win), rate(dropsWindow/win.Seconds()))
+		count(dropsWindow, "connection attempt", ""), endpoint, duration(span), rate(dropsWindow/span.Seconds()))
 
 	if fullNow && fullFor < r.o.StallAfter {
 		// Too early to tell a stall from a burst the app is draining; the
@@ -474,6 +477,16 @@ func (r *AcceptOverflow) burstLinger(endpoint string, st *signals.Store, ls sign
 // connections: rises closer together are one round seen over several
 // samples.
 const roundGap = 700 * time.Millisecond
+
+// dropSpan is the time since the drops of a counter's samples ss began,
+// at most win: from the last sample before its first rise (the drops came
+// after it) to now.
+func dropSpan(ss []signals.Sample, now time.Time, win time.Duration) time.Duration {
+	if i := firstRiseAt(ss); i > 0 {
+		return min(win, max(now.Sub(ss[i-1].T), time.Millisecond))
+	}
+	return win
+}
 
 // lastRise is the time of the last sample at which a counter rose.
 func lastRise(ss []signals.Sample) (time.Time, bool) {

@@ -216,6 +216,11 @@ func TestAcceptOverflowBacklogTooSmall(t *testing.T) {
 	if !strings.Contains(o.Symptom, "57 connection attempts dropped") || !strings.Contains(o.Symptom, "retries included") {
 		t.Errorf("symptom %q does not count the drops", o.Symptom)
 	}
+	// All 57 came between the samples 1.1 s and 1 s ago: their rate is
+	// over the 1.1 s since, not the 10 s window.
+	if !strings.Contains(o.Symptom, "in the last 1.1 s (51.8/s;") {
+		t.Errorf("symptom %q does not give the drops' rate over the time they came in", o.Symptom)
+	}
 }
 
 // A burst on a tiny backlog keeps the queue full for longer than

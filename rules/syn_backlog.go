@@ -153,10 +153,19 @@ func firstIncrease(st *signals.Store, from time.Time, ds ...*signals.Desc) time.
 // riseIn is the time of the first sample of a counter above the one
 // before it.
 func riseIn(ss []signals.Sample) (time.Time, bool) {
-	for i := 1; i < len(ss); i++ {
-		if ss[i].V > ss[i-1].V {
-			return ss[i].T, true
-		}
+	if i := firstRiseAt(ss); i > 0 {
+		return ss[i].T, true
 	}
 	return time.Time{}, false
+}
+
+// firstRiseAt is the index of the first sample at which a counter rose, 0
+// when it never did.
+func firstRiseAt(ss []signals.Sample) int {
+	for i := 1; i < len(ss); i++ {
+		if ss[i].V > ss[i-1].V {
+			return i
+		}
+	}
+	return 0
 }
