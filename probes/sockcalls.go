@@ -503,6 +503,8 @@ func (p *SockCalls) attachUnread(objs *sockCallsObjects) error {
 		return nil
 	}
 	defer seed.Close()
+	start := time.Now()
+	defer func() { p.o.Log.Debug("sockcalls: unread data watched", "seed", time.Since(start)) }()
 	rd, err := seed.Open()
 	if err != nil {
 		p.o.Log.Warn("sockcalls: seed the waiting map", "err", err)
