@@ -22,17 +22,27 @@ import (
 
 func startSched(t *testing.T, pid int) (*signals.Store, *signals.Episodes) {
 	t.Helper()
+	_, st, eps := runSched(t, pid, nil)
+	return st, eps
+}
+
+// runSched runs the probe on pid with the given idle calls, a stack map
+// that is emptied only when the test asks (resetStacksNow), and returns it
+// with its store and episodes.
+func runSched(t *testing.T, pid int, quiet []string) (*Sched, *signals.Store, *signals.Episodes) {
+	t.Helper()
 	st := signals.New(600, 2000)
 	eps := signals.NewEpisodes(256)
 	p := NewSched(SchedOptions{
 		Options:    Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096, SideStores: signals.SideStores{Episodes: eps}},
 		MinBlock:   100 * time.Millisecond,
 		BusyAfter:  200 * time.Millisecond,
-		MaxThreads: 1024, MaxStacks: 1024,
+		MaxThreads: 1024, MaxStacks: 1024, StackMapLife: time.Hour,
 		Symbolizer: symbolize.New(symbolize.Options{}),
+		QuietCalls: quiet,
 	})
 	runProbe(t, pid, p, st)
-	return st, eps
+	return p, st, eps
 }
 
 func waitEpisode(t *testing.T, eps *signals.Episodes, kind string, from time.Time, ok func(signals.Episode) bool) signals.Episode {
@@ -133,14 +143,7 @@ func TestSchedSeesABusyWorker(t *testing.T) {
 // after, nor of a sleep going on during it: each is still named.
 func TestSchedStackMapReset(t *testing.T) {
 	w := testenv.StartWorkers(t, 2)
-	st := signals.New(600, 2000)
-	eps := signals.NewEpisodes(256)
-	p := NewSched(SchedOptions{
-		Options:  Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096, SideStores: signals.SideStores{Episodes: eps}},
-		MinBlock: 100 * time.Millisecond, MaxThreads: 1024, MaxStacks: 1024, StackMapLife: time.Hour,
-		Symbolizer: symbolize.New(symbolize.Options{}),
-	})
-	runProbe(t, w.PID, p, st)
+	p, _, eps := runSched(t, w.PID, nil)
 	reset := p.resetStacksNow
 	time.Sleep(300 * time.Millisecond)
 	for i, during := range []bool{false, false, true} {
@@ -425,16 +428,7 @@ func TestSleepTexts(t *testing.T) {
 // emptied, when they are taken again. redis with hz 1 idles in epoll_wait
 // from aeMain for about a second at a time.
 func TestSchedReusesAnIdleWaitsStacks(t *testing.T) {
-	r := testenv.StartRedis(t, testenv.RedisOptions{Config: []string{"hz 1"}})
-	st := signals.New(600, 2000)
-	eps := signals.NewEpisodes(256)
-	p := NewSched(SchedOptions{
-		Options:  Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096, SideStores: signals.SideStores{Episodes: eps}},
-		MinBlock: 100 * time.Millisecond, MaxThreads: 1024, MaxStacks: 1024, StackMapLife: time.Hour,
-		Symbolizer: symbolize.New(symbolize.Options{}),
-		QuietCalls: []string{"epoll_wait"},
-	})
-	runProbe(t, r.PID, p, st)
+	r, p, eps, _ := startIdleRedisSched(t)
 	var kept schedThreadStats
 	for round := range 3 {
 		if round > 0 {
@@ -476,16 +470,7 @@ func TestSchedReusesAnIdleWaitsStacks(t *testing.T) {
 // a second at a time (hz 1), never does; DEBUG SLEEP, a sleep outside the
 // idle calls, does while it lasts.
 func TestSchedSaysWhenAWorkerBlocks(t *testing.T) {
-	r := testenv.StartRedis(t, testenv.RedisOptions{Config: []string{"hz 1"}})
-	st := signals.New(600, 2000)
-	eps := signals.NewEpisodes(256)
-	p := NewSched(SchedOptions{
-		Options:  Options{Log: testLog, PollInterval: 50 * time.Millisecond, RingBufferBytes: 4096, SideStores: signals.SideStores{Episodes: eps}},
-		MinBlock: 100 * time.Millisecond, MaxThreads: 1024, MaxStacks: 1024,
-		Symbolizer: symbolize.New(symbolize.Options{}),
-		QuietCalls: []string{"epoll_wait", "epoll_pwait", "futex", "poll", "ppoll", "select", "pselect6", "rt_sigtimedwait", "rt_sigsuspend", "pause"},
-	})
-	runProbe(t, r.PID, p, st)
+	r, _, _, st := startIdleRedisSched(t)
 	for end := time.Now().Add(2500 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
 		if st.WorkerBlocked(time.Now()) {
 			t.Fatal("redis idle in epoll_wait counts as a blocked worker")
@@ -507,4 +492,14 @@ func TestSchedSaysWhenAWorkerBlocks(t *testing.T) {
 	if !blocked {
 		t.Error("redis asleep in DEBUG SLEEP's nanosleep does not count as a blocked worker")
 	}
+}
+
+// startIdleRedisSched watches a redis that idles in epoll_wait from aeMain
+// a second at a time (hz 1), with the idle calls of agent.conf's
+// rules.workers.idle_syscalls.
+func startIdleRedisSched(t *testing.T) (*testenv.Redis, *Sched, *signals.Episodes, *signals.Store) {
+	t.Helper()
+	r := testenv.StartRedis(t, testenv.RedisOptions{Config: []string{"hz 1"}})
+	p, st, eps := runSched(t, r.PID, []string{"epoll_wait", "epoll_pwait", "epoll_pwait2", "io_uring_enter", "futex", "poll", "ppoll", "select", "pselect6", "rt_sigtimedwait", "rt_sigsuspend", "pause"})
+	return r, p, eps, st
 }

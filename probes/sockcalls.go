@@ -302,11 +302,16 @@ func (p *SockCalls) countAccepts(store *signals.Store, now time.Time) {
 		}
 		p.sysExit, p.countedFrom = nil, time.Time{}
 	}
-	since := 0.0
-	if !p.countedFrom.IsZero() {
-		since = float64(p.countedFrom.UnixNano()) / 1e9
+	p.sinceS.put(unixSeconds(p.countedFrom), now)
+}
+
+// unixSeconds is t as a Unix time in seconds, 0 for the zero time (not
+// counted, not watched).
+func unixSeconds(t time.Time) float64 {
+	if t.IsZero() {
+		return 0
 	}
-	p.sinceS.put(since, now)
+	return float64(t.UnixNano()) / 1e9
 }
 
 // reset starts the counts over for a new target, whose series must not
@@ -458,11 +463,7 @@ func (p *SockCalls) watchUnread(objs *sockCallsObjects, store *signals.Store, no
 		}
 		p.unreadLinks, p.watchedFrom = nil, time.Time{}
 	}
-	since := 0.0
-	if !p.watchedFrom.IsZero() {
-		since = float64(p.watchedFrom.UnixNano()) / 1e9
-	}
-	p.watchedS.put(since, now)
+	p.watchedS.put(unixSeconds(p.watchedFrom), now)
 }
 
 // attachUnread empties the waiting map, whose entries are stale from the
