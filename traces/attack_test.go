@@ -32,6 +32,11 @@ import (
 
 // liveHeap is the live heap after a full collection.
 func liveHeap() int64 {
+	// Twice: buffers that gRPC (client and server, both in this process)
+	// returned to its pools survive one collection in sync.Pool's victim
+	// cache. One 4 MB message's buffers are then up to 8 MB that nothing
+	// holds, which made this measure flaky (8.1 MB once in CI).
+	runtime.GC()
 	runtime.GC()
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
@@ -464,7 +469,7 @@ func TestHugeSpanNamesAreCut(t *testing.T) {
 			t.Fatalf("a kept name of %d bytes", len(sp.Name))
 		}
 	}
-	if grew > 8<<20 {
+	if grew > 2<<20 { // one kept name (4 MB) fails it; measured 0.3 MB
 		t.Errorf("live heap grew %.1f MB for 100 spans", float64(grew)/(1<<20))
 	}
 	if v, _ := st.Latest(signals.OTLPSpanStringsTruncatedTotal, nil); v.V != 100 { // the names (routes default to them, cut)
