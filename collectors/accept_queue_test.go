@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -614,6 +615,48 @@ func TestAcceptQueueSynRecv(t *testing.T) {
 	h.poll("5 half-open connections", func() bool { return h.get(signals.ListenSynRecv, h.port) == 5 })
 	if got := h.get(signals.ListenQueueLength, h.port); got != 0 {
 		t.Errorf("listen_queue_length = %v, want 0 (nothing completed on the server side)", got)
+	}
+}
+
+// TestAcceptQueueSynRecvWalkFollowsActivity: a walk for half-open
+// connections (the established hash, bucket by bucket) that found none is
+// not repeated while the listen activity counter stands still; once it
+// moves, the next walk counts them, and walks go on each second while any
+// remain. The counter here stands in for the tcplisten probe's, which
+// moves at a half-open connection's first SYN-ACK retransmission (1 s);
+// TestSYNFloodFinding runs the real one.
+func TestAcceptQueueSynRecvWalkFollowsActivity(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 16, Accept: true})
+	if err := unix.SetsockoptInt(listenerFD(t, s.PID), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
+		t.Fatalf("TCP_DEFER_ACCEPT: %v", err)
+	}
+	h := newAQHarness(t, s)
+	var act atomic.Uint64
+	h.store.SetActivity(signals.ListenActivity(h.tgt.NetnsIno), act.Load)
+	h.collect() // the first walk: nothing half-open
+	w0 := h.c.synRecvWalks
+	if ans := s.MustDo(t, "dial 5"); ans != "ok 5 established" {
+		t.Fatalf("dial: %s", ans)
+	}
+	for range 15 {
+		h.collect()
+		time.Sleep(100 * time.Millisecond)
+	}
+	if w := h.c.synRecvWalks - w0; w != 0 {
+		t.Errorf("%d walks in 1.5 s while the counter stood still after one that found nothing", w)
+	}
+	if got := h.get(signals.ListenSynRecv, h.port); got != 0 {
+		t.Errorf("listen_syn_recv = %v before the counter moved, want the last walk's 0", got)
+	}
+	act.Add(1)
+	h.poll("5 half-open connections once the counter moved", func() bool { return h.get(signals.ListenSynRecv, h.port) == 5 })
+	w1 := h.c.synRecvWalks
+	for range 15 {
+		h.collect()
+		time.Sleep(100 * time.Millisecond)
+	}
+	if h.c.synRecvWalks == w1 {
+		t.Error("no walk in 1.5 s while half-open connections remained")
 	}
 }
 

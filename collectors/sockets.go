@@ -69,8 +69,9 @@ type SocketsOptions struct {
 	// the outbound ESTABLISHED sockets alone, for their idle ages
 	// (refreshIdle). A dump whose sockets included CLOSE_WAIT ones or
 	// unacknowledged retransmits is followed by a full one each cycle all
-	// the same (an ACK resets the first's age, clears the second). Default
-	// 5s; negative: a full dump whenever a segment moved.
+	// the same (an ACK resets the first's age, clears the second). A dear
+	// dump stretches it (busyCostGap). Default 5s; negative: a full dump
+	// whenever a segment moved.
 	BusyInterval time.Duration
 }
 
@@ -444,9 +445,9 @@ func (c *socketsCollector) Collect(ctx context.Context, tgt workload.Process, st
 	} else {
 		state, c.connHave = state || data, false
 	}
-	// A dump that met sockets of owners not yet known is done again: the
-	// owner index may know them by now.
-	if same && !state && len(c.agg.missing) == 0 {
+	// A dump that met sockets of owners not yet known is done again once
+	// the owner index has an answer for one of them.
+	if same && !state && !c.ownersAnswered(start) {
 		since := start.Sub(c.dumpedAt)
 		switch {
 		case !data && c.o.IdleInterval > 0 && since < c.o.IdleInterval:
@@ -454,7 +455,7 @@ func (c *socketsCollector) Collect(ctx context.Context, tgt workload.Process, st
 			c.ageShift = uint32(min(since.Milliseconds(), 1<<31))
 			c.write(store, start, c.took)
 			return nil
-		case data && !c.sensitive && c.o.BusyInterval > 0 && since < c.o.BusyInterval:
+		case data && !c.sensitive && c.o.BusyInterval > 0 && since < max(c.o.BusyInterval, busyCostGap*c.took):
 			// The ages stay as they were: data may have reset them.
 			c.skipped++
 			c.write(store, start, c.took)
@@ -644,6 +645,38 @@ func (c *socketsCollector) refreshIdle(ctx context.Context) bool {
 		}
 	}
 	return true
+}
+
+// busyCostGap stretches BusyInterval when a dump is dear: the gap is at
+// least this many times the last dump's duration, which keeps the dumps
+// of a namespace where only segments move under 0.25 % of a core whatever
+// it holds. Beside 40,000 established sockets of a neighbour the
+// outbound-only dump takes ~27 ms, so it runs every ~11 s instead of 5;
+// with a few thousand sockets (a few ms) BusyInterval rules. Idle ages
+// then lag by up to the gap, which idle timeouts of minutes can afford.
+const busyCostGap = 400
+
+// ownersAnswered reports whether the owner index, refreshed if its rate
+// limits allow, now knows who holds (or that nobody visible holds) a
+// socket the last dump met without an owner: only then would a dump count
+// them differently. Redoing the dump at every cycle instead was most of
+// this collector's cost beside 40,000 sockets of a neighbour: the index
+// reads other processes' descriptors only every othersScanGap times its
+// last scan (~30 s there), and a socket held from outside the namespace
+// (a scraper's, dialled into it) is never anyone's the agent can see.
+// Without sockets in question it costs nothing; with them, a pass over
+// at most maxMissing inodes.
+func (c *socketsCollector) ownersAnswered(now time.Time) bool {
+	if len(c.agg.missing) == 0 {
+		return false
+	}
+	c.owners.Refresh(now, c.agg.missing)
+	for _, ino := range c.agg.missing {
+		if _, ok := c.owners.Owner(ino); ok {
+			return true
+		}
+	}
+	return false
 }
 
 // noteListened keeps the target's ports of this cycle that have sockets:

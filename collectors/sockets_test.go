@@ -638,6 +638,107 @@ func TestSocketsSkipsDumps(t *testing.T) {
 	step("a close (the counter read afresh)", false, 1)
 }
 
+// TestSocketsBusyGapFollowsDumpCost: while only segments move, a dear
+// last dump stretches the wait past BusyInterval to busyCostGap times its
+// duration; a cheap one does not.
+func TestSocketsBusyGapFollowsDumpCost(t *testing.T) {
+	srv := testenv.Start(t, testenv.Options{Backlog: 8, Accept: false})
+	ns := newSockNetns(t, srv.PID)
+	l, q := ns.listen(t, "tcp4", "127.0.0.1:0")
+	clients, servers := ns.connect(t, l, 1)
+	tgt := socketsTarget(t, srv.PID)
+	h := newSocketsHarness(t, tgt, SocketsOptions{BusyInterval: time.Millisecond, IdleInterval: time.Hour})
+	sq := strconv.Itoa(q)
+	h.until(signals.TCPSockets, map[string]float64{
+		"target/" + strconv.Itoa(srv.Port) + "/LISTEN": 1,
+		"agent/" + sq + "/LISTEN":                      1,
+		"agent/" + sq + "/ESTABLISHED":                 1,
+		"agent/ephemeral/ESTABLISHED":                  1,
+	}, "owner", "port", "state")
+	var events atomic.Uint64
+	h.store.SetActivity(signals.ConnActivity(tgt.NetnsIno), events.Load)
+	h.collect()
+	for _, tc := range []struct {
+		took time.Duration
+		skip bool
+	}{{10 * time.Millisecond, true}, {0, false}} { // 4 s, then BusyInterval's 1 ms
+		if _, err := clients[0].Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(servers[0], make([]byte, 4)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond) // the ACK, and past BusyInterval
+		h.c.took = tc.took
+		before := h.c.skipped
+		h.collect()
+		if got := h.c.skipped > before; got != tc.skip {
+			t.Errorf("last dump took %s, segments moved 50 ms after it: skipped = %v, want %v", tc.took, got, tc.skip)
+		}
+	}
+}
+
+// TestSocketsSkipsDumpsForOwnersNobodyCanTell: a socket held only by a
+// process outside the namespace (as a scraper's connection dialled into
+// it) has no owner the index can find. The dump that met it asks the index
+// again, but while the index has no answer, dumping again counts it as
+// unknown again: the collector goes back to skipping. (Dumping every
+// cycle for it was most of the collector's cost beside 40,000 sockets of
+// a neighbour, where the index scans other processes only every ~30 s.)
+func TestSocketsSkipsDumpsForOwnersNobodyCanTell(t *testing.T) {
+	srv := testenv.Start(t, testenv.Options{Backlog: 8, Accept: false})
+	ns := newSockNetns(t, srv.PID)
+	l, q := ns.listen(t, "tcp4", "127.0.0.1:0")
+	tgt := socketsTarget(t, srv.PID)
+	// Other processes are scanned once, at the first cycle, then not for
+	// an hour: the socket made after it stays without an answer.
+	owners := workload.NewSocketOwners("/proc", workload.SocketOwnersOptions{OthersRescan: time.Hour})
+	c := newSocketsCollector(Options{Owners: owners}, SocketsOptions{BusyInterval: time.Hour, IdleInterval: time.Hour})
+	t.Cleanup(func() { c.Close() })
+	h := &socketsHarness{t: t, c: c, store: signals.New(16, 5000), tgt: tgt}
+	sq := strconv.Itoa(q)
+	h.until(signals.TCPSockets, map[string]float64{
+		"target/" + strconv.Itoa(srv.Port) + "/LISTEN": 1,
+		"agent/" + sq + "/LISTEN":                      1,
+	}, "owner", "port", "state")
+
+	// The client end goes to a child in the host's namespace; this
+	// process closes its own copy.
+	clients, _ := ns.connect(t, l, 1)
+	f, err := clients[0].(*net.TCPConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	child := exec.Command("sleep", "60")
+	child.ExtraFiles = []*os.File{f}
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { child.Process.Kill(); child.Wait() })
+	f.Close()
+	clients[0].Close()
+
+	h.until(signals.TCPSockets, map[string]float64{
+		"target/" + strconv.Itoa(srv.Port) + "/LISTEN": 1,
+		"agent/" + sq + "/LISTEN":                      1,
+		"agent/" + sq + "/ESTABLISHED":                 1,
+		"unknown/ephemeral/ESTABLISHED":                1,
+	}, "owner", "port", "state")
+	if len(h.c.agg.missing) == 0 {
+		t.Fatal("the child's socket was not met without an owner: the test does not make its case")
+	}
+	before := h.c.skipped
+	for range 5 {
+		h.collect()
+	}
+	if got := h.c.skipped - before; got != 5 {
+		t.Errorf("%d of 5 cycles skipped their dump while the index had no answer for the child's socket", got)
+	}
+	if got := h.get(signals.TCPSockets, signals.L("owner", "unknown", "port", "ephemeral", "state", "ESTABLISHED")); got != 1 {
+		t.Errorf("tcp_sockets{owner=unknown} = %v, want 1 (written again)", got)
+	}
+}
+
 // TestSocketsRefreshesIdleAges: when only segments moved and BusyInterval
 // passed, the collector dumps only the outbound ESTABLISHED sockets, and
 // what it writes is what a full dump writes: the same counts, the idle
