@@ -578,25 +578,34 @@ func TestSocketsTargetCloseWait(t *testing.T) {
 	}
 }
 
+// connectedHarness is a target listening in its namespace, and k
+// connections this process (the "agent") made there to a listener of its
+// own on port sq, counted once.
+func connectedHarness(t *testing.T, k int, so SocketsOptions) (h *socketsHarness, tgt workload.Process, clients, servers []net.Conn, sq string) {
+	t.Helper()
+	srv := testenv.Start(t, testenv.Options{Backlog: 8, Accept: false})
+	ns := newSockNetns(t, srv.PID)
+	l, q := ns.listen(t, "tcp4", "127.0.0.1:0")
+	clients, servers = ns.connect(t, l, k)
+	tgt = socketsTarget(t, srv.PID)
+	h = newSocketsHarness(t, tgt, so)
+	sq = strconv.Itoa(q)
+	h.until(signals.TCPSockets, map[string]float64{
+		"target/" + strconv.Itoa(srv.Port) + "/LISTEN": 1,
+		"agent/" + sq + "/LISTEN":                      1,
+		"agent/" + sq + "/ESTABLISHED":                 float64(k),
+		"agent/ephemeral/ESTABLISHED":                  float64(k),
+	}, "owner", "port", "state")
+	return h, tgt, clients, servers, sq
+}
+
 // TestSocketsSkipsDumps: while the namespace's counters stand still the
 // collector writes its last counts again without a dump; while only
 // segments move it does so for up to BusyInterval, unless a connection
 // event (the tcplife probe's counter) says a state may have changed, or
 // nobody publishes that counter.
 func TestSocketsSkipsDumps(t *testing.T) {
-	srv := testenv.Start(t, testenv.Options{Backlog: 8, Accept: false})
-	ns := newSockNetns(t, srv.PID)
-	l, q := ns.listen(t, "tcp4", "127.0.0.1:0")
-	clients, servers := ns.connect(t, l, 2)
-	tgt := socketsTarget(t, srv.PID)
-	h := newSocketsHarness(t, tgt, SocketsOptions{BusyInterval: time.Hour, IdleInterval: time.Hour})
-	sq := strconv.Itoa(q)
-	h.until(signals.TCPSockets, map[string]float64{
-		"target/" + strconv.Itoa(srv.Port) + "/LISTEN": 1,
-		"agent/" + sq + "/LISTEN":                      1,
-		"agent/" + sq + "/ESTABLISHED":                 2,
-		"agent/ephemeral/ESTABLISHED":                  2,
-	}, "owner", "port", "state")
+	h, tgt, clients, servers, sq := connectedHarness(t, 2, SocketsOptions{BusyInterval: time.Hour, IdleInterval: time.Hour})
 	var events atomic.Uint64
 	name := signals.ConnActivity(tgt.NetnsIno)
 	h.store.SetActivity(name, events.Load)
@@ -642,19 +651,7 @@ func TestSocketsSkipsDumps(t *testing.T) {
 // last dump stretches the wait past BusyInterval to busyCostGap times its
 // duration; a cheap one does not.
 func TestSocketsBusyGapFollowsDumpCost(t *testing.T) {
-	srv := testenv.Start(t, testenv.Options{Backlog: 8, Accept: false})
-	ns := newSockNetns(t, srv.PID)
-	l, q := ns.listen(t, "tcp4", "127.0.0.1:0")
-	clients, servers := ns.connect(t, l, 1)
-	tgt := socketsTarget(t, srv.PID)
-	h := newSocketsHarness(t, tgt, SocketsOptions{BusyInterval: time.Millisecond, IdleInterval: time.Hour})
-	sq := strconv.Itoa(q)
-	h.until(signals.TCPSockets, map[string]float64{
-		"target/" + strconv.Itoa(srv.Port) + "/LISTEN": 1,
-		"agent/" + sq + "/LISTEN":                      1,
-		"agent/" + sq + "/ESTABLISHED":                 1,
-		"agent/ephemeral/ESTABLISHED":                  1,
-	}, "owner", "port", "state")
+	h, tgt, clients, servers, _ := connectedHarness(t, 1, SocketsOptions{BusyInterval: time.Millisecond, IdleInterval: time.Hour})
 	var events atomic.Uint64
 	h.store.SetActivity(signals.ConnActivity(tgt.NetnsIno), events.Load)
 	h.collect()
