@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/url"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -55,6 +56,20 @@ func (f *findings) opened() []*culpritv1.Finding {
 	for _, ev := range f.events {
 		if ev.Type == culpritv1.FindingEvent_TYPE_OPENED {
 			out = append(out, ev.Finding)
+		}
+	}
+	return out
+}
+
+// latest is the last version of finding id the stream carried (opened or
+// updated).
+func (f *findings) latest(id string) *culpritv1.Finding {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out *culpritv1.Finding
+	for _, ev := range f.events {
+		if ev.Finding != nil && ev.Finding.Id == id && ev.Type != culpritv1.FindingEvent_TYPE_RESOLVED {
+			out = ev.Finding
 		}
 	}
 	return out
@@ -188,6 +203,28 @@ func artifactOf(f *culpritv1.Finding, kind string) string {
 	return ""
 }
 
+// sleptWords and waitedWords read a blocking_worker symptom: how long the
+// thread slept, and on how many sockets data waited unread for at least
+// how long.
+var (
+	sleptWords  = regexp.MustCompile(`slept in \S+ for ([0-9.]+) (s|ms)`)
+	waitedWords = regexp.MustCompile(`data waited unread on (?:([0-9]+) sockets? of the process|the process's sockets) for at least ([0-9.]+) (s|ms)`)
+)
+
+// wordsDuration reads a duration as the findings write it ("1.2 s", "850
+// ms").
+func wordsDuration(t *testing.T, num, unit string) time.Duration {
+	t.Helper()
+	v, err := strconv.ParseFloat(num, 64)
+	if err != nil {
+		t.Fatalf("duration %q %q: %v", num, unit, err)
+	}
+	if unit == "ms" {
+		return time.Duration(v * float64(time.Millisecond))
+	}
+	return time.Duration(v * float64(time.Second))
+}
+
 // A slow command blocks redis's single event loop (DEBUG SLEEP 2 while
 // clients load it): the finding names the event loop, the call and the
 // function, with redis's own remedy, and nothing else is said.
@@ -214,6 +251,30 @@ func TestPrecisionRedisBlockedEventLoop(t *testing.T) {
 	}
 	if rem := strings.ToLower(got.Remediation); !strings.Contains(rem, "slowlog") || strings.Contains(rem, "tokio") {
 		t.Errorf("remediation not redis's own: %s", got.Remediation)
+	}
+	// The words on the work that waited: the load's clients each sent a
+	// command during the sleep, so some of their four sockets had data
+	// unread, and no more than four (a count is given once some waited
+	// longer than a poll); how long is a lower bound (watched from when
+	// the sleep was noticed), so never longer than the block the finding
+	// says it waited for.
+	last := f.latest(got.Id)
+	t.Logf("opened: %s\nlast: %s", got.Symptom, last.Symptom)
+	slept := sleptWords.FindStringSubmatch(last.Symptom)
+	waited := waitedWords.FindStringSubmatch(last.Symptom)
+	if slept == nil || waited == nil {
+		t.Fatalf("no words on the block's length and the unread data: %s", last.Symptom)
+	}
+	if n, _ := strconv.Atoi(waited[1]); n < 1 || n > 4 {
+		t.Errorf("data unread on %q sockets: the load has 4 connections: %s", waited[1], last.Symptom)
+	}
+	if w, s := wordsDuration(t, waited[2], waited[3]), wordsDuration(t, slept[1], slept[2]); w > s || w < 100*time.Millisecond {
+		t.Errorf("work waited for at least %s during a block of %s: %s", w, s, last.Symptom)
+	}
+	for _, v := range []*culpritv1.Finding{got, last} {
+		if strings.Contains(v.Symptom, "at least 0 ms") {
+			t.Errorf("a bound that says nothing: %s", v.Symptom)
+		}
 	}
 	for _, o := range others(f.opened(), got) {
 		t.Errorf("also said: %s: %s", describe(o), o.RootCause)

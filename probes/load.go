@@ -411,6 +411,33 @@ func (c *changes) arm(slot int) {
 	_, _ = c.mm.WriteAt(one[:], int64(8*slot)) // a read-only mapping: no wake-ups, polls stay as they are
 }
 
+// setFlag writes v to entry slot of a `changes` array m: a flag or a
+// generation the programs read, not a counter. Through a system call, not
+// the mapping arm writes through: each of these must be seen before the
+// map operations that follow it (the seed after HOOKED, the emptying after
+// a new stack generation), and a plain store to the mapping is ordered
+// before them only on x86. A late arm costs one poll at most.
+func setFlag(m *ebpf.Map, slot int, v uint64) error {
+	return m.Update(uint32(slot), v, ebpf.UpdateAny)
+}
+
+// emptyMap deletes every entry of hash map m, whose keys are K. The keys
+// are read first and deleted after: a delete during the walk makes the
+// kernel start it over. An entry gone meanwhile is fine.
+func emptyMap[K any](m *ebpf.Map) {
+	var (
+		k    K
+		v    []byte
+		keys []K
+	)
+	for it := m.Iterate(); it.Next(&k, &v); {
+		keys = append(keys, k)
+	}
+	for _, k := range keys {
+		_ = m.Delete(k)
+	}
+}
+
 // forget makes the next moved(i) report true (a walk is due anyway).
 func (c *changes) forget(i int) {
 	if c != nil {

@@ -1036,7 +1036,7 @@ func (p *Sched) resetStacks(objs *schedObjects, now time.Time, force bool) {
 	// quiet sleep's stack ids only within the generation they were taken
 	// in (bpf/sched.c same_site), and ids from before would name
 	// emptied, or refilled, buckets.
-	if err := objs.Changes.Update(uint32(stackGenSlot), p.stackGen+1, ebpf.UpdateAny); err != nil {
+	if err := setFlag(objs.Changes, stackGenSlot, p.stackGen+1); err != nil {
 		// Emptied without a new generation, the map would lose the
 		// stacks of idle waits whose ids are reused: kept as it is
 		// until the next try.
@@ -1044,16 +1044,7 @@ func (p *Sched) resetStacks(objs *schedObjects, now time.Time, force bool) {
 		return
 	}
 	p.stackGen++
-	var id uint32
-	var ids []uint32
-	it := objs.Stacks.Iterate()
-	var raw [127]uint64
-	for it.Next(&id, &raw) {
-		ids = append(ids, id)
-	}
-	for _, id := range ids {
-		_ = objs.Stacks.Delete(id) // gone already is fine
-	}
+	emptyMap[uint32](objs.Stacks)
 }
 
 // stackGenSlot is the changes entry holding the stack map's generation

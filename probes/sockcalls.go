@@ -453,7 +453,7 @@ func (p *SockCalls) watchUnread(objs *sockCallsObjects, store *signals.Store, no
 		}
 		p.watchedFrom = time.Now()
 	case !wanted && p.unreadLinks != nil:
-		if err := objs.Changes.Update(uint32(hookedFlag), uint64(0), ebpf.UpdateAny); err != nil {
+		if err := setFlag(objs.Changes, hookedFlag, 0); err != nil {
 			p.o.Log.Warn("sockcalls: clear the hooked flag", "err", err)
 		}
 		for _, l := range p.unreadLinks {
@@ -471,25 +471,14 @@ func (p *SockCalls) watchUnread(objs *sockCallsObjects, store *signals.Store, no
 // the hooks, says so in the HOOKED flag, and marks the data queued now as
 // waiting since now (the seed iterator over owned).
 func (p *SockCalls) attachUnread(objs *sockCallsObjects) error {
-	var (
-		k    uint64
-		v    uint64
-		keys []uint64
-	)
-	it := objs.Waiting.Iterate()
-	for it.Next(&k, &v) {
-		keys = append(keys, k)
-	}
-	for _, k := range keys {
-		_ = objs.Waiting.Delete(k) // gone already is fine
-	}
+	emptyMap[uint64](objs.Waiting)
 	p.waiting = p.waiting[:0]
 	p.changes.forget(changedWaiting)
 	links, err := attachTracing("sockcalls", p.unreadProgs...)
 	if err != nil {
 		return err
 	}
-	if err := objs.Changes.Update(uint32(hookedFlag), uint64(1), ebpf.UpdateAny); err != nil {
+	if err := setFlag(objs.Changes, hookedFlag, 1); err != nil {
 		for _, l := range links {
 			_ = l.Close()
 		}

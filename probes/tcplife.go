@@ -276,16 +276,7 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workl
 				return false
 			}
 			// Another namespace's resets are not a continuation.
-			var k tcpLifeRstKey
-			var keys []tcpLifeRstKey
-			it := objs.RstSent.Iterate()
-			var n uint64
-			for it.Next(&k, &n) {
-				keys = append(keys, k)
-			}
-			for _, k := range keys {
-				objs.RstSent.Delete(k)
-			}
+			emptyMap[tcpLifeRstKey](objs.RstSent)
 			store.SetActivity(signals.ConnActivity(uint64(p.netns)), nil)
 			store.SetActivity(signals.ConnActivity(uint64(ns)), p.seen.Load)
 			p.mu.Lock()

@@ -156,7 +156,7 @@ func (r *BlockingWorker) observation(w Window, pool string, pb *poolBlocks) Obse
 			count(float64(len(pb.threads)), noun, ""), duration(r.o.Window), duration(pb.total))
 	}
 	waited := ""
-	if j.waited > 0 {
+	if j.waited >= minWaitedWords || (j.waited > 0 && j.how == looksIdle) {
 		// At least: data already queued when the sockcalls probe began
 		// watching counts from then, and a queue from the first sample
 		// that saw it hold connections.
@@ -220,6 +220,13 @@ func (r *BlockingWorker) observation(w Window, pool string, pb *poolBlocks) Obse
 	o.Artifacts = append(o.Artifacts, tracesDuring(w.Spans, e.Start, e.End(), e.Tid, 3)...)
 	return o
 }
+
+// minWaitedWords is the least time work waited that the words tell: the
+// ages are lower bounds counted from when watching began (sockcalls
+// attaches its socket hooks once a sleep is noticed), so a shorter one
+// says only that watching had just begun ("for at least 0 ms" was seen).
+// It is the probes' poll, the age past which a socket counts as waiting.
+const minWaitedWords = 100 * time.Millisecond
 
 // rtOr is the runtime's name, or alt when it is unknown.
 func rtOr(rt, alt string) string {

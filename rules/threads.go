@@ -410,18 +410,30 @@ func workWaited(w Window, start, end time.Time) (time.Duration, string, Evidence
 	return best, what, ev
 }
 
-// valueAt is the sample of d (summed over its series) taken at t.
+// valueAt is the value of d (summed over its series) in force at t: each
+// series' last sample at or before t. Producers write a gauge when it
+// changes and at least every second otherwise, so a sample is never older
+// than valueAtReach; one only at exactly t missed the count of sockets
+// that had not changed since the last poll ("data waited unread on the
+// process's sockets", with no count, was seen).
 func valueAt(w Window, d *signals.Desc, t time.Time) float64 {
 	var v float64
 	for _, ls := range w.Store.Select(d) {
-		for _, s := range w.Store.Range(d, ls, t.Add(-time.Millisecond)) {
-			if s.T.Equal(t) {
-				v += s.V
+		var last float64
+		for _, s := range w.Store.Range(d, ls, t.Add(-valueAtReach)) {
+			if s.T.After(t) {
+				break
 			}
+			last = s.V
 		}
+		v += last
 	}
 	return v
 }
+
+// valueAtReach is how far back valueAt looks: a second's refresh and a
+// poll's slack.
+const valueAtReach = 2 * time.Second
 
 // culpritOf names the function that made e's call, in the terms of its
 // runtime: for Node.js the JavaScript function (from the JIT's perf map)

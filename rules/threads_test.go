@@ -162,6 +162,23 @@ func TestBlockingWorkerRedisEventLoop(t *testing.T) {
 	if strings.Contains(o.Remediation, "tokio") || strings.Contains(o.Remediation, "actix") {
 		t.Errorf("advice for another runtime: %q", o.Remediation)
 	}
+	// The count of sockets written once, as a probe writes a gauge that
+	// stands still, is still the count in force when the age peaked.
+	once := signals.New(100, 100)
+	once.Put(signals.ProcessUnreadSockets, nil, 3, sleep.Start.Add(100*time.Millisecond))
+	for i := 1; i <= 20; i++ {
+		once.Put(signals.ProcessUnreadOldestSeconds, nil, 1.9*float64(i)/20, sleep.Start.Add(time.Duration(i)*100*time.Millisecond))
+	}
+	if obs := blockRule().Evaluate(Window{Store: once, Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools}}); len(obs) != 1 || !strings.Contains(obs[0].Symptom, "data waited unread on 3 sockets of the process for at least 1.9 s") {
+		t.Errorf("the sockets' count written once: %+v", obs)
+	}
+	// Unread data watched for under a poll, as just after the hooks were
+	// attached: nothing is said of it ("for at least 0 ms" was seen).
+	fresh := signals.New(100, 100)
+	putUnread(fresh, sleep.Start, 1, 0.0004, 0)
+	if obs := blockRule().Evaluate(Window{Store: fresh, Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools}}); len(obs) != 1 || strings.Contains(obs[0].Symptom, "waited") {
+		t.Errorf("unread data watched for 0.4 ms: %+v", obs)
+	}
 	// Healthy: the same loop idling in epoll, however long.
 	idle := episodes()
 	seen(idle, ep(50, 50, "redis-server", now.Add(-30*time.Second), 100*time.Millisecond, kEpollWait, uRedisIdle, 1))
