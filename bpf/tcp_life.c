@@ -22,6 +22,7 @@
 #include "culprit.h"
 #include <bpf/bpf_helpers.h>
 #include "ringbuf.h"
+#include "changes.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
@@ -71,6 +72,13 @@ struct rst_key {
 	__u16 lport;
 	__u16 pad;
 };
+
+/* Set by Go while it polls every probes.poll_interval because connections
+ * are ending: events then wait in the ring without waking the reader, and
+ * each poll flushes them (flat out, a wake-up per event kept the agent's
+ * reader and the Go runtime's sysmon busy). 0 while Go idles, so that the
+ * first event wakes it. */
+volatile __u32 batch_events;
 
 /* Keeps conn_event in the BTF, so bpf2go emits its Go type. */
 const struct conn_event *unused_conn_event __attribute__((unused));
@@ -136,7 +144,7 @@ static __always_inline void emit(const struct sock *sk, __u32 netns, __u8 kind, 
 	} else {
 		BPF_CORE_READ_INTO(&ev.raddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	}
-	CULPRIT_OUTPUT(conn_events, ev);
+	CULPRIT_OUTPUT_FLAGS(conn_events, ev, batch_events ? CULPRIT_RB_NO_WAKEUP : 0);
 }
 
 SEC("tp_btf/inet_sock_set_state")

@@ -39,6 +39,15 @@ type TCPLife struct {
 	reasons map[uint32]string
 	owners  *workload.SocketOwners
 	selfPID int
+	// comms caches /proc/PID/comm of the processes events name, for
+	// commTTL (a pid reused within it keeps the old name that long):
+	// beside nginx flat out, reading it for each event of the load
+	// generator's connections was a third of this probe's CPU. Only the
+	// goroutine reading events uses it.
+	comms map[int]commSeen
+	// batched is batch_events as last set: events come in batches at
+	// each poll, which needs no kick.
+	batched atomic.Bool
 	// Resets by reason and port, as read from the kernel (absolute), and
 	// the ports that have series (ports are many when a neighbour is
 	// port-scanned; only the busiest get their own).
@@ -145,7 +154,9 @@ func (p *TCPLife) readEvents(rd *ringbuf.Reader) {
 		if ok {
 			p.events.Add(ce)
 			p.seen.Add(1)
-			p.kick.Kick() // the counts go to the store at once
+			if !p.batched.Load() {
+				p.kick.Kick() // the counts go to the store at once
+			}
 		}
 	})
 }
@@ -241,12 +252,31 @@ func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
 		case e.Pid == p.selfPID:
 			return "agent"
 		}
+		if c, ok := p.comms[e.Pid]; ok && time.Since(c.at) < commTTL {
+			return c.comm
+		}
 		if b, err := os.ReadFile("/proc/" + strconv.Itoa(e.Pid) + "/comm"); err == nil {
-			return strings.TrimSpace(string(b))
+			if p.comms == nil || len(p.comms) >= maxComms {
+				p.comms = make(map[int]commSeen)
+			}
+			c := commSeen{comm: strings.TrimSpace(string(b)), at: time.Now()}
+			p.comms[e.Pid] = c
+			return c.comm
 		}
 	}
 	return "unknown"
 }
+
+// commSeen is a process's name as read at.
+type commSeen struct {
+	comm string
+	at   time.Time
+}
+
+const (
+	commTTL  = 10 * time.Second
+	maxComms = 1024 // then the cache starts over
+)
 
 // poll is paced: every probes.poll_interval while connections end or
 // resets are sent, slowing to probes.idle_poll_interval while nothing
@@ -264,7 +294,7 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workl
 	p.counters = newProbeCounters(store, p.Name())
 	p.resetS = newSeriesSet[resetKey](store, signals.TCPResetsSentTotal)
 	var lastEvents float64
-	paced(ctx, p.o, store, p.kick, func(now time.Time) bool {
+	once := func(now time.Time) bool {
 		tgt, ok := tracker.Current()
 		if !ok {
 			return false
@@ -311,7 +341,37 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workl
 		}
 		p.rstWalkAt = now
 		return p.readResets(objs, now) || changed
+	}
+	paced(ctx, p.o, store, p.kick, func(now time.Time) bool {
+		flushPending(p.rd) // the events batched since the last poll
+		active := once(now)
+		p.batch(objs, active)
+		return active
 	})
+}
+
+// batch tells the programs whether to send events without waking the
+// reader (batch_events): yes while the next poll comes after
+// probes.poll_interval, since it flushes them; no while polls idle, so
+// that an event wakes the reader and the poller at once. Cleared before
+// the flush that follows, so an event sent without a wake-up just before
+// waits at most until the next poll.
+func (p *TCPLife) batch(objs *tcpLifeObjects, on bool) {
+	if on == p.batched.Load() {
+		return
+	}
+	v := uint32(0)
+	if on {
+		v = 1
+	}
+	if err := objs.BatchEvents.Set(v); err != nil {
+		p.o.Log.Debug("tcplife: set batch_events", "err", err)
+		return
+	}
+	p.batched.Store(on)
+	if !on {
+		flushPending(p.rd)
+	}
 }
 
 // rstWalkEvery is how often the reset map is walked even while the

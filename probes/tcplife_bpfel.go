@@ -56,6 +56,7 @@ const (
 	tcpLifeProgCulpritLifeReceiveReset = "culprit_life_receive_reset"
 	tcpLifeProgCulpritLifeSendReset    = "culprit_life_send_reset"
 	tcpLifeProgCulpritLifeSetState     = "culprit_life_set_state"
+	tcpLifeVarBatchEvents              = "batch_events"
 	tcpLifeVarUnusedConnEvent          = "unused_conn_event"
 )
 
@@ -121,6 +122,7 @@ type tcpLifeMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tcpLifeVariableSpecs struct {
+	BatchEvents     *ebpf.VariableSpec `ebpf:"batch_events"`
 	UnusedConnEvent *ebpf.VariableSpec `ebpf:"unused_conn_event"`
 }
 
@@ -165,6 +167,7 @@ func (m *tcpLifeMaps) Close() error {
 //
 // It can be passed to loadTcpLifeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tcpLifeVariables struct {
+	BatchEvents     *ebpf.Variable `ebpf:"batch_events"`
 	UnusedConnEvent *ebpf.Variable `ebpf:"unused_conn_event"`
 }
 

@@ -208,3 +208,89 @@ func TestTCPLifeOwnerOfOthersOnlyInNamespaceScope(t *testing.T) {
 		}
 	}
 }
+
+// An event of another process is labelled with its name, read once per
+// commTTL: flat out, reading /proc/PID/comm for each connection event of
+// the load generator was a third of the probe's CPU. A process that exited
+// keeps its name for the TTL, which is what its late events should say.
+func TestTCPLifeOwnerOfCachesNames(t *testing.T) {
+	cmd := exec.Command("sleep", "300")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	p := NewTCPLife(Options{})
+	ev := signals.ConnEvent{Kind: signals.ConnLocalClose, Pid: pid}
+	if got := p.ownerOf(ev); got != "sleep" {
+		t.Fatalf("owner of an event of sleep (pid %d): %q", pid, got)
+	}
+	cmd.Process.Kill()
+	cmd.Wait()
+	if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err == nil {
+		t.Fatalf("pid %d still there after its exit", pid)
+	}
+	if got := p.ownerOf(ev); got != "sleep" {
+		t.Errorf("owner within the TTL, read again though the process exited: %q", got)
+	}
+	p.comms[pid] = commSeen{comm: "sleep", at: time.Now().Add(-commTTL)}
+	if got := p.ownerOf(ev); got != "unknown" {
+		t.Errorf("owner past the TTL of a process gone: %q, want unknown", got)
+	}
+}
+
+// While connections keep ending, events are sent without waking the
+// reader and each poll flushes them (batch_events): none is lost. Once the
+// namespace is quiet again, an event wakes the reader at once.
+func TestTCPLifeBatchesEventsWhileBusy(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 64, Accept: true})
+	st := signals.New(600, 1000)
+	evs := signals.NewConnEvents(4096)
+	p := NewTCPLife(Options{Log: testLog, PollInterval: 50 * time.Millisecond, MaxEntries: 1024, RingBufferBytes: 1 << 16, SideStores: signals.SideStores{Conns: evs}})
+	runProbe(t, s.PID, p, st)
+	time.Sleep(300 * time.Millisecond) // the netns filter is set at the first poll
+	remote := "127.0.0.1:" + strconv.Itoa(s.Port)
+	opens := func(from time.Time) (n int, last time.Time) {
+		for _, e := range evs.Since(from) {
+			if e.Kind == signals.ConnOpened && e.Remote == remote {
+				n++
+				last = e.T
+			}
+		}
+		return n, last
+	}
+	from := time.Now()
+	s.MustDo(t, "idletimeout 30")
+	batched := false
+	for range 40 {
+		s.MustDo(t, "dial 5")
+		batched = batched || p.batched.Load()
+		time.Sleep(25 * time.Millisecond)
+	}
+	if !batched {
+		t.Error("events never batched while connections kept ending")
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for n, _ := opens(from); n < 200 && time.Now().Before(deadline); n, _ = opens(from) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n, _ := opens(from); n != 200 {
+		t.Errorf("%d of 200 opens seen", n)
+	}
+	// Quiet: the poller idles and stops batching.
+	for deadline := time.Now().Add(5 * time.Second); p.batched.Load(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("still batching 5 s after the last connection")
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	at := time.Now()
+	s.MustDo(t, "dial 1")
+	deadline = time.Now().Add(2 * time.Second)
+	n, seen := opens(at)
+	for ; n == 0 && time.Now().Before(deadline); n, seen = opens(at) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if n != 1 || seen.Sub(at) > 40*time.Millisecond {
+		t.Errorf("an open while quiet: %d seen, %v after the dial (want one, at once)", n, seen.Sub(at))
+	}
+}

@@ -16,9 +16,13 @@
 	} lost SEC(".maps")
 
 /* output copies ev into ring, counting it in lost when it does not fit. */
-#define CULPRIT_OUTPUT(ring, ev)                                               \
+#define CULPRIT_OUTPUT(ring, ev) CULPRIT_OUTPUT_FLAGS(ring, ev, 0)
+
+/* CULPRIT_OUTPUT with bpf_ringbuf_output's flags (BPF_RB_NO_WAKEUP: the
+ * reader is not woken; Go flushes the ring when it polls). */
+#define CULPRIT_OUTPUT_FLAGS(ring, ev, flags)                                  \
 	do {                                                                   \
-		if (bpf_ringbuf_output(&ring, &(ev), sizeof(ev), 0)) {         \
+		if (bpf_ringbuf_output(&ring, &(ev), sizeof(ev), (flags))) {   \
 			__u32 zero_ = 0;                                       \
 			__u64 *n_ = bpf_map_lookup_elem(&lost, &zero_);        \
 			if (n_)                                                \
