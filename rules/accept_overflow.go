@@ -403,7 +403,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	if haveSomax {
 		somax = int(somaxconn.V)
 	}
-	fix := w.advice().Backlog(nextPow2(int(math.Max(qpeak, backlog.V)+dropsWindow)), somax)
+	fix := w.advice().Backlog(nextPow2(int(math.Max(qpeak, backlog.V)+dropsWindow)), int(backlog.V), somax)
 	if capped {
 		fix += fmt.Sprintf(" The backlog is already capped by net.core.somaxconn=%d, so raise that first (in a pod via securityContext.sysctls).", somax)
 	}

@@ -233,9 +233,10 @@ func (a Advisor) LoopStalled() string {
 }
 
 // Backlog is the remedy for a listen backlog that bursts overflow: how to
-// raise it to at least atLeast in this runtime, then what
-// net.core.somaxconn (somaxconn, 0 when unknown) means for it.
-func (a Advisor) Backlog(atLeast, somaxconn int) string {
+// raise it (backlog now, 0 when unknown) to at least atLeast in this
+// runtime, then what net.core.somaxconn (somaxconn, 0 when unknown) means
+// for it.
+func (a Advisor) Backlog(atLeast, backlog, somaxconn int) string {
 	n := atLeast
 	var s string
 	switch a.f {
@@ -243,8 +244,15 @@ func (a Advisor) Backlog(atLeast, somaxconn int) string {
 		// Go has no backlog setting: net.Listen asks for somaxconn, read
 		// once per process.
 		const how = "Go's net.Listen (and http.ListenAndServe) asks for net.core.somaxconn as its backlog, read once at startup"
-		if somaxconn >= n {
-			return fmt.Sprintf("%s: the sysctl allows %d now, so restart the service to pick it up (it started when the value was lower), and check that the listener comes from net.Listen. Keep net.ipv4.tcp_max_syn_backlog at least as large.", how, somaxconn)
+		if somaxconn >= n || (backlog > 0 && backlog < somaxconn) {
+			// Not what net.Listen would ask for now. Which of the two
+			// it is cannot be seen from outside: the value net.Listen
+			// read at the process's start is gone.
+			s = fmt.Sprintf("%s: the sysctl allows %d now, yet this listener's backlog is smaller, so either the service started while the sysctl was lower or the listener was not made by net.Listen (a listen(2) call or a library with a smaller backlog of its own: give it at least %d)", how, somaxconn, n)
+			if somaxconn < n {
+				s += fmt.Sprintf("; either way the sysctl caps it: raise it to at least %d (sysctl -w net.core.somaxconn=%d; in a pod, securityContext.sysctls)", n, n)
+			}
+			return s + ", then restart the service. Keep net.ipv4.tcp_max_syn_backlog at least as large."
 		}
 		s = fmt.Sprintf("%s: raise the sysctl to at least %d (sysctl -w net.core.somaxconn=%d; in a pod, securityContext.sysctls) and restart the service", how, n, n)
 		if somaxconn > 0 {
