@@ -195,6 +195,18 @@ func readRingFlushed(probe string, rd *ringbuf.Reader, log interface{ Warn(strin
 	}
 }
 
+// flushRing is flushPending for a goroutine other than stop's: under mu,
+// which stop closes the reader under, and only while rd is still the
+// probe's reader (a flush racing the close was seen by the race detector
+// when the agent stopped).
+func (r *running) flushRing(rd *ringbuf.Reader) {
+	r.mu.Lock()
+	if r.rd == rd {
+		flushPending(rd)
+	}
+	r.mu.Unlock()
+}
+
 // flushPending makes rd's reader return the records that wait in the ring
 // without having woken it; nothing when there are none (one atomic load).
 func flushPending(rd *ringbuf.Reader) bool {

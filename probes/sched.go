@@ -557,13 +557,8 @@ func (p *Sched) pollLoop(ctx context.Context, objs *schedObjects, tracker *workl
 		events := p.events
 		p.mu.Unlock()
 		p.counters.put(float64(events), objs.Lost, now)
-		// Block events of idle waits come without a wake-up: read them now
-		// (under mu, which stop closes the reader under).
-		p.mu.Lock()
-		if p.rd == blocks {
-			flushPending(blocks)
-		}
-		p.mu.Unlock()
+		// Block events of idle waits come without a wake-up: read them now.
+		p.flushRing(blocks)
 		tgt, ok := tracker.Current()
 		if !ok {
 			return

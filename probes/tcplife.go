@@ -124,7 +124,7 @@ func (p *TCPLife) Start(ctx context.Context, tracker *workload.Tracker, store *s
 	p.reasons = resetReasons()
 	rd := p.rd
 	p.spawn(func() { p.readEvents(rd) })
-	p.spawn(func() { p.poll(ctx, objs, tracker, store) })
+	p.spawn(func() { p.poll(ctx, objs, tracker, store, rd) })
 	return nil
 }
 
@@ -285,7 +285,7 @@ const (
 // OutRsts moved since the last one (or rstWalkEvery passed), and ring
 // writes of what changed; the resets are ranked by port again only when
 // the map changed.
-func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workload.Tracker, store *signals.Store) {
+func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workload.Tracker, store *signals.Store, rd *ringbuf.Reader) {
 	for i, how := range []string{signals.ConnPeerClose, signals.ConnLocalClose, signals.ConnResetReceived} {
 		p.closeS[i] = cachedSeries{h: store.Handle(signals.TCPConnectionEndsTotal, signals.L("how", how))}
 	}
@@ -343,9 +343,9 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workl
 		return p.readResets(objs, now) || changed
 	}
 	paced(ctx, p.o, store, p.kick, func(now time.Time) bool {
-		flushPending(p.rd) // the events batched since the last poll
+		p.flushRing(rd) // the events batched since the last poll
 		active := once(now)
-		p.batch(objs, active)
+		p.batch(objs, rd, active)
 		return active
 	})
 }
@@ -356,7 +356,7 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workl
 // that an event wakes the reader and the poller at once. Cleared before
 // the flush that follows, so an event sent without a wake-up just before
 // waits at most until the next poll.
-func (p *TCPLife) batch(objs *tcpLifeObjects, on bool) {
+func (p *TCPLife) batch(objs *tcpLifeObjects, rd *ringbuf.Reader, on bool) {
 	if on == p.batched.Load() {
 		return
 	}
@@ -370,7 +370,7 @@ func (p *TCPLife) batch(objs *tcpLifeObjects, on bool) {
 	}
 	p.batched.Store(on)
 	if !on {
-		flushPending(p.rd)
+		p.flushRing(rd)
 	}
 }
 
