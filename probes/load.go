@@ -434,16 +434,18 @@ func setFlag(m *ebpf.Map, slot int, v uint64) error {
 }
 
 // emptyMap deletes every entry of hash map m, whose keys are K. The keys
-// are read first and deleted after: a delete during the walk makes the
-// kernel start it over. An entry gone meanwhile is fine.
+// are read first, without their values (a stack map's are 1 KB each), and
+// deleted after: a delete during the walk makes the kernel start it over.
+// An entry gone meanwhile is fine.
 func emptyMap[K any](m *ebpf.Map) {
 	var (
-		k    K
-		v    []byte
-		keys []K
+		keys      []K
+		cur, next K
+		from      any // nil: the first key
 	)
-	for it := m.Iterate(); it.Next(&k, &v); {
-		keys = append(keys, k)
+	for m.NextKey(from, &next) == nil {
+		keys = append(keys, next)
+		cur, from = next, &cur
 	}
 	for _, k := range keys {
 		_ = m.Delete(k)
