@@ -178,6 +178,9 @@ type socketsHarness struct {
 func newSocketsHarness(t *testing.T, tgt workload.Process, so SocketsOptions) *socketsHarness {
 	t.Helper()
 	c := newSocketsCollector(Options{}, so)
+	// The harness collects every 100 ms, where a dump of a few ms is
+	// dear: deferring is tested on its own.
+	c.stateGap = 0
 	t.Cleanup(func() { c.Close() })
 	return &socketsHarness{t: t, c: c, store: signals.New(16, 5000), tgt: tgt}
 }
@@ -799,4 +802,58 @@ func TestSocketsRefreshesIdleAges(t *testing.T) {
 	// tables after a dump met an inode it did not know).
 	h.until(signals.TCPSocketsByRemote, map[string]float64{"agent/" + r1 + "/ESTABLISHED": 2, "agent/" + r2 + "/ESTABLISHED": 2},
 		"owner", "remote", "state")
+}
+
+// TestSocketsDearStateDumpsWaitOneCycle: a change of state (a connection
+// event) after a dear dump (stateCostGap) waits one cycle, writing
+// nothing, so no count is restamped as new; the next cycle dumps, even
+// with nothing new moving. After a cheap dump a change is dumped at once.
+func TestSocketsDearStateDumpsWaitOneCycle(t *testing.T) {
+	h, tgt, clients, _, sq := connectedHarness(t, 2, SocketsOptions{BusyInterval: time.Hour, IdleInterval: time.Hour})
+	var events atomic.Uint64
+	h.store.SetActivity(signals.ConnActivity(tgt.NetnsIno), events.Load)
+	h.collect()
+	h.c.stateGap = stateCostGap
+	established := signals.L("owner", "agent", "port", sq, "state", "ESTABLISHED")
+	latest := func() signals.Sample {
+		t.Helper()
+		s, ok := h.store.Latest(signals.TCPSockets, established)
+		if !ok {
+			t.Fatalf("tcp_sockets%s not written", established)
+		}
+		return s
+	}
+	closeOne := func(c net.Conn) {
+		t.Helper()
+		c.Close()
+		events.Add(1)
+		time.Sleep(300 * time.Millisecond) // the close's segments, and a cycle's time
+	}
+
+	before := latest()
+	closeOne(clients[0])
+	h.c.took = 10 * time.Millisecond // × stateCostGap: 1 s, more than the 300 ms since
+	deferred := h.c.deferred
+	h.collect()
+	if h.c.deferred != deferred+1 {
+		t.Fatalf("a dear dump after a close was not deferred")
+	}
+	if s := latest(); s != before {
+		t.Fatalf("the deferred cycle wrote tcp_sockets %v, want the last dump's %v still", s, before)
+	}
+	h.collect() // nothing new: the owed dump
+	if s := latest(); s.V != 1 || !s.T.After(before.T) {
+		t.Fatalf("the cycle after a deferral: tcp_sockets %v, want 1 written now", s)
+	}
+	if h.c.deferred != deferred+1 {
+		t.Fatalf("the owed dump was deferred again")
+	}
+
+	// Cheap: dumped at once.
+	closeOne(clients[1])
+	h.c.took = time.Millisecond
+	h.collect()
+	if s := latest(); s.V != 0 || h.c.deferred != deferred+1 {
+		t.Fatalf("a cheap dump after a close: tcp_sockets %v, deferred %d times, want 0 at once", s, h.c.deferred-deferred)
+	}
 }

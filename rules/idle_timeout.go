@@ -16,9 +16,11 @@ import (
 const CauseIntermediaryIdleTimeout = "intermediary_idle_timeout"
 
 // ConnEventSource is what idle_timeout reads: how connections ended
-// (signals.ConnEvents, from the tcplife probe).
+// (signals.ConnEvents, from the tcplife probe), read by what was added
+// since the last read (signals.Log.After).
 type ConnEventSource interface {
-	Since(from time.Time) []signals.ConnEvent
+	After(seq uint64, keep func(signals.ConnEvent) bool, out []signals.ConnEvent) ([]signals.ConnEvent, uint64)
+	Max() int
 }
 
 // IdleTimeoutOptions ([rules.idle_timeout] in agent.conf).
@@ -40,8 +42,26 @@ func DefaultIdleTimeoutOptions() IdleTimeoutOptions {
 // "Platform"): many connections closed or reset by the peer at the same
 // idle age. The app's next request on such a connection fails, or its pool
 // hands out dead connections.
+//
+// It reads only the events added since its last evaluation and keeps the
+// few that can count (a peer's close or reset of a connection that
+// carried data) for the window: copying every event of the window at each
+// evaluation (five a second, up to probes.max_conn_events of them) was
+// most of its cost beside a busy server. One IdleTimeout reads one
+// source.
 type IdleTimeout struct {
-	o IdleTimeoutOptions
+	o    IdleTimeoutOptions
+	seq  uint64              // events of the source read so far
+	kept []signals.ConnEvent // the closes that can count, oldest first: at most the source's Max
+}
+
+// cutWhileIdle is whether e can be a connection an intermediary cut: closed
+// or reset by the peer after carrying data. A connection that never carried
+// data was not cut while idle after use: a client that connected and left,
+// or gave up while its connection waited in an accept queue. (The count is
+// of sequence space: the SYN and the FIN take one each.)
+func cutWhileIdle(e signals.ConnEvent) bool {
+	return (e.Kind == signals.ConnPeerClose || e.Kind == signals.ConnResetReceived) && e.Bytes > 2
 }
 
 func NewIdleTimeout(o IdleTimeoutOptions) *IdleTimeout {
@@ -73,22 +93,18 @@ func (r *IdleTimeout) Evaluate(w Window) []Observation {
 			listenOwner[ls.Get("port")] = ls.Get("owner")
 		}
 	}
+	from := w.Now.Add(-r.o.Window)
+	// Only the connections of owners findings may be about (the
+	// target's, or in namespace scope every process's but culprit's) are
+	// kept: a neighbour's churn must not push the target's closes out.
+	r.kept, r.seq = w.Conns.After(r.seq, func(e signals.ConnEvent) bool { return cutWhileIdle(e) && w.owned(e.Owner) }, r.kept)
+	r.kept = slices.DeleteFunc(r.kept, func(e signals.ConnEvent) bool { return e.T.Before(from) })
+	if n := len(r.kept) - w.Conns.Max(); n > 0 {
+		r.kept = slices.Delete(r.kept, 0, n)
+	}
 	groups := map[string][]signals.ConnEvent{}
 	owners := map[string]string{}
-	for _, e := range w.Conns.Since(w.Now.Add(-r.o.Window)) {
-		if e.Kind != signals.ConnPeerClose && e.Kind != signals.ConnResetReceived {
-			continue
-		}
-		// A connection that never carried data was not cut while idle
-		// after use: a client that connected and left, or gave up while
-		// its connection waited in an accept queue. (The count is of
-		// sequence space: the SYN and the FIN take one each.)
-		if e.Bytes <= 2 {
-			continue
-		}
-		if !w.owned(e.Owner) {
-			continue
-		}
+	for _, e := range r.kept {
 		key := e.Remote
 		if lp := strconv.Itoa(e.LocalPort); listening[lp] {
 			key = "clients of port " + lp

@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -161,16 +162,22 @@ func TestPoolExhaustion(t *testing.T) {
 	}
 }
 
-type connEvents []signals.ConnEvent
-
-func (c connEvents) Since(time.Time) []signals.ConnEvent { return c }
+// connLog is the real connection event log (signals.ConnEvents) holding
+// evs, as the tcplife probe fills it.
+func connLog(evs ...signals.ConnEvent) *signals.ConnEvents {
+	l := signals.NewConnEvents(4096)
+	for _, e := range evs {
+		l.Add(e)
+	}
+	return l
+}
 
 func TestIdleTimeout(t *testing.T) {
 	now := time.Now()
-	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 10, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
-	var src connEvents
-	mk := func(idles ...time.Duration) connEvents {
-		var out connEvents
+	opts := IdleTimeoutOptions{Window: time.Minute, MinCloses: 10, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second}
+	r := NewIdleTimeout(opts)
+	mk := func(idles ...time.Duration) []signals.ConnEvent {
+		var out []signals.ConnEvent
 		for _, d := range idles {
 			out = append(out, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40001, Idle: d, Owner: "target", Bytes: 512})
 		}
@@ -180,8 +187,7 @@ func TestIdleTimeout(t *testing.T) {
 	for i := range 12 {
 		cut = append(cut, 350*time.Second+time.Duration(i)*100*time.Millisecond)
 	}
-	src = mk(cut...)
-	obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: src}})
+	obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: connLog(mk(cut...)...)}})
 	if len(obs) != 1 || obs[0].Cause != CauseIntermediaryIdleTimeout || !strings.Contains(obs[0].Title, "10.0.0.7:443") || !strings.Contains(obs[0].Title, "5m51s") {
 		t.Fatalf("closes at 350 s idle: %+v", obs)
 	}
@@ -192,7 +198,7 @@ func TestIdleTimeout(t *testing.T) {
 		for i := range theirs {
 			theirs[i].Owner = owner
 		}
-		if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: theirs}}); len(obs) != 0 {
+		if obs := NewIdleTimeout(opts).Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: connLog(theirs...)}}); len(obs) != 0 {
 			t.Errorf("%s's connections cut when idle blamed the target: %+v", owner, obs)
 		}
 	}
@@ -202,8 +208,7 @@ func TestIdleTimeout(t *testing.T) {
 		{1 * time.Second, 3 * time.Second, 9 * time.Second, 20 * time.Second, 2 * time.Second, 40 * time.Second, 5 * time.Second, 12 * time.Second, 7 * time.Second, 30 * time.Second, 60 * time.Second},
 		{10 * time.Millisecond, 12 * time.Millisecond, 11 * time.Millisecond, 10 * time.Millisecond, 10 * time.Millisecond, 13 * time.Millisecond, 10 * time.Millisecond, 11 * time.Millisecond, 12 * time.Millisecond, 10 * time.Millisecond},
 	} {
-		src = mk(idles...)
-		if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: src}}); len(obs) != 0 {
+		if obs := NewIdleTimeout(opts).Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: connLog(mk(idles...)...)}}); len(obs) != 0 {
 			t.Errorf("%v raised %+v", idles, obs)
 		}
 	}
@@ -431,9 +436,9 @@ func TestIdleTimeoutNotALocalServer(t *testing.T) {
 	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 5, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
 	st := signals.New(10, 10)
 	st.Put(signals.TCPSockets, signals.L("owner", "agent", "port", "9461", "state", "LISTEN"), 1, now)
-	var evs connEvents
+	evs := connLog()
 	for i := 0; i < 10; i++ {
-		evs = append(evs, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "127.0.0.1:9461", LocalPort: 40000 + i, Idle: 2 * time.Second, Owner: "target", Bytes: 512})
+		evs.Add(signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "127.0.0.1:9461", LocalPort: 40000 + i, Idle: 2 * time.Second, Owner: "target", Bytes: 512})
 	}
 	if obs := r.Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Conns: evs}}); len(obs) != 0 {
 		t.Errorf("a local server's own idle timeout named an intermediary: %+v", obs)
@@ -446,9 +451,9 @@ func TestIdleTimeoutNotALocalServer(t *testing.T) {
 func TestIdleTimeoutNeedsData(t *testing.T) {
 	now := time.Now()
 	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 5, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
-	var evs connEvents
+	evs := connLog()
 	for i := 0; i < 20; i++ {
-		evs = append(evs, signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40000 + i, Idle: time.Second, Owner: "target", Bytes: 2})
+		evs.Add(signals.ConnEvent{T: now, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40000 + i, Idle: time.Second, Owner: "target", Bytes: 2})
 	}
 	if obs := r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: evs}}); len(obs) != 0 {
 		t.Errorf("connections that carried nothing named an idle timeout: %+v", obs)
@@ -456,3 +461,57 @@ func TestIdleTimeoutNeedsData(t *testing.T) {
 }
 
 // signals.TCPSocketsDumped is the sockets collector's count of the last dump.
+
+// idle_timeout reads only the events added since its last evaluation and
+// keeps the closes that can count for its window: closes read earlier
+// still count when the log has since turned over with a neighbour's
+// churn, leave with the window, and a busy log costs an evaluation
+// nothing it already read (the whole window was copied at each one,
+// five times a second).
+func TestIdleTimeoutReadsWhatIsNew(t *testing.T) {
+	t0 := time.Now()
+	r := NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 10, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
+	evs := signals.NewConnEvents(64)
+	cut := func(at time.Time, n int) {
+		for i := range n {
+			evs.Add(signals.ConnEvent{T: at, Kind: signals.ConnPeerClose, Remote: "10.0.0.7:443", LocalPort: 40000 + i, Idle: 350 * time.Second, Owner: "target", Bytes: 512})
+		}
+	}
+	churn := func(at time.Time, n int) {
+		for i := range n {
+			evs.Add(signals.ConnEvent{T: at, Kind: signals.ConnPeerClose, Remote: "127.0.0.1:80", LocalPort: 50000 + i%1000, Idle: time.Millisecond, Owner: "wrk", Bytes: 100000})
+		}
+	}
+	eval := func(now time.Time) []Observation {
+		return r.Evaluate(Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Conns: evs}})
+	}
+	cut(t0, 6)
+	if obs := eval(t0); len(obs) != 0 {
+		t.Fatalf("6 closes, fewer than min_closes: %+v", obs)
+	}
+	churn(t0.Add(time.Second), 200) // the log (64) turns over three times
+	cut(t0.Add(10*time.Second), 6)
+	obs := eval(t0.Add(10 * time.Second))
+	if len(obs) != 1 || !strings.Contains(obs[0].Symptom, "12 of 12 connections") {
+		t.Fatalf("6 closes read before the log turned over and 6 after: want one finding over 12, got %+v", obs)
+	}
+	if obs := eval(t0.Add(65 * time.Second)); len(obs) != 0 {
+		t.Fatalf("the first 6 closes left the window: %+v", obs)
+	}
+
+	// A full log of a neighbour's churn, 20 new events per evaluation.
+	evs = signals.NewConnEvents(4096)
+	r = NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 10, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
+	churn(t0, 4096)
+	eval(t0)
+	var m0, m1 runtime.MemStats
+	runtime.ReadMemStats(&m0)
+	for i := range 100 {
+		churn(t0.Add(time.Duration(i)*200*time.Millisecond), 20)
+		eval(t0.Add(time.Duration(i) * 200 * time.Millisecond))
+	}
+	runtime.ReadMemStats(&m1)
+	if grew := m1.TotalAlloc - m0.TotalAlloc; grew > 1<<20 {
+		t.Errorf("100 evaluations beside a full log of a neighbour's churn allocated %d KB: the window is copied again", grew>>10)
+	}
+}

@@ -57,5 +57,15 @@ func (c *ConnEvents) Since(from time.Time) []ConnEvent {
 	return c.log.Filter(func(e ConnEvent) bool { return !e.T.Before(from) })
 }
 
+// After appends to out the events added after the seq-th ever that keep
+// accepts (nil: all), oldest first, and returns them with the number of
+// events added so far, the seq of the next call (Log.After).
+func (c *ConnEvents) After(seq uint64, keep func(ConnEvent) bool, out []ConnEvent) ([]ConnEvent, uint64) {
+	return c.log.After(seq, keep, out)
+}
+
+// Max is the most events kept (probes.max_conn_events).
+func (c *ConnEvents) Max() int { return c.log.Max() }
+
 // Evicted is how many events were pushed out by newer ones.
 func (c *ConnEvents) Evicted() uint64 { return c.log.Evicted() }
