@@ -139,13 +139,11 @@ func (l *Log[T]) After(seq uint64, keep func(T) bool, out []T) ([]T, uint64) {
 	if seq > l.r.evicted {
 		skip = int(seq - l.r.evicted)
 	}
-	start := (l.r.head - l.r.n + len(l.r.buf)) % len(l.r.buf)
-	for i := skip; i < l.r.n; i++ {
-		v := l.r.buf[(start+i)%len(l.r.buf)]
+	l.r.eachFrom(skip, func(v T) {
 		if keep == nil || keep(v) {
 			out = append(out, v)
 		}
-	}
+	})
 	return out, total
 }
 

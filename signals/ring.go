@@ -51,12 +51,15 @@ func (r *ring[T]) oldest() (T, bool) {
 }
 
 // each calls f on every element, oldest first.
-func (r *ring[T]) each(f func(T)) {
+func (r *ring[T]) each(f func(T)) { r.eachFrom(0, f) }
+
+// eachFrom calls f on every element but the skip oldest, oldest first.
+func (r *ring[T]) eachFrom(skip int, f func(T)) {
 	if r.n == 0 {
 		return
 	}
 	start := (r.head - r.n + len(r.buf)) % len(r.buf)
-	for i := 0; i < r.n; i++ {
+	for i := max(skip, 0); i < r.n; i++ {
 		f(r.buf[(start+i)%len(r.buf)])
 	}
 }
