@@ -43,7 +43,7 @@ int BPF_PROG(culprit_signal_generate, int sig, void *info, struct task_struct *t
 {
 	if (sig != 2 && sig != 3 && sig != 15) /* SIGINT, SIGQUIT, SIGTERM */
 		return 0;
-	__u32 tgid = BPF_CORE_READ(task, tgid);
+	__u32 tgid = task->tgid; /* a trusted tp_btf argument: a plain load */
 	if (!is_target(tgid))
 		return 0;
 	struct sig_key key = {.tgid = tgid, .sig = sig};

@@ -8,7 +8,7 @@
  *     a blocking call. The stacks it went off-CPU with name the call.
  *   - the thread runs for long without sleeping (it is only preempted): CPU
  *     work that never yields. Its peers then wait longer on the run queue.
- * So, for the target's threads only (tgid in `targets`), this keeps:
+ * So, for the target's threads only (tgid in `target_tgids`), this keeps:
  *   - run-queue latency (wake-up or preemption to switch-in), log2 buckets,
  *   - on-CPU time and voluntary/involuntary switch counts,
  *   - the current "busy run": time since the thread last slept voluntarily
@@ -179,11 +179,11 @@ static __always_inline __u32 short_sleep(const struct pt_regs___nr *r, __u64 nr)
 	if (!short_sleep_ns)
 		return 0;
 	if (nr == NR_NANOSLEEP) {
-		req = (const void *)BPF_CORE_READ(r, di);
+		req = (const void *)r->di;
 	} else if (nr == NR_CLOCK_NANOSLEEP) {
-		if (BPF_CORE_READ(r, si) & TIMER_ABSTIME)
+		if (r->si & TIMER_ABSTIME)
 			return 0;
-		req = (const void *)BPF_CORE_READ(r, dx);
+		req = (const void *)r->dx;
 	} else {
 		return 0;
 	}
@@ -199,7 +199,7 @@ static __always_inline __u64 syscall_nr(struct pt_regs *regs)
 	if (!bpf_core_field_exists(((struct pt_regs___nr *)0)->orig_ax))
 		return 512;
 	const struct pt_regs___nr *r = (const void *)regs;
-	return BPF_CORE_READ(r, orig_ax);
+	return r->orig_ax;
 }
 
 static __always_inline __u32 quiet_call(struct pt_regs *regs, __u64 nr)
@@ -236,15 +236,18 @@ static __always_inline __u32 log2_u64(__u64 v)
 	return r;
 }
 
+/* The task pointers here are tp_btf arguments, which the verifier trusts:
+ * plain loads (relocated by CO-RE all the same) rather than
+ * BPF_CORE_READ's bpf_probe_read_kernel calls, which cost a helper call
+ * each on every context switch of the machine. */
 static __always_inline int watched(const struct task_struct *t)
 {
-	__u32 tgid = BPF_CORE_READ(t, tgid);
-	return is_target(tgid);
+	return is_target(t->tgid);
 }
 
 static __always_inline struct thread_stats *stats_of(const struct task_struct *t)
 {
-	__u32 tid = BPF_CORE_READ(t, pid);
+	__u32 tid = t->pid;
 	struct thread_stats *st = bpf_map_lookup_elem(&threads, &tid);
 	if (st)
 		return st;
@@ -254,7 +257,7 @@ static __always_inline struct thread_stats *stats_of(const struct task_struct *t
 	bpf_map_update_elem(&threads, &tid, &zero_stats, BPF_NOEXIST);
 	st = bpf_map_lookup_elem(&threads, &tid);
 	if (st && st->tgid == 0) {
-		st->tgid = BPF_CORE_READ(t, tgid);
+		st->tgid = t->tgid;
 		st->off_ustack = -1;
 		st->off_kstack = -1;
 		BPF_CORE_READ_STR_INTO(&st->comm, t, comm);
@@ -322,7 +325,7 @@ static __always_inline int on_wakeup(const struct task_struct *p)
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
 	__u32 waker = (__u32)bpf_get_current_pid_tgid();
-	end_block(st, BPF_CORE_READ(p, pid), now, waker);
+	end_block(st, p->pid, now, waker);
 	if (!st->runnable_since)
 		st->runnable_since = now;
 	changed(0);
@@ -369,12 +372,12 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 				st->runnable_since = 0;
 				st->offcpu_since = now;
 				struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-				__u64 sp = BPF_CORE_READ(regs, sp);
-				__u64 bp = BPF_CORE_READ(regs, bp);
+				__u64 sp = regs->sp;
+				__u64 bp = regs->bp;
 				/* With BPF_F_REUSE_STACKID a later stack that hashes to
 				 * the same bucket replaces this one: Go checks the user
 				 * stack it reads still starts here. */
-				__u64 ip = BPF_CORE_READ((struct pt_regs___ip *)regs, ip);
+				__u64 ip = ((struct pt_regs___ip *)regs)->ip;
 				__u64 nr = syscall_nr(regs);
 				st->off_bp = bp;
 				st->off_ip = ip;
@@ -427,7 +430,7 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 		struct thread_stats *st = stats_of(next);
 		if (st) {
 			/* A wake-up we did not see (or that predates the target). */
-			end_block(st, BPF_CORE_READ(next, pid), now, 0);
+			end_block(st, next->pid, now, 0);
 			if (st->runnable_since && now > st->runnable_since) {
 				__u64 wait = now - st->runnable_since;
 				__u32 slot = log2_u64(wait / 1000 + 1);

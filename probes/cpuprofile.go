@@ -349,7 +349,7 @@ func (p *CPUProfile) run(ctx context.Context, objs *cpuProfileObjects, tracker *
 }
 
 func (p *CPUProfile) setTarget(objs *cpuProfileObjects, pid int, now time.Time) error {
-	changed, err := p.group.update(objs.Targets, pid, now)
+	changed, err := p.group.update(objs.TargetTgids, pid, now)
 	if changed {
 		clear(p.names)
 		if p.o.StackBytes > 0 {

@@ -52,9 +52,9 @@ const (
 	cpuProfileMapScratch           = "scratch"
 	cpuProfileMapStacks0           = "stacks0"
 	cpuProfileMapStacks1           = "stacks1"
-	cpuProfileMapTargets           = "targets"
 	cpuProfileProgCulpritCpuSample = "culprit_cpu_sample"
 	cpuProfileVarCopyBytes         = "copy_bytes"
+	cpuProfileVarTargetTgids       = "target_tgids"
 )
 
 // loadCpuProfile returns the embedded CollectionSpec for cpuProfile.
@@ -115,14 +115,14 @@ type cpuProfileMapSpecs struct {
 	Scratch *ebpf.MapSpec `ebpf:"scratch"`
 	Stacks0 *ebpf.MapSpec `ebpf:"stacks0"`
 	Stacks1 *ebpf.MapSpec `ebpf:"stacks1"`
-	Targets *ebpf.MapSpec `ebpf:"targets"`
 }
 
 // cpuProfileVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type cpuProfileVariableSpecs struct {
-	CopyBytes *ebpf.VariableSpec `ebpf:"copy_bytes"`
+	CopyBytes   *ebpf.VariableSpec `ebpf:"copy_bytes"`
+	TargetTgids *ebpf.VariableSpec `ebpf:"target_tgids"`
 }
 
 // cpuProfileObjects contains all objects after they have been loaded into the kernel.
@@ -154,7 +154,6 @@ type cpuProfileMaps struct {
 	Scratch *ebpf.Map `ebpf:"scratch"`
 	Stacks0 *ebpf.Map `ebpf:"stacks0"`
 	Stacks1 *ebpf.Map `ebpf:"stacks1"`
-	Targets *ebpf.Map `ebpf:"targets"`
 }
 
 func (m *cpuProfileMaps) Close() error {
@@ -168,7 +167,6 @@ func (m *cpuProfileMaps) Close() error {
 		m.Scratch,
 		m.Stacks0,
 		m.Stacks1,
-		m.Targets,
 	)
 }
 
@@ -176,7 +174,8 @@ func (m *cpuProfileMaps) Close() error {
 //
 // It can be passed to loadCpuProfileObjects or ebpf.CollectionSpec.LoadAndAssign.
 type cpuProfileVariables struct {
-	CopyBytes *ebpf.Variable `ebpf:"copy_bytes"`
+	CopyBytes   *ebpf.Variable `ebpf:"copy_bytes"`
+	TargetTgids *ebpf.Variable `ebpf:"target_tgids"`
 }
 
 // cpuProfilePrograms contains all programs after they have been loaded into the kernel.

@@ -595,19 +595,31 @@ func (c *probeCounters) put(events float64, lost *ebpf.Map, now time.Time) {
 	}
 }
 
-// retarget keeps a `targets` map (tgid -> 1) to the one process watched:
-// it reports whether *cur changed to pid.
-func retarget(m *ebpf.Map, cur *uint32, pid uint32) (bool, error) {
+// maxTargets is the length of target_tgids (bpf/headers/targets.h).
+const maxTargets = 16
+
+// setTargets writes tgids (at most maxTargets, the target first) into a
+// probe's target_tgids, zeros after the last.
+func setTargets(v *ebpf.Variable, tgids []uint32) error {
+	var set [maxTargets]uint32
+	if len(tgids) > maxTargets {
+		return fmt.Errorf("%d processes to watch, room for %d", len(tgids), maxTargets)
+	}
+	copy(set[:], tgids)
+	if err := v.Set(set); err != nil {
+		return fmt.Errorf("set target_tgids: %w", err)
+	}
+	return nil
+}
+
+// retarget keeps a probe's target_tgids to the one process watched: it
+// reports whether *cur changed to pid.
+func retarget(v *ebpf.Variable, cur *uint32, pid uint32) (bool, error) {
 	if *cur == pid {
 		return false, nil
 	}
-	if *cur != 0 {
-		if err := m.Delete(*cur); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return false, fmt.Errorf("delete old target %d: %w", *cur, err)
-		}
-	}
-	if err := m.Put(pid, uint8(1)); err != nil {
-		return false, fmt.Errorf("add target %d: %w", pid, err)
+	if err := setTargets(v, []uint32{pid}); err != nil {
+		return false, fmt.Errorf("target %d: %w", pid, err)
 	}
 	*cur = pid
 	return true, nil
@@ -632,7 +644,7 @@ func (n threadNames) get(pid, tid int) string {
 // group is the target and its child processes: a prefork server (nginx,
 // gunicorn, php-fpm) serves from workers its master forked, and the master
 // (which --port finds: it holds the listener) does not run the requests.
-// Kept in the BPF targets map, refreshed every groupRefresh.
+// Kept in the probe's target_tgids, refreshed every groupRefresh.
 type group struct {
 	pid     int
 	members map[uint32]bool
@@ -642,35 +654,28 @@ type group struct {
 
 const (
 	groupRefresh = 2 * time.Second
-	maxChildren  = 15 // the targets map holds 16
+	maxChildren  = maxTargets - 1
 )
 
-// update mirrors pid and its children into m; it reports whether the
-// target itself changed.
-func (g *group) update(m *ebpf.Map, pid int, now time.Time) (bool, error) {
+// update mirrors pid and its children into v (target_tgids); it reports
+// whether the target itself changed.
+func (g *group) update(v *ebpf.Variable, pid int, now time.Time) (bool, error) {
 	changed := pid != g.pid
 	if !changed && now.Sub(g.at) < groupRefresh {
 		return false, nil
 	}
 	want := map[uint32]bool{uint32(pid): true}
+	tgids := []uint32{uint32(pid)}
 	for _, c := range workload.Children("/proc", pid, maxChildren) {
-		want[uint32(c)] = true
-	}
-	for p := range g.members {
-		if !want[p] {
-			if err := m.Delete(p); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				return changed, fmt.Errorf("delete old target %d: %w", p, err)
-			}
+		if !want[uint32(c)] {
+			want[uint32(c)] = true
+			tgids = append(tgids, uint32(c))
 		}
 	}
-	for p := range want {
-		if !g.members[p] {
-			if err := m.Put(p, uint8(1)); err != nil {
-				return changed, fmt.Errorf("add target %d: %w", p, err)
-			}
+	if changed || !maps.Equal(want, g.members) {
+		if err := setTargets(v, tgids); err != nil {
+			return changed, fmt.Errorf("target %d and %d children: %w", pid, len(tgids)-1, err)
 		}
-	}
-	if !maps.Equal(want, g.members) {
 		g.gen++
 	}
 	g.pid, g.members, g.at = pid, want, now

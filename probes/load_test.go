@@ -80,7 +80,7 @@ func TestChangesPerCPU(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer closeLinks(links)
-	if err := objs.Targets.Put(uint32(os.Getpid()), uint8(1)); err != nil {
+	if err := setTargets(objs.TargetTgids, []uint32{uint32(os.Getpid())}); err != nil {
 		t.Fatal(err)
 	}
 	signal.Ignore(syscall.SIGQUIT) // generated all the same; nobody dies

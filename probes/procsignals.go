@@ -50,7 +50,7 @@ func (p *ProcSignals) Start(ctx context.Context, tracker *workload.Tracker, stor
 	p.seen = map[procSignalsSigKey]uint64{}
 	p.changes = newChanges(objs.Changes, 1)
 	// A (re)found target is polled at once: a SIGTERM right after a
-	// restart must find the new process in the targets map.
+	// restart must find the new process in target_tgids.
 	retargetNow := newKicker()
 	tracker.OnChange(retargetNow.Kick)
 	// A termination signal matters over a grace period of seconds: the
@@ -71,7 +71,7 @@ func (p *ProcSignals) poll(objs *procSignalsObjects, tracker *workload.Tracker, 
 	if !ok {
 		return false
 	}
-	if moved, err := retarget(objs.Targets, &p.target, uint32(tgt.PID)); err != nil {
+	if moved, err := retarget(objs.TargetTgids, &p.target, uint32(tgt.PID)); err != nil {
 		p.o.Log.Warn("signals: set target", "err", err)
 		return false
 	} else if moved {

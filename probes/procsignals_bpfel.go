@@ -33,8 +33,8 @@ type procSignalsSigStats struct {
 const (
 	procSignalsMapChanges                = "changes"
 	procSignalsMapSigs                   = "sigs"
-	procSignalsMapTargets                = "targets"
 	procSignalsProgCulpritSignalGenerate = "culprit_signal_generate"
+	procSignalsVarTargetTgids            = "target_tgids"
 )
 
 // loadProcSignals returns the embedded CollectionSpec for procSignals.
@@ -88,13 +88,13 @@ type procSignalsProgramSpecs struct {
 type procSignalsMapSpecs struct {
 	Changes *ebpf.MapSpec `ebpf:"changes"`
 	Sigs    *ebpf.MapSpec `ebpf:"sigs"`
-	Targets *ebpf.MapSpec `ebpf:"targets"`
 }
 
 // procSignalsVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type procSignalsVariableSpecs struct {
+	TargetTgids *ebpf.VariableSpec `ebpf:"target_tgids"`
 }
 
 // procSignalsObjects contains all objects after they have been loaded into the kernel.
@@ -119,14 +119,12 @@ func (o *procSignalsObjects) Close() error {
 type procSignalsMaps struct {
 	Changes *ebpf.Map `ebpf:"changes"`
 	Sigs    *ebpf.Map `ebpf:"sigs"`
-	Targets *ebpf.Map `ebpf:"targets"`
 }
 
 func (m *procSignalsMaps) Close() error {
 	return _ProcSignalsClose(
 		m.Changes,
 		m.Sigs,
-		m.Targets,
 	)
 }
 
@@ -134,6 +132,7 @@ func (m *procSignalsMaps) Close() error {
 //
 // It can be passed to loadProcSignalsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type procSignalsVariables struct {
+	TargetTgids *ebpf.Variable `ebpf:"target_tgids"`
 }
 
 // procSignalsPrograms contains all programs after they have been loaded into the kernel.

@@ -67,7 +67,7 @@ type Sched struct {
 	o SchedOptions
 	running
 	objs   *schedObjects
-	group  group // the target and its children, in the targets map
+	group  group // the target and its children, in target_tgids
 	events uint64
 
 	// monoToWall converts bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall time.
@@ -588,10 +588,10 @@ func (p *Sched) pollLoop(ctx context.Context, objs *schedObjects, tracker *workl
 	})
 }
 
-// setTarget keeps the targets map to the one process watched, and drops
+// setTarget keeps target_tgids to the process watched (and its children), and drops
 // the per-thread state of the previous one.
 func (p *Sched) setTarget(objs *schedObjects, pid int, now time.Time) error {
-	changed, err := p.group.update(objs.Targets, pid, now)
+	changed, err := p.group.update(objs.TargetTgids, pid, now)
 	if !changed {
 		return err
 	}

@@ -71,7 +71,6 @@ const (
 	schedMapChanges                = "changes"
 	schedMapLost                   = "lost"
 	schedMapStacks                 = "stacks"
-	schedMapTargets                = "targets"
 	schedMapThreads                = "threads"
 	schedMapWakes                  = "wakes"
 	schedProgCulpritSchedSwitch    = "culprit_sched_switch"
@@ -81,6 +80,7 @@ const (
 	schedVarMinBlockNs             = "min_block_ns"
 	schedVarQuietCalls             = "quiet_calls"
 	schedVarShortSleepNs           = "short_sleep_ns"
+	schedVarTargetTgids            = "target_tgids"
 	schedVarUnusedBlockEvent       = "unused_block_event"
 	schedVarZeroStats              = "zero_stats"
 )
@@ -140,7 +140,6 @@ type schedMapSpecs struct {
 	Changes *ebpf.MapSpec `ebpf:"changes"`
 	Lost    *ebpf.MapSpec `ebpf:"lost"`
 	Stacks  *ebpf.MapSpec `ebpf:"stacks"`
-	Targets *ebpf.MapSpec `ebpf:"targets"`
 	Threads *ebpf.MapSpec `ebpf:"threads"`
 	Wakes   *ebpf.MapSpec `ebpf:"wakes"`
 }
@@ -153,6 +152,7 @@ type schedVariableSpecs struct {
 	MinBlockNs       *ebpf.VariableSpec `ebpf:"min_block_ns"`
 	QuietCalls       *ebpf.VariableSpec `ebpf:"quiet_calls"`
 	ShortSleepNs     *ebpf.VariableSpec `ebpf:"short_sleep_ns"`
+	TargetTgids      *ebpf.VariableSpec `ebpf:"target_tgids"`
 	UnusedBlockEvent *ebpf.VariableSpec `ebpf:"unused_block_event"`
 	ZeroStats        *ebpf.VariableSpec `ebpf:"zero_stats"`
 }
@@ -181,7 +181,6 @@ type schedMaps struct {
 	Changes *ebpf.Map `ebpf:"changes"`
 	Lost    *ebpf.Map `ebpf:"lost"`
 	Stacks  *ebpf.Map `ebpf:"stacks"`
-	Targets *ebpf.Map `ebpf:"targets"`
 	Threads *ebpf.Map `ebpf:"threads"`
 	Wakes   *ebpf.Map `ebpf:"wakes"`
 }
@@ -192,7 +191,6 @@ func (m *schedMaps) Close() error {
 		m.Changes,
 		m.Lost,
 		m.Stacks,
-		m.Targets,
 		m.Threads,
 		m.Wakes,
 	)
@@ -206,6 +204,7 @@ type schedVariables struct {
 	MinBlockNs       *ebpf.Variable `ebpf:"min_block_ns"`
 	QuietCalls       *ebpf.Variable `ebpf:"quiet_calls"`
 	ShortSleepNs     *ebpf.Variable `ebpf:"short_sleep_ns"`
+	TargetTgids      *ebpf.Variable `ebpf:"target_tgids"`
 	UnusedBlockEvent *ebpf.Variable `ebpf:"unused_block_event"`
 	ZeroStats        *ebpf.Variable `ebpf:"zero_stats"`
 }

@@ -231,7 +231,7 @@ func (p *SockCalls) poll(objs *sockCallsObjects, tracker *workload.Tracker, stor
 	if !ok {
 		return
 	}
-	changed, err := p.group.update(objs.Targets, tgt.PID, now)
+	changed, err := p.group.update(objs.TargetTgids, tgt.PID, now)
 	if err != nil {
 		p.o.Log.Warn("sockcalls: set target", "err", err)
 		return

@@ -49,7 +49,6 @@ const (
 	sockCallsMapChanges                = "changes"
 	sockCallsMapConnects               = "connects"
 	sockCallsMapOwned                  = "owned"
-	sockCallsMapTargets                = "targets"
 	sockCallsMapWaiting                = "waiting"
 	sockCallsMapWakes                  = "wakes"
 	sockCallsProgCulpritSockDataReady  = "culprit_sock_data_ready"
@@ -57,6 +56,7 @@ const (
 	sockCallsProgCulpritSockSeed       = "culprit_sock_seed"
 	sockCallsProgCulpritSockSetState   = "culprit_sock_set_state"
 	sockCallsProgCulpritSockSysExit    = "culprit_sock_sys_exit"
+	sockCallsVarTargetTgids            = "target_tgids"
 	sockCallsVarUnusedAcceptKey        = "unused_accept_key"
 	sockCallsVarUnusedConnectKey       = "unused_connect_key"
 	sockCallsVarUnusedOwnedSock        = "unused_owned_sock"
@@ -119,7 +119,6 @@ type sockCallsMapSpecs struct {
 	Changes  *ebpf.MapSpec `ebpf:"changes"`
 	Connects *ebpf.MapSpec `ebpf:"connects"`
 	Owned    *ebpf.MapSpec `ebpf:"owned"`
-	Targets  *ebpf.MapSpec `ebpf:"targets"`
 	Waiting  *ebpf.MapSpec `ebpf:"waiting"`
 	Wakes    *ebpf.MapSpec `ebpf:"wakes"`
 }
@@ -128,6 +127,7 @@ type sockCallsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockCallsVariableSpecs struct {
+	TargetTgids      *ebpf.VariableSpec `ebpf:"target_tgids"`
 	UnusedAcceptKey  *ebpf.VariableSpec `ebpf:"unused_accept_key"`
 	UnusedConnectKey *ebpf.VariableSpec `ebpf:"unused_connect_key"`
 	UnusedOwnedSock  *ebpf.VariableSpec `ebpf:"unused_owned_sock"`
@@ -157,7 +157,6 @@ type sockCallsMaps struct {
 	Changes  *ebpf.Map `ebpf:"changes"`
 	Connects *ebpf.Map `ebpf:"connects"`
 	Owned    *ebpf.Map `ebpf:"owned"`
-	Targets  *ebpf.Map `ebpf:"targets"`
 	Waiting  *ebpf.Map `ebpf:"waiting"`
 	Wakes    *ebpf.Map `ebpf:"wakes"`
 }
@@ -168,7 +167,6 @@ func (m *sockCallsMaps) Close() error {
 		m.Changes,
 		m.Connects,
 		m.Owned,
-		m.Targets,
 		m.Waiting,
 		m.Wakes,
 	)
@@ -178,6 +176,7 @@ func (m *sockCallsMaps) Close() error {
 //
 // It can be passed to loadSockCallsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockCallsVariables struct {
+	TargetTgids      *ebpf.Variable `ebpf:"target_tgids"`
 	UnusedAcceptKey  *ebpf.Variable `ebpf:"unused_accept_key"`
 	UnusedConnectKey *ebpf.Variable `ebpf:"unused_connect_key"`
 	UnusedOwnedSock  *ebpf.Variable `ebpf:"unused_owned_sock"`

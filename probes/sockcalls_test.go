@@ -355,7 +355,7 @@ func startSockCalls(t *testing.T, pid int, opts ...func(*SockCallsOptions)) (*So
 	p := NewSockCalls(o)
 	st := signals.New(600, 1000)
 	runProbe(t, pid, p, st)
-	// The targets map is set at the first poll, which writes the gauge.
+	// target_tgids is set at the first poll, which writes the gauge.
 	waitValue(t, st, signals.ProcessUnreadOldestSeconds, nil, func(float64) bool { return true }, "a first poll")
 	return p, st
 }

@@ -442,6 +442,22 @@ func TestBusyWorkerEventLoopIO(t *testing.T) {
 	if obs := busyRule().Evaluate(w); len(obs) != 0 {
 		t.Errorf("loops under pipelined load raised %+v", obs)
 	}
+	// An nginx worker flat out on a 1 KiB static file (wrk, 64
+	// connections), user leaves as the agent's profile had them: most of
+	// it in the calls that serve a file; the finding had named "open".
+	flatOut := []FrameShare{{"writev", 0.35}, {"open", 0.15}, {"fstatat", 0.09}, {"close", 0.09}, {"recv", 0.07}, {"ngx_http_parse_request_line", 0.05},
+		{"pread", 0.04}, {"ngx_reusable_connection", 0.02}, {"epoll_wait", 0.02}}
+	w = Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Episodes: es, Pools: testPools, Hot: hotByTid{81: flatOut}}}
+	if obs := busyRule().Evaluate(w); len(obs) != 0 {
+		t.Errorf("nginx flat out on a static file raised %+v", obs)
+	}
+	// With writev, close and recv alone counted it was 51 %: a run of a
+	// few samples with fewer writes fell under max_io_share (0.3).
+	fewWrites := []FrameShare{{"open", 0.3}, {"fstatat", 0.15}, {"writev", 0.1}, {"close", 0.1}, {"ngx_http_parse_request_line", 0.1}, {"pread", 0.1}, {"recv", 0.05}}
+	w = Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Episodes: es, Pools: testPools, Hot: hotByTid{81: fewWrites}}}
+	if obs := busyRule().Evaluate(w); len(obs) != 0 {
+		t.Errorf("nginx serving files, a run with few writes, raised %+v", obs)
+	}
 	es.Put(busyEp(10, 22, "tokio-runtime-w", now.Add(-time.Second), 900*time.Millisecond))
 	hot := hotByTid{50: redisIO, 81: redisIO, 22: {{"tokio_hyper::compute_digest", 0.97}}}
 	w = Window{Store: signals.New(10, 10), Now: now, Inputs: Inputs{Episodes: es, Pools: testPools, Hot: hot}}

@@ -79,6 +79,10 @@ base=$(ns_op BenchmarkSchedProbe/baseline)
 probe=$(ns_op BenchmarkSchedProbe/target)
 runqlat=$(ns_op BenchmarkSchedProbe/runqlat)
 offcpu=$(ns_op BenchmarkSchedProbe/offcputime)
+bpf_probe=$(metric probes.txt BenchmarkSchedProbe/target bpf-ns/op)
+bpf_other=$(metric probes.txt BenchmarkSchedProbe/other bpf-ns/op)
+bpf_runqlat=$(metric probes.txt BenchmarkSchedProbe/runqlat bpf-ns/op)
+bpf_offcpu=$(metric probes.txt BenchmarkSchedProbe/offcputime bpf-ns/op)
 x() { # x A B: A/B as a ratio, "-" when either is missing
   if [ "$1" = - ] || [ "$2" = - ]; then echo -; else awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; fi
 }
@@ -101,4 +105,7 @@ row "CPU at 20k requests/s to the target" "<= 2%" "$(fmt %.2f "$rps_cpu")% at $(
 row "allocation rate while idle" "<= 100 KB/s" "$(fmt %.1f "$idle_alloc") KB/s" "node_exporter scraped each 1 s: $(fmt %.1f "$ne_idle_alloc") KB/s" "$(verdict "$idle_alloc" '<=' 100)"
 row "requests/s of nginx under wrk, agent on / off" ">= 0.99" "$(fmt %.3f "$pair") per round (min $(fmt %.3f "$pair_min"))" "$(fmt %.0f "$rps_with") / $(fmt %.0f "$rps_without") req/s = $(fmt %.3f "$ratio")" "$(verdict "$pair" '>=' 0.99)"
 row "thread round trip (2 wake-ups, 4 switches), sched probe" "-" "$(fmt %.0f "$probe") ns ($(x "$probe" "$base"))" "none $(fmt %.0f "$base"); runqlat -p $(x "$runqlat" "$base"), offcputime -p $(x "$offcpu" "$base")" "-"
+# The kernel's own count of eBPF run time, per round trip: what the wall
+# time above shows only blurred.
+row "eBPF run time per round trip, sched probe on the target" "-" "$(fmt %.0f "$bpf_probe") ns; watching another process: $(fmt %.0f "$bpf_other") ns" "runqlat -p $(fmt %.0f "$bpf_runqlat") ns, offcputime -p $(fmt %.0f "$bpf_offcpu") ns" "-"
 echo
