@@ -456,6 +456,14 @@ row "agent RSS, peak (VmHWM), MiB" "-" "$(summary %.1f "${hwm[@]}")" ""
 row "findings opened" "-" "$findings_total" ""
 echo
 other_med=$(median "${others_all[@]}")
+# How much nginx's own throughput moved between the rounds without the
+# agent, (max - min) / median: on a VM whose host is busy it moved by a
+# third between rounds a minute apart (nothing on this machine used a CPU
+# and /proc/stat showed no steal), and a ratio is no better than that.
+base_spread=$(printf '%s\n' "${base_rps[@]}" | sort -g | awk '{a[NR] = $1} END {m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "%.3f", (m > 0) ? (a[NR] - a[1]) / m : 0}')
+if awk -v s="$base_spread" 'BEGIN {exit !(s > 0.05)}'; then
+  echo "warning: without the agent, nginx's requests/s moved by $(awk -v s="$base_spread" 'BEGIN {printf "%.0f", 100 * s}')% between rounds: the machine is noisy, and a ratio near 1 cannot be told from that noise" >&2
+fi
 if awk -v o="$other_med" 'BEGIN {exit !(o >= 10)}'; then
   echo "warning: other processes on this machine used $other_med% of a core (median) during the rounds; the figures are noisy, compare ranges" >&2
 fi
@@ -468,5 +476,5 @@ if [ "$findings_total" -gt 0 ]; then
 else
   echo "The agent opened no findings under this healthy load."
 fi
-echo "BENCH-NGINX rps_without=$(median "${base_rps[@]}") rps_with=$(median "${with_rps[@]}") ratio=$(ratio "$(median "${with_rps[@]}")" "$(median "${base_rps[@]}")") pair_ratio=$(median "${pair_ratios[@]}") pair_min=$(printf '%s\n' "${pair_ratios[@]}" | sort -g | head -1) agent_cpu=$(median "${cpus[@]}") rss_mib=$(median "${rss[@]}") hwm_mib=$(printf '%s\n' "${hwm[@]}" | sort -g | tail -1) sockets=$((2 * HOLD)) others=$(median "${others_all[@]}") findings=$findings_total"
+echo "BENCH-NGINX rps_without=$(median "${base_rps[@]}") rps_with=$(median "${with_rps[@]}") ratio=$(ratio "$(median "${with_rps[@]}")" "$(median "${base_rps[@]}")") pair_ratio=$(median "${pair_ratios[@]}") pair_min=$(printf '%s\n' "${pair_ratios[@]}" | sort -g | head -1) agent_cpu=$(median "${cpus[@]}") rss_mib=$(median "${rss[@]}") hwm_mib=$(printf '%s\n' "${hwm[@]}" | sort -g | tail -1) sockets=$((2 * HOLD)) others=$(median "${others_all[@]}") base_spread=$base_spread findings=$findings_total"
 exit 0
