@@ -758,7 +758,10 @@ func TestSocketsRefreshesIdleAges(t *testing.T) {
 	var events atomic.Uint64
 	h.store.SetActivity(signals.ConnActivity(tgt.NetnsIno), events.Load)
 	h.collect() // reads the counter: a full dump
-	time.Sleep(400 * time.Millisecond)
+	// Past BusyInterval and the stretch a dear dump adds (busyCostGap
+	// times its duration): under -race on a slow VM a dump took over a
+	// millisecond, and a fixed 400 ms sleep met a skip, not a refresh.
+	time.Sleep(max(400*time.Millisecond, busyCostGap*h.c.took+50*time.Millisecond))
 	if _, err := c1[0].Write([]byte("ping")); err != nil {
 		t.Fatal(err)
 	}
