@@ -805,7 +805,12 @@ func (s synSchedule) roundsBy(start, now time.Time) int {
 // the next retry of a client dropped now can come (nextRetry): the rounds
 // come further apart than the window (16, 32 s), and a shorter linger
 // resolved the finding between two rounds and opened another for the same
-// stall when the next came.
+// stall when the next came. And at least as long as a burst's finding
+// (burstLinger): the clients whose handshake completed on the full queue
+// come back in the server's SYN-ACK rounds, whose gaps double and fit no
+// client's SYN schedule (CI, under -race: a 365 ms stall's tail resolved
+// at 18.8 s and a second finding opened 9 s later for the same
+// connections).
 func (r *AcceptOverflow) tail(w Window, endpoint string, ls signals.Labels, run, ago time.Duration, sched synSchedule, dropped string, ev []Evidence, arts []Artifact, labels map[string]string) Observation {
 	end := w.Now.Add(-ago)
 	ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: run.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue was full without a pause until " + duration(ago) + " ago"})
@@ -819,7 +824,7 @@ func (r *AcceptOverflow) tail(w Window, endpoint string, ls signals.Labels, run,
 		Artifacts:   arts,
 		Remediation: "The stall ended by itself. " + w.advice().LoopStalled(),
 		Labels:      labels,
-		Linger:      max(r.o.Window, sched.nextRetry(end.Add(-run), end, w.Now).Sub(w.Now)),
+		Linger:      max(r.o.Window, sched.nextRetry(end.Add(-run), end, w.Now).Sub(w.Now), r.burstLinger(endpoint, w.Store, ls, w.Now, sched)),
 	}
 }
 

@@ -552,6 +552,40 @@ func TestAcceptOverflowHerdAfterStallKeepsCause(t *testing.T) {
 	}
 }
 
+// A short stall whose tail comes back in the server's SYN-ACK rounds,
+// whose gaps double (1.7, 3.4, 6.6, 13.3 s after a burst here), not on the
+// clients' SYN schedule: the finding stays open through every gap, as one
+// of a burst does (burstLinger). Seen in CI under -race: a burst of 300
+// on backlog 2 read as a 365 ms stall, its tail resolved at 18.8 s and a
+// second finding opened 9 s later for the same connections.
+func TestAcceptOverflowStallTailLingersThroughDoublingRounds(t *testing.T) {
+	const stall = 500 * time.Millisecond
+	var herds []dropsAt
+	at := stall
+	for _, gap := range []float64{1.7, 3.4, 6.6, 13.3} {
+		at += secs(gap)
+		herds = append(herds, dropsAt{at, 20})
+	}
+	tl := stallThenHerd(stall, nil, herds, map[string]float64{"net.ipv4.tcp_syn_retries": 6, "net.ipv4.tcp_syn_linear_timeouts": 4})
+	r := defaultAO()
+	var covered time.Duration // the last evaluation's observation lingers until then
+	opened := false
+	tl.run(r, at+secs(1), func(el time.Duration, obs []Observation) {
+		for _, d := range herds {
+			if opened && d.at > el-200*time.Millisecond && d.at <= el && covered < d.at { // evaluations every 200 ms
+				t.Errorf("the round at %s came after the finding resolved (it lingered until %s)", d.at, covered)
+			}
+		}
+		if len(obs) == 1 {
+			opened = true
+			covered = max(covered, el+max(obs[0].Linger, r.o.Window))
+		}
+	})
+	if !opened {
+		t.Fatal("the stall opened no finding")
+	}
+}
+
 // A listener whose backlog is too small for its bursts, with no stall
 // before, is still told so, evaluation after evaluation, and the rule
 // remembers nothing for it.
