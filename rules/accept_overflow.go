@@ -824,7 +824,7 @@ func (r *AcceptOverflow) tail(w Window, endpoint string, ls signals.Labels, run,
 		Artifacts:   arts,
 		Remediation: "The stall ended by itself. " + w.advice().LoopStalled(),
 		Labels:      labels,
-		Linger:      max(r.o.Window, sched.nextRetry(end.Add(-run), end, w.Now).Sub(w.Now), r.burstLinger(endpoint, w.Store, ls, w.Now, sched)),
+		Linger:      max(sched.nextRetry(end.Add(-run), end, w.Now).Sub(w.Now), r.burstLinger(endpoint, w.Store, ls, w.Now, sched)), // burstLinger is at least the window
 	}
 }
 

@@ -460,7 +460,8 @@ other_med=$(median "${others_all[@]}")
 # agent, (max - min) / median: on a VM whose host is busy it moved by a
 # third between rounds a minute apart (nothing on this machine used a CPU
 # and /proc/stat showed no steal), and a ratio is no better than that.
-base_spread=$(printf '%s\n' "${base_rps[@]}" | sort -g | awk '{a[NR] = $1} END {m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "%.3f", (m > 0) ? (a[NR] - a[1]) / m : 0}')
+base_spread=$(awk -v m="$(median "${base_rps[@]}")" -v lo="$(printf '%s\n' "${base_rps[@]}" | sort -g | head -1)" -v hi="$(printf '%s\n' "${base_rps[@]}" | sort -g | tail -1)" \
+  'BEGIN {printf "%.3f", (m > 0) ? (hi - lo) / m : 0}')
 if awk -v s="$base_spread" 'BEGIN {exit !(s > 0.05)}'; then
   echo "warning: without the agent, nginx's requests/s moved by $(awk -v s="$base_spread" 'BEGIN {printf "%.0f", 100 * s}')% between rounds: the machine is noisy, and a ratio near 1 cannot be told from that noise" >&2
 fi
