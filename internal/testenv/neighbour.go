@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -234,9 +235,49 @@ func (n *Netns) Listen(network, addr string) (net.Listener, error) {
 	return l, nil
 }
 
-// FreePort returns a TCP port free on 127.0.0.1 in n. In a private
-// namespace nothing else can take it before the target binds it.
+// FreePort returns a TCP port free on 127.0.0.1 in n, for a server the
+// test starts next. It is picked below the namespace's ephemeral range
+// (ip_local_port_range): a port the kernel hands out for ":0" is one that
+// any connect() in the namespace may take as its source port between this
+// probe and the server's bind (seen: the agent's gRPC listener failed with
+// "address already in use" while other tests' clients ran). Below the
+// range only an explicit bind can take it; the start is random so that
+// concurrent tests rarely probe the same port.
 func (n *Netns) FreePort() (int, error) {
+	lo := 32768
+	_ = n.Do(func() error {
+		// /proc/sys/net is the opening thread's namespace's.
+		b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+		if err == nil {
+			if f := strings.Fields(string(b)); len(f) == 2 {
+				if v, err := strconv.Atoi(f[0]); err == nil {
+					lo = v
+				}
+			}
+		}
+		return nil
+	})
+	const first = 20000
+	if lo-first < 1000 {
+		return n.ephemeralPort()
+	}
+	start := first + rand.IntN(lo-first)
+	for i := range 200 {
+		port := first + (start-first+i*7919)%(lo-first)
+		l, err := n.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
+		if err != nil {
+			continue
+		}
+		if err := l.Close(); err != nil {
+			return 0, fmt.Errorf("close port probe: %w", err)
+		}
+		return port, nil
+	}
+	return n.ephemeralPort()
+}
+
+// ephemeralPort is FreePort's fallback: a port the kernel picks.
+func (n *Netns) ephemeralPort() (int, error) {
 	l, err := n.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, err
