@@ -307,32 +307,39 @@ func benchSets() []string {
 	return sets
 }
 
-// profileAgent saves the agent's CPU profile of the next d to
-// $BENCH_PPROF/<benchmark>.pb.gz, in the background; nothing
-// without BENCH_PPROF.
+// profileAgent saves the agent's CPU profile and its allocations of the
+// next d to $BENCH_PPROF/<benchmark>.pb.gz and <benchmark>.allocs.pb.gz (a
+// delta profile: the window's allocations alone), in the background;
+// nothing without BENCH_PPROF.
 func profileAgent(b *testing.B, a *testenv.Agent, d time.Duration) {
 	dir := os.Getenv("BENCH_PPROF")
 	if dir == "" {
 		return
 	}
-	path := filepath.Join(dir, strings.ReplaceAll(b.Name(), "/", "_")+".pb.gz")
-	go func() {
-		c := a.HTTPClient()
-		c.Timeout = d + 30*time.Second
-		resp, err := c.Get("http://" + a.HTTPAddr + "/debug/pprof/profile?seconds=" + strconv.Itoa(int(d.Seconds())))
-		if err != nil {
-			b.Logf("profile: %v", err)
-			return
-		}
-		defer resp.Body.Close()
-		f, err := os.Create(path)
-		if err != nil {
-			b.Logf("profile: %v", err)
-			return
-		}
-		defer f.Close()
-		io.Copy(f, resp.Body)
-	}()
+	name := filepath.Join(dir, strings.ReplaceAll(b.Name(), "/", "_"))
+	secs := strconv.Itoa(int(d.Seconds()))
+	for path, url := range map[string]string{
+		name + ".pb.gz":        "/debug/pprof/profile?seconds=" + secs,
+		name + ".allocs.pb.gz": "/debug/pprof/allocs?seconds=" + secs,
+	} {
+		go func() {
+			c := a.HTTPClient()
+			c.Timeout = d + 30*time.Second
+			resp, err := c.Get("http://" + a.HTTPAddr + url)
+			if err != nil {
+				b.Logf("profile: %v", err)
+				return
+			}
+			defer resp.Body.Close()
+			f, err := os.Create(path)
+			if err != nil {
+				b.Logf("profile: %v", err)
+				return
+			}
+			defer f.Close()
+			io.Copy(f, resp.Body)
+		}()
+	}
 }
 
 // footprintWindow is how long one measurement runs, after footprintWarmup.

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/culprit-dev/culprit/collectors"
+	"github.com/culprit-dev/culprit/probes"
 	"github.com/culprit-dev/culprit/signals"
 )
 
@@ -23,6 +24,17 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 	disabled := map[string]bool{}
 	for _, n := range cfg.Collect.Disabled {
 		disabled[n] = true
+	}
+	// The accept-queue collector asks the listeners how many connections
+	// are half-open before it walks the established hash for them.
+	var halfOpen collectors.HalfOpenCounter
+	if cfg.Probes.Enabled && !disabled[signals.CollectorAcceptQueue] {
+		if q, err := probes.NewListenQueues(); err != nil {
+			a.log.Info("half-open connections are counted by walking the established hash: the listenqueue iterator did not load", "err", err)
+		} else {
+			a.closers = append(a.closers, q)
+			halfOpen = q
+		}
 	}
 	for _, name := range collectors.Names() {
 		if disabled[name] {
@@ -44,6 +56,7 @@ func (a *Agent) startCollectors(ctx context.Context, cfg Config) error {
 			SocketsIdleInterval: cfg.Collect.SocketsIdleInterval,
 			SocketsBusyInterval: cfg.Collect.SocketsBusyInterval,
 			SideStores:          a.SideStores,
+			HalfOpen:            halfOpen,
 		})
 		if err != nil {
 			return err

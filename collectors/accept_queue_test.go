@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/internal/testenv"
+	"github.com/culprit-dev/culprit/probes"
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/workload"
 )
@@ -565,39 +566,6 @@ func TestAcceptQueueNoListener(t *testing.T) {
 	}
 }
 
-// listenerFD duplicates pid's listening socket into this process, so the
-// test can change its options: the kernel object is shared.
-func listenerFD(t *testing.T, pid int) int {
-	t.Helper()
-	pidfd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		t.Fatalf("pidfd_open: %v", err)
-	}
-	defer unix.Close(pidfd)
-	dir := filepath.Join("/proc", strconv.Itoa(pid), "fd")
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range ents {
-		n, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		fd, err := unix.PidfdGetfd(pidfd, n, 0)
-		if err != nil {
-			continue
-		}
-		if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err == nil && v == 1 {
-			t.Cleanup(func() { unix.Close(fd) })
-			return fd
-		}
-		unix.Close(fd)
-	}
-	t.Fatalf("pid %d has no listening socket", pid)
-	return -1
-}
-
 // TestAcceptQueueSynRecv makes real half-open connections: with
 // TCP_DEFER_ACCEPT the server ignores the client's bare final ACK, so each
 // connection stays SYN_RECV on the server while the client considers it
@@ -605,7 +573,7 @@ func listenerFD(t *testing.T, pid int) int {
 // kernel keeps them as TCP_NEW_SYN_RECV request sockets).
 func TestAcceptQueueSynRecv(t *testing.T) {
 	s := testenv.Start(t, testenv.Options{Backlog: 16, Accept: true})
-	if err := unix.SetsockoptInt(listenerFD(t, s.PID), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
+	if err := unix.SetsockoptInt(s.ListenerFD(t), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
 		t.Fatalf("TCP_DEFER_ACCEPT: %v", err)
 	}
 	h := newAQHarness(t, s)
@@ -627,7 +595,7 @@ func TestAcceptQueueSynRecv(t *testing.T) {
 // TestSYNFloodFinding runs the real one.
 func TestAcceptQueueSynRecvWalkFollowsActivity(t *testing.T) {
 	s := testenv.Start(t, testenv.Options{Backlog: 16, Accept: true})
-	if err := unix.SetsockoptInt(listenerFD(t, s.PID), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
+	if err := unix.SetsockoptInt(s.ListenerFD(t), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
 		t.Fatalf("TCP_DEFER_ACCEPT: %v", err)
 	}
 	h := newAQHarness(t, s)
@@ -657,6 +625,51 @@ func TestAcceptQueueSynRecvWalkFollowsActivity(t *testing.T) {
 	}
 	if h.c.synRecvWalks == w1 {
 		t.Error("no walk in 1.5 s while half-open connections remained")
+	}
+}
+
+// TestAcceptQueueHalfOpenCounterSparesWalks: with the listeners' own
+// count of half-open connections (the real listenqueue iterator), a walk
+// of the established hash is due only while some listener holds one. The
+// activity counter moves at every cycle here, as under a busy server's
+// handshakes, which without the counter means a walk each second.
+func TestAcceptQueueHalfOpenCounterSparesWalks(t *testing.T) {
+	s := testenv.Start(t, testenv.Options{Backlog: 16, Accept: true})
+	q, err := probes.NewListenQueues()
+	if err != nil {
+		t.Fatalf("load the listenqueue iterator (root, this kernel has it): %v", err)
+	}
+	t.Cleanup(func() { q.Close() })
+	h := newAQHarness(t, s)
+	h.c.halfOpen = q
+	var act atomic.Uint64
+	h.store.SetActivity(signals.ListenActivity(h.tgt.NetnsIno), act.Load)
+	if ans := s.MustDo(t, "dial 20"); ans != "ok 20 established" {
+		t.Fatalf("dial: %s", ans)
+	}
+	for range 25 {
+		act.Add(1)
+		h.collect()
+		time.Sleep(100 * time.Millisecond)
+	}
+	if h.c.synRecvWalks != 0 || h.c.walksSpared < 2 {
+		t.Errorf("%d walks and %d spared in 2.5 s with nothing half-open, want 0 and at least 2", h.c.synRecvWalks, h.c.walksSpared)
+	}
+	if got := h.get(signals.ListenSynRecv, h.port); got != 0 {
+		t.Errorf("listen_syn_recv = %v, want 0", got)
+	}
+	if err := unix.SetsockoptInt(s.ListenerFD(t), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
+		t.Fatalf("TCP_DEFER_ACCEPT: %v", err)
+	}
+	if ans := s.MustDo(t, "dial 5"); ans != "ok 5 established" {
+		t.Fatalf("dial: %s", ans)
+	}
+	h.poll("5 half-open connections, walked", func() bool { act.Add(1); return h.get(signals.ListenSynRecv, h.port) == 5 })
+	if h.c.synRecvWalks == 0 {
+		t.Error("the half-open connections were counted without a walk")
+	}
+	if got := h.get(signals.ListenSynRecvSources, h.port); got != 1 {
+		t.Errorf("listen_syn_recv_sources = %v, want 1 (all from 127.0.0.1)", got)
 	}
 }
 

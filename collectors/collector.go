@@ -48,6 +48,10 @@ type Options struct {
 	// segments move (collect.sockets_busy_interval); 0: its default,
 	// negative: never.
 	SocketsBusyInterval time.Duration
+	// HalfOpen, when set, tells the accept-queue collector whether any
+	// listener holds a half-open connection before it walks the
+	// established hash for them (probes.ListenQueues); nil: it walks.
+	HalfOpen HalfOpenCounter
 	// SideStores receive what is not a number series: the pprof_heap
 	// collector's heap profiles (Profiles; nil keeps only totals).
 	signals.SideStores

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/internal/faults"
 )
@@ -248,4 +250,40 @@ func serverMain() int {
 		}
 	}
 	return 0
+}
+
+// ListenerFD is a copy of the server's listening socket in the test's
+// process (pidfd_getfd), for socket options the test sets on it
+// (TCP_DEFER_ACCEPT: the server ignores a client's bare final ACK, so its
+// connections stay half-open on the server while their clients consider
+// them established). Closed when the test ends.
+func (s *Server) ListenerFD(t testing.TB) int {
+	t.Helper()
+	pidfd, err := unix.PidfdOpen(s.PID, 0)
+	if err != nil {
+		t.Fatalf("testenv: pidfd_open: %v", err)
+	}
+	defer unix.Close(pidfd)
+	dir := filepath.Join("/proc", strconv.Itoa(s.PID), "fd")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		fd, err := unix.PidfdGetfd(pidfd, n, 0)
+		if err != nil {
+			continue
+		}
+		if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err == nil && v == 1 {
+			t.Cleanup(func() { unix.Close(fd) })
+			return fd
+		}
+		unix.Close(fd)
+	}
+	t.Fatalf("testenv: pid %d has no listening socket", s.PID)
+	return -1
 }
