@@ -460,6 +460,13 @@ func (r *AcceptOverflow) burstLinger(endpoint string, st *signals.Store, ls sign
 		}
 		m = &burstMemory{last: last}
 		r.bursts[endpoint] = m
+	case last.After(m.until(r.o.Window)):
+		// Later than the last burst's next round could come: a burst of
+		// its own. Taken for the next round, the time since the last one
+		// (a fault repeated a minute later) doubled made its finding
+		// linger for minutes after its drops ended (make bench: the
+		// second fault's finding had not resolved 60 s after its end).
+		*m = burstMemory{last: last}
 	case last.Sub(m.last) >= roundGap:
 		m.prev, m.last = m.last, last
 	case last.After(m.last):
@@ -468,9 +475,18 @@ func (r *AcceptOverflow) burstLinger(endpoint string, st *signals.Store, ls sign
 	if m.prev.IsZero() {
 		return r.o.Window
 	}
+	return max(r.o.Window, min(m.until(r.o.Window).Sub(now), sched.giveUp))
+}
+
+// until is when the burst's next round is due at the latest: twice its
+// last gap after its last round, with the timers' slack; a window after
+// its first round while that is the only one.
+func (m *burstMemory) until(window time.Duration) time.Time {
+	if m.prev.IsZero() {
+		return m.last.Add(window)
+	}
 	gap := m.last.Sub(m.prev)
-	until := m.last.Add(2*gap + retrySlack(2*gap))
-	return max(r.o.Window, min(until.Sub(now), sched.giveUp))
+	return m.last.Add(2*gap + retrySlack(2*gap))
 }
 
 // roundGap is the least time between two rounds of a burst's returning

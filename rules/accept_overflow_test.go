@@ -840,9 +840,55 @@ func TestAcceptOverflowBurstLinger(t *testing.T) {
 	if got != want || got <= r.o.Window {
 		t.Errorf("after a 6.6 s gap: linger %v, want %v (beyond the window)", got, want)
 	}
-	put(99900*time.Millisecond, false)
-	put(100*time.Second, true) // a round 93 s later: capped at the give-up time
-	if l := r.burstLinger("k", st, ls8080, t0.Add(100*time.Second), sched); l != sched.giveUp {
-		t.Errorf("after a 93 s gap: linger %v, want the give-up time %v", l, sched.giveUp)
+	// Rounds whose gaps keep doubling: the linger is capped at the
+	// clients' give-up time.
+	at := 6700 * time.Millisecond
+	for _, gap := range []time.Duration{13 * time.Second, 26 * time.Second, 52 * time.Second, 104 * time.Second} {
+		at += gap
+		put(at-100*time.Millisecond, false)
+		put(at, true)
+		r.burstLinger("k", st, ls8080, t0.Add(at), sched) // the rule sees each round
+	}
+	if l := r.burstLinger("k", st, ls8080, t0.Add(at), sched); l != sched.giveUp {
+		t.Errorf("after a 104 s gap: linger %v, want the give-up time %v", l, sched.giveUp)
+	}
+}
+
+// A burst that comes after the last one's next round was due is a burst
+// of its own: its finding lingers the window, not twice the time since the
+// last burst (make bench: the same fault 30 s after the last one's end
+// kept its finding open for over a minute after its drops).
+func TestAcceptOverflowBurstLingerNewBurst(t *testing.T) {
+	r := defaultAO()
+	r.bursts = map[string]*burstMemory{}
+	sched := newSynSchedule(defaultSynRetries, defaultSynLinear)
+	t0 := time.Unix(10000, 0)
+	st := signals.New(600, 1000)
+	drops := 0.0
+	put := func(at time.Duration, rise bool) {
+		if rise {
+			drops += 10
+		}
+		st.Put(signals.ListenOverflowsTotal, ls8080, drops, t0.Add(at))
+	}
+	// The first burst: rounds 1 and 2 s apart.
+	for _, at := range []time.Duration{0, 100, 1100, 3100} {
+		put(at*time.Millisecond, at != 0)
+		r.burstLinger("k", st, ls8080, t0.Add(at*time.Millisecond+50*time.Millisecond), sched)
+	}
+	// The next round was due by 3.1 + 4 + 1.5 s; the second burst comes
+	// at 40 s.
+	put(39900*time.Millisecond, false)
+	put(40*time.Second, true)
+	if l := r.burstLinger("k", st, ls8080, t0.Add(40*time.Second), sched); l != r.o.Window {
+		t.Errorf("a new burst 37 s after the last one's last round: linger %v, want the window %v", l, r.o.Window)
+	}
+	// Its own second round, 6 s on, is linked to it again.
+	put(45900*time.Millisecond, false)
+	put(46*time.Second, true)
+	got := r.burstLinger("k", st, ls8080, t0.Add(46100*time.Millisecond), sched)
+	want := t0.Add(46*time.Second).Add(12*time.Second + retrySlack(12*time.Second)).Sub(t0.Add(46100 * time.Millisecond))
+	if got != want || got <= r.o.Window {
+		t.Errorf("the new burst's second round, 6 s on: linger %v, want %v (beyond the window)", got, want)
 	}
 }
