@@ -129,12 +129,15 @@ func parseELF(r io.ReaderAt) (ef *elfFile, err error) {
 	}
 	ef.buildID = readBuildID(f)
 
-	syms, err := f.Symbols()
-	if err != nil || len(syms) == 0 {
-		syms, _ = f.DynamicSymbols()
+	sized, unsized, gs, n, err := funcSymbols(f, elf.SHT_SYMTAB)
+	if err != nil || n == 0 {
+		// A stripped file: its dynamic symbols, at least the exported
+		// functions.
+		sized, unsized, gs, _, _ = funcSymbols(f, elf.SHT_DYNSYM)
 	}
-	ef.addSymbols(syms)
-	ef.gotab = goTable(f, syms)
+	ef.sized = compactSymbols(sortSymbols(sized))
+	ef.unsized = compactSymbols(sortSymbols(unsized))
+	ef.gotab = goTable(f, gs)
 	if ef.gotab == nil {
 		// Go keeps frame pointers everywhere; other code needs its CFI
 		// to recover leaf frames (RecoverLeaf).
@@ -145,24 +148,6 @@ func parseELF(r io.ReaderAt) (ef *elfFile, err error) {
 		}
 	}
 	return ef, nil
-}
-
-func (ef *elfFile) addSymbols(syms []elf.Symbol) {
-	var sized, unsized []symbol
-	for _, s := range syms {
-		if elf.ST_TYPE(s.Info) != elf.STT_FUNC || s.Value == 0 || s.Name == "" ||
-			s.Section == elf.SHN_UNDEF {
-			continue
-		}
-		sym := symbol{addr: s.Value, size: s.Size, name: s.Name}
-		if s.Size > 0 {
-			sized = append(sized, sym)
-		} else {
-			unsized = append(unsized, sym)
-		}
-	}
-	ef.sized = compactSymbols(sortSymbols(sized))
-	ef.unsized = compactSymbols(sortSymbols(unsized))
 }
 
 // sortSymbols sorts by address and keeps one name per address. Aliases
@@ -188,7 +173,7 @@ func aliasRank(s symbol) int {
 // goTable builds the Go line table. It returns nil when the file is not a Go
 // binary or its pclntab cannot be read, so that lookups fall back to the
 // ELF symbols.
-func goTable(f *elf.File, syms []elf.Symbol) *gosym.Table {
+func goTable(f *elf.File, gs goSymbols) *gosym.Table {
 	var data []byte
 	for _, name := range []string{".gopclntab", ".data.rel.ro.gopclntab"} {
 		if s := f.Section(name); s != nil && s.Type != elf.SHT_NOBITS {
@@ -200,17 +185,10 @@ func goTable(f *elf.File, syms []elf.Symbol) *gosym.Table {
 	if s := f.Section(".text"); s != nil {
 		textStart = s.Addr
 	}
-	var pcln, epcln uint64
-	for _, s := range syms {
-		switch s.Name {
-		case "runtime.text":
-			textStart = s.Value
-		case "runtime.pclntab":
-			pcln = s.Value
-		case "runtime.epclntab":
-			epcln = s.Value
-		}
+	if gs.text != 0 {
+		textStart = gs.text
 	}
+	pcln, epcln := gs.pclntab, gs.epclntab
 	if data == nil && pcln != 0 && epcln > pcln {
 		data = sectionBytes(f, pcln, epcln)
 	}
