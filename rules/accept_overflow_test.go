@@ -887,7 +887,7 @@ func TestAcceptOverflowBurstLingerNewBurst(t *testing.T) {
 	put(45900*time.Millisecond, false)
 	put(46*time.Second, true)
 	got := r.burstLinger("k", st, ls8080, t0.Add(46100*time.Millisecond), sched)
-	want := t0.Add(46*time.Second).Add(12*time.Second + retrySlack(12*time.Second)).Sub(t0.Add(46100 * time.Millisecond))
+	want := t0.Add(46 * time.Second).Add(12*time.Second + retrySlack(12*time.Second)).Sub(t0.Add(46100 * time.Millisecond))
 	if got != want || got <= r.o.Window {
 		t.Errorf("the new burst's second round, 6 s on: linger %v, want %v (beyond the window)", got, want)
 	}
