@@ -1,6 +1,7 @@
 package workload
 
 import (
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -216,5 +217,117 @@ func TestSocketOwnersOthersScanFollowsItsCost(t *testing.T) {
 	o.Refresh(at, []uint32{3})
 	if o.othersAt != at {
 		t.Errorf("no full scan once the gap had passed")
+	}
+}
+
+// A full scan does not read again the fd table of a process that holds as
+// many descriptors as it did and made no read or write call since (a
+// neighbour holding idle connections): its sockets keep their owner. A
+// process that replaced a connection with another, at the same count of
+// descriptors, and talked on it is read again, and its new socket found.
+func TestSocketOwnersKeepsUnchangedTables(t *testing.T) {
+	if _, err := exec.LookPath("bash"); err != nil {
+		t.Skip("SKIP: no bash for the churning process (/dev/tcp)")
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				b := make([]byte, 64)
+				for {
+					if _, err := c.Read(b); err != nil {
+						c.Close()
+						return
+					}
+				}
+			}()
+		}
+	}()
+	// The idle neighbour: 20 connections it holds and never uses.
+	var files []*os.File
+	for range 20 {
+		c, err := net.Dial("tcp", l.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := c.(*net.TCPConn).File()
+		c.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		files = append(files, f)
+	}
+	idleIno := socketInode(t, files[7])
+	idle := holder(t, files...)
+	for _, f := range files {
+		f.Close() // the neighbour's alone now
+	}
+	// The churner: each line it reads, it replaces fd 5 with a new
+	// connection and writes on it.
+	port := strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+	churn := exec.Command("bash", "-c", `while read -r _; do exec 5<>/dev/tcp/127.0.0.1/`+port+`; echo x >&5; echo ok; done`)
+	in, err := churn.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := churn.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := churn.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { churn.Process.Kill(); churn.Wait() })
+	answers := make([]byte, 3)
+	reconnect := func() uint32 {
+		t.Helper()
+		if _, err := in.Write([]byte("\n")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(out, answers); err != nil || string(answers) != "ok\n" {
+			t.Fatalf("churner: %q %v", answers, err)
+		}
+		link, err := os.Readlink("/proc/" + strconv.Itoa(churn.Process.Pid) + "/fd/5")
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 32)
+		if err != nil {
+			t.Fatalf("%s: %v", link, err)
+		}
+		return uint32(n)
+	}
+	first := reconnect()
+
+	o := ownersOfHolder(t, SocketOwnersOptions{OthersRescan: time.Millisecond, TargetRescan: time.Millisecond})
+	t0 := time.Now()
+	o.Refresh(t0, []uint32{first})
+	if got, ok := o.Owner(first); !ok || got.PID != churn.Process.Pid {
+		t.Fatalf("the churner's first connection: owner %+v %v", got, ok)
+	}
+	second := reconnect()
+	if second == first {
+		t.Fatal("the churner kept its connection")
+	}
+	kept := o.Stats().TablesKept
+	o.othersTook = 0
+	o.Refresh(t0.Add(time.Second), []uint32{second})
+	if got, ok := o.Owner(second); !ok || got.PID != churn.Process.Pid {
+		t.Errorf("the churner's new connection, same count of descriptors: owner %+v %v, want pid %d", got, ok, churn.Process.Pid)
+	}
+	if o.Stats().TablesKept == kept {
+		t.Error("no table kept: the idle neighbour's was read again")
+	}
+	if got, ok := o.Owner(idleIno); !ok || got.PID != idle.Process.Pid {
+		t.Errorf("the idle neighbour's socket from its kept table: owner %+v %v, want pid %d", got, ok, idle.Process.Pid)
 	}
 }
