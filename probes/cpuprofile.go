@@ -15,7 +15,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -81,7 +80,7 @@ type CPUProfile struct {
 	flushed chan struct{}
 	total   uint64
 	names   threadNames // for the current target
-	rd      *ringbuf.Reader
+	rd      *ringReader
 
 	// unwound are the samples read from the ring buffer since the last
 	// drain, by thread and stack; at most MaxStacks of them.
@@ -143,7 +142,7 @@ func (p *CPUProfile) Start(ctx context.Context, tracker *workload.Tracker, store
 		return err
 	}
 	p.objs = objs
-	if p.rd, err = ringbuf.NewReader(objs.Samples); err != nil {
+	if p.rd, err = newRingReader(objs.Samples); err != nil {
 		p.closeLocked()
 		return fmt.Errorf("cpu_profile: ring buffer reader: %w", err)
 	}
@@ -219,7 +218,7 @@ var (
 
 // readSamples unwinds each sample the ring buffer brings and adds it to
 // unwound, until the reader is closed.
-func (p *CPUProfile) readSamples(rd *ringbuf.Reader) {
+func (p *CPUProfile) readSamples(rd *ringReader) {
 	// Reused: a copy is up to MaxStackBytes, and samples come one at a time.
 	words := make([]uint64, 0, (MaxStackBytes+sampleHeaderBytes-sampleRedzoneOff)/8)
 	var user, kernel []uint64

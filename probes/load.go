@@ -83,8 +83,8 @@ type running struct {
 	mu      sync.Mutex // also guards the embedding probe's own fields
 	objs    io.Closer
 	links   []link.Link
-	rd      *ringbuf.Reader
-	wakes   *ringbuf.Reader // the wakes ring (changes.h), when the probe has one
+	rd      *ringReader
+	wakes   *ringReader // the wakes ring (changes.h), when the probe has one
 	wokeAt  atomic.Int64    // when its last record came (Unix ns)
 	wg      sync.WaitGroup
 	cancel  context.CancelFunc
@@ -109,7 +109,7 @@ func (r *running) start(ctx context.Context, probe string, spec *ebpf.Collection
 		return nil, err
 	}
 	if events != nil {
-		if r.rd, err = ringbuf.NewReader(events()); err != nil {
+		if r.rd, err = newRingReader(events()); err != nil {
 			r.release()
 			return nil, fmt.Errorf("%s: ring buffer reader: %w", probe, err)
 		}
@@ -168,30 +168,49 @@ func (r *running) release() error {
 }
 
 // readRing calls handle with each record of rd until rd is closed.
-func readRing(probe string, rd *ringbuf.Reader, log interface{ Warn(string, ...any) }, handle func([]byte)) {
+func readRing(probe string, rd *ringReader, log interface{ Warn(string, ...any) }, handle func([]byte)) {
 	readRingFlushed(probe, rd, log, handle, nil)
 }
 
 // readRingFlushed is readRing that also calls flushed (when not nil) after
 // the records a Flush made the reader return: records sent without a
 // wake-up (BPF_RB_NO_WAKEUP) wait in the ring until the poller flushes it.
-func readRingFlushed(probe string, rd *ringbuf.Reader, log interface{ Warn(string, ...any) }, handle func([]byte), flushed func()) {
+// Between drains it waits in the runtime's poller (ringReader).
+func readRingFlushed(probe string, rd *ringReader, log interface{ Warn(string, ...any) }, handle func([]byte), flushed func()) {
 	var rec ringbuf.Record
+	flush := false
 	for {
-		if err := rd.ReadInto(&rec); err != nil {
-			switch {
-			case errors.Is(err, ringbuf.ErrClosed):
+		// Every record there is now: the reader's deadline is past, so
+		// an empty ring ends the drain rather than a wait.
+		for {
+			err := rd.ReadInto(&rec)
+			if err == nil {
+				handle(rec.RawSample)
+				continue
+			}
+			if errors.Is(err, ringbuf.ErrClosed) {
 				return
-			case errors.Is(err, ringbuf.ErrFlushed):
-				if flushed != nil {
-					flushed()
-				}
-			default:
+			}
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
 				log.Warn(probe+": read ring buffer", "err", err)
 			}
-			continue
+			break
 		}
-		handle(rec.RawSample)
+		if flush && flushed != nil {
+			flushed()
+		}
+		err := rd.wait()
+		switch {
+		case err == nil:
+			flush = false
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			flush = true
+		case errors.Is(err, os.ErrClosed):
+			return
+		default:
+			log.Warn(probe+": wait for the ring buffer", "err", err)
+			return
+		}
 	}
 }
 
@@ -199,7 +218,7 @@ func readRingFlushed(probe string, rd *ringbuf.Reader, log interface{ Warn(strin
 // which stop closes the reader under, and only while rd is still the
 // probe's reader (a flush racing the close was seen by the race detector
 // when the agent stopped).
-func (r *running) flushRing(rd *ringbuf.Reader) {
+func (r *running) flushRing(rd *ringReader) {
 	r.mu.Lock()
 	if r.rd == rd {
 		flushPending(rd)
@@ -209,7 +228,7 @@ func (r *running) flushRing(rd *ringbuf.Reader) {
 
 // flushPending makes rd's reader return the records that wait in the ring
 // without having woken it; nothing when there are none (one atomic load).
-func flushPending(rd *ringbuf.Reader) bool {
+func flushPending(rd *ringReader) bool {
 	if rd == nil || rd.AvailableBytes() == 0 {
 		return false
 	}
@@ -224,7 +243,7 @@ func (r *running) startWakes(probe string, m *ebpf.Map, log interface{ Warn(stri
 	if m == nil {
 		return nil
 	}
-	rd, err := ringbuf.NewReader(m)
+	rd, err := newRingReader(m)
 	if err != nil {
 		return fmt.Errorf("%s: wakes ring buffer reader: %w", probe, err)
 	}

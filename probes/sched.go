@@ -18,7 +18,6 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -244,7 +243,7 @@ func monotonicNow() int64 {
 func (p *Sched) wall(ktime uint64) time.Time { return time.Unix(0, int64(ktime)+int64(p.monoToWall)) }
 
 // readBlocks turns each finished long sleep into a block episode.
-func (p *Sched) readBlocks(rd *ringbuf.Reader, store *signals.Store) {
+func (p *Sched) readBlocks(rd *ringReader, store *signals.Store) {
 	var ev schedBlockEvent
 	readRingFlushed("sched", rd, p.o.Log, func(raw []byte) {
 		// The record is struct block_event as the kernel (little-endian,
@@ -544,7 +543,7 @@ func frameNames(s *symbolize.Symbolizer, pid int, addrs []uint64, kernel bool) [
 
 // pollLoop polls every probes.poll_interval (see readThreads for why it
 // is not paced, and what a cycle costs).
-func (p *Sched) pollLoop(ctx context.Context, objs *schedObjects, tracker *workload.Tracker, store *signals.Store, blocks *ringbuf.Reader) {
+func (p *Sched) pollLoop(ctx context.Context, objs *schedObjects, tracker *workload.Tracker, store *signals.Store, blocks *ringReader) {
 	p.store = store
 	p.counters = newProbeCounters(store, p.Name())
 	p.changes = newChanges(objs.Changes, 1)

@@ -19,7 +19,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
-	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/workload"
@@ -128,7 +127,7 @@ func (p *TCPLife) Start(ctx context.Context, tracker *workload.Tracker, store *s
 	return nil
 }
 
-func (p *TCPLife) readEvents(rd *ringbuf.Reader) {
+func (p *TCPLife) readEvents(rd *ringReader) {
 	var ev tcpLifeConnEvent
 	readRing("tcplife", rd, p.o.Log, func(raw []byte) {
 		if err := binary.Read(bytes.NewReader(raw), binary.LittleEndian, &ev); err != nil {
@@ -285,7 +284,7 @@ const (
 // OutRsts moved since the last one (or rstWalkEvery passed), and ring
 // writes of what changed; the resets are ranked by port again only when
 // the map changed.
-func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workload.Tracker, store *signals.Store, rd *ringbuf.Reader) {
+func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workload.Tracker, store *signals.Store, rd *ringReader) {
 	for i, how := range []string{signals.ConnPeerClose, signals.ConnLocalClose, signals.ConnResetReceived} {
 		p.closeS[i] = cachedSeries{h: store.Handle(signals.TCPConnectionEndsTotal, signals.L("how", how))}
 	}
@@ -356,7 +355,7 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workl
 // that an event wakes the reader and the poller at once. Cleared before
 // the flush that follows, so an event sent without a wake-up just before
 // waits at most until the next poll.
-func (p *TCPLife) batch(objs *tcpLifeObjects, rd *ringbuf.Reader, on bool) {
+func (p *TCPLife) batch(objs *tcpLifeObjects, rd *ringReader, on bool) {
 	if on == p.batched.Load() {
 		return
 	}

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/workload"
@@ -83,7 +82,7 @@ func (p *TCPListen) Start(ctx context.Context, tracker *workload.Tracker, store 
 
 // readEvents turns each ring buffer record into a wake-up of the rule
 // engine; the counts themselves are read from the map by poll.
-func (p *TCPListen) readEvents(rd *ringbuf.Reader, store *signals.Store) {
+func (p *TCPListen) readEvents(rd *ringReader, store *signals.Store) {
 	readRing("tcplisten", rd, p.o.Log, func([]byte) {
 		p.mu.Lock()
 		p.events++

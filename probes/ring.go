@@ -1,0 +1,95 @@
+package probes
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
+)
+
+// ringReader reads a BPF ring buffer with no thread blocked in the kernel
+// waiting for it: the ring's descriptor waits in the Go runtime's network
+// poller, like a socket's, and the records are read without blocking.
+//
+// ringbuf.Reader waits in an epoll_wait system call of its own. With the
+// agent on one P (agent.max_procs), the runtime's sysmon takes the P back
+// from every such call and, having taken one, checks again 20 us later,
+// backing off only after a millisecond: each wake-up of each reader (the
+// flushes at every poll, the events that wake) set it spinning again.
+// Beside nginx flat out sysmon was a fifth of the agent's CPU.
+type ringReader struct {
+	*ringbuf.Reader
+	f  *os.File // a duplicate of the ring's descriptor, in the poller
+	rc syscall.RawConn
+	// mu orders wait's look at the ring before Close unmaps it (the
+	// poller's own wait for wait to return is not one the race detector
+	// sees).
+	mu     sync.Mutex
+	closed bool
+}
+
+// readNow is a deadline long past: the reader never waits in the kernel.
+var readNow = time.Unix(1, 0)
+
+func newRingReader(m *ebpf.Map) (*ringReader, error) {
+	rd, err := ringbuf.NewReader(m)
+	if err != nil {
+		return nil, err
+	}
+	rd.SetDeadline(readNow)
+	fd, err := unix.FcntlInt(uintptr(m.FD()), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		rd.Close()
+		return nil, fmt.Errorf("duplicate the ring's descriptor: %w", err)
+	}
+	// Non-blocking: os.NewFile adds it to the runtime's poller.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		rd.Close()
+		return nil, fmt.Errorf("ring descriptor non-blocking: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "ringbuf")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		rd.Close()
+		return nil, fmt.Errorf("ring descriptor: %w", err)
+	}
+	return &ringReader{Reader: rd, f: f, rc: rc}, nil
+}
+
+// wait returns when the ring holds records (nil), when Flush was called
+// (os.ErrDeadlineExceeded) or when the reader was closed.
+func (r *ringReader) wait() error {
+	err := r.rc.Read(func(uintptr) bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.closed || r.AvailableBytes() > 0
+	})
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		r.f.SetReadDeadline(time.Time{})
+	}
+	return err
+}
+
+// Flush makes the reading goroutine read the ring now, records sent
+// without a wake-up (BPF_RB_NO_WAKEUP) included, and then call its
+// flushed callback (readRingFlushed).
+func (r *ringReader) Flush() error {
+	return r.f.SetReadDeadline(time.Now())
+}
+
+// Close ends the reading goroutine's wait and releases the ring.
+func (r *ringReader) Close() error {
+	err := r.f.Close()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = true
+	return errors.Join(err, r.Reader.Close())
+}
