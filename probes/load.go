@@ -84,8 +84,8 @@ type running struct {
 	objs    io.Closer
 	links   []link.Link
 	rd      *ringReader
-	wakes   *ringReader // the wakes ring (changes.h), when the probe has one
-	wokeAt  atomic.Int64    // when its last record came (Unix ns)
+	wakes   *ringReader  // the wakes ring (changes.h), when the probe has one
+	wokeAt  atomic.Int64 // when its last record came (Unix ns)
 	wg      sync.WaitGroup
 	cancel  context.CancelFunc
 	started bool
