@@ -810,10 +810,10 @@ func TestAcceptOverflowAcceptsCountedOnlySince(t *testing.T) {
 	}
 }
 
-// A burst's finding lingers twice the gap between its last two rounds of
-// drops (the rounds' gaps double), never less than the window nor longer
-// than the clients' give-up time.
-func TestAcceptOverflowBurstLinger(t *testing.T) {
+// burstLingerSetup is an accept_overflow rule with its burst memory, the
+// default SYN schedule, a store, a start time and put, which writes the
+// listener's drop counter at t0+at, 10 higher when rise.
+func burstLingerSetup() (*AcceptOverflow, synSchedule, *signals.Store, time.Time, func(at time.Duration, rise bool)) {
 	r := defaultAO()
 	r.bursts = map[string]*burstMemory{}
 	sched := newSynSchedule(defaultSynRetries, defaultSynLinear)
@@ -826,6 +826,14 @@ func TestAcceptOverflowBurstLinger(t *testing.T) {
 		}
 		st.Put(signals.ListenOverflowsTotal, ls8080, drops, t0.Add(at))
 	}
+	return r, sched, st, t0, put
+}
+
+// A burst's finding lingers twice the gap between its last two rounds of
+// drops (the rounds' gaps double), never less than the window nor longer
+// than the clients' give-up time.
+func TestAcceptOverflowBurstLinger(t *testing.T) {
+	r, sched, st, t0, put := burstLingerSetup()
 	put(0, false)
 	put(100*time.Millisecond, true)
 	if l := r.burstLinger("k", st, ls8080, t0.Add(200*time.Millisecond), sched); l != r.o.Window {
@@ -859,18 +867,7 @@ func TestAcceptOverflowBurstLinger(t *testing.T) {
 // last burst (make bench: the same fault 30 s after the last one's end
 // kept its finding open for over a minute after its drops).
 func TestAcceptOverflowBurstLingerNewBurst(t *testing.T) {
-	r := defaultAO()
-	r.bursts = map[string]*burstMemory{}
-	sched := newSynSchedule(defaultSynRetries, defaultSynLinear)
-	t0 := time.Unix(10000, 0)
-	st := signals.New(600, 1000)
-	drops := 0.0
-	put := func(at time.Duration, rise bool) {
-		if rise {
-			drops += 10
-		}
-		st.Put(signals.ListenOverflowsTotal, ls8080, drops, t0.Add(at))
-	}
+	r, sched, st, t0, put := burstLingerSetup()
 	// The first burst: rounds 1 and 2 s apart.
 	for _, at := range []time.Duration{0, 100, 1100, 3100} {
 		put(at*time.Millisecond, at != 0)
