@@ -661,20 +661,26 @@ func (c *acceptQueueCollector) Collect(ctx context.Context, tgt workload.Process
 // noneHalfOpen reports whether HalfOpen says that no listener of the
 // target's namespace holds a half-open connection, so that a walk for
 // them would find none. A counter that fails is not asked again: the
-// walks go on as without it.
+// walks go on as without it (a namespace it could not enter costs one
+// walk).
 func (c *acceptQueueCollector) noneHalfOpen(tgt workload.Process) bool {
 	if c.halfOpen == nil || c.halfOpenErr {
 		return false
 	}
 	n := 0
+	var countErr error
 	err := sockdiag.InTargetNetns(c.procRoot, tgt.PID, tgt.NetnsIno, func() error {
-		var err error
-		n, err = c.halfOpen.HalfOpen()
-		return err
+		n, countErr = c.halfOpen.HalfOpen()
+		return nil
 	})
-	if err != nil {
+	switch {
+	case err != nil:
+		// The namespace could not be entered (the target just went):
+		// this cycle walks; the dump says what is wrong.
+		return false
+	case countErr != nil:
 		c.halfOpenErr = true
-		c.log.Warn("count half-open connections on the listeners; walking the established hash for them instead", "err", err)
+		c.log.Warn("count half-open connections on the listeners; walking the established hash for them instead", "err", countErr)
 		return false
 	}
 	return n == 0

@@ -55,6 +55,13 @@ func newRingReader(m *ebpf.Map) (*ringReader, error) {
 		return nil, fmt.Errorf("ring descriptor non-blocking: %w", err)
 	}
 	f := os.NewFile(uintptr(fd), "ringbuf")
+	// Only a descriptor in the poller takes deadlines: one that is not
+	// would make every wait fail.
+	if err := f.SetReadDeadline(time.Time{}); err != nil {
+		f.Close()
+		rd.Close()
+		return nil, fmt.Errorf("ring descriptor not pollable by the runtime: %w", err)
+	}
 	rc, err := f.SyscallConn()
 	if err != nil {
 		f.Close()
