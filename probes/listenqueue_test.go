@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -70,6 +71,11 @@ func TestListenQueuesHalfOpen(t *testing.T) {
 	if ans := s.MustDo(t, "dial 100"); ans != "ok 100 established" {
 		t.Fatalf("dial: %s", ans)
 	}
+	q := newListenQueues(t)
+	// A client is established before the server has its final ACK: under
+	// load a few of the 100 are still half-open for a moment, and with
+	// TCP_DEFER_ACCEPT set now they would stay so.
+	halfOpenIs(t, q, s, 0)
 	for _, srv := range []*testenv.Server{s, other} {
 		if err := unix.SetsockoptInt(srv.ListenerFD(t), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 30); err != nil {
 			t.Fatalf("TCP_DEFER_ACCEPT: %v", err)
@@ -81,7 +87,7 @@ func TestListenQueuesHalfOpen(t *testing.T) {
 	if ans := other.MustDo(t, "dial 3"); ans != "ok 3 established" {
 		t.Fatalf("dial: %s", ans)
 	}
-	q := newListenQueues(t)
+	halfOpenIs(t, q, s, 5)
 	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
 	if err != nil {
 		t.Fatalf("enable BPF stats: %v", err)
@@ -104,6 +110,24 @@ func TestListenQueuesHalfOpen(t *testing.T) {
 	if ls := readIn(t, q, other.PID); len(ls) != 1 || int(ls[0].Port) != other.Port || ls[0].HalfOpen != 3 {
 		t.Errorf("listeners in the other namespace: %+v, want port %d with 3 half-open", ls, other.Port)
 	}
+}
+
+// halfOpenIs waits up to 5 s for the listeners of srv's namespace to
+// hold n half-open connections.
+func halfOpenIs(t *testing.T, q *ListenQueues, srv *testenv.Server, n uint32) {
+	t.Helper()
+	var ls []ListenQueue
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		ls = readIn(t, q, srv.PID)
+		sum := uint32(0)
+		for _, l := range ls {
+			sum += l.HalfOpen
+		}
+		if sum == n {
+			return
+		}
+	}
+	t.Fatalf("listeners %+v: never %d half-open in 5 s", ls, n)
 }
 
 // runCount is how many times the kernel ran the iterator's program.
