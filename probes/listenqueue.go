@@ -11,6 +11,8 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf/link"
+
+	"github.com/culprit-dev/culprit/sockdiag"
 )
 
 // ListenQueue is one listening TCP socket's queues, as the kernel holds
@@ -83,7 +85,6 @@ func (q *ListenQueues) readLocked(buf []ListenQueue) ([]ListenQueue, error) {
 		return buf, fmt.Errorf("listenqueue: open the iterator: %w", err)
 	}
 	defer rd.Close()
-	const tcpListen = 10
 	for range maxListeners {
 		if _, err := io.ReadFull(rd, q.rec[:]); err != nil {
 			if errors.Is(err, io.EOF) {
@@ -93,7 +94,7 @@ func (q *ListenQueues) readLocked(buf []ListenQueue) ([]ListenQueue, error) {
 		}
 		// struct listen_queue, field by field.
 		b, ne := q.rec[:], binary.NativeEndian
-		if state := b[14]; state != tcpListen {
+		if state := b[14]; state != sockdiag.Listen {
 			return buf, nil // the established hash begins
 		}
 		buf = append(buf, ListenQueue{HalfOpen: ne.Uint32(b[0:]), Queued: ne.Uint32(b[4:]), Backlog: ne.Uint32(b[8:]),
