@@ -44,6 +44,65 @@ func pingPong(n int) {
 	<-done
 }
 
+// epollPingPong is pingPong between two event loops: each thread sleeps
+// in epoll_wait on an eventfd of its own and wakes the other by writing to
+// the other's. Event loops (nginx's workers, tokio's) sleep so, in a call
+// the probe takes as their idle wait (quiet_calls), from the same site
+// every time: the path where the probe reuses the stacks it took at that
+// site rather than walking them again (bpf/sched.c same_site).
+func epollPingPong(b *testing.B, n int) {
+	type loop struct{ ep, ev int }
+	mk := func() loop {
+		ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+		if err != nil {
+			b.Fatal(err)
+		}
+		ev, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, ev, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(ev)}); err != nil {
+			b.Fatal(err)
+		}
+		return loop{ep, ev}
+	}
+	a, c := mk(), mk()
+	defer func() {
+		for _, fd := range []int{a.ep, a.ev, c.ep, c.ev} {
+			unix.Close(fd)
+		}
+	}()
+	one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
+	// wait sleeps in epoll_wait until its eventfd is written, then drains it.
+	wait := func(l loop) {
+		var evs [1]unix.EpollEvent
+		var buf [8]byte
+		for {
+			if k, err := unix.EpollWait(l.ep, evs[:], -1); k == 1 || (err != nil && err != unix.EINTR) {
+				break
+			}
+		}
+		unix.Read(l.ev, buf[:])
+	}
+	done := make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		for range n {
+			wait(c)
+			unix.Write(a.ev, one)
+		}
+		close(done)
+	}()
+	runtime.LockOSThread()
+	for range n {
+		unix.Write(c.ev, one)
+		wait(a)
+	}
+	runtime.UnlockOSThread()
+	<-done
+}
+
 // BenchmarkSchedProbe measures what the sched probe costs the target: one
 // op is one round trip between two threads of this process (two wake-ups,
 // four context switches). "baseline" runs without the probe, "target" with
@@ -56,6 +115,9 @@ func pingPong(n int) {
 // time the kernel counted (BPF stats) for every eBPF program on the
 // machine during the run, per round trip: the probe's own cost, which the
 // wall time of a round trip (two threads on two CPUs) shows only blurred.
+// The "epoll" modes do the same round trip between two event loops
+// (epollPingPong): "epoll-baseline" without the probe, "epoll-target"
+// with it watching them, sleeps in epoll_wait being their idle waits.
 // This process's CPU per wall second is no measure of it: a slower round
 // trip leaves the CPUs idle longer, so it came out below the baseline's.
 func BenchmarkSchedProbe(b *testing.B) {
@@ -66,10 +128,16 @@ func BenchmarkSchedProbe(b *testing.B) {
 	} else {
 		defer stats.Close()
 	}
-	for _, mode := range []string{"baseline", "target", "other", "runqlat", "offcputime"} {
+	for _, mode := range []string{"baseline", "target", "other", "runqlat", "offcputime", "epoll-baseline", "epoll-target"} {
 		b.Run(mode, func(b *testing.B) {
 			st := signals.New(64, 4096)
+			trip := pingPong
 			switch mode {
+			case "epoll-baseline", "epoll-target":
+				trip = func(n int) { epollPingPong(b, n) }
+				if mode == "epoll-target" {
+					startBenchProbe(b, os.Getpid(), st, "epoll_wait", "epoll_pwait")
+				}
 			case "baseline":
 			case "runqlat", "offcputime":
 				startLibbpfTool(b, mode, os.Getpid())
@@ -80,10 +148,10 @@ func BenchmarkSchedProbe(b *testing.B) {
 				}
 				startBenchProbe(b, pid, st)
 			}
-			pingPong(1000) // warm up
+			trip(1000) // warm up
 			bpf0, t0 := bpfRuntime(b), time.Now()
 			b.ResetTimer()
-			pingPong(b.N)
+			trip(b.N)
 			b.StopTimer()
 			wall := time.Since(t0).Seconds()
 			b.ReportMetric(float64(b.N)*4/wall, "switches/s")
@@ -94,7 +162,8 @@ func BenchmarkSchedProbe(b *testing.B) {
 	}
 }
 
-func startBenchProbe(b *testing.B, pid int, st *signals.Store) {
+// startBenchProbe runs the sched probe on pid, with quiet (idle) calls.
+func startBenchProbe(b *testing.B, pid int, st *signals.Store, quiet ...string) {
 	b.Helper()
 	res, err := workload.NewResolver("/proc")
 	if err != nil {
@@ -102,7 +171,7 @@ func startBenchProbe(b *testing.B, pid int, st *signals.Store) {
 	}
 	tr := workload.NewTracker(res, workload.Selector{PID: pid}, time.Second, testLog)
 	tr.Refresh()
-	p := NewSched(SchedOptions{Options: Options{Log: testLog, PollInterval: 100 * time.Millisecond, RingBufferBytes: 1 << 16}, MaxThreads: 4096, MaxStacks: 4096})
+	p := NewSched(SchedOptions{Options: Options{Log: testLog, PollInterval: 100 * time.Millisecond, RingBufferBytes: 1 << 16}, MaxThreads: 4096, MaxStacks: 4096, QuietCalls: quiet})
 	ctx, cancel := context.WithCancel(context.Background())
 	if err := p.Start(ctx, tr, st); err != nil {
 		cancel()

@@ -82,6 +82,9 @@ runqlat=$(ns_op BenchmarkSchedProbe/runqlat)
 offcpu=$(ns_op BenchmarkSchedProbe/offcputime)
 bpf_probe=$(metric probes.txt BenchmarkSchedProbe/target bpf-ns/op)
 bpf_other=$(metric probes.txt BenchmarkSchedProbe/other bpf-ns/op)
+bpf_epoll=$(metric probes.txt BenchmarkSchedProbe/epoll-target bpf-ns/op)
+epoll_base=$(ns_op BenchmarkSchedProbe/epoll-baseline)
+epoll_probe=$(ns_op BenchmarkSchedProbe/epoll-target)
 bpf_runqlat=$(metric probes.txt BenchmarkSchedProbe/runqlat bpf-ns/op)
 bpf_offcpu=$(metric probes.txt BenchmarkSchedProbe/offcputime bpf-ns/op)
 x() { # x A B: A/B as a ratio, "-" when either is missing
@@ -115,4 +118,7 @@ row "thread round trip (2 wake-ups, 4 switches), sched probe" "-" "$(fmt %.0f "$
 # The kernel's own count of eBPF run time, per round trip: what the wall
 # time above shows only blurred.
 row "eBPF run time per round trip, sched probe on the target" "-" "$(fmt %.0f "$bpf_probe") ns; watching another process: $(fmt %.0f "$bpf_other") ns" "runqlat -p $(fmt %.0f "$bpf_runqlat") ns, offcputime -p $(fmt %.0f "$bpf_offcpu") ns" "-"
+# The same between two event loops asleep in epoll_wait, their idle wait:
+# nginx's and tokio's path, where the probe reuses the stacks of the site.
+row "event-loop round trip (epoll_wait), sched probe" "-" "$(fmt %.0f "$epoll_probe") ns, eBPF $(fmt %.0f "$bpf_epoll") ns" "none $(fmt %.0f "$epoll_base") ns" "-"
 echo
