@@ -209,6 +209,91 @@ func TestTCPLifeOwnerOfOthersOnlyInNamespaceScope(t *testing.T) {
 	}
 }
 
+// The client side of a loopback connection to the target's listening port
+// costs no fd table: no finding reads its owner (idle_timeout leaves out
+// connections to local servers). The server side of the same connection
+// still has its tables read. Real sockets: a listener the target (a sleep)
+// holds, a client this process holds.
+func TestTCPLifeOwnerOfSkipsClientsOfTheTarget(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	lf, err := l.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sleep", "300")
+	cmd.ExtraFiles = []*os.File{lf}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	lf.Close()
+	c, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	srv, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	inode := func(c net.Conn) uint64 {
+		f, err := c.(*net.TCPConn).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 32)
+		if err != nil {
+			t.Fatalf("%s: %v", link, err)
+		}
+		return ino
+	}
+	res, err := workload.NewResolver("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tgt, err := res.Resolve(workload.Selector{PID: cmd.Process.Pid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := uint16(l.Addr().(*net.TCPAddr).Port)
+	local := uint16(c.LocalAddr().(*net.TCPAddr).Port)
+	for _, tc := range []struct {
+		name      string
+		ev        signals.ConnEvent
+		wantRead  bool
+		wantOwner string
+	}{
+		{"client side", signals.ConnEvent{Kind: signals.ConnPeerClose, Bytes: 100, Inode: inode(c), LocalPort: int(local), Remote: l.Addr().String()}, false, "unknown"},
+		// This process holds the server side here (the agent's table,
+		// read with the target's): read, and named.
+		{"server side", signals.ConnEvent{Kind: signals.ConnPeerClose, Bytes: 100, Inode: inode(srv), LocalPort: int(port), Remote: c.LocalAddr().String()}, true, "agent"},
+		// A loopback peer at a port the target does not listen on.
+		{"client of another server", signals.ConnEvent{Kind: signals.ConnPeerClose, Bytes: 100, Inode: inode(c), LocalPort: int(local), Remote: "127.0.0.1:1"}, true, "agent"},
+	} {
+		owners := workload.NewSocketOwners("/proc", workload.SocketOwnersOptions{})
+		owners.SetTarget(tgt)
+		owners.SetTargetPorts([]uint16{port})
+		p := NewTCPLife(Options{Log: testLog, Owners: owners})
+		got := p.ownerOf(tc.ev)
+		if read := owners.Stats().FDsRead > 0; read != tc.wantRead {
+			t.Errorf("%s: fd tables read: %v, want %v", tc.name, read, tc.wantRead)
+		}
+		if got != tc.wantOwner {
+			t.Errorf("%s: owner %q, want %q", tc.name, got, tc.wantOwner)
+		}
+	}
+}
+
 // An event of another process is labelled with its name, read once per
 // commTTL: flat out, reading /proc/PID/comm for each connection event of
 // the load generator was a third of the probe's CPU. A process that exited
