@@ -177,24 +177,13 @@ func readRing(probe string, rd *ringReader, log interface{ Warn(string, ...any) 
 // wake-up (BPF_RB_NO_WAKEUP) wait in the ring until the poller flushes it.
 // Between drains it waits in the runtime's poller (ringReader).
 func readRingFlushed(probe string, rd *ringReader, log interface{ Warn(string, ...any) }, handle func([]byte), flushed func()) {
-	var rec ringbuf.Record
 	flush := false
 	for {
-		// Every record there is now: the reader's deadline is past, so
-		// an empty ring ends the drain rather than a wait.
-		for {
-			err := rd.ReadInto(&rec)
-			if err == nil {
-				handle(rec.RawSample)
-				continue
-			}
-			if errors.Is(err, ringbuf.ErrClosed) {
-				return
-			}
-			if !errors.Is(err, os.ErrDeadlineExceeded) {
-				log.Warn(probe+": read ring buffer", "err", err)
-			}
-			break
+		// Every record there is now.
+		if err := rd.drain(handle); errors.Is(err, ringbuf.ErrClosed) {
+			return
+		} else if err != nil {
+			log.Warn(probe+": read ring buffer", "err", err)
 		}
 		if flush && flushed != nil {
 			flushed()

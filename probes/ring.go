@@ -32,6 +32,7 @@ type ringReader struct {
 	// sees).
 	mu     sync.Mutex
 	closed bool
+	rec    ringbuf.Record // drain's, under mu
 }
 
 // readNow is a deadline long past: the reader never waits in the kernel.
@@ -83,6 +84,35 @@ func (r *ringReader) wait() error {
 		r.f.SetReadDeadline(time.Time{})
 	}
 	return err
+}
+
+// drain hands handle every record the ring holds now, in the ring's
+// order, and returns without waiting. An empty ring costs one atomic load:
+// no record is asked for, so cilium's reader makes no epoll_wait call to
+// learn it is empty (it makes one when a drain begins after a drain that
+// ran the ring dry, with a deadline long past). Drains of the reading
+// goroutine and of a poll (TCPLife's) take turns under mu, which Close
+// takes too: handle runs under it and must not close the reader. It
+// returns ringbuf.ErrClosed once the reader is closed.
+func (r *ringReader) drain(handle func([]byte)) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return ringbuf.ErrClosed
+	}
+	for r.AvailableBytes() > 0 {
+		err := r.ReadInto(&r.rec)
+		switch {
+		case err == nil:
+			handle(r.rec.RawSample)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			// What was available was discarded records: the ring is dry.
+			return nil
+		default:
+			return err
+		}
+	}
+	return nil
 }
 
 // Flush makes the reading goroutine read the ring now, records sent

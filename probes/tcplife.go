@@ -8,6 +8,7 @@ import (
 	"compress/gzip"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/culprit-dev/culprit/signals"
 	"github.com/culprit-dev/culprit/workload"
@@ -31,7 +33,8 @@ type TCPLife struct {
 	events *signals.ConnEvents
 	running
 	netns   uint32
-	seen    atomic.Uint64 // connection events read: signals.ConnActivity
+	seen    atomic.Uint64    // connection events read: signals.ConnActivity
+	ev      tcpLifeConnEvent // handleEvent's, under the ring reader's turn
 	store   *signals.Store
 	hz      float64
 	counts  map[string]float64 // ends by kind, opens, handshake seconds
@@ -128,36 +131,53 @@ func (p *TCPLife) Start(ctx context.Context, tracker *workload.Tracker, store *s
 }
 
 func (p *TCPLife) readEvents(rd *ringReader) {
-	var ev tcpLifeConnEvent
-	readRing("tcplife", rd, p.o.Log, func(raw []byte) {
-		if err := binary.Read(bytes.NewReader(raw), binary.LittleEndian, &ev); err != nil {
-			p.o.Log.Warn("tcplife: malformed event", "len", len(raw), "err", err)
-			return
+	readRing("tcplife", rd, p.o.Log, p.handleEvent)
+}
+
+// drainEvents reads the events waiting in the ring (batched without a
+// wake-up) in the poll's own goroutine, so that the poll that follows
+// counts them. Left to the reading goroutine, which runs only once the
+// poll yields, they were counted after it: a poll saw no new events while
+// connections churned, stopped batching, and the next event woke the
+// reader and the poll again, three wake-ups a tenth of a second where one
+// would do.
+func (p *TCPLife) drainEvents(rd *ringReader) {
+	if err := rd.drain(p.handleEvent); err != nil && !errors.Is(err, ringbuf.ErrClosed) {
+		p.o.Log.Warn("tcplife: read ring buffer", "err", err)
+	}
+}
+
+// handleEvent counts one connection event and keeps it for the rules.
+// Drains take turns (ringReader.drain), so ev is never shared.
+func (p *TCPLife) handleEvent(raw []byte) {
+	ev := &p.ev
+	if err := binary.Read(bytes.NewReader(raw), binary.LittleEndian, ev); err != nil {
+		p.o.Log.Warn("tcplife: malformed event", "len", len(raw), "err", err)
+		return
+	}
+	p.mu.Lock()
+	ce, ok := p.convert(*ev)
+	p.mu.Unlock()
+	if ok {
+		ce.Owner = p.ownerOf(ce)
+	}
+	p.mu.Lock()
+	if ok {
+		if ce.Kind == signals.ConnOpened {
+			p.counts["opened"]++
+			p.counts["handshake"] += ce.Lifetime.Seconds()
+		} else {
+			p.counts[ce.Kind]++
 		}
-		p.mu.Lock()
-		ce, ok := p.convert(ev)
-		p.mu.Unlock()
-		if ok {
-			ce.Owner = p.ownerOf(ce)
+	}
+	p.mu.Unlock()
+	if ok {
+		p.events.Add(ce)
+		p.seen.Add(1)
+		if !p.batched.Load() {
+			p.kick.Kick() // the counts go to the store at once
 		}
-		p.mu.Lock()
-		if ok {
-			if ce.Kind == signals.ConnOpened {
-				p.counts["opened"]++
-				p.counts["handshake"] += ce.Lifetime.Seconds()
-			} else {
-				p.counts[ce.Kind]++
-			}
-		}
-		p.mu.Unlock()
-		if ok {
-			p.events.Add(ce)
-			p.seen.Add(1)
-			if !p.batched.Load() {
-				p.kick.Kick() // the counts go to the store at once
-			}
-		}
-	})
+	}
 }
 
 // lookFor says how far an event's unknown inode is worth reading fd
@@ -365,7 +385,7 @@ func (p *TCPLife) poll(ctx context.Context, objs *tcpLifeObjects, tracker *workl
 		return p.readResets(objs, now) || changed
 	}
 	paced(ctx, p.o, store, p.kick, func(now time.Time) bool {
-		p.flushRing(rd) // the events batched since the last poll
+		p.drainEvents(rd) // the events batched since the last poll
 		active := once(now)
 		p.batch(objs, rd, active)
 		return active
@@ -392,7 +412,7 @@ func (p *TCPLife) batch(objs *tcpLifeObjects, rd *ringReader, on bool) {
 	}
 	p.batched.Store(on)
 	if !on {
-		p.flushRing(rd)
+		p.drainEvents(rd)
 	}
 }
 
