@@ -161,17 +161,10 @@ func TestTCPLifeOwnerOfOthersOnlyInNamespaceScope(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ino := uint64(testenv.SocketInode(t, l.(*net.TCPListener)))
 	f, err := l.(*net.TCPListener).File()
 	if err != nil {
 		t.Fatal(err)
-	}
-	link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 32)
-	if err != nil {
-		t.Fatalf("%s: %v", link, err)
 	}
 	start := func(files ...*os.File) int {
 		cmd := exec.Command("sleep", "300")
@@ -241,22 +234,7 @@ func TestTCPLifeOwnerOfSkipsClientsOfTheTarget(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer srv.Close()
-	inode := func(c net.Conn) uint64 {
-		f, err := c.(*net.TCPConn).File()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
-		if err != nil {
-			t.Fatal(err)
-		}
-		ino, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 32)
-		if err != nil {
-			t.Fatalf("%s: %v", link, err)
-		}
-		return ino
-	}
+	inode := func(c net.Conn) uint64 { return uint64(testenv.SocketInode(t, c.(*net.TCPConn))) }
 	res, err := workload.NewResolver("/proc")
 	if err != nil {
 		t.Fatal(err)

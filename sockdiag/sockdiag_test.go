@@ -8,12 +8,12 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strconv"
-	"strings"
 	"testing"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
 )
 
 // loopbackPair is a listener and both ends of a connection to it, closed
@@ -46,22 +46,7 @@ func TestDumpOwnNamespace(t *testing.T) {
 	if _, err := cl.Write([]byte("hello")); err != nil { // unread on the server end
 		t.Fatal(err)
 	}
-	inode := func(c any) uint32 {
-		f, err := c.(interface{ File() (*os.File, error) }).File()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
-		if err != nil {
-			t.Fatal(err)
-		}
-		n, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 32)
-		if err != nil {
-			t.Fatalf("%s: %v", link, err)
-		}
-		return uint32(n)
-	}
+	inode := func(c any) uint32 { return testenv.SocketInode(t, c.(interface{ File() (*os.File, error) })) }
 	lport := uint16(l.Addr().(*net.TCPAddr).Port)
 	want := map[uint32]string{inode(l): "LISTEN", inode(cl): "ESTABLISHED client", inode(srv): "ESTABLISHED server"}
 

@@ -287,3 +287,24 @@ func (s *Server) ListenerFD(t testing.TB) int {
 	t.Fatalf("testenv: pid %d has no listening socket", s.PID)
 	return -1
 }
+
+// SocketInode is the inode of a socket of the test's own (a net.Conn or
+// net.Listener of TCP or Unix, or anything else with File()), as
+// /proc/PID/fd shows it: socket:[inode].
+func SocketInode(t testing.TB, c interface{ File() (*os.File, error) }) uint32 {
+	t.Helper()
+	f, err := c.File()
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	defer f.Close()
+	link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
+	if err != nil {
+		t.Fatalf("testenv: %v", err)
+	}
+	n, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 32)
+	if err != nil {
+		t.Fatalf("testenv: %s is no socket: %v", link, err)
+	}
+	return uint32(n)
+}
