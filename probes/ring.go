@@ -32,7 +32,9 @@ type ringReader struct {
 	// sees).
 	mu     sync.Mutex
 	closed bool
-	rec    ringbuf.Record // drain's, under mu
+	// drainMu makes drains take turns; rec is theirs.
+	drainMu sync.Mutex
+	rec     ringbuf.Record
 }
 
 // readNow is a deadline long past: the reader never waits in the kernel.
@@ -91,28 +93,42 @@ func (r *ringReader) wait() error {
 // no record is asked for, so cilium's reader makes no epoll_wait call to
 // learn it is empty (it makes one when a drain begins after a drain that
 // ran the ring dry, with a deadline long past). Drains of the reading
-// goroutine and of a poll (TCPLife's) take turns under mu, which Close
-// takes too: handle runs under it and must not close the reader. It
-// returns ringbuf.ErrClosed once the reader is closed.
+// goroutine and of a poll (TCPLife's) take turns (drainMu). handle runs
+// outside mu, which Close takes: a handler may take its probe's lock,
+// which stop holds while it closes the reader. It returns
+// ringbuf.ErrClosed once the reader is closed.
 func (r *ringReader) drain(handle func([]byte)) error {
+	r.drainMu.Lock()
+	defer r.drainMu.Unlock()
+	for {
+		rec, err := r.next()
+		if rec == nil || err != nil {
+			return err
+		}
+		handle(rec)
+	}
+}
+
+// next reads one record under mu (the ring is unmapped by Close), or nil
+// when the ring is dry. The record is valid until the next call.
+func (r *ringReader) next() ([]byte, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
-		return ringbuf.ErrClosed
+		return nil, ringbuf.ErrClosed
 	}
-	for r.AvailableBytes() > 0 {
-		err := r.ReadInto(&r.rec)
-		switch {
-		case err == nil:
-			handle(r.rec.RawSample)
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			// What was available was discarded records: the ring is dry.
-			return nil
-		default:
-			return err
-		}
+	if r.AvailableBytes() == 0 {
+		return nil, nil
 	}
-	return nil
+	switch err := r.ReadInto(&r.rec); {
+	case err == nil:
+		return r.rec.RawSample, nil
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		// What was available was discarded records: the ring is dry.
+		return nil, nil
+	default:
+		return nil, err
+	}
 }
 
 // Flush makes the reading goroutine read the ring now, records sent

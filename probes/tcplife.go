@@ -148,7 +148,8 @@ func (p *TCPLife) drainEvents(rd *ringReader) {
 }
 
 // handleEvent counts one connection event and keeps it for the rules.
-// Drains take turns (ringReader.drain), so ev is never shared.
+// Drains take turns (ringReader.drain), so ev is never shared. It runs
+// outside the reader's lock, so it may take p.mu.
 func (p *TCPLife) handleEvent(raw []byte) {
 	ev := &p.ev
 	if err := binary.Read(bytes.NewReader(raw), binary.LittleEndian, ev); err != nil {
