@@ -6,29 +6,16 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
+
+	"github.com/culprit-dev/culprit/internal/testenv"
 )
 
 // socketInode is the inode of a connection or listener's socket.
 func socketInode(t *testing.T, f *os.File) uint32 {
 	t.Helper()
-	return fdInode(t, "/proc/self/fd/"+strconv.Itoa(int(f.Fd())))
-}
-
-// fdInode is the inode of the socket a /proc/PID/fd/N link names.
-func fdInode(t *testing.T, fdLink string) uint32 {
-	t.Helper()
-	link, err := os.Readlink(fdLink)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimPrefix(link, "socket:["), "]"), 10, 32)
-	if err != nil {
-		t.Fatalf("%s: %v", link, err)
-	}
-	return uint32(n)
+	return testenv.FDInode(t, "/proc/self/fd/"+strconv.Itoa(int(f.Fd())))
 }
 
 // holder starts a process that holds files (a sleep given them as extra
@@ -302,7 +289,7 @@ func TestSocketOwnersKeepsUnchangedTables(t *testing.T) {
 		if _, err := io.ReadFull(out, answers); err != nil || string(answers) != "ok\n" {
 			t.Fatalf("churner: %q %v", answers, err)
 		}
-		return fdInode(t, "/proc/"+strconv.Itoa(churn.Process.Pid)+"/fd/5")
+		return testenv.FDInode(t, "/proc/"+strconv.Itoa(churn.Process.Pid)+"/fd/5")
 	}
 	first := reconnect()
 

@@ -298,7 +298,13 @@ func SocketInode(t testing.TB, c interface{ File() (*os.File, error) }) uint32 {
 		t.Fatalf("testenv: %v", err)
 	}
 	defer f.Close()
-	link, err := os.Readlink("/proc/self/fd/" + strconv.Itoa(int(f.Fd())))
+	return FDInode(t, "/proc/self/fd/"+strconv.Itoa(int(f.Fd())))
+}
+
+// FDInode is the inode of the socket a /proc/PID/fd/N link names.
+func FDInode(t testing.TB, fdLink string) uint32 {
+	t.Helper()
+	link, err := os.Readlink(fdLink)
 	if err != nil {
 		t.Fatalf("testenv: %v", err)
 	}
