@@ -103,6 +103,61 @@ func epollPingPong(b *testing.B, n int) {
 	<-done
 }
 
+// yieldPingPong has two threads of this process share one CPU, each
+// calling sched_yield n times: every yield switches a thread out while it
+// is still runnable and the other in, the path a preempted worker takes
+// (bpf/sched.c counts it involuntary and times its wait for the CPU).
+// nginx's workers flat out are switched so ~5,000 times a second, ten times
+// as often as they sleep. It skips when this thread cannot be pinned.
+func yieldPingPong(b *testing.B, n int) {
+	var set unix.CPUSet
+	set.Set(runtime.NumCPU() - 1)
+	pin := func() error {
+		runtime.LockOSThread()
+		return unix.SchedSetaffinity(0, &set)
+	}
+	stop := make(chan struct{})
+	ready, done := make(chan error), make(chan struct{})
+	go func() {
+		defer close(done)
+		defer runtime.UnlockOSThread()
+		err := pin()
+		ready <- err
+		if err != nil {
+			return
+		}
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+				unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+			}
+		}
+	}()
+	if err := <-ready; err != nil {
+		b.Skipf("SKIP: cannot pin a thread to CPU %d: %v", runtime.NumCPU()-1, err)
+	}
+	err := pin()
+	if err == nil {
+		for range n {
+			unix.Syscall(unix.SYS_SCHED_YIELD, 0, 0, 0)
+		}
+		// Back on every CPU before the thread is given back to the runtime.
+		var all unix.CPUSet
+		for i := range runtime.NumCPU() {
+			all.Set(i)
+		}
+		unix.SchedSetaffinity(0, &all)
+	}
+	runtime.UnlockOSThread()
+	close(stop)
+	<-done
+	if err != nil {
+		b.Skipf("SKIP: cannot pin a thread to CPU %d: %v", runtime.NumCPU()-1, err)
+	}
+}
+
 // BenchmarkSchedProbe measures what the sched probe costs the target: one
 // op is one round trip between two threads of this process (two wake-ups,
 // four context switches). "baseline" runs without the probe, "target" with
@@ -118,6 +173,8 @@ func epollPingPong(b *testing.B, n int) {
 // The "epoll" modes do the same round trip between two event loops
 // (epollPingPong): "epoll-baseline" without the probe, "epoll-target"
 // with it watching them, sleeps in epoll_wait being their idle waits.
+// The "yield" modes are one sched_yield of two threads sharing a CPU
+// (yieldPingPong): two switches of runnable threads, a preemption's path.
 // This process's CPU per wall second is no measure of it: a slower round
 // trip leaves the CPUs idle longer, so it came out below the baseline's.
 func BenchmarkSchedProbe(b *testing.B) {
@@ -128,15 +185,20 @@ func BenchmarkSchedProbe(b *testing.B) {
 	} else {
 		defer stats.Close()
 	}
-	for _, mode := range []string{"baseline", "target", "other", "runqlat", "offcputime", "epoll-baseline", "epoll-target"} {
+	for _, mode := range []string{"baseline", "target", "other", "runqlat", "offcputime", "epoll-baseline", "epoll-target", "yield-baseline", "yield-target"} {
 		b.Run(mode, func(b *testing.B) {
 			st := signals.New(64, 4096)
-			trip := pingPong
+			trip, switches := pingPong, 4.0
 			switch mode {
 			case "epoll-baseline", "epoll-target":
 				trip = func(n int) { epollPingPong(b, n) }
 				if mode == "epoll-target" {
 					startBenchProbe(b, os.Getpid(), st, "epoll_wait", "epoll_pwait")
+				}
+			case "yield-baseline", "yield-target":
+				trip, switches = func(n int) { yieldPingPong(b, n) }, 2
+				if mode == "yield-target" {
+					startBenchProbe(b, os.Getpid(), st)
 				}
 			case "baseline":
 			case "runqlat", "offcputime":
@@ -154,9 +216,9 @@ func BenchmarkSchedProbe(b *testing.B) {
 			trip(b.N)
 			b.StopTimer()
 			wall := time.Since(t0).Seconds()
-			b.ReportMetric(float64(b.N)*4/wall, "switches/s")
+			b.ReportMetric(float64(b.N)*switches/wall, "switches/s")
 			if statsOn {
-				b.ReportMetric(float64(bpfRuntime(b)-bpf0)/float64(b.N), "bpf-ns/op")
+				b.ReportMetric(float64(bpfRunSince(b, bpf0))/float64(b.N), "bpf-ns/op")
 			}
 		})
 	}
@@ -237,15 +299,16 @@ func startLibbpfTool(b *testing.B, name string, pid int) {
 	}
 }
 
-// bpfRuntime is the run time the kernel has counted for every eBPF
-// program loaded on the machine (while BPF stats are enabled). A program
-// that goes away between the listing and its stats is skipped.
-func bpfRuntime(b *testing.B) time.Duration {
-	var total time.Duration
+// bpfRuntime is the run time the kernel has counted for each eBPF
+// program loaded on the machine (while BPF stats are enabled), by program
+// ID. A program that goes away between the listing and its stats is
+// skipped.
+func bpfRuntime(b *testing.B) map[ebpf.ProgramID]time.Duration {
+	rt := map[ebpf.ProgramID]time.Duration{}
 	for id := ebpf.ProgramID(0); ; {
 		next, err := ebpf.ProgramGetNextID(id)
 		if errors.Is(err, os.ErrNotExist) {
-			return total
+			return rt
 		}
 		if err != nil {
 			b.Fatalf("list eBPF programs: %v", err)
@@ -256,8 +319,22 @@ func bpfRuntime(b *testing.B) time.Duration {
 			continue
 		}
 		if s, err := prog.Stats(); err == nil {
-			total += s.Runtime
+			rt[id] = s.Runtime
 		}
 		prog.Close()
 	}
+}
+
+// bpfRunSince is the run time counted since before, over the programs
+// loaded both then and now: a program unloaded meanwhile (the last
+// sub-benchmark's, freed after its links closed) would otherwise take its
+// whole run time off the sum.
+func bpfRunSince(b *testing.B, before map[ebpf.ProgramID]time.Duration) time.Duration {
+	var d time.Duration
+	for id, t := range bpfRuntime(b) {
+		if t0, ok := before[id]; ok {
+			d += t - t0
+		}
+	}
+	return d
 }

@@ -35,18 +35,18 @@ type schedThreadStats struct {
 	Tgid          uint32
 	Quiet         uint32
 	Comm          [16]int8
-	RunqSlots     [24]uint64
-	RunqNs        uint64
-	OncpuNs       uint64
-	Voluntary     uint64
-	Involuntary   uint64
-	BusySlots     [16]uint64
-	OffcpuNs      uint64
-	LongBlocks    uint64
 	RunnableSince uint64
 	OncpuSince    uint64
 	BusySince     uint64
 	OffcpuSince   uint64
+	OncpuNs       uint64
+	RunqNs        uint64
+	Voluntary     uint64
+	Involuntary   uint64
+	RunqSlots     [24]uint64
+	BusySlots     [16]uint64
+	OffcpuNs      uint64
+	LongBlocks    uint64
 	OffUstack     int32
 	OffKstack     int32
 	OffSp         uint64

@@ -9,7 +9,10 @@
 # ratios (each round's two runs are back to back), the agent's CPU (% of one
 # core, from schedstat over the wrk run) and RSS (max VmRSS sampled
 # during the run, and VmHWM) at that load, and the findings the agent opened
-# under this healthy load (there should be none). The last line,
+# under this healthy load (there should be none). As root with bpftool,
+# it also gives the ratio from costs, which holds still where requests/s
+# do not: 1 - (the agent's CPU + its eBPF programs' run time) / the CPU
+# the machine was busy (see bpf_ns). The last line,
 # "BENCH-NGINX key=value ...", is for make bench's table.
 #
 # The agent runs only during its own rounds: it is started before and stopped
@@ -104,6 +107,7 @@ cleanup() {
   stop_pid "$agent_pid" 10
   stop_pid "$holder_pid" 5
   stop_pid "$nginx_pid" 10 # TERM to the master: it takes its workers down
+  [ -z "$bpf_stats_was" ] || sysctl -qw kernel.bpf_stats_enabled="$bpf_stats_was" 2>/dev/null || true
   rm -rf "$tmp"
   exit "$rc"
 }
@@ -281,6 +285,28 @@ PY
 snap() { python3 "$tmp/procsnap.py" snap $$ "$1"; }
 others_pct() { python3 "$tmp/procsnap.py" diff "$1" "$2" "$3"; }
 
+# What the agent costs nginx flat out, from accounting rather than from
+# requests/s, which on a noisy VM moves more between rounds than the agent
+# costs: the agent's CPU plus the run time of its eBPF programs (kernel BPF
+# stats, on during the agent's rounds only), against the CPU the whole
+# machine was busy. With every CPU busy, what the agent takes nginx and wrk
+# do not get, so nginx's requests/s with the agent are about 1 - cost/busy
+# of without it. It leaves out what accounting cannot see (caches the
+# agent evicts, lock waits); the stats' own clock reads and the iterators
+# the agent runs in its own reads (counted in its CPU too) make it err
+# high. bpf_ns prints the culprit programs' total run time in ns, or "-"
+# without root or bpftool.
+bpf_stats_was=""
+bpf_ns() {
+  [ -n "$bpf_stats_was" ] || { echo -; return; }
+  bpftool prog show -j 2>/dev/null | python3 -c '
+import json, sys
+print(sum(p.get("run_time_ns", 0) for p in json.load(sys.stdin) if p.get("name", "").startswith("culprit_")))' 2>/dev/null || echo -
+}
+# busy_ticks: the machine's busy time (user, nice, system, irq, softirq,
+# steal) in clock ticks, from /proc/stat.
+busy_ticks() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat; }
+
 # sample_rss PID OUT: max VmRSS (kB) of PID every 0.2 s into OUT, until
 # killed. Runs in the baseline rounds too (on nginx's master), so both sides
 # carry the same sampling cost.
@@ -333,6 +359,13 @@ parse_wrk() {
 }
 
 # ---- rounds ----------------------------------------------------------------
+# BPF run-time stats, for the cost estimate: on during the agent's wrk runs
+# only (they cost two clock reads per program run), restored after each
+# and on exit.
+if [ "$(id -u)" = 0 ] && command -v bpftool >/dev/null 2>&1 && command -v sysctl >/dev/null 2>&1; then
+  bpf_stats_was=$(sysctl -n kernel.bpf_stats_enabled 2>/dev/null || true)
+fi
+[ -n "$bpf_stats_was" ] || echo "bench-nginx: note: no root or bpftool: the cost estimate (agent + its eBPF against the busy machine) is left out" >&2
 if [ "$WARMUP" != 0 ] && [ "${WARMUP%[smh]}" != 0 ]; then
   echo "bench-nginx: warming nginx up for $WARMUP" >&2
   run_wrk "$tmp/warmup.out" "$WARMUP"
@@ -350,7 +383,7 @@ measure() {
   others=$(others_pct "$tmp/snap0" "$tmp/snap1" "$((n1 - n0))")
 }
 
-base_rps=() base_p99=() with_rps=() with_p99=() cpus=() rss=() hwm=() others_all=() pair_ratios=()
+base_rps=() base_p99=() with_rps=() with_p99=() cpus=() rss=() hwm=() others_all=() pair_ratios=() bpfs=() ests=()
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.3f", a / b; else print "n/a"}'; }
 findings_total=0 bad_responses=0
 : >"$tmp/findings.txt"
@@ -391,12 +424,16 @@ round_with() {
   sleep "$SETTLE" # past start-up: probes attached, symbol tables read
 
   sample_rss "$agent_pid" "$tmp/rss-agent" & sampler_pid=$!
+  [ -z "$bpf_stats_was" ] || sysctl -qw kernel.bpf_stats_enabled=1
+  b0=$(bpf_ns) k0=$(busy_ticks)
   t0=$(cpu_ns "$agent_pid") || die "agent vanished"
   n0=$(now_ns)
   measure "with-$r"
   t1=$(cpu_ns "$agent_pid") || { tail -n 30 "$tmp/agent-$r.log" >&2; die "agent exited during the load (log above)"; }
   kill -0 "$agent_pid" 2>/dev/null || { tail -n 30 "$tmp/agent-$r.log" >&2; die "agent exited during the load (log above)"; }
   n1=$(now_ns)
+  b1=$(bpf_ns) k1=$(busy_ticks)
+  [ -z "$bpf_stats_was" ] || sysctl -qw kernel.bpf_stats_enabled="$bpf_stats_was"
   stop_pid "$sampler_pid" 2; sampler_pid=""
   hwm_kb=$(awk '$1 == "VmHWM:" {print $2}' "/proc/$agent_pid/status")
   read -r rps p99 non2xx errs < <(parse_wrk "$tmp/with-$r.out") || { cat "$tmp/with-$r.out" >&2; die "could not parse wrk's output"; }
@@ -405,6 +442,13 @@ round_with() {
   rss_mib=$(awk -v k="$(<"$tmp/rss-agent")" 'BEGIN {printf "%.1f", k / 1024}')
   hwm_mib=$(awk -v k="${hwm_kb:-0}" 'BEGIN {printf "%.1f", k / 1024}')
   cpus+=("$cpu"); rss+=("$rss_mib"); hwm+=("$hwm_mib")
+  # The cost estimate (see bpf_ns): agent and eBPF, % of one core, and
+  # 1 - their sum over the machine's busy CPU.
+  read -r bpf est < <(awk -v b0="$b0" -v b1="$b1" -v ns="$((n1 - n0))" -v a="$((t1 - t0))" -v k="$((k1 - k0))" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+    if (b0 == "-" || b1 == "-") { print "- -"; exit }
+    busy = k / hz * 1e9
+    printf "%.2f %.4f\n", 100 * (b1 - b0) / ns, (busy > 0) ? 1 - (a + b1 - b0) / busy : 0 }')
+  bpfs+=("$bpf"); ests+=("$est")
 
   # Every finding this agent opened (it was started for this round), open
   # or already resolved.
@@ -415,8 +459,8 @@ round_with() {
   if [ "$n" -gt 0 ]; then
     { echo "round $r:"; timeout 15 "$BIN" findings --addr "127.0.0.1:$grpc" --all 2>&1 || cat "$tmp/findings-$r.json"; } >>"$tmp/findings.txt"
   fi
-  printf 'round %d/%d  with agent:    %9.0f req/s  p99 %8.2f ms  non-2xx %s, socket errors %s; other processes: %s%% of a core (%s); agent %s%% of a core, RSS max %s MiB, %s findings\n' \
-    "$r" "$ROUNDS" "$rps" "$p99" "$non2xx" "$errs" "${others%% *}" "${others#* }" "$cpu" "$rss_mib" "$n" >&2
+  printf 'round %d/%d  with agent:    %9.0f req/s  p99 %8.2f ms  non-2xx %s, socket errors %s; other processes: %s%% of a core (%s); agent %s%% of a core, its eBPF %s%%, from costs %s; RSS max %s MiB, %s findings\n' \
+    "$r" "$ROUNDS" "$rps" "$p99" "$non2xx" "$errs" "${others%% *}" "${others#* }" "$cpu" "$bpf" "$est" "$rss_mib" "$n" >&2
 
   stop_pid "$agent_pid" 10; agent_pid=""
 }
@@ -451,6 +495,10 @@ row "requests/s" "$(summary %.0f "${base_rps[@]}")" "$(summary %.0f "${with_rps[
 row "requests/s, per-round ratio" "-" "-" "$(summary %.3f "${pair_ratios[@]}")"
 row "p99 latency, ms" "$(summary %.2f "${base_p99[@]}")" "$(summary %.2f "${with_p99[@]}")" "$(ratio "$(median "${with_p99[@]}")" "$(median "${base_p99[@]}")")"
 row "agent CPU, % of one core" "-" "$(summary %.1f "${cpus[@]}")" ""
+if [ -n "$bpf_stats_was" ]; then
+  row "its eBPF programs, % of one core" "-" "$(summary %.2f "${bpfs[@]}")" ""
+  row "requests/s ratio from costs" "-" "-" "$(summary %.3f "${ests[@]}")"
+fi
 row "agent RSS, max during load, MiB" "-" "$(summary %.1f "${rss[@]}")" ""
 row "agent RSS, peak (VmHWM), MiB" "-" "$(summary %.1f "${hwm[@]}")" ""
 row "findings opened" "-" "$findings_total" ""
@@ -477,5 +525,5 @@ if [ "$findings_total" -gt 0 ]; then
 else
   echo "The agent opened no findings under this healthy load."
 fi
-echo "BENCH-NGINX rps_without=$(median "${base_rps[@]}") rps_with=$(median "${with_rps[@]}") ratio=$(ratio "$(median "${with_rps[@]}")" "$(median "${base_rps[@]}")") pair_ratio=$(median "${pair_ratios[@]}") pair_min=$(printf '%s\n' "${pair_ratios[@]}" | sort -g | head -1) agent_cpu=$(median "${cpus[@]}") rss_mib=$(median "${rss[@]}") hwm_mib=$(printf '%s\n' "${hwm[@]}" | sort -g | tail -1) sockets=$((2 * HOLD)) others=$(median "${others_all[@]}") base_spread=$base_spread findings=$findings_total"
+echo "BENCH-NGINX rps_without=$(median "${base_rps[@]}") rps_with=$(median "${with_rps[@]}") ratio=$(ratio "$(median "${with_rps[@]}")" "$(median "${base_rps[@]}")") pair_ratio=$(median "${pair_ratios[@]}") pair_min=$(printf '%s\n' "${pair_ratios[@]}" | sort -g | head -1) agent_cpu=$(median "${cpus[@]}") rss_mib=$(median "${rss[@]}") hwm_mib=$(printf '%s\n' "${hwm[@]}" | sort -g | tail -1) sockets=$((2 * HOLD)) others=$(median "${others_all[@]}") base_spread=$base_spread findings=$findings_total agent_bpf=$( [ -n "$bpf_stats_was" ] && median "${bpfs[@]}" || echo -) cost_ratio=$( [ -n "$bpf_stats_was" ] && median "${ests[@]}" || echo -)"
 exit 0

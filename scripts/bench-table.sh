@@ -76,6 +76,9 @@ base_spread=$(nginx base_spread)
 ratio=$(nginx ratio)
 rps_without=$(nginx rps_without)
 rps_with=$(nginx rps_with)
+cost_ratio=$(nginx cost_ratio)
+agent_cpu=$(nginx agent_cpu)
+agent_bpf=$(nginx agent_bpf)
 base=$(ns_op BenchmarkSchedProbe/baseline)
 probe=$(ns_op BenchmarkSchedProbe/target)
 runqlat=$(ns_op BenchmarkSchedProbe/runqlat)
@@ -87,6 +90,9 @@ epoll_base=$(ns_op BenchmarkSchedProbe/epoll-baseline)
 epoll_probe=$(ns_op BenchmarkSchedProbe/epoll-target)
 bpf_runqlat=$(metric probes.txt BenchmarkSchedProbe/runqlat bpf-ns/op)
 bpf_offcpu=$(metric probes.txt BenchmarkSchedProbe/offcputime bpf-ns/op)
+yield_base=$(ns_op BenchmarkSchedProbe/yield-baseline)
+yield_probe=$(ns_op BenchmarkSchedProbe/yield-target)
+bpf_yield=$(metric probes.txt BenchmarkSchedProbe/yield-target bpf-ns/op)
 x() { # x A B: A/B as a ratio, "-" when either is missing
   if [ "$1" = - ] || [ "$2" = - ]; then echo -; else awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2fx", a / b }'; fi
 }
@@ -114,6 +120,10 @@ if [ "$base_spread" != - ] && awk -v s="$base_spread" 'BEGIN {exit !(s > 0.05)}'
   ratio_verdict="NOISY ($(fmt %.0f "$(awk -v s="$base_spread" 'BEGIN {print 100 * s}')")% without the agent)"
 fi
 row "requests/s of nginx under wrk, agent on / off" ">= 0.99" "$(fmt %.3f "$pair") per round (min $(fmt %.3f "$pair_min"))" "$(fmt %.0f "$rps_with") / $(fmt %.0f "$rps_without") req/s = $(fmt %.3f "$ratio")" "$ratio_verdict"
+# The same from accounting (bench-nginx.sh bpf_ns): the agent's CPU and
+# its eBPF run time against the busy machine, which holds still where the
+# requests/s do not. An estimate: it cannot see evicted caches.
+row "the same from costs: 1 - (agent + its eBPF) / busy CPU" ">= 0.99" "$(fmt %.3f "$cost_ratio")" "agent $(fmt %.1f "$agent_cpu")% + eBPF $(fmt %.2f "$agent_bpf")% of a core, flat out" "$(verdict "$cost_ratio" '>=' 0.99)"
 row "thread round trip (2 wake-ups, 4 switches), sched probe" "-" "$(fmt %.0f "$probe") ns ($(x "$probe" "$base"))" "none $(fmt %.0f "$base"); runqlat -p $(x "$runqlat" "$base"), offcputime -p $(x "$offcpu" "$base")" "-"
 # The kernel's own count of eBPF run time, per round trip: what the wall
 # time above shows only blurred.
@@ -121,4 +131,7 @@ row "eBPF run time per round trip, sched probe on the target" "-" "$(fmt %.0f "$
 # The same between two event loops asleep in epoll_wait, their idle wait:
 # nginx's and tokio's path, where the probe reuses the stacks of the site.
 row "event-loop round trip (epoll_wait), sched probe" "-" "$(fmt %.0f "$epoll_probe") ns, eBPF $(fmt %.0f "$bpf_epoll") ns" "none $(fmt %.0f "$epoll_base") ns" "-"
+# Two threads yielding one CPU to each other: a preempted worker's path,
+# most of the switches nginx's workers take flat out.
+row "sched_yield between two threads on one CPU, sched probe" "-" "$(fmt %.0f "$yield_probe") ns, eBPF $(fmt %.0f "$bpf_yield") ns" "none $(fmt %.0f "$yield_base") ns" "-"
 echo
