@@ -17,6 +17,7 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/culprit-dev/culprit/collectors"
 	"github.com/culprit-dev/culprit/exporters"
 	"github.com/culprit-dev/culprit/probes"
 	"github.com/culprit-dev/culprit/rules"
@@ -452,6 +453,13 @@ func (c *Config) Validate() error {
 			return &ConfigError{Key: "rules." + ke.Key, Err: ke.Err}
 		}
 		return &ConfigError{Key: "rules", Err: err}
+	}
+	// A misspelt name would leave on the collector it meant to turn off,
+	// with no word said.
+	for _, n := range c.Collect.Disabled {
+		if !slices.Contains(collectors.Names(), n) {
+			return bad("collect.disabled", "no collector is named %s; the collectors are %s", quote(n), strings.Join(collectors.Names(), ", "))
+		}
 	}
 	if rb := c.Probes.RingBufferBytes; rb&(rb-1) != 0 {
 		return bad("probes.ring_buffer_bytes", "must be a power of two of at least 4096, got %d", rb)

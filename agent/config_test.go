@@ -6,6 +6,7 @@ import (
 	"io"
 	"math"
 	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
@@ -114,6 +115,33 @@ func TestConfigPrecedence(t *testing.T) {
 	_, err = agentConfig([]string{"--set", "no.such.key=1"}, nil, io.Discard)
 	if err == nil || !strings.Contains(err.Error(), "no.such.key: unknown key") {
 		t.Errorf("unknown --set key error: %v", err)
+	}
+}
+
+// A collector named in collect.disabled that does not exist is refused,
+// naming the key and the collectors there are: `--set
+// collect.disabled=["sockets"]` (a TOML list written as a flag's comma
+// list) left the sockets collector running with no word said.
+func TestCollectDisabledNamesCollectors(t *testing.T) {
+	cfg, err := agentConfig([]string{"--set", "collect.disabled=sockets, netstat"}, nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(cfg.Collect.Disabled, []string{"sockets", "netstat"}) {
+		t.Errorf("collect.disabled = %q, want sockets and netstat", cfg.Collect.Disabled)
+	}
+	for _, v := range []string{`["sockets"]`, "socket", "sockets,nosuch"} {
+		_, err := agentConfig([]string{"--set", "collect.disabled=" + v}, nil, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), "collect.disabled") || !strings.Contains(err.Error(), "accept_queue, cgroup") {
+			t.Errorf("collect.disabled=%s: %v, want an error naming the key and the collectors", v, err)
+		}
+	}
+	f := filepath.Join(t.TempDir(), "agent.conf")
+	if err := os.WriteFile(f, []byte("[collect]\ndisabled = [\"threads\", \"thread\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := agentConfig([]string{"--config", f}, nil, io.Discard); err == nil || !strings.Contains(err.Error(), `"thread"`) {
+		t.Errorf("a misspelt collector in the file: %v, want it refused by name", err)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -32,6 +33,10 @@ type ringReader struct {
 	// sees).
 	mu     sync.Mutex
 	closed bool
+	// closing is set before Close closes f: a wait that f's close ends
+	// gets the poller's "use of closed file", which is not os.ErrClosed,
+	// and each probe's reader logged it as a warning at every stop.
+	closing atomic.Bool
 	// drainMu makes drains take turns; rec is theirs.
 	drainMu sync.Mutex
 	rec     ringbuf.Record
@@ -82,8 +87,11 @@ func (r *ringReader) wait() error {
 		defer r.mu.Unlock()
 		return r.closed || r.AvailableBytes() > 0
 	})
-	if errors.Is(err, os.ErrDeadlineExceeded) {
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
 		r.f.SetReadDeadline(time.Time{})
+	case err != nil && r.closing.Load():
+		return fmt.Errorf("ring reader closed: %w", os.ErrClosed)
 	}
 	return err
 }
@@ -140,6 +148,7 @@ func (r *ringReader) Flush() error {
 
 // Close ends the reading goroutine's wait and releases the ring.
 func (r *ringReader) Close() error {
+	r.closing.Store(true)
 	err := r.f.Close()
 	r.mu.Lock()
 	defer r.mu.Unlock()

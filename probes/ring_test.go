@@ -3,6 +3,7 @@ package probes
 import (
 	"encoding/binary"
 	"errors"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -115,5 +116,27 @@ func TestRingCloseDoesNotWaitForAHandler(t *testing.T) {
 	}
 	if n := handled.Load(); n != 1 {
 		t.Errorf("%d records handled, want the one", n)
+	}
+}
+
+// A reader closed while its goroutine waits ends the wait with
+// os.ErrClosed, which readRing takes as the end: the poller's own error
+// for a file closed under a wait ("use of closed file") is not
+// os.ErrClosed, and every probe's reader logged a warning at each stop.
+func TestRingWaitEndsWithErrClosedOnClose(t *testing.T) {
+	rd := ringWithRecords(t, 0)
+	waited := make(chan error, 1)
+	go func() { waited <- rd.wait() }()
+	time.Sleep(100 * time.Millisecond) // in the poller by now
+	if err := rd.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	select {
+	case err := <-waited:
+		if !errors.Is(err, os.ErrClosed) {
+			t.Errorf("wait ended with %v, want os.ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not end the wait")
 	}
 }

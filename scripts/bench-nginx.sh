@@ -22,7 +22,8 @@
 set -euo pipefail
 
 readonly USAGE="usage: scripts/bench-nginx.sh [-h] [path/to/culprit]   (default bin/culprit, built with 'make build' if missing)
-env: ROUNDS=6 DURATION=10s THREADS=2 CONNS=64 WARMUP=3s SETTLE=2 READY_TIMEOUT=30 URL_PATH=/index.html HOLD=5000"
+env: ROUNDS=6 DURATION=10s THREADS=2 CONNS=64 WARMUP=3s SETTLE=2 READY_TIMEOUT=30 URL_PATH=/index.html HOLD=5000
+     AGENT_ARGS='--set profiling.enabled=false' (more flags for the agent: what a part costs)"
 
 die() { echo "bench-nginx: $*" >&2; exit 1; }
 usage_error() { echo "bench-nginx: $*" >&2; echo "$USAGE" >&2; exit 2; }
@@ -42,6 +43,8 @@ WARMUP=${WARMUP:-3s}
 SETTLE=${SETTLE:-2}
 READY_TIMEOUT=${READY_TIMEOUT:-30}
 URL_PATH=${URL_PATH:-/index.html}
+# Split on blanks, no globbing: flags such as --set key=value.
+read -r -a agent_args <<<"${AGENT_ARGS:-}"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || usage_error "ROUNDS must be a positive integer, not '$ROUNDS'"
 [[ $HOLD =~ ^[0-9]+$ ]] || usage_error "HOLD must be a number of connections, not '$HOLD'"
 [[ $THREADS =~ ^[1-9][0-9]*$ ]] || usage_error "THREADS must be a positive integer, not '$THREADS'"
@@ -407,7 +410,7 @@ round_with() {
   # B: the agent watching nginx's master.
   read -r http grpc < <(free_ports 2)
   "$BIN" agent --pid "$nginx_pid" --http-addr "127.0.0.1:$http" --grpc-addr "127.0.0.1:$grpc" \
-    --set traces.grpc_addr=127.0.0.1:0 --set traces.http_addr=127.0.0.1:0 \
+    --set traces.grpc_addr=127.0.0.1:0 --set traces.http_addr=127.0.0.1:0 "${agent_args[@]}" \
     >"$tmp/agent-$r.out" 2>"$tmp/agent-$r.log" &
   agent_pid=$!
   ok=""
