@@ -251,16 +251,18 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, v thr
 	if e.Duration >= time.Second {
 		sev = SeverityCritical
 	}
-	state := "ran"
+	// A run that ended is told in the past, its queued tasks too: the
+	// update after the run said they "wait that long" when none did.
+	state, wait := "ran", "waited"
 	if e.Ongoing {
-		state = "has been running"
+		state, wait = "has been running", "wait"
 	}
 	rt := runtimeName(v.runtime)
 	o := Observation{
 		Key:        pool,
 		Cause:      CauseCPUHeavyOnWorker,
 		Title:      fmt.Sprintf("CPU-heavy work on async worker %s: %s", e.Thread, named),
-		Symptom:    fmt.Sprintf("worker thread %s (tid %d) %s for %s without yielding; tasks queued on it wait that long", e.Thread, e.Tid, state, duration(e.Duration)),
+		Symptom:    fmt.Sprintf("worker thread %s (tid %d) %s for %s without yielding; tasks queued on it %s that long", e.Thread, e.Tid, state, duration(e.Duration), wait),
 		RootCause:  fmt.Sprintf("%s runs on a worker of the %q pool without an await point (%s in the last %s)", who, pool, count(float64(runs), "such run", ""), duration(r.o.Window)),
 		Severity:   sev,
 		Confidence: 0.8,

@@ -441,3 +441,78 @@ func TestHeapLeakSaysWhenItStoppedGrowing(t *testing.T) {
 	}
 	t.Logf("%s\n%s", o.Title, o.Symptom)
 }
+
+// A leak that stopped between two heap profiles, 10 s apart: the newest
+// profile still rose, but the anonymous RSS, read each second, has stood
+// still since the stop. The demo's leak-heap fault (8 MiB/s for 40 s) was
+// told "growing by 392.1 MiB/min for 48.5 s ... and still grows" 8 s
+// after it ended. The finding says when it stopped and the rate it grew
+// at; a heap still growing, or growing while the RSS stands still (inside
+// a memory limit), is still said to grow.
+func TestHeapLeakStoppedBetweenProfilesByRSS(t *testing.T) {
+	now := time.Unix(5000, 0)
+	start, stop := now.Add(-48*time.Second), now.Add(-8*time.Second)
+	const mib = 1 << 20
+	leak := func(at, end time.Time) float64 { // 8 MiB/s from start to end
+		if at.Before(start) {
+			return 5 * mib
+		}
+		if at.After(end) {
+			at = end
+		}
+		return 5*mib + 8*mib*at.Sub(start).Seconds()
+	}
+	// run fills the store a second at a time up to now, evaluates, and
+	// with later goes on to now+later and evaluates again (the same rule:
+	// an open finding is held).
+	run := func(heapEnd, rssEnd time.Time, later ...time.Duration) Observation {
+		t.Helper()
+		st := signals.New(600, 1000)
+		r := NewHeapLeak(DefaultHeapLeakOptions())
+		r.o.HeapFresh = 30 * time.Second
+		h := fixedHistory{sites: []AllocSite{{Function: "main.leak", File: "/src/main.go", Line: 7, Bytes: 300 << 20, Objects: 1}}, older: start, newer: now}
+		var obs []Observation
+		fill := func(from, to time.Time) {
+			for at := from; !at.After(to); at = at.Add(time.Second) {
+				st.Put(signals.ProcessMemoryRSSBytes, rssAnon, 20*mib+1.2*leak(at, rssEnd), at)
+				if at.Sub(now)%(10*time.Second) == 0 {
+					st.Put(signals.HeapInuseBytes, nil, leak(at, heapEnd), at)
+				}
+			}
+			obs = r.Evaluate(Window{Store: st, Now: to, Inputs: Inputs{Heap: h}})
+		}
+		fill(now.Add(-110*time.Second), now)
+		for _, d := range later {
+			fill(now.Add(time.Second), now.Add(d))
+		}
+		if len(obs) != 1 {
+			t.Fatalf("got %+v", obs)
+		}
+		return obs[0]
+	}
+
+	o := run(stop, stop)
+	want := "and has not grown since " + stop.Format("15:04:05") + " (its anonymous resident memory, read each second)"
+	if !strings.HasPrefix(o.Title, "Live heap grew by 48") || !strings.HasSuffix(o.Symptom, want) || strings.Contains(o.RootCause, "keeps growing") {
+		t.Errorf("stopped 8 s before the last profile:\n%s\n%s\n%s\nwant grew by ~480 MiB/min, %q", o.Title, o.Symptom, o.RootCause, want)
+	}
+	if !strings.Contains(o.Title, "for 40 s") {
+		t.Errorf("title %q: the leak ran 40 s", o.Title)
+	}
+	t.Logf("%s\n%s", o.Title, o.Symptom)
+	// A profile later, flat: the same words, not the profile's time and
+	// the rate blended with the quiet until it.
+	if o2 := run(stop, stop, 10*time.Second); o2.Title != o.Title || !strings.HasSuffix(o2.Symptom, want) {
+		t.Errorf("a flat profile later:\n%s\n%s\nwant %q and %q", o2.Title, o2.Symptom, o.Title, want)
+	}
+
+	if o := run(now, now); !strings.HasSuffix(o.Symptom, "and still grows") {
+		t.Errorf("a heap that grows to the last second: %q", o.Symptom)
+	}
+	// The heap keeps growing while the RSS stands still (a memory limit
+	// holds it): the last profile's rise is more than growth until the
+	// RSS stopped explains.
+	if o := run(now, stop); !strings.HasSuffix(o.Symptom, "and still grows") {
+		t.Errorf("a heap growing inside a flat RSS said to have stopped: %q", o.Symptom)
+	}
+}
