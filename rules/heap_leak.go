@@ -123,6 +123,12 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 		g.start = began
 		g.rate = g.increase / end.Sub(g.start).Seconds()
 		g.last.T = end
+	} else if !still {
+		if end, began, rate, ok := profileStop(w.Store.Range(signals.HeapInuseBytes, nil, now.Add(-r.o.Window)), g); ok {
+			stopped, by = "has not grown since about "+end.Format("15:04:05"), "estimated from the heap profiles: at their rate, the last one's level was reached then"
+			rateNote = "rate of the heap profiles before the stop (least squares)"
+			g.start, g.rate, g.last.T = began, rate, end
+		}
 	}
 	perMin := fmtBytes(g.rate*60) + "/min"
 	ev := []Evidence{
@@ -182,17 +188,20 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 }
 
 // rssStop tells, from the anonymous RSS (one sample a second), when a
-// growth stopped between its last rising heap profile (g.last) and the one
-// before. Profiles come pprof.interval apart (10 s): seen in the demo,
-// a leak that ended 8 s before the profile was said to "still grow", at
-// 392 MiB/min over 48.5 s where it had run 40 s at 480. It answers only
-// when the RSS followed the heap up (it rose by at least half of the
-// heap's growth), stood still since at a level the growth would have
-// left well behind (its rate over the flat time is 10 % of the growth),
-// and the last profile's rise is no more than growth until then explains:
-// a heap that grows inside resident memory (under a memory limit, say) is
-// left saying it grows. began is when the growth began, from the profiles
-// before the last (whose line the quiet tail does not bend).
+// heap growth stopped, somewhere between two heap profiles, which come
+// pprof.interval (10 s) apart. Seen in the demo: a leak of 40 s at 480
+// MiB/min told "growing by 392.1 MiB/min for 48.5 s ... and still grows"
+// 8 s after it ended, and once, with the profile after the stop a hair
+// above the one before (the app's other allocations), 11 s after. It
+// answers only when the RSS followed the heap up (it rose by at least
+// half of the heap's growth) and climbed at under a quarter of its rate
+// since, for long enough that the growth would have left it well behind
+// (three times the tolerance, 2 % of the growth); when no heap profile since the stop stands above the first
+// one after it; and when that profile's rise is no more than growth until
+// the stop explains. A heap that grows inside resident memory (under a
+// memory limit, say) is left saying it grows. began is when the growth
+// began: where the RSS left its old level, else where the line of the
+// profiles before the stop meets it.
 func rssStop(w Window, g growth, window time.Duration) (end, began time.Time, ok bool) {
 	if g.rate <= 0 || g.increase <= 0 || g.sinceStart {
 		return end, began, false
@@ -201,48 +210,91 @@ func rssStop(w Window, g growth, window time.Duration) (end, began time.Time, ok
 	if len(rss) < 4 || !w.Fresh(rss[len(rss)-1].T, freshSlow) {
 		return end, began, false
 	}
-	peak := rss[0]
-	for _, x := range rss {
-		if x.V > peak.V {
-			peak = x
-		}
-	}
-	if peak.V-rss[0].V < g.increase/2 {
-		return end, began, false
-	}
+	// The stop is the first second from which the RSS never again
+	// climbs at a quarter of the growth's rate: after a leak ends, a Go
+	// heap's RSS still creeps up towards its GC goal with the app's
+	// other allocations, slowly.
 	tol := max(float64(1<<20), 0.02*g.increase)
-	end = peak.T
-	for _, x := range rss {
-		if x.V >= peak.V-tol {
-			end = x.T
-			break
+	e := slices.IndexFunc(rss, func(x signals.Sample) bool {
+		if x.V-rss[0].V < g.increase/2 {
+			return false // the RSS has not followed the heap up (yet)
+		}
+		for _, y := range rss {
+			if y.T.After(x.T) && y.V-x.V > tol+g.rate/4*y.T.Sub(x.T).Seconds() {
+				return false
+			}
+		}
+		return true
+	})
+	if e < 0 {
+		return end, began, false
+	}
+	end = rss[e].T
+	flat := rss[len(rss)-1].T.Sub(end)
+	if !end.After(g.start) || g.rate*flat.Seconds() < 3*tol {
+		return end, began, false
+	}
+	// The first profile after the stop (j), and the rate the ones before
+	// it grew at. Every profile from j on must stand where j does: a
+	// heap profile a hair above the one before (the app's other
+	// allocations) was enough for "still grows" 11 s after a stop.
+	heap := w.Store.Range(signals.HeapInuseBytes, nil, w.Now.Add(-window))
+	j := slices.IndexFunc(heap, func(x signals.Sample) bool { return !x.T.Before(end) })
+	if j < 2 {
+		return end, began, false
+	}
+	for _, x := range heap[j:] {
+		if x.V > heap[j].V+tol {
+			return end, began, false
 		}
 	}
-	flat := rss[len(rss)-1].T.Sub(end)
-	if !end.Before(g.last.T) || !end.After(g.start) || g.rate*flat.Seconds() < 0.1*g.increase {
-		return end, began, false
-	}
-	// The profiles before the last one, and the rate they grew at.
-	heap := w.Store.Range(signals.HeapInuseBytes, nil, w.Now.Add(-window))
-	i := slices.IndexFunc(heap, func(x signals.Sample) bool { return x.T.Equal(g.last.T) })
-	if i < 2 {
-		return end, began, false
-	}
-	prev := heap[i-1]
-	if !prev.T.Before(end) {
-		return end, began, false
-	}
-	before, fits := growthOf(heap[:i])
+	prev := heap[j-1]
+	before, fits := growthOf(heap[:j])
 	began = g.start
 	if fits && before.rate > 0 && !before.sinceStart && before.start.Before(end) {
 		began = before.start
 	} else {
 		before.rate = g.rate
 	}
-	if g.last.V-prev.V > 1.25*before.rate*end.Sub(prev.T).Seconds()+tol {
+	if heap[j].V-prev.V > 1.25*before.rate*end.Sub(prev.T).Seconds()+tol {
 		return end, began, false
 	}
+	// The RSS dates the start as well, to the second: the last sample
+	// of its old level before the climb that ends at end (the profiles'
+	// line put the demo's start 3 s early).
+	k := e
+	for ; k > 0 && rss[k].V > rss[0].V+tol; k-- {
+	}
+	if k > 0 && rss[k].T.After(g.from().T.Add(-time.Second)) {
+		began = rss[k].T
+	}
 	return end, began, true
+}
+
+// profileStop is rssStop for a heap whose RSS does not tell (it did not
+// follow the heap up: memory resident from an earlier spike is reused):
+// when the last profile that rose (g.last) rose by less than three
+// quarters of what the profiles before it grew at, the growth stopped
+// inside that last interval, and a rate fitted through it is low (seen:
+// a 42 s leak at 480 MiB/min told "grew by 402 MiB/min for 49.9 s"). The
+// growth is then told by the profiles before, up to where their line
+// reaches the last one: the start is found the same way.
+func profileStop(heap []signals.Sample, g growth) (end, began time.Time, rate float64, ok bool) {
+	i := slices.IndexFunc(heap, func(x signals.Sample) bool { return x.T.Equal(g.last.T) })
+	if i < minSegment {
+		return end, began, 0, false
+	}
+	before, fits := growthOf(heap[:i])
+	if !fits || before.rate <= 0 || before.sinceStart || !before.start.Before(heap[i-1].T) {
+		return end, began, 0, false
+	}
+	prev := heap[i-1]
+	step := g.last.V - prev.V
+	if step <= 0 || step >= 0.75*before.rate*g.last.T.Sub(prev.T).Seconds() {
+		return end, began, 0, false
+	}
+	end = prev.T.Add(time.Duration(step / before.rate * float64(time.Second)))
+	return end, before.start, before.rate, true
 }
 
 // rssOnly is the rule without a heap source: steady anonymous RSS growth,

@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -428,8 +429,9 @@ func TestHeapLeakSaysWhenItStoppedGrowing(t *testing.T) {
 	if len(obs) != 1 || !strings.HasPrefix(obs[0].Title, "Live heap growing by") || !strings.HasSuffix(obs[0].Symptom, "and still grows") {
 		t.Fatalf("while it grows: %+v", obs)
 	}
-	// One more profile, at the level of the last.
-	st.Put(signals.HeapInuseBytes, nil, mib[len(mib)-1]*(1<<20), now)
+	// One more profile, a hair above the last (the app's other
+	// allocations): no growth.
+	st.Put(signals.HeapInuseBytes, nil, (mib[len(mib)-1]+0.2)*(1<<20), now)
 	obs = r.Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Heap: h}})
 	if len(obs) == 0 {
 		t.Fatal("dropped at the first flat profile: the words after a stop are not tested")
@@ -462,6 +464,8 @@ func TestHeapLeakStoppedBetweenProfilesByRSS(t *testing.T) {
 		}
 		return 5*mib + 8*mib*at.Sub(start).Seconds()
 	}
+	hair := map[time.Time]float64{} // added to the heap profile at a time
+	creep := 0.5 * mib              // RSS per second after the leak
 	// run fills the store a second at a time up to now, evaluates, and
 	// with later goes on to now+later and evaluates again (the same rule:
 	// an open finding is held).
@@ -474,9 +478,11 @@ func TestHeapLeakStoppedBetweenProfilesByRSS(t *testing.T) {
 		var obs []Observation
 		fill := func(from, to time.Time) {
 			for at := from; !at.After(to); at = at.Add(time.Second) {
-				st.Put(signals.ProcessMemoryRSSBytes, rssAnon, 20*mib+1.2*leak(at, rssEnd), at)
+				// After the leak, the RSS creeps up at 0.5 MiB/s (a Go
+				// heap's garbage towards its GC goal).
+				st.Put(signals.ProcessMemoryRSSBytes, rssAnon, 20*mib+1.2*leak(at, rssEnd)+creep*max(0, at.Sub(rssEnd).Seconds()), at)
 				if at.Sub(now)%(10*time.Second) == 0 {
-					st.Put(signals.HeapInuseBytes, nil, leak(at, heapEnd), at)
+					st.Put(signals.HeapInuseBytes, nil, leak(at, heapEnd)+hair[at], at)
 				}
 			}
 			obs = r.Evaluate(Window{Store: st, Now: to, Inputs: Inputs{Heap: h}})
@@ -506,6 +512,16 @@ func TestHeapLeakStoppedBetweenProfilesByRSS(t *testing.T) {
 		t.Errorf("a flat profile later:\n%s\n%s\nwant %q and %q", o2.Title, o2.Symptom, o.Title, want)
 	}
 
+	// Stopped a second before a profile, and the profile after that a
+	// hair above it (the app's other allocations): the growth stopped.
+	early := now.Add(-11 * time.Second)
+	hair[now] = 0.1 * mib
+	want = "and has not grown since " + early.Format("15:04:05")
+	if o := run(early, early); !strings.Contains(o.Symptom, want) || !strings.HasPrefix(o.Title, "Live heap grew by 48") {
+		t.Errorf("stopped 11 s before the last profile, which rose by 0.1 MiB:\n%s\n%s\nwant ~480 MiB/min and %q", o.Title, o.Symptom, want)
+	}
+	clear(hair)
+
 	if o := run(now, now); !strings.HasSuffix(o.Symptom, "and still grows") {
 		t.Errorf("a heap that grows to the last second: %q", o.Symptom)
 	}
@@ -515,4 +531,83 @@ func TestHeapLeakStoppedBetweenProfilesByRSS(t *testing.T) {
 	if o := run(now, stop); !strings.HasSuffix(o.Symptom, "and still grows") {
 		t.Errorf("a heap growing inside a flat RSS said to have stopped: %q", o.Symptom)
 	}
+}
+
+// After a leak and its release, three flat heap profiles and one that
+// jumped (6 s into a new leak of 8 MiB/s) made a regime whose line read
+// "growing by 89.5 MiB/min for 31 s": the flat profiles were taken for
+// growth, and the finding opened at once. Now nothing opens on one
+// profile; once the growth has run, its start and rate are the leak's.
+func TestHeapLeakFlatProfilesAreNotItsGrowth(t *testing.T) {
+	const mib = 1 << 20
+	// The leak began lead before the first profile that rose.
+	for _, lead := range []time.Duration{2 * time.Second, 6 * time.Second, 9 * time.Second} {
+		t0 := time.Unix(5000, 0)
+		begin := t0.Add(-lead)
+		prof := []float64{5, 85, 165, 245, 280, 280, 5.5, 5.5, 5.5, 5.5} // 100 s ago .. 10 s ago
+		st := signals.New(600, 1000)
+		for i, v := range prof {
+			st.Put(signals.HeapInuseBytes, nil, v*mib, t0.Add(time.Duration(i-len(prof))*10*time.Second))
+		}
+		r := NewHeapLeak(DefaultHeapLeakOptions())
+		r.o.HeapFresh = 30 * time.Second
+		h := fixedHistory{sites: []AllocSite{{Function: "main.leak", File: "/src/main.go", Line: 7, Bytes: 50 << 20, Objects: 1}}, older: begin, newer: t0}
+		var obs []Observation
+		for i := 0; i < 6; i++ {
+			at := t0.Add(time.Duration(i) * 10 * time.Second)
+			st.Put(signals.HeapInuseBytes, nil, 5.5*mib+8*mib*at.Sub(begin).Seconds(), at)
+			obs = r.Evaluate(Window{Store: st, Now: at, Inputs: Inputs{Heap: h}})
+			if i == 0 && len(obs) != 0 {
+				t.Fatalf("lead %s: opened on one profile that rose: %s / %s", lead, obs[0].Title, obs[0].Symptom)
+			}
+			// Whenever it opens, the start and rate are the leak's: a
+			// line through the regime's first profile, still at the old
+			// level, put the start up to a profile early at five sixths
+			// of the rate (seen in the demo: "402.2 MiB/min for 32 s" 28 s
+			// into a leak at 480).
+			want := fmt.Sprintf("Live heap growing by 480 MiB/min for %s (since %s)", duration(at.Sub(begin)), begin.Format("15:04:05"))
+			if len(obs) == 1 && obs[0].Title != want {
+				t.Errorf("lead %s, after %d rising profiles: %q, want %q", lead, i+1, obs[0].Title, want)
+			}
+		}
+		if len(obs) != 1 {
+			t.Errorf("lead %s: a leak of %s at 480 MiB/min not seen: %+v", lead, 50*time.Second+lead, obs)
+		}
+	}
+}
+
+// A leak that stopped inside the interval between two heap profiles,
+// with no RSS that tells (memory resident from an earlier spike is
+// reused): a rate fitted through the last, partial step was low and the
+// growth ran to that profile (seen: a 42 s leak at 480 MiB/min told
+// "grew by 402 MiB/min for 49.9 s"). It is told by the profiles before
+// the stop, up to where their line reaches the last one.
+func TestHeapLeakStopInsideAProfileInterval(t *testing.T) {
+	now := time.Unix(5000, 0)
+	const mib = 1 << 20
+	r := NewHeapLeak(DefaultHeapLeakOptions())
+	r.o.HeapFresh = 30 * time.Second
+	h := fixedHistory{sites: []AllocSite{{Function: "main.leak", File: "/src/main.go", Line: 7, Bytes: 300 << 20, Objects: 1}}, older: now.Add(-60 * time.Second), newer: now}
+	st := signals.New(600, 1000)
+	// 8 MiB/s from 65 s ago (7 MiB) until 20 s ago, profiles every 10 s.
+	begin, stop := now.Add(-65*time.Second), now.Add(-25*time.Second)
+	heap := func(at time.Time) float64 {
+		d := min(max(at.Sub(begin), 0), stop.Sub(begin))
+		return 7*mib + 8*mib*d.Seconds()
+	}
+	var obs []Observation
+	for age := 100 * time.Second; age >= 10*time.Second; age -= 10 * time.Second { // to the first flat profile
+		at := now.Add(-age)
+		st.Put(signals.HeapInuseBytes, nil, heap(at), at)
+		obs = r.Evaluate(Window{Store: st, Now: at, Inputs: Inputs{Heap: h}})
+	}
+	if len(obs) != 1 {
+		t.Fatalf("got %+v", obs)
+	}
+	o := obs[0]
+	want := "has not grown since about " + stop.Format("15:04:05")
+	if !strings.HasPrefix(o.Title, "Live heap grew by 480 MiB/min for 40 s (since "+begin.Format("15:04:05")+")") || !strings.Contains(o.Symptom, want) {
+		t.Errorf("%q / %q, want 480 MiB/min for 40 s and %q", o.Title, o.Symptom, want)
+	}
+	t.Logf("%s\n%s", o.Title, o.Symptom)
 }

@@ -59,10 +59,11 @@ type growth struct {
 	// forecast from it means something. rising is the looser "it still
 	// rose at all", which is what keeps an open finding open.
 	current, rising bool
-	// lastRise is the newest sample of the regime that stood above the one
-	// before it: last's time while the series still grows, earlier once
-	// it went flat (a finding held open by rising must not say "still
-	// grows" of a heap that stopped at the last profile).
+	// lastRise is the newest sample of the regime that rose above the one
+	// before it by a quarter of the rate's step at least: last's time
+	// while the series still grows, earlier once it went flat (a finding
+	// held open by rising must not say "still grows" of a heap that
+	// stopped at the last profile).
 	lastRise time.Time
 	// floor is how far the regime's newest samples (the same tail as
 	// current's) all stand above its oldest ones (as many, from from()
@@ -99,24 +100,60 @@ func growthOf(s []signals.Sample) (growth, bool) {
 		return growth{}, false
 	}
 	k := lastRegime(s)
+	// Samples that open the regime still at its old level (see level) are
+	// not its growth: it begins at the last of them. Seen on heap profiles: three flat ones and a
+	// jump made a regime whose line said "growing by 89.5 MiB/min for
+	// 31 s", 6 s into a leak of 480 MiB/min, and opened the finding.
+	flatFirst := false
+	if seg := s[k:]; len(seg) >= 3 {
+		n := len(seg)
+		if span := seg[n-1].T.Sub(seg[0].T).Seconds(); span > 0 {
+			rate := (seg[n-1].V - seg[0].V) / span
+			// level: b stands where a does, by the rate (under a quarter
+			// of its step) and by the level (2 % of the regime's rise: a
+			// profile taken 2 s into a leak is not at the old level).
+			level := func(a, b signals.Sample) bool {
+				d := b.V - a.V
+				return d < rate/4*b.T.Sub(a.T).Seconds() && d < 0.02*(seg[n-1].V-seg[0].V)
+			}
+			i := 0
+			for i < n-3 && rate > 0 && level(seg[i], seg[i+1]) {
+				i++
+			}
+			// The first sample alone can be at the old level too: it
+			// stands where the sample before the regime does. Only when
+			// what follows is growth itself: a jump and a plateau
+			// (CLOSE_WAIT sockets leaked in a burst) keeps its line
+			// through the jump, as before.
+			first := i > 0 || (k > 0 && rate > 0 && level(s[k-1], seg[0]))
+			if rest := seg[i+1:]; first && (rest[len(rest)-1].V-rest[0].V) >= rate/4*rest[len(rest)-1].T.Sub(rest[0].T).Seconds() {
+				k, flatFirst = k+i, true
+			}
+		}
+	}
 	seg := s[k:]
 	n := len(seg)
 	g := growth{base: s[max(k-1, 0)], first: seg[0], last: seg[n-1], start: s[0].T, n: n, sinceStart: k == 0}
 	// The regime's first sample may still be at the old level (the split
-	// is ambiguous by one sample): fitting through it would blend up to
-	// one quiet interval into the rate (a quarter of it, seen on 6 heap
-	// profiles). So after a change point the rate is fitted on the rest,
-	// and the start is where that line meets the old level.
+	// is ambiguous by one sample; it is when flatFirst): fitting through
+	// it would blend up to one quiet interval into the rate (a quarter of
+	// it, seen on 6 heap profiles). So after a change point the rate is
+	// fitted on the rest, and the start is where that line meets the old
+	// level.
 	fit := seg
-	if k > 0 && n > minSegment {
+	if (k > 0 && n > minSegment) || (flatFirst && n >= 3) {
 		fit = seg[1:]
 	}
 	g.rate = slopeOf(fit)
 	if k > 0 {
 		g.start = g.base.T
+		old := g.base
+		if flatFirst {
+			old = seg[0]
+		}
 		if g.rate > 0 {
-			back := time.Duration((fit[0].V - g.base.V) / g.rate * float64(time.Second))
-			g.start = fit[0].T.Add(-max(0, min(back, fit[0].T.Sub(g.base.T))))
+			back := time.Duration((fit[0].V - old.V) / g.rate * float64(time.Second))
+			g.start = fit[0].T.Add(-max(0, min(back, fit[0].T.Sub(old.T))))
 		}
 	}
 	g.increase = g.last.V - g.from().V
@@ -125,13 +162,19 @@ func growthOf(s []signals.Sample) (growth, bool) {
 	// a few samples before it (a short regime alone is too short a line).
 	lo := max(0, k-3)
 	g.young = lo+changePoint(s[lo:], 2, minSegment-1) > k
+	// A regime that opened at the old level and rose in fewer samples
+	// than a line needs is the same young change, found by its flat start.
+	g.young = g.young || (flatFirst && n-1 < minSegment)
 	tail := seg[n-max(3, n/4):]
 	rose := tail[len(tail)-1].V - tail[0].V
 	expected := g.rate * tail[len(tail)-1].T.Sub(tail[0].T).Seconds()
 	g.rising = rose > 0
+	// A rise is a step of at least a quarter of what the rate predicts
+	// over it: a heap profile a hair above the one before (the app's
+	// other allocations, after a leak stopped) is no growth.
 	g.lastRise = seg[0].T
 	for i := n - 1; i > 0; i-- {
-		if seg[i].V > seg[i-1].V {
+		if d := seg[i].V - seg[i-1].V; d > 0 && d >= g.rate/4*seg[i].T.Sub(seg[i-1].T).Seconds() {
 			g.lastRise = seg[i].T
 			break
 		}
