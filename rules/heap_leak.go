@@ -123,12 +123,20 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 		g.start = began
 		g.rate = g.increase / end.Sub(g.start).Seconds()
 		g.last.T = end
-	} else if !still {
-		if end, began, rate, ok := profileStop(w.Store.Range(signals.HeapInuseBytes, nil, now.Add(-r.o.Window)), g); ok {
-			stopped, by = "has not grown since about "+end.Format("15:04:05"), "estimated from the heap profiles: at their rate, the last one's level was reached then"
-			rateNote = "rate of the heap profiles before the stop (least squares)"
-			g.start, g.rate, g.last.T = began, rate, end
+	} else if end, began, rate, ok := profileStop(w.Store.Range(signals.HeapInuseBytes, nil, now.Add(-r.o.Window)), g); ok {
+		stopped, by = "has not grown since about "+end.Format("15:04:05"), "estimated from the heap profiles: at their rate, the last one's level was reached then"
+		if still {
+			// The newest profile rose by less than the rate before gives:
+			// the growth stopped or slowed in its interval, which the
+			// next profile tells apart. Neither is "still grows" at a
+			// rate blended with it (seen: "384.1 MiB/min for 53 s ...
+			// still grows" 7 s after a 45 s leak at 480 ended).
+			stopped = "slowed or stopped about " + end.Format("15:04:05")
+			by = "estimated from the heap profiles: at their rate, the newest one's level was reached then"
 		}
+		still = false
+		rateNote = "rate of the heap profiles before the stop (least squares)"
+		g.start, g.rate, g.last.T = began, rate, end
 	}
 	perMin := fmtBytes(g.rate*60) + "/min"
 	ev := []Evidence{

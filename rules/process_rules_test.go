@@ -600,6 +600,16 @@ func TestHeapLeakStopInsideAProfileInterval(t *testing.T) {
 		at := now.Add(-age)
 		st.Put(signals.HeapInuseBytes, nil, heap(at), at)
 		obs = r.Evaluate(Window{Store: st, Now: at, Inputs: Inputs{Heap: h}})
+		// At the profile 5 s after the stop, which rose by half a step:
+		// stopped or slowed, not "still grows" at a blended rate (seen:
+		// "growing by 384.1 MiB/min for 53 s ... and still grows" 7 s
+		// after a 45 s leak at 480 ended).
+		if age == 20*time.Second {
+			want := "and slowed or stopped about " + stop.Format("15:04:05")
+			if len(obs) != 1 || !strings.HasPrefix(obs[0].Title, "Live heap grew by 480 MiB/min for 40 s") || !strings.Contains(obs[0].Symptom, want) {
+				t.Errorf("at the profile after the stop: %+v, want 480 MiB/min for 40 s and %q", obs, want)
+			}
+		}
 	}
 	if len(obs) != 1 {
 		t.Fatalf("got %+v", obs)
