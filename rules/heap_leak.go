@@ -102,19 +102,19 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 	}
 	still, stopped := g.growing()
 	by, rateNote := "the last heap profiles", "rate since the growth began (least squares)"
+	profiles := w.Store.Range(signals.HeapInuseBytes, nil, now.Add(-r.o.Window))
 	if !still {
 		// The growth is told as it was up to its last rise: a flat tail
 		// fitted with it blends the quiet before the onset into the rate
 		// and the start (seen: a leak of 46 s told as 80 s at two thirds
 		// of its rate, a profile after it stopped).
-		s := w.Store.Range(signals.HeapInuseBytes, nil, now.Add(-r.o.Window))
-		if k := slices.IndexFunc(s, func(x signals.Sample) bool { return x.T.After(g.lastRise) }); k > 0 {
-			if g2, ok := growthOf(s[:k]); ok && g2.rate > 0 {
+		if k := slices.IndexFunc(profiles, func(x signals.Sample) bool { return x.T.After(g.lastRise) }); k > 0 {
+			if g2, ok := growthOf(profiles[:k]); ok && g2.rate > 0 {
 				g = g2
 			}
 		}
 	}
-	if end, began, ok := rssStop(w, g, r.o.Window); ok {
+	if end, began, ok := rssStop(w, g, profiles); ok {
 		// Where between its last two profiles the growth stopped: it is
 		// told up to there, its rate over the time it ran rather than
 		// over the quiet until the profile.
@@ -123,7 +123,7 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 		g.start = began
 		g.rate = g.increase / end.Sub(g.start).Seconds()
 		g.last.T = end
-	} else if end, began, rate, ok := profileStop(w.Store.Range(signals.HeapInuseBytes, nil, now.Add(-r.o.Window)), g); ok {
+	} else if end, began, rate, ok := profileStop(profiles, g); ok {
 		stopped, by = "has not grown since about "+end.Format("15:04:05"), "estimated from the heap profiles: at their rate, the last one's level was reached then"
 		if still {
 			// The newest profile rose by less than the rate before gives:
@@ -204,13 +204,13 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 // answers only when the RSS followed the heap up (it rose by at least
 // half of the heap's growth) and climbed at under a quarter of its rate
 // since, for long enough that the growth would have left it well behind
-// (three times the tolerance, 2 % of the growth); when no heap profile since the stop stands above the first
-// one after it; and when that profile's rise is no more than growth until
-// the stop explains. A heap that grows inside resident memory (under a
+// (three times the tolerance, 2 % of the growth); when no heap profile
+// since the stop stands above the first one after it; and when that
+// profile's rise is no more than growth until the stop explains. A heap that grows inside resident memory (under a
 // memory limit, say) is left saying it grows. began is when the growth
 // began: where the RSS left its old level, else where the line of the
 // profiles before the stop meets it.
-func rssStop(w Window, g growth, window time.Duration) (end, began time.Time, ok bool) {
+func rssStop(w Window, g growth, heap []signals.Sample) (end, began time.Time, ok bool) {
 	if g.rate <= 0 || g.increase <= 0 || g.sinceStart {
 		return end, began, false
 	}
@@ -223,17 +223,18 @@ func rssStop(w Window, g growth, window time.Duration) (end, began time.Time, ok
 	// heap's RSS still creeps up towards its GC goal with the app's
 	// other allocations, slowly.
 	tol := max(float64(1<<20), 0.02*g.increase)
-	e := slices.IndexFunc(rss, func(x signals.Sample) bool {
+	e := -1
+	for i, x := range rss {
 		if x.V-rss[0].V < g.increase/2 {
-			return false // the RSS has not followed the heap up (yet)
+			continue // the RSS has not followed the heap up (yet)
 		}
-		for _, y := range rss {
-			if y.T.After(x.T) && y.V-x.V > tol+g.rate/4*y.T.Sub(x.T).Seconds() {
-				return false
-			}
+		if !slices.ContainsFunc(rss[i+1:], func(y signals.Sample) bool {
+			return y.V-x.V > tol+g.rate/4*y.T.Sub(x.T).Seconds()
+		}) {
+			e = i
+			break
 		}
-		return true
-	})
+	}
 	if e < 0 {
 		return end, began, false
 	}
@@ -246,7 +247,6 @@ func rssStop(w Window, g growth, window time.Duration) (end, began time.Time, ok
 	// it grew at. Every profile from j on must stand where j does: a
 	// heap profile a hair above the one before (the app's other
 	// allocations) was enough for "still grows" 11 s after a stop.
-	heap := w.Store.Range(signals.HeapInuseBytes, nil, w.Now.Add(-window))
 	j := slices.IndexFunc(heap, func(x signals.Sample) bool { return !x.T.Before(end) })
 	if j < 2 {
 		return end, began, false
@@ -257,9 +257,9 @@ func rssStop(w Window, g growth, window time.Duration) (end, began time.Time, ok
 		}
 	}
 	prev := heap[j-1]
-	before, fits := growthOf(heap[:j])
+	before, fits := lineBefore(heap, j)
 	began = g.start
-	if fits && before.rate > 0 && !before.sinceStart && before.start.Before(end) {
+	if fits && before.start.Before(end) {
 		began = before.start
 	} else {
 		before.rate = g.rate
@@ -292,8 +292,8 @@ func profileStop(heap []signals.Sample, g growth) (end, began time.Time, rate fl
 	if i < minSegment {
 		return end, began, 0, false
 	}
-	before, fits := growthOf(heap[:i])
-	if !fits || before.rate <= 0 || before.sinceStart || !before.start.Before(heap[i-1].T) {
+	before, fits := lineBefore(heap, i)
+	if !fits || !before.start.Before(heap[i-1].T) {
 		return end, began, 0, false
 	}
 	prev := heap[i-1]
@@ -303,6 +303,14 @@ func profileStop(heap []signals.Sample, g growth) (end, began time.Time, rate fl
 	}
 	end = prev.T.Add(time.Duration(step / before.rate * float64(time.Second)))
 	return end, before.start, before.rate, true
+}
+
+// lineBefore is the growth of the profiles before heap[i], when they grew
+// from a start they show: the rate and start a stop inside the interval
+// to heap[i] does not bend.
+func lineBefore(heap []signals.Sample, i int) (growth, bool) {
+	g, ok := growthOf(heap[:i])
+	return g, ok && g.rate > 0 && !g.sinceStart
 }
 
 // rssOnly is the rule without a heap source: steady anonymous RSS growth,

@@ -101,9 +101,10 @@ func growthOf(s []signals.Sample) (growth, bool) {
 	}
 	k := lastRegime(s)
 	// Samples that open the regime still at its old level (see level) are
-	// not its growth: it begins at the last of them. Seen on heap profiles: three flat ones and a
-	// jump made a regime whose line said "growing by 89.5 MiB/min for
-	// 31 s", 6 s into a leak of 480 MiB/min, and opened the finding.
+	// not its growth: it begins at the last of them. Seen on heap
+	// profiles: three flat ones and a jump made a regime whose line said
+	// "growing by 89.5 MiB/min for 31 s", 6 s into a leak of 480 MiB/min,
+	// and opened the finding.
 	flatFirst := false
 	if seg := s[k:]; len(seg) >= 3 {
 		n := len(seg)
