@@ -419,3 +419,82 @@ func TestHeapLeakRateFromItsOnset(t *testing.T) {
 		t.Errorf("finding %s: %s / %s", f.Cause, f.Title, f.RootCause)
 	}
 }
+
+// A real heap leak at 8 MiB a second that stops between two heap profiles
+// (4 s apart): once the next profiles show it flat, the finding says the
+// heap grew (past tense), for about as long as it really did, and when it
+// stopped, dated from the anonymous RSS read each second, in an UPDATED
+// event; nothing told after the stop says it still grows. (The demo's 40 s leak was "growing
+// by 392.1 MiB/min for 48.5 s ... and still grows" 8 s after it ended.)
+func TestHeapLeakStoppedIsToldAsStopped(t *testing.T) {
+	l := testenv.StartLeaker(t, testenv.LeakerOptions{})
+	const every = 4 * time.Second
+	events := leakerAgent(t, l, 8*time.Second, func(cfg *Config) {
+		cfg.Pprof.HeapURL = l.PprofURL
+		cfg.Pprof.Interval = every
+		cfg.Rules.HeapLeak.Window = 60 * time.Second
+		cfg.Rules.HeapLeak.MinGrowth = 32 << 20
+		cfg.Rules.HeapLeak.MinDuration = 5 * time.Second
+	})
+	start := time.Now()
+	l.MustDo(t, "heaprate 8")
+	next(t, events, 40*time.Second, func(ev *culpritv1.FindingEvent) bool {
+		return ev.Finding.GetRule() == "heap_leak" && ev.Finding.GetCause() == "heap_leak"
+	})
+	// The stop falls between two profiles (the finding opens on one).
+	time.Sleep(every / 2)
+	l.MustDo(t, "stop")
+	stop := time.Now()
+	ran := stop.Sub(start)
+	heap, _ := heldCounts(t, l)
+	real := float64(heap<<20) / ran.Seconds() * 60
+	var told *culpritv1.Finding
+	deadline := time.After(5 * every)
+	for told == nil {
+		select {
+		case ev := <-events:
+			f := ev.Finding
+			if f.GetRule() != "heap_leak" {
+				continue
+			}
+			t.Logf("%s at +%.1fs: %s\n  %s", ev.Type, time.Since(stop).Seconds(), f.Title, f.Symptom)
+			if time.Since(stop) > 2*every && strings.Contains(f.Symptom, "still grows") {
+				t.Errorf("%.0f s after the leak stopped: %s", time.Since(stop).Seconds(), f.Symptom)
+			}
+			if strings.Contains(f.Symptom, "has not grown since") {
+				told = f
+				// Watchers are told when it stops, not only when the
+				// finding resolves (it was: 15 s after the stop).
+				if ev.Type != culpritv1.FindingEvent_TYPE_UPDATED {
+					t.Errorf("the stop was first told by a %s event", ev.Type)
+				}
+			}
+		case <-deadline:
+			t.Fatalf("%s after the leak stopped, heap_leak never said it had stopped", 5*every)
+		}
+	}
+	if !strings.HasPrefix(told.Title, "Live heap grew by ") {
+		t.Errorf("a stopped leak's title is not in the past tense: %s", told.Title)
+	}
+	m := regexp.MustCompile(`has not grown since (?:about )?(\d\d:\d\d:\d\d)`).FindStringSubmatch(told.Symptom)
+	if m == nil {
+		t.Fatalf("no time of the stop in: %s", told.Symptom)
+	}
+	at, err := time.ParseInLocation("15:04:05", m[1], time.Local)
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, mo, d := stop.Date()
+	at = time.Date(y, mo, d, at.Hour(), at.Minute(), at.Second(), 0, time.Local)
+	// The RSS is read once a second; the time is told to the second.
+	if off := at.Sub(stop); off < -3*time.Second || off > 3*time.Second {
+		t.Errorf("said the heap stopped growing at %s; it stopped at %s", m[1], stop.Format("15:04:05.0"))
+	}
+	rate := evidenceOf(t, told, "bytes/min")
+	if w := rate.Window.AsDuration(); w > ran+2*time.Second || w < ran/2 {
+		t.Errorf("said it grew for %s; it grew for %s", w, ran.Round(100*time.Millisecond))
+	}
+	if math.Abs(rate.Value-real)/real > 0.2 {
+		t.Errorf("said %.0f MiB/min for a leak of %.0f MiB/min", rate.Value/(1<<20), real/(1<<20))
+	}
+}

@@ -3,8 +3,10 @@ package main
 import (
 	"context"
 	"fmt"
+	"math"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -446,6 +448,21 @@ func TestPrecisionOneFaultOneFinding(t *testing.T) {
 	var opened, resolved, updated int
 	var first *culpritv1.Finding
 	var falses []*culpritv1.Finding
+	// told replays, from the events alone, the range of each evidence
+	// value the watcher was told, to check each UPDATED against it.
+	told := map[string][2]float64{}
+	var sent *culpritv1.Finding
+	tell := func(f *culpritv1.Finding) {
+		for _, e := range f.Evidence {
+			r, ok := told[e.Signal]
+			if !ok {
+				r = [2]float64{e.Value, e.Value}
+			}
+			told[e.Signal] = [2]float64{min(r[0], e.Value), max(r[1], e.Value)}
+		}
+		sent = f
+	}
+	threshold := rules.DefaultOptions().UpdateThreshold
 	grew := rssAnon(t, sc.s.PID) - anonBefore
 	for _, ev := range evs {
 		if ev.Finding.Rule == "heap_leak" && ev.Finding.Cause == "rss_growth_heap_unknown" && grew >= rules.DefaultHeapLeakOptions().MinGrowth {
@@ -468,13 +485,24 @@ func TestPrecisionOneFaultOneFinding(t *testing.T) {
 			if first == nil {
 				first = ev.Finding
 			}
+			clear(told)
+			tell(ev.Finding)
 		case culpritv1.FindingEvent_TYPE_RESOLVED:
 			resolved++
 		case culpritv1.FindingEvent_TYPE_UPDATED:
 			updated++
-			// What each update changed, to tell material moves from churn
-			// when the count below is exceeded.
 			t.Logf("update %d: %s | %s", updated, ev.Finding.Symptom, ev.Finding.RootCause)
+			if sent != nil {
+				if why := newsIn(told, sent, ev.Finding, threshold); why == "" {
+					t.Errorf("update %d tells nothing new: every number is inside the range already told (+/-%.0f%%), same cause", updated, 100*threshold)
+				} else {
+					t.Logf("update %d is news: %s", updated, why)
+				}
+				if sent.Cause != ev.Finding.Cause || sent.Severity != ev.Finding.Severity {
+					clear(told) // a new cause is told afresh
+				}
+			}
+			tell(ev.Finding)
 		}
 	}
 	t.Logf("6 bursts over 24 s: %d opened, %d updated, %d resolved", opened, updated, resolved)
@@ -486,10 +514,51 @@ func TestPrecisionOneFaultOneFinding(t *testing.T) {
 	}
 	// Each window's numbers rise while the first bursts fill it (a few
 	// updates, each a new high by more than update_threshold), then swing
-	// inside what was already said: silent. Seen: 6.
-	if updated > 9 {
-		t.Errorf("%d UPDATED events in 24 s: updates are not reserved for material changes", updated)
+	// inside what was already said: silent. Each update was checked above
+	// to leave the range told (the episode's overflow count rises at each
+	// burst, by more than update_threshold while it is small); how many
+	// there are depends on how the bursts land under the machine's load
+	// (seen: 5 to 10). More than two a burst is churn whatever it says.
+	if updated > 2*6 {
+		t.Errorf("%d UPDATED events for 6 bursts: updates are not reserved for material changes", updated)
 	}
+}
+
+// newsIn says what next tells a watcher that the events before it did not:
+// a cause or severity changed, evidence that is new, or a value beyond the
+// range told (told) by more than threshold of its edge (share points for
+// a ratio). It is "" when there is nothing: the agent's contract for an
+// UPDATED event, checked from the wire.
+func newsIn(told map[string][2]float64, prev, next *culpritv1.Finding, threshold float64) string {
+	if prev.Cause != next.Cause || prev.Severity != next.Severity {
+		return fmt.Sprintf("cause %s/%s -> %s/%s", prev.Cause, prev.Severity, next.Cause, next.Severity)
+	}
+	for _, e := range next.Evidence {
+		r, ok := told[e.Signal]
+		if !ok {
+			return "new evidence " + e.Signal
+		}
+		beyond := func(edge float64) bool {
+			scale := math.Abs(edge)
+			if e.Unit == "ratio" {
+				scale = math.Max(scale, 1)
+			}
+			return math.Abs(e.Value-edge) > threshold*scale
+		}
+		if (e.Value > r[1] && beyond(r[1])) || (e.Value < r[0] && beyond(r[0])) {
+			return fmt.Sprintf("%s %g beyond the told [%g, %g]", e.Signal, e.Value, r[0], r[1])
+		}
+	}
+	seen := map[string]bool{}
+	for _, a := range prev.Artifacts {
+		seen[a.Kind+"\x00"+a.Value] = true
+	}
+	for _, a := range next.Artifacts {
+		if !seen[a.Kind+"\x00"+a.Value] && slices.Contains(rules.LearnedKinds, a.Kind) {
+			return "new " + a.Kind
+		}
+	}
+	return ""
 }
 
 // A listener whose app accepts nothing: the words count what the app did

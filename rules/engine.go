@@ -472,7 +472,7 @@ func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
 		// function of a stall are the point even after the stall ends.
 		o = retainLearned(a.f.Observation, o)
 	}
-	material := causeChanged || materialChange(a.told, a.sent, o, e.o.UpdateThreshold)
+	material := causeChanged || a.sent.Stopped != o.Stopped || materialChange(a.told, a.sent, o, e.o.UpdateThreshold)
 	if !material || (!causeChanged && now.Sub(a.lastUpdate) < e.o.MinUpdateInterval) {
 		// Current in ListFindings and GetFinding; not worth an event.
 		a.f.Observation = o
@@ -492,18 +492,18 @@ func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
 
 func sameObservation(a, b Observation) bool { return reflect.DeepEqual(a, b) }
 
-// learnedKinds are artifacts a finding keeps once it has them: what it
+// LearnedKinds are artifacts a finding keeps once it has them: what it
 // found out about the cause, which later observations may no longer see
 // (the stall ended, the blocked thread woke up), and the routes whose
 // latency it explains (the spike is judged once a second, over a few
 // seconds: it may be seen in one evaluation only). A new one is news.
-var learnedKinds = []string{"thread", "stack", "frame", "route"}
+var LearnedKinds = []string{"thread", "stack", "frame", "route"}
 
 // retainLearned gives next the learned artifacts of prev whose kind next
 // lacks.
 func retainLearned(prev, next Observation) Observation {
 	var keep []Artifact
-	for _, kind := range learnedKinds {
+	for _, kind := range LearnedKinds {
 		if slices.ContainsFunc(next.Artifacts, func(a Artifact) bool { return a.Kind == kind }) {
 			continue
 		}
@@ -551,12 +551,12 @@ func materialChange(told map[string]span, prev, next Observation, threshold floa
 	}
 	seen := map[string]bool{}
 	for _, a := range prev.Artifacts {
-		if slices.Contains(learnedKinds, a.Kind) {
+		if slices.Contains(LearnedKinds, a.Kind) {
 			seen[a.Kind+"\x00"+a.Value] = true
 		}
 	}
 	for _, a := range next.Artifacts {
-		if slices.Contains(learnedKinds, a.Kind) && !seen[a.Kind+"\x00"+a.Value] {
+		if slices.Contains(LearnedKinds, a.Kind) && !seen[a.Kind+"\x00"+a.Value] {
 			return true
 		}
 	}

@@ -395,3 +395,39 @@ func TestEngineSendsAHeldBackChange(t *testing.T) {
 		t.Fatalf("events %+v: the held-back frame was never sent", evs)
 	}
 }
+
+// A symptom that stops while its finding stays open changes the words from
+// present to past ("still grows" to "has not grown since") with no number
+// moving: watchers are told, once, and told again if it resumes.
+func TestEngineTellsASymptomThatStopped(t *testing.T) {
+	r := &scripted{}
+	j := NewJournal(64)
+	e := NewEngine([]Rule{r}, signals.New(16, 64), j, nil, EngineOptions{
+		Interval: time.Second, ResolveAfter: 3 * time.Second, MinUpdateInterval: time.Second, MaxOpen: 10,
+		UpdateThreshold: 0.2, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	t0 := time.Unix(1000, 0)
+	o := Observation{Key: "k", Cause: "c", Severity: SeverityWarning, Symptom: "grew and still grows", Evidence: []Evidence{{Signal: "rate", Value: 100}}}
+	step := func(i int, stopped bool, words string) {
+		o.Stopped, o.Symptom = stopped, words
+		r.obs = []Observation{o}
+		e.Evaluate(t0.Add(time.Duration(i) * time.Second))
+	}
+	step(0, false, "grew and still grows")
+	step(2, true, "grew and has not grown since 12:00:01")
+	step(4, true, "grew and has not grown since 12:00:01")
+	step(6, false, "grew and still grows")
+	evs, _ := j.After(0, 10)
+	var got []string
+	for _, ev := range evs {
+		got = append(got, fmt.Sprintf("%v:%s", ev.Type, ev.Finding.Symptom))
+	}
+	want := []string{
+		fmt.Sprintf("%v:grew and still grows", EventOpened),
+		fmt.Sprintf("%v:grew and has not grown since 12:00:01", EventUpdated),
+		fmt.Sprintf("%v:grew and still grows", EventUpdated),
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("events %q, want %q", got, want)
+	}
+}

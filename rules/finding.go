@@ -80,6 +80,12 @@ type Observation struct {
 	// between bursts, and clients retry dropped SYNs 1, 3 and 7 s later:
 	// one fault, one finding, not one per burst.
 	Linger time.Duration
+	// Stopped says the symptom has stopped while the finding stays open
+	// (a growth told in the past tense, "grew ... has not grown since"):
+	// the words changed from present to past, which watchers must be
+	// told even when no number moved (seen: a stopped heap leak streamed
+	// as "still grows" until it resolved 15 s later).
+	Stopped bool
 }
 
 // Finding is an Observation with its lifecycle.

@@ -192,6 +192,7 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 		Artifacts:   arts,
 		Remediation: "Find why the named allocation sites keep their objects reachable: caches without a bound or eviction, maps keyed by request or connection that are never deleted from, goroutines/tasks that never end, buffers retained across awaits.",
 		Labels:      map[string]string{},
+		Stopped:     !still,
 	}}
 }
 

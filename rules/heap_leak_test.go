@@ -67,3 +67,30 @@ func TestHeapLeakWithoutHeapSourceSaysUnknown(t *testing.T) {
 		t.Fatalf("got %+v", obs)
 	}
 }
+
+// Without a heap source, anonymous RSS (read each second) that grew at 2
+// MiB/s for 40 s and then stood still, but for the app's other
+// allocations, is not said to grow after its stop: the stop is a new
+// regime at the next sample, and the finding is no longer observed.
+func TestHeapLeakWithoutHeapSourceStopsAtTheStop(t *testing.T) {
+	t0 := time.Unix(5000, 0)
+	stop := t0.Add(50 * time.Second)
+	st := signals.New(600, 1000)
+	anon := func(at time.Time) float64 {
+		d := min(max(at.Sub(t0)-10*time.Second, 0), 40*time.Second)
+		other := max(at.Sub(stop), 0).Seconds() * float64(64<<10)
+		return float64(100<<20) + d.Seconds()*float64(2<<20) + other
+	}
+	r, in := heapRule(nil)
+	r.o.Window = 2 * time.Minute // the growth's start is in it
+	for at := t0; !at.After(stop.Add(20 * time.Second)); at = at.Add(time.Second) {
+		st.Put(signals.ProcessMemoryRSSBytes, signals.L("kind", "anon"), anon(at), at)
+		obs := r.Evaluate(Window{Store: st, Now: at, Inputs: in})
+		switch {
+		case at.Equal(stop) && (len(obs) != 1 || obs[0].Cause != CauseRSSGrowthNoHeap || !strings.HasSuffix(obs[0].Symptom, "and still grows")):
+			t.Fatalf("while it grows: %+v", obs)
+		case at.After(stop) && len(obs) > 0:
+			t.Errorf("%s after the stop: %s / %s", at.Sub(stop), obs[0].Title, obs[0].Symptom)
+		}
+	}
+}

@@ -441,6 +441,9 @@ func TestHeapLeakSaysWhenItStoppedGrowing(t *testing.T) {
 	if !strings.HasPrefix(o.Title, "Live heap grew by 480 MiB/min") || strings.Contains(o.Symptom, "still grows") || !strings.Contains(o.Symptom, want) {
 		t.Errorf("after it stopped: %q / %q, want the rate up to its stop (480 MiB/min) and %q", o.Title, o.Symptom, want)
 	}
+	if !o.Stopped {
+		t.Error("the past tense is not marked Stopped: watchers would not be told of it")
+	}
 	t.Logf("%s\n%s", o.Title, o.Symptom)
 }
 
