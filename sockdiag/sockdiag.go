@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -309,7 +310,7 @@ func (c *Conn) request(ctx context.Context, typ uint16, family uint8, states Sta
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		n, err := unix.Read(c.fd, c.buf)
+		n, err := c.read()
 		switch {
 		case err == unix.EINTR:
 			continue
@@ -459,3 +460,22 @@ func tcpInfoAttr(b []byte) []byte {
 }
 
 func nlAlign(n int) int { return (n + unix.NLMSG_ALIGNTO - 1) &^ (unix.NLMSG_ALIGNTO - 1) }
+
+// read returns the next part of a dump's answer. The kernel writes each
+// part while it is read (netlink_dump runs in recvmsg), so a read is
+// kernel work of up to a millisecond or two, not a wait: it is made
+// without telling the Go scheduler (a raw, non-blocking recvfrom). Made
+// as an ordinary system call, each read woke the runtime's sysmon, which
+// took the P away from the read and polled every 20 us for a while after
+// it. Only when nothing is queued (not seen in a dump) does it wait, with
+// SO_RCVTIMEO, as an ordinary blocking read.
+func (c *Conn) read() (int, error) {
+	n, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(c.fd), uintptr(unsafe.Pointer(unsafe.SliceData(c.buf))), uintptr(len(c.buf)), unix.MSG_DONTWAIT, 0, 0)
+	if e == 0 {
+		return int(n), nil
+	}
+	if e != unix.EAGAIN {
+		return 0, e
+	}
+	return unix.Read(c.fd, c.buf)
+}
