@@ -61,6 +61,8 @@ type schedThreadStats struct {
 	SiteGen       uint32
 	SiteUstack    int32
 	SiteKstack    int32
+	ScanSite      uint32
+	_             [4]byte
 }
 
 // Names of all BPF objects in the ELF.
