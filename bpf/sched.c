@@ -90,7 +90,7 @@ struct thread_stats {
 	__u64 site_ip;
 	__u64 site_sp;
 	__u64 site_bp;
-	__u64 site_ret; /* the return address at bp + 8 (0 if unreadable) */
+	__u64 site_ret; /* the return address at bp + 8 (0 if unreadable, or bp is no frame pointer) */
 	__u32 site_nr;
 	__u32 site_gen;
 	__s32 site_ustack;
@@ -243,6 +243,21 @@ static __always_inline __u32 quiet_call(struct pt_regs *regs, __u64 nr)
 static __always_inline int same_site(const struct thread_stats *st, __u64 nr, __u64 ip, __u64 sp, __u64 bp, __u64 ret, __u32 gen)
 {
 	return st->site_gen == gen && st->site_nr == nr && st->site_ip == ip && st->site_sp == sp && st->site_bp == bp && st->site_ret == ret;
+}
+
+/* frame_pointer reports whether bp can be a frame pointer of the stack at
+ * sp: above it, by less than a thread's stack. In code built without frame
+ * pointers (Debian's nginx, most of the C library) bp is a register like
+ * any other, often 0 or a small number, and reading bp + 8 there took a
+ * page fault for every idle wait: beside nginx flat out that read was 40 %
+ * of this program's run time (~300 ns a run on this project's VM, where a
+ * fault in the guest is dear; scripts/schedab, docs/NOTES.md Session 16).
+ * A bp that fails this has no return address worth comparing. */
+#define MAX_FRAME_SPAN (8ULL << 20)
+
+static __always_inline int frame_pointer(__u64 sp, __u64 bp)
+{
+	return sp && bp > sp && bp - sp < MAX_FRAME_SPAN;
 }
 
 static __always_inline __u32 log2_u64(__u64 v)
@@ -413,7 +428,7 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 				st->quiet = quiet_call(regs, nr);
 				__u64 ret = 0;
 				__u32 gen = stack_gen() + 1;
-				if (st->quiet && bpf_probe_read_user(&ret, sizeof(ret), (const void *)(bp + 8)))
+				if (st->quiet && frame_pointer(sp, bp) && bpf_probe_read_user(&ret, sizeof(ret), (const void *)(bp + 8)))
 					ret = 0;
 				int same = st->quiet && same_site(st, nr, ip, sp, bp, ret, gen);
 				int kept = 0;
