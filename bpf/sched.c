@@ -57,12 +57,10 @@ struct thread_stats {
 	 *
 	 * What every switch of the thread reads or writes comes first, in
 	 * two or three cache lines of the element rather than five spread
-	 * over it. Beside nginx flat out a run costs ~850 ns (bpf-cost.sh),
-	 * against ~380 ns per switch with warm caches
-	 * (BenchmarkSchedProbe/yield-target): the entries are mostly cold
-	 * there. Measured by loading both builds at once and attaching them
-	 * in turns, a second each, under the same load: 4-6 % less run time
-	 * per sched_switch run (an A/A run differed by 1 %). */
+	 * over it: 4-6 % less run time per sched_switch run beside nginx
+	 * flat out (both builds loaded at once and attached in turns, a
+	 * second each). Of the ~850 ns a run cost there then, ~300 were a
+	 * page fault (frame_pointer); ~370 ns now. */
 	__u32 tgid;
 	__u32 quiet; /* the current/last sleep is in one of quiet_calls */
 	char comm[TASK_COMM_LEN]; /* at the last switch out (or creation) */
