@@ -23,6 +23,7 @@
 #include "targets.h"
 #include "ringbuf.h"
 #include "changes.h"
+#include "frames.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 
@@ -241,21 +242,6 @@ static __always_inline __u32 quiet_call(struct pt_regs *regs, __u64 nr)
 static __always_inline int same_site(const struct thread_stats *st, __u64 nr, __u64 ip, __u64 sp, __u64 bp, __u64 ret, __u32 gen)
 {
 	return st->site_gen == gen && st->site_nr == nr && st->site_ip == ip && st->site_sp == sp && st->site_bp == bp && st->site_ret == ret;
-}
-
-/* frame_pointer reports whether bp can be a frame pointer of the stack at
- * sp: above it, by less than a thread's stack. In code built without frame
- * pointers (Debian's nginx, most of the C library) bp is a register like
- * any other, often 0 or a small number, and reading bp + 8 there took a
- * page fault for every idle wait: beside nginx flat out that read was 40 %
- * of this program's run time (~300 ns a run on this project's VM, where a
- * fault in the guest is dear; scripts/schedab, docs/NOTES.md Session 16).
- * A bp that fails this has no return address worth comparing. */
-#define MAX_FRAME_SPAN (8ULL << 20)
-
-static __always_inline int frame_pointer(__u64 sp, __u64 bp)
-{
-	return sp && bp > sp && bp - sp < MAX_FRAME_SPAN;
 }
 
 static __always_inline __u32 log2_u64(__u64 v)
