@@ -222,6 +222,70 @@ func TestFDLeakFinding(t *testing.T) {
 	}
 }
 
+// The demo loses 40 pipes every 3 s for 21 s, then stops (the pipes stay
+// open). The leak is reported; once it has stayed flat for longer than its
+// bursts' rhythm the stop is told by an UPDATED, in the past tense and
+// without a forecast, with the time of the last burst; no event after
+// that says the FDs are rising.
+func TestFDLeakStoppedIsToldAsStopped(t *testing.T) {
+	control, events := demoScenario(t, nil, 3*time.Second, func(cfg *Config) {
+		cfg.Rules.FDExhaustion.Window = time.Duration(40 * time.Second)
+		cfg.Rules.FDExhaustion.MinDuration = 5 * time.Second
+	})
+	post(t, control+"/fault/leak-fds?n=40&every=3s&for=21s")
+	began := time.Now()
+	ev, _ := next(t, events, 30*time.Second, openedBy("fd_exhaustion"))
+	id := ev.Finding.Id
+	t.Logf("OPENED at +%.1fs: %s\n  %s", time.Since(began).Seconds(), ev.Finding.Title, ev.Finding.RootCause)
+	var told *culpritv1.Finding
+	deadline := time.After(50 * time.Second)
+	for told == nil {
+		select {
+		case ev := <-events:
+			f := ev.Finding
+			if f.Id != id {
+				continue
+			}
+			t.Logf("%s at +%.1fs: %s\n  %s", ev.Type, time.Since(began).Seconds(), f.Title, f.RootCause)
+			if strings.Contains(f.RootCause, "have not grown since") {
+				told = f
+				if ev.Type != culpritv1.FindingEvent_TYPE_UPDATED {
+					t.Errorf("the stop was first told by a %s event", ev.Type)
+				}
+			} else if ev.Type == culpritv1.FindingEvent_TYPE_RESOLVED {
+				t.Fatalf("resolved without telling the stop: %s", f.RootCause)
+			}
+		case <-deadline:
+			t.Fatal("the leak's stop was never told")
+		}
+	}
+	// The last burst is at about +18 s (7 bursts, 3 s apart, from +0 s);
+	// the stop is told once the series stayed flat for longer than 3 s.
+	if after := time.Since(began); after < 21*time.Second || after > 32*time.Second {
+		t.Errorf("the stop told %.1f s after the leak began, want 21-32 s (the last burst at ~18 s)", after.Seconds())
+	}
+	for _, bad := range []string{"rising by", "at this rate", "heading for"} {
+		if strings.Contains(told.Title+told.RootCause, bad) {
+			t.Errorf("the stop says %q: %s / %s", bad, told.Title, told.RootCause)
+		}
+	}
+	if !strings.Contains(told.Title, "File descriptors leaked: ") || !strings.Contains(told.RootCause, "pipe descriptors") {
+		t.Errorf("%s / %s", told.Title, told.RootCause)
+	}
+	// Nothing after it says rising.
+	end := time.After(8 * time.Second)
+	for {
+		select {
+		case ev := <-events:
+			if ev.Finding.Id == id && strings.Contains(ev.Finding.RootCause, "rising by") {
+				t.Errorf("%s after the stop says rising: %s", ev.Type, ev.Finding.RootCause)
+			}
+		case <-end:
+			return
+		}
+	}
+}
+
 // A process in a 128 MiB memory cgroup fills it with memory outside its
 // heap: OOM ahead, and what fills it is named from the cgroup's anon/file
 // split and the app's heap profile.

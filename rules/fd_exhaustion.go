@@ -71,8 +71,15 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 		long && g.current && g.increase >= r.o.MinIncrease && g.floor >= r.o.MinIncrease && g.steady >= r.o.Steady,
 		long && g.rising && g.increase >= r.o.MinIncrease && g.floor > 0 && g.steady >= r.o.Steady-0.1)
 	eta, etaOK := time.Duration(0), false
+	// still: the newest sample rose. A leak that stopped is told in the
+	// past tense, without a forecast: "rising ... at this rate the limit
+	// is hit in 8m" after the last descriptor was opened is untrue.
+	still := true
 	if leaking {
-		eta, etaOK = g.until(limit.V)
+		still = !g.stopped()
+		if still {
+			eta, etaOK = g.until(limit.V)
+		}
 	}
 	if leaking && connectsPending(w, g.from().T, g.increase) {
 		// The descriptors that grow are sockets in SYN_SENT: connects
@@ -83,7 +90,10 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	}
 	share := open.V / limit.V
 	near := r.h.hold("near", now, share >= r.o.NearRatio, share >= r.o.NearRatio*releaseBand)
-	soon := r.h.hold("soon", now, leaking && etaOK && eta <= r.o.Horizon, leaking && etaOK && eta <= r.o.Horizon*5/4)
+	// A leak reported as heading for the limit stays reported, in the
+	// past tense, while it is held after it stopped: the watchers learn
+	// the stop then (an UPDATED), not from the RESOLVED a hold-down later.
+	soon := r.h.hold("soon", now, leaking && etaOK && eta <= r.o.Horizon, leaking && (!still || etaOK && eta <= r.o.Horizon*5/4))
 	if !near && !soon {
 		return nil
 	}
@@ -151,15 +161,36 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	}
 	var rc strings.Builder
 	fmt.Fprintf(&rc, "%s of %s file descriptors open (%s of RLIMIT_NOFILE)", num(open.V), num(limit.V), percent(share))
+	// The rate and span of the growth: once it stopped, up to its last
+	// rise, so that no quiet time after it is averaged in.
+	leakRate, span := g.rate, g.duration()
+	if leaking && !still {
+		span = g.lastRise.Sub(g.start)
+		if span > 0 {
+			leakRate = g.increase / span.Seconds()
+		}
+	}
 	if leaking {
 		cause = CauseFDLeak
+		rateNote := fmt.Sprintf("rate since the growth began (least squares over its %s); %s of them rising or flat", count(float64(g.n), "sample", ""), percent(g.steady))
+		if !still {
+			rateNote = "rate from where the growth began to its last rise at " + g.lastRise.Format("15:04:05")
+		}
 		ev = append(ev,
-			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: g.rate * 60, Unit: "fds/min", Window: g.duration(),
-				Note: fmt.Sprintf("rate since the growth began (least squares over its %s); %s of them rising or flat", count(float64(g.n), "sample", ""), percent(g.steady))},
-			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: g.increase, Threshold: r.o.MinIncrease, Unit: "fds", Window: g.duration(), Note: "opened since the growth began"})
-		fmt.Fprintf(&rc, " and rising by %s %s, %s", rate(g.rate), g.over(), signed(g.increase))
+			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: leakRate * 60, Unit: "fds/min", Window: span, Note: rateNote},
+			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: g.increase, Threshold: r.o.MinIncrease, Unit: "fds", Window: span, Note: "opened since the growth began"})
+		of := ""
 		if culprit != "unknown" {
-			fmt.Fprintf(&rc, " (%s of them %s)", signed(kinds[0].grew), kindWord(culprit))
+			of = fmt.Sprintf(" (%s of them %s)", signed(kinds[0].grew), kindWord(culprit))
+		}
+		if still {
+			fmt.Fprintf(&rc, " and rising by %s %s, %s%s", rate(g.rate), g.over(), signed(g.increase), of)
+		} else {
+			over := "for " + duration(span) + " (from " + g.start.Format("15:04:05") + ")"
+			if g.sinceStart {
+				over = "for at least " + duration(span)
+			}
+			fmt.Fprintf(&rc, "; they rose by %s %s, %s%s, and have not grown since %s", rate(leakRate), over, signed(g.increase), of, g.lastRise.Format("15:04:05"))
 		}
 		if etaOK {
 			if eta == 0 {
@@ -189,9 +220,13 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	title := "File descriptors near the limit: " + num(open.V) + " of " + num(limit.V)
 	if leaking {
 		fix = fixForKind(culprit, detail) + " Raising the limit only buys time."
-		title = fmt.Sprintf("File descriptors leaking: %s, heading for the limit", rate(g.rate))
+		what := ""
 		if culprit != "unknown" {
-			title = fmt.Sprintf("File descriptors leaking: %s %s, heading for the limit", rate(g.rate), strings.ReplaceAll(kindWord(culprit), "descriptors", "FDs"))
+			what = " " + strings.ReplaceAll(kindWord(culprit), "descriptors", "FDs")
+		}
+		title = fmt.Sprintf("File descriptors leaking: %s%s, heading for the limit", rate(g.rate), what)
+		if !still {
+			title = fmt.Sprintf("File descriptors leaked: %s%s until %s, still open", rate(leakRate), what, g.lastRise.Format("15:04:05"))
 		}
 	}
 	return []Observation{{
@@ -206,6 +241,7 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 		Artifacts:   arts,
 		Remediation: fix,
 		Labels:      map[string]string{"kind": culprit},
+		Stopped:     leaking && !still,
 	}}
 }
 

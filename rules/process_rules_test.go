@@ -624,3 +624,87 @@ func TestHeapLeakStopInsideAProfileInterval(t *testing.T) {
 	}
 	t.Logf("%s\n%s", o.Title, o.Symptom)
 }
+
+// fdLeakRun evaluates an FD leak second by second, as the engine does,
+// with the open FDs at second t given by open(t), and returns each
+// second's observations (nil when none).
+func fdLeakRun(t *testing.T, seconds int, open func(t int) float64) [][]Observation {
+	t.Helper()
+	st := signals.New(600, 1000)
+	r := NewFDExhaustion(FDExhaustionOptions{Window: time.Minute, NearRatio: 0.8, MinIncrease: 20, Steady: 0.8, Horizon: time.Hour, MinDuration: 10 * time.Second})
+	start := time.Unix(5000, 0)
+	var out [][]Observation
+	for s := 0; s <= seconds; s++ {
+		now := start.Add(time.Duration(s) * time.Second)
+		st.Put(signals.ProcessFDsOpen, nil, open(s), now)
+		st.Put(signals.ProcessFDLimit, signals.L("type", "soft"), 20000, now)
+		st.Put(signals.ProcessOpenFDs, signals.L("kind", "pipe"), open(s)-26, now)
+		st.Put(signals.ProcessOpenFDs, signals.L("kind", "file"), 26, now)
+		out = append(out, r.Evaluate(Window{Store: st, Now: now}))
+	}
+	return out
+}
+
+// A leak of 40 FDs a second for 15 s that then stops: from the second
+// flat sample on it is never told as rising or heading for the limit. It
+// drops there (the series' change point splits the flat seconds off) and
+// resolves a hold-down later; it is never told as stopped while it grew.
+func TestFDLeakThatStoppedIsNotToldAsRising(t *testing.T) {
+	run := fdLeakRun(t, 50, func(s int) float64 { return 30 + 40*float64(min(max(s-30, 0), 15)) })
+	for s, obs := range run {
+		for _, o := range obs {
+			if s <= 45 && o.Stopped {
+				t.Errorf("second %d, while it grew: told as stopped: %s", s, o.RootCause)
+			}
+			if s >= 47 && !o.Stopped {
+				t.Errorf("second %d, flat since second 45: %s / %s", s, o.Title, o.RootCause)
+			}
+		}
+	}
+	if len(run[44]) != 1 || !strings.Contains(run[44][0].RootCause, "rising by 40/s") {
+		t.Errorf("during the leak: %+v", run[44])
+	}
+}
+
+// A leak in bursts (40 FDs every 3 s) is flat between them: those pauses
+// are not stops, so the words never turn to the past tense and back. When
+// the bursts end and it stays flat for longer than it ever paused, the
+// stop is told in the past tense (Stopped, so that watchers get it), with
+// the rate of the growth itself, not averaged over the flat seconds after
+// it, and without a forecast.
+func TestFDLeakInBurstsIsToldStoppedOnlyWhenItStops(t *testing.T) {
+	// Bursts at seconds 23, 26, ... 50; flat after.
+	run := fdLeakRun(t, 60, func(s int) float64 { return 30 + 40*float64(min(max(s-20, 0), 30)/3) })
+	leaking, told := 0, 0
+	for s, obs := range run {
+		for _, o := range obs {
+			if o.Cause == CauseFDLeak {
+				leaking++
+			}
+			switch {
+			case s <= 53 && o.Stopped:
+				t.Errorf("second %d, within the bursts' rhythm: told as stopped: %s", s, o.RootCause)
+			case o.Stopped:
+				told++
+				t.Logf("second %d: %s\n  %s", s, o.Title, o.RootCause)
+				for _, bad := range []string{"rising by", "at this rate", "heading for"} {
+					if strings.Contains(o.RootCause+o.Title, bad) {
+						t.Errorf("second %d, stopped, says %q: %s / %s", s, bad, o.Title, o.RootCause)
+					}
+				}
+				if !strings.Contains(o.RootCause, "(+360 of them pipe descriptors), and have not grown since") || !strings.Contains(o.Title, "pipe FDs until") {
+					t.Errorf("second %d: %s / %s", s, o.Title, o.RootCause)
+				}
+				for _, e := range o.Evidence {
+					// 360 FDs from the line's start to the last burst.
+					if e.Unit == "fds/min" && (e.Value < 13.3*60*0.9 || e.Value > 13.3*60*1.15 || e.Window > 30*time.Second) {
+						t.Errorf("second %d: rate evidence %.0f fds/min over %s, want ~800 over the bursts' span", s, e.Value, e.Window)
+					}
+				}
+			}
+		}
+	}
+	if leaking == 0 || told == 0 {
+		t.Errorf("leak reported %d times, its stop told %d times", leaking, told)
+	}
+}

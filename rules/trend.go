@@ -65,6 +65,10 @@ type growth struct {
 	// held open by rising must not say "still grows" of a heap that
 	// stopped at the last profile).
 	lastRise time.Time
+	// pause is the longest the regime went between two rises (from its
+	// first sample): a leak in bursts pauses between them, and is not
+	// over until it stayed flat for longer than that (stopped).
+	pause time.Duration
 	// floor is how far the regime's newest samples (the same tail as
 	// current's) all stand above its oldest ones (as many, from from()
 	// on): the level the series holds, not its peaks. Bursts that come and go (FDs of connections opened and
@@ -174,10 +178,10 @@ func growthOf(s []signals.Sample) (growth, bool) {
 	// over it: a heap profile a hair above the one before (the app's
 	// other allocations, after a leak stopped) is no growth.
 	g.lastRise = seg[0].T
-	for i := n - 1; i > 0; i-- {
+	for i := 1; i < n; i++ {
 		if d := seg[i].V - seg[i-1].V; d > 0 && d >= g.rate/4*seg[i].T.Sub(seg[i-1].T).Seconds() {
+			g.pause = max(g.pause, seg[i].T.Sub(g.lastRise))
 			g.lastRise = seg[i].T
-			break
 		}
 	}
 	g.floor = lowest(tail) - lowest(s[max(k-1, 0):][:len(tail)])
@@ -203,6 +207,21 @@ func (g growth) growing() (bool, string) {
 		return true, ""
 	}
 	return false, "has not grown since " + g.lastRise.Format("15:04:05")
+}
+
+// stopped reports whether the growth is over: no rise for longer than
+// the longest pause it made while it grew, and for two sampling intervals
+// at least. growing's "has not grown since" is true of any flat sample;
+// a leak in bursts (a descriptor lost every few seconds, sampled each
+// second) is flat between them, and telling each pause as a stop would
+// turn the words to the past tense and back at every burst.
+func (g growth) stopped() bool {
+	flat := g.last.T.Sub(g.lastRise)
+	step := time.Duration(0)
+	if g.n > 1 {
+		step = g.last.T.Sub(g.first.T) / time.Duration(g.n-1)
+	}
+	return flat > g.pause && flat >= 2*step
 }
 
 // duration is how long the present regime has lasted (at least, when
