@@ -23,9 +23,9 @@ import (
 	"github.com/culprit-dev/culprit/workload"
 )
 
-// load loads spec into objs (a bpf2go Objects struct). A kernel or
-// privilege problem comes back as an error naming the probe.
-func load(probe string, spec *ebpf.CollectionSpec, objs any) error {
+// prepareLoad readies the process and spec for loading: the memlock
+// limit, and the change counters sized to the CPUs.
+func prepareLoad(probe string, spec *ebpf.CollectionSpec) error {
 	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones
 	// to the cgroup, where this is a no-op.
 	if err := rlimit.RemoveMemlock(); err != nil {
@@ -37,6 +37,15 @@ func load(probe string, spec *ebpf.CollectionSpec, objs any) error {
 		if cpus, err := ebpf.PossibleCPU(); err == nil {
 			m.MaxEntries = changesLine * uint32(1+cpus)
 		}
+	}
+	return nil
+}
+
+// load loads spec into objs (a bpf2go Objects struct). A kernel or
+// privilege problem comes back as an error naming the probe.
+func load(probe string, spec *ebpf.CollectionSpec, objs any) error {
+	if err := prepareLoad(probe, spec); err != nil {
+		return err
 	}
 	if err := spec.LoadAndAssign(objs, nil); err != nil {
 		var ve *ebpf.VerifierError
@@ -607,8 +616,8 @@ func (c *probeCounters) put(events float64, lost *ebpf.Map, now time.Time) {
 const maxTargets = 16
 
 // setTargets writes tgids (at most maxTargets, the target first) into a
-// probe's target_tgids, zeros after the last.
-func setTargets(v *ebpf.Variable, tgids []uint32) error {
+// probe's target_tgids (loaded, or in its spec), zeros after the last.
+func setTargets(v interface{ Set(any) error }, tgids []uint32) error {
 	var set [maxTargets]uint32
 	if len(tgids) > maxTargets {
 		return fmt.Errorf("%d processes to watch, room for %d", len(tgids), maxTargets)

@@ -161,24 +161,9 @@ func (p *Sched) Start(ctx context.Context, tracker *workload.Tracker, store *sig
 	p.mu.Lock()
 	defer p.mu.Unlock()
 
-	spec, err := loadSched()
+	spec, err := schedSpec("", p.o)
 	if err != nil {
-		return fmt.Errorf("sched: load spec: %w", err)
-	}
-	resize(spec, map[string]uint32{"threads": p.o.MaxThreads, "stacks": p.o.MaxStacks, "blocks": p.o.RingBufferBytes})
-	if err := spec.Variables["min_block_ns"].Set(uint64(p.o.MinBlock)); err != nil {
-		return fmt.Errorf("sched: set min_block_ns: %w", err)
-	}
-	if err := spec.Variables["busy_gap_ns"].Set(uint64(p.o.BusyGap)); err != nil {
-		return fmt.Errorf("sched: set busy_gap_ns: %w", err)
-	}
-	if err := spec.Variables["quiet_calls"].Set(quietBitmap(p.o.QuietCalls)); err != nil {
-		return fmt.Errorf("sched: set quiet_calls: %w", err)
-	}
-	// A timed sleep shorter than an episode cannot become one: it wakes
-	// nobody either.
-	if err := spec.Variables["short_sleep_ns"].Set(uint64(p.o.MinBlock)); err != nil {
-		return fmt.Errorf("sched: set short_sleep_ns: %w", err)
+		return err
 	}
 	objs := &schedObjects{}
 	ctx, err = p.start(ctx, "sched", spec, objs, func() []tracingProg {
@@ -206,6 +191,60 @@ func (p *Sched) Start(ctx context.Context, tracker *workload.Tracker, store *sig
 	p.spawn(func() { p.readBlocks(rd, store) })
 	p.spawn(func() { p.pollLoop(ctx, objs, tracker, store, rd) })
 	return nil
+}
+
+// schedSpec is bpf/sched.c's spec as o sets it before loading (map sizes,
+// thresholds, the idle calls): the build compiled into the agent, or, for
+// scripts/schedab, the object file at path.
+func schedSpec(path string, o SchedOptions) (*ebpf.CollectionSpec, error) {
+	var spec *ebpf.CollectionSpec
+	var err error
+	if path == "" {
+		spec, err = loadSched()
+	} else {
+		spec, err = ebpf.LoadCollectionSpec(path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("sched: load spec: %w", err)
+	}
+	resize(spec, map[string]uint32{"threads": o.MaxThreads, "stacks": o.MaxStacks, "blocks": o.RingBufferBytes})
+	if err := spec.Variables["min_block_ns"].Set(uint64(o.MinBlock)); err != nil {
+		return nil, fmt.Errorf("sched: set min_block_ns: %w", err)
+	}
+	if err := spec.Variables["busy_gap_ns"].Set(uint64(o.BusyGap)); err != nil {
+		return nil, fmt.Errorf("sched: set busy_gap_ns: %w", err)
+	}
+	if err := spec.Variables["quiet_calls"].Set(quietBitmap(o.QuietCalls)); err != nil {
+		return nil, fmt.Errorf("sched: set quiet_calls: %w", err)
+	}
+	// A timed sleep shorter than an episode cannot become one: it wakes
+	// nobody either.
+	if err := spec.Variables["short_sleep_ns"].Set(uint64(o.MinBlock)); err != nil {
+		return nil, fmt.Errorf("sched: set short_sleep_ns: %w", err)
+	}
+	return spec, nil
+}
+
+// LoadSchedBuild loads (does not attach) the build of bpf/sched.c at path
+// as the agent would load its own under o, watching tgids: for
+// scripts/schedab, which compares two builds under one load. The caller
+// closes the collection.
+func LoadSchedBuild(path string, o SchedOptions, tgids []uint32) (*ebpf.Collection, error) {
+	spec, err := schedSpec(path, o)
+	if err != nil {
+		return nil, err
+	}
+	if err := setTargets(spec.Variables["target_tgids"], tgids); err != nil {
+		return nil, fmt.Errorf("sched: %w", err)
+	}
+	if err := prepareLoad("sched", spec); err != nil {
+		return nil, err
+	}
+	coll, err := ebpf.NewCollection(spec)
+	if err != nil {
+		return nil, fmt.Errorf("sched: load %s: %w", path, err)
+	}
+	return coll, nil
 }
 
 // quietBitmap is the quiet_calls bitmap of bpf/sched.c: a bit per x86-64

@@ -71,14 +71,18 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 		long && g.current && g.increase >= r.o.MinIncrease && g.floor >= r.o.MinIncrease && g.steady >= r.o.Steady,
 		long && g.rising && g.increase >= r.o.MinIncrease && g.floor > 0 && g.steady >= r.o.Steady-0.1)
 	eta, etaOK := time.Duration(0), false
-	// still: the newest sample rose. A leak that stopped is told in the
-	// past tense, without a forecast: "rising ... at this rate the limit
-	// is hit in 8m" after the last descriptor was opened is untrue.
+	// still: the growth has not stopped (growth.stopped). A leak that
+	// stopped is told in the past tense, without a forecast, and up to
+	// its last rise, so that no flat time after it is averaged into its
+	// rate or its span: "rising ... at this rate the limit is hit in 8m"
+	// after the last descriptor was opened is untrue.
 	still := true
 	if leaking {
 		still = !g.stopped()
 		if still {
 			eta, etaOK = g.until(limit.V)
+		} else if ran := g.lastRise.Sub(g.start); ran > 0 {
+			g.rate, g.last.T = g.increase/ran.Seconds(), g.lastRise
 		}
 	}
 	if leaking && connectsPending(w, g.from().T, g.increase) {
@@ -161,15 +165,6 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	}
 	var rc strings.Builder
 	fmt.Fprintf(&rc, "%s of %s file descriptors open (%s of RLIMIT_NOFILE)", num(open.V), num(limit.V), percent(share))
-	// The rate and span of the growth: once it stopped, up to its last
-	// rise, so that no quiet time after it is averaged in.
-	leakRate, span := g.rate, g.duration()
-	if leaking && !still {
-		span = g.lastRise.Sub(g.start)
-		if span > 0 {
-			leakRate = g.increase / span.Seconds()
-		}
-	}
 	if leaking {
 		cause = CauseFDLeak
 		rateNote := fmt.Sprintf("rate since the growth began (least squares over its %s); %s of them rising or flat", count(float64(g.n), "sample", ""), percent(g.steady))
@@ -177,8 +172,8 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 			rateNote = "rate from where the growth began to its last rise at " + g.lastRise.Format("15:04:05")
 		}
 		ev = append(ev,
-			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: leakRate * 60, Unit: "fds/min", Window: span, Note: rateNote},
-			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: g.increase, Threshold: r.o.MinIncrease, Unit: "fds", Window: span, Note: "opened since the growth began"})
+			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: g.rate * 60, Unit: "fds/min", Window: g.duration(), Note: rateNote},
+			Evidence{Signal: signals.ProcessFDsOpen.Name, Value: g.increase, Threshold: r.o.MinIncrease, Unit: "fds", Window: g.duration(), Note: "opened since the growth began"})
 		of := ""
 		if culprit != "unknown" {
 			of = fmt.Sprintf(" (%s of them %s)", signed(kinds[0].grew), kindWord(culprit))
@@ -186,11 +181,7 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 		if still {
 			fmt.Fprintf(&rc, " and rising by %s %s, %s%s", rate(g.rate), g.over(), signed(g.increase), of)
 		} else {
-			over := "for " + duration(span) + " (from " + g.start.Format("15:04:05") + ")"
-			if g.sinceStart {
-				over = "for at least " + duration(span)
-			}
-			fmt.Fprintf(&rc, "; they rose by %s %s, %s%s, and have not grown since %s", rate(leakRate), over, signed(g.increase), of, g.lastRise.Format("15:04:05"))
+			fmt.Fprintf(&rc, "; they rose by %s %s, %s%s, and have not grown since %s", rate(g.rate), g.over(), signed(g.increase), of, g.lastRise.Format("15:04:05"))
 		}
 		if etaOK {
 			if eta == 0 {
@@ -226,7 +217,7 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 		}
 		title = fmt.Sprintf("File descriptors leaking: %s%s, heading for the limit", rate(g.rate), what)
 		if !still {
-			title = fmt.Sprintf("File descriptors leaked: %s%s until %s, still open", rate(leakRate), what, g.lastRise.Format("15:04:05"))
+			title = fmt.Sprintf("File descriptors leaked: %s%s until %s, still open", rate(g.rate), what, g.lastRise.Format("15:04:05"))
 		}
 	}
 	return []Observation{{

@@ -8,7 +8,9 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/rlimit"
+
+	"github.com/culprit-dev/culprit/probes"
+	"github.com/culprit-dev/culprit/rules"
 )
 
 type build struct {
@@ -18,36 +20,13 @@ type build struct {
 
 var progs = []string{"culprit_sched_switch", "culprit_sched_wakeup", "culprit_sched_wakeup_new"}
 
+// load loads the build at path as the agent loads its own with its
+// default settings (rules.workers.idle_syscalls, sched.min_block,
+// sched.busy_gap), watching tgids.
 func load(path string, tgids []uint32) (*build, error) {
-	spec, err := ebpf.LoadCollectionSpec(path)
-	if err != nil {
-		return nil, err
-	}
-	// A cache line of change counters per CPU, as probes/load.go sizes it.
-	cpus, err := ebpf.PossibleCPU()
-	if err != nil {
-		return nil, fmt.Errorf("possible CPUs: %w", err)
-	}
-	spec.Maps["changes"].MaxEntries = 8 * uint32(1+cpus)
-	var set [16]uint32
-	copy(set[:], tgids)
-	if err := spec.Variables["target_tgids"].Set(set); err != nil {
-		return nil, err
-	}
-	// The idle calls of rules.workers.idle_syscalls' defaults (x86-64
-	// numbers, probes/sched.go amd64Syscalls), and a short sleep as
-	// sched.min_block's default: the agent's settings.
-	var q [8]uint64
-	for _, nr := range []int{7, 23, 34, 128, 130, 202, 232, 270, 271, 281, 426, 441, 449, 61, 43, 288} {
-		q[nr/64] |= 1 << (nr % 64)
-	}
-	if err := spec.Variables["quiet_calls"].Set(q); err != nil {
-		return nil, err
-	}
-	if err := spec.Variables["short_sleep_ns"].Set(uint64(100 * time.Millisecond)); err != nil {
-		return nil, err
-	}
-	coll, err := ebpf.NewCollection(spec)
+	coll, err := probes.LoadSchedBuild(path, probes.SchedOptions{
+		MinBlock: 100 * time.Millisecond, BusyGap: time.Millisecond, QuietCalls: rules.DefaultIdleSyscalls,
+	}, tgids)
 	if err != nil {
 		return nil, err
 	}
@@ -95,8 +74,8 @@ func main() {
 	var tgids []uint32
 	for _, a := range os.Args[4:] {
 		n, err := strconv.ParseUint(a, 10, 32)
-		if err != nil || n == 0 || len(tgids) == 16 {
-			fmt.Fprintf(os.Stderr, "schedab: %q is not a process id (at most 16)\n%s\n", a, usage)
+		if err != nil || n == 0 {
+			fmt.Fprintf(os.Stderr, "schedab: %q is not a process id\n%s\n", a, usage)
 			os.Exit(2)
 		}
 		tgids = append(tgids, uint32(n))
@@ -110,9 +89,6 @@ func main() {
 const usage = "usage: schedab A.o B.o SECONDS TGID...   (as root, beside a load of the TGIDs)"
 
 func run(objs []string, secs int, tgids []uint32) error {
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return fmt.Errorf("remove memlock limit: %w", err)
-	}
 	st, err := ebpf.EnableStats(uint32(0)) // BPF_STATS_RUN_TIME
 	if err != nil {
 		return fmt.Errorf("enable BPF run-time stats: %w", err)
