@@ -204,10 +204,12 @@ func TestTCPLifeOwnerOfOthersOnlyInNamespaceScope(t *testing.T) {
 
 // The client side of a loopback connection to the target's listening port
 // costs no fd table: no finding reads its owner (idle_timeout leaves out
-// connections to local servers). The server side of the same connection
-// still has its tables read. Real sockets: a listener the target (a sleep)
-// holds, a client this process holds.
-func TestTCPLifeOwnerOfSkipsClientsOfTheTarget(t *testing.T) {
+// connections to local servers). Nor does the server side: a connection to
+// the target's listener is the target's, as the sockets collector counts
+// it. A loopback client of another server still has the tables read. Real
+// sockets: a listener the target (a sleep) holds, a client this process
+// holds.
+func TestTCPLifeOwnerOfReadsNoTablesForConnectionsToTheTarget(t *testing.T) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -252,9 +254,10 @@ func TestTCPLifeOwnerOfSkipsClientsOfTheTarget(t *testing.T) {
 		wantOwner string
 	}{
 		{"client side", signals.ConnEvent{Kind: signals.ConnPeerClose, Bytes: 100, Inode: inode(c), LocalPort: int(local), Remote: l.Addr().String()}, false, "unknown"},
-		// This process holds the server side here (the agent's table,
-		// read with the target's): read, and named.
-		{"server side", signals.ConnEvent{Kind: signals.ConnPeerClose, Bytes: 100, Inode: inode(srv), LocalPort: int(port), Remote: c.LocalAddr().String()}, true, "agent"},
+		// The server side, accepted from the target's listener: the
+		// target's, with no fd table read (this process holds it here,
+		// which only a listener handed over to another process makes so).
+		{"server side", signals.ConnEvent{Kind: signals.ConnPeerClose, Bytes: 100, Inode: inode(srv), LocalPort: int(port), Remote: c.LocalAddr().String()}, false, "target"},
 		// A loopback peer at a port the target does not listen on.
 		{"client of another server", signals.ConnEvent{Kind: signals.ConnPeerClose, Bytes: 100, Inode: inode(c), LocalPort: int(local), Remote: "127.0.0.1:1"}, true, "agent"},
 	} {
