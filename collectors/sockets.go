@@ -348,6 +348,8 @@ type socketsCollector struct {
 	took     time.Duration
 	ageShift uint32
 	skipped  uint64 // cycles without a dump, ever (tests)
+	// cycleAt is when the last cycle began.
+	cycleAt time.Time
 	// owed: the last cycle saw a change of state and deferred its dear
 	// dump (stateCostGap); deferred counts those cycles, ever (tests).
 	// stateGap is stateCostGap (0: never defer; tests that collect every
@@ -439,6 +441,9 @@ func (c *socketsCollector) Collect(ctx context.Context, tgt workload.Process, st
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	start := time.Now()
+	// The collect interval as lived: how far the next cycle is.
+	step := start.Sub(c.cycleAt)
+	c.cycleAt = start
 	same := c.tgt.PID == tgt.PID && c.tgt.StartTime == tgt.StartTime && c.conn != nil && c.conn.Netns() == tgt.NetnsIno
 	state, data := c.activity.changes(c.procRoot, tgt.PID)
 	if c.connNs != tgt.NetnsIno || c.connName == "" {
@@ -481,11 +486,12 @@ func (c *socketsCollector) Collect(ctx context.Context, tgt workload.Process, st
 			return nil
 		}
 	}
-	if since := start.Sub(c.dumpedAt); same && state && !c.owed && c.stateGap*c.took > since && 2*since <= maxDeferredAge {
-		// A dear dump after a change of state waits one cycle. Nothing
-		// is written meanwhile: the last dump's samples stand at their
-		// own time, no count is restamped as new, and every sample is at
-		// most two cycles old, inside what the rules take as fresh.
+	if since := start.Sub(c.dumpedAt); same && state && c.stateGap*c.took > since && since+step <= maxDeferredAge {
+		// A dear dump after a change of state waits, cycle after cycle,
+		// while the dumps would cost more than their budget, and as long
+		// as the last one's samples stay fresh at the next cycle (step
+		// ahead). Nothing is written meanwhile: the last dump's samples
+		// stand at their own time and no count is restamped as new.
 		c.owed = true
 		c.deferred++
 		return nil
@@ -678,19 +684,24 @@ func (c *socketsCollector) refreshIdle(ctx context.Context) bool {
 const busyCostGap = 400
 
 // stateCostGap paces full dumps while states change (connections open and
-// close): a dump that took more than 1/stateCostGap of the time since the
-// one before is done every other cycle. Beside nginx flat out (150
+// close): a dump waits until the time since the one before is at least
+// stateCostGap times its duration (a third of a percent of a core), or
+// until maxDeferredAge would pass. About half of a dump's CPU is the
+// kernel's walk, which no filter shortens: every bucket of the
+// established hash (262,144 on a 24 GiB machine) and every socket in it.
+// Beside nginx flat out (150
 // connections closed a second, 17,000 sockets in the namespace: 10,000 of
-// a neighbour, 7,000 in TIME_WAIT) a dump takes 25-35 ms and ran every
-// second: a third of the agent's CPU. In a namespace of a few thousand
-// sockets (a few ms) every cycle dumps as before.
-const stateCostGap time.Duration = 100
+// a neighbour, 6,000 in TIME_WAIT) a dump costs ~13 ms; dumped every
+// second, then every other second (a gap of 100), it was a third of the
+// agent's CPU; now every fourth. In a namespace of a few thousand sockets
+// (a dump of 1-3 ms) every cycle dumps as before.
+const stateCostGap time.Duration = 300
 
-// maxDeferredAge bounds how old the last dump's samples may grow while one
-// is deferred: under the 3 s in which rules take a collector's sample as
-// standing for now (rules/fresh.go freshSlow). With collect.interval
-// above 1.25 s nothing is deferred.
-const maxDeferredAge = 2500 * time.Millisecond
+// maxDeferredAge bounds how old the last dump's samples may grow while
+// dumps are spaced: one collect interval (1 s) under the time in which
+// rules take the sockets collector's samples as standing for now. With
+// collect.interval above 2 s nothing is deferred.
+const maxDeferredAge = signals.SocketsFreshFor - time.Second
 
 // ownersAnswered reports whether the owner index, refreshed if its rate
 // limits allow, now knows who holds (or that nobody visible holds) a

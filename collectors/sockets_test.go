@@ -807,12 +807,14 @@ func TestSocketsRefreshesIdleAges(t *testing.T) {
 		"owner", "remote", "state")
 }
 
-// TestSocketsDearStateDumpsWaitOneCycle: a change of state (a connection
-// event) after a dear dump (stateCostGap) waits one cycle, writing
-// nothing, so no count is restamped as new; the next cycle dumps, even
-// with nothing new moving. After a cheap dump a change is dumped at once.
-func TestSocketsDearStateDumpsWaitOneCycle(t *testing.T) {
-	h, tgt, clients, _, sq := connectedHarness(t, 2, SocketsOptions{BusyInterval: time.Hour, IdleInterval: time.Hour})
+// TestSocketsDearStateDumpsWait: a change of state (a connection event)
+// after a dear dump (stateCostGap) waits, cycle after cycle, writing
+// nothing, so no count is restamped as new, until the dumps fit their
+// budget again or the last dump's samples would grow older than
+// maxDeferredAge at the next cycle; then the cycle dumps, even with nothing
+// new moving. After a cheap dump a change is dumped at once.
+func TestSocketsDearStateDumpsWait(t *testing.T) {
+	h, tgt, clients, _, sq := connectedHarness(t, 3, SocketsOptions{BusyInterval: time.Hour, IdleInterval: time.Hour})
 	var events atomic.Uint64
 	h.store.SetActivity(signals.ConnActivity(tgt.NetnsIno), events.Load)
 	h.collect()
@@ -832,10 +834,16 @@ func TestSocketsDearStateDumpsWaitOneCycle(t *testing.T) {
 		events.Add(1)
 		time.Sleep(300 * time.Millisecond) // the close's segments, and a cycle's time
 	}
+	// past moves the last dump and the last cycle back by d: d of
+	// collect intervals gone by without sleeping through them.
+	past := func(d time.Duration) {
+		h.c.dumpedAt = h.c.dumpedAt.Add(-d)
+		h.c.cycleAt = h.c.cycleAt.Add(-d)
+	}
 
 	before := latest()
 	closeOne(clients[0])
-	h.c.took = 10 * time.Millisecond // × stateCostGap: 1 s, more than the 300 ms since
+	h.c.took = 10 * time.Millisecond // × stateCostGap: 3 s, more than the 300 ms since
 	deferred := h.c.deferred
 	h.collect()
 	if h.c.deferred != deferred+1 {
@@ -844,19 +852,44 @@ func TestSocketsDearStateDumpsWaitOneCycle(t *testing.T) {
 	if s := latest(); s != before {
 		t.Fatalf("the deferred cycle wrote tcp_sockets %v, want the last dump's %v still", s, before)
 	}
-	h.collect() // nothing new: the owed dump
-	if s := latest(); s.V != 1 || !s.T.After(before.T) {
-		t.Fatalf("the cycle after a deferral: tcp_sockets %v, want 1 written now", s)
+	past(time.Second)
+	h.collect() // nothing new, still over budget: waits again
+	if h.c.deferred != deferred+2 || latest() != before {
+		t.Fatalf("the second cycle within the budget: deferred %d times, tcp_sockets %v; want 2 and the last dump's %v", h.c.deferred-deferred, latest(), before)
 	}
-	if h.c.deferred != deferred+1 {
+	past(2 * time.Second) // 3.3 s since the last dump: the budget is met
+	h.collect()
+	if s := latest(); s.V != 2 || !s.T.After(before.T) {
+		t.Fatalf("the cycle once the budget was met: tcp_sockets %v, want 2 written now", s)
+	}
+	if h.c.deferred != deferred+2 {
 		t.Fatalf("the owed dump was deferred again")
 	}
 
-	// Cheap: dumped at once.
+	// Dearer: the age bound ends the wait, whatever the budget says.
+	before = latest()
 	closeOne(clients[1])
-	h.c.took = time.Millisecond
+	h.c.took = time.Second // × stateCostGap: 5 minutes
+	deferred = h.c.deferred
 	h.collect()
-	if s := latest(); s.V != 0 || h.c.deferred != deferred+1 {
+	past(time.Second)
+	h.collect()
+	if h.c.deferred != deferred+2 || latest() != before {
+		t.Fatalf("a dearer dump: deferred %d times, tcp_sockets %v; want 2 and the last dump's %v", h.c.deferred-deferred, latest(), before)
+	}
+	// 3.3 s old now, the cycles 2 s apart: the next would see 5.3 s.
+	past(2 * time.Second)
+	h.collect()
+	if s := latest(); s.V != 1 || !s.T.After(before.T) || h.c.deferred != deferred+2 {
+		t.Fatalf("the cycle before the samples outgrow %v: tcp_sockets %v, deferred %d times; want 1 written now, after 2", maxDeferredAge, s, h.c.deferred-deferred)
+	}
+
+	// Cheap: dumped at once.
+	closeOne(clients[2])
+	h.c.took = time.Millisecond
+	deferred = h.c.deferred
+	h.collect()
+	if s := latest(); s.V != 0 || h.c.deferred != deferred {
 		t.Fatalf("a cheap dump after a close: tcp_sockets %v, deferred %d times, want 0 at once", s, h.c.deferred-deferred)
 	}
 }

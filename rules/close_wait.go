@@ -49,7 +49,7 @@ func (r *CloseWait) Evaluate(w Window) []Observation {
 			continue
 		}
 		ss := w.Store.Range(signals.TCPSockets, ls, from)
-		if len(ss) == 0 || !w.Fresh(ss[len(ss)-1].T, freshSlow) {
+		if len(ss) == 0 || !w.Fresh(ss[len(ss)-1].T, freshSockets) {
 			continue
 		}
 		cur := ss[len(ss)-1].V

@@ -249,7 +249,7 @@ func signed(x float64) string {
 func connectsPending(w Window, from time.Time, grew float64) bool {
 	st := w.Store
 	ls := signals.L("state", "SYN_SENT")
-	cur, ok := w.FreshLatest(signals.ProcessTCPSockets, ls, freshSlow)
+	cur, ok := w.FreshLatest(signals.ProcessTCPSockets, ls, freshSockets)
 	if !ok || grew <= 0 {
 		return false
 	}
@@ -266,7 +266,7 @@ func socketStateDetail(w Window, since time.Time) string {
 	st := w.Store
 	best, bestG, bestN := "", 0.0, 0.0
 	for _, ls := range st.Select(signals.ProcessTCPSockets) {
-		cur, ok := w.FreshLatest(signals.ProcessTCPSockets, ls, freshSlow)
+		cur, ok := w.FreshLatest(signals.ProcessTCPSockets, ls, freshSockets)
 		if !ok {
 			continue
 		}

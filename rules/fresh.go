@@ -20,6 +20,10 @@ const (
 	// three of its periods, so one late run is not taken for an ended
 	// source.
 	freshSlow = 3 * time.Second
+	// freshSockets: the sockets collector's series (tcp_sockets and the
+	// others of its dumps), which it writes less often while connections
+	// churn in a namespace where a dump is dear (signals.SocketsFreshFor).
+	freshSockets = signals.SocketsFreshFor
 )
 
 // Fresh reports whether a sample taken at t still stands for now: it is no

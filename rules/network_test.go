@@ -39,6 +39,29 @@ func TestCloseWaitLeak(t *testing.T) {
 	}
 }
 
+// The sockets collector spaces its dumps while connections churn in a
+// namespace where one is dear, writing nothing in between
+// (signals.SocketsFreshFor): its last samples stand for now meanwhile, and
+// say the same as when they were taken. Past that, they are the past.
+func TestCloseWaitLeakReadWhileDumpsAreSpaced(t *testing.T) {
+	now := time.Now()
+	r := NewCloseWait(CloseWaitOptions{Window: 20 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
+	st := signals.New(100, 100)
+	putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
+	st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 9, now)
+	at := r.Evaluate(Window{Store: st, Now: now})
+	if len(at) != 1 {
+		t.Fatalf("growing CLOSE_WAIT, read when sampled: %+v", at)
+	}
+	later := r.Evaluate(Window{Store: st, Now: now.Add(signals.SocketsFreshFor)})
+	if len(later) != 1 || later[0].Title != at[0].Title || later[0].RootCause != at[0].RootCause {
+		t.Fatalf("read %v after the last dump: %+v, want what was said at it: %+v", signals.SocketsFreshFor, later, at)
+	}
+	if obs := r.Evaluate(Window{Store: st, Now: now.Add(signals.SocketsFreshFor + time.Millisecond)}); len(obs) != 0 {
+		t.Errorf("read past %v after the last dump: %+v", signals.SocketsFreshFor, obs)
+	}
+}
+
 func portStore(now time.Time, tw ...float64) *signals.Store {
 	st := signals.New(100, 100)
 	st.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 40000, now)

@@ -58,7 +58,7 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 			continue
 		}
 		ss := w.Store.Range(signals.TCPSocketsByRemote, ls, from)
-		if len(ss) < 3 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || !w.Fresh(ss[len(ss)-1].T, freshSlow) {
+		if len(ss) < 3 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || !w.Fresh(ss[len(ss)-1].T, freshSockets) {
 			continue
 		}
 		lo, hi := ss[0].V, ss[0].V

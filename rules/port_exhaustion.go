@@ -93,7 +93,7 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 			continue
 		}
 		ss := w.Store.Range(signals.TCPSocketsByRemote, ls, from)
-		if len(ss) == 0 || !w.Fresh(ss[len(ss)-1].T, freshSlow) {
+		if len(ss) == 0 || !w.Fresh(ss[len(ss)-1].T, freshSockets) {
 			continue
 		}
 		rp := get(remote)

@@ -80,7 +80,7 @@ func (r *RSTStorm) Evaluate(w Window) []Observation {
 	secs := r.o.Recent.Seconds()
 	for _, ls := range w.Store.Select(signals.TCPSockets) {
 		if ls.Get("owner") == ownerTarget && ls.Get("state") == "LISTEN" {
-			if s, ok := w.Store.Latest(signals.TCPSockets, ls); ok && s.V > 0 && w.Fresh(s.T, freshSlow) {
+			if s, ok := w.Store.Latest(signals.TCPSockets, ls); ok && s.V > 0 && w.Fresh(s.T, freshSockets) {
 				r.listened[ls.Get("port")] = w.Now
 			}
 		}

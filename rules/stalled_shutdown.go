@@ -78,7 +78,7 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 		if ls.Get("state") != "ESTABLISHED" || ls.Get("owner") != ownerTarget {
 			continue
 		}
-		if s, ok := w.Store.Latest(signals.TCPSockets, ls); ok && w.Fresh(s.T, freshSlow) && s.V > 0 {
+		if s, ok := w.Store.Latest(signals.TCPSockets, ls); ok && w.Fresh(s.T, freshSockets) && s.V > 0 {
 			total += s.V
 			if p := ls.Get("port"); p != "ephemeral" {
 				who = append(who, fmt.Sprintf("%s on port %s", num(s.V), p))
@@ -89,7 +89,7 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 		if ls.Get("state") != "ESTABLISHED" || ls.Get("owner") != ownerTarget {
 			continue
 		}
-		if s, ok := w.Store.Latest(signals.TCPSocketsByRemote, ls); ok && w.Fresh(s.T, freshSlow) && s.V > 0 {
+		if s, ok := w.Store.Latest(signals.TCPSocketsByRemote, ls); ok && w.Fresh(s.T, freshSockets) && s.V > 0 {
 			who = append(who, fmt.Sprintf("%s to %s", num(s.V), ls.Get("remote")))
 		}
 	}

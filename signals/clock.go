@@ -12,6 +12,14 @@ const clockGrain = 100 * time.Millisecond
 // hotFor is how long one Hot keeps the clock at its grain.
 const hotFor = 2 * time.Second
 
+// SocketsFreshFor is how long a sample of the sockets collector
+// (collectors/sockets.go) stands for now, a bound it keeps and the rules
+// rely on (rules/fresh.go freshSockets). While connections churn in a
+// namespace where a dump is dear, it spaces its dumps and writes nothing
+// in between, so that no count is restamped as new: its last dump's
+// samples then age up to this less a collect interval.
+const SocketsFreshFor = 5 * time.Second
+
 // Ticker delivers ticks like a time.Ticker, on the process's shared clock.
 //
 // The agent's periodic work (the fast collector and the probe polls every
