@@ -1,6 +1,8 @@
 package rules
 
 import (
+	"math/rand/v2"
+	"reflect"
 	"runtime"
 	"strings"
 	"testing"
@@ -483,6 +485,62 @@ func TestIdleTimeoutNeedsData(t *testing.T) {
 	}
 }
 
+// idle_timeout groups closes as they arrive: at every evaluation it says
+// what a rule that grouped its whole window afresh says (a new rule, which
+// reads the whole log), as closes come and leave the window and listeners
+// open and close under them. Random closes of several owners, ports and
+// remotes, some cut at one idle age.
+func TestIdleTimeoutGroupsAsTheyCome(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	opts := IdleTimeoutOptions{Window: 30 * time.Second, MinCloses: 5, Tolerance: 0.1, MinShare: 0.6, MinIdle: time.Second}
+	for _, scope := range []string{ScopeTarget, ScopeNamespace} {
+		r := NewIdleTimeout(opts)
+		evs := signals.NewConnEvents(1 << 16)
+		t0 := time.Now()
+		owners := []string{"target", "target", "envoy", "agent", "unknown"}
+		remotes := []string{"10.0.0.7:443", "10.0.0.8:5432", "127.0.0.1:8080", "127.0.0.1:9"}
+		found := 0
+		for tick := range 300 {
+			now := t0.Add(time.Duration(tick) * 500 * time.Millisecond)
+			st := signals.New(10, 10)
+			// The target listens on 8080 for the first and last hundred
+			// ticks; a neighbour on 9 from tick 150.
+			if tick < 100 || tick >= 200 {
+				st.Put(signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "LISTEN"), 1, now)
+			}
+			if tick >= 150 {
+				st.Put(signals.TCPSockets, signals.L("owner", "envoy", "port", "9", "state", "LISTEN"), 1, now)
+			}
+			for range rng.IntN(6) {
+				idle := time.Duration(rng.IntN(3000)) * time.Millisecond
+				if rng.IntN(3) > 0 {
+					idle = 350*time.Second + time.Duration(rng.IntN(1000))*time.Millisecond
+				}
+				kind := signals.ConnPeerClose
+				if rng.IntN(4) == 0 {
+					kind = signals.ConnResetReceived
+				}
+				lport := 40000 + rng.IntN(50)
+				if rng.IntN(3) == 0 {
+					lport = 8080
+				}
+				evs.Add(signals.ConnEvent{T: now, Kind: kind, Remote: remotes[rng.IntN(len(remotes))], LocalPort: lport,
+					Idle: idle, Owner: owners[rng.IntN(len(owners))], Bytes: uint64(rng.IntN(4) * 100)})
+			}
+			w := Window{Store: st, Now: now, Scope: scope, Inputs: Inputs{Conns: evs}}
+			got := r.Evaluate(w)
+			want := NewIdleTimeout(opts).Evaluate(w)
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("scope %s, tick %d: grouped as they came:\n%+v\nall at once:\n%+v", scope, tick, got, want)
+			}
+			found += len(got)
+		}
+		if found == 0 {
+			t.Fatalf("scope %s: no finding in 300 evaluations: the comparison compared nothing", scope)
+		}
+	}
+}
+
 // signals.TCPSocketsDumped is the sockets collector's count of the last dump.
 
 // idle_timeout reads only the events added since its last evaluation and
@@ -536,5 +594,32 @@ func TestIdleTimeoutReadsWhatIsNew(t *testing.T) {
 	runtime.ReadMemStats(&m1)
 	if grew := m1.TotalAlloc - m0.TotalAlloc; grew > 1<<20 {
 		t.Errorf("100 evaluations beside a full log of a neighbour's churn allocated %d KB: the window is copied again", grew>>10)
+	}
+
+	// The target's own clients closing in the middle of their traffic
+	// (nginx under wrk): every close counts, none is long idle. A window
+	// full of them, 20 new per evaluation, is neither grouped again nor
+	// sorted at each.
+	evs = signals.NewConnEvents(4096)
+	r = NewIdleTimeout(IdleTimeoutOptions{Window: time.Minute, MinCloses: 10, Tolerance: 0.1, MinShare: 0.8, MinIdle: time.Second})
+	st := signals.New(10, 10)
+	st.Put(signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "LISTEN"), 1, t0)
+	clients := func(at time.Time, n int) {
+		for i := range n {
+			evs.Add(signals.ConnEvent{T: at, Kind: signals.ConnPeerClose, Remote: "127.0.0.1:50000", LocalPort: 8080, Idle: time.Duration(i%7) * time.Millisecond, Owner: "target", Bytes: 100000})
+		}
+	}
+	clients(t0, 4096)
+	r.Evaluate(Window{Store: st, Now: t0, Inputs: Inputs{Conns: evs}})
+	runtime.ReadMemStats(&m0)
+	for i := range 100 {
+		clients(t0.Add(time.Duration(i)*200*time.Millisecond), 20)
+		if obs := r.Evaluate(Window{Store: st, Now: t0.Add(time.Duration(i) * 200 * time.Millisecond), Inputs: Inputs{Conns: evs}}); len(obs) != 0 {
+			t.Fatalf("busy clients closing named an idle timeout: %+v", obs)
+		}
+	}
+	runtime.ReadMemStats(&m1)
+	if grew := m1.TotalAlloc - m0.TotalAlloc; grew > 1<<20 {
+		t.Errorf("100 evaluations over a window of 4096 of the target's busy clients' closes allocated %d KB: the window is grouped again", grew>>10)
 	}
 }
