@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
@@ -154,4 +155,19 @@ func (r *ringReader) Close() error {
 	defer r.mu.Unlock()
 	r.closed = true
 	return errors.Join(err, r.Reader.Close())
+}
+
+// copyRecord copies a ring record into dst, the bpf2go type of its C struct:
+// the record is laid out as the kernel (little-endian, the only kind the
+// bpfel objects load on) laid the struct out, which is what HostLayout
+// gives the Go type. Copied, not decoded field by field through
+// reflection (binary.Read: microseconds a record, tens for a big one). It
+// reports false for a record shorter than the type.
+func copyRecord[T any](dst *T, raw []byte) bool {
+	n := unsafe.Sizeof(*dst)
+	if uintptr(len(raw)) < n {
+		return false
+	}
+	copy(unsafe.Slice((*byte)(unsafe.Pointer(dst)), n), raw)
+	return true
 }

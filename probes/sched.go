@@ -15,7 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -285,15 +284,10 @@ func (p *Sched) wall(ktime uint64) time.Time { return time.Unix(0, int64(ktime)+
 func (p *Sched) readBlocks(rd *ringReader, store *signals.Store) {
 	var ev schedBlockEvent
 	readRingFlushed("sched", rd, p.o.Log, func(raw []byte) {
-		// The record is struct block_event as the kernel (little-endian,
-		// the only kind bpfel objects load on) laid it out, which is what
-		// HostLayout gives the Go type: copied, not decoded field by field
-		// through reflection (binary.Read: tens of microseconds a record).
-		if len(raw) < int(unsafe.Sizeof(ev)) {
+		if !copyRecord(&ev, raw) {
 			p.o.Log.Warn("sched: malformed block event", "len", len(raw))
 			return
 		}
-		copy(unsafe.Slice((*byte)(unsafe.Pointer(&ev)), unsafe.Sizeof(ev)), raw)
 		p.mu.Lock()
 		p.events++
 		id := episodeID{int(ev.Tid), int64(ev.StartNs)}

@@ -4,10 +4,8 @@ package probes
 
 import (
 	"bufio"
-	"bytes"
 	"compress/gzip"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -152,8 +150,8 @@ func (p *TCPLife) drainEvents(rd *ringReader) {
 // outside the reader's lock, so it may take p.mu.
 func (p *TCPLife) handleEvent(raw []byte) {
 	ev := &p.ev
-	if err := binary.Read(bytes.NewReader(raw), binary.LittleEndian, ev); err != nil {
-		p.o.Log.Warn("tcplife: malformed event", "len", len(raw), "err", err)
+	if !copyRecord(ev, raw) {
+		p.o.Log.Warn("tcplife: malformed event", "len", len(raw))
 		return
 	}
 	p.mu.Lock()
