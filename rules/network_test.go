@@ -187,6 +187,31 @@ func TestPoolExhaustion(t *testing.T) {
 	}
 }
 
+// A pool flat at its ceiling while requests queue stays told while the
+// sockets collector spaces its dumps 4 s apart (connections churning in a
+// namespace where a dump is dear): the count that stood when the window
+// began counts, so the window never holds too few samples to judge.
+func TestPoolExhaustionWhileDumpsAreSpaced(t *testing.T) {
+	t0 := time.Now()
+	r := NewPoolExhaustion(PoolExhaustionOptions{Window: 10 * time.Second, MinConns: 2, MinQueue: 0.5})
+	st := signals.New(100, 100)
+	pool := signals.L("owner", "target", "remote", "10.0.0.9:5432", "state", "ESTABLISHED")
+	queue := signals.L("addr", "0.0.0.0", "port", "8080")
+	for ms := 0; ms <= 40000; ms += 100 {
+		now := t0.Add(time.Duration(ms) * time.Millisecond)
+		if ms%4000 == 0 {
+			st.Put(signals.TCPSocketsByRemote, pool, 20, now)
+		}
+		st.Put(signals.ListenQueueLength, queue, 12, now)
+		if ms < 12000 {
+			continue // the first dumps: the window fills
+		}
+		if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 1 || !strings.Contains(obs[0].Title, "20 connections") {
+			t.Fatalf("%v in, dumps 4 s apart: %+v", now.Sub(t0), obs)
+		}
+	}
+}
+
 // connLog is the real connection event log (signals.ConnEvents) holding
 // evs, as the tcplife probe fills it.
 func connLog(evs ...signals.ConnEvent) *signals.ConnEvents {

@@ -57,7 +57,15 @@ func (r *PoolExhaustion) Evaluate(w Window) []Observation {
 		if ls.Get("state") != "ESTABLISHED" || owner != ownerTarget || remote == "other" || strings.HasSuffix(remote, ":"+port) {
 			continue
 		}
-		ss := w.Store.Range(signals.TCPSocketsByRemote, ls, from)
+		// The count that stood when the window began is the last sample
+		// before it: the sockets collector spaces its dumps up to
+		// freshSockets apart while connections churn in a namespace where
+		// a dump is dear, and the window (10 s) then holds as few as two,
+		// 4 s apart, for part of each spacing.
+		ss := w.Store.Range(signals.TCPSocketsByRemote, ls, from.Add(-freshSockets))
+		for len(ss) > 1 && !ss[1].T.After(from) {
+			ss = ss[1:]
+		}
 		if len(ss) < 3 || ss[len(ss)-1].T.Sub(ss[0].T) < r.o.Window/2 || !w.Fresh(ss[len(ss)-1].T, freshSockets) {
 			continue
 		}
