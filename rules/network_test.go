@@ -321,6 +321,21 @@ func TestStalledShutdown(t *testing.T) {
 	if len(obs) != 1 || obs[0].Cause != CauseStalledShutdown || !strings.Contains(obs[0].Symptom, "12 on port 8080") || !strings.Contains(obs[0].Symptom, "SIGKILL comes in about 10s") {
 		t.Fatalf("stalled: %+v", obs)
 	}
+	// The count of a dump taken 4 s ago (dumps spaced while connections
+	// churn in a namespace where one is dear) is told as of then; a
+	// dump from before SIGTERM counts nothing after it.
+	st := mk(20*time.Second, 0)
+	st.Put(signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "ESTABLISHED"), 12, now.Add(-4*time.Second))
+	obs = r.Evaluate(Window{Store: st, Now: now, HasTarget: true})
+	if len(obs) != 1 || !strings.Contains(obs[0].Title, "12 connections still open 16 s after SIGTERM") || !strings.Contains(obs[0].Symptom, "20 s ago, and 16 s after it still held 12") {
+		t.Fatalf("a count 4 s old: %+v", obs)
+	}
+	r2 := NewStalledShutdown(StalledShutdownOptions{Grace: 4 * time.Second, Fraction: 0.5})
+	st = mk(3*time.Second, 0)
+	st.Put(signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "ESTABLISHED"), 12, now.Add(-4*time.Second))
+	if obs := r2.Evaluate(Window{Store: st, Now: now, HasTarget: true}); len(obs) != 0 {
+		t.Fatalf("a count taken before SIGTERM told as still open after it: %+v", obs)
+	}
 	// Silence: no SIGTERM; SIGTERM and every connection gone; too early to tell.
 	for _, tc := range []struct {
 		ago   time.Duration

@@ -71,14 +71,28 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 	}
 	// Who is still connected: the target's own ends of its connections
 	// only. Its clients' ends, when they live in the same namespace (a
-	// sidecar, a test client), are other processes' sockets.
+	// sidecar, a test client), are other processes' sockets. The counts
+	// are the last dump's, taken after SIGTERM, and told as of then: the
+	// sockets collector spaces its dumps up to freshSockets apart while
+	// connections churn in a namespace where one is dear, and connections
+	// may have ended since.
 	total := 0.0
 	var who []string
+	var at time.Time // of the newest dump counted
+	counted := func(s signals.Sample, ok bool) bool {
+		if !ok || !w.Fresh(s.T, freshSockets) || !s.T.After(sigAt) || s.V <= 0 {
+			return false
+		}
+		if s.T.After(at) {
+			at = s.T
+		}
+		return true
+	}
 	for _, ls := range w.Store.Select(signals.TCPSockets) {
 		if ls.Get("state") != "ESTABLISHED" || ls.Get("owner") != ownerTarget {
 			continue
 		}
-		if s, ok := w.Store.Latest(signals.TCPSockets, ls); ok && w.Fresh(s.T, freshSockets) && s.V > 0 {
+		if s, ok := w.Store.Latest(signals.TCPSockets, ls); counted(s, ok) {
 			total += s.V
 			if p := ls.Get("port"); p != "ephemeral" {
 				who = append(who, fmt.Sprintf("%s on port %s", num(s.V), p))
@@ -89,13 +103,15 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 		if ls.Get("state") != "ESTABLISHED" || ls.Get("owner") != ownerTarget {
 			continue
 		}
-		if s, ok := w.Store.Latest(signals.TCPSocketsByRemote, ls); ok && w.Fresh(s.T, freshSockets) && s.V > 0 {
+		if s, ok := w.Store.Latest(signals.TCPSocketsByRemote, ls); counted(s, ok) {
 			who = append(who, fmt.Sprintf("%s to %s", num(s.V), ls.Get("remote")))
 		}
 	}
 	if total == 0 {
 		return nil
 	}
+	// When the count was taken, after SIGTERM: what the title says.
+	counts := at.Sub(sigAt)
 	sort.Strings(who)
 	left := r.o.Grace - elapsed
 	sev, when := SeverityWarning, fmt.Sprintf("SIGKILL comes in about %s", fmtDur(left.Round(time.Second)))
@@ -108,9 +124,9 @@ func (r *StalledShutdown) Evaluate(w Window) []Observation {
 	return []Observation{{
 		Key:   "shutdown",
 		Cause: CauseStalledShutdown,
-		Title: fmt.Sprintf("Graceful shutdown stalled: %s still open %s after SIGTERM", count(total, "connection", ""), duration(elapsed)),
-		Symptom: fmt.Sprintf("the target received SIGTERM (from pid %s) %s ago and still holds %s (%s); %s",
-			sender, duration(elapsed), count(total, "established connection", ""), strings.Join(who, ", "), when),
+		Title: fmt.Sprintf("Graceful shutdown stalled: %s still open %s after SIGTERM", count(total, "connection", ""), duration(counts)),
+		Symptom: fmt.Sprintf("the target received SIGTERM (from pid %s) %s ago, and %s after it still held %s (%s); %s",
+			sender, duration(elapsed), duration(counts), count(total, "established connection", ""), strings.Join(who, ", "), when),
 		RootCause:   "the shutdown waits for connections that do not end by themselves: long-lived streams (gRPC, SSE, WebSockets) or keep-alive clients that were never told to go, so the kubelet will SIGKILL the process and cut them mid-request",
 		Remediation: w.advice().GracefulShutdown(),
 		Severity:    sev,
