@@ -177,14 +177,23 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 		}
 	}
 	verb, tense, keeps := "growing", "and still grows", "keeps growing"
+	// The growth is told from where it began to where it rose last, the
+	// same +increase the cause says; a heap that stopped can stand a
+	// little above that now (the app's other allocations), which is said
+	// apart (seen: "grew from 7 MiB to 249.4 MiB" beside "+238.9 MiB").
+	to := h.Inuse
 	if !still {
 		verb, tense, keeps = "grew", "and "+stopped+" ("+by+")", "grew"
+		to = g.from().V + g.increase
+		if now := fmtBytes(h.Inuse); now != fmtBytes(to) {
+			tense += "; " + now + " now"
+		}
 	}
 	return []Observation{{
 		Key:         "process",
 		Cause:       CauseHeapLeak,
 		Title:       fmt.Sprintf("Live heap %s by %s %s", verb, perMin, g.over()),
-		Symptom:     fmt.Sprintf("the live heap grew from %s to %s %s %s", fmtBytes(g.from().V), fmtBytes(h.Inuse), g.since(), tense),
+		Symptom:     fmt.Sprintf("the live heap grew from %s to %s %s %s", fmtBytes(g.from().V), fmtBytes(to), g.since(), tense),
 		RootCause:   fmt.Sprintf("memory the app still references %s (+%s, %s): %s", keeps, fmtBytes(g.increase), perMin, where),
 		Severity:    SeverityWarning,
 		Confidence:  0.8,

@@ -444,6 +444,11 @@ func TestHeapLeakSaysWhenItStoppedGrowing(t *testing.T) {
 	if !o.Stopped {
 		t.Error("the past tense is not marked Stopped: watchers would not be told of it")
 	}
+	// The numbers agree: from 7 to 375 is the +368 the cause says, and
+	// the hair above it since is said apart.
+	if !strings.Contains(o.Symptom, "grew from 7 MiB to 375 MiB") || !strings.Contains(o.RootCause, "+368 MiB") || !strings.HasSuffix(o.Symptom, "; 375.2 MiB now") {
+		t.Errorf("after it stopped: %q / %q, want 'grew from 7 MiB to 375 MiB', '+368 MiB' and '; 375.2 MiB now'", o.Symptom, o.RootCause)
+	}
 	t.Logf("%s\n%s", o.Title, o.Symptom)
 }
 
