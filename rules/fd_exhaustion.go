@@ -2,6 +2,7 @@ package rules
 
 import (
 	"fmt"
+	"math"
 	"sort"
 	"strings"
 	"time"
@@ -38,6 +39,43 @@ func DefaultFDExhaustionOptions() FDExhaustionOptions {
 type FDExhaustion struct {
 	o FDExhaustionOptions
 	h hysteresis
+	// grew is the last leak told while it grew (grewOK). A steady leak (a
+	// rise every sample) that stops is, a few flat samples later, a flat
+	// regime of its own after a change point: measured alone it is no
+	// growth, and the finding resolved with its last words ("leaking ...
+	// heading for the limit", the demo's leak-fds) while the leaked
+	// descriptors stayed open. Remembered, it is told as a leak that
+	// stopped, in the past tense, while it began within the window and
+	// every sample since its last rise stands where that rise left them.
+	grew   growth
+	grewOK bool
+}
+
+// stoppedLeak is the remembered leak when it applies now (see grew): the
+// series split it off (its regime began after the leak's), and the
+// descriptors it gained are still open, within a tenth of its growth of
+// the level its last rise reached.
+func (r *FDExhaustion) stoppedLeak(s []signals.Sample, g growth, now time.Time) (growth, bool) {
+	m := r.grew
+	if !r.grewOK || now.Sub(m.start) > r.o.Window || !g.first.T.After(m.first.T) {
+		return growth{}, false
+	}
+	level, after := 0.0, 0
+	for _, x := range s {
+		switch {
+		case x.T.Before(m.lastRise):
+		case x.T.Equal(m.lastRise):
+			level = x.V
+		case after == 0 && level == 0:
+			return growth{}, false // the last rise left the window's samples
+		default:
+			if math.Abs(x.V-level) > 0.1*m.increase {
+				return growth{}, false
+			}
+			after++
+		}
+	}
+	return m, after > 0
 }
 
 func NewFDExhaustion(o FDExhaustionOptions) *FDExhaustion { return &FDExhaustion{o: o} }
@@ -63,7 +101,14 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	// A leak is growth that is happening now, measured from where it
 	// began: a series that rose once and stays flat near the limit is
 	// near the limit, not leaking.
-	g, haveG := growthOf(st.Range(signals.ProcessFDsOpen, nil, now.Add(-r.o.Window)))
+	series := st.Range(signals.ProcessFDsOpen, nil, now.Add(-r.o.Window))
+	g, haveG := growthOf(series)
+	flatSince := false
+	if m, ok := r.stoppedLeak(series, g, now); ok {
+		g, haveG, flatSince = m, true, true
+	} else if r.grewOK && !g.first.T.Equal(r.grew.first.T) {
+		r.grewOK = false
+	}
 	long := haveG && g.duration() >= r.o.MinDuration && g.rate > 0
 	// The floor, not the last sample: a burst of connections that open
 	// and close again lifts a sample or two, a leak lifts every one.
@@ -78,8 +123,9 @@ func (r *FDExhaustion) Evaluate(w Window) []Observation {
 	// after the last descriptor was opened is untrue.
 	still := true
 	if leaking {
-		still = !g.stopped()
+		still = !flatSince && !g.stopped()
 		if still {
+			r.grew, r.grewOK = g, true
 			eta, etaOK = g.until(limit.V)
 		} else if ran := g.lastRise.Sub(g.start); ran > 0 {
 			g.rate, g.last.T = g.increase/ran.Seconds(), g.lastRise

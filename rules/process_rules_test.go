@@ -671,6 +671,41 @@ func TestFDLeakThatStoppedIsNotToldAsRising(t *testing.T) {
 	}
 }
 
+// A steady leak that stops is, after a few flat samples, a flat regime of
+// its own: measured alone it is no growth, and the finding resolved with
+// its last words ("leaking ... heading for the limit", the demo's
+// leak-fds) while the leaked descriptors stayed open. It is told as a
+// leak that stopped, in the past tense, while its growth is in the
+// window and the descriptors are still open; once they are closed it is
+// not.
+func TestFDLeakThatStoppedStaysToldWhileItsFDsStayOpen(t *testing.T) {
+	// 40 FDs a second from second 30 to 45; flat after, until they are
+	// closed at second 70.
+	run := fdLeakRun(t, 80, func(s int) float64 {
+		if s >= 70 {
+			return 30
+		}
+		return 30 + 40*float64(min(max(s-30, 0), 15))
+	})
+	for s := 47; s < 70; s++ {
+		obs := run[s]
+		if len(obs) != 1 || !obs[0].Stopped || !strings.Contains(obs[0].RootCause, "+600 (+600 of them pipe descriptors), and have not grown since") {
+			t.Fatalf("second %d, flat since second 45 with the 600 FDs open: %+v", s, obs)
+		}
+		for _, bad := range []string{"rising by", "at this rate", "heading for"} {
+			if strings.Contains(obs[0].RootCause+obs[0].Title, bad) {
+				t.Errorf("second %d, stopped, says %q: %s / %s", s, bad, obs[0].Title, obs[0].RootCause)
+			}
+		}
+	}
+	t.Logf("%s\n%s", run[60][0].Title, run[60][0].RootCause)
+	for s := 70; s <= 80; s++ {
+		if len(run[s]) != 0 {
+			t.Errorf("second %d, the FDs closed: %s / %s", s, run[s][0].Title, run[s][0].RootCause)
+		}
+	}
+}
+
 // A leak in bursts (40 FDs every 3 s) is flat between them: those pauses
 // are not stops, so the words never turn to the past tense and back. When
 // the bursts end and it stays flat for longer than it ever paused, the
