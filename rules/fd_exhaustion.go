@@ -52,12 +52,22 @@ type FDExhaustion struct {
 }
 
 // stoppedLeak is the remembered leak when it applies now (see grew): the
-// series split it off (its regime began after the leak's), and the
-// descriptors it gained are still open, within a tenth of its growth of
-// the level its last rise reached.
+// series split it off (its regime began after the leak's), it stopped
+// (growth.stopped), and the descriptors it gained are still open, within a
+// tenth of its growth of the level its last rise reached.
 func (r *FDExhaustion) stoppedLeak(s []signals.Sample, g growth, now time.Time) (growth, bool) {
 	m := r.grew
 	if !r.grewOK || now.Sub(m.start) > r.o.Window || !g.first.T.After(m.first.T) {
+		return growth{}, false
+	}
+	// Flat for longer than it ever paused while it grew, and for two of
+	// its sampling intervals (growth.stopped): a pause between bursts is
+	// no stop, whatever regime the series is cut into.
+	if len(s) == 0 || m.n < 2 {
+		return growth{}, false
+	}
+	flat, step := s[len(s)-1].T.Sub(m.lastRise), m.last.T.Sub(m.first.T)/time.Duration(m.n-1)
+	if flat <= m.pause || flat < 2*step {
 		return growth{}, false
 	}
 	level, after := 0.0, 0

@@ -706,6 +706,28 @@ func TestFDLeakThatStoppedStaysToldWhileItsFDsStayOpen(t *testing.T) {
 	}
 }
 
+// A leak in bursts that lasts longer than the window: its regime spans the
+// whole window and starts where the window does, a little later at each
+// evaluation. Its pauses are still not stops.
+func TestFDLeakInBurstsLongerThanTheWindowIsNotToldStopped(t *testing.T) {
+	// 20 FDs every 3 s from second 20 to 150; flat after.
+	run := fdLeakRun(t, 170, func(s int) float64 { return 30 + 20*float64(min(max(s-20, 0), 130)/3) })
+	told := 0
+	for s, obs := range run {
+		for _, o := range obs {
+			if s <= 152 && o.Stopped {
+				t.Fatalf("second %d, within the bursts' rhythm: told as stopped: %s / %s", s, o.Title, o.RootCause)
+			}
+			if o.Stopped {
+				told++
+			}
+		}
+	}
+	if told == 0 {
+		t.Error("the stop after second 150 was never told")
+	}
+}
+
 // A leak in bursts (40 FDs every 3 s) is flat between them: those pauses
 // are not stops, so the words never turn to the past tense and back. When
 // the bursts end and it stays flat for longer than it ever paused, the
