@@ -95,7 +95,7 @@ func (r *CPUThrottling) Evaluate(w Window) []Observation {
 	base, span := from, coveredSpan(st.Range(signals.CgroupCPUPeriodsTotal, nil, time.Time{}), from)
 	began := time.Time{}
 	thr := cumulative(st.Range(signals.CgroupCPUThrottledPeriodsTotal, nil, from))
-	if g, ok := growthOf(thr); ok && !g.sinceStart && g.rate > 0 {
+	if g, ok := growthOf(thr); ok && !g.sinceStart && !g.unsure && g.rate > 0 {
 		f := g.from()
 		if quiet := f.V - thr[0].V; quiet < 1 {
 			// Just after the sample the growth is counted from, so that

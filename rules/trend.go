@@ -78,6 +78,14 @@ type growth struct {
 	// sinceStart: no change point was found, the regime spans every
 	// sample given: it began at or before the first of them.
 	sinceStart bool
+	// unsure: every sample before the regime stands on its line, within
+	// the regime's own noise: nothing says they are an old level rather
+	// than the growth itself (a pause between bursts looks flat), so it
+	// may have begun before them. Its duration is then a lower bound, and
+	// its start no onset (seen: a leak in bursts for two minutes told
+	// "rising ... for 58 s (since T)", T a little after the window's
+	// start).
+	unsure bool
 	// young: the newest few samples (fewer than minSegment) already
 	// broke from the regime: a change too recent to be fitted. The
 	// regime's rate is then not the present one, so it is not current.
@@ -162,6 +170,9 @@ func growthOf(s []signals.Sample) (growth, bool) {
 		}
 	}
 	g.increase = g.last.V - g.from().V
+	if k > 0 && g.rate > 0 {
+		g.unsure = onLine(fit, g.rate, s[:k])
+	}
 	g.steady = steadyShare(s[max(k-1, 0):])
 	// A break in the newest 2 or 3 samples, looked for in the regime and
 	// a few samples before it (a short regime alone is too short a line).
@@ -237,7 +248,7 @@ func (g growth) until(limit float64) (time.Duration, bool) {
 // over says for how long the growth has run, for prose: "for 15 s (since
 // 12:00:03)", or "for at least 1m0s" when it began before the samples.
 func (g growth) over() string {
-	if g.sinceStart {
+	if g.sinceStart || g.unsure {
 		return "for at least " + duration(g.duration())
 	}
 	return "for " + duration(g.duration()) + " (since " + g.start.Format("15:04:05") + ")"
@@ -248,6 +259,9 @@ func (g growth) over() string {
 func (g growth) since() string {
 	if g.sinceStart {
 		return "over the last " + duration(g.duration()) + " (it began earlier)"
+	}
+	if g.unsure {
+		return "over the last " + duration(g.duration()) + " (it may have begun earlier)"
 	}
 	return "since " + g.start.Format("15:04:05") + " (" + duration(g.duration()) + ")"
 }
@@ -387,6 +401,33 @@ func slopeOf(s []signals.Sample) float64 {
 		return 0
 	}
 	return sxy / sxx
+}
+
+// onLine reports whether every sample of ps stands on the least-squares
+// line of s with slope rate, within the largest distance of any sample
+// of s from it.
+func onLine(s []signals.Sample, rate float64, ps []signals.Sample) bool {
+	if len(s) == 0 || len(ps) == 0 {
+		return false
+	}
+	var mt, mv float64
+	for _, x := range s {
+		mt += x.T.Sub(s[0].T).Seconds()
+		mv += x.V
+	}
+	mt /= float64(len(s))
+	mv /= float64(len(s))
+	at := func(t time.Time) float64 { return mv + rate*(t.Sub(s[0].T).Seconds()-mt) }
+	tol := 0.0
+	for _, x := range s {
+		tol = max(tol, math.Abs(x.V-at(x.T)))
+	}
+	for _, p := range ps {
+		if math.Abs(p.V-at(p.T)) > tol {
+			return false
+		}
+	}
+	return true
 }
 
 // steadyShare is the share of steps of s that did not go down.
