@@ -117,7 +117,14 @@ func TestPrecisionNoisyNeighbour(t *testing.T) {
 				}
 			}()
 			stop := make(chan struct{})
+			var stopOnce sync.Once
+			halt := func() { stopOnce.Do(func() { close(stop) }) }
 			pa.scrapeLoop(t, stop)
+			// Registered after scrapeLoop's cleanup, so it runs first: a
+			// test that fails before halt() below (CI once: the neighbour's
+			// own CLOSE_WAIT sockets late under load) ends instead of
+			// waiting on the scrapers until the package's timeout.
+			t.Cleanup(halt)
 			// The target's own healthy traffic.
 			go func() {
 				for {
@@ -143,7 +150,7 @@ func TestPrecisionNoisyNeighbour(t *testing.T) {
 			}
 			time.Sleep(6 * time.Second)
 			refused := stopResets()
-			close(stop)
+			halt()
 			if refused < 100 {
 				t.Fatalf("the neighbour's resets did not happen: %d refused", refused)
 			}

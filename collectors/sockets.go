@@ -685,17 +685,20 @@ const busyCostGap = 400
 
 // stateCostGap paces full dumps while states change (connections open and
 // close): a dump waits until the time since the one before is at least
-// stateCostGap times its duration (a third of a percent of a core), or
-// until maxDeferredAge would pass. About half of a dump's CPU is the
+// stateCostGap times its duration (1 % of a core), or until
+// maxDeferredAge would pass. About half of a dump's CPU is the
 // kernel's walk, which no filter shortens: every bucket of the
 // established hash (262,144 on a 24 GiB machine) and every socket in it.
 // Beside nginx flat out (150
 // connections closed a second, 17,000 sockets in the namespace: 10,000 of
-// a neighbour, 6,000 in TIME_WAIT) a dump costs ~13 ms; dumped every
-// second, then every other second (a gap of 100), it was a third of the
-// agent's CPU; now every fourth. In a namespace of a few thousand sockets
-// (a dump of 1-3 ms) every cycle dumps as before.
-const stateCostGap time.Duration = 300
+// a neighbour, 6,000 in TIME_WAIT) a dump costs 20-30 ms of CPU (30-60
+// ms of wall time, which is what took measures); dumped every other
+// second (one deferral at most) it was a third of the agent's CPU; now
+// every fourth (maxDeferredAge). In a namespace of a few thousand
+// sockets (a dump of 1-5 ms) every cycle dumps as before: a gap of 300
+// spaced a 5 ms dump under -race 1.5 s apart, and a 4 s close_wait
+// window then held too few samples (TestPrecisionNoisyNeighbour).
+const stateCostGap time.Duration = 100
 
 // maxDeferredAge bounds how old the last dump's samples may grow while
 // dumps are spaced: one collect interval (1 s) under the time in which

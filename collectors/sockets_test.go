@@ -843,7 +843,7 @@ func TestSocketsDearStateDumpsWait(t *testing.T) {
 
 	before := latest()
 	closeOne(clients[0])
-	h.c.took = 10 * time.Millisecond // × stateCostGap: 3 s, more than the 300 ms since
+	h.c.took = 30 * time.Millisecond // × stateCostGap: 3 s, more than the 300 ms since
 	deferred := h.c.deferred
 	h.collect()
 	if h.c.deferred != deferred+1 {
@@ -869,7 +869,7 @@ func TestSocketsDearStateDumpsWait(t *testing.T) {
 	// Dearer: the age bound ends the wait, whatever the budget says.
 	before = latest()
 	closeOne(clients[1])
-	h.c.took = time.Second // × stateCostGap: 5 minutes
+	h.c.took = time.Second // × stateCostGap: 100 s
 	deferred = h.c.deferred
 	h.collect()
 	past(time.Second)
