@@ -272,10 +272,11 @@ func (p *TCPLife) convert(ev tcpLifeConnEvent) (signals.ConnEvent, bool) {
 // first, reading the target's tables again for each new socket of theirs
 // was 3 % of the agent's CPU (a rescan a second, ~150 readlinks).
 func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
+	server := p.serverSide(e)
 	if e.Inode != 0 && e.Inode < 1<<32 {
 		ino := uint32(e.Inode)
 		o, ok := p.owners.Owner(ino)
-		if look, everyone := lookFor(e, p.o.OthersOwners); !ok && look && !p.serverSide(e) && !p.clientOfTarget(e) {
+		if look, everyone := lookFor(e, p.o.OthersOwners); !ok && look && !server && !p.clientOfTarget(e) {
 			if everyone {
 				p.owners.Refresh(time.Now(), []uint32{ino})
 			} else {
@@ -291,7 +292,7 @@ func (p *TCPLife) ownerOf(e signals.ConnEvent) string {
 	// port the target listens on is its server side. The pid of such an
 	// event is whoever ran when it ended (often a softirq's), not the
 	// owner.
-	if p.serverSide(e) {
+	if server {
 		return "target"
 	}
 	// The pid of a peer's close or a reset is whoever ran when the packet

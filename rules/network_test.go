@@ -19,12 +19,19 @@ func putSeries(st *signals.Store, d *signals.Desc, ls signals.Labels, now time.T
 	}
 }
 
+// closeWaitStore holds the target's CLOSE_WAIT sockets on port 8080 (vals,
+// a second apart up to now) and the oldest one's idle age.
+func closeWaitStore(now time.Time, age float64, vals ...float64) *signals.Store {
+	st := signals.New(100, 100)
+	putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, vals...)
+	st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), age, now)
+	return st
+}
+
 func TestCloseWaitLeak(t *testing.T) {
 	now := time.Now()
 	r := NewCloseWait(CloseWaitOptions{Window: 10 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
-	st := signals.New(100, 100)
-	putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
-	st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 9, now)
+	st := closeWaitStore(now, 9, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
 	obs := r.Evaluate(Window{Store: st, Now: now})
 	if len(obs) != 1 || obs[0].Cause != CauseCloseWaitLeak || !strings.Contains(obs[0].Title, "8080") {
 		t.Fatalf("growing CLOSE_WAIT: %+v", obs)
@@ -32,9 +39,7 @@ func TestCloseWaitLeak(t *testing.T) {
 	// Silence: CLOSE_WAIT that comes and goes (the app closes, a little
 	// late), and a steady few.
 	for _, vals := range [][]float64{{0, 3, 0, 2, 4, 0, 1, 3, 0, 2, 1}, {3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3}} {
-		st := signals.New(100, 100)
-		putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, vals...)
-		st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 2, now)
+		st := closeWaitStore(now, 2, vals...)
 		if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 			t.Errorf("%v raised %+v", vals, obs)
 		}
@@ -48,9 +53,7 @@ func TestCloseWaitLeak(t *testing.T) {
 func TestCloseWaitLeakReadWhileDumpsAreSpaced(t *testing.T) {
 	now := time.Now()
 	r := NewCloseWait(CloseWaitOptions{Window: 20 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
-	st := signals.New(100, 100)
-	putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
-	st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 9, now)
+	st := closeWaitStore(now, 9, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
 	at := r.Evaluate(Window{Store: st, Now: now})
 	if len(at) != 1 {
 		t.Fatalf("growing CLOSE_WAIT, read when sampled: %+v", at)
@@ -457,9 +460,7 @@ func TestPortExhaustionTruths(t *testing.T) {
 func TestNetworkAdviceFitsTheRuntime(t *testing.T) {
 	now := time.Now()
 	cw := NewCloseWait(CloseWaitOptions{Window: 10 * time.Second, MinIncrease: 5, Steady: 0.8, MinCount: 50, MinAge: time.Minute})
-	st := signals.New(100, 100)
-	putSeries(st, signals.TCPSockets, signals.L("owner", "target", "port", "8080", "state", "CLOSE_WAIT"), now, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
-	st.Put(signals.TCPCloseWaitOldestSeconds, signals.L("owner", "target", "port", "8080"), 9, now)
+	st := closeWaitStore(now, 9, 0, 1, 2, 4, 5, 7, 8, 9, 11, 12, 14)
 	for _, tc := range []struct {
 		rt        workload.Runtime
 		forbidden []string
