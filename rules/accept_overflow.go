@@ -177,14 +177,17 @@ func (r *AcceptOverflow) Evaluate(w Window) []Observation {
 	}
 	var out []Observation
 	for _, ls := range w.Store.Select(signals.ListenBacklog) {
-		if o, ok := r.listener(w, ls, sched); ok {
+		if o, ok := r.listener(w, ls, sched, w.Now.Add(-r.o.Window)); ok {
 			out = append(out, o)
 		}
 	}
 	return out
 }
 
-func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule) (Observation, bool) {
+// listener judges one listener from its samples since from: the window's
+// start, or the end of a stall whose tail has ended (its drops were judged,
+// and what came after is judged by itself).
+func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule, from time.Time) (Observation, bool) {
 	st := w.Store
 	now := w.Now
 	port := ls.Get("port")
@@ -196,8 +199,8 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 		return Observation{}, false
 	}
 	dropsRecent := st.Increase(signals.ListenOverflowsTotal, ls, now.Add(-r.o.Recent))
-	dropsWindow := st.Increase(signals.ListenOverflowsTotal, ls, now.Add(-r.o.Window))
-	full := st.Range(signals.ListenQueueFull, ls, now.Add(-r.o.Window))
+	dropsWindow := st.Increase(signals.ListenOverflowsTotal, ls, from)
+	full := st.Range(signals.ListenQueueFull, ls, from)
 	fullNow := len(full) > 0 && full[len(full)-1].V == 1 && w.Fresh(full[len(full)-1].T, freshFast)
 	// A stalled queue keeps dropping only when clients retransmit SYNs
 	// (1 s, 3 s, 7 s... apart), so while it stays full any drop in the
@@ -209,7 +212,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 
 	fullFor, runStart := fullRun(full, now)
 	fullFrac := fraction(full)
-	qpeak := peak(st.Range(signals.ListenQueueLength, ls, now.Add(-r.o.Window)))
+	qpeak := peak(st.Range(signals.ListenQueueLength, ls, from))
 	portLs := signals.L("port", port)
 	// The app's own accepts, counted at accept()'s return by the sockcalls
 	// probe. Completed handshakes are not accepts: with the queue full,
@@ -221,10 +224,10 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	// speaks only for the time since counting began (counted).
 	acceptsFrom, acceptsOn := acceptsCountedSince(st, portLs, now)
 	counted := func(t time.Time) bool { return acceptsOn && !acceptsFrom.After(t) }
-	acceptsWindow := st.Increase(signals.ProcessAcceptsTotal, portLs, now.Add(-r.o.Window))
+	acceptsWindow := st.Increase(signals.ProcessAcceptsTotal, portLs, from)
 	somaxconn, haveSomax := st.Latest(signals.Sysctl, signals.L("name", "net.core.somaxconn"))
 	abortOnOverflow, _ := st.Latest(signals.Sysctl, signals.L("name", "net.ipv4.tcp_abort_on_overflow"))
-	win := r.o.Window
+	win := now.Sub(from)
 
 	ev := []Evidence{
 		{Signal: signals.ListenOverflowsTotal.Name + ls.String(), Value: dropsWindow, Threshold: r.o.MinDrops, Unit: "SYNs", Window: win, Note: "connection attempts dropped on this listener's full accept queue (client retries included)"},
@@ -273,7 +276,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	stalled := fullNow && (!acceptsKnown || acceptedLater == 0 || fullFor >= r.o.SaturateAfter)
 
 	if stalled {
-		r.rememberStall(endpoint, st, ls, runStart, now, now)
+		r.rememberStall(endpoint, st, ls, runStart, now, now, sched)
 		threads := describeThreads(st)
 		ev = append(ev, Evidence{Signal: signals.ListenQueueFull.Name + ls.String(), Value: fullFor.Seconds(), Threshold: r.o.StallAfter.Seconds(), Unit: "seconds", Note: "queue continuously full"})
 		var how string
@@ -335,13 +338,21 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	// The accepts that ended the run are not accepts through it: the
 	// queue's sample and the accept counter's read land on the same tick
 	// in either order, so the run's last sample interval is left out.
-	run, end := longestRecentRun(full, now.Add(-r.o.Window))
+	run, end := longestRecentRun(full, from)
 	stallRun := run >= r.o.StallAfter && (!counted(end.Add(-run).Add(runEdge)) || run >= r.o.SaturateAfter ||
 		increaseBetween(st, signals.ProcessAcceptsTotal, portLs, end.Add(-run), end.Add(-runEdge)) == 0)
 	if stallRun {
 		// The window may hold only the stall's end: how long it lasted is
 		// what the rule remembers of it.
-		run = end.Sub(r.rememberStall(endpoint, st, ls, end.Add(-run), end, now).start)
+		m := r.rememberStall(endpoint, st, ls, end.Add(-run), end, now, sched)
+		if m.over {
+			// The drops since are not its clients retrying (the same
+			// tests as stallTail's, below): a burst problem of its own,
+			// judged from the stall's end on, without the stall's drops
+			// and full samples.
+			return r.listener(w, ls, sched, end)
+		}
+		run = end.Sub(m.start)
 		o := r.tail(w, endpoint, ls, run, now.Sub(end), sched, dropped, ev, arts, labels)
 		o.RootCause = fmt.Sprintf("the accept queue of %s (backlog %d) was full for %s; the app accepts again since %s ago, and the drops since are the stall's tail (waiting clients retrying together)", endpoint, int(backlog.V), duration(run), duration(now.Sub(end)))
 		o.Confidence = 0.8
@@ -374,7 +385,7 @@ func (r *AcceptOverflow) listener(w Window, ls signals.Labels, sched synSchedule
 	// a stall whose full queue the next sample shows (the quiet sampler
 	// writes its last sample again until the listener's activity moves):
 	// a burst between samples is still one a second later.
-	if fullFrac == 0 && now.Sub(firstRise(st.Range(signals.ListenOverflowsTotal, ls, now.Add(-r.o.Window)))) < betweenSamplesSettle {
+	if fullFrac == 0 && now.Sub(firstRise(st.Range(signals.ListenOverflowsTotal, ls, from))) < betweenSamplesSettle {
 		return Observation{}, false
 	}
 	// An accept counted is proof, however late counting began.
@@ -559,6 +570,10 @@ type stallMemory struct {
 	// waiting or since.
 	lastT time.Time
 	lastV float64
+	// over: a drop since the end failed the tail's tests, so nothing after
+	// it is the stall's. Kept while the stall is in the window, so that the
+	// next evaluation does not take it for a new stall and count again.
+	over bool
 }
 
 // maxStallMemories bounds the listeners whose last stall the rule keeps
@@ -576,7 +591,7 @@ func (m *stallMemory) expires(s synSchedule) time.Time {
 // remembered stall is the same one seen again (the window moves over a
 // long stall, so the start seen moves on while the memory keeps the
 // first); one that began after it ended replaces it.
-func (r *AcceptOverflow) rememberStall(key string, st *signals.Store, ls signals.Labels, start, end, now time.Time) *stallMemory {
+func (r *AcceptOverflow) rememberStall(key string, st *signals.Store, ls signals.Labels, start, end, now time.Time, sched synSchedule) *stallMemory {
 	m := r.stalls[key]
 	if m == nil || start.After(m.end) {
 		if m == nil && len(r.stalls) >= maxStallMemories {
@@ -592,7 +607,7 @@ func (r *AcceptOverflow) rememberStall(key string, st *signals.Store, ls signals
 	if end.After(m.end) {
 		m.end = end
 	}
-	m.count(st, ls, now, nil)
+	m.count(st, ls, now, sched)
 	return m
 }
 
@@ -609,12 +624,13 @@ func (r *AcceptOverflow) forgetOldestStall() {
 
 // count adds the drops the counter shows since the last sample counted
 // and up to now, to waiting up to the stall's end and to since after it,
-// and reports whether every drop after the end passed fits (nil: all do).
+// and marks the tail over at the first drop after the end that cannot be
+// one of the stall's clients retrying: one that fits none of the
+// schedule's rounds, or one more than they can have sent by now.
 // Samples after now are left for the next evaluation: the collectors
 // write while the rule runs, and while the stall lasts its end is now (a
 // drop sampled a moment later was once counted after the stall).
-func (m *stallMemory) count(st *signals.Store, ls signals.Labels, now time.Time, fits func(time.Time) bool) bool {
-	ok := true
+func (m *stallMemory) count(st *signals.Store, ls signals.Labels, now time.Time, sched synSchedule) {
 	for _, s := range st.Range(signals.ListenOverflowsTotal, ls, m.lastT) {
 		if s.T.After(now) {
 			break
@@ -637,12 +653,11 @@ func (m *stallMemory) count(st *signals.Store, ls signals.Labels, now time.Time,
 			m.waiting += inc
 		default:
 			m.since += inc
-			if fits != nil && !fits(s.T) {
-				ok = false
+			if !sched.fits(m.start, m.end, s.T) || m.since > m.waiting*float64(sched.roundsBy(m.start, s.T)) {
+				m.over = true
 			}
 		}
 	}
-	return ok
 }
 
 // stallTail returns the listener's last stall when the drops since it
@@ -653,8 +668,8 @@ func (r *AcceptOverflow) stallTail(key string, st *signals.Store, ls signals.Lab
 	if m == nil {
 		return nil, false
 	}
-	fits := m.count(st, ls, now, func(t time.Time) bool { return s.fits(m.start, m.end, t) })
-	if !fits || m.since > m.waiting*float64(s.roundsBy(m.start, now)) {
+	m.count(st, ls, now, s)
+	if m.over {
 		delete(r.stalls, key)
 		return nil, false
 	}
