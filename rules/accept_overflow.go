@@ -541,9 +541,18 @@ func lastRise(ss []signals.Sample) (time.Time, bool) {
 //     slack. The drops a herd causes come exactly then, new clients
 //     included (the queue overflows only while the herd fills it); a
 //     burst pattern of its own soon drops a SYN between two rounds.
-//   - and the drops since the stall are at most one per round for each
-//     client that waited, of which there are at most as many as the
-//     stall's own drops (each was dropped at least once during it).
+//   - and the drops since the stall are at most what its clients can
+//     have sent since its end: each drop during the stall may be a
+//     client's first SYN (every client that waited was dropped at least
+//     once), and such a client retries at most once per round of the
+//     schedule, of which only those that can come after the stall's end
+//     count (retriesBy). A client first dropped late in the stall retries
+//     after it in every round; one dropped early, only in the late
+//     rounds. A client whose first SYN came before its drop retries no
+//     more often after it than one that began then: the rounds' gaps
+//     only grow. Seen in the demo, the cruder bound (every drop in the
+//     stall times every round since its start) let a burst of 2,884
+//     drops 7 s after a 15 s stall pass for its tail for 4.5 s.
 //
 // The schedule is the sharp test (drops come in rounds, and after the
 // first rounds the rounds are far apart); the count catches a burst
@@ -561,9 +570,10 @@ type stallMemory struct {
 	// that saw it not full, or, while the stall lasts, the last
 	// evaluation.
 	start, end time.Time
-	// waiting is the drops during the stall: every client it kept waiting
-	// was dropped at least once, so there were at most this many.
-	waiting float64
+	// waiting is the drops during the stall, in buckets of time: every
+	// client it kept waiting was dropped at least once, so there were at
+	// most this many, and none began after its drop.
+	waiting []dropBucket
 	// since is the drops after the stall's end, counted as they came.
 	since float64
 	// lastT and lastV are the drop counter's last sample counted into
@@ -574,6 +584,47 @@ type stallMemory struct {
 	// it is the stall's. Kept while the stall is in the window, so that the
 	// next evaluation does not take it for a new stall and count again.
 	over bool
+}
+
+// dropBucket is n drops that came between from and to.
+type dropBucket struct {
+	from, to time.Time
+	n        float64
+}
+
+// maxDropBuckets bounds the buckets of a stall's drops (2.5 KiB): a longer
+// stall's are merged in pairs, which only loosens the bound they give.
+const maxDropBuckets = 64
+
+// addWaiting counts n drops between from and to into the stall's.
+func (m *stallMemory) addWaiting(from, to time.Time, n float64) {
+	if len(m.waiting) == maxDropBuckets {
+		half := m.waiting[:0]
+		for i := 0; i+1 < len(m.waiting); i += 2 {
+			a, b := m.waiting[i], m.waiting[i+1]
+			half = append(half, dropBucket{from: a.from, to: b.to, n: a.n + b.n})
+		}
+		m.waiting = half
+	}
+	m.waiting = append(m.waiting, dropBucket{from: from, to: to, n: n})
+}
+
+// retriesBy bounds the SYNs the stall's clients can have sent after its
+// end and by t: for each drop during it, a client that began then and
+// sends one in every round of the schedule that can come after the end
+// (its timer late by the slack) and by t (early by retryEarly).
+func (m *stallMemory) retriesBy(s synSchedule, t time.Time) float64 {
+	var n float64
+	for _, b := range m.waiting {
+		k := 0
+		for _, r := range s.rounds {
+			if !t.Before(b.from.Add(r-retryEarly)) && b.to.Add(r+retrySlack(r)).After(m.end) {
+				k++
+			}
+		}
+		n += b.n * float64(k)
+	}
+	return n
 }
 
 // maxStallMemories bounds the listeners whose last stall the rule keeps
@@ -646,14 +697,15 @@ func (m *stallMemory) count(st *signals.Store, ls signals.Labels, now time.Time,
 		if inc < 0 {
 			inc = s.V // a reset
 		}
+		prev := m.lastT
 		m.lastT, m.lastV = s.T, s.V
 		switch {
 		case inc == 0:
 		case !s.T.After(m.end):
-			m.waiting += inc
+			m.addWaiting(prev, s.T, inc)
 		default:
 			m.since += inc
-			if !sched.fits(m.start, m.end, s.T) || m.since > m.waiting*float64(sched.roundsBy(m.start, s.T)) {
+			if !sched.fits(m.start, m.end, s.T) || m.since > m.retriesBy(sched, s.T) {
 				m.over = true
 			}
 		}
@@ -816,18 +868,6 @@ func (s synSchedule) fits(start, end, t time.Time) bool {
 		}
 	}
 	return false
-}
-
-// roundsBy is how many retry rounds of a stall that started at start have
-// begun by now (at least one).
-func (s synSchedule) roundsBy(start, now time.Time) int {
-	n := 0
-	for _, r := range s.rounds {
-		if !now.Before(start.Add(r - retryEarly)) {
-			n++
-		}
-	}
-	return max(n, 1)
 }
 
 // tail is the finding of drops after a stall of run that ended ago: the

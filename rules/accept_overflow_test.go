@@ -740,6 +740,34 @@ func TestAcceptOverflowTailEnds(t *testing.T) {
 		}
 	})
 
+	t.Run("a burst within the rounds, more than the stall's clients can send", func(t *testing.T) {
+		// The demo's faults one after the other: a 15 s stall that drops
+		// 25 clients in each of its rounds (200 drops), then bursts of 200
+		// every 0.4 s from 22 s, inside the rounds of 7 and 11 s. What the
+		// stall's clients can send after its end by 22.4 s is 375 SYNs
+		// (each drop during it a client that began then, retrying in the
+		// rounds that can come after the end); the bound every drop times
+		// every round since the start (1,600) called the bursts its tail
+		// until 25 s.
+		var bursts []dropsAt
+		for at := 22 * time.Second; at < 27*time.Second; at += 400 * time.Millisecond {
+			bursts = append(bursts, dropsAt{at, 200})
+		}
+		tl := stallThenHerd(15*time.Second, []float64{1, 2, 3, 4, 5, 7, 11}, bursts, map[string]float64{"net.ipv4.tcp_syn_retries": 6, "net.ipv4.tcp_syn_linear_timeouts": 4})
+		_, got := causes(tl, 27*time.Second)
+		if c := got[22*time.Second]; c != CauseAppNotAccepting {
+			t.Errorf("the first burst (200 drops, fewer than the 375 the stall's clients can send) judged %q, want the stall's tail", c)
+		}
+		// No sample saw the queue full for the bursts: the rule waits
+		// betweenSamplesSettle (1 s) before it calls them bursts, and
+		// says nothing meanwhile.
+		for el := secs(22.4); el <= 27*time.Second; el += 200 * time.Millisecond {
+			if c := got[el]; c == CauseAppNotAccepting || (el >= secs(23.4) && c != CauseBacklogTooSmall) {
+				t.Errorf("at %s (400 drops since the stall and more): %q, want %s", el, c, CauseBacklogTooSmall)
+			}
+		}
+	})
+
 	t.Run("more drops than its clients", func(t *testing.T) {
 		// 25 clients were dropped 100 times during the stall: a round
 		// of 5000 drops is not theirs.
