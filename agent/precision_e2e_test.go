@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -75,6 +76,18 @@ func (f *findings) latest(id string) *culpritv1.Finding {
 		}
 	}
 	return out
+}
+
+// isResolved reports whether the stream carried finding id's resolution.
+func (f *findings) isResolved(id string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, ev := range f.events {
+		if ev.Finding != nil && ev.Finding.Id == id && ev.Type == culpritv1.FindingEvent_TYPE_RESOLVED {
+			return true
+		}
+	}
+	return false
 }
 
 // waitFor waits up to timeout for an opened finding of rule that match
@@ -280,6 +293,77 @@ func TestPrecisionRedisBlockedEventLoop(t *testing.T) {
 	}
 	for _, o := range others(f.opened(), got) {
 		t.Errorf("also said: %s: %s", describe(o), o.RootCause)
+	}
+}
+
+// A process stopped by SIGSTOP while clients connect (seen with caddy: its
+// threads, each shown in the futex it was in, were told "waiting on a lock
+// or a bounded pool"). redis-server is stopped under load and new clients
+// queue on its listener: the agent says the process is stopped, and
+// nothing says it waits on a lock, blocks in a call or stopped accepting
+// for a reason of its own. After SIGCONT the finding resolves.
+func TestPrecisionStoppedProcess(t *testing.T) {
+	r := testenv.StartRedis(t, testenv.RedisOptions{})
+	a := startAgent(t, r.PID)
+	waitAgentSees(t, a, portOf(t, r.Addr))
+	f := collect(t, a)
+	load := r.StartLoad(t, testenv.RedisLoadOptions{Conns: 4, Rate: 400, Duration: 30 * time.Second})
+	time.Sleep(2 * time.Second)
+	if err := syscall.Kill(r.PID, syscall.SIGSTOP); err != nil {
+		t.Fatalf("SIGSTOP: %v", err)
+	}
+	stopped := true
+	resume := func() {
+		if stopped {
+			stopped = false
+			if err := syscall.Kill(r.PID, syscall.SIGCONT); err != nil {
+				t.Errorf("SIGCONT: %v", err)
+			}
+		}
+	}
+	t.Cleanup(resume)
+	// New clients: the kernel completes their handshakes into the queue
+	// of a listener whose process cannot accept them.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	for range 20 {
+		c, err := r.Netns.DialContext(ctx, "tcp", r.Addr)
+		if err != nil {
+			t.Fatalf("dial while stopped: %v", err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	got := f.waitFor("throughput_plateau", 15*time.Second, func(fd *culpritv1.Finding) bool { return fd.Cause == rules.CauseProcessStopped })
+	time.Sleep(3 * time.Second) // what else it says while the process stays stopped
+	var last *culpritv1.Finding
+	if got != nil {
+		last = f.latest(got.Id)
+	}
+	resume()
+	load.Stop()
+	precisionLine(t, "redis-server stopped by SIGSTOP while clients connect", "throughput_plateau/process_stopped", got, others(f.opened(), got))
+	if got == nil {
+		t.Fatalf("no process_stopped finding; opened: %v", f.opened())
+	}
+	t.Logf("said: %s\n%s", last.Symptom, last.RootCause)
+	for _, want := range []string{"the process is stopped, not slow: all ", " of its threads are in state T, stopped by a signal: SIGSTOP"} {
+		if !strings.Contains(last.RootCause, want) {
+			t.Errorf("root cause lacks %q: %s", want, last.RootCause)
+		}
+	}
+	if !strings.Contains(last.Symptom, "wait in the accept queue of "+r.Addr) || strings.Contains(last.RootCause, "futex") || strings.Contains(last.RootCause, "epoll") {
+		t.Errorf("words: %s / %s", last.Symptom, last.RootCause)
+	}
+	for _, o := range others(f.opened(), got) {
+		t.Errorf("also said: %s: %s", describe(o), o.RootCause)
+	}
+	// Resumed, it accepts its queue: the finding resolves.
+	deadline := time.Now().Add(20 * time.Second)
+	for !f.isResolved(got.Id) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the process_stopped finding did not resolve 20 s after SIGCONT")
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 

@@ -97,6 +97,10 @@ struct thread_stats {
 	/* off_scan holds the words copied when the kept site was taken: a
 	 * sleep at that site need not copy them again. */
 	__u32 scan_site;
+	/* The current/last time off-CPU is a stop (STOPPED_STATES), not a
+	 * sleep: a SIGSTOP or a tracer holds the thread wherever it was, in
+	 * a syscall or not, and it waits for nothing of its own. */
+	__u32 stopped;
 };
 
 struct block_event {
@@ -107,7 +111,7 @@ struct block_event {
 	__s32 ustack;
 	__s32 kstack;
 	__u32 waker_tid;
-	__u32 quiet; /* the sleep was in one of quiet_calls */
+	__u32 quiet; /* bit 0: the sleep was in one of quiet_calls; bit 1: a stop (thread_stats.stopped) */
 	char comm[TASK_COMM_LEN]; /* when the sleep began */
 	__u64 sp;
 	__u64 bp;
@@ -181,6 +185,10 @@ struct pt_regs___nr {
 	unsigned long si;
 	unsigned long dx;
 } __attribute__((preserve_access_index));
+
+/* __TASK_STOPPED and __TASK_TRACED (include/linux/sched.h): prev_state
+ * of a thread switched out by a stop signal or a tracer. */
+#define STOPPED_STATES (0x4 | 0x8)
 
 #define NR_NANOSLEEP 35
 #define NR_CLOCK_NANOSLEEP 230
@@ -325,15 +333,15 @@ static __always_inline void end_block(struct thread_stats *st, __u32 tid, __u64 
 	ev->ustack = st->off_ustack;
 	ev->kstack = st->off_kstack;
 	ev->waker_tid = waker;
-	ev->quiet = st->quiet;
+	ev->quiet = st->quiet | (st->stopped << 1);
 	__builtin_memcpy(ev->comm, st->comm, TASK_COMM_LEN);
 	ev->sp = st->off_sp;
 	ev->bp = st->off_bp;
 	ev->ip = st->off_ip;
 	__builtin_memcpy(ev->scan, st->off_scan, sizeof(ev->scan));
-	/* An idle wait that ended long is no news: Go reads it at its next
-	 * look rather than being woken for it. */
-	bpf_ringbuf_submit(ev, st->quiet ? CULPRIT_RB_NO_WAKEUP : 0);
+	/* An idle wait that ended long is no news, nor is a stop: Go reads
+	 * it at its next look rather than being woken for it. */
+	bpf_ringbuf_submit(ev, (st->quiet || st->stopped) ? CULPRIT_RB_NO_WAKEUP : 0);
 }
 
 static __always_inline int on_wakeup(const struct task_struct *p)
@@ -410,6 +418,7 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 				st->off_bp = bp;
 				st->off_ip = ip;
 				st->quiet = quiet_call(regs, nr);
+				st->stopped = (prev_state & STOPPED_STATES) != 0;
 				__u64 ret = 0;
 				__u32 gen = stack_gen() + 1;
 				if (st->quiet && frame_pointer(sp, bp) && bpf_probe_read_user(&ret, sizeof(ret), (const void *)(bp + 8)))
@@ -464,7 +473,7 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 				}
 				if (copy)
 					st->scan_site = (same || kept) && st->off_sp;
-				if (!st->quiet)
+				if (!st->quiet && !st->stopped)
 					wake_go();
 			}
 		}

@@ -280,6 +280,18 @@ func monotonicNow() int64 {
 
 func (p *Sched) wall(ktime uint64) time.Time { return time.Unix(0, int64(ktime)+int64(p.monoToWall)) }
 
+// quietStopped is the block event's quiet bit that marks a stop
+// (bpf/sched.c thread_stats.stopped).
+const quietStopped = 2
+
+// stoppedOffCPU: a thread switched out stopped (by SIGSTOP, a job-control
+// signal or a tracer) waits for nothing of its own. It stops wherever it
+// was, often inside a system call (redis stopped in the middle of its
+// cron's /proc read was told "get_proc_stat_ll makes a blocking call on
+// the event loop"), so its time off-CPU is no block episode and its stack
+// no idle wait: the probe drops both, and the threads collector's states
+// tell the stop (rules/stopped.go).
+
 // readBlocks turns each finished long sleep into a block episode.
 func (p *Sched) readBlocks(rd *ringReader, store *signals.Store) {
 	var ev schedBlockEvent
@@ -295,6 +307,9 @@ func (p *Sched) readBlocks(rd *ringReader, store *signals.Store) {
 		delete(p.stacks, id)
 		objs := p.objs
 		p.mu.Unlock()
+		if ev.Quiet&quietStopped != 0 {
+			return // a stop, not a sleep: no block (stoppedOffCPU)
+		}
 		if !ok && objs != nil {
 			// The thread is awake again: only what the probe copied when
 			// it went to sleep is left of its stack. A thread that blocks
@@ -755,7 +770,10 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		ts.blocked.put(blocked, now)
 		ts.busy.put(busy, now)
 
-		if d := time.Duration(blocked * 1e9); d >= p.o.MinBlock {
+		if st.Stopped != 0 {
+			// A stop is no block, and where the thread stopped is not
+			// where it waits for work (stoppedOffCPU).
+		} else if d := time.Duration(blocked * 1e9); d >= p.o.MinBlock {
 			p.ongoingBlock(objs, int(st.Tgid), int(tid), name, *st, d)
 		} else if st.OffcpuSince != 0 && len(sights) < maxSightsPerPoll && p.sightDue(int(tid), st.OffcpuSince, now) {
 			sights = append(sights, sighting{int(st.Tgid), int(tid), name, *st})

@@ -62,7 +62,7 @@ type schedThreadStats struct {
 	SiteUstack    int32
 	SiteKstack    int32
 	ScanSite      uint32
-	_             [4]byte
+	Stopped       uint32
 }
 
 // Names of all BPF objects in the ELF.

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 	"unsafe"
@@ -102,6 +103,35 @@ func TestSchedNamesABlockingCall(t *testing.T) {
 	idle := waitEpisode(t, eps, signals.EpisodeBlock, from, func(e signals.Episode) bool { return e.Tid == w.TIDs[2] && e.Duration > 150*time.Millisecond })
 	if idle.Syscall() != "futex" {
 		t.Errorf("idle worker-2 waits in %q, want futex: %v", idle.Syscall(), idle.Stack)
+	}
+}
+
+// A process stopped by SIGSTOP is not blocked: its threads, switched out
+// stopped wherever they were, make no block episode, going on or ended
+// (redis stopped in its cron's /proc read was once told a blocking call on
+// its event loop), and a real block after SIGCONT is still seen.
+func TestSchedAStopIsNoBlock(t *testing.T) {
+	w := testenv.StartWorkers(t, 3)
+	_, eps := startSched(t, w.PID)
+	time.Sleep(200 * time.Millisecond) // the probe has the target
+	w.MustDo(t, "block 0 3000")        // stopped in the middle of a nanosleep, too
+	time.Sleep(200 * time.Millisecond)
+	stopAt := time.Now()
+	if err := syscall.Kill(w.PID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond) // the probe polls every 50 ms meanwhile
+	contAt := time.Now()
+	if err := syscall.Kill(w.PID, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	from := time.Now()
+	w.MustDo(t, "block 1 500")
+	waitEpisode(t, eps, signals.EpisodeBlock, from, func(e signals.Episode) bool { return e.Tid == w.TIDs[1] && !e.Ongoing && e.Syscall() == "nanosleep" })
+	for _, e := range eps.Since(signals.EpisodeBlock, stopAt.Add(-time.Second)) {
+		if !e.Start.Before(stopAt.Add(-50*time.Millisecond)) && e.Start.Before(contAt) && e.Duration >= time.Second {
+			t.Errorf("the stop made a block episode: %s (tid %d) from %s for %s, ongoing %v: %v", e.Thread, e.Tid, e.Start.Format("15:04:05.000"), e.Duration, e.Ongoing, e.KernelStack())
+		}
 	}
 }
 

@@ -1052,10 +1052,16 @@ func describeThreads(st *signals.Store) threadView {
 	}
 	sort.Slice(sys, func(i, j int) bool { return sys[i].v > sys[j].v || (sys[i].v == sys[j].v && sys[i].k < sys[j].k) })
 	var parts []string
-	for _, s := range []string{"R", "D", "S"} {
+	for _, s := range []string{"R", "D", "S", "T", "t"} {
 		if states[s] > 0 {
 			parts = append(parts, fmt.Sprintf("%.0f %s", states[s], stateWord(s)))
 		}
+	}
+	stopped := states["T"] + states["t"]
+	if stopped >= total {
+		// The system calls a stopped thread shows are those it was in
+		// when it stopped: it waits in none of them (rules/stopped.go).
+		sys = nil
 	}
 	var in []string
 	var arts []Artifact
@@ -1065,10 +1071,14 @@ func describeThreads(st *signals.Store) threadView {
 	}
 	verdict := "all its threads are asleep: the accept loop waits on something of the app's own (a lock, a channel, a paused loop)"
 	switch {
+	case stopped >= total:
+		verdict = "the process is stopped, not slow (T: by a signal such as SIGSTOP; t: by a tracer such as a debugger): nothing of it runs until it is resumed"
 	case states["D"] > 0:
 		verdict = fmt.Sprintf("%.0f threads are blocked in uninterruptible kernel waits (disk or NFS I/O)", states["D"])
 	case states["R"] >= total || (states["R"] > 0 && states["R"] >= total-1):
 		verdict = "its threads are all on CPU: saturated"
+	case stopped > 0:
+		verdict = fmt.Sprintf("%.0f of its %.0f threads are stopped (T: by a signal such as SIGSTOP; t: by a tracer such as a debugger): if the accept loop runs on one of them, it accepts again only when that thread is resumed", stopped, total)
 	case states["R"] > 0:
 		// Not "all asleep": some run (other work of the app's, a load
 		// generator in a demo), and none of them accepts.
@@ -1087,6 +1097,10 @@ func stateWord(s string) string {
 		return "running"
 	case "D":
 		return "in uninterruptible wait"
+	case "T":
+		return "stopped by a signal"
+	case "t":
+		return "stopped by a tracer"
 	}
 	return "sleeping"
 }

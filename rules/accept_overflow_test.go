@@ -337,18 +337,26 @@ func TestAcceptOverflowStalledThread(t *testing.T) {
 func TestDescribeThreadsSaysWhatRuns(t *testing.T) {
 	now := time.Now()
 	for _, tc := range []struct {
-		r, s float64
-		want string
+		r, s, stopped, traced float64
+		want, not             string
 	}{
-		{0, 21, "all its threads are asleep"},
-		{6, 15, "6 of its 21 threads run, none of them accepting"},
-		{20, 1, "its threads are all on CPU"},
+		{r: 0, s: 21, want: "all its threads are asleep"},
+		{r: 6, s: 15, want: "6 of its 21 threads run, none of them accepting"},
+		{r: 20, s: 1, want: "its threads are all on CPU"},
+		// A stopped process's threads show the system calls they were in
+		// when it stopped (caddy under SIGSTOP: futex): they wait in none.
+		{stopped: 21, want: "Threads: 21 stopped by a signal; the process is stopped, not slow", not: "futex"},
+		{stopped: 20, traced: 1, want: "20 stopped by a signal, 1 stopped by a tracer; the process is stopped", not: "asleep"},
+		{s: 20, traced: 1, want: "1 of its 21 threads are stopped", not: "asleep"},
 	} {
 		st := signals.New(8, 64)
-		st.Put(signals.ProcessThreads, signals.L("state", "R"), tc.r, now)
-		st.Put(signals.ProcessThreads, signals.L("state", "S"), tc.s, now)
-		if got := describeThreads(st).summary; !strings.Contains(got, tc.want) {
-			t.Errorf("%v running, %v sleeping: %q, want %q in it", tc.r, tc.s, got, tc.want)
+		for state, v := range map[string]float64{"R": tc.r, "S": tc.s, "T": tc.stopped, "t": tc.traced} {
+			st.Put(signals.ProcessThreads, signals.L("state", state), v, now)
+		}
+		st.Put(signals.ProcessThreadsInSyscall, signals.L("syscall", "futex"), tc.s+tc.stopped+tc.traced, now)
+		got := describeThreads(st).summary
+		if !strings.Contains(got, tc.want) || (tc.not != "" && strings.Contains(got, tc.not)) {
+			t.Errorf("%+v: %q, want %q in it and not %q", tc, got, tc.want, tc.not)
 		}
 	}
 }

@@ -114,8 +114,12 @@ func (r *BlockingWorker) observation(w Window, pool string, pb *poolBlocks) Obse
 	v := j.thread
 	fn := culpritOf(e, v.runtime)
 	call := e.Syscall()
+	blocking := "a blocking " + call + " call"
 	if call == "" {
+		// Asleep outside any system call (a page fault waiting on I/O):
+		// "a blocking the kernel call" was once said.
 		call = "the kernel"
+		blocking = "a call that blocks in the kernel"
 	}
 	where, named := fn, fn
 	if fn == "" {
@@ -172,9 +176,9 @@ func (r *BlockingWorker) observation(w Window, pool string, pb *poolBlocks) Obse
 	case !loop:
 		o.Title = fmt.Sprintf("Blocking call on async worker %s: %s in %s", e.Thread, named, call)
 		o.Symptom = fmt.Sprintf("worker thread %s (tid %d) slept in %s for %s%s; every task queued on it waited as long%s", e.Thread, e.Tid, call, duration(e.Duration), sofar, waited)
-		o.RootCause = fmt.Sprintf("%s makes a blocking %s call on a worker thread of the %q pool%s", where, call, pool, others)
+		o.RootCause = fmt.Sprintf("%s makes %s on a worker thread of the %q pool%s", where, blocking, pool, others)
 		if rt != "" && !v.byName {
-			o.RootCause = fmt.Sprintf("%s makes a blocking %s call on a worker thread of %s's %q pool%s", where, call, rt, pool, others)
+			o.RootCause = fmt.Sprintf("%s makes %s on a worker thread of %s's %q pool%s", where, blocking, rt, pool, others)
 		}
 	case j.how == nestedLoop:
 		o.Cause = CauseBlockingCallOnEventLoop
@@ -201,7 +205,7 @@ func (r *BlockingWorker) observation(w Window, pool string, pb *poolBlocks) Obse
 		o.Cause = CauseBlockingCallOnEventLoop
 		o.Title = fmt.Sprintf("Blocking call on the event loop of %s: %s in %s", e.Thread, named, call)
 		o.Symptom = fmt.Sprintf("event-loop thread %s (tid %d) slept in %s for %s%s; its loop ran no other callback meanwhile%s", e.Thread, e.Tid, call, duration(e.Duration), sofar, waited)
-		o.RootCause = fmt.Sprintf("%s makes a blocking %s call on the event-loop thread of %s%s", where, call, rtOr(rt, "the process"), others)
+		o.RootCause = fmt.Sprintf("%s makes %s on the event-loop thread of %s%s", where, blocking, rtOr(rt, "the process"), others)
 	}
 	signal := "blocks_on_workers"
 	if loop {

@@ -132,6 +132,27 @@ func TestBlockingWorkerBlockingPoolByWhatItWasSeenDoing(t *testing.T) {
 // redis's main thread does not match any worker name: its idle waits in
 // aeMain make it an event loop, and DEBUG SLEEP's nanosleep, whose stack
 // stops at debugCommand, is a blocking call on it.
+// redis's event loop asleep outside any system call (a page fault that
+// waits on I/O, in its cron's /proc read): "get_proc_stat_ll makes a
+// blocking the kernel call" was once said.
+func TestBlockingWorkerOutsideASyscallInWords(t *testing.T) {
+	now := time.Now()
+	eps := episodes()
+	seen(eps, ep(50, 50, "redis-server", now.Add(-30*time.Second), 100*time.Millisecond, kEpollWait, uRedisIdle, 1))
+	kFault := []string{"__schedule", "io_schedule", "folio_wait_bit_common", "filemap_fault", "__do_fault", "handle_mm_fault", "do_user_addr_fault", "exc_page_fault", "asm_exc_page_fault"}
+	sleep := ep(50, 50, "redis-server", now.Add(-2100*time.Millisecond), 2*time.Second, kFault, []string{"get_proc_stat_ll", "serverCron", "aeProcessEvents", "aeMain", "main"}, 0)
+	eps.Put(sleep)
+	st := signals.New(100, 100)
+	putUnread(st, sleep.Start, 20, 1.9, 3)
+	obs := blockRule().Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools}})
+	if len(obs) != 1 {
+		t.Fatalf("got %+v", obs)
+	}
+	if o := obs[0]; !strings.Contains(o.RootCause, "get_proc_stat_ll makes a call that blocks in the kernel on the event-loop thread of redis") || strings.Contains(o.RootCause, "blocking the kernel call") {
+		t.Errorf("root cause %q", o.RootCause)
+	}
+}
+
 func TestBlockingWorkerRedisEventLoop(t *testing.T) {
 	now := time.Now()
 	eps := episodes()

@@ -11,6 +11,10 @@ import (
 // CauseWaitingNotWorking is throughput_plateau's root cause.
 const CauseWaitingNotWorking = "waiting_not_working"
 
+// CauseProcessStopped is throughput_plateau's when connections queue on a
+// process whose every thread is stopped (rules/stopped.go).
+const CauseProcessStopped = "process_stopped"
+
 // ThroughputPlateauOptions ([rules.throughput_plateau] in agent.conf).
 type ThroughputPlateauOptions struct {
 	Window       time.Duration `toml:"window" range:"[1s,1h]"`
@@ -53,6 +57,9 @@ func (*ThroughputPlateau) FacetOf() []RuleCause {
 
 func (r *ThroughputPlateau) Evaluate(w Window) []Observation {
 	st, from := w.Store, w.Now.Add(-r.o.Window)
+	if sv := stoppedThreads(w); sv.all() {
+		return r.stopped(w, sv)
+	}
 	cpu, ok := processCores(w, from, r.o.Window)
 	if !ok || cpu >= r.o.MaxBusyCores {
 		return nil
@@ -181,3 +188,49 @@ func blockedNow(w Window) (signals.Episode, blockJudgement, bool) {
 	}
 	return best, bestJ, best.Duration > 0
 }
+
+// stopped is the plateau of a process whose every thread is stopped: each
+// listener whose queue holds connections now. Neither the window's CPU
+// (spent before the stop) nor the share of samples queued (the stop may
+// be younger than the window) says anything of a stop: the queue now and
+// the threads' states do.
+func (r *ThroughputPlateau) stopped(w Window, sv stoppedView) []Observation {
+	st := w.Store
+	var out []Observation
+	for _, ls := range st.Select(signals.ListenQueueLength) {
+		q, ok := st.Latest(signals.ListenQueueLength, ls)
+		if !ok || q.V == 0 || !w.Fresh(q.T, freshFast) {
+			continue
+		}
+		// The queue's latest sample can be older than the first thread
+		// sample that saw the stop: it counts too.
+		most := ""
+		if p := peak(st.Range(signals.ListenQueueLength, ls, sv.since)); p > q.V {
+			most = fmt.Sprintf(" (%s at most since the process stopped)", num(p))
+		}
+		endpoint := joinHostPort(ls.Get("addr"), ls.Get("port"))
+		out = append(out, Observation{
+			Key:     endpoint,
+			Cause:   CauseProcessStopped,
+			Title:   fmt.Sprintf("Connections queue on %s: the process is stopped", endpoint),
+			Symptom: fmt.Sprintf("%s wait in the accept queue of %s%s, and none is served", count(q.V, "connection", ""), endpoint, most),
+			// How long it has been stopped is in the evidence: words
+			// are sent again only when what they count moves.
+			RootCause:   fmt.Sprintf("the process is stopped, not slow: %s. Nothing of it runs, and its listeners' queues fill, until it is resumed", sv.how()),
+			Remediation: processStoppedFix,
+			Severity:    SeverityCritical,
+			Confidence:  0.9,
+			Evidence: []Evidence{
+				{Signal: signals.ListenQueueLength.Name + ls.String(), Value: q.V, Unit: "connections", Note: "connections waiting to be accepted now"},
+				{Signal: signals.ProcessThreads.Name + `{state="T"|"t"}`, Value: sv.bySignal + sv.byTracer, Threshold: sv.total, Unit: "threads", Window: w.Now.Sub(sv.since), Note: "threads stopped, of all the process has"},
+			},
+			Artifacts: []Artifact{{Kind: "listener", Value: endpoint}},
+			Labels:    map[string]string{"port": ls.Get("port"), "addr": ls.Get("addr")},
+		})
+	}
+	return out
+}
+
+// processStoppedFix is the remedy for a stopped process, whatever its
+// runtime.
+const processStoppedFix = "Resume it with kill -CONT PID if nothing should hold it, and find what stopped it: a tracer shows as TracerPid in /proc/PID/status (a debugger left attached, a tool that stops the process to inspect it); a stop signal comes from a shell's job control (Ctrl-Z, a background job that reads the terminal) or from a kill -STOP by a script or an operator."

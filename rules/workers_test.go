@@ -197,6 +197,54 @@ func TestThroughputPlateauNamesTheWait(t *testing.T) {
 	}
 }
 
+// A process whose every thread is stopped (caddy under SIGSTOP, its
+// threads shown in the futex they were in) is not a service waiting on a
+// lock: the plateau says it is stopped, since when, and by what, whatever
+// CPU it used before the stop; while any thread is not stopped the rule
+// judges as before.
+func TestThroughputPlateauSaysTheProcessIsStopped(t *testing.T) {
+	now := time.Now()
+	r := NewThroughputPlateau(ThroughputPlateauOptions{Window: 5 * time.Second, MinQueued: 0.8, MaxBusyCores: 0.5})
+	// Busy before the stop (1.5 cores over the window), stopped for the
+	// last 3 of 5 thread samples.
+	st := plateauStore(now, 12, 1.5)
+	for i := 0; i <= 4; i++ {
+		ts := now.Add(time.Duration(i-4) * time.Second)
+		stopped := 0.0
+		if i >= 2 {
+			stopped = 9
+		}
+		st.Put(signals.ProcessThreads, signals.L("state", "S"), 9-stopped, ts)
+		st.Put(signals.ProcessThreads, signals.L("state", "T"), stopped, ts)
+	}
+	obs := r.Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 {
+		t.Fatalf("got %+v", obs)
+	}
+	o := obs[0]
+	for _, want := range []string{"the process is stopped, not slow: all 9 of its threads are in state T, stopped by a signal: SIGSTOP"} {
+		if !strings.Contains(o.RootCause, want) {
+			t.Errorf("root cause %q lacks %q", o.RootCause, want)
+		}
+	}
+	if o.Cause != CauseProcessStopped || strings.Contains(o.RootCause, "futex") || !strings.Contains(o.Symptom, "12 connections wait in the accept queue of 127.0.0.1:8080") {
+		t.Errorf("%s: %q / %q", o.Cause, o.Symptom, o.RootCause)
+	}
+
+	// One thread still asleep, not stopped: the CPU the window holds
+	// (1.5 cores) rules the plateau out, as before.
+	st.Put(signals.ProcessThreads, signals.L("state", "S"), 1, now)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("a process with a thread not stopped was told %+v", obs)
+	}
+	// Stopped, with nothing queued: nothing to tell here.
+	st = plateauStore(now, 0, 0)
+	st.Put(signals.ProcessThreads, signals.L("state", "T"), 9, now)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
+		t.Errorf("a stopped process with empty queues was told %+v", obs)
+	}
+}
+
 // A blocking call whose stack reaches the app's JavaScript names that
 // function, even when the thread's runtime was not told yet: the first
 // frame past the C library would be libuv's poll.
