@@ -298,72 +298,95 @@ func TestPrecisionRedisBlockedEventLoop(t *testing.T) {
 
 // A process stopped by SIGSTOP while clients connect (seen with caddy: its
 // threads, each shown in the futex it was in, were told "waiting on a lock
-// or a bounded pool"). redis-server is stopped under load and new clients
-// queue on its listener: the agent says the process is stopped, and
+// or a bounded pool"; and with nginx, whose workers were stopped while its
+// master waited in rt_sigsuspend: "threads wait in rt_sigsuspend"). New
+// clients queue on the listener: the agent says what is stopped, and
 // nothing says it waits on a lock, blocks in a call or stopped accepting
 // for a reason of its own. After SIGCONT the finding resolves.
 func TestPrecisionStoppedProcess(t *testing.T) {
-	r := testenv.StartRedis(t, testenv.RedisOptions{})
-	a := startAgent(t, r.PID)
-	waitAgentSees(t, a, portOf(t, r.Addr))
-	f := collect(t, a)
-	load := r.StartLoad(t, testenv.RedisLoadOptions{Conns: 4, Rate: 400, Duration: 30 * time.Second})
-	time.Sleep(2 * time.Second)
-	if err := syscall.Kill(r.PID, syscall.SIGSTOP); err != nil {
-		t.Fatalf("SIGSTOP: %v", err)
-	}
-	stopped := true
-	resume := func() {
-		if stopped {
-			stopped = false
-			if err := syscall.Kill(r.PID, syscall.SIGCONT); err != nil {
-				t.Errorf("SIGCONT: %v", err)
+	for _, tc := range []struct {
+		name, title, words string
+		start              func(t *testing.T) (target int, stop []int, addr string, ns *testenv.Netns)
+	}{
+		{
+			name: "redis-server stopped by SIGSTOP while clients connect", title: "the process is stopped",
+			words: " of its threads are in state T, stopped by a signal: SIGSTOP",
+			start: func(t *testing.T) (int, []int, string, *testenv.Netns) {
+				r := testenv.StartRedis(t, testenv.RedisOptions{})
+				return r.PID, []int{r.PID}, r.Addr, r.Netns
+			},
+		},
+		{
+			name: "nginx's workers stopped by SIGSTOP while clients connect", title: "its child processes are stopped",
+			words: " threads of its child processes, which serve its listeners in a prefork server such as nginx (the process itself is not stopped), are in state T",
+			start: func(t *testing.T) (int, []int, string, *testenv.Netns) {
+				n := testenv.StartNginx(t, testenv.NginxOptions{})
+				return n.PID, n.WorkerPIDs, n.Addr, n.Netns
+			},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			target, stop, addr, ns := tc.start(t)
+			a := startAgent(t, target)
+			waitAgentSees(t, a, portOf(t, addr))
+			f := collect(t, a)
+			for _, pid := range stop {
+				if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+					t.Fatalf("SIGSTOP: %v", err)
+				}
 			}
-		}
-	}
-	t.Cleanup(resume)
-	// New clients: the kernel completes their handshakes into the queue
-	// of a listener whose process cannot accept them.
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	for range 20 {
-		c, err := r.Netns.DialContext(ctx, "tcp", r.Addr)
-		if err != nil {
-			t.Fatalf("dial while stopped: %v", err)
-		}
-		t.Cleanup(func() { c.Close() })
-	}
-	got := f.waitFor("throughput_plateau", 15*time.Second, func(fd *culpritv1.Finding) bool { return fd.Cause == rules.CauseProcessStopped })
-	time.Sleep(3 * time.Second) // what else it says while the process stays stopped
-	var last *culpritv1.Finding
-	if got != nil {
-		last = f.latest(got.Id)
-	}
-	resume()
-	load.Stop()
-	precisionLine(t, "redis-server stopped by SIGSTOP while clients connect", "throughput_plateau/process_stopped", got, others(f.opened(), got))
-	if got == nil {
-		t.Fatalf("no process_stopped finding; opened: %v", f.opened())
-	}
-	t.Logf("said: %s\n%s", last.Symptom, last.RootCause)
-	for _, want := range []string{"the process is stopped, not slow: all ", " of its threads are in state T, stopped by a signal: SIGSTOP"} {
-		if !strings.Contains(last.RootCause, want) {
-			t.Errorf("root cause lacks %q: %s", want, last.RootCause)
-		}
-	}
-	if !strings.Contains(last.Symptom, "wait in the accept queue of "+r.Addr) || strings.Contains(last.RootCause, "futex") || strings.Contains(last.RootCause, "epoll") {
-		t.Errorf("words: %s / %s", last.Symptom, last.RootCause)
-	}
-	for _, o := range others(f.opened(), got) {
-		t.Errorf("also said: %s: %s", describe(o), o.RootCause)
-	}
-	// Resumed, it accepts its queue: the finding resolves.
-	deadline := time.Now().Add(20 * time.Second)
-	for !f.isResolved(got.Id) {
-		if time.Now().After(deadline) {
-			t.Fatalf("the process_stopped finding did not resolve 20 s after SIGCONT")
-		}
-		time.Sleep(200 * time.Millisecond)
+			stopped := true
+			resume := func() {
+				if !stopped {
+					return
+				}
+				stopped = false
+				for _, pid := range stop {
+					if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+						t.Errorf("SIGCONT: %v", err)
+					}
+				}
+			}
+			t.Cleanup(resume)
+			// New clients: the kernel completes their handshakes into the
+			// queue of a listener nobody can accept from.
+			for range 20 {
+				c, err := ns.DialContext(context.Background(), "tcp", addr)
+				if err != nil {
+					t.Fatalf("dial while stopped: %v", err)
+				}
+				t.Cleanup(func() { c.Close() })
+			}
+			got := f.waitFor("throughput_plateau", 15*time.Second, func(fd *culpritv1.Finding) bool { return fd.Cause == rules.CauseProcessStopped })
+			time.Sleep(3 * time.Second) // what else it says while it stays stopped
+			var last *culpritv1.Finding
+			if got != nil {
+				last = f.latest(got.Id)
+			}
+			resume()
+			precisionLine(t, tc.name, "throughput_plateau/process_stopped", got, others(f.opened(), got))
+			if got == nil {
+				t.Fatalf("no process_stopped finding; opened: %v", f.opened())
+			}
+			t.Logf("said: %s\n%s\n%s", last.Title, last.Symptom, last.RootCause)
+			if !strings.HasSuffix(last.Title, tc.title) || !strings.Contains(last.RootCause, tc.words) {
+				t.Errorf("title %q, want it to end %q; root cause %q, want %q in it", last.Title, tc.title, last.RootCause, tc.words)
+			}
+			if !strings.Contains(last.Symptom, "wait in the accept queue of "+addr) || strings.Contains(last.RootCause, "futex") || strings.Contains(last.RootCause, "sigsuspend") {
+				t.Errorf("words: %s / %s", last.Symptom, last.RootCause)
+			}
+			for _, o := range others(f.opened(), got) {
+				t.Errorf("also said: %s: %s", describe(o), o.RootCause)
+			}
+			// Resumed, it accepts its queue: the finding resolves.
+			deadline := time.Now().Add(20 * time.Second)
+			for !f.isResolved(got.Id) {
+				if time.Now().After(deadline) {
+					t.Fatalf("the process_stopped finding did not resolve 20 s after SIGCONT")
+				}
+				time.Sleep(200 * time.Millisecond)
+			}
+		})
 	}
 }
 

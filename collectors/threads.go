@@ -128,21 +128,25 @@ func truncate(b []byte, n int) []byte {
 
 // threadCounts is what one pass over the threads found.
 type threadCounts struct {
-	Total      int
-	PerThread  []sample // CPU and run-queue wait of each examined thread
-	States     map[string]int
-	Syscalls   map[string]int
-	Examined   int
-	Unreadable int // syscall files we were not allowed to read
+	Total       int
+	PerThread   []sample       // CPU and run-queue wait of each examined thread
+	States      map[string]int // the target's threads and its children's
+	ChildStates map[string]int // its children's alone
+	Syscalls    map[string]int
+	Examined    int
+	Unreadable  int // syscall files we were not allowed to read
 }
 
 // threadSamples turns counts into samples, writing 0 for states and system
 // calls seen last time and gone now, so that a gauge does not keep its
 // last non-zero value forever.
-func threadSamples(c threadCounts, prevStates, prevSyscalls map[string]bool) []sample {
+func threadSamples(c threadCounts, prevStates, prevChild, prevSyscalls map[string]bool) []sample {
 	out := []sample{{Desc: signals.ProcessNumThreads, Value: float64(c.Total)}}
 	for _, k := range sortedKeys(c.States, prevStates) {
 		out = append(out, sample{Desc: signals.ProcessThreads, Labels: signals.L("state", k), Value: float64(c.States[k])})
+	}
+	for _, k := range sortedKeys(c.ChildStates, prevChild) {
+		out = append(out, sample{Desc: signals.ProcessChildThreads, Labels: signals.L("state", k), Value: float64(c.ChildStates[k])})
 	}
 	for _, k := range sortedKeys(c.Syscalls, prevSyscalls) {
 		out = append(out, sample{Desc: signals.ProcessThreadsInSyscall, Labels: signals.L("syscall", k), Value: float64(c.Syscalls[k])})
@@ -172,6 +176,7 @@ type threadsCollector struct {
 	maxThreads int
 	buf        []byte
 	prevStates map[string]bool
+	prevChild  map[string]bool
 	prevCalls  map[string]bool
 }
 
@@ -189,7 +194,7 @@ func (c *threadsCollector) Collect(_ context.Context, tgt workload.Process, stor
 	if err != nil {
 		return err
 	}
-	putSamples(store, time.Now(), threadSamples(counts, c.prevStates, c.prevCalls))
+	putSamples(store, time.Now(), threadSamples(counts, c.prevStates, c.prevChild, c.prevCalls))
 	putSamples(store, time.Now(), counts.PerThread)
 	live := make(map[string]bool, len(counts.PerThread))
 	for _, s := range counts.PerThread {
@@ -199,6 +204,7 @@ func (c *threadsCollector) Collect(_ context.Context, tgt workload.Process, stor
 		store.Forget(d, func(ls signals.Labels) bool { return live[ls.Get("tid")] })
 	}
 	c.prevStates = keysOf(counts.States)
+	c.prevChild = keysOf(counts.ChildStates)
 	c.prevCalls = keysOf(counts.Syscalls)
 	if counts.Unreadable > 0 {
 		return fmt.Errorf("pid %d: %d threads' syscall files unreadable (needs CAP_SYS_PTRACE): %w", tgt.PID, counts.Unreadable, fs.ErrPermission)
@@ -214,25 +220,52 @@ func keysOf(m map[string]int) map[string]bool {
 	return out
 }
 
+// count counts the threads of the target and of its children (a prefork
+// server's workers: nginx's master only supervises, and a stop, a blocking
+// call or a lock wait that holds up its connections is its workers').
+// Total is the target's own; at most maxThreads are examined in all, the
+// target's first.
 func (c *threadsCollector) count(pid int) (threadCounts, error) {
+	counts := threadCounts{States: map[string]int{}, ChildStates: map[string]int{}, Syscalls: map[string]int{}}
+	total, err := c.countProcess(&counts, pid, false)
+	if err != nil {
+		return threadCounts{}, err
+	}
+	counts.Total = total
+	for _, child := range workload.Children(c.procRoot, pid, workload.MaxGroupChildren) {
+		if counts.Examined >= c.maxThreads {
+			break
+		}
+		// A child that exits while it is read is simply not counted.
+		if _, err := c.countProcess(&counts, child, true); err != nil && !gone(err) {
+			return threadCounts{}, fmt.Errorf("child %d: %w", child, err)
+		}
+	}
+	return counts, nil
+}
+
+// countProcess adds the threads of pid (a child of the target: child) to
+// counts, within what is left of maxThreads, and returns how many threads
+// pid has.
+func (c *threadsCollector) countProcess(counts *threadCounts, pid int, child bool) (int, error) {
 	dir := filepath.Join(c.procRoot, strconv.Itoa(pid), "task")
 	d, err := os.Open(dir)
 	if err != nil {
-		return threadCounts{}, fmt.Errorf("pid %d: open %s: %w", pid, dir, err)
+		return 0, fmt.Errorf("pid %d: open %s: %w", pid, dir, err)
 	}
 	tids, err := d.Readdirnames(-1)
 	d.Close()
 	if err != nil {
-		return threadCounts{}, fmt.Errorf("pid %d: read %s: %w", pid, dir, err)
+		return 0, fmt.Errorf("pid %d: read %s: %w", pid, dir, err)
 	}
 	if len(tids) == 0 {
-		return threadCounts{}, fmt.Errorf("pid %d: %s is empty: %w", pid, dir, ErrNoData)
+		return 0, fmt.Errorf("pid %d: %s is empty: %w", pid, dir, ErrNoData)
 	}
-	counts := threadCounts{Total: len(tids), States: map[string]int{}, Syscalls: map[string]int{}}
-	if len(tids) > c.maxThreads {
+	total := len(tids)
+	if left := c.maxThreads - counts.Examined; len(tids) > left {
 		// Lowest TIDs first: the long-lived pool threads, stable across polls.
 		sort.Slice(tids, func(i, j int) bool { return tidLess(tids[i], tids[j]) })
-		tids = tids[:c.maxThreads]
+		tids = tids[:max(left, 0)]
 	}
 	for _, tid := range tids {
 		taskDir := filepath.Join(dir, tid)
@@ -241,11 +274,11 @@ func (c *threadsCollector) count(pid int) (threadCounts, error) {
 			continue
 		}
 		if err != nil {
-			return threadCounts{}, fmt.Errorf("pid %d: %w", pid, err)
+			return 0, fmt.Errorf("pid %d: %w", pid, err)
 		}
 		ts, err := parseTaskStat(b)
 		if err != nil {
-			return threadCounts{}, fmt.Errorf("pid %d: %s/stat: %w", pid, taskDir, err)
+			return 0, fmt.Errorf("pid %d: %s/stat: %w", pid, taskDir, err)
 		}
 		state := ts.State
 		ls := signals.L("tid", tid, "thread", ts.Comm)
@@ -256,8 +289,13 @@ func (c *threadsCollector) count(pid int) (threadCounts, error) {
 			}
 		}
 		counts.States[state]++
+		if child {
+			counts.ChildStates[state]++
+		}
 		counts.Examined++
-		if state == "R" {
+		// A stopped thread (T: a stop signal, t: a tracer) shows the
+		// system call it was in when it stopped: it waits in none.
+		if state == "R" || state == "T" || state == "t" {
 			continue
 		}
 		b, err = readProcFile(&c.buf, filepath.Join(taskDir, "syscall"))
@@ -269,17 +307,17 @@ func (c *threadsCollector) count(pid int) (threadCounts, error) {
 			continue
 		}
 		if err != nil {
-			return threadCounts{}, fmt.Errorf("pid %d: %w", pid, err)
+			return 0, fmt.Errorf("pid %d: %w", pid, err)
 		}
 		nr, running, err := parseTaskSyscall(b)
 		if err != nil {
-			return threadCounts{}, fmt.Errorf("pid %d: %s/syscall: %w", pid, taskDir, err)
+			return 0, fmt.Errorf("pid %d: %s/syscall: %w", pid, taskDir, err)
 		}
 		if !running { // it woke up between the two reads
 			counts.Syscalls[syscallName(nr)]++
 		}
 	}
-	return counts, nil
+	return total, nil
 }
 
 // gone reports an error that means the thread exited while we read it.

@@ -3,6 +3,7 @@ package collectors
 import (
 	"context"
 	"os/exec"
+	"syscall"
 	"testing"
 	"time"
 
@@ -78,10 +79,11 @@ func TestThreadsFixture(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := threadCounts{
-		Total:    9,
-		Examined: 9,
-		States:   map[string]int{"R": 1, "S": 8},
-		Syscalls: map[string]int{"futex": 4, "nanosleep": 2, "read": 1, "accept4": 1},
+		Total:       9,
+		Examined:    9,
+		States:      map[string]int{"R": 1, "S": 8},
+		ChildStates: map[string]int{},
+		Syscalls:    map[string]int{"futex": 4, "nanosleep": 2, "read": 1, "accept4": 1},
 	}
 	perThread := samplesByName(got.PerThread)
 	got.PerThread = nil
@@ -108,13 +110,17 @@ func TestThreadsFixture(t *testing.T) {
 
 func TestThreadSamplesZeroGone(t *testing.T) {
 	got := samplesByName(threadSamples(
-		threadCounts{Total: 2, States: map[string]int{"S": 2}, Syscalls: map[string]int{"futex": 2}},
+		threadCounts{Total: 2, States: map[string]int{"S": 2, "T": 1}, ChildStates: map[string]int{"T": 1}, Syscalls: map[string]int{"futex": 2}},
 		map[string]bool{"S": true, "D": true},
+		map[string]bool{"S": true},
 		map[string]bool{"fsync": true}))
 	want := map[string]float64{
 		`process_num_threads{}`:                       2,
 		`process_threads{state="S"}`:                  2,
 		`process_threads{state="D"}`:                  0,
+		`process_threads{state="T"}`:                  1,
+		`process_child_threads{state="T"}`:            1,
+		`process_child_threads{state="S"}`:            0,
 		`process_threads_in_syscall{syscall="futex"}`: 2,
 		`process_threads_in_syscall{syscall="fsync"}`: 0,
 	}
@@ -129,6 +135,50 @@ func TestSyscallName(t *testing.T) {
 	}
 	if got := syscallName(9999); got != "syscall_9999" {
 		t.Errorf("syscallName(9999) = %q", got)
+	}
+}
+
+// The threads of the target's children count with its own (a prefork
+// server's workers), and so apart; a stopped thread is counted by its
+// state, not by the system call it stopped in. Real processes: a shell
+// waiting for two sleeps, which are stopped.
+func TestThreadsCountChildrenAndStops(t *testing.T) {
+	cmd := exec.Command("sh", "-c", "sleep 60 & sleep 60 & wait")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	var kids []int
+	for deadline := time.Now().Add(5 * time.Second); len(kids) < 2; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the shell's children: %v", kids)
+		}
+		kids = workload.Children("/proc", cmd.Process.Pid, workload.MaxGroupChildren)
+	}
+	for _, k := range kids {
+		if err := syscall.Kill(k, syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = syscall.Kill(k, syscall.SIGKILL) })
+	}
+	c := newThreadsCollector(Options{}, 0)
+	var got threadCounts
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		var err error
+		if got, err = c.count(cmd.Process.Pid); err != nil {
+			t.Fatal(err)
+		}
+		if got.ChildStates["T"] == 2 && got.States["S"] == 1 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if got.Total != 1 || got.States["T"] != 2 || got.States["S"] != 1 || got.ChildStates["T"] != 2 || len(got.ChildStates) != 1 {
+		t.Errorf("total %d, states %v, children's %v: want the shell's 1 thread, S, and its 2 stopped children", got.Total, got.States, got.ChildStates)
+	}
+	// The shell waits in wait4 or rt_sigsuspend; the sleeps stopped in
+	// clock_nanosleep, and are not counted there.
+	if n := got.Syscalls["clock_nanosleep"] + got.Syscalls["nanosleep"]; n != 0 || len(got.Syscalls) != 1 {
+		t.Errorf("system calls %v: want the shell's wait alone (the stopped sleeps wait in none)", got.Syscalls)
 	}
 }
 

@@ -671,8 +671,12 @@ type group struct {
 
 const (
 	groupRefresh = 2 * time.Second
-	maxChildren  = maxTargets - 1
+	maxChildren  = workload.MaxGroupChildren
 )
+
+// The target and its children fill target_tgids exactly: a compile error
+// (a negative constant converted to uint) if the two drift apart.
+const _ = uint(maxTargets-1-maxChildren) + uint(maxChildren-(maxTargets-1))
 
 // update mirrors pid and its children into v (target_tgids); it reports
 // whether the target itself changed.

@@ -16,45 +16,69 @@ import (
 // as a service waiting on a lock (seen: caddy under SIGSTOP was told
 // "threads wait in futex ... limited by a lock or a bounded pool"). What
 // is true is that nothing of it runs until it gets SIGCONT or the tracer
-// lets it go.
+// lets it go. A prefork server (nginx) serves from its children: with its
+// workers stopped and its master in its idle rt_sigsuspend, nginx was told
+// "threads wait in rt_sigsuspend"; its workers are what is stopped.
 
 // stoppedView is what the threads collector's samples say of a stop.
 type stoppedView struct {
-	bySignal, byTracer, total float64 // at the latest sample
+	bySignal, byTracer, total float64 // of the stopped set, at the latest sample
+	// children: the stopped set is the target's child processes (its own
+	// threads are not stopped); withChildren: the stopped set is the
+	// target and children it has.
+	children, withChildren bool
 	// since is the first sample of the run, up to the latest, in which
-	// every thread was stopped (the stop began before it, within a
-	// collect interval); zero when not every thread is stopped now.
+	// every thread of the set was stopped (the stop began before it,
+	// within a collect interval); zero when not all are stopped now.
 	since time.Time
 }
 
-// all reports whether every thread of the process is stopped.
+// all reports whether every thread of the set is stopped.
 func (v stoppedView) all() bool { return !v.since.IsZero() }
 
-// stoppedThreads reads the thread states the threads collector wrote
-// (process_threads{state}: T stopped by a signal, t by a tracer). Its
-// latest sample must be fresh.
+// stoppedThreads reads the thread states the threads collector wrote:
+// process_threads{state} (the target and its children) and
+// process_child_threads{state} (its children), T stopped by a signal, t by
+// a tracer. The whole group stopped, or else all the children, is a stop.
+// The latest sample must be fresh.
 func stoppedThreads(w Window) stoppedView {
+	g := stoppedIn(w, signals.ProcessThreads)
+	c := stoppedIn(w, signals.ProcessChildThreads)
+	switch {
+	case g.all():
+		g.withChildren = c.total > 0
+		return g
+	case c.all():
+		c.children = true
+		return c
+	}
+	return stoppedView{}
+}
+
+// stoppedIn is the stop view of one series of thread states.
+func stoppedIn(w Window, d *signals.Desc) stoppedView {
 	type counts struct{ stopped, total float64 }
 	at := map[time.Time]*counts{}
 	var v stoppedView
 	var latest time.Time
-	for _, ls := range w.Store.Select(signals.ProcessThreads) {
+	for _, ls := range w.Store.Select(d) {
 		state := ls.Get("state")
-		for _, s := range w.Store.Range(signals.ProcessThreads, ls, time.Time{}) {
+		stop := state == "T" || state == "t"
+		for _, s := range w.Store.Range(d, ls, time.Time{}) {
 			c := at[s.T]
 			if c == nil {
 				c = &counts{}
 				at[s.T] = c
 			}
 			c.total += s.V
-			if state == "T" || state == "t" {
+			if stop {
 				c.stopped += s.V
 			}
 			if s.T.After(latest) {
 				latest = s.T
 			}
 		}
-		if s, ok := w.Store.Latest(signals.ProcessThreads, ls); ok {
+		if s, ok := w.Store.Latest(d, ls); ok {
 			v.total += s.V
 			switch state {
 			case "T":
@@ -82,15 +106,30 @@ func stoppedThreads(w Window) stoppedView {
 	return v
 }
 
+// who is what is stopped, in words: "the process", "its child processes".
+func (v stoppedView) who() string {
+	if v.children {
+		return "its child processes"
+	}
+	return "the process"
+}
+
 // how says which threads are stopped and by what, as a clause.
 func (v stoppedView) how() string {
 	const bySignal = "stopped by a signal: SIGSTOP, or SIGTSTP, SIGTTIN or SIGTTOU from a shell's job control"
 	const byTracer = "stopped by a tracer: a debugger such as gdb, or strace"
+	whose := "of its threads"
+	switch {
+	case v.children:
+		whose = "threads of its child processes, which serve its listeners in a prefork server such as nginx (the process itself is not stopped),"
+	case v.withChildren:
+		whose = "threads of the process and its child processes"
+	}
 	switch {
 	case v.byTracer == 0:
-		return fmt.Sprintf("all %s of its threads are in state T, %s", num(v.total), bySignal)
+		return fmt.Sprintf("all %s %s are in state T, %s", num(v.total), whose, bySignal)
 	case v.bySignal == 0:
-		return fmt.Sprintf("all %s of its threads are in state t, %s", num(v.total), byTracer)
+		return fmt.Sprintf("all %s %s are in state t, %s", num(v.total), whose, byTracer)
 	}
-	return fmt.Sprintf("all %s of its threads are stopped, %s in state T (%s) and %s in state t (%s)", num(v.total), num(v.bySignal), bySignal, num(v.byTracer), byTracer)
+	return fmt.Sprintf("all %s %s are stopped, %s in state T (%s) and %s in state t (%s)", num(v.total), whose, num(v.bySignal), bySignal, num(v.byTracer), byTracer)
 }

@@ -206,23 +206,27 @@ func (r *ThroughputPlateau) stopped(w Window, sv stoppedView) []Observation {
 		// sample that saw the stop: it counts too.
 		most := ""
 		if p := peak(st.Range(signals.ListenQueueLength, ls, sv.since)); p > q.V {
-			most = fmt.Sprintf(" (%s at most since the process stopped)", num(p))
+			most = fmt.Sprintf(" (%s at most since the stop)", num(p))
 		}
 		endpoint := joinHostPort(ls.Get("addr"), ls.Get("port"))
+		is, it, itIs, states := "is", "it", "it is", signals.ProcessThreads
+		if sv.children {
+			is, it, itIs, states = "are", "them", "they are", signals.ProcessChildThreads
+		}
 		out = append(out, Observation{
 			Key:     endpoint,
 			Cause:   CauseProcessStopped,
-			Title:   fmt.Sprintf("Connections queue on %s: the process is stopped", endpoint),
+			Title:   fmt.Sprintf("Connections queue on %s: %s %s stopped", endpoint, sv.who(), is),
 			Symptom: fmt.Sprintf("%s wait in the accept queue of %s%s, and none is served", count(q.V, "connection", ""), endpoint, most),
 			// How long it has been stopped is in the evidence: words
 			// are sent again only when what they count moves.
-			RootCause:   fmt.Sprintf("the process is stopped, not slow: %s. Nothing of it runs, and its listeners' queues fill, until it is resumed", sv.how()),
+			RootCause:   fmt.Sprintf("%s %s stopped, not slow: %s. Nothing of %s runs, and the listeners' queues fill, until %s resumed", sv.who(), is, sv.how(), it, itIs),
 			Remediation: processStoppedFix,
 			Severity:    SeverityCritical,
 			Confidence:  0.9,
 			Evidence: []Evidence{
 				{Signal: signals.ListenQueueLength.Name + ls.String(), Value: q.V, Unit: "connections", Note: "connections waiting to be accepted now"},
-				{Signal: signals.ProcessThreads.Name + `{state="T"|"t"}`, Value: sv.bySignal + sv.byTracer, Threshold: sv.total, Unit: "threads", Window: w.Now.Sub(sv.since), Note: "threads stopped, of all the process has"},
+				{Signal: states.Name + `{state="T"|"t"}`, Value: sv.bySignal + sv.byTracer, Threshold: sv.total, Unit: "threads", Window: w.Now.Sub(sv.since), Note: "threads stopped, of all those of " + sv.who()},
 			},
 			Artifacts: []Artifact{{Kind: "listener", Value: endpoint}},
 			Labels:    map[string]string{"port": ls.Get("port"), "addr": ls.Get("addr")},
@@ -233,4 +237,4 @@ func (r *ThroughputPlateau) stopped(w Window, sv stoppedView) []Observation {
 
 // processStoppedFix is the remedy for a stopped process, whatever its
 // runtime.
-const processStoppedFix = "Resume it with kill -CONT PID if nothing should hold it, and find what stopped it: a tracer shows as TracerPid in /proc/PID/status (a debugger left attached, a tool that stops the process to inspect it); a stop signal comes from a shell's job control (Ctrl-Z, a background job that reads the terminal) or from a kill -STOP by a script or an operator."
+const processStoppedFix = "Resume what is stopped with kill -CONT (ps -o pid,stat,comm -p PID --ppid PID lists the process and its children with state T or t) if nothing should hold it, and find what stopped it: a tracer shows as TracerPid in /proc/PID/status (a debugger left attached, a tool that stops the process to inspect it); a stop signal comes from a shell's job control (Ctrl-Z, a background job that reads the terminal) or from a kill -STOP by a script or an operator."

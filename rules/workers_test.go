@@ -237,6 +237,25 @@ func TestThroughputPlateauSaysTheProcessIsStopped(t *testing.T) {
 	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) != 0 {
 		t.Errorf("a process with a thread not stopped was told %+v", obs)
 	}
+	// A prefork server whose workers are stopped while its master waits
+	// in rt_sigsuspend (nginx): its child processes are what is stopped.
+	st = plateauStore(now, 12, 0.05)
+	st.Put(signals.ProcessThreads, signals.L("state", "S"), 1, now)
+	st.Put(signals.ProcessThreads, signals.L("state", "T"), 2, now)
+	st.Put(signals.ProcessChildThreads, signals.L("state", "T"), 2, now)
+	obs = r.Evaluate(Window{Store: st, Now: now})
+	if len(obs) != 1 || obs[0].Cause != CauseProcessStopped || obs[0].Title != "Connections queue on 127.0.0.1:8080: its child processes are stopped" ||
+		!strings.Contains(obs[0].RootCause, "its child processes are stopped, not slow: all 2 threads of its child processes, which serve its listeners in a prefork server such as nginx (the process itself is not stopped), are in state T") {
+		t.Errorf("workers stopped: %+v", obs)
+	}
+	// One of two workers stopped: not a stopped service.
+	st.Put(signals.ProcessChildThreads, signals.L("state", "S"), 1, now)
+	st.Put(signals.ProcessChildThreads, signals.L("state", "T"), 1, now)
+	st.Put(signals.ProcessThreads, signals.L("state", "S"), 2, now)
+	st.Put(signals.ProcessThreads, signals.L("state", "T"), 1, now)
+	if obs := r.Evaluate(Window{Store: st, Now: now}); len(obs) == 1 && obs[0].Cause == CauseProcessStopped {
+		t.Errorf("one worker of two stopped was told %+v", obs)
+	}
 	// Stopped, with nothing queued: nothing to tell here.
 	st = plateauStore(now, 0, 0)
 	st.Put(signals.ProcessThreads, signals.L("state", "T"), 9, now)

@@ -130,9 +130,11 @@ var (
 // The threads collector (collectors/threads.go): /proc/PID/task.
 var (
 	ProcessThreads = &Desc{Name: "process_threads", Kind: Gauge,
-		Help: "Threads of the target by scheduler state letter (R running, S sleeping, D uninterruptible, ...), among the examined threads."}
+		Help: "Threads of the target and its child processes (a prefork server's workers) by scheduler state letter (R running, S sleeping, D uninterruptible, T stopped by a signal, t stopped by a tracer, ...), among the examined threads."}
+	ProcessChildThreads = &Desc{Name: "process_child_threads", Kind: Gauge,
+		Help: "Threads of the target's child processes by scheduler state letter, among the examined threads: the part of process_threads that is not the target's own."}
 	ProcessThreadsInSyscall = &Desc{Name: "process_threads_in_syscall", Kind: Gauge,
-		Help: "Threads of the target that are not running, by the system call they wait in (none: blocked outside a system call)."}
+		Help: "Threads of the target and its child processes that sleep (neither running nor stopped), by the system call they wait in (none: blocked outside a system call)."}
 	ProcessNumThreads = &Desc{Name: "process_num_threads", Kind: Gauge,
 		Help: "Threads of the target (every entry of /proc/PID/task, not bounded by the examined maximum)."}
 	ThreadStatCPUSecondsTotal = &Desc{Name: "thread_stat_cpu_seconds_total", Kind: Counter,

@@ -11,6 +11,11 @@ import (
 	"time"
 )
 
+// MaxGroupChildren is how many children of the target are watched with it
+// (the probes' target_tgids hold the target and these: bpf/headers/
+// targets.h MAX_TARGETS; the threads collector counts their threads).
+const MaxGroupChildren = 15
+
 // Children returns the PIDs (at most max, lowest first) whose parent is
 // pid. A prefork server (nginx, gunicorn, php-fpm) serves from its
 // children: the master holds the listener and the workers do the work, so
