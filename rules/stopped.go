@@ -2,7 +2,6 @@ package rules
 
 import (
 	"fmt"
-	"slices"
 	"time"
 
 	"github.com/culprit-dev/culprit/signals"
@@ -55,53 +54,68 @@ func stoppedThreads(w Window) stoppedView {
 	return stoppedView{}
 }
 
-// stoppedIn is the stop view of one series of thread states.
+// stoppedIn is the stop view of one series of thread states. The latest
+// samples decide first: the rules run five times a second, and a process
+// that is not stopped (nearly always) costs one Latest per state. Only a
+// stop now walks back through the samples, newest first, to where it
+// began; the collector writes every state at the same instant.
 func stoppedIn(w Window, d *signals.Desc) stoppedView {
-	type counts struct{ stopped, total float64 }
-	at := map[time.Time]*counts{}
 	var v stoppedView
 	var latest time.Time
-	for _, ls := range w.Store.Select(d) {
-		state := ls.Get("state")
-		stop := state == "T" || state == "t"
-		for _, s := range w.Store.Range(d, ls, time.Time{}) {
-			c := at[s.T]
-			if c == nil {
-				c = &counts{}
-				at[s.T] = c
-			}
-			c.total += s.V
-			if stop {
-				c.stopped += s.V
-			}
-			if s.T.After(latest) {
-				latest = s.T
-			}
+	lss := w.Store.Select(d)
+	for _, ls := range lss {
+		s, ok := w.Store.Latest(d, ls)
+		if !ok {
+			continue
 		}
-		if s, ok := w.Store.Latest(d, ls); ok {
-			v.total += s.V
-			switch state {
-			case "T":
-				v.bySignal += s.V
-			case "t":
-				v.byTracer += s.V
-			}
+		v.total += s.V
+		switch ls.Get("state") {
+		case "T":
+			v.bySignal += s.V
+		case "t":
+			v.byTracer += s.V
+		}
+		if s.T.After(latest) {
+			latest = s.T
 		}
 	}
-	if latest.IsZero() || !w.Fresh(latest, freshSlow) {
+	if v.total == 0 || v.bySignal+v.byTracer < v.total || !w.Fresh(latest, freshSlow) {
 		return stoppedView{}
 	}
-	times := make([]time.Time, 0, len(at))
-	for t := range at {
-		times = append(times, t)
+	type series struct {
+		ss   []signals.Sample
+		i    int // the next sample to read, walking back
+		stop bool
 	}
-	slices.SortFunc(times, func(a, b time.Time) int { return a.Compare(b) })
-	for i := len(times) - 1; i >= 0; i-- {
-		c := at[times[i]]
-		if c.total == 0 || c.stopped < c.total {
+	all := make([]series, 0, len(lss))
+	for _, ls := range lss {
+		st := ls.Get("state")
+		ss := w.Store.Range(d, ls, time.Time{})
+		all = append(all, series{ss: ss, i: len(ss) - 1, stop: st == "T" || st == "t"})
+	}
+	for at := latest; !at.IsZero(); {
+		var stopped, total float64
+		next := time.Time{}
+		for k := range all {
+			s := &all[k]
+			for s.i >= 0 && s.ss[s.i].T.After(at) {
+				s.i--
+			}
+			if s.i >= 0 && s.ss[s.i].T.Equal(at) {
+				total += s.ss[s.i].V
+				if s.stop {
+					stopped += s.ss[s.i].V
+				}
+				s.i--
+			}
+			if s.i >= 0 && s.ss[s.i].T.After(next) {
+				next = s.ss[s.i].T
+			}
+		}
+		if total == 0 || stopped < total {
 			break
 		}
-		v.since = times[i]
+		v.since, at = at, next
 	}
 	return v
 }

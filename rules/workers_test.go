@@ -230,6 +230,10 @@ func TestThroughputPlateauSaysTheProcessIsStopped(t *testing.T) {
 	if o.Cause != CauseProcessStopped || strings.Contains(o.RootCause, "futex") || !strings.Contains(o.Symptom, "12 connections wait in the accept queue of 127.0.0.1:8080") {
 		t.Errorf("%s: %q / %q", o.Cause, o.Symptom, o.RootCause)
 	}
+	// Stopped at the last 3 of 5 thread samples, a second apart: since 2 s.
+	if e := o.Evidence[len(o.Evidence)-1]; e.Window != 2*time.Second || e.Value != 9 || e.Threshold != 9 {
+		t.Errorf("stopped threads' evidence %+v, want 9 of 9 over the 2 s since the first sample that saw them stopped", e)
+	}
 
 	// One thread still asleep, not stopped: the CPU the window holds
 	// (1.5 cores) rules the plateau out, as before.
