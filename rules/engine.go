@@ -472,7 +472,7 @@ func (e *Engine) observe(rule, k string, o Observation, now time.Time) {
 		// function of a stall are the point even after the stall ends.
 		o = retainLearned(a.f.Observation, o)
 	}
-	material := causeChanged || a.sent.Stopped != o.Stopped || materialChange(a.told, a.sent, o, e.o.UpdateThreshold)
+	material := causeChanged || a.sent.Stopped != o.Stopped || a.sent.StopEstimated != o.StopEstimated || materialChange(a.told, a.sent, o, e.o.UpdateThreshold)
 	if !material || (!causeChanged && now.Sub(a.lastUpdate) < e.o.MinUpdateInterval) {
 		// Current in ListFindings and GetFinding; not worth an event.
 		a.f.Observation = o

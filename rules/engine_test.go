@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -410,13 +411,16 @@ func TestEngineTellsASymptomThatStopped(t *testing.T) {
 	o := Observation{Key: "k", Cause: "c", Severity: SeverityWarning, Symptom: "grew and still grows", Evidence: []Evidence{{Signal: "rate", Value: 100}}}
 	step := func(i int, stopped bool, words string) {
 		o.Stopped, o.Symptom = stopped, words
+		o.StopEstimated = strings.Contains(words, "about")
 		r.obs = []Observation{o}
 		e.Evaluate(t0.Add(time.Duration(i) * time.Second))
 	}
 	step(0, false, "grew and still grows")
-	step(2, true, "grew and has not grown since 12:00:01")
+	// An estimated stop, then the measured one: both are news.
+	step(2, true, "grew and slowed or stopped about 12:00:01")
 	step(4, true, "grew and has not grown since 12:00:01")
-	step(6, false, "grew and still grows")
+	step(6, true, "grew and has not grown since 12:00:01")
+	step(8, false, "grew and still grows")
 	evs, _ := j.After(0, 10)
 	var got []string
 	for _, ev := range evs {
@@ -424,6 +428,7 @@ func TestEngineTellsASymptomThatStopped(t *testing.T) {
 	}
 	want := []string{
 		fmt.Sprintf("%v:grew and still grows", EventOpened),
+		fmt.Sprintf("%v:grew and slowed or stopped about 12:00:01", EventUpdated),
 		fmt.Sprintf("%v:grew and has not grown since 12:00:01", EventUpdated),
 		fmt.Sprintf("%v:grew and still grows", EventUpdated),
 	}

@@ -86,6 +86,13 @@ type Observation struct {
 	// told even when no number moved (seen: a stopped heap leak streamed
 	// as "still grows" until it resolved 15 s later).
 	Stopped bool
+	// StopEstimated says the stop's time is estimated from coarse samples
+	// (heap profiles seconds apart), not measured: when a measured one
+	// follows, watchers are told that too, though no number moved past
+	// the update threshold (seen in CI: "slowed or stopped about T" was
+	// streamed, and "has not grown since T", read from the RSS, came
+	// only with the resolution 13 s later).
+	StopEstimated bool
 }
 
 // Finding is an Observation with its lifecycle.

@@ -101,6 +101,7 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 		return nil
 	}
 	still, stopped := g.growing()
+	estimated := false // the stop's time, from the profiles' rate alone
 	by, rateNote := "the last heap profiles", "rate since the growth began (least squares)"
 	profiles := w.Store.Range(signals.HeapInuseBytes, nil, now.Add(-r.o.Window))
 	if !still {
@@ -124,6 +125,7 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 		g.rate = g.increase / end.Sub(g.start).Seconds()
 		g.last.T = end
 	} else if end, began, rate, ok := profileStop(profiles, g); ok {
+		estimated = true
 		stopped, by = "has not grown since about "+end.Format("15:04:05"), "estimated from the heap profiles: at their rate, the last one's level was reached then"
 		if still {
 			// The newest profile rose by less than the rate before gives:
@@ -190,18 +192,19 @@ func (r *HeapLeak) Evaluate(w Window) []Observation {
 		}
 	}
 	return []Observation{{
-		Key:         "process",
-		Cause:       CauseHeapLeak,
-		Title:       fmt.Sprintf("Live heap %s by %s %s", verb, perMin, g.over()),
-		Symptom:     fmt.Sprintf("the live heap grew from %s to %s %s %s", fmtBytes(g.from().V), fmtBytes(to), g.since(), tense),
-		RootCause:   fmt.Sprintf("memory the app still references %s (+%s, %s): %s", keeps, fmtBytes(g.increase), perMin, where),
-		Severity:    SeverityWarning,
-		Confidence:  0.8,
-		Evidence:    ev,
-		Artifacts:   arts,
-		Remediation: "Find why the named allocation sites keep their objects reachable: caches without a bound or eviction, maps keyed by request or connection that are never deleted from, goroutines/tasks that never end, buffers retained across awaits.",
-		Labels:      map[string]string{},
-		Stopped:     !still,
+		Key:           "process",
+		Cause:         CauseHeapLeak,
+		Title:         fmt.Sprintf("Live heap %s by %s %s", verb, perMin, g.over()),
+		Symptom:       fmt.Sprintf("the live heap grew from %s to %s %s %s", fmtBytes(g.from().V), fmtBytes(to), g.since(), tense),
+		RootCause:     fmt.Sprintf("memory the app still references %s (+%s, %s): %s", keeps, fmtBytes(g.increase), perMin, where),
+		Severity:      SeverityWarning,
+		Confidence:    0.8,
+		Evidence:      ev,
+		Artifacts:     arts,
+		Remediation:   "Find why the named allocation sites keep their objects reachable: caches without a bound or eviction, maps keyed by request or connection that are never deleted from, goroutines/tasks that never end, buffers retained across awaits.",
+		Labels:        map[string]string{},
+		Stopped:       !still,
+		StopEstimated: estimated,
 	}}
 }
 
