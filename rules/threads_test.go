@@ -137,37 +137,38 @@ func TestBlockingWorkerBlockingPoolByWhatItWasSeenDoing(t *testing.T) {
 // blocking the kernel call" was once said.
 func TestBlockingWorkerOutsideASyscallInWords(t *testing.T) {
 	now := time.Now()
-	eps := episodes()
-	seen(eps, ep(50, 50, "redis-server", now.Add(-30*time.Second), 100*time.Millisecond, kEpollWait, uRedisIdle, 1))
 	kFault := []string{"__schedule", "io_schedule", "folio_wait_bit_common", "filemap_fault", "__do_fault", "handle_mm_fault", "do_user_addr_fault", "exc_page_fault", "asm_exc_page_fault"}
 	sleep := ep(50, 50, "redis-server", now.Add(-2100*time.Millisecond), 2*time.Second, kFault, []string{"get_proc_stat_ll", "serverCron", "aeProcessEvents", "aeMain", "main"}, 0)
-	eps.Put(sleep)
-	st := signals.New(100, 100)
-	putUnread(st, sleep.Start, 20, 1.9, 3)
-	obs := blockRule().Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools}})
-	if len(obs) != 1 {
-		t.Fatalf("got %+v", obs)
-	}
-	if o := obs[0]; !strings.Contains(o.RootCause, "get_proc_stat_ll makes a call that blocks in the kernel on the event-loop thread of redis") || strings.Contains(o.RootCause, "blocking the kernel call") {
+	if o, _, _ := redisLoopBlock(t, now, sleep); !strings.Contains(o.RootCause, "get_proc_stat_ll makes a call that blocks in the kernel on the event-loop thread of redis") || strings.Contains(o.RootCause, "blocking the kernel call") {
 		t.Errorf("root cause %q", o.RootCause)
 	}
 }
 
-func TestBlockingWorkerRedisEventLoop(t *testing.T) {
-	now := time.Now()
+// redisLoopBlock evaluates the blocking rule over redis's event loop,
+// seen idle in epoll_wait 30 s ago, then the episodes given (the block
+// last), with 3 sockets' data unread for 1.9 s from the block's start,
+// and returns its one observation, with the episodes and the store.
+func redisLoopBlock(t *testing.T, now time.Time, es ...signals.Episode) (Observation, *signals.Episodes, *signals.Store) {
+	t.Helper()
 	eps := episodes()
 	seen(eps, ep(50, 50, "redis-server", now.Add(-30*time.Second), 100*time.Millisecond, kEpollWait, uRedisIdle, 1))
-	eps.Put(ep(50, 50, "redis-server", now.Add(-5*time.Second), 100*time.Millisecond, kEpollWait, uRedisIdle, 1))
-	sleep := ep(50, 50, "redis-server", now.Add(-2100*time.Millisecond), 2*time.Second, kNanosleep, uRedisSleep, 2)
-	sleep.Ongoing = true
-	eps.Put(sleep)
+	for _, e := range es {
+		eps.Put(e)
+	}
 	st := signals.New(100, 100)
-	putUnread(st, sleep.Start, 20, 1.9, 3)
+	putUnread(st, es[len(es)-1].Start, 20, 1.9, 3)
 	obs := blockRule().Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools}})
 	if len(obs) != 1 {
 		t.Fatalf("got %+v", obs)
 	}
-	o := obs[0]
+	return obs[0], eps, st
+}
+
+func TestBlockingWorkerRedisEventLoop(t *testing.T) {
+	now := time.Now()
+	sleep := ep(50, 50, "redis-server", now.Add(-2100*time.Millisecond), 2*time.Second, kNanosleep, uRedisSleep, 2)
+	sleep.Ongoing = true
+	o, eps, st := redisLoopBlock(t, now, ep(50, 50, "redis-server", now.Add(-5*time.Second), 100*time.Millisecond, kEpollWait, uRedisIdle, 1), sleep)
 	if o.Cause != CauseBlockingCallOnEventLoop || o.Key != "redis-server" || o.Severity != SeverityCritical || o.Labels["role"] != "event_loop" {
 		t.Errorf("cause %q key %q severity %v labels %v", o.Cause, o.Key, o.Severity, o.Labels)
 	}
