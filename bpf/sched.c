@@ -395,8 +395,21 @@ int BPF_PROG(culprit_sched_switch, bool preempt, struct task_struct *prev, struc
 			 * parent's name until it renames itself (prctl, or
 			 * pthread_setname_np), which it does while running. Copied at
 			 * switch-in only, a sleep that follows the rename would carry
-			 * the old name. prev is current here. */
-			bpf_get_current_comm(st->comm, sizeof(st->comm));
+			 * the old name. prev is current here. Two plain loads from
+			 * the trusted task pointer, stored only when the name
+			 * changed, rather than bpf_get_current_comm (a helper call
+			 * and a byte-wise copy, and a store to the entry at every
+			 * switch): ~10 % less run time per sched_switch run beside
+			 * nginx flat out (299 against 332 ns, scripts/schedab). A
+			 * rename racing this read (only from /proc/PID/comm) may
+			 * show torn for one switch, as with the helper. */
+			const __u64 *name = (const __u64 *)prev->comm;
+			__u64 *kept = (__u64 *)st->comm;
+			__u64 n0 = name[0], n1 = name[1];
+			if (kept[0] != n0 || kept[1] != n1) {
+				kept[0] = n0;
+				kept[1] = n1;
+			}
 			/* TASK_RUNNING is 0: preempted (or yielded), still runnable. */
 			if (preempt || prev_state == 0) {
 				st->involuntary++;
