@@ -236,8 +236,9 @@ func (c *threadsCollector) count(pid int) (threadCounts, error) {
 		if counts.Examined >= c.maxThreads {
 			break
 		}
-		// A child that exits while it is read is simply not counted.
-		if _, err := c.countProcess(&counts, child, true); err != nil && !gone(err) {
+		// A child that exits while it is read (gone, or its task
+		// directory already empty) is simply not counted.
+		if _, err := c.countProcess(&counts, child, true); err != nil && !gone(err) && !errors.Is(err, ErrNoData) {
 			return threadCounts{}, fmt.Errorf("child %d: %w", child, err)
 		}
 	}

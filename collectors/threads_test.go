@@ -2,7 +2,10 @@ package collectors
 
 import (
 	"context"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -105,6 +108,31 @@ func TestThreadsFixture(t *testing.T) {
 	}
 	if got.Total != 9 || got.Examined != 3 {
 		t.Errorf("with MaxThreads 3: total %d examined %d, want 9 and 3", got.Total, got.Examined)
+	}
+}
+
+// A child whose task directory is already empty (it is exiting) is not
+// counted, and the target's threads still are: the whole collect failed
+// on it before.
+func TestThreadsChildExiting(t *testing.T) {
+	root := t.TempDir()
+	if err := os.CopyFS(root, os.DirFS("testdata/proc")); err != nil {
+		t.Fatal(err)
+	}
+	main := filepath.Join(root, strconv.Itoa(fixturePID), "task", strconv.Itoa(fixturePID))
+	if err := os.WriteFile(filepath.Join(main, "children"), []byte("7300 "), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "7300", "task"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c := newThreadsCollector(Options{ProcRoot: root}, 0)
+	got, err := c.count(fixturePID)
+	if err != nil {
+		t.Fatalf("a child with an empty task directory failed the collect: %v", err)
+	}
+	if got.Total != 9 || got.Examined != 9 || len(got.ChildStates) != 0 {
+		t.Errorf("total %d, examined %d, child states %v: want the target's 9 threads and no child's", got.Total, got.Examined, got.ChildStates)
 	}
 }
 

@@ -770,12 +770,13 @@ func (p *Sched) readThreads(objs *schedObjects, pid int, store *signals.Store, n
 		ts.blocked.put(blocked, now)
 		ts.busy.put(busy, now)
 
-		if st.Stopped != 0 {
-			// A stop is no block, and where the thread stopped is not
-			// where it waits for work (stoppedOffCPU).
-		} else if d := time.Duration(blocked * 1e9); d >= p.o.MinBlock {
+		// A stop is no block, and where the thread stopped is not where
+		// it waits for work (stoppedOffCPU): neither is told of it.
+		switch d := time.Duration(blocked * 1e9); {
+		case st.Stopped != 0:
+		case d >= p.o.MinBlock:
 			p.ongoingBlock(objs, int(st.Tgid), int(tid), name, *st, d)
-		} else if st.OffcpuSince != 0 && len(sights) < maxSightsPerPoll && p.sightDue(int(tid), st.OffcpuSince, now) {
+		case st.OffcpuSince != 0 && len(sights) < maxSightsPerPoll && p.sightDue(int(tid), st.OffcpuSince, now):
 			sights = append(sights, sighting{int(st.Tgid), int(tid), name, *st})
 		}
 		if d := time.Duration(busy * 1e9); d >= p.o.BusyAfter {
