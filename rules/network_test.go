@@ -429,6 +429,24 @@ func TestPortExhaustionTruths(t *testing.T) {
 	if len(obs) != 1 || !strings.Contains(obs[0].Symptom, "already exhausted: 10309 connects failed") || strings.Contains(obs[0].Symptom, "starts failing in") || obs[0].Severity != SeverityCritical {
 		t.Errorf("10309 failed connects: %+v", obs)
 	}
+	// Connects that failed without a local port while most of the range
+	// is free toward the remote: not the ports, so not said as exhausted
+	// (nor anything else, with reuse on toward loopback).
+	wide := mk("target", "127.0.0.1:5432", 2, 6, rising...)
+	wide.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 32768, now)
+	wide.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 60999, now)
+	if obs := r.Evaluate(Window{Store: wide, Now: now}); len(obs) != 0 {
+		t.Errorf("6 failed connects with 140 of 28,232 ports in use: %+v", obs)
+	}
+	// The same range with most of it in use toward the remote (in any
+	// state: SYN_SENT ones hold ports too): exhausted.
+	full := mk("target", "127.0.0.1:5432", 2, 6, rising...)
+	full.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.min"), 32768, now)
+	full.Put(signals.Sysctl, signals.L("name", "net.ipv4.ip_local_port_range.max"), 60999, now)
+	putSeries(full, signals.TCPSocketsByRemote, signals.L("owner", "target", "remote", "127.0.0.1:5432", "state", "SYN_SENT"), now, 20000)
+	if obs := r.Evaluate(Window{Store: full, Now: now}); len(obs) != 1 || !strings.Contains(obs[0].Symptom, "already exhausted: 6 connects failed") {
+		t.Errorf("6 failed connects with 20,140 of 28,232 ports in use: %+v", obs)
+	}
 	// Connects failed after the last socket dump: the TIME_WAIT count is
 	// of before the failures, so nothing is said until the next dump.
 	st0 := mk("target", "10.0.0.5:5432", 0, 10309, rising...)

@@ -63,6 +63,7 @@ type remotePorts struct {
 	timeWait    []signals.Sample // summed over owners, by sample time
 	targetTW    float64          // the target's, as far as known, now
 	established float64          // all owners, now
+	inUse       float64          // sockets toward it in any state, all owners, now
 	targetConns float64          // connect() calls of the target toward it over the window
 	failed      float64          // of them, failed with EADDRNOTAVAIL
 	failedAt    time.Time        // when the first of those was counted
@@ -89,7 +90,7 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 	}
 	for _, ls := range w.Store.Select(signals.TCPSocketsByRemote) {
 		remote, state := ls.Get("remote"), ls.Get("state")
-		if remote == "other" || (state != "TIME_WAIT" && state != "ESTABLISHED") {
+		if remote == "other" {
 			continue
 		}
 		ss := w.Store.Range(signals.TCPSocketsByRemote, ls, from)
@@ -98,6 +99,10 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 		}
 		rp := get(remote)
 		cur := ss[len(ss)-1].V
+		rp.inUse += cur
+		if state != "TIME_WAIT" && state != "ESTABLISHED" {
+			continue
+		}
 		if state == "ESTABLISHED" {
 			rp.established += cur
 			continue
@@ -142,8 +147,22 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 	slices.Sort(names)
 	var out []Observation
 	for _, remote := range names {
-		if rp := remotes[remote]; rp.failed > 0 && (dumped.T.Before(rp.failedAt) || lo.T.Before(rp.failedAt) || hi.T.Before(rp.failedAt)) {
+		rp := remotes[remote]
+		if rp.failed > 0 && (dumped.T.Before(rp.failedAt) || lo.T.Before(rp.failedAt) || hi.T.Before(rp.failedAt)) {
 			continue
+		}
+		if rp.failed > 0 && rp.inUse < r.o.NearRatio*usable {
+			// The probe counts a connect that left SYN_SENT before it
+			// had a local port as EADDRNOTAVAIL: it failed in the
+			// kernel's port search, which also fails (ENOMEM) when it
+			// cannot allocate a bind bucket, and the errno is not seen
+			// there. With most of the range not in use toward the
+			// remote, it was not the ports (seen in a loaded CI run:
+			// "exhausted: 4 connects failed" in a test whose ~1,800
+			// connections in all could not take 28,232 ports). Said as
+			// exhausted only when the sockets agree; otherwise the
+			// failures are left out.
+			rp.failed = 0
 		}
 		if o, ok := r.remote(w, remote, remotes[remote], usable, lo.V, hi.V, reuse.V, haveReuse); ok {
 			out = append(out, o)
