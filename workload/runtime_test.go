@@ -18,6 +18,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -422,10 +423,26 @@ http {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"))
+	// Stopped by SIGTERM, which the master passes to its worker and
+	// reaps it: SIGKILL to the master alone left the worker behind,
+	// asleep under PID 1, after every full test run (and killing the
+	// group leaves it a zombie there, where PID 1 reaps nothing). The
+	// group is killed only if the master does not exit.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	t.Cleanup(func() {
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-done
+		}
+	})
 	waitListening(t, port)
 	rt := detect(t, cmd.Process.Pid)
 	if rt.Lang != LangC || !rt.Has(FwNginx) {
