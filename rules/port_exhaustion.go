@@ -100,16 +100,14 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 		rp := get(remote)
 		cur := ss[len(ss)-1].V
 		rp.inUse += cur
-		if state != "TIME_WAIT" && state != "ESTABLISHED" {
-			continue
-		}
-		if state == "ESTABLISHED" {
+		switch state {
+		case "ESTABLISHED":
 			rp.established += cur
-			continue
-		}
-		rp.timeWait = sumByTime(rp.timeWait, ss)
-		if ls.Get("owner") == ownerTarget {
-			rp.targetTW += cur
+		case "TIME_WAIT":
+			rp.timeWait = sumByTime(rp.timeWait, ss)
+			if ls.Get("owner") == ownerTarget {
+				rp.targetTW += cur
+			}
 		}
 	}
 	for _, ls := range w.Store.Select(signals.ProcessConnectsTotal) {
@@ -164,7 +162,7 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 			// failures are left out.
 			rp.failed = 0
 		}
-		if o, ok := r.remote(w, remote, remotes[remote], usable, lo.V, hi.V, reuse.V, haveReuse); ok {
+		if o, ok := r.remote(w, remote, rp, usable, lo.V, hi.V, reuse.V, haveReuse); ok {
 			out = append(out, o)
 		}
 	}

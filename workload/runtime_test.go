@@ -18,7 +18,6 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -85,17 +84,6 @@ func freePort(t *testing.T) int {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
-}
-
-func waitListening(t *testing.T, port int) {
-	t.Helper()
-	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
-			c.Close()
-			return
-		}
-	}
-	t.Fatalf("nothing listens on 127.0.0.1:%d after 20s", port)
 }
 
 // dump shows every field: %+v would print String().
@@ -399,52 +387,10 @@ func TestRuntimeRedis(t *testing.T) {
 
 func TestRuntimeNginx(t *testing.T) {
 	nginx := need(t, "nginx")
-	dir := t.TempDir()
-	// As root, nginx's workers run as nobody: the directory must be
-	// readable to them.
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	port := freePort(t)
-	conf := fmt.Sprintf(`daemon off;
-master_process on;
-worker_processes 1;
-pid %[1]s/nginx.pid;
-error_log %[1]s/error.log;
-events { worker_connections 64; }
-http {
-  access_log off;
-  client_body_temp_path %[1]s/body; proxy_temp_path %[1]s/proxy; fastcgi_temp_path %[1]s/fcgi;
-  uwsgi_temp_path %[1]s/uwsgi; scgi_temp_path %[1]s/scgi;
-  server { listen 127.0.0.1:%[2]d; location / { return 200 "ok"; } }
-}
-`, dir, port)
-	if err := os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"))
-	// Stopped by SIGTERM, which the master passes to its worker and
-	// reaps it: SIGKILL to the master alone left the worker behind,
-	// asleep under PID 1, after every full test run (and killing the
-	// group leaves it a zombie there, where PID 1 reaps nothing). The
-	// group is killed only if the master does not exit.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
-	})
-	waitListening(t, port)
-	rt := detect(t, cmd.Process.Pid)
+	// testenv's nginx: one master and its worker, stopped the way that
+	// leaves no worker behind (SIGTERM, which the master passes on).
+	ngx := testenv.StartNginx(t, testenv.NginxOptions{Workers: 1})
+	rt := detect(t, ngx.PID)
 	if rt.Lang != LangC || !rt.Has(FwNginx) {
 		t.Fatalf("nginx master: got %s, want C (nginx)", dump(rt))
 	}
@@ -456,7 +402,7 @@ http {
 		t.Errorf("got %s, version %q; nginx -v says %s", rt, rt.Frameworks[0].Version, m[1])
 	}
 	// The workers serve; detection must name them the same.
-	for _, kid := range Children("/proc", cmd.Process.Pid, 4) {
+	for _, kid := range Children("/proc", ngx.PID, 4) {
 		if k := detect(t, kid); k.String() != rt.String() {
 			t.Errorf("worker %d: %s, master: %s", kid, k, rt)
 		}
