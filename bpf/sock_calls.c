@@ -12,8 +12,8 @@
  *     moves to SYN_SENT (connect runs in its context) is its attempt,
  *     counted when the handshake ends: established, refused or timed out
  *     (sk_err, by errno), or given up. One that leaves SYN_SENT within
- *     connect with no local port chosen found none free: EADDRNOTAVAIL,
- *     and no attempt (no SYN went out);
+ *     connect before its SYN went out found no local port free:
+ *     EADDRNOTAVAIL, and no attempt;
  *   - unread work: for every socket the target accepted, connected or
  *     read from, when data became ready that nobody has read yet
  *     (`waiting`), while Go has the two socket hooks attached (while a
@@ -277,6 +277,29 @@ static __always_inline void on_accept(long ret, __u32 tgid)
 		own(sk, tgid);
 }
 
+#define NR_CONNECT 42
+
+/* no_syn_sent: the socket never sent a segment. Without the field (before
+ * Linux 4.6) a SYN is assumed sent: the close counts as given up, a
+ * missed EADDRNOTAVAIL rather than an untrue one. */
+static __always_inline int no_syn_sent(const struct sock___sock *s)
+{
+	const struct tcp_sock___sock *tp = (const void *)s;
+	if (!bpf_core_field_exists(tp->segs_out))
+		return 0;
+	return BPF_CORE_READ(tp, segs_out) == 0;
+}
+
+/* in_connect: the current task is in connect(2). A deferred Fast Open
+ * connect (TCP_FASTOPEN_CONNECT) also sends nothing until the first
+ * write: closed before it, it is given up, not a failed connect. */
+static __always_inline int in_connect(void)
+{
+	struct task_struct *t = bpf_get_current_task_btf();
+	const struct pt_regs___sock *r = (const void *)bpf_task_pt_regs(t);
+	return r->orig_ax == NR_CONNECT;
+}
+
 /* count_connect counts one connect outcome of tgid's socket toward its
  * remote (errno 0: an attempt). The remote is the socket's own: set
  * before SYN_SENT, and still set when a connect fails within the call. */
@@ -418,11 +441,17 @@ int BPF_PROG(culprit_sock_set_state, const struct sock *sk, const int oldstate, 
 			 * exhausted): the SYN went out. */
 			count_connect(o->tgid, s, 0);
 			count_connect(o->tgid, s, err);
-		} else if (!BPF_CORE_READ(s, __sk_common.skc_num)) {
-			/* Still within connect: tcp_v4_connect and
-			 * tcp_v6_connect enter SYN_SENT before they choose
-			 * the local port, and close the socket again when
-			 * none is free. */
+		} else if (no_syn_sent(s) && in_connect()) {
+			/* Still within connect, and no SYN went out:
+			 * tcp_v4_connect and tcp_v6_connect enter SYN_SENT
+			 * before they choose the local port, and close the
+			 * socket again when none is free. (The local port is
+			 * no sign: tcp_set_state frees it before the state
+			 * change is traced, so a connect the app gave up on
+			 * shows none either.) The errno itself is not seen:
+			 * the rarer failures between the port and the SYN (a
+			 * bind bucket not allocated, a route lost) count here
+			 * too. */
 			count_connect(o->tgid, s, EADDRNOTAVAIL);
 		} else {
 			/* Given up by the app (closed while connecting). */

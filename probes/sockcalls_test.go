@@ -179,6 +179,21 @@ func sockChildMain() int {
 				heldFDs = append(heldFDs, fd)
 			}
 			fmt.Println("ok", n)
+		case "giveup":
+			// Dials that the app gives up on (Go's dialer closes the
+			// socket at its timeout) while the SYN waits unanswered.
+			gaveUp := 0
+			for range arg(2) {
+				c, err := net.DialTimeout("tcp", f[1], time.Duration(arg(3))*time.Millisecond)
+				if err == nil {
+					c.Close()
+					continue
+				}
+				if ne, ok := err.(net.Error); ok && ne.Timeout() {
+					gaveUp++
+				}
+			}
+			fmt.Println("ok", gaveUp)
 		case "dial", "connect":
 			ok, errs := 0, map[string]int{}
 			for range arg(2) {
@@ -488,6 +503,34 @@ func TestSockCallsConnectErrors(t *testing.T) {
 	}
 	if total != 23 {
 		t.Errorf("connect errors of the target = %v, want 23 (the neighbour's 4 are not its)", total)
+	}
+}
+
+// A connect the app gives up on while its SYN waits unanswered (Go's
+// dialer closes the socket at its timeout) is an attempt and no error: it
+// had a local port and sent a SYN. The kernel frees the port before the
+// state change is traced, so the port alone cannot tell it from a connect
+// that found none (EADDRNOTAVAIL); the SYN it sent does. Before, each such
+// dial was counted as EADDRNOTAVAIL, and port_exhaustion heard of
+// exhausted ports beside a target whose clients timed out toward a full
+// accept queue.
+func TestSockCallsConnectGivenUp(t *testing.T) {
+	tgt := startSockChild(t, true)
+	_, st := startSockCalls(t, tgt.pid)
+
+	tgt.do(t, "sysctl net.ipv4.tcp_syn_retries 3")
+	port := tgt.do(t, "listen 0 0")[0]
+	addr := "127.0.0.1:" + port
+	tgt.do(t, "dial %s 1", addr) // fills the queue (backlog 0 holds one): later SYNs are dropped
+	if got := tgt.do(t, "giveup %s 4 300", addr); !slices.Equal(got, []string{"4"}) {
+		t.Fatalf("dials given up on: %v, want 4 timeouts", got)
+	}
+	waitValue(t, st, signals.ProcessConnectsTotal, signals.L("remote", addr), func(v float64) bool { return v >= 5 }, ">= 5 (1 established, 4 given up)")
+	assertStays(t, st, signals.ProcessConnectsTotal, signals.L("remote", addr), 5)
+	for _, ls := range st.Select(signals.ProcessConnectErrorsTotal) {
+		if v := value(st, signals.ProcessConnectErrorsTotal, ls); v != 0 {
+			t.Errorf("connect errors %s = %v, want none: the app gave up, no connect failed", ls, v)
+		}
 	}
 }
 

@@ -150,14 +150,16 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 			continue
 		}
 		if rp.failed > 0 && rp.inUse < r.o.NearRatio*usable {
-			// The probe counts a connect that left SYN_SENT before it
-			// had a local port as EADDRNOTAVAIL: it failed in the
-			// kernel's port search, which also fails (ENOMEM) when it
-			// cannot allocate a bind bucket, and the errno is not seen
-			// there. With most of the range not in use toward the
-			// remote, it was not the ports (seen in a loaded CI run:
-			// "exhausted: 4 connects failed" in a test whose ~1,800
-			// connections in all could not take 28,232 ports). Said as
+			// The probe counts a connect that failed within the call
+			// before its SYN went out as EADDRNOTAVAIL, without seeing
+			// the errno: the kernel's port search also fails (ENOMEM)
+			// when it cannot allocate a bind bucket. With most of the
+			// range not in use toward the remote, it was not the
+			// ports. (Seen in a loaded CI run, "exhausted: 4 connects
+			// failed" in a test whose ~1,800 connections in all could
+			// not take 28,232 ports: those were the clients' dials
+			// given up at their timeout, which the probe then took for
+			// failures; TestSockCallsConnectGivenUp.) Said as
 			// exhausted only when the sockets agree; otherwise the
 			// failures are left out.
 			rp.failed = 0

@@ -255,7 +255,7 @@ var (
 	ProcessConnectsTotal = &Desc{Name: "process_connects_total", Kind: Counter,
 		Help: "TCP connects of the target that sent a SYN, by remote ip:port, counted when the handshake ended (established, failed or given up); remotes beyond sockcalls.max_remotes are remote=\"other\"."}
 	ProcessConnectErrorsTotal = &Desc{Name: "process_connect_errors_total", Kind: Counter,
-		Help: "TCP connects of the target that failed, by errno and remote: EADDRNOTAVAIL (no local port left toward the remote, within connect), or what ended the handshake (ECONNREFUSED: a reset; ETIMEDOUT: SYN retries exhausted; EHOSTUNREACH...). Failures before a connect reaches SYN_SENT (no route, a bad address) are not counted."}
+		Help: "TCP connects of the target that failed, by errno and remote: EADDRNOTAVAIL (no local port left toward the remote: inferred from a connect that failed within the call before its SYN went out; the errno itself is not seen), or what ended the handshake (ECONNREFUSED: a reset; ETIMEDOUT: SYN retries exhausted; EHOSTUNREACH...). Failures before a connect reaches SYN_SENT (no route, a bad address) are not counted."}
 	ProcessUnreadOldestSeconds = &Desc{Name: "process_unread_oldest_seconds", Kind: Gauge,
 		Help: "Age of the oldest data waiting unread on the target's TCP sockets (0 when none, or while not watched: process_unread_watched_since_seconds): requests wait for an event loop that is busy or asleep, whatever call it sleeps in. Data already queued when watching began counts from then: a lower bound."}
 	ProcessUnreadSockets = &Desc{Name: "process_unread_sockets", Kind: Gauge,

@@ -45,6 +45,12 @@ struct sock___sock {
 	u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
+/* segs_out: every segment the socket sent, its SYN included (RFC 4898
+ * tcpEStatsPerfSegsOut, Linux 4.6+). */
+struct tcp_sock___sock {
+	__u32 segs_out;
+} __attribute__((preserve_access_index));
+
 struct socket___sock {
 	struct file___sock *file;
 	struct sock___sock *sk;
