@@ -128,7 +128,7 @@ func TestHardeningOTLPAttacks(t *testing.T) {
 	time.Sleep(2 * time.Second) // past start-up allocations
 	rss0, hwm0 := memKiB(t, a.PID)
 	fds0 := openFDs(a.PID)
-	p := startProber(a.HTTPAddr, "/healthz", "/readyz")
+	p := startProber(t, a.HTTPAddr, "/healthz", "/readyz")
 
 	// 200 slow uploads of 4 MB, all but the last byte.
 	const size = 4 << 20
