@@ -74,6 +74,20 @@ struct sample_event {
 	__u8 stack[STACK_COPY_MAX + PAGE_SIZE];
 };
 
+/* The main thread's stack starts (argc, then argv, envp and auxv above
+ * it) at mm->start_stack. */
+struct mm_struct___cpu {
+	unsigned long start_stack;
+} __attribute__((preserve_access_index));
+
+struct task_struct___cpu {
+	struct mm_struct___cpu *mm;
+} __attribute__((preserve_access_index));
+
+/* Bytes copied past start_stack: argc and argv[0], which no unwinder
+ * needs, but a frame that ends right at start_stack is whole. */
+#define STACK_TOP_SLACK 64
+
 /* The user registers a task entered the kernel with. */
 struct pt_regs___cpu {
 	unsigned long ip;
@@ -227,6 +241,17 @@ static __always_inline int send_sample(void *ctx, __u64 id, __u32 limit)
 	__u64 copied = 0;
 	ev->redzone_ok = 0;
 	if (ev->sp) {
+		/* A main thread's frames all lie below start_stack; above it
+		 * are the arguments and the environment, then the end of the
+		 * stack's mapping. Beside nginx (8 KiB of them) a 16 KiB copy
+		 * from a worker's sp copied them too, and faulted on the page
+		 * past the mapping at most samples; so the copy stops there.
+		 * Other threads' stacks are elsewhere (sp far from it) and
+		 * keep the whole limit. */
+		const struct task_struct___cpu *t = (const void *)bpf_get_current_task_btf();
+		__u64 top = BPF_CORE_READ(t, mm, start_stack);
+		if (top > ev->sp && top - ev->sp + STACK_TOP_SLACK < limit)
+			limit = top - ev->sp + STACK_TOP_SLACK;
 		copied = copy_stack(ev->stack, ev->sp, limit);
 		ev->redzone_ok = copied && ev->sp > REDZONE &&
 				 !bpf_probe_read_user(ev->redzone, sizeof(ev->redzone), (const void *)(ev->sp - REDZONE));

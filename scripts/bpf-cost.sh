@@ -9,7 +9,7 @@
 # Exit status: 0 measured, 1 a step failed, 2 usage or missing tools.
 set -euo pipefail
 
-readonly USAGE="usage: scripts/bpf-cost.sh [-h]   env: SECONDS_=5 WARMUP=6 TIMEOUT=600"
+readonly USAGE="usage: scripts/bpf-cost.sh [-h]   env: SECONDS_=5 WARMUP=6 TIMEOUT=600 AGENT_PID=(the first process named culprit*)"
 case "${1:-}" in
   -h|--help) echo "$USAGE"; exit 0 ;;
   "") ;;
@@ -29,7 +29,7 @@ done
 deadline=$((SECONDS + TIMEOUT))
 pid=""
 while :; do
-  pid=$(pgrep '^culprit' | head -1 || true)
+  pid=${AGENT_PID:-$(pgrep '^culprit' | head -1 || true)}
   if [ -n "$pid" ]; then
     age=$(ps -o etimes= -p "$pid" 2>/dev/null | tr -d ' ' || true)
     [ -n "$age" ] && [ "$age" -ge "$WARMUP" ] && break
@@ -42,13 +42,18 @@ tmp=$(mktemp -d)
 was=$(sysctl -n kernel.bpf_stats_enabled)
 trap 'sysctl -qw kernel.bpf_stats_enabled="$was"; rm -rf "$tmp"' EXIT
 sysctl -qw kernel.bpf_stats_enabled=1
+# Only this agent's programs (the prog_id of its descriptors): another
+# agent on the machine (a test's) loads programs of the same names.
+grep -h '^prog_id:' /proc/"$pid"/fdinfo/* 2>/dev/null | awk '{print $2}' | sort -u >"$tmp/ids"
+[ -s "$tmp/ids" ] || { echo "bpf-cost: process $pid holds no eBPF program" >&2; exit 1; }
 bpftool prog show -j >"$tmp/before.json"
 sleep "$SECONDS_"
 bpftool prog show -j >"$tmp/after.json"
-python3 - "$tmp/before.json" "$tmp/after.json" "$SECONDS_" <<'PY'
+python3 - "$tmp/before.json" "$tmp/after.json" "$SECONDS_" "$tmp/ids" <<'PY'
 import json, sys
+mine = {int(l) for l in open(sys.argv[4]) if l.strip()}
 before = {p["id"]: p for p in json.load(open(sys.argv[1]))}
-after = {p["id"]: p for p in json.load(open(sys.argv[2]))}
+after = {p["id"]: p for p in json.load(open(sys.argv[2])) if p["id"] in mine}
 secs = float(sys.argv[3])
 total = 0.0
 print(f"{'program':30s} {'runs/s':>10s} {'ns/run':>8s} {'% core':>7s}")
