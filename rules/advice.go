@@ -117,11 +117,11 @@ func (a Advisor) BlockingCall(fn, call string) string {
 	case flavorGo:
 		return fmt.Sprintf("%s blocks its thread%s. Go parks only the goroutine on a blocking system call unless the goroutine is locked to its thread (runtime.LockOSThread) or the call goes through cgo: make the call from a goroutine of its own (hand the work over a channel), give it a context deadline, and keep locked threads free of it.", fn, in)
 	case flavorTokio:
-		return fmt.Sprintf("Move %s off the Tokio worker: wrap it in tokio::task::spawn_blocking (or tokio::task::block_in_place on the multi-threaded runtime), or use the async equivalent (tokio::fs, tokio::time::sleep, an async database driver); never call block_on inside the runtime. While it blocks%s, every task queued on that worker waits.", fn, in)
+		return fmt.Sprintf("Move %s off the Tokio worker: wrap it in tokio::task::spawn_blocking (or tokio::task::block_in_place on the multi-threaded runtime), or use the async equivalent (tokio::fs, tokio::time::sleep, an async database driver); never call block_on inside the runtime. While it blocks%s, that worker runs no other task: the tasks queued on it wait until it returns or an idle worker steals them.", fn, in)
 	case flavorActix:
 		return fmt.Sprintf("Move %s off the actix-web worker: run it in web::block(move || ...).await, actix-web's pool for blocking work, or use the async equivalent of the call. Each actix-web worker is a single-threaded runtime, so while it blocks%s every connection it owns waits.", fn, in)
 	case flavorAsyncStd:
-		return fmt.Sprintf("Move %s off the async-std executor: wrap it in async_std::task::spawn_blocking, or use the async equivalent (async_std::fs, async_std::task::sleep). While it blocks%s, the tasks on that thread wait.", fn, in)
+		return fmt.Sprintf("Move %s off the async-std executor: wrap it in async_std::task::spawn_blocking, or use the async equivalent (async_std::fs, async_std::task::sleep). While it blocks%s, that thread runs no other task.", fn, in)
 	case flavorRust:
 		return fmt.Sprintf("Move %s off this worker thread: run blocking calls on a thread of their own (std::thread::spawn) or a dedicated blocking pool, and give them timeouts, so the threads that serve requests never wait%s.", fn, in)
 	case flavorNginx:

@@ -175,7 +175,7 @@ func (r *BlockingWorker) observation(w Window, pool string, pb *poolBlocks) Obse
 	switch {
 	case !loop:
 		o.Title = fmt.Sprintf("Blocking call on async worker %s: %s in %s", e.Thread, named, call)
-		o.Symptom = fmt.Sprintf("worker thread %s (tid %d) slept in %s for %s%s; every task queued on it waited as long%s", e.Thread, e.Tid, call, duration(e.Duration), sofar, waited)
+		o.Symptom = fmt.Sprintf("worker thread %s (tid %d) slept in %s for %s%s; it ran no task meanwhile%s", e.Thread, e.Tid, call, duration(e.Duration), sofar, waited)
 		o.RootCause = fmt.Sprintf("%s makes %s on a worker thread of the %q pool%s", where, blocking, pool, others)
 		if rt != "" && !v.byName {
 			o.RootCause = fmt.Sprintf("%s makes %s on a worker thread of %s's %q pool%s", where, blocking, rt, pool, others)

@@ -251,18 +251,22 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, v thr
 	if e.Duration >= time.Second {
 		sev = SeverityCritical
 	}
-	// A run that ended is told in the past, its queued tasks too: the
-	// update after the run said they "wait that long" when none did.
-	state, wait := "ran", "waited"
+	// A run that ended is told in the past, what it kept from running
+	// too: the update after the run said tasks "wait" when none did. The
+	// words claim only what the thread itself did: it ran nothing else.
+	// How long each queued task waited is not known: one queued late
+	// waited less, and a work-stealing runtime's idle workers take tasks
+	// from its queue.
+	state, did := "ran", "ran"
 	if e.Ongoing {
-		state, wait = "has been running", "wait"
+		state, did = "has been running", "runs"
 	}
 	rt := runtimeName(v.runtime)
 	o := Observation{
 		Key:        pool,
 		Cause:      CauseCPUHeavyOnWorker,
 		Title:      fmt.Sprintf("CPU-heavy work on async worker %s: %s", e.Thread, named),
-		Symptom:    fmt.Sprintf("worker thread %s (tid %d) %s for %s without yielding; tasks queued on it %s that long", e.Thread, e.Tid, state, duration(e.Duration), wait),
+		Symptom:    fmt.Sprintf("worker thread %s (tid %d) %s for %s without yielding; it %s no other task meanwhile", e.Thread, e.Tid, state, duration(e.Duration), did),
 		RootCause:  fmt.Sprintf("%s runs on a worker of the %q pool without an await point (%s in the last %s)", who, pool, count(float64(runs), "such run", ""), duration(r.o.Window)),
 		Severity:   sev,
 		Confidence: 0.8,
@@ -278,7 +282,7 @@ func (r *BusyWorker) observation(w Window, pool string, e signals.Episode, v thr
 	if v.role == signals.RoleEventLoop {
 		o.Cause = CauseCPUHeavyOnEventLoop
 		o.Title = fmt.Sprintf("CPU-heavy work on the event loop of %s: %s", e.Thread, named)
-		o.Symptom = fmt.Sprintf("event-loop thread %s (tid %d) %s for %s without sleeping; callbacks queued behind it wait that long", e.Thread, e.Tid, state, duration(e.Duration))
+		o.Symptom = fmt.Sprintf("event-loop thread %s (tid %d) %s for %s without sleeping; its loop %s no other callback meanwhile", e.Thread, e.Tid, state, duration(e.Duration), did)
 		o.RootCause = fmt.Sprintf("%s runs on the event-loop thread of %s and keeps it from serving anything else (%s in the last %s)", who, rtOr(rt, "the process"), count(float64(runs), "such run", ""), duration(r.o.Window))
 	}
 	if sleepsKnown {

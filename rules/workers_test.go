@@ -109,13 +109,13 @@ func TestBusyWorkerNamesTheHotFunction(t *testing.T) {
 	if len(o.Evidence) != 3 || o.Evidence[2].Value < 0.004 || o.Evidence[2].Value > 0.006 {
 		t.Errorf("peer run-queue wait evidence: %+v", o.Evidence)
 	}
-	// The run ended: its tasks waited, they do not wait now.
-	if want := "ran for 1.5 s without yielding; tasks queued on it waited that long"; !strings.Contains(o.Symptom, want) {
+	// The run ended: it is told in the past.
+	if want := "ran for 1.5 s without yielding; it ran no other task meanwhile"; !strings.Contains(o.Symptom, want) {
 		t.Errorf("symptom of an ended run %q, want %q", o.Symptom, want)
 	}
 	eps = episodes(signals.Episode{Kind: signals.EpisodeBusy, Tid: 6, Thread: "worker-0", Start: now.Add(-1500 * time.Millisecond), Duration: 1500 * time.Millisecond, Ongoing: true})
 	obs = r.Evaluate(Window{Store: st, Now: now, Inputs: Inputs{Episodes: eps, Pools: testPools, Hot: fakeHot{{"app.compress", 0.8}}}})
-	if want := "has been running for 1.5 s without yielding; tasks queued on it wait that long"; len(obs) != 1 || !strings.Contains(obs[0].Symptom, want) {
+	if want := "has been running for 1.5 s without yielding; it runs no other task meanwhile"; len(obs) != 1 || !strings.Contains(obs[0].Symptom, want) {
 		t.Errorf("an ongoing run: %+v, want a symptom saying %q", obs, want)
 	}
 }
