@@ -9,22 +9,18 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/json"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"io"
 	"math/big"
 	"net"
 	"net/http"
-	"net/http/httptrace"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -90,271 +86,33 @@ func openFDs(pid int) int {
 }
 
 // prober hits /healthz and /readyz with a fresh connection every 100 ms,
-// as the kubelet does, and keeps the worst latency and the failures.
+// as the kubelet does, from a process of its own (testenv.Prober), and
+// keeps the worst latency and the failures.
 //
-// It also parts each probe's time into the connect and the rest. A connect
-// that waits a second or more had its SYN dropped and sent again after
-// Linux's initial RTO (1 s): the listener's accept queue was full when it
-// came. That is the kernel's bound on a flood that dials faster than the
-// agent accepts, which no server on the same two cores can rule out; the
-// rest is the agent's answer, which it owns.
-//
-// The probes run in a child process (proberMain), not in the test: a
-// kubelet does not share a process with the attacker. In the attacker's
-// busy (-race) process a probe's request can come well after its connect,
-// and at its cap the agent's listener evicts the connection idle longest
-// with no request waiting, which is then the probe's: the likely cause of
-// the one /readyz EOF TestHardeningIdleConnectionFlood once failed on.
-//
-// The fields are the child's results, set by finish.
+// A connect that waits a second or more had its SYN dropped and sent again
+// after Linux's initial RTO (1 s): the listener's accept queue was full
+// when it came. That is the kernel's bound on a flood that dials faster
+// than the agent accepts, which no server on the same two cores can rule
+// out; the rest is the agent's answer, which it owns.
 type prober struct {
-	mu          sync.Mutex
-	n           int
-	worst       time.Duration
-	worstServed time.Duration // the worst time past the connect
-	synRetried  int           // probes whose connect waited for a SYN retransmission
-	fails       []string
-
-	cmd    *exec.Cmd
-	in     io.WriteCloser
-	lines  chan []byte   // the child's stdout, a line each; closed at its end
-	quit   chan struct{} // closed once no more lines are wanted
-	stderr bytes.Buffer  // the child's; read only after wait
-	wait   func() error  // cmd.Wait, once
-	err    error         // why the child failed to start; then it is not running
-	// finished: finish ran (the test's goroutine only).
-	finished bool
+	*testenv.Prober
+	worstServed time.Duration // the worst time past the connect, set by finish
+	synRetried  int           // probes whose connect waited for a SYN retransmission, set by finish
 }
 
-// proberResult is what the prober child prints when told to stop.
-type proberResult struct {
-	N           int
-	Worst       time.Duration
-	WorstServed time.Duration
-	SynRetried  int
-	Fails       []string
-}
-
-// synRetransmitWait is a connect long enough to have waited for the
-// kernel's first SYN retransmission (initial RTO 1 s).
-const synRetransmitWait = 900 * time.Millisecond
-
-// proberEnv makes the test binary a prober child (proberMain) probing the
-// paths (comma-separated) of the agent at the address given:
-// "ADDR PATH,PATH".
-const proberEnv = "CULPRIT_HARDENING_PROBER"
-
-// The prober child is dispatched here, before TestMain runs: TestMain
-// hands the child roles to testenv.Main, which knows only testenv's own.
-func init() {
-	if v := os.Getenv(proberEnv); v != "" {
-		addr, paths, _ := strings.Cut(v, " ")
-		os.Exit(proberMain(addr, strings.FieldsFunc(paths, func(r rune) bool { return r == ',' })))
-	}
-}
-
-// proberMain probes until its stdin says "stop" or ends, then prints its
-// proberResult as JSON on stdout. It says "ready" once it starts.
-func proberMain(addr string, paths []string) int {
-	stop := make(chan struct{})
-	go func() {
-		defer close(stop)
-		sc := bufio.NewScanner(os.Stdin)
-		for sc.Scan() && strings.TrimSpace(sc.Text()) != "stop" {
-		}
-	}()
-	fmt.Println("ready")
-	var r proberResult
-	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 2 * time.Second}
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-probing:
-	for {
-		for _, path := range paths {
-			// The dial runs on the transport's goroutine, which can
-			// outlive a failed request.
-			var connStart, connDone atomic.Int64
-			trace := &httptrace.ClientTrace{
-				ConnectStart: func(string, string) { connStart.Store(time.Now().UnixNano()) },
-				ConnectDone:  func(string, string, error) { connDone.Store(time.Now().UnixNano()) },
-			}
-			req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), http.MethodGet, "http://"+addr+path, nil)
-			start := time.Now()
-			resp, err := client.Do(req)
-			d := time.Since(start)
-			var connect time.Duration
-			if s, e := connStart.Load(), connDone.Load(); s != 0 && e >= s {
-				connect = time.Duration(e - s)
-			}
-			r.N++
-			r.Worst = max(r.Worst, d)
-			r.WorstServed = max(r.WorstServed, d-connect)
-			if connect >= synRetransmitWait {
-				r.SynRetried++
-			}
-			if err != nil {
-				r.Fails = append(r.Fails, fmt.Sprintf("%s: %v", path, err))
-			} else {
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusOK {
-					r.Fails = append(r.Fails, fmt.Sprintf("%s: %s", path, resp.Status))
-				}
-			}
-		}
-		select {
-		case <-stop:
-			break probing
-		case <-tick.C:
-		}
-	}
-	if err := json.NewEncoder(os.Stdout).Encode(r); err != nil {
-		fmt.Fprintln(os.Stderr, "prober:", err)
-		return 1
-	}
-	return 0
-}
-
-// startProber starts the prober child and returns once it probes. When it
-// cannot, finish reports why as the first failure (which every caller
-// asserts there are none of).
 func startProber(t *testing.T, addr string, paths ...string) *prober {
-	p := &prober{}
-	if err := p.start(addr, paths); err != nil {
-		p.err = fmt.Errorf("prober child: %w", err)
-		return p
-	}
-	// A test that ends before finish does not leave its child probing
-	// the next test's agent.
-	t.Cleanup(func() {
-		if !p.finished {
-			p.kill()
-		}
-	})
-	return p
-}
-
-func (p *prober) start(addr string, paths []string) error {
-	exe, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command(exe, "-test.run=^$")
-	// A -race binary sleeps a second at exit (atexit_sleep_ms) for reports
-	// from goroutines still running; the child has none to wait for.
-	cmd.Env = append(os.Environ(), proberEnv+"="+addr+" "+strings.Join(paths, ","),
-		"GORACE="+strings.TrimSpace(os.Getenv("GORACE")+" atexit_sleep_ms=0"))
-	cmd.Stderr = &p.stderr
-	if p.in, err = cmd.StdinPipe(); err != nil {
-		return err
-	}
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return err
-	}
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	p.cmd, p.wait = cmd, sync.OnceValue(cmd.Wait)
-	p.lines, p.quit = make(chan []byte), make(chan struct{})
-	go func(lines chan<- []byte, quit <-chan struct{}) {
-		defer close(lines)
-		r := bufio.NewReader(out)
-		for {
-			l, err := r.ReadBytes('\n')
-			if len(l) > 0 {
-				select {
-				case lines <- bytes.TrimSpace(l):
-				case <-quit:
-					return
-				}
-			}
-			if err != nil {
-				return
-			}
-		}
-	}(p.lines, p.quit)
-	if l, err := p.line(30 * time.Second); err != nil || string(l) != "ready" {
-		if err == nil {
-			err = fmt.Errorf("it said %q, not ready", l)
-		}
-		return fmt.Errorf("pid %d did not start: %w%s%s", cmd.Process.Pid, err, p.kill(), p.stderrTail())
-	}
-	return nil
-}
-
-// line is the child's next line of output.
-func (p *prober) line(timeout time.Duration) ([]byte, error) {
-	select {
-	case l, ok := <-p.lines:
-		if !ok {
-			return nil, errors.New("its output ended")
-		}
-		return l, nil
-	case <-time.After(timeout):
-		return nil, fmt.Errorf("no output in %s", timeout)
-	}
-}
-
-// kill ends the child and reaps it, and says how it ended when that was
-// not with status 0 (for a message).
-func (p *prober) kill() string {
-	p.cmd.Process.Kill()
-	err := p.wait()
-	close(p.quit)
-	if err != nil {
-		return " (" + err.Error() + ")"
-	}
-	return ""
-}
-
-// stderrTail is the end of the child's stderr, once it has been reaped.
-func (p *prober) stderrTail() string {
-	s := strings.TrimSpace(p.stderr.String())
-	if s == "" {
-		return ""
-	}
-	return "; its stderr: " + s[max(0, len(s)-2048):]
-}
-
-// stop tells the child to stop and reads its result.
-func (p *prober) stop() (proberResult, error) {
-	var r proberResult
-	fmt.Fprintln(p.in, "stop")
-	p.in.Close()
-	// A round of probes may take up to the client's 2 s timeout a path.
-	l, err := p.line(30 * time.Second)
-	if err != nil {
-		return r, fmt.Errorf("pid %d gave no result: %w%s%s", p.cmd.Process.Pid, err, p.kill(), p.stderrTail())
-	}
-	if err := json.Unmarshal(l, &r); err != nil {
-		return r, fmt.Errorf("pid %d printed %q, not a result: %w%s%s", p.cmd.Process.Pid, l, err, p.kill(), p.stderrTail())
-	}
-	close(p.quit)
-	if err := p.wait(); err != nil {
-		return r, fmt.Errorf("pid %d: %w%s", p.cmd.Process.Pid, err, p.stderrTail())
-	}
-	return r, nil
+	return &prober{Prober: testenv.StartProber(t, addr, paths...)}
 }
 
 // finish stops the prober and returns its count of probes, the worst
 // latency and the failures; the child's own failure comes first among them.
 func (p *prober) finish() (n int, worst time.Duration, fails []string) {
-	var r proberResult
-	p.finished = true
-	err := p.err
-	if err == nil {
-		if r, err = p.stop(); err != nil {
-			err = fmt.Errorf("prober child: %w", err)
-		}
-	}
+	r, err := p.Finish()
 	if err != nil {
 		r.Fails = append([]string{err.Error()}, r.Fails...)
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.n, p.worst, p.worstServed, p.synRetried, p.fails = r.N, r.Worst, r.WorstServed, r.SynRetried, r.Fails
-	return p.n, p.worst, p.fails
+	p.worstServed, p.synRetried = r.WorstServed, r.SynRetried
+	return r.N, r.Worst, r.Fails
 }
 
 const hardeningToken = "0123456789abcdef-hardening"
@@ -603,9 +361,7 @@ func TestHardeningIdleConnectionFlood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.mu.Lock()
 	served, synRetried := p.worstServed, p.synRetried
-	p.mu.Unlock()
 	t.Logf("%d connections opened in %s (%d dials failed); agent FDs %d before, at most %d during; RSS %d -> %d MiB, peak %d -> %d MiB; /healthz+/readyz worst %s over %d probes (%d failed), worst past the connect %s, %d waited for a SYN retransmission; GetSnapshot worst %s",
 		len(held), opened.Round(time.Millisecond), dialEr, fd0, fdMax, rss0>>10, rss1>>10, hwm0>>10, hwm1>>10, worst.Round(time.Millisecond), n, len(fails), served.Round(time.Millisecond), synRetried, grpcWorst.Round(time.Millisecond))
 
@@ -624,7 +380,7 @@ func TestHardeningIdleConnectionFlood(t *testing.T) {
 	if len(fails) > 0 || served > time.Second {
 		t.Errorf("/healthz, /readyz during the flood: worst %s past the connect, %d failures: %v", served, len(fails), fails[:min(len(fails), 5)])
 	}
-	if worst > time.Second+synRetransmitWait+time.Second || (worst > time.Second && synRetried == 0) || synRetried > 3 {
+	if worst > time.Second+testenv.SynRetransmitWait+time.Second || (worst > time.Second && synRetried == 0) || synRetried > 3 {
 		t.Errorf("/healthz, /readyz during the flood: worst %s, %d probes waited for a SYN retransmission (at most 3, one each, allowed)", worst, synRetried)
 	}
 	if grpcWorst > 2*time.Second {

@@ -70,6 +70,7 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 /* x86-64 system call numbers. */
 #define NR_ACCEPT 43
 #define NR_ACCEPT4 288
+#define NR_CONNECT 42
 
 #define EADDRNOTAVAIL 99
 #define MSG_PEEK 2
@@ -276,8 +277,6 @@ static __always_inline void on_accept(long ret, __u32 tgid)
 	if (sk_state(sk) != TCP_CLOSE)
 		own(sk, tgid);
 }
-
-#define NR_CONNECT 42
 
 /* no_syn_sent: the socket never sent a segment. Without the field (before
  * Linux 4.6) a SYN is assumed sent: the close counts as given up, a

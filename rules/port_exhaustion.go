@@ -155,13 +155,9 @@ func (r *PortExhaustion) Evaluate(w Window) []Observation {
 			// the errno: the kernel's port search also fails (ENOMEM)
 			// when it cannot allocate a bind bucket. With most of the
 			// range not in use toward the remote, it was not the
-			// ports. (Seen in a loaded CI run, "exhausted: 4 connects
-			// failed" in a test whose ~1,800 connections in all could
-			// not take 28,232 ports: those were the clients' dials
-			// given up at their timeout, which the probe then took for
-			// failures; TestSockCallsConnectGivenUp.) Said as
-			// exhausted only when the sockets agree; otherwise the
-			// failures are left out.
+			// ports: said as exhausted only when the sockets agree;
+			// otherwise the failures are left out (docs/NOTES.md,
+			// Sessions 19 and 20).
 			rp.failed = 0
 		}
 		if o, ok := r.remote(w, remote, rp, usable, lo.V, hi.V, reuse.V, haveReuse); ok {

@@ -37,6 +37,8 @@ func Main(m interface{ Run() int }) {
 		os.Exit(workersMain())
 	case "leaker":
 		os.Exit(leakerMain())
+	case "prober":
+		os.Exit(proberMain())
 	}
 	os.Exit(m.Run())
 }
